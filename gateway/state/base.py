@@ -1,0 +1,56 @@
+"""The state backend interface: every piece of state shared between requests lives behind it.
+
+Two implementations pass one conformance suite (``tests/test_state_conformance.py``):
+
+- ``MemoryBackend``: one process, the embedded default; ``serve`` needs no Redis.
+- ``RedisBackend``: ``redis.asyncio``, shared by every replica, with tight timeouts.
+
+Keys are plain strings chosen by the caller. Callers that need several keys updated
+atomically put a ``{hash tag}`` in them so a Redis Cluster keeps them in one slot; the
+memory backend ignores tags. Every write takes a TTL so nothing grows without bound.
+
+Errors: a backend raises ``StateUnavailable`` (and only that) when the store cannot be
+reached or answers too slowly, so policies can apply their degraded mode in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class StateUnavailable(Exception):
+    """The shared store did not answer in time or refused the connection."""
+
+
+class StateBackend(Protocol):
+    """Async key/value store with TTLs and atomic counters."""
+
+    name: str  # "memory" or "redis", shown in /readyz and metrics
+
+    async def start(self) -> None:
+        """Connect (Redis) or start housekeeping; called once at app startup."""
+
+    async def close(self) -> None:
+        """Release connections and background tasks; idempotent."""
+
+    async def ping(self) -> bool:
+        """True when the store answers now; never raises (used by /readyz)."""
+
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None when missing or expired."""
+
+    async def set(
+        self, key: str, value: bytes, ttl_ms: int, *, only_if_absent: bool = False
+    ) -> bool:
+        """Store value with a TTL. With only_if_absent, store only when missing (SET NX PX)
+        and return whether this call stored it; otherwise always True."""
+
+    async def delete(self, key: str) -> bool:
+        """Remove the key; True when it existed."""
+
+    async def incr(self, key: str, amount: int, ttl_ms: int) -> int:
+        """Atomically add amount (may be negative) and return the new value. A key created
+        by this call gets ttl_ms; an existing key keeps its TTL."""
+
+    async def ttl_ms(self, key: str) -> int | None:
+        """Remaining TTL in milliseconds, or None when the key is missing."""
