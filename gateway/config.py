@@ -1,0 +1,310 @@
+"""Policy configuration: one YAML file, validated at load, unknown keys rejected.
+
+Two configuration planes (never mixed):
+- process settings come from the environment or CLI flags (``REDIS_URL``, ``--host``, ``--port``);
+- policy comes from the YAML file described here.
+
+Validation is strict on purpose. YAML 1.1 turns ``on``/``no`` into booleans, ``2023-06-01`` into
+a date and ``1.10`` into the float 1.1; strict models refuse each of those where a string is
+expected, and ``ConfigError`` names the file, the key path and a hint to quote the value.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Priority(IntEnum):
+    """Request classes; a lower number is more important."""
+
+    critical = 0
+    high = 1
+    normal = 2
+    low = 3
+
+    @classmethod
+    def parse(cls, value: str) -> Priority | None:
+        """``critical``/``high``/``normal``/``low`` or ``0``-``3``; None when neither."""
+        value = value.strip().lower()
+        if value in cls.__members__:
+            return cls[value]
+        if value in ("0", "1", "2", "3"):
+            return cls(int(value))
+        return None
+
+
+PriorityName = Literal["critical", "high", "normal", "low"]
+PositiveFloat = Annotated[float, Field(gt=0)]
+_SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Timeouts(_Strict):
+    """Hard limits on one upstream call, in seconds."""
+
+    connect_s: PositiveFloat = Field(5.0, description="TCP + TLS connect")
+    first_byte_s: PositiveFloat = Field(
+        60.0, description="request sent -> response headers (non-streaming: the whole answer)"
+    )
+    idle_s: PositiveFloat = Field(30.0, description="longest gap between two stream chunks")
+    total_s: PositiveFloat = Field(600.0, description="whole call, streams included")
+
+
+class Provider(_Strict):
+    """An upstream API endpoint and the credential the gateway uses for it."""
+
+    kind: Literal["openai", "anthropic"] = Field(
+        description="openai: any OpenAI-compatible API; anthropic: the Messages API"
+    )
+    base_url: str = Field(
+        description="what you would give the provider's SDK: https://api.openai.com/v1 "
+        "or https://api.anthropic.com"
+    )
+    api_key_env: str | None = Field(None, description="environment variable holding the key")
+    api_key_file: str | None = Field(None, description="file holding the key (e.g. a Secret)")
+    api_key: str | None = Field(
+        None, description="inline key; refused unless allow_inline_secrets is true"
+    )
+    pool_size: int = Field(100, ge=1, le=10000, description="max open connections")
+    verify_tls: bool = Field(True, description="verify the upstream's TLS certificate")
+    timeouts: Timeouts = Timeouts()
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must start with http:// or https:// and name a host")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Provider:
+        sources = [s for s in (self.api_key_env, self.api_key_file, self.api_key) if s]
+        if len(sources) > 1:
+            raise ValueError("set at most one of api_key_env, api_key_file, api_key")
+        return self
+
+
+class Price(_Strict):
+    """Price in the operator's currency per million tokens."""
+
+    input_per_million: float = Field(0.0, ge=0)
+    output_per_million: float = Field(0.0, ge=0)
+
+
+class Deployment(_Strict):
+    """One place a model is served: a provider and the model name it knows."""
+
+    provider: str
+    model: str = Field(description="the upstream's name for the model")
+
+
+class Model(_Strict):
+    """A public model name and where it is served, in failover order."""
+
+    deployments: list[Deployment] = Field(min_length=1)
+    context_window: int = Field(128_000, ge=1)
+    max_output_tokens: int = Field(4096, ge=1)
+    price: Price = Price()
+
+
+class Tenant(_Strict):
+    """A team or agent fleet, identified by its API keys."""
+
+    api_keys: list[str] = Field(
+        min_length=1, description="sha256:<hex> of each key (gateway hash-key prints one)"
+    )
+    models: list[str] = Field(["*"], description="public model names, or * for all")
+    default_priority: PriorityName = "normal"
+    max_priority: PriorityName = "high"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashed(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not _SHA256_KEY.match(key):
+                raise ValueError(
+                    "api keys are stored as sha256:<64 lowercase hex>; "
+                    "run `gateway hash-key` to make one"
+                )
+        return keys
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> Tenant:
+        if Priority[self.default_priority] < Priority[self.max_priority]:
+            raise ValueError("default_priority is more important than max_priority")
+        return self
+
+
+class Server(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+
+
+class State(_Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = Field(
+        None, description="redis://, rediss:// or redis+cluster://; REDIS_URL overrides"
+    )
+    timeout_s: PositiveFloat = Field(0.25, description="per Redis call; keep it tight")
+    key_prefix: str = "gw:"
+
+
+class GatewayConfig(_Strict):
+    """The whole policy file."""
+
+    server: Server = Server()
+    state: State = State()
+    allow_inline_secrets: bool = False
+    providers: dict[str, Provider] = Field(min_length=1)
+    models: dict[str, Model] = Field(min_length=1)
+    tenants: dict[str, Tenant] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> GatewayConfig:
+        for name, model in self.models.items():
+            for i, dep in enumerate(model.deployments):
+                if dep.provider not in self.providers:
+                    raise ValueError(
+                        f"models.{name}.deployments.{i}.provider: unknown provider "
+                        f"'{dep.provider}' (known: {', '.join(sorted(self.providers))})"
+                    )
+        seen: dict[str, str] = {}
+        for tname, tenant in self.tenants.items():
+            for model_name in tenant.models:
+                if model_name != "*" and model_name not in self.models:
+                    raise ValueError(f"tenants.{tname}.models: unknown model '{model_name}'")
+            for key in tenant.api_keys:
+                if key in seen and seen[key] != tname:
+                    raise ValueError(
+                        f"tenants.{tname}.api_keys: the same key is also given to '{seen[key]}'"
+                    )
+                seen[key] = tname
+        for pname, provider in self.providers.items():
+            if provider.api_key and not self.allow_inline_secrets:
+                raise ValueError(
+                    f"providers.{pname}.api_key: inline secrets are refused; use api_key_env "
+                    "or api_key_file, or set allow_inline_secrets: true"
+                )
+        return self
+
+
+class ConfigError(Exception):
+    """A policy file that cannot be used; the message names file, key path and reason."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+def _hint(value: Any) -> str:
+    """Explain the YAML 1.1 traps that turn intended strings into other types."""
+    if isinstance(value, bool):
+        return " (YAML read an unquoted yes/no/on/off as a boolean; quote it)"
+    if isinstance(value, (_dt.date, _dt.datetime)):
+        return " (YAML read this as a date; quote it)"
+    if isinstance(value, float):
+        return " (YAML read this as a number, e.g. 1.10 became 1.1; quote it)"
+    return ""
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+        if not isinstance(err["loc"][-1], str):
+            msg += _hint(err["loc"][-1])
+    elif err["type"].startswith("string_type"):
+        msg += _hint(err.get("input"))
+    if msg.startswith(("models.", "tenants.", "providers.")):  # cross-reference errors
+        return msg
+    return f"{loc}: {msg}"
+
+
+def parse_config(data: Any, path: str = "<config>") -> GatewayConfig:
+    """Validate an already-loaded YAML document."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["the file must contain a mapping at the top level"])
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, [_format_error(dict(e)) for e in exc.errors()]) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a policy file; raises ConfigError."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, [f"not valid YAML: {exc}"]) from None
+    return parse_config(data, path)
+
+
+def resolve_api_key(name: str, provider: Provider) -> str | None:
+    """The provider's credential from its configured source; None for key-less upstreams."""
+    if provider.api_key:
+        return provider.api_key
+    if provider.api_key_env:
+        value = os.environ.get(provider.api_key_env)
+        if not value:
+            raise ConfigError(
+                "environment", [f"providers.{name}.api_key_env: ${provider.api_key_env} is not set"]
+            )
+        return value.strip()
+    if provider.api_key_file:
+        try:
+            return Path(provider.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                provider.api_key_file,
+                [f"providers.{name}.api_key_file: cannot read: {exc.strerror}"],
+            ) from None
+    return None
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the policy file, for editors (config/schema.json is generated from it)."""
+    schema = GatewayConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "LLM gateway policy"
+    return schema

@@ -1,0 +1,99 @@
+"""Errors the gateway itself produces, and how they look on the wire.
+
+One exception, ``GatewayError``, carries everything a client needs: HTTP status, OpenAI error
+``type`` and ``code``, the offending ``param`` and extra headers (Retry-After and friends). The
+error boundary in ``server.py`` turns it into JSON in the caller's dialect:
+
+- OpenAI routes:    ``{"error": {"message", "type", "code", "param"}}``
+- Anthropic routes: ``{"type": "error", "error": {"type", "message"}}``
+
+Once a stream has started the status line is gone; ``streaming.py`` then ends the stream with an
+error event in the same dialect instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import orjson
+
+Dialect = Literal["openai", "anthropic"]
+
+# OpenAI error type -> Anthropic error type, for the same situation.
+_ANTHROPIC_TYPES = {
+    "invalid_request_error": "invalid_request_error",
+    "authentication_error": "authentication_error",
+    "permission_error": "permission_error",
+    "not_found_error": "not_found_error",
+    "rate_limit_error": "rate_limit_error",
+    "insufficient_quota": "rate_limit_error",
+    "server_error": "api_error",
+    "upstream_error": "api_error",
+    "overloaded": "overloaded_error",
+    "timeout_error": "api_error",
+}
+
+
+class GatewayError(Exception):
+    """An error answered by the gateway rather than relayed from an upstream."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self, dialect: Dialect = "openai") -> bytes:
+        if dialect == "anthropic":
+            kind = _ANTHROPIC_TYPES.get(self.type, "api_error")
+            return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "code": self.code,
+                    "param": self.param,
+                }
+            }
+        )
+
+    def sse_event(self, dialect: Dialect = "openai") -> bytes:
+        """The same error as one server-sent event, for a stream that already started."""
+        if dialect == "anthropic":
+            return b"event: error\ndata: " + self.body(dialect) + b"\n\n"
+        return b"data: " + self.body(dialect) + b"\n\n"
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def unauthorized(message: str) -> GatewayError:
+    return GatewayError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+def forbidden(message: str, *, code: str = "model_not_allowed") -> GatewayError:
+    return GatewayError(403, message, type="permission_error", code=code, param="model")
+
+
+def not_found(message: str, *, code: str = "not_found", param: str | None = None) -> GatewayError:
+    return GatewayError(404, message, type="not_found_error", code=code, param=param)
+
+
+def upstream_failure(status: int, message: str, code: str) -> GatewayError:
+    """The upstream could not be reached or answered unusably (502/504)."""
+    kind = "timeout_error" if status == 504 else "upstream_error"
+    return GatewayError(status, message, type=kind, code=code)

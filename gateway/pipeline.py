@@ -1,0 +1,210 @@
+"""The request pipeline for every proxied API route, top to bottom in ``handle_proxy``.
+
+Step numbers follow docs/architecture.md. Errors raised anywhere become ``GatewayError``s that
+the error boundary (server.py) renders; once a stream has started, the relay ends it with an
+error event instead, because the status line has already been sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .auth import Authenticator
+from .classify import ROUTES, ProxyCall, classify, parse_json_body, raise_if_json_content_type_wrong
+from .config import GatewayConfig
+from .errors import GatewayError, upstream_failure
+from .streaming import SseRelay, Usage, usage_from_body
+from .upstream import FORWARDED_RESPONSE_HEADERS, Target, UpstreamAttempt, UpstreamPool
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did, filled in as it goes; the access log line is made from it."""
+
+    request_id: str
+    started: float
+    route: str = ""
+    tenant: str | None = None
+    model: str | None = None
+    deployment: str | None = None
+    priority: str | None = None
+    stream: bool = False
+    status: int = 0
+    outcome: str = "ok"
+    error_code: str | None = None
+    attempts: int = 0
+    first_byte_s: float | None = None
+    upstream_s: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    agent_session: str | None = None
+    agent_step: str | None = None
+
+
+@dataclass(slots=True)
+class Policy:
+    """Everything derived from one version of the policy file; swapped whole on reload."""
+
+    config: GatewayConfig
+    auth: Authenticator
+    upstreams: UpstreamPool
+
+
+async def handle_proxy(request: web.Request, policy: Policy, record: RequestRecord) -> web.StreamResponse:
+    route = ROUTES[request.path]
+    record.route = route.path
+    # 2 authenticate
+    tenant = policy.auth.authenticate(request.headers)
+    record.tenant = tenant.name
+    # 3 classify: read and parse the body once
+    raise_if_json_content_type_wrong(request.headers.get("Content-Type"))
+    body = parse_json_body(await _read_body(request, policy.config.server.max_body_bytes))
+    call = classify(route, tenant, body, request.headers, policy.config)
+    record.model, record.stream = call.model, call.stream
+    record.priority = call.priority.name
+    record.agent_session, record.agent_step = call.agent_session, call.agent_step
+    # 7 route: the model's deployments that speak this route's API
+    targets = policy.upstreams.targets(call)
+    if not targets:
+        raise GatewayError(
+            400, f"The model '{call.model}' is not served on {route.path}.",
+            code="model_not_supported_on_route", param="model",
+        )
+    # 10 attempt (retries and failover arrive with the resilience policy)
+    target = targets[0]
+    record.deployment = target.label
+    record.attempts += 1
+    attempt = policy.upstreams.attempt(call, target, request.headers, record.request_id)
+    async with attempt:
+        upstream = await attempt.open()
+        loop = asyncio.get_running_loop()
+        record.first_byte_s = loop.time() - attempt.started
+        try:
+            if call.stream and upstream.status == 200 and _is_event_stream(upstream):
+                return await _relay_stream(request, call, attempt, record)
+            return await _relay_whole(call, attempt, target, record)
+        finally:
+            record.upstream_s = loop.time() - attempt.started
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, f"The request body is larger than the gateway's limit of {limit} bytes.",
+        code="request_too_large",
+    )
+
+
+def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
+
+
+async def _relay_whole(
+    call: ProxyCall, attempt: UpstreamAttempt, target: Target, record: RequestRecord
+) -> web.Response:
+    upstream = attempt.response
+    body = await attempt.read_body()
+    status = upstream.status
+    if status in (401, 403):
+        # Our provider credential was refused: the client's key is fine, so this is a 502.
+        raise upstream_failure(
+            502, f"The upstream {target.label} refused the gateway's credentials.",
+            "upstream_auth_error",
+        )
+    if not _looks_like_json(upstream, body):
+        raise upstream_failure(
+            502, f"The upstream {target.label} answered {status} with a non-JSON body.",
+            "upstream_bad_response",
+        )
+    if status < 400:
+        record.usage = usage_from_body(body)
+    record.status = status
+    headers = {"Content-Type": "application/json"}
+    _copy_headers(upstream, headers)
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def _looks_like_json(upstream: aiohttp.ClientResponse, body: bytes) -> bool:
+    return upstream.content_type.endswith("json") and body[:1] in (b"{", b"[")
+
+
+def _copy_headers(upstream: aiohttp.ClientResponse, headers: dict[str, str]) -> None:
+    for name in FORWARDED_RESPONSE_HEADERS:
+        value = upstream.headers.get(name)
+        if value is not None:
+            headers[name] = value
+
+
+async def _relay_stream(
+    request: web.Request, call: ProxyCall, attempt: UpstreamAttempt, record: RequestRecord
+) -> web.StreamResponse:
+    relay = SseRelay(
+        call.route.dialect,
+        strip_usage_chunk=call.route.injects_stream_usage and not call.client_wants_usage,
+    )
+    response = web.StreamResponse(
+        status=200,
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                 "X-Accel-Buffering": "no"},
+    )
+    await response.prepare(request)
+    record.status = 200
+    try:
+        while chunk := await attempt.next_chunk():
+            out = relay.feed(chunk)
+            if out:
+                await response.write(out)
+        out = relay.leftover()
+        if out:
+            await response.write(out)
+        if not relay.finished:
+            raise upstream_failure(
+                502, f"The upstream {attempt.target.label} ended the stream early.",
+                "upstream_stream_cut",
+            )
+    except GatewayError as exc:
+        # The status line is gone: end the stream with an error event the SDKs understand.
+        record.outcome, record.error_code = "upstream_error", exc.code
+        await _write_quietly(response, exc.sse_event(call.route.dialect))
+    finally:
+        record.usage = relay.final_usage()
+    await _write_eof_quietly(response)
+    return response
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except (ConnectionError, RuntimeError):
+        pass  # the client is gone too; nothing left to tell it
+
+
+async def _write_eof_quietly(response: web.StreamResponse) -> None:
+    try:
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass
+
+
+def models_listing(policy: Policy, tenant_models: Any) -> dict[str, Any]:
+    """GET /v1/models: the models this tenant may use, in OpenAI's list shape."""
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "gateway"}
+            for name in policy.config.models
+            if tenant_models(name)
+        ],
+    }

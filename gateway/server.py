@@ -1,0 +1,211 @@
+"""The aiohttp application: routes, the error boundary, request ids, access log, lifecycle.
+
+``create_app`` assembles the whole stack in one place. State hangs off the app (typed AppKeys),
+never off modules, so tests can run many gateways in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import __version__
+from .auth import Authenticator
+from .classify import ROUTES, error_dialect
+from .config import GatewayConfig
+from .errors import GatewayError, not_found
+from .logs import ACCESS_LOGGER
+from .pipeline import Policy, RequestRecord, handle_proxy, models_listing
+from .state import StateBackend, create_backend
+from .upstream import UpstreamPool
+
+log = logging.getLogger("gateway")
+access_log = logging.getLogger(ACCESS_LOGGER)
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Gateway:
+    """Process-wide runtime: the current policy and the state backend."""
+
+    def __init__(self, config: GatewayConfig, state: StateBackend) -> None:
+        self.state = state
+        self.policy = Policy(config, Authenticator(config), UpstreamPool(config))
+        self.ready = False
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+RECORD = "gateway.record"
+
+
+def create_app(config: GatewayConfig, *, state: StateBackend | None = None) -> web.Application:
+    """Build the gateway app; the state backend defaults to what the policy file names."""
+    if state is None:
+        state = create_backend(
+            config.state.backend,
+            redis_url=config.state.redis_url,
+            timeout_s=config.state.timeout_s,
+            key_prefix=config.state.key_prefix,
+        )
+    app = web.Application(
+        middlewares=[_boundary], client_max_size=config.server.max_body_bytes
+    )
+    app[GATEWAY] = Gateway(config, state)
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_response_prepare.append(_stamp_request_id)
+    for path in ROUTES:
+        app.router.add_post(path, _proxy)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model}", _model)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    await gateway.state.start()
+    await gateway.policy.upstreams.start()
+    gateway.ready = True
+    yield
+    gateway.ready = False
+    await gateway.policy.upstreams.close()
+    await gateway.state.close()
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    return await handle_proxy(request, request.app[GATEWAY].policy, request[RECORD])
+
+
+async def _models(request: web.Request) -> web.Response:
+    policy = request.app[GATEWAY].policy
+    tenant = policy.auth.authenticate(request.headers)
+    request[RECORD].tenant = tenant.name
+    return _json(models_listing(policy, tenant.may_use))
+
+
+async def _model(request: web.Request) -> web.Response:
+    policy = request.app[GATEWAY].policy
+    tenant = policy.auth.authenticate(request.headers)
+    name = request.match_info["model"]
+    if name not in policy.config.models or not tenant.may_use(name):
+        raise not_found(f"The model '{name[:64]}' does not exist or you do not have access to it.",
+                        code="model_not_found", param="model")
+    return _json({"id": name, "object": "model", "created": 0, "owned_by": "gateway"})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok", "version": __version__})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    state_ok = await gateway.state.ping()
+    ready = gateway.ready and state_ok
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "state_backend": gateway.state.name,
+        "state_reachable": state_ok,
+    }
+    return _json(body, status=200 if ready else 503)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+@web.middleware
+async def _boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, error rendering and the access log line, for every request."""
+    loop = asyncio.get_running_loop()
+    client_id = request.headers.get("X-Request-Id", "")
+    request_id = client_id if _CLIENT_REQUEST_ID.match(client_id) else uuid.uuid4().hex
+    record = RequestRecord(request_id=request_id, started=loop.time(), route=request.path)
+    request[RECORD] = record
+    try:
+        response = await handler(request)
+        record.status = record.status or response.status
+        return response
+    except GatewayError as exc:
+        return _error_response(request, record, exc)
+    except web.HTTPException as exc:
+        return _error_response(request, record, _from_http_exception(request, exc))
+    except asyncio.CancelledError:
+        record.outcome = "client_disconnected"
+        raise
+    except ConnectionResetError:
+        record.outcome = "client_disconnected"
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+        exc = GatewayError(500, "The gateway failed to handle this request.",
+                           type="server_error", code="internal_error")
+        return _error_response(request, record, exc)
+    finally:
+        if request.path not in _QUIET_PATHS:
+            _log_access(record, loop.time())
+
+
+def _error_response(request: web.Request, record: RequestRecord, exc: GatewayError) -> web.Response:
+    record.status = exc.status
+    if record.outcome == "ok":
+        record.outcome = "rejected" if exc.status < 500 else "error"
+    record.error_code = exc.code
+    headers = {"Content-Type": "application/json", **exc.headers}
+    return web.Response(status=exc.status, body=exc.body(error_dialect(request.path)),
+                        headers=headers)
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return GatewayError(404, f"Unknown request URL: {request.method} {request.path[:200]}.",
+                            code="unknown_url")
+    if exc.status == 405:
+        return GatewayError(405, f"Method {request.method} is not allowed on {request.path[:200]}.",
+                            code="method_not_allowed")
+    if exc.status == 413:
+        return GatewayError(413, "The request body is too large.", code="request_too_large")
+    return GatewayError(exc.status, exc.reason, code=f"http_{exc.status}")
+
+
+async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    record = request.get(RECORD)
+    if record is not None:
+        response.headers["X-Request-Id"] = record.request_id
+
+
+def _log_access(record: RequestRecord, now: float) -> None:
+    fields: dict[str, Any] = {
+        "request_id": record.request_id,
+        "route": record.route,
+        "tenant": record.tenant,
+        "model": record.model,
+        "deployment": record.deployment,
+        "priority": record.priority,
+        "stream": record.stream,
+        "status": record.status,
+        "outcome": record.outcome,
+        "error_code": record.error_code,
+        "attempts": record.attempts,
+        "duration_ms": round((now - record.started) * 1000, 2),
+        "upstream_first_byte_ms": _ms(record.first_byte_s),
+        "upstream_ms": _ms(record.upstream_s),
+        "tokens_in": record.usage.input_tokens,
+        "tokens_out": record.usage.output_tokens,
+        "usage_reported": record.usage.reported,
+        "agent_session": record.agent_session,
+        "agent_step": record.agent_step,
+    }
+    access_log.info("request", extra={"fields": fields})
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)

@@ -1,0 +1,141 @@
+"""Step 11: relay a server-sent-event stream to the client event by event, as it arrives.
+
+The relay understands just enough of each dialect to account for the call:
+- usage: OpenAI chat/completions report it in a last chunk with ``"choices": []`` (which the
+  gateway requested itself and strips when the client did not ask); the Responses API in
+  ``response.completed``; Anthropic in ``message_start`` and ``message_delta``;
+- streamed deltas are counted, so a stream cut before its usage arrives is still charged;
+- a stream that ends without its terminal event was cut, and the client is told so with an
+  error event instead of a silent clean end (SDKs never retry after a 200, so honesty matters).
+
+Events are forwarded the moment their terminating blank line arrives; several events from one
+network read go out in one write.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import Dialect
+
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+_DELTA = re.compile(rb'"delta"|output_text\.delta')
+_TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
+             b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
+             b'"type": "message_stop"')
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts as the upstream reported them (or as counted from a cut stream)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reported: bool = False  # False: no usage from the upstream; output_tokens were counted
+
+    def merge(self, data: Any) -> None:
+        """Take the usage object out of any of the dialects' shapes, if present."""
+        if not isinstance(data, dict):
+            return
+        usage = data.get("usage")
+        for outer in ("response", "message"):
+            inner = data.get(outer)
+            if usage is None and isinstance(inner, dict):
+                usage = inner.get("usage")
+        if not isinstance(usage, dict):
+            return
+        inp = _int(usage, "prompt_tokens", "input_tokens")
+        inp += _int(usage, "cache_creation_input_tokens") + _int(usage, "cache_read_input_tokens")
+        out = _int(usage, "completion_tokens", "output_tokens")
+        if inp:
+            self.input_tokens = inp
+        if out or "completion_tokens" in usage or "output_tokens" in usage:
+            self.output_tokens = out
+        self.reported = True
+
+
+def _int(usage: dict[str, Any], *names: str) -> int:
+    for name in names:
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return 0
+
+
+def usage_from_body(body: bytes) -> Usage:
+    """Usage from a complete JSON response body; zero counts when absent or unparsable."""
+    usage = Usage()
+    try:
+        usage.merge(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        pass
+    return usage
+
+
+class SseRelay:
+    """Splits upstream bytes into events, accounts for them and decides what to forward."""
+
+    def __init__(self, dialect: Dialect, strip_usage_chunk: bool) -> None:
+        self.dialect = dialect
+        self.strip_usage_chunk = strip_usage_chunk
+        self.usage = Usage()
+        self.deltas = 0
+        self.events = 0
+        self.finished = False  # the terminal event was seen
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take a network read; return the complete events to forward now (maybe b"")."""
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._buffer + chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = data
+            return b""
+        self._buffer = data[end + 2:]
+        out = []
+        for event in data[: end + 2].split(b"\n\n"):
+            if event and self._keep(event):
+                out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def leftover(self) -> bytes:
+        """An incomplete last event (no blank line after it) once the upstream ended."""
+        rest, self._buffer = self._buffer, b""
+        if rest.strip() and self._keep(rest.rstrip(b"\n")):
+            return rest.rstrip(b"\n") + b"\n\n"
+        return b""
+
+    def _keep(self, event: bytes) -> bool:
+        self.events += 1
+        if _DELTA.search(event):
+            self.deltas += 1
+        if any(marker in event for marker in _TERMINAL):
+            self.finished = True
+        if not _USAGE_OBJECT.search(event):
+            return True
+        payload = _data_of(event)
+        try:
+            parsed = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return True
+        self.usage.merge(parsed)
+        # Drop only the extra usage chunk the gateway asked for on the client's behalf.
+        return not (self.strip_usage_chunk and _EMPTY_CHOICES.search(event))
+
+    def final_usage(self) -> Usage:
+        """Reported usage, or the counted deltas when the upstream never reported any."""
+        if not self.usage.reported:
+            self.usage.output_tokens = self.deltas
+        return self.usage
+
+
+def _data_of(event: bytes) -> bytes:
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)

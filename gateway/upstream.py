@@ -1,0 +1,238 @@
+"""The upstream client: one connection pool per provider, one ``UpstreamAttempt`` per call.
+
+Security rules live here because this is the only code that talks to providers:
+- the URL is ``provider.base_url + route path``, never anything from the request;
+- the client's credentials are dropped and the provider's key is set;
+- only an allow-list of request headers is forwarded (no hop-by-hop, no cookies, no client auth).
+
+Every attempt has hard timeouts: connect, first byte (response headers), idle gap between body
+chunks, and total, each also bounded by the request's own deadline. One ``asyncio.Timeout`` is
+rescheduled per phase rather than stacking a new timer per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .classify import ProxyCall
+from .config import GatewayConfig, Provider, resolve_api_key
+from .errors import GatewayError, upstream_failure
+
+# Request headers a client may pass through to the provider. Everything else is dropped.
+FORWARDED_REQUEST_HEADERS = (
+    "accept",
+    "user-agent",
+    "traceparent",
+    "tracestate",
+    "idempotency-key",
+    "openai-beta",
+    "anthropic-version",
+    "anthropic-beta",
+)
+# Response headers passed back to the client besides the body's content type.
+FORWARDED_RESPONSE_HEADERS = ("retry-after", "retry-after-ms")
+ANTHROPIC_DEFAULT_VERSION = "2023-06-01"
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One deployment resolved for one route: where to send and as which model."""
+
+    provider_name: str
+    provider: Provider
+    upstream_model: str
+    url: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider_name}/{self.upstream_model}"
+
+
+class UpstreamPool:
+    """Owns the provider sessions and credentials; resolves a call's candidate targets."""
+
+    def __init__(
+        self, config: GatewayConfig, trace_configs: list[aiohttp.TraceConfig] | None = None
+    ) -> None:
+        self._config = config
+        self._trace_configs = trace_configs or []
+        self._keys = {name: resolve_api_key(name, p) for name, p in config.providers.items()}
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    async def start(self) -> None:
+        for name, provider in self._config.providers.items():
+            connector = aiohttp.TCPConnector(
+                limit=provider.pool_size,
+                ssl=None if provider.verify_tls else False,
+                enable_cleanup_closed=False,
+            )
+            self._sessions[name] = aiohttp.ClientSession(
+                connector=connector,
+                # Our own timers bound every phase; aiohttp's 5-minute default must not cut in.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=provider.timeouts.connect_s),
+                auto_decompress=True,
+                trace_configs=self._trace_configs,
+                skip_auto_headers=("User-Agent",),
+            )
+
+    async def close(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
+
+    def targets(self, call: ProxyCall) -> list[Target]:
+        """The model's deployments that speak this route's API, in failover order."""
+        model = self._config.models[call.model]
+        found = []
+        for dep in model.deployments:
+            provider = self._config.providers[dep.provider]
+            if provider.kind == call.route.provider_kind:
+                url = provider.base_url + call.route.upstream_path
+                found.append(Target(dep.provider, provider, dep.model, url))
+        return found
+
+    def attempt(
+        self, call: ProxyCall, target: Target, headers: Mapping[str, str], request_id: str,
+        deadline: float | None = None,
+    ) -> UpstreamAttempt:
+        body = dict(call.body)
+        body["model"] = target.upstream_model
+        if call.stream and call.route.injects_stream_usage and not call.client_wants_usage:
+            # Ask for usage so every stream can be accounted; the relay strips the extra chunk.
+            options = dict(call.body.get("stream_options") or {})
+            options["include_usage"] = True
+            body["stream_options"] = options
+        out_headers = _upstream_headers(headers, target.provider, self._keys[target.provider_name])
+        out_headers["x-client-request-id"] = request_id
+        return UpstreamAttempt(
+            self._sessions[target.provider_name], target, orjson.dumps(body), out_headers, deadline
+        )
+
+
+def _upstream_headers(incoming: Mapping[str, str], provider: Provider, key: str | None) -> dict[
+    str, str
+]:
+    out = {"content-type": "application/json"}
+    for name in FORWARDED_REQUEST_HEADERS:
+        value = incoming.get(name)
+        if value is not None:
+            out[name] = value
+    if provider.kind == "anthropic":
+        out.setdefault("anthropic-version", ANTHROPIC_DEFAULT_VERSION)
+        if key:
+            out["x-api-key"] = key
+    elif key:
+        out["authorization"] = f"Bearer {key}"
+    return out
+
+
+class UpstreamAttempt:
+    """One HTTP call to one target, with every phase under a deadline.
+
+    Use as ``async with attempt:``; ``open()`` returns once the response headers arrived,
+    ``read_body()`` / ``next_chunk()`` read the rest. Failures become ``GatewayError`` (502 for
+    connection problems, 504 for timeouts) whose ``code`` says which phase failed.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        target: Target,
+        body: bytes,
+        headers: dict[str, str],
+        deadline: float | None,
+    ) -> None:
+        self.target = target
+        self._session = session
+        self._body = body
+        self._headers = headers
+        self._loop = asyncio.get_running_loop()
+        timeouts = target.provider.timeouts
+        self.started = self._loop.time()
+        end = self.started + timeouts.total_s
+        self._end = min(end, deadline) if deadline is not None else end
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> UpstreamAttempt:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._response is not None:
+            # close(), not release(): a half-read body must not go back to the pool, and the
+            # upstream must see the disconnect at once (a cancelled client stops generation).
+            self._response.close()
+
+    @property
+    def response(self) -> aiohttp.ClientResponse:
+        assert self._response is not None, "open() first"
+        return self._response
+
+    async def open(self) -> aiohttp.ClientResponse:
+        when = min(self.started + self.target.provider.timeouts.first_byte_s, self._end)
+        try:
+            async with asyncio.timeout_at(when):
+                self._response = await self._session.post(
+                    self.target.url, data=self._body, headers=self._headers
+                )
+        except TimeoutError:
+            raise self._timed_out("first_byte") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise upstream_failure(
+                502, f"Could not connect to the upstream {self.target.label}: {exc.os_error}",
+                "upstream_connect_error",
+            ) from None
+        except aiohttp.ServerTimeoutError:
+            raise self._timed_out("connect") from None
+        except aiohttp.ClientError as exc:
+            raise upstream_failure(
+                502, f"The upstream {self.target.label} closed the connection: "
+                f"{type(exc).__name__}", "upstream_disconnected",
+            ) from None
+        return self._response
+
+    async def read_body(self) -> bytes:
+        """The whole (non-streamed) body, within the idle and total limits."""
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await self.next_chunk():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise upstream_failure(
+                    502, f"The upstream {self.target.label} sent more than "
+                    f"{MAX_RESPONSE_BYTES} bytes.", "upstream_response_too_large",
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def next_chunk(self) -> bytes:
+        """The next piece of body as it arrives; b"" at the end."""
+        idle = self.target.provider.timeouts.idle_s
+        try:
+            async with asyncio.timeout_at(min(self._loop.time() + idle, self._end)):
+                return await self.response.content.readany()
+        except TimeoutError:
+            phase = "total" if self._loop.time() >= self._end - 0.001 else "idle"
+            raise self._timed_out(phase) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise upstream_failure(
+                502, f"The upstream {self.target.label} broke off the response: "
+                f"{type(exc).__name__}", "upstream_stream_cut",
+            ) from None
+
+    def _timed_out(self, phase: str) -> GatewayError:
+        limits = self.target.provider.timeouts
+        seconds = {
+            "connect": limits.connect_s, "first_byte": limits.first_byte_s,
+            "idle": limits.idle_s, "total": limits.total_s,
+        }[phase]
+        return upstream_failure(
+            504, f"The upstream {self.target.label} exceeded the {phase.replace('_', ' ')} "
+            f"timeout ({seconds:g} s).", f"upstream_{phase}_timeout",
+        )
