@@ -43,6 +43,12 @@ class Priority(IntEnum):
 
 PriorityName = Literal["critical", "high", "normal", "low"]
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Never passed upstream, whatever forward_headers says: credentials and hop-by-hop headers.
+NEVER_FORWARDED = (
+    "authorization", "x-api-key", "api-key", "cookie", "proxy-authorization", "connection",
+    "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length",
+    "proxy-connection",
+)
 _SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -78,6 +84,11 @@ class Provider(_Strict):
     )
     pool_size: int = Field(100, ge=1, le=10000, description="max open connections")
     verify_tls: bool = Field(True, description="verify the upstream's TLS certificate")
+    forward_headers: list[str] = Field(
+        [],
+        description="extra request headers passed through to this provider, by name or by "
+        "prefix ending in * (e.g. x-mock-*); credentials and hop-by-hop headers never are",
+    )
     timeouts: Timeouts = Timeouts()
 
     @field_validator("base_url")
@@ -86,6 +97,21 @@ class Provider(_Strict):
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must start with http:// or https:// and name a host")
         return value.rstrip("/")
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _safe_headers(cls, names: list[str]) -> list[str]:
+        out = []
+        for name in names:
+            lowered = name.lower()
+            if not re.match(r"^[a-z0-9-]+\*?$", lowered):
+                raise ValueError(f"'{name}' is not a header name or prefix*")
+            prefix = lowered.rstrip("*")
+            if any(p.startswith(prefix) if lowered.endswith("*") else p == lowered
+                   for p in NEVER_FORWARDED):
+                raise ValueError(f"'{name}' would forward a credential or hop-by-hop header")
+            out.append(lowered)
+        return out
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Provider:

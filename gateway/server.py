@@ -43,7 +43,7 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
-RECORD = "gateway.record"
+RECORD = web.RequestKey("record", RequestRecord)
 
 
 def create_app(config: GatewayConfig, *, state: StateBackend | None = None) -> web.Application:

@@ -27,7 +27,9 @@ _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _DELTA = re.compile(rb'"delta"|output_text\.delta')
 _TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
              b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
-             b'"type": "message_stop"')
+             b'"type": "message_stop"',
+             # an upstream's own error event ends the stream too; relay it, add nothing
+             b'data: {"error"', b"event: error")
 
 
 @dataclass(slots=True)

@@ -110,6 +110,7 @@ class UpstreamPool:
             options["include_usage"] = True
             body["stream_options"] = options
         out_headers = _upstream_headers(headers, target.provider, self._keys[target.provider_name])
+        _forward_extra(headers, target.provider.forward_headers, out_headers)
         out_headers["x-client-request-id"] = request_id
         return UpstreamAttempt(
             self._sessions[target.provider_name], target, orjson.dumps(body), out_headers, deadline
@@ -131,6 +132,18 @@ def _upstream_headers(incoming: Mapping[str, str], provider: Provider, key: str 
     elif key:
         out["authorization"] = f"Bearer {key}"
     return out
+
+
+def _forward_extra(incoming: Mapping[str, str], allowed: list[str], out: dict[str, str]) -> None:
+    """The provider's own forward_headers (validated at load to exclude credentials)."""
+    if not allowed:
+        return
+    for name, value in incoming.items():
+        lowered = name.lower()
+        for rule in allowed:
+            if lowered == rule or (rule.endswith("*") and lowered.startswith(rule[:-1])):
+                out[lowered] = value
+                break
 
 
 class UpstreamAttempt:

@@ -1,0 +1,61 @@
+"""Shared helpers for tests that run a real gateway in front of the mock upstream."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from gateway.auth import hash_key
+from gateway.config import GatewayConfig, parse_config
+
+ACME_KEY = "sk-test-acme"
+UMBRELLA_KEY = "sk-test-umbrella"
+
+
+def policy_dict(upstream: str, **overrides: Any) -> dict[str, Any]:
+    """A small policy as a plain dict; ``upstream`` is the mock's http://host:port."""
+    data: dict[str, Any] = {
+        "providers": {
+            "main": {"kind": "openai", "base_url": f"{upstream}/v1",
+                     "forward_headers": ["x-mock-*"],
+                     "timeouts": {"connect_s": 2, "first_byte_s": 5, "idle_s": 2, "total_s": 20}},
+            "claude": {"kind": "anthropic", "base_url": upstream, "forward_headers": ["x-mock-*"],
+                       "timeouts": {"connect_s": 2, "first_byte_s": 5, "idle_s": 2,
+                                    "total_s": 20}},
+        },
+        "models": {
+            "gpt-test": {"deployments": [{"provider": "main", "model": "upstream-gpt"}],
+                         "price": {"input_per_million": 1.0, "output_per_million": 2.0}},
+            "embed-test": {"deployments": [{"provider": "main", "model": "upstream-embed"}]},
+            "claude-test": {"deployments": [{"provider": "claude", "model": "upstream-claude"}]},
+        },
+        "tenants": {
+            "acme": {"api_keys": [hash_key(ACME_KEY)], "models": ["*"],
+                     "default_priority": "normal", "max_priority": "high"},
+            "umbrella": {"api_keys": [hash_key(UMBRELLA_KEY)], "models": ["gpt-test"],
+                         "default_priority": "low", "max_priority": "normal"},
+        },
+    }
+    return _merge(data, overrides)
+
+
+def policy(upstream: str, **overrides: Any) -> GatewayConfig:
+    return parse_config(policy_dict(upstream, **overrides))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def auth(key: str = ACME_KEY, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **extra}
+
+
+def chat(model: str = "gpt-test", text: str = "hello there", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
