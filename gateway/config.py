@@ -275,6 +275,10 @@ def _format_error(err: dict[str, Any]) -> str:
         msg = "unknown key"
         if not isinstance(err["loc"][-1], str):
             msg += _hint(err["loc"][-1])
+    elif err["type"] == "invalid_key":
+        parent = ".".join(str(p) for p in err["loc"][:-1])
+        loc = f"{parent}.{err['input']!r}" if parent else repr(err["input"])
+        msg = "keys must be strings" + _hint(err["input"])
     elif err["type"].startswith("string_type"):
         msg += _hint(err.get("input"))
     if msg.startswith(("models.", "tenants.", "providers.")):  # cross-reference errors
@@ -302,7 +306,10 @@ def load_config(path: str | Path) -> GatewayConfig:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(path, [f"not valid YAML: {exc}"]) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, [f"not valid YAML{where}: {problem}"]) from None
     return parse_config(data, path)
 
 
