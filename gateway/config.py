@@ -52,11 +52,13 @@ NEVER_FORWARDED = (
 _SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every policy model: unknown keys and YAML type coercions are errors."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class Timeouts(_Strict):
+class Timeouts(StrictModel):
     """Hard limits on one upstream call, in seconds."""
 
     connect_s: PositiveFloat = Field(5.0, description="TCP + TLS connect")
@@ -67,7 +69,7 @@ class Timeouts(_Strict):
     total_s: PositiveFloat = Field(600.0, description="whole call, streams included")
 
 
-class Provider(_Strict):
+class Provider(StrictModel):
     """An upstream API endpoint and the credential the gateway uses for it."""
 
     kind: Literal["openai", "anthropic"] = Field(
@@ -121,21 +123,21 @@ class Provider(_Strict):
         return self
 
 
-class Price(_Strict):
+class Price(StrictModel):
     """Price in the operator's currency per million tokens."""
 
     input_per_million: float = Field(0.0, ge=0)
     output_per_million: float = Field(0.0, ge=0)
 
 
-class Deployment(_Strict):
+class Deployment(StrictModel):
     """One place a model is served: a provider and the model name it knows."""
 
     provider: str
     model: str = Field(description="the upstream's name for the model")
 
 
-class Model(_Strict):
+class Model(StrictModel):
     """A public model name and where it is served, in failover order."""
 
     deployments: list[Deployment] = Field(min_length=1)
@@ -144,7 +146,7 @@ class Model(_Strict):
     price: Price = Price()
 
 
-class Tenant(_Strict):
+class Tenant(StrictModel):
     """A team or agent fleet, identified by its API keys."""
 
     api_keys: list[str] = Field(
@@ -172,13 +174,13 @@ class Tenant(_Strict):
         return self
 
 
-class Server(_Strict):
+class Server(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
 
 
-class State(_Strict):
+class State(StrictModel):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = Field(
         None, description="redis://, rediss:// or redis+cluster://; REDIS_URL overrides"
@@ -187,7 +189,7 @@ class State(_Strict):
     key_prefix: str = "gw:"
 
 
-class GatewayConfig(_Strict):
+class GatewayConfig(StrictModel):
     """The whole policy file."""
 
     server: Server = Server()
