@@ -23,24 +23,44 @@ from .upstream import FORWARDED_RESPONSE_HEADERS, Target, UpstreamAttempt, Upstr
 
 
 @dataclass(slots=True)
+class AttemptRecord:
+    """One upstream attempt: where, how it ended, how long it took."""
+
+    deployment: str
+    outcome: str  # success | http_<status> | connect_error | timeout | stream_cut | ...
+    duration_s: float
+    first_byte_s: float | None = None
+
+
+@dataclass(slots=True)
 class RequestRecord:
-    """What one request did, filled in as it goes; the access log line is made from it."""
+    """What one request did, filled in as it goes. The access log line, the metrics and the
+    span attributes are all made from it, so they always agree."""
 
     request_id: str
-    started: float
+    started: float  # loop.time() when the request arrived
     route: str = ""
     tenant: str | None = None
     model: str | None = None
-    deployment: str | None = None
+    deployment: str | None = None  # the one that answered (or was tried last)
     priority: str | None = None
     stream: bool = False
     status: int = 0
-    outcome: str = "ok"
+    outcome: str = "ok"  # ok | rejected | shed | error | upstream_error | client_disconnected
     error_code: str | None = None
     attempts: int = 0
-    first_byte_s: float | None = None
+    attempt_log: list[AttemptRecord] = field(default_factory=list)
+    # wait time at every step, in seconds (None: the step did not run)
+    limits_s: float | None = None
+    queue_s: float | None = None
+    first_byte_s: float | None = None  # upstream response headers, last attempt
+    ttft_s: float | None = None  # first content event relayed to the client
     upstream_s: float | None = None
+    total_s: float | None = None
     usage: Usage = field(default_factory=Usage)
+    cost: float = 0.0
+    prompt_tokens_estimate: int = 0
+    context_window: int = 0
     agent_session: str | None = None
     agent_step: str | None = None
 
