@@ -1,0 +1,31 @@
+"""Shared state behind one interface: ``MemoryBackend`` (one process) or ``RedisBackend``."""
+
+from __future__ import annotations
+
+from gateway.state.base import StateBackend, StateUnavailable
+from gateway.state.memory import MemoryBackend
+from gateway.state.redis import RedisBackend
+
+__all__ = ["MemoryBackend", "RedisBackend", "StateBackend", "StateUnavailable", "create_backend"]
+
+
+def create_backend(
+    kind: str, *, redis_url: str | None, timeout_s: float, key_prefix: str
+) -> StateBackend:
+    """Build the configured backend (not started yet: the app calls ``start()``).
+
+    ``kind`` is ``"memory"`` or ``"redis"``; for ``"redis"`` the URL's scheme selects
+    standalone (``redis://``, ``rediss://``) or Cluster (``redis+cluster://``,
+    ``rediss+cluster://``). ``timeout_s`` and ``key_prefix`` apply to Redis only.
+    Raises ValueError for an unknown kind or a missing or malformed URL.
+    """
+    if kind == "memory":
+        return MemoryBackend()
+    if kind == "redis":
+        if not redis_url:
+            raise ValueError(
+                "state backend 'redis' needs a Redis URL (redis://, rediss:// or "
+                "redis+cluster://host:port,...); use backend 'memory' to run without Redis"
+            )
+        return RedisBackend(redis_url, timeout_s=timeout_s, key_prefix=key_prefix)
+    raise ValueError(f"unknown state backend {kind!r}; expected 'memory' or 'redis'")

@@ -1,0 +1,262 @@
+"""``RedisBackend``: the shared state store on ``redis.asyncio``, standalone or Cluster.
+
+The URL scheme picks the topology, so one setting (the Redis URL) is all an operator
+touches:
+
+- ``redis://[user:password@]host:port[/db]``: one server, plain TCP.
+- ``rediss://...``: the same over TLS; certificates are verified unless the URL says
+  otherwise (redis-py's ``ssl_cert_reqs`` query parameter).
+- ``redis+cluster://[user:password@]host:port,host:port,...``: Redis Cluster; the listed
+  nodes are only seeds for topology discovery. ``rediss+cluster://`` for TLS.
+
+Failure behaviour, which is the point of this module: redis-py 8.1 defaults to 5 s socket
+timeouts and 10 retries, so a hung server would stall a request for tens of seconds.
+Here sockets time out after ``timeout_s``, there is at most one quick retry, and every
+call additionally runs under an ``asyncio.timeout`` of ``2 * timeout_s`` in case
+redis-py's own bookkeeping (retries, cluster re-discovery) takes longer. Every failure
+surfaces as ``StateUnavailable`` with a short message that names the target but never
+its credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisClusterException, RedisError
+
+from gateway.state.base import StateUnavailable
+from gateway.state.memory import check_ttl
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_STANDALONE_SCHEMES = ("redis", "rediss")
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# Only RedisClusterException sits outside RedisError; OSError covers socket errors and
+# TimeoutError (asyncio.timeout's, too, on Python 3.11).
+_STORE_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+def _load_lua(name: str) -> str:
+    return (resources.files("gateway") / "lua" / name).read_text(encoding="utf-8")
+
+
+def _quick_retry() -> Retry:
+    # One retry after 10-50 ms: enough to ride over a reset pooled connection, short
+    # enough that a dead server fails the request in well under a second.
+    return Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.05), 1)
+
+
+class RedisBackend:
+    """``StateBackend`` on Redis (standalone or Cluster, chosen by the URL scheme).
+
+    Keys are stored as ``key_prefix + key``. The prefix must not contain ``{`` or ``}``
+    so the caller's ``{hash tag}`` decides the Cluster slot. ``timeout_s`` bounds socket
+    connect/read and the wait for a free pooled connection; a whole call is cut off at
+    about ``2 * timeout_s``. ``max_connections`` caps the pool (standalone) or the calls
+    in flight (Cluster, whose per-node pools raise instead of waiting when full).
+    """
+
+    name: str = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 0.25,
+        max_connections: int = 64,
+        key_prefix: str = "gw:",
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ValueError("key_prefix must not contain '{' or '}' (it would break hash tags)")
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        self._target = f"{scheme}://{hosts}"  # for messages: no credentials, no query
+        # Scrubbed from error messages; redis-py also reads a password from the query.
+        self._password = unquote(userinfo.partition(":")[2]) or next(
+            iter(parse_qs(parts.query).get("password", [])), ""
+        )
+        self._prefix = key_prefix
+        self._deadline_s = 2 * timeout_s
+
+        tls = {
+            k: v
+            for k, v in (
+                ("ssl_ca_certs", ssl_ca_certs),
+                ("ssl_certfile", ssl_certfile),
+                ("ssl_keyfile", ssl_keyfile),
+            )
+            if v is not None
+        }
+        if tls and not scheme.startswith("rediss"):
+            raise ValueError("ssl_* options need a rediss:// or rediss+cluster:// URL")
+        common: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "retry": _quick_retry(),
+            **tls,
+        }
+
+        self._client: Redis | RedisCluster
+        # Cluster only: bounds calls in flight. RedisCluster's per-node pools raise
+        # MaxConnectionsError when full instead of waiting like BlockingConnectionPool.
+        self._gate: asyncio.Semaphore | None = None
+        if scheme in _STANDALONE_SCHEMES:
+            pool = BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=timeout_s, **common
+            )
+            self._client = Redis.from_pool(pool)  # the client owns and closes the pool
+        elif scheme in _CLUSTER_SCHEMES:
+            nodes, username, password = _parse_cluster_url(url)
+            self._client = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+                username=username,
+                password=password,
+                ssl=scheme == "rediss+cluster",
+                max_connections=max_connections,
+                **common,
+            )
+            self._gate = asyncio.Semaphore(max_connections)
+        else:
+            raise ValueError(
+                f"unsupported Redis URL scheme {scheme!r}; use one of "
+                + ", ".join(f"{s}://" for s in _STANDALONE_SCHEMES + _CLUSTER_SCHEMES)
+            )
+        # register_script makes no round trip; calls use EVALSHA and reload the script
+        # on NOSCRIPT (e.g. after a Redis restart emptied the script cache).
+        self._incr_script = self._client.register_script(_load_lua("incr_ttl.lua"))
+        self._closed = False
+
+    @property
+    def cluster(self) -> bool:
+        """True when talking to a Redis Cluster (``redis+cluster://`` URL)."""
+        return isinstance(self._client, RedisCluster)
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({self._target!r})"
+
+    async def start(self) -> None:
+        """Check the store answers. An unreachable store is logged, not fatal: the
+        gateway starts degraded and every call retries the connection on its own."""
+        if not await self.ping():
+            log.warning("state store %s is not answering at startup", self._target)
+
+    async def close(self) -> None:
+        """Close all connections; idempotent, never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await self._client.aclose()
+        except _STORE_ERRORS as exc:
+            log.warning("closing %s: %s", self._target, self._describe(exc))
+
+    async def ping(self) -> bool:
+        """True when the store answers; on a Cluster, only when every primary does (a
+        plain PING reaches one node and would hide a dead shard)."""
+        client = self._client
+        try:
+            if isinstance(client, RedisCluster):
+                reply = await self._call(
+                    "ping", lambda: client.ping(target_nodes=RedisCluster.PRIMARIES)
+                )
+            else:
+                reply = await self._call("ping", client.ping)
+            return bool(reply)
+        except Exception:  # noqa: BLE001 - contract: never raises; /readyz wants a bool
+            return False
+
+    async def get(self, key: str) -> bytes | None:
+        k = self._prefix + key
+        value = await self._call("get", lambda: self._client.get(k))
+        return cast("bytes | None", value)  # decode_responses is off: never str
+
+    async def set(
+        self, key: str, value: bytes, ttl_ms: int, *, only_if_absent: bool = False
+    ) -> bool:
+        check_ttl(ttl_ms)
+        k = self._prefix + key
+        reply = await self._call(
+            "set", lambda: self._client.set(k, value, px=ttl_ms, nx=only_if_absent)
+        )
+        return bool(reply)  # SET ... NX replies nil when the key already existed
+
+    async def delete(self, key: str) -> bool:
+        k = self._prefix + key
+        return bool(await self._call("delete", lambda: self._client.delete(k)))
+
+    async def incr(self, key: str, amount: int, ttl_ms: int) -> int:
+        check_ttl(ttl_ms)
+        k = self._prefix + key
+        return int(
+            await self._call("incr", lambda: self._incr_script(keys=[k], args=[amount, ttl_ms]))
+        )
+
+    async def ttl_ms(self, key: str) -> int | None:
+        """Remaining TTL; None when missing. -1 for a key without expiry, which only a
+        writer outside this API can create."""
+        k = self._prefix + key
+        pttl = int(await self._call("ttl_ms", lambda: self._client.pttl(k)))
+        return None if pttl == -2 else pttl
+
+    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one command under the deadline, mapping every store failure.
+
+        ``fn`` builds the coroutine only once we are inside the deadline (and the gate),
+        so a call cut short never leaves an un-awaited coroutine behind.
+        """
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                if self._gate is None:
+                    return await fn()
+                async with self._gate:
+                    return await fn()
+        except _STORE_ERRORS as exc:
+            raise StateUnavailable(f"redis {op} on {self._target}: {self._describe(exc)}") from exc
+
+    def _describe(self, exc: BaseException) -> str:
+        if type(exc) is TimeoutError:  # ours, from asyncio.timeout: it carries no text
+            return f"no answer within {self._deadline_s:g} s"
+        text = str(exc)[:200]
+        if self._password:
+            text = text.replace(self._password, "***")
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """Seed nodes, username and password of ``redis+cluster://[u:p@]h:port,h:port[/0]``."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or parts.path not in ("", "/", "/0"):
+        raise ValueError("a cluster URL takes no database, path or query parameters")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"cluster node {item!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes, username, password

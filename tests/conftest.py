@@ -1,0 +1,51 @@
+"""Session-wide fixtures. Redis fixtures start real servers and fail (never skip) when
+redis-server cannot start."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.redis_server import RedisCluster3, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One standalone redis-server for the whole session (started on first use)."""
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster3]:
+    """A 3-master Redis Cluster for the session, created only if a test asks for it."""
+    cluster = RedisCluster3()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def clean_redis(redis_server: RedisServer) -> RedisServer:
+    """The session server, FLUSHALLed before the test (and restarted if a test left it
+    stopped), so every test starts from an empty store."""
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    return redis_server
+
+
+@pytest.fixture
+def clean_redis_cluster(redis_cluster: RedisCluster3) -> RedisCluster3:
+    """The session cluster, every node FLUSHALLed before the test."""
+    if not all(node.running for node in redis_cluster.nodes):
+        redis_cluster.start()
+    redis_cluster.flushall()
+    return redis_cluster

@@ -1,0 +1,376 @@
+"""One contract for every ``StateBackend``: memory, standalone Redis and Redis Cluster.
+
+The shared suite runs against all three; below it come the tests only one side can run:
+exact expiry and bounded memory on the memory backend (fake clock), prefixes, failure
+bounds and recovery on real Redis servers. Redis TTLs are checked through PTTL values,
+never by sleeping until expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.state import (
+    MemoryBackend,
+    RedisBackend,
+    StateBackend,
+    StateUnavailable,
+    create_backend,
+)
+from tests.redis_server import RedisCluster3, RedisServer, pick_port
+
+HOUR_MS = 3_600_000
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- the shared contract --------------------------------------------------------------
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory"),
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ]
+)
+def backend_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the memory backend, else the URL of a freshly flushed Redis."""
+    if request.param == "memory":
+        return None
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("clean_redis")
+        return server.url
+    cluster: RedisCluster3 = request.getfixturevalue("clean_redis_cluster")
+    return cluster.url
+
+
+@pytest.fixture
+async def backend(backend_url: str | None) -> AsyncIterator[StateBackend]:
+    # A roomy timeout: these tests are about behaviour, and a loaded CI machine must
+    # not turn 200 concurrent calls into StateUnavailable. Fault tests use 0.25 s.
+    store: StateBackend = (
+        MemoryBackend() if backend_url is None else RedisBackend(backend_url, timeout_s=1.0)
+    )
+    await store.start()
+    yield store
+    await store.close()
+
+
+async def test_set_get_round_trip(backend: StateBackend) -> None:
+    value = bytes(range(256))  # binary-safe, NUL included
+    assert await backend.set("rt", value, HOUR_MS) is True
+    assert await backend.get("rt") == value
+
+
+async def test_get_missing_is_none(backend: StateBackend) -> None:
+    assert await backend.get("never-written") is None
+    assert await backend.ttl_ms("never-written") is None
+
+
+async def test_plain_set_overwrites_value_and_ttl(backend: StateBackend) -> None:
+    await backend.set("ow", b"one", HOUR_MS)
+    assert await backend.set("ow", b"two", 10_000) is True
+    assert await backend.get("ow") == b"two"
+    ttl = await backend.ttl_ms("ow")
+    assert ttl is not None and 0 < ttl <= 10_000
+
+
+async def test_only_if_absent(backend: StateBackend) -> None:
+    assert await backend.set("nx", b"first", HOUR_MS, only_if_absent=True) is True
+    assert await backend.set("nx", b"second", HOUR_MS, only_if_absent=True) is False
+    assert await backend.get("nx") == b"first"
+
+
+async def test_delete_returns_whether_key_existed(backend: StateBackend) -> None:
+    await backend.set("del", b"x", HOUR_MS)
+    assert await backend.delete("del") is True
+    assert await backend.get("del") is None
+    assert await backend.delete("del") is False
+
+
+async def test_incr_creates_with_ttl_and_keeps_it(backend: StateBackend) -> None:
+    assert await backend.incr("ctr", 5, 60_000) == 5
+    first = await backend.ttl_ms("ctr")
+    assert first is not None and 55_000 <= first <= 60_000
+    # A later increment with a much longer TTL must not extend the window.
+    assert await backend.incr("ctr", 2, 10 * HOUR_MS) == 7
+    later = await backend.ttl_ms("ctr")
+    assert later is not None and 0 < later <= first
+    assert await backend.get("ctr") == b"7"
+
+
+async def test_incr_negative_amounts(backend: StateBackend) -> None:
+    assert await backend.incr("neg", -3, HOUR_MS) == -3
+    assert await backend.incr("neg", 5, HOUR_MS) == 2
+    assert await backend.incr("neg", -2, HOUR_MS) == 0
+    assert await backend.get("neg") == b"0"
+
+
+async def test_incr_on_set_integer_keeps_its_ttl(backend: StateBackend) -> None:
+    await backend.set("num", b"10", 30_000)
+    assert await backend.incr("num", 5, HOUR_MS) == 15
+    ttl = await backend.ttl_ms("num")
+    assert ttl is not None and 0 < ttl <= 30_000
+
+
+async def test_incr_on_non_integer_is_unavailable(backend: StateBackend) -> None:
+    await backend.set("text", b"abc", HOUR_MS)
+    with pytest.raises(StateUnavailable):
+        await backend.incr("text", 1, HOUR_MS)
+    assert await backend.get("text") == b"abc"
+
+
+async def test_ttl_ms_within_bounds(backend: StateBackend) -> None:
+    await backend.set("ttl", b"x", 5_000)
+    ttl = await backend.ttl_ms("ttl")
+    assert ttl is not None and 4_000 <= ttl <= 5_000
+
+
+async def test_non_positive_ttl_is_a_caller_error(backend: StateBackend) -> None:
+    with pytest.raises(ValueError):
+        await backend.set("bad", b"x", 0)
+    with pytest.raises(ValueError):
+        await backend.incr("bad", 1, -5)
+    assert await backend.get("bad") is None
+
+
+async def test_concurrent_incr_sums_exactly(backend: StateBackend) -> None:
+    results = await asyncio.gather(*(backend.incr("{t}:n", 1, HOUR_MS) for _ in range(200)))
+    # Every task saw a distinct intermediate value: no lost or doubled update.
+    assert sorted(results) == list(range(1, 201))
+    assert await backend.get("{t}:n") == b"200"
+
+
+async def test_ping_and_idempotent_close(backend: StateBackend) -> None:
+    assert await backend.ping() is True
+    await backend.close()
+    await backend.close()
+
+
+# --- memory only: exact time, bounded memory -----------------------------------------
+
+
+async def test_memory_expiry_is_exact() -> None:
+    clock = FakeClock(1000.0)
+    store = MemoryBackend(clock)
+    await store.set("k", b"v", 100)
+    assert await store.incr("c", 1, 100) == 1
+
+    clock.now = 1000.0 + 0.099  # ttl - 1 ms: still there
+    assert await store.get("k") == b"v"
+    assert await store.ttl_ms("k") == 1
+    assert await store.incr("c", 1, 100) == 2
+
+    clock.now = 1000.0 + 0.100  # exactly ttl: gone, everywhere
+    assert await store.get("k") is None
+    assert await store.ttl_ms("k") is None
+    assert await store.delete("c") is False
+    assert await store.set("k", b"new", 50, only_if_absent=True) is True
+    assert await store.incr("c", 1, 100) == 1  # a fresh counter with a fresh TTL
+    assert await store.ttl_ms("c") == 100
+
+
+async def test_memory_lazy_purge_on_access() -> None:
+    clock = FakeClock()
+    store = MemoryBackend(clock)
+    await store.set("k", b"v", 10)
+    clock.now += 1
+    assert store.stored_count() == 1
+    assert await store.get("k") is None
+    assert store.stored_count() == 0
+
+
+@pytest.mark.parametrize("ttl_ms", [5, 2_000])
+async def test_memory_stays_bounded_under_key_churn(ttl_ms: int) -> None:
+    clock = FakeClock()
+    store = MemoryBackend(clock)
+    peak = 0
+    for i in range(10_000):  # distinct keys, one write per simulated millisecond
+        clock.now += 0.001
+        if i % 2:
+            await store.set(f"s{i}", b"x", ttl_ms)
+        else:
+            await store.incr(f"c{i}", 1, ttl_ms)
+        peak = max(peak, store.stored_count())
+    live = ttl_ms  # keys younger than the TTL
+    assert peak <= 1.5 * live + 32, peak
+
+
+# --- Redis only -----------------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_redis_keys_carry_the_prefix(clean_redis: RedisServer) -> None:
+    store = RedisBackend(clean_redis.url, key_prefix="gwtest:")
+    try:
+        await store.set("k", b"v", HOUR_MS)
+        await store.incr("n", 1, HOUR_MS)
+        assert clean_redis.command("EXISTS", "gwtest:k") == 1
+        assert clean_redis.command("EXISTS", "gwtest:n") == 1
+        assert clean_redis.command("EXISTS", "k") == 0
+    finally:
+        await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_cluster_mode_is_selected_by_url(redis_cluster: RedisCluster3) -> None:
+    store = RedisBackend(redis_cluster.url)
+    try:
+        assert store.cluster is True
+        # Different hash tags land on different masters; all of them must work.
+        for tenant in ("hooli", "umbrella", "acme"):
+            assert await store.incr(f"rl:{{{tenant}}}:n", 1, HOUR_MS) >= 1
+    finally:
+        await store.close()
+
+
+def _ops(store: RedisBackend) -> list[Callable[[], Awaitable[object]]]:
+    return [
+        lambda: store.get("k"),
+        lambda: store.set("k", b"v", HOUR_MS),
+        lambda: store.delete("k"),
+        lambda: store.incr("n", 1, HOUR_MS),
+        lambda: store.ttl_ms("k"),
+    ]
+
+
+async def _assert_all_fail_fast(store: RedisBackend, bound_s: float) -> None:
+    for op in _ops(store):
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await op()
+        assert time.monotonic() - started < bound_s
+    started = time.monotonic()
+    assert await store.ping() is False
+    assert time.monotonic() - started < bound_s
+
+
+@pytest.mark.redis
+async def test_redis_stopped_server_fails_fast_and_recovers() -> None:
+    with RedisServer() as server:  # our own: the session server stays up
+        store = RedisBackend(server.url, timeout_s=0.25)
+        try:
+            await store.start()
+            assert await store.incr("n", 1, HOUR_MS) == 1  # caches the script SHA
+
+            server.stop()
+            await _assert_all_fail_fast(store, 1.5)
+
+            server.start()  # same port, empty data, empty script cache
+            deadline = time.monotonic() + 5
+            while not await store.ping():
+                assert time.monotonic() < deadline, "backend did not reconnect"
+                await asyncio.sleep(0.05)
+            # Same object, no re-creation; EVALSHA hits NOSCRIPT and the script reloads.
+            assert await store.incr("n", 1, HOUR_MS) == 1
+            assert await store.set("k", b"back", HOUR_MS) is True
+            assert await store.get("k") == b"back"
+        finally:
+            await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_hung_server_is_cut_off_by_the_deadline() -> None:
+    with RedisServer() as server:
+        store = RedisBackend(server.url, timeout_s=0.25)
+        try:
+            assert await store.set("k", b"v", HOUR_MS) is True
+            server.pause()  # accepts TCP, answers nothing
+            try:
+                await _assert_all_fail_fast(store, 1.5)
+            finally:
+                server.resume()
+            assert await store.get("k") == b"v"
+        finally:
+            await store.close()
+
+
+@pytest.mark.redis
+async def test_redis_cluster_ping_needs_every_primary(redis_cluster: RedisCluster3) -> None:
+    store = RedisBackend(redis_cluster.url, timeout_s=0.25)
+    try:
+        assert await store.ping() is True
+        redis_cluster.nodes[0].stop()
+        try:
+            started = time.monotonic()
+            assert await store.ping() is False
+            assert time.monotonic() - started < 1.5
+        finally:
+            redis_cluster.start()  # restarts the stopped node, waits for cluster_state:ok
+        deadline = time.monotonic() + 5
+        while not await store.ping():
+            assert time.monotonic() < deadline, "cluster client did not recover"
+            await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+async def test_redis_errors_never_show_the_password(scheme: str) -> None:
+    port = pick_port()  # nothing listens there
+    store = RedisBackend(f"{scheme}://user:hunter2secret@127.0.0.1:{port}", timeout_s=0.25)
+    try:
+        with pytest.raises(StateUnavailable) as caught:
+            await store.get("k")
+        assert "hunter2secret" not in str(caught.value)
+        assert f"127.0.0.1:{port}" in str(caught.value)
+        assert "hunter2secret" not in repr(store)
+        assert await store.ping() is False
+    finally:
+        await store.close()
+
+
+# --- construction and the factory -----------------------------------------------------
+
+
+async def test_create_backend_memory_and_redis() -> None:
+    memory = create_backend("memory", redis_url=None, timeout_s=0.25, key_prefix="gw:")
+    assert isinstance(memory, MemoryBackend) and memory.name == "memory"
+    standalone = create_backend(
+        "redis", redis_url="redis://127.0.0.1:6379/0", timeout_s=0.25, key_prefix="gw:"
+    )
+    cluster = create_backend(
+        "redis", redis_url="redis+cluster://h1:7000,h2:7001", timeout_s=0.25, key_prefix="gw:"
+    )
+    assert isinstance(standalone, RedisBackend) and standalone.cluster is False
+    assert isinstance(cluster, RedisBackend) and cluster.cluster is True
+    assert standalone.name == cluster.name == "redis"
+    await standalone.close()
+    await cluster.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "url", "message"),
+    [
+        ("redis", None, "needs a Redis URL"),
+        ("redis", "", "needs a Redis URL"),
+        ("etcd", None, "unknown state backend 'etcd'"),
+        ("redis", "http://127.0.0.1:6379", "unsupported Redis URL scheme 'http'"),
+        ("redis", "redis+cluster://h1:7000,h2", "cluster node 'h2' is not host:port"),
+        ("redis", "redis+cluster://h1:7000/3", "takes no database"),
+    ],
+)
+def test_create_backend_rejects_bad_settings(kind: str, url: str | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_backend(kind, redis_url=url, timeout_s=0.25, key_prefix="gw:")
+
+
+def test_redis_backend_rejects_bad_options() -> None:
+    with pytest.raises(ValueError, match="rediss://"):
+        RedisBackend("redis://127.0.0.1:6379", ssl_ca_certs="/etc/ssl/ca.pem")
+    with pytest.raises(ValueError, match="hash tags"):
+        RedisBackend("redis://127.0.0.1:6379", key_prefix="gw:{x}:")
