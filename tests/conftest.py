@@ -9,6 +9,8 @@ import pytest
 
 from tests.redis_server import RedisCluster3, RedisServer
 
+pytest_plugins = ["tests.plugin_gateway"]
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
