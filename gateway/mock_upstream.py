@@ -1,0 +1,505 @@
+"""A fast, scriptable mock LLM provider for tests, the demo and benchmarks.
+
+Routes (OpenAI-compatible unless noted; bodies and SSE shapes live in ``gateway.mock_sse``):
+
+- ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses`` (stream or not)
+- ``POST /v1/embeddings`` (8-dim unit vectors, ``encoding_format: "base64"`` supported)
+- ``GET /v1/models``
+- ``POST /v1/messages``: Anthropic Messages, stream or not
+- any other ``/v1/...`` path: 404 with an OpenAI error body
+- ``GET /_mock/requests`` lists the recorded requests; ``DELETE /_mock/requests`` clears them
+
+The answer is N copies of the word ``"tok "``, one per stream chunk, so N is both the
+number of content deltas and ``completion_tokens``. N is ``x-mock-chunks`` (default 5)
+capped by the request's max-tokens field (``max_completion_tokens`` then ``max_tokens`` for
+chat, ``max_output_tokens`` for responses, ``max_tokens`` elsewhere); a cap that bites
+gives ``finish_reason: "length"`` / ``stop_reason: "max_tokens"``. Prompt tokens come from
+``estimate_prompt_tokens``. The request's ``model`` is echoed (``"mock-model"`` if absent).
+
+Per-request knobs are request headers (invalid values -> 400 in the route's error shape):
+
+- ``x-mock-latency-ms``: wait before the response headers (the only delay a non-stream
+  answer gets).
+- ``x-mock-ttft-ms``: streams: wait between the preamble events and the first content chunk.
+- ``x-mock-chunks``: content chunks / completion tokens, 0..100000 (default 5).
+- ``x-mock-chunk-gap-ms``: wait between content chunks (default 0).
+- ``x-mock-status``: 400..599; answer with that status and an error body in the route's
+  provider shape. ``x-mock-retry-after`` (seconds -> ``Retry-After``) and
+  ``x-mock-retry-after-ms`` (-> ``retry-after-ms``) are added to injected error answers.
+- ``x-mock-fail``: ``drop`` (close the connection, no response), ``hang`` (send nothing
+  until the client leaves, at most 600 s), ``midstream-cut`` (send ``x-mock-fail-after``
+  content chunks, default 2, then abort the TCP connection; a non-stream answer is cut
+  halfway through its body), ``midstream-error`` (after that many chunks send the
+  provider's error event and end the stream; a non-stream request gets an error status).
+  ``x-mock-fail`` wins over ``x-mock-status``, which then only picks the error type of a
+  mid-stream error (default 500 for OpenAI routes, 529 overloaded for Anthropic).
+- ``x-mock-fail-rate``: 0..1; the injected failure (``x-mock-fail`` if given, else
+  ``x-mock-status``, default 500) happens with this probability, drawn from the app's
+  seedable ``random.Random``; otherwise the request is answered normally.
+
+Every ``/v1`` request is recorded (method, path, lower-cased headers, parsed JSON body or
+None) before any knob applies. Auth is never checked: tests read the recorded headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway import mock_sse as sse
+from gateway.mock_sse import Provider
+
+__all__ = [
+    "RECORDED",
+    "RecordedRequest",
+    "create_mock_app",
+    "estimate_prompt_tokens",
+    "run_mock_upstream",
+]
+
+MAX_CHUNKS = 100_000
+MAX_DELAY_MS = 600_000.0
+HANG_LIMIT_S = 600.0
+_FAIL_MODES = frozenset({"drop", "hang", "midstream-cut", "midstream-error"})
+_MIDSTREAM = frozenset({"midstream-cut", "midstream-error"})
+_JSON = {"Content-Type": "application/json"}
+_SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One request as the mock received it (``body`` is the parsed JSON, or None)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+RECORDED: web.AppKey[collections.deque[RecordedRequest]] = web.AppKey("mock_recorded")
+_RNG: web.AppKey[random.Random] = web.AppKey("mock_rng")
+_IDS: web.AppKey[itertools.count[int]] = web.AppKey("mock_ids")
+_STOPPING: web.AppKey[asyncio.Event] = web.AppKey("mock_stopping")
+
+
+# --- prompt token estimate ----------------------------------------------------------------
+
+# Fields whose text counts as prompt: chat/anthropic messages, completions prompt,
+# responses/embeddings input, anthropic system, responses instructions.
+_PROMPT_FIELDS = ("messages", "prompt", "input", "system", "instructions")
+
+
+def _text_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, list):
+        return sum(_text_bytes(v) for v in value)
+    if isinstance(value, dict):
+        # Messages, content parts and input items keep their text under these two keys;
+        # roles, ids, image URLs and tool schemas are not counted.
+        return _text_bytes(value.get("content")) + _text_bytes(value.get("text"))
+    return 0  # token-id arrays, numbers, None
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """Deterministic prompt-token estimate: ``max(1, ceil(utf8_bytes / 4))``.
+
+    ``utf8_bytes`` is the UTF-8 length of every string found in the body's ``messages``,
+    ``prompt``, ``input``, ``system`` and ``instructions`` fields, descending through lists
+    and through the ``content`` / ``text`` keys of objects. Token-id arrays count 0.
+    """
+    total = sum(_text_bytes(body.get(field)) for field in _PROMPT_FIELDS)
+    return max(1, -(-total // 4))
+
+
+# --- knobs --------------------------------------------------------------------------------
+
+
+class _BadRequest(Exception):
+    """A 400 for the client: bad knob header or bad body field; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Knobs:
+    latency_s: float = 0.0
+    ttft_s: float = 0.0
+    chunks: int = 5
+    gap_s: float = 0.0
+    status: int | None = None
+    retry_after: str | None = None
+    retry_after_ms: str | None = None
+    fail: str | None = None
+    fail_after: int = 2
+    fail_rate: float | None = None
+
+
+_NO_KNOBS = _Knobs()
+
+
+def _number(headers: Mapping[str, str], name: str, hi: float) -> float | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan  # fails the range check below, which gives the one error message
+    if not 0 <= value <= hi:
+        raise _BadRequest(f"header {name} must be a number in [0, {hi:g}], got {raw!r}")
+    return value
+
+
+def _integer(headers: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise _BadRequest(f"header {name} must be an integer in [{lo}, {hi}], got {raw!r}")
+    return value
+
+
+def _ms(headers: Mapping[str, str], name: str) -> float:
+    value = _number(headers, name, MAX_DELAY_MS)
+    return 0.0 if value is None else value / 1000.0
+
+
+def _parse_knobs(headers: Mapping[str, str]) -> _Knobs:
+    # Benchmarks send no knobs: one scan of the header names skips nine lookups.
+    if not any(name[:7].lower() == "x-mock-" for name in headers):
+        return _NO_KNOBS
+    fail = headers.get("x-mock-fail")
+    if fail is not None and fail not in _FAIL_MODES:
+        raise _BadRequest(f"header x-mock-fail must be one of {sorted(_FAIL_MODES)}, got {fail!r}")
+    chunks = _integer(headers, "x-mock-chunks", 0, MAX_CHUNKS)
+    fail_after = _integer(headers, "x-mock-fail-after", 0, MAX_CHUNKS)
+    retry_after = _number(headers, "x-mock-retry-after", 86_400)
+    retry_after_ms = _number(headers, "x-mock-retry-after-ms", 86_400_000)
+    return _Knobs(
+        latency_s=_ms(headers, "x-mock-latency-ms"),
+        ttft_s=_ms(headers, "x-mock-ttft-ms"),
+        chunks=5 if chunks is None else chunks,
+        gap_s=_ms(headers, "x-mock-chunk-gap-ms"),
+        status=_integer(headers, "x-mock-status", 400, 599),
+        # Validated above, forwarded as the client wrote them.
+        retry_after=None if retry_after is None else headers["x-mock-retry-after"].strip(),
+        retry_after_ms=None if retry_after_ms is None else headers["x-mock-retry-after-ms"].strip(),
+        fail=fail,
+        fail_after=2 if fail_after is None else fail_after,
+        fail_rate=_number(headers, "x-mock-fail-rate", 1.0),
+    )
+
+
+# --- request plumbing ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """What a route handler needs once the common checks have passed."""
+
+    provider: Provider
+    body: dict[str, Any]
+    knobs: _Knobs
+    failure: str | None  # "midstream-cut" / "midstream-error" when injected, else None
+
+
+_Serve = Callable[[web.Request, _Call], Awaitable[web.StreamResponse]]
+
+
+def _error(provider: Provider, status: int, message: str,
+           knobs: _Knobs | None = None) -> web.Response:
+    headers = dict(_JSON)
+    if knobs is not None:  # only injected errors carry the retry hints
+        if knobs.retry_after is not None:
+            headers["Retry-After"] = knobs.retry_after
+        if knobs.retry_after_ms is not None:
+            headers["retry-after-ms"] = knobs.retry_after_ms
+    return web.Response(status=status, body=sse.error_body(provider, status, message),
+                        headers=headers)
+
+
+async def _read_json(request: web.Request) -> tuple[Any, str | None]:
+    """(parsed body or None, error message or None); GET has no body and no error."""
+    if request.method == "GET":
+        return None, None
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, f"request body is not valid JSON: {exc}"
+    if not isinstance(body, dict):
+        return body, "request body must be a JSON object"
+    return body, None
+
+
+def _draw_failure(app: web.Application, knobs: _Knobs) -> str | None:
+    """The failure to inject now: a ``x-mock-fail`` mode, ``"status"``, or None."""
+    if knobs.fail is None and knobs.status is None and knobs.fail_rate is None:
+        return None
+    if knobs.fail_rate is not None and app[_RNG].random() >= knobs.fail_rate:
+        return None
+    return knobs.fail or "status"
+
+
+def _endpoint(provider: Provider, serve: _Serve, *, needs_body: bool = True,
+              ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a route: record, parse knobs, wait, inject failures, validate, then serve."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body, body_error = await _read_json(request)
+        request.app[RECORDED].append(RecordedRequest(
+            request.method, request.path,
+            {name.lower(): value for name, value in request.headers.items()}, body))
+        try:
+            knobs = _parse_knobs(request.headers)
+        except _BadRequest as exc:
+            return _error(provider, 400, str(exc))
+        if knobs.latency_s:
+            await asyncio.sleep(knobs.latency_s)
+        failure = _draw_failure(request.app, knobs)
+        if failure == "drop":
+            return _drop(request)
+        if failure == "hang":
+            return await _hang(request)
+        if failure == "status":
+            status = knobs.status or 500
+            return _error(provider, status, f"mock upstream injected status {status}", knobs)
+        if needs_body and body_error is not None:
+            return _error(provider, 400, body_error)
+        try:
+            body = body if isinstance(body, dict) else {}
+            return await serve(request, _Call(provider, body, knobs, failure))
+        except _BadRequest as exc:
+            return _error(provider, 400, str(exc))
+
+    return handler
+
+
+def _drop(request: web.Request) -> web.Response:
+    if request.transport is not None:
+        request.transport.close()
+    # aiohttp fails to write this to the closed transport and treats it as a client
+    # disconnect: nothing reaches the wire and nothing is logged as an error.
+    return web.Response()
+
+
+async def _hang(request: web.Request) -> web.Response:
+    # Polling beats relying on handler cancellation, which aiohttp turns off by default.
+    stopping = request.app[_STOPPING]
+    deadline = asyncio.get_running_loop().time() + HANG_LIMIT_S
+    while asyncio.get_running_loop().time() < deadline and not stopping.is_set():
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            break
+        await asyncio.sleep(0.05)
+    return _drop(request)
+
+
+async def _abort(request: web.Request) -> None:
+    """Reset the connection once what was written has left (abort discards the buffer)."""
+    transport = request.transport
+    if transport is None:
+        return
+    for _ in range(1000):  # bounded: ~1 s for a client that stopped reading
+        if not transport.get_write_buffer_size():
+            break
+        await asyncio.sleep(0.001)
+    transport.abort()
+
+
+async def _reply(request: web.Request, call: _Call, body: bytes) -> web.StreamResponse:
+    """A non-streaming answer, or its injected mid-answer failure."""
+    if call.failure == "midstream-cut":
+        resp = web.StreamResponse(headers=_JSON)
+        resp.content_length = len(body)  # promise the full body, deliver half
+        try:
+            await resp.prepare(request)
+            await resp.write(body[: len(body) // 2])
+        except ConnectionError:
+            return resp  # the client left first
+        await _abort(request)
+        return resp
+    if call.failure == "midstream-error":
+        status = _midstream_status(call)
+        return _error(call.provider, status, f"mock upstream injected status {status}", call.knobs)
+    return web.Response(body=body, headers=_JSON)
+
+
+def _midstream_status(call: _Call) -> int:
+    # Anthropic's typical mid-stream failure is overload; OpenAI's is a plain server error.
+    return call.knobs.status or (529 if call.provider == "anthropic" else 500)
+
+
+async def _stream(request: web.Request, call: _Call, plan: sse.StreamPlan) -> web.StreamResponse:
+    """Write ``plan`` chunk by chunk (each ``write`` goes straight to the socket)."""
+    knobs = call.knobs
+    resp = web.StreamResponse(headers=_SSE)
+    try:
+        await resp.prepare(request)  # sends the headers now, before TTFT
+        for part in plan.preamble:
+            await resp.write(part)
+        if knobs.ttft_s:
+            await asyncio.sleep(knobs.ttft_s)
+        stop_at = knobs.fail_after if call.failure else plan.chunks
+        sent = 0
+        while sent < plan.chunks:
+            if sent and knobs.gap_s:
+                await asyncio.sleep(knobs.gap_s)
+            elif sent and not sent % 256:
+                await asyncio.sleep(0)  # long gap-less streams must not starve other requests
+            if sent == stop_at:
+                break
+            await resp.write(plan.chunk(sent))
+            sent += 1
+        if call.failure == "midstream-cut":
+            await _abort(request)
+            return resp
+        if call.failure == "midstream-error":
+            await resp.write(plan.error(sent, _midstream_status(call)))
+        else:
+            for part in plan.trailer:
+                await resp.write(part)
+        await resp.write_eof()
+    except ConnectionError:
+        pass  # the client left; aiohttp's own write_eof then sees it and logs nothing
+    return resp
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+def _generation(request: web.Request, call: _Call, *limit_keys: str) -> sse.Generation:
+    body = call.body
+    chunks = call.knobs.chunks
+    truncated = False
+    for key in limit_keys:  # the first limit present wins, like the real APIs
+        limit = body.get(key)
+        if limit is None:
+            continue
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise _BadRequest(f"{key} must be a non-negative integer")
+        if limit < chunks:
+            chunks, truncated = limit, True
+        break
+    model = body.get("model")
+    options = body.get("stream_options")
+    ids = request.app[_IDS]  # a local: mypy cannot infer next() over a generic AppKey lookup
+    return sse.Generation(
+        ident=f"mock{next(ids)}",
+        created=int(time.time()),
+        model=model if isinstance(model, str) else "mock-model",
+        prompt_tokens=estimate_prompt_tokens(body),
+        completion_tokens=chunks,
+        truncated=truncated,
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+    )
+
+
+def _generating_route(
+    limit_keys: tuple[str, ...],
+    body_fn: Callable[[sse.Generation], bytes],
+    stream_fn: Callable[[sse.Generation], sse.StreamPlan],
+) -> _Serve:
+    async def serve(request: web.Request, call: _Call) -> web.StreamResponse:
+        gen = _generation(request, call, *limit_keys)
+        if call.body.get("stream") is True:
+            return await _stream(request, call, stream_fn(gen))
+        return await _reply(request, call, body_fn(gen))
+
+    return serve
+
+
+async def _embeddings(request: web.Request, call: _Call) -> web.StreamResponse:
+    raw = call.body.get("input")
+    inputs: list[str | list[int]]
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
+        inputs = [raw]  # one string, or one token-id array
+    elif isinstance(raw, list) and raw and all(isinstance(x, (str, list)) for x in raw):
+        inputs = raw
+    else:
+        raise _BadRequest("input must be a non-empty string or array")
+    model = call.body.get("model")
+    body = sse.embeddings_body(
+        model if isinstance(model, str) else "mock-embedding",
+        inputs,
+        estimate_prompt_tokens(call.body),
+        call.body.get("encoding_format") == "base64",
+    )
+    return await _reply(request, call, body)
+
+
+async def _models(request: web.Request, call: _Call) -> web.StreamResponse:
+    return await _reply(request, call, sse.MODELS_BODY)
+
+
+async def _unknown(request: web.Request, call: _Call) -> web.StreamResponse:
+    return _error("openai", 404, f"mock upstream has no route {request.method} {request.path}")
+
+
+async def _list_recorded(request: web.Request) -> web.Response:
+    recorded = request.app[RECORDED]
+    return web.Response(body=orjson.dumps(list(recorded)), headers=_JSON)
+
+
+async def _clear_recorded(request: web.Request) -> web.Response:
+    request.app[RECORDED].clear()
+    return web.Response(status=204)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[_STOPPING].set()  # release hanging requests so shutdown does not wait for them
+
+
+def create_mock_app(*, max_recorded: int = 200, seed: int | None = None) -> web.Application:
+    """The mock provider app; ``RECORDED`` holds the last ``max_recorded`` ``/v1`` requests.
+
+    ``seed`` seeds the ``random.Random`` behind ``x-mock-fail-rate`` (None: OS entropy).
+    """
+    if max_recorded < 0:
+        raise ValueError("max_recorded must be >= 0")
+    app = web.Application()
+    app[RECORDED] = collections.deque(maxlen=max_recorded)
+    app[_RNG] = random.Random(seed)
+    app[_IDS] = itertools.count(1)
+    app[_STOPPING] = asyncio.Event()
+    app.on_shutdown.append(_on_shutdown)
+    add = app.router.add_route
+    add("POST", "/v1/chat/completions", _endpoint("openai", _generating_route(
+        ("max_completion_tokens", "max_tokens"), sse.chat_body, sse.chat_stream)))
+    add("POST", "/v1/completions", _endpoint("openai", _generating_route(
+        ("max_tokens",), sse.completion_body, sse.completion_stream)))
+    add("POST", "/v1/responses", _endpoint("openai", _generating_route(
+        ("max_output_tokens",), sse.responses_body, sse.responses_stream)))
+    add("POST", "/v1/messages", _endpoint("anthropic", _generating_route(
+        ("max_tokens",), sse.messages_body, sse.messages_stream)))
+    add("POST", "/v1/embeddings", _endpoint("openai", _embeddings))
+    add("GET", "/v1/models", _endpoint("openai", _models, needs_body=False))
+    add("*", "/v1/{tail:.*}", _endpoint("openai", _unknown, needs_body=False))
+    add("GET", "/_mock/requests", _list_recorded)
+    add("DELETE", "/_mock/requests", _clear_recorded)
+    return app
+
+
+async def run_mock_upstream(host: str, port: int) -> None:
+    """Serve ``create_mock_app()`` on ``host:port`` until cancelled, then shut down cleanly."""
+    # No access log: formatting a line per request would cost more than answering it.
+    runner = web.AppRunner(create_mock_app(), access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()  # forever; cancellation is the only way out
+    finally:
+        await runner.cleanup()
