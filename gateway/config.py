@@ -14,35 +14,17 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
-from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
+from .limits_policy import Budget, Degraded, LoopGuard, TenantLimits
 
-class Priority(IntEnum):
-    """Request classes; a lower number is more important."""
+__all__ = ["Priority", "PriorityName", "StrictModel", "GatewayConfig", "ConfigError"]
 
-    critical = 0
-    high = 1
-    normal = 2
-    low = 3
-
-    @classmethod
-    def parse(cls, value: str) -> Priority | None:
-        """``critical``/``high``/``normal``/``low`` or ``0``-``3``; None when neither."""
-        value = value.strip().lower()
-        if value in cls.__members__:
-            return cls[value]
-        if value in ("0", "1", "2", "3"):
-            return cls(int(value))
-        return None
-
-
-PriorityName = Literal["critical", "high", "normal", "low"]
-PositiveFloat = Annotated[float, Field(gt=0)]
 # Never passed upstream, whatever forward_headers says: credentials and hop-by-hop headers.
 NEVER_FORWARDED = (
     "authorization", "x-api-key", "api-key", "cookie", "proxy-authorization", "connection",
@@ -50,12 +32,6 @@ NEVER_FORWARDED = (
     "proxy-connection",
 )
 _SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-class StrictModel(BaseModel):
-    """Base of every policy model: unknown keys and YAML type coercions are errors."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class Timeouts(StrictModel):
@@ -135,6 +111,15 @@ class Deployment(StrictModel):
 
     provider: str
     model: str = Field(description="the upstream's name for the model")
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="what the provider grants for this deployment (RPM), enforced "
+        "for the whole fleet so the fleet stops causing provider 429s"
+    )
+    tokens_per_minute: int | None = Field(None, ge=1, description="the provider's TPM")
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}/{self.model}"
 
 
 class Model(StrictModel):
@@ -155,6 +140,13 @@ class Tenant(StrictModel):
     models: list[str] = Field(["*"], description="public model names, or * for all")
     default_priority: PriorityName = "normal"
     max_priority: PriorityName = "high"
+    default_max_tokens: int = Field(
+        1024, ge=1, description="injected when a request sets no max_tokens (capped by the "
+        "model's max_output_tokens), so real usage can never exceed the reservation"
+    )
+    limits: TenantLimits = TenantLimits()
+    budget: Budget = Budget()
+    loop_guard: LoopGuard = LoopGuard()
 
     @field_validator("api_keys")
     @classmethod
@@ -187,6 +179,7 @@ class State(StrictModel):
     )
     timeout_s: PositiveFloat = Field(0.25, description="per Redis call; keep it tight")
     key_prefix: str = "gw:"
+    degraded: Degraded = Degraded()
 
 
 class GatewayConfig(StrictModel):
@@ -213,6 +206,11 @@ class GatewayConfig(StrictModel):
             for model_name in tenant.models:
                 if model_name != "*" and model_name not in self.models:
                     raise ValueError(f"tenants.{tname}.models: unknown model '{model_name}'")
+            for model_name in tenant.limits.per_model:
+                if model_name not in self.models:
+                    raise ValueError(
+                        f"tenants.{tname}.limits.per_model: unknown model '{model_name}'"
+                    )
             for key in tenant.api_keys:
                 if key in seen and seen[key] != tname:
                     raise ValueError(

@@ -8,6 +8,7 @@ error event instead, because the status line has already been sent.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from .auth import Authenticator
 from .classify import ROUTES, ProxyCall, classify, parse_json_body, raise_if_json_content_type_wrong
 from .config import GatewayConfig
 from .errors import GatewayError, upstream_failure
+from .limits import Limiter
 from .streaming import SseRelay, Usage, usage_from_body
 from .upstream import FORWARDED_RESPONSE_HEADERS, Target, UpstreamAttempt, UpstreamPool
 
@@ -72,6 +74,7 @@ class Policy:
     config: GatewayConfig
     auth: Authenticator
     upstreams: UpstreamPool
+    limiter: Limiter
 
 
 async def handle_proxy(request: web.Request, policy: Policy, record: RequestRecord) -> web.StreamResponse:
@@ -87,28 +90,41 @@ async def handle_proxy(request: web.Request, policy: Policy, record: RequestReco
     record.model, record.stream = call.model, call.stream
     record.priority = call.priority.name
     record.agent_session, record.agent_step = call.agent_session, call.agent_step
-    # 7 route: the model's deployments that speak this route's API
-    targets = policy.upstreams.targets(call)
-    if not targets:
-        raise GatewayError(
-            400, f"The model '{call.model}' is not served on {route.path}.",
-            code="model_not_supported_on_route", param="model",
-        )
-    # 10 attempt (retries and failover arrive with the resilience policy)
-    target = targets[0]
-    record.deployment = target.label
-    record.attempts += 1
-    attempt = policy.upstreams.attempt(call, target, request.headers, record.request_id)
-    async with attempt:
-        upstream = await attempt.open()
-        loop = asyncio.get_running_loop()
-        record.first_byte_s = loop.time() - attempt.started
-        try:
-            if call.stream and upstream.status == 200 and _is_event_stream(upstream):
-                return await _relay_stream(request, call, attempt, record)
-            return await _relay_whole(call, attempt, target, record)
-        finally:
-            record.upstream_s = loop.time() - attempt.started
+    # 6 tenant limits and budgets: one atomic round trip; settled exactly once below
+    model = policy.config.models[call.model]
+    record.prompt_tokens_estimate = call.prompt_tokens_estimate
+    record.context_window = model.context_window
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    hold = await policy.limiter.admit(call, record.request_id)
+    record.limits_s = loop.time() - began
+    try:
+        # 7 route: the model's deployments that speak this route's API
+        targets = policy.upstreams.targets(call)
+        if not targets:
+            raise GatewayError(
+                400, f"The model '{call.model}' is not served on {route.path}.",
+                code="model_not_supported_on_route", param="model",
+            )
+        # 10 attempt (retries and failover arrive with the resilience policy)
+        target = targets[0]
+        record.deployment = target.label
+        record.attempts += 1
+        attempt = policy.upstreams.attempt(call, target, request.headers, record.request_id)
+        async with attempt:
+            upstream = await attempt.open()
+            record.first_byte_s = loop.time() - attempt.started
+            try:
+                if call.stream and upstream.status == 200 and _is_event_stream(upstream):
+                    return await _relay_stream(request, call, attempt, record, hold.headers)
+                return await _relay_whole(call, attempt, target, record, hold.headers)
+            finally:
+                record.upstream_s = loop.time() - attempt.started
+    finally:
+        # 12 settle: real usage replaces the reservation, off the client's critical path
+        record.cost = (record.usage.input_tokens * model.price.input_per_million
+                       + record.usage.output_tokens * model.price.output_per_million) / 1e6
+        policy.limiter.settle_soon(hold, record.usage, math.ceil(record.cost * 1e6))
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -132,7 +148,8 @@ def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
 
 
 async def _relay_whole(
-    call: ProxyCall, attempt: UpstreamAttempt, target: Target, record: RequestRecord
+    call: ProxyCall, attempt: UpstreamAttempt, target: Target, record: RequestRecord,
+    extra_headers: dict[str, str],
 ) -> web.Response:
     upstream = attempt.response
     body = await attempt.read_body()
@@ -151,7 +168,7 @@ async def _relay_whole(
     if status < 400:
         record.usage = usage_from_body(body)
     record.status = status
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **extra_headers}
     _copy_headers(upstream, headers)
     return web.Response(status=status, body=body, headers=headers)
 
@@ -168,7 +185,8 @@ def _copy_headers(upstream: aiohttp.ClientResponse, headers: dict[str, str]) -> 
 
 
 async def _relay_stream(
-    request: web.Request, call: ProxyCall, attempt: UpstreamAttempt, record: RequestRecord
+    request: web.Request, call: ProxyCall, attempt: UpstreamAttempt, record: RequestRecord,
+    extra_headers: dict[str, str],
 ) -> web.StreamResponse:
     relay = SseRelay(
         call.route.dialect,
@@ -177,7 +195,7 @@ async def _relay_stream(
     response = web.StreamResponse(
         status=200,
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                 "X-Accel-Buffering": "no"},
+                 "X-Accel-Buffering": "no", **extra_headers},
     )
     await response.prepare(request)
     record.status = 200

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,7 +23,9 @@ from . import __version__
 from .auth import Authenticator
 from .classify import ROUTES, error_dialect
 from .config import GatewayConfig
+from .degraded import DegradedMode
 from .errors import GatewayError, not_found
+from .limits import LEASE_TTL_MS, Limiter
 from .logs import ACCESS_LOGGER
 from .pipeline import Policy, RequestRecord, handle_proxy, models_listing
 from .state import StateBackend, create_backend
@@ -34,12 +39,47 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Gateway:
-    """Process-wide runtime: the current policy and the state backend."""
+    """Process-wide runtime: the current policy, the state backend and its health."""
 
     def __init__(self, config: GatewayConfig, state: StateBackend) -> None:
         self.state = state
-        self.policy = Policy(config, Authenticator(config), UpstreamPool(config))
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.degraded = DegradedMode(config.state.degraded, state, time.monotonic,
+                                     self.replica_id)
+        self.policy = self.build_policy(config)
         self.ready = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def build_policy(self, config: GatewayConfig) -> Policy:
+        limiter = Limiter(config, self.state, self.degraded, time.time)
+        return Policy(config, Authenticator(config), UpstreamPool(config), limiter)
+
+    async def start(self) -> None:
+        await self.state.start()
+        await self.policy.upstreams.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self.degraded.run(self._stop)),
+            loop.create_task(self._renew_leases()),
+        ]
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.policy.limiter.drain()
+        await self.degraded.recover_once()  # last chance to hand the journal over
+        await self.policy.upstreams.close()
+        await self.state.close()
+
+    async def _renew_leases(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), LEASE_TTL_MS / 3000)
+            except TimeoutError:
+                await self.policy.limiter.renew_leases()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -72,13 +112,9 @@ def create_app(config: GatewayConfig, *, state: StateBackend | None = None) -> w
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
-    await gateway.state.start()
-    await gateway.policy.upstreams.start()
-    gateway.ready = True
+    await gateway.start()
     yield
-    gateway.ready = False
-    await gateway.policy.upstreams.close()
-    await gateway.state.close()
+    await gateway.stop()
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
@@ -109,11 +145,20 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     state_ok = await gateway.state.ping()
-    ready = gateway.ready and state_ok
+    degraded = gateway.degraded
+    # Redis trouble does not make a replica unready while its degraded mode serves requests
+    # (taking every replica out of the Service at once would turn a Redis blip into an
+    # outage); it is reported here instead. With fail_closed for every class it cannot serve.
+    serves_degraded = not (degraded.policy.action == "fail_closed" and all(
+        a == "fail_closed" for a in degraded.policy.per_priority.values()))
+    ready = gateway.ready and (state_ok or serves_degraded)
     body = {
         "status": "ready" if ready else "not_ready",
         "state_backend": gateway.state.name,
         "state_reachable": state_ok,
+        "limits_mode": "degraded" if degraded.active or not state_ok else "global",
+        "degraded_action": degraded.policy.action if degraded.active else None,
+        "usage_journal": degraded.journal_size,
     }
     return _json(body, status=200 if ready else 503)
 

@@ -3,10 +3,11 @@ redis-server cannot start."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from tests.redis_server import RedisCluster3, RedisServer
 
 pytest_plugins = ["tests.plugin_gateway"]
@@ -51,3 +52,36 @@ def clean_redis_cluster(redis_cluster: RedisCluster3) -> RedisCluster3:
         redis_cluster.start()
     redis_cluster.flushall()
     return redis_cluster
+
+
+# --- one fixture, three backends: the conformance suites run against each --------------
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory"),
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ]
+)
+def backend_url(request: pytest.FixtureRequest) -> str | None:
+    """None for the memory backend, else the URL of a freshly flushed Redis."""
+    if request.param == "memory":
+        return None
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("clean_redis")
+        return server.url
+    cluster: RedisCluster3 = request.getfixturevalue("clean_redis_cluster")
+    return cluster.url
+
+
+@pytest.fixture
+async def backend(backend_url: str | None) -> AsyncIterator[StateBackend]:
+    # A roomy timeout: these tests are about behaviour, and a loaded CI machine must
+    # not turn 200 concurrent calls into StateUnavailable. Fault tests use 0.25 s.
+    store: StateBackend = (
+        MemoryBackend() if backend_url is None else RedisBackend(backend_url, timeout_s=1.0)
+    )
+    await store.start()
+    yield store
+    await store.close()

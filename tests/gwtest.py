@@ -59,3 +59,13 @@ def auth(key: str = ACME_KEY, **extra: str) -> dict[str, str]:
 
 def chat(model: str = "gpt-test", text: str = "hello there", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+class FakeClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.mock_upstream import create_mock_app
 from gateway.server import create_app
+from gateway.state import StateBackend
 from tests.gwtest import policy
 
 MakeGateway = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -28,9 +29,10 @@ def upstream_url(mock_upstream: TestServer) -> str:
 
 @pytest.fixture
 def make_gateway(aiohttp_client: Any, upstream_url: str) -> MakeGateway:
-    async def make(upstream: str | None = None, **overrides: Any) -> TestClient[Any, Any]:
+    async def make(upstream: str | None = None, state: StateBackend | None = None,
+                   **overrides: Any) -> TestClient[Any, Any]:
         config = policy(upstream or upstream_url, **overrides)
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(config))
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(config, state=state))
         return client
 
     return make
@@ -39,3 +41,10 @@ def make_gateway(aiohttp_client: Any, upstream_url: str) -> MakeGateway:
 @pytest.fixture
 async def gw(make_gateway: MakeGateway) -> TestClient[Any, Any]:
     return await make_gateway()
+
+
+async def settled(client: TestClient[Any, Any]) -> None:
+    """Wait until every settlement the gateway started in the background has run."""
+    from gateway.server import GATEWAY
+
+    await client.server.app[GATEWAY].policy.limiter.drain()

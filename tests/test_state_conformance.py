@@ -21,52 +21,10 @@ from gateway.state import (
     StateUnavailable,
     create_backend,
 )
+from tests.gwtest import FakeClock
 from tests.redis_server import RedisCluster3, RedisServer, pick_port
 
 HOUR_MS = 3_600_000
-
-
-class FakeClock:
-    """Monotonic seconds that move only when the test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-# --- the shared contract --------------------------------------------------------------
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("memory"),
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("cluster", marks=pytest.mark.redis),
-    ]
-)
-def backend_url(request: pytest.FixtureRequest) -> str | None:
-    """None for the memory backend, else the URL of a freshly flushed Redis."""
-    if request.param == "memory":
-        return None
-    if request.param == "redis":
-        server: RedisServer = request.getfixturevalue("clean_redis")
-        return server.url
-    cluster: RedisCluster3 = request.getfixturevalue("clean_redis_cluster")
-    return cluster.url
-
-
-@pytest.fixture
-async def backend(backend_url: str | None) -> AsyncIterator[StateBackend]:
-    # A roomy timeout: these tests are about behaviour, and a loaded CI machine must
-    # not turn 200 concurrent calls into StateUnavailable. Fault tests use 0.25 s.
-    store: StateBackend = (
-        MemoryBackend() if backend_url is None else RedisBackend(backend_url, timeout_s=1.0)
-    )
-    await store.start()
-    yield store
-    await store.close()
 
 
 async def test_set_get_round_trip(backend: StateBackend) -> None:

@@ -15,7 +15,10 @@ reached or answers too slowly, so policies can apply their degraded mode in one 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gateway.ratelimit import AdmitPlan, AdmitResult, SettlePlan
 
 
 class StateUnavailable(Exception):
@@ -54,3 +57,13 @@ class StateBackend(Protocol):
 
     async def ttl_ms(self, key: str) -> int | None:
         """Remaining TTL in milliseconds, or None when the key is missing."""
+
+    async def admit(self, plan: AdmitPlan) -> AdmitResult:
+        """Evaluate every check of the plan atomically; apply all of them or none
+        (gateway/ratelimit.py documents the checks; Redis runs gateway/lua/admit.lua)."""
+
+    async def settle(self, plan: SettlePlan) -> bool:
+        """Apply a request's real usage exactly once; False when already settled."""
+
+    async def renew_leases(self, key: str, members: list[str], ttl_ms: int) -> None:
+        """Extend live concurrency leases (long streams keep their slot)."""

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.ratelimit import AdmitPlan, AdmitResult, LocalLimits, SettlePlan
 from gateway.state.base import StateUnavailable
 
 # Keys examined per write by the incremental sweep. With k keys per write, a full pass
@@ -63,6 +64,9 @@ class MemoryBackend:
         # Snapshot of keys the incremental sweep is walking, and how far it got.
         self._sweep_keys: list[str] = []
         self._sweep_pos = 0
+        # Limits keep their own structures (sorted-set-like leases, float TATs): same
+        # evaluator as the degraded mode, same semantics as the Redis scripts.
+        self.limits = LocalLimits(clock)
 
     async def start(self) -> None:
         """Nothing to start: the sweep is driven by writes, not by a background task."""
@@ -75,6 +79,15 @@ class MemoryBackend:
 
     async def ping(self) -> bool:
         return True
+
+    async def admit(self, plan: AdmitPlan) -> AdmitResult:
+        return self.limits.admit(plan)
+
+    async def settle(self, plan: SettlePlan) -> bool:
+        return self.limits.settle(plan)
+
+    async def renew_leases(self, key: str, members: list[str], ttl_ms: int) -> None:
+        self.limits.renew([(key, m) for m in members], ttl_ms)
 
     async def get(self, key: str) -> bytes | None:
         entry = self._live(key, self._clock())

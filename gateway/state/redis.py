@@ -33,6 +33,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from gateway.ratelimit import (
+    AdmitPlan,
+    AdmitResult,
+    SettlePlan,
+    decode_admit,
+    encode_admit,
+    encode_settle,
+)
 from gateway.state.base import StateUnavailable
 from gateway.state.memory import check_ttl
 
@@ -143,6 +151,9 @@ class RedisBackend:
         # register_script makes no round trip; calls use EVALSHA and reload the script
         # on NOSCRIPT (e.g. after a Redis restart emptied the script cache).
         self._incr_script = self._client.register_script(_load_lua("incr_ttl.lua"))
+        self._admit_script = self._client.register_script(_load_lua("admit.lua"))
+        self._settle_script = self._client.register_script(_load_lua("settle.lua"))
+        self._renew_script = self._client.register_script(_load_lua("renew.lua"))
         self._closed = False
 
     @property
@@ -217,6 +228,21 @@ class RedisBackend:
         k = self._prefix + key
         pttl = int(await self._call("ttl_ms", lambda: self._client.pttl(k)))
         return None if pttl == -2 else pttl
+
+    async def admit(self, plan: AdmitPlan) -> AdmitResult:
+        """One atomic round trip: every check of the plan, all applied or none."""
+        keys, args = encode_admit(plan, self._prefix)
+        reply = await self._call("admit", lambda: self._admit_script(keys=keys, args=args))
+        return decode_admit(cast("list[int]", reply), len(plan.checks))
+
+    async def settle(self, plan: SettlePlan) -> bool:
+        keys, args = encode_settle(plan, self._prefix)
+        reply = await self._call("settle", lambda: self._settle_script(keys=keys, args=args))
+        return bool(reply)
+
+    async def renew_leases(self, key: str, members: list[str], ttl_ms: int) -> None:
+        k = self._prefix + key
+        await self._call("renew", lambda: self._renew_script(keys=[k], args=[ttl_ms, *members]))
 
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one command under the deadline, mapping every store failure.

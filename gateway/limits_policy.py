@@ -1,0 +1,99 @@
+"""Policy models for tenant limits, budgets, the runaway-agent guard and Redis trouble.
+
+Kept apart from config.py so that file stays about the file's overall shape; these are the
+knobs operators tune most. Every limit can be ``shadow: true``: evaluated, counted and reported
+in ``x-gateway-shadow``, never enforced.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .config_base import PriorityName, StrictModel
+
+
+class RateLimits(StrictModel):
+    """Request, token and concurrency limits for one scope (tenant, tenant x model, session)."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    request_burst: int | None = Field(
+        None, ge=1, description="requests allowed at once above the steady rate "
+        "(default: a tenth of a minute's worth, at least 1)"
+    )
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="prompt estimate + max_tokens are reserved at admission and "
+        "reconciled with the upstream's usage afterwards"
+    )
+    token_burst: int | None = Field(
+        None, ge=1, description="tokens allowed at once above the steady rate (default: a "
+        "tenth of a minute's worth, at least the model's largest reservation)"
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="requests in flight at once")
+    shadow: bool = Field(False, description="evaluate and report, never refuse")
+
+    def is_empty(self) -> bool:
+        return not (self.requests_per_minute or self.tokens_per_minute or self.max_concurrent)
+
+
+class TenantLimits(RateLimits):
+    """A tenant's limits, optionally tighter per model and per agent session."""
+
+    per_model: dict[str, RateLimits] = Field(
+        {}, description="extra limits on this tenant's use of one model"
+    )
+    per_session: RateLimits | None = Field(
+        None, description="limits for each X-Agent-Session, so one runaway run cannot eat "
+        "its tenant's quota"
+    )
+
+
+class Budget(StrictModel):
+    """Spend per UTC day and month, in tokens and/or money (the models' price table)."""
+
+    daily_tokens: int | None = Field(None, ge=1)
+    monthly_tokens: int | None = Field(None, ge=1)
+    daily_cost: float | None = Field(None, gt=0, description="in the price table's currency")
+    monthly_cost: float | None = Field(None, gt=0)
+    soft_ratio: float = Field(
+        0.8, gt=0, le=1, description="above this share a warning header and metric appear"
+    )
+    shadow: bool = Field(False, description="evaluate and report, never refuse")
+
+
+class LoopGuard(StrictModel):
+    """Refuse the same request (tenant + model + messages) repeated too often: a stuck agent."""
+
+    enabled: bool = True
+    max_repeats: int = Field(20, ge=2, description="identical requests allowed per window")
+    window_s: float = Field(60.0, gt=0)
+    shadow: bool = False
+
+
+DegradedAction = Literal["local", "fail_open", "fail_closed"]
+
+
+class Degraded(StrictModel):
+    """What to do while the shared store (Redis) is unreachable or slow.
+
+    ``local``: enforce each limit at ``limit / replicas`` in this process; ``fail_open``: let
+    requests through unlimited; ``fail_closed``: refuse with 503. Usage is journaled locally
+    either way and replayed to Redis, exactly once, when it returns.
+    """
+
+    action: DegradedAction = "local"
+    per_priority: dict[PriorityName, DegradedAction] = Field(
+        {}, description="override the action for some classes, e.g. {critical: fail_open}"
+    )
+    replicas: int | Literal["auto"] = Field(
+        "auto", description="replica count for local limits; auto: from the fleet heartbeat"
+    )
+    probe_interval_s: float = Field(0.5, gt=0, description="how often to retry Redis")
+    journal_max: int = Field(100_000, ge=100, description="usage records kept while degraded")
+
+    @model_validator(mode="after")
+    def _replicas_positive(self) -> Degraded:
+        if isinstance(self.replicas, int) and self.replicas < 1:
+            raise ValueError("replicas must be at least 1 or auto")
+        return self

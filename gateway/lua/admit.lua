@@ -1,0 +1,104 @@
+-- admit.lua: evaluate every check of an AdmitPlan, then apply all of them or none.
+-- Same semantics as LocalLimits.admit in gateway/ratelimit.py (the conformance suite runs both).
+-- All keys share one {hash tag}, so the script touches one Redis Cluster slot.
+--
+-- KEYS[1]    hold marker (tells settle that this reservation landed)
+-- KEYS[1+i]  key of check i
+-- ARGV[1] request id (lease member)   ARGV[2] hold ttl ms   ARGV[3] number of checks
+-- then 6 values per check: type, p1, p2, p3, p4, shadow (0/1)
+--   type 1 GCRA     p1 interval_ms  p2 burst   p3 cost
+--   type 2 LEASE    p1 max          p2 ttl_ms
+--   type 3 COUNTER  p1 limit        p2 cost    p3 ttl_ms  p4 reset_ms
+--   type 4 REPEAT   p1 max          p2 window_ms
+-- Returns {allowed 0/1, failed check (0-based) or -1, then per check: ok, retry_after_ms,
+--          remaining, reset_ms, then the 0-based indexes of failed shadow checks}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local member = ARGV[1]
+local n = tonumber(ARGV[3])
+local allowed, failed = 1, -1
+local results, writes, shadow_failed = {}, {}, {}
+
+for i = 1, n do
+  local b = 3 + (i - 1) * 6
+  local kind = tonumber(ARGV[b + 1])
+  local p1, p2 = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local p3, p4 = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+  local shadow = ARGV[b + 6] == '1'
+  local key = KEYS[i + 1]
+  local ok, retry, remaining, reset = 1, 0, 0, 0
+  local write = nil
+  if kind == 1 then
+    local tat = tonumber(redis.call('GET', key))
+    if tat == nil or tat < now then tat = now end
+    local new_tat = tat + p3 * p1
+    local allow_at = new_tat - p2 * p1
+    if now < allow_at then
+      ok, retry, reset = 0, math.ceil(allow_at - now), math.ceil(tat - now)
+    else
+      remaining, reset = math.floor((now - allow_at) / p1), math.ceil(new_tat - now)
+      write = {1, key, new_tat, math.max(1, math.ceil(new_tat - now))}
+    end
+  elseif kind == 2 then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local count = redis.call('ZCARD', key)
+    if redis.call('ZSCORE', key, member) then count = count - 1 end
+    if count >= p1 then
+      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      ok, retry = 0, math.max(1, math.ceil(tonumber(first[2]) - now))
+    else
+      remaining = p1 - count - 1
+      write = {2, key, now + p2, p2}
+    end
+  elseif kind == 3 then
+    local used = tonumber(redis.call('GET', key) or '0')
+    if used + p2 > p1 then
+      ok, retry, remaining, reset = 0, p4, p1 - used, p4
+    else
+      remaining, reset = p1 - used - p2, p4
+      write = {3, key, p2, p3}
+    end
+  else
+    local count = tonumber(redis.call('GET', key) or '0')
+    if count >= p1 then
+      ok, retry = 0, math.max(1, redis.call('PTTL', key))
+    else
+      remaining = p1 - count - 1
+      write = {4, key, p2}
+    end
+  end
+  table.insert(results, ok)
+  table.insert(results, retry)
+  table.insert(results, remaining)
+  table.insert(results, reset)
+  if ok == 1 then
+    table.insert(writes, write)
+  elseif shadow then
+    table.insert(shadow_failed, i - 1)
+  elseif allowed == 1 then
+    allowed, failed = 0, i - 1
+  end
+end
+
+if allowed == 1 then
+  for _, w in ipairs(writes) do
+    if w[1] == 1 then
+      redis.call('SET', w[2], string.format('%.17g', w[3]), 'PX', w[4])
+    elseif w[1] == 2 then
+      redis.call('ZADD', w[2], w[3], member)
+      redis.call('PEXPIRE', w[2], w[4])
+    elseif w[1] == 3 then
+      redis.call('INCRBY', w[2], w[3])
+      if redis.call('PTTL', w[2]) < 0 then redis.call('PEXPIRE', w[2], w[4]) end
+    else
+      redis.call('INCR', w[2])
+      if redis.call('PTTL', w[2]) < 0 then redis.call('PEXPIRE', w[2], w[3]) end
+    end
+  end
+  redis.call('SET', KEYS[1], 1, 'PX', ARGV[2])
+end
+
+local out = {allowed, failed}
+for _, v in ipairs(results) do table.insert(out, v) end
+for _, v in ipairs(shadow_failed) do table.insert(out, v) end
+return out

@@ -1,0 +1,171 @@
+"""Tenant limits and budgets as a client sees them through the gateway (memory backend)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.classify import estimate_prompt_tokens as gateway_estimate
+from gateway.mock_upstream import RECORDED, estimate_prompt_tokens
+from gateway.state import MemoryBackend
+from tests.gwtest import FakeClock, auth, chat
+from tests.plugin_gateway import MakeGateway, settled
+
+
+def limits(**values: Any) -> dict[str, Any]:
+    return {"tenants": {"acme": {"limits": values}}}
+
+
+async def test_request_limit_refuses_with_retry_after_and_ratelimit_headers(
+    make_gateway: MakeGateway,
+) -> None:
+    clock = FakeClock()
+    gw = await make_gateway(state=MemoryBackend(clock),
+                            **limits(requests_per_minute=60, request_burst=2))
+    first = await gw.post("/v1/chat/completions", json=chat(text="a"), headers=auth())
+    assert first.status == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "60"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert (await gw.post("/v1/chat/completions", json=chat(text="b"), headers=auth())).status == 200
+    refused = await gw.post("/v1/chat/completions", json=chat(text="c"), headers=auth())
+    assert refused.status == 429
+    err = (await refused.json())["error"]
+    assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
+    assert "requests per minute of tenant acme" in err["message"]
+    assert refused.headers["Retry-After"] == "1"
+    assert 900 <= int(refused.headers["retry-after-ms"]) <= 1000
+    clock.now += 1.0  # one emission interval later, one more fits
+    assert (await gw.post("/v1/chat/completions", json=chat(text="d"), headers=auth())).status == 200
+
+
+async def test_token_limit_reserves_max_tokens_and_refunds_unused(
+    make_gateway: MakeGateway, mock_upstream: Any,
+) -> None:
+    clock = FakeClock()
+    gw = await make_gateway(state=MemoryBackend(clock), tenants={"acme": {
+        "default_max_tokens": 100, "limits": {"tokens_per_minute": 600, "token_burst": 300}}})
+    body = chat(text="hi")
+    reserve = gateway_estimate(body) + 100
+    resp = await gw.post("/v1/chat/completions", json=body, headers=auth(**{"x-mock-chunks": "3"}))
+    assert resp.status == 200
+    # The gateway injected the tenant's default cap, so usage can never exceed the reservation.
+    assert mock_upstream.app[RECORDED][-1].body["max_completion_tokens"] == 100
+    assert int(resp.headers["x-ratelimit-remaining-tokens"]) == 300 - reserve
+    await settled(gw)  # the settlement runs just after the response
+    # Settled: the unused part of the reservation came back; the next sees it.
+    resp = await gw.post("/v1/chat/completions", json=body, headers=auth(**{"x-mock-chunks": "3"}))
+    used = estimate_prompt_tokens(body) + 3
+    assert int(resp.headers["x-ratelimit-remaining-tokens"]) == 300 - used - reserve
+
+
+async def test_daily_token_budget_refuses_with_should_retry_false(make_gateway: MakeGateway) -> None:
+    # Each call reserves ~6 prompt + 50 output tokens and really uses ~7 (2 prompt + 5 out).
+    gw = await make_gateway(tenants={"acme": {"default_max_tokens": 50,
+                                              "budget": {"daily_tokens": 100,
+                                                         "soft_ratio": 0.6}}})
+    body = chat(text="hello")
+    first = await gw.post("/v1/chat/completions", json=body, headers=auth())
+    assert first.status == 200 and "x-gateway-budget-warning" not in first.headers
+    await settled(gw)
+    warned = await gw.post("/v1/chat/completions", json=body, headers=auth())
+    assert warned.status == 200
+    assert "daily tokens budget" in warned.headers["x-gateway-budget-warning"]
+    await settled(gw)
+    spent = await gw.post("/v1/chat/completions", json={**body, "max_tokens": 90},
+                          headers=auth())
+    assert spent.status == 429
+    err = (await spent.json())["error"]
+    assert err["code"] == "insufficient_quota" and "daily tokens budget" in err["message"]
+    assert spent.headers["x-should-retry"] == "false"
+    assert 1 <= int(spent.headers["Retry-After"]) <= 60
+
+
+async def test_cost_budget_uses_the_price_table(make_gateway: MakeGateway) -> None:
+    # gpt-test costs 1.0 per million input and 2.0 per million output tokens: 1000 reserved
+    # output tokens hold 0.002; the first call really costs about 0.000012.
+    gw = await make_gateway(tenants={"acme": {"default_max_tokens": 1000,
+                                              "budget": {"daily_cost": 0.0025}}})
+    assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+    await settled(gw)
+    too_big = await gw.post("/v1/chat/completions", json=chat(max_tokens=1300), headers=auth())
+    assert too_big.status == 429
+    assert "daily cost budget" in (await too_big.json())["error"]["message"]
+    assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+
+
+async def test_loop_guard_refuses_a_stuck_agent(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(tenants={"acme": {"loop_guard": {"max_repeats": 3, "window_s": 60}}})
+    statuses = [
+        (await gw.post("/v1/chat/completions", json=chat(text="same"), headers=auth())).status
+        for _ in range(4)
+    ]
+    assert statuses == [200, 200, 200, 429]
+    resp = await gw.post("/v1/chat/completions", json=chat(text="same"), headers=auth())
+    err = (await resp.json())["error"]
+    assert err["code"] == "loop_detected" and "more than 3 times" in err["message"]
+    other = await gw.post("/v1/chat/completions", json=chat(text="different"), headers=auth())
+    assert other.status == 200
+
+
+async def test_concurrency_limit_holds_while_a_stream_runs(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(**limits(max_concurrent=1))
+    slow = await gw.post("/v1/chat/completions", json=chat(stream=True),
+                         headers=auth(**{"x-mock-chunks": "3", "x-mock-chunk-gap-ms": "200"}))
+    await slow.content.readuntil(b"\n\n")
+    busy = await gw.post("/v1/chat/completions", json=chat(text="second"), headers=auth())
+    assert busy.status == 429
+    assert "concurrent requests" in (await busy.json())["error"]["message"]
+    await slow.read()
+    await settled(gw)
+    assert (await gw.post("/v1/chat/completions", json=chat(text="third"),
+                          headers=auth())).status == 200
+
+
+async def test_session_limits_stop_one_runaway_run_only(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(tenants={"acme": {"limits": {"per_session": {
+        "requests_per_minute": 60, "request_burst": 1}}}})
+    run_a = auth(**{"X-Agent-Session": "run-a"})
+    assert (await gw.post("/v1/chat/completions", json=chat(text="1"), headers=run_a)).status == 200
+    refused = await gw.post("/v1/chat/completions", json=chat(text="2"), headers=run_a)
+    assert refused.status == 429
+    assert "agent session" in (await refused.json())["error"]["message"]
+    run_b = auth(**{"X-Agent-Session": "run-b"})
+    assert (await gw.post("/v1/chat/completions", json=chat(text="3"), headers=run_b)).status == 200
+
+
+async def test_per_model_limits_apply_to_that_model_only(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(tenants={"acme": {"limits": {"per_model": {
+        "embed-test": {"requests_per_minute": 60, "request_burst": 1}}}}})
+    embed = {"model": "embed-test", "input": "x"}
+    assert (await gw.post("/v1/embeddings", json=embed, headers=auth())).status == 200
+    assert (await gw.post("/v1/embeddings", json=embed, headers=auth())).status == 429
+    assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+
+
+async def test_shadow_limits_report_without_refusing(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(**limits(requests_per_minute=60, request_burst=1, shadow=True))
+    first = await gw.post("/v1/chat/completions", json=chat(text="1"), headers=auth())
+    assert "x-gateway-shadow" not in first.headers
+    second = await gw.post("/v1/chat/completions", json=chat(text="2"), headers=auth())
+    assert second.status == 200
+    assert second.headers["x-gateway-shadow"] == "requests"
+
+
+async def test_streams_are_charged_their_real_usage(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(tenants={"acme": {"default_max_tokens": 100,
+                                              "budget": {"daily_tokens": 1000}}})
+    body = chat(text="stream me", stream=True)
+    resp = await gw.post("/v1/chat/completions", json=body, headers=auth(**{"x-mock-chunks": "7"}))
+    await resp.read()
+    await settled(gw)
+    # 1000 - (real prompt + 7 streamed tokens) is left: a reservation of exactly that fits,
+    # one more token does not.
+    left = 1000 - estimate_prompt_tokens(body) - 7
+    probe_body = chat(text="x" * 4 * 10)  # ~10 prompt tokens + 4 per message part
+    cap = left - gateway_estimate(probe_body)
+    over = await gw.post("/v1/chat/completions", json={**probe_body, "max_tokens": cap + 1},
+                         headers=auth())
+    assert over.status == 429
+    fits = await gw.post("/v1/chat/completions", json={**probe_body, "max_tokens": cap},
+                         headers=auth())
+    assert fits.status == 200
