@@ -144,6 +144,13 @@ class RedisServer:
                 proc.kill()
                 proc.wait(timeout=5)
 
+    def kill(self) -> None:
+        """SIGKILL, as in a crash: no shutdown work, no final save. Restart with start()."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
     def pause(self) -> None:
         """SIGSTOP: the server keeps its sockets but answers nothing (a hung Redis)."""
         self._require_proc().send_signal(signal.SIGSTOP)
