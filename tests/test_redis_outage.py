@@ -101,3 +101,39 @@ def _stream_usage(raw: bytes) -> Any:
         if b'"usage":{' in event:
             return orjson.loads(event.removeprefix(b"data: "))["usage"]
     raise AssertionError("no usage chunk")
+
+
+async def test_every_key_has_a_ttl_and_the_count_stays_bounded_under_churn(
+    make_gateway: MakeGateway, clean_redis: RedisServer
+) -> None:
+    backend = RedisBackend(clean_redis.url, timeout_s=1.0, key_prefix="gw:")
+    gw = await make_gateway(state=backend, tenants={"acme": {
+        "limits": {"requests_per_minute": 100_000, "tokens_per_minute": 10_000_000,
+                   "max_concurrent": 50,
+                   "per_session": {"requests_per_minute": 1000, "max_concurrent": 5}},
+        "budget": {"daily_tokens": 10_000_000, "monthly_cost": 1000.0},
+    }})
+    n = 300
+    for i in range(n):  # a new agent session every call: the worst case for key churn
+        resp = await gw.post("/v1/chat/completions", json=chat(text=f"c{i}"),
+                             headers=auth(**{"X-Agent-Session": f"run-{i}"}))
+        assert resp.status == 200
+    await settled(gw)
+    keys = _scan(clean_redis)
+    # Per request only the short-lived "settled" marker stays; per-session buckets and the
+    # loop guard's fingerprints expire within seconds to a minute.
+    assert len(keys) <= 4 * n + 20
+    for key in keys:
+        ttl = clean_redis.command("PTTL", key)
+        # -2: expired since the scan; -1 (no expiry) is what must never happen
+        assert isinstance(ttl, int) and (ttl == -2 or 0 < ttl <= 33 * 86_400_000), (key, ttl)
+
+
+def _scan(server: RedisServer) -> list[str]:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+    try:
+        return list(client.scan_iter(count=1000))
+    finally:
+        client.close()
