@@ -85,17 +85,27 @@ def inject_max_tokens(call: ProxyCall, max_tokens: int) -> None:
             call.body[name] = max_tokens
 
 
+class InFlight:
+    """Work that outlives one version of the policy: the leases of running requests (renewed
+    in the background) and settlements not yet written. A reload swaps the Limiter, not this."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, tuple[str, ...]] = {}
+        self.settling: set[asyncio.Task[None]] = set()
+
+
 class Limiter:
     """Admission and settlement of tenant limits and budgets against the state backend."""
 
     def __init__(self, config: GatewayConfig, state: StateBackend, degraded: DegradedMode,
-                 wall_clock: Any) -> None:
+                 wall_clock: Any, inflight: InFlight | None = None) -> None:
         self._config = config
         self._state = state
         self.degraded = degraded
         self._wall_clock = wall_clock  # seconds since the epoch: budget periods are UTC dates
-        self._active_leases: dict[str, tuple[str, ...]] = {}
-        self._settling: set[asyncio.Task[None]] = set()
+        inflight = inflight or InFlight()
+        self._active_leases = inflight.leases
+        self._settling = inflight.settling
 
     async def admit(self, call: ProxyCall, request_id: str) -> Hold:
         tenant = self._config.tenants[call.tenant.name]

@@ -75,6 +75,7 @@ class Policy:
     auth: Authenticator
     upstreams: UpstreamPool
     limiter: Limiter
+    active: int = 0  # requests running under this policy (a retired one closes at 0)
 
 
 async def handle_proxy(request: web.Request, policy: Policy, record: RequestRecord) -> web.StreamResponse:

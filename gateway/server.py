@@ -25,7 +25,7 @@ from .classify import ROUTES, error_dialect
 from .config import GatewayConfig
 from .degraded import DegradedMode
 from .errors import GatewayError, not_found
-from .limits import LEASE_TTL_MS, Limiter
+from .limits import LEASE_TTL_MS, InFlight, Limiter
 from .logs import ACCESS_LOGGER
 from .pipeline import Policy, RequestRecord, handle_proxy, models_listing
 from .state import StateBackend, create_backend
@@ -46,14 +46,35 @@ class Gateway:
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.degraded = DegradedMode(config.state.degraded, state, time.monotonic,
                                      self.replica_id)
+        self.inflight = InFlight()
         self.policy = self.build_policy(config)
         self.ready = False
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._retired: list[Policy] = []
 
     def build_policy(self, config: GatewayConfig) -> Policy:
-        limiter = Limiter(config, self.state, self.degraded, time.time)
+        limiter = Limiter(config, self.state, self.degraded, time.time, self.inflight)
         return Policy(config, Authenticator(config), UpstreamPool(config), limiter)
+
+    async def swap_policy(self, config: GatewayConfig) -> None:
+        """Put a new, already validated policy in place atomically.
+
+        Requests that started under the old policy finish with it (they hold a reference);
+        the next request sees the new one. The old connection pools close once idle.
+        """
+        new = self.build_policy(config)
+        await new.upstreams.start()
+        old, self.policy = self.policy, new
+        self._retired.append(old)
+        log.info("policy reloaded", extra={"fields": {
+            "tenants": len(config.tenants), "models": len(config.models)}})
+        await self.close_idle_retired()
+
+    async def close_idle_retired(self) -> None:
+        for old in [p for p in self._retired if p.active == 0]:
+            self._retired.remove(old)
+            await old.upstreams.close()
 
     async def start(self) -> None:
         await self.state.start()
@@ -71,6 +92,8 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.policy.limiter.drain()
         await self.degraded.recover_once()  # last chance to hand the journal over
+        for old in self._retired:
+            await old.upstreams.close()
         await self.policy.upstreams.close()
         await self.state.close()
 
@@ -118,7 +141,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
-    return await handle_proxy(request, request.app[GATEWAY].policy, request[RECORD])
+    gateway = request.app[GATEWAY]
+    policy = gateway.policy  # read once: a reload mid-request does not change it
+    policy.active += 1
+    try:
+        return await handle_proxy(request, policy, request[RECORD])
+    finally:
+        policy.active -= 1
+        if policy is not gateway.policy and policy.active == 0:
+            await gateway.close_idle_retired()
 
 
 async def _models(request: web.Request) -> web.Response:
