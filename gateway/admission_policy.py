@@ -1,0 +1,226 @@
+"""The ``admission:`` section of the policy file: priority classes, concurrency limits, shedding.
+
+It imports only ``config_base`` (never ``config``), so ``config.py`` can import it at the top
+without an import cycle.
+
+Units are in the field names (``_ms``, ``_s``, ``_mib``). Defaults follow docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Annotated
+
+from pydantic import Field, ValidationError, model_validator
+
+from .config_base import PositiveFloat, Priority, StrictModel
+
+Share = Annotated[float, Field(gt=0, le=1)]
+
+
+class ClassSettings(StrictModel):
+    """How one priority class queues, how much of the limit it may use, its default deadline."""
+
+    queue_target_ms: PositiveFloat = Field(
+        description="CoDel target: when the minimum queueing delay of this class stays above "
+        "this for a whole interval, the class (and every class below it) enters drop mode"
+    )
+    max_queue: int = Field(
+        ge=0, description="waiting requests of this class per deployment; more are shed at once"
+    )
+    holdback_share: Share = Field(
+        description="share of the concurrency limit this class may fill; a request of the class "
+        "takes a slot only while in-flight stays within it, so the classes above always find one"
+    )
+    default_deadline_s: PositiveFloat = Field(
+        description="deadline when the client sends neither X-Request-Timeout nor "
+        "x-stainless-read-timeout"
+    )
+
+
+class ClassesSettings(StrictModel):
+    """One ``ClassSettings`` per priority class."""
+
+    critical: ClassSettings = ClassSettings(
+        queue_target_ms=250, max_queue=1000, holdback_share=1.0, default_deadline_s=60
+    )
+    high: ClassSettings = ClassSettings(
+        queue_target_ms=1000, max_queue=1000, holdback_share=0.95, default_deadline_s=120
+    )
+    normal: ClassSettings = ClassSettings(
+        queue_target_ms=5000, max_queue=1000, holdback_share=0.85, default_deadline_s=300
+    )
+    low: ClassSettings = ClassSettings(
+        queue_target_ms=2000, max_queue=100, holdback_share=0.70, default_deadline_s=600
+    )
+
+    def of(self, priority: Priority) -> ClassSettings:
+        settings: ClassSettings = getattr(self, priority.name)
+        return settings
+
+    @model_validator(mode="after")
+    def _shares_descend(self) -> ClassesSettings:
+        shares = [self.of(p).holdback_share for p in Priority]
+        if shares[0] != 1.0:
+            raise ValueError("critical.holdback_share must be 1.0: nothing ranks above critical")
+        if any(a < b for a, b in itertools.pairwise(shares)):
+            raise ValueError("holdback_share must not grow from critical down to low")
+        return self
+
+
+class ConcurrencySettings(StrictModel):
+    """The adaptive (AIMD) concurrency limit of one deployment, per gateway replica."""
+
+    min_limit: int = Field(default=4, ge=1, description="the limit never goes below this")
+    initial_limit: int = Field(default=20, ge=1, description="the limit at start")
+    max_limit: int = Field(default=200, ge=1, description="the limit never goes above this")
+    decrease_factor: float = Field(
+        default=0.9, gt=0, lt=1,
+        description="multiplicative decrease on a provider 429, 5xx/529, connect error or "
+        "first-byte timeout; applied at most once per decision window",
+    )
+    increase_step: PositiveFloat = Field(
+        default=1.0,
+        description="additive increase, at most once per decision window, on success while "
+        "the limit is actually used",
+    )
+    decision_window_s: PositiveFloat = Field(
+        default=1.0,
+        description="at most one decrease and one increase per window, so a correlated burst "
+        "of failures counts once",
+    )
+    min_utilization: Share = Field(
+        default=0.5,
+        description="the limit grows only while demand (in flight + queued) is at least this "
+        "share of it",
+    )
+    latency_brake: float | None = Field(
+        default=None, gt=1,
+        description="optional: when time to first token per prompt size rises above this "
+        "multiple of its baseline, treat successes as overload; null disables",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ConcurrencySettings:
+        if not self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError("need min_limit <= initial_limit <= max_limit")
+        return self
+
+
+class ConcurrencyOverride(StrictModel):
+    """Per-deployment changes to ``concurrency``; unset fields keep the shared value."""
+
+    min_limit: int | None = Field(default=None, ge=1)
+    initial_limit: int | None = Field(default=None, ge=1)
+    max_limit: int | None = Field(default=None, ge=1)
+    decrease_factor: float | None = Field(default=None, gt=0, lt=1)
+    increase_step: PositiveFloat | None = None
+    decision_window_s: PositiveFloat | None = None
+    min_utilization: Share | None = None
+    latency_brake: float | None = Field(default=None, gt=1)
+
+
+class SelfProtectionSettings(StrictModel):
+    """Limits on the gateway process itself; crossing one sheds the lowest classes at the door.
+
+    At 1x a limit ``low`` is shed, at 1.5x ``normal`` too, at 2x ``high`` too; never ``critical``.
+    """
+
+    max_loop_lag_ms: PositiveFloat = Field(
+        default=200, description="event-loop scheduling delay measured by a periodic probe"
+    )
+    max_open_streams: int = Field(
+        default=4096, ge=1, description="streamed responses being relayed"
+    )
+    max_rss_mib: PositiveFloat | None = Field(
+        default=None,
+        description="resident memory; null: 85% of the cgroup memory limit when there is one, "
+        "else no memory check",
+    )
+    lag_probe_interval_ms: PositiveFloat = Field(
+        default=100, description="how often the probe runs"
+    )
+    rss_sample_s: PositiveFloat = Field(
+        default=1.0, description="RSS is read at most this often"
+    )
+
+
+class AdmissionPolicy(StrictModel):
+    """Admission control: per-deployment concurrency limits, priority queues, shedding and
+    deadlines."""
+
+    classes: ClassesSettings = ClassesSettings()
+    concurrency: ConcurrencySettings = ConcurrencySettings()
+    deployments: dict[str, ConcurrencyOverride] = Field(
+        default={},
+        description="overrides of `concurrency` keyed by deployment label provider/model",
+    )
+    codel_interval_ms: PositiveFloat = Field(
+        default=1000, description="CoDel interval: drop mode is decided once per interval"
+    )
+    cohort_buckets: int = Field(
+        default=128, ge=2, le=4096,
+        description="agent sessions hash into this many cohorts; shedding moves a threshold "
+        "across them so every replica drops the same runs",
+    )
+    cohort_step_up: int = Field(
+        default=16, ge=1,
+        description="cohorts added to the shed threshold per interval of overload",
+    )
+    cohort_step_down: int = Field(
+        default=4, ge=1,
+        description="cohorts taken off the shed threshold per interval without overload",
+    )
+    ttft_prior_s: PositiveFloat = Field(
+        default=1.0,
+        description="expected time to first byte of a deployment before any is measured",
+    )
+    drain_window_s: PositiveFloat = Field(
+        default=10.0, description="time constant of the measured drain (completion) rate"
+    )
+    retry_after_min_s: PositiveFloat = Field(default=1.0, description="lower bound of Retry-After")
+    retry_after_max_s: float = Field(
+        default=30.0, gt=0, le=60,
+        description="upper bound of Retry-After (at most 60: the Anthropic SDK honours any value)",
+    )
+    retry_after_jitter: float = Field(
+        default=0.5, ge=0, lt=1,
+        description="Retry-After is drawn uniformly from its base value times 1 +- this",
+    )
+    max_deadline_s: PositiveFloat = Field(
+        default=900.0,
+        description="no request deadline is longer than this, whatever the client asks",
+    )
+    tenant_max_deadline_s: dict[str, PositiveFloat] = Field(
+        default={}, description="tighter deadline caps for some tenants, keyed by tenant name"
+    )
+    self_protection: SelfProtectionSettings = SelfProtectionSettings()
+    shadow: bool = Field(
+        default=False,
+        description="shadow mode: sheds are logged and counted as would_shed, nothing is "
+        "refused (deadline 504s still apply)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AdmissionPolicy:
+        if self.retry_after_min_s > self.retry_after_max_s:
+            raise ValueError("retry_after_min_s is above retry_after_max_s")
+        for label in self.deployments:
+            self.concurrency_for(label)  # raises when the merged bounds are out of order
+        return self
+
+    def concurrency_for(self, deployment: str) -> ConcurrencySettings:
+        """The shared ``concurrency`` settings with this deployment's overrides applied."""
+        override = self.deployments.get(deployment)
+        if override is None:
+            return self.concurrency
+        merged = self.concurrency.model_dump() | override.model_dump(exclude_none=True)
+        try:
+            return ConcurrencySettings.model_validate(merged)
+        except ValidationError as exc:
+            reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise ValueError(f"deployments.{deployment}: {reason}") from None
+
+    def deadline_cap_s(self, tenant: str) -> float:
+        """The longest deadline this tenant may have."""
+        return min(self.max_deadline_s, self.tenant_max_deadline_s.get(tenant, self.max_deadline_s))

@@ -1,0 +1,177 @@
+"""Admission's data: the request, the permit, the observer hooks, per-deployment state.
+
+Split from ``admission.py`` (the controller) to keep both readable; import the public names
+from ``gateway.admission``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from .admission_policy import AdmissionPolicy
+from .admission_queue import FairQueue
+from .admission_shed import DecayingRate, ShedReason, ShedState
+from .concurrency import AIMDLimit, Outcome
+from .config_base import Priority
+
+DeadlineStage = Literal["admission", "queue"]
+_TTFT_WEIGHT = 0.2  # EWMA weight of a new first-byte time
+
+
+def is_client_retry(headers: Mapping[str, str]) -> bool:
+    """Whether the SDK marks this as a retry (``x-stainless-retry-count`` > 0)."""
+    value = headers.get("x-stainless-retry-count", "0").strip()
+    return value.isdigit() and int(value) > 0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """What admission needs to know about one request. Times are on the controller's clock."""
+
+    priority: Priority
+    tenant: str
+    tokens: int  # estimated prompt + max output tokens: the request's cost in fair queueing
+    deadline: float  # absolute (``Deadline.at``)
+    arrived: float  # when it reached the gateway; earlier wins ties in fair queueing
+    agent_session: str | None = None  # X-Agent-Session: the shedding cohort
+    is_retry: bool = False  # x-stainless-retry-count > 0: shed before first attempts
+    prompt_tokens: int | None = None  # for the limiter's latency brake (defaults to ``tokens``)
+
+
+class AdmissionObserver:
+    """Metrics hooks, all no-ops here: override what you need. Called synchronously on the hot
+    path, so keep them cheap and never raise. ``deployment`` is None for door (self-protection)
+    sheds."""
+
+    def on_shed(
+        self, deployment: str | None, priority: Priority, reason: ShedReason, shadow: bool
+    ) -> None:
+        """A request refused (or, in shadow mode, that would have been)."""
+
+    def on_queue_delay(self, deployment: str, priority: Priority, delay_s: float) -> None:
+        """A request admitted after ``delay_s`` in the queue (0 when admitted at once)."""
+
+    def on_deadline(self, deployment: str, priority: Priority, stage: DeadlineStage) -> None:
+        """A request refused with 504 because its deadline could not be met."""
+
+    def on_limit(self, deployment: str, limit: int) -> None:
+        """The deployment's concurrency limit changed."""
+
+
+# The controller's bookkeeping when a permit is released:
+# (state, priority, outcome, ttft_s, prompt tokens).
+ReleaseHook = Callable[["DeploymentState", Priority, Outcome, "float | None", int], None]
+
+
+class Permit:
+    """A slot under a deployment's limit. ``release`` exactly once; later calls do nothing."""
+
+    __slots__ = ("_on_release", "_prompt_tokens", "_released", "_state", "deployment",
+                 "granted_at", "priority", "queued_s")
+
+    def __init__(self, state: DeploymentState, req: AdmissionRequest, granted_at: float,
+                 queued_s: float, on_release: ReleaseHook) -> None:
+        self.deployment = state.label
+        self.priority = req.priority
+        self.granted_at = granted_at
+        self.queued_s = queued_s  # time spent in the admission queue
+        self._state = state
+        self._on_release = on_release
+        self._prompt_tokens = req.prompt_tokens if req.prompt_tokens is not None else req.tokens
+        self._released = False
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self, outcome: Outcome, ttft_s: float | None = None) -> None:
+        """Give the slot back and feed the limit.
+
+        ``outcome``: ``success``; ``overload`` for a provider 429, 5xx/529, connect error or
+        first-byte timeout; ``ignore`` for a client cancel or a 4xx. ``ttft_s``: seconds from
+        sending to the upstream's first streamed byte. Pass None for non-streamed calls (their
+        first byte is the whole answer and would inflate the estimate that deadline checks use)
+        and when no byte came.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._on_release(self._state, self.priority, outcome, ttft_s, self._prompt_tokens)
+
+
+@dataclass(eq=False, slots=True)
+class QueueEntry:
+    """A waiting request: resolved with a ``Permit`` or a 504, or cancelled by its waiter."""
+
+    req: AdmissionRequest
+    enqueued_at: float
+    future: asyncio.Future[Permit]
+    timer: asyncio.TimerHandle | None = None  # fires when the deadline becomes infeasible
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    @property
+    def tenant(self) -> str:
+        return self.req.tenant
+
+    @property
+    def cost(self) -> int:
+        return self.req.tokens
+
+    @property
+    def arrived(self) -> float:
+        return self.req.arrived
+
+
+class DeploymentState:
+    """Admission state of one deployment on this replica."""
+
+    def __init__(self, label: str, policy: AdmissionPolicy, now: float) -> None:
+        self.label = label
+        self.limiter = AIMDLimit(policy.concurrency_for(label), now)
+        self.in_flight = 0
+        self.in_flight_by_class = [0] * len(Priority)
+        self.queues: list[FairQueue[QueueEntry]] = [FairQueue() for _ in Priority]
+        self.shed = ShedState(policy, now)
+        self.ttft = policy.ttft_prior_s
+        self.drain = DecayingRate(policy.drain_window_s)
+
+    def take(self, priority: Priority) -> None:
+        self.in_flight += 1
+        self.in_flight_by_class[priority] += 1
+
+    def give_back(self, priority: Priority) -> None:
+        self.in_flight -= 1
+        self.in_flight_by_class[priority] -= 1
+
+    def feasible(self, deadline: float, now: float) -> bool:
+        """Whether a request with this deadline can still get its first byte in time."""
+        return deadline - now >= self.ttft
+
+    def observe_ttft(self, ttft_s: float) -> None:
+        """A measured time to first byte feeds the estimate used for deadline checks."""
+        if ttft_s >= 0:
+            self.ttft += _TTFT_WEIGHT * (ttft_s - self.ttft)
+
+    def queued(self, up_to: Priority = Priority.low) -> int:
+        """Waiting requests of classes ``critical`` .. ``up_to``."""
+        return sum(len(q) for q in self.queues[: up_to + 1])
+
+    def cap(self, priority: Priority, share: float) -> int:
+        """Slots the class may fill. At least one, so every class progresses at tiny limits."""
+        limit = self.limiter.limit
+        return limit if share >= 1.0 else max(1, math.floor(share * limit + 1e-9))
+
+    def oldest_waits(self, now: float) -> list[float | None]:
+        waits: list[float | None] = []
+        for q in self.queues:
+            oldest = q.oldest_enqueued()
+            waits.append(None if oldest is None else now - oldest)
+        return waits
