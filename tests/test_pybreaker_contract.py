@@ -1,0 +1,271 @@
+"""What gateway/breaker.py relies on in pybreaker (checked on 1.4.1).
+
+If an upgrade changes any of this, these tests fail before the gateway misbehaves:
+transitions and their listeners, ``calling()`` bookkeeping, exclusion counting as success,
+cancellation counting as failure, and ``call()`` silently not awaiting coroutines.
+Time is controlled by moving the storage's ``opened_at`` back, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pybreaker
+import pytest
+
+
+class Boom(Exception):
+    pass
+
+
+class ClientErr(Exception):
+    pass
+
+
+class Recorder(pybreaker.CircuitBreakerListener):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, ...]] = []
+
+    def before_call(self, cb: pybreaker.CircuitBreaker, func: Any, *a: Any, **kw: Any) -> None:
+        self.events.append(("before_call",))
+
+    def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
+        self.events.append(("failure", type(exc).__name__))
+
+    def success(self, cb: pybreaker.CircuitBreaker) -> None:
+        self.events.append(("success",))
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        self.events.append(("state", old_state.name if old_state else "-", new_state.name))
+
+    def transitions(self) -> list[tuple[str, ...]]:
+        return [e[1:] for e in self.events if e[0] == "state"]
+
+
+def fail(cb: pybreaker.CircuitBreaker, exc: BaseException | None = None) -> None:
+    """One failing ``calling()`` block; swallows what it raises."""
+    try:
+        with cb.calling():
+            raise exc or Boom()
+    except (Boom, pybreaker.CircuitBreakerError):
+        pass
+
+
+def succeed(cb: pybreaker.CircuitBreaker) -> None:
+    with cb.calling():
+        pass
+
+
+def age(cb: pybreaker.CircuitBreaker, seconds: float) -> None:
+    """Pretend the breaker opened ``seconds`` ago (pybreaker reads datetime.now(UTC))."""
+    storage = cb._state_storage
+    storage.opened_at = datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+def test_states_are_named_closed_open_half_open() -> None:
+    assert (pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN) == (
+        "closed", "open", "half-open")
+
+
+def test_calling_counts_an_exception_as_failure_and_a_normal_exit_as_success() -> None:
+    rec = Recorder()
+    cb = pybreaker.CircuitBreaker(fail_max=5, listeners=[rec])
+    with pytest.raises(Boom), cb.calling():
+        raise Boom()
+    assert cb.fail_counter == 1
+    succeed(cb)
+    assert cb.fail_counter == 0  # any success resets the consecutive count
+    assert rec.events == [("before_call",), ("failure", "Boom"), ("before_call",), ("success",)]
+
+
+def test_fail_max_consecutive_failures_open_it_with_circuit_breaker_error() -> None:
+    rec = Recorder()
+    cb = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=10, listeners=[rec])
+    for _ in range(2):
+        fail(cb)
+    assert cb.current_state == "closed"
+    with pytest.raises(pybreaker.CircuitBreakerError) as info, cb.calling():
+        raise Boom()
+    assert isinstance(info.value.__context__, Boom)  # the trip replaces the original error
+    assert cb.current_state == "open"
+    assert rec.transitions() == [("closed", "open")]
+
+
+def test_open_rejects_without_running_the_block() -> None:
+    cb = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=10)
+    fail(cb)
+    ran = False
+    with pytest.raises(pybreaker.CircuitBreakerError), cb.calling():
+        ran = True
+    assert not ran
+
+
+def test_half_open_after_reset_timeout_then_success_closes() -> None:
+    rec = Recorder()
+    cb = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=10, listeners=[rec])
+    fail(cb)
+    age(cb, 9)
+    with pytest.raises(pybreaker.CircuitBreakerError):
+        succeed(cb)
+    age(cb, 11)
+    succeed(cb)  # open -> half-open on entry, then the success closes (success_threshold 1)
+    assert cb.success_threshold == 1
+    assert cb.current_state == "closed"
+    assert rec.transitions() == [("closed", "open"), ("open", "half-open"),
+                                 ("half-open", "closed")]
+
+
+def test_half_open_failure_reopens() -> None:
+    rec = Recorder()
+    cb = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=10, listeners=[rec])
+    cb.open()
+    age(cb, 11)
+    with pytest.raises(pybreaker.CircuitBreakerError, match="Trial call failed"), cb.calling():
+        raise Boom()
+    assert cb.current_state == "open"
+    assert rec.transitions()[-2:] == [("open", "half-open"), ("half-open", "open")]
+
+
+def test_half_open_lets_every_concurrent_call_in() -> None:
+    """The reason breaker.py reserves probe slots itself."""
+    cb = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=10)
+    cb.open()
+    age(cb, 11)
+    blocks = [cb.calling() for _ in range(5)]
+    for block in blocks:
+        block.__enter__()  # none is rejected while the first is still "in flight"
+    for block in blocks:
+        block.__exit__(None, None, None)
+    assert cb.current_state == "closed"
+
+
+def test_open_half_open_close_methods_fire_listeners() -> None:
+    rec = Recorder()
+    cb = pybreaker.CircuitBreaker(listeners=[rec])
+    cb.open()
+    cb.half_open()
+    cb.close()
+    cb.open()
+    assert rec.transitions() == [("closed", "open"), ("open", "half-open"),
+                                 ("half-open", "closed"), ("closed", "open")]
+
+
+def test_open_sets_opened_at_through_the_storage_setter_and_the_timeout_check_reads_it() -> None:
+    """breaker.py's storage puts opened_at on its own clock through exactly these two."""
+    calls: list[str] = []
+
+    class Spy(pybreaker.CircuitMemoryStorage):
+        @property
+        def opened_at(self) -> datetime | None:
+            calls.append("get")
+            return self._opened_at
+
+        @opened_at.setter
+        def opened_at(self, value: datetime) -> None:
+            calls.append("set")
+            self._opened_at = value - timedelta(seconds=60)  # "opened a minute ago"
+
+    cb = pybreaker.CircuitBreaker(reset_timeout=30, state_storage=Spy("closed"))
+    cb.open()
+    assert calls == ["set"]
+    succeed(cb)  # the check reads the shifted opened_at: timeout over, so half-open -> closed
+    assert "get" in calls and cb.current_state == "closed"
+
+
+def test_reset_timeout_and_fail_max_can_be_changed_on_a_live_breaker() -> None:
+    cb = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=10)
+    cb.reset_timeout = 40
+    cb.open()
+    age(cb, 30)
+    with pytest.raises(pybreaker.CircuitBreakerError):
+        succeed(cb)
+    age(cb, 41)
+    succeed(cb)
+    assert cb.current_state == "closed"
+
+
+def test_excluded_exception_counts_as_success_and_resets_the_count() -> None:
+    """Why breaker.py never uses ``exclude`` for 4xx: it would hide a failing deployment."""
+    rec = Recorder()
+    cb = pybreaker.CircuitBreaker(fail_max=3, exclude=[ClientErr], listeners=[rec])
+    fail(cb)
+    fail(cb)
+    assert cb.fail_counter == 2
+    with pytest.raises(ClientErr), cb.calling():
+        raise ClientErr()
+    assert cb.fail_counter == 0
+    assert rec.events[-1] == ("success",)
+    predicate = pybreaker.CircuitBreaker(fail_max=3, exclude=[lambda e: isinstance(e, ClientErr)])
+    fail(predicate)
+    with pytest.raises(ClientErr), predicate.calling():
+        raise ClientErr()
+    assert predicate.fail_counter == 0
+
+
+def test_excluded_exception_closes_a_half_open_breaker() -> None:
+    cb = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=10, exclude=[ClientErr])
+    cb.open()
+    age(cb, 11)
+    with pytest.raises(ClientErr), cb.calling():
+        raise ClientErr()
+    assert cb.current_state == "closed"
+
+
+async def test_cancelled_error_counts_as_failure() -> None:
+    """Why breaker.py keeps cancellation out of ``calling()`` altogether."""
+    cb = pybreaker.CircuitBreaker(fail_max=5)
+    started = asyncio.Event()
+
+    async def call() -> None:
+        with cb.calling():
+            started.set()
+            await asyncio.Event().wait()  # a client disconnect cancels us here
+
+    task = asyncio.create_task(call())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cb.fail_counter == 1
+
+
+def test_an_entered_calling_block_has_no_neutral_exit() -> None:
+    """Abandoning an entered block (generator closed or collected) is a failure too."""
+    cb = pybreaker.CircuitBreaker(fail_max=5)
+    block = cb.calling()
+    block.__enter__()
+    del block
+    gc.collect()
+    assert cb.fail_counter == 1
+
+
+def test_call_with_an_async_function_does_not_await_it_and_counts_success() -> None:
+    cb = pybreaker.CircuitBreaker(fail_max=1)
+    ran = False
+
+    async def upstream() -> None:
+        nonlocal ran
+        ran = True
+        raise Boom()
+
+    for _ in range(3):
+        coro = cb.call(upstream)
+        assert asyncio.iscoroutine(coro)
+        coro.close()  # never run: the failure it would raise is never seen
+    assert not ran
+    assert cb.fail_counter == 0 and cb.current_state == "closed"
+
+
+def test_a_breaker_with_memory_storage_does_not_share_state() -> None:
+    a = pybreaker.CircuitBreaker(fail_max=1)
+    b = pybreaker.CircuitBreaker(fail_max=1)
+    fail(a)
+    assert (a.current_state, b.current_state) == ("open", "closed")
