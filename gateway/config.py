@@ -21,7 +21,10 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
+from .admission_policy import AdmissionPolicy
+from .breaker import BreakerPolicy
 from .limits_policy import Budget, Degraded, LoopGuard, TenantLimits
+from .retry import RetryPolicy
 
 __all__ = ["Priority", "PriorityName", "StrictModel", "GatewayConfig", "ConfigError"]
 
@@ -187,6 +190,9 @@ class GatewayConfig(StrictModel):
 
     server: Server = Server()
     state: State = State()
+    admission: AdmissionPolicy = AdmissionPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+    retries: RetryPolicy = RetryPolicy()
     allow_inline_secrets: bool = False
     providers: dict[str, Provider] = Field(min_length=1)
     models: dict[str, Model] = Field(min_length=1)

@@ -50,6 +50,7 @@ class DegradedMode:
         self.journal_lost = 0
         self.replayed = 0
         self.transitions = 0
+        self.last_latency_s: float | None = None  # of the last admit round trip
         self._known_replicas = policy.replicas if isinstance(policy.replicas, int) else 1
 
     @property

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,11 @@ class InFlight:
     def __init__(self) -> None:
         self.leases: dict[str, tuple[str, ...]] = {}
         self.settling: set[asyncio.Task[None]] = set()
+        # Last budget state seen per tenant, for the metrics scrape (which must not hit Redis).
+        self.budgets: dict[str, dict[str, dict[str, float]]] = {}
+
+    def budget_snapshot(self) -> dict[str, dict[str, dict[str, float]]]:
+        return self.budgets
 
 
 class Limiter:
@@ -106,6 +112,7 @@ class Limiter:
         inflight = inflight or InFlight()
         self._active_leases = inflight.leases
         self._settling = inflight.settling
+        self._budgets = inflight.budgets
 
     async def admit(self, call: ProxyCall, request_id: str) -> Hold:
         tenant = self._config.tenants[call.tenant.name]
@@ -128,19 +135,32 @@ class Limiter:
             mode = self.degraded.action_for(call.priority.name)
         else:
             try:
+                began = time.monotonic()
                 result = await self._state.admit(plan)
+                self.degraded.last_latency_s = time.monotonic() - began
                 mode = "global"
             except StateUnavailable as exc:
                 self.degraded.enter(str(exc))
                 result = self.degraded.admit(plan, call.priority.name)
                 mode = self.degraded.action_for(call.priority.name)
         hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases)
-        hold.headers = _headers(plan, result, meta, tenant)
+        hold.headers = _headers(plan, result, tenant)
+        self._remember_budgets(call.tenant.name, plan, result)
         if not result.allowed:
             raise _refusal(plan.checks[result.failed], result, meta, hold.headers)
         if leases and mode == "global":
             self._active_leases[request_id] = leases
         return hold
+
+    def _remember_budgets(self, tenant: str, plan: AdmitPlan, result: AdmitResult) -> None:
+        for check, res in zip(plan.checks, result.results):
+            if isinstance(check, Counter):
+                period, unit = check.name.split()[:2]  # "daily tokens budget"
+                scale = 1e6 if unit == "cost" else 1.0
+                self._budgets.setdefault(tenant, {})[f"{period}_{unit}"] = {
+                    "remaining": max(0, res.remaining) / scale,
+                    "limit": check.limit / scale,
+                }
 
     def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int) -> tuple[
         list[Check], dict[int, str]
@@ -277,8 +297,7 @@ def _with_actuals(plan: SettlePlan, tokens: int, cost_units: int) -> SettlePlan:
                       counters, plan.leases)
 
 
-def _headers(plan: AdmitPlan, result: AdmitResult, scopes: dict[int, str],
-             tenant: Tenant) -> dict[str, str]:
+def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant) -> dict[str, str]:
     """OpenAI-style x-ratelimit-* headers from the tenant-wide buckets, plus shadow/budget."""
     headers: dict[str, str] = {}
     for i, check in enumerate(plan.checks):

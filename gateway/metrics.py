@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from .config import GatewayConfig, Priority
 
 if TYPE_CHECKING:  # pipeline.py imports this module; avoid the cycle at runtime
-    from .pipeline import RequestRecord
+    from .context import RequestRecord
 
 log = logging.getLogger("gateway.metrics")
 

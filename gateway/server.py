@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,16 +17,16 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .auth import Authenticator
 from .classify import ROUTES, error_dialect
 from .config import GatewayConfig
-from .degraded import DegradedMode
 from .errors import GatewayError, not_found
-from .limits import LEASE_TTL_MS, InFlight, Limiter
 from .logs import ACCESS_LOGGER
-from .pipeline import Policy, RequestRecord, handle_proxy, models_listing
+from .context import RequestRecord
+from .metrics import GatewayMetrics, metrics_handler
+from .pipeline import handle_proxy, models_listing
+from .runtime import Gateway
+from .tracing import Tracing
 from .state import StateBackend, create_backend
-from .upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -38,79 +35,16 @@ _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Gateway:
-    """Process-wide runtime: the current policy, the state backend and its health."""
-
-    def __init__(self, config: GatewayConfig, state: StateBackend) -> None:
-        self.state = state
-        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.degraded = DegradedMode(config.state.degraded, state, time.monotonic,
-                                     self.replica_id)
-        self.inflight = InFlight()
-        self.policy = self.build_policy(config)
-        self.ready = False
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._retired: list[Policy] = []
-
-    def build_policy(self, config: GatewayConfig) -> Policy:
-        limiter = Limiter(config, self.state, self.degraded, time.time, self.inflight)
-        return Policy(config, Authenticator(config), UpstreamPool(config), limiter)
-
-    async def swap_policy(self, config: GatewayConfig) -> None:
-        """Put a new, already validated policy in place atomically.
-
-        Requests that started under the old policy finish with it (they hold a reference);
-        the next request sees the new one. The old connection pools close once idle.
-        """
-        new = self.build_policy(config)
-        await new.upstreams.start()
-        old, self.policy = self.policy, new
-        self._retired.append(old)
-        log.info("policy reloaded", extra={"fields": {
-            "tenants": len(config.tenants), "models": len(config.models)}})
-        await self.close_idle_retired()
-
-    async def close_idle_retired(self) -> None:
-        for old in [p for p in self._retired if p.active == 0]:
-            self._retired.remove(old)
-            await old.upstreams.close()
-
-    async def start(self) -> None:
-        await self.state.start()
-        await self.policy.upstreams.start()
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self.degraded.run(self._stop)),
-            loop.create_task(self._renew_leases()),
-        ]
-        self.ready = True
-
-    async def stop(self) -> None:
-        self.ready = False
-        self._stop.set()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.policy.limiter.drain()
-        await self.degraded.recover_once()  # last chance to hand the journal over
-        for old in self._retired:
-            await old.upstreams.close()
-        await self.policy.upstreams.close()
-        await self.state.close()
-
-    async def _renew_leases(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), LEASE_TTL_MS / 3000)
-            except TimeoutError:
-                await self.policy.limiter.renew_leases()
-
-
 GATEWAY = web.AppKey("gateway", Gateway)
 RECORD = web.RequestKey("record", RequestRecord)
 
 
-def create_app(config: GatewayConfig, *, state: StateBackend | None = None) -> web.Application:
-    """Build the gateway app; the state backend defaults to what the policy file names."""
+def create_app(
+    config: GatewayConfig, *, state: StateBackend | None = None,
+    tracing: Tracing | None = None, metrics: GatewayMetrics | None = None,
+) -> web.Application:
+    """Build the gateway app; the state backend defaults to what the policy file names,
+    tracing to what the OTEL_* environment says (off unless an exporter is configured)."""
     if state is None:
         state = create_backend(
             config.state.backend,
@@ -121,7 +55,7 @@ def create_app(config: GatewayConfig, *, state: StateBackend | None = None) -> w
     app = web.Application(
         middlewares=[_boundary], client_max_size=config.server.max_body_bytes
     )
-    app[GATEWAY] = Gateway(config, state)
+    app[GATEWAY] = Gateway(config, state, tracing or Tracing.from_env(), metrics)
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(_stamp_request_id)
     for path in ROUTES:
@@ -130,6 +64,7 @@ def create_app(config: GatewayConfig, *, state: StateBackend | None = None) -> w
     app.router.add_get("/v1/models/{model}", _model)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", metrics_handler(app[GATEWAY].metrics))
     return app
 
 
@@ -145,7 +80,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     policy = gateway.policy  # read once: a reload mid-request does not change it
     policy.active += 1
     try:
-        return await handle_proxy(request, policy, request[RECORD])
+        return await handle_proxy(request, policy, gateway.services, request[RECORD])
     finally:
         policy.active -= 1
         if policy is not gateway.policy and policy.active == 0:
@@ -200,34 +135,41 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 @web.middleware
 async def _boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, error rendering and the access log line, for every request."""
+    """Request id, span, error rendering, metrics and the access log line, for every request."""
+    gateway = request.app[GATEWAY]
     loop = asyncio.get_running_loop()
     client_id = request.headers.get("X-Request-Id", "")
     request_id = client_id if _CLIENT_REQUEST_ID.match(client_id) else uuid.uuid4().hex
     record = RequestRecord(request_id=request_id, started=loop.time(), route=request.path)
     request[RECORD] = record
-    try:
-        response = await handler(request)
-        record.status = record.status or response.status
-        return response
-    except GatewayError as exc:
-        return _error_response(request, record, exc)
-    except web.HTTPException as exc:
-        return _error_response(request, record, _from_http_exception(request, exc))
-    except asyncio.CancelledError:
-        record.outcome = "client_disconnected"
-        raise
-    except ConnectionResetError:
-        record.outcome = "client_disconnected"
-        raise
-    except Exception:
-        log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-        exc = GatewayError(500, "The gateway failed to handle this request.",
-                           type="server_error", code="internal_error")
-        return _error_response(request, record, exc)
-    finally:
-        if request.path not in _QUIET_PATHS:
-            _log_access(record, loop.time())
+    if request.path in _QUIET_PATHS:
+        return await handler(request)
+    resource = request.match_info.route.resource
+    template = resource.canonical if resource is not None else None
+    with gateway.tracing.request_span(request.method, template, request.headers) as span:
+        try:
+            response = await handler(request)
+            record.status = record.status or response.status
+            return response
+        except GatewayError as exc:
+            return _error_response(request, record, exc)
+        except web.HTTPException as exc:
+            return _error_response(request, record, _from_http_exception(request, exc))
+        except (asyncio.CancelledError, ConnectionResetError):
+            record.outcome = "client_disconnected"
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            exc = GatewayError(500, "The gateway failed to handle this request.",
+                               type="server_error", code="internal_error")
+            return _error_response(request, record, exc)
+        finally:
+            record.total_s = loop.time() - record.started
+            span.finish(record)
+            if record.outcome in ("rejected", "error") and record.error_code != "overloaded":
+                gateway.metrics.rejected(record.error_code, record.priority, record.tenant)
+            gateway.metrics.observe_request(record)
+            _log_access(record, span.log_fields())
 
 
 def _error_response(request: web.Request, record: RequestRecord, exc: GatewayError) -> web.Response:
@@ -258,7 +200,7 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
         response.headers["X-Request-Id"] = record.request_id
 
 
-def _log_access(record: RequestRecord, now: float) -> None:
+def _log_access(record: RequestRecord, trace_fields: dict[str, Any]) -> None:
     fields: dict[str, Any] = {
         "request_id": record.request_id,
         "route": record.route,
@@ -271,15 +213,26 @@ def _log_access(record: RequestRecord, now: float) -> None:
         "outcome": record.outcome,
         "error_code": record.error_code,
         "attempts": record.attempts,
-        "duration_ms": round((now - record.started) * 1000, 2),
+        "duration_ms": _ms(record.total_s),
+        "limits_ms": _ms(record.limits_s),
+        "queue_ms": _ms(record.queue_s),
         "upstream_first_byte_ms": _ms(record.first_byte_s),
+        "ttft_ms": _ms(record.ttft_s),
         "upstream_ms": _ms(record.upstream_s),
+        "attempt_log": [
+            {"deployment": a.deployment, "outcome": a.outcome, "ms": _ms(a.duration_s),
+             "first_byte_ms": _ms(a.first_byte_s)} for a in record.attempt_log
+        ] or None,
         "tokens_in": record.usage.input_tokens,
         "tokens_out": record.usage.output_tokens,
         "usage_reported": record.usage.reported,
+        "cost": round(record.cost, 8),
+        "context_use": round(record.usage.input_tokens / record.context_window, 4)
+        if record.context_window and record.usage.input_tokens else None,
         "agent_session": record.agent_session,
         "agent_step": record.agent_step,
     }
+    fields.update(trace_fields)
     access_log.info("request", extra={"fields": fields})
 
 

@@ -46,7 +46,7 @@ from .classify import ROUTES
 from .errors import GatewayError
 
 if TYPE_CHECKING:
-    from .pipeline import AttemptRecord, RequestRecord
+    from .context import AttemptRecord, RequestRecord
 
 # GenAI semantic conventions, as our own constants: the strings are stable, while the Python
 # constants live in a private ``_incubating`` module and are marked deprecated (moved repos).

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 
 from .classify import ProxyCall
-from .config import GatewayConfig, Provider, resolve_api_key
+from .config import Deployment, GatewayConfig, Provider, resolve_api_key
 from .errors import GatewayError, upstream_failure
 
 # Request headers a client may pass through to the provider. Everything else is dropped.
@@ -49,6 +49,7 @@ class Target:
     provider: Provider
     upstream_model: str
     url: str
+    deployment: Deployment
 
     @property
     def label(self) -> str:
@@ -95,12 +96,12 @@ class UpstreamPool:
             provider = self._config.providers[dep.provider]
             if provider.kind == call.route.provider_kind:
                 url = provider.base_url + call.route.upstream_path
-                found.append(Target(dep.provider, provider, dep.model, url))
+                found.append(Target(dep.provider, provider, dep.model, url, dep))
         return found
 
     def attempt(
         self, call: ProxyCall, target: Target, headers: Mapping[str, str], request_id: str,
-        deadline: float | None = None,
+        deadline: float | None = None, extra_headers: Mapping[str, str] | None = None,
     ) -> UpstreamAttempt:
         body = dict(call.body)
         body["model"] = target.upstream_model
@@ -112,6 +113,8 @@ class UpstreamPool:
         out_headers = _upstream_headers(headers, target.provider, self._keys[target.provider_name])
         _forward_extra(headers, target.provider.forward_headers, out_headers)
         out_headers["x-client-request-id"] = request_id
+        if extra_headers:
+            out_headers.update(extra_headers)  # the gateway's own: deadline budget, traceparent
         return UpstreamAttempt(
             self._sessions[target.provider_name], target, orjson.dumps(body), out_headers, deadline
         )

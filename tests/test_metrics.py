@@ -31,7 +31,7 @@ from gateway.metrics import (
     attempt_outcome,
     metrics_handler,
 )
-from gateway.pipeline import AttemptRecord, RequestRecord
+from gateway.context import AttemptRecord, RequestRecord
 from gateway.streaming import Usage
 
 MAIN = "main/upstream-gpt"

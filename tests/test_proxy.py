@@ -290,13 +290,21 @@ async def test_oversized_body_gets_413(make_gateway: MakeGateway) -> None:
 
 
 async def test_upstream_statuses_are_relayed_with_retry_after(gw: Client) -> None:
+    resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth(**{"x-mock-status": "400"}))
+    assert resp.status == 400 and "x-gateway-attempts" not in resp.headers
+    # A provider 429 whose Retry-After does not fit the request's deadline is not retried:
+    # the client gets it as it came, Retry-After included.
     resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth(**{
-        "x-mock-status": "429", "x-mock-retry-after": "3", "x-mock-retry-after-ms": "2500"}))
+        "x-mock-status": "429", "x-mock-retry-after": "3", "x-mock-retry-after-ms": "2500",
+        "X-Request-Timeout": "2"}))
     assert resp.status == 429
     assert resp.headers["Retry-After"] == "3" and resp.headers["retry-after-ms"] == "2500"
     assert (await resp.json())["error"]["message"]
-    resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth(**{"x-mock-status": "503"}))
+    # ...and it cools the deployment down: the next request fails fast, told when to return.
+    resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth())
     assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "upstream_unavailable"
+    assert 1 <= int(resp.headers["Retry-After"]) <= 3
 
 
 async def test_unreachable_upstream_gives_502(make_gateway: MakeGateway, unused_tcp_port: int) -> None:

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway.errors import GatewayError
-from gateway.pipeline import AttemptRecord, RequestRecord
+from gateway.context import AttemptRecord, RequestRecord
 from gateway.streaming import Usage
 from gateway.tracing import TraceLogFilter, Tracing, TracingConfigError
 

@@ -1,0 +1,214 @@
+"""Steps 7-11: pick a deployment, take its provider quota and a concurrency slot, call it,
+judge the answer, and retry or fail over while that is still safe; then relay.
+
+Rules that matter to users:
+- nothing is retried once a byte went to the client (a success is relayed, never retried);
+- retries go to another deployment first, within the retry budget and the deadline;
+- a breaker trial is judged only on connect + first byte, and a cancelled client is never
+  counted as an upstream failure;
+- after the gateway gave up it says so (``x-should-retry: false``, ``x-gateway-attempts``), so
+  SDKs do not multiply the retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .admission import AdmissionRequest, Permit, is_client_retry
+from .breaker import Trial
+from .classify import ProxyCall
+from .context import AttemptRecord, Policy, RequestRecord, Services
+from .deadlines import Deadline, deadline_exceeded
+from .errors import GatewayError
+from .relay import is_event_stream, relay_stream, relay_whole, upstream_answer
+from .retry import AttemptFailure, decide_retry, gave_up_headers
+from .upstream import Target, UpstreamAttempt
+
+
+@dataclass(slots=True)
+class CallContext:
+    request: web.Request
+    policy: Policy
+    svc: Services
+    call: ProxyCall
+    record: RequestRecord
+    targets: list[Target]
+    deadline: Deadline
+    headers: dict[str, str]  # added to every answer (x-ratelimit-*, budget warnings)
+    tokens: int  # reserved prompt + output tokens
+
+
+@dataclass(slots=True)
+class _Failed:
+    """The last attempt's failure, kept to answer with if no retry follows."""
+
+    failure: AttemptFailure
+    error: GatewayError | None = None  # gateway-side (connect, timeout)
+    status: int = 0  # or the upstream's own answer
+    content_type: str = ""
+    headers: Mapping[str, str] | None = None
+    body: bytes = b""
+
+
+async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
+    svc, record = ctx.svc, ctx.record
+    labels = [t.label for t in ctx.targets]
+    by_label = {t.label: t for t in ctx.targets}
+    tried: list[str] = []
+    last: _Failed | None = None
+    ask = AdmissionRequest(
+        ctx.call.priority, ctx.call.tenant.name, ctx.tokens, ctx.deadline.at, svc.clock(),
+        ctx.call.agent_session, is_client_retry(ctx.request.headers),
+        ctx.call.prompt_tokens_estimate,
+    )
+    while True:
+        # 7 route: an untried usable deployment first (failover), else the same one again
+        trial = await svc.breakers.begin_first(labels, tried)
+        if trial is None:
+            return _give_up(ctx, last, tried) if last else _raise(
+                svc.breakers.unavailable_error(labels))
+        target = by_label[trial.deployment]
+        # 8 provider quota for the whole fleet; over it, this deployment cools down
+        quota = await svc.quotas.take(target.deployment, ctx.tokens)
+        if not quota.allowed:
+            trial.cancelled()
+            svc.breakers.cool_down(target.label, quota.retry_after_s)
+            last = last or _Failed(AttemptFailure.from_response(
+                429, {"retry-after-ms": str(int(quota.retry_after_s * 1000))}), GatewayError(
+                429, f"The provider quota of {target.label} is used up for now.",
+                type="rate_limit_error", code="rate_limit_exceeded"))
+            continue
+        # 9 admission: queue for a slot on the first attempt; failover takes a free one only
+        permit = await _permit(ctx, target.label, ask, first=not tried, trial=trial)
+        if permit is None:
+            tried.append(target.label)
+            continue
+        if not tried:
+            record.queue_s = permit.queued_s
+        tried.append(target.label)
+        record.attempts = len(tried)
+        record.deployment = target.label
+        # 10 attempt
+        result, failed = await _attempt(ctx, target, trial, permit)
+        if result is not None:
+            return result
+        assert failed is not None
+        last = failed
+        now = svc.clock()
+        decision = decide_retry(
+            ctx.policy.config.retries, failed.failure, attempt=len(tried),
+            remaining_s=ctx.deadline.remaining(now), rng=svc.rng,
+            failover_available=any(svc.breakers.usable(lb) for lb in labels if lb not in tried),
+            deployment_wait_s=svc.breakers.retry_after_s([target.label]),
+        )
+        if not decision.retry:
+            return _give_up(ctx, last, tried, gave_up=decision.gave_up)
+        if not (trial.probe or svc.retry_budget.try_spend(target.label)):
+            return _give_up(ctx, last, tried, gave_up=True)
+        for observer in svc.observers:
+            observer.retry(target.label, decision.reason)
+        if decision.delay_s > 0:
+            await asyncio.sleep(decision.delay_s)
+        left = ctx.deadline.remaining(svc.clock())
+        if left <= 0:
+            raise deadline_exceeded(left, 0.0)
+
+
+async def _permit(ctx: CallContext, label: str, ask: AdmissionRequest, *, first: bool,
+                  trial: Trial) -> Permit | None:
+    try:
+        if first:
+            return await ctx.svc.admission.acquire(label, ask)
+        permit = ctx.svc.admission.try_acquire(label, ask)
+    except BaseException:
+        trial.cancelled()
+        raise
+    if permit is None:
+        trial.cancelled()
+    return permit
+
+
+async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permit) -> tuple[
+    web.StreamResponse | None, _Failed | None
+]:
+    """One call to one deployment: the relayed answer, or how it failed (before any byte)."""
+    svc, record, loop = ctx.svc, ctx.record, asyncio.get_running_loop()
+    attempt = ctx.policy.upstreams.attempt(
+        ctx.call, target, ctx.request.headers, record.request_id, deadline=ctx.deadline.at,
+        extra_headers=ctx.deadline.upstream_headers(svc.clock()),
+    )
+    outcome, ttft, log = "ignore", None, AttemptRecord(target.label, "cancelled", 0.0)
+    record.attempt_log.append(log)
+    try:
+        async with attempt:
+            try:
+                upstream = await attempt.open()
+            except GatewayError as exc:
+                timed_out = exc.status == 504
+                trial.failure("timeout" if timed_out else "connect_error")
+                outcome, log.outcome = "overload", exc.code or "error"
+                failure = (AttemptFailure.first_byte_timeout() if timed_out
+                           else AttemptFailure.connect_error())
+                return None, _Failed(failure, error=exc)
+            log.first_byte_s = record.first_byte_s = loop.time() - attempt.started
+            if upstream.status < 400:
+                trial.success(log.first_byte_s)
+                svc.retry_budget.record_success(target.label)
+                outcome, log.outcome = "success", "success"
+                return await _relay(ctx, attempt), None
+            body = await attempt.read_body()
+            failure = AttemptFailure.from_response(upstream.status, upstream.headers, body,
+                                                   now_epoch_s=time.time())
+            if upstream.status == 429:
+                trial.quota(failure.retry_after_s)
+                outcome = "overload"
+            elif upstream.status >= 500:
+                trial.failure("server_error")
+                outcome = "overload"
+            else:
+                trial.neutral()
+            log.outcome = f"http_{upstream.status}"
+            return None, _Failed(failure, status=upstream.status,
+                                 content_type=upstream.content_type,
+                                 headers=upstream.headers.copy(), body=body)
+    finally:
+        trial.cancelled()  # no-op once judged: a cancel or any other exit is never counted
+        log.duration_s = loop.time() - attempt.started
+        record.upstream_s = (record.upstream_s or 0.0) + log.duration_s
+        if outcome == "success" and record.stream:
+            ttft = record.ttft_s
+        permit.release(outcome, ttft_s=ttft)  # type: ignore[arg-type]
+
+
+async def _relay(ctx: CallContext, attempt: UpstreamAttempt) -> web.StreamResponse:
+    """11 relay: streams event by event, anything else whole."""
+    if ctx.call.stream and is_event_stream(attempt.response):
+        handle = ctx.svc.guard.streams.open()
+        try:
+            return await relay_stream(ctx.request, ctx.call, attempt, ctx.record, ctx.headers)
+        finally:
+            handle.release()
+    return await relay_whole(attempt, ctx.record, ctx.headers)
+
+
+def _give_up(ctx: CallContext, last: _Failed, tried: list[str], *,
+             gave_up: bool = True) -> web.Response:
+    """Answer with the last failure; after the gateway's own retries, tell SDKs not to retry."""
+    extra = dict(ctx.headers)
+    if gave_up and tried:
+        extra.update(gave_up_headers(len(tried)))
+    if last.error is not None:
+        last.error.headers = {**last.error.headers, **extra}
+        raise last.error
+    ctx.record.status = last.status
+    return upstream_answer(ctx.record.deployment or "", last.status, last.content_type,
+                           last.headers or {}, last.body, extra)
+
+
+def _raise(error: GatewayError) -> web.Response:
+    raise error

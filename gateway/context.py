@@ -1,0 +1,93 @@
+"""What one request carries through the pipeline, and the objects the pipeline works with.
+
+``RequestRecord`` is filled in step by step; the access log line, the metrics and the span
+attributes are all made from it, so they always agree. ``Policy`` is one version of the
+policy file (swapped whole on reload); ``Services`` are the process-wide policy objects that
+keep state across requests and reloads.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .admission import AdmissionController
+from .auth import Authenticator
+from .breaker import BreakerBoard
+from .config import GatewayConfig
+from .limits import Limiter
+from .quota import ProviderQuotas
+from .retry import RetryBudget
+from .selfprotect import SelfProtection
+from .streaming import Usage
+from .upstream import UpstreamPool
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """One upstream attempt: where, how it ended, how long it took."""
+
+    deployment: str
+    outcome: str  # success | http_<status> | connect_error | timeout | stream_cut | ...
+    duration_s: float
+    first_byte_s: float | None = None
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did, filled in as it goes. The access log line, the metrics and the
+    span attributes are all made from it, so they always agree."""
+
+    request_id: str
+    started: float  # loop.time() when the request arrived
+    route: str = ""
+    tenant: str | None = None
+    model: str | None = None
+    deployment: str | None = None  # the one that answered (or was tried last)
+    priority: str | None = None
+    stream: bool = False
+    status: int = 0
+    outcome: str = "ok"  # ok | rejected | shed | error | upstream_error | client_disconnected
+    error_code: str | None = None
+    attempts: int = 0
+    attempt_log: list[AttemptRecord] = field(default_factory=list)
+    # wait time at every step, in seconds (None: the step did not run)
+    limits_s: float | None = None
+    queue_s: float | None = None
+    first_byte_s: float | None = None  # upstream response headers, last attempt
+    ttft_s: float | None = None  # first content event relayed to the client
+    upstream_s: float | None = None
+    total_s: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    cost: float = 0.0
+    prompt_tokens_estimate: int = 0
+    context_window: int = 0
+    agent_session: str | None = None
+    agent_step: str | None = None
+
+
+@dataclass(slots=True)
+class Policy:
+    """Everything derived from one version of the policy file; swapped whole on reload."""
+
+    config: GatewayConfig
+    auth: Authenticator
+    upstreams: UpstreamPool
+    limiter: Limiter
+    active: int = 0  # requests running under this policy (a retired one closes at 0)
+
+
+@dataclass(slots=True)
+class Services:
+    """Process-wide policy objects; each keeps its own state across requests and reloads."""
+
+    clock: Callable[[], float]  # monotonic seconds, the same clock as loop.time()
+    rng: random.Random
+    admission: AdmissionController
+    guard: SelfProtection
+    breakers: BreakerBoard
+    retry_budget: RetryBudget
+    quotas: ProviderQuotas
+    observers: list[Any] = field(default_factory=list)

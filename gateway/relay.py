@@ -1,0 +1,110 @@
+"""Step 11: hand the upstream's answer to the client — whole, or as a stream event by event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from .classify import ProxyCall
+from .errors import GatewayError, upstream_failure
+from .streaming import SseRelay, usage_from_body
+from .upstream import FORWARDED_RESPONSE_HEADERS, UpstreamAttempt
+
+if TYPE_CHECKING:
+    from .context import RequestRecord
+
+
+def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
+
+
+def upstream_answer(
+    label: str, status: int, content_type: str, upstream_headers: Mapping[str, str],
+    body: bytes, extra_headers: Mapping[str, str],
+) -> web.Response:
+    """The upstream's complete answer as the client's response, or a 502 when it is unusable."""
+    if status in (401, 403):
+        # Our provider credential was refused: the client's key is fine, so this is a 502.
+        raise upstream_failure(502, f"The upstream {label} refused the gateway's credentials.",
+                               "upstream_auth_error")
+    if not (content_type.endswith("json") and body[:1] in (b"{", b"[")):
+        raise upstream_failure(502, f"The upstream {label} answered {status} with a non-JSON "
+                               "body.", "upstream_bad_response")
+    headers = {"Content-Type": "application/json", **extra_headers}
+    for name in FORWARDED_RESPONSE_HEADERS:
+        value = upstream_headers.get(name)
+        if value is not None:
+            headers[name] = value
+    return web.Response(status=status, body=body, headers=headers)
+
+
+async def relay_whole(
+    attempt: UpstreamAttempt, record: RequestRecord, extra_headers: Mapping[str, str]
+) -> web.Response:
+    upstream = attempt.response
+    body = await attempt.read_body()
+    response = upstream_answer(attempt.target.label, upstream.status, upstream.content_type,
+                               upstream.headers, body, extra_headers)
+    if upstream.status < 400:
+        record.usage = usage_from_body(body)
+    record.status = upstream.status
+    return response
+
+
+async def relay_stream(
+    request: web.Request, call: ProxyCall, attempt: UpstreamAttempt, record: RequestRecord,
+    extra_headers: Mapping[str, str],
+) -> web.StreamResponse:
+    relay = SseRelay(
+        call.route.dialect,
+        strip_usage_chunk=call.route.injects_stream_usage and not call.client_wants_usage,
+    )
+    response = web.StreamResponse(
+        status=200,
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                 "X-Accel-Buffering": "no", **extra_headers},
+    )
+    await response.prepare(request)
+    record.status = 200
+    loop = asyncio.get_running_loop()
+    try:
+        while chunk := await attempt.next_chunk():
+            out = relay.feed(chunk)
+            if out:
+                if record.ttft_s is None:
+                    record.ttft_s = loop.time() - record.started
+                await response.write(out)
+        out = relay.leftover()
+        if out:
+            await response.write(out)
+        if not relay.finished:
+            raise upstream_failure(
+                502, f"The upstream {attempt.target.label} ended the stream early.",
+                "upstream_stream_cut",
+            )
+    except GatewayError as exc:
+        # The status line is gone: end the stream with an error event the SDKs understand.
+        record.outcome, record.error_code = "upstream_error", exc.code
+        await _write_quietly(response, exc.sse_event(call.route.dialect))
+    finally:
+        record.usage = relay.final_usage()
+    await _write_eof_quietly(response)
+    return response
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except (ConnectionError, RuntimeError):
+        pass  # the client is gone too; nothing left to tell it
+
+
+async def _write_eof_quietly(response: web.StreamResponse) -> None:
+    try:
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass

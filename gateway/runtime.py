@@ -1,0 +1,158 @@
+"""The process-wide runtime: current policy, state backend, services and background tasks.
+
+One ``Gateway`` per process (it hangs off the aiohttp app, never off a module). It owns
+- the state backend and its health (``DegradedMode``),
+- the services that keep state across requests and reloads (admission, self-protection,
+  breakers, retry budget, provider quotas),
+- metrics and tracing,
+- the current ``Policy`` and the retired ones still finishing requests after a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+
+from .admission import AdmissionController, AdmissionObserver
+from .auth import Authenticator
+from .breaker import BreakerBoard
+from .config import GatewayConfig
+from .config_base import Priority
+from .context import Policy, Services
+from .degraded import DegradedMode
+from .limits import LEASE_TTL_MS, InFlight, Limiter
+from .metrics import GatewayMetrics
+from .quota import ProviderQuotas
+from .retry import RetryBudget
+from .selfprotect import SelfProtection
+from .state import StateBackend
+from .tracing import Tracing
+from .upstream import UpstreamPool
+
+log = logging.getLogger("gateway")
+
+
+class _AdmissionMetrics(AdmissionObserver):
+    """Admission's hooks, counted in Prometheus (sheds carry their reason only here)."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def on_shed(self, deployment: str | None, priority: Priority, reason: str,
+                shadow: bool) -> None:
+        if shadow:
+            self._metrics.shadow_decision("shed")
+        else:
+            self._metrics.shed(reason, priority.name)
+
+
+def deployment_labels(config: GatewayConfig) -> list[str]:
+    return sorted({d.label for m in config.models.values() for d in m.deployments})
+
+
+class Gateway:
+    """Everything one gateway process runs on; ``start``/``stop`` from the app's lifecycle."""
+
+    def __init__(self, config: GatewayConfig, state: StateBackend,
+                 tracing: Tracing | None = None, metrics: GatewayMetrics | None = None) -> None:
+        self.state = state
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        clock = time.monotonic
+        rng = random.Random()
+        self.metrics = metrics or GatewayMetrics(config)
+        self.tracing = tracing or Tracing(None)
+        self.degraded = DegradedMode(config.state.degraded, state, clock, self.replica_id)
+        observer = _AdmissionMetrics(self.metrics)
+        self.services = Services(
+            clock=clock,
+            rng=rng,
+            admission=AdmissionController(config.admission, clock, rng, observer),
+            guard=SelfProtection(config.admission, clock, rng, observer),
+            breakers=BreakerBoard(config.breaker, state, deployments=deployment_labels(config),
+                                  clock=clock, rng=rng, observer=self.metrics,
+                                  replica_id=self.replica_id),
+            retry_budget=RetryBudget(config.retries,
+                                     on_exhausted=self.metrics.retry_budget_exhausted),
+            quotas=ProviderQuotas(state, clock, self.replica_id),
+            observers=[self.metrics],
+        )
+        self.inflight = InFlight()
+        self.policy = self.build_policy(config)
+        self.ready = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retired: list[Policy] = []
+        self._wire_metric_sources()
+
+    def build_policy(self, config: GatewayConfig) -> Policy:
+        limiter = Limiter(config, self.state, self.degraded, time.time, self.inflight)
+        return Policy(config, Authenticator(config), UpstreamPool(config), limiter)
+
+    def _wire_metric_sources(self) -> None:
+        svc, m = self.services, self.metrics
+        m.set_admission_source(svc.admission.snapshot)
+        m.set_breaker_source(svc.breakers.states)
+        m.set_loop_lag_source(lambda: svc.guard.loop_lag.lag_s)
+        m.set_budget_source(self.inflight.budget_snapshot)
+        if self.state.name == "redis":
+            m.set_redis_source(lambda: {"degraded": self.degraded.active,
+                                        "latency_s": self.degraded.last_latency_s})
+
+    async def swap_policy(self, config: GatewayConfig) -> None:
+        """Put a new, already validated policy in place atomically.
+
+        Requests that started under the old policy finish with it (they hold a reference);
+        the next request sees the new one. The old connection pools close once idle.
+        """
+        new = self.build_policy(config)
+        await new.upstreams.start()
+        old, self.policy = self.policy, new
+        self._retired.append(old)
+        self.services.admission.reconfigure(config.admission)
+        self.services.guard.reconfigure(config.admission)
+        self.metrics.update_config(config)
+        log.info("policy reloaded", extra={"fields": {
+            "tenants": len(config.tenants), "models": len(config.models)}})
+        await self.close_idle_retired()
+
+    async def close_idle_retired(self) -> None:
+        for old in [p for p in self._retired if p.active == 0]:
+            self._retired.remove(old)
+            await old.upstreams.close()
+
+    async def start(self) -> None:
+        await self.state.start()
+        await self.policy.upstreams.start()
+        self.services.guard.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self.degraded.run(self._stop)),
+            loop.create_task(self._renew_leases()),
+            loop.create_task(self.services.breakers.run_sync(self._stop)),
+        ]
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.services.guard.stop()
+        await self.policy.limiter.drain()
+        await self.degraded.recover_once()  # last chance to hand the journal over
+        for old in self._retired:
+            await old.upstreams.close()
+        await self.policy.upstreams.close()
+        await self.state.close()
+        await self.tracing.close()
+
+    async def _renew_leases(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), LEASE_TTL_MS / 3000)
+            except TimeoutError:
+                await self.policy.limiter.renew_leases()
