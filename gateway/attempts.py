@@ -94,7 +94,13 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         record.attempts = len(tried)
         record.deployment = target.label
         # 10 attempt
-        result, failed = await _attempt(ctx, target, trial, permit)
+        with svc.tracing.attempt_span(target.label, target.provider.kind, target.upstream_model,
+                                      len(tried)) as span:
+            result, failed = await _attempt(ctx, target, trial, permit)
+            status = record.status if result is not None else (failed.status if failed else 0)
+            span.finish(record.attempt_log[-1], status=status or None,
+                        input_tokens=record.usage.input_tokens or None,
+                        output_tokens=record.usage.output_tokens or None)
         if result is not None:
             return result
         assert failed is not None
@@ -123,7 +129,8 @@ async def _permit(ctx: CallContext, label: str, ask: AdmissionRequest, *, first:
                   trial: Trial) -> Permit | None:
     try:
         if first:
-            return await ctx.svc.admission.acquire(label, ask)
+            with ctx.svc.tracing.stage("queue"):
+                return await ctx.svc.admission.acquire(label, ask)
         permit = ctx.svc.admission.try_acquire(label, ask)
     except BaseException:
         trial.cancelled()
@@ -138,9 +145,11 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
 ]:
     """One call to one deployment: the relayed answer, or how it failed (before any byte)."""
     svc, record, loop = ctx.svc, ctx.record, asyncio.get_running_loop()
+    extra = ctx.deadline.upstream_headers(svc.clock())
+    svc.tracing.inject(extra)  # traceparent of this attempt's span
     attempt = ctx.policy.upstreams.attempt(
         ctx.call, target, ctx.request.headers, record.request_id, deadline=ctx.deadline.at,
-        extra_headers=ctx.deadline.upstream_headers(svc.clock()),
+        extra_headers=extra,
     )
     outcome, ttft, log = "ignore", None, AttemptRecord(target.label, "cancelled", 0.0)
     record.attempt_log.append(log)

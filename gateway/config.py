@@ -37,6 +37,16 @@ NEVER_FORWARDED = (
 _SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
+def _require_hashed(keys: list[str]) -> list[str]:
+    for key in keys:
+        if not _SHA256_KEY.match(key):
+            raise ValueError(
+                "api keys are stored as sha256:<64 lowercase hex>; "
+                "run `gateway hash-key` to make one"
+            )
+    return keys
+
+
 class Timeouts(StrictModel):
     """Hard limits on one upstream call, in seconds."""
 
@@ -154,13 +164,7 @@ class Tenant(StrictModel):
     @field_validator("api_keys")
     @classmethod
     def _hashed(cls, keys: list[str]) -> list[str]:
-        for key in keys:
-            if not _SHA256_KEY.match(key):
-                raise ValueError(
-                    "api keys are stored as sha256:<64 lowercase hex>; "
-                    "run `gateway hash-key` to make one"
-                )
-        return keys
+        return _require_hashed(keys)
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Tenant:
@@ -173,6 +177,30 @@ class Server(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    drain_delay_s: float = Field(
+        5.0, ge=0, le=300, description="on SIGTERM: /readyz fails at once, but the listener "
+        "keeps accepting this long so load balancers stop sending first (0: close at once)"
+    )
+    drain_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="after the listener closed: how long in-flight "
+        "requests and streams may take to finish; the rest end with an error event. Keep "
+        "Kubernetes' terminationGracePeriodSeconds above preStop + delay + this + ~10 s"
+    )
+    cors_origins: list[str] = Field(
+        [], description="browser origins allowed to call the API (CORS); empty: CORS off. "
+        "'*' allows any origin (credentials are never allowed)"
+    )
+
+
+class Admin(StrictModel):
+    """Keys for the admin API (/admin/status); disjoint from every tenant's keys."""
+
+    api_keys: list[str] = Field([], description="sha256:<hex> of each admin key")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashed(cls, keys: list[str]) -> list[str]:
+        return _require_hashed(keys)
 
 
 class State(StrictModel):
@@ -193,6 +221,7 @@ class GatewayConfig(StrictModel):
     admission: AdmissionPolicy = AdmissionPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
     retries: RetryPolicy = RetryPolicy()
+    admin: Admin = Admin()
     allow_inline_secrets: bool = False
     providers: dict[str, Provider] = Field(min_length=1)
     models: dict[str, Model] = Field(min_length=1)
@@ -223,6 +252,10 @@ class GatewayConfig(StrictModel):
                         f"tenants.{tname}.api_keys: the same key is also given to '{seen[key]}'"
                     )
                 seen[key] = tname
+        for key in self.admin.api_keys:
+            if key in seen:
+                raise ValueError(f"admin.api_keys: the same key is also a key of tenant "
+                                 f"'{seen[key]}'; admin keys must be separate")
         for pname, provider in self.providers.items():
             if provider.api_key and not self.allow_inline_secrets:
                 raise ValueError(

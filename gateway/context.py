@@ -22,6 +22,7 @@ from .quota import ProviderQuotas
 from .retry import RetryBudget
 from .selfprotect import SelfProtection
 from .streaming import Usage
+from .tracing import Tracing
 from .upstream import UpstreamPool
 
 
@@ -90,4 +91,5 @@ class Services:
     breakers: BreakerBoard
     retry_budget: RetryBudget
     quotas: ProviderQuotas
+    tracing: Tracing
     observers: list[Any] = field(default_factory=list)

@@ -27,7 +27,8 @@ async def handle_proxy(
     record.route = route.path
     config = policy.config
     # 2 authenticate
-    tenant = policy.auth.authenticate(request.headers)
+    with svc.tracing.stage("auth"):
+        tenant = policy.auth.authenticate(request.headers)
     record.tenant = tenant.name
     # 3 classify: read and parse the body once
     raise_if_json_content_type_wrong(request.headers.get("Content-Type"))
@@ -58,7 +59,8 @@ async def handle_proxy(
     deadline.check(now, min(svc.admission.ttft_estimate(t.label) for t in targets))
     # 6 tenant limits and budgets: one atomic round trip; settled exactly once below
     began = svc.clock()
-    hold = await policy.limiter.admit(call, record.request_id)
+    with svc.tracing.stage("limits"):
+        hold = await policy.limiter.admit(call, record.request_id)
     record.limits_s = svc.clock() - began
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay

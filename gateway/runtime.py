@@ -79,6 +79,7 @@ class Gateway:
             retry_budget=RetryBudget(config.retries,
                                      on_exhausted=self.metrics.retry_budget_exhausted),
             quotas=ProviderQuotas(state, clock, self.replica_id),
+            tracing=self.tracing,
             observers=[self.metrics],
         )
         self.inflight = InFlight()

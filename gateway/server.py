@@ -7,6 +7,7 @@ never off modules, so tests can run many gateways in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -21,7 +22,10 @@ from .classify import ROUTES, error_dialect
 from .config import GatewayConfig
 from .errors import GatewayError, not_found
 from .logs import ACCESS_LOGGER
+from . import admin
+from .admin import check_admin
 from .context import RequestRecord
+from .cors import setup_cors
 from .metrics import GatewayMetrics, metrics_handler
 from .pipeline import handle_proxy, models_listing
 from .runtime import Gateway
@@ -31,7 +35,7 @@ from .state import StateBackend, create_backend
 log = logging.getLogger("gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
-_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/admin/status"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -52,9 +56,9 @@ def create_app(
             timeout_s=config.state.timeout_s,
             key_prefix=config.state.key_prefix,
         )
-    app = web.Application(
-        middlewares=[_boundary], client_max_size=config.server.max_body_bytes
-    )
+    app = web.Application(middlewares=[_boundary], client_max_size=config.server.max_body_bytes)
+    if config.server.cors_origins:
+        setup_cors(app, config.server.cors_origins)
     app[GATEWAY] = Gateway(config, state, tracing or Tracing.from_env(), metrics)
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(_stamp_request_id)
@@ -65,6 +69,7 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", metrics_handler(app[GATEWAY].metrics))
+    app.router.add_get("/admin/status", _admin_status)
     return app
 
 
@@ -102,6 +107,14 @@ async def _model(request: web.Request) -> web.Response:
         raise not_found(f"The model '{name[:64]}' does not exist or you do not have access to it.",
                         code="model_not_found", param="model")
     return _json({"id": name, "object": "model", "created": 0, "owned_by": "gateway"})
+
+
+async def _admin_status(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    digests = [bytes.fromhex(k.removeprefix("sha256:"))
+               for k in gateway.policy.config.admin.api_keys]
+    check_admin(request.headers, digests)
+    return _json(admin.status(gateway))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -142,11 +155,12 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
     request_id = client_id if _CLIENT_REQUEST_ID.match(client_id) else uuid.uuid4().hex
     record = RequestRecord(request_id=request_id, started=loop.time(), route=request.path)
     request[RECORD] = record
-    if request.path in _QUIET_PATHS:
-        return await handler(request)
+    quiet = request.path in _QUIET_PATHS  # probes and scrapes: no span, metrics or log line
     resource = request.match_info.route.resource
     template = resource.canonical if resource is not None else None
-    with gateway.tracing.request_span(request.method, template, request.headers) as span:
+    span_scope = contextlib.nullcontext(None) if quiet else gateway.tracing.request_span(
+        request.method, template, request.headers)
+    with span_scope as span:
         try:
             response = await handler(request)
             record.status = record.status or response.status
@@ -164,12 +178,13 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
                                type="server_error", code="internal_error")
             return _error_response(request, record, exc)
         finally:
-            record.total_s = loop.time() - record.started
-            span.finish(record)
-            if record.outcome in ("rejected", "error") and record.error_code != "overloaded":
-                gateway.metrics.rejected(record.error_code, record.priority, record.tenant)
-            gateway.metrics.observe_request(record)
-            _log_access(record, span.log_fields())
+            if span is not None:
+                record.total_s = loop.time() - record.started
+                span.finish(record)
+                if record.outcome in ("rejected", "error") and record.error_code != "overloaded":
+                    gateway.metrics.rejected(record.error_code, record.priority, record.tenant)
+                gateway.metrics.observe_request(record)
+                _log_access(record, span.log_fields())
 
 
 def _error_response(request: web.Request, record: RequestRecord, exc: GatewayError) -> web.Response:
@@ -227,7 +242,7 @@ def _log_access(record: RequestRecord, trace_fields: dict[str, Any]) -> None:
         "tokens_out": record.usage.output_tokens,
         "usage_reported": record.usage.reported,
         "cost": round(record.cost, 8),
-        "context_use": round(record.usage.input_tokens / record.context_window, 4)
+        "context_use": round(record.usage.input_tokens / record.context_window, 6)
         if record.context_window and record.usage.input_tokens else None,
         "agent_session": record.agent_session,
         "agent_step": record.agent_step,

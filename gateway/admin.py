@@ -1,0 +1,113 @@
+"""``GET /admin/status``: what an operator needs in one look, behind a separate admin key.
+
+Tenant keys never open admin endpoints and admin keys never pass the proxy routes: the two
+sets are disjoint by construction (validated in config). The status is built from in-process
+snapshots only — no Redis call — so it answers even while the shared store is down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .errors import GatewayError
+
+if TYPE_CHECKING:
+    from .runtime import Gateway
+
+
+def check_admin(headers: Mapping[str, str], admin_digests: list[bytes]) -> None:
+    """401 unless the request carries one of the admin keys; 404-like 403 when none exist."""
+    if not admin_digests:
+        raise GatewayError(403, "The admin API is disabled: no admin keys are configured.",
+                           type="permission_error", code="admin_disabled")
+    auth = headers.get("Authorization", "")
+    key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    # compare_digest against every configured key: the time taken does not depend on which
+    # key (if any) matched, nor on how many leading bytes did.
+    matched = False
+    for stored in admin_digests:
+        matched |= hmac.compare_digest(stored, digest)
+    if not key or not matched:
+        raise GatewayError(401, "An admin key is required.", type="authentication_error",
+                           code="invalid_admin_key")
+
+
+def status(gateway: Gateway) -> dict[str, Any]:
+    policy = gateway.policy
+    config = policy.config
+    svc = gateway.services
+    tenants: dict[str, Any] = {}
+    budgets = gateway.inflight.budgets
+    for name, tenant in config.tenants.items():
+        limits = tenant.limits
+        tenants[name] = {
+            "max_priority": tenant.max_priority,
+            "limits": {
+                "requests_per_minute": limits.requests_per_minute,
+                "tokens_per_minute": limits.tokens_per_minute,
+                "max_concurrent": limits.max_concurrent,
+                "shadow": limits.shadow,
+            },
+            "budget": {k: v for k, v in tenant.budget.model_dump().items() if v is not None},
+            "budget_remaining": budgets.get(name, {}),
+        }
+    degraded = gateway.degraded
+    return {
+        "replica": gateway.replica_id,
+        "ready": gateway.ready,
+        "state": {
+            "backend": gateway.state.name,
+            "limits_mode": "degraded" if degraded.active else "global",
+            "degraded_action": degraded.policy.action,
+            "degraded_reason": degraded.reason or None,
+            "usage_journal": degraded.journal_size,
+            "journal_lost": degraded.journal_lost,
+            "replicas": degraded.replicas,
+        },
+        "tenants": tenants,
+        "admission": svc.admission.snapshot(),
+        "self_protection": svc.guard.snapshot(),
+        "breakers": {k: dataclasses.asdict(v) for k, v in svc.breakers.snapshot().items()},
+        "retry_budget": svc.retry_budget.snapshot(),
+    }
+
+
+def render_table(data: Mapping[str, Any]) -> str:
+    """A terminal view of ``status()`` for ``gateway status``."""
+    lines = [f"replica {data.get('replica')}  ready={data.get('ready')}"]
+    state = data.get("state", {})
+    lines.append(f"state: {state.get('backend')}  limits {state.get('limits_mode')}  "
+                 f"journal {state.get('usage_journal')}  replicas {state.get('replicas')}")
+    lines.append("")
+    lines.append(f"{'tenant':<16} {'rpm':>8} {'tpm':>10} {'conc':>6}  budget remaining")
+    for name, t in data.get("tenants", {}).items():
+        lim = t.get("limits", {})
+        remaining = ", ".join(f"{k} {v.get('remaining'):g}/{v.get('limit'):g}"
+                              for k, v in t.get("budget_remaining", {}).items()) or "-"
+        lines.append(f"{name:<16} {_n(lim.get('requests_per_minute')):>8} "
+                     f"{_n(lim.get('tokens_per_minute')):>10} {_n(lim.get('max_concurrent')):>6}"
+                     f"  {remaining}")
+    lines.append("")
+    lines.append(f"{'class':<10} {'in flight':>10} {'queued':>8} {'oldest wait':>12}  drop")
+    for name, c in data.get("admission", {}).get("classes", {}).items():
+        lines.append(f"{name:<10} {c.get('in_flight', 0):>10} {c.get('queued', 0):>8} "
+                     f"{c.get('oldest_wait_s', 0.0):>11.3f}s  {c.get('drop_mode')}")
+    lines.append("")
+    lines.append(f"{'deployment':<36} {'limit':>6} {'in flight':>10} {'breaker':>10}")
+    deployments = data.get("admission", {}).get("deployments", {})
+    breakers = data.get("breakers", {})
+    for label in sorted(set(deployments) | set(breakers)):
+        d = deployments.get(label, {})
+        b = breakers.get(label, {})
+        lines.append(f"{label:<36} {_n(d.get('limit')):>6} {d.get('in_flight', 0):>10} "
+                     f"{b.get('state', '-'):>10}")
+    return "\n".join(lines)
+
+
+def _n(value: Any) -> str:
+    return "-" if value is None else str(value)

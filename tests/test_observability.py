@@ -1,0 +1,190 @@
+"""Metrics, spans, access-log timings, /admin/status and CORS, read after real requests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gateway.auth import hash_key
+from gateway.mock_upstream import RECORDED
+from gateway.server import create_app
+from gateway.tracing import Tracing
+from tests.gwtest import ACME_KEY, auth, chat, policy
+from tests.plugin_gateway import MakeGateway
+
+ADMIN_KEY = "sk-admin-test"
+
+
+@pytest.fixture(scope="module")
+def exporter() -> Iterator[InMemorySpanExporter]:
+    yield InMemorySpanExporter()
+
+
+@pytest.fixture
+def traced(exporter: InMemorySpanExporter) -> Tracing:
+    exporter.clear()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return Tracing(provider)
+
+
+async def _metrics(gw: TestClient[Any, Any]) -> str:
+    resp = await gw.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    return await resp.text()
+
+
+def _value(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not exposed")
+
+
+async def test_metrics_count_requests_tokens_rejections_and_retries(
+    make_gateway: MakeGateway, aiohttp_server: Any, upstream_url: str
+) -> None:
+    failing = web.Application()
+
+    async def unavailable(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "down"}}, status=503)
+
+    failing.router.add_post("/v1/chat/completions", unavailable)
+    broken = await aiohttp_server(failing)
+    gw = await make_gateway(
+        providers={"broken": {"kind": "openai", "base_url": str(broken.make_url("/v1"))}},
+        models={"gpt-test": {"deployments": [{"provider": "broken", "model": "b"},
+                                             {"provider": "main", "model": "upstream-gpt"}]}},
+        tenants={"acme": {"limits": {"requests_per_minute": 60, "request_burst": 3}}},
+    )
+    ok = await gw.post("/v1/chat/completions", json=chat(text="1"), headers=auth())
+    assert ok.status == 200  # failed over from the broken deployment, invisibly
+    stream = await gw.post("/v1/chat/completions", json=chat(text="2", stream=True),
+                           headers=auth(**{"x-mock-chunks": "4"}))
+    await stream.read()
+    await gw.post("/v1/chat/completions", json=chat(text="3"), headers=auth())
+    limited = await gw.post("/v1/chat/completions", json=chat(text="4"), headers=auth())
+    assert limited.status == 429
+    text = await _metrics(gw)
+    assert _value(text, 'gateway_requests_total{model="gpt-test",outcome="ok",'
+                        'priority="normal",tenant="acme"}') == 3
+    assert _value(text, 'gateway_rejections_total{priority="normal",reason="rate_limited",'
+                        'tenant="acme"}') == 1
+    assert _value(text, 'gateway_tokens_total{direction="output",model="gpt-test",'
+                        'tenant="acme"}') >= 4
+    assert _value(text, 'gateway_upstream_attempts_total{deployment="broken/b",'
+                        'outcome="http_5xx"}') >= 1
+    assert _value(text, 'gateway_retries_total{deployment="broken/b",reason="http_5xx"}') >= 1
+    assert _value(text, 'gateway_time_to_first_token_seconds_count{model="gpt-test",'
+                        'priority="normal"}') == 1
+    assert 'gateway_queue_wait_seconds_bucket{le="0.001",priority="normal"}' in text
+    assert "gateway_concurrency_limit{" in text and "gateway_breaker_state{" in text
+    assert "gateway_event_loop_lag_seconds" in text
+    assert ACME_KEY not in text and "upstream-gpt" not in text.split("deployment=")[0]
+
+
+async def test_spans_continue_the_client_trace_and_reach_the_upstream(
+    upstream_url: str, aiohttp_client: Any, mock_upstream: Any, traced: Tracing,
+    exporter: InMemorySpanExporter,
+) -> None:
+    gw = await aiohttp_client(create_app(policy(upstream_url), tracing=traced))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    secret = "the prompt that must not leak"
+    resp = await gw.post("/v1/chat/completions", json=chat(text=secret), headers=auth(**{
+        "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "X-Agent-Session": "run-7",
+        "X-Agent-Step": "4"}))
+    assert resp.status == 200
+    spans = exporter.get_finished_spans()
+    names = {s.name for s in spans}
+    assert {"auth", "limits", "queue", "chat upstream-gpt"} <= names
+    server = next(s for s in spans if s.parent is None or s.parent.span_id == 0x00f067aa0ba902b7)
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert all(format(s.context.trace_id, "032x") == trace_id for s in spans)
+    attrs = server.attributes or {}
+    assert attrs.get("gen_ai.usage.input_tokens") and attrs.get("gateway.agent.session") == "run-7"
+    attempt = next(s for s in spans if s.name == "chat upstream-gpt")
+    # The upstream saw the attempt span as its parent, not the client's span.
+    sent = mock_upstream.app[RECORDED][-1].headers["traceparent"]
+    assert sent.split("-")[1] == trace_id and sent.split("-")[2] == format(
+        attempt.context.span_id, "016x")
+    for span in spans:
+        assert secret not in repr(dict(span.attributes or {}))
+
+
+async def test_access_log_explains_a_slow_step(
+    gw: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    resp = await gw.post("/v1/chat/completions", json=chat(stream=True), headers=auth(**{
+        "x-mock-ttft-ms": "150", "x-mock-chunks": "2", "X-Agent-Session": "s1",
+        "X-Agent-Step": "9"}))
+    await resp.read()
+    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    assert line["agent_session"] == "s1" and line["agent_step"] == "9"
+    for key in ("limits_ms", "queue_ms", "upstream_first_byte_ms", "ttft_ms", "duration_ms"):
+        assert line[key] is not None, key
+    assert line["ttft_ms"] >= 140
+    assert line["attempt_log"][0]["deployment"] == "main/upstream-gpt"
+    assert 0 < line["context_use"] < 1
+
+
+async def test_context_window_overflow_is_refused_before_any_upstream_cost(
+    make_gateway: MakeGateway, mock_upstream: Any
+) -> None:
+    gw = await make_gateway(models={"gpt-test": {"context_window": 100}})
+    before = len(mock_upstream.app[RECORDED])
+    resp = await gw.post("/v1/chat/completions", json=chat(text="word " * 500), headers=auth())
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "context_length_exceeded"
+    assert len(mock_upstream.app[RECORDED]) == before
+
+
+async def test_admin_status_needs_the_admin_key(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(admin={"api_keys": [hash_key(ADMIN_KEY)]},
+                            tenants={"acme": {"budget": {"daily_tokens": 10_000}}})
+    await gw.post("/v1/chat/completions", json=chat(), headers=auth())
+    assert (await gw.get("/admin/status")).status == 401
+    assert (await gw.get("/admin/status", headers=auth())).status == 401  # a tenant key
+    resp = await gw.get("/admin/status", headers=auth(ADMIN_KEY))
+    assert resp.status == 200
+    data = await resp.json()
+    assert data["state"]["limits_mode"] == "global"
+    assert data["tenants"]["acme"]["budget_remaining"]["daily_tokens"]["limit"] == 10_000
+    assert data["breakers"]["main/upstream-gpt"]["state"] == "closed"
+    assert set(data["admission"]["classes"]) == {"critical", "high", "normal", "low"}
+    # and an admin key is not a tenant key
+    refused = await gw.post("/v1/chat/completions", json=chat(), headers=auth(ADMIN_KEY))
+    assert refused.status == 401
+
+
+async def test_admin_api_is_off_without_admin_keys(gw: TestClient[Any, Any]) -> None:
+    assert (await gw.get("/admin/status", headers=auth(ADMIN_KEY))).status == 403
+
+
+async def test_cors_is_off_by_default_and_exact_when_configured(
+    gw: TestClient[Any, Any], make_gateway: MakeGateway
+) -> None:
+    resp = await gw.post("/v1/chat/completions", json=chat(),
+                         headers=auth(Origin="https://app.example"))
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    gw2 = await make_gateway(server={"cors_origins": ["https://app.example"]})
+    pre = await gw2.options("/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert pre.status == 204
+    assert pre.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    other = await gw2.options("/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert other.status == 403
+    resp = await gw2.post("/v1/chat/completions", json=chat(stream=True),
+                          headers=auth(Origin="https://app.example"))
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    await resp.read()
