@@ -114,7 +114,10 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         )
         if not decision.retry:
             return _give_up(ctx, last, tried, gave_up=decision.gave_up)
-        if not (trial.probe or svc.retry_budget.try_spend(target.label)):
+        # Failing over to another deployment is free: it adds no load to the failing one, and
+        # its breaker soon stops sending there at all. Retrying the same deployment spends
+        # from its retry budget, which is what keeps an outage from multiplying the load.
+        if not (trial.probe or decision.failover or svc.retry_budget.try_spend(target.label)):
             return _give_up(ctx, last, tried, gave_up=True)
         for observer in svc.observers:
             observer.retry(target.label, decision.reason)

@@ -1,0 +1,76 @@
+"""Overload control end to end: an upstream with fixed capacity offered 3x what it can do."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+from tests.gwtest import auth, chat
+from tests.plugin_gateway import MakeGateway
+
+SLOTS, SERVICE_S = 4, 0.2  # capacity: 20 requests/s
+DEADLINE_S = 2.0
+
+
+def capacity_upstream() -> web.Application:
+    """Serves SLOTS calls at a time; the rest wait in its queue (their first byte is late)."""
+    slots = asyncio.Semaphore(SLOTS)
+
+    async def handle(request: web.Request) -> web.Response:
+        async with slots:
+            await asyncio.sleep(SERVICE_S)
+        return web.json_response({"choices": [{"message": {"content": "ok"}}],
+                                  "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    return app
+
+
+async def test_at_3x_critical_all_succeed_low_is_shed_first_and_no_one_waits_past_deadline(
+    aiohttp_server: Any, make_gateway: MakeGateway
+) -> None:
+    upstream = await aiohttp_server(capacity_upstream())
+    gw = await make_gateway(
+        upstream=str(upstream.make_url("")).rstrip("/"),
+        tenants={"acme": {"max_priority": "critical", "loop_guard": {"enabled": False}}},
+        admission={"concurrency": {"min_limit": SLOTS, "initial_limit": SLOTS,
+                                   "max_limit": SLOTS}},
+    )
+    rng = random.Random(4)
+    mix = ["critical"] * 1 + ["high"] * 3 + ["normal"] * 3 + ["low"] * 3
+    rate, duration = 3 * SLOTS / SERVICE_S, 3.0  # 60/s for 3 s: 180 requests
+    results: list[tuple[str, int, float]] = []
+
+    async def one(i: int, cls: str) -> None:
+        started = time.monotonic()
+        resp = await gw.post("/v1/chat/completions", json=chat(text=f"{i}"), headers=auth(**{
+            "X-Priority": cls, "X-Request-Timeout": str(DEADLINE_S),
+            "X-Agent-Session": f"run-{i % 30}"}))
+        await resp.read()
+        results.append((cls, resp.status, time.monotonic() - started))
+
+    tasks = []
+    begin = time.monotonic()
+    for i in range(int(rate * duration)):
+        await asyncio.sleep(max(0.0, begin + i / rate - time.monotonic()))
+        tasks.append(asyncio.create_task(one(i, rng.choice(mix))))
+    await asyncio.gather(*tasks)
+
+    by_class = {cls: Counter(status for c, status, _ in results if c == cls) for cls in set(mix)}
+    success = {cls: counts[200] / sum(counts.values()) for cls, counts in by_class.items()}
+    assert success["critical"] == 1.0, by_class
+    assert success["low"] <= success["normal"] <= success["high"] <= 1.0, by_class
+    assert success["low"] < 0.6, by_class  # overload was real and landed on the lowest class
+    assert set(s for c in by_class.values() for s in c) <= {200, 503, 504}
+    # Nobody waited past the deadline: answers in time, refusals at once.
+    assert max(t for _, _, t in results) <= DEADLINE_S + 0.3
+    # A queued request leaves as soon as its deadline cannot be met (504, never later); a
+    # shed one (503) is told at once.
+    shed = sorted(t for _, status, t in results if status == 503)
+    assert not shed or shed[int(len(shed) * 0.99) - 1] < 0.5
