@@ -114,7 +114,10 @@ class Limiter:
         self._settling = inflight.settling
         self._budgets = inflight.budgets
 
-    async def admit(self, call: ProxyCall, request_id: str) -> Hold:
+    async def admit(self, call: ProxyCall, request_id: str, *, lease: bool = True,
+                    hold_ttl_ms: int = HOLD_TTL_MS) -> Hold:
+        """``lease=False`` and a longer ``hold_ttl_ms``: a deferred entry (gateway/deferred.py)
+        holds no concurrency slot while queued, and its reservation is refundable for its life."""
         tenant = self._config.tenants[call.tenant.name]
         model = self._config.models[call.model]
         max_out = reservation_max_tokens(call, tenant, model)
@@ -123,11 +126,11 @@ class Limiter:
         cost = call.prompt_tokens_estimate * model.price.input_per_million + \
             max_out * model.price.output_per_million
         cost_units = math.ceil(cost)  # tokens x price per million = micro-units
-        checks, meta = self._checks(call, tenant, tokens, cost_units)
+        checks, meta = self._checks(call, tenant, tokens, cost_units, lease)
         if not checks:
             return Hold(request_id, "none", tokens, cost_units, None)
         t = _tag(call.tenant.name)
-        plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", HOLD_TTL_MS)
+        plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", hold_ttl_ms)
         settle_plan = _settle_plan(plan)
         leases = tuple(c.key for c in checks if isinstance(c, Lease))
         if self.degraded.active:
@@ -162,14 +165,15 @@ class Limiter:
                     "limit": check.limit / scale,
                 }
 
-    def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int) -> tuple[
-        list[Check], dict[int, str]
-    ]:
+    def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int,
+                lease: bool = True) -> tuple[list[Check], dict[int, str]]:
         t = _tag(call.tenant.name)
         checks: list[Check] = []
         scopes: dict[int, str] = {}  # check index -> what it limits, for messages
 
         def add(check: Check, scope: str) -> None:
+            if isinstance(check, Lease) and not lease:
+                return
             scopes[len(checks)] = scope
             checks.append(check)
 
@@ -337,15 +341,18 @@ def _refusal(check: Check, result: AdmitResult, scopes: dict[int, str],
                             f"{scope}. Change the request or wait "
                             f"{format_duration(res.retry_after_ms)}.", type="rate_limit_error",
                             code="loop_detected", headers=out)
-    what = {"requests": "requests per minute", "tokens": "tokens per minute"}.get(
-        check.name, check.name)
-    detail = ""
+    if isinstance(check, Gcra) and check.cost > check.burst:
+        # No amount of waiting helps: the request alone is larger than the bucket.
+        out["x-should-retry"] = "false"
+        return GatewayError(429, f"This request needs {check.cost} {check.name}, more than "
+                            f"the {check.burst} {scope} may use at once; lower max_tokens or "
+                            "shorten the prompt.", type="rate_limit_error",
+                            code="rate_limit_exceeded", headers=out)
     if isinstance(check, Gcra):
-        detail = f" (limit {round(60_000 / check.interval_ms)}/min, this request needs " \
-                 f"{check.cost})" if check.name == "tokens" else \
-                 f" (limit {round(60_000 / check.interval_ms)}/min)"
-    elif isinstance(check, Lease):
-        detail = f" (limit {check.max})"
+        per_minute = round(60_000 / check.interval_ms)
+        what, detail = f"{check.name} per minute", f" (limit {per_minute}/min)"
+    else:
+        what, detail = check.name, f" (limit {check.max})"
     return GatewayError(429, f"Rate limit reached for {what} of {scope}{detail}. Retry in "
                         f"{format_duration(wait_ms)}.", type="rate_limit_error",
                         code="rate_limit_exceeded", headers=out)

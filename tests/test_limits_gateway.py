@@ -169,3 +169,15 @@ async def test_streams_are_charged_their_real_usage(make_gateway: MakeGateway) -
     fits = await gw.post("/v1/chat/completions", json={**probe_body, "max_tokens": cap},
                          headers=auth())
     assert fits.status == 200
+
+
+async def test_a_request_larger_than_the_token_burst_is_told_not_to_retry(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(**limits(tokens_per_minute=1000, token_burst=500))
+    resp = await gw.post("/v1/chat/completions", json=chat(max_tokens=800), headers=auth())
+    assert resp.status == 429
+    assert resp.headers["x-should-retry"] == "false"
+    assert "lower max_tokens" in (await resp.json())["error"]["message"]
+    assert (await gw.post("/v1/chat/completions", json=chat(max_tokens=100),
+                          headers=auth())).status == 200
