@@ -32,7 +32,7 @@ from .upstream import Target, UpstreamAttempt
 
 @dataclass(slots=True)
 class CallContext:
-    request: web.Request
+    request: web.Request | None  # None for a deferred run (gateway/deferred.py)
     policy: Policy
     svc: Services
     call: ProxyCall
@@ -41,6 +41,18 @@ class CallContext:
     deadline: Deadline
     headers: dict[str, str]  # added to every answer (x-ratelimit-*, budget warnings)
     tokens: int  # reserved prompt + output tokens
+    # Deferred runs: the stored client headers stand in for request.headers, and only a free
+    # admission slot is taken (try_acquire, never queueing), so they never take a slot that
+    # waiting interactive requests need.
+    client_headers: Mapping[str, str] | None = None
+    free_slot_only: bool = False
+
+    @property
+    def request_headers(self) -> Mapping[str, str]:
+        if self.client_headers is not None:
+            return self.client_headers
+        assert self.request is not None
+        return self.request.headers
 
 
 @dataclass(slots=True)
@@ -63,7 +75,7 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
     last: _Failed | None = None
     ask = AdmissionRequest(
         ctx.call.priority, ctx.call.tenant.name, ctx.tokens, ctx.deadline.at, svc.clock(),
-        ctx.call.agent_session, is_client_retry(ctx.request.headers),
+        ctx.call.agent_session, is_client_retry(ctx.request_headers),
         ctx.call.prompt_tokens_estimate,
     )
     while True:
@@ -78,13 +90,11 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         if not quota.allowed:
             trial.cancelled()
             svc.breakers.cool_down(target.label, quota.retry_after_s)
-            last = last or _Failed(AttemptFailure.from_response(
-                429, {"retry-after-ms": str(int(quota.retry_after_s * 1000))}), GatewayError(
-                429, f"The provider quota of {target.label} is used up for now.",
-                type="rate_limit_error", code="rate_limit_exceeded"))
+            last = last or _quota_spent(target.label, quota.retry_after_s)
             continue
         # 9 admission: queue for a slot on the first attempt; failover takes a free one only
-        permit = await _permit(ctx, target.label, ask, first=not tried, trial=trial)
+        permit = await _permit(ctx, target.label, ask, first=not tried and not ctx.free_slot_only,
+                               trial=trial)
         if permit is None:
             tried.append(target.label)
             continue
@@ -151,7 +161,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
     extra = ctx.deadline.upstream_headers(svc.clock())
     svc.tracing.inject(extra)  # traceparent of this attempt's span
     attempt = ctx.policy.upstreams.attempt(
-        ctx.call, target, ctx.request.headers, record.request_id, deadline=ctx.deadline.at,
+        ctx.call, target, ctx.request_headers, record.request_id, deadline=ctx.deadline.at,
         extra_headers=extra,
     )
     outcome, ttft, log = "ignore", None, AttemptRecord(target.label, "cancelled", 0.0)
@@ -200,6 +210,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
 async def _relay(ctx: CallContext, attempt: UpstreamAttempt) -> web.StreamResponse:
     """11 relay: streams event by event, anything else whole."""
     if ctx.call.stream and is_event_stream(attempt.response):
+        assert ctx.request is not None  # deferred runs never stream
         handle = ctx.svc.guard.streams.open()
         try:
             return await relay_stream(ctx.request, ctx.call, attempt, ctx.record, ctx.headers)
@@ -220,6 +231,16 @@ def _give_up(ctx: CallContext, last: _Failed, tried: list[str], *,
     ctx.record.status = last.status
     return upstream_answer(ctx.record.deployment or "", last.status, last.content_type,
                            last.headers or {}, last.body, extra)
+
+
+def _quota_spent(label: str, retry_after_s: float) -> _Failed:
+    wait_ms = max(1, min(60_000, round(retry_after_s * 1000)))
+    error = GatewayError(
+        429, f"The provider quota of {label} is used up for now; retry in {wait_ms} ms.",
+        type="rate_limit_error", code="rate_limit_exceeded",
+        headers={"Retry-After": str(max(1, -(-wait_ms // 1000))), "retry-after-ms": str(wait_ms)},
+    )
+    return _Failed(AttemptFailure.from_response(429, {"retry-after-ms": str(wait_ms)}), error)
 
 
 def _raise(error: GatewayError) -> web.Response:

@@ -181,3 +181,22 @@ async def test_a_request_larger_than_the_token_burst_is_told_not_to_retry(
     assert "lower max_tokens" in (await resp.json())["error"]["message"]
     assert (await gw.post("/v1/chat/completions", json=chat(max_tokens=100),
                           headers=auth())).status == 200
+
+
+async def test_provider_quota_fails_over_then_refuses(
+    make_gateway: MakeGateway, mock_upstream: Any,
+) -> None:
+    # upstream-gpt is granted 60 requests/minute (6 at once); the model fails over to "spare".
+    models = {"gpt-test": {"deployments": [
+        {"provider": "main", "model": "upstream-gpt", "requests_per_minute": 60},
+        {"provider": "main", "model": "spare", "requests_per_minute": 60}]}}
+    gw = await make_gateway(models=models)
+    statuses = [(await gw.post("/v1/chat/completions", json=chat(text=f"{i}"),
+                               headers=auth())).status for i in range(12)]
+    assert statuses == [200] * 12
+    used = [r.body["model"] for r in list(mock_upstream.app[RECORDED])[-12:]]
+    assert used == ["upstream-gpt"] * 6 + ["spare"] * 6
+    refused = await gw.post("/v1/chat/completions", json=chat(text="13"), headers=auth())
+    assert refused.status == 429
+    assert (await refused.json())["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
