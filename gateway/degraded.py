@@ -24,8 +24,18 @@ from dataclasses import replace
 
 from .errors import GatewayError
 from .limits_policy import Degraded
-from .ratelimit import AdmitPlan, AdmitResult, CheckResult, Counter, Gcra, Lease, LocalLimits, \
-    Repeat, SettlePlan
+from .ratelimit import (
+    AdmitPlan,
+    AdmitResult,
+    Check,
+    CheckResult,
+    Counter,
+    Gcra,
+    Lease,
+    LocalLimits,
+    Repeat,
+    SettlePlan,
+)
 from .state import StateBackend, StateUnavailable
 
 log = logging.getLogger("gateway.limits")
@@ -88,7 +98,7 @@ class DegradedMode:
         n = self.replicas
         if n <= 1:
             return plan
-        checks = []
+        checks: list[Check] = []
         for c in plan.checks:
             if isinstance(c, Gcra):
                 burst = max(1, c.burst // n, c.cost)

@@ -194,7 +194,7 @@ class LocalLimits:
             return True, CheckResult(True, 0, check.max - count - 1), lambda: self._leases.setdefault(
                 check.key, {}).__setitem__(member, now + check.ttl_ms)
         if isinstance(check, Counter):
-            used = self._get(check.key, now) or 0
+            used = self._get(check.key, now) or 0.0
             if used + check.cost > check.limit:
                 return False, CheckResult(False, check.reset_ms, int(check.limit - used),
                                           check.reset_ms), _noop
@@ -202,12 +202,12 @@ class LocalLimits:
             return True, CheckResult(True, 0, int(check.limit - used - check.cost),
                                      check.reset_ms), lambda: self._put(
                 check.key, used + check.cost, ttl, now)
-        count = self._get(check.key, now) or 0
-        if count >= check.max:
+        seen = self._get(check.key, now) or 0.0
+        if seen >= check.max:
             return False, CheckResult(False, math.ceil(self._ttl(check.key, now))), _noop
-        ttl = check.window_ms if count == 0 else self._ttl(check.key, now)
-        return True, CheckResult(True, 0, int(check.max - count - 1)), lambda: self._put(
-            check.key, count + 1, ttl, now)
+        window = check.window_ms if seen == 0 else self._ttl(check.key, now)
+        return True, CheckResult(True, 0, int(check.max - seen - 1)), lambda: self._put(
+            check.key, seen + 1, window, now)
 
     def _ttl(self, key: str, now: float) -> float:
         entry = self._values.get(key)

@@ -26,6 +26,7 @@ from . import admin
 from .admin import check_admin
 from .context import RequestRecord
 from .cors import setup_cors
+from . import deferred_api
 from .metrics import GatewayMetrics, metrics_handler
 from .pipeline import handle_proxy, models_listing
 from .runtime import Gateway
@@ -66,6 +67,7 @@ def create_app(
         app.router.add_post(path, _proxy)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/models/{model}", _model)
+    deferred_api.add_routes(app, GATEWAY, RECORD)  # /v1/deferred/{id}: status, answer, cancel
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", metrics_handler(app[GATEWAY].metrics))
@@ -174,9 +176,9 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
             raise
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-            exc = GatewayError(500, "The gateway failed to handle this request.",
-                               type="server_error", code="internal_error")
-            return _error_response(request, record, exc)
+            internal = GatewayError(500, "The gateway failed to handle this request.",
+                                    type="server_error", code="internal_error")
+            return _error_response(request, record, internal)
         finally:
             if span is not None:
                 record.total_s = loop.time() - record.started

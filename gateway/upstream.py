@@ -71,7 +71,7 @@ class UpstreamPool:
         for name, provider in self._config.providers.items():
             connector = aiohttp.TCPConnector(
                 limit=provider.pool_size,
-                ssl=None if provider.verify_tls else False,
+                ssl=True if provider.verify_tls else False,
                 enable_cleanup_closed=False,
             )
             self._sessions[name] = aiohttp.ClientSession(
@@ -184,6 +184,11 @@ class UpstreamAttempt:
             # close(), not release(): a half-read body must not go back to the pool, and the
             # upstream must see the disconnect at once (a cancelled client stops generation).
             self._response.close()
+
+    @property
+    def end(self) -> float:
+        """``loop.time()`` by which the whole call is over: total timeout or the deadline."""
+        return self._end
 
     @property
     def response(self) -> aiohttp.ClientResponse:
