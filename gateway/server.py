@@ -26,7 +26,6 @@ from . import admin
 from .admin import check_admin
 from .context import RequestRecord
 from .cors import setup_cors
-from . import deferred_api
 from .metrics import GatewayMetrics, metrics_handler
 from .pipeline import handle_proxy, models_listing
 from .runtime import Gateway
@@ -67,7 +66,6 @@ def create_app(
         app.router.add_post(path, _proxy)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/models/{model}", _model)
-    deferred_api.add_routes(app, GATEWAY, RECORD)  # /v1/deferred/{id}: status, answer, cancel
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", metrics_handler(app[GATEWAY].metrics))

@@ -186,11 +186,6 @@ class UpstreamAttempt:
             self._response.close()
 
     @property
-    def end(self) -> float:
-        """``loop.time()`` by which the whole call is over: total timeout or the deadline."""
-        return self._end
-
-    @property
     def response(self) -> aiohttp.ClientResponse:
         assert self._response is not None, "open() first"
         return self._response
