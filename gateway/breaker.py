@@ -55,10 +55,14 @@ class BreakerPolicy(StrictModel):
     """When a deployment is taken out of rotation, for how long, and how it comes back."""
 
     window_s: float = Field(30.0, gt=0, description="failure-rate window, seconds")
-    min_calls: int = Field(10, ge=1, description="calls in the window before the rate can trip")
+    # 20 calls: with fewer, a 20% error rate reaches 50% in one window by chance too often,
+    # and a breaker on the only deployment turns a flaky provider into an outage.
+    min_calls: int = Field(20, ge=1, description="calls in the window before the rate can trip")
     failure_rate: float = Field(
         0.5, gt=0, le=1, description="failed share of the window's calls that trips it")
-    consecutive_failures: int = Field(5, ge=1, description="failures in a row that trip it")
+    # 10 in a row: a dead deployment still trips within 10 calls, while a 20%-flaky one
+    # (0.2**10 per run) practically never does; 5 tripped it about once per 4,000 calls.
+    consecutive_failures: int = Field(10, ge=1, description="failures in a row that trip it")
     reset_timeout_s: float = Field(10.0, gt=0, description="open period after a first trip")
     max_reset_timeout_s: float = Field(
         120.0, gt=0, description="cap of the open period, which doubles on each repeated trip; "

@@ -50,8 +50,11 @@ class RetryPolicy(StrictModel):
     )
     backoff_base_s: float = Field(0.1, gt=0, description="first retry waits up to this")
     backoff_cap_s: float = Field(2.0, gt=0, description="no backoff step waits longer")
+    # 0.3: a deployment failing 20% of the time needs ~0.25 retries per request; at 0.2 or
+    # 0.25 the bucket runs dry by chance and requests fail that one retry would have saved.
+    # A total outage is unaffected: with no successes nothing is earned.
     budget_ratio: float = Field(
-        0.25, gt=0, le=1, description="retry tokens a deployment earns per successful attempt"
+        0.3, gt=0, le=1, description="retry tokens a deployment earns per successful attempt"
     )
     budget_min_tokens: float = Field(
         3.0, ge=0, description="tokens at startup, so a few retries work before any success"

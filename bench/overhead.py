@@ -1,0 +1,330 @@
+"""Gateway overhead against a bare pass-through proxy and against the mock upstream direct.
+
+Starts, as separate processes on free loopback ports: the mock upstream, bench/passthrough.py
+and the gateway (memory backend, bench/configs/overhead.yaml: no limits), plus a load
+generator process (bench/loadgen.py). With 2+ CPUs the gateway and the pass-through are
+pinned to the first CPU and the mock and the load generator to the second.
+
+(a) closed loop: ``--concurrency`` connections each send the next non-streaming chat completion
+    as soon as the last one answered, for ``--duration`` s; requests/s of mock-direct,
+    passthrough and gateway, and the ratio gateway/passthrough (target >= 0.70). Uses ``wrk``
+    when installed (cheap, so the mock's CPU is not shared with a Python client), else the
+    aiohttp generator.
+(b) open loop: ``--rate`` requests/s on a fixed schedule (aiohttp generator); latency p50/p99
+    per variant and the gateway's added latency vs direct (target: < 1 ms at p50).
+
+Variants are measured alternately, ``--rounds`` times, in a rotating order; figures are
+medians over rounds, ratios and differences are taken within a round. A full run with the
+defaults takes about 100 s.
+
+    .venv/bin/python bench/overhead.py [--duration 5] [--rounds 3] [--concurrency 64] [--rate 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import benchlib as bl
+
+VARIANTS = ("direct", "passthrough", "gateway")
+REQUEST_BODY = json.dumps({
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "system", "content": "You are a concise assistant."},
+                 {"role": "user", "content": "Reply with five words."}],
+    "max_tokens": 16,
+}, separators=(",", ":"))
+HEADERS = {"Authorization": f"Bearer {bl.DEMO_KEY}", "Content-Type": "application/json"}
+PATH = "/v1/chat/completions"
+TARGET_RATIO = 0.70
+TARGET_ADDED_P50_MS = 1.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=64, help="closed-loop connections")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests/s")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="unrecorded seconds before each aiohttp measurement")
+    parser.add_argument("--no-wrk", action="store_true",
+                        help="closed loop with the aiohttp generator even if wrk is installed")
+    parser.add_argument("--gateway-ref", metavar="REF",
+                        help="measure this commit (git archive of gateway/) instead of the "
+                        "working tree, e.g. HEAD")
+    parser.add_argument("--gateway-log-level", default="INFO",
+                        help="the gateway's --log-level (INFO writes one access line a request)")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.duration <= 0 or args.concurrency < 1 or args.rate <= 0:
+        parser.error("rounds, duration, concurrency and rate must be positive")
+
+    bl.exit_on_sigterm()
+    bl.raise_nofile()
+    server_pin, support_pin, pin_desc = bl.pin_plan()
+    wrk = None if args.no_wrk else shutil.which("wrk")
+    procs = bl.Procs()
+    tmp = tempfile.TemporaryDirectory(prefix="bench-overhead-")
+    tmpdir = Path(tmp.name)
+    loadgen: subprocess.Popen[str] | None = None
+    t_begin = time.monotonic()
+    try:
+        source = bl.GatewaySource(args.gateway_ref, tmpdir)
+        header = bl.run_header(sys.argv, source)
+        mock_port, pt_port, gw_port = bl.free_port(), bl.free_port(), bl.free_port()
+        config = bl.gateway_config(bl.BENCH / "configs" / "overhead.yaml", tmpdir, mock_port)
+        mock_log = open(tmpdir / "mock.log", "wb")  # noqa: SIM115 (the children write it)
+        gw_log = open(tmpdir / "gateway.log", "wb")  # noqa: SIM115
+        mock = procs.start("mock", [*support_pin, bl.PYTHON, "-m", "gateway.cli", "mock-upstream",
+                                    "--host", "127.0.0.1", "--port", str(mock_port)],
+                           stderr=mock_log, cwd=source.cwd, env=source.env)
+        passthrough = procs.start("passthrough", [
+            *server_pin, bl.PYTHON, str(bl.BENCH / "passthrough.py"), "--port", str(pt_port),
+            "--upstream", f"http://127.0.0.1:{mock_port}"], stderr=subprocess.DEVNULL)
+        gateway = procs.start("gateway", [
+            *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
+            "--host", "127.0.0.1", "--port", str(gw_port), "--log-level", args.gateway_log_level,
+        ], stderr=gw_log, cwd=source.cwd, env=source.env)
+        loadgen = procs.start("loadgen", [*support_pin, bl.PYTHON, str(bl.BENCH / "loadgen.py"),
+                                          "serve"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        loadgen_io = _LoadgenIO(loadgen)
+        urls = {
+            "direct": f"http://127.0.0.1:{mock_port}{PATH}",
+            "passthrough": f"http://127.0.0.1:{pt_port}{PATH}",
+            "gateway": f"http://127.0.0.1:{gw_port}{PATH}",
+        }
+        server_pid = {"direct": mock.pid, "passthrough": passthrough.pid, "gateway": gateway.pid}
+        bl.wait_http(f"http://127.0.0.1:{mock_port}/v1/models", procs=procs)
+        bl.wait_http(f"http://127.0.0.1:{pt_port}/v1/models", procs=procs)
+        bl.wait_http(f"http://127.0.0.1:{gw_port}/healthz", procs=procs)
+        for name, url in urls.items():
+            _check_answer(name, url, tmpdir / "gateway.log")
+
+        print("\n".join(["LLM gateway overhead benchmark", *header,
+                         f"pinning:  {pin_desc}",
+                         (f"request:  POST {PATH}, non-streaming, {len(REQUEST_BODY)}-byte "
+                          "body, mock answers 5 tokens"),
+                         "closed-loop generator: "
+                         + (f"wrk ({wrk}), 1 thread" if wrk else "aiohttp (bench/loadgen.py)"),
+                         "open-loop generator:   aiohttp (bench/loadgen.py)", ""]), flush=True)
+
+        # Warm-up: connections in every pool, code paths, allocator.
+        for name in VARIANTS:
+            loadgen_io.run({"op": "closed", "url": urls[name], "headers": HEADERS,
+                            "body": REQUEST_BODY, "concurrency": args.concurrency,
+                            "duration": 1.0, "warmup": 0.2})
+
+        closed: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+        for r in range(args.rounds):
+            for name in _rotated(r):
+                cpu0 = {v: bl.proc_cpu_seconds(server_pid[v]) for v in VARIANTS}
+                wait0 = bl.proc_wait_seconds(server_pid[name])
+                t0 = time.monotonic()
+                if wrk:
+                    res = _wrk(wrk, support_pin, urls[name], args, tmpdir)
+                else:
+                    res = loadgen_io.run({"op": "closed", "url": urls[name], "headers": HEADERS,
+                                          "body": REQUEST_BODY, "concurrency": args.concurrency,
+                                          "duration": args.duration, "warmup": args.warmup})
+                wall = time.monotonic() - t0
+                cpu1 = {v: bl.proc_cpu_seconds(server_pid[v]) for v in VARIANTS}
+                res["cpu_server"] = (cpu1[name] - cpu0[name]) / wall
+                res["cpu_mock"] = (cpu1["direct"] - cpu0["direct"]) / wall
+                res["wait_server"] = (bl.proc_wait_seconds(server_pid[name]) - wait0) / wall
+                closed[name].append(res)
+                print(f"  closed round {r + 1}/{args.rounds} {name:<11} "
+                      f"{res['rps']:8.0f} req/s  errors {res['errors']}", flush=True)
+                procs.check_alive()
+
+        opened: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+        for r in range(args.rounds):
+            for name in _rotated(r):
+                res = loadgen_io.run({"op": "open", "url": urls[name], "headers": HEADERS,
+                                      "body": REQUEST_BODY, "rate": args.rate,
+                                      "duration": args.duration, "warmup": args.warmup})
+                opened[name].append(res)
+                print(f"  open   round {r + 1}/{args.rounds} {name:<11} "
+                      f"p50 {res['p50_ms']:6.3f} ms  p99 {res['p99_ms']:6.3f} ms  "
+                      f"errors {res['errors']}", flush=True)
+                procs.check_alive()
+
+        gw_log.flush()
+        problems = _log_problems(tmpdir / "gateway.log")
+        print()
+        print(_report(args, closed, opened, bool(wrk), problems))
+        print(f"\n(total run time {time.monotonic() - t_begin:.0f} s; at the end: "
+              f"{bl.cpu_pressure()})")
+        ok = all(r.get("errors", 1) == 0 for rs in (*closed.values(), *opened.values())
+                 for r in rs)
+        return 0 if ok else 1
+    finally:
+        if loadgen is not None and loadgen.poll() is None and loadgen.stdin:
+            try:
+                loadgen.stdin.write('{"op": "quit"}\n')
+                loadgen.stdin.flush()
+            except OSError:
+                pass
+        procs.stop_all()
+        tmp.cleanup()
+
+
+class _LoadgenIO:
+    def __init__(self, proc: subprocess.Popen[Any]) -> None:
+        self.proc = proc
+        assert proc.stdin is not None and proc.stdout is not None
+        self.stdin = proc.stdin
+        self.stdout = proc.stdout
+
+    def run(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        self.stdin.write(json.dumps(cmd) + "\n")
+        self.stdin.flush()
+        limit = float(cmd.get("duration", 0)) + float(cmd.get("warmup", 0)) + 60
+        res: dict[str, Any] = json.loads(bl.readline_timeout(self.stdout, self.proc, limit))
+        if "error" in res:
+            raise RuntimeError(f"load generator: {res['error']}")
+        return res
+
+
+def _rotated(r: int) -> list[str]:
+    k = r % len(VARIANTS)
+    return list(VARIANTS[k:] + VARIANTS[:k])
+
+
+def _check_answer(name: str, url: str, log: Path) -> None:
+    status, text = bl.post(url, REQUEST_BODY.encode(), HEADERS)
+    if status != 200 or b'"choices"' not in text:
+        raise RuntimeError(f"{name}: a test request failed: HTTP {status} {text[:300]!r}\n"
+                           f"gateway log tail:\n{bl.log_tail(log)}")
+
+
+def _wrk(wrk: str, pin: list[str], url: str, args: argparse.Namespace,
+         tmpdir: Path) -> dict[str, Any]:
+    script = tmpdir / "post.lua"
+    if not script.exists():
+        lines = ['wrk.method = "POST"', f"wrk.body = [[{REQUEST_BODY}]]"]
+        lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in HEADERS.items()]
+        script.write_text("\n".join(lines) + "\n")
+    seconds = max(1, round(args.duration))
+    out = subprocess.run(
+        [*pin, wrk, "-t1", f"-c{args.concurrency}", f"-d{seconds}s", "--latency",
+         "--timeout", "10s", "-s", str(script), url],
+        capture_output=True, text=True, timeout=seconds + 30, check=False,
+    ).stdout
+    m = re.search(r"^\s*(\d+) requests in ([\d.]+)(\w+)", out, re.MULTILINE)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not (m and rps):
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+
+    def pct(q: str) -> float:
+        found = re.search(rf"^\s*{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        if not found:
+            return float("nan")
+        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[found.group(2)]
+        return float(found.group(1)) * scale
+
+    return {"rps": float(rps.group(1)), "ok": int(m.group(1)), "errors": errors,
+            "p50_ms": pct("50"), "p99_ms": pct("99")}
+
+
+def _log_problems(path: Path) -> list[str]:
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if b'"level":"error"' in line or b'"level":"warning"' in line \
+                        or b"Traceback" in line:
+                    out.append(line.decode(errors="replace").strip()[:300])
+    except OSError:
+        pass
+    return out
+
+
+def _fmt(x: float, digits: int = 0) -> str:
+    return "n/a" if math.isnan(x) else f"{x:,.{digits}f}"
+
+
+def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
+            opened: dict[str, list[dict[str, Any]]], used_wrk: bool, problems: list[str]) -> str:
+    rounds = args.rounds
+    lines = []
+    med = {v: bl.median([r["rps"] for r in closed[v]]) for v in VARIANTS}
+    per_round_ratio = [g["rps"] / p["rps"] if p["rps"] else float("nan")
+                       for g, p in zip(closed["gateway"], closed["passthrough"])]
+    ratio = bl.median(per_round_ratio)
+    lines.append(f"(a) closed loop: {args.concurrency} connections, non-streaming chat "
+                 f"completions, {rounds} rounds x {max(1, round(args.duration)) if used_wrk else args.duration:g} s "
+                 f"per variant ({'wrk' if used_wrk else 'aiohttp generator'})")
+    head = f"  {'variant':<12}" + "".join(f"{'round ' + str(i + 1):>10}" for i in range(rounds))
+    head += f"{'median':>10}{'vs pass':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv CPU':>9}{'srv wait':>9}{'mock CPU':>9}{'errors':>8}"
+    lines.append(head)
+    for v in VARIANTS:
+        rs = closed[v]
+        row = f"  {v:<12}" + "".join(f"{_fmt(r['rps']):>10}" for r in rs)
+        rel = med[v] / med["passthrough"] if med["passthrough"] else float("nan")
+        row += f"{_fmt(med[v]):>10}{_fmt(rel, 2):>9}"
+        row += f"{_fmt(bl.median([r['p50_ms'] for r in rs]), 2):>9}"
+        row += f"{_fmt(bl.median([r['p99_ms'] for r in rs]), 2):>9}"
+        row += f"{bl.median([r['cpu_server'] for r in rs]) * 100:>8.0f}%"
+        row += f"{bl.median([r['wait_server'] for r in rs]) * 100:>8.0f}%"
+        row += f"{bl.median([r['cpu_mock'] for r in rs]) * 100:>8.0f}%"
+        row += f"{sum(r['errors'] for r in rs):>8}"
+        lines.append(row)
+    lines.append("  (req/s; 'vs pass' = median / passthrough median; srv CPU = share of a core used "
+                 "by the process under test, srv wait = share of the time it was runnable but "
+                 "waited for a CPU (other load on the machine), mock CPU = used by the mock; "
+                 "latency = median over rounds)")
+    verdict = "MET" if ratio >= TARGET_RATIO else "NOT MET"
+    lines.append(f"  gateway/passthrough throughput ratio: {ratio:.2f} (median of per-round ratios "
+                 f"{', '.join(f'{x:.2f}' for x in per_round_ratio)}); target >= "
+                 f"{TARGET_RATIO:.2f}: {verdict}")
+    if not used_wrk:
+        lines.append("  note: the aiohttp generator shares a CPU with the mock, so mock-direct and "
+                     "passthrough may be limited by that CPU; the ratio then errs high.")
+    lines.append("")
+    lines.append(f"(b) open loop: {args.rate:g} req/s for {args.duration:g} s per variant, "
+                 f"{rounds} rounds (latency from send to full body, aiohttp client)")
+    lines.append(f"  {'variant':<12}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+                 f"{'req/s':>8}{'errors':>8}{'+p50 ms':>9}{'+p99 ms':>9}")
+    added: dict[str, tuple[float, float]] = {}
+    for v in VARIANTS:
+        rs = opened[v]
+        d50 = bl.median([a["p50_ms"] - b["p50_ms"] for a, b in zip(rs, opened["direct"])])
+        d99 = bl.median([a["p99_ms"] - b["p99_ms"] for a, b in zip(rs, opened["direct"])])
+        added[v] = (d50, d99)
+        lines.append(
+            f"  {v:<12}{bl.median([r['p50_ms'] for r in rs]):>9.3f}"
+            f"{bl.median([r['p90_ms'] for r in rs]):>9.3f}{bl.median([r['p99_ms'] for r in rs]):>9.3f}"
+            f"{max(r['max_ms'] for r in rs):>9.2f}{bl.median([r['rps'] for r in rs]):>8.0f}"
+            f"{sum(r['errors'] + r.get('dropped', 0) for r in rs):>8}"
+            + ("" if v == "direct" else f"{d50:>+9.3f}{d99:>+9.3f}"))
+    lag99 = max(r["sched_lag_p99_ms"] for rs in opened.values() for r in rs)
+    lines.append("  (medians over rounds; +p50/+p99 = that percentile minus direct's, same round, "
+                 f"median over rounds; generator schedule lag p99 <= {lag99:.2f} ms)")
+    g50, g99 = added["gateway"]
+    p50, p99 = added["passthrough"]
+    verdict = "MET" if g50 < TARGET_ADDED_P50_MS else "NOT MET"
+    lines.append(f"  gateway added latency vs direct: p50 {g50:+.3f} ms, p99 {g99:+.3f} ms "
+                 f"(passthrough: p50 {p50:+.3f} ms, p99 {p99:+.3f} ms); "
+                 f"gateway vs passthrough: p50 {g50 - p50:+.3f} ms")
+    lines.append(f"  target: gateway added p50 < {TARGET_ADDED_P50_MS:g} ms: {verdict}")
+    if problems:
+        lines.append("")
+        lines.append(f"gateway log: {len(problems)} warning/error line(s), first: {problems[0]}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
