@@ -187,8 +187,10 @@ class Limiter:
             _rate_checks(tenant.limits.per_session, f"rl:{t}:s:{sid}:", tokens, add,
                          "this agent session")
         budget = tenant.budget
-        now = self._wall_clock()
-        for period, key_part, reset_ms, ttl_ms in period_keys(now):
+        has_budget = budget.daily_tokens or budget.monthly_tokens or budget.daily_cost or \
+            budget.monthly_cost
+        periods = period_keys(self._wall_clock()) if has_budget else ()
+        for period, key_part, reset_ms, ttl_ms in periods:
             for unit, limit, cost_of in (
                 ("tokens", getattr(budget, f"{period}_tokens"), tokens),
                 ("cost", getattr(budget, f"{period}_cost"), cost),
