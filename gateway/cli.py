@@ -1,4 +1,9 @@
-"""``gateway`` command line: serve, check-config, mock-upstream, demo, hash-key, schema, version."""
+"""``gateway`` command line: serve, check-config, mock-upstream, demo, hash-key, schema, version,
+healthcheck.
+
+Heavy imports (aiohttp, the config models) happen inside the commands that need them, so
+``gateway healthcheck`` (a container probe, run every few seconds) starts in a few tens of ms.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,15 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from . import __version__, logs
-from .auth import hash_key
-from .config import ConfigError, GatewayConfig, json_schema, load_config
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .config import GatewayConfig
+    from .mock_capacity import Capacity
 
 log = logging.getLogger("gateway")
 
@@ -39,7 +47,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: server.host from the config)")
     serve.add_argument("--port", type=int, help="listen port (default: server.port)")
     serve.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    serve.add_argument(
+        "--workers", type=int, default=os.environ.get("GATEWAY_WORKERS", "1"),
+        help="processes sharing the port (SO_REUSEPORT), one per core you give the gateway; "
+        "limits are shared only with state.backend: redis (default: $GATEWAY_WORKERS or 1)")
+    serve.add_argument(
+        "--watch-interval", type=float, default=1.0, metavar="SECONDS",
+        help="how often to check the policy file (and api_key_file files) for changes; "
+        "0 turns the watch off (SIGHUP still reloads) (default: 1)")
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
     serve.set_defaults(func=_serve)
+
+    health = sub.add_parser(
+        "healthcheck", help="probe a running gateway: exit 0 when the endpoint answers 200")
+    health.add_argument("--host", default="127.0.0.1")
+    health.add_argument("--port", type=int, default=8080)
+    health.add_argument("--path", default="/healthz", help="/healthz (alive) or /readyz")
+    health.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS")
+    health.set_defaults(func=_healthcheck)
 
     check = sub.add_parser("check-config", help="validate a policy file")
     check.add_argument("path")
@@ -48,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     mock = sub.add_parser("mock-upstream", help="run the mock OpenAI/Anthropic upstream")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=9000)
+    cap = mock.add_argument_group(
+        "capacity model", "off unless --slots is given; see gateway/mock_capacity.py")
+    cap.add_argument("--slots", type=int, help="concurrent generation slots")
+    cap.add_argument("--max-queue", type=int, default=64,
+                     help="requests waiting for a slot; more get 429 (default 64)")
+    cap.add_argument("--queue-ttft-ms", type=float, default=0.0,
+                     help="extra time to first token per request queued ahead (default 0)")
+    cap.add_argument("--quota-rpm", type=int, help="requests per minute; more get 429")
+    cap.add_argument("--quota-burst", type=int, help="quota bucket size (default rpm/10)")
     mock.set_defaults(func=_mock_upstream)
 
     demo = sub.add_parser("demo", help="the mock upstream and the gateway, in one process")
@@ -62,12 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the policy file's JSON Schema")
     schema.set_defaults(func=_schema)
 
+    # Every argument goes to gateway.loadtest.cli, which parses them (and owns --help).
+    loadtest = sub.add_parser("loadtest", help="drive synthetic agent traffic at a gateway",
+                              add_help=False, prefix_chars="\x00")
+    loadtest.add_argument("args", nargs=argparse.REMAINDER)
+    loadtest.set_defaults(func=_loadtest)
+
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _args: print(__version__))
     return parser
 
 
 def _load_or_exit(path: str) -> GatewayConfig:
+    from .config import ConfigError, load_config
+
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -87,14 +129,83 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .lifecycle import ServeOptions, file_signature, run, watched_files
+
+    # Until the loop's handler is in place, a SIGHUP must not kill the process (its default);
+    # the file watch catches any change made before then.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.configure(args.log_level)
-    config = _load_or_exit(args.config)
-    config = _with_process_settings(config, args.host, args.port)
+    if args.worker_index is not None:
+        from .workers import tag_worker_logs
+
+        tag_worker_logs(args.worker_index)
+    if args.workers < 1:
+        print("gateway serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    baseline = file_signature(watched_files(args.config, None))  # before the read
+    config = _with_process_settings(_load_or_exit(args.config), args.host, args.port)
+    if args.workers > 1:
+        return _supervise(args, config)
+    options = ServeOptions(
+        config_path=args.config,
+        prepare=lambda c: _with_process_settings(c, args.host, args.port),
+        reuse_port=args.worker_index is not None,
+        watch_interval_s=max(0.0, args.watch_interval),
+        parent_pid=os.getppid() if args.worker_index is not None else None,
+        baseline=baseline,
+    )
     try:
-        asyncio.run(_run_until_signal([_gateway_site(config)]))
+        return asyncio.run(run(config, options))
     except ConfigError as exc:  # e.g. a provider key's env var is missing
         print(str(exc), file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the port is taken
+        print(f"gateway serve: cannot listen on {config.server.host}:{config.server.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
+    from .workers import memory_backend_warning, supervise
+
+    if config.server.port == 0:
+        print("gateway serve: --workers needs a fixed port (not 0): the workers share it",
+              file=sys.stderr)
+        return 2
+    if config.state.backend == "memory":
+        log.warning(memory_backend_warning(args.workers))
+
+    def argv_for(index: int) -> list[str]:
+        argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", args.config,
+                "--log-level", args.log_level, "--workers", "1",
+                "--watch-interval", str(args.watch_interval), "--worker-index", str(index)]
+        if args.host is not None:
+            argv += ["--host", args.host]
+        if args.port is not None:
+            argv += ["--port", str(args.port)]
+        return argv
+
+    return supervise(args.workers, argv_for)
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """For Docker HEALTHCHECK and exec probes (a sidecar bound to 127.0.0.1): stdlib only."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{args.host}:{args.port}{args.path}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        print(f"{url}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"{url}: HTTP {status}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -112,6 +223,8 @@ def _with_process_settings(
 
 
 async def _gateway_site(config: GatewayConfig) -> web.AppRunner:
+    from aiohttp import web
+
     from .server import create_app
 
     runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
@@ -123,10 +236,13 @@ async def _gateway_site(config: GatewayConfig) -> web.AppRunner:
     return runner
 
 
-async def _mock_site(host: str, port: int) -> web.AppRunner:
+async def _mock_site(host: str, port: int, capacity: Capacity | None = None) -> web.AppRunner:
+    from aiohttp import web
+
     from .mock_upstream import create_mock_app
 
-    runner = web.AppRunner(create_mock_app(), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(create_mock_app(capacity=capacity), handler_cancellation=True,
+                           access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("mock upstream listening", extra={"fields": {"host": host, "port": port}})
@@ -134,6 +250,7 @@ async def _mock_site(host: str, port: int) -> web.AppRunner:
 
 
 async def _run_until_signal(starters: list[object]) -> None:
+    """The mock upstream and the demo: stop on SIGINT/SIGTERM (``serve`` drains instead)."""
     runners: list[web.AppRunner] = []
     try:
         for start in starters:
@@ -150,7 +267,18 @@ async def _run_until_signal(starters: list[object]) -> None:
 
 def _mock_upstream(args: argparse.Namespace) -> int:
     logs.configure()
-    asyncio.run(_run_until_signal([_mock_site(args.host, args.port)]))
+    capacity = None
+    if args.slots is not None:
+        from .mock_capacity import Capacity
+
+        try:
+            capacity = Capacity(slots=args.slots, max_queue=args.max_queue,
+                                queue_ttft_ms=args.queue_ttft_ms, quota_rpm=args.quota_rpm,
+                                quota_burst=args.quota_burst)
+        except ValueError as exc:
+            print(f"mock-upstream: {exc}", file=sys.stderr)
+            return 2
+    asyncio.run(_run_until_signal([_mock_site(args.host, args.port, capacity)]))
     return 0
 
 
@@ -173,7 +301,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    from .loadtest.cli import main as loadtest_main
+
+    return loadtest_main(args.args)
+
+
 def _hash_key(args: argparse.Namespace) -> int:
+    from .auth import hash_key
+
     key = args.key
     if key is None:
         key = getpass.getpass("API key: ") if sys.stdin.isatty() else sys.stdin.readline()
@@ -186,6 +322,8 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
+    from .config import json_schema
+
     print(json.dumps(json_schema(), indent=2, sort_keys=True))
     return 0
 

@@ -39,12 +39,19 @@ Per-request knobs are request headers (invalid values -> 400 in the route's erro
 
 Every ``/v1`` request is recorded (method, path, lower-cased headers, parsed JSON body or
 None) before any knob applies. Auth is never checked: tests read the recorded headers.
+
+Capacity (optional, set at startup: ``create_mock_app(capacity=Capacity(...))``, or
+``gateway mock-upstream --slots N``): concurrent generation slots, a FIFO queue whose length
+adds to time to first token, and 429s with Retry-After beyond a queue bound or a
+requests-per-minute quota; see ``gateway.mock_capacity``. ``GET /_mock/capacity`` reports its
+counters. Without it capacity is unlimited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import math
 import random
@@ -57,9 +64,11 @@ import orjson
 from aiohttp import web
 
 from gateway import mock_sse as sse
+from gateway.mock_capacity import Capacity, CapacityModel, Lease, Rejected
 from gateway.mock_sse import Provider
 
 __all__ = [
+    "CAPACITY",
     "RECORDED",
     "RecordedRequest",
     "create_mock_app",
@@ -90,6 +99,8 @@ RECORDED: web.AppKey[collections.deque[RecordedRequest]] = web.AppKey("mock_reco
 _RNG: web.AppKey[random.Random] = web.AppKey("mock_rng")
 _IDS: web.AppKey[itertools.count[int]] = web.AppKey("mock_ids")
 _STOPPING: web.AppKey[asyncio.Event] = web.AppKey("mock_stopping")
+#: The app's capacity model, or None for unlimited capacity.
+CAPACITY: web.AppKey[CapacityModel | None] = web.AppKey("mock_capacity")
 
 
 # --- prompt token estimate ----------------------------------------------------------------
@@ -214,6 +225,9 @@ class _Call:
     body: dict[str, Any]
     knobs: _Knobs
     failure: str | None  # "midstream-cut" / "midstream-error" when injected, else None
+    # Capacity mode: a non-streaming answer also waits its generation time (TTFT + chunk gaps)
+    # so it holds its slot as long as the same answer streamed would.
+    in_slot: bool = False
 
 
 _Serve = Callable[[web.Request, _Call], Awaitable[web.StreamResponse]]
@@ -255,8 +269,10 @@ def _draw_failure(app: web.Application, knobs: _Knobs) -> str | None:
 
 
 def _endpoint(provider: Provider, serve: _Serve, *, needs_body: bool = True,
+              generates: bool = False,
               ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Wrap a route: record, parse knobs, wait, inject failures, validate, then serve."""
+    """Wrap a route: record, parse knobs, take capacity (``generates``), wait, inject
+    failures, validate, then serve."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
         body, body_error = await _read_json(request)
@@ -267,6 +283,24 @@ def _endpoint(provider: Provider, serve: _Serve, *, needs_body: bool = True,
             knobs = _parse_knobs(request.headers)
         except _BadRequest as exc:
             return _error(provider, 400, str(exc))
+        capacity = request.app[CAPACITY] if generates else None
+        if capacity is None:
+            return await answer(request, body, body_error, knobs, False)
+        try:
+            capacity.take_quota()
+            lease = await capacity.acquire()
+        except Rejected as exc:
+            return _capacity_error(provider, capacity, exc)
+        try:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return web.Response()  # the client left while queued: free the slot now
+            return await answer(request, body, body_error, _with_queue_delay(knobs, lease), True)
+        finally:
+            lease.release()
+
+    async def answer(request: web.Request, body: Any, body_error: str | None,
+                     knobs: _Knobs, in_slot: bool) -> web.StreamResponse:
         if knobs.latency_s:
             await asyncio.sleep(knobs.latency_s)
         failure = _draw_failure(request.app, knobs)
@@ -281,11 +315,34 @@ def _endpoint(provider: Provider, serve: _Serve, *, needs_body: bool = True,
             return _error(provider, 400, body_error)
         try:
             body = body if isinstance(body, dict) else {}
-            return await serve(request, _Call(provider, body, knobs, failure))
+            return await serve(request, _Call(provider, body, knobs, failure, in_slot))
         except _BadRequest as exc:
             return _error(provider, 400, str(exc))
 
     return handler
+
+
+def _with_queue_delay(knobs: _Knobs, lease: Lease) -> _Knobs:
+    """Add the lease's prefill-contention delay to time to first token (both kinds of answer
+    wait ``ttft_s`` in capacity mode, see ``_generating_route``)."""
+    if not lease.extra_ttft_s:
+        return knobs
+    return dataclasses.replace(knobs, ttft_s=knobs.ttft_s + lease.extra_ttft_s)
+
+
+def _capacity_error(provider: Provider, capacity: CapacityModel, exc: Rejected) -> web.Response:
+    wait = exc.retry_after_s
+    if exc.reason == "quota":
+        message = (f"mock upstream: rate limit of {capacity.capacity.quota_rpm} requests per "
+                   f"minute reached; retry after {wait:.3f} s")
+    else:
+        message = (f"mock upstream: all {capacity.capacity.slots} slots busy and "
+                   f"{capacity.capacity.max_queue} requests queued; retry after {wait:.3f} s")
+    resp = _error(provider, 429, message)
+    resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+    resp.headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+    resp.headers["x-mock-rejected"] = exc.reason
+    return resp
 
 
 def _drop(request: web.Request) -> web.Response:
@@ -417,6 +474,10 @@ def _generating_route(
         gen = _generation(request, call, *limit_keys)
         if call.body.get("stream") is True:
             return await _stream(request, call, stream_fn(gen))
+        if call.in_slot:
+            generating = call.knobs.ttft_s + gen.completion_tokens * call.knobs.gap_s
+            if generating:
+                await asyncio.sleep(generating)
         return await _reply(request, call, body_fn(gen))
 
     return serve
@@ -463,40 +524,53 @@ async def _on_shutdown(app: web.Application) -> None:
     app[_STOPPING].set()  # release hanging requests so shutdown does not wait for them
 
 
-def create_mock_app(*, max_recorded: int = 200, seed: int | None = None) -> web.Application:
+def create_mock_app(*, max_recorded: int = 200, seed: int | None = None,
+                    capacity: Capacity | None = None) -> web.Application:
     """The mock provider app; ``RECORDED`` holds the last ``max_recorded`` ``/v1`` requests.
 
     ``seed`` seeds the ``random.Random`` behind ``x-mock-fail-rate`` (None: OS entropy).
+    ``capacity``: slots, queue and quota of the generating routes (None: unlimited).
     """
     if max_recorded < 0:
         raise ValueError("max_recorded must be >= 0")
     app = web.Application()
     app[RECORDED] = collections.deque(maxlen=max_recorded)
+    app[CAPACITY] = None if capacity is None else CapacityModel(capacity)
     app[_RNG] = random.Random(seed)
     app[_IDS] = itertools.count(1)
     app[_STOPPING] = asyncio.Event()
     app.on_shutdown.append(_on_shutdown)
     add = app.router.add_route
     add("POST", "/v1/chat/completions", _endpoint("openai", _generating_route(
-        ("max_completion_tokens", "max_tokens"), sse.chat_body, sse.chat_stream)))
+        ("max_completion_tokens", "max_tokens"), sse.chat_body, sse.chat_stream),
+        generates=True))
     add("POST", "/v1/completions", _endpoint("openai", _generating_route(
-        ("max_tokens",), sse.completion_body, sse.completion_stream)))
+        ("max_tokens",), sse.completion_body, sse.completion_stream), generates=True))
     add("POST", "/v1/responses", _endpoint("openai", _generating_route(
-        ("max_output_tokens",), sse.responses_body, sse.responses_stream)))
+        ("max_output_tokens",), sse.responses_body, sse.responses_stream), generates=True))
     add("POST", "/v1/messages", _endpoint("anthropic", _generating_route(
-        ("max_tokens",), sse.messages_body, sse.messages_stream)))
-    add("POST", "/v1/embeddings", _endpoint("openai", _embeddings))
+        ("max_tokens",), sse.messages_body, sse.messages_stream), generates=True))
+    add("POST", "/v1/embeddings", _endpoint("openai", _embeddings, generates=True))
     add("GET", "/v1/models", _endpoint("openai", _models, needs_body=False))
     add("*", "/v1/{tail:.*}", _endpoint("openai", _unknown, needs_body=False))
     add("GET", "/_mock/requests", _list_recorded)
     add("DELETE", "/_mock/requests", _clear_recorded)
+    add("GET", "/_mock/capacity", _capacity_stats)
     return app
 
 
-async def run_mock_upstream(host: str, port: int) -> None:
+async def _capacity_stats(request: web.Request) -> web.Response:
+    model = request.app[CAPACITY]
+    stats: dict[str, Any] = {"enabled": False} if model is None else {"enabled": True,
+                                                                      **model.stats()}
+    return web.Response(body=orjson.dumps(stats), headers=_JSON)
+
+
+async def run_mock_upstream(host: str, port: int, capacity: Capacity | None = None) -> None:
     """Serve ``create_mock_app()`` on ``host:port`` until cancelled, then shut down cleanly."""
     # No access log: formatting a line per request would cost more than answering it.
-    runner = web.AppRunner(create_mock_app(), access_log=None, shutdown_timeout=2.0)
+    runner = web.AppRunner(create_mock_app(capacity=capacity), access_log=None,
+                           shutdown_timeout=2.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

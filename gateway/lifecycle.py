@@ -1,0 +1,425 @@
+"""``gateway serve`` in one process: graceful drain, hot reload, signals.
+
+Drain, on SIGTERM (SIGINT: the same without the delay; a second signal skips to step 5):
+
+1. ``/readyz`` answers 503 at once, and every response from now on says ``Connection: close``
+   so pooled client connections move to other replicas;
+2. the listener keeps accepting for ``server.drain_delay_s`` while load balancers catch up;
+3. the listener closes, and idle keep-alive connections with it;
+4. requests and streams in flight finish, for up to ``server.drain_timeout_s``;
+5. whatever is still running then is ended properly: a stream gets an SSE error event in its
+   dialect (code ``gateway_shutting_down``) and a clean end, a request not answered yet a 503;
+6. the app's cleanup flushes accounting (pending settlements, the degraded-mode journal) and
+   the process exits 0.
+
+aiohttp's own shutdown (``AppRunner.cleanup``) closes the listener first and, after its
+``shutdown_timeout``, cancels handlers with nothing sent to the client. Steps 1-2 and 4-5 are
+why this module exists; by the time ``cleanup`` runs, no handler is left for it to cut.
+
+Hot reload, on SIGHUP and when the policy file (or a provider's ``api_key_file``) changes:
+the new file is loaded and validated off the event loop; if it is invalid, the reload is
+rejected with one error log line and ``gateway_config_reloads_total{result="failure"}``, and
+the running policy stays. A valid one goes through ``Gateway.swap_policy``: requests in flight
+finish under the policy they started with, and the next request sees the new one. Files are
+polled (stat of the path through its symlinks, plus the resolved target), which also catches
+Kubernetes ConfigMap updates, done by swapping a ``..data`` symlink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .classify import error_dialect
+from .config import ConfigError, GatewayConfig, load_config
+from .errors import GatewayError
+from .server import GATEWAY, RECORD, create_app
+
+log = logging.getLogger("gateway")
+
+CUT_GRACE_S = 5.0  # after the drain timeout: time for ended requests to write their last bytes
+RELOAD_SETTLE_S = 0.2  # a changed file is read this long after the change was seen
+DRAIN_ERROR_CODE = "gateway_shutting_down"
+# Settings a running process cannot change (the listener, the app, the state backend): a
+# reload keeps the running values and says a restart is needed.
+RESTART_ONLY = (("server", "host"), ("server", "port"), ("server", "max_body_bytes"),
+                ("server", "cors_origins"), ("state", None))
+
+
+# --- drain ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    request: web.Request
+    response: web.StreamResponse | None = None  # set once prepared (streams)
+    cut: bool = False
+
+
+class DrainGuard:
+    """Tracks every request in flight so a drain can wait for them, and end the stragglers
+    with a proper error rather than a cut connection. ``install`` adds it to an app."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+        self._flights: dict[asyncio.Task[Any], _Flight] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    @classmethod
+    def install(cls, app: web.Application) -> DrainGuard:
+        """Add the guard's middleware (inside the error boundary) and prepare hook."""
+        guard = cls(app)
+
+        @web.middleware
+        async def drain_guard(request: web.Request, handler: Any) -> web.StreamResponse:
+            return await guard._track(request, handler)
+
+        app.middlewares.append(drain_guard)
+        app.on_response_prepare.append(guard._on_prepare)
+        return guard
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        flight = _Flight(request)
+        self._flights[task] = flight
+        self._idle.clear()
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except asyncio.CancelledError:
+            # Ours (flight.cut) and nobody else's: a client that left cancels too.
+            if not flight.cut or task.uncancel() > 0:
+                raise
+            return await self._end_cut(request, flight)
+        finally:
+            del self._flights[task]
+            if not self._flights:
+                self._idle.set()
+
+    async def _on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        task = asyncio.current_task()
+        flight = self._flights.get(task) if task is not None else None
+        if flight is not None and flight.request is request:
+            flight.response = response
+        if self.draining:
+            # Headers are not written yet: clients reconnect elsewhere for their next call.
+            response.force_close()
+            response.headers["Connection"] = "close"
+
+    async def _end_cut(self, request: web.Request, flight: _Flight) -> web.StreamResponse:
+        error = GatewayError(
+            503, "The gateway is shutting down and this request did not finish within its "
+            "drain timeout; retry it.", type="server_error", code=DRAIN_ERROR_CODE,
+            headers={"Retry-After": "1"},
+        )
+        record = request.get(RECORD)
+        if record is not None:
+            record.outcome, record.error_code = "error", DRAIN_ERROR_CODE
+        response = flight.response
+        if response is None or not response.prepared:
+            raise error  # the error boundary answers 503 in the route's dialect
+        if response.content_type == "text/event-stream":
+            try:
+                await response.write(error.sse_event(error_dialect(request.path)))
+            except (ConnectionError, RuntimeError):
+                pass  # the client is gone as well
+        try:
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        return response
+
+    def cut_all(self) -> int:
+        """End every request still in flight (each finishes with its error); how many."""
+        count = 0
+        for task, flight in list(self._flights.items()):
+            if not flight.cut and not task.done():
+                flight.cut = True
+                task.cancel()
+                count += 1
+        return count
+
+    async def drain(self, runner: web.AppRunner, sites: Iterable[web.BaseSite], *,
+                    delay_s: float, timeout_s: float, force: asyncio.Event) -> None:
+        """Steps 1-5 of the module docstring; ``force`` set skips the waiting."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        self.draining = True
+        self._app[GATEWAY].ready = False
+        log.info("draining: not ready, still accepting", extra={"fields": {
+            "in_flight": self.in_flight, "drain_delay_s": delay_s,
+            "drain_timeout_s": timeout_s}})
+        await _wait(force, delay_s)
+        for site in list(sites):
+            await site.stop()
+        if runner.server is not None:
+            runner.server.pre_shutdown()  # idle keep-alives close; busy ones after the response
+        log.info("draining: listener closed", extra={"fields": {"in_flight": self.in_flight}})
+        if not await _wait_idle(self._idle, timeout_s, force):
+            cut = self.cut_all()
+            log.warning("drain timeout: ending what is still running", extra={"fields": {
+                "ended": cut, "drain_timeout_s": timeout_s, "forced": force.is_set()}})
+            await _wait_idle(self._idle, CUT_GRACE_S, None)
+        log.info("drained", extra={"fields": {
+            "seconds": round(loop.time() - began, 3), "in_flight": self.in_flight}})
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    if timeout_s > 0 and not event.is_set():
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+
+async def _wait_idle(idle: asyncio.Event, timeout_s: float, force: asyncio.Event | None) -> bool:
+    """True once idle; False at the timeout or when ``force`` is set first."""
+    if idle.is_set():
+        return True
+    waits = [asyncio.ensure_future(idle.wait())]
+    if force is not None:
+        waits.append(asyncio.ensure_future(force.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
+    return idle.is_set()
+
+
+# --- hot reload ----------------------------------------------------------------------------
+
+
+Signature = tuple[tuple[Any, ...], ...]
+
+
+def file_signature(paths: Iterable[str]) -> Signature:
+    """What changes when a file is edited, replaced, or swapped in through a symlink."""
+    out: list[tuple[Any, ...]] = []
+    for path in paths:
+        try:
+            st = os.stat(path)  # follows symlinks: the file's own identity and contents
+            out.append((path, os.path.realpath(path), st.st_dev, st.st_ino, st.st_mtime_ns,
+                        st.st_size))
+        except OSError as exc:
+            out.append((path, None, exc.errno))
+    return tuple(out)
+
+
+def watched_files(path: str, config: GatewayConfig | None) -> list[str]:
+    """The policy file and the provider key files it names (rotated Secrets reload too)."""
+    files = [path]
+    if config is not None:
+        files += sorted({p.api_key_file for p in config.providers.values() if p.api_key_file})
+    return files
+
+
+def keep_running_settings(running: GatewayConfig,
+                          new: GatewayConfig) -> tuple[GatewayConfig, list[str]]:
+    """``new`` with the settings only a restart can change taken from ``running``, and the
+    names of those that differed."""
+    changed: list[str] = []
+    server_keep: dict[str, Any] = {}
+    for section, key in RESTART_ONLY:
+        if key is None:
+            if getattr(running, section) != getattr(new, section):
+                changed.append(section)
+        elif getattr(running.server, key) != getattr(new.server, key):
+            changed.append(f"{section}.{key}")
+            server_keep[key] = getattr(running.server, key)
+    if not changed:
+        return new, []
+    update: dict[str, Any] = {"server": new.server.model_copy(update=server_keep)}
+    if "state" in changed:
+        update["state"] = running.state
+    return new.model_copy(update=update), changed
+
+
+class Reloader:
+    """Reloads the policy file into a running ``Gateway``; one reload at a time.
+
+    ``prepare`` re-applies the process settings (flags, environment) to each loaded file;
+    ``on_result(ok)`` is told how every reload ended (wired to the metrics).
+    """
+
+    def __init__(self, app: web.Application, path: str, *,
+                 prepare: Callable[[GatewayConfig], GatewayConfig],
+                 baseline: Signature | None = None,
+                 on_result: Callable[[bool], None] | None = None) -> None:
+        self._app = app
+        self.path = path
+        self._prepare = prepare
+        self._on_result = on_result
+        self._lock = asyncio.Lock()
+        # ``baseline``: the policy file as it was before the process read it (a change made
+        # since then is seen); files it does not cover (key files) are taken as they are now.
+        before = {entry[0]: entry for entry in baseline or ()}
+        self._seen = tuple(before.get(entry[0], entry) for entry in self._signature())
+
+    def _running(self) -> GatewayConfig:
+        return self._app[GATEWAY].policy.config
+
+    def _signature(self) -> Signature:
+        return file_signature(watched_files(self.path, self._running()))
+
+    def changed(self) -> bool:
+        return self._signature() != self._seen
+
+    async def reload(self, trigger: str) -> bool:
+        """Load, validate and swap in the policy file; False (old policy kept) if unusable."""
+        async with self._lock:
+            seen = self._signature()  # before reading: a change during the load is seen later
+            fields: dict[str, Any] = {"trigger": trigger, "path": self.path}
+            try:
+                loaded = self._prepare(await asyncio.to_thread(load_config, self.path))
+                config, restart = keep_running_settings(self._running(), loaded)
+                await self._app[GATEWAY].swap_policy(config)
+            except ConfigError as exc:
+                return self._rejected(seen, fields, exc.problems)
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the old policy
+                return self._rejected(seen, fields, [f"{type(exc).__name__}: {exc}"])
+            # The new policy may name other key files: watch those from now on.
+            same_files = [f[0] for f in seen] == watched_files(self.path, config)
+            self._seen = seen if same_files else self._signature()
+            if restart:
+                log.warning("policy reload: these settings need a restart to take effect",
+                            extra={"fields": {**fields, "settings": restart}})
+            log.info("policy reload applied", extra={"fields": fields})
+            self._report(True)
+            return True
+
+    def _rejected(self, seen: Signature, fields: dict[str, Any], problems: list[str]) -> bool:
+        self._seen = seen  # the same broken file is not retried every second
+        log.error("policy reload rejected: the running policy stays",
+                  extra={"fields": {**fields, "problems": problems}})
+        self._report(False)
+        return False
+
+    def _report(self, ok: bool) -> None:
+        if self._on_result is None:
+            return
+        try:
+            self._on_result(ok)
+        except Exception:
+            log.exception("reload result hook failed")
+
+    async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
+        """Poll the files every ``interval_s`` until ``stop``; reload when they change."""
+        while not stop.is_set():
+            await _wait(stop, interval_s)
+            if stop.is_set():
+                return
+            if self.changed():
+                await asyncio.sleep(RELOAD_SETTLE_S)  # let a writer finish its steps
+                await self.reload("file changed")
+
+
+# --- the process -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    config_path: str
+    prepare: Callable[[GatewayConfig], GatewayConfig]  # flags and environment over the file
+    reuse_port: bool = False  # --workers: every worker binds the same port (SO_REUSEPORT)
+    watch_interval_s: float = 1.0  # 0: no file watch (SIGHUP still reloads)
+    parent_pid: int | None = None  # a worker drains when its parent is gone
+    baseline: Signature | None = None  # files as they were when the config was read
+    on_reload: list[Callable[[bool], None]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Stop:
+    requested: asyncio.Event = field(default_factory=asyncio.Event)
+    force: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+
+    def __call__(self, reason: str) -> None:
+        if self.requested.is_set():
+            if not self.force.is_set():
+                log.warning("second stop signal: ending requests now", extra={"fields": {
+                    "signal": reason}})
+            self.force.set()
+            return
+        self.reason = reason
+        self.requested.set()
+
+
+async def run(config: GatewayConfig, options: ServeOptions) -> int:
+    """Serve until a stop signal, drain, clean up; the process exit code."""
+    app = create_app(config)
+    guard = DrainGuard.install(app)
+    # Handlers are all done by cleanup time (drain), so a short timeout only bounds stragglers.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=CUT_GRACE_S)
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    stop = _Stop()
+    background: set[asyncio.Task[Any]] = set()
+    try:
+        host, port = config.server.host, config.server.port
+        site = web.TCPSite(runner, host, port, reuse_port=True if options.reuse_port else None)
+        await site.start()
+        gateway = app[GATEWAY]
+        hooks = [gateway.metrics.config_reload, *options.on_reload]
+
+        def reload_result(ok: bool) -> None:
+            for hook in hooks:
+                hook(ok)
+
+        reloader = Reloader(app, options.config_path, prepare=options.prepare,
+                            baseline=options.baseline, on_result=reload_result)
+
+        def spawn(coro: Any) -> None:
+            task = loop.create_task(coro)
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+        loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reloader.reload("SIGHUP")))
+        if options.watch_interval_s > 0:
+            spawn(reloader.watch(options.watch_interval_s, stop.requested))
+        if options.parent_pid is not None:
+            spawn(_watch_parent(options.parent_pid, stop))
+        log.info("gateway listening", extra={"fields": {
+            "host": host, "port": port, "state_backend": config.state.backend,
+            "version": __version__, "pid": os.getpid(), "reuse_port": options.reuse_port}})
+        await stop.requested.wait()
+        server = gateway.policy.config.server  # a reload may have changed the drain settings
+        delay = 0.0 if stop.reason == "SIGINT" else server.drain_delay_s
+        log.info("stop requested", extra={"fields": {"signal": stop.reason}})
+        await guard.drain(runner, [site], delay_s=delay, timeout_s=server.drain_timeout_s,
+                          force=stop.force)
+    finally:
+        for task in list(background):
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()  # on_cleanup: Gateway.stop() flushes settlements and journal
+    log.info("gateway stopped", extra={"fields": {"pid": os.getpid()}})
+    return 0
+
+
+async def _watch_parent(parent_pid: int, stop: _Stop) -> None:
+    """A worker whose parent died (SIGKILL, OOM) drains instead of running on unsupervised."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(1.0)
+    log.warning("parent process gone: draining", extra={"fields": {"parent_pid": parent_pid}})
+    stop("parent exited")
