@@ -1,0 +1,297 @@
+"""Overload control: the gateway with its admission control on, then off, at 2x, 3x and 10x the
+upstream's capacity, driven by the loadtest engine (gateway/loadtest).
+
+The upstream is the mock with a capacity model (``gateway mock-upstream --slots``): ``--slots``
+concurrent generations, each a stream of ``--tokens`` chunks ``--gap-ms`` apart after a first
+token at ``--ttft-ms``; requests beyond the slots queue (first tokens later by
+``--queue-ttft-ms`` per request ahead), and beyond ``--max-queue`` waiting or the RPM quota it
+answers 429 with Retry-After. Capacity (requests/s) is measured from the mock's own counters:
+slots x served / slot-seconds busy.
+
+Traffic: open-loop Poisson arrivals (bursty on/off at 10x) of 10-step agent runs (one
+X-Agent-Session per run, think time between steps), class mix 10 % critical, 30 % high, 30 %
+normal, 30 % low, SDK-like clients (2 retries honouring Retry-After and x-should-retry),
+deadlines per class sent as X-Request-Timeout. Load L means arrivals of L x capacity / 10 runs/s.
+Each level has a warm-up, a measured window and a tail at the same load (so the measured runs
+finish under the same load), then a quiet gap. Figures are of the measured window; runs are
+the runs that *started* in it.
+
+Variants (separate processes, fresh mock each; the gateway is pinned to the first CPU, the
+mock and this process to the second, when there are two):
+- ``on``: the gateway with admission tuned for this upstream (see ``POLICY_ON``);
+- ``off``: the same gateway with admission disabled: concurrency limit 10000, unbounded
+  queues, CoDel targets of an hour, self-protection out of reach (``--off-mode passthrough``
+  uses bench/passthrough.py instead).
+
+    .venv/bin/python bench/overload.py [--write-docs] [--variants on,off] [--measure-s 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+import benchlib as bl
+import yaml
+from overload_report import docs_section, evaluate, print_summary, write_docs
+
+from gateway.auth import hash_key
+from gateway.loadtest.engine import Engine, EngineOptions
+from gateway.loadtest.report import build_report
+from gateway.loadtest.scenario import parse_scenario
+
+CLASSES = {"critical": 0.10, "high": 0.30, "normal": 0.30, "low": 0.30}
+DEADLINES_S = {"critical": 5, "high": 10, "normal": 20, "low": 30}
+KEYS = {"interactive": "sk-bench-interactive", "background": "sk-bench-background"}
+TENANT_OF = {"critical": "interactive", "high": "interactive", "normal": "background",
+             "low": "background"}
+STEPS = 10
+
+
+def policy(mock_port: int, gw_port: int, slots: int, shedding: bool,
+           holdback: dict[str, float]) -> dict[str, Any]:
+    """The gateway's policy. ``on``: concurrency pinned to the mock's slots (min half), queue
+    targets short enough that agent steps do not wait seconds; ``off``: admission disabled."""
+    tenants = {name: {"api_keys": [hash_key(key)], "models": ["*"],
+                      "default_priority": "normal", "max_priority": "critical",
+                      "loop_guard": {"enabled": False}}
+               for name, key in KEYS.items()}
+    if shedding:
+        admission: dict[str, Any] = {
+            "concurrency": {"min_limit": max(1, slots // 2), "initial_limit": slots,
+                            "max_limit": slots},
+            "classes": {
+                "critical": {"queue_target_ms": 100, "max_queue": 200, "holdback_share": 1.0,
+                             "default_deadline_s": DEADLINES_S["critical"]},
+                "high": {"queue_target_ms": 300, "max_queue": 200,
+                         "holdback_share": holdback["high"],
+                         "default_deadline_s": DEADLINES_S["high"]},
+                "normal": {"queue_target_ms": 500, "max_queue": 200,
+                           "holdback_share": holdback["normal"],
+                           "default_deadline_s": DEADLINES_S["normal"]},
+                "low": {"queue_target_ms": 500, "max_queue": 100,
+                        "holdback_share": holdback["low"],
+                        "default_deadline_s": DEADLINES_S["low"]},
+            },
+        }
+    else:
+        hour = 3_600_000
+        admission = {
+            "concurrency": {"min_limit": 10000, "initial_limit": 10000, "max_limit": 10000},
+            "classes": {name: {"queue_target_ms": hour, "max_queue": 100000,
+                               "holdback_share": 1.0, "default_deadline_s": DEADLINES_S[name]}
+                        for name in CLASSES},
+            "self_protection": {"max_loop_lag_ms": 60000, "max_open_streams": 1000000},
+        }
+    return {
+        "server": {"host": "127.0.0.1", "port": gw_port},
+        "providers": {"mock": {"kind": "openai", "base_url": f"http://127.0.0.1:{mock_port}/v1",
+                               "pool_size": 2000, "forward_headers": ["x-mock-*"]}},
+        "models": {"m": {"deployments": [{"provider": "mock", "model": "m"}]}},
+        "tenants": tenants,
+        "admission": admission,
+    }
+
+
+def scenario(target: str, run_rate: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Phases: an unloaded baseline, then per level warm-up / measured / tail / gap."""
+    knobs = {"ttft_ms": args.ttft_ms, "chunk_gap_ms": args.gap_ms}
+    workloads = [{
+        "name": name, "tenant": TENANT_OF[name], "priority": name, "weight": share,
+        "model": "m", "stream": 1.0, "steps": STEPS, "think_ms": {"median": 50, "p99": 200},
+        "prompt_tokens": {"median": 300, "p99": 2000}, "max_tokens": {"median": 64},
+        "output_tokens": {"median": args.tokens}, "deadline_s": DEADLINES_S[name],
+        "timeout_s": 60,
+    } for name, share in CLASSES.items()]
+    phases: list[dict[str, Any]] = [{
+        "name": "unloaded", "duration_s": args.baseline_s,
+        "arrival": {"process": "poisson", "rate": 0.3 * run_rate},
+        "mix": {"critical": 1.0},  # the critical class's own unloaded time to first token
+        "upstream": knobs,
+    }]
+    for level in args.levels:
+        rate = level * run_rate
+        bursty = level >= 10  # the 10x level arrives in on/off bursts (same mean)
+        arrival: dict[str, Any] = (
+            {"process": "onoff", "rate": 2 * rate, "off_rate": 0.0, "on_s": 1.0, "off_s": 1.0}
+            if bursty else {"process": "poisson", "rate": rate})
+        name = f"{level:g}x"
+        phases += [
+            {"name": f"{name}-warm", "duration_s": args.warm_s, "arrival": arrival,
+             "upstream": knobs},
+            {"name": name, "duration_s": args.measure_s, "arrival": arrival, "upstream": knobs},
+        ]
+        if level < 10:
+            phases.append({"name": f"{name}-tail", "duration_s": args.tail_s,
+                           "arrival": arrival, "upstream": knobs})
+        phases.append({"name": f"{name}-gap", "duration_s": args.gap_s,
+                       "arrival": {"process": "poisson", "rate": 0}, "upstream": knobs})
+    return {
+        "name": "overload", "target": target, "seed": args.seed,
+        "tenants": {name: {"api_key": key} for name, key in KEYS.items()},
+        "workloads": workloads, "client": {"retries": 2, "backoff": "sdk"},
+        "phases": phases, "drain_s": args.tail_s, "max_requests": 2_000_000, "bucket_s": 1.0,
+    }
+
+
+class RssSampler(threading.Thread):
+    """The gateway's resident memory once a second (KiB), while the load runs."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self.stop.wait(1.0):
+            kib = bl.proc_status_kib(self.pid, "VmRSS")
+            if kib > 0:
+                self.samples.append((round(time.monotonic() - start, 1), kib))
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+        return data
+
+
+def run_variant(name: str, args: argparse.Namespace, tmpdir: Path) -> dict[str, Any]:
+    procs = bl.Procs()
+    logs = contextlib.ExitStack()
+
+    def log(name: str) -> IO[bytes]:
+        return logs.enter_context(open(tmpdir / name, "wb"))
+
+    server_pin, support_pin, _ = bl.pin_plan()
+    mock_port, gw_port = bl.free_port(), bl.free_port()
+    try:
+        procs.start("mock", [
+            *support_pin, bl.PYTHON, "-m", "gateway.cli", "mock-upstream", "--port",
+            str(mock_port), "--slots", str(args.slots), "--max-queue", str(args.max_queue),
+            "--queue-ttft-ms", str(args.queue_ttft_ms), "--quota-rpm", str(args.quota_rpm)],
+            stderr=log(f"mock-{name}.log"))
+        if name == "off" and args.off_mode == "passthrough":
+            server = procs.start("passthrough", [
+                *server_pin, bl.PYTHON, str(bl.BENCH / "passthrough.py"), "--port", str(gw_port),
+                "--upstream", f"http://127.0.0.1:{mock_port}", "--pool-size", "2000"],
+                stderr=log("passthrough.log"))
+            ready = f"http://127.0.0.1:{gw_port}/v1/models"
+        else:
+            config = tmpdir / f"policy-{name}.yaml"
+            config.write_text(yaml.safe_dump(policy(mock_port, gw_port, args.slots,
+                                                    shedding=name == "on",
+                                                    holdback=args.holdback)))
+            server = procs.start("gateway", [
+                *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
+                "--log-level", "WARNING"],
+                stderr=log(f"gateway-{name}.log"))
+            ready = f"http://127.0.0.1:{gw_port}/readyz"
+        bl.wait_http(f"http://127.0.0.1:{mock_port}/v1/models", procs=procs)
+        bl.wait_http(ready, procs=procs)
+        # Capacity from the mock's knobs first (the plan), measured from its counters after.
+        service_s = (args.ttft_ms + (args.tokens - 1) * args.gap_ms) / 1000
+        planned = args.slots / service_s
+        data = scenario(f"http://127.0.0.1:{gw_port}", planned / STEPS, args)
+        spec = parse_scenario(data)
+        engine = Engine(spec, spec.api_keys(), EngineOptions(target=data["target"]))
+        rss = RssSampler(server.pid)
+        rss.start()
+        print(f"[{name}] running {spec.duration_s:.0f} s of phases against {data['target']} "
+              f"({'gateway' if name == 'on' or args.off_mode == 'gateway' else 'passthrough'})",
+              flush=True)
+        asyncio.run(engine.run())
+        rss.stop.set()
+        rss.join()
+        alive = server.poll() is None
+        healthy = alive and _answers(ready)
+        capacity = _get_json(f"http://127.0.0.1:{mock_port}/_mock/capacity")
+        report = build_report(engine, source="bench/overload.py")
+        busy = capacity["busy_s"]
+        measured = args.slots * capacity["served"] / busy if busy else planned
+        return {"variant": name, "report": report, "mock": capacity,
+                "capacity_rps": measured, "planned_capacity_rps": planned,
+                "rss_kib": rss.samples, "alive": alive, "healthy": healthy,
+                "mode": "gateway" if name == "on" or args.off_mode == "gateway"
+                else "passthrough"}
+    finally:
+        procs.stop_all()
+        logs.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="on,off")
+    parser.add_argument("--off-mode", choices=("gateway", "passthrough"), default="gateway")
+    parser.add_argument("--levels", default="2,3,10", type=lambda s: [float(x) for x in
+                                                                      s.split(",")])
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--ttft-ms", type=float, default=100.0)
+    parser.add_argument("--tokens", type=int, default=10)
+    parser.add_argument("--gap-ms", type=float, default=20.0)
+    parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--queue-ttft-ms", type=float, default=5.0)
+    parser.add_argument("--quota-rpm", type=int, default=0,
+                        help="the mock's RPM quota (0: 1.5x the planned capacity)")
+    parser.add_argument("--baseline-s", type=float, default=12.0)
+    parser.add_argument("--warm-s", type=float, default=5.0)
+    parser.add_argument("--measure-s", type=float, default=15.0)
+    parser.add_argument("--tail-s", type=float, default=10.0)
+    parser.add_argument("--gap-s", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--holdback", default="high=0.95,normal=0.95,low=0.9",
+                        type=lambda s: {k: float(v) for k, v in
+                                        (kv.split("=") for kv in s.split(","))},
+                        help="holdback shares of the on policy (the gateway's defaults are "
+                        "high=0.95,normal=0.85,low=0.7)")
+    parser.add_argument("--json", help="write every figure (and both reports) here")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="record the figures in docs/benchmarks.md (## Overload section)")
+    args = parser.parse_args()
+    service_s = (args.ttft_ms + (args.tokens - 1) * args.gap_ms) / 1000
+    if not args.quota_rpm:
+        args.quota_rpm = int(1.5 * 60 * args.slots / service_s)
+    bl.exit_on_sigterm()
+    bl.raise_nofile()
+    started = time.monotonic()
+    source = bl.GatewaySource(None, Path(tempfile.gettempdir()))
+    header = bl.run_header(sys.argv, source)
+    _, support_pin, pin_desc = bl.pin_plan()
+    if support_pin:
+        os.sched_setaffinity(0, {int(support_pin[-1])})  # this process drives the load
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
+        for name in args.variants.split(","):
+            results.append(run_variant(name, args, Path(tmp)))
+    figures = evaluate(results, args)
+    print_summary(figures, header, pin_desc)
+    print(f"\n(total run time {time.monotonic() - started:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"figures": figures, "runs": results}, indent=1))
+    if args.write_docs:
+        write_docs(bl.REPO / "docs" / "benchmarks.md", docs_section(figures, header, pin_desc))
+        print("docs/benchmarks.md: ## Overload section updated")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
