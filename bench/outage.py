@@ -178,7 +178,7 @@ async def main() -> None:
         work = Path(tmp)
         rows.append(await scenario("total outage, gateway", upstream, policy(port, False),
                                    "outage", args.rate, args.outage, work))
-        rows.append(await scenario("total outage, naive stack", upstream, policy(port, True),
+        rows.append(await scenario("outage, no breaker+budget", upstream, policy(port, True),
                                    "outage", args.rate, args.outage, work))
         rows.append(await scenario("20% 5xx, gateway", upstream, policy(port, False), "flaky",
                                    args.rate, args.flaky, work))
