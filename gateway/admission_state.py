@@ -25,7 +25,7 @@ _TTFT_WEIGHT = 0.2  # EWMA weight of a new first-byte time
 def is_client_retry(headers: Mapping[str, str]) -> bool:
     """Whether the SDK marks this as a retry (``x-stainless-retry-count`` > 0)."""
     value = headers.get("x-stainless-retry-count", "0").strip()
-    return value.isdigit() and int(value) > 0
+    return value.isascii() and value.isdigit() and int(value) > 0  # "²".isdigit() is True
 
 
 @dataclass(frozen=True, slots=True)

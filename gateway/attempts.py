@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -46,6 +46,7 @@ class CallContext:
     # waiting interactive requests need.
     client_headers: Mapping[str, str] | None = None
     free_slot_only: bool = False
+    on_permit: Callable[[], None] | None = None  # a slot was granted (deferred bookkeeping)
 
     @property
     def request_headers(self) -> Mapping[str, str]:
@@ -96,8 +97,13 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         permit = await _permit(ctx, target.label, ask, first=not tried and not ctx.free_slot_only,
                                trial=trial)
         if permit is None:
+            if target.label in tried:  # no free slot for it again: give up, never spin here
+                return _give_up(ctx, last, tried) if last else _raise(
+                    svc.breakers.unavailable_error(labels))
             tried.append(target.label)
             continue
+        if ctx.on_permit is not None:
+            ctx.on_permit()
         if not tried:
             record.queue_s = permit.queued_s
         tried.append(target.label)

@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
 from .admission_policy import AdmissionPolicy
 from .breaker import BreakerPolicy
+from .deferred_policy import DeferredPolicy
 from .limits_policy import Budget, Degraded, LoopGuard, TenantLimits
 from .retry import RetryPolicy
 
@@ -177,6 +178,10 @@ class Server(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    backlog: int = Field(
+        4096, ge=16, le=65535, description="listen backlog (capped by net.core.somaxconn): "
+        "aiohttp's default 128 overflowed when thousands of agents connected at once"
+    )
     drain_delay_s: float = Field(
         5.0, ge=0, le=300, description="on SIGTERM: /readyz fails at once, but the listener "
         "keeps accepting this long so load balancers stop sending first (0: close at once)"
@@ -221,6 +226,7 @@ class GatewayConfig(StrictModel):
     admission: AdmissionPolicy = AdmissionPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
     retries: RetryPolicy = RetryPolicy()
+    deferred: DeferredPolicy = DeferredPolicy()  # Prefer: respond-async (deferred_policy.py)
     admin: Admin = Admin()
     allow_inline_secrets: bool = False
     providers: dict[str, Provider] = Field(min_length=1)
@@ -252,6 +258,7 @@ class GatewayConfig(StrictModel):
                         f"tenants.{tname}.api_keys: the same key is also given to '{seen[key]}'"
                     )
                 seen[key] = tname
+        self.deferred.check_tenants(set(self.tenants))
         for key in self.admin.api_keys:
             if key in seen:
                 raise ValueError(f"admin.api_keys: the same key is also a key of tenant "
@@ -281,7 +288,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -292,7 +299,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
 
 _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
+    _construct_mapping,
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .admission import AdmissionController
 from .auth import Authenticator
@@ -24,6 +24,9 @@ from .selfprotect import SelfProtection
 from .streaming import Usage
 from .tracing import Tracing
 from .upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from .deferred import DeferredService
 
 
 @dataclass(slots=True)
@@ -93,3 +96,4 @@ class Services:
     quotas: ProviderQuotas
     tracing: Tracing
     observers: list[Any] = field(default_factory=list)
+    deferred: DeferredService | None = None  # Prefer: respond-async; set by runtime.Gateway

@@ -57,6 +57,10 @@ ATTEMPT_OUTCOMES = frozenset({"success", "http_429", "http_4xx", "http_5xx", "co
                               "timeout", "stream_cut", "breaker_open", "cancelled"})
 BREAKER_STATES = ("closed", "half_open", "open")
 BUDGET_KINDS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
+# Deferred requests (gateway/deferred.py)
+DEFERRED_VIA = frozenset({"prefer", "shed"})
+DEFERRED_OUTCOMES = frozenset({"succeeded", "failed", "expired", "cancelled"})
+DEFERRED_RUN_RESULTS = frozenset({"answered", "retried", "lost", "interrupted", "no_slot"})
 # The gateway's own error codes, so the error boundary can pass ``exc.code`` straight through.
 _REASON_BY_CODE = {
     "rate_limit_exceeded": "rate_limited", "insufficient_quota": "budget_exhausted",
@@ -135,6 +139,8 @@ BreakerSource = Callable[[], Mapping[str, str]]  # deployment label -> state nam
 BudgetSource = Callable[[], Mapping[str, Mapping[str, Mapping[str, Any]]]]  # tenant -> kind ->
 # BudgetSnapshot; kinds: daily_tokens, monthly_tokens, daily_cost, monthly_cost
 RedisSource = Callable[[], Mapping[str, Any] | None]  # RedisSnapshot; None: no Redis here
+# {"running": n, "tenants": {tenant: {"depth", "oldest_age_s", "ttl_s"}}}; None: deferral off
+DeferredSource = Callable[[], Mapping[str, Any] | None]
 LoopLagSource = Callable[[], float]  # seconds, e.g. lambda: selfprotect_monitor.lag_s
 
 M = TypeVar("M", Counter, Histogram)
@@ -209,6 +215,18 @@ class GatewayMetrics:
         self._shadow = counter("gateway_shadow_decisions", "Refusals a policy in shadow mode "
                                "would have made.", "reason")
         self._reloads = counter("gateway_config_reloads", "Policy reloads.", "result")
+        self._deferred_submitted = counter(
+            "gateway_deferred_submitted", "Deferred requests accepted (202), by how: the "
+            "client's Prefer: respond-async, or a would-be shed turned into a deferral.",
+            "tenant", "via")
+        self._deferred_finished = counter(
+            "gateway_deferred_finished", "Deferred requests finished, by final status.",
+            "tenant", "outcome")
+        self._deferred_runs = counter(
+            "gateway_deferred_runs", "Runs of deferred requests: answered (final), retried "
+            "(retryable failure, queued again), lost (its replica died; run again), "
+            "interrupted (replica stopping), no_slot (put back before reaching the upstream).",
+            "tenant", "result")
         self._source_errors = counter("gateway_metrics_source_errors",
                                       "Gauge sources that raised during a scrape.", "source")
         self._reload_ok = Gauge("gateway_config_last_reload_successful",
@@ -236,6 +254,7 @@ class GatewayMetrics:
         self._budgets: BudgetSource | None = None
         self._redis: RedisSource | None = None
         self._loop_lag: LoopLagSource | None = None
+        self._deferred: DeferredSource | None = None
         self._failing: set[str] = set()  # sources whose current failure streak was logged
         self.registry.register(_WithoutCreated(inner))
         self.registry.register(_PulledGauges(self))
@@ -323,6 +342,18 @@ class GatewayMetrics:
         """A shadow-mode policy would have refused; ``kind`` is the would-be reason or code."""
         self._shadow.get(rejection_reason(kind)).inc()
 
+    def deferred_submitted(self, tenant: str | None, via: str) -> None:
+        self._deferred_submitted.get(_bounded(tenant, self._bounds.tenants),
+                                     _bounded(via, DEFERRED_VIA)).inc()
+
+    def deferred_finished(self, tenant: str | None, outcome: str) -> None:
+        self._deferred_finished.get(_bounded(tenant, self._bounds.tenants),
+                                    _bounded(outcome, DEFERRED_OUTCOMES)).inc()
+
+    def deferred_run(self, tenant: str | None, result: str) -> None:
+        self._deferred_runs.get(_bounded(tenant, self._bounds.tenants),
+                                _bounded(result, DEFERRED_RUN_RESULTS)).inc()
+
     def config_reload(self, ok: bool) -> None:
         """A policy reload finished; on success call ``update_config`` too."""
         self._reloads.get("success" if ok else "failure").inc()
@@ -348,6 +379,9 @@ class GatewayMetrics:
 
     def set_loop_lag_source(self, source: LoopLagSource | None) -> None:
         self._loop_lag = source
+
+    def set_deferred_source(self, source: DeferredSource | None) -> None:
+        self._deferred = source
 
     def _pulled(self) -> Iterator[Metric]:
         deployments, tenants = self._bounds.deployments, self._bounds.tenants
@@ -398,6 +432,22 @@ class GatewayMetrics:
             if latency is not None:
                 yield GaugeMetricFamily("gateway_redis_latency_seconds", "Recent round trip.",
                                         value=latency)
+        deferred = self._call("deferred", self._deferred)
+        if deferred is not None:
+            depth = _gauge("gateway_deferred_queue_depth", "Deferred requests not finished "
+                           "(queued or running), fleet-wide.", "tenant")
+            age = _gauge("gateway_deferred_oldest_age_seconds", "Age of the oldest unfinished "
+                         "deferred request, fleet-wide.", "tenant")
+            ttl = _gauge("gateway_deferred_ttl_seconds", "Deferred requests expire this long "
+                         "after submit.", "tenant")
+            for tenant, queue in deferred["tenants"].items():
+                if tenant in tenants:
+                    depth.add_metric([tenant], queue["depth"])
+                    age.add_metric([tenant], queue["oldest_age_s"])
+                    ttl.add_metric([tenant], queue["ttl_s"])
+            yield from (depth, age, ttl)
+            yield GaugeMetricFamily("gateway_deferred_running", "Deferred requests this replica "
+                                    "is running now.", value=deferred["running"])
         lag = self._call("loop_lag", self._loop_lag)
         if lag is not None:
             yield GaugeMetricFamily("gateway_event_loop_lag_seconds",
@@ -427,6 +477,8 @@ PULLED_GAUGES = (
     "gateway_concurrency_limit", "gateway_deployment_in_flight_requests", "gateway_breaker_state",
     "gateway_budget_remaining", "gateway_budget_limit", "gateway_redis_degraded",
     "gateway_redis_latency_seconds", "gateway_event_loop_lag_seconds",
+    "gateway_deferred_queue_depth", "gateway_deferred_oldest_age_seconds",
+    "gateway_deferred_ttl_seconds", "gateway_deferred_running",
 )
 
 

@@ -9,6 +9,7 @@ the way (limit hold, admission permit, breaker trial) is released in a ``finally
 from __future__ import annotations
 
 import math
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -50,9 +51,20 @@ async def handle_proxy(
     if not targets:
         raise GatewayError(400, f"The model '{call.model}' is not served on {route.path}.",
                            code="model_not_supported_on_route", param="model")
+    # Deferred requests (deferred.py): Prefer: respond-async -> stored durably, 202 Accepted.
+    # Mode on_shed runs at once and defers only a would-be overload shed of a low request.
+    deferred = svc.deferred
+    defer = deferred.mode(call, request.headers, config) if deferred is not None else None
+    if deferred is not None and defer == "now":
+        return await deferred.submit(policy, call, request.headers, record, via="prefer")
     # 4 self-protection: shed the lowest classes at the door before any work
     now = svc.clock()
-    svc.guard.door_check(call.priority, now)
+    try:
+        svc.guard.door_check(call.priority, now)
+    except GatewayError as exc:
+        if deferred is None or defer != "on_shed" or exc.code != "overloaded":
+            raise
+        return await deferred.submit(policy, call, request.headers, record, via="shed")
     # 5 deadline feasibility against the fastest candidate's expected first byte
     deadline = request_deadline(request.headers, call.priority, tenant.name, now,
                                 config.admission)
@@ -60,13 +72,22 @@ async def handle_proxy(
     # 6 tenant limits and budgets: one atomic round trip; settled exactly once below
     began = svc.clock()
     with svc.tracing.stage("limits"):
-        hold = await policy.limiter.admit(call, record.request_id)
+        # Keyed by a gateway-made id, never the client's X-Request-Id: a reused client id
+        # must not share a concurrency lease or a settlement with another request.
+        hold = await policy.limiter.admit(call, uuid.uuid4().hex)
     record.limits_s = svc.clock() - began
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay
         ctx = CallContext(request, policy, svc, call, record, targets, deadline, hold.headers,
                           hold.reserved_tokens)
         return await attempt_loop(ctx)
+    except GatewayError as exc:
+        # on_shed deferral: an admission shed comes before any upstream call was made
+        if deferred is None or defer != "on_shed" or exc.code != "overloaded" \
+                or record.attempt_log:
+            raise
+        await policy.limiter.settle(hold, record.usage, 0)  # this reservation back at once
+        return await deferred.submit(policy, call, request.headers, record, via="shed")
     finally:
         # 12 settle: real usage replaces the reservation, off the client's critical path
         record.cost = (record.usage.input_tokens * model.price.input_per_million

@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from .classify import ProxyCall
 from .errors import GatewayError, upstream_failure
-from .streaming import SseRelay, usage_from_body
+from .streaming import SseRelay, Usage
 from .upstream import FORWARDED_RESPONSE_HEADERS, UpstreamAttempt
 
 if TYPE_CHECKING:
@@ -50,7 +51,14 @@ async def relay_whole(
     response = upstream_answer(attempt.target.label, upstream.status, upstream.content_type,
                                upstream.headers, body, extra_headers)
     if upstream.status < 400:
-        record.usage = usage_from_body(body)
+        usage = Usage()
+        try:
+            usage.merge(orjson.loads(body))
+        except orjson.JSONDecodeError:  # a 200 the client could not parse either
+            raise upstream_failure(502, f"The upstream {attempt.target.label} answered "
+                                   f"{upstream.status} with invalid JSON.",
+                                   "upstream_bad_response") from None
+        record.usage = usage
     record.status = upstream.status
     return response
 
@@ -77,10 +85,10 @@ async def relay_stream(
             if out:
                 if record.ttft_s is None:
                     record.ttft_s = loop.time() - record.started
-                await response.write(out)
+                await _write(request, response, out, attempt.end)
         out = relay.leftover()
         if out:
-            await response.write(out)
+            await _write(request, response, out, attempt.end)
         if not relay.finished:
             raise upstream_failure(
                 502, f"The upstream {attempt.target.label} ended the stream early.",
@@ -89,22 +97,41 @@ async def relay_stream(
     except GatewayError as exc:
         # The status line is gone: end the stream with an error event the SDKs understand.
         record.outcome, record.error_code = "upstream_error", exc.code
-        await _write_quietly(response, exc.sse_event(call.route.dialect))
+        await _write_quietly(request, response, exc.sse_event(call.route.dialect))
     finally:
         record.usage = relay.final_usage()
-    await _write_eof_quietly(response)
+        if not relay.finished:  # cut: the provider did read the prompt and send these deltas
+            record.usage.input_tokens = record.usage.input_tokens or call.prompt_tokens_estimate
+            record.usage.output_tokens = max(record.usage.output_tokens, relay.deltas)
+    await _write_eof_quietly(request, response)
     return response
 
 
-async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+async def _write(request: web.Request, response: web.StreamResponse, data: bytes,
+                 until: float) -> None:
+    """Write by ``until`` at the latest: a client that stopped reading must not hold the
+    upstream call, its slots and leases past the call's total timeout."""
     try:
-        await response.write(data)
+        async with asyncio.timeout_at(until):
+            await response.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the client stopped reading the stream") from None
+
+
+async def _write_quietly(request: web.Request, response: web.StreamResponse,
+                         data: bytes) -> None:
+    try:
+        await _write(request, response, data, asyncio.get_running_loop().time() + 1.0)
     except (ConnectionError, RuntimeError):
         pass  # the client is gone too; nothing left to tell it
 
 
-async def _write_eof_quietly(response: web.StreamResponse) -> None:
+async def _write_eof_quietly(request: web.Request, response: web.StreamResponse) -> None:
     try:
-        await response.write_eof()
-    except (ConnectionError, RuntimeError):
-        pass
+        async with asyncio.timeout(1.0):
+            await response.write_eof()
+    except (ConnectionError, RuntimeError, TimeoutError):
+        if request.transport is not None:
+            request.transport.abort()

@@ -24,6 +24,8 @@ from .breaker import BreakerBoard
 from .config import GatewayConfig
 from .config_base import Priority
 from .context import Policy, Services
+from .deferred import DeferredService
+from .deferred_store import create_store
 from .degraded import DegradedMode
 from .limits import LEASE_TTL_MS, InFlight, Limiter
 from .metrics import GatewayMetrics
@@ -89,6 +91,11 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._retired: list[Policy] = []
         self._wire_metric_sources()
+        # Deferred requests (deferred.py): queue, dispatcher and sweeper; idle unless enabled
+        self.deferred = DeferredService(lambda: self.policy, self.services, create_store(state),
+                                        self.metrics, self.replica_id, self.close_idle_retired)
+        self.services.deferred = self.deferred
+        self.metrics.set_deferred_source(self.deferred.snapshot)
 
     def build_policy(self, config: GatewayConfig) -> Policy:
         limiter = Limiter(config, self.state, self.degraded, time.time, self.inflight)
@@ -135,6 +142,7 @@ class Gateway:
             loop.create_task(self.degraded.run(self._stop)),
             loop.create_task(self._renew_leases()),
             loop.create_task(self.services.breakers.run_sync(self._stop)),
+            loop.create_task(self.deferred.run(self._stop)),  # returns after its runs stop
         ]
         self.ready = True
 

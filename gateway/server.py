@@ -26,6 +26,7 @@ from . import admin
 from .admin import check_admin
 from .context import RequestRecord
 from .cors import setup_cors
+from . import deferred_api
 from .metrics import GatewayMetrics, metrics_handler
 from .pipeline import handle_proxy, models_listing
 from .runtime import Gateway
@@ -66,6 +67,7 @@ def create_app(
         app.router.add_post(path, _proxy)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/models/{model}", _model)
+    deferred_api.add_routes(app, GATEWAY, RECORD)  # /v1/deferred/{id}: status, answer, cancel
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", metrics_handler(app[GATEWAY].metrics))
@@ -203,7 +205,8 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
                             code="unknown_url")
     if exc.status == 405:
         return GatewayError(405, f"Method {request.method} is not allowed on {request.path[:200]}.",
-                            code="method_not_allowed")
+                            code="method_not_allowed",  # RFC 9110: a 405 names what is allowed
+                            headers={"Allow": exc.headers.get("Allow", "")})
     if exc.status == 413:
         return GatewayError(413, "The request body is too large.", code="request_too_large")
     return GatewayError(exc.status, exc.reason, code=f"http_{exc.status}")

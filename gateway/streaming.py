@@ -20,8 +20,10 @@ from typing import Any
 
 import orjson
 
-from .errors import Dialect
+from .errors import Dialect, upstream_failure
 
+# One event larger than this is an upstream fault: cut the stream rather than buffer it all.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _DELTA = re.compile(rb'"delta"|output_text\.delta')
@@ -98,6 +100,9 @@ class SseRelay:
         data = self._buffer + chunk
         end = data.rfind(b"\n\n")
         if end < 0:
+            if len(data) > MAX_EVENT_BYTES:
+                raise upstream_failure(502, f"The upstream sent a stream event larger than "
+                                       f"{MAX_EVENT_BYTES} bytes.", "upstream_event_too_large")
             self._buffer = data
             return b""
         self._buffer = data[end + 2:]

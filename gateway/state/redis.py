@@ -51,8 +51,10 @@ T = TypeVar("T")
 _STANDALONE_SCHEMES = ("redis", "rediss")
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 # Only RedisClusterException sits outside RedisError; OSError covers socket errors and
-# TimeoutError (asyncio.timeout's, too, on Python 3.11).
-_STORE_ERRORS = (RedisError, RedisClusterException, OSError)
+# TimeoutError (asyncio.timeout's, too, on Python 3.11). AttributeError: redis-py 8.1's
+# cluster client can write to a connection torn down under it when a node dies
+# ("'NoneType' object has no attribute 'writelines'"); that too is the store failing.
+_STORE_ERRORS = (RedisError, RedisClusterException, OSError, AttributeError)
 
 
 def _load_lua(name: str) -> str:
@@ -160,6 +162,20 @@ class RedisBackend:
     def cluster(self) -> bool:
         """True when talking to a Redis Cluster (``redis+cluster://`` URL)."""
         return isinstance(self._client, RedisCluster)
+
+    # Deferred requests (gateway/deferred_store.py) run stream commands and their own scripts on
+    # this client; every such command goes through ``call`` (deadline + StateUnavailable).
+    @property
+    def client(self) -> Redis | RedisCluster:
+        return self._client
+
+    @property
+    def key_prefix(self) -> str:
+        return self._prefix
+
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """``_call`` for other modules: one command under the deadline, failures mapped."""
+        return await self._call(op, fn)
 
     def __repr__(self) -> str:
         return f"RedisBackend({self._target!r})"
