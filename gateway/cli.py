@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     loadtest.add_argument("args", nargs=argparse.REMAINDER)
     loadtest.set_defaults(func=_loadtest)
 
+    status = sub.add_parser("status", help="a running gateway's limits, queues and breakers")
+    status.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway's base URL")
+    status.add_argument("--admin-key", default=os.environ.get("GATEWAY_ADMIN_KEY"),
+                        help="admin key (default: $GATEWAY_ADMIN_KEY)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(func=_status)
+
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _args: print(__version__))
     return parser
@@ -305,6 +312,31 @@ def _loadtest(args: argparse.Namespace) -> int:
     from .loadtest.cli import main as loadtest_main
 
     return loadtest_main(args.args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    from .admin import render_table
+
+    if not args.admin_key:
+        print("gateway status: give --admin-key or set GATEWAY_ADMIN_KEY", file=sys.stderr)
+        return 2
+    request = urllib.request.Request(args.url.rstrip("/") + "/admin/status",
+                                     headers={"Authorization": f"Bearer {args.admin_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - operator's URL
+            data = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        print(f"gateway status: {exc.code} {exc.read().decode(errors='replace')[:300]}",
+              file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"gateway status: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else render_table(data))
+    return 0
 
 
 def _hash_key(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -188,3 +189,24 @@ async def test_cors_is_off_by_default_and_exact_when_configured(
                           headers=auth(Origin="https://app.example"))
     assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
     await resp.read()
+
+
+async def test_gateway_status_cli_prints_a_table(make_gateway: MakeGateway) -> None:
+    import subprocess
+    import sys
+
+    gw = await make_gateway(admin={"api_keys": [hash_key(ADMIN_KEY)]})
+    await gw.post("/v1/chat/completions", json=chat(), headers=auth())
+    url = str(gw.make_url("")).rstrip("/")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "status", "--url", url, "--admin-key", ADMIN_KEY,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    text = out.decode()
+    assert "acme" in text and "main/upstream-gpt" in text and "critical" in text
+    bad = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "status", "--url", url, "--admin-key", "nope",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    await asyncio.wait_for(bad.communicate(), 20)
+    assert bad.returncode == 1
