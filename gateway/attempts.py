@@ -73,6 +73,7 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
     labels = [t.label for t in ctx.targets]
     by_label = {t.label: t for t in ctx.targets}
     tried: list[str] = []
+    over_quota: set[str] = set()  # asked once per request: never spin on a spent quota
     last: _Failed | None = None
     ask = AdmissionRequest(
         ctx.call.priority, ctx.call.tenant.name, ctx.tokens, ctx.deadline.at, svc.clock(),
@@ -81,7 +82,8 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
     )
     while True:
         # 7 route: an untried usable deployment first (failover), else the same one again
-        trial = await svc.breakers.begin_first(labels, tried)
+        candidates = [lb for lb in labels if lb not in over_quota]
+        trial = await svc.breakers.begin_first(candidates, tried)
         if trial is None:
             return _give_up(ctx, last, tried) if last else _raise(
                 svc.breakers.unavailable_error(labels))
@@ -90,6 +92,7 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         quota = await svc.quotas.take(target.deployment, ctx.tokens)
         if not quota.allowed:
             trial.cancelled()
+            over_quota.add(target.label)
             svc.breakers.cool_down(target.label, quota.retry_after_s)
             last = last or _quota_spent(target.label, quota.retry_after_s)
             continue
