@@ -437,8 +437,8 @@ def summarize(samples: list[Sample], stats: Stats, args: argparse.Namespace) -> 
         "statuses": _totals(samples),
     }
     problems = []
-    if growth >= 5.0:
-        problems.append(f"RSS grew {growth:.1f}% after warm-up (target < 5%)")
+    if growth >= args.rss_target:
+        problems.append(f"RSS grew {growth:.1f}% after warm-up (target < {args.rss_target:g}%)")
     if fd_end > fd_base + args.fd_slack:
         problems.append(f"open fds grew from {fd_base} to {fd_end}")
     if keys and max(keys) > key_bound:
@@ -469,6 +469,8 @@ def main() -> int:
     parser.add_argument("--fd-slack", type=int, default=8,
                         help="fds above the warm-up level still counted as no growth "
                         "(pooled connections come and go)")
+    parser.add_argument("--rss-target", type=float, default=5.0,
+                        help="largest RSS growth after warm-up, in percent, that passes")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", help="write the summary and samples here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")

@@ -17,6 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MINUTES = 2.0
+# Each upstream 5xx storm raises the process's RSS by a few MiB that it keeps (native memory:
+# Python's own heap stays flat; docs/reliability.md, Soak). Two minutes hold a second storm
+# after the warm-up, so this cut can only catch a gross leak; the 30-minute run is held to 5%.
+RSS_TARGET = 15.0
 
 pytestmark = pytest.mark.redis
 
@@ -25,13 +29,14 @@ def test_short_soak_with_faults_meets_its_targets(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "soak.py"), "--minutes", str(MINUTES),
-         "--fault-every", "12", "--sample-every", "5", "--check", "--json", str(out)],
+         "--fault-every", "12", "--sample-every", "5", "--rss-target", str(RSS_TARGET),
+         "--check", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=MINUTES * 60 + 120, check=False)
     print(done.stdout[-6000:])  # the table, in the CI log when -s or on failure
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["problems"] == []
-    assert result["rss_growth_pct"] < 5.0
+    assert result["rss_growth_pct"] < RSS_TARGET
     assert result["fds_end"] <= result["fds_after_warmup"] + 8
     assert result["internal_errors"] == 0 and result["no_answer"] == 0
     assert result["requests"] >= 0.9 * 40 * MINUTES * 60
