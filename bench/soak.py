@@ -416,8 +416,10 @@ def summarize(samples: list[Sample], stats: Stats, args: argparse.Namespace) -> 
     base_rss = statistics.median(s.rss_mb for s in after[:3])
     end_rss = statistics.median(s.rss_mb for s in after[-3:])
     growth = (end_rss - base_rss) / base_rss * 100
+    # The floor of the open fds: a burst of hung calls leaves pooled connections that close
+    # over a minute or two; a leak raises the floor itself.
     fd_base = min(s.fds for s in after[:3])
-    fd_end = max(s.fds for s in after[-3:])
+    fd_end = min(s.fds for s in after[-3:])
     keys = [s.redis_keys for s in samples if s.redis_keys is not None]
     # Per request at most one settled marker (DONE_TTL) plus short-lived session keys.
     key_bound = int(args.rate * (min(duration, DONE_TTL_S) + 120) * 1.5 + 1000)
