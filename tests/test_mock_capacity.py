@@ -115,9 +115,11 @@ async def test_without_capacity_nothing_changes(aiohttp_client: MakeClient) -> N
     app = create_mock_app()
     client = await aiohttp_client(app)
     assert app[CAPACITY] is None
-    knobs = {"x-mock-ttft-ms": "150"}
+    # A TTFT far above any scheduling stall of a loaded machine: non-streaming answers ignore
+    # it, as before the capacity model existed.
+    knobs = {"x-mock-ttft-ms": "3000"}
     took = await asyncio.gather(*(_ttft(client, knobs, stream=False) for _ in range(20)))
-    assert max(took) < 0.1  # non-streaming answers ignore TTFT, as before
+    assert max(took) < 1.5
     assert (await (await client.get("/_mock/capacity")).json()) == {"enabled": False}
 
 
