@@ -123,6 +123,23 @@ async def open_loop(url: str, rate: float, seconds: float) -> tuple[float, float
     return latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
 
 
+async def alternate(urls: dict[str, str], args: argparse.Namespace) -> tuple[
+    dict[str, list[float]], dict[str, list[tuple[float, float]]]
+]:
+    """Closed-loop req/s and open-loop (p50, p99) per variant, rounds alternating the order."""
+    for url in urls.values():  # warm up connections and scripts
+        await closed_loop(url, 8, 0.5)
+    rps: dict[str, list[float]] = {n: [] for n in urls}
+    lat: dict[str, list[tuple[float, float]]] = {n: [] for n in urls}
+    for r in range(args.rounds):
+        order = list(urls) if r % 2 == 0 else list(reversed(urls))
+        for name in order:
+            rps[name].append(await closed_loop(urls[name], args.concurrency, args.duration))
+        for name in order:
+            lat[name].append(await open_loop(urls[name], args.rate, args.duration))
+    return rps, lat
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -151,17 +168,7 @@ async def main() -> None:
             for port in ports.values():
                 await wait_http(f"http://127.0.0.1:{port}/readyz")
             urls = {n: f"http://127.0.0.1:{p}/v1/chat/completions" for n, p in ports.items()}
-            for url in urls.values():  # warm up connections, scripts, JIT-less caches
-                await closed_loop(url, 8, 0.5)
-            rps: dict[str, list[float]] = {n: [] for n in urls}
-            lat: dict[str, list[tuple[float, float]]] = {n: [] for n in urls}
-            for r in range(args.rounds):
-                order = list(urls) if r % 2 == 0 else list(reversed(urls))
-                for name in order:
-                    rps[name].append(await closed_loop(urls[name], args.concurrency,
-                                                       args.duration))
-                for name in order:
-                    lat[name].append(await open_loop(urls[name], args.rate, args.duration))
+            rps, lat = await alternate(urls, args)
         finally:
             for p in procs:
                 p.terminate()

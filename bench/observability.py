@@ -24,7 +24,7 @@ import yaml
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import ROOT, closed_loop, free_port, open_loop, start, wait_http  # noqa: E402
+from limits import ROOT, alternate, free_port, start, wait_http  # noqa: E402
 
 
 async def collector(port: int) -> tuple[web.AppRunner, list[int]]:
@@ -101,17 +101,7 @@ async def main() -> None:
             for port in ports.values():
                 await wait_http(f"http://127.0.0.1:{port}/readyz")
             urls = {n: f"http://127.0.0.1:{p}/v1/chat/completions" for n, p in ports.items()}
-            for url in urls.values():
-                await closed_loop(url, 8, 0.5)
-            rps: dict[str, list[float]] = {n: [] for n in urls}
-            lat: dict[str, list[tuple[float, float]]] = {n: [] for n in urls}
-            for r in range(args.rounds):
-                order = list(urls) if r % 2 == 0 else list(reversed(urls))
-                for name in order:
-                    rps[name].append(await closed_loop(urls[name], args.concurrency,
-                                                       args.duration))
-                for name in order:
-                    lat[name].append(await open_loop(urls[name], args.rate, args.duration))
+            rps, lat = await alternate(urls, args)
         finally:
             for p in procs:
                 p.terminate()
