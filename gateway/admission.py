@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +49,7 @@ from .admission_state import (
     Permit,
     QueueEntry,
     is_client_retry,
+    is_later_step,
 )
 from .concurrency import Outcome
 from .config_base import Priority
@@ -56,13 +57,14 @@ from .deadlines import deadline_exceeded
 
 __all__ = [
     "AdmissionController", "AdmissionObserver", "AdmissionPolicy", "AdmissionRequest",
-    "DeadlineStage", "Outcome", "Permit", "ShedReason", "is_client_retry",
+    "DeadlineStage", "Outcome", "Permit", "ShedReason", "is_client_retry", "is_later_step",
 ]
 
 Clock = Callable[[], float]
 log = logging.getLogger("gateway.admission")
 
 _MIN_REARM_S = 0.001  # a queue timer that fires early never re-arms for less (no busy loop)
+_RUN_MEMORY_MAX = 10_000  # sessions remembered as runs in progress (~1 MB); oldest forgotten
 
 
 class AdmissionController:
@@ -82,6 +84,9 @@ class AdmissionController:
         self._shed: Counter[tuple[Priority, str]] = Counter()
         self._would_shed: Counter[tuple[Priority, str]] = Counter()
         self._deadline: Counter[tuple[Priority, str]] = Counter()
+        # (tenant, session) -> when this replica last admitted a step of it: runs in progress,
+        # which cohort shedding spares (admission_shed.py) even without X-Agent-Step.
+        self._runs: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     @property
     def policy(self) -> AdmissionPolicy:
@@ -102,7 +107,7 @@ class AdmissionController:
         permit = self._grant_now(state, req, now)
         if permit is not None:
             return permit
-        reason = self._shed_reason(state, req)
+        reason = self._shed_reason(state, req, now)
         if reason is not None:
             self._refuse(state, req, reason, now)  # raises unless in shadow mode
         entry = QueueEntry(req, now, asyncio.get_running_loop().create_future())
@@ -190,7 +195,22 @@ class AdmissionController:
     def _grant(self, state: DeploymentState, req: AdmissionRequest, now: float,
                queued_s: float) -> Permit:
         state.take(req.priority)
+        if req.agent_session is not None and self._policy.run_memory_s > 0:
+            key = (req.tenant, req.agent_session)
+            self._runs[key] = now
+            self._runs.move_to_end(key)
+            if len(self._runs) > _RUN_MEMORY_MAX:
+                self._runs.popitem(last=False)
         return Permit(state, req, now, queued_s, self._release)
+
+    def _in_progress(self, req: AdmissionRequest, now: float) -> bool:
+        """A later step of a run: X-Agent-Step > 1, or a session admitted recently here."""
+        if req.continuing:
+            return True
+        if req.agent_session is None:
+            return False
+        at = self._runs.get((req.tenant, req.agent_session))
+        return at is not None and now - at <= self._policy.run_memory_s
 
     def _check_deadline(self, state: DeploymentState, req: AdmissionRequest, now: float) -> None:
         if not state.feasible(req.deadline, now):
@@ -198,13 +218,14 @@ class AdmissionController:
             self._observer.on_deadline(state.label, req.priority, "admission")
             raise deadline_exceeded(req.deadline - now, state.ttft)
 
-    def _shed_reason(self, state: DeploymentState, req: AdmissionRequest) -> ShedReason | None:
+    def _shed_reason(self, state: DeploymentState, req: AdmissionRequest,
+                     now: float) -> ShedReason | None:
         if len(state.queues[req.priority]) >= self._policy.classes.of(req.priority).max_queue:
             return "queue_full"
         bucket = cohort_bucket(
             req.tenant, req.agent_session, self._policy.cohort_buckets, self._rng
         )
-        return state.shed.decide(req.priority, bucket, req.is_retry)
+        return state.shed.decide(req.priority, bucket, req.is_retry, self._in_progress(req, now))
 
     def _refuse(self, state: DeploymentState, req: AdmissionRequest, reason: ShedReason,
                 now: float) -> None:

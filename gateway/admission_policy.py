@@ -171,6 +171,12 @@ class AdmissionPolicy(StrictModel):
         default=4, ge=1,
         description="cohorts taken off the shed threshold per interval without overload",
     )
+    run_memory_s: float = Field(
+        default=120.0, ge=0,
+        description="a session admitted within this many seconds counts as a run in progress "
+        "(as X-Agent-Step > 1 does): cohort shedding spares it until the level passes its "
+        "whole class; 0 relies on X-Agent-Step alone",
+    )
     ttft_prior_s: PositiveFloat = Field(
         default=1.0,
         description="expected time to first byte of a deployment before any is measured",

@@ -12,12 +12,20 @@ interval. A class is in drop mode when it, or any class above it, is overloaded.
 **Cohort level.** Requests are placed on one scale from the bottom: ``low`` cohorts
 ``0..B-1``, then ``normal`` ``B..2B-1``, ``high``, ``critical`` (B = cohort buckets). A request
 that would have to queue is shed when its position is below the level. While some class is
-overloaded, the level climbs ``cohort_step_up`` per interval up to the top of the most important
-overloaded class, so the lowest class goes first and, inside a class, the same cohorts (hashes of
-the agent session) go first on every replica. Without overload it falls ``cohort_step_down`` per
+overloaded, every class below the most important overloaded one is shed whole (strict priority
+gives them no slot while it queues anyway), and the level climbs ``cohort_step_up`` per interval
+up to the top of that class, so inside a class the same cohorts (hashes of the agent session) go
+first on every replica. Without overload it falls ``cohort_step_down`` per
 interval: slower than it climbs, so the shed share settles instead of flapping. Retries
 (``x-stainless-retry-count`` > 0) of a class are shed as soon as the level reaches into the
 class, before any of its first attempts.
+
+**Runs in progress.** A later step of an agent run (X-Agent-Step > 1, or a session admitted
+recently) is not shed by cohort while the level is inside its class: only new runs are. A run
+is worth something only when all its steps complete, so under overload the gateway stops
+starting runs of a class instead of cutting runs half-way; the queue bound and deadlines still
+apply to continuing steps, and once the level passes the top of the class (the class above is
+overloaded too) they are shed like the rest.
 """
 
 from __future__ import annotations
@@ -92,8 +100,11 @@ class ShedState:
             self.level = max(0, self.level - self._down * intervals)
             return
         cap = (N_CLASSES - worst) * self._buckets
+        # Strict priority gives the classes below an overloaded one no slot at all while it
+        # queues: shed them entirely at once rather than climbing through their cohorts first.
+        floor = cap - self._buckets
         if self.level < cap:
-            self.level = min(cap, self.level + self._up)
+            self.level = min(cap, max(self.level, floor) + self._up)
         else:
             self.level = max(cap, self.level - self._down * intervals)
 
@@ -105,13 +116,16 @@ class ShedState:
         """The class or a class above it is overloaded."""
         return any(self._overloaded[: priority + 1])
 
-    def decide(self, priority: Priority, bucket: int, is_retry: bool) -> ShedReason | None:
+    def decide(self, priority: Priority, bucket: int, is_retry: bool,
+               continuing: bool = False) -> ShedReason | None:
         """Why a request that would have to queue is shed now, or None to let it queue."""
         bottom = (N_CLASSES - 1 - priority) * self._buckets
         if self.level <= bottom:
             return None
         if is_retry:
             return "retry"
+        if continuing:  # a run in progress ranks above every new run of its class
+            return "cohort" if self.level > bottom + self._buckets else None
         return "cohort" if bottom + bucket < self.level else None
 
 

@@ -50,10 +50,10 @@ def make(clock: FakeClock, limit: int = 20, observer: AdmissionObserver | None =
 
 def req(clock: FakeClock, priority: Priority = N, tenant: str = "t", tokens: int = 100,
         deadline_in: float = 60.0, session: str | None = None,
-        retry: bool = False) -> AdmissionRequest:
+        retry: bool = False, continuing: bool = False) -> AdmissionRequest:
     return AdmissionRequest(priority=priority, tenant=tenant, tokens=tokens,
                             deadline=clock.now + deadline_in, arrived=clock.now,
-                            agent_session=session, is_retry=retry)
+                            agent_session=session, is_retry=retry, continuing=continuing)
 
 
 async def fill(ctl: AdmissionController, clock: FakeClock, n: int,
@@ -305,7 +305,7 @@ async def test_drop_mode_sheds_cohorts_and_retries_first() -> None:
     clock = FakeClock()
     classes = {"normal": {"queue_target_ms": 100, "max_queue": 100, "holdback_share": 0.85,
                           "default_deadline_s": 300}}
-    ctl = make(clock, limit=1, classes=classes, cohort_step_up=192)
+    ctl = make(clock, limit=1, classes=classes, cohort_step_up=64)  # low whole + 64 of normal
     blocker = await ctl.acquire(DEP, req(clock, C))
     waiter = asyncio.create_task(ctl.acquire(DEP, req(clock, N)))
     await settle()
@@ -332,6 +332,42 @@ async def test_drop_mode_sheds_cohorts_and_retries_first() -> None:
     for task in (critical, waiter, kept):
         await settle()
         (await task).release("success")
+
+
+async def test_runs_already_admitted_keep_their_place_when_their_cohort_is_shed() -> None:
+    clock = FakeClock()
+    classes = {"normal": {"queue_target_ms": 100, "max_queue": 100, "holdback_share": 0.85,
+                          "default_deadline_s": 300}}
+    ctl = make(clock, limit=1, classes=classes, cohort_step_up=256, run_memory_s=30)
+    (await ctl.acquire(DEP, req(clock, N, session="old-run"))).release("success")  # step 1
+    clock.now += 10
+    blocker = await ctl.acquire(DEP, req(clock, C))
+    waiter = asyncio.create_task(ctl.acquire(DEP, req(clock, N)))
+    await settle()
+    clock.now += 1.0  # normal's queue head waited 1 s against 100 ms: every cohort of normal
+    with pytest.raises(GatewayError) as err:
+        await ctl.acquire(DEP, req(clock, N, session="new-run"))
+    assert err.value.code == "overloaded"
+    # the run admitted 11 s ago, and a later step named by X-Agent-Step, queue instead
+    remembered = asyncio.create_task(ctl.acquire(DEP, req(clock, N, session="old-run")))
+    stepped = asyncio.create_task(ctl.acquire(DEP, req(clock, N, session="other",
+                                                       continuing=True)))
+    await settle()
+    assert not remembered.done() and not stepped.done()
+    blocker.release("success")
+    for task in (waiter, remembered, stepped):
+        await settle()
+        (await task).release("success")
+    clock.now += 31  # past run_memory_s: the same session is a new run again
+    blocker = await ctl.acquire(DEP, req(clock, C))
+    waiter = asyncio.create_task(ctl.acquire(DEP, req(clock, N)))
+    await settle()
+    clock.now += 1.0
+    with pytest.raises(GatewayError):
+        await ctl.acquire(DEP, req(clock, N, session="old-run"))
+    blocker.release("success")
+    await settle()
+    (await waiter).release("success")
 
 
 async def test_shadow_mode_never_refuses_but_counts() -> None:

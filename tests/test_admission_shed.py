@@ -87,17 +87,24 @@ def test_codel_leaves_drop_mode_when_the_delay_falls() -> None:
 def test_cohort_level_climbs_under_sustained_overload_and_falls_as_it_clears() -> None:
     state = ShedState(policy(cohort_step_up=16, cohort_step_down=4), now=0.0)
     levels = []
-    for second in range(1, 12):  # normal overloaded for 11 intervals
+    for second in range(1, 5):  # normal overloaded for 4 intervals
         state.roll(float(second), waits(normal=10.0))
         levels.append(state.level)
-    assert levels == [16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176]
-    # low (cohorts 0..127) went entirely before normal (128..255) lost a cohort
+    # low (cohorts 0..127) went whole at once, then normal (128..255) loses 16 cohorts a step
+    assert levels == [144, 160, 176, 192]
     assert state.decide(L, 127, is_retry=False) == "cohort"
-    assert state.decide(N, 47, is_retry=False) == "cohort"
-    assert state.decide(N, 48, is_retry=False) is None
-    for second in range(12, 17):  # cleared: falls slower than it climbed
+    assert state.decide(N, 63, is_retry=False) == "cohort"
+    assert state.decide(N, 64, is_retry=False) is None
+    for second in range(5, 10):  # cleared: falls slower than it climbed
         state.roll(float(second), EMPTY)
-    assert state.level == 176 - 5 * 4
+    assert state.level == 192 - 5 * 4
+
+
+def test_only_low_overloaded_climbs_through_lows_cohorts() -> None:
+    state = ShedState(policy(cohort_step_up=16), now=0.0)
+    for second in range(1, 4):
+        state.roll(float(second), waits(low=10.0))
+    assert state.level == 48
 
 
 def test_cohort_level_never_climbs_past_the_most_important_overloaded_class() -> None:
@@ -131,6 +138,17 @@ def test_retries_are_shed_before_first_attempts() -> None:
     assert state.decide(H, 0, is_retry=True) is None  # high is not being shed at all
     state.level = 128  # low entirely, normal untouched: normal retries pass
     assert state.decide(N, 5, is_retry=True) is None
+
+
+def test_runs_in_progress_are_shed_only_once_the_level_passes_their_class() -> None:
+    state = ShedState(policy(), now=0.0)
+    state.level = 2 * 128  # every cohort of normal: no new normal run starts
+    assert state.decide(N, 127, is_retry=False) == "cohort"
+    assert state.decide(N, 0, is_retry=False, continuing=True) is None  # its runs carry on
+    assert state.decide(N, 0, is_retry=True, continuing=True) == "retry"  # retries go first
+    state.level = 2 * 128 + 1  # high is being shed too: now the runs of normal go as well
+    assert state.decide(N, 127, is_retry=False, continuing=True) == "cohort"
+    assert state.decide(H, 0, is_retry=False, continuing=True) is None
 
 
 def test_cohort_bucket_is_stable_and_not_pythons_salted_hash() -> None:
