@@ -77,6 +77,7 @@ class AdmissionController:
     def __init__(self, policy: AdmissionPolicy, clock: Clock, rng: random.Random,
                  observer: AdmissionObserver | None = None) -> None:
         self._policy = policy
+        self._shares = tuple(policy.classes.of(p).holdback_share for p in Priority)
         self._clock = clock
         self._rng = rng
         self._observer = observer or AdmissionObserver()
@@ -150,6 +151,7 @@ class AdmissionController:
         """Apply a reloaded policy, keeping in-flight counts, queues, limits and shed levels."""
         now = self._clock()
         self._policy = policy
+        self._shares = tuple(policy.classes.of(p).holdback_share for p in Priority)
         for label, state in self._deployments.items():
             state.limiter.reconfigure(policy.concurrency_for(label))
             level = state.shed.level
@@ -181,7 +183,7 @@ class AdmissionController:
         return state
 
     def _cap(self, state: DeploymentState, priority: Priority) -> int:
-        return state.cap(priority, self._policy.classes.of(priority).holdback_share)
+        return state.cap(priority, self._shares[priority])
 
     def _grant_now(self, state: DeploymentState, req: AdmissionRequest,
                    now: float) -> Permit | None:
@@ -298,6 +300,8 @@ class AdmissionController:
         """Hand free slots to waiters: strict priority, fair order inside a class."""
         for priority in Priority:
             queue = state.queues[priority]
+            if not queue:
+                continue
             cap = self._cap(state, priority)
             while queue and state.in_flight < cap:
                 entry = queue.pop()

@@ -243,6 +243,11 @@ class _Breaker:
         before = self.cb.current_state
         if epoch != self.epoch or before == OPEN:
             return  # started before the latest trip: it says nothing about now
+        if kind is None and before == CLOSED and self.storage.counter == 0:
+            # pybreaker would change nothing (closed, no failure to forget; our listener has
+            # no success hook): skip its lock and generator, the common path of every request.
+            self.window.add(self.board.clock(), False)
+            return
         try:
             with self.cb.calling():
                 if kind is not None:
@@ -256,9 +261,11 @@ class _Breaker:
         if before == CLOSED and after == CLOSED:
             now = self.board.clock()
             self.window.add(now, kind is not None)
+            if kind is None:
+                return
             calls, failures = self.window.totals(now)
             p = self.policy
-            if kind is not None and calls >= p.min_calls and failures >= p.failure_rate * calls:
+            if calls >= p.min_calls and failures >= p.failure_rate * calls:
                 self.cause = "failure_rate"
                 self.cb.open()
 

@@ -191,6 +191,11 @@ class Server(StrictModel):
         "requests and streams may take to finish; the rest end with an error event. Keep "
         "Kubernetes' terminationGracePeriodSeconds above preStop + delay + this + ~10 s"
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="the event loop: uvloop (libuv; ~10 % less CPU per proxied "
+        "request, see docs/benchmarks.md) or the standard library's asyncio; 'auto' takes "
+        "uvloop when it is installed"
+    )
     cors_origins: list[str] = Field(
         [], description="browser origins allowed to call the API (CORS); empty: CORS off. "
         "'*' allows any origin (credentials are never allowed)"

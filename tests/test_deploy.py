@@ -272,7 +272,8 @@ def test_dockerfile_matches_the_code() -> None:
 def test_the_lock_pins_every_dependency_with_hashes() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     text = (ROOT / "requirements.lock").read_text()
-    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", text, re.MULTILINE))
+    # name==version [; environment marker] \
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)(?: ;[^\\\n]*)? \\$", text, re.MULTILINE))
     pins = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in pins.items()}
     wanted = [Requirement(r) for r in project["project"]["dependencies"]]
     wanted += [Requirement(r) for r in project["build-system"]["requires"]]

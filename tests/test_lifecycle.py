@@ -521,6 +521,21 @@ def test_settings_only_a_restart_can_change_are_kept_and_named(mock_url: str) ->
     assert same is running and none == []
 
 
+def test_serve_runs_on_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvloop
+
+    from gateway.cli import loop_factory
+    from gateway.config import ConfigError
+
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert loop_factory("auto") is None
+    with pytest.raises(ConfigError, match="server.event_loop"):
+        loop_factory("uvloop", "policy.yaml")
+
+
 async def test_reloader_keeps_the_old_policy_object_when_the_file_is_invalid(
     tmp_path: Path, mock_url: str, aiohttp_client: Any
 ) -> None:

@@ -86,6 +86,27 @@ def test_calling_counts_an_exception_as_failure_and_a_normal_exit_as_success() -
     assert rec.events == [("before_call",), ("failure", "Boom"), ("before_call",), ("success",)]
 
 
+def test_a_success_while_closed_with_no_failure_counted_changes_only_listener_hooks() -> None:
+    # gateway/breaker.py skips calling() for exactly this case: it must be a no-op apart from
+    # the listeners' before_call/success hooks, which the gateway's listener does not define.
+    rec = Recorder()
+    cb = pybreaker.CircuitBreaker(fail_max=5, listeners=[rec])
+    storage = cb._state_storage
+    before = (cb.current_state, storage.counter, storage.success_counter, storage.opened_at)
+    succeed(cb)
+    assert (cb.current_state, storage.counter, storage.success_counter,
+            storage.opened_at) == before
+    assert rec.events == [("before_call",), ("success",)]
+
+
+def test_gateway_listener_has_only_a_state_change_hook() -> None:
+    from gateway.breaker import _Listener
+
+    base = pybreaker.CircuitBreakerListener
+    assert [name for name in ("before_call", "failure", "success")
+            if getattr(_Listener, name) is not getattr(base, name)] == []
+
+
 def test_fail_max_consecutive_failures_open_it_with_circuit_breaker_error() -> None:
     rec = Recorder()
     cb = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=10, listeners=[rec])
