@@ -191,6 +191,10 @@ class Server(StrictModel):
         "requests and streams may take to finish; the rest end with an error event. Keep "
         "Kubernetes' terminationGracePeriodSeconds above preStop + delay + this + ~10 s"
     )
+    metrics: bool = Field(
+        True, description="serve Prometheus metrics on /metrics and record them per request "
+        "(about 3 % of peak throughput, docs/benchmarks.md); false: no /metrics route"
+    )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="the event loop: uvloop (libuv; ~10 % less CPU per proxied "
         "request, see docs/benchmarks.md) or the standard library's asyncio; 'auto' takes "

@@ -70,7 +70,8 @@ def create_app(
     deferred_api.add_routes(app, GATEWAY, RECORD)  # /v1/deferred/{id}: status, answer, cancel
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", metrics_handler(app[GATEWAY].metrics))
+    if config.server.metrics:
+        app.router.add_get("/metrics", metrics_handler(app[GATEWAY].metrics))
     app.router.add_get("/admin/status", _admin_status)
     return app
 
@@ -183,9 +184,12 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
             if span is not None:
                 record.total_s = loop.time() - record.started
                 span.finish(record)
-                if record.outcome in ("rejected", "error") and record.error_code != "overloaded":
-                    gateway.metrics.rejected(record.error_code, record.priority, record.tenant)
-                gateway.metrics.observe_request(record)
+                if gateway.policy.config.server.metrics:
+                    if record.outcome in ("rejected", "error") \
+                            and record.error_code != "overloaded":
+                        gateway.metrics.rejected(record.error_code, record.priority,
+                                                 record.tenant)
+                    gateway.metrics.observe_request(record)
                 _log_access(record, span.log_fields())
 
 

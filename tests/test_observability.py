@@ -167,6 +167,14 @@ async def test_admin_status_needs_the_admin_key(make_gateway: MakeGateway) -> No
     assert refused.status == 401
 
 
+async def test_metrics_can_be_switched_off(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(server={"metrics": False})
+    assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+    assert (await gw.get("/metrics")).status == 404
+    on = await make_gateway()
+    assert (await on.get("/metrics")).status == 200
+
+
 async def test_admin_api_is_off_without_admin_keys(gw: TestClient[Any, Any]) -> None:
     assert (await gw.get("/admin/status", headers=auth(ADMIN_KEY))).status == 403
 
