@@ -13,11 +13,19 @@ pinned to the first CPU and the mock and the load generator to the second.
 (b) open loop: ``--rate`` requests/s on a fixed schedule (aiohttp generator); latency p50/p99
     per variant and the gateway's added latency vs direct (target: < 1 ms at p50).
 
+(c) observability cost (issue #6): two more gateways in the same rounds of (a): ``bare`` with
+    metrics off (``server.metrics: false``) and tracing off, and ``observed`` with metrics on
+    and OpenTelemetry tracing exporting over OTLP/HTTP to a sink process
+    (bench/otlp_sink.py), sampling ``--trace-sample-ratio`` of the traces
+    (parentbased_traceidratio); cost = 1 - observed/bare (target < 10 %). ``gateway`` itself
+    runs with metrics on and tracing off, as shipped. ``--no-observability`` skips (c).
+
 Variants are measured alternately, ``--rounds`` times, in a rotating order; figures are
 medians over rounds, ratios and differences are taken within a round. A full run with the
-defaults takes about 100 s.
+defaults takes about 150 s.
 
     .venv/bin/python bench/overhead.py [--duration 5] [--rounds 3] [--concurrency 64] [--rate 200]
+                                       [--trace-sample-ratio 0.1] [--no-observability]
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -35,8 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import benchlib as bl
+import yaml
 
-VARIANTS = ("direct", "passthrough", "gateway")
+LATENCY_VARIANTS = ("direct", "passthrough", "gateway")  # (b)
+OBSERVABILITY_VARIANTS = ("bare", "observed")  # (c)
 REQUEST_BODY = json.dumps({
     "model": "gpt-4o-mini",
     "messages": [{"role": "system", "content": "You are a concise assistant."},
@@ -47,6 +58,7 @@ HEADERS = {"Authorization": f"Bearer {bl.DEMO_KEY}", "Content-Type": "applicatio
 PATH = "/v1/chat/completions"
 TARGET_RATIO = 0.70
 TARGET_ADDED_P50_MS = 1.0
+TARGET_OBSERVABILITY_COST = 0.10
 
 
 def main() -> int:
@@ -62,11 +74,18 @@ def main() -> int:
     parser.add_argument("--gateway-ref", metavar="REF",
                         help="measure this commit (git archive of gateway/) instead of the "
                         "working tree, e.g. HEAD")
+    parser.add_argument("--trace-sample-ratio", type=float, default=0.1,
+                        help="share of traces the 'observed' gateway samples (OTEL_TRACES_"
+                        "SAMPLER_ARG); 1 traces every request")
+    parser.add_argument("--no-observability", action="store_true",
+                        help="skip (c): no 'bare' and 'observed' gateways")
     parser.add_argument("--gateway-log-level", default="INFO",
                         help="the gateway's --log-level (INFO writes one access line a request)")
     args = parser.parse_args()
     if args.rounds < 1 or args.duration <= 0 or args.concurrency < 1 or args.rate <= 0:
         parser.error("rounds, duration, concurrency and rate must be positive")
+
+    variants = LATENCY_VARIANTS + ((), OBSERVABILITY_VARIANTS)[not args.no_observability]
 
     bl.exit_on_sigterm()
     bl.raise_nofile()
@@ -94,19 +113,45 @@ def main() -> int:
             *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
             "--host", "127.0.0.1", "--port", str(gw_port), "--log-level", args.gateway_log_level,
         ], stderr=gw_log, cwd=source.cwd, env=source.env)
-        loadgen = procs.start("loadgen", [*support_pin, bl.PYTHON, str(bl.BENCH / "loadgen.py"),
-                                          "serve"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        loadgen_io = _LoadgenIO(loadgen)
         urls = {
             "direct": f"http://127.0.0.1:{mock_port}{PATH}",
             "passthrough": f"http://127.0.0.1:{pt_port}{PATH}",
             "gateway": f"http://127.0.0.1:{gw_port}{PATH}",
         }
         server_pid = {"direct": mock.pid, "passthrough": passthrough.pid, "gateway": gateway.pid}
+        if not args.no_observability:
+            sink_port = bl.free_port()
+            procs.start("otlp-sink", [*support_pin, bl.PYTHON, str(bl.BENCH / "otlp_sink.py"),
+                                      "--port", str(sink_port)])
+            bare_config = tmpdir / "bare.yaml"
+            bare = yaml.safe_load(config.read_text(encoding="utf-8"))
+            bare.setdefault("server", {})["metrics"] = False
+            bare_config.write_text(yaml.safe_dump(bare, sort_keys=False), encoding="utf-8")
+            traced_env = {**(source.env or os.environ), "OTEL_TRACES_EXPORTER": "otlp",
+                          "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                          "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                          "OTEL_SERVICE_NAME": "gateway-bench",
+                          "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                          "OTEL_TRACES_SAMPLER_ARG": f"{args.trace_sample_ratio:g}"}
+            for name, cfg, env in (("bare", bare_config, source.env),
+                                   ("observed", config, traced_env)):
+                port = bl.free_port()
+                proc = procs.start(name, [
+                    *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(cfg),
+                    "--host", "127.0.0.1", "--port", str(port),
+                    "--log-level", args.gateway_log_level,
+                ], stderr=gw_log, cwd=source.cwd, env=env)
+                urls[name] = f"http://127.0.0.1:{port}{PATH}"
+                server_pid[name] = proc.pid
+            bl.wait_http(f"http://127.0.0.1:{sink_port}/healthz", procs=procs)
+        loadgen = procs.start("loadgen", [*support_pin, bl.PYTHON, str(bl.BENCH / "loadgen.py"),
+                                          "serve"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        loadgen_io = _LoadgenIO(loadgen)
         bl.wait_http(f"http://127.0.0.1:{mock_port}/v1/models", procs=procs)
         bl.wait_http(f"http://127.0.0.1:{pt_port}/v1/models", procs=procs)
-        bl.wait_http(f"http://127.0.0.1:{gw_port}/healthz", procs=procs)
+        for name in variants[2:]:
+            bl.wait_http(urls[name].replace(PATH, "/healthz"), procs=procs)
         for name, url in urls.items():
             _check_answer(name, url, tmpdir / "gateway.log")
 
@@ -119,15 +164,15 @@ def main() -> int:
                          "open-loop generator:   aiohttp (bench/loadgen.py)", ""]), flush=True)
 
         # Warm-up: connections in every pool, code paths, allocator.
-        for name in VARIANTS:
+        for name in variants:
             loadgen_io.run({"op": "closed", "url": urls[name], "headers": HEADERS,
                             "body": REQUEST_BODY, "concurrency": args.concurrency,
                             "duration": 1.0, "warmup": 0.2})
 
-        closed: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+        closed: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            for name in _rotated(r):
-                cpu0 = {v: bl.proc_cpu_seconds(server_pid[v]) for v in VARIANTS}
+            for name in _rotated(variants, r):
+                cpu0 = {v: bl.proc_cpu_seconds(server_pid[v]) for v in variants}
                 wait0 = bl.proc_wait_seconds(server_pid[name])
                 t0 = time.monotonic()
                 if wrk:
@@ -137,7 +182,7 @@ def main() -> int:
                                           "body": REQUEST_BODY, "concurrency": args.concurrency,
                                           "duration": args.duration, "warmup": args.warmup})
                 wall = time.monotonic() - t0
-                cpu1 = {v: bl.proc_cpu_seconds(server_pid[v]) for v in VARIANTS}
+                cpu1 = {v: bl.proc_cpu_seconds(server_pid[v]) for v in variants}
                 res["cpu_server"] = (cpu1[name] - cpu0[name]) / wall
                 res["cpu_mock"] = (cpu1["direct"] - cpu0["direct"]) / wall
                 res["wait_server"] = (bl.proc_wait_seconds(server_pid[name]) - wait0) / wall
@@ -146,9 +191,9 @@ def main() -> int:
                       f"{res['rps']:8.0f} req/s  errors {res['errors']}", flush=True)
                 procs.check_alive()
 
-        opened: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+        opened: dict[str, list[dict[str, Any]]] = {v: [] for v in LATENCY_VARIANTS}
         for r in range(args.rounds):
-            for name in _rotated(r):
+            for name in _rotated(LATENCY_VARIANTS, r):
                 res = loadgen_io.run({"op": "open", "url": urls[name], "headers": HEADERS,
                                       "body": REQUEST_BODY, "rate": args.rate,
                                       "duration": args.duration, "warmup": args.warmup})
@@ -195,9 +240,9 @@ class _LoadgenIO:
         return res
 
 
-def _rotated(r: int) -> list[str]:
-    k = r % len(VARIANTS)
-    return list(VARIANTS[k:] + VARIANTS[:k])
+def _rotated(variants: tuple[str, ...], r: int) -> list[str]:
+    k = r % len(variants)
+    return list(variants[k:] + variants[:k])
 
 
 def _check_answer(name: str, url: str, log: Path) -> None:
@@ -260,7 +305,7 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
             opened: dict[str, list[dict[str, Any]]], used_wrk: bool, problems: list[str]) -> str:
     rounds = args.rounds
     lines = []
-    med = {v: bl.median([r["rps"] for r in closed[v]]) for v in VARIANTS}
+    med = {v: bl.median([r["rps"] for r in closed[v]]) for v in closed}
     per_round_ratio = [g["rps"] / p["rps"] if p["rps"] else float("nan")
                        for g, p in zip(closed["gateway"], closed["passthrough"])]
     ratio = bl.median(per_round_ratio)
@@ -270,7 +315,7 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
     head = f"  {'variant':<12}" + "".join(f"{'round ' + str(i + 1):>10}" for i in range(rounds))
     head += f"{'median':>10}{'vs pass':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv CPU':>9}{'srv wait':>9}{'mock CPU':>9}{'errors':>8}"
     lines.append(head)
-    for v in VARIANTS:
+    for v in closed:
         rs = closed[v]
         row = f"  {v:<12}" + "".join(f"{_fmt(r['rps']):>10}" for r in rs)
         rel = med[v] / med["passthrough"] if med["passthrough"] else float("nan")
@@ -299,7 +344,7 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
     lines.append(f"  {'variant':<12}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
                  f"{'req/s':>8}{'errors':>8}{'+p50 ms':>9}{'+p99 ms':>9}")
     added: dict[str, tuple[float, float]] = {}
-    for v in VARIANTS:
+    for v in LATENCY_VARIANTS:
         rs = opened[v]
         d50 = bl.median([a["p50_ms"] - b["p50_ms"] for a, b in zip(rs, opened["direct"])])
         d99 = bl.median([a["p99_ms"] - b["p99_ms"] for a, b in zip(rs, opened["direct"])])
@@ -320,10 +365,34 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
                  f"(passthrough: p50 {p50:+.3f} ms, p99 {p99:+.3f} ms); "
                  f"gateway vs passthrough: p50 {g50 - p50:+.3f} ms")
     lines.append(f"  target: gateway added p50 < {TARGET_ADDED_P50_MS:g} ms: {verdict}")
+    if "observed" in closed:
+        lines.append("")
+        lines.append(_observability_report(args, closed))
     if problems:
         lines.append("")
         lines.append(f"gateway log: {len(problems)} warning/error line(s), first: {problems[0]}")
     return "\n".join(lines)
+
+
+def _observability_report(args: argparse.Namespace,
+                          closed: dict[str, list[dict[str, Any]]]) -> str:
+    """(c): what metrics and tracing cost, from the same rounds of (a)."""
+    def cost(name: str) -> tuple[float, list[float]]:
+        per_round = [1 - o["rps"] / b["rps"] if b["rps"] else float("nan")
+                     for o, b in zip(closed[name], closed["bare"])]
+        return bl.median(per_round), per_round
+
+    observed, observed_rounds = cost("observed")
+    metrics_only, _ = cost("gateway")
+    verdict = "MET" if observed < TARGET_OBSERVABILITY_COST else "NOT MET"
+    return "\n".join([
+        f"(c) observability: 'bare' = metrics and tracing off; 'gateway' = metrics on; "
+        f"'observed' = metrics on + tracing, {args.trace_sample_ratio:g} of traces sampled "
+        "(OTLP/HTTP to bench/otlp_sink.py)",
+        f"  metrics cost {metrics_only:.1%} of bare throughput; metrics + tracing cost "
+        f"{observed:.1%} (per round {', '.join(f'{x:.1%}' for x in observed_rounds)}); "
+        f"target < {TARGET_OBSERVABILITY_COST:.0%}: {verdict}",
+    ])
 
 
 if __name__ == "__main__":
