@@ -48,6 +48,7 @@ HOLD_TTL_MS = 30 * 60_000  # a settlement delayed longer than this charges in fu
 # Settled request ids are remembered this long so a journal replay cannot charge twice.
 # The cost is one small key per request for this long (~60 MB of Redis at 1,000 req/s).
 DONE_TTL_MS = 10 * 60_000
+SETTLE_BATCH_MAX = 64  # settlements per Redis pipeline: well inside one call's deadline
 MAX_RETRY_AFTER_S = 60
 
 
@@ -93,6 +94,8 @@ class InFlight:
     def __init__(self) -> None:
         self.leases: dict[str, tuple[str, ...]] = {}
         self.settling: set[asyncio.Task[None]] = set()
+        # Settlements waiting for this loop iteration's batch (``Limiter.settle_soon``).
+        self.batch: list[tuple[Hold, Usage, int]] = []
         # Last budget state seen per tenant, for the metrics scrape (which must not hit Redis).
         self.budgets: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -112,6 +115,7 @@ class Limiter:
         inflight = inflight or InFlight()
         self._active_leases = inflight.leases
         self._settling = inflight.settling
+        self._inflight = inflight
         self._budgets = inflight.budgets
 
     async def admit(self, call: ProxyCall, request_id: str, *, lease: bool = True,
@@ -210,14 +214,25 @@ class Limiter:
 
     def settle_soon(self, hold: Hold, usage: Usage, cost_units: int) -> None:
         """Settle in the background: the client's response does not wait for the round trip.
-        The task is tracked so shutdown can drain it (``drain``)."""
+        Settlements of requests that finish in the same loop iteration go to the store as one
+        batch (one Redis pipeline), by a task that shutdown can drain (``drain``)."""
         if hold.settle_plan is None:
             hold.settled = True
             self._active_leases.pop(hold.request_id, None)
             return
-        task = asyncio.get_running_loop().create_task(self.settle(hold, usage, cost_units))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        batch = self._inflight.batch
+        batch.append((hold, usage, cost_units))
+        if len(batch) == 1:  # the first of a batch: its task settles every one that joins
+            task = asyncio.get_running_loop().create_task(self._settle_batch())
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle_batch(self) -> None:
+        await asyncio.sleep(0)  # let the other requests finishing now join the batch
+        batch, self._inflight.batch = self._inflight.batch, []
+        plans = [p for p in (self._claim(*item) for item in batch) if p is not None]
+        chunks = [plans[i:i + SETTLE_BATCH_MAX] for i in range(0, len(plans), SETTLE_BATCH_MAX)]
+        await asyncio.gather(*(self._write(chunk) for chunk in chunks))
 
     async def drain(self) -> None:
         """Wait for every pending settlement (shutdown)."""
@@ -226,22 +241,34 @@ class Limiter:
 
     async def settle(self, hold: Hold, usage: Usage, cost_units: int) -> None:
         """Record real usage once. Never raises: a store failure journals it for replay."""
+        plan = self._claim(hold, usage, cost_units)
+        if plan is not None:
+            await self._write([plan])
+
+    def _claim(self, hold: Hold, usage: Usage, cost_units: int) -> SettlePlan | None:
+        """Mark the hold settled (once) and give the plan to write to the store, or None when
+        there is nothing to write there (already settled, no limits, or degraded mode, which
+        settles locally)."""
         if hold.settled:
-            return
+            return None
         hold.settled = True
         self._active_leases.pop(hold.request_id, None)
         if hold.settle_plan is None:
-            return
+            return None
         plan = _with_actuals(hold.settle_plan, usage.input_tokens + usage.output_tokens,
                              cost_units)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
-            return
+            return None
+        return plan
+
+    async def _write(self, plans: list[SettlePlan]) -> None:
         try:
-            await self._state.settle(plan)
+            await self._state.settle_many(plans)
         except StateUnavailable as exc:
             self.degraded.enter(str(exc))
-            self.degraded.journal(plan)
+            for plan in plans:  # replayed on recovery; settling twice is a no-op
+                self.degraded.journal(plan)
 
     async def renew_leases(self) -> None:
         """Keep the concurrency slots of long-running requests (called every ~20 s)."""

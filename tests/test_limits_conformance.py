@@ -88,6 +88,18 @@ async def test_settle_is_idempotent_per_request_id(backend: StateBackend) -> Non
     assert probe.results[0].remaining == 750
 
 
+async def test_settle_many_applies_each_plan_once(backend: StateBackend) -> None:
+    day = Counter(f"rl:{T}:m:d", limit=10_000, cost=100, ttl_ms=86_400_000, reset_ms=1000)
+    for rid in ("m1", "m2", "m3"):
+        assert (await backend.admit(plan(rid, day))).allowed
+    plans = [settle(rid, counters=((day.key, 100, used, 86_400_000),))
+             for rid, used in (("m1", 10), ("m2", 20), ("m3", 30))]
+    assert await backend.settle_many(plans) == [True, True, True]
+    assert await backend.settle_many([plans[1], settle("m4")]) == [False, True]  # m2 done
+    probe = await backend.admit(plan("p", Counter(day.key, 10_000, 0, 86_400_000, 1000)))
+    assert probe.results[0].remaining == 10_000 - 60
+
+
 async def test_settle_without_a_hold_charges_the_whole_usage(backend: StateBackend) -> None:
     # A request admitted while this store was unreachable: its journaled usage is replayed.
     day = Counter(f"rl:{T}:b:d", limit=1000, cost=0, ttl_ms=86_400_000, reset_ms=1000)

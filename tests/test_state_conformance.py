@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from gateway.ratelimit import SettlePlan
 from gateway.state import (
     MemoryBackend,
     RedisBackend,
@@ -234,6 +235,12 @@ async def test_redis_stopped_server_fails_fast_and_recovers() -> None:
                 await asyncio.sleep(0.05)
             # Same object, no re-creation; EVALSHA hits NOSCRIPT and the script reloads.
             assert await store.incr("n", 1, HOUR_MS) == 1
+            # A settle pipeline too: NOSCRIPT calls did not run, so they run once, reloaded.
+            plans = [SettlePlan(f"r{i}", f"rl:{{t:a}}:done:r{i}", f"rl:{{t:a}}:hold:r{i}",
+                                HOUR_MS, (), (("rl:{t:a}:day", 0, 7, HOUR_MS),), ())
+                     for i in range(3)]
+            assert await store.settle_many(plans) == [True, True, True]
+            assert await store.get("rl:{t:a}:day") == b"21"
             assert await store.set("k", b"back", HOUR_MS) is True
             assert await store.get("k") == b"back"
         finally:

@@ -15,6 +15,7 @@ reached or answers too slowly, so policies can apply their degraded mode in one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -64,6 +65,12 @@ class StateBackend(Protocol):
 
     async def settle(self, plan: SettlePlan) -> bool:
         """Apply a request's real usage exactly once; False when already settled."""
+
+    async def settle_many(self, plans: Sequence[SettlePlan]) -> list[bool]:
+        """``settle`` for each plan, in one round trip where the store allows it (Redis: one
+        pipeline); each is applied exactly once. StateUnavailable when the batch could not be
+        sent or answered: then any of them may or may not have been applied (replaying them
+        is safe, as settling is idempotent per request id)."""
 
     async def renew_leases(self, key: str, members: list[str], ttl_ms: int) -> None:
         """Extend live concurrency leases (long streams keep their slot)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.ratelimit import AdmitPlan, AdmitResult, LocalLimits, SettlePlan
@@ -85,6 +85,9 @@ class MemoryBackend:
 
     async def settle(self, plan: SettlePlan) -> bool:
         return self.limits.settle(plan)
+
+    async def settle_many(self, plans: Sequence[SettlePlan]) -> list[bool]:
+        return [self.limits.settle(plan) for plan in plans]
 
     async def renew_leases(self, key: str, members: list[str], ttl_ms: int) -> None:
         self.limits.renew([(key, m) for m in members], ttl_ms)

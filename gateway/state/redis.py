@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -31,7 +31,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.ratelimit import (
     AdmitPlan,
@@ -255,6 +255,39 @@ class RedisBackend:
         keys, args = encode_settle(plan, self._prefix)
         reply = await self._call("settle", lambda: self._settle_script(keys=keys, args=args))
         return bool(reply)
+
+    async def settle_many(self, plans: Sequence[SettlePlan]) -> list[bool]:
+        """Standalone Redis: one pipeline of EVALSHA calls (one round trip, not one each).
+        Cluster: one call each, concurrently (each tenant's keys live in their own slot)."""
+        if len(plans) == 1 or self.cluster:
+            return list(await asyncio.gather(*(self.settle(plan) for plan in plans)))
+        encoded = [encode_settle(plan, self._prefix) for plan in plans]
+        replies = await self._call("settle", lambda: self._evalsha_pipeline(encoded))
+        return [bool(reply) for reply in replies]
+
+    async def _evalsha_pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """The settle script once per (keys, args), pipelined. Calls that found the script
+        missing (NOSCRIPT, e.g. after a restart emptied the cache) did not run: they are sent
+        again once it is loaded. Any other error fails the batch (the caller journals it)."""
+        script = self._settle_script
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for i in todo:
+                keys, args = calls[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            for i, reply in zip(todo, await pipe.execute(raise_on_error=False)):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo:
+                break
+            if attempt == 0:
+                script.sha = await self._client.script_load(script.script)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def renew_leases(self, key: str, members: list[str], ttl_ms: int) -> None:
         k = self._prefix + key
