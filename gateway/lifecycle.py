@@ -28,7 +28,6 @@ Kubernetes ConfigMap updates, done by swapping a ``..data`` symlink.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -42,6 +41,7 @@ from . import __version__
 from .classify import error_dialect
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import GatewayError
+from .heap import trim_periodically, tune_gc
 from .server import GATEWAY, RECORD, create_app
 
 log = logging.getLogger("gateway")
@@ -362,24 +362,6 @@ class _Stop:
         self.requested.set()
 
 
-def tune_gc() -> None:
-    """Keep the cyclic GC from pausing a busy gateway for seconds.
-
-    With thousands of open streams the heap holds hundreds of thousands of long-lived objects
-    and every full collection walks them all: measured at 10,000 streams, 43% of the CPU went
-    to full collections and the longest paused the loop for 1.9 s (connections then queue
-    and reset). Everything alive after startup (modules, config, app) is frozen out of the
-    GC, and young-generation collections run less often; per-request garbage is freed by
-    reference counting anyway, and CPython still skips a full collection until the
-    long-lived generation has grown by a quarter.
-    """
-    gc.collect()
-    gc.freeze()
-    # (50_000, 50, 1_000) left cyclic garbage in the old generation for hours: a 30-minute
-    # soak with error storms grew RSS 11.5 %. Older generations are collected as usual.
-    gc.set_threshold(50_000, 10, 10)
-
-
 async def run(config: GatewayConfig, options: ServeOptions) -> int:
     """Serve until a stop signal, drain, clean up; the process exit code."""
     app = create_app(config)
@@ -421,6 +403,7 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
             spawn(reloader.watch(options.watch_interval_s, stop.requested))
         if options.parent_pid is not None:
             spawn(_watch_parent(options.parent_pid, stop))
+        spawn(trim_periodically())
         log.info("gateway listening", extra={"fields": {
             "host": host, "port": port, "state_backend": config.state.backend,
             "version": __version__, "pid": os.getpid(), "reuse_port": options.reuse_port}})
