@@ -41,6 +41,18 @@ async def test_gcra_allows_the_burst_then_refuses_with_retry_after(backend: Stat
     assert 800 <= refused.results[0].retry_after_ms <= 1000
 
 
+async def test_concurrent_admissions_each_apply_atomically(backend: StateBackend) -> None:
+    # Asked in one loop iteration (Redis sends them as one pipeline): exactly the burst passes,
+    # in the order asked, and a request cancelled while waiting does not disturb the rest.
+    tasks = [asyncio.ensure_future(backend.admit(plan(f"c{i}", REQ))) for i in range(12)]
+    tasks[3].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    allowed = [i for i, r in enumerate(results)
+               if not isinstance(r, BaseException) and r.allowed]
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert len(allowed) == 5 and 3 not in allowed
+
+
 async def test_a_failing_check_writes_nothing(backend: StateBackend) -> None:
     tokens = Gcra(f"rl:{T}:tok", interval_ms=10.0, burst=100, cost=500, name="tokens")
     for i in range(3):

@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.commands.core import AsyncScript
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
@@ -157,6 +158,9 @@ class RedisBackend:
         self._settle_script = self._client.register_script(_load_lua("settle.lua"))
         self._renew_script = self._client.register_script(_load_lua("renew.lua"))
         self._closed = False
+        # Admissions of this loop iteration waiting for their pipeline (``admit``).
+        self._admits: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._batches: set[asyncio.Task[None]] = set()
 
     @property
     def cluster(self) -> bool:
@@ -246,10 +250,45 @@ class RedisBackend:
         return None if pttl == -2 else pttl
 
     async def admit(self, plan: AdmitPlan) -> AdmitResult:
-        """One atomic round trip: every check of the plan, all applied or none."""
+        """One atomic script run: every check of the plan, all applied or none.
+
+        Standalone Redis: admissions asked for in the same event-loop iteration share one
+        pipeline (one round trip and one connection for all; each script still runs on its
+        own, atomically). Alone, a request sends its EVALSHA as before. Cluster: one call
+        each (every tenant's keys live in their own slot)."""
         keys, args = encode_admit(plan, self._prefix)
-        reply = await self._call("admit", lambda: self._admit_script(keys=keys, args=args))
+        if self.cluster:
+            reply = await self._call("admit", lambda: self._admit_script(keys=keys, args=args))
+        else:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[Any] = loop.create_future()
+            self._admits.append((keys, args, future))
+            if len(self._admits) == 1:  # the first of a batch: its task sends every one
+                task = loop.create_task(self._send_admits())
+                self._batches.add(task)
+                task.add_done_callback(self._batches.discard)
+            reply = await future
         return decode_admit(cast("list[int]", reply), len(plan.checks))
+
+    async def _send_admits(self) -> None:
+        batch, self._admits = self._admits, []
+        calls = [(keys, args) for keys, args, _ in batch]
+        try:
+            if len(calls) == 1:
+                keys, args = calls[0]
+                replies = [await self._call(
+                    "admit", lambda: self._admit_script(keys=keys, args=args))]
+            else:
+                replies = await self._call(
+                    "admit", lambda: self._evalsha_pipeline(self._admit_script, calls))
+        except StateUnavailable as exc:
+            for _, _, future in batch:
+                if not future.done():  # done: its request was cancelled meanwhile
+                    future.set_exception(StateUnavailable(str(exc)))
+            return
+        for (_, _, future), reply in zip(batch, replies):
+            if not future.done():
+                future.set_result(reply)
 
     async def settle(self, plan: SettlePlan) -> bool:
         keys, args = encode_settle(plan, self._prefix)
@@ -262,14 +301,15 @@ class RedisBackend:
         if len(plans) == 1 or self.cluster:
             return list(await asyncio.gather(*(self.settle(plan) for plan in plans)))
         encoded = [encode_settle(plan, self._prefix) for plan in plans]
-        replies = await self._call("settle", lambda: self._evalsha_pipeline(encoded))
+        replies = await self._call(
+            "settle", lambda: self._evalsha_pipeline(self._settle_script, encoded))
         return [bool(reply) for reply in replies]
 
-    async def _evalsha_pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """The settle script once per (keys, args), pipelined. Calls that found the script
-        missing (NOSCRIPT, e.g. after a restart emptied the cache) did not run: they are sent
-        again once it is loaded. Any other error fails the batch (the caller journals it)."""
-        script = self._settle_script
+    async def _evalsha_pipeline(self, script: AsyncScript,
+                                calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """``script`` once per (keys, args), pipelined. Calls that found the script missing
+        (NOSCRIPT, e.g. after a restart emptied the cache) did not run: they are sent again
+        once it is loaded. Any other error fails the whole batch."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
