@@ -106,6 +106,35 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_kinds(pid: int, ports: dict[int, str]) -> dict[str, int]:
+    """The process's open fds by what they are: TCP sockets by the named port at either end
+    (``ports``: port -> name, e.g. the gateway's listener, Redis, the mock), other sockets,
+    and the rest (files, pipes, epoll): to tell pooled connections from a leak."""
+    ends: dict[str, tuple[int, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    cols = line.split()
+                    local, remote = (int(c.rsplit(":", 1)[1], 16) for c in cols[1:3])
+                    ends[cols[9]] = (local, remote)
+        except OSError:
+            continue
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = "other"
+        if target.startswith("socket:["):
+            local, remote = ends.get(target[8:-1], (0, 0))
+            kind = ports.get(remote) or (f"{ports[local]} (served)" if local in ports
+                                         else "socket")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
 @dataclass
 class Sample:
     t: float
@@ -118,6 +147,7 @@ class Sample:
     p50_ms: float
     p99_ms: float
     fault: str
+    fd_kinds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -312,6 +342,7 @@ class Stack:
         self._log: Any = None
         self.gateway: subprocess.Popen[bytes] | None = None
         self.base = ""
+        self.ports: dict[int, str] = {}
 
     def start(self) -> None:
         self.redis.start()
@@ -328,6 +359,7 @@ class Stack:
              str(gw_port)], cwd=REPO, env=env, stdout=self._log, stderr=self._log)
         self.procs.append(self.gateway)
         self.base = f"http://127.0.0.1:{gw_port}"
+        self.ports = {gw_port: "clients", mock_port: "upstream", self.redis.port or 0: "redis"}
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -391,7 +423,8 @@ async def drive(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                 s = Sample(round(time.monotonic() - began, 1), rss_kb(gateway.pid) / 1024,
                            open_fds(gateway.pid), lag_ms, redis_keys(redis),
                            sum(statuses.values()), statuses, round(pct(lat, 0.5), 1),
-                           round(pct(lat, 0.99), 1), ",".join(faults_started))
+                           round(pct(lat, 0.99), 1), ",".join(faults_started),
+                           fd_kinds(gateway.pid, stack.ports))
                 faults_started.clear()
                 samples.append(s)
                 lag = f"{s.loop_lag_ms:7.1f}" if s.loop_lag_ms is not None else "      -"
@@ -431,6 +464,7 @@ def summarize(samples: list[Sample], stats: Stats, args: argparse.Namespace) -> 
         "rss_mb_max": round(max(s.rss_mb for s in samples), 1),
         "fds_after_warmup": fd_base, "fds_end": fd_end,
         "fds_max": max(s.fds for s in samples),
+        "fd_kinds_after_warmup": after[0].fd_kinds, "fd_kinds_end": after[-1].fd_kinds,
         "redis_keys_max": max(keys) if keys else None, "redis_keys_end": keys[-1] if keys else None,
         "redis_keys_bound": key_bound,
         "loop_lag_ms_p50": round(statistics.median(lags), 1) if lags else None,
