@@ -212,7 +212,9 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            total_bytes += len(item.encode("utf-8", "surrogatepass"))
+            # isascii() is O(1) in CPython: most prompts skip the encode copy
+            total_bytes += len(item) if item.isascii() else len(item.encode("utf-8",
+                                                                           "surrogatepass"))
         elif isinstance(item, list):
             parts += len(item)
             stack.extend(item)

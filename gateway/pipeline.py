@@ -9,7 +9,7 @@ the way (limit hold, admission permit, breaker trial) is released in a ``finally
 from __future__ import annotations
 
 import math
-import uuid
+import os
 from typing import Any
 
 from aiohttp import web
@@ -74,7 +74,7 @@ async def handle_proxy(
     with svc.tracing.stage("limits"):
         # Keyed by a gateway-made id, never the client's X-Request-Id: a reused client id
         # must not share a concurrency lease or a settlement with another request.
-        hold = await policy.limiter.admit(call, uuid.uuid4().hex)
+        hold = await policy.limiter.admit(call, os.urandom(16).hex())
     record.limits_s = svc.clock() - began
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay

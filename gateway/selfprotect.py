@@ -193,15 +193,16 @@ class SelfProtection:
     def pressure(self, now: float) -> tuple[float, ShedReason]:
         """The worst gauge as a multiple of its limit, and which gauge it is."""
         settings = self._policy.self_protection
-        gauges: list[tuple[float, ShedReason]] = [
-            (self.loop_lag.lag_s * 1000 / settings.max_loop_lag_ms, "loop_lag"),
-            (self.streams.count / settings.max_open_streams, "open_streams"),
-        ]
+        worst: tuple[float, ShedReason] = (
+            self.loop_lag.lag_s * 1000 / settings.max_loop_lag_ms, "loop_lag")
+        streams = self.streams.count / settings.max_open_streams
+        if streams > worst[0]:
+            worst = (streams, "open_streams")
         if self.max_rss_mib is not None:
             rss = self.rss.mib(now)
-            if rss is not None:
-                gauges.append((rss / self.max_rss_mib, "memory"))
-        return max(gauges, key=lambda gauge: gauge[0])
+            if rss is not None and rss / self.max_rss_mib > worst[0]:
+                worst = (rss / self.max_rss_mib, "memory")
+        return worst
 
     def door_check(self, priority: Priority, now: float) -> None:
         """Raise 503 ``overloaded`` when the process is too loaded for this class (see

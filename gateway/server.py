@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -155,7 +155,7 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
     gateway = request.app[GATEWAY]
     loop = asyncio.get_running_loop()
     client_id = request.headers.get("X-Request-Id", "")
-    request_id = client_id if _CLIENT_REQUEST_ID.match(client_id) else uuid.uuid4().hex
+    request_id = client_id if _CLIENT_REQUEST_ID.match(client_id) else os.urandom(16).hex()
     record = RequestRecord(request_id=request_id, started=loop.time(), route=request.path)
     request[RECORD] = record
     quiet = request.path in _QUIET_PATHS  # probes and scrapes: no span, metrics or log line
