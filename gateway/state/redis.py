@@ -131,8 +131,13 @@ class RedisBackend:
         # MaxConnectionsError when full instead of waiting like BlockingConnectionPool.
         self._gate: asyncio.Semaphore | None = None
         if scheme in _STANDALONE_SCHEMES:
+            # No socket_timeout here: with one set, redis-py wraps every send in
+            # asyncio.wait_for, a task per command (~30 us and a loop iteration). A hung or
+            # slow server is cut off by the deadline every call runs under (``_call``), which
+            # makes redis-py drop that connection.
             pool = BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, timeout=timeout_s, **common
+                url, max_connections=max_connections, timeout=timeout_s,
+                **{**common, "socket_timeout": None},
             )
             self._client = Redis.from_pool(pool)  # the client owns and closes the pool
         elif scheme in _CLUSTER_SCHEMES:
