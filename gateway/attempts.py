@@ -167,7 +167,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
     web.StreamResponse | None, _Failed | None
 ]:
     """One call to one deployment: the relayed answer, or how it failed (before any byte)."""
-    svc, record, loop = ctx.svc, ctx.record, asyncio.get_running_loop()
+    svc, record = ctx.svc, ctx.record
     extra = ctx.deadline.upstream_headers(svc.clock())
     svc.tracing.inject(extra)  # traceparent of this attempt's span
     attempt = ctx.policy.upstreams.attempt(
@@ -187,7 +187,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                 failure = (AttemptFailure.first_byte_timeout() if timed_out
                            else AttemptFailure.connect_error())
                 return None, _Failed(failure, error=exc)
-            log.first_byte_s = record.first_byte_s = loop.time() - attempt.started
+            log.first_byte_s = record.first_byte_s = time.monotonic() - attempt.began
             if upstream.status < 400:
                 trial.success(log.first_byte_s)
                 svc.retry_budget.record_success(target.label)
@@ -210,7 +210,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                                  headers=upstream.headers.copy(), body=body)
     finally:
         trial.cancelled()  # no-op once judged: a cancel or any other exit is never counted
-        log.duration_s = loop.time() - attempt.started
+        log.duration_s = time.monotonic() - attempt.began
         record.upstream_s = (record.upstream_s or 0.0) + log.duration_s
         if outcome == "success" and record.stream:
             ttft = record.ttft_s

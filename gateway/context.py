@@ -45,7 +45,7 @@ class RequestRecord:
     span attributes are all made from it, so they always agree."""
 
     request_id: str
-    started: float  # loop.time() when the request arrived
+    started: float  # time.monotonic() when the request arrived (not loop.time(): uvloop's is ms)
     route: str = ""
     tenant: str | None = None
     model: str | None = None

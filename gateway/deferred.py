@@ -540,11 +540,10 @@ class DeferredService:
     async def _call(self, policy: Policy, claim: Claim, started: Started, hold: Hold,
                     cfg: DeferredPolicy, has_slot: Callable[[], None]) -> _Outcome:
         """One run through the attempt loop, as a synchronous call of class low."""
-        loop = asyncio.get_running_loop()
         svc, config = self._svc, policy.config
         fields = started.fields
         route = ROUTES[fields["route"].decode()]
-        record = RequestRecord(request_id=f"{claim.id}.r{started.run}", started=loop.time(),
+        record = RequestRecord(request_id=f"{claim.id}.r{started.run}", started=time.monotonic(),
                                route=route.path, tenant=claim.tenant, priority="low")
         began_ms = int(time.time() * 1000)
         info: dict[str, Any] = {"replica": self.consumer, "started_ms": began_ms}
@@ -586,7 +585,7 @@ class DeferredService:
         if model is not None:
             record.cost = (record.usage.input_tokens * model.price.input_per_million
                            + record.usage.output_tokens * model.price.output_per_million) / 1e6
-        record.total_s = loop.time() - record.started
+        record.total_s = time.monotonic() - record.started
         self._metrics.observe_request(record)
         info.update({"outcome": "success" if result.code < 400 else f"http_{result.code}",
                      "status": result.code, "attempts": len(record.attempt_log),

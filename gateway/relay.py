@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -78,13 +79,12 @@ async def relay_stream(
     )
     await response.prepare(request)
     record.status = 200
-    loop = asyncio.get_running_loop()
     try:
         while chunk := await attempt.next_chunk():
             out = relay.feed(chunk)
             if out:
                 if record.ttft_s is None:
-                    record.ttft_s = loop.time() - record.started
+                    record.ttft_s = time.monotonic() - record.started
                 await _write(request, response, out, attempt.end)
         out = relay.leftover()
         if out:

@@ -7,6 +7,7 @@ never off modules, so tests can run many gateways in one process.
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 import logging
 import os
@@ -153,10 +154,9 @@ def _json(data: Any, status: int = 200) -> web.Response:
 async def _boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, span, error rendering, metrics and the access log line, for every request."""
     gateway = request.app[GATEWAY]
-    loop = asyncio.get_running_loop()
     client_id = request.headers.get("X-Request-Id", "")
     request_id = client_id if _CLIENT_REQUEST_ID.match(client_id) else os.urandom(16).hex()
-    record = RequestRecord(request_id=request_id, started=loop.time(), route=request.path)
+    record = RequestRecord(request_id=request_id, started=time.monotonic(), route=request.path)
     request[RECORD] = record
     quiet = request.path in _QUIET_PATHS  # probes and scrapes: no span, metrics or log line
     resource = request.match_info.route.resource
@@ -182,7 +182,7 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
             return _error_response(request, record, internal)
         finally:
             if span is not None:
-                record.total_s = loop.time() - record.started
+                record.total_s = time.monotonic() - record.started
                 span.finish(record)
                 if gateway.policy.config.server.metrics:
                     if record.outcome in ("rejected", "error") \

@@ -15,6 +15,7 @@ the pending read. A timer per chunk cost ~9 us per chunk on long streams.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -173,7 +174,9 @@ class UpstreamAttempt:
         self._headers = headers
         self._loop = asyncio.get_running_loop()
         timeouts = target.provider.timeouts
-        self.started = self._loop.time()
+        self.started = self._loop.time()  # timers (call_at) run on the loop's clock
+        # Measuring uses time.monotonic(): uvloop's loop.time() has millisecond resolution.
+        self.began = time.monotonic()
         end = self.started + timeouts.total_s
         self._end = min(end, deadline) if deadline is not None else end
         self._response: aiohttp.ClientResponse | None = None

@@ -574,3 +574,23 @@ async def test_key_files_are_watched_without_a_reload_at_start(
     assert reloader.changed()
     assert await reloader.reload("file changed")
     assert not reloader.changed()
+
+
+async def test_served_timings_keep_sub_millisecond_resolution_on_uvloop(
+    tmp_path: Path, mock_url: str, session: aiohttp.ClientSession
+) -> None:
+    # uvloop's loop.time() ticks in whole milliseconds; durations must not be measured with it.
+    config = write_policy(tmp_path / "policy.yaml", policy_dict(mock_url))
+    gw = GatewayProcess(config, tmp_path / "gw.log")
+    try:
+        await gw.wait_ready(session)
+        for _ in range(8):
+            async with session.post(gw.url + "/v1/chat/completions", json=chat(),
+                                    headers=auth(UMBRELLA_KEY)) as resp:
+                assert resp.status == 200
+        await gw.wait_log("request", count=8)
+        lines = [e for e in gw.logs() if e.get("msg") == "request"]
+        durations = [e["duration_ms"] for e in lines] + [e["upstream_ms"] for e in lines]
+        assert any(d != round(d) for d in durations), durations
+    finally:
+        gw.close()
