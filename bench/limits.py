@@ -123,6 +123,26 @@ async def open_loop(url: str, rate: float, seconds: float) -> tuple[float, float
     return latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
 
 
+async def redis_hop(redis_url: str, rate: float, seconds: float) -> float:
+    """p50 ms of a bare PING to the same Redis at the same open-loop rate, from this process:
+    what one round trip to Redis costs on this machine when the CPUs idle between requests
+    (the floor under anything that consults Redis per request)."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    times: list[float] = []
+    try:
+        begin = time.monotonic()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, begin + i / rate - time.monotonic()))
+            t = time.perf_counter()
+            await client.ping()
+            times.append((time.perf_counter() - t) * 1000)
+    finally:
+        await client.aclose()
+    return statistics.median(times)
+
+
 async def alternate(urls: dict[str, str], args: argparse.Namespace) -> tuple[
     dict[str, list[float]], dict[str, list[tuple[float, float]]]
 ]:
@@ -169,6 +189,7 @@ async def main() -> None:
                 await wait_http(f"http://127.0.0.1:{port}/readyz")
             urls = {n: f"http://127.0.0.1:{p}/v1/chat/completions" for n, p in ports.items()}
             rps, lat = await alternate(urls, args)
+            hop = await redis_hop(f"redis://127.0.0.1:{redis_port}/0", args.rate, args.duration)
         finally:
             for p in procs:
                 p.terminate()
@@ -194,6 +215,8 @@ async def main() -> None:
           f"p99 {p99['limits'] - p99['core']:+.2f} ms at {args.rate:g} req/s; "
           f"throughput {med['limits'] / med['core']:.0%} of core "
           "(targets: p50 added <= 0.5 ms, throughput >= 60%)")
+    print(f"one Redis round trip (PING, same rate, client in this process): p50 {hop:.2f} ms "
+          "(the floor under the admission round trip on this machine)")
 
 
 if __name__ == "__main__":

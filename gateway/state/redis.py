@@ -163,7 +163,8 @@ class RedisBackend:
         self._settle_script = self._client.register_script(_load_lua("settle.lua"))
         self._renew_script = self._client.register_script(_load_lua("renew.lua"))
         self._closed = False
-        # Admissions of this loop iteration waiting for their pipeline (``admit``).
+        # Admissions waiting for the one in flight to finish (``admit``: group commit).
+        self._admit_busy = False
         self._admits: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._batches: set[asyncio.Task[None]] = set()
 
@@ -257,40 +258,51 @@ class RedisBackend:
     async def admit(self, plan: AdmitPlan) -> AdmitResult:
         """One atomic script run: every check of the plan, all applied or none.
 
-        Standalone Redis: admissions asked for in the same event-loop iteration share one
-        pipeline (one round trip and one connection for all; each script still runs on its
-        own, atomically). Alone, a request sends its EVALSHA as before. Cluster: one call
-        each (every tenant's keys live in their own slot)."""
+        Standalone Redis, group commit: a request that finds no admission in flight sends its
+        EVALSHA at once; those that arrive while one is out wait for it and then go together,
+        as one pipeline (one round trip and one connection for all; each script still runs
+        atomically on its own). Cluster: one call each (each tenant's keys live in their own
+        slot)."""
         keys, args = encode_admit(plan, self._prefix)
         if self.cluster:
             reply = await self._call("admit", lambda: self._admit_script(keys=keys, args=args))
-        else:
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[Any] = loop.create_future()
+        elif self._admit_busy:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._admits.append((keys, args, future))
-            if len(self._admits) == 1:  # the first of a batch: its task sends every one
-                task = loop.create_task(self._send_admits())
-                self._batches.add(task)
-                task.add_done_callback(self._batches.discard)
             reply = await future
+        else:
+            self._admit_busy = True
+            try:
+                reply = await self._call(
+                    "admit", lambda: self._admit_script(keys=keys, args=args))
+            finally:
+                self._next_admits()
         return decode_admit(cast("list[int]", reply), len(plan.checks))
+
+    def _next_admits(self) -> None:
+        """The admission in flight is done: send those that queued meanwhile, or go idle."""
+        if not self._admits:
+            self._admit_busy = False
+            return
+        task = asyncio.get_running_loop().create_task(self._send_admits())
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     async def _send_admits(self) -> None:
         batch, self._admits = self._admits, []
         calls = [(keys, args) for keys, args, _ in batch]
         try:
-            if len(calls) == 1:
-                keys, args = calls[0]
-                replies = [await self._call(
-                    "admit", lambda: self._admit_script(keys=keys, args=args))]
-            else:
-                replies = await self._call(
-                    "admit", lambda: self._evalsha_pipeline(self._admit_script, calls))
-        except StateUnavailable as exc:
+            replies = await self._call(
+                "admit", lambda: self._evalsha_pipeline(self._admit_script, calls))
+        except BaseException as exc:  # StateUnavailable, or cancelled (shutdown)
             for _, _, future in batch:
                 if not future.done():  # done: its request was cancelled meanwhile
-                    future.set_exception(StateUnavailable(str(exc)))
-            return
+                    future.set_exception(StateUnavailable(f"redis admit: {exc}"))
+            if isinstance(exc, StateUnavailable):
+                return
+            raise
+        finally:
+            self._next_admits()
         for (_, _, future), reply in zip(batch, replies):
             if not future.done():
                 future.set_result(reply)
