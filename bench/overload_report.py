@@ -175,18 +175,19 @@ def class_table(figures: dict[str, Any]) -> list[list[str]]:
 
 READING = (
     "Reading: with admission on, critical and high runs complete and normal/low are shed "
-    "(503 overloaded, x-should-retry false for normal/low, so the SDKs do not retry them). The "
-    "runs target at 2x is missed because almost no normal run completes (class table): at 2x "
-    "critical + high alone ask for about 80 % of capacity, so normal's queue delay stays far "
-    "above its CoDel target, the cohort shed level climbs over all of normal's cohorts, and a "
-    "normal run that got its first steps through is shed at a later step; the share of runs "
-    "completed is then about the critical + high share of runs (40 % by the mix, 37-43 % in "
-    "runs so far). With the gateway's default holdback shares (high 0.95, normal 0.85, low "
-    "0.70) one run on 2026-11-27 gave 2x goodput 87 % and 38 % of runs: the slots held back "
-    "for the classes above normal stay idle when those classes do not need them. Off: the "
-    "mock's bounded queue keeps goodput near capacity up to 3x, but its 429s fall on every "
-    "class alike (critical success 75 %), queueing in the mock pushes first tokens to ~2 s, "
-    "and the SDK retries double the attempts (ampl ~1.9).")
+    "(503 overloaded, x-should-retry false for normal/low, so the SDKs do not retry them). At "
+    "2x critical + high ask for about 80 % of capacity; the rest goes to normal. Once normal "
+    "is overloaded, all of low is shed at once and the cohort level climbs through normal's "
+    "cohorts, refusing new normal runs while the runs already under way (X-Agent-Step > 1, "
+    "or a session admitted within admission.run_memory_s) keep their place in the queue: in "
+    "the run below 10 of 42 normal runs complete (0 before runs in progress were spared, "
+    "when 37 % of all runs completed). In this seed's draw critical + high are 46 % of the "
+    "runs, the normal runs carried through make 52 %. Those runs wait for their slots "
+    "(normal TTFT p99 ~13 s at 2x, inside the 20 s deadline). At 10x critical still gets "
+    "98 % through, with a TTFT p99 of ~1.5 s: it queues behind its own class. Off: the "
+    "mock's bounded queue keeps goodput near capacity, but its 429s fall on every class "
+    "alike (critical success 78-81 %), queueing in the mock pushes first tokens to ~1.8 s, "
+    "and the SDK retries double the attempts (ampl ~1.95).")
 
 
 def target_table(figures: dict[str, Any]) -> list[list[str]]:
