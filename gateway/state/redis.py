@@ -55,6 +55,7 @@ _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 # TimeoutError (asyncio.timeout's, too, on Python 3.11). AttributeError: redis-py 8.1's
 # cluster client can write to a connection torn down under it when a node dies
 # ("'NoneType' object has no attribute 'writelines'"); that too is the store failing.
+ADMIT_BATCH_MAX = 128  # admissions per pipeline
 _STORE_ERRORS = (RedisError, RedisClusterException, OSError, AttributeError)
 
 
@@ -289,7 +290,9 @@ class RedisBackend:
         task.add_done_callback(self._batches.discard)
 
     async def _send_admits(self) -> None:
-        batch, self._admits = self._admits, []
+        # At most ADMIT_BATCH_MAX per pipeline (well inside one call's deadline); the rest go
+        # next, from the ``finally`` below.
+        batch, self._admits = self._admits[:ADMIT_BATCH_MAX], self._admits[ADMIT_BATCH_MAX:]
         calls = [(keys, args) for keys, args, _ in batch]
         try:
             replies = await self._call(
