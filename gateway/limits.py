@@ -228,9 +228,15 @@ class Limiter:
             task.add_done_callback(self._settling.discard)
 
     async def _settle_batch(self) -> None:
-        await asyncio.sleep(0)  # let the other requests finishing now join the batch
+        # Runs in the next loop iteration: every request that finished in this one has joined.
+        # No longer wait than that: the lease is held until this lands, and the client may
+        # already be sending its next request.
         batch, self._inflight.batch = self._inflight.batch, []
         plans = [p for p in (self._claim(*item) for item in batch) if p is not None]
+        if len(plans) <= SETTLE_BATCH_MAX:  # sent in this iteration, not from a new task
+            if plans:
+                await self._write(plans)
+            return
         chunks = [plans[i:i + SETTLE_BATCH_MAX] for i in range(0, len(plans), SETTLE_BATCH_MAX)]
         await asyncio.gather(*(self._write(chunk) for chunk in chunks))
 

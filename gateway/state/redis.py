@@ -318,7 +318,9 @@ class RedisBackend:
     async def settle_many(self, plans: Sequence[SettlePlan]) -> list[bool]:
         """Standalone Redis: one pipeline of EVALSHA calls (one round trip, not one each).
         Cluster: one call each, concurrently (each tenant's keys live in their own slot)."""
-        if len(plans) == 1 or self.cluster:
+        if len(plans) == 1:  # awaited here: a task would send it an iteration later
+            return [await self.settle(plans[0])]
+        if self.cluster:
             return list(await asyncio.gather(*(self.settle(plan) for plan in plans)))
         encoded = [encode_settle(plan, self._prefix) for plan in plans]
         replies = await self._call(
