@@ -50,6 +50,23 @@ from tests.redis_server import RedisServer, pick_port
 TENANTS = {"acme": "sk-soak-acme", "globex": "sk-soak-globex", "initech": "sk-soak-initech"}
 ADMIN_KEY = "sk-soak-admin"
 # `gateway serve`, with faulthandler on SIGUSR1: a stalled gateway dumps its stacks to its log.
+# With --heap-diff: tracemalloc on, and SIGUSR2 snapshots the heap: the first one is the
+# baseline, every later one writes the lines whose allocations grew most since to HEAP_DIFF.
+HEAP_HOOK = """
+import os, signal, tracemalloc
+tracemalloc.start(int(os.environ.get("PYTHONTRACEMALLOC_FRAMES", "1")))
+_base = []
+def _heap(*_):
+    snap = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)])
+    if not _base:
+        _base.append(snap)
+        return
+    with open(os.environ["HEAP_DIFF"], "w") as out:
+        for stat in snap.compare_to(_base[0], "lineno")[:40]:
+            out.write(str(stat) + "\\n")
+signal.signal(signal.SIGUSR2, _heap)
+"""
 SERVE = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, "
          "all_threads=True); from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
 DONE_TTL_S = 600  # gateway/limits.py DONE_TTL_MS: one settled-marker key per request lives this long
@@ -343,8 +360,9 @@ class Stack:
         self.gateway: subprocess.Popen[bytes] | None = None
         self.base = ""
         self.ports: dict[int, str] = {}
+        self.heap_diff: Path | None = None
 
-    def start(self) -> None:
+    def start(self, heap_diff: bool = False) -> None:
         self.redis.start()
         mock_port, gw_port = pick_port(), pick_port()
         self.procs.append(subprocess.Popen(
@@ -354,8 +372,13 @@ class Stack:
         config.write_text(yaml.safe_dump(policy(mock_port)))
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "REDIS_URL": self.redis.url, "GATEWAY_LOG_LEVEL": "WARNING"}
+        serve = SERVE
+        if heap_diff:
+            self.heap_diff = self.workdir / "heap-diff.txt"
+            env["HEAP_DIFF"] = str(self.heap_diff)
+            serve = HEAP_HOOK + "\n" + SERVE
         self.gateway = subprocess.Popen(
-            [sys.executable, "-c", SERVE, "serve", "--config", str(config), "--port",
+            [sys.executable, "-c", serve, "serve", "--config", str(config), "--port",
              str(gw_port)], cwd=REPO, env=env, stdout=self._log, stderr=self._log)
         self.procs.append(self.gateway)
         self.base = f"http://127.0.0.1:{gw_port}"
@@ -408,6 +431,7 @@ async def drive(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
               f"{args.fault_every:g} s; gateway pid {gateway.pid}", flush=True)
         print(f"{'t_s':>6} {'rss_mb':>7} {'fds':>5} {'lag_ms':>7} {'keys':>7} {'reqs':>6} "
               f"{'p50_ms':>7} {'p99_ms':>7}  fault / statuses", flush=True)
+        heap_base_taken = False
         try:
             while not load.done():
                 await asyncio.wait({load}, timeout=args.sample_every)
@@ -427,6 +451,9 @@ async def drive(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                            fd_kinds(gateway.pid, stack.ports))
                 faults_started.clear()
                 samples.append(s)
+                if stack.heap_diff is not None and not heap_base_taken and s.t >= warmup_s(args):
+                    gateway.send_signal(signal.SIGUSR2)  # the baseline heap snapshot
+                    heap_base_taken = True
                 lag = f"{s.loop_lag_ms:7.1f}" if s.loop_lag_ms is not None else "      -"
                 keys = f"{s.redis_keys:7d}" if s.redis_keys is not None else "      -"
                 top = ", ".join(f"{k}:{v}" for k, v in sorted(statuses.items()))
@@ -437,14 +464,24 @@ async def drive(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             for task in (load, faults):
                 task.cancel()
             await asyncio.gather(load, faults, return_exceptions=True)
+        if stack.heap_diff is not None and heap_base_taken:
+            gateway.send_signal(signal.SIGUSR2)
+            await asyncio.sleep(5)
+            print("heap growth since the warm-up mark (tracemalloc, top lines):\n"
+                  + stack.heap_diff.read_text(errors="replace"), flush=True)
     return summarize(samples, traffic.stats, args)
+
+
+def warmup_s(args: argparse.Namespace) -> float:
+    """The first fifth of the run, and at least one round of every fault (each kind raises
+    the allocator's high-water mark once; a leak keeps raising it afterwards)."""
+    duration = args.minutes * 60
+    return max(30.0, duration / 5, min(duration / 2, 4 * args.fault_every + 15))
 
 
 def summarize(samples: list[Sample], stats: Stats, args: argparse.Namespace) -> dict[str, Any]:
     duration = args.minutes * 60
-    # Warm-up: the first fifth of the run, and at least one round of every fault (each kind
-    # raises the allocator's high-water mark once; a leak keeps raising it afterwards).
-    warm = max(30.0, duration / 5, min(duration / 2, 4 * args.fault_every + 15))
+    warm = warmup_s(args)
     after = [s for s in samples if s.t >= warm] or samples[-1:]
     base_rss = statistics.median(s.rss_mb for s in after[:3])
     end_rss = statistics.median(s.rss_mb for s in after[-3:])
@@ -510,10 +547,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", help="write the summary and samples here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--heap-diff", action="store_true",
+                        help="diagnosis: run the gateway under tracemalloc and print which "
+                        "source lines' allocations grew after the warm-up (slows it down)")
     args = parser.parse_args()
     stack = Stack()
     try:
-        stack.start()
+        stack.start(heap_diff=args.heap_diff)
         result = asyncio.run(drive(args, stack))
     finally:
         stack.stop()
