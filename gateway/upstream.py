@@ -82,6 +82,9 @@ class UpstreamPool:
                 # Our own timers bound every phase; aiohttp's 5-minute default must not cut in.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=provider.timeouts.connect_s),
                 auto_decompress=True,
+                # One session serves every tenant: a cookie an upstream sets (load balancer,
+                # bot management) must not ride along on later calls, whoever makes them.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 trace_configs=self._trace_configs,
                 skip_auto_headers=("User-Agent",),
             )

@@ -305,6 +305,28 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(aiohttp_server: Any,
         assert name not in resp.headers, name
 
 
+async def test_cookies_an_upstream_sets_are_never_sent_back(aiohttp_server: Any,
+                                                            make_gateway: MakeGateway) -> None:
+    # One upstream session serves every tenant: a cookie it kept (a provider's load-balancer
+    # or bot-management cookie) would ride along on other tenants' calls.
+    cookies: list[str | None] = []
+
+    async def upstream(request: web.Request) -> web.Response:
+        cookies.append(request.headers.get("Cookie"))
+        body = {"choices": [{"message": {"content": "ok"}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+        return web.json_response(body, headers={"Set-Cookie": "lb=node-7; Path=/"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    server = await aiohttp_server(app)
+    # a host name, not 127.0.0.1: cookie jars do not keep cookies for IP addresses
+    gw = await make_gateway(upstream=f"http://localhost:{server.port}")
+    for _ in range(3):
+        assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+    assert cookies == [None, None, None]
+
+
 async def test_upstream_tls_is_verified_by_default(certs: Path, make_gateway: MakeGateway,
                                                    aiohttp_server: Any) -> None:
     async def ok(request: web.Request) -> web.Response:
