@@ -382,8 +382,13 @@ def _observability_report(args: argparse.Namespace,
                      for o, b in zip(closed[name], closed["bare"])]
         return bl.median(per_round), per_round
 
+    def cpu_us(name: str) -> float:
+        """CPU per request (us): steadier than req/s here, where the VM's speed swings."""
+        return bl.median([r["cpu_server"] / r["rps"] * 1e6 for r in closed[name] if r["rps"]])
+
     observed, observed_rounds = cost("observed")
     metrics_only, _ = cost("gateway")
+    cpu = {name: cpu_us(name) for name in ("bare", "gateway", "observed")}
     verdict = "MET" if observed < TARGET_OBSERVABILITY_COST else "NOT MET"
     return "\n".join([
         f"(c) observability: 'bare' = metrics and tracing off; 'gateway' = metrics on; "
@@ -392,6 +397,9 @@ def _observability_report(args: argparse.Namespace,
         f"  metrics cost {metrics_only:.1%} of bare throughput; metrics + tracing cost "
         f"{observed:.1%} (per round {', '.join(f'{x:.1%}' for x in observed_rounds)}); "
         f"target < {TARGET_OBSERVABILITY_COST:.0%}: {verdict}",
+        f"  CPU per request (median over rounds): bare {cpu['bare']:.0f} us, gateway "
+        f"{cpu['gateway']:.0f} us ({cpu['gateway'] / cpu['bare'] - 1:+.1%}), observed "
+        f"{cpu['observed']:.0f} us ({cpu['observed'] / cpu['bare'] - 1:+.1%})",
     ])
 
 
