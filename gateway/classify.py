@@ -227,6 +227,28 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, math.ceil(total_bytes / 4) + 4 * parts)
 
 
+def estimate_answer_tokens(answer: Any) -> int:
+    """Output tokens of a whole answer that came without ``usage``: its text / 4, the same
+    generous rule as the prompt estimate. Walks the answer text of every dialect: OpenAI
+    ``choices[].message.content``/``text``/tool-call ``arguments``, Responses ``output[]``,
+    Anthropic ``content[]`` (embeddings have no output tokens)."""
+    total_chars = 0
+    stack: list[Any] = [answer.get(k) for k in ("choices", "output", "content")] \
+        if isinstance(answer, dict) else []
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total_chars += len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key in ("message", "text", "content", "tool_calls", "function", "arguments",
+                        "input"):
+                if key in item:
+                    stack.append(item[key])
+    return math.ceil(total_chars / 4)
+
+
 def error_dialect(path: str) -> Dialect:
     route = ROUTES.get(path)
     return route.dialect if route else "openai"

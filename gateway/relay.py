@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .classify import ProxyCall
+from .classify import ProxyCall, estimate_answer_tokens
 from .errors import GatewayError, upstream_failure
 from .streaming import SseRelay, Usage
 from .upstream import FORWARDED_RESPONSE_HEADERS, UpstreamAttempt
@@ -54,11 +54,15 @@ async def relay_whole(
     if upstream.status < 400:
         usage = Usage()
         try:
-            usage.merge(orjson.loads(body))
+            answer = orjson.loads(body)
         except orjson.JSONDecodeError:  # a 200 the client could not parse either
             raise upstream_failure(502, f"The upstream {attempt.target.label} answered "
                                    f"{upstream.status} with invalid JSON.",
                                    "upstream_bad_response") from None
+        usage.merge(answer)
+        if not usage.reported:  # charge an estimate rather than nothing (reported stays False)
+            usage.input_tokens = record.prompt_tokens_estimate
+            usage.output_tokens = estimate_answer_tokens(answer)
         record.usage = usage
     record.status = upstream.status
     return response

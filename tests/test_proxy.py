@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway import classify
 from gateway.mock_upstream import RECORDED, estimate_prompt_tokens
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
 from tests.plugin_gateway import MakeGateway
@@ -125,6 +126,26 @@ async def test_streamed_chunks_reach_the_client_before_the_upstream_finishes(gw:
     # The upstream needs >= 0.9 s for its gaps; the first event must not wait for them.
     assert total >= 0.9
     assert first_at < total - 0.6
+
+
+async def test_a_whole_answer_without_usage_is_charged_an_estimate(
+    aiohttp_server: Any, make_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def upstream(request: web.Request) -> web.Response:
+        return web.json_response({"choices": [{"message": {"role": "assistant",
+                                                           "content": "x" * 400}}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(upstream=str(server.make_url("")).rstrip("/"))
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    body = chat()
+    assert (await gw.post("/v1/chat/completions", json=body, headers=auth())).status == 200
+    line = _access_lines(caplog)[-1]
+    assert line["usage_reported"] is False  # and the log says it is an estimate
+    assert line["tokens_in"] == classify.estimate_prompt_tokens(body)
+    assert line["tokens_out"] == 100  # 400 characters of answer / 4
 
 
 async def test_stream_usage_is_requested_upstream_and_stripped_for_the_client(
