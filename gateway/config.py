@@ -195,6 +195,12 @@ class Server(StrictModel):
         True, description="serve Prometheus metrics on /metrics and record them per request "
         "(about 3 % of peak throughput, docs/benchmarks.md); false: no /metrics route"
     )
+    metrics_need_admin_key: bool = Field(
+        False, description="/metrics answers only with an admin key (Authorization: Bearer; "
+        "Prometheus: `authorization: {credentials: ...}` in the scrape config): its series name "
+        "every tenant with its budget, usage and limits. Off: anyone who reaches the port reads "
+        "them, so keep that port off untrusted networks"
+    )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="the event loop: uvloop (libuv; ~10 % less CPU per proxied "
         "request, see docs/benchmarks.md) or the standard library's asyncio; 'auto' takes "
@@ -268,6 +274,9 @@ class GatewayConfig(StrictModel):
                     )
                 seen[key] = tname
         self.deferred.check_tenants(set(self.tenants))
+        if self.server.metrics_need_admin_key and not self.admin.api_keys:
+            raise ValueError("server.metrics_need_admin_key: no admin.api_keys to present; "
+                             "/metrics would refuse every scrape")
         for key in self.admin.api_keys:
             if key in seen:
                 raise ValueError(f"admin.api_keys: the same key is also a key of tenant "

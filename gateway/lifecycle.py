@@ -52,8 +52,8 @@ DRAIN_ERROR_CODE = "gateway_shutting_down"
 # Settings a running process cannot change (the listener, the app, the state backend): a
 # reload keeps the running values and says a restart is needed.
 RESTART_ONLY = (("server", "host"), ("server", "port"), ("server", "max_body_bytes"),
-                ("server", "backlog"), ("server", "cors_origins"), ("server", "event_loop"), ("server", "metrics"),
-                ("state", None))
+                ("server", "backlog"), ("server", "cors_origins"), ("server", "event_loop"),
+                ("server", "metrics"), ("server", "metrics_need_admin_key"), ("state", None))
 
 
 # --- drain ---------------------------------------------------------------------------------

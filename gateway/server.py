@@ -72,7 +72,15 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     if config.server.metrics:
-        app.router.add_get("/metrics", metrics_handler(app[GATEWAY].metrics))
+        scrape = metrics_handler(app[GATEWAY].metrics)
+        if config.server.metrics_need_admin_key:
+            async def guarded_scrape(request: web.Request) -> web.StreamResponse:
+                _check_admin_key(request)
+                return await scrape(request)
+
+            app.router.add_get("/metrics", guarded_scrape)
+        else:
+            app.router.add_get("/metrics", scrape)
     app.router.add_get("/admin/status", _admin_status)
     return app
 
@@ -114,11 +122,15 @@ async def _model(request: web.Request) -> web.Response:
 
 
 async def _admin_status(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
+    _check_admin_key(request)
+    return _json(admin.status(request.app[GATEWAY]))
+
+
+def _check_admin_key(request: web.Request) -> None:
+    """401/403 (``check_admin``) unless the request carries one of the admin keys."""
     digests = [bytes.fromhex(k.removeprefix("sha256:"))
-               for k in gateway.policy.config.admin.api_keys]
+               for k in request.app[GATEWAY].policy.config.admin.api_keys]
     check_admin(request.headers, digests)
-    return _json(admin.status(gateway))
 
 
 async def _healthz(request: web.Request) -> web.Response:

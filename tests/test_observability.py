@@ -175,6 +175,16 @@ async def test_metrics_can_be_switched_off(make_gateway: MakeGateway) -> None:
     assert (await on.get("/metrics")).status == 200
 
 
+async def test_metrics_can_require_the_admin_key(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(server={"metrics_need_admin_key": True},
+                            admin={"api_keys": [hash_key(ADMIN_KEY)]})
+    assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+    assert (await gw.get("/metrics")).status == 401
+    assert (await gw.get("/metrics", headers=auth())).status == 401  # a tenant key
+    scraped = await gw.get("/metrics", headers=auth(ADMIN_KEY))
+    assert scraped.status == 200 and "gateway_requests_total" in await scraped.text()
+
+
 async def test_admin_api_is_off_without_admin_keys(gw: TestClient[Any, Any]) -> None:
     assert (await gw.get("/admin/status", headers=auth(ADMIN_KEY))).status == 403
 
