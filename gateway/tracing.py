@@ -25,7 +25,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping, MutableMapping
-from contextvars import Token
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -67,6 +67,9 @@ MAX_CONTENT_CHARS = 64 * 1024  # captured content is truncated: exporters choke 
 
 _REQUEST_HANDLE = otel_context.create_key("gateway.request_span")  # an immutable context key
 _TRACE_HEADERS = ("traceparent", "tracestate")
+# True inside a request whose trace is not sampled: its children would be dropped anyway, and
+# an SDK span costs tens of us even unsampled (``inject`` then forwards the request span).
+_UNSAMPLED: ContextVar[bool] = ContextVar("gateway_trace_unsampled", default=False)
 log = logging.getLogger("gateway.tracing")
 
 
@@ -220,16 +223,20 @@ class _Scope(Generic[H]):
 
     Exceptions are judged here rather than by ``use_span``: a cancellation (client gone) is
     not an error, and a GatewayError below 500 is a refusal, not a failure of the gateway.
+    A request scope whose trace is not sampled also marks the block ``_UNSAMPLED``.
     """
 
-    __slots__ = ("_ctx", "_handle", "_span", "_token")
+    __slots__ = ("_ctx", "_handle", "_span", "_token", "_unsampled")
 
     def __init__(self, span: Span, ctx: Context, handle: H) -> None:
         self._span, self._ctx, self._handle = span, ctx, handle
         self._token: Token[Context] | None = None
+        self._unsampled: Token[bool] | None = None
 
     def __enter__(self) -> H:
         self._token = otel_context.attach(self._ctx)
+        if isinstance(self._handle, RequestSpan) and not self._span.is_recording():
+            self._unsampled = _UNSAMPLED.set(True)
         return self._handle
 
     def __exit__(
@@ -249,6 +256,8 @@ class _Scope(Generic[H]):
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         finally:
+            if self._unsampled is not None:
+                _UNSAMPLED.reset(self._unsampled)
             if self._token is not None:
                 otel_context.detach(self._token)
             span.end()
@@ -323,7 +332,7 @@ class Tracing:
 
     def stage(self, name: str) -> _Scope[None] | _Null[None]:
         """A child span for one pipeline stage: ``auth``, ``limits``, ``queue``, ``relay``..."""
-        if self._tracer is None or _sampled_out():
+        if self._tracer is None or _UNSAMPLED.get():
             return self._null_stage
         span = self._tracer.start_span(name, kind=SpanKind.INTERNAL)
         return _Scope(span, trace.set_span_in_context(span), None)
@@ -334,7 +343,7 @@ class Tracing:
     ) -> _Scope[AttemptSpan] | _Null[AttemptSpan]:
         """A CLIENT span per upstream attempt, named ``"{operation} {upstream_model}"`` as the
         GenAI conventions ask. ``operation`` defaults to the route's (chat, embeddings, ...)."""
-        if self._tracer is None or _sampled_out():
+        if self._tracer is None or _UNSAMPLED.get():
             return self._null_attempt
         request = otel_context.get_value(_REQUEST_HANDLE)
         if isinstance(request, RequestSpan):
@@ -365,13 +374,6 @@ class Tracing:
         if self._owns and self._provider is not None:
             provider, self._provider = self._provider, None
             await asyncio.to_thread(provider.shutdown)
-
-
-def _sampled_out() -> bool:
-    """The current trace exists but is not recorded: its children would be dropped anyway, and
-    an SDK span costs tens of µs even unsampled. ``inject`` then forwards the request span."""
-    ctx = trace.get_current_span().get_span_context()
-    return ctx.is_valid and not ctx.trace_flags.sampled
 
 
 def _exporter(name: str) -> SpanExporter:
