@@ -466,9 +466,15 @@ async def drive(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             await asyncio.gather(load, faults, return_exceptions=True)
         if stack.heap_diff is not None and heap_base_taken:
             gateway.send_signal(signal.SIGUSR2)
-            await asyncio.sleep(5)
-            print("heap growth since the warm-up mark (tracemalloc, top lines):\n"
-                  + stack.heap_diff.read_text(errors="replace"), flush=True)
+            for _ in range(120):  # a snapshot of a traced heap takes seconds
+                await asyncio.sleep(0.5)
+                if stack.heap_diff.exists() and stack.heap_diff.stat().st_size:
+                    await asyncio.sleep(0.5)  # let the writer finish
+                    break
+            text = (stack.heap_diff.read_text(errors="replace") if stack.heap_diff.exists()
+                    else "(no diff written within 60 s)\n")
+            print("heap growth since the warm-up mark (tracemalloc, top lines):\n" + text,
+                  flush=True)
     return summarize(samples, traffic.stats, args)
 
 
