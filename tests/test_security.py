@@ -18,6 +18,7 @@ import logging
 import secrets
 import ssl
 import subprocess
+import time
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -442,6 +443,7 @@ async def test_a_tenant_cannot_read_or_move_another_tenants_limits(
     baseline = {k: v for k, v in first.headers.items() if k.startswith("x-ratelimit")}
     await settled(gw)
     before = _tenant_keys(clean_redis, "umbrella")
+    before_at = time.monotonic()
 
     crafted_ids = ["shared", "umbrella", "t:umbrella", "rl:umbrella:req", "x:req", "x/../req",
                    "a=b+c@d", "req-1", "s:" + "0" * 16]
@@ -462,7 +464,12 @@ async def test_a_tenant_cannot_read_or_move_another_tenants_limits(
     assert 429 in statuses  # acme did hit its own limits
     assert (await gw.get("/admin/status", headers=auth())).status == 401
     await settled(gw)
-    assert _tenant_keys(clean_redis, "umbrella") == before  # not a key created or changed
+    after = _tenant_keys(clean_redis, "umbrella")
+    assert set(after) <= set(before), set(after) - set(before)  # not a key created
+    for key in set(before) & set(after):  # nor one changed
+        assert after[key][0] == before[key][0], key  # the value; TTLs run down
+    for key in set(before) - set(after):  # gone only by its own TTL (a GCRA bucket refilled)
+        assert before[key][1] <= (time.monotonic() - before_at) * 1000 + 50, key
     # umbrella is served as if acme did not exist, same session id and body included
     second = await gw.post("/v1/chat/completions", json=chat(text="same body"),
                            headers=auth(UMBRELLA_KEY, **{"X-Agent-Session": "shared"}))
@@ -472,7 +479,7 @@ async def test_a_tenant_cannot_read_or_move_another_tenants_limits(
 
 
 def _tenant_keys(server: RedisServer, tenant: str) -> dict[str, Any]:
-    """Every key of a tenant with its value (sorted sets as members): a fingerprint."""
+    """Every key of a tenant: (value, PTTL ms), sorted sets as their members: a fingerprint."""
     import redis
 
     assert server.port is not None
@@ -480,15 +487,17 @@ def _tenant_keys(server: RedisServer, tenant: str) -> dict[str, Any]:
     try:
         out: dict[str, Any] = {}
         for key in client.scan_iter(match=f"*{{t:{tenant}}}*", count=1000):
-            kind = client.type(key)
+            kind, ttl_ms = client.type(key), client.pttl(key)
+            if kind == "none":
+                continue  # expired while we looked
             if kind == "zset":
-                out[key] = sorted(client.zrange(key, 0, -1))
+                value: Any = sorted(client.zrange(key, 0, -1))
             elif kind == "string":
-                value = client.get(key)
                 # GCRA theoretical arrival times move with the clock only when written
-                out[key] = value
+                value = client.get(key)
             else:
-                out[key] = kind
+                value = kind
+            out[key] = (value, ttl_ms)
         return out
     finally:
         client.close()
