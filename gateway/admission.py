@@ -77,7 +77,7 @@ class AdmissionController:
     def __init__(self, policy: AdmissionPolicy, clock: Clock, rng: random.Random,
                  observer: AdmissionObserver | None = None) -> None:
         self._policy = policy
-        self._shares = tuple(policy.classes.of(p).holdback_share for p in Priority)
+        self._shares = policy.classes.holdback_shares()  # read on every admission
         self._clock = clock
         self._rng = rng
         self._observer = observer or AdmissionObserver()
@@ -151,7 +151,7 @@ class AdmissionController:
         """Apply a reloaded policy, keeping in-flight counts, queues, limits and shed levels."""
         now = self._clock()
         self._policy = policy
-        self._shares = tuple(policy.classes.of(p).holdback_share for p in Priority)
+        self._shares = policy.classes.holdback_shares()  # read on every admission
         for label, state in self._deployments.items():
             state.limiter.reconfigure(policy.concurrency_for(label))
             level = state.shed.level

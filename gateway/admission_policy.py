@@ -58,9 +58,13 @@ class ClassesSettings(StrictModel):
         settings: ClassSettings = getattr(self, priority.name)
         return settings
 
+    def holdback_shares(self) -> tuple[float, ...]:
+        """Each class's holdback share, indexed by priority (critical first)."""
+        return tuple(self.of(p).holdback_share for p in Priority)
+
     @model_validator(mode="after")
     def _shares_descend(self) -> ClassesSettings:
-        shares = [self.of(p).holdback_share for p in Priority]
+        shares = self.holdback_shares()
         if shares[0] != 1.0:
             raise ValueError("critical.holdback_share must be 1.0: nothing ranks above critical")
         if any(a < b for a, b in itertools.pairwise(shares)):

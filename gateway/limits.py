@@ -233,12 +233,9 @@ class Limiter:
         # already be sending its next request.
         batch, self._inflight.batch = self._inflight.batch, []
         plans = [p for p in (self._claim(*item) for item in batch) if p is not None]
-        if len(plans) <= SETTLE_BATCH_MAX:  # sent in this iteration, not from a new task
-            if plans:
-                await self._write(plans)
-            return
-        chunks = [plans[i:i + SETTLE_BATCH_MAX] for i in range(0, len(plans), SETTLE_BATCH_MAX)]
-        await asyncio.gather(*(self._write(chunk) for chunk in chunks))
+        # One pipeline per chunk, awaited here: the first goes out in this very iteration.
+        for i in range(0, len(plans), SETTLE_BATCH_MAX):
+            await self._write(plans[i:i + SETTLE_BATCH_MAX])
 
     async def drain(self) -> None:
         """Wait for every pending settlement (shutdown)."""
