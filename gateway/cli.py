@@ -251,9 +251,10 @@ def _with_process_settings(
 async def _gateway_site(config: GatewayConfig) -> web.AppRunner:
     from aiohttp import web
 
+    from .runner import GatewayRunner
     from .server import create_app
 
-    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+    runner = GatewayRunner(create_app(config), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, config.server.host, config.server.port).start()
     log.info("gateway listening", extra={"fields": {

@@ -43,6 +43,7 @@ from .config import ConfigError, GatewayConfig, load_config
 from .errors import GatewayError
 from .heap import trim_periodically, tune_gc
 from .server import GATEWAY, RECORD, create_app
+from .runner import GatewayRunner
 
 log = logging.getLogger("gateway")
 
@@ -369,8 +370,8 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
     # Handlers are all done by cleanup time (drain), so a short timeout only bounds stragglers.
     # keepalive_timeout 75 s (aiohttp: 3630 s): an idle or header-trickling connection holds
     # an fd; this bounds how long.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=CUT_GRACE_S, keepalive_timeout=75)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None,
+                          shutdown_timeout=CUT_GRACE_S, keepalive_timeout=75)
     await runner.setup()
     tune_gc()
     loop = asyncio.get_running_loop()

@@ -9,11 +9,19 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.mock_upstream import create_mock_app
+from gateway.runner import GatewayRunner
 from gateway.server import create_app
 from gateway.state import StateBackend
 from tests.gwtest import policy
 
 MakeGateway = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+class GatewayTestServer(TestServer):
+    """aiohttp's test server on the runner ``gateway serve`` uses (its parse-error answers)."""
+
+    async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
+        return GatewayRunner(self.app, **kwargs)
 
 
 @pytest.fixture
@@ -32,7 +40,8 @@ def make_gateway(aiohttp_client: Any, upstream_url: str) -> MakeGateway:
     async def make(upstream: str | None = None, state: StateBackend | None = None,
                    **overrides: Any) -> TestClient[Any, Any]:
         config = policy(upstream or upstream_url, **overrides)
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(config, state=state))
+        client: TestClient[Any, Any] = await aiohttp_client(
+            GatewayTestServer(create_app(config, state=state)))
         return client
 
     return make

@@ -8,8 +8,8 @@ The properties, for whatever hypothesis sends:
   for chunked bodies too; deep nesting and huge numbers are refused by the parser, not walked).
 
 HTTP framing errors (request line, header count and size, Content-Length, chunk sizes) are
-refused by aiohttp's parser before the gateway sees the request: a 4xx, but plain text, not
-OpenAI-shaped (reported as a gap in docs/reliability.md). Hand-picked cases that already have
+refused by aiohttp's parser before any route runs; ``gateway/runner.py`` answers them in the same
+OpenAI shape, without quoting the refused bytes (to the client or the log). Hand-picked cases that already have
 tests (malformed JSON, 413, 415, wrong field types) are in tests/test_proxy.py.
 """
 
@@ -19,6 +19,7 @@ import asyncio
 import gc
 import io
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -231,6 +232,9 @@ FRAMING = {
     "invalid byte in path": b"POST /v1/chat/\xff HTTP/1.1\r\nHost: gw\r\n\r\n",
     "both CL and TE": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n"
                       b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "control byte in the key": _request(b"", BODY).replace(ACME_KEY.encode(),
+                                                           ACME_KEY.encode() + b"\x01"),
+    "header line without a colon": _request(b"Bearer " + ACME_KEY.encode() + b"\r\n", BODY),
 }
 SHAPED = {
     "invalid UTF-8 header": _request(b"X-Agent-Session: \xff\xfe\r\n", BODY),
@@ -243,13 +247,23 @@ SHAPED = {
 
 
 @pytest.mark.parametrize("name", list(FRAMING))
-async def test_framing_abuse_gets_a_4xx_and_the_gateway_keeps_serving(gw: Client,
-                                                                      name: str) -> None:
+async def test_framing_abuse_gets_an_openai_shaped_4xx_and_the_gateway_keeps_serving(
+        gw: Client, name: str, caplog: pytest.LogCaptureFixture) -> None:
     assert gw.server.port is not None
-    answer = await _raw(gw.server.port, FRAMING[name])
-    status = int(answer.split(b" ", 2)[1])
+    with caplog.at_level(logging.DEBUG):
+        answer = await _raw(gw.server.port, FRAMING[name])
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
     assert 400 <= status < 500, answer[:200]
+    assert b"application/json" in head.lower(), head
+    error = orjson.loads(body)["error"]
+    assert set(error) == {"message", "type", "code", "param"}
+    assert error["message"].startswith("malformed HTTP request: ")
+    assert error["type"] == "invalid_request_error"
     assert ACME_KEY.encode() not in answer
+    logged = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) + str(r.exc_info)
+                       for r in caplog.records)
+    assert ACME_KEY not in logged
     ok = await gw.post("/v1/chat/completions", data=BODY,
                        headers={"Authorization": f"Bearer {ACME_KEY}",
                                 "Content-Type": "application/json"})
