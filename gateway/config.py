@@ -76,6 +76,10 @@ class Provider(StrictModel):
     )
     pool_size: int = Field(100, ge=1, le=10000, description="max open connections")
     verify_tls: bool = Field(True, description="verify the upstream's TLS certificate")
+    ca_file: str | None = Field(
+        None, description="PEM file of the CAs to trust for this provider instead of the "
+        "system's (a private or corporate CA, a self-hosted model server)"
+    )
     forward_headers: list[str] = Field(
         [],
         description="extra request headers passed through to this provider, by name or by "
@@ -104,6 +108,12 @@ class Provider(StrictModel):
                 raise ValueError(f"'{name}' would forward a credential or hop-by-hop header")
             out.append(lowered)
         return out
+
+    @model_validator(mode="after")
+    def _ca_file_verifies(self) -> Provider:
+        if self.ca_file and not self.verify_tls:
+            raise ValueError("ca_file needs verify_tls: true (nothing is verified without it)")
+        return self
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Provider:

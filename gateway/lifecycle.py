@@ -225,10 +225,12 @@ def file_signature(paths: Iterable[str]) -> Signature:
 
 
 def watched_files(path: str, config: GatewayConfig | None) -> list[str]:
-    """The policy file and the provider key files it names (rotated Secrets reload too)."""
+    """The policy file and the provider key and CA files it names (rotated Secrets reload
+    too)."""
     files = [path]
     if config is not None:
-        files += sorted({p.api_key_file for p in config.providers.values() if p.api_key_file})
+        files += sorted({f for p in config.providers.values()
+                         for f in (p.api_key_file, p.ca_file) if f})
     return files
 
 

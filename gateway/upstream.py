@@ -15,6 +15,7 @@ the pending read. A timer per chunk cost ~9 us per chunk on long streams.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import aiohttp
 import orjson
 
 from .classify import ProxyCall
-from .config import Deployment, GatewayConfig, Provider, resolve_api_key
+from .config import ConfigError, Deployment, GatewayConfig, Provider, resolve_api_key
 from .errors import GatewayError, upstream_failure
 
 # Request headers a client may pass through to the provider. Everything else is dropped.
@@ -68,13 +69,14 @@ class UpstreamPool:
         self._config = config
         self._trace_configs = trace_configs or []
         self._keys = {name: resolve_api_key(name, p) for name, p in config.providers.items()}
+        self._tls = {name: _tls_context(name, p) for name, p in config.providers.items()}
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     async def start(self) -> None:
         for name, provider in self._config.providers.items():
             connector = aiohttp.TCPConnector(
                 limit=provider.pool_size,
-                ssl=True if provider.verify_tls else False,
+                ssl=self._tls[name],
                 enable_cleanup_closed=False,
             )
             self._sessions[name] = aiohttp.ClientSession(
@@ -124,6 +126,20 @@ class UpstreamPool:
         return UpstreamAttempt(
             self._sessions[target.provider_name], target, orjson.dumps(body), out_headers, deadline
         )
+
+
+def _tls_context(name: str, provider: Provider) -> ssl.SSLContext | bool:
+    """How calls to the provider verify TLS: the system CAs (True), the ``ca_file``'s, or not."""
+    if not provider.verify_tls:
+        return False
+    if not provider.ca_file:
+        return True
+    try:
+        return ssl.create_default_context(cafile=provider.ca_file)
+    except (OSError, ssl.SSLError) as exc:  # missing, unreadable, or not PEM certificates
+        raise ConfigError(provider.ca_file, [
+            f"providers.{name}.ca_file: cannot load CA certificates: "
+            f"{getattr(exc, 'strerror', None) or exc}"]) from None
 
 
 def _upstream_headers(incoming: Mapping[str, str], provider: Provider, key: str | None) -> dict[

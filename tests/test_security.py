@@ -349,6 +349,33 @@ async def test_upstream_tls_is_verified_by_default(certs: Path, make_gateway: Ma
     opted_out = await make_gateway(upstream=url, providers={"main": {"verify_tls": False}})
     assert (await opted_out.post("/v1/chat/completions", json=chat(), headers=auth())).status \
         == 200
+    # The private CA, trusted for this provider only: verified, and it answers.
+    private = await make_gateway(upstream=url, providers={"main": {"ca_file": str(certs / "ca.pem")}})
+    assert (await private.post("/v1/chat/completions", json=chat(), headers=auth())).status \
+        == 200
+    # ... and another CA file does not vouch for this server.
+    other = await make_gateway(upstream=url,
+                               providers={"main": {"ca_file": str(certs / "client.pem")}})
+    resp = await other.post("/v1/chat/completions", json=chat(), headers=auth())
+    assert resp.status == 502 and "CERTIFICATE_VERIFY_FAILED" in (await resp.text())
+
+
+def test_a_provider_ca_file_that_cannot_be_used_is_refused_at_load(tmp_path: Path) -> None:
+    from gateway.config import ConfigError, GatewayConfig
+    from gateway.upstream import UpstreamPool
+
+    def config(**provider: Any) -> GatewayConfig:
+        return policy("https://127.0.0.1:1", providers={"main": provider})
+
+    with pytest.raises(ConfigError, match="ca_file needs verify_tls: true"):
+        config(ca_file=str(tmp_path / "ca.pem"), verify_tls=False)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    for path, why in ((tmp_path / "missing.pem", "No such file"),
+                      (tmp_path / "junk.pem", "cannot load CA certificates")):
+        with pytest.raises(ConfigError) as raised:
+            UpstreamPool(config(ca_file=str(path)))
+        assert "providers.main.ca_file" in str(raised.value.problems)
+        assert why in str(raised.value.problems)
 
 
 @pytest.mark.redis
