@@ -249,10 +249,15 @@ class RedisCluster3:
     ``start()`` returns only once every node reports ``cluster_state:ok``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls_dir: Path | None = None) -> None:
         self._cli = _find_binary("redis-cli")
         self.nodes: list[RedisServer] = []
         self._created = False
+        # With ``tls_dir`` (ca.pem, server.pem/.key): clients and the cluster bus speak TLS on
+        # ``tls_ports`` and clients must present a certificate of that CA; the plain ports stay
+        # for this class's own setup and readiness checks.
+        self._tls_dir = tls_dir
+        self.tls_ports: list[int] = []
 
     @property
     def ports(self) -> list[int]:
@@ -263,22 +268,18 @@ class RedisCluster3:
         """A ``redis+cluster://`` URL listing every node, as ``RedisBackend`` expects."""
         return "redis+cluster://" + ",".join(f"{HOST}:{p}" for p in self.ports)
 
+    @property
+    def tls_url(self) -> str:
+        """A ``rediss+cluster://`` URL of the TLS ports (without the certificate parameters)."""
+        return "rediss+cluster://" + ",".join(f"{HOST}:{p}" for p in self.tls_ports)
+
     def start(self) -> None:
         if not self.nodes:
-            self.nodes = [
-                RedisServer(
-                    cluster_bus=True,
-                    extra_args=[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",  # in the node's own dir
-                        "--cluster-node-timeout",
-                        "2000",
-                    ],
-                )
-                for _ in range(3)
-            ]
+            args = ["--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",  # in the node's own dir
+                    "--cluster-node-timeout", "2000"]
+            self.nodes = [RedisServer(cluster_bus=True, extra_args=args + self._tls_args())
+                          for _ in range(3)]
         try:
             for node in self.nodes:
                 node.start()
@@ -313,6 +314,19 @@ class RedisCluster3:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def _tls_args(self) -> list[str]:
+        if self._tls_dir is None:
+            return []
+        # The bus moves to the TLS port + 10000 (redis 7: tls-cluster buses on tls-port's).
+        port = pick_port(with_bus=True)
+        while port in self.tls_ports:
+            port = pick_port(with_bus=True)
+        self.tls_ports.append(port)
+        d = self._tls_dir
+        return ["--tls-port", str(port), "--tls-cluster", "yes", "--tls-auth-clients", "yes",
+                "--tls-cert-file", str(d / "server.pem"), "--tls-key-file", str(d / "server.key"),
+                "--tls-ca-cert-file", str(d / "ca.pem")]
 
     def _create(self) -> None:
         cmd = [

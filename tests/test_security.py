@@ -43,7 +43,7 @@ from gateway.tracing import Tracing
 from tests.faults.helpers import Client
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat, policy
 from tests.plugin_gateway import MakeGateway, settled
-from tests.redis_server import RedisServer, pick_port
+from tests.redis_server import RedisCluster3, RedisServer, pick_port
 
 ADMIN_KEY = "sk-admin-security-test"
 
@@ -411,6 +411,31 @@ async def test_rediss_with_a_private_ca_and_client_certificates(certs: Path) -> 
             await bad.close()
     finally:
         server.close()
+
+
+@pytest.mark.redis
+async def test_rediss_cluster_with_a_private_ca_and_client_certificates(certs: Path) -> None:
+    cluster = RedisCluster3(tls_dir=certs)
+    cluster.start()  # clients and the cluster bus on TLS, client certificates required
+    tls = (f"ssl_ca_certs={certs / 'ca.pem'}&ssl_certfile={certs / 'client.pem'}"
+           f"&ssl_keyfile={certs / 'client.key'}")
+    try:
+        good = create_backend("redis", redis_url=f"{cluster.tls_url}?{tls}", timeout_s=0.5,
+                              key_prefix="gw:")
+        await good.start()
+        assert await good.ping()
+        for i in range(20):  # spread over the three nodes' slots
+            await good.set(f"k{i}", b"v%d" % i, 10_000)
+        assert [await good.get(f"k{i}") for i in range(20)] == [b"v%d" % i for i in range(20)]
+        await good.close()
+        for url in (cluster.tls_url,  # the system CAs do not know these nodes
+                    f"{cluster.tls_url}?ssl_ca_certs={certs / 'ca.pem'}",  # no client cert
+                    cluster.tls_url.replace("rediss+", "redis+")):  # plaintext to TLS ports
+            bad = create_backend("redis", redis_url=url, timeout_s=0.5, key_prefix="gw:")
+            assert not await bad.ping(), url
+            await bad.close()
+    finally:
+        cluster.close()
 
 
 # --- tenant isolation -------------------------------------------------------------------------

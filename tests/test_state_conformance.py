@@ -327,6 +327,8 @@ async def test_create_backend_memory_and_redis() -> None:
         ("redis", "http://127.0.0.1:6379", "unsupported Redis URL scheme 'http'"),
         ("redis", "redis+cluster://h1:7000,h2", "cluster node 'h2' is not host:port"),
         ("redis", "redis+cluster://h1:7000/3", "takes no database"),
+        ("redis", "redis+cluster://h1:7000?ssl_ca_certs=/ca.pem", "need a rediss\\+cluster"),
+        ("redis", "rediss+cluster://h1:7000?db=2", "not db"),
     ],
 )
 def test_create_backend_rejects_bad_settings(kind: str, url: str | None, message: str) -> None:

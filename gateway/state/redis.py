@@ -7,7 +7,9 @@ touches:
 - ``rediss://...``: the same over TLS; certificates are verified unless the URL says
   otherwise (redis-py's ``ssl_cert_reqs`` query parameter).
 - ``redis+cluster://[user:password@]host:port,host:port,...``: Redis Cluster; the listed
-  nodes are only seeds for topology discovery. ``rediss+cluster://`` for TLS.
+  nodes are only seeds for topology discovery. ``rediss+cluster://`` for TLS, with a private
+  CA and client certificates as in a ``rediss://`` URL: ``?ssl_ca_certs=...&ssl_certfile=...
+  &ssl_keyfile=...``.
 
 Failure behaviour, which is the point of this module: redis-py 8.1 defaults to 5 s socket
 timeouts and 10 retries, so a hung server would stall a request for tens of seconds.
@@ -142,14 +144,14 @@ class RedisBackend:
             )
             self._client = Redis.from_pool(pool)  # the client owns and closes the pool
         elif scheme in _CLUSTER_SCHEMES:
-            nodes, username, password = _parse_cluster_url(url)
+            nodes, username, password, url_tls = _parse_cluster_url(url)
             self._client = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in nodes],
                 username=username,
                 password=password,
                 ssl=scheme == "rediss+cluster",
                 max_connections=max_connections,
-                **common,
+                **{**url_tls, **common},  # options given as arguments win over the URL's
             )
             self._gate = asyncio.Semaphore(max_connections)
         else:
@@ -379,11 +381,26 @@ class RedisBackend:
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
-    """Seed nodes, username and password of ``redis+cluster://[u:p@]h:port,h:port[/0]``."""
+# The query parameters a cluster URL may carry: redis-py's own names for them in a rediss:// URL.
+_CLUSTER_TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def _parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None,
+                                          dict[str, str]]:
+    """Seed nodes, username, password and TLS files of
+    ``redis+cluster://[u:p@]h:port,h:port[/0][?ssl_ca_certs=...&ssl_certfile=...]``.
+    (redis-py's ``RedisCluster.from_url`` takes only one node, so the URL is parsed here.)"""
     parts = urlsplit(url)
-    if parts.query or parts.fragment or parts.path not in ("", "/", "/0"):
-        raise ValueError("a cluster URL takes no database, path or query parameters")
+    if parts.fragment or parts.path not in ("", "/", "/0"):
+        raise ValueError("a cluster URL takes no database or path")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - set(_CLUSTER_TLS_PARAMS))
+    if unknown:
+        raise ValueError(f"a cluster URL takes only {', '.join(_CLUSTER_TLS_PARAMS)} as query "
+                         f"parameters, not {', '.join(unknown)}")
+    tls = {name: values[-1] for name, values in query.items()}
+    if tls and parts.scheme.lower() != "rediss+cluster":
+        raise ValueError("ssl_* parameters need a rediss+cluster:// URL")
     userinfo, at, hosts = parts.netloc.rpartition("@")
     username = password = None
     if at:
@@ -396,4 +413,4 @@ def _parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str
         if not colon or not host or not port.isdigit():
             raise ValueError(f"cluster node {item!r} is not host:port")
         nodes.append((host.strip("[]"), int(port)))
-    return nodes, username, password
+    return nodes, username, password, tls
