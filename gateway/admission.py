@@ -326,7 +326,7 @@ class AdmissionController:
 
     def snapshot(self) -> dict[str, Any]:
         """State for metrics and /admin/status (JSON-serialisable); a superset of
-        ``metrics.AdmissionSnapshot``, so it can be the metrics' admission source as is::
+        ``metrics_pulled.AdmissionSnapshot``, so it can be the metrics' admission source as is::
 
             {"shadow": bool,
              "classes": {class: {"in_flight", "queued", "queue_target_s", "oldest_wait_s",

@@ -1,9 +1,9 @@
 """Fleet sync of the breakers: trips, cooldowns, probe slots and verdicts through the store.
 
-Split from breaker.py (the per-deployment state machines) because this half is all I/O: a
-background task exchanges TTL'd keys with the other replicas, and the half-open probe slots
-are reserved with ``SET NX PX``. ``BreakerBoard`` mixes it in; it reaches the board's state
-through the attributes declared below.
+Split from breaker.py (the board) and breaker_deployment.py (the per-deployment state
+machines) because this half is all I/O: a background task exchanges TTL'd keys with the other
+replicas, and the half-open probe slots are reserved with ``SET NX PX``. ``BreakerBoard`` mixes
+it in; it reaches the board's state through the attributes declared below.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import pybreaker
 from gateway.state.base import StateBackend, StateUnavailable
 
 if TYPE_CHECKING:
-    from gateway.breaker import BreakerPolicy, _Breaker
+    from gateway.breaker_deployment import _Breaker
+    from gateway.breaker_policy import BreakerPolicy
 
 log = logging.getLogger("gateway.breaker")
 OPEN, HALF_OPEN = pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN

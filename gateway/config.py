@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
 from .admission_policy import AdmissionPolicy
-from .breaker import BreakerPolicy
+from .breaker_policy import BreakerPolicy
 from .deferred_policy import DeferredPolicy
 from .limits_policy import Budget, Degraded, LoopGuard, TenantLimits
 from .retry import RetryPolicy

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 
 from gateway.auth import hash_key
 from gateway.config import parse_config
-from gateway.metrics import PULLED_GAUGES, GatewayMetrics
+from gateway.metrics import GatewayMetrics
+from gateway.metrics_pulled import PULLED_GAUGES
 
 OBS = Path(__file__).resolve().parent.parent / "deploy" / "observability"
 ALERTS = OBS / "alerts.yml"

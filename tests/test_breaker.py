@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from gateway.breaker import BreakerBoard, BreakerPolicy, Trial
+from gateway.breaker import BreakerBoard, Trial
+from gateway.breaker_policy import BreakerPolicy
 from gateway.retry import AttemptFailure, RetryBudget, RetryPolicy, decide_retry
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from tests.redis_server import RedisServer

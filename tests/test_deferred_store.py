@@ -8,15 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.deferred_store import (
-    Claim,
-    DeferredStore,
-    MemoryDeferredStore,
-    QueueFull,
-    RedisDeferredStore,
-    Result,
-    create_store,
-)
+from gateway.deferred_store import Claim, DeferredStore, QueueFull, Result, create_store
+from gateway.deferred_store_memory import MemoryDeferredStore
+from gateway.deferred_store_redis import RedisDeferredStore
 from gateway.state import MemoryBackend, StateBackend
 
 TTL_MS, GRACE_MS = 60_000, 60_000

@@ -17,20 +17,18 @@ from prometheus_client.exposition import generate_latest
 
 from gateway.auth import hash_key
 from gateway.config import GatewayConfig, parse_config
-from gateway.metrics import (
+from gateway.metrics import GatewayMetrics, metrics_handler
+from gateway.metrics_labels import (
     ATTEMPT_OUTCOMES,
     BREAKER_STATES,
     BUDGET_KINDS,
     OUTCOMES,
     PRIORITIES,
-    PULLED_GAUGES,
     REJECTION_REASONS,
     SHED_REASONS,
-    AdmissionSnapshot,
-    GatewayMetrics,
     attempt_outcome,
-    metrics_handler,
 )
+from gateway.metrics_pulled import PULLED_GAUGES, AdmissionSnapshot
 from gateway.context import AttemptRecord, RequestRecord
 from gateway.streaming import Usage
 

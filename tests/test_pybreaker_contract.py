@@ -100,7 +100,7 @@ def test_a_success_while_closed_with_no_failure_counted_changes_only_listener_ho
 
 
 def test_gateway_listener_has_only_a_state_change_hook() -> None:
-    from gateway.breaker import _Listener
+    from gateway.breaker_deployment import _Listener
 
     base = pybreaker.CircuitBreakerListener
     assert [name for name in ("before_call", "failure", "success")

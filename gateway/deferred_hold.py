@@ -1,0 +1,70 @@
+"""The reservation a deferred entry holds, and how it is refunded and charged.
+
+The hold is made once at submit and stored with the entry (as JSON), so whichever replica
+finishes, cancels or expires the entry can settle it. It is kept apart from the service and
+its runs because every path that ends an entry (a run, a cancel, the sweeper) settles through
+these functions, by the rules below.
+
+Accounting (the tenant is charged once per upstream call actually made):
+- the reservation made at submit is refunded exactly once, when the entry reaches a final
+  state (succeeded, failed, cancelled, expired): settle of the submit hold with zero usage;
+- each run that reached the upstream is charged its real usage under its own request id
+  (``<id>.r<run>``; settlement is idempotent per id);
+- a run lost with its replica (its usage unknown) is charged its reservation, an upper bound
+  of what it can have cost (max_tokens is always set), by whoever accounts it first.
+So the charge is at most one reservation per lost run above the real usage of the runs that
+finished; a run cut off before it sent anything (a replica killed in the few milliseconds
+between starting a run and sending it, or stopped while it ran) is charged like a lost one.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from .limits import DONE_TTL_MS, Hold, Limiter
+from .ratelimit import SettlePlan
+from .streaming import Usage
+
+
+def hold_to_json(hold: Hold) -> bytes:
+    plan = hold.settle_plan
+    return orjson.dumps({
+        "request_id": hold.request_id, "mode": hold.mode, "tokens": hold.reserved_tokens,
+        "cost": hold.reserved_cost,
+        "plan": None if plan is None else {
+            "done_key": plan.done_key, "hold_key": plan.hold_key,
+            "gcra": plan.gcra, "counters": plan.counters,
+        },
+    })
+
+
+def hold_from_json(raw: bytes) -> Hold:
+    data = orjson.loads(raw)
+    plan = data["plan"]
+    settle = None if plan is None else SettlePlan(
+        data["request_id"], plan["done_key"], plan["hold_key"], DONE_TTL_MS,
+        tuple((k, float(i), int(r), int(a)) for k, i, r, a in plan["gcra"]),
+        tuple((k, int(r), int(a), int(t)) for k, r, a, t in plan["counters"]), ())
+    return Hold(data["request_id"], data["mode"], int(data["tokens"]), int(data["cost"]), settle)
+
+
+def run_hold(hold: Hold, run: int) -> Hold:
+    """The hold's plan under run ``run``'s own request id and without a hold marker, so a
+    settlement charges the whole amount once (the submit hold stays for the refund)."""
+    plan = hold.settle_plan
+    rid = f"{hold.request_id}.r{run}"
+    charge = None if plan is None else SettlePlan(
+        rid, plan.done_key.removesuffix(hold.request_id) + rid,
+        plan.hold_key.removesuffix(hold.request_id) + rid, DONE_TTL_MS, plan.gcra,
+        plan.counters, ())
+    return Hold(rid, hold.mode, hold.reserved_tokens, hold.reserved_cost, charge)
+
+
+async def refund(limiter: Limiter, hold: Hold) -> None:
+    """Give the submit reservation back (idempotent: settled once per request id)."""
+    await limiter.settle(hold, Usage(), 0)
+
+
+async def charge(limiter: Limiter, hold: Hold, run: int, tokens: int, cost_units: int) -> None:
+    """Charge one run ``tokens`` and ``cost_units`` (idempotent per run)."""
+    await limiter.settle(run_hold(hold, run), Usage(input_tokens=tokens), cost_units)
