@@ -199,10 +199,14 @@ class AdmissionController:
         state.take(req.priority)
         if req.agent_session is not None and self._policy.run_memory_s > 0:
             key = (req.tenant, req.agent_session)
-            self._runs[key] = now
-            self._runs.move_to_end(key)
-            if len(self._runs) > _RUN_MEMORY_MAX:
-                self._runs.popitem(last=False)
+            runs = self._runs
+            runs[key] = now
+            runs.move_to_end(key)
+            # Oldest first (every grant moves its run to the end): forget runs idle past the
+            # memory here, so the map holds the recent runs only, not _RUN_MEMORY_MAX always.
+            horizon = now - self._policy.run_memory_s
+            while runs and (len(runs) > _RUN_MEMORY_MAX or next(iter(runs.values())) < horizon):
+                runs.popitem(last=False)
         return Permit(state, req, now, queued_s, self._release)
 
     def _in_progress(self, req: AdmissionRequest, now: float) -> bool:

@@ -370,6 +370,19 @@ async def test_runs_already_admitted_keep_their_place_when_their_cohort_is_shed(
     (await waiter).release("success")
 
 
+async def test_the_run_memory_forgets_runs_idle_past_it() -> None:
+    clock = FakeClock()
+    ctl = make(clock, limit=10, run_memory_s=30)
+    for i in range(500):  # 500 sessions within 5 s
+        (await ctl.acquire(DEP, req(clock, N, session=f"s{i}"))).release("success")
+        clock.now += 0.01
+    assert len(ctl._runs) == 500
+    clock.now += 31
+    (await ctl.acquire(DEP, req(clock, N, session="late"))).release("success")
+    # held: the runs of the last 30 s only (here just the late one), not the 10,000 cap
+    assert list(ctl._runs) == [("t", "late")]
+
+
 async def test_shadow_mode_never_refuses_but_counts() -> None:
     clock = FakeClock()
     classes = {"low": {"queue_target_ms": 100, "max_queue": 1, "holdback_share": 0.7,
