@@ -43,6 +43,7 @@ from .deferred_policy import DeferredPolicy
 from .deferred_run import DeferredRunner, free_low_slots
 from .deferred_store import Claim, DeferredStore, Fields, QueueFull
 from .errors import GatewayError
+from .jsonbytes import dumps_kept
 from .metrics import GatewayMetrics
 from .state import StateUnavailable
 from .upstream import FORWARDED_REQUEST_HEADERS
@@ -145,8 +146,8 @@ class DeferredService:
             raise unavailable()
         fields = {
             "tenant": tenant.encode(), "route": call.route.path.encode(),
-            "model": call.model.encode(), "body": orjson.dumps(call.body),
-            "headers": orjson.dumps(_stored_headers(headers, config)),
+            "model": call.model.encode(), "body": dumps_kept(call.body),
+            "headers": dumps_kept(_stored_headers(headers, config)),
             "hold": hold_to_json(hold), "via": via.encode(),
             "request_id": record.request_id.encode(),
         }

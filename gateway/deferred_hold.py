@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import orjson
 
+from .jsonbytes import dumps_kept
 from .limits import DONE_TTL_MS, Hold, Limiter
 from .ratelimit import SettlePlan
 from .streaming import Usage
@@ -28,7 +29,7 @@ from .streaming import Usage
 
 def hold_to_json(hold: Hold) -> bytes:
     plan = hold.settle_plan
-    return orjson.dumps({
+    return dumps_kept({
         "request_id": hold.request_id, "mode": hold.mode, "tokens": hold.reserved_tokens,
         "cost": hold.reserved_cost,
         "plan": None if plan is None else {

@@ -29,8 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import orjson
-
+from .jsonbytes import dumps_kept
 from .state import StateBackend, StateUnavailable
 from .state.redis import RedisBackend
 
@@ -160,7 +159,7 @@ def create_store(state: StateBackend, clock: Callable[[], float] = time.time) ->
 
 def encode_run_info(info: Mapping[str, Any]) -> bytes:
     """A run's record as both stores keep it (``run:<n>``), so the API reads either alike."""
-    return orjson.dumps(info)
+    return dumps_kept(info)
 
 
 __all__ = [

@@ -13,8 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from .deferred_store import (
     Charge,
     Claim,
@@ -28,6 +26,7 @@ from .deferred_store import (
     Submitted,
     encode_run_info,
 )
+from .jsonbytes import dumps_kept
 
 
 @dataclass(slots=True)
@@ -156,7 +155,7 @@ class MemoryDeferredStore:
             return Started("later", wait_ms=not_before - now)
         runs += 1
         record.update({"status": b"running", "runs": b"%d" % runs, "finished": b"%d" % (runs - 1),
-                       f"run:{runs}": orjson.dumps({"replica": consumer, "started_ms": now})})
+                       f"run:{runs}": dumps_kept({"replica": consumer, "started_ms": now})})
         fields: Fields = {n: record[n] for n in ("hold", "route", "model", "body", "headers")
                           if n in record}
         return Started("run", runs, fields, tuple(lost))
@@ -207,7 +206,7 @@ class MemoryDeferredStore:
             return Finished(False, charged)
         assert result is not None
         record.update({"status": result.status.encode(), "code": b"%d" % result.code,
-                       "rheaders": orjson.dumps(dict(result.headers)), "rbody": result.body,
+                       "rheaders": dumps_kept(dict(result.headers)), "rbody": result.body,
                        "finished_ms": b"%d" % now})
         self._drop(t, claim.sid)
         fields, key_expiry = self._entries[(claim.tenant, claim.id)]

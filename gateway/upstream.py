@@ -19,14 +19,14 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Self
 
 import aiohttp
-import orjson
 
 from .classify import ProxyCall
 from .config import ConfigError, Deployment, GatewayConfig, Provider, resolve_api_key
 from .errors import GatewayError, upstream_failure
+from .jsonbytes import dumps_kept
 
 # Request headers a client may pass through to the provider. Everything else is dropped.
 FORWARDED_REQUEST_HEADERS = (
@@ -124,7 +124,7 @@ class UpstreamPool:
         if extra_headers:
             out_headers.update(extra_headers)  # the gateway's own: deadline budget, traceparent
         return UpstreamAttempt(
-            self._sessions[target.provider_name], target, orjson.dumps(body), out_headers, deadline
+            self._sessions[target.provider_name], target, dumps_kept(body), out_headers, deadline
         )
 
 
@@ -137,9 +137,9 @@ def _tls_context(name: str, provider: Provider) -> ssl.SSLContext | bool:
     try:
         return ssl.create_default_context(cafile=provider.ca_file)
     except (OSError, ssl.SSLError) as exc:  # missing, unreadable, or not PEM certificates
-        raise ConfigError(provider.ca_file, [
+        raise ConfigError(provider.ca_file, [(
             f"providers.{name}.ca_file: cannot load CA certificates: "
-            f"{getattr(exc, 'strerror', None) or exc}"]) from None
+            f"{getattr(exc, 'strerror', None) or exc}")]) from None
 
 
 def _upstream_headers(incoming: Mapping[str, str], provider: Provider, key: str | None) -> dict[
@@ -203,10 +203,10 @@ class UpstreamAttempt:
         self._watchdog: asyncio.TimerHandle | None = None
         self._expired: str | None = None  # "idle" or "total" once the watchdog fired
 
-    async def __aenter__(self) -> UpstreamAttempt:
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._response is not None:
