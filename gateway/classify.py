@@ -169,9 +169,9 @@ def _check_input(route: ApiRoute, body: dict[str, Any]) -> None:
     elif route.operation == "text_completion":
         if not isinstance(body.get("prompt"), (str, list)):
             raise bad_request("'prompt' must be a string or an array.", param="prompt")
-    elif route.operation in ("embeddings", "responses"):
-        if not isinstance(body.get("input"), (str, list)):
-            raise bad_request("'input' must be a string or an array.", param="input")
+    elif route.operation in ("embeddings", "responses") and not isinstance(body.get("input"),
+                                                                           (str, list)):
+        raise bad_request("'input' must be a string or an array.", param="input")
 
 
 def _priority(headers: Mapping[str, str], tenant: TenantPolicy) -> Priority:

@@ -186,8 +186,8 @@ def loop_factory(choice: str, path: str = "") -> Callable[[], asyncio.AbstractEv
         from .config import ConfigError
 
         if choice == "uvloop":
-            raise ConfigError(path, ["server.event_loop: 'uvloop' is not installed "
-                                     "(pip install uvloop)"]) from None
+            raise ConfigError(path, [("server.event_loop: 'uvloop' is not installed "
+                                      "(pip install uvloop)")]) from None
         return None
     return uvloop.new_event_loop
 
@@ -346,7 +346,7 @@ def _status(args: argparse.Namespace) -> int:
     request = urllib.request.Request(args.url.rstrip("/") + "/admin/status",
                                      headers={"Authorization": f"Bearer {args.admin_key}"})
     try:
-        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - operator's URL
+        with urllib.request.urlopen(request, timeout=5) as resp:
             data = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         print(f"gateway status: {exc.code} {exc.read().decode(errors='replace')[:300]}",

@@ -20,14 +20,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
 from .admission_policy import AdmissionPolicy
 from .breaker_policy import BreakerPolicy
+from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
 from .deferred_policy import DeferredPolicy
 from .limits_policy import Budget, Degraded, LoopGuard, TenantLimits
 from .retry import RetryPolicy
 
-__all__ = ["Priority", "PriorityName", "StrictModel", "GatewayConfig", "ConfigError"]
+__all__ = ["ConfigError", "GatewayConfig", "Priority", "PriorityName", "StrictModel"]
 
 # Never passed upstream, whatever forward_headers says: credentials and hop-by-hop headers.
 NEVER_FORWARDED = (
@@ -378,7 +378,7 @@ def load_config(path: str | Path) -> GatewayConfig:
     except OSError as exc:
         raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

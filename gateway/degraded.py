@@ -168,7 +168,7 @@ class DegradedMode:
                 elif self._clock() >= next_beat:
                     await self.heartbeat()
                     next_beat = self._clock() + beat_every
-            except Exception:  # noqa: BLE001 - the loop must survive anything
+            except Exception:
                 log.exception("degraded-mode loop failed")
             try:
                 await asyncio.wait_for(stop.wait(), self.policy.probe_interval_s)

@@ -42,8 +42,8 @@ from .classify import error_dialect
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import GatewayError
 from .heap import trim_periodically, tune_gc
-from .server import GATEWAY, RECORD, create_app
 from .runner import GatewayRunner
+from .server import GATEWAY, RECORD, create_app
 
 log = logging.getLogger("gateway")
 

@@ -39,9 +39,9 @@ from .metrics_labels import (
     OUTCOMES,
     PRIORITIES,
     SHED_REASONS,
-    bounded,
     LabelBounds,
     attempt_outcome,
+    bounded,
     breaker_state,
     rejection_reason,
 )
@@ -51,8 +51,8 @@ from .metrics_pulled import (
     BudgetSource,
     DeferredSource,
     LoopLagSource,
-    RedisSource,
     PulledGauges,
+    RedisSource,
 )
 
 if TYPE_CHECKING:  # pipeline.py imports this module; avoid the cycle at runtime

@@ -12,7 +12,7 @@ def period_keys(now_epoch_s: float) -> list[tuple[str, str, int, int]]:
 
     The key TTL outlives the period by a day so a late settlement still finds its counter.
     """
-    now = dt.datetime.fromtimestamp(now_epoch_s, dt.timezone.utc)
+    now = dt.datetime.fromtimestamp(now_epoch_s, dt.UTC)
     tomorrow = (now + dt.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     first = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     next_month = (first + dt.timedelta(days=32)).replace(day=1)

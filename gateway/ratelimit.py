@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Union
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +64,7 @@ class Repeat:
     shadow: bool = False
 
 
-Check = Union[Gcra, Lease, Counter, Repeat]
+Check = Gcra | Lease | Counter | Repeat
 
 
 @dataclass(slots=True)

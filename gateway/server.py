@@ -7,32 +7,30 @@ never off modules, so tests can run many gateways in one process.
 from __future__ import annotations
 
 import asyncio
-import time
 import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from . import __version__
+from . import __version__, admin, deferred_api
+from .admin import check_admin
 from .classify import ROUTES, error_dialect
 from .config import GatewayConfig
-from .errors import GatewayError, not_found
-from .logs import ACCESS_LOGGER
-from . import admin
-from .admin import check_admin
 from .context import RequestRecord
 from .cors import setup_cors
-from . import deferred_api
+from .errors import GatewayError, not_found
+from .logs import ACCESS_LOGGER
 from .metrics import GatewayMetrics, metrics_handler
 from .pipeline import handle_proxy, models_listing
 from .runtime import Gateway
-from .tracing import Tracing
 from .state import StateBackend, create_backend
+from .tracing import Tracing
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)

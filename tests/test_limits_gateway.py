@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from gateway.classify import estimate_prompt_tokens as gateway_estimate

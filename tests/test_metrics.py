@@ -17,6 +17,7 @@ from prometheus_client.exposition import generate_latest
 
 from gateway.auth import hash_key
 from gateway.config import GatewayConfig, parse_config
+from gateway.context import AttemptRecord, RequestRecord
 from gateway.metrics import GatewayMetrics, metrics_handler
 from gateway.metrics_labels import (
     ATTEMPT_OUTCOMES,
@@ -29,7 +30,6 @@ from gateway.metrics_labels import (
     attempt_outcome,
 )
 from gateway.metrics_pulled import PULLED_GAUGES, AdmissionSnapshot
-from gateway.context import AttemptRecord, RequestRecord
 from gateway.streaming import Usage
 
 MAIN = "main/upstream-gpt"

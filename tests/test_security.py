@@ -18,8 +18,8 @@ import logging
 import secrets
 import ssl
 import subprocess
-import time
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

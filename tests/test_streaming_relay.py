@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,7 +27,7 @@ def _run(relay: SseRelay, pieces: list[bytes]) -> bytes:
 @given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=12))
 def test_any_split_of_the_network_reads_gives_the_same_events(cuts: list[int]) -> None:
     bounds = [0, *sorted(set(cuts)), len(STREAM)]
-    pieces = [STREAM[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [STREAM[a:b] for a, b in itertools.pairwise(bounds)]
     relay = SseRelay("openai", strip_usage_chunk=True)
     out = _run(relay, pieces)
     assert out == _chunk("a") + _chunk("b") + _chunk("c") + b"data: [DONE]\n\n"

@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.errors import GatewayError
 from gateway.context import AttemptRecord, RequestRecord
+from gateway.errors import GatewayError
 from gateway.streaming import Usage
 from gateway.tracing import TraceLogFilter, Tracing, TracingConfigError
 
