@@ -57,6 +57,8 @@ import os, signal, tracemalloc
 tracemalloc.start(int(os.environ.get("PYTHONTRACEMALLOC_FRAMES", "1")))
 _base = []
 def _heap(*_):
+    import gc
+    gc.collect()  # what is still reachable, not garbage waiting for the next full collection
     snap = tracemalloc.take_snapshot().filter_traces(
         [tracemalloc.Filter(False, tracemalloc.__file__)])
     if not _base:
@@ -465,6 +467,7 @@ async def drive(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                 task.cancel()
             await asyncio.gather(load, faults, return_exceptions=True)
         if stack.heap_diff is not None and heap_base_taken:
+            await asyncio.sleep(10)  # the requests still in flight finish: state, not traffic
             gateway.send_signal(signal.SIGUSR2)
             for _ in range(120):  # a snapshot of a traced heap takes seconds
                 await asyncio.sleep(0.5)
