@@ -236,8 +236,9 @@ def _give_up(ctx: CallContext, last: _Failed, tried: list[str], *,
     if gave_up and tried:
         extra.update(gave_up_headers(len(tried)))
     if last.error is not None:
-        last.error.headers = {**last.error.headers, **extra}
-        raise last.error
+        error, last.error = last.error, None
+        error.headers = {**error.headers, **extra}
+        _raise(error)
     ctx.record.status = last.status
     return upstream_answer(ctx.record.deployment or "", last.status, last.content_type,
                            last.headers or {}, last.body, extra)
@@ -254,4 +255,11 @@ def _quota_spent(label: str, retry_after_s: float) -> _Failed:
 
 
 def _raise(error: GatewayError) -> web.Response:
-    raise error
+    """Raise ``error`` without a reference cycle: a frame that raises an exception it holds in a
+    local (and every frame it passes through, if one of them holds it) is kept alive by the
+    exception's traceback, and the whole request's objects with it, until a full GC pass.
+    Under an upstream storm that was ~65 objects of garbage per failed request."""
+    try:
+        raise error
+    finally:
+        del error
