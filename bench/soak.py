@@ -69,6 +69,24 @@ def _heap(*_):
             out.write(str(stat) + "\\n")
 signal.signal(signal.SIGUSR2, _heap)
 """
+# With --heap-stats: on SIGRTMIN+2 the gateway writes where its memory is to HEAP_STATS: Python's
+# allocated blocks, glibc malloc's bytes in use, free inside its heaps (fragmentation malloc_trim
+# cannot return) and mmapped, to tell objects that grow from an allocator that holds on.
+STATS_HOOK = """
+import ctypes, json, os, signal, sys
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+_libc = ctypes.CDLL(None)
+_libc.mallinfo2.restype = _Mallinfo2
+def _stats(*_):
+    m = _libc.mallinfo2()
+    with open(os.environ["HEAP_STATS"] + ".tmp", "w") as out:
+        json.dump({"py_blocks": sys.getallocatedblocks(), "malloc_in_use": m.uordblks,
+                   "malloc_free": m.fordblks, "malloc_mmapped": m.hblkhd}, out)
+    os.replace(os.environ["HEAP_STATS"] + ".tmp", os.environ["HEAP_STATS"])
+signal.signal(signal.SIGRTMIN + 2, _stats)
+"""
 SERVE = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, "
          "all_threads=True); from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
 DONE_TTL_S = 600  # gateway/limits.py DONE_TTL_MS: one settled-marker key per request lives this long
@@ -167,6 +185,7 @@ class Sample:
     p99_ms: float
     fault: str
     fd_kinds: dict[str, int] = field(default_factory=dict)
+    heap: dict[str, int] = field(default_factory=dict)  # --heap-stats
 
 
 @dataclass
@@ -363,8 +382,9 @@ class Stack:
         self.base = ""
         self.ports: dict[int, str] = {}
         self.heap_diff: Path | None = None
+        self.heap_stats: Path | None = None
 
-    def start(self, heap_diff: bool = False) -> None:
+    def start(self, heap_diff: bool = False, heap_stats: bool = False) -> None:
         self.redis.start()
         mock_port, gw_port = pick_port(), pick_port()
         self.procs.append(subprocess.Popen(
@@ -379,6 +399,10 @@ class Stack:
             self.heap_diff = self.workdir / "heap-diff.txt"
             env["HEAP_DIFF"] = str(self.heap_diff)
             serve = HEAP_HOOK + "\n" + SERVE
+        if heap_stats:
+            self.heap_stats = self.workdir / "heap-stats.json"
+            env["HEAP_STATS"] = str(self.heap_stats)
+            serve = STATS_HOOK + "\n" + serve
         self.gateway = subprocess.Popen(
             [sys.executable, "-c", serve, "serve", "--config", str(config), "--port",
              str(gw_port)], cwd=REPO, env=env, stdout=self._log, stderr=self._log)
@@ -452,6 +476,8 @@ async def drive(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                            round(pct(lat, 0.99), 1), ",".join(faults_started),
                            fd_kinds(gateway.pid, stack.ports))
                 faults_started.clear()
+                if stack.heap_stats is not None:
+                    s.heap = await read_heap_stats(gateway, stack.heap_stats)
                 samples.append(s)
                 if stack.heap_diff is not None and not heap_base_taken and s.t >= warmup_s(args):
                     gateway.send_signal(signal.SIGUSR2)  # the baseline heap snapshot
@@ -459,8 +485,13 @@ async def drive(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                 lag = f"{s.loop_lag_ms:7.1f}" if s.loop_lag_ms is not None else "      -"
                 keys = f"{s.redis_keys:7d}" if s.redis_keys is not None else "      -"
                 top = ", ".join(f"{k}:{v}" for k, v in sorted(statuses.items()))
+                heap = ("" if not s.heap else "heap MiB py_blocks={:.0f}k in_use={:.1f} free={:.1f} "
+                        "mmapped={:.1f} | ".format(s.heap["py_blocks"] / 1000,
+                                                   s.heap["malloc_in_use"] / 2**20,
+                                                   s.heap["malloc_free"] / 2**20,
+                                                   s.heap["malloc_mmapped"] / 2**20))
                 print(f"{s.t:6.0f} {s.rss_mb:7.1f} {s.fds:5d} {lag} {keys} {s.requests:6d} "
-                      f"{s.p50_ms:7.1f} {s.p99_ms:7.1f}  {s.fault or '-'} / {top}",
+                      f"{s.p50_ms:7.1f} {s.p99_ms:7.1f}  {heap}{s.fault or '-'} / {top}",
                       flush=True)
         finally:
             for task in (load, faults):
@@ -479,6 +510,18 @@ async def drive(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             print("heap growth since the warm-up mark (tracemalloc, top lines):\n" + text,
                   flush=True)
     return summarize(samples, traffic.stats, args)
+
+
+async def read_heap_stats(gateway: subprocess.Popen[bytes], path: Path) -> dict[str, int]:
+    """Ask the gateway (SIGRTMIN+2, STATS_HOOK) where its memory is; {} if it does not say."""
+    path.unlink(missing_ok=True)
+    gateway.send_signal(signal.SIGRTMIN + 2)
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        if path.exists():
+            stats: dict[str, int] = json.loads(path.read_text())
+            return stats
+    return {}
 
 
 def warmup_s(args: argparse.Namespace) -> float:
@@ -556,13 +599,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", help="write the summary and samples here")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--heap-stats", action="store_true",
+                        help="print Python's allocated blocks and glibc malloc's in-use, free "
+                        "and mmapped bytes with every sample")
     parser.add_argument("--heap-diff", action="store_true",
                         help="diagnosis: run the gateway under tracemalloc and print which "
                         "source lines' allocations grew after the warm-up (slows it down)")
     args = parser.parse_args()
     stack = Stack()
     try:
-        stack.start(heap_diff=args.heap_diff)
+        stack.start(heap_diff=args.heap_diff, heap_stats=args.heap_stats)
         result = asyncio.run(drive(args, stack))
     finally:
         stack.stop()
