@@ -41,7 +41,7 @@ from . import __version__
 from .classify import error_dialect
 from .config import ConfigError, GatewayConfig, load_config
 from .errors import GatewayError
-from .heap import trim_periodically, tune_gc
+from .heap import maintain_heap, tune_gc
 from .runner import GatewayRunner
 from .server import GATEWAY, RECORD, create_app
 
@@ -406,7 +406,7 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
             spawn(reloader.watch(options.watch_interval_s, stop.requested))
         if options.parent_pid is not None:
             spawn(_watch_parent(options.parent_pid, stop))
-        spawn(trim_periodically())
+        spawn(maintain_heap())
         log.info("gateway listening", extra={"fields": {
             "host": host, "port": port, "state_backend": config.state.backend,
             "version": __version__, "pid": os.getpid(), "reuse_port": options.reuse_port}})

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from gateway.heap import malloc_trim
+from gateway.heap import FullCollections, malloc_trim
 
 BURST = textwrap.dedent("""
     import gc, os
@@ -35,3 +35,15 @@ def test_memory_freed_after_a_burst_goes_back_to_the_os() -> None:
     freed, trimmed = map(int, out.split())
     # 16 MB was freed in whole pages between live blocks: free() kept it, the trim returns it
     assert freed - trimmed > 8_000, (freed, trimmed)
+
+
+def test_full_collections_run_every_tick_while_cheap_and_back_off_when_slow() -> None:
+    collections = FullCollections()
+    now = 1000.0
+    assert collections.due(now)
+    collections.ran(now, 0.01)  # 10 ms: next tick (60 s later) is due again
+    assert collections.due(now + 60)
+    collections.ran(now + 60, 0.5)  # a 500 ms pass (10,000 open streams): not for 500 s
+    assert not collections.due(now + 120)
+    assert not collections.due(now + 559)
+    assert collections.due(now + 560)
