@@ -45,6 +45,10 @@ Capacity (optional, set at startup: ``create_mock_app(capacity=Capacity(...))``,
 adds to time to first token, and 429s with Retry-After beyond a queue bound or a
 requests-per-minute quota; see ``gateway.mock_capacity``. ``GET /_mock/capacity`` reports its
 counters. Without it capacity is unlimited.
+
+Knob parsing lives in ``gateway.mock_knobs``, writing answers and the transport-level failures
+in ``gateway.mock_delivery``, body and SSE bytes in ``gateway.mock_sse``; this module is the
+app: its state, the request pipeline every route shares, and the routes.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +69,8 @@ from aiohttp import web
 
 from gateway import mock_sse as sse
 from gateway.mock_capacity import Capacity, CapacityModel, Lease, Rejected
+from gateway.mock_delivery import JSON_HEADERS, Call, drop, error_response, hang, reply, stream
+from gateway.mock_knobs import BadRequest, Knobs, parse_knobs
 from gateway.mock_sse import Provider
 
 __all__ = [
@@ -75,14 +81,6 @@ __all__ = [
     "estimate_prompt_tokens",
     "run_mock_upstream",
 ]
-
-MAX_CHUNKS = 100_000
-MAX_DELAY_MS = 600_000.0
-HANG_LIMIT_S = 600.0
-_FAIL_MODES = frozenset({"drop", "hang", "midstream-cut", "midstream-error"})
-_MIDSTREAM = frozenset({"midstream-cut", "midstream-error"})
-_JSON = {"Content-Type": "application/json"}
-_SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 @dataclass(slots=True)
@@ -133,116 +131,10 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, -(-total // 4))
 
 
-# --- knobs --------------------------------------------------------------------------------
-
-
-class _BadRequest(Exception):
-    """A 400 for the client: bad knob header or bad body field; the message says which."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Knobs:
-    latency_s: float = 0.0
-    ttft_s: float = 0.0
-    chunks: int = 5
-    gap_s: float = 0.0
-    status: int | None = None
-    retry_after: str | None = None
-    retry_after_ms: str | None = None
-    fail: str | None = None
-    fail_after: int = 2
-    fail_rate: float | None = None
-
-
-_NO_KNOBS = _Knobs()
-
-
-def _number(headers: Mapping[str, str], name: str, hi: float) -> float | None:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan  # fails the range check below, which gives the one error message
-    if not 0 <= value <= hi:
-        raise _BadRequest(f"header {name} must be a number in [0, {hi:g}], got {raw!r}")
-    return value
-
-
-def _integer(headers: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise _BadRequest(f"header {name} must be an integer in [{lo}, {hi}], got {raw!r}")
-    return value
-
-
-def _ms(headers: Mapping[str, str], name: str) -> float:
-    value = _number(headers, name, MAX_DELAY_MS)
-    return 0.0 if value is None else value / 1000.0
-
-
-def _parse_knobs(headers: Mapping[str, str]) -> _Knobs:
-    # Benchmarks send no knobs: one scan of the header names skips nine lookups.
-    if not any(name[:7].lower() == "x-mock-" for name in headers):
-        return _NO_KNOBS
-    fail = headers.get("x-mock-fail")
-    if fail is not None and fail not in _FAIL_MODES:
-        raise _BadRequest(f"header x-mock-fail must be one of {sorted(_FAIL_MODES)}, got {fail!r}")
-    chunks = _integer(headers, "x-mock-chunks", 0, MAX_CHUNKS)
-    fail_after = _integer(headers, "x-mock-fail-after", 0, MAX_CHUNKS)
-    retry_after = _number(headers, "x-mock-retry-after", 86_400)
-    retry_after_ms = _number(headers, "x-mock-retry-after-ms", 86_400_000)
-    return _Knobs(
-        latency_s=_ms(headers, "x-mock-latency-ms"),
-        ttft_s=_ms(headers, "x-mock-ttft-ms"),
-        chunks=5 if chunks is None else chunks,
-        gap_s=_ms(headers, "x-mock-chunk-gap-ms"),
-        status=_integer(headers, "x-mock-status", 400, 599),
-        # Validated above, forwarded as the client wrote them.
-        retry_after=None if retry_after is None else headers["x-mock-retry-after"].strip(),
-        retry_after_ms=None if retry_after_ms is None else headers["x-mock-retry-after-ms"].strip(),
-        fail=fail,
-        fail_after=2 if fail_after is None else fail_after,
-        fail_rate=_number(headers, "x-mock-fail-rate", 1.0),
-    )
-
-
 # --- request plumbing ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """What a route handler needs once the common checks have passed."""
-
-    provider: Provider
-    body: dict[str, Any]
-    knobs: _Knobs
-    failure: str | None  # "midstream-cut" / "midstream-error" when injected, else None
-    # Capacity mode: a non-streaming answer also waits its generation time (TTFT + chunk gaps)
-    # so it holds its slot as long as the same answer streamed would.
-    in_slot: bool = False
-
-
-_Serve = Callable[[web.Request, _Call], Awaitable[web.StreamResponse]]
-
-
-def _error(provider: Provider, status: int, message: str,
-           knobs: _Knobs | None = None) -> web.Response:
-    headers = dict(_JSON)
-    if knobs is not None:  # only injected errors carry the retry hints
-        if knobs.retry_after is not None:
-            headers["Retry-After"] = knobs.retry_after
-        if knobs.retry_after_ms is not None:
-            headers["retry-after-ms"] = knobs.retry_after_ms
-    return web.Response(status=status, body=sse.error_body(provider, status, message),
-                        headers=headers)
+_Serve = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
 
 
 async def _read_json(request: web.Request) -> tuple[Any, str | None]:
@@ -259,7 +151,7 @@ async def _read_json(request: web.Request) -> tuple[Any, str | None]:
     return body, None
 
 
-def _draw_failure(app: web.Application, knobs: _Knobs) -> str | None:
+def _draw_failure(app: web.Application, knobs: Knobs) -> str | None:
     """The failure to inject now: a ``x-mock-fail`` mode, ``"status"``, or None."""
     if knobs.fail is None and knobs.status is None and knobs.fail_rate is None:
         return None
@@ -280,9 +172,9 @@ def _endpoint(provider: Provider, serve: _Serve, *, needs_body: bool = True,
             request.method, request.path,
             {name.lower(): value for name, value in request.headers.items()}, body))
         try:
-            knobs = _parse_knobs(request.headers)
-        except _BadRequest as exc:
-            return _error(provider, 400, str(exc))
+            knobs = parse_knobs(request.headers)
+        except BadRequest as exc:
+            return error_response(provider, 400, str(exc))
         capacity = request.app[CAPACITY] if generates else None
         if capacity is None:
             return await answer(request, body, body_error, knobs, False)
@@ -300,29 +192,30 @@ def _endpoint(provider: Provider, serve: _Serve, *, needs_body: bool = True,
             lease.release()
 
     async def answer(request: web.Request, body: Any, body_error: str | None,
-                     knobs: _Knobs, in_slot: bool) -> web.StreamResponse:
+                     knobs: Knobs, in_slot: bool) -> web.StreamResponse:
         if knobs.latency_s:
             await asyncio.sleep(knobs.latency_s)
         failure = _draw_failure(request.app, knobs)
         if failure == "drop":
-            return _drop(request)
+            return drop(request)
         if failure == "hang":
-            return await _hang(request)
+            return await hang(request, request.app[_STOPPING])
         if failure == "status":
             status = knobs.status or 500
-            return _error(provider, status, f"mock upstream injected status {status}", knobs)
+            return error_response(provider, status, f"mock upstream injected status {status}",
+                                  knobs)
         if needs_body and body_error is not None:
-            return _error(provider, 400, body_error)
+            return error_response(provider, 400, body_error)
         try:
             body = body if isinstance(body, dict) else {}
-            return await serve(request, _Call(provider, body, knobs, failure, in_slot))
-        except _BadRequest as exc:
-            return _error(provider, 400, str(exc))
+            return await serve(request, Call(provider, body, knobs, failure, in_slot))
+        except BadRequest as exc:
+            return error_response(provider, 400, str(exc))
 
     return handler
 
 
-def _with_queue_delay(knobs: _Knobs, lease: Lease) -> _Knobs:
+def _with_queue_delay(knobs: Knobs, lease: Lease) -> Knobs:
     """Add the lease's prefill-contention delay to time to first token (both kinds of answer
     wait ``ttft_s`` in capacity mode, see ``_generating_route``)."""
     if not lease.extra_ttft_s:
@@ -338,107 +231,17 @@ def _capacity_error(provider: Provider, capacity: CapacityModel, exc: Rejected) 
     else:
         message = (f"mock upstream: all {capacity.capacity.slots} slots busy and "
                    f"{capacity.capacity.max_queue} requests queued; retry after {wait:.3f} s")
-    resp = _error(provider, 429, message)
+    resp = error_response(provider, 429, message)
     resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
     resp.headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
     resp.headers["x-mock-rejected"] = exc.reason
     return resp
 
 
-def _drop(request: web.Request) -> web.Response:
-    if request.transport is not None:
-        request.transport.close()
-    # aiohttp fails to write this to the closed transport and treats it as a client
-    # disconnect: nothing reaches the wire and nothing is logged as an error.
-    return web.Response()
-
-
-async def _hang(request: web.Request) -> web.Response:
-    # Polling beats relying on handler cancellation, which aiohttp turns off by default.
-    stopping = request.app[_STOPPING]
-    deadline = asyncio.get_running_loop().time() + HANG_LIMIT_S
-    while asyncio.get_running_loop().time() < deadline and not stopping.is_set():
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            break
-        await asyncio.sleep(0.05)
-    return _drop(request)
-
-
-async def _abort(request: web.Request) -> None:
-    """Reset the connection once what was written has left (abort discards the buffer)."""
-    transport = request.transport
-    if transport is None:
-        return
-    for _ in range(1000):  # bounded: ~1 s for a client that stopped reading
-        if not transport.get_write_buffer_size():
-            break
-        await asyncio.sleep(0.001)
-    transport.abort()
-
-
-async def _reply(request: web.Request, call: _Call, body: bytes) -> web.StreamResponse:
-    """A non-streaming answer, or its injected mid-answer failure."""
-    if call.failure == "midstream-cut":
-        resp = web.StreamResponse(headers=_JSON)
-        resp.content_length = len(body)  # promise the full body, deliver half
-        try:
-            await resp.prepare(request)
-            await resp.write(body[: len(body) // 2])
-        except ConnectionError:
-            return resp  # the client left first
-        await _abort(request)
-        return resp
-    if call.failure == "midstream-error":
-        status = _midstream_status(call)
-        return _error(call.provider, status, f"mock upstream injected status {status}", call.knobs)
-    return web.Response(body=body, headers=_JSON)
-
-
-def _midstream_status(call: _Call) -> int:
-    # Anthropic's typical mid-stream failure is overload; OpenAI's is a plain server error.
-    return call.knobs.status or (529 if call.provider == "anthropic" else 500)
-
-
-async def _stream(request: web.Request, call: _Call, plan: sse.StreamPlan) -> web.StreamResponse:
-    """Write ``plan`` chunk by chunk (each ``write`` goes straight to the socket)."""
-    knobs = call.knobs
-    resp = web.StreamResponse(headers=_SSE)
-    try:
-        await resp.prepare(request)  # sends the headers now, before TTFT
-        for part in plan.preamble:
-            await resp.write(part)
-        if knobs.ttft_s:
-            await asyncio.sleep(knobs.ttft_s)
-        stop_at = knobs.fail_after if call.failure else plan.chunks
-        sent = 0
-        while sent < plan.chunks:
-            if sent and knobs.gap_s:
-                await asyncio.sleep(knobs.gap_s)
-            elif sent and not sent % 256:
-                await asyncio.sleep(0)  # long gap-less streams must not starve other requests
-            if sent == stop_at:
-                break
-            await resp.write(plan.chunk(sent))
-            sent += 1
-        if call.failure == "midstream-cut":
-            await _abort(request)
-            return resp
-        if call.failure == "midstream-error":
-            await resp.write(plan.error(sent, _midstream_status(call)))
-        else:
-            for part in plan.trailer:
-                await resp.write(part)
-        await resp.write_eof()
-    except ConnectionError:
-        pass  # the client left; aiohttp's own write_eof then sees it and logs nothing
-    return resp
-
-
 # --- routes -------------------------------------------------------------------------------
 
 
-def _generation(request: web.Request, call: _Call, *limit_keys: str) -> sse.Generation:
+def _generation(request: web.Request, call: Call, *limit_keys: str) -> sse.Generation:
     body = call.body
     chunks = call.knobs.chunks
     truncated = False
@@ -447,7 +250,7 @@ def _generation(request: web.Request, call: _Call, *limit_keys: str) -> sse.Gene
         if limit is None:
             continue
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-            raise _BadRequest(f"{key} must be a non-negative integer")
+            raise BadRequest(f"{key} must be a non-negative integer")
         if limit < chunks:
             chunks, truncated = limit, True
         break
@@ -470,20 +273,20 @@ def _generating_route(
     body_fn: Callable[[sse.Generation], bytes],
     stream_fn: Callable[[sse.Generation], sse.StreamPlan],
 ) -> _Serve:
-    async def serve(request: web.Request, call: _Call) -> web.StreamResponse:
+    async def serve(request: web.Request, call: Call) -> web.StreamResponse:
         gen = _generation(request, call, *limit_keys)
         if call.body.get("stream") is True:
-            return await _stream(request, call, stream_fn(gen))
+            return await stream(request, call, stream_fn(gen))
         if call.in_slot:
             generating = call.knobs.ttft_s + gen.completion_tokens * call.knobs.gap_s
             if generating:
                 await asyncio.sleep(generating)
-        return await _reply(request, call, body_fn(gen))
+        return await reply(request, call, body_fn(gen))
 
     return serve
 
 
-async def _embeddings(request: web.Request, call: _Call) -> web.StreamResponse:
+async def _embeddings(request: web.Request, call: Call) -> web.StreamResponse:
     raw = call.body.get("input")
     inputs: list[str | list[int]]
     if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
@@ -491,7 +294,7 @@ async def _embeddings(request: web.Request, call: _Call) -> web.StreamResponse:
     elif isinstance(raw, list) and raw and all(isinstance(x, (str, list)) for x in raw):
         inputs = raw
     else:
-        raise _BadRequest("input must be a non-empty string or array")
+        raise BadRequest("input must be a non-empty string or array")
     model = call.body.get("model")
     body = sse.embeddings_body(
         model if isinstance(model, str) else "mock-embedding",
@@ -499,20 +302,20 @@ async def _embeddings(request: web.Request, call: _Call) -> web.StreamResponse:
         estimate_prompt_tokens(call.body),
         call.body.get("encoding_format") == "base64",
     )
-    return await _reply(request, call, body)
+    return await reply(request, call, body)
 
 
-async def _models(request: web.Request, call: _Call) -> web.StreamResponse:
-    return await _reply(request, call, sse.MODELS_BODY)
+async def _models(request: web.Request, call: Call) -> web.StreamResponse:
+    return await reply(request, call, sse.MODELS_BODY)
 
 
-async def _unknown(request: web.Request, call: _Call) -> web.StreamResponse:
-    return _error("openai", 404, f"mock upstream has no route {request.method} {request.path}")
+async def _unknown(request: web.Request, call: Call) -> web.StreamResponse:
+    return error_response("openai", 404, f"mock upstream has no route {request.method} {request.path}")
 
 
 async def _list_recorded(request: web.Request) -> web.Response:
     recorded = request.app[RECORDED]
-    return web.Response(body=orjson.dumps(list(recorded)), headers=_JSON)
+    return web.Response(body=orjson.dumps(list(recorded)), headers=JSON_HEADERS)
 
 
 async def _clear_recorded(request: web.Request) -> web.Response:
@@ -563,7 +366,7 @@ async def _capacity_stats(request: web.Request) -> web.Response:
     model = request.app[CAPACITY]
     stats: dict[str, Any] = {"enabled": False} if model is None else {"enabled": True,
                                                                       **model.stats()}
-    return web.Response(body=orjson.dumps(stats), headers=_JSON)
+    return web.Response(body=orjson.dumps(stats), headers=JSON_HEADERS)
 
 
 async def run_mock_upstream(host: str, port: int, capacity: Capacity | None = None) -> None:
