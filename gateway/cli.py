@@ -137,7 +137,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .lifecycle import ServeOptions, file_signature, run, watched_files
+    from .lifecycle import ServeOptions, run
+    from .reload import file_signature, watched_files
 
     # Until the loop's handler is in place, a SIGHUP must not kill the process (its default);
     # the file watch catches any change made before then.

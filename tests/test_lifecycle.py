@@ -29,8 +29,9 @@ from aiohttp.test_utils import TestClient
 
 from gateway.auth import hash_key
 from gateway.config import parse_config
-from gateway.lifecycle import DRAIN_ERROR_CODE, Reloader, file_signature, keep_running_settings
+from gateway.lifecycle import DRAIN_ERROR_CODE
 from gateway.periods import period_keys
+from gateway.reload import Reloader, file_signature, keep_running_settings
 from gateway.server import GATEWAY, create_app
 from tests.gwtest import UMBRELLA_KEY, auth, chat, policy_dict
 from tests.redis_server import RedisServer, pick_port
