@@ -53,11 +53,11 @@ T = TypeVar("T")
 
 _STANDALONE_SCHEMES = ("redis", "rediss")
 _CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+ADMIT_BATCH_MAX = 128  # admissions per pipeline
 # Only RedisClusterException sits outside RedisError; OSError covers socket errors and
 # TimeoutError (asyncio.timeout's, too, on Python 3.11). AttributeError: redis-py 8.1's
 # cluster client can write to a connection torn down under it when a node dies
 # ("'NoneType' object has no attribute 'writelines'"); that too is the store failing.
-ADMIT_BATCH_MAX = 128  # admissions per pipeline
 _STORE_ERRORS = (RedisError, RedisClusterException, OSError, AttributeError)
 
 
