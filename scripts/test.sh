@@ -4,12 +4,14 @@
 # redis-server cannot start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Debian packages the tests run for real: redis-server (+ redis-cli for the Cluster) and
-# promtool (package prometheus) for the alert rules.
+# Debian packages the tests run for real: redis-server (+ redis-cli for the Cluster),
+# promtool (package prometheus) for the alert rules, and openssl, which makes the private CA
+# and certificates of the TLS tests (upstream, rediss://, a TLS Redis Cluster).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}" >&2
   SUDO=""
