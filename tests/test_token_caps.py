@@ -27,7 +27,7 @@ from gateway.classify import estimate_prompt_tokens
 from gateway.mock_upstream import RECORDED
 from gateway.server import GATEWAY
 from gateway.state import StateBackend
-from tests.gwtest import ACME_KEY, auth, chat
+from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
 from tests.plugin_gateway import MakeGateway, settled
 
 Client = TestClient[Any, Any]
@@ -274,7 +274,10 @@ async def spy_gw(make_gateway: MakeGateway) -> tuple[Client, list[int]]:
                 "claude-clamp": {"deployments": [{"provider": "claude",
                                                   "model": "upstream-claude"}],
                                  "over_max_tokens": "clamp"}},
-        tenants={"acme": {"loop_guard": {"enabled": False}, "default_max_tokens": 300}},
+        tenants={"acme": {"loop_guard": {"enabled": False}, "default_max_tokens": 300},
+                 # this one opts in to injection: its uncapped requests get the estimate as cap
+                 "umbrella": {"loop_guard": {"enabled": False}, "default_max_tokens": 300,
+                              "inject_max_tokens": True, "models": ["*"]}},
         admission={"self_protection": {"max_loop_lag_ms": 600_000}},
     )
     reserved: list[int] = []
@@ -314,8 +317,9 @@ async def test_forwarded_body_never_outgrows_the_reservation(
             st.lists(st.integers(0, 50), min_size=1, max_size=4),
             st.lists(st.lists(st.integers(0, 50), min_size=1, max_size=3), min_size=1,
                      max_size=3)))
+    key = data.draw(st.sampled_from([ACME_KEY, UMBRELLA_KEY]))
     before, admitted = len(_forwarded(mock_upstream)), len(reserved)
-    resp = await gw.post(route, json=body, headers=auth())
+    resp = await gw.post(route, json=body, headers=auth(key))
     raw = await resp.json()
     event(f"{route} {resp.status}")
     if resp.status == 400:  # refused: a clear error in the route's dialect, nothing forwarded
@@ -330,6 +334,7 @@ async def test_forwarded_body_never_outgrows_the_reservation(
     event("capped" if may_generate is not None else "uncapped")
     if may_generate is None:
         # no cap, nothing injected: reserved from the tenant's estimate (the documented bound)
+        assert key == ACME_KEY
         assert {f: forwarded.get(f) for f in CAP_FIELDS} == {f: body.get(f) for f in CAP_FIELDS}
         assert reserved[-1] % 300 == 0
         return
