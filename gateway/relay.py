@@ -89,7 +89,7 @@ async def relay_stream(
     )
     await response.prepare(request)
     record.status = 200
-    rename = model_renamer(attempt.target.upstream_model, call.answer_model)
+    rename = model_renamer(call.answer_model)
     try:
         while chunk := await attempt.next_chunk():
             out = rename(relay.feed(chunk))
@@ -118,18 +118,28 @@ async def relay_stream(
     return response
 
 
-def model_renamer(upstream_model: str, answer_model: str | None) -> Callable[[bytes], bytes]:
+def model_renamer(answer_model: str | None) -> Callable[[bytes], bytes]:
     """Stream events with their ``model`` field saying ``answer_model`` (answer_model: alias):
     chat and completion chunks, Responses' ``response`` object, Anthropic's ``message_start``.
+
     Byte-level, because every chat chunk carries the field and parsing each would cost more
-    than relaying it: a quote inside a JSON string is escaped, so ``"model":"<name>"`` with
-    bare quotes is a key and its value, never text the model wrote (streamed tool arguments
-    are strings too)."""
-    if answer_model is None or answer_model == upstream_model:
+    than relaying it. In each event the first ``"model": "<string>"`` is the answer's model
+    (whatever name the provider answered with, a dated snapshot included): it comes before
+    the choices, output and metadata in every provider's events, and a quote inside a JSON
+    string is escaped, so text the model wrote (streamed tool arguments are strings too)
+    never matches."""
+    if answer_model is None:
         return _unchanged
-    pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(orjson.dumps(upstream_model)))
+    pattern = re.compile(rb'("model"\s*:\s*)"(?:[^"\\]|\\.)*"')
     name = orjson.dumps(answer_model)
-    return lambda data: pattern.sub(lambda m: m.group(1) + name, data) if data else data
+
+    def rename(data: bytes) -> bytes:
+        if b'"model"' not in data:
+            return data
+        return b"\n\n".join(pattern.sub(lambda m: m.group(1) + name, event, count=1)
+                             for event in data.split(b"\n\n"))
+
+    return rename
 
 
 def _unchanged(data: bytes) -> bytes:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from gateway.classify import estimate_prompt_tokens
 from gateway.mock_upstream import RECORDED
+from gateway.relay import model_renamer
 from gateway.server import GATEWAY
 from gateway.state import StateBackend
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
@@ -432,3 +433,24 @@ async def test_answer_model_alias_names_the_public_model_in_every_dialect(
     finally:
         await client.close()
         await claude.close()
+
+
+def test_model_renamer_rewrites_the_answers_model_only() -> None:
+    # Events as the providers send them: the served name is a dated snapshot, not the
+    # deployment's configured name, and a Responses object carries user metadata after it.
+    rename = model_renamer("gpt-public")
+    chunk = (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,'
+             b'"model":"gpt-4o-2024-08-06","choices":[{"index":0,"delta":{"content":'
+             b'"say \\"model\\":\\"x\\""}}]}\n\n')
+    created = (b'event: response.created\ndata: {"type":"response.created","response":{'
+               b'"id":"r1","instructions":"a \\"model\\": \\"y\\"","model": "gpt-4o-2024-08-06",'
+               b'"output":[],"metadata":{"model":"mine"}}}\n\n')
+    start = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m1",'
+             b'"type":"message","role":"assistant","model":"claude-x-20250101","content":[]}}'
+             b'\n\n')
+    delta = b'data: {"type":"content_block_delta","delta":{"text":"model"}}\n\n'
+    out = rename(chunk + created + start + delta)
+    assert out == (chunk.replace(b'"gpt-4o-2024-08-06"', b'"gpt-public"')
+                   + created.replace(b'"gpt-4o-2024-08-06"', b'"gpt-public"')
+                   + start.replace(b'"claude-x-20250101"', b'"gpt-public"') + delta)
+    assert model_renamer(None)(chunk) == chunk
