@@ -123,7 +123,7 @@ def classify(
     tenant_config = config.tenants.get(tenant.name)
     if max_tokens is None and tenant_config is not None and tenant_config.inject_max_tokens:
         max_tokens = _inject_max_tokens(
-            route, body, min(tenant_config.default_max_tokens, model_config.max_output_tokens))
+            route, body, min(tenant_config.default_max_tokens, model_config.output_limit))
     return ProxyCall(
         route=route,
         tenant=tenant,
@@ -197,7 +197,7 @@ def _max_tokens(route: ApiRoute, body: dict[str, Any], name: str, model: Model) 
     if not caps:
         return None
     field_name, largest = max(caps.items(), key=lambda item: item[1])
-    limit = model.max_output_tokens
+    limit = model.output_limit
     if largest <= limit:
         return largest
     if model.over_max_tokens == "refuse":

@@ -151,7 +151,12 @@ class Model(StrictModel):
 
     deployments: list[Deployment] = Field(min_length=1)
     context_window: int = Field(128_000, ge=1)
-    max_output_tokens: int = Field(4096, ge=1)
+    max_output_tokens: int | None = Field(
+        None, ge=1, description="the provider's maximum output tokens for this model; a "
+        "request cap above it is refused or clamped (over_max_tokens). Unset: the gateway does "
+        "not know it, refuses nothing the provider might accept, and reserves what the request "
+        "asks for (at most context_window)"
+    )
     over_max_tokens: Literal["refuse", "clamp"] = Field(
         "refuse", description="a request whose output cap (max_tokens, max_completion_tokens, "
         "max_output_tokens) is above max_output_tokens: refuse answers 400; clamp lowers it to "
@@ -164,6 +169,12 @@ class Model(StrictModel):
         "deployment served after a failover); alias rewrites it to this public model name"
     )
     price: Price = Price()
+
+    @property
+    def output_limit(self) -> int:
+        """The most output one generation can have: the configured maximum, else the context
+        window (no provider generates past it)."""
+        return self.max_output_tokens or self.context_window
 
 
 class Tenant(StrictModel):

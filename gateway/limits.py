@@ -69,7 +69,7 @@ class Hold:
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
     """Output tokens to reserve (``classify.reserved_output_tokens``): the body's cap times its
     generations, else the tenant's estimate capped by the model."""
-    return reserved_output_tokens(call, tenant.default_max_tokens, model.max_output_tokens)
+    return reserved_output_tokens(call, tenant.default_max_tokens, model.output_limit)
 
 
 class InFlight:

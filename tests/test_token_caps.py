@@ -32,11 +32,13 @@ from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
 from tests.plugin_gateway import MakeGateway, settled
 
 Client = TestClient[Any, Any]
-MAX_OUT = 4096  # the models' max_output_tokens (the default)
+MAX_OUT = 4096  # the models' max_output_tokens (set here: unset, the gateway knows no maximum)
 MAX_CHOICES = 128  # OpenAI refuses n above this
 MAX_TOKEN_FIELD = 2**31 - 1  # a cap above this is malformed, not clamped
+MAXED = {"gpt-test": {"max_output_tokens": MAX_OUT}, "claude-test": {"max_output_tokens": MAX_OUT}}
 CLAMPED = {"models": {
-    "gpt-test": {"over_max_tokens": "clamp"}, "claude-test": {"over_max_tokens": "clamp"},
+    "gpt-test": {"over_max_tokens": "clamp", "max_output_tokens": MAX_OUT},
+    "claude-test": {"over_max_tokens": "clamp", "max_output_tokens": MAX_OUT},
 }}
 
 
@@ -46,7 +48,7 @@ CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 
 
 def tenant(**acme: Any) -> dict[str, Any]:
-    return {"tenants": {"acme": acme}, **CALM}
+    return {"tenants": {"acme": acme}, "models": MAXED, **CALM}
 
 
 @pytest.fixture
@@ -144,11 +146,32 @@ async def test_max_tokens_above_the_models_maximum_is_refused_in_each_dialect(
                           headers=auth())).status == 200
 
 
+async def test_a_model_without_a_known_maximum_refuses_nothing_and_reserves_what_is_asked(
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: Any,
+) -> None:
+    # Shipped default: max_output_tokens unset. The gateway cannot know the provider's maximum,
+    # so it must not refuse a cap the provider may accept; it reserves the cap in full instead.
+    gw = await make_gateway(state=backend, tenants={"acme": {
+        "budget": {"daily_tokens": 100_000},
+        "limits": {"tokens_per_minute": 60, "token_burst": 100_000}}}, **CALM)
+    body = chat(text="long essay", max_tokens=60_000)
+    resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
+    assert resp.status == 200
+    assert _forwarded(mock_upstream)[-1]["max_tokens"] == 60_000  # unchanged
+    reserved = estimate_prompt_tokens(body) + 60_000
+    assert abs(int(resp.headers["x-ratelimit-remaining-tokens"]) - (100_000 - reserved)) <= 1
+    # a cap larger than the whole budget is refused as such, never forwarded
+    too_big = await gw.post("/v1/chat/completions", json=chat(max_tokens=100_001), headers=auth())
+    assert too_big.status == 429
+    assert len(_forwarded(mock_upstream)) == 1
+
+
 async def test_clamped_max_tokens_cannot_overspend_a_budget(
     make_gateway: MakeGateway, backend: StateBackend, mock_upstream: Any,
 ) -> None:
     # One request with max_tokens 60000 spent 60,001 tokens of a 20,000-token budget.
-    gw = await make_gateway(state=backend, **CLAMPED, **tenant(budget={"daily_tokens": 20_000}))
+    gw = await make_gateway(state=backend, **{**tenant(budget={"daily_tokens": 20_000}),
+                                              **CLAMPED})
     knobs = auth(**{"x-mock-chunks": "60000"})
     answers = await asyncio.gather(*(gw.post(
         "/v1/chat/completions", json=chat(text=f"big {i}", max_tokens=60_000,
@@ -284,7 +307,7 @@ async def spy_gw(make_gateway: MakeGateway) -> tuple[Client, list[int]]:
                               "max_output_tokens": 1000, "over_max_tokens": "clamp"},
                 "claude-clamp": {"deployments": [{"provider": "claude",
                                                   "model": "upstream-claude"}],
-                                 "over_max_tokens": "clamp"}},
+                                 "max_output_tokens": MAX_OUT, "over_max_tokens": "clamp"}},
         tenants={"acme": {"loop_guard": {"enabled": False}, "default_max_tokens": 300},
                  # this one opts in to injection: its uncapped requests get the estimate as cap
                  "umbrella": {"loop_guard": {"enabled": False}, "default_max_tokens": 300,
