@@ -23,7 +23,7 @@ import orjson
 
 from .jsonbytes import dumps_kept
 from .limits import DONE_TTL_MS, Hold, Limiter
-from .ratelimit import SettlePlan
+from .ratelimit import SettlePlan, exact_interval
 from .streaming import Usage
 
 
@@ -34,7 +34,8 @@ def hold_to_json(hold: Hold) -> bytes:
         "cost": hold.reserved_cost,
         "plan": None if plan is None else {
             "done_key": plan.done_key, "hold_key": plan.hold_key,
-            "gcra": plan.gcra, "counters": plan.counters,
+            "gcra": [(k, str(i), r, a) for k, i, r, a in plan.gcra],  # "60000/7": exact
+            "counters": plan.counters,
         },
     })
 
@@ -44,7 +45,7 @@ def hold_from_json(raw: bytes) -> Hold:
     plan = data["plan"]
     settle = None if plan is None else SettlePlan(
         data["request_id"], plan["done_key"], plan["hold_key"], DONE_TTL_MS,
-        tuple((k, float(i), int(r), int(a)) for k, i, r, a in plan["gcra"]),
+        tuple((k, exact_interval(i), int(r), int(a)) for k, i, r, a in plan["gcra"]),
         tuple((k, int(r), int(a), int(t)) for k, r, a, t in plan["counters"]), ())
     return Hold(data["request_id"], data["mode"], int(data["tokens"]), int(data["cost"]), settle)
 
