@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from importlib import resources
 from typing import Any
@@ -26,6 +26,8 @@ import redis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gateway.deferred_hold import hold_from_json, hold_to_json
+from gateway.limits import DONE_TTL_MS, Hold
 from gateway.ratelimit import (
     GCRA_KEY_SUFFIX,
     AdmitPlan,
@@ -37,6 +39,7 @@ from gateway.ratelimit import (
     decode_admit,
     encode_admit,
     encode_settle,
+    exact_interval,
     gcra_step,
 )
 from tests.redis_server import RedisServer
@@ -80,60 +83,70 @@ class MsClockLimits(LocalLimits):
         return self.ms * 1000
 
 
+@dataclass(frozen=True)
+class Step:
+    """One call, as the twin answered it; the scripts answer it later, in one pipeline."""
+
+    kind: str  # admit | settle
+    ms: int
+    keys: list[str]
+    args: list[Any]
+    ours: AdmitResult | bool
+    state: Tat | None  # the twin's TAT after the call, None when not ahead of now
+
+
 class LuaLimits:
     """The production scripts on a real server, on the test's clock."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.admit_sha = client.script_load(_script("admit.lua", "w[4]"))
-        self.settle_sha = client.script_load(_script("settle.lua", "-math.floor(-ahead / q)"))
-        self.ms = 0
-        self.flush = False  # empty the database before the next call (a new scenario)
+        self.sha = {"admit": client.script_load(_script("admit.lua", "w[4]")),
+                    "settle": client.script_load(_script("settle.lua", "-math.floor(-ahead / q)"))}
 
-    def _run(self, sha: str, keys: list[str], args: list[Any]) -> tuple[
-        Any, bytes | None, tuple[int, int]
-    ]:
+    def run(self, steps: list[Step]) -> list[tuple[Any, Tat | None, tuple[int, int]]]:
+        """Each step's reply, the TAT left after it, and the range its TTL must lie in: the
+        script counted the TTL from a moment between the TIME read before it and the one
+        after (a stalled server widens the range, nothing else does)."""
         pipe = self.client.pipeline(transaction=False)
-        if self.flush:
-            pipe.flushdb()
-        pipe.mset({CLOCK[0]: self.ms // 1000, CLOCK[1]: self.ms % 1000 * 1000})
-        pipe.time()
-        pipe.evalsha(sha, len(keys), *keys, *args)
-        pipe.time()
-        pipe.get(KEY + GCRA_KEY_SUFFIX)
-        pipe.execute_command("PEXPIRETIME", KEY + GCRA_KEY_SUFFIX)
-        *_, before, reply, after, state, expires_at = pipe.execute()
-        self.flush = False
-        # The TTL the script set lies between these two: it counted from a moment between the
-        # TIME read before it and the one after (a stalled server widens the range, nothing
-        # else does).
-        expires_at -= TTL_PAD_MS
-        ttl_range = (expires_at - _ms(after) - 1, expires_at - _ms(before) + 1)
-        return reply, state, ttl_range
-
-    def admit(self, plan: AdmitPlan) -> tuple[AdmitResult, bytes | None, tuple[int, int]]:
-        keys, args = encode_admit(plan, "")
-        reply, state, ttl_range = self._run(self.admit_sha, keys, args)
-        return decode_admit(reply, len(plan.checks)), state, ttl_range
-
-    def settle(self, plan: SettlePlan) -> tuple[bool, bytes | None]:
-        keys, args = encode_settle(plan, "")
-        reply, state, _ = self._run(self.settle_sha, keys, args)
-        return bool(reply), state
+        pipe.flushdb()
+        for step in steps:
+            pipe.mset({CLOCK[0]: step.ms // 1000, CLOCK[1]: step.ms % 1000 * 1000})
+            pipe.time()
+            pipe.evalsha(self.sha[step.kind], len(step.keys), *step.keys, *step.args)
+            pipe.time()
+            pipe.get(KEY + GCRA_KEY_SUFFIX)
+            pipe.execute_command("PEXPIRETIME", KEY + GCRA_KEY_SUFFIX)
+        replies = pipe.execute()[1:]
+        out = []
+        for i, step in enumerate(steps):
+            _, before, reply, after, raw, expires_at = replies[6 * i:6 * i + 6]
+            state = None
+            if raw is not None:
+                ms, frac, per = (int(v) for v in raw.split(b":"))
+                # A TAT at or before now is the same as none (the twin drops it, Redis lets
+                # it expire).
+                state = Tat(ms, frac, per) if (ms, frac) > (step.ms, 0) else None
+            expires_at -= TTL_PAD_MS
+            out.append((reply, state, (expires_at - _ms(after) - 1,
+                                       expires_at - _ms(before) + 1)))
+        return out
 
 
 @dataclass
 class Pair:
-    """Both implementations, stepped together; every step asserts they agree."""
+    """Both implementations, stepped together: the twin at once (its answers steer the
+    scenario), the scripts in one round trip at the end (``verify``), which asserts that
+    every step got the same answer and left the same state."""
 
     py: MsClockLimits
     lua: LuaLimits
     check: Gcra
     ms: int
     n: int = 0
+    steps: list[Step] = field(default_factory=list)
 
     def wait(self, ms: int) -> None:
-        self.ms = self.py.ms = self.lua.ms = self.ms + ms
+        self.ms = self.py.ms = self.ms + ms
 
     def admit(self, cost: int) -> tuple[str, AdmitResult]:
         self.n += 1
@@ -142,33 +155,31 @@ class Pair:
         plan = AdmitPlan(rid, (Gcra(c.key, c.interval_ms, c.burst, cost, c.name),),
                          f"rl:{{t:p}}:hold:{rid}", MARKER_TTL_MS)
         ours = self.py.admit(plan)
-        theirs, state, (low, high) = self.lua.admit(plan)
-        assert ours == theirs
-        self._same_state(state)
-        if ours.allowed:  # the key lives exactly until its TAT, rounded up to whole ms
-            assert low <= max(1, ours.results[0].reset_ms) <= high
+        self.steps.append(Step("admit", self.ms, *encode_admit(plan, ""), ours, self._state()))
         return rid, ours
 
     def settle(self, rid: str, reserved: int, actual: int) -> bool:
         plan = SettlePlan(rid, f"rl:{{t:p}}:done:{rid}", f"rl:{{t:p}}:hold:{rid}", MARKER_TTL_MS,
                           ((KEY, self.check.interval_ms, reserved, actual),), (), ())
         ours = self.py.settle(plan)
-        theirs, state = self.lua.settle(plan)
-        assert ours == theirs
-        self._same_state(state)
+        self.steps.append(Step("settle", self.ms, *encode_settle(plan, ""), ours, self._state()))
         return ours
 
-    def _same_state(self, raw: bytes | None) -> None:
-        # A TAT at or before now is the same as no TAT (the twin drops it, Redis lets it
-        # expire); anything ahead of now must be the same three integers.
+    def _state(self) -> Tat | None:
         tat = self.py._tats.get(KEY)
-        ours = None if tat is None or (tat.ms, tat.frac) <= (self.ms, 0) else tat
-        theirs = None
-        if raw is not None:
-            ms, frac, per = (int(v) for v in raw.split(b":"))
-            if (ms, frac) > (self.ms, 0):
-                theirs = Tat(ms, frac, per)
-        assert ours == theirs
+        return None if tat is None or (tat.ms, tat.frac) <= (self.ms, 0) else tat
+
+    def verify(self) -> None:
+        for i, (step, (reply, state, (low, high))) in enumerate(
+                zip(self.steps, self.lua.run(self.steps), strict=True)):
+            where = f"step {i} ({step.kind} at {step.ms} ms)"
+            if isinstance(step.ours, AdmitResult):
+                assert step.ours == decode_admit(reply, 1), where
+                if step.ours.allowed:  # the key lives until its TAT, rounded up to whole ms
+                    assert low <= max(1, step.ours.results[0].reset_ms) <= high, where
+            else:
+                assert step.ours == bool(reply), where
+            assert step.state == state, where
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +197,7 @@ def lua(redis_server: RedisServer) -> Iterator[LuaLimits]:
 # degraded mode; rates from 1 request per minute to 10^7 tokens per minute.
 intervals = st.builds(lambda rate, n: Fraction(60_000 * n, rate),
                       st.integers(1, 10**7), st.sampled_from([1, 1, 1, 2, 3, 7, 100]))
-ops = st.lists(st.tuples(st.sampled_from(["admit", "admit", "settle", "offline"]),
+ops = st.lists(st.tuples(st.sampled_from(["admit", "admit", "settle", "offline", "rerate"]),
                          st.floats(0, 2.5), st.integers(0, 10**6), st.integers(0, 10**6)),
                max_size=5)
 
@@ -203,9 +214,7 @@ ops = st.lists(st.tuples(st.sampled_from(["admit", "admit", "settle", "offline"]
 def test_python_and_lua_agree_exactly(lua: LuaLimits, start: int, interval: Fraction,
                                       burst: int, edge: str,
                                       steps: list[tuple[str, float, int, int]]) -> None:
-    lua.flush = True
     pair = Pair(MsClockLimits(start), lua, Gcra(KEY, interval, burst, 1, "tokens"), start)
-    lua.ms = start
     span_ms = burst * interval  # how long a full bucket takes to drain
 
     # The edge case first, on a fresh bucket, asserted as an outcome.
@@ -239,7 +248,7 @@ def test_python_and_lua_agree_exactly(lua: LuaLimits, start: int, interval: Frac
 
     # Then random traffic: waits up to 2.5 bucket spans, admissions of any cost (also more
     # than the burst), settlements of the latest admission (held) or of one admitted
-    # elsewhere (no hold: the whole usage is charged).
+    # elsewhere (no hold: the whole usage is charged), and the rate changed by a reload.
     last = ""
     for kind, wait, a, b in steps:
         pair.wait(math.floor(wait * span_ms))
@@ -249,8 +258,11 @@ def test_python_and_lua_agree_exactly(lua: LuaLimits, start: int, interval: Frac
                 last = rid
         elif kind == "settle":
             pair.settle(last, a % (burst + 1), b % (burst + 1))
+        elif kind == "rerate":
+            pair.check = replace(pair.check, interval_ms=Fraction(60_000, 1 + a * b % 10**7))
         else:
             pair.settle(f"offline{pair.n}", 0, b % (burst + 1))
+    pair.verify()  # the scripts gave the same answers and left the same state, step by step
 
 
 def test_a_fresh_bucket_takes_cost_equal_to_burst_at_any_clock() -> None:
@@ -259,3 +271,25 @@ def test_a_fresh_bucket_takes_cost_equal_to_burst_at_any_clock() -> None:
     for now in range(400_000, 500_000, 7):
         ok, tat, result = gcra_step(None, now, Gcra("k", Fraction(100), 1000, 1000, "tokens"))
         assert ok and result.remaining == 0 and tat == Tat(now + 100_000, 0, 1)
+
+
+def test_a_changed_rate_rounds_a_stored_tat_up_to_its_next_ms() -> None:
+    # The TAT was written under 60000/7 (Q = 7); the rate is now 60000/11. The stored
+    # fraction of a ms means nothing under the new Q: it is rounded up, never down.
+    stored = Tat(1_000_050, 3, 7)
+    ok, tat, result = gcra_step(stored, 1_000_000, Gcra("k", Fraction(60_000, 11), 1, 1, "r"))
+    assert not ok and result.reset_ms == 51 and tat == stored
+    ok, tat, _ = gcra_step(stored, 1_000_051, Gcra("k", Fraction(60_000, 11), 1, 1, "r"))
+    assert ok and tat == Tat(1_000_051 + 5454, 6, 11)  # 60000/11 = 5454 + 6/11
+
+
+def test_intervals_stored_by_older_replicas_read_back_exactly() -> None:
+    # Deferred entries (and journals) written before intervals were exact hold floats.
+    for replicas in (1, 3, 7, 100):
+        for rate in (*range(1, 3000), *range(2**20 - 500, 2**20 + 1)):
+            assert exact_interval(60_000 * replicas / rate) == Fraction(60_000 * replicas, rate)
+    plan = SettlePlan("r", "d", "h", DONE_TTL_MS, (("k", Fraction(60_000, 7), 10, 3),), (), ())
+    hold = Hold("r", "global", 10, 0, plan)
+    assert hold_from_json(hold_to_json(hold)).settle_plan == plan
+    old = hold_to_json(hold).replace(b'"60000/7"', str(60_000 / 7).encode())
+    assert hold_from_json(old).settle_plan == plan
