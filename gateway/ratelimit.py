@@ -140,7 +140,9 @@ class SettlePlan:
 #   < 2^53, i.e. s <= 900: microseconds would not fit at 10^13 ms; whole ms need no scale);
 # - scaled values are relative and bounded by the bucket: ahead <= (burst + cost) * P + Q,
 #   with P <= 60_000 x replicas after reducing the fraction. For every limit below ~10^9 units
-#   per minute with up to 100 replicas (P <= 6e6) that is under 2^53;
+#   per minute with up to 100 replicas (P <= 6e6) that is under 2^53. (A cost far beyond the
+#   burst may round, but it is refused whatever the rounding: exactness matters where
+#   ``ahead + cost*P`` is near ``burst*P``);
 # - floor(a / b) computed in doubles is exact for integers 0 <= |a| < 2^53 (the quotient is at
 #   least 1/b away from an integer it is not, more than half an ulp), so ceil/floor divisions
 #   and ``%`` give the integer results Python gives;
