@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import orjson
@@ -278,12 +279,12 @@ def _tag(tenant: str) -> str:
 def _rate_checks(limits: RateLimits, prefix: str, tokens: int, add: Any, scope: str) -> None:
     if limits.requests_per_minute:
         rpm = limits.requests_per_minute
-        add(Gcra(prefix + "req", 60_000 / rpm, limits.request_burst or max(1, rpm // 10), 1,
-                 "requests", limits.shadow), scope)
+        add(Gcra(prefix + "req", Fraction(60_000, rpm),
+                 limits.request_burst or max(1, rpm // 10), 1, "requests", limits.shadow), scope)
     if limits.tokens_per_minute and tokens:
         tpm = limits.tokens_per_minute
-        add(Gcra(prefix + "tok", 60_000 / tpm, limits.token_burst or tpm, tokens, "tokens",
-                 limits.shadow), scope)
+        add(Gcra(prefix + "tok", Fraction(60_000, tpm), limits.token_burst or tpm, tokens,
+                 "tokens", limits.shadow), scope)
     if limits.max_concurrent:
         add(Lease(prefix + "conc", limits.max_concurrent, LEASE_TTL_MS, "concurrent requests",
                   limits.shadow), scope)
