@@ -13,6 +13,7 @@ error event in the same dialect instead.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import orjson
@@ -97,3 +98,27 @@ def upstream_failure(status: int, message: str, code: str) -> GatewayError:
     """The upstream could not be reached or answered unusably (502/504)."""
     kind = "timeout_error" if status == 504 else "upstream_error"
     return GatewayError(status, message, type=kind, code=code)
+
+
+# Longest wait an SDK is told to sleep through: the openai SDK ignores (and stops on) a
+# Retry-After above 2 minutes, the anthropic SDK sleeps through any value. Beyond this the
+# answer says ``x-should-retry: false`` and still carries the true Retry-After for the caller.
+SDK_WAIT_MAX_MS = 60_000
+
+
+def retry_headers(wait_ms: float | None) -> dict[str, str]:
+    """The headers that tell a client when a retry can succeed.
+
+    ``wait_ms``: the earliest time a retry can succeed, from now; ``Retry-After`` is it in
+    whole seconds rounded up and ``retry-after-ms`` in milliseconds (which the SDKs prefer).
+    Beyond ``SDK_WAIT_MAX_MS`` no SDK should sleep for it: ``x-should-retry: false`` as
+    well. ``None``: no retry can ever succeed (the request alone is larger than a limit),
+    so only ``x-should-retry: false``.
+    """
+    if wait_ms is None:
+        return {"x-should-retry": "false"}
+    ms = max(1, math.ceil(wait_ms))
+    headers = {"Retry-After": str(max(1, math.ceil(ms / 1000))), "retry-after-ms": str(ms)}
+    if ms > SDK_WAIT_MAX_MS:
+        headers["x-should-retry"] = "false"
+    return headers
