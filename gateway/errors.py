@@ -78,6 +78,17 @@ class GatewayError(Exception):
         return b"data: " + self.body(dialect) + b"\n\n"
 
 
+class UpstreamTimeout(GatewayError):
+    """504: a bound ran out while waiting for the upstream. ``client_deadline``: the bound was
+    the client's own deadline, so the answer is what a client-side timeout would have been
+    and the client may retry it (``x-should-retry`` is not set to false)."""
+
+    def __init__(self, message: str, code: str, *, client_deadline: bool = False) -> None:
+        super().__init__(504, message, type="timeout_error", code=code,
+                         headers={"x-should-retry": "true"} if client_deadline else None)
+        self.client_deadline = client_deadline
+
+
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> GatewayError:
     return GatewayError(400, message, param=param, code=code)
 
