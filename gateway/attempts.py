@@ -13,6 +13,7 @@ Rules that matter to users:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from .breaker import Trial
 from .classify import ProxyCall
 from .context import AttemptRecord, Policy, RequestRecord, Services
 from .deadlines import Deadline, deadline_exceeded
-from .errors import GatewayError, UpstreamTimeout
+from .errors import GatewayError, UpstreamTimeout, retry_headers
 from .relay import is_event_stream, relay_stream, relay_whole, upstream_answer
 from .retry import AttemptFailure, decide_retry, gave_up_headers
 from .upstream import Target, UpstreamAttempt
@@ -269,11 +270,10 @@ def _after_attempts(error: GatewayError, attempts: int) -> dict[str, str]:
 
 
 def _quota_spent(label: str, retry_after_s: float) -> _Failed:
-    wait_ms = max(1, min(60_000, round(retry_after_s * 1000)))
+    wait_ms = max(1, math.ceil(retry_after_s * 1000))
     error = GatewayError(
         429, f"The provider quota of {label} is used up for now; retry in {wait_ms} ms.",
-        type="rate_limit_error", code="rate_limit_exceeded",
-        headers={"Retry-After": str(max(1, -(-wait_ms // 1000))), "retry-after-ms": str(wait_ms)},
+        type="rate_limit_error", code="rate_limit_exceeded", headers=retry_headers(wait_ms),
     )
     return _Failed(AttemptFailure.from_response(429, {"retry-after-ms": str(wait_ms)}), error)
 

@@ -128,7 +128,7 @@ def retry_headers(wait_ms: float | None) -> dict[str, str]:
     """
     if wait_ms is None:
         return {"x-should-retry": "false"}
-    ms = max(1, math.ceil(wait_ms))
+    ms = max(1, math.ceil(round(wait_ms, 3)))  # 700.0000000001 ms is 700 ms
     headers = {"Retry-After": str(max(1, math.ceil(ms / 1000))), "retry-after-ms": str(ms)}
     if ms > SDK_WAIT_MAX_MS:
         headers["x-should-retry"] = "false"

@@ -195,7 +195,7 @@ class Limiter:
         if isinstance(check, Lease):
             # The store only knows when a lease would expire (a crashed holder's, 60 s); the
             # board knows how long this scope's requests run: a slot is expected to free then.
-            expected = math.ceil(self._lease_board.expected_wait_s(check.key) * 1000)
+            expected = math.ceil(round(self._lease_board.expected_wait_s(check.key) * 1000, 3))
             return float(min(max(1, res.retry_after_ms), expected))
         return float(max(1, res.retry_after_ms))  # Repeat: until the window lets one through
 
