@@ -222,3 +222,21 @@ async def test_a_cut_whole_answer_is_not_retried_by_the_sdks(
         assert exc.status_code == 502 and "broke off" in str(exc)
         assert exc.response.headers["x-should-retry"] == "false"
     assert answers == {502: 2} and upstream_calls(mock_upstream) == 2  # one call each
+
+
+async def test_an_upstream_that_drops_the_connection_is_not_retried_on_top_of_the_gateway(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted()
+    client = _openai(gw)
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(model="gpt-test", messages=HELLO,
+                                                 extra_headers={"x-mock-fail": "drop"})
+    finally:
+        await client.close()
+    exc = info.value
+    assert exc.status_code == 502 and exc.response.headers["x-should-retry"] == "false"
+    attempts = int(exc.response.headers["x-gateway-attempts"])
+    assert attempts >= 2  # the gateway retried ...
+    assert answers == {502: 1} and upstream_calls(mock_upstream) == attempts  # ... the SDK not
