@@ -37,7 +37,8 @@ class LeaseBoard:
         self._held: dict[str, tuple[float, tuple[str, ...]]] = {}  # request id -> start, keys
         self._by_key: dict[str, dict[str, float]] = {}  # lease key -> request id -> start
         self._typical: OrderedDict[str, float] = OrderedDict()  # lease key -> seconds
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        # Per lease key, its waiters oldest first (a dict as an ordered set).
+        self._waiters: dict[str, dict[asyncio.Future[None], None]] = {}
 
     def started(self, request_id: str, keys: tuple[str, ...]) -> None:
         now = self._clock()
@@ -66,18 +67,24 @@ class LeaseBoard:
         return keys
 
     def released(self, keys: Iterable[str]) -> None:
-        """The store has freed a lease of each of ``keys``: wake whoever waits for one."""
+        """The store has freed a lease of each of ``keys``: wake the longest waiter for each
+        (one per freed slot, so a release costs one store call, not one per waiter)."""
         for key in keys:
-            for waiter in self._waiters.pop(key, ()):
+            for waiter in self._waiters.get(key, {}):
                 if not waiter.done():
                     waiter.set_result(None)
+                    break
+
+    def waiting(self, key: str) -> int:
+        """How many requests wait here for a lease of ``key``."""
+        return len(self._waiters.get(key, ()))
 
     async def wait_release(self, keys: Iterable[str], timeout_s: float) -> None:
         """Return when a lease of one of ``keys`` is released here, or after ``timeout_s``."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         keys = tuple(keys)
         for key in keys:
-            self._waiters.setdefault(key, set()).add(waiter)
+            self._waiters.setdefault(key, {})[waiter] = None
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
         except TimeoutError:
@@ -86,7 +93,7 @@ class LeaseBoard:
             for key in keys:
                 waiters = self._waiters.get(key)
                 if waiters is not None:
-                    waiters.discard(waiter)
+                    waiters.pop(waiter, None)
                     if not waiters:
                         del self._waiters[key]
 

@@ -155,7 +155,7 @@ class Limiter:
         leases = tuple(c.key for c in checks if isinstance(c, Lease))
         result, mode = await self._run(plan, call.priority.name)
         waiting_for = _leases_only(plan, result)
-        if waiting_for:
+        if waiting_for and self._room_to_wait(plan, waiting_for):
             wait_s = tenant.limits.concurrency_wait_s
             if deadline is not None:
                 wait_s = min(wait_s, deadline - self._clock())
@@ -211,6 +211,13 @@ class Limiter:
         except StateUnavailable as exc:
             self.degraded.enter(str(exc))
             return self.degraded.admit(plan, priority), self.degraded.action_for(priority)
+
+    def _room_to_wait(self, plan: AdmitPlan, keys: tuple[str, ...]) -> bool:
+        """At most as many requests wait here per scope as it has slots: more could not be
+        served within a brief wait anyway, and each waiter costs a few store calls (a tenant
+        flooding its limit must not multiply its load on the store)."""
+        limits = {c.key: c.max for c in plan.checks if isinstance(c, Lease)}
+        return all(self._lease_board.waiting(key) < limits[key] for key in keys)
 
     async def _wait_for_lease(self, plan: AdmitPlan, priority: str, keys: tuple[str, ...],
                               wait_s: float, result: AdmitResult, mode: str) -> tuple[

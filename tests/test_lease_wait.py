@@ -136,3 +136,19 @@ async def test_no_wait_when_something_else_refuses_too(backend: StateBackend) ->
     # the answer waits for the longest of the two: the request rate (a minute), not the slot
     assert int(info.value.headers["retry-after-ms"]) > 50_000
     await limiter.settle(first, Usage(), 0)
+
+
+async def test_no_more_waiters_per_scope_than_it_has_slots(backend: StateBackend) -> None:
+    store = Counting(backend)
+    config = config_with(max_concurrent=1, concurrency_wait_s=10)
+    limiter = replica(store, config)
+    first = await admit(limiter, config, "a")
+    waiter = asyncio.create_task(admit(limiter, config, "b"))
+    await asyncio.sleep(0.2)
+    began = time.monotonic()
+    with pytest.raises(GatewayError):  # the one slot already has its waiter: refused at once
+        await admit(limiter, config, "c")
+    assert time.monotonic() - began < 1
+    await limiter.settle(first, Usage(), 0)
+    second = await asyncio.wait_for(waiter, 5)  # the waiter still gets the slot
+    await limiter.settle(second, Usage(), 0)
