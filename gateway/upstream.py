@@ -128,7 +128,7 @@ class UpstreamPool:
             out_headers.update(extra_headers)  # the gateway's own: deadline budget, traceparent
         return UpstreamAttempt(
             self._sessions[target.provider_name], target, dumps_kept(body), out_headers, deadline,
-            deadline_cause, client_deadline,
+            deadline_cause, client_deadline, deadline_covers_body=not call.stream,
         )
 
 
@@ -192,6 +192,7 @@ class UpstreamAttempt:
         deadline: float | None,
         deadline_cause: str = "the request's deadline",
         client_deadline: bool = False,
+        deadline_covers_body: bool = True,
     ) -> None:
         self.target = target
         self._session = session
@@ -203,10 +204,16 @@ class UpstreamAttempt:
         # Measuring uses time.monotonic(): uvloop's loop.time() has millisecond resolution.
         self.began = time.monotonic()
         end = self.started + timeouts.total_s
-        self._end = min(end, deadline) if deadline is not None else end
+        # The deadline is when the client needs the first byte; for a whole answer that is
+        # the end of it. A stream only has to start by then: after that the client's read
+        # timeout is a gap between chunks (the idle timeout's business), as with the provider
+        # itself, so a flowing stream is not cut at the client's read timeout.
+        self._first_byte_deadline = deadline
+        body_deadline = deadline if deadline_covers_body else None
+        self._end = min(end, body_deadline) if body_deadline is not None else end
         # Whether the request's deadline, not the total timeout, ends the call: a timeout then
         # names the deadline (and whose it is), never a configured number that did not apply.
-        self._deadline_ends = deadline is not None and deadline < end
+        self._deadline_ends = body_deadline is not None and body_deadline < end
         self._deadline_cause = deadline_cause
         self._client_deadline = client_deadline
         self._response: aiohttp.ClientResponse | None = None
@@ -237,6 +244,8 @@ class UpstreamAttempt:
 
     async def open(self) -> aiohttp.ClientResponse:
         when = min(self.started + self.target.provider.timeouts.first_byte_s, self._end)
+        if self._first_byte_deadline is not None:
+            when = min(when, self._first_byte_deadline)
         try:
             async with asyncio.timeout_at(when):
                 self._response = await self._session.post(
@@ -316,9 +325,10 @@ class UpstreamAttempt:
             "idle": limits.idle_s, "total": limits.total_s,
         }[phase]
         code = f"upstream_{phase}_timeout"
-        by_deadline = self._deadline_ends and (
-            phase == "total"
-            or (phase == "first_byte" and self._end < self.started + limits.first_byte_s))
+        configured = self.started + min(limits.first_byte_s, limits.total_s)
+        by_deadline = (phase == "total" and self._deadline_ends) or (
+            phase == "first_byte" and self._first_byte_deadline is not None
+            and self._first_byte_deadline < configured)
         if by_deadline:
             waiting = "the first byte" if phase == "first_byte" else "the rest of the answer"
             return UpstreamTimeout(

@@ -240,3 +240,27 @@ async def test_an_upstream_that_drops_the_connection_is_not_retried_on_top_of_th
     attempts = int(exc.response.headers["x-gateway-attempts"])
     assert attempts >= 2  # the gateway retried ...
     assert answers == {502: 1} and upstream_calls(mock_upstream) == attempts  # ... the SDK not
+
+
+async def test_a_stream_must_start_by_the_deadline_then_flows_past_it(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted()
+    client = _openai(gw, max_retries=0)
+    deadline = {"X-Request-Timeout": "1.5"}
+    try:
+        # chunks 0.6 s apart: 2.4 s in all, past the 1.5 s deadline, never 1.5 s silent
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=HELLO, stream=True,
+            extra_headers={**deadline, "x-mock-chunks": "4", "x-mock-chunk-gap-ms": "600"})
+        pieces = [c.choices[0].delta.content async for c in stream if c.choices]
+        assert len([p for p in pieces if p]) == 4
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(
+                model="gpt-test", messages=HELLO, stream=True,
+                extra_headers={**deadline, "x-mock-fail": "hang"})
+    finally:
+        await client.close()
+    assert info.value.status_code == 504
+    assert "X-Request-Timeout: 1.5 s) ran out while waiting for the first byte" in str(info.value)
+    assert answers == {200: 1, 504: 1}
