@@ -203,7 +203,10 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                     # call again, and says so: SDK retries would multiply the calls the same way.
                     exc.headers = {**exc.headers, **_after_attempts(exc, record.attempts)}
                     raise
-            body = await attempt.read_body()
+            try:
+                body = await attempt.read_body()
+            except GatewayError:  # the error body broke off: judged by its status alone
+                body = b""
             failure = AttemptFailure.from_response(upstream.status, upstream.headers, body,
                                                    now_epoch_s=time.time())
             if upstream.status == 429:

@@ -264,3 +264,31 @@ async def test_a_stream_must_start_by_the_deadline_then_flows_past_it(
     assert info.value.status_code == 504
     assert "X-Request-Timeout: 1.5 s) ran out while waiting for the first byte" in str(info.value)
     assert answers == {200: 1, 504: 1}
+
+
+async def test_an_unusable_error_page_after_the_gateways_retries_is_final_for_the_sdk(
+    aiohttp_server: Any, aiohttp_client: Any,
+) -> None:
+    calls = 0
+
+    async def html_503(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.Response(status=503, text="<html>upstream down</html>",
+                            content_type="text/html")
+
+    broken = web.Application()
+    broken.router.add_post("/v1/chat/completions", html_503)
+    server = await aiohttp_server(broken)
+    gw: TestClient[Any, Any] = await aiohttp_client(GatewayTestServer(create_app(
+        policy(str(server.make_url("")).rstrip("/")))))
+    client = _openai(gw)  # default retries
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(model="gpt-test", messages=HELLO)
+    finally:
+        await client.close()
+    exc = info.value
+    assert exc.status_code == 502 and "non-JSON" in str(exc)
+    assert exc.response.headers["x-should-retry"] == "false"
+    assert calls == int(exc.response.headers["x-gateway-attempts"]) >= 2  # no SDK retry
