@@ -111,6 +111,8 @@ class DegradedMode:
                 checks.append(replace(c, limit=max(1, c.limit // n)))
             elif isinstance(c, Repeat):
                 checks.append(replace(c, max=max(2, c.max // n)))
+            else:  # Since: a run's age is the same on every replica
+                checks.append(c)
         return dataclasses.replace(plan, checks=tuple(checks))
 
     def settle_local(self, plan: SettlePlan, replay: bool) -> None:

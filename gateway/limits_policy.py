@@ -71,6 +71,66 @@ class Budget(StrictModel):
     shadow: bool = Field(False, description="evaluate and report, never refuse")
 
 
+class RunCaps(StrictModel):
+    """Caps on one agent run (the requests sharing one ``X-Agent-Session``); unset: no cap."""
+
+    max_tokens: int | None = Field(
+        None, ge=1, description="prompt + output tokens of the whole run; every request "
+        "in flight holds its reservation (prompt estimate + output cap) against it until its "
+        "real usage is settled"
+    )
+    max_cost: float | None = Field(
+        None, gt=0, description="what the whole run may cost, in the price table's currency "
+        "(kept in integer micro-units); in-flight requests hold their reserved price"
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="model calls admitted in the run (each admitted request is "
+        "one step, whatever its outcome)"
+    )
+    max_age_s: float | None = Field(
+        None, gt=0, description="wall-clock seconds since the run's first admitted request; "
+        "later requests of the run are refused"
+    )
+
+    def is_empty(self) -> bool:
+        return (self.max_tokens is None and self.max_cost is None and self.max_steps is None
+                and self.max_age_s is None)
+
+
+class RunBudget(RunCaps):
+    """Per-run budgets: stop one runaway agent run before it spends the tenant's budget.
+
+    Enforced in the same atomic admission as the tenant's limits, exactly across replicas
+    (docs/architecture.md, "Agent runs"). A run over a cap gets 429 ``run_budget_exceeded``
+    with ``x-should-retry: false``; past ``soft_ratio`` of a cap every answer carries
+    ``x-gateway-run-budget-warning`` so the agent can wrap up.
+    """
+
+    per_model: dict[str, RunCaps] = Field(
+        {}, description="caps for requests to one model; a cap set here replaces the "
+        "tenant-wide one, an unset one keeps it (the run's totals are shared by its models)"
+    )
+    soft_ratio: float = Field(
+        0.8, gt=0, le=1, description="share of a cap above which answers carry "
+        "x-gateway-run-budget-warning"
+    )
+    idle_ttl_s: float = Field(
+        86_400.0, ge=60, le=30 * 86_400, description="a run with no admitted request for "
+        "this long is forgotten: its next request starts a new run with fresh totals and age "
+        "(every admission renews it; a day keeps a stalled run's spend across the daily "
+        "budget's horizon for a few small keys per run)"
+    )
+    shadow: bool = Field(False, description="evaluate and report, never refuse")
+
+    def caps_for(self, model: str) -> RunCaps:
+        """The caps that apply to a request for ``model``."""
+        override = self.per_model.get(model)
+        if override is None:
+            return self
+        return RunCaps(**{name: (getattr(override, name) if getattr(override, name) is not None
+                                 else getattr(self, name)) for name in RunCaps.model_fields})
+
+
 class LoopGuard(StrictModel):
     """Refuse the same request repeated too often within one agent session: a stuck agent.
 

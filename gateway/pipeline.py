@@ -78,6 +78,8 @@ async def handle_proxy(
         hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
                                           client_retry=is_client_retry(request.headers))
     record.limits_s = svc.clock() - began
+    if hold.run is not None:
+        record.run = hold.run_totals
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay
         ctx = CallContext(request, policy, svc, call, record, targets, deadline, hold.headers,
