@@ -24,7 +24,7 @@ from .admission_policy import AdmissionPolicy
 from .breaker_policy import BreakerPolicy
 from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
 from .deferred_policy import DeferredPolicy
-from .limits_policy import Budget, Degraded, LoopGuard, RunBudget, TenantLimits
+from .limits_policy import AgentLoop, Budget, Degraded, LoopGuard, RunBudget, TenantLimits
 from .retry import RetryPolicy
 
 __all__ = ["ConfigError", "GatewayConfig", "Priority", "PriorityName", "StrictModel"]
@@ -200,6 +200,10 @@ class Tenant(StrictModel):
     limits: TenantLimits = TenantLimits()
     budget: Budget = Budget()
     loop_guard: LoopGuard = LoopGuard()
+    agent_loop: AgentLoop = Field(
+        AgentLoop(), description="the loop detector that reads the conversation's tool calls "
+        "(warn by default)"
+    )
     run_budget: RunBudget = Field(
         RunBudget(), description="caps on each agent run (X-Agent-Session): tokens, cost, "
         "steps, age; none by default"

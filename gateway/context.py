@@ -74,6 +74,7 @@ class RequestRecord:
     # steps, age_s; fleet-wide for the capped ones. None: no X-Agent-Session.
     run: dict[str, float] | None = None
     loop: str | None = None  # the loop detector's finding on this request's conversation
+    loop_action: str | None = None  # what was done about it: warn | refuse | shadow
 
 
 @dataclass(slots=True)

@@ -183,6 +183,12 @@ class Limiter:
                 self._active_leases[request_id] = leases
         return hold
 
+    def note_loop(self, call: ProxyCall) -> None:
+        """The loop detector flagged this run's conversation (the run board's counter)."""
+        if call.agent_session:
+            self._inflight.runs.entry(call.tenant.name,
+                                      session_id(call.agent_session)).loop_warnings += 1
+
     def _track_run(self, call: ProxyCall, hold: Hold, plan: AdmitPlan, result: AdmitResult,
                    tenant: Tenant) -> None:
         """The run board, the access log's run totals, the soft-cap warning and the count of

@@ -151,6 +151,34 @@ class LoopGuard(StrictModel):
     shadow: bool = False
 
 
+class AgentLoop(StrictModel):
+    """The loop detector that reads the conversation (gateway/agent_loop.py): the assistant's
+    tool calls in the request's history, in chat, Responses and Messages bodies."""
+
+    enabled: bool = Field(True, description="read the history of every request with tool calls")
+    action: Literal["warn", "refuse", "shadow"] = Field(
+        "warn", description="warn: the answer carries x-gateway-agent-loop (the request runs "
+        "as usual); refuse: 429 agent_loop_detected with x-should-retry: false; shadow: only "
+        "the metric gateway_agent_loops_total and the access log"
+    )
+    max_repeats: int = Field(
+        5, ge=2, le=1000, description="a loop when one tool was called this many times with "
+        "the same arguments (compared as canonical JSON) in the history"
+    )
+    cycle_steps: int = Field(
+        8, ge=0, le=64, description="a loop when the last this-many assistant steps repeat "
+        "one pattern of 2 to cycle_steps/2 steps (e.g. A B A B A B A B); 0 turns cycle "
+        "detection off"
+    )
+
+    @model_validator(mode="after")
+    def _cycle_long_enough(self) -> AgentLoop:
+        if 0 < self.cycle_steps < 4:
+            raise ValueError("cycle_steps must be 0 (off) or at least 4 (two rounds of a "
+                             "two-step cycle)")
+        return self
+
+
 DegradedAction = Literal["local", "fail_open", "fail_closed"]
 
 

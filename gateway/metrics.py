@@ -190,6 +190,8 @@ class GatewayMetrics:
             self._tokens.get(tenant, model, "output").inc(usage.output_tokens)
         if record.cost > 0:
             self._cost.get(tenant, model).inc(record.cost)
+        if record.loop_action is not None:
+            self._agent_loops.get(tenant, bounded(record.loop_action, LOOP_ACTIONS)).inc()
         if record.limits_s is not None:
             self._limits_check.observe(record.limits_s)
         if record.queue_s is not None:

@@ -15,11 +15,19 @@ from typing import Any
 from aiohttp import web
 
 from .admission import is_client_retry
+from .agent_loop import find_loop
 from .attempts import CallContext, attempt_loop
-from .classify import ROUTES, classify, parse_json_body, raise_if_json_content_type_wrong
+from .classify import (
+    ROUTES,
+    ProxyCall,
+    classify,
+    parse_json_body,
+    raise_if_json_content_type_wrong,
+)
+from .config import Tenant
 from .context import Policy, RequestRecord, Services
 from .deadlines import request_deadline
-from .errors import GatewayError
+from .errors import GatewayError, retry_headers
 
 
 async def handle_proxy(
@@ -52,6 +60,8 @@ async def handle_proxy(
     if not targets:
         raise GatewayError(400, f"The model '{call.model}' is not served on {route.path}.",
                            code="model_not_supported_on_route", param="model")
+    # 3b the loop detector reads the conversation's tool calls (agent_loop.py)
+    loop_header = _agent_loop(call, config.tenants[tenant.name], record, policy)
     # Deferred requests (deferred.py): Prefer: respond-async -> stored durably, 202 Accepted.
     # Mode on_shed runs at once and defers only a would-be overload shed of a low request.
     deferred = svc.deferred
@@ -80,6 +90,8 @@ async def handle_proxy(
     record.limits_s = svc.clock() - began
     if hold.run is not None:
         record.run = hold.run_totals
+    if loop_header is not None:
+        hold.headers["x-gateway-agent-loop"] = loop_header
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay
         ctx = CallContext(request, policy, svc, call, record, targets, deadline, hold.headers,
@@ -97,6 +109,27 @@ async def handle_proxy(
         record.cost = (record.usage.input_tokens * model.price.input_per_million
                        + record.usage.output_tokens * model.price.output_per_million) / 1e6
         policy.limiter.settle_soon(hold, record.usage, math.ceil(record.cost * 1e6))
+
+
+def _agent_loop(call: ProxyCall, tenant: Tenant, record: RequestRecord,
+                policy: Policy) -> str | None:
+    """The loop detector's verdict: the warning header to add (warn), a 429 (refuse), or
+    None (no loop, or shadow: recorded for the metric and the access log only)."""
+    settings = tenant.agent_loop
+    if not settings.enabled:
+        return None
+    finding = find_loop(call.body, settings.max_repeats, settings.cycle_steps)
+    if finding is None:
+        return None
+    record.loop, record.loop_action = finding.header(), settings.action
+    policy.limiter.note_loop(call)
+    if settings.action == "refuse":
+        raise GatewayError(429, f"Agent loop detected: {finding.describe()} in this "
+                           "conversation. Change the approach instead of repeating the call.",
+                           type="rate_limit_error", code="agent_loop_detected",
+                           headers={**retry_headers(None),
+                                    "x-gateway-agent-loop": finding.header()})
+    return finding.header() if settings.action == "warn" else None
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

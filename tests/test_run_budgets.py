@@ -96,9 +96,13 @@ def test_a_run_idle_past_its_ttl_is_forgotten_and_an_active_one_is_not() -> None
 
 # --- a gateway on the memory backend ---------------------------------------------------------
 
+# Loop-lag shedding off: these gateways share the test's loop, and shedding is not tested here.
+CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
+
+
 def _run_policy(**caps: Any) -> dict[str, Any]:
     return {"tenants": {"acme": {"loop_guard": {"enabled": False},
-                                 "run_budget": caps}}}
+                                 "run_budget": caps}}, **CALM}
 
 
 async def _chat(gw: TestClient[Any, Any], run: str, max_tokens: int = 50,

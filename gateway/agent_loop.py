@@ -1,0 +1,144 @@
+"""The loop detector that reads the conversation (step 3b, after classify).
+
+An agent resends its whole history on every step, so a looping agent's requests are never
+byte-identical (the loop guard's fingerprint in limits.py does not see them), but its history
+shows the loop: the same tool called with the same arguments again and again, or the last
+steps repeating a cycle. ``find_loop`` reads the tool calls the assistant made in the body's
+history, in every dialect:
+
+- chat completions: ``messages[*].tool_calls[*].function.{name, arguments}`` of assistant
+  messages (one message = one step);
+- Responses: ``input[*]`` items of ``type: function_call`` (``name``, ``arguments``);
+  consecutive ones are one step (parallel calls);
+- Anthropic Messages: ``messages[*].content[*]`` blocks of ``type: tool_use`` (``name``,
+  ``input``) of assistant messages.
+
+A call without a string name is not a call and is skipped. Arguments are compared as
+canonical JSON (keys sorted, no whitespace), so ``{"a":1,"b":2}``
+and ``{ "b": 2, "a": 1 }`` are the same call; arguments that are not JSON are compared as sent.
+Cost: one pass over the message list, touching only tool calls (each one's arguments are
+parsed and dumped once; the messages themselves are never serialised again).
+
+The finding is reported per tenant policy (``tenant.agent_loop``, limits_policy.AgentLoop):
+``warn`` adds ``x-gateway-agent-loop`` to the answer, ``refuse`` answers 429
+``agent_loop_detected`` (``x-should-retry: false``), ``shadow`` only counts and logs it.
+The tool's name is reduced to ``[A-Za-z0-9_.-]``, at most 64 characters, before it reaches a
+header or a log; arguments never leave this module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+Call = tuple[str, bytes]  # (tool name, canonical arguments)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopFinding:
+    """What the detector found: ``kind`` ``repeat`` (one call ``count`` times) or ``cycle``
+    (the last ``count`` steps are repeats of a ``period``-step pattern)."""
+
+    kind: str
+    tool: str  # the repeated tool, or the first tool of the cycle (sanitised)
+    count: int
+    period: int = 1
+
+    def describe(self) -> str:
+        if self.kind == "repeat":
+            return f"tool {self.tool} called {self.count} times with the same arguments"
+        return (f"the last {self.count} steps repeat a cycle of {self.period} "
+                f"(starting with tool {self.tool})")
+
+    def header(self) -> str:
+        if self.kind == "repeat":
+            return f"repeat; tool={self.tool}; count={self.count}"
+        return f"cycle; tool={self.tool}; steps={self.count}; period={self.period}"
+
+
+def _canonical(arguments: Any) -> bytes:
+    if isinstance(arguments, str):
+        text: str = arguments
+        try:
+            arguments = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return text.encode("utf-8", "replace")
+    try:
+        canonical: bytes = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
+        return canonical
+    except TypeError:  # nesting too deep or an integer too large: compare what was sent
+        return repr(arguments).encode()
+
+
+def _name(value: str) -> str:
+    return _UNSAFE.sub("_", value)[:64]
+
+
+def tool_steps(body: dict[str, Any]) -> list[tuple[Call, ...]]:
+    """The assistant's tool calls in the history, one tuple per step, in order."""
+    steps: list[tuple[Call, ...]] = []
+    for field in ("messages", "input"):
+        items = body.get(field)
+        if not isinstance(items, list):
+            continue
+        pending: list[Call] = []  # Responses: consecutive function_call items
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "function_call":
+                if isinstance(name := item.get("name"), str):
+                    pending.append((_name(name), _canonical(item.get("arguments"))))
+                continue
+            if pending:
+                steps.append(tuple(pending))
+                pending = []
+            if item.get("role") != "assistant":
+                continue
+            calls = item.get("tool_calls")
+            if isinstance(calls, list):  # chat completions
+                step = [(_name(name), _canonical(fn.get("arguments")))
+                        for c in calls if isinstance(c, dict)
+                        and isinstance(fn := c.get("function"), dict)
+                        and isinstance(name := fn.get("name"), str)]
+                if step:
+                    steps.append(tuple(step))
+                continue
+            content = item.get("content")
+            if isinstance(content, list):  # Anthropic tool_use blocks
+                step = [(_name(name), _canonical(b.get("input")))
+                        for b in content if isinstance(b, dict) and b.get("type") == "tool_use"
+                        and isinstance(name := b.get("name"), str)]
+                if step:
+                    steps.append(tuple(step))
+        if pending:
+            steps.append(tuple(pending))
+    return steps
+
+
+def find_loop(body: dict[str, Any], max_repeats: int, cycle_steps: int) -> LoopFinding | None:
+    """A repeat (one call at least ``max_repeats`` times in the history) or a cycle (the last
+    ``cycle_steps`` steps are one pattern of 2 .. cycle_steps // 2 steps repeated), else None.
+    ``cycle_steps`` 0: no cycle detection."""
+    steps = tool_steps(body)
+    if not steps:
+        return None
+    counts: dict[Call, int] = {}
+    worst: Call | None = None
+    for step in steps:
+        for call in set(step):  # parallel identical calls in one step count once
+            n = counts[call] = counts.get(call, 0) + 1
+            if n >= max_repeats and (worst is None or n > counts[worst]):
+                worst = call
+    if worst is not None:
+        return LoopFinding("repeat", worst[0], counts[worst])
+    if cycle_steps >= 4 and len(steps) >= cycle_steps:
+        tail = steps[-cycle_steps:]
+        for period in range(2, cycle_steps // 2 + 1):
+            if all(tail[i] == tail[i - period] for i in range(period, cycle_steps)) and \
+                    len(set(tail[:period])) > 1:
+                return LoopFinding("cycle", tail[0][0][0], cycle_steps, period)
+    return None
