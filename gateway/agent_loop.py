@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+_SAFE = re.compile(r"[A-Za-z0-9_.\-]+")
 Call = tuple[str, bytes]  # (tool name, canonical arguments)
 
 
@@ -75,6 +76,8 @@ def _canonical(arguments: Any) -> bytes:
 
 
 def _name(value: str) -> str:
+    if len(value) <= 64 and _SAFE.fullmatch(value):
+        return value
     return _UNSAFE.sub("_", value)[:64]
 
 
@@ -83,40 +86,52 @@ def tool_steps(body: dict[str, Any]) -> list[tuple[Call, ...]]:
     steps: list[tuple[Call, ...]] = []
     for field in ("messages", "input"):
         items = body.get(field)
-        if not isinstance(items, list):
+        if items.__class__ is not list:
             continue
         pending: list[Call] = []  # Responses: consecutive function_call items
         for item in items:
-            if not isinstance(item, dict):
+            if item.__class__ is not dict:
                 continue
-            if item.get("type") == "function_call":
-                if isinstance(name := item.get("name"), str):
-                    pending.append((_name(name), _canonical(item.get("arguments"))))
+            role = item.get("role")
+            if role is None and item.get("type") == "function_call":
+                name = item.get("name")
+                if name.__class__ is str:
+                    pending.append((name, _canonical(item.get("arguments"))))
                 continue
             if pending:
                 steps.append(tuple(pending))
                 pending = []
-            if item.get("role") != "assistant":
+            if role != "assistant":
                 continue
-            calls = item.get("tool_calls")
-            if isinstance(calls, list):  # chat completions
-                step = [(_name(name), _canonical(fn.get("arguments")))
-                        for c in calls if isinstance(c, dict)
-                        and isinstance(fn := c.get("function"), dict)
-                        and isinstance(name := fn.get("name"), str)]
-                if step:
-                    steps.append(tuple(step))
-                continue
-            content = item.get("content")
-            if isinstance(content, list):  # Anthropic tool_use blocks
-                step = [(_name(name), _canonical(b.get("input")))
-                        for b in content if isinstance(b, dict) and b.get("type") == "tool_use"
-                        and isinstance(name := b.get("name"), str)]
-                if step:
-                    steps.append(tuple(step))
+            step = _assistant_calls(item)
+            if step:
+                steps.append(step)
         if pending:
             steps.append(tuple(pending))
     return steps
+
+
+def _assistant_calls(message: dict[str, Any]) -> tuple[Call, ...]:
+    """The tool calls of one assistant message: chat ``tool_calls`` or Anthropic
+    ``tool_use`` blocks."""
+    out: list[Call] = []
+    calls = message.get("tool_calls")
+    if calls.__class__ is list:
+        for call in calls:
+            fn = call.get("function") if call.__class__ is dict else None
+            if fn.__class__ is dict:
+                name = fn.get("name")
+                if name.__class__ is str:
+                    out.append((name, _canonical(fn.get("arguments"))))
+        return tuple(out)
+    content = message.get("content")
+    if content.__class__ is list:
+        for block in content:
+            if block.__class__ is dict and block.get("type") == "tool_use":
+                name = block.get("name")
+                if name.__class__ is str:
+                    out.append((name, _canonical(block.get("input"))))
+    return tuple(out)
 
 
 def find_loop(body: dict[str, Any], max_repeats: int, cycle_steps: int) -> LoopFinding | None:
@@ -134,11 +149,11 @@ def find_loop(body: dict[str, Any], max_repeats: int, cycle_steps: int) -> LoopF
             if n >= max_repeats and (worst is None or n > counts[worst]):
                 worst = call
     if worst is not None:
-        return LoopFinding("repeat", worst[0], counts[worst])
+        return LoopFinding("repeat", _name(worst[0]), counts[worst])
     if cycle_steps >= 4 and len(steps) >= cycle_steps:
         tail = steps[-cycle_steps:]
         for period in range(2, cycle_steps // 2 + 1):
             if all(tail[i] == tail[i - period] for i in range(period, cycle_steps)) and \
                     len(set(tail[:period])) > 1:
-                return LoopFinding("cycle", tail[0][0][0], cycle_steps, period)
+                return LoopFinding("cycle", _name(tail[0][0][0]), cycle_steps, period)
     return None
