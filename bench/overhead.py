@@ -475,12 +475,13 @@ def _agent_history(args: argparse.Namespace) -> int:
         off_config = tmpdir / "detector-off.yaml"
         off_config.write_text(yaml.safe_dump(off, sort_keys=False), encoding="utf-8")
         urls: dict[str, str] = {}
+        pids: dict[str, int] = {}
         for name, cfg in (("detector-on", config), ("detector-off", off_config)):
             port = bl.free_port()
-            procs.start(name, [*server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config",
+            pids[name] = procs.start(name, [*server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config",
                                str(cfg), "--host", "127.0.0.1", "--port", str(port),
                                "--log-level", "WARNING"],
-                        stderr=subprocess.DEVNULL, cwd=source.cwd, env=source.env)
+                        stderr=subprocess.DEVNULL, cwd=source.cwd, env=source.env).pid
             urls[name] = f"http://127.0.0.1:{port}{PATH}"
         loadgen = procs.start("loadgen", [*support_pin, bl.PYTHON,
                                           str(bl.BENCH / "loadgen.py"), "serve"],
@@ -500,16 +501,24 @@ def _agent_history(args: argparse.Namespace) -> int:
             io.run({"op": "closed", "url": url, "headers": HEADERS, "body": body_text,
                     "concurrency": args.concurrency, "duration": 1.0, "warmup": 0.2})
         rps: dict[str, list[float]] = {name: [] for name in urls}
+        cpu_us: dict[str, list[float]] = {name: [] for name in urls}  # CPU per request
         for r in range(args.rounds):
             for name in _rotated(tuple(urls), r):
+                cpu0 = bl.proc_cpu_seconds(pids[name])
                 res = io.run({"op": "closed", "url": urls[name], "headers": HEADERS,
                               "body": body_text, "concurrency": args.concurrency,
                               "duration": args.duration, "warmup": args.warmup})
                 rps[name].append(res["rps"])
+                served = res["rps"] * (args.duration + args.warmup)
+                cpu_us[name].append((bl.proc_cpu_seconds(pids[name]) - cpu0) / served * 1e6
+                                    if served else float("nan"))
                 print(f"  round {r + 1}/{args.rounds} {name:<13} {res['rps']:8.0f} req/s  "
-                      f"errors {res['errors']}", flush=True)
+                      f"{cpu_us[name][-1]:6.0f} us CPU/request  errors {res['errors']}",
+                      flush=True)
         ratios = [on / off_ if off_ else float("nan")
                   for on, off_ in zip(rps["detector-on"], rps["detector-off"])]
+        cpu_ratios = [on / off_ for on, off_ in zip(cpu_us["detector-on"],
+                                                      cpu_us["detector-off"])]
         print()
         print(f"(d) in process: find_loop {detect_us:.1f} us per request; orjson.loads of the "
               f"same body {parse_us:.1f} us (detector = {detect_us / parse_us:.2f}x the parse "
@@ -518,6 +527,11 @@ def _agent_history(args: argparse.Namespace) -> int:
               f"{', '.join(f'{x:.3f}' for x in ratios)}); medians on "
               f"{bl.median(rps['detector-on']):.0f}, off {bl.median(rps['detector-off']):.0f} "
               "req/s")
+        print(f"    CPU per request (steadier on a shared machine): on / off "
+              f"{bl.median(cpu_ratios):.3f} (per round "
+              f"{', '.join(f'{x:.3f}' for x in cpu_ratios)}); medians on "
+              f"{bl.median(cpu_us['detector-on']):.0f} us, off "
+              f"{bl.median(cpu_us['detector-off']):.0f} us")
         return 0
     finally:
         if loadgen is not None and loadgen.poll() is None and loadgen.stdin:
