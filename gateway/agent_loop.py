@@ -16,8 +16,11 @@ history, in every dialect:
 A call without a string name is not a call and is skipped. Arguments are compared as
 canonical JSON (keys sorted, no whitespace), so ``{"a":1,"b":2}``
 and ``{ "b": 2, "a": 1 }`` are the same call; arguments that are not JSON are compared as sent.
-Cost: one pass over the message list, touching only tool calls (each one's arguments are
-parsed and dumped once; the messages themselves are never serialised again).
+Cost: one pass over the message list, touching only tool calls; the messages themselves are
+never serialised again. A call's arguments are parsed and dumped once per process: an agent
+resends its whole history every step, so a ``CanonicalCache`` (one per process, bounded)
+remembers the canonical form of argument strings already seen, and each step canonicalises
+only its new calls.
 
 The finding is reported per tenant policy (``tenant.agent_loop``, limits_policy.AgentLoop):
 ``warn`` adds ``x-gateway-agent-loop`` to the answer, ``refuse`` answers 429
@@ -29,6 +32,7 @@ header or a log; arguments never leave this module.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +65,28 @@ class LoopFinding:
         return f"cycle; tool={self.tool}; steps={self.count}; period={self.period}"
 
 
+class CanonicalCache:
+    """Canonical JSON of argument strings already seen. Bounded: strings longer than
+    ``max_len`` are not kept, and the whole cache is dropped when it holds ``max_entries``
+    (at most ~``max_entries x 2 x max_len`` bytes; 20 MB with the defaults)."""
+
+    def __init__(self, max_entries: int = 10_000, max_len: int = 1024) -> None:
+        self._values: dict[str, bytes] = {}
+        self._max_entries, self._max_len = max_entries, max_len
+
+    def get(self, arguments: Any) -> bytes:
+        if arguments.__class__ is not str:
+            return _canonical(arguments)
+        found = self._values.get(arguments)
+        if found is None:
+            found = _canonical(arguments)
+            if len(arguments) <= self._max_len:
+                if len(self._values) >= self._max_entries:
+                    self._values.clear()
+                self._values[arguments] = found
+        return found
+
+
 def _canonical(arguments: Any) -> bytes:
     if isinstance(arguments, str):
         text: str = arguments
@@ -81,8 +107,11 @@ def _name(value: str) -> str:
     return _UNSAFE.sub("_", value)[:64]
 
 
-def tool_steps(body: dict[str, Any]) -> list[tuple[Call, ...]]:
+def tool_steps(body: dict[str, Any], cache: CanonicalCache | None = None) -> list[
+    tuple[Call, ...]
+]:
     """The assistant's tool calls in the history, one tuple per step, in order."""
+    canonical = (cache or CanonicalCache(0, 0)).get
     steps: list[tuple[Call, ...]] = []
     for field in ("messages", "input"):
         items = body.get(field)
@@ -96,14 +125,14 @@ def tool_steps(body: dict[str, Any]) -> list[tuple[Call, ...]]:
             if role is None and item.get("type") == "function_call":
                 name = item.get("name")
                 if name.__class__ is str:
-                    pending.append((name, _canonical(item.get("arguments"))))
+                    pending.append((name, canonical(item.get("arguments"))))
                 continue
             if pending:
                 steps.append(tuple(pending))
                 pending = []
             if role != "assistant":
                 continue
-            step = _assistant_calls(item)
+            step = _assistant_calls(item, canonical)
             if step:
                 steps.append(step)
         if pending:
@@ -111,7 +140,8 @@ def tool_steps(body: dict[str, Any]) -> list[tuple[Call, ...]]:
     return steps
 
 
-def _assistant_calls(message: dict[str, Any]) -> tuple[Call, ...]:
+def _assistant_calls(message: dict[str, Any],
+                     canonical: Callable[[Any], bytes]) -> tuple[Call, ...]:
     """The tool calls of one assistant message: chat ``tool_calls`` or Anthropic
     ``tool_use`` blocks."""
     out: list[Call] = []
@@ -122,7 +152,7 @@ def _assistant_calls(message: dict[str, Any]) -> tuple[Call, ...]:
             if fn.__class__ is dict:
                 name = fn.get("name")
                 if name.__class__ is str:
-                    out.append((name, _canonical(fn.get("arguments"))))
+                    out.append((name, canonical(fn.get("arguments"))))
         return tuple(out)
     content = message.get("content")
     if content.__class__ is list:
@@ -130,21 +160,23 @@ def _assistant_calls(message: dict[str, Any]) -> tuple[Call, ...]:
             if block.__class__ is dict and block.get("type") == "tool_use":
                 name = block.get("name")
                 if name.__class__ is str:
-                    out.append((name, _canonical(block.get("input"))))
+                    out.append((name, canonical(block.get("input"))))
     return tuple(out)
 
 
-def find_loop(body: dict[str, Any], max_repeats: int, cycle_steps: int) -> LoopFinding | None:
+def find_loop(body: dict[str, Any], max_repeats: int, cycle_steps: int,
+              cache: CanonicalCache | None = None) -> LoopFinding | None:
     """A repeat (one call at least ``max_repeats`` times in the history) or a cycle (the last
     ``cycle_steps`` steps are one pattern of 2 .. cycle_steps // 2 steps repeated), else None.
     ``cycle_steps`` 0: no cycle detection."""
-    steps = tool_steps(body)
+    steps = tool_steps(body, cache)
     if not steps:
         return None
     counts: dict[Call, int] = {}
     worst: Call | None = None
     for step in steps:
-        for call in set(step):  # parallel identical calls in one step count once
+        # parallel identical calls in one step count once
+        for call in step if len(step) == 1 else set(step):
             n = counts[call] = counts.get(call, 0) + 1
             if n >= max_repeats and (worst is None or n > counts[worst]):
                 worst = call

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from .agent_loop import CanonicalCache
 from .classify import ProxyCall, reserved_output_tokens
 from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
@@ -108,6 +109,8 @@ class InFlight:
         self.budgets: dict[str, dict[str, dict[str, float]]] = {}
         # The agent runs this replica has seen (gateway/runs.py), for /admin/status.
         self.runs = RunBoard(wall_clock)
+        # Canonical tool-call arguments already seen (the loop detector, agent_loop.py).
+        self.canonical = CanonicalCache()
         # Called once per run (on this replica) at its first refusal by a cap: the metric.
         self.on_run_stop: Callable[[str, str], None] | None = None
 
@@ -132,6 +135,7 @@ class Limiter:
         self._settling = inflight.settling
         self._inflight = inflight
         self._budgets = inflight.budgets
+        self.canonical_cache = inflight.canonical
 
     async def admit(self, call: ProxyCall, request_id: str, *, lease: bool = True,
                     hold_ttl_ms: int = HOLD_TTL_MS, deadline: float | None = None,

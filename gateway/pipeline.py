@@ -118,7 +118,8 @@ def _agent_loop(call: ProxyCall, tenant: Tenant, record: RequestRecord,
     settings = tenant.agent_loop
     if not settings.enabled:
         return None
-    finding = find_loop(call.body, settings.max_repeats, settings.cycle_steps)
+    finding = find_loop(call.body, settings.max_repeats, settings.cycle_steps,
+                        policy.limiter.canonical_cache)
     if finding is None:
         return None
     record.loop, record.loop_action = finding.header(), settings.action
