@@ -8,6 +8,8 @@ Redis / one Cluster with 20 concurrent requests of one run, and the openai SDK.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any
 
 import openai
@@ -15,12 +17,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.admin import render_table
+from gateway.auth import hash_key
 from gateway.ratelimit import AdmitPlan, Check, Counter, LocalLimits, SettlePlan, Since
 from gateway.server import GATEWAY, create_app
 from gateway.state import RedisBackend, StateBackend
 from tests.gwtest import ACME_KEY, FakeClock, auth, chat, policy
 from tests.plugin_gateway import GatewayTestServer, MakeGateway, settled
 
+ADMIN_KEY = "sk-admin-runs"
 T = "{t:acme}"
 RUN = f"rl:{T}:r:abc:"
 
@@ -272,3 +277,33 @@ async def test_openai_sdk_a_run_over_its_token_cap_is_refused_once_while_another
     status = app[GATEWAY].inflight.runs.snapshot(lambda _: 3600)
     stopped = [r["stopped_by"] for r in status["acme"]]
     assert stopped.count("tokens") == 1 and stopped.count(None) == 1
+
+
+# --- runs visible: /admin/status, gateway status, the access log -----------------------------
+
+async def test_status_lists_the_biggest_runs_and_the_access_log_their_totals(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    gw = await make_gateway(**_run_policy(max_steps=3, max_tokens=100_000),
+                            admin={"api_keys": [hash_key(ADMIN_KEY)]})
+    for _ in range(4):  # the 4th is refused by the steps cap
+        await _chat(gw, "big-run-secret-id")
+    await settled(gw)
+    await _chat(gw, "small-run")
+    await settled(gw)
+    lines = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+             if r.name == "gateway.access"]
+    assert [line["run"]["steps"] for line in lines[:3]] == [1, 2, 3]
+    assert lines[2]["run"]["tokens"] > lines[1]["run"]["tokens"] > 0
+    assert lines[3]["run"] is None and lines[3]["error_code"] == "run_budget_exceeded"
+    resp = await gw.get("/admin/status", headers=auth(ADMIN_KEY))
+    data = await resp.json()
+    runs = data["tenants"]["acme"]["runs"]
+    assert [r["steps"] for r in runs] == [3, 1]
+    assert runs[0]["stopped_by"] == "steps" and runs[1]["stopped_by"] is None
+    assert runs[0]["tokens"] == 3 * lines[0]["tokens_in"] + 3 * 5  # settled to real usage
+    assert data["tenants"]["acme"]["run_budget"]["max_steps"] == 3
+    text = json.dumps(data) + render_table(data)
+    assert "secret" not in text and "small-run" not in text  # hashed ids only
+    assert runs[0]["run"] in render_table(data)
