@@ -21,7 +21,7 @@ from gateway.admin import render_table
 from gateway.auth import hash_key
 from gateway.ratelimit import AdmitPlan, Check, Counter, LocalLimits, SettlePlan, Since
 from gateway.server import GATEWAY, create_app
-from gateway.state import RedisBackend, StateBackend
+from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from tests.gwtest import ACME_KEY, FakeClock, auth, chat, policy
 from tests.plugin_gateway import GatewayTestServer, MakeGateway, settled
 
@@ -171,6 +171,24 @@ async def test_cost_cap_counts_micro_units_and_per_model_overrides(
     assert refused.status == 429
     assert "cost cap of 0.0002" in (await refused.json())["error"]["message"]
     assert (await _chat(gw, "run-c", max_tokens=50)).status == 200  # 26 + 103 still fits
+
+
+async def test_a_run_past_its_age_cap_is_stopped_and_a_new_run_is_not(
+    make_gateway: MakeGateway
+) -> None:
+    clock = FakeClock(100.0)  # the store's clock: the run's age is measured there
+    gw = await make_gateway(state=MemoryBackend(clock), **_run_policy(max_age_s=60))
+    assert (await _chat(gw, "run-old")).status == 200
+    clock.now += 59.5
+    assert (await _chat(gw, "run-old")).status == 200
+    clock.now += 1.0  # 60.5 s after the run's first request
+    refused = await _chat(gw, "run-old")
+    assert refused.status == 429
+    body = await refused.json()
+    assert body["error"]["code"] == "run_budget_exceeded"
+    assert "older than its age cap of 60 s" in body["error"]["message"]
+    assert "run_budget.max_age_s" in body["error"]["message"]
+    assert (await _chat(gw, "run-new")).status == 200
 
 
 async def test_a_run_refused_by_a_cap_counts_in_metrics_and_status(
