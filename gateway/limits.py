@@ -85,6 +85,9 @@ class Hold:
     run: tuple[str, str] | None = None
     run_capped: bool = False
     run_totals: dict[str, float] = field(default_factory=dict)
+    # Settle the run's step back to 0: no model call was made under this hold (a deferred
+    # entry's submit reservation, refunded because each of its runs is charged as a step).
+    no_step: bool = False
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
@@ -394,11 +397,11 @@ class Limiter:
         if hold.run is not None:
             self._inflight.runs.settled(
                 *hold.run, hold.reserved_tokens, usage.input_tokens + usage.output_tokens,
-                hold.reserved_cost / 1e6, cost_units / 1e6, hold.run_capped)
+                hold.reserved_cost / 1e6, cost_units / 1e6, hold.run_capped, hold.no_step)
         if hold.settle_plan is None:
             return None
         plan = _with_actuals(hold.settle_plan, usage.input_tokens + usage.output_tokens,
-                             cost_units)
+                             cost_units, hold.no_step)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
             self._lease_board.released(plan.leases)
@@ -478,10 +481,11 @@ def _settle_plan(plan: AdmitPlan) -> SettlePlan:
     return SettlePlan(plan.request_id, done, plan.hold_key, DONE_TTL_MS, gcra, counters, leases)
 
 
-def _with_actuals(plan: SettlePlan, tokens: int, cost_units: int) -> SettlePlan:
+def _with_actuals(plan: SettlePlan, tokens: int, cost_units: int,
+                  no_step: bool = False) -> SettlePlan:
     """The same plan with each reservation's actual amount filled in."""
     def actual(key: str, reserved: int) -> int:
-        run = settled_amount(key, reserved, tokens, cost_units)
+        run = settled_amount(key, 0 if no_step else reserved, tokens, cost_units)
         if run is not None:
             return run
         return cost_units if ":b:cost:" in key else tokens

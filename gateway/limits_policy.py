@@ -84,8 +84,9 @@ class RunCaps(StrictModel):
         "(kept in integer micro-units); in-flight requests hold their reserved price"
     )
     max_steps: int | None = Field(
-        None, ge=1, description="model calls admitted in the run (each admitted request is "
-        "one step, whatever its outcome)"
+        None, ge=1, description="model calls in the run: every admitted request holds a step "
+        "while in flight and keeps it once it reached an upstream, whatever the answer (one "
+        "refused before any upstream call, e.g. shed, gives it back)"
     )
     max_age_s: float | None = Field(
         None, gt=0, description="wall-clock seconds since the run's first admitted request; "

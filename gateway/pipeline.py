@@ -102,10 +102,13 @@ async def handle_proxy(
         if deferred is None or defer != "on_shed" or exc.code != "overloaded" \
                 or record.attempt_log:
             raise
+        hold.no_step = True  # no model call: the deferred entry's run is the step
         await policy.limiter.settle(hold, record.usage, 0)  # this reservation back at once
         return await deferred.submit(policy, call, request.headers, record, via="shed")
     finally:
         # 12 settle: real usage replaces the reservation, off the client's critical path
+        # A run's step is a model call: one refused before any upstream attempt is given back.
+        hold.no_step = hold.no_step or not record.attempt_log
         record.cost = (record.usage.input_tokens * model.price.input_per_million
                        + record.usage.output_tokens * model.price.output_per_million) / 1e6
         policy.limiter.settle_soon(hold, record.usage, math.ceil(record.cost * 1e6))

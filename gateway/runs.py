@@ -171,12 +171,14 @@ class RunBoard:
         return run
 
     def settled(self, tenant: str, sid: str, reserved_tokens: int, tokens: int,
-                reserved_cost: float, cost: float, capped: bool) -> None:
+                reserved_cost: float, cost: float, capped: bool, no_step: bool = False) -> None:
         """Real usage replaces the reservation (capped runs: the store's totals included it),
         or adds to this replica's own view (uncapped runs)."""
         run = self._runs.get(tenant, {}).get(sid)
         if run is None:
             return
+        if no_step:
+            run.steps = max(0, run.steps - 1)
         if capped:
             run.tokens = max(0, run.tokens + tokens - reserved_tokens)
             run.cost = max(0.0, run.cost + cost - reserved_cost)

@@ -191,6 +191,24 @@ async def test_a_run_past_its_age_cap_is_stopped_and_a_new_run_is_not(
     assert (await _chat(gw, "run-new")).status == 200
 
 
+async def test_a_request_refused_before_any_model_call_gives_its_step_back(
+    make_gateway: MakeGateway
+) -> None:
+    # The deployment's provider quota (1 request a minute, fleet-wide) refuses the second
+    # call after admission but before any upstream attempt: no model call, no step.
+    gw = await make_gateway(**_run_policy(max_steps=2), models={"gpt-test": {"deployments": [
+        {"provider": "main", "model": "upstream-gpt", "requests_per_minute": 1}]}})
+    assert (await _chat(gw, "run-q")).status == 200
+    for _ in range(3):
+        refused = await _chat(gw, "run-q")  # 503: no deployment has quota left
+        assert refused.status in (429, 503)
+        # Counted as steps, the third of them would be refused by max_steps instead.
+        assert (await refused.json())["error"]["code"] != "run_budget_exceeded"
+        await settled(gw)
+    runs = gw.server.app[GATEWAY].inflight.runs.snapshot(lambda _: 3600)["acme"]
+    assert runs[0]["steps"] == 1 and runs[0]["stopped_by"] is None
+
+
 async def test_a_run_refused_by_a_cap_counts_in_metrics_and_status(
     make_gateway: MakeGateway
 ) -> None:
