@@ -314,6 +314,11 @@ class GatewayConfig(StrictModel):
                     raise ValueError(
                         f"tenants.{tname}.limits.per_model: unknown model '{model_name}'"
                     )
+            for model_name in tenant.run_budget.per_model:
+                if model_name not in self.models:
+                    raise ValueError(
+                        f"tenants.{tname}.run_budget.per_model: unknown model '{model_name}'"
+                    )
             for key in tenant.api_keys:
                 if key in seen and seen[key] != tname:
                     raise ValueError(
