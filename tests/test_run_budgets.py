@@ -10,20 +10,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.admin import render_table
 from gateway.auth import hash_key
 from gateway.ratelimit import AdmitPlan, Check, Counter, LocalLimits, SettlePlan, Since
+from gateway.runs import session_id
 from gateway.server import GATEWAY, create_app
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from tests.gwtest import ACME_KEY, FakeClock, auth, chat, policy
 from tests.plugin_gateway import GatewayTestServer, MakeGateway, settled
+from tests.redis_server import RedisServer
+from tests.test_fleet_limits import Fleet, _wait_ready
+from tests.test_fleet_limits import mock_port as fleet_mock  # noqa: F401 (a fixture)
 
 ADMIN_KEY = "sk-admin-runs"
 T = "{t:acme}"
@@ -343,3 +350,49 @@ async def test_status_lists_the_biggest_runs_and_the_access_log_their_totals(
     text = json.dumps(data) + render_table(data)
     assert "secret" not in text and "small-run" not in text  # hashed ids only
     assert runs[0]["run"] in render_table(data)
+
+
+@pytest.mark.redis
+async def test_twenty_concurrent_requests_of_one_run_on_three_gateway_processes(
+    tmp_path: Path, fleet_mock: int, clean_redis: RedisServer  # noqa: F811 (the fixture)
+) -> None:
+    """The same as above with three `gateway serve` processes (as tests/test_fleet_limits.py
+    builds them): nothing is shared but the Redis."""
+    cap = 500
+    config = tmp_path / "policy.yaml"
+    config.write_text(yaml.safe_dump({
+        "state": {"backend": "redis", "timeout_s": 1.0},
+        "providers": {"mock": {"kind": "openai", "forward_headers": ["x-mock-*"],
+                               "base_url": f"http://127.0.0.1:{fleet_mock}/v1"}},
+        "models": {"m": {"deployments": [{"provider": "mock", "model": "m"}]}},
+        "tenants": {"t": {"api_keys": [hash_key("sk-run")], "loop_guard": {"enabled": False},
+                          "run_budget": {"max_tokens": cap}}},
+        **CALM,
+    }))
+    fleet = Fleet(config, clean_redis.url)
+    try:
+        urls = fleet.urls()
+        async with aiohttp.ClientSession() as session:
+            await _wait_ready(session, urls)
+
+            async def one(i: int) -> tuple[int, int, str]:
+                async with session.post(
+                    urls[i % 3] + "/v1/chat/completions",
+                    json={"model": "m", "max_tokens": 40,
+                          "messages": [{"role": "user", "content": "step"}]},
+                    headers={"Authorization": "Bearer sk-run", "X-Agent-Session": "one-run",
+                             "x-mock-chunks": "40"},
+                ) as resp:
+                    body = await resp.json()
+                    return (resp.status, body.get("usage", {}).get("total_tokens", 0),
+                            body.get("error", {}).get("code", ""))
+
+            results = await asyncio.gather(*(one(i) for i in range(20)))
+    finally:
+        fleet.close()  # SIGTERM drains pending settlements before exit
+    admitted = [tokens for status, tokens, _ in results if status == 200]
+    assert len(admitted) == cap // 42, results  # reservation: ~2 prompt + 40 output
+    assert {code for status, _, code in results if status != 200} == {"run_budget_exceeded"}
+    assert sum(admitted) <= cap
+    key = f"gw:rl:{{t:t}}:r:{session_id('one-run')}:run-tok"
+    assert int(clean_redis.command("GET", key)) == sum(admitted)  # type: ignore[arg-type]
