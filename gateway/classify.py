@@ -31,6 +31,9 @@ class ApiRoute:
     can_stream: bool
     # chat and legacy completions report streamed usage only when asked (stream_options)
     injects_stream_usage: bool = False
+    # token counting: charged as one request only (no token reservation, budget, loop guard
+    # or concurrency lease; gateway/limits.py Limiter.admit_request), nothing billed
+    request_only: bool = False
 
     @property
     def dialect(self) -> Dialect:
@@ -45,6 +48,12 @@ ROUTES: dict[str, ApiRoute] = {
         ApiRoute("/v1/embeddings", "openai", "/embeddings", "embeddings", False),
         ApiRoute("/v1/responses", "openai", "/responses", "responses", True),
         ApiRoute("/v1/messages", "anthropic", "/v1/messages", "chat", True),
+        # What the official SDKs call to count a prompt's tokens: anthropic
+        # client.messages.count_tokens, openai client.responses.input_tokens.count.
+        ApiRoute("/v1/messages/count_tokens", "anthropic", "/v1/messages/count_tokens",
+                 "count_tokens", False, request_only=True),
+        ApiRoute("/v1/responses/input_tokens", "openai", "/responses/input_tokens",
+                 "count_tokens", False, request_only=True),
     )
 }
 
@@ -145,6 +154,7 @@ def _max_tokens(route: ApiRoute, body: dict[str, Any]) -> int | None:
         "responses": ("max_output_tokens",),
         "text_completion": ("max_tokens",),
         "embeddings": (),
+        "count_tokens": (),
     }[route.operation] if route.provider_kind == "openai" else ("max_tokens",)
     found: int | None = None
     for name in names:
@@ -153,13 +163,13 @@ def _max_tokens(route: ApiRoute, body: dict[str, Any]) -> int | None:
             if value < 1:
                 raise bad_request(f"'{name}' must be at least 1.", param=name)
             found = value if found is None else min(found, value)
-    if route.provider_kind == "anthropic" and found is None:
+    if route.provider_kind == "anthropic" and found is None and not route.request_only:
         raise bad_request("max_tokens: Field required", param="max_tokens")
     return found
 
 
 def _check_input(route: ApiRoute, body: dict[str, Any]) -> None:
-    if route.operation == "chat":
+    if route.operation == "chat" or route.dialect == "anthropic":  # messages, count_tokens
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("'messages' must be a non-empty array.", param="messages")

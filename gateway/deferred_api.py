@@ -3,7 +3,10 @@
 - ``GET /v1/deferred/{id}[?wait=N]``: the entry's status (queued, running, succeeded, failed,
   expired, cancelled), its runs, and once finished ``response``: the status code, headers and
   body a synchronous call would have answered. ``wait`` long-polls up to N seconds (capped by
-  ``deferred.max_wait_s``) for a final status.
+  ``deferred.max_wait_s``) for a final status. A tenant holds at most
+  ``deferred.max_open_polls`` such polls open on one replica; beyond that a poll answers at once
+  with the current status (never an error), and a poll whose client went away releases its
+  slot at once.
 - ``GET /v1/deferred/{id}/response``: that answer itself, byte for byte, with its own status
   code (409 ``deferred_not_finished`` before).
 - ``DELETE /v1/deferred/{id}``: cancel a queued entry and refund its reservation (409 once it
@@ -15,6 +18,8 @@ another tenant's id is simply not found (404).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,35 +31,55 @@ from .errors import GatewayError, bad_request, not_found
 from .state import StateUnavailable
 
 if TYPE_CHECKING:
-    from .context import RequestRecord
+    from .auth import TenantPolicy
+    from .endpoints import Routes
     from .runtime import Gateway
 
+GONE_CHECK_S = 0.25  # how often an open long poll looks whether its client is still there
 
-def add_routes(app: web.Application, gateway_key: web.AppKey[Gateway],
-               record_key: web.RequestKey[RequestRecord]) -> None:
-    def context(request: web.Request) -> tuple[Gateway, str, str]:
+
+def add_routes(routes: Routes) -> None:
+    """The deferred routes, as tenant routes (endpoints.py: authenticated and counted)."""
+    gateway_key = routes.gateway_key
+    open_polls: dict[str, int] = {}  # tenant -> ?wait= polls open on this replica
+
+    def context(request: web.Request, tenant_policy: TenantPolicy) -> tuple[Gateway, str, str]:
         gateway = request.app[gateway_key]
-        tenant = gateway.policy.auth.authenticate(request.headers).name
-        request[record_key].tenant = tenant
         entry_id = request.match_info["id"]
         if not valid_id(entry_id):
             raise _not_found(entry_id)
-        return gateway, tenant, entry_id
+        return gateway, tenant_policy.name, entry_id
 
-    async def get(request: web.Request) -> web.Response:
-        gateway, tenant, entry_id = context(request)
-        wait = _wait_s(request, gateway.policy.config.deferred.max_wait_s)
+    async def get(request: web.Request, tenant_policy: TenantPolicy) -> web.Response:
+        gateway, tenant, entry_id = context(request, tenant_policy)
+        config = gateway.policy.config.deferred
+        wait = _wait_s(request, config.max_wait_s)
+        headers: dict[str, str] = {}
+        if wait > 0 and open_polls.get(tenant, 0) >= config.max_open_polls:
+            wait = 0.0  # over the cap: the current status at once, never an error
+            headers["x-gateway-wait-skipped"] = "too many open polls"
         try:
-            fields = await gateway.deferred.wait(tenant, entry_id, wait)
+            if wait > 0:
+                open_polls[tenant] = open_polls.get(tenant, 0) + 1
+                try:
+                    fields = await _unless_client_leaves(
+                        request, gateway.deferred.wait(tenant, entry_id, wait))
+                finally:  # also when the client went away or the handler was cancelled
+                    left = open_polls.pop(tenant) - 1
+                    if left:
+                        open_polls[tenant] = left
+            else:
+                fields = await gateway.deferred.store.get(tenant, entry_id)
         except StateUnavailable:
             raise unavailable() from None
         if fields is None:
             raise _not_found(entry_id)
-        return _json(view(entry_id, fields), status=200,
-                     headers={} if _status(fields) in FINAL else {"Retry-After": "1"})
+        if _status(fields) not in FINAL:
+            headers["Retry-After"] = "1"
+        return _json(view(entry_id, fields), status=200, headers=headers)
 
-    async def response(request: web.Request) -> web.Response:
-        gateway, tenant, entry_id = context(request)
+    async def response(request: web.Request, tenant_policy: TenantPolicy) -> web.Response:
+        gateway, tenant, entry_id = context(request, tenant_policy)
         try:
             fields = await gateway.deferred.store.get(tenant, entry_id)
         except StateUnavailable:
@@ -72,8 +97,8 @@ def add_routes(app: web.Application, gateway_key: web.AppKey[Gateway],
         return web.Response(status=int(fields["code"]), body=fields.get("rbody", b""),
                             headers=headers)
 
-    async def delete(request: web.Request) -> web.Response:
-        gateway, tenant, entry_id = context(request)
+    async def delete(request: web.Request, tenant_policy: TenantPolicy) -> web.Response:
+        gateway, tenant, entry_id = context(request, tenant_policy)
         try:
             status = await gateway.deferred.cancel(tenant, entry_id)
             fields = await gateway.deferred.store.get(tenant, entry_id)
@@ -87,9 +112,28 @@ def add_routes(app: web.Application, gateway_key: web.AppKey[Gateway],
         return _json(view(entry_id, fields) if fields else {"id": entry_id,
                                                             "status": "cancelled"})
 
-    app.router.add_get("/v1/deferred/{id}", get)
-    app.router.add_delete("/v1/deferred/{id}", delete)
-    app.router.add_get("/v1/deferred/{id}/response", response)
+    routes.tenant("GET", "/v1/deferred/{id}", get)
+    routes.tenant("DELETE", "/v1/deferred/{id}", delete)
+    routes.tenant("GET", "/v1/deferred/{id}/response", response)
+
+
+async def _unless_client_leaves(request: web.Request,
+                                waiting: Awaitable[Fields | None]) -> Fields | None:
+    """``waiting``'s result; cancelled, with ConnectionResetError, as soon as the client's
+    connection closes (aiohttp does not cancel handlers when a client goes away)."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=GONE_CHECK_S)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client closed the connection during a long poll")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def view(entry_id: str, fields: Fields) -> dict[str, Any]:

@@ -37,6 +37,15 @@ class RateLimits(StrictModel):
         return not (self.requests_per_minute or self.tokens_per_minute or self.max_concurrent)
 
 
+# Routes counted by a request-only plan (gateway/endpoints.py) that a tenant may exempt from
+# its request limits; the proxied routes, which carry tokens and budgets, never can be.
+ExemptRoute = Literal[
+    "GET /v1/models", "GET /v1/models/{model}", "GET /v1/deferred/{id}",
+    "GET /v1/deferred/{id}/response", "DELETE /v1/deferred/{id}",
+    "POST /v1/messages/count_tokens", "POST /v1/responses/input_tokens",
+]
+
+
 class TenantLimits(RateLimits):
     """A tenant's limits, optionally tighter per model and per agent session."""
 
@@ -46,6 +55,11 @@ class TenantLimits(RateLimits):
     per_session: RateLimits | None = Field(
         None, description="limits for each X-Agent-Session, so one runaway run cannot eat "
         "its tenant's quota"
+    )
+    exempt_routes: list[ExemptRoute] = Field(
+        [], description="routes whose requests do not count against requests_per_minute "
+        "(tenant and session), e.g. 'GET /v1/models'; default: none, every authenticated "
+        "route is counted"
     )
 
 
