@@ -184,7 +184,11 @@ class Routes:
                 hold = await policy.limiter.admit_request(
                     tenant.name, session, os.urandom(16).hex(), tenant.default_priority.name)
                 headers = hold.headers
-            response = await handler(request, tenant)
+            try:
+                response = await handler(request, tenant)
+            except GatewayError as exc:  # a 404 or 409 counted too: say how many remain
+                exc.headers = {**headers, **exc.headers}
+                raise
             if headers and not response.prepared:
                 response.headers.update(headers)
             return response
