@@ -202,18 +202,19 @@ class Routes:
             config = gateway.policy.config
             try:
                 address = self._pass_guard(request, config)
+                digests = [bytes.fromhex(k.removeprefix("sha256:"))
+                           for k in config.admin.api_keys]
+                try:
+                    check_admin(request.headers, digests)
+                except AuthenticationFailed:
+                    request.app[AUTH_GUARD].failed(address, config.server.auth_failures)
+                    raise
+                request.app[ADMIN_LIMIT].take(config)
             except GatewayError as exc:
                 # admin paths are quiet (no access-log line or request metrics): count here
                 if config.server.metrics:
                     gateway.metrics.rejected(exc.code)
                 raise
-            digests = [bytes.fromhex(k.removeprefix("sha256:")) for k in config.admin.api_keys]
-            try:
-                check_admin(request.headers, digests)
-            except AuthenticationFailed:
-                request.app[AUTH_GUARD].failed(address, config.server.auth_failures)
-                raise
-            request.app[ADMIN_LIMIT].take(config)
             return await handler(request)
 
         self._add(method, path, "admin", limited)
@@ -236,7 +237,9 @@ class Routes:
     def _pass_guard(self, request: web.Request, config: GatewayConfig) -> str:
         """The client's address, once it passed the failed-authentication limit (else 429)."""
         address = self.client_address(request, config.server.trusted_proxies)
-        request.app[AUTH_GUARD].check(address, config.server.auth_failures)
+        guard = request.app[AUTH_GUARD]
+        if len(guard):  # nobody failed lately (the usual case): nothing to look up
+            guard.check(address, config.server.auth_failures)
         return address
 
     def client_address(self, request: web.Request, trusted: list[str]) -> str:
@@ -282,6 +285,8 @@ def _ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
 def address_key(address: str | None) -> str:
     """What the guard counts by: an IPv4 address, or an IPv6 address's /64 (one host commonly
     owns a whole /64, so counting single IPv6 addresses would let it rotate freely)."""
+    if address and ":" not in address:  # IPv4 (or a stray name): as it is, without parsing
+        return address[:64]
     ip = _ip(address)
     if ip is None:
         return (address or "unknown")[:64]

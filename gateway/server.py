@@ -103,7 +103,13 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 async def _models(request: web.Request, tenant: TenantPolicy) -> web.Response:
     policy = request.app[GATEWAY].policy
-    return _json(models_listing(policy, tenant.may_use))
+    listing = models_listing(policy, tenant.may_use)
+    if _anthropic_client(request):  # anthropic SDK client.models.list(): its page shape
+        data = [_anthropic_model(m["id"]) for m in listing["data"]]
+        return _json({"data": data, "has_more": False,
+                      "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None})
+    return _json(listing)
 
 
 async def _model(request: web.Request, tenant: TenantPolicy) -> web.Response:
@@ -112,7 +118,20 @@ async def _model(request: web.Request, tenant: TenantPolicy) -> web.Response:
     if name not in policy.config.models or not tenant.may_use(name):
         raise not_found(f"The model '{name[:64]}' does not exist or you do not have access to it.",
                         code="model_not_found", param="model")
+    if _anthropic_client(request):
+        return _json(_anthropic_model(name))
     return _json({"id": name, "object": "model", "created": 0, "owned_by": "gateway"})
+
+
+def _anthropic_client(request: web.Request) -> bool:
+    """The Anthropic SDKs send ``anthropic-version`` on every call and the OpenAI SDKs never
+    do: on the routes both APIs share (``/v1/models``) it picks the answer's dialect."""
+    return "anthropic-version" in request.headers
+
+
+def _anthropic_model(name: str) -> dict[str, Any]:
+    return {"type": "model", "id": name, "display_name": name,
+            "created_at": "1970-01-01T00:00:00Z"}
 
 
 async def _admin_status(request: web.Request) -> web.Response:
@@ -197,8 +216,10 @@ def _error_response(request: web.Request, record: RequestRecord, exc: GatewayErr
         record.outcome = "rejected" if exc.status < 500 else "error"
     record.error_code = exc.code
     headers = {"Content-Type": "application/json", **exc.headers}
-    return web.Response(status=exc.status, body=exc.body(error_dialect(request.path)),
-                        headers=headers)
+    dialect = error_dialect(request.path)
+    if request.path not in ROUTES and _anthropic_client(request):
+        dialect = "anthropic"  # models, deferred, unknown URLs: answer the SDK that asked
+    return web.Response(status=exc.status, body=exc.body(dialect), headers=headers)
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:

@@ -219,6 +219,17 @@ async def test_no_limits_configured_means_nothing_is_refused(gw: Gw) -> None:
         assert (await _send(gw, "GET /v1/models")).status == 200
 
 
+async def test_tenant_routes_follow_the_degraded_mode_when_redis_is_down(
+    make_gateway: MakeGateway,
+) -> None:
+    # Nothing listens on port 1: the first admit fails, limits go local (the default action).
+    gw = await make_gateway(state=RedisBackend("redis://127.0.0.1:1", timeout_s=0.1),
+                            **_rpm(2))
+    statuses = [(await _send(gw, "GET /v1/models")).status for _ in range(6)]
+    assert 500 not in statuses and statuses[0] == 200
+    assert gw.server.app[GATEWAY].degraded.active
+
+
 # --- long polls ---------------------------------------------------------------------------
 
 
@@ -387,6 +398,9 @@ async def test_admin_routes_have_their_own_limit(make_gateway: MakeGateway) -> N
     assert (await gw.get("/admin/status",
                          headers={"Authorization": "Bearer nope"})).status == 401
     assert (await gw.get("/healthz")).status == 200
+    metrics = gw.server.app[GATEWAY].metrics
+    assert metrics.registry.get_sample_value("gateway_rejections_total", {
+        "reason": "rate_limited", "priority": "none", "tenant": "none"}) == 2
 
 
 # --- token counting -----------------------------------------------------------------------
@@ -432,11 +446,18 @@ async def test_sdks_count_tokens_through_the_gateway(make_gateway: MakeGateway) 
     try:
         counted = await claude.messages.count_tokens(model="claude-test", messages=messages)
         assert counted.input_tokens == estimate_prompt_tokens({"messages": messages})
-        with pytest.raises(anthropic.AuthenticationError):
-            await anthropic.AsyncAnthropic(base_url=base, api_key="sk-wrong").messages \
-                .count_tokens(model="claude-test", messages=messages)
+        async with anthropic.AsyncAnthropic(base_url=base, api_key="sk-wrong") as wrong:
+            with pytest.raises(anthropic.AuthenticationError):
+                await wrong.messages.count_tokens(model="claude-test", messages=messages)
         tokens = await gpt.responses.input_tokens.count(model="gpt-test", input="hello there")
         assert tokens.input_tokens == estimate_prompt_tokens({"input": "hello there"})
+        # the models routes answer each SDK in its own shape (anthropic-version tells them apart)
+        page = await claude.models.list()
+        assert "claude-test" in [m.id for m in page.data] and page.has_more is False
+        assert (await claude.models.retrieve("claude-test")).type == "model"
+        with pytest.raises(anthropic.NotFoundError):
+            await claude.models.retrieve("nope")
+        assert (await gpt.models.retrieve("gpt-test")).object == "model"
     finally:
         await claude.close()
         await gpt.close()
