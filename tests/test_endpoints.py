@@ -23,7 +23,7 @@ from gateway.server import GATEWAY
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, FakeClock, auth, chat
 from tests.plugin_gateway import MakeGateway
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisCluster3, RedisServer
 
 Gw = TestClient[Any, Any]
 ADMIN_KEY = "sk-admin-test"
@@ -112,6 +112,9 @@ async def test_a_route_added_around_routes_is_caught(make_gateway: MakeGateway) 
 async def _backend(kind: str, request: pytest.FixtureRequest) -> StateBackend:
     if kind == "memory":
         return MemoryBackend(FakeClock())
+    if kind == "cluster":
+        cluster: RedisCluster3 = request.getfixturevalue("clean_redis_cluster")
+        return RedisBackend(cluster.url, timeout_s=1.0)
     redis: RedisServer = request.getfixturevalue("clean_redis")
     redis.command("FLUSHALL")
     return RedisBackend(redis.url, timeout_s=1.0)
@@ -142,7 +145,8 @@ async def test_each_route_is_counted_and_refused_over_the_limit(
     assert other.status == 200
 
 
-@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis),
+                                  pytest.param("cluster", marks=pytest.mark.redis)])
 async def test_cheap_routes_share_the_bucket_of_the_proxied_ones(
     make_gateway: MakeGateway, request: pytest.FixtureRequest, kind: str,
 ) -> None:
