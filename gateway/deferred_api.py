@@ -18,8 +18,6 @@ another tenant's id is simply not found (404).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,8 +32,6 @@ if TYPE_CHECKING:
     from .auth import TenantPolicy
     from .endpoints import Routes
     from .runtime import Gateway
-
-GONE_CHECK_S = 0.25  # how often an open long poll looks whether its client is still there
 
 
 def add_routes(routes: Routes) -> None:
@@ -62,9 +58,10 @@ def add_routes(routes: Routes) -> None:
             if wait > 0:
                 open_polls[tenant] = open_polls.get(tenant, 0) + 1
                 try:
-                    fields = await _unless_client_leaves(
-                        request, gateway.deferred.wait(tenant, entry_id, wait))
-                finally:  # also when the client went away or the handler was cancelled
+                    fields = await gateway.deferred.wait(tenant, entry_id, wait)
+                finally:
+                    # also when the client goes away: the gateway's runner cancels the handler
+                    # of a closed connection (handler_cancellation=True, cli.py/lifecycle.py)
                     left = open_polls.pop(tenant) - 1
                     if left:
                         open_polls[tenant] = left
@@ -115,25 +112,6 @@ def add_routes(routes: Routes) -> None:
     routes.tenant("GET", "/v1/deferred/{id}", get)
     routes.tenant("DELETE", "/v1/deferred/{id}", delete)
     routes.tenant("GET", "/v1/deferred/{id}/response", response)
-
-
-async def _unless_client_leaves(request: web.Request,
-                                waiting: Awaitable[Fields | None]) -> Fields | None:
-    """``waiting``'s result; cancelled, with ConnectionResetError, as soon as the client's
-    connection closes (aiohttp does not cancel handlers when a client goes away)."""
-    task = asyncio.ensure_future(waiting)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=GONE_CHECK_S)
-            if done:
-                return task.result()
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("the client closed the connection during a long poll")
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 def view(entry_id: str, fields: Fields) -> dict[str, Any]:

@@ -29,6 +29,7 @@ Gw = TestClient[Any, Any]
 ADMIN_KEY = "sk-admin-test"
 PUBLIC = {"GET /healthz", "GET /readyz", "GET /metrics"}
 MISSING_ID = "dfr_" + "0" * 32
+NO_LAG_SHEDDING = {"self_protection": {"max_loop_lag_ms": 600_000}}
 # A request for each authenticated route (path parameters filled in, a body where needed).
 REQUESTS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "POST /v1/chat/completions": ("POST", "/v1/chat/completions", chat()),
@@ -247,6 +248,7 @@ async def _queued_entry(gw: Gw) -> str:
 async def test_long_polls_are_capped_per_tenant_and_freed_when_the_client_leaves(
     make_gateway: MakeGateway,
 ) -> None:
+    # aiohttp's TestServer, like `gateway serve`, cancels the handler of a closed connection
     gw = await make_gateway(deferred={"enabled": True, "workers": 0, "max_open_polls": 2})
     entry = await _queued_entry(gw)
     url = str(gw.make_url(f"/v1/deferred/{entry}?wait=30"))
@@ -363,8 +365,10 @@ async def test_forwarded_for_is_ignored_without_trusted_proxies(make_gateway: Ma
 
 
 async def test_a_key_guessing_burst_does_not_slow_other_clients(make_gateway: MakeGateway) -> None:
+    # no shedding for loop lag: this machine is shared, and the test is about the auth limit
     gw = await make_gateway(server={"trusted_proxies": ["127.0.0.0/8"],
-                                    "auth_failures": {"max_failures": 10, "window_s": 60}})
+                                    "auth_failures": {"max_failures": 10, "window_s": 60}},
+                            admission=NO_LAG_SHEDDING)
 
     async def guess(i: int) -> int:
         return (await gw.get("/v1/models", headers=_xff("203.0.113.7", f"sk-{i}"))).status
@@ -442,7 +446,7 @@ async def test_count_tokens_speaks_anthropic_errors(gw: Gw) -> None:
 async def test_sdks_count_tokens_through_the_gateway(make_gateway: MakeGateway) -> None:
     # The SDKs build their types lazily on first use, blocking the loop the gateway shares
     # in this test: no shedding for loop lag here (test_fuzz does the same).
-    gw = await make_gateway(admission={"self_protection": {"max_loop_lag_ms": 600_000}})
+    gw = await make_gateway(admission=NO_LAG_SHEDDING)
     base = str(gw.make_url("")).rstrip("/")
     messages: list[Any] = [{"role": "user", "content": "How many tokens is this?"}]
     claude = anthropic.AsyncAnthropic(base_url=base, api_key=ACME_KEY)
