@@ -35,6 +35,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
@@ -43,8 +44,8 @@ from .admin import check_admin
 from .auth import AuthenticationFailed, TenantPolicy
 from .classify import _header_id as header_id
 from .config import AuthFailureLimit, GatewayConfig
-from .errors import GatewayError
-from .ratelimit import Gcra, gcra_step
+from .errors import GatewayError, retry_headers
+from .ratelimit import Gcra, Tat, gcra_step
 
 if TYPE_CHECKING:
     from .context import RequestRecord
@@ -92,9 +93,7 @@ class AuthFailureGuard:
             raise GatewayError(
                 429, "Too many failed authentications from this address; retry in "
                 f"{math.ceil(wait_ms / 1000)} s.", type="rate_limit_error",
-                code="too_many_auth_failures",
-                headers={"Retry-After": str(math.ceil(wait_ms / 1000)),
-                         "retry-after-ms": str(wait_ms)})
+                code="too_many_auth_failures", headers=retry_headers(wait_ms))
 
     def failed(self, address: str, limit: AuthFailureLimit) -> None:
         now = self.clock()
@@ -113,12 +112,12 @@ class AdminLimit:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self._tat: float | None = None
+        self._tat: Tat | None = None
 
     def take(self, config: GatewayConfig) -> None:
         rpm = config.admin.requests_per_minute
-        check = Gcra("admin", 60_000 / rpm, config.admin.burst, 1, "requests")
-        ok, tat, result = gcra_step(self._tat, self.clock() * 1000, check)
+        check = Gcra("admin", Fraction(60_000, rpm), config.admin.burst, 1, "requests")
+        ok, tat, result = gcra_step(self._tat, math.floor(self.clock() * 1000), check)
         if ok:
             self._tat = tat
             return
@@ -126,9 +125,7 @@ class AdminLimit:
         raise GatewayError(
             429, f"Admin rate limit reached ({rpm} requests per minute on this replica); retry "
             f"in {math.ceil(wait_ms / 1000)} s.", type="rate_limit_error",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(math.ceil(wait_ms / 1000)),
-                     "retry-after-ms": str(wait_ms)})
+            code="rate_limit_exceeded", headers=retry_headers(wait_ms))
 
 
 AUTH_GUARD = web.AppKey("auth_guard", AuthFailureGuard)

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .admission import is_client_retry
 from .attempts import CallContext, attempt_loop
 from .classify import (
     ROUTES,
@@ -83,7 +84,8 @@ async def handle_proxy(
         # Keyed by a gateway-made id, never the client's X-Request-Id: a reused client id
         # must not share a concurrency lease or a settlement with another request.
         if not route.request_only:
-            hold = await policy.limiter.admit(call, os.urandom(16).hex())
+            hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
+                                              client_retry=is_client_retry(request.headers))
         elif route_name(route) in config.tenants[tenant.name].limits.exempt_routes:
             hold = Hold("", "none", 0, 0, None, settled=True)
         else:  # token counting: one request, the same single atomic call

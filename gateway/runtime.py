@@ -84,7 +84,8 @@ class Gateway:
             tracing=self.tracing,
             observers=[self.metrics],
         )
-        self.inflight = InFlight()
+        self.inflight = InFlight(clock)
+        self._clock = clock
         self.policy = self.build_policy(config)
         self.ready = False
         self._stop = asyncio.Event()
@@ -98,7 +99,8 @@ class Gateway:
         self.metrics.set_deferred_source(self.deferred.snapshot)
 
     def build_policy(self, config: GatewayConfig) -> Policy:
-        limiter = Limiter(config, self.state, self.degraded, time.time, self.inflight)
+        limiter = Limiter(config, self.state, self.degraded, time.time, self.inflight,
+                          self._clock)
         return Policy(config, Authenticator(config), UpstreamPool(config), limiter)
 
     def _wire_metric_sources(self) -> None:

@@ -353,6 +353,9 @@ async def test_failed_auth_refuses_the_address_before_comparing_keys(
         "gateway_rejections_total", {"reason": "auth_failures", "priority": "none",
                                      "tenant": "none"})
     assert refused == 4
+    access = [r.fields for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
+    assert [f["status"] for f in access].count(401) == 6  # the lines exist, and hold no key:
+    assert [f["error_code"] for f in access].count("too_many_auth_failures") == 3
     logged = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
     assert "sk-guess" not in logged and ACME_KEY not in logged
 
