@@ -151,11 +151,11 @@ class Routes:
         (pipeline.handle_proxy)."""
         async def limited(request: web.Request) -> web.StreamResponse:
             config = request.app[self.gateway_key].policy.config
-            address = self._pass_guard(request, config)
+            self._pass_guard(request, config)
             try:
                 return await handler(request)
             except AuthenticationFailed:
-                request.app[AUTH_GUARD].failed(address, config.server.auth_failures)
+                self._failed(request, config)
                 raise
 
         self._add(method, path, "proxied", limited)
@@ -168,11 +168,11 @@ class Routes:
         async def limited(request: web.Request) -> web.StreamResponse:
             policy = request.app[self.gateway_key].policy
             config = policy.config
-            address = self._pass_guard(request, config)
+            self._pass_guard(request, config)
             try:
                 tenant = policy.auth.authenticate(request.headers)
             except AuthenticationFailed:
-                request.app[AUTH_GUARD].failed(address, config.server.auth_failures)
+                self._failed(request, config)
                 raise
             request[self.record_key].tenant = tenant.name
             headers: dict[str, str] = {}
@@ -198,13 +198,13 @@ class Routes:
             gateway = request.app[self.gateway_key]
             config = gateway.policy.config
             try:
-                address = self._pass_guard(request, config)
+                self._pass_guard(request, config)
                 digests = [bytes.fromhex(k.removeprefix("sha256:"))
                            for k in config.admin.api_keys]
                 try:
                     check_admin(request.headers, digests)
                 except AuthenticationFailed:
-                    request.app[AUTH_GUARD].failed(address, config.server.auth_failures)
+                    self._failed(request, config)
                     raise
                 request.app[ADMIN_LIMIT].take(config)
             except GatewayError as exc:
@@ -231,13 +231,17 @@ class Routes:
             self.app.router.add_route(method, path, handler)
         table[name] = RouteInfo(name, kind, handler)
 
-    def _pass_guard(self, request: web.Request, config: GatewayConfig) -> str:
-        """The client's address, once it passed the failed-authentication limit (else 429)."""
-        address = self.client_address(request, config.server.trusted_proxies)
+    def _pass_guard(self, request: web.Request, config: GatewayConfig) -> None:
+        """429 unless the client's address passes the failed-authentication limit."""
         guard = request.app[AUTH_GUARD]
         if len(guard):  # nobody failed lately (the usual case): nothing to look up
-            guard.check(address, config.server.auth_failures)
-        return address
+            guard.check(self.client_address(request, config.server.trusted_proxies),
+                        config.server.auth_failures)
+
+    def _failed(self, request: web.Request, config: GatewayConfig) -> None:
+        request.app[AUTH_GUARD].failed(
+            self.client_address(request, config.server.trusted_proxies),
+            config.server.auth_failures)
 
     def client_address(self, request: web.Request, trusted: list[str]) -> str:
         if not trusted:
