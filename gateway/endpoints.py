@@ -76,15 +76,16 @@ class AuthFailureGuard:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self._tat: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # address -> theoretical arrival time; empty while nobody failed (checked first)
+        self.table: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def check(self, address: str, limit: AuthFailureLimit) -> None:
-        tat = self._tat.get(address)
+        tat = self.table.get(address)
         if tat is None:
             return
         now = self.clock()
         if tat <= now:  # every failure forgiven
-            del self._tat[address]
+            del self.table[address]
             return
         interval = limit.window_s / limit.max_failures
         allow_at = tat - (limit.max_failures - 1) * interval
@@ -97,13 +98,10 @@ class AuthFailureGuard:
 
     def failed(self, address: str, limit: AuthFailureLimit) -> None:
         now = self.clock()
-        tat = self._tat.pop(address, now)
-        self._tat[address] = max(tat, now) + limit.window_s / limit.max_failures
-        while len(self._tat) > limit.max_addresses:  # forget the least recently failing
-            self._tat.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._tat)
+        tat = self.table.pop(address, now)
+        self.table[address] = max(tat, now) + limit.window_s / limit.max_failures
+        while len(self.table) > limit.max_addresses:  # forget the least recently failing
+            self.table.popitem(last=False)
 
 
 class AdminLimit:
@@ -142,20 +140,23 @@ class Routes:
         self.gateway_key = gateway_key
         self.record_key = record_key
         app[ROUTE_TABLE] = {}
-        app[AUTH_GUARD] = AuthFailureGuard(clock)
+        self.guard = app[AUTH_GUARD] = AuthFailureGuard(clock)
         app[ADMIN_LIMIT] = AdminLimit(clock)
         self._networks: tuple[tuple[str, ...], tuple[Network, ...]] = ((), ())
 
     def proxied(self, method: str, path: str, handler: Handler) -> None:
         """A route whose handler authenticates and admits the request itself
         (pipeline.handle_proxy)."""
+        guard = self.guard
+
         async def limited(request: web.Request) -> web.StreamResponse:
-            config = request.app[self.gateway_key].policy.config
-            self._pass_guard(request, config)
+            # The hot path: nothing but this test while no address has failed lately.
+            if guard.table:
+                self._pass_guard(request, request.app[self.gateway_key].policy.config)
             try:
                 return await handler(request)
             except AuthenticationFailed:
-                self._failed(request, config)
+                self._failed(request, request.app[self.gateway_key].policy.config)
                 raise
 
         self._add(method, path, "proxied", limited)
@@ -233,15 +234,13 @@ class Routes:
 
     def _pass_guard(self, request: web.Request, config: GatewayConfig) -> None:
         """429 unless the client's address passes the failed-authentication limit."""
-        guard = request.app[AUTH_GUARD]
-        if len(guard):  # nobody failed lately (the usual case): nothing to look up
-            guard.check(self.client_address(request, config.server.trusted_proxies),
-                        config.server.auth_failures)
+        if self.guard.table:  # nobody failed lately (the usual case): nothing to look up
+            self.guard.check(self.client_address(request, config.server.trusted_proxies),
+                             config.server.auth_failures)
 
     def _failed(self, request: web.Request, config: GatewayConfig) -> None:
-        request.app[AUTH_GUARD].failed(
-            self.client_address(request, config.server.trusted_proxies),
-            config.server.auth_failures)
+        self.guard.failed(self.client_address(request, config.server.trusted_proxies),
+                          config.server.auth_failures)
 
     def client_address(self, request: web.Request, trusted: list[str]) -> str:
         if not trusted:
