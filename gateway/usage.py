@@ -28,6 +28,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 MICROS = 1_000_000  # micro-units per unit of currency; also tokens per "million"
+#: ``Usage.dimensions()`` keys, the ``dimension`` label of gateway_billed_tokens_total.
+DIMENSIONS = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output", "reasoning",
+              "accepted_prediction", "rejected_prediction")
 
 
 @dataclass(slots=True)
