@@ -123,8 +123,10 @@ class Usage:
             self.cache_read_tokens = read
         written = _count(usage, "cache_creation_input_tokens")
         if written is not None:
-            by_ttl = _dict(usage, "cache_creation")
-            one_hour = min(written, _count(by_ttl, "ephemeral_1h_input_tokens") or 0)
+            # The split by TTL comes in message_start (and whole bodies); message_delta
+            # repeats only the total, so an absent split keeps the one already known.
+            by_ttl = _count(_dict(usage, "cache_creation"), "ephemeral_1h_input_tokens")
+            one_hour = min(written, self.cache_write_1h_tokens if by_ttl is None else by_ttl)
             self.cache_write_1h_tokens = one_hour
             self.cache_write_5m_tokens = written - one_hour
         self.input_tokens = uncached + self.cache_read_tokens + self.cache_write_tokens
