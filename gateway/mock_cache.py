@@ -44,7 +44,7 @@ class PromptCache:
         """How much of this request's prompt is read from / written to cache; remembers its
         prefixes for the requests that follow."""
         units = _units(body)
-        marked = [b'"cache_control"' in orjson.dumps(u) for u in units]
+        marked = [b'"cache_control"' in orjson.dumps(u) for u in units] if anthropic else []
         if anthropic and not any(marked):
             return CacheUse()  # Anthropic caches only what the request marks
         digest = hashlib.blake2b(str(body.get("model")).encode(), digest_size=16)

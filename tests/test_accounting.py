@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from aiohttp import web
 
 from gateway.auth import hash_key
 from gateway.config import Price, load_config
@@ -229,3 +230,67 @@ async def test_ten_step_agent_with_90_percent_cached_input_is_charged_the_price_
                                                 for u in usages)
     remaining = status["tenants"]["acme"]["budget_remaining"]["daily_cost"]["remaining"]
     assert remaining > 0
+
+
+def test_settlement_counts_cache_reads_per_limit_as_the_hold_says() -> None:
+    from gateway.limits import Counting, Hold, _with_actuals
+    from gateway.ratelimit import SettlePlan
+
+    plan = SettlePlan("r", "done", "hold", 1000, (("rl:{t:a}:tok", 60.0, 500, 500),),
+                      (("rl:{t:a}:b:tokens:d:1", 500, 500, 1), ("rl:{t:a}:b:cost:d:1", 9, 9, 1)),
+                      ())
+    usage = Usage(input_tokens=1000, output_tokens=10, cache_read_tokens=900)
+    hold = Hold("r", "global", 500, 9, plan, counting=Counting(rate_cache_reads=False,
+                                                                 budget_cache_reads=True))
+    c = hold.counting
+    settled_plan = _with_actuals(plan, usage.limit_tokens(c.rate_cache_reads),
+                                 usage.limit_tokens(c.budget_cache_reads), 7)
+    assert settled_plan.gcra[0][3] == 110  # TPM: 100 uncached + 10 output
+    assert [a for _, _, a, _ in settled_plan.counters] == [1010, 7]
+
+
+async def test_access_log_has_tokens_by_dimension_and_exact_cost(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = await make_gateway()
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    messages: list[Any] = [{"role": "user", "content": "hello " * 100}]
+    for _ in range(2):  # the second repeats the prefix: the mock reports it cached
+        body = {"model": "gpt-test", "messages": messages}
+        assert (await gw.post("/v1/chat/completions", json=body, headers=auth())).status == 200
+        messages = [*messages, {"role": "user", "content": "and again"}]
+    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    prompt = line["tokens_in"]
+    assert line["tokens"] == {"cache_read": 150, "input": prompt - 150, "output": 5}
+    # gpt-test: 1.0 input (cached unset: priced as input), 2.0 output per million
+    assert line["cost_micros"] == prompt * 1 + 5 * 2 and line["cost"] == line["cost_micros"] / 1e6
+
+
+async def test_a_finished_stream_without_usage_is_charged_the_prompt_estimate(
+    make_gateway: MakeGateway, aiohttp_server: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An OpenAI-compatible server that ignores stream_options: the stream ends cleanly with
+    no usage, and the gateway charges its estimates rather than zero input."""
+
+    async def no_usage(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for text in ("Hello", " world"):
+            await resp.write(b'data: {"id":"c","object":"chat.completion.chunk","choices":'
+                             b'[{"index":0,"delta":{"content":"' + text.encode() + b'"}}]}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", no_usage)
+    upstream = await aiohttp_server(app)
+    gw = await make_gateway(str(upstream.make_url("")).rstrip("/"))
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    body = {"model": "gpt-test", "stream": True, "messages": [{"role": "user",
+                                                               "content": "hello " * 40}]}
+    resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
+    assert resp.status == 200 and b"[DONE]" in await resp.read()
+    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    assert line["usage_reported"] is False
+    assert line["tokens_in"] > 0 and line["tokens_out"] == 2
