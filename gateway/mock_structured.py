@@ -6,7 +6,8 @@
   call of the tool ``tool_choice`` names, else the first, with arguments generated from its
   JSON schema (required properties; strings "tok", numbers 0, booleans true, enums their
   first value);
-- ``response_format`` ``json_schema`` / ``json_object`` (chat), ``text.format`` (Responses):
+- ``response_format`` ``json_schema`` / ``json_object`` (chat), ``text.format`` (Responses),
+  ``output_config.format`` (Anthropic structured outputs):
   content that is JSON valid against the schema, so ``client.chat.completions.parse`` and
   friends parse it;
 - ``n`` > 1 (chat and legacy completions): that many choices, each the same answer.
@@ -123,6 +124,9 @@ def _json_format(body: dict[str, Any], operation: str) -> dict[str, Any] | None:
     if operation == "responses":
         text = body.get("text")
         fmt = text.get("format") if isinstance(text, dict) else None
+    if operation == "messages":  # structured outputs: output_config.format (or the beta's
+        config = body.get("output_config")  # top-level output_format)
+        fmt = config.get("format") if isinstance(config, dict) else body.get("output_format")
     if not isinstance(fmt, dict):
         return None
     if fmt.get("type") == "json_object":

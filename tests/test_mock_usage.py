@@ -37,6 +37,18 @@ def _base(gw: TestClient[Any, Any]) -> str:
     return str(gw.make_url("")).rstrip("/")
 
 
+# The SDKs, the gateway and the mock share this test's event loop: the SDKs' first use of
+# their streaming and parsing helpers imports and builds models for a while, which the
+# gateway's loop-lag probe would take for overload. These tests are about answer shapes.
+CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 10_000}}}
+
+
+@pytest.fixture
+async def gw(make_gateway: Any) -> TestClient[Any, Any]:
+    client: TestClient[Any, Any] = await make_gateway(**CALM)
+    return client
+
+
 @pytest.fixture
 async def oai(gw: TestClient[Any, Any]) -> Any:
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY)
@@ -132,6 +144,16 @@ async def test_anthropic_tool_use_whole_and_streamed(ant: Any) -> None:
     assert final.usage.output_tokens == msg.usage.output_tokens > 0
 
 
+async def test_anthropic_structured_output_parses_whole_and_streamed(ant: Any) -> None:
+    msg = await ant.messages.parse(model="claude-test", max_tokens=200, messages=MESSAGES,
+                                   output_format=Answer)
+    assert msg.parsed_output == Answer(title="tok", score=0, tags=["tok"], ok=True)
+    async with ant.messages.stream(model="claude-test", max_tokens=200, messages=MESSAGES,
+                                   output_format=Answer) as stream:
+        final = await stream.get_final_message()
+    assert final.parsed_output == msg.parsed_output
+
+
 async def test_anthropic_refuses_n(ant: Any) -> None:
     with pytest.raises(anthropic.BadRequestError):
         await ant.messages.create(model="claude-test", max_tokens=20, messages=MESSAGES,
@@ -156,7 +178,7 @@ async def test_openai_usage_reports_cached_prefix_and_share_knob(oai: Any) -> No
 
 async def test_reasoning_model_reports_reasoning_tokens(make_gateway: Any) -> None:
     gw = await make_gateway(models={"reasoner": {
-        "deployments": [{"provider": "main", "model": "mock-reasoning"}]}})
+        "deployments": [{"provider": "main", "model": "mock-reasoning"}]}}, **CALM)
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY)
     try:
         reply = await client.chat.completions.create(
