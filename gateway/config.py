@@ -179,8 +179,8 @@ class Price(StrictModel):
         """The dimensions left at the input price that a provider of ``kind`` is known to
         price differently (OpenAI and Anthropic discount cache reads; Anthropic charges
         more for cache writes)."""
-        if not self.input_per_million:
-            return []  # no prices at all: nothing is mispriced
+        if not self.input_per_million or not self.output_per_million:
+            return []  # unpriced, or an embedding model (no output): no cache to price
         missing = []
         if self.cached_input_per_million is None and kind in ("openai", "anthropic"):
             missing.append("cached_input_per_million")

@@ -128,6 +128,23 @@ async def test_responses_tool_call_and_json_whole_and_streamed(oai: Any) -> None
     assert final.output[0].arguments == call.arguments
     parsed = await oai.responses.parse(model="gpt-test", input="rate it", text_format=Answer)
     assert parsed.output_parsed == Answer(title="tok", score=0, tags=["tok"], ok=True)
+    async with oai.responses.stream(model="gpt-test", input="rate it",
+                                    text_format=Answer) as stream:
+        streamed = await stream.get_final_response()
+    assert streamed.output_parsed == parsed.output_parsed
+
+
+async def test_legacy_completions_n_choices_whole_and_streamed(oai: Any) -> None:
+    reply = await oai.completions.create(model="gpt-test", prompt="say", n=2, max_tokens=3)
+    assert [(c.index, c.text, c.finish_reason) for c in reply.choices] == \
+        [(0, "tok " * 3, "length"), (1, "tok " * 3, "length")]
+    assert reply.usage.completion_tokens == 6
+    stream = await oai.completions.create(model="gpt-test", prompt="say", n=2, stream=True)
+    texts: dict[int, str] = {}
+    async for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {0: "tok " * 5, 1: "tok " * 5}
 
 
 async def test_anthropic_tool_use_whole_and_streamed(ant: Any) -> None:
