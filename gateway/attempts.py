@@ -227,7 +227,7 @@ async def _relay(ctx: CallContext, attempt: UpstreamAttempt) -> web.StreamRespon
             return await relay_stream(ctx.request, ctx.call, attempt, ctx.record, ctx.headers)
         finally:
             handle.release()
-    return await relay_whole(attempt, ctx.record, ctx.headers)
+    return await relay_whole(attempt, ctx.record, ctx.headers, ctx.call.answer_model)
 
 
 def _give_up(ctx: CallContext, last: _Failed, tried: list[str], *,

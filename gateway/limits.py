@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from .classify import ProxyCall
+from .classify import ProxyCall, reserved_output_tokens
 from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
 from .errors import GatewayError
@@ -84,24 +84,9 @@ class Hold:
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
-    """Output tokens to reserve: the request's cap, else the tenant's default, capped by the
-    model. ``inject_max_tokens`` puts the same number into the body when the client sent none,
-    so real usage can never exceed the reservation."""
-    if call.route.operation == "embeddings":
-        return 0
-    asked = call.max_tokens if call.max_tokens is not None else tenant.default_max_tokens
-    return min(asked, model.max_output_tokens)
-
-
-_MAX_TOKENS_FIELD = {"chat": "max_completion_tokens", "text_completion": "max_tokens",
-                     "responses": "max_output_tokens"}
-
-
-def inject_max_tokens(call: ProxyCall, max_tokens: int) -> None:
-    if call.max_tokens is None and call.route.provider_kind == "openai":
-        name = _MAX_TOKENS_FIELD.get(call.route.operation)
-        if name:
-            call.body[name] = max_tokens
+    """Output tokens to reserve (``classify.reserved_output_tokens``): the body's cap times its
+    generations, else the tenant's estimate capped by the model."""
+    return reserved_output_tokens(call, tenant.default_max_tokens, model.output_limit)
 
 
 class InFlight:
@@ -142,7 +127,6 @@ class Limiter:
         tenant = self._config.tenants[call.tenant.name]
         model = self._config.models[call.model]
         max_out = reservation_max_tokens(call, tenant, model)
-        inject_max_tokens(call, max_out)
         tokens = call.prompt_tokens_estimate + max_out
         cost_units = reservation_cost_micros(call.prompt_tokens_estimate, max_out,
                                              model.price.rates)
