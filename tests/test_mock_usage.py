@@ -171,12 +171,6 @@ async def test_anthropic_structured_output_parses_whole_and_streamed(ant: Any) -
     assert final.parsed_output == msg.parsed_output
 
 
-async def test_anthropic_refuses_n(ant: Any) -> None:
-    with pytest.raises(anthropic.BadRequestError):
-        await ant.messages.create(model="claude-test", max_tokens=20, messages=MESSAGES,
-                                  extra_body={"n": 2})
-
-
 async def test_openai_usage_reports_cached_prefix_and_share_knob(oai: Any) -> None:
     history = [{"role": "system", "content": "You are a careful agent. " * 40},
                {"role": "user", "content": "step one " * 10}]
