@@ -12,13 +12,14 @@ expected, and ``ConfigError`` names the file, the key path and a hint to quote t
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .admission_policy import AdmissionPolicy
 from .breaker_policy import BreakerPolicy
@@ -26,6 +27,7 @@ from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
 from .deferred_policy import DeferredPolicy
 from .limits_policy import Budget, Degraded, LoopGuard, TenantLimits
 from .retry import RetryPolicy
+from .usage import Rates, micros
 
 __all__ = ["ConfigError", "GatewayConfig", "Priority", "PriorityName", "StrictModel"]
 
@@ -35,6 +37,7 @@ NEVER_FORWARDED = (
     "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length",
     "proxy-connection",
 )
+log = logging.getLogger("gateway.config")
 _SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -124,10 +127,73 @@ class Provider(StrictModel):
 
 
 class Price(StrictModel):
-    """Price in the operator's currency per million tokens."""
+    """Price in the operator's currency per million tokens, per billed dimension.
 
-    input_per_million: float = Field(0.0, ge=0)
-    output_per_million: float = Field(0.0, ge=0)
+    Costs are computed in integer micro-units of the currency (gateway/usage.py), so prices are
+    used to the sixth decimal. A dimension left unset is priced like uncached input (the 1-hour
+    cache write like the 5-minute one); ``GatewayConfig.price_warnings`` names the ones a
+    provider is known to price differently.
+    """
+
+    input_per_million: float = Field(
+        0.0, ge=0, description="uncached prompt tokens"
+    )
+    cached_input_per_million: float | None = Field(
+        None, ge=0, description="prompt tokens read from the provider's prompt cache (OpenAI "
+        "prompt_tokens_details.cached_tokens, Anthropic cache_read_input_tokens); providers "
+        "bill them at 0.1x-0.5x input. Default: the input price, with a warning at load"
+    )
+    cache_write_per_million: float | None = Field(
+        None, ge=0, description="prompt tokens written to the cache with the 5-minute TTL, or "
+        "with a TTL the provider does not report (Anthropic cache_creation_input_tokens: "
+        "1.25x input). Default: the input price, with a warning at load for Anthropic"
+    )
+    cache_write_1h_per_million: float | None = Field(
+        None, ge=0, description="prompt tokens written to the cache with the 1-hour TTL "
+        "(Anthropic cache_creation.ephemeral_1h_input_tokens: 2x input). Default: "
+        "cache_write_per_million"
+    )
+    output_per_million: float = Field(
+        0.0, ge=0, description="generated tokens, reasoning and predicted-output tokens "
+        "included (the providers bill them as output)"
+    )
+
+    _rates: Rates = PrivateAttr(default_factory=Rates)
+
+    def model_post_init(self, context: Any, /) -> None:
+        write_5m = _or(self.cache_write_per_million, self.input_per_million)
+        self._rates = Rates(
+            input=micros(self.input_per_million),
+            cache_read=micros(_or(self.cached_input_per_million, self.input_per_million)),
+            cache_write_5m=micros(write_5m),
+            cache_write_1h=micros(_or(self.cache_write_1h_per_million, write_5m)),
+            output=micros(self.output_per_million),
+        )
+
+    @property
+    def rates(self) -> Rates:
+        """The table in integer micro-units per million tokens, one per dimension."""
+        return self._rates
+
+    def unpriced(self, kind: str) -> list[str]:
+        """The dimensions left at the input price that a provider of ``kind`` is known to
+        price differently (OpenAI and Anthropic discount cache reads; Anthropic charges
+        more for cache writes)."""
+        if not self.input_per_million or not self.output_per_million:
+            return []  # unpriced, or an embedding model (no output): no cache to price
+        missing = []
+        if self.cached_input_per_million is None and kind in ("openai", "anthropic"):
+            missing.append("cached_input_per_million")
+        if kind == "anthropic":
+            if self.cache_write_per_million is None:
+                missing.append("cache_write_per_million")
+            if self.cache_write_1h_per_million is None:
+                missing.append("cache_write_1h_per_million")
+        return missing
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 class Deployment(StrictModel):
@@ -328,6 +394,19 @@ class GatewayConfig(StrictModel):
                 )
         return self
 
+    def price_warnings(self) -> list[str]:
+        """One line per model whose price table leaves a dimension at the input price that
+        its providers bill differently: costs and cost budgets would overstate (cache reads)
+        or understate (Anthropic cache writes) the bill."""
+        out = []
+        for name, model in self.models.items():
+            kinds = sorted({self.providers[d.provider].kind for d in model.deployments})
+            missing = sorted({m for kind in kinds for m in model.price.unpriced(kind)})
+            if missing:
+                out.append(f"models.{name}.price: {', '.join(missing)} not set; priced at "
+                           f"input_per_million, but {'/'.join(kinds)} bills them differently")
+        return out
+
 
 class ConfigError(Exception):
     """A policy file that cannot be used; the message names file, key path and reason."""
@@ -413,7 +492,10 @@ def load_config(path: str | Path) -> GatewayConfig:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(path, [f"not valid YAML{where}: {problem}"]) from None
-    return parse_config(data, path)
+    config = parse_config(data, path)
+    for warning in config.price_warnings():
+        log.warning("%s: %s", path, warning)
+    return config
 
 
 def resolve_api_key(name: str, provider: Provider) -> str | None:

@@ -37,8 +37,22 @@ class RateLimits(StrictModel):
         return not (self.requests_per_minute or self.tokens_per_minute or self.max_concurrent)
 
 
+CacheReads = Literal["auto", "count", "exclude"]
+CACHE_READS_DESCRIPTION = (
+    "whether prompt tokens read from the provider's cache count: auto counts them on OpenAI "
+    "routes (OpenAI's TPM counts cached tokens) and excludes them on Anthropic routes (its "
+    "input-tokens-per-minute limit excludes cache reads on current models); see "
+    "docs/architecture.md#accounting"
+)
+
+
 class TenantLimits(RateLimits):
     """A tenant's limits, optionally tighter per model and per agent session."""
+
+    cache_reads: CacheReads = Field(
+        "auto", description="tokens_per_minute (every scope of this tenant): "
+        + CACHE_READS_DESCRIPTION
+    )
 
     per_model: dict[str, RateLimits] = Field(
         {}, description="extra limits on this tenant's use of one model"
@@ -67,6 +81,9 @@ class Budget(StrictModel):
     monthly_cost: float | None = Field(None, gt=0)
     soft_ratio: float = Field(
         0.8, gt=0, le=1, description="above this share a warning header and metric appear"
+    )
+    cache_reads: CacheReads = Field(
+        "auto", description="daily_tokens / monthly_tokens: " + CACHE_READS_DESCRIPTION
     )
     shadow: bool = Field(False, description="evaluate and report, never refuse")
 

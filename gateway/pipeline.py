@@ -8,7 +8,6 @@ the way (limit hold, admission permit, breaker trial) is released in a ``finally
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -20,6 +19,7 @@ from .classify import ROUTES, classify, parse_json_body, raise_if_json_content_t
 from .context import Policy, RequestRecord, Services
 from .deadlines import request_deadline
 from .errors import GatewayError
+from .usage import cost_micros
 
 
 async def handle_proxy(
@@ -92,9 +92,8 @@ async def handle_proxy(
         return await deferred.submit(policy, call, request.headers, record, via="shed")
     finally:
         # 12 settle: real usage replaces the reservation, off the client's critical path
-        record.cost = (record.usage.input_tokens * model.price.input_per_million
-                       + record.usage.output_tokens * model.price.output_per_million) / 1e6
-        policy.limiter.settle_soon(hold, record.usage, math.ceil(record.cost * 1e6))
+        record.set_cost(cost_micros(record.usage, model.price.rates))
+        policy.limiter.settle_soon(hold, record.usage, record.cost_micros)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

@@ -111,7 +111,9 @@ async def relay_stream(
         await _write_quietly(request, response, exc.sse_event(call.route.dialect))
     finally:
         record.usage = relay.final_usage()
-        if not relay.finished:  # cut: the provider did read the prompt and send these deltas
+        if not relay.usage_final:
+            # cut before the final usage, or none was reported: the provider did read the
+            # prompt and send these deltas
             record.usage.input_tokens = record.usage.input_tokens or call.prompt_tokens_estimate
             record.usage.output_tokens = max(record.usage.output_tokens, relay.deltas)
     await _write_eof_quietly(request, response)

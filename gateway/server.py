@@ -257,8 +257,11 @@ def _log_access(record: RequestRecord, trace_fields: dict[str, Any]) -> None:
         ] or None,
         "tokens_in": record.usage.input_tokens,
         "tokens_out": record.usage.output_tokens,
+        # by billed dimension (gateway/usage.py); zero dimensions left out to keep lines short
+        "tokens": {k: v for k, v in record.usage.dimensions().items() if v} or None,
         "usage_reported": record.usage.reported,
         "cost": round(record.cost, 8),
+        "cost_micros": record.cost_micros,
         "context_use": round(record.usage.input_tokens / record.context_window, 6)
         if record.context_window and record.usage.input_tokens else None,
         "agent_session": record.agent_session,
