@@ -146,6 +146,7 @@ class Limiter:
                 result = await self._state.admit(plan)
                 self.degraded.last_latency_s = time.monotonic() - began
                 mode = "global"
+                self.degraded.remember(plan, result)  # what degraded mode starts from
             except StateUnavailable as exc:
                 self.degraded.enter(str(exc))
                 result = self.degraded.admit(plan, call.priority.name)

@@ -27,6 +27,7 @@ from .context import Policy, Services
 from .deferred import DeferredService
 from .deferred_store import create_store
 from .degraded import DegradedMode
+from .journal import JournalFile
 from .limits import LEASE_TTL_MS, InFlight, Limiter
 from .metrics import GatewayMetrics
 from .quota import ProviderQuotas
@@ -68,7 +69,8 @@ class Gateway:
         rng = random.Random()
         self.metrics = metrics or GatewayMetrics(config)
         self.tracing = tracing or Tracing(None)
-        self.degraded = DegradedMode(config.state.degraded, state, clock, self.replica_id)
+        self.degraded = DegradedMode(config.state.degraded, state, clock, self.replica_id,
+                                     _journal_file(config, state, self.replica_id))
         observer = _AdmissionMetrics(self.metrics)
         self.services = Services(
             clock=clock,
@@ -109,7 +111,9 @@ class Gateway:
         m.set_budget_source(self.inflight.budget_snapshot)
         if self.state.name == "redis":
             m.set_redis_source(lambda: {"degraded": self.degraded.active,
-                                        "latency_s": self.degraded.last_latency_s})
+                                        "latency_s": self.degraded.last_latency_s,
+                                        "journal_lost": self.degraded.journal_lost,
+                                        "resets": self.degraded.resets})
 
     async def swap_policy(self, config: GatewayConfig) -> None:
         """Put a new, already validated policy in place atomically.
@@ -135,6 +139,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.state.start()
+        self.degraded.load_journal()  # replayed by the degraded loop as soon as Redis answers
+        await self.degraded.check_epoch()
         await self.policy.upstreams.start()
         self.services.guard.start()
         loop = asyncio.get_running_loop()
@@ -153,11 +159,18 @@ class Gateway:
         await self.services.guard.stop()
         await self.policy.limiter.drain()
         await self.degraded.recover_once()  # last chance to hand the journal over
+        self.degraded.save_journal()  # what is left: a file for the next start, or counted lost
         for old in self._retired:
             await old.upstreams.close()
         await self.policy.upstreams.close()
         await self.state.close()
         await self.tracing.close()
+
+    async def flush_journal(self, timeout_s: float) -> bool:
+        """Drain: wait (bounded) for pending settlements and the usage journal to reach the
+        store; True when nothing is left to write to a file."""
+        await self.policy.limiter.drain()
+        return await self.degraded.flush(timeout_s)
 
     async def _renew_leases(self) -> None:
         while not self._stop.is_set():
@@ -165,3 +178,12 @@ class Gateway:
                 await asyncio.wait_for(self._stop.wait(), LEASE_TTL_MS / 3000)
             except TimeoutError:
                 await self.policy.limiter.renew_leases()
+
+
+def _journal_file(config: GatewayConfig, state: StateBackend,
+                  replica_id: str) -> JournalFile | None:
+    """Where unflushed usage goes at stop: only a shared store outlives this process."""
+    directory = config.state.degraded.journal_dir or os.environ.get("GATEWAY_JOURNAL_DIR")
+    if state.name != "redis" or not directory:
+        return None
+    return JournalFile(directory, replica_id)
