@@ -218,6 +218,12 @@ class Server(StrictModel):
         "reading); beyond it 503 overloaded with Retry-After, before the body is read. "
         "null: a quarter of the cgroup memory limit, else 256 MiB; never below max_body_bytes"
     )
+    refused_log_per_s: float = Field(
+        1.0, ge=0, description="access-log lines per second for requests the gateway refused "
+        "(never sent upstream), per tenant and reason, after a burst of 10; the rest are "
+        "folded into one 'refused requests folded' line a minute with their counts. Metrics "
+        "count every request regardless. 0: log every refusal"
+    )
     metrics: bool = Field(
         True, description="serve Prometheus metrics on /metrics and record them per request "
         "(about 3 % of peak throughput, docs/benchmarks.md); false: no /metrics route"

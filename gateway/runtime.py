@@ -29,6 +29,7 @@ from .deferred_store import create_store
 from .degraded import DegradedMode
 from .journal import JournalFile
 from .limits import LEASE_TTL_MS, InFlight, Limiter
+from .logs import ACCESS_LOGGER, RefusalLog
 from .metrics import GatewayMetrics
 from .quota import ProviderQuotas
 from .retry import RetryBudget
@@ -38,6 +39,7 @@ from .tracing import Tracing
 from .upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class _AdmissionMetrics(AdmissionObserver):
@@ -87,6 +89,8 @@ class Gateway:
             observers=[self.metrics],
         )
         self.inflight = InFlight()
+        # Access lines of refused requests, rate-bounded per tenant and reason (logs.py)
+        self.refusals = RefusalLog(clock, config.server.refused_log_per_s)
         self.policy = self.build_policy(config)
         self.ready = False
         self._stop = asyncio.Event()
@@ -127,6 +131,7 @@ class Gateway:
         self._retired.append(old)
         self.services.admission.reconfigure(config.admission)
         self.services.guard.reconfigure(config.admission)
+        self.refusals.per_s = config.server.refused_log_per_s
         self.metrics.update_config(config)
         log.info("policy reloaded", extra={"fields": {
             "tenants": len(config.tenants), "models": len(config.models)}})
@@ -149,6 +154,7 @@ class Gateway:
             loop.create_task(self._renew_leases()),
             loop.create_task(self.services.breakers.run_sync(self._stop)),
             loop.create_task(self.deferred.run(self._stop)),  # returns after its runs stop
+            loop.create_task(self._summarize_refusals()),
         ]
         self.ready = True
 
@@ -171,6 +177,19 @@ class Gateway:
         store; True when nothing is left to write to a file."""
         await self.policy.limiter.drain()
         return await self.degraded.flush(timeout_s)
+
+    def log_refusal_summary(self, force: bool = False) -> None:
+        summary = self.refusals.summary(force)
+        if summary is not None:
+            access_log.info("refused requests folded", extra={"fields": summary})
+
+    async def _summarize_refusals(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.refusals.summary_every_s)
+            except TimeoutError:
+                self.log_refusal_summary()
+        self.log_refusal_summary(force=True)  # stopping: nothing folded goes unreported
 
     async def _renew_leases(self) -> None:
         while not self._stop.is_set():
