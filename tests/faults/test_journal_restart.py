@@ -10,12 +10,22 @@ redis-server.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient
 
 from gateway.journal import JournalFile
@@ -23,9 +33,9 @@ from gateway.server import GATEWAY, create_app
 from gateway.state import RedisBackend
 from tests.faults.helpers import budget_key, until
 from tests.faults.tcpproxy import FaultProxy
-from tests.gwtest import UMBRELLA_KEY, auth, chat, policy
+from tests.gwtest import UMBRELLA_KEY, auth, chat, policy, policy_dict
 from tests.plugin_gateway import GatewayTestServer, settled
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, pick_port
 
 pytestmark = pytest.mark.redis
 
@@ -259,3 +269,130 @@ async def test_redis_restarted_empty_is_detected_logged_and_counted(
         await gw.close()
     finally:
         server.close()
+
+
+# --- the issue's case end to end: `gateway serve` processes and SIGTERM ---------------------
+
+
+class Serve:
+    """One `gateway serve` process on a free port, its JSON log in a file."""
+
+    def __init__(self, config: Path, redis_url: str, log: Path) -> None:
+        self.port = pick_port()
+        self.log = log
+        env = {**os.environ, "REDIS_URL": redis_url, "GATEWAY_LOG_LEVEL": "INFO"}
+        env.pop("GATEWAY_JOURNAL_DIR", None)
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+                 "--port", str(self.port)], env=env, stdout=out, stderr=out)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def ready(self, session: aiohttp.ClientSession) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with session.get(self.url + "/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "never started"
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> float:
+        """SIGTERM; seconds until the process exited (0)."""
+        began = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        while self.proc.poll() is None:
+            assert time.monotonic() - began < 30, "did not exit"
+            await asyncio.sleep(0.05)
+        assert self.proc.returncode == 0, self.log.read_text()[-2000:]
+        return time.monotonic() - began
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def messages(self) -> list[str]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(orjson.loads(line).get("msg", ""))
+        return out
+
+
+def _serve_policy(tmp_path: Path, upstream_url: str, journal: Path) -> Path:
+    config = tmp_path / "policy.yaml"
+    config.write_text(yaml.safe_dump(policy_dict(upstream_url, tenants=TENANTS, state={
+        "backend": "redis", "degraded": {**DEGRADED["degraded"], "journal_dir": str(journal)}},
+        server={"drain_delay_s": 0, "drain_timeout_s": 3})))
+    return config
+
+
+async def _post(session: aiohttp.ClientSession, url: str, text: str) -> int:
+    async with session.post(url + "/v1/chat/completions", json=chat(text=text, max_tokens=20),
+                            headers=auth()) as resp:
+        assert resp.status == 200, await resp.text()
+        usage = (await resp.json())["usage"]
+        return int(usage["prompt_tokens"] + usage["completion_tokens"])
+
+
+async def test_sigterm_during_an_outage_keeps_the_journal_for_the_next_start(
+    tmp_path: Path, upstream_url: str, clean_redis: RedisServer, proxy: FaultProxy
+) -> None:
+    journal = tmp_path / "journal"
+    config = _serve_policy(tmp_path, upstream_url, journal)
+    first = Serve(config, proxy.url, tmp_path / "first.log")
+    second: Serve | None = None
+    try:
+        async with aiohttp.ClientSession() as session:
+            await first.ready(session)
+            proxy.stall()
+            # The issue's case: four requests journaled during a Redis stall, then SIGTERM.
+            charged = sum([await _post(session, first.url, f"stalled {i}") for i in range(4)])
+            took = await first.stop()
+            # The drain waited for Redis (bounded by drain_timeout_s, 3 s), then wrote the file.
+            assert 2.5 < took < 15
+            assert "usage journal written for the next start to replay" in first.messages()
+            assert "usage lost" not in " ".join(first.messages())
+            assert sum(len(f.read_bytes().splitlines()) for f in journal.iterdir()) == 4
+            proxy.resume()
+            assert _recorded(clean_redis) == 0
+            second = Serve(config, clean_redis.url, tmp_path / "second.log")
+            await second.ready(session)
+            await until(lambda: _recorded(clean_redis) == charged, 10.0,
+                        "the next start to replay the journal file")
+            await second.stop()
+            assert list(journal.iterdir()) == []
+            assert _recorded(clean_redis) == charged  # once, not twice
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+async def test_sigterm_waits_for_redis_to_take_the_journal_when_it_returns_in_time(
+    tmp_path: Path, upstream_url: str, clean_redis: RedisServer, proxy: FaultProxy
+) -> None:
+    journal = tmp_path / "journal"
+    serve = Serve(_serve_policy(tmp_path, upstream_url, journal), proxy.url,
+                  tmp_path / "serve.log")
+    try:
+        async with aiohttp.ClientSession() as session:
+            await serve.ready(session)
+            proxy.stall()
+            charged = sum([await _post(session, serve.url, f"stalled {i}") for i in range(4)])
+            stopping = asyncio.ensure_future(serve.stop())
+            await asyncio.sleep(1.0)
+            proxy.resume()  # Redis is back within the drain timeout
+            await stopping
+        assert _recorded(clean_redis) == charged
+        assert not journal.exists() or list(journal.iterdir()) == []
+    finally:
+        serve.kill()
