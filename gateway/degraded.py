@@ -89,6 +89,7 @@ class DegradedMode:
         self._epoch: bytes | None = None
         self._next_epoch_check = 0.0
         self.resets = 0  # times the store was found restarted empty
+        self._replaying = asyncio.Lock()
 
     @property
     def replicas(self) -> int:
@@ -142,7 +143,9 @@ class DegradedMode:
         n = max(1, self.replicas)
         checks: list[Check] = []
         for c in plan.checks:
-            if isinstance(c, Gcra):
+            if n == 1 and not isinstance(c, Counter):
+                checks.append(c)  # one replica: the limit as it is
+            elif isinstance(c, Gcra):
                 burst = max(1, c.burst // n, c.cost)
                 checks.append(replace(c, interval_ms=c.interval_ms * n, burst=burst))
             elif isinstance(c, Lease):
@@ -222,7 +225,12 @@ class DegradedMode:
             await asyncio.sleep(min(self.policy.probe_interval_s, left))
 
     async def recover_once(self) -> bool:
-        """Replay the journal if the store answers; leave degraded mode when it is empty."""
+        """Replay the journal if the store answers; leave degraded mode when it is empty.
+        One replay at a time: the background loop and a drain's ``flush`` may both ask."""
+        async with self._replaying:
+            return await self._recover_once()
+
+    async def _recover_once(self) -> bool:
         if not self._journal and not self.active:
             return True
         if not await self._state.ping():
