@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 
 from .auth import TenantPolicy
-from .config import GatewayConfig, Priority
+from .config import GatewayConfig, Model, Priority
 from .errors import Dialect, GatewayError, bad_request, forbidden, not_found
 
 
@@ -62,11 +62,18 @@ class ProxyCall:
     stream: bool
     client_wants_usage: bool
     priority: Priority
+    # The most output tokens the upstream may generate per choice under this (forwarded) body:
+    # the largest token-cap field it reads, after any clamp; None: the body sets no cap.
     max_tokens: int | None
     prompt_tokens_estimate: int
     agent_session: str | None = None
     agent_step: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # How many generations the provider makes, each up to ``max_tokens``: chat ``n``; legacy
+    # completions ``max(n, best_of)`` for each prompt of a batched ``prompt`` array.
+    choices: int = 1
+    # answer_model: alias -> the public name the answer's `model` field is rewritten to
+    answer_model: str | None = None
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -109,8 +116,14 @@ def classify(
     stream_options = _optional(body, "stream_options", dict, None)
     wants_usage = bool(stream_options and stream_options.get("include_usage") is True)
 
-    max_tokens = _max_tokens(route, body)
+    model_config = config.models[model]
+    max_tokens = _max_tokens(route, body, model, model_config)
     _check_input(route, body)
+    choices = _choices(route, body)
+    tenant_config = config.tenants.get(tenant.name)
+    if max_tokens is None and tenant_config is not None and tenant_config.inject_max_tokens:
+        max_tokens = _inject_max_tokens(
+            route, body, min(tenant_config.default_max_tokens, model_config.output_limit))
     return ProxyCall(
         route=route,
         tenant=tenant,
@@ -123,6 +136,8 @@ def classify(
         prompt_tokens_estimate=estimate_prompt_tokens(body),
         agent_session=_header_id(headers, "X-Agent-Session"),
         agent_step=_header_id(headers, "X-Agent-Step"),
+        choices=choices,
+        answer_model=model if model_config.answer_model == "alias" else None,
     )
 
 
@@ -139,23 +154,98 @@ def _optional(body: dict[str, Any], key: str, kind: type, default: Any) -> Any:
 _TYPE_NAMES = {bool: "a boolean", dict: "an object", int: "an integer", list: "an array"}
 
 
-def _max_tokens(route: ApiRoute, body: dict[str, Any]) -> int | None:
-    names = {
-        "chat": ("max_completion_tokens", "max_tokens"),
-        "responses": ("max_output_tokens",),
-        "text_completion": ("max_tokens",),
-        "embeddings": (),
-    }[route.operation] if route.provider_kind == "openai" else ("max_tokens",)
-    found: int | None = None
-    for name in names:
-        value = _optional(body, name, int, None)
-        if value is not None:
-            if value < 1:
-                raise bad_request(f"'{name}' must be at least 1.", param=name)
-            found = value if found is None else min(found, value)
-    if route.provider_kind == "anthropic" and found is None:
+# The output-token caps each API's providers read. A body may carry several: OpenAI's chat
+# reads max_completion_tokens, many OpenAI-compatible servers read max_tokens, so the upstream
+# may honour either and the gateway must assume the largest.
+_CAP_FIELDS: dict[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
+    "/v1/messages": ("max_tokens",),
+}
+# The field an opted-in injection writes (inject_max_tokens): the one the provider documents.
+_INJECTED_FIELD = {"/v1/chat/completions": "max_completion_tokens",
+                   "/v1/completions": "max_tokens", "/v1/responses": "max_output_tokens"}
+# Larger than any model's output: such a value is a malformed request, not a cap to clamp.
+MAX_TOKEN_FIELD = 2**31 - 1
+# OpenAI refuses n above 128; best_of (legacy completions) is bounded the same way here, so a
+# body cannot multiply its reservation past what any provider serves.
+MAX_CHOICES = 128
+
+
+def _count(body: dict[str, Any], name: str, hi: int) -> int | None:
+    """An integer field in [1, hi]: None when absent or null, a 400 naming it otherwise."""
+    value = body.get(name)
+    if value is None:
+        return None
+    # bool is a subclass of int: `"max_tokens": true` must not pass as 1
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+        raise bad_request(f"'{name}' must be an integer between 1 and {hi}; got "
+                          f"{_printable(orjson.dumps(value).decode())}.", param=name,
+                          code="invalid_value")
+    return value
+
+
+def _max_tokens(route: ApiRoute, body: dict[str, Any], name: str, model: Model) -> int | None:
+    """The largest output cap in the body; above the model's ``max_output_tokens`` it is refused
+    (``over_max_tokens: refuse``) or every cap field is lowered to it in the forwarded body
+    (``clamp``), so the upstream can never generate more than the gateway reserves."""
+    caps = {f: v for f in _CAP_FIELDS.get(route.path, ())
+            if (v := _count(body, f, MAX_TOKEN_FIELD)) is not None}
+    if route.provider_kind == "anthropic" and not caps:
         raise bad_request("max_tokens: Field required", param="max_tokens")
-    return found
+    if not caps:
+        return None
+    field_name, largest = max(caps.items(), key=lambda item: item[1])
+    limit = model.output_limit
+    if largest <= limit:
+        return largest
+    if model.over_max_tokens == "refuse":
+        raise bad_request(
+            f"{field_name} is too large: {largest}. The model '{name}' supports at most {limit} "
+            f"output tokens; set {field_name} to {limit} or less.",
+            param=field_name, code="integer_above_max_value",
+        )
+    for f, value in caps.items():
+        if value > limit:
+            body[f] = limit
+    return limit
+
+
+def _choices(route: ApiRoute, body: dict[str, Any]) -> int:
+    """Generations the provider makes for this body, each up to the output cap."""
+    if route.path == "/v1/chat/completions":
+        return _count(body, "n", MAX_CHOICES) or 1
+    if route.path != "/v1/completions":
+        return 1  # Responses and Messages have no n: one answer
+    per_prompt = max(_count(body, "n", MAX_CHOICES) or 1, _count(body, "best_of", MAX_CHOICES) or 1)
+    prompt = body.get("prompt")
+    # A batch: a list of strings or of token arrays is one completion set per prompt; a flat
+    # list of token ids is one prompt.
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and \
+        not isinstance(prompt[0], int) else 1
+    return per_prompt * prompts
+
+
+def _inject_max_tokens(route: ApiRoute, body: dict[str, Any], cap: int) -> int | None:
+    """Opt-in (``inject_max_tokens``): write the reserved estimate into a body that has no cap."""
+    name = _INJECTED_FIELD.get(route.path)
+    if name is None:
+        return None
+    body[name] = cap
+    return cap
+
+
+def reserved_output_tokens(call: ProxyCall, default_max_tokens: int,
+                           max_output_tokens: int) -> int:
+    """Output tokens to reserve: per choice the body's cap (which the upstream cannot exceed),
+    else the estimate ``default_max_tokens`` capped by the model's maximum (which it can:
+    docs/architecture.md, "Reservations"); times the generations the provider makes."""
+    if call.route.operation == "embeddings":
+        return 0
+    per_choice = call.max_tokens if call.max_tokens is not None else \
+        min(default_max_tokens, max_output_tokens)
+    return per_choice * call.choices
 
 
 def _check_input(route: ApiRoute, body: dict[str, Any]) -> None:

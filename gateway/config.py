@@ -151,8 +151,30 @@ class Model(StrictModel):
 
     deployments: list[Deployment] = Field(min_length=1)
     context_window: int = Field(128_000, ge=1)
-    max_output_tokens: int = Field(4096, ge=1)
+    max_output_tokens: int | None = Field(
+        None, ge=1, description="the provider's maximum output tokens for this model; a "
+        "request cap above it is refused or clamped (over_max_tokens). Unset: the gateway does "
+        "not know it, refuses nothing the provider might accept, and reserves what the request "
+        "asks for (at most context_window)"
+    )
+    over_max_tokens: Literal["refuse", "clamp"] = Field(
+        "refuse", description="a request whose output cap (max_tokens, max_completion_tokens, "
+        "max_output_tokens) is above max_output_tokens: refuse answers 400; clamp lowers it to "
+        "max_output_tokens in the forwarded body, so the upstream cannot generate more than "
+        "the gateway reserved"
+    )
+    answer_model: Literal["upstream", "alias"] = Field(
+        "upstream", description="the `model` field of answers: upstream relays the name the "
+        "deployment answered with (e.g. a dated snapshot, as OpenAI itself does, and which "
+        "deployment served after a failover); alias rewrites it to this public model name"
+    )
     price: Price = Price()
+
+    @property
+    def output_limit(self) -> int:
+        """The most output one generation can have: the configured maximum, else the context
+        window (no provider generates past it)."""
+        return self.max_output_tokens or self.context_window
 
 
 class Tenant(StrictModel):
@@ -165,8 +187,15 @@ class Tenant(StrictModel):
     default_priority: PriorityName = "normal"
     max_priority: PriorityName = "high"
     default_max_tokens: int = Field(
-        1024, ge=1, description="injected when a request sets no max_tokens (capped by the "
-        "model's max_output_tokens), so real usage can never exceed the reservation"
+        1024, ge=1, description="output tokens reserved for a request that sets no output cap "
+        "(capped by the model's max_output_tokens); an estimate, not sent upstream unless "
+        "inject_max_tokens: the answer may be longer, and settlement charges what it really "
+        "used (docs/architecture.md, Reservations, gives the bound on budget overshoot)"
+    )
+    inject_max_tokens: bool = Field(
+        False, description="write default_max_tokens into the forwarded body of a request "
+        "that sets no output cap, so its usage can never exceed the reservation; this changes "
+        "what the model does (answers are cut at that length), so it is off by default"
     )
     limits: TenantLimits = TenantLimits()
     budget: Budget = Budget()

@@ -19,11 +19,14 @@ between starting a run and sending it, or stopped while it ran) is charged like 
 
 from __future__ import annotations
 
+from fractions import Fraction
+from typing import Any
+
 import orjson
 
 from .jsonbytes import dumps_kept
 from .limits import DONE_TTL_MS, Hold, Limiter
-from .ratelimit import SettlePlan
+from .ratelimit import SettlePlan, exact_interval
 from .streaming import Usage
 
 
@@ -34,7 +37,11 @@ def hold_to_json(hold: Hold) -> bytes:
         "cost": hold.reserved_cost,
         "plan": None if plan is None else {
             "done_key": plan.done_key, "hold_key": plan.hold_key,
-            "gcra": plan.gcra, "counters": plan.counters,
+            # Intervals as floats, which replicas of every version read, and exactly
+            # ("60000/7") beside them, which replicas before exact GCRA ignore.
+            "gcra": [(k, float(i), r, a) for k, i, r, a in plan.gcra],
+            "gcra_intervals": [str(i) for _, i, _, _ in plan.gcra],
+            "counters": plan.counters,
         },
     })
 
@@ -43,10 +50,17 @@ def hold_from_json(raw: bytes) -> Hold:
     data = orjson.loads(raw)
     plan = data["plan"]
     settle = None if plan is None else SettlePlan(
-        data["request_id"], plan["done_key"], plan["hold_key"], DONE_TTL_MS,
-        tuple((k, float(i), int(r), int(a)) for k, i, r, a in plan["gcra"]),
+        data["request_id"], plan["done_key"], plan["hold_key"], DONE_TTL_MS, _gcra(plan),
         tuple((k, int(r), int(a), int(t)) for k, r, a, t in plan["counters"]), ())
     return Hold(data["request_id"], data["mode"], int(data["tokens"]), int(data["cost"]), settle)
+
+
+def _gcra(plan: dict[str, Any]) -> tuple[tuple[str, Fraction, int, int], ...]:
+    # Entries written before GCRA was exact have no "gcra_intervals": their floats are read
+    # back as the fractions they were computed from.
+    exact = plan.get("gcra_intervals") or [i for _, i, _, _ in plan["gcra"]]
+    return tuple((k, exact_interval(e), int(r), int(a))
+                 for (k, _, r, a), e in zip(plan["gcra"], exact, strict=True))
 
 
 def run_hold(hold: Hold, run: int) -> Hold:

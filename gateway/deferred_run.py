@@ -209,7 +209,8 @@ class DeferredRunner:
                                    f"{route.path}.", code="model_not_supported_on_route")
             if free_low_slots(svc.admission, [t.label for t in targets]) <= 0:
                 return self._no_call(record, info, "no_capacity")
-            deadline = Deadline(svc.clock() + cfg.run_timeout_s, "default")
+            deadline = Deadline(svc.clock() + cfg.run_timeout_s, "default",
+                                cfg.run_timeout_s)
             ctx = CallContext(None, policy, svc, call, record, targets, deadline, {},
                               hold.reserved_tokens, client_headers=headers, free_slot_only=True,
                               on_permit=has_slot)

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
-from .errors import GatewayError
+from .errors import GatewayError, retry_headers
 from .journal import JournalFile
 from .limits_policy import Degraded
 from .ratelimit import (
@@ -116,7 +116,9 @@ class DegradedMode:
             raise GatewayError(
                 503, "Limits cannot be checked right now (shared state unavailable); "
                 "this class of request is refused until it returns.", type="server_error",
-                code="limits_unavailable", headers={"Retry-After": "1", "retry-after-ms": "1000"},
+                code="limits_unavailable",
+                # The store is probed again within this long: the earliest a retry can pass.
+                headers=retry_headers(self.policy.probe_interval_s * 1000),
             )
         if action == "fail_open":
             return AdmitResult(True, [CheckResult(True) for _ in plan.checks])

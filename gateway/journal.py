@@ -31,7 +31,7 @@ from pathlib import Path
 
 import orjson
 
-from .ratelimit import SettlePlan
+from .ratelimit import SettlePlan, exact_interval
 
 log = logging.getLogger("gateway.limits")
 PREFIX = "usage-journal-"
@@ -43,7 +43,9 @@ CLAIM_STALE_S = 300.0
 def encode(plan: SettlePlan) -> bytes:
     return orjson.dumps({
         "request_id": plan.request_id, "done_key": plan.done_key, "hold_key": plan.hold_key,
-        "done_ttl_ms": plan.done_ttl_ms, "gcra": plan.gcra, "counters": plan.counters,
+        "done_ttl_ms": plan.done_ttl_ms,
+        # intervals are exact fractions: written as "60000/7", read back by exact_interval
+        "gcra": [(k, str(i), r, a) for k, i, r, a in plan.gcra], "counters": plan.counters,
         "leases": plan.leases,
     })
 
@@ -53,7 +55,8 @@ def decode(line: bytes) -> SettlePlan:
     d = orjson.loads(line)
     return SettlePlan(
         str(d["request_id"]), str(d["done_key"]), str(d["hold_key"]), int(d["done_ttl_ms"]),
-        tuple((str(k), float(i), int(r), int(a)) for k, i, r, a in d["gcra"]),
+        tuple((str(k), exact_interval(i if isinstance(i, str | float) else str(i)), int(r),
+               int(a)) for k, i, r, a in d["gcra"]),
         tuple((str(k), int(r), int(a), int(t)) for k, r, a, t in d["counters"]),
         tuple(str(k) for k in d["leases"]),
     )

@@ -47,6 +47,11 @@ class TenantLimits(RateLimits):
         None, description="limits for each X-Agent-Session, so one runaway run cannot eat "
         "its tenant's quota"
     )
+    concurrency_wait_s: float = Field(
+        1.0, ge=0, le=30, description="how long a request over a max_concurrent (tenant, "
+        "model or session) waits for a slot to free before its 429; never past the request's "
+        "deadline; 0 refuses at once"
+    )
 
 
 class Budget(StrictModel):
@@ -63,11 +68,22 @@ class Budget(StrictModel):
 
 
 class LoopGuard(StrictModel):
-    """Refuse the same request (tenant + model + messages) repeated too often: a stuck agent."""
+    """Refuse the same request repeated too often within one agent session: a stuck agent.
+
+    Fingerprinted: the model and the body's ``messages``, ``prompt``, ``input`` and
+    ``system``, plus ``seed`` unless ``temperature`` is 0 (a sampled request with a new seed
+    asks for a new answer). Not counted at all: SDK retries (``x-stainless-retry-count`` > 0)
+    and requests asking for several choices (``n`` > 1).
+    """
 
     enabled: bool = True
+    scope: Literal["session", "tenant"] = Field(
+        "session", description="session: identical requests are counted per X-Agent-Session "
+        "and requests without one are not guarded (fan-out, evals and self-consistency "
+        "sampling repeat on purpose); tenant: counted across the whole tenant"
+    )
     max_repeats: int = Field(20, ge=2, description="identical requests allowed per window")
-    window_s: float = Field(60.0, gt=0)
+    window_s: float = Field(60.0, gt=0, description="the window starts at the first of them")
     shadow: bool = False
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .admission import is_client_retry
 from .attempts import CallContext, attempt_loop
 from .classify import ROUTES, classify, parse_json_body, raise_if_json_content_type_wrong
 from .context import Policy, RequestRecord, Services
@@ -93,7 +94,8 @@ async def _pipeline(
     with svc.tracing.stage("limits"):
         # Keyed by a gateway-made id, never the client's X-Request-Id: a reused client id
         # must not share a concurrency lease or a settlement with another request.
-        hold = await policy.limiter.admit(call, os.urandom(16).hex())
+        hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
+                                          client_retry=is_client_retry(request.headers))
     record.limits_s = svc.clock() - began
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay

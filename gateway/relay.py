@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -45,8 +46,10 @@ def upstream_answer(
 
 
 async def relay_whole(
-    attempt: UpstreamAttempt, record: RequestRecord, extra_headers: Mapping[str, str]
+    attempt: UpstreamAttempt, record: RequestRecord, extra_headers: Mapping[str, str],
+    answer_model: str | None = None,
 ) -> web.Response:
+    """``answer_model``: the public name the answer's ``model`` field says (None: unchanged)."""
     upstream = attempt.response
     body = await attempt.read_body()
     response = upstream_answer(attempt.target.label, upstream.status, upstream.content_type,
@@ -59,6 +62,9 @@ async def relay_whole(
             raise upstream_failure(502, f"The upstream {attempt.target.label} answered "
                                    f"{upstream.status} with invalid JSON.",
                                    "upstream_bad_response") from None
+        if answer_model is not None and isinstance(answer, dict) and "model" in answer:
+            # Top-level only: a tool call's input object may have a "model" key of its own.
+            response.body = orjson.dumps({**answer, "model": answer_model})
         usage.merge(answer)
         if not usage.reported:  # charge an estimate rather than nothing (reported stays False)
             usage.input_tokens = record.prompt_tokens_estimate
@@ -87,14 +93,15 @@ async def relay_stream(
     )
     await response.prepare(request)
     record.status = 200
+    rename = model_renamer(call.answer_model)
     try:
         while chunk := await attempt.next_chunk():
-            out = relay.feed(chunk)
+            out = rename(relay.feed(chunk))
             if out:
                 if record.ttft_s is None:
                     record.ttft_s = time.monotonic() - record.started
                 await _write(request, response, out, attempt.end, write_idle_s)
-        out = relay.leftover()
+        out = rename(relay.leftover())
         if out:
             await _write(request, response, out, attempt.end, write_idle_s)
         if not relay.finished:
@@ -113,6 +120,34 @@ async def relay_stream(
             record.usage.output_tokens = max(record.usage.output_tokens, relay.deltas)
     await _write_eof_quietly(request, response)
     return response
+
+
+def model_renamer(answer_model: str | None) -> Callable[[bytes], bytes]:
+    """Stream events with their ``model`` field saying ``answer_model`` (answer_model: alias):
+    chat and completion chunks, Responses' ``response`` object, Anthropic's ``message_start``.
+
+    Byte-level, because every chat chunk carries the field and parsing each would cost more
+    than relaying it. In each event the first ``"model": "<string>"`` is the answer's model
+    (whatever name the provider answered with, a dated snapshot included): it comes before
+    the choices, output and metadata in every provider's events, and a quote inside a JSON
+    string is escaped, so text the model wrote (streamed tool arguments are strings too)
+    never matches."""
+    if answer_model is None:
+        return _unchanged
+    pattern = re.compile(rb'("model"\s*:\s*)"(?:[^"\\]|\\.)*"')
+    name = orjson.dumps(answer_model)
+
+    def rename(data: bytes) -> bytes:
+        if b'"model"' not in data:
+            return data
+        return b"\n\n".join(pattern.sub(lambda m: m.group(1) + name, event, count=1)
+                             for event in data.split(b"\n\n"))
+
+    return rename
+
+
+def _unchanged(data: bytes) -> bytes:
+    return data
 
 
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes,

@@ -88,7 +88,8 @@ class Gateway:
             tracing=self.tracing,
             observers=[self.metrics],
         )
-        self.inflight = InFlight()
+        self.inflight = InFlight(clock)
+        self._clock = clock
         # Access lines of refused requests, rate-bounded per tenant and reason (logs.py)
         self.refusals = RefusalLog(clock, config.server.refused_log_per_s)
         self.policy = self.build_policy(config)
@@ -104,7 +105,8 @@ class Gateway:
         self.metrics.set_deferred_source(self.deferred.snapshot)
 
     def build_policy(self, config: GatewayConfig) -> Policy:
-        limiter = Limiter(config, self.state, self.degraded, time.time, self.inflight)
+        limiter = Limiter(config, self.state, self.degraded, time.time, self.inflight,
+                          self._clock)
         return Policy(config, Authenticator(config), UpstreamPool(config), limiter)
 
     def _wire_metric_sources(self) -> None:

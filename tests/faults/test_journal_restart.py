@@ -229,11 +229,13 @@ async def test_loss_without_a_journal_file_is_logged_and_counted(
 
 
 def test_journal_file_round_trip_and_claim_once(tmp_path: Path) -> None:
+    from fractions import Fraction
+
     from gateway.ratelimit import SettlePlan
 
     plan = SettlePlan("r1", "rl:{t:a}:done:r1", "rl:{t:a}:hold:r1", 600_000,
-                      (("rl:{t:a}:tok", 12.5, 70, 31),), (("rl:{t:a}:b:tokens:d", 70, 31, 9),),
-                      ("rl:{t:a}:conc",))
+                      (("rl:{t:a}:tok", Fraction(60_000, 7), 70, 31),),
+                      (("rl:{t:a}:b:tokens:d", 70, 31, 9),), ("rl:{t:a}:conc",))
     JournalFile(str(tmp_path), "old-replica").save([plan, plan])
     (tmp_path / "usage-journal-x.jsonl").write_bytes(b"not json\n")
     a, b = JournalFile(str(tmp_path), "a"), JournalFile(str(tmp_path), "b")
