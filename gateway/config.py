@@ -296,6 +296,29 @@ class Server(StrictModel):
         "requests and streams may take to finish; the rest end with an error event. Keep "
         "Kubernetes' terminationGracePeriodSeconds above preStop + delay + this + ~10 s"
     )
+    client_write_idle_s: float = Field(
+        30.0, gt=0, le=3600, description="a stream write to a client that makes no progress "
+        "this long (the client stopped reading) ends the request: the upstream call is "
+        "cancelled, the admission slot and concurrency lease freed, and what was produced "
+        "is charged. About the upstream idle timeout (providers.*.timeouts.idle_s)"
+    )
+    body_read_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="the whole request body must arrive within this "
+        "long once the handler starts reading it; else 408 request_timeout and the "
+        "connection is closed (a body that never finishes holds nothing longer)"
+    )
+    max_body_bytes_in_flight: int | None = Field(
+        None, ge=1024, description="request-body bytes this process holds at once (bodies "
+        "being read or in use by requests in flight, counted by Content-Length before "
+        "reading); beyond it 503 overloaded with Retry-After, before the body is read. "
+        "null: a quarter of the cgroup memory limit, else 256 MiB; never below max_body_bytes"
+    )
+    refused_log_per_s: float = Field(
+        1.0, ge=0, description="access-log lines per second for requests the gateway refused "
+        "(never sent upstream), per tenant and reason, after a burst of 10; the rest are "
+        "folded into one 'refused requests folded' line a minute with their counts. Metrics "
+        "count every request regardless. 0: log every refusal"
+    )
     metrics: bool = Field(
         True, description="serve Prometheus metrics on /metrics and record them per request "
         "(about 3 % of peak throughput, docs/benchmarks.md); false: no /metrics route"

@@ -9,8 +9,9 @@ Drain, on SIGTERM (SIGINT: the same without the delay; a second signal skips to 
 4. requests and streams in flight finish, for up to ``server.drain_timeout_s``;
 5. whatever is still running then is ended properly: a stream gets an SSE error event in its
    dialect (code ``gateway_shutting_down``) and a clean end, a request not answered yet a 503;
-6. the app's cleanup flushes accounting (pending settlements, the degraded-mode journal) and
-   the process exits 0.
+6. pending settlements and the degraded-mode usage journal get what is left of
+   ``drain_timeout_s`` to reach Redis; the app's cleanup writes what still has not to the
+   journal file (``journal.py``) for the next start to replay, and the process exits 0.
 
 aiohttp's own shutdown (``AppRunner.cleanup``) closes the listener first and, after its
 ``shutdown_timeout``, cancels handlers with nothing sent to the client. Steps 1-2 and 4-5 are
@@ -274,8 +275,14 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
         server = gateway.policy.config.server  # a reload may have changed the drain settings
         delay = 0.0 if stop.reason == "SIGINT" else server.drain_delay_s
         log.info("stop requested", extra={"fields": {"signal": stop.reason}})
+        began = loop.time()
         await guard.drain(runner, [site], delay_s=delay, timeout_s=server.drain_timeout_s,
                           force=stop.force)
+        left = 0.0 if stop.force.is_set() else delay + server.drain_timeout_s - (
+            loop.time() - began)
+        if not await gateway.flush_journal(max(0.0, left)):
+            log.warning("draining: usage journal not flushed to Redis in time", extra={
+                "fields": {"journaled": gateway.degraded.journal_size}})
     finally:
         for task in list(background):
             task.cancel()

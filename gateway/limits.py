@@ -212,6 +212,7 @@ class Limiter:
             began = time.monotonic()
             result = await self._state.admit(plan)
             self.degraded.last_latency_s = time.monotonic() - began
+            self.degraded.remember(plan, result)  # what degraded mode starts from
             return result, "global"
         except StateUnavailable as exc:
             self.degraded.enter(str(exc))

@@ -128,6 +128,12 @@ class Degraded(StrictModel):
     )
     probe_interval_s: float = Field(0.5, gt=0, description="how often to retry Redis")
     journal_max: int = Field(100_000, ge=100, description="usage records kept while degraded")
+    journal_dir: str | None = Field(
+        None, description="directory where a stopping replica writes the usage it could not "
+        "hand to Redis, for the next start to replay exactly once; null: the environment's "
+        "GATEWAY_JOURNAL_DIR (set in the container image), else no journal file (such usage "
+        "is then lost, logged and counted in gateway_usage_journal_lost_total)"
+    )
 
     @model_validator(mode="after")
     def _replicas_positive(self) -> Degraded:

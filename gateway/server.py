@@ -200,7 +200,16 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
                         gateway.metrics.rejected(record.error_code, record.priority,
                                                  record.tenant)
                     gateway.metrics.observe_request(record)
-                _log_access(record, span.log_fields())
+                if not _refused(record) or gateway.refusals.allow(record.tenant,
+                                                                  record.error_code):
+                    _log_access(record, span.log_fields())
+
+
+def _refused(record: RequestRecord) -> bool:
+    """Refused by the gateway itself, before any upstream attempt: its access line is
+    rate-bounded per tenant and reason (logs.RefusalLog); metrics count it regardless."""
+    return record.status >= 400 and record.attempts == 0 \
+        and record.outcome in ("rejected", "error")
 
 
 def _error_response(request: web.Request, record: RequestRecord, exc: GatewayError) -> web.Response:
