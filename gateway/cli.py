@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     hk.set_defaults(func=_hash_key)
 
     schema = sub.add_parser("schema", help="print the policy file's JSON Schema")
+    schema.add_argument(
+        "--markdown", action="store_true",
+        help="print the reference docs/configuration.md instead (run from the repository "
+        "root: examples are read from config/example.yaml and config/example-full.yaml)")
     schema.set_defaults(func=_schema)
 
     # Every argument goes to gateway.loadtest.cli, which parses them (and owns --help).
@@ -375,6 +379,11 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from .config_doc import example_documents, render
+
+        sys.stdout.write(render(example_documents()))
+        return 0
     from .config import json_schema
 
     print(json.dumps(json_schema(), indent=2, sort_keys=True))
