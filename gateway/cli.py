@@ -314,19 +314,35 @@ def _mock_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_ADMIN_KEY = "sk-demo-admin"  # config/example.yaml's admin key; printed by the demo only
+
+
+def demo_banner(config: GatewayConfig, mock_port: int) -> str:
+    """What ``gateway demo`` prints: the URL, a first request and, when the policy has the
+    demo's admin key, how to see the status."""
+    from .auth import hash_key
+
+    url = f"http://{config.server.host}:{config.server.port}"
+    text = (
+        f"\nGateway on {url}/v1 in front of a mock upstream on 127.0.0.1:{mock_port}.\n"
+        "Try it from another terminal:\n\n"
+        f"  curl -s {url}/v1/chat/completions \\\n"
+        "    -H 'Authorization: Bearer sk-demo-acme' -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", "
+        "\"content\": \"hello\"}]}'\n"
+    )
+    if hash_key(DEMO_ADMIN_KEY) in config.admin.api_keys:
+        text += (f"\nLimits, budgets, queues and breakers (admin key {DEMO_ADMIN_KEY}):\n\n"
+                 f"  .venv/bin/gateway status --url {url} --admin-key {DEMO_ADMIN_KEY}\n"
+                 f"  curl -s {url}/metrics\n")
+    return text + "\nCtrl-C stops both.\n"
+
+
 def _demo(args: argparse.Namespace) -> int:
     logs.configure()
     config = _load_or_exit(args.config)
     config = _with_process_settings(config, None, None)
-    print(
-        f"\nGateway on http://{config.server.host}:{config.server.port}/v1 in front of a mock "
-        f"upstream on 127.0.0.1:{args.mock_port}.\nTry it from another terminal:\n\n"
-        f"  curl -s http://{config.server.host}:{config.server.port}/v1/chat/completions \\\n"
-        "    -H 'Authorization: Bearer sk-demo-acme' -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", "
-        "\"content\": \"hello\"}]}'\n\nCtrl-C stops both.\n",
-        file=sys.stderr,
-    )
+    print(demo_banner(config, args.mock_port), file=sys.stderr)
     asyncio.run(_run_until_signal(
         [_mock_site("127.0.0.1", args.mock_port), _gateway_site(config)]
     ))

@@ -96,3 +96,18 @@ def test_readme_links_the_reference_where_it_explains_running_for_real() -> None
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Run it for real", 1)[1].split("\n## ", 1)[0]
     assert "docs/configuration.md" in section
+
+
+def test_the_readme_limits_and_budgets_yaml_is_a_valid_tenant() -> None:
+    from gateway.auth import hash_key
+    from gateway.config import parse_config
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Limits and budgets in five minutes", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    tenants = yaml.safe_load(snippet.replace("sha256:...", hash_key("sk-team-a")))["tenants"]
+    example = yaml.safe_load((ROOT / "config" / "example.yaml").read_text(encoding="utf-8"))
+    config = parse_config({**example, "tenants": tenants, "deferred": {}})
+    limits, budget = config.tenants["team-a"].limits, config.tenants["team-a"].budget
+    assert (limits.requests_per_minute, limits.max_concurrent, budget.daily_tokens) == (
+        60, 8, 2_000_000)
