@@ -13,8 +13,10 @@ import getpass
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         help="how often to check the policy file (and api_key_file files) for changes; "
         "0 turns the watch off (SIGHUP still reloads) (default: 1)")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
+    serve.add_argument("--worker-dir", help=argparse.SUPPRESS)  # the group's sockets
+    serve.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     health = sub.add_parser(
@@ -143,6 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .lifecycle import ServeOptions, run
     from .reload import file_signature, watched_files
+    from .worker_group import worker_group_from
 
     # Until the loop's handler is in place, a SIGHUP must not kill the process (its default);
     # the file watch catches any change made before then.
@@ -166,6 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
         watch_interval_s=max(0.0, args.watch_interval),
         parent_pid=os.getppid() if args.worker_index is not None else None,
         baseline=baseline,
+        worker_group=worker_group_from(args.worker_dir, args.worker_index, args.worker_count),
     )
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop, args.config)) as runner:
@@ -207,17 +213,25 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
     if config.state.backend == "memory":
         log.warning(memory_backend_warning(args.workers))
 
+    # The workers' sockets for merging /metrics and /admin/status (worker_group.py): a fresh
+    # private directory per run, so nothing of an earlier run (or another pod) is ever read.
+    group_dir = tempfile.mkdtemp(prefix="gateway-workers-")
+
     def argv_for(index: int) -> list[str]:
         argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", args.config,
                 "--log-level", args.log_level, "--workers", "1",
-                "--watch-interval", str(args.watch_interval), "--worker-index", str(index)]
+                "--watch-interval", str(args.watch_interval), "--worker-index", str(index),
+                "--worker-dir", group_dir, "--worker-count", str(args.workers)]
         if args.host is not None:
             argv += ["--host", args.host]
         if args.port is not None:
             argv += ["--port", str(args.port)]
         return argv
 
-    return supervise(args.workers, argv_for)
+    try:
+        return supervise(args.workers, argv_for)
+    finally:
+        shutil.rmtree(group_dir, ignore_errors=True)
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
