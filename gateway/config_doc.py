@@ -176,7 +176,8 @@ def value_text(value: Any) -> str:
 
 
 def _lookup(documents: Sequence[Any], path: tuple[str, ...]) -> tuple[bool, Any]:
-    """The value at ``path`` in the first example policy that sets it (``<name>``: any key)."""
+    """The value at ``path`` in the first example policy that sets it (``<name>``: any key,
+    ``[]``: any entry), null values skipped."""
     for doc in documents:
         found, value = _find(doc, path)
         if found:
@@ -185,8 +186,9 @@ def _lookup(documents: Sequence[Any], path: tuple[str, ...]) -> tuple[bool, Any]
 
 
 def _find(node: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
+    """A value at ``path`` that is not null (an explicit null shows nothing worth copying)."""
     if not path:
-        return True, node
+        return node is not None, node
     head, rest = path[0], path[1:]
     if head == NAME and isinstance(node, Mapping):
         for child in node.values():
@@ -214,12 +216,21 @@ def _example(option: Option, documents: Sequence[Any]) -> str:
     default = option.default
     if default is not PydanticUndefined and default not in (None, {}, []):
         return value_text(default)
-    return _made_up(option.field.annotation)
+    return _made_up(option.field)
 
 
-def _made_up(annotation: Any) -> str:
-    """An example from the type alone, for keys no example policy sets and without a default."""
-    for arg in _union_args(annotation):
+def _made_up(field: FieldInfo) -> str:
+    """An example from the type and range alone, for keys no example policy sets and without
+    a default: above the lower bound, within the upper one."""
+    low, high = 0.0, float("inf")
+    for item in _metadata(field.metadata, field.annotation):
+        bound: Any = getattr(item, type(item).__name__.lower(), None)  # Ge.ge, Lt.lt, ...
+        if isinstance(item, (at.Ge, at.Gt)):
+            low = max(low, float(bound))
+        elif isinstance(item, (at.Le, at.Lt)):
+            high = min(high, float(bound))
+    number = min(max(2 * low, 1.0), high)
+    for arg in _union_args(field.annotation):
         origin = typing.get_origin(arg)
         if origin is typing.Annotated:
             arg = typing.get_args(arg)[0]
@@ -229,9 +240,9 @@ def _made_up(annotation: Any) -> str:
         if arg is bool:
             return "true"
         if arg is int:
-            return "1000"
+            return value_text(int(number))
         if arg is float:
-            return "0.5"
+            return value_text(number)
         if arg is str:
             return "..."
         if origin is list:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import hash_key
+from gateway.cli import main
 from gateway.worker_group import WorkerGroup, merge_families, merge_status
 from tests.gwtest import auth, chat, policy_dict
 from tests.test_lifecycle import GatewayProcess, mock_url, write_policy
@@ -39,7 +40,7 @@ def _total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 
 
 async def test_one_scrape_sees_every_worker_and_every_scrape_the_same_totals(
-    tmp_path: Path, mock_url: str
+    tmp_path: Path, mock_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = policy_dict(mock_url, server={"drain_delay_s": 0},
                        admin={"api_keys": [hash_key(ADMIN_KEY)]},
@@ -96,6 +97,9 @@ async def test_one_scrape_sees_every_worker_and_every_scrape_the_same_totals(
                 assert len({w["pid"] for w in workers}) == 2
                 calls = sum(b["calls_in_window"] for b in status["breakers"].values())
                 assert calls == REQUESTS  # each worker's breaker window, added up
+            assert await asyncio.to_thread(
+                main, ["status", "--url", gw.url, "--admin-key", ADMIN_KEY]) == 0
+            assert "workers 2/2 answering" in capsys.readouterr().out
         gw.signal(signal.SIGTERM)
         assert await gw.exit_code(15) == 0
     finally:
