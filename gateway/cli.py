@@ -100,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the policy file's JSON Schema")
     schema.add_argument(
         "--markdown", action="store_true",
-        help="print the reference docs/configuration.md instead (run from the repository "
-        "root: examples are read from config/example.yaml and config/example-full.yaml)")
+        help="print the reference docs/configuration.md instead (examples are read from the "
+        "repository's config/example.yaml and config/example-full.yaml)")
     schema.set_defaults(func=_schema)
 
     # Every argument goes to gateway.loadtest.cli, which parses them (and owns --help).
@@ -215,13 +215,21 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
 
     # The workers' sockets for merging /metrics and /admin/status (worker_group.py): a fresh
     # private directory per run, so nothing of an earlier run (or another pod) is ever read.
-    group_dir = tempfile.mkdtemp(prefix="gateway-workers-")
+    # A Unix socket path holds ~100 bytes: a long $TMPDIR gives way to /tmp.
+    group_dir: str | None = None
+    try:
+        group_dir = tempfile.mkdtemp(
+            prefix="gw-", dir=None if len(tempfile.gettempdir()) < 64 else "/tmp")
+    except OSError as exc:
+        log.warning("no directory for the workers' sockets: /metrics and /admin/status will "
+                    "answer for one worker each", extra={"fields": {"error": str(exc)}})
 
     def argv_for(index: int) -> list[str]:
         argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", args.config,
                 "--log-level", args.log_level, "--workers", "1",
-                "--watch-interval", str(args.watch_interval), "--worker-index", str(index),
-                "--worker-dir", group_dir, "--worker-count", str(args.workers)]
+                "--watch-interval", str(args.watch_interval), "--worker-index", str(index)]
+        if group_dir is not None:
+            argv += ["--worker-dir", group_dir, "--worker-count", str(args.workers)]
         if args.host is not None:
             argv += ["--host", args.host]
         if args.port is not None:
@@ -231,7 +239,8 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
     try:
         return supervise(args.workers, argv_for)
     finally:
-        shutil.rmtree(group_dir, ignore_errors=True)
+        if group_dir is not None:
+            shutil.rmtree(group_dir, ignore_errors=True)
 
 
 def _healthcheck(args: argparse.Namespace) -> int:

@@ -256,7 +256,11 @@ def _description(option: Option) -> str:
     text = option.field.description
     if not text and option.nested is not None:
         text = (option.nested.__doc__ or "").strip().split("\n\n")[0]
-    return " ".join((text or "").split()).replace("|", "\\|")
+    text = " ".join((text or "").split()).replace("|", "\\|")
+    # <hex>, <name>: HTML to a Markdown renderer, except inside `code`
+    parts = text.split("`")
+    parts[::2] = [p.replace("<", "&lt;").replace(">", "&gt;") for p in parts[::2]]
+    return "`".join(parts)
 
 
 def missing_descriptions(root: type[BaseModel] = GatewayConfig) -> list[str]:
@@ -264,8 +268,12 @@ def missing_descriptions(root: type[BaseModel] = GatewayConfig) -> list[str]:
     return [".".join(o.path) for s in sections(root) for o in s.options if not _description(o)]
 
 
-def example_documents(root: Path = Path()) -> list[Any]:
-    """The example policies under ``root`` (the repository), loaded; missing ones skipped."""
+def example_documents(root: Path | None = None) -> list[Any]:
+    """The example policies under ``root`` (default: the repository this package is in, an
+    editable install, else the current directory), loaded; missing ones skipped."""
+    if root is None:
+        beside = Path(__file__).resolve().parent.parent
+        root = beside if (beside / EXAMPLES[0]).exists() else Path()
     docs = []
     for name in EXAMPLES:
         path = root / name

@@ -100,8 +100,14 @@ async def test_one_scrape_sees_every_worker_and_every_scrape_the_same_totals(
             assert await asyncio.to_thread(
                 main, ["status", "--url", gw.url, "--admin-key", ADMIN_KEY]) == 0
             assert "workers 2/2 answering" in capsys.readouterr().out
+            pid = gw.messages("gateway listening")[0]["pid"]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            group_dir = Path(argv[argv.index(b"--worker-dir") + 1].decode())
+            assert sorted(p.name for p in group_dir.iterdir()) == [
+                "worker-0.sock", "worker-1.sock"]
         gw.signal(signal.SIGTERM)
         assert await gw.exit_code(15) == 0
+        assert not group_dir.exists()  # each run starts from a fresh directory
     finally:
         gw.close()
 
