@@ -148,7 +148,7 @@ class WorkerGroup:
                              self.size))
         merged.append(_gauge("gateway_workers_answering", "Workers whose metrics this scrape "
                              "read live (the others: their last answer).", answering))
-        out = CollectorRegistry(auto_describe=False)
+        out = CollectorRegistry(auto_describe=False, support_collectors_without_names=True)
         out.register(_Fixed(merged))
         return out
 

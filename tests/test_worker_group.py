@@ -182,9 +182,12 @@ async def test_a_worker_that_stops_answering_keeps_its_last_counts(group_dir: Pa
     await first.start(reg0, lambda: {"replica": "a", "ready": True})
     await second.start(reg1, lambda: {"replica": "b", "ready": True})
     try:
-        merged = _values((await first.metrics_registry(reg0)).collect())
+        registry = await first.metrics_registry(reg0)
+        merged = _values(registry.collect())
         assert merged["gateway_requests_total[('tenant', 'acme')]"] == 8
         assert merged["gateway_workers_answering"] == 2
+        only = _values(registry.restricted_registry(["gateway_requests_total"]).collect())
+        assert list(only) == ["gateway_requests_total[('tenant', 'acme')]"]  # ?name[]= works
         await second.close()
         merged = _values((await first.metrics_registry(reg0)).collect())
         assert merged["gateway_requests_total[('tenant', 'acme')]"] == 8  # never backwards
