@@ -44,6 +44,7 @@ async def test_one_scrape_sees_every_worker_and_every_scrape_the_same_totals(
 ) -> None:
     data = policy_dict(mock_url, server={"drain_delay_s": 0},
                        admin={"api_keys": [hash_key(ADMIN_KEY)]},
+                       breaker={"window_s": 600},  # every call still in the window when read
                        tenants={"acme": {"loop_guard": {"enabled": False}}})
     gw = GatewayProcess(write_policy(tmp_path / "policy.yaml", data), tmp_path / "gw.log",
                         "--workers", "2")
