@@ -88,6 +88,10 @@ def _usage(totals: Mapping[str, int]) -> dict[str, Any]:
 def render_table(data: Mapping[str, Any]) -> str:
     """A terminal view of ``status()`` for ``gateway status``."""
     lines = [f"replica {data.get('replica')}  ready={data.get('ready')}"]
+    workers = data.get("workers")
+    if workers:  # --workers N: the figures below are the whole process group's
+        answered = sum(1 for w in workers if w.get("answered"))
+        lines[0] += f"  workers {answered}/{len(workers)} answering"
     state = data.get("state", {})
     lines.append(f"state: {state.get('backend')}  limits {state.get('limits_mode')}  "
                  f"journal {state.get('usage_journal')}  replicas {state.get('replicas')}")

@@ -199,7 +199,7 @@ def _or(value: float | None, default: float) -> float:
 class Deployment(StrictModel):
     """One place a model is served: a provider and the model name it knows."""
 
-    provider: str
+    provider: str = Field(description="name of an entry under providers")
     model: str = Field(description="the upstream's name for the model")
     requests_per_minute: int | None = Field(
         None, ge=1, description="what the provider grants for this deployment (RPM), enforced "
@@ -215,8 +215,12 @@ class Deployment(StrictModel):
 class Model(StrictModel):
     """A public model name and where it is served, in failover order."""
 
-    deployments: list[Deployment] = Field(min_length=1)
-    context_window: int = Field(128_000, ge=1)
+    deployments: list[Deployment] = Field(
+        min_length=1, description="where the model is served, tried in this order: the "
+        "first usable one takes the request, the next ones take retries and failover"
+    )
+    context_window: int = Field(128_000, ge=1, description="prompt + output tokens the model "
+                                "accepts; longer requests get a 400 before any upstream cost")
     max_output_tokens: int | None = Field(
         None, ge=1, description="the provider's maximum output tokens for this model; a "
         "request cap above it is refused or clamped (over_max_tokens). Unset: the gateway does "
@@ -250,8 +254,13 @@ class Tenant(StrictModel):
         min_length=1, description="sha256:<hex> of each key (gateway hash-key prints one)"
     )
     models: list[str] = Field(["*"], description="public model names, or * for all")
-    default_priority: PriorityName = "normal"
-    max_priority: PriorityName = "high"
+    default_priority: PriorityName = Field(
+        "normal", description="class of a request that sends no X-Priority header"
+    )
+    max_priority: PriorityName = Field(
+        "high", description="most important class this tenant may ask for; a higher "
+        "X-Priority is lowered to it"
+    )
     default_max_tokens: int = Field(
         1024, ge=1, description="output tokens reserved for a request that sets no output cap "
         "(capped by the model's max_output_tokens); an estimate, not sent upstream unless "
@@ -280,9 +289,13 @@ class Tenant(StrictModel):
 
 
 class Server(StrictModel):
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    """The listener and the process: address, body size, drain, metrics, event loop, CORS."""
+
+    host: str = Field("127.0.0.1", description="listen address; --host overrides it "
+                      "(0.0.0.0 in a container)")
+    port: int = Field(8080, ge=0, le=65535, description="listen port; --port overrides it")
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body "
+                                "accepted; a larger one gets 413")
     backlog: int = Field(
         4096, ge=16, le=65535, description="listen backlog (capped by net.core.somaxconn): "
         "aiohttp's default 128 overflowed when thousands of agents connected at once"
@@ -352,12 +365,18 @@ class Admin(StrictModel):
 
 
 class State(StrictModel):
-    backend: Literal["memory", "redis"] = "memory"
+    """Where limits, budgets, breaker state and deferred requests are shared."""
+
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: this process only (one replica, one worker); redis: "
+        "exact limits and budgets across every replica and worker"
+    )
     redis_url: str | None = Field(
         None, description="redis://, rediss:// or redis+cluster://; REDIS_URL overrides"
     )
     timeout_s: PositiveFloat = Field(0.25, description="per Redis call; keep it tight")
-    key_prefix: str = "gw:"
+    key_prefix: str = Field("gw:", description="prefix of every Redis key, so gateways "
+                            "can share a Redis")
     degraded: Degraded = Degraded()
 
 
@@ -371,10 +390,19 @@ class GatewayConfig(StrictModel):
     retries: RetryPolicy = RetryPolicy()
     deferred: DeferredPolicy = DeferredPolicy()  # Prefer: respond-async (deferred_policy.py)
     admin: Admin = Admin()
-    allow_inline_secrets: bool = False
-    providers: dict[str, Provider] = Field(min_length=1)
-    models: dict[str, Model] = Field(min_length=1)
-    tenants: dict[str, Tenant] = Field(min_length=1)
+    allow_inline_secrets: bool = Field(
+        False, description="accept providers.*.api_key written in this file (tests, demos)"
+    )
+    providers: dict[str, Provider] = Field(
+        min_length=1, description="upstream APIs by a name of your choice"
+    )
+    models: dict[str, Model] = Field(
+        min_length=1, description="public model names clients send, each with its deployments"
+    )
+    tenants: dict[str, Tenant] = Field(
+        min_length=1, description="who may call, by a name of your choice (used in metrics, "
+        "logs and status)"
+    )
 
     @model_validator(mode="after")
     def _cross_references(self) -> GatewayConfig:

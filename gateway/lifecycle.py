@@ -32,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, admin
 from .classify import error_dialect
 from .config import GatewayConfig
 from .errors import GatewayError
@@ -40,6 +40,7 @@ from .heap import maintain_heap, tune_gc
 from .reload import Reloader, Signature
 from .runner import GatewayRunner
 from .server import GATEWAY, RECORD, create_app
+from .worker_group import WORKER_GROUP, WorkerGroup
 
 log = logging.getLogger("gateway")
 
@@ -207,6 +208,7 @@ class ServeOptions:
     parent_pid: int | None = None  # a worker drains when its parent is gone
     baseline: Signature | None = None  # files as they were when the config was read
     on_reload: list[Callable[[bool], None]] = field(default_factory=list)
+    worker_group: WorkerGroup | None = None  # --workers N: /metrics and /admin/status merged
 
 
 @dataclass(slots=True)
@@ -229,6 +231,9 @@ class _Stop:
 async def run(config: GatewayConfig, options: ServeOptions) -> int:
     """Serve until a stop signal, drain, clean up; the process exit code."""
     app = create_app(config)
+    group = options.worker_group
+    if group is not None:
+        app[WORKER_GROUP] = group
     guard = DrainGuard.install(app)
     # Handlers are all done by cleanup time (drain), so a short timeout only bounds stragglers.
     # keepalive_timeout 75 s (aiohttp: 3630 s): an idle or header-trickling connection holds
@@ -241,6 +246,9 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
     stop = _Stop()
     background: set[asyncio.Task[Any]] = set()
     try:
+        if group is not None:  # before the port: a scrape may reach a sibling first
+            gateway = app[GATEWAY]
+            await group.start(gateway.metrics.registry, lambda: admin.status(gateway))
         host, port = config.server.host, config.server.port
         site = web.TCPSite(runner, host, port, reuse_port=True if options.reuse_port else None,
                            backlog=config.server.backlog)
@@ -289,6 +297,8 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
         await asyncio.gather(*background, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if group is not None:
+            await group.close()
         await runner.cleanup()  # on_cleanup: Gateway.stop() flushes settlements and journal
     log.info("gateway stopped", extra={"fields": {"pid": os.getpid()}})
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -54,6 +55,7 @@ from .metrics_pulled import (
     PulledGauges,
     RedisSource,
 )
+from .worker_group import WORKER_GROUP
 
 if TYPE_CHECKING:  # pipeline.py imports this module; avoid the cycle at runtime
     from .context import RequestRecord
@@ -317,5 +319,17 @@ class _WithoutCreated(Collector):
 
 def metrics_handler(metrics: GatewayMetrics) -> Handler:
     """``GET /metrics``: prometheus-client picks the format from Accept (text 0.0.4 or
-    OpenMetrics) and aiohttp compresses per Accept-Encoding."""
-    return make_aiohttp_handler(metrics.registry)
+    OpenMetrics) and aiohttp compresses per Accept-Encoding. Under ``--workers N`` the answer
+    is every worker's metrics merged (worker_group.py), whichever worker takes the scrape."""
+    local = make_aiohttp_handler(metrics.registry)
+
+    async def scrape(request: web.Request) -> web.StreamResponse:
+        group = request.app.get(WORKER_GROUP)
+        if group is None:
+            return await local(request)
+        merged = await group.metrics_registry(metrics.registry)
+        response = await make_aiohttp_handler(merged)(request)
+        response.headers["x-gateway-worker"] = str(group.index)
+        return response
+
+    return scrape

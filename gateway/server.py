@@ -31,6 +31,7 @@ from .pipeline import handle_proxy, models_listing
 from .runtime import Gateway
 from .state import StateBackend, create_backend
 from .tracing import Tracing
+from .worker_group import WORKER_GROUP
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -121,6 +122,11 @@ async def _model(request: web.Request) -> web.Response:
 
 async def _admin_status(request: web.Request) -> web.Response:
     _check_admin_key(request)
+    group = request.app.get(WORKER_GROUP)  # --workers N: every worker's status, merged
+    if group is not None:
+        response = _json(await group.status(admin.status(request.app[GATEWAY])))
+        response.headers["x-gateway-worker"] = str(group.index)
+        return response
     return _json(admin.status(request.app[GATEWAY]))
 
 
