@@ -24,13 +24,8 @@ Variants are measured alternately, ``--rounds`` times, in a rotating order; figu
 medians over rounds, ratios and differences are taken within a round. A full run with the
 defaults takes about 150 s.
 
-(d) before/after: ``--baseline-ref REF`` adds a ``baseline`` gateway built from that commit
-    (git archive, same policy) to the rounds of (a) and (b), and reports the gateway against it
-    within each round: throughput ratio, CPU per request and p50 difference.
-
     .venv/bin/python bench/overhead.py [--duration 5] [--rounds 3] [--concurrency 64] [--rate 200]
                                        [--trace-sample-ratio 0.1] [--no-observability]
-                                       [--baseline-ref main]
 """
 
 from __future__ import annotations
@@ -79,22 +74,23 @@ def main() -> int:
     parser.add_argument("--gateway-ref", metavar="REF",
                         help="measure this commit (git archive of gateway/) instead of the "
                         "working tree, e.g. HEAD")
+    parser.add_argument("--baseline-ref", metavar="REF",
+                        help="also measure the gateway of this commit (e.g. main) in the same "
+                        "rounds of (a), as variant 'baseline': throughput and CPU per request "
+                        "of the gateway under test relative to it")
     parser.add_argument("--trace-sample-ratio", type=float, default=0.1,
                         help="share of traces the 'observed' gateway samples (OTEL_TRACES_"
                         "SAMPLER_ARG); 1 traces every request")
     parser.add_argument("--no-observability", action="store_true",
                         help="skip (c): no 'bare' and 'observed' gateways")
-    parser.add_argument("--baseline-ref", metavar="REF",
-                        help="(d): also measure a gateway built from this commit, alternately "
-                        "with the others, and compare the gateway against it")
     parser.add_argument("--gateway-log-level", default="INFO",
                         help="the gateway's --log-level (INFO writes one access line a request)")
     args = parser.parse_args()
     if args.rounds < 1 or args.duration <= 0 or args.concurrency < 1 or args.rate <= 0:
         parser.error("rounds, duration, concurrency and rate must be positive")
 
-    latency_variants = LATENCY_VARIANTS + (("baseline",) if args.baseline_ref else ())
-    variants = latency_variants + ((), OBSERVABILITY_VARIANTS)[not args.no_observability]
+    variants = LATENCY_VARIANTS + ((), OBSERVABILITY_VARIANTS)[not args.no_observability]
+    variants += ("baseline",) if args.baseline_ref else ()
 
     bl.exit_on_sigterm()
     bl.raise_nofile()
@@ -128,17 +124,6 @@ def main() -> int:
             "gateway": f"http://127.0.0.1:{gw_port}{PATH}",
         }
         server_pid = {"direct": mock.pid, "passthrough": passthrough.pid, "gateway": gateway.pid}
-        if args.baseline_ref:
-            (tmpdir / "baseline").mkdir()
-            base_source = bl.GatewaySource(args.baseline_ref, tmpdir / "baseline")
-            header.append(f"baseline: commit {base_source.commit} ({args.baseline_ref})")
-            port = bl.free_port()
-            proc = procs.start("baseline", [
-                *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
-                "--host", "127.0.0.1", "--port", str(port), "--log-level", args.gateway_log_level,
-            ], stderr=gw_log, cwd=base_source.cwd, env=base_source.env)
-            urls["baseline"] = f"http://127.0.0.1:{port}{PATH}"
-            server_pid["baseline"] = proc.pid
         if not args.no_observability:
             sink_port = bl.free_port()
             procs.start("otlp-sink", [*support_pin, bl.PYTHON, str(bl.BENCH / "otlp_sink.py"),
@@ -164,6 +149,18 @@ def main() -> int:
                 urls[name] = f"http://127.0.0.1:{port}{PATH}"
                 server_pid[name] = proc.pid
             bl.wait_http(f"http://127.0.0.1:{sink_port}/healthz", procs=procs)
+        if args.baseline_ref:
+            (tmpdir / "baseline").mkdir()
+            base_source = bl.GatewaySource(args.baseline_ref, tmpdir / "baseline")
+            header.append(f"baseline: {base_source.describe}")
+            port = bl.free_port()
+            proc = procs.start("baseline", [
+                *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
+                "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", args.gateway_log_level,
+            ], stderr=subprocess.DEVNULL, cwd=base_source.cwd, env=base_source.env)
+            urls["baseline"] = f"http://127.0.0.1:{port}{PATH}"
+            server_pid["baseline"] = proc.pid
         loadgen = procs.start("loadgen", [*support_pin, bl.PYTHON, str(bl.BENCH / "loadgen.py"),
                                           "serve"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -211,9 +208,9 @@ def main() -> int:
                       f"{res['rps']:8.0f} req/s  errors {res['errors']}", flush=True)
                 procs.check_alive()
 
-        opened: dict[str, list[dict[str, Any]]] = {v: [] for v in latency_variants}
+        opened: dict[str, list[dict[str, Any]]] = {v: [] for v in LATENCY_VARIANTS}
         for r in range(args.rounds):
-            for name in _rotated(latency_variants, r):
+            for name in _rotated(LATENCY_VARIANTS, r):
                 res = loadgen_io.run({"op": "open", "url": urls[name], "headers": HEADERS,
                                       "body": REQUEST_BODY, "rate": args.rate,
                                       "duration": args.duration, "warmup": args.warmup})
@@ -364,7 +361,7 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
     lines.append(f"  {'variant':<12}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
                  f"{'req/s':>8}{'errors':>8}{'+p50 ms':>9}{'+p99 ms':>9}")
     added: dict[str, tuple[float, float]] = {}
-    for v in opened:
+    for v in LATENCY_VARIANTS:
         rs = opened[v]
         d50 = bl.median([a["p50_ms"] - b["p50_ms"] for a, b in zip(rs, opened["direct"])])
         d99 = bl.median([a["p99_ms"] - b["p99_ms"] for a, b in zip(rs, opened["direct"])])
@@ -390,29 +387,29 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
         lines.append(_observability_report(args, closed))
     if "baseline" in closed:
         lines.append("")
-        lines.append(_baseline_report(args, closed, opened))
+        lines.append(_baseline_report(args, closed))
     if problems:
         lines.append("")
         lines.append(f"gateway log: {len(problems)} warning/error line(s), first: {problems[0]}")
     return "\n".join(lines)
 
 
-def _baseline_report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
-                     opened: dict[str, list[dict[str, Any]]]) -> str:
-    """(d): the gateway (this tree) against the baseline commit, within each round."""
-    ratios = [g["rps"] / b["rps"] if b["rps"] else float("nan")
-              for g, b in zip(closed["gateway"], closed["baseline"])]
-    cpu = {v: bl.median([r["cpu_server"] / r["rps"] * 1e6 for r in closed[v] if r["rps"]])
-           for v in ("gateway", "baseline")}
-    d50 = [g["p50_ms"] - b["p50_ms"] for g, b in zip(opened["gateway"], opened["baseline"])]
+def _baseline_report(args: argparse.Namespace,
+                     closed: dict[str, list[dict[str, Any]]]) -> str:
+    """The gateway under test against --baseline-ref, from the same rounds of (a)."""
+    def cpu_per_request(r: dict[str, Any]) -> float:
+        return r["cpu_server"] / r["rps"] if r["rps"] else float("nan")
+
+    rps = [g["rps"] / b["rps"] if b["rps"] else float("nan")
+           for g, b in zip(closed["gateway"], closed["baseline"])]
+    cpu = [cpu_per_request(g) / cpu_per_request(b)
+           for g, b in zip(closed["gateway"], closed["baseline"])]
     return "\n".join([
-        f"(d) before/after: 'gateway' = this tree, 'baseline' = {args.baseline_ref}",
-        f"  throughput gateway/baseline: {bl.median(ratios):.3f} (per round "
-        f"{', '.join(f'{x:.3f}' for x in ratios)})",
-        f"  CPU per request: gateway {cpu['gateway']:.0f} us, baseline {cpu['baseline']:.0f} us "
-        f"({cpu['gateway'] / cpu['baseline'] - 1:+.1%})",
-        f"  open-loop p50 gateway - baseline: {bl.median(d50):+.3f} ms (per round "
-        f"{', '.join(f'{x:+.3f}' for x in d50)})",
+        f"(d) against the baseline ({args.baseline_ref}), same rounds of (a)",
+        (f"  gateway/baseline throughput: {bl.median(rps):.3f} (per round "
+         f"{', '.join(f'{x:.3f}' for x in rps)})"),
+        (f"  gateway/baseline CPU per request: {bl.median(cpu):.3f} (per round "
+         f"{', '.join(f'{x:.3f}' for x in cpu)}); 1.05 = 5 % more per request"),
     ])
 
 

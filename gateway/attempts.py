@@ -236,7 +236,8 @@ async def _relay(ctx: CallContext, attempt: UpstreamAttempt) -> web.StreamRespon
         assert ctx.request is not None  # deferred runs never stream
         handle = ctx.svc.guard.streams.open()
         try:
-            return await relay_stream(ctx.request, ctx.call, attempt, ctx.record, ctx.headers)
+            return await relay_stream(ctx.request, ctx.call, attempt, ctx.record, ctx.headers,
+                                      ctx.policy.config.server.client_write_idle_s)
         finally:
             handle.release()
     return await relay_whole(attempt, ctx.record, ctx.headers, ctx.call.answer_model)

@@ -31,7 +31,7 @@ from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
 from .errors import GatewayError, retry_headers
 from .leases import LeaseBoard
-from .limits_policy import RateLimits
+from .limits_policy import CacheReads, RateLimits
 from .periods import period_keys
 from .ratelimit import (
     AdmitPlan,
@@ -45,7 +45,7 @@ from .ratelimit import (
     SettlePlan,
 )
 from .state import StateBackend, StateUnavailable
-from .streaming import Usage
+from .usage import Usage, reservation_cost_micros
 
 log = logging.getLogger("gateway.limits")
 LEASE_TTL_MS = 60_000  # renewed every 20 s while the request runs
@@ -54,6 +54,22 @@ HOLD_TTL_MS = 30 * 60_000  # a settlement delayed longer than this charges in fu
 # The cost is one small key per request for this long (~60 MB of Redis at 1,000 req/s).
 DONE_TTL_MS = 10 * 60_000
 SETTLE_BATCH_MAX = 64  # settlements per Redis pipeline: well inside one call's deadline
+
+
+@dataclass(frozen=True, slots=True)
+class Counting:
+    """Whether a request's cache reads count against its token limits, decided at admission
+    (``cache_reads`` of the tenant's limits and budget, by the route's provider kind)."""
+
+    rate_cache_reads: bool = True  # tokens_per_minute buckets
+    budget_cache_reads: bool = True  # daily / monthly token budgets
+
+
+def counts_cache_reads(setting: CacheReads, provider_kind: str) -> bool:
+    """``auto``: what the provider's own limit does (docs/architecture.md#accounting)."""
+    if setting == "auto":
+        return provider_kind != "anthropic"
+    return setting == "count"
 
 
 @dataclass(slots=True)
@@ -68,6 +84,7 @@ class Hold:
     leases: tuple[str, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    counting: Counting = Counting()
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
@@ -127,13 +144,15 @@ class Limiter:
         model = self._config.models[call.model]
         max_out = reservation_max_tokens(call, tenant, model)
         tokens = call.prompt_tokens_estimate + max_out
-        cost = call.prompt_tokens_estimate * model.price.input_per_million + \
-            max_out * model.price.output_per_million
-        cost_units = math.ceil(cost)  # tokens x price per million = micro-units
+        cost_units = reservation_cost_micros(call.prompt_tokens_estimate, max_out,
+                                             model.price.rates)
+        kind = call.route.provider_kind
+        counting = Counting(counts_cache_reads(tenant.limits.cache_reads, kind),
+                            counts_cache_reads(tenant.budget.cache_reads, kind))
         planned_at = self._wall_clock()  # budget resets in the plan count from here
         checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry)
         if not checks:
-            return Hold(request_id, "none", tokens, cost_units, None)
+            return Hold(request_id, "none", tokens, cost_units, None, counting=counting)
         t = _tag(call.tenant.name)
         plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", hold_ttl_ms)
         settle_plan = _settle_plan(plan)
@@ -147,7 +166,8 @@ class Limiter:
             if wait_s > 0:
                 result, mode = await self._wait_for_lease(plan, call.priority.name,
                                                           waiting_for, wait_s, result, mode)
-        hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases)
+        hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases,
+                    counting=counting)
         hold.headers = _headers(plan, result, tenant)
         self._remember_budgets(call.tenant.name, plan, result)
         if not result.allowed:
@@ -227,6 +247,7 @@ class Limiter:
             began = time.monotonic()
             result = await self._state.admit(plan)
             self.degraded.last_latency_s = time.monotonic() - began
+            self.degraded.remember(plan, result)  # what degraded mode starts from
             return result, "global"
         except StateUnavailable as exc:
             self.degraded.enter(str(exc))
@@ -366,8 +387,9 @@ class Limiter:
         self._lease_board.finished(hold.request_id)
         if hold.settle_plan is None:
             return None
-        plan = _with_actuals(hold.settle_plan, usage.input_tokens + usage.output_tokens,
-                             cost_units)
+        counting = hold.counting
+        plan = _with_actuals(hold.settle_plan, usage.limit_tokens(counting.rate_cache_reads),
+                             usage.limit_tokens(counting.budget_cache_reads), cost_units)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
             self._lease_board.released(plan.leases)
@@ -447,13 +469,15 @@ def _settle_plan(plan: AdmitPlan) -> SettlePlan:
     return SettlePlan(plan.request_id, done, plan.hold_key, DONE_TTL_MS, gcra, counters, leases)
 
 
-def _with_actuals(plan: SettlePlan, tokens: int, cost_units: int) -> SettlePlan:
+def _with_actuals(plan: SettlePlan, rate_tokens: int, budget_tokens: int,
+                  cost_units: int) -> SettlePlan:
     """The same plan with each reservation's actual amount filled in."""
     counters = tuple(
-        (key, reserved, cost_units if ":b:cost:" in key else tokens, ttl)
+        (key, reserved, cost_units if ":b:cost:" in key else budget_tokens, ttl)
         for key, reserved, _, ttl in plan.counters
     )
-    gcra = tuple((key, interval, reserved, tokens) for key, interval, reserved, _ in plan.gcra)
+    gcra = tuple((key, interval, reserved, rate_tokens)
+                 for key, interval, reserved, _ in plan.gcra)
     return SettlePlan(plan.request_id, plan.done_key, plan.hold_key, plan.done_ttl_ms, gcra,
                       counters, plan.leases)
 
