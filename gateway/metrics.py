@@ -31,11 +31,13 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .classify import error_dialect
 from .config import GatewayConfig
 from .metrics_labels import (
     DEFERRED_OUTCOMES,
     DEFERRED_RUN_RESULTS,
     DEFERRED_VIA,
+    DIALECTS,
     OUTCOMES,
     PRIORITIES,
     SHED_REASONS,
@@ -104,6 +106,9 @@ class GatewayMetrics:
 
         self._requests = counter("gateway_requests", "Requests finished, by outcome.",
                                  "tenant", "model", "priority", "outcome")
+        self._dialects = counter("gateway_dialect_requests", "Requests answered by an "
+                                 "upstream, by the client's dialect and the upstream's (they "
+                                 "differ when the gateway translated).", "client", "upstream")
         self._tokens = counter("gateway_tokens", "Tokens reported by the upstream (or counted "
                                "from a cut stream).", "tenant", "model", "direction")
         self._cost = counter("gateway_cost", "Cost in the price table's currency.",
@@ -174,6 +179,9 @@ class GatewayMetrics:
         model = bounded(record.model, bounds.models)
         priority = bounded(record.priority, PRIORITIES)
         self._requests.get(tenant, model, priority, bounded(record.outcome, OUTCOMES)).inc()
+        if record.upstream_dialect is not None:
+            self._dialects.get(error_dialect(record.route),
+                               bounded(record.upstream_dialect, DIALECTS)).inc()
         usage = record.usage
         if usage.input_tokens > 0:
             self._tokens.get(tenant, model, "input").inc(usage.input_tokens)
