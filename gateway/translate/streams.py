@@ -135,9 +135,10 @@ class AnthropicToOpenAIStream:
         elif kind == "json" and delta.get("type") == "input_json_delta":
             if delta.get("partial_json"):
                 out.append(self._chunk({"content": delta["partial_json"]}))
-        elif kind == "tool" and delta.get("type") == "input_json_delta":
+        elif kind == "tool" and delta.get("type") == "input_json_delta" \
+                and delta.get("partial_json"):
             out.append(self._chunk({"tool_calls": [{
-                "index": tool, "function": {"arguments": delta.get("partial_json", "")}}]}))
+                "index": tool, "function": {"arguments": delta["partial_json"]}}]}))
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return self._data({"id": self.id, "object": "chat.completion.chunk",

@@ -1,0 +1,202 @@
+"""The translation corpus (tests/data/translation/): each case is a client request and an
+upstream answer (whole and as the provider's SSE transcript) with the expected translation
+both ways. The expected client-side answers are also checked against the official SDKs' own
+types and stream accumulators, so a wrong wire shape fails even if the corpus agreed with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from anthropic.lib.streaming._messages import accumulate_event
+from anthropic.types import Message, RawMessageStreamEvent
+from openai.lib.streaming.chat._completions import ChatCompletionStreamState
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import TypeAdapter
+
+from gateway import translate
+from gateway.streaming import SseRelay
+
+DATA = Path(__file__).parent / "data" / "translation"
+CASES = sorted(p.stem for p in DATA.glob("*_client_*.json"))
+
+
+def _case(name: str) -> dict[str, Any]:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def _plan(case: dict[str, Any]) -> translate.Translation:
+    return translate.plan(case["client"], case["upstream"], case["request"],
+                          default_max_tokens=case["default_max_tokens"],
+                          include_usage=case["include_usage"])
+
+
+def _events(raw: bytes) -> list[dict[str, Any]]:
+    out = []
+    for event in raw.split(b"\n\n"):
+        if not event.strip():
+            continue
+        name, data = None, None
+        for line in event.split(b"\n"):
+            if line.startswith(b"event:"):
+                name = line[6:].strip().decode()
+            elif line.startswith(b"data:"):
+                payload = line[5:].strip()
+                data = "[DONE]" if payload == b"[DONE]" else json.loads(payload)
+        out.append({"event": name, "data": data})
+    return out
+
+
+def _no_created(value: Any) -> Any:
+    """``created`` is the translation's clock (Anthropic answers carry no timestamp)."""
+    if isinstance(value, dict):
+        return {k: _no_created(v) for k, v in value.items() if k != "created"}
+    if isinstance(value, list):
+        return [_no_created(v) for v in value]
+    return value
+
+
+def _transcript(case: dict[str, Any]) -> bytes:
+    return "".join(e + "\n\n" for e in case["stream"]).encode()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_request_translation(name: str) -> None:
+    case = _case(name)
+    assert _plan(case).request.body == case["expected_request"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_whole_answer_translation(name: str) -> None:
+    case = _case(name)
+    got = json.loads(_plan(case).answer(json.dumps(case["answer"]).encode()))
+    assert _no_created(got) == _no_created(case["expected_answer"])
+    if case["client"] == "openai":
+        ChatCompletion.model_validate(got)  # the SDK's own type, strictly
+    else:
+        Message.model_validate(got)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if _case(n)["stream"]])
+@pytest.mark.parametrize("split", [0, 1, 7])
+def test_stream_translation_event_by_event(name: str, split: int) -> None:
+    """Through the relay as the gateway runs it, with the upstream bytes cut into pieces of
+    ``split`` bytes (0: one event per read). Each event is answered as soon as it is whole."""
+    case = _case(name)
+    raw = _transcript(case)
+    relay = SseRelay(case["upstream"], strip_usage_chunk=False)
+    translator = _plan(case).stream()
+    pieces = [e.encode() + b"\n\n" for e in case["stream"]] if split == 0 else \
+        [raw[i:i + split] for i in range(0, len(raw), split)]
+    got = b"".join(translator.feed(relay.feed(piece)) for piece in pieces)
+    assert relay.finished
+    assert _no_created(_events(got)) == _no_created(case["expected_stream"])
+    # no buffering: the upstream's first event alone already gives the client its first
+    assert _plan(case).stream().feed(case["stream"][0].encode() + b"\n\n")
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if _case(n)["stream"]])
+def test_stream_matches_whole_answer_through_the_sdk_accumulators(name: str) -> None:
+    """The translated stream, accumulated the way each SDK does, gives the translated whole
+    answer: same text, same tool calls and arguments, same stop reason, same usage."""
+    case = _case(name)
+    got = _plan(case).stream().feed(_transcript(case))
+    whole = case["expected_answer"]
+    if case["client"] == "openai":
+        state = ChatCompletionStreamState()
+        for event in _events(got):
+            if event["data"] != "[DONE]":
+                state.handle_chunk(ChatCompletionChunk.model_validate(event["data"]))
+        final = state.get_final_completion()
+        message, expected = final.choices[0].message, whole["choices"][0]["message"]
+        if _plan(case).request.json_tool:  # the same JSON, spaced as the model wrote it
+            assert json.loads(message.content or "") == json.loads(expected["content"])
+        else:
+            assert message.content == expected["content"]
+        calls = [(c.id, c.function.name, json.loads(c.function.arguments))
+                 for c in message.tool_calls or []]
+        assert calls == [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                         for c in expected.get("tool_calls") or []]
+        if case["include_usage"]:
+            assert final.usage is not None
+            assert final.usage.model_dump(exclude_none=True) == whole["usage"]
+    else:
+        adapter: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)
+        snapshot = None
+        json_bufs: dict[int, bytes] = {}
+        for event in _events(got):
+            snapshot = accumulate_event(event=adapter.validate_python(event["data"]),
+                                        current_snapshot=snapshot, json_bufs=json_bufs)
+        assert snapshot is not None
+        dumped = snapshot.model_dump(exclude_none=True)
+        assert dumped["content"] == whole["content"]
+        assert dumped["stop_reason"] == whole["stop_reason"]
+        assert dumped["usage"] == whole["usage"]
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if _case(n)["stream"]])
+def test_stream_usage_matches_the_upstreams_usage(name: str) -> None:
+    """What the gateway accounts (the upstream's own events) and what the client is told
+    (translated) are the same tokens: prompt = input + cache reads + cache writes."""
+    case = _case(name)
+    relay = SseRelay(case["upstream"], strip_usage_chunk=False)
+    relay.feed(_transcript(case))
+    usage = relay.final_usage()
+    whole = case["expected_answer"]["usage"]
+    if case["client"] == "openai":
+        assert (usage.input_tokens, usage.output_tokens) == (whole["prompt_tokens"],
+                                                             whole["completion_tokens"])
+    else:
+        assert usage.input_tokens == whole["input_tokens"] + whole["cache_read_input_tokens"] \
+            + whole["cache_creation_input_tokens"]
+        assert usage.output_tokens == whole["output_tokens"]
+
+
+def test_error_bodies_in_the_clients_dialect() -> None:
+    errors = json.loads((DATA / "errors.json").read_text())
+    for status, body in errors["openai_to_anthropic"]:
+        got = json.loads(translate.error_body(json.dumps(body).encode(), status, to="anthropic"))
+        assert got["type"] == "error" and got["error"]["message"] == body["error"]["message"]
+        expected = {429: "rate_limit_error", 400: "invalid_request_error", 500: "api_error"}
+        assert got["error"]["type"] == expected[status]
+    for status, body in errors["anthropic_to_openai"]:
+        got = json.loads(translate.error_body(json.dumps(body).encode(), status, to="openai"))
+        assert got["error"]["message"] == body["error"]["message"]
+        expected = {529: "server_error", 429: "rate_limit_error", 400: "invalid_request_error"}
+        assert got["error"]["type"] == expected[status]
+
+
+def test_upstream_error_event_mid_stream_becomes_the_clients_error_event() -> None:
+    to_openai = translate.AnthropicToOpenAIStream(include_usage=False).feed(
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+        b'"message":"Overloaded"}}\n\n')
+    assert json.loads(to_openai[6:])["error"]["message"] == "Overloaded"
+    to_anthropic = translate.OpenAIToAnthropicStream().feed(
+        b'data: {"error":{"message":"boom","type":"server_error"}}\n\n')
+    assert to_anthropic.startswith(b"event: error\n")
+    assert json.loads(to_anthropic.split(b"data: ", 1)[1])["error"] == {
+        "type": "api_error", "message": "boom"}
+
+
+@pytest.mark.parametrize("client,request_body,param",
+                         json.loads((DATA / "refused.json").read_text()))
+def test_fields_without_counterpart_are_refused_by_name(client: str, request_body: dict[str, Any],
+                                                         param: str) -> None:
+    upstream = "anthropic" if client == "openai" else "openai"
+    with pytest.raises(translate.TranslationRefused) as caught:
+        translate.plan(client, upstream, request_body, default_max_tokens=100,  # type: ignore[arg-type]
+                       include_usage=False)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_neutral_values_pass_and_anthropic_gets_the_reserved_cap() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 1,
+            "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "seed": 3,
+            "store": False}
+    sent = translate.plan("openai", "anthropic", body, default_max_tokens=777,
+                          include_usage=False).request.body
+    assert sent["max_tokens"] == 777
+    assert set(sent) == {"messages", "max_tokens"}
+
