@@ -123,6 +123,9 @@ async def test_openai_sdk_chat_and_stream_on_an_anthropic_deployment(
         await settled(gw)
         line = _access(caplog)
         assert (line["tokens_out"], line["usage_reported"]) == (5, True)
+        metrics = await (await gw.get("/metrics")).text()
+        assert 'gateway_dialect_requests_total{client="openai",upstream="anthropic"} 2.0' \
+            in metrics
     finally:
         await client.close()
 
