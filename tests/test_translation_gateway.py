@@ -312,6 +312,21 @@ async def test_a_request_the_other_kind_cannot_carry_stays_on_its_own_kind(
     assert mock_upstream.app[RECORDED][-1].path == "/v1/chat/completions"
 
 
+async def test_anthropic_gets_the_cap_the_gateway_reserved(
+        make_gateway: MakeGateway, mock_upstream: Any) -> None:
+    """No cap in the OpenAI body: Anthropic needs one, and gets exactly the per-answer output
+    the reservation assumed (the tenant's default_max_tokens bounded by the model's maximum),
+    so the upstream cannot generate more than was reserved."""
+    gw = await make_gateway(admission=CALM, tenants={"acme": {"default_max_tokens": 300}},
+                            models={"claude-test": {"max_output_tokens": 200}})
+    resp = await gw.post("/v1/chat/completions", json=chat(model="claude-test"), headers=auth())
+    assert resp.status == 200
+    assert mock_upstream.app[RECORDED][-1].body["max_tokens"] == 200
+    resp = await gw.post("/v1/chat/completions", json=chat(model="claude-test", max_tokens=150),
+                         headers=auth())
+    assert mock_upstream.app[RECORDED][-1].body["max_tokens"] == 150
+
+
 async def test_client_disconnect_cancels_a_translated_upstream_stream(
         aiohttp_server: Any, make_gateway: MakeGateway) -> None:
     cancelled = asyncio.Event()

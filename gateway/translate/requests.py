@@ -280,7 +280,7 @@ def _anthropic_tools(body: dict[str, Any], out: dict[str, Any]) -> str | None:
         translated = translated or {"type": "auto"}
         if translated["type"] != "none":
             translated["disable_parallel_tool_use"] = True
-    if translated is not None and (tools or translated["type"] == "none"):
+    if translated is not None and tools:  # a choice among no tools says nothing
         out["tool_choice"] = translated
     return _json_answer(body.get("response_format"), out)
 
