@@ -116,6 +116,7 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         tried.append(target.label)
         record.attempts = len(tried)
         record.deployment = target.label
+        record.upstream_dialect = target.provider.kind
         # 10 attempt
         with svc.tracing.attempt_span(target.label, target.provider.kind, target.upstream_model,
                                       len(tried)) as span:
@@ -224,7 +225,6 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
 async def _relay(ctx: CallContext, attempt: UpstreamAttempt) -> web.StreamResponse:
     """11 relay: streams event by event, anything else whole; in the client's dialect."""
     translation = ctx.call.translations.get(attempt.target.provider.kind)
-    ctx.record.upstream_dialect = attempt.target.provider.kind
     if ctx.call.stream and is_event_stream(attempt.response):
         assert ctx.request is not None  # deferred runs never stream
         handle = ctx.svc.guard.streams.open()

@@ -70,7 +70,7 @@ class RequestRecord:
     context_window: int = 0
     agent_session: str | None = None
     agent_step: str | None = None
-    # the dialect of the deployment that answered; differs from the route's when translated
+    # the dialect of the deployment tried last; differs from the route's when translated
     upstream_dialect: str | None = None
 
 

@@ -106,9 +106,10 @@ class GatewayMetrics:
 
         self._requests = counter("gateway_requests", "Requests finished, by outcome.",
                                  "tenant", "model", "priority", "outcome")
-        self._dialects = counter("gateway_dialect_requests", "Requests answered by an "
-                                 "upstream, by the client's dialect and the upstream's (they "
-                                 "differ when the gateway translated).", "client", "upstream")
+        self._dialects = counter("gateway_dialect_requests", "Requests sent upstream, by "
+                                 "the client's dialect and that of the deployment tried last "
+                                 "(they differ when the gateway translated).", "client",
+                                 "upstream")
         self._tokens = counter("gateway_tokens", "Tokens reported by the upstream (or counted "
                                "from a cut stream).", "tenant", "model", "direction")
         self._cost = counter("gateway_cost", "Cost in the price table's currency.",
