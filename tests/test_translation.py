@@ -200,3 +200,63 @@ def test_neutral_values_pass_and_anthropic_gets_the_reserved_cap() -> None:
     assert sent["max_tokens"] == 777
     assert set(sent) == {"messages", "max_tokens"}
 
+
+
+def _gist(messages: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What the model reads of an OpenAI conversation: roles, text, tool calls and results."""
+    out: list[tuple[Any, ...]] = []
+    system = [m for m in messages if m["role"] in ("system", "developer")]
+    if system:
+        out.append(("system", "\n\n".join(_text(m["content"]) for m in system)))
+    for m in messages:
+        if m["role"] in ("system", "developer"):
+            continue
+        calls = tuple((c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                      for c in m.get("tool_calls") or [])
+        out.append((m["role"], _text(m.get("content")), calls, m.get("tool_call_id")))
+    return out
+
+
+def _text(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p["text"] if p["type"] == "text" else f"<{p['image_url']['url']}>"
+                   for p in content)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("openai")])
+def test_a_conversation_survives_the_round_trip(name: str) -> None:
+    """OpenAI -> Anthropic -> OpenAI: the model reads the same conversation and tools."""
+    request = _case(name)["request"]
+    there = translate.to_anthropic_request(request, max_tokens=99).body
+    back = translate.to_openai_request(there).body
+    assert _gist(back["messages"]) == _gist(request["messages"])
+    if "tools" in request:
+        assert [t["function"]["name"] for t in back["tools"]] == \
+            [t["function"]["name"] for t in request["tools"]]
+        assert [t["function"]["parameters"] for t in back["tools"]] == \
+            [t["function"]["parameters"] for t in request["tools"]]
+
+
+def test_two_whole_tool_calls_in_one_openai_chunk_become_two_blocks() -> None:
+    """Some OpenAI-compatible servers (vLLM, proxies of other providers) send each call whole,
+    several in one chunk."""
+    chunk = {"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": None, "delta": {
+        "tool_calls": [
+            {"index": 0, "id": "a", "type": "function",
+             "function": {"name": "f", "arguments": "{\"x\":1}"}},
+            {"index": 1, "id": "b", "type": "function",
+             "function": {"name": "g", "arguments": "{\"y\":2}"}}]}}]}
+    stream = translate.OpenAIToAnthropicStream()
+    raw = stream.feed(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    raw += stream.feed(b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}'
+                       b"\n\ndata: [DONE]\n\n")
+    adapter: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)
+    snapshot = None
+    json_bufs: dict[int, bytes] = {}
+    for event in _events(raw):
+        snapshot = accumulate_event(event=adapter.validate_python(event["data"]),
+                                    current_snapshot=snapshot, json_bufs=json_bufs)
+    assert snapshot is not None and snapshot.stop_reason == "tool_use"
+    assert [(b.type, getattr(b, "input", None)) for b in snapshot.content] == [
+        ("tool_use", {"x": 1}), ("tool_use", {"y": 2})]
