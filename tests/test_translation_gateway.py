@@ -413,3 +413,44 @@ async def test_failover_to_the_other_kind_streams_with_exact_usage(
     assert line["upstream_dialect"] != line["client_dialect"]
     assert seen[1] == 6 and seen[0] > 0
     assert (line["tokens_in"], line["tokens_out"]) == seen  # exactly what the upstream reported
+
+
+async def test_the_provider_outage_scenario_keeps_critical_traffic_up(
+        make_gateway: MakeGateway, mock_upstream: Any, upstream_url: str) -> None:
+    """config/scenarios/provider-outage.yaml against config/provider-outage.yaml, in this
+    process and compressed in time (its phases 1 s, 3 s, 1 s): the Anthropic-kind primary
+    answers 503 to everything in the middle phase; critical requests still succeed >= 99.5 %
+    through the OpenAI-kind deployment."""
+    import yaml
+
+    from gateway.loadtest.engine import Engine, EngineOptions
+    from gateway.loadtest.report import build_report
+    from gateway.loadtest.scenario import parse_scenario
+
+    root = Path(__file__).parent.parent / "config"
+    policy = yaml.safe_load((root / "provider-outage.yaml").read_text())
+    policy["providers"]["anthropic-primary"]["base_url"] = upstream_url
+    policy["providers"]["openai-fallback"]["base_url"] = f"{upstream_url}/v1"
+    gw = await make_gateway(admission=CALM, providers=policy["providers"],
+                            models=policy["models"],
+                            tenants={"acme": {"max_priority": "critical"}})
+    data = yaml.safe_load((root / "scenarios" / "provider-outage.yaml").read_text())
+    for phase, seconds in zip(data["phases"], (1.0, 3.0, 1.0)):
+        phase["duration_s"] = seconds
+        phase["arrival"]["rate"] = 10
+        for outage in phase["upstream"].get("outages", []):
+            outage["duration_s"] = seconds
+    data["drain_s"] = 10
+    scenario = parse_scenario(data)
+    engine = Engine(scenario, scenario.api_keys({"acme": ACME_KEY}),
+                    EngineOptions(target=_base(gw)))
+    await engine.run()
+    report = build_report(engine)
+    critical = report["classes"]["critical"]
+    assert critical["requests"] >= 10
+    assert critical["outcomes"]["ok"] / critical["requests"] >= 0.995, critical["outcomes"]
+    paths = {r.path for r in mock_upstream.app[RECORDED]}
+    assert paths == {"/v1/messages", "/v1/chat/completions"}  # both kinds answered
+    failed_primary = [r for r in mock_upstream.app[RECORDED]
+                      if r.path == "/v1/messages" and r.headers.get("x-mock-status") == "503"]
+    assert failed_primary  # the outage did reach the primary
