@@ -14,9 +14,12 @@ from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
 from openai.lib.streaming.chat._completions import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from gateway import translate
+from gateway.errors import GatewayError
 from gateway.streaming import SseRelay
 
 DATA = Path(__file__).parent / "data" / "translation"
@@ -260,3 +263,85 @@ def test_two_whole_tool_calls_in_one_openai_chunk_become_two_blocks() -> None:
     assert snapshot is not None and snapshot.stop_reason == "tool_use"
     assert [(b.type, getattr(b, "input", None)) for b in snapshot.content] == [
         ("tool_use", {"x": 1}), ("tool_use", {"y": 2})]
+
+
+
+_leaf = st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(
+    ["", "x", "text", "image_url", "image", "tool_use", "tool_result", "function", "user",
+     "assistant", "tool", "system", "auto", "any", "none", "required", "json_schema", "base64",
+     "url", "data:image/png;base64,AA", "https://e/x", "refusal", "{}", '{"a":1}'])
+_json = st.recursive(
+    _leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(
+        ["type", "role", "content", "text", "image_url", "url", "source", "tool_calls", "id",
+         "function", "name", "arguments", "input", "tool_call_id", "tool_use_id", "schema",
+         "json_schema", "parameters", "input_schema", "media_type", "data", "refusal",
+         "delta", "index", "choices", "message", "usage", "partial_json", "content_block"]),
+        inner, max_size=5),
+    max_leaves=16)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "tool", "system"])},
+    optional={"content": _json, "tool_calls": _json, "tool_call_id": _json})
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=st.lists(_message, min_size=1, max_size=3), extra=st.dictionaries(
+    st.sampled_from(["tools", "tool_choice", "response_format", "system", "stop",
+                     "stop_sequences", "parallel_tool_calls"]), _json, max_size=3))
+def test_any_body_translates_or_is_refused_with_a_400(messages: list[Any],
+                                                       extra: dict[str, Any]) -> None:
+    """A crafted body never crashes the translation: it is carried or refused (400)."""
+    for client in ("openai", "anthropic"):
+        body = {"model": "m", "messages": messages, "max_tokens": 5, **extra}
+        upstream = "anthropic" if client == "openai" else "openai"
+        try:
+            plan = translate.plan(client, upstream, body,  # type: ignore[arg-type]
+                                  default_max_tokens=5, include_usage=False)
+        except translate.TranslationRefused as exc:
+            assert exc.status == 400
+        else:
+            json.dumps(plan.request.body)  # what goes upstream is JSON
+
+
+@pytest.mark.parametrize(("client", "body", "param"), [
+    ("anthropic", {"messages": [{"role": "assistant", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content.0.text"),
+    ("anthropic", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content.0.text"),
+    ("anthropic", {"messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": 5, "content": "x"}]}]},
+     "messages.0.content.0.tool_use_id"),
+    ("anthropic", {"messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "a", "name": "f", "input": "x"}]}]},
+     "messages.0.content.0.input"),
+    ("openai", {"messages": [{"role": "assistant", "content": [{"type": "text", "text": 5}]}]},
+     "messages.0.content.0.text"),
+])
+def test_fields_of_the_wrong_type_are_refused(client: str, body: dict[str, Any],
+                                               param: str) -> None:
+    upstream = "anthropic" if client == "openai" else "openai"
+    with pytest.raises(translate.TranslationRefused) as caught:
+        translate.plan(client, upstream, {"max_tokens": 5, **body},  # type: ignore[arg-type]
+                       default_max_tokens=5, include_usage=False)
+    assert caught.value.param == param
+
+
+@settings(max_examples=300, deadline=None)
+@given(answer=_json, events=st.lists(_json, max_size=6))
+def test_a_malformed_upstream_answer_is_a_502_never_a_crash(answer: Any,
+                                                            events: list[Any]) -> None:
+    for client, upstream in (("openai", "anthropic"), ("anthropic", "openai")):
+        plan = translate.Translation(client, upstream,  # type: ignore[arg-type]
+                                     translate.UpstreamRequest({}))
+        try:
+            json.loads(plan.answer(json.dumps(answer).encode()))
+        except GatewayError as exc:
+            assert exc.status == 502
+        stream = plan.stream()
+        for event in events:
+            payload = json.dumps(event).encode()
+            for raw in (b"data: " + payload + b"\n\n",
+                        b"event: message_start\ndata: " + payload + b"\n\n"):
+                try:
+                    stream.feed(raw)
+                except GatewayError as exc:
+                    assert exc.status == 502

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 import orjson
 
+from ..errors import GatewayError, upstream_failure
 from .answers import (
     answer_to_anthropic,
     answer_to_openai,
@@ -72,23 +73,51 @@ class Translation:
     include_usage: bool = False  # an OpenAI client asked for stream usage
 
     def answer(self, body: bytes) -> bytes:
-        """A successful whole answer in the client's dialect (the upstream's JSON parsed)."""
+        """A successful whole answer in the client's dialect (the upstream's JSON parsed);
+        ``orjson.JSONDecodeError`` for invalid JSON, a 502 ``GatewayError`` for an answer
+        whose shape is not the provider's."""
         answer = orjson.loads(body)
-        if not isinstance(answer, dict):
-            raise orjson.JSONDecodeError("not an object", body.decode("utf-8", "replace"), 0)
-        if self.client == "openai":
-            return orjson.dumps(answer_to_openai(answer, self.request.json_tool))
-        return orjson.dumps(answer_to_anthropic(answer))
+        try:
+            if not isinstance(answer, dict):
+                raise TypeError("not an object")
+            if self.client == "openai":
+                return orjson.dumps(answer_to_openai(answer, self.request.json_tool))
+            return orjson.dumps(answer_to_anthropic(answer))
+        except _MALFORMED:
+            raise _malformed() from None
 
     def stream(self) -> StreamTranslator:
         if self.client == "openai":
-            return AnthropicToOpenAIStream(include_usage=self.include_usage,
-                                           json_tool=self.request.json_tool)
-        return OpenAIToAnthropicStream()
+            return _Guarded(AnthropicToOpenAIStream(include_usage=self.include_usage,
+                                                    json_tool=self.request.json_tool))
+        return _Guarded(OpenAIToAnthropicStream())
 
     def error(self, body: bytes, status: int) -> bytes:
         """The upstream's error body in the client's dialect (same status, same headers)."""
         return error_body(body, status, to=self.client)
+
+
+# What reading a provider-shaped answer of the wrong shape raises (a field of another type).
+_MALFORMED = (AttributeError, KeyError, TypeError, ValueError)
+
+
+def _malformed() -> GatewayError:
+    return upstream_failure(502, "The upstream's answer is not in its API's shape and could "
+                            "not be translated.", "upstream_bad_response")
+
+
+class _Guarded:
+    """A stream translator whose malformed input ends the stream as a 502 error event (the
+    relay writes it in the client's dialect) instead of breaking the connection."""
+
+    def __init__(self, inner: StreamTranslator) -> None:
+        self._inner = inner
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            return self._inner.feed(data)
+        except _MALFORMED:
+            raise _malformed() from None
 
 
 def plan(client: Kind, upstream: Kind, body: dict[str, object], *, default_max_tokens: int,

@@ -43,6 +43,12 @@ def _refuse(field: str, why: str) -> TranslationRefused:
     return TranslationRefused(f"'{field}' {why}", param=field)
 
 
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _refuse(where, "must be a string.")
+    return value
+
+
 def _is_default(value: Any, *defaults: Any) -> bool:
     return value is None or any(value == d and type(value) is type(d) for d in defaults)
 
@@ -105,8 +111,11 @@ def to_anthropic_request(body: dict[str, Any], *, max_tokens: int) -> UpstreamRe
     stop = body.get("stop")
     if isinstance(stop, str):
         out["stop_sequences"] = [stop]
-    elif isinstance(stop, list) and stop:
-        out["stop_sequences"] = stop
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if stop:
+            out["stop_sequences"] = stop
+    elif stop is not None:
+        raise _refuse("stop", "must be a string or an array of strings.")
     if body.get("stream") is True:
         out["stream"] = True
     json_tool = _anthropic_tools(body, out)
@@ -205,9 +214,11 @@ def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                blocks.append({"type": "text", "text": part.get("text", "")})
+                blocks.append({"type": "text", "text": _str(part.get("text"),
+                                                            f"{where}.content.{j}.text")})
             elif kind == "refusal":
-                blocks.append({"type": "text", "text": part.get("refusal", "")})
+                blocks.append({"type": "text", "text": _str(part.get("refusal"),
+                                                            f"{where}.content.{j}.refusal")})
             else:
                 raise _refuse(f"{where}.content.{j}", "must be a text or refusal part.")
     else:
@@ -256,9 +267,9 @@ def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _anthropic_tools(body: dict[str, Any], out: dict[str, Any]) -> str | None:
     tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _refuse("tools", "must be an array.")
     if tools:
-        if not isinstance(tools, list):
-            raise _refuse("tools", "must be an array.")
         out["tools"] = [_anthropic_tool(t, f"tools.{i}") for i, t in enumerate(tools)]
     choice = body.get("tool_choice")
     translated: dict[str, Any] | None = None
@@ -292,7 +303,7 @@ def _anthropic_tool(tool: Any, where: str) -> dict[str, Any]:
         raise _refuse(where, "must be a function tool ({type: function, function: {name, ...}}).")
     out: dict[str, Any] = {"name": fn["name"]}
     if fn.get("description"):
-        out["description"] = fn["description"]
+        out["description"] = _str(fn["description"], f"{where}.function.description")
     # strict: Anthropic validates tool input against the schema anyway; it changes nothing here
     out["input_schema"] = fn.get("parameters") or {"type": "object", "properties": {}}
     return out
@@ -318,7 +329,7 @@ def _json_answer(response_format: Any, out: dict[str, Any]) -> str | None:
             raise _refuse("response_format.json_schema.schema", "must be an object.")
         schema = spec["schema"]
         if spec.get("description"):
-            description = str(spec["description"])
+            description = _str(spec["description"], "response_format.json_schema.description")
     if schema.get("type") != "object":
         raise _refuse("response_format", "must describe a JSON object for this model.")
     out["tools"] = [{"name": JSON_TOOL, "description": description, "input_schema": schema}]
@@ -403,7 +414,7 @@ def _openai_messages(message: dict[str, Any], where: str) -> list[dict[str, Any]
         if kind == "tool_result":
             out.append(_openai_tool_message(block, at))
         elif kind == "text":
-            parts.append({"type": "text", "text": block.get("text", "")})
+            parts.append({"type": "text", "text": _str(block.get("text"), f"{at}.text")})
         elif kind == "image":
             parts.append({"type": "image_url", "image_url": {"url": _image_url(block, at)}})
         else:
@@ -418,7 +429,8 @@ def _openai_messages(message: dict[str, Any], where: str) -> list[dict[str, Any]
 def _image_url(block: dict[str, Any], where: str) -> str:
     source = block.get("source")
     if isinstance(source, dict) and source.get("type") == "base64":
-        return f"data:{source.get('media_type')};base64,{source.get('data')}"
+        media_type = _str(source.get("media_type"), f"{where}.source.media_type")
+        return f"data:{media_type};base64,{_str(source.get('data'), f'{where}.source.data')}"
     if isinstance(source, dict) and source.get("type") == "url" \
             and isinstance(source.get("url"), str):
         return str(source["url"])
@@ -430,12 +442,16 @@ def _openai_assistant(content: list[Any], where: str) -> dict[str, Any]:
     calls: list[dict[str, Any]] = []
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
+        at = f"{where}.content.{j}"
         if kind == "text":
-            texts.append(block.get("text", ""))
+            texts.append(_str(block.get("text"), f"{at}.text"))
         elif kind == "tool_use":
-            calls.append({"id": block.get("id"), "type": "function",
-                          "function": {"name": block.get("name"),
-                                       "arguments": orjson.dumps(block.get("input", {})).decode()}})
+            arguments = block.get("input", {})
+            if not isinstance(arguments, dict):
+                raise _refuse(f"{at}.input", "must be an object.")
+            calls.append({"id": _str(block.get("id"), f"{at}.id"), "type": "function",
+                          "function": {"name": _str(block.get("name"), f"{at}.name"),
+                                       "arguments": orjson.dumps(arguments).decode()}})
         elif kind in ("thinking", "redacted_thinking"):
             continue  # the model's earlier reasoning: OpenAI's API has no place for it
         else:
@@ -457,11 +473,14 @@ def _openai_tool_message(block: dict[str, Any], where: str) -> dict[str, Any]:
         raise _refuse(f"{where}.content", "must be a string or text blocks.")
     # is_error has no field in OpenAI's tool message; the error text itself still reaches the
     # model, which is what it acts on.
-    return {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": content}
+    return {"role": "tool", "tool_call_id": _str(block.get("tool_use_id"), f"{where}.tool_use_id"),
+            "content": content}
 
 
 def _openai_tools(body: dict[str, Any], out: dict[str, Any]) -> None:
     tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _refuse("tools", "must be an array.")
     if tools:
         translated = []
         for i, tool in enumerate(tools):
@@ -471,7 +490,7 @@ def _openai_tools(body: dict[str, Any], out: dict[str, Any]) -> None:
                               "completions API; only client tools with an input_schema can.")
             fn: dict[str, Any] = {"name": tool["name"]}
             if tool.get("description"):
-                fn["description"] = tool["description"]
+                fn["description"] = _str(tool["description"], f"tools.{i}.description")
             fn["parameters"] = tool.get("input_schema") or {"type": "object", "properties": {}}
             translated.append({"type": "function", "function": fn})
         out["tools"] = translated
