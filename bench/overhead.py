@@ -82,6 +82,10 @@ def main() -> int:
     parser.add_argument("--gateway-ref", metavar="REF",
                         help="measure this commit (git archive of gateway/) instead of the "
                         "working tree, e.g. HEAD")
+    parser.add_argument("--baseline-ref", metavar="REF",
+                        help="also measure the gateway of this commit (e.g. main) in the same "
+                        "rounds of (a), as variant 'baseline': throughput and CPU per request "
+                        "of the gateway under test relative to it")
     parser.add_argument("--trace-sample-ratio", type=float, default=0.1,
                         help="share of traces the 'observed' gateway samples (OTEL_TRACES_"
                         "SAMPLER_ARG); 1 traces every request")
@@ -95,8 +99,9 @@ def main() -> int:
     if args.rounds < 1 or args.duration <= 0 or args.concurrency < 1 or args.rate <= 0:
         parser.error("rounds, duration, concurrency and rate must be positive")
 
-    variants = LATENCY_VARIANTS + ((), OBSERVABILITY_VARIANTS)[not args.no_observability] \
-        + ((), TRANSLATED_VARIANTS)[not args.no_translated]
+    variants = LATENCY_VARIANTS + ((), OBSERVABILITY_VARIANTS)[not args.no_observability]
+    variants += ("baseline",) if args.baseline_ref else ()
+    variants += ((), TRANSLATED_VARIANTS)[not args.no_translated]
 
     bl.exit_on_sigterm()
     bl.raise_nofile()
@@ -155,6 +160,18 @@ def main() -> int:
                 urls[name] = f"http://127.0.0.1:{port}{PATH}"
                 server_pid[name] = proc.pid
             bl.wait_http(f"http://127.0.0.1:{sink_port}/healthz", procs=procs)
+        if args.baseline_ref:
+            (tmpdir / "baseline").mkdir()
+            base_source = bl.GatewaySource(args.baseline_ref, tmpdir / "baseline")
+            header.append(f"baseline: {base_source.describe}")
+            port = bl.free_port()
+            proc = procs.start("baseline", [
+                *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
+                "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", args.gateway_log_level,
+            ], stderr=subprocess.DEVNULL, cwd=base_source.cwd, env=base_source.env)
+            urls["baseline"] = f"http://127.0.0.1:{port}{PATH}"
+            server_pid["baseline"] = proc.pid
         if not args.no_translated:
             # The same policy, its one deployment Anthropic-kind: every request is translated.
             translated = yaml.safe_load(config.read_text(encoding="utf-8"))
@@ -396,6 +413,9 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
     if "observed" in closed:
         lines.append("")
         lines.append(_observability_report(args, closed))
+    if "baseline" in closed:
+        lines.append("")
+        lines.append(_baseline_report(args, closed))
     if "translated" in closed:
         lines.append("")
         lines.append(_translation_report(closed))
@@ -403,6 +423,25 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
         lines.append("")
         lines.append(f"gateway log: {len(problems)} warning/error line(s), first: {problems[0]}")
     return "\n".join(lines)
+
+
+def _baseline_report(args: argparse.Namespace,
+                     closed: dict[str, list[dict[str, Any]]]) -> str:
+    """The gateway under test against --baseline-ref, from the same rounds of (a)."""
+    def cpu_per_request(r: dict[str, Any]) -> float:
+        return r["cpu_server"] / r["rps"] if r["rps"] else float("nan")
+
+    rps = [g["rps"] / b["rps"] if b["rps"] else float("nan")
+           for g, b in zip(closed["gateway"], closed["baseline"])]
+    cpu = [cpu_per_request(g) / cpu_per_request(b)
+           for g, b in zip(closed["gateway"], closed["baseline"])]
+    return "\n".join([
+        f"(d) against the baseline ({args.baseline_ref}), same rounds of (a)",
+        (f"  gateway/baseline throughput: {bl.median(rps):.3f} (per round "
+         f"{', '.join(f'{x:.3f}' for x in rps)})"),
+        (f"  gateway/baseline CPU per request: {bl.median(cpu):.3f} (per round "
+         f"{', '.join(f'{x:.3f}' for x in cpu)}); 1.05 = 5 % more per request"),
+    ])
 
 
 def _observability_report(args: argparse.Namespace,

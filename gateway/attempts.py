@@ -13,6 +13,7 @@ Rules that matter to users:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from .breaker import Trial
 from .classify import ProxyCall
 from .context import AttemptRecord, Policy, RequestRecord, Services
 from .deadlines import Deadline, deadline_exceeded
-from .errors import GatewayError
+from .errors import GatewayError, UpstreamTimeout, retry_headers
 from .relay import is_event_stream, relay_stream, relay_whole, upstream_answer
 from .retry import AttemptFailure, decide_retry, gave_up_headers
 from .translate import Translation
@@ -149,7 +150,7 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
             await asyncio.sleep(decision.delay_s)
         left = ctx.deadline.remaining(svc.clock())
         if left <= 0:
-            raise deadline_exceeded(left, 0.0)
+            raise deadline_exceeded(left, 0.0, ctx.deadline.describe())
 
 
 async def _permit(ctx: CallContext, label: str, ask: AdmissionRequest, *, first: bool,
@@ -176,7 +177,8 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
     svc.tracing.inject(extra)  # traceparent of this attempt's span
     attempt = ctx.policy.upstreams.attempt(
         ctx.call, target, ctx.request_headers, record.request_id, deadline=ctx.deadline.at,
-        extra_headers=extra,
+        extra_headers=extra, deadline_cause=ctx.deadline.describe(),
+        client_deadline=ctx.deadline.client_set,
     )
     outcome, ttft, log = "ignore", None, AttemptRecord(target.label, "cancelled", 0.0)
     record.attempt_log.append(log)
@@ -196,8 +198,18 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                 trial.success(log.first_byte_s)
                 svc.retry_budget.record_success(target.label)
                 outcome, log.outcome = "success", "success"
-                return await _relay(ctx, attempt), None
-            body = await attempt.read_body()
+                try:
+                    return await _relay(ctx, attempt), None
+                except GatewayError as exc:
+                    # A whole answer broke off after its headers (cut, idle/total timeout, bad
+                    # body). The upstream did the work and may bill it, so the gateway does not
+                    # call again, and says so: SDK retries would multiply the calls the same way.
+                    exc.headers = {**exc.headers, **_after_attempts(exc, record.attempts)}
+                    raise
+            try:
+                body = await attempt.read_body()
+            except GatewayError:  # the error body broke off: judged by its status alone
+                body = b""
             failure = AttemptFailure.from_response(upstream.status, upstream.headers, body,
                                                    now_epoch_s=time.time())
             if upstream.status == 429:
@@ -230,6 +242,7 @@ async def _relay(ctx: CallContext, attempt: UpstreamAttempt) -> web.StreamRespon
         handle = ctx.svc.guard.streams.open()
         try:
             return await relay_stream(ctx.request, ctx.call, attempt, ctx.record, ctx.headers,
+                                      ctx.policy.config.server.client_write_idle_s,
                                       translation)
         finally:
             handle.release()
@@ -244,22 +257,37 @@ def _give_up(ctx: CallContext, last: _Failed, tried: list[str], *,
     if gave_up and tried:
         extra.update(gave_up_headers(len(tried)))
     if last.error is not None:
+        if gave_up and tried:
+            extra.update(_after_attempts(last.error, len(tried)))
         last.error.headers = {**last.error.headers, **extra}
         _raise_kept(last)
     ctx.record.status = last.status
     body = last.body
     if last.translation is not None and last.content_type.endswith("json"):
         body = last.translation.error(body, last.status)  # same status, same headers
-    return upstream_answer(ctx.record.deployment or "", last.status, last.content_type,
-                           last.headers or {}, body, extra)
+    try:
+        return upstream_answer(ctx.record.deployment or "", last.status, last.content_type,
+                               last.headers or {}, body, extra)
+    except GatewayError as exc:  # the upstream's answer was unusable (non-JSON, auth): a 502
+        exc.headers = {**exc.headers, **extra}
+        raise
+
+
+def _after_attempts(error: GatewayError, attempts: int) -> dict[str, str]:
+    """Headers for a gateway error answered after ``attempts`` calls: SDKs must not retry on
+    top, except when the client's own deadline ran out (a client-side timeout would have
+    been retried, so this stays retryable)."""
+    headers = gave_up_headers(attempts)
+    if isinstance(error, UpstreamTimeout) and error.client_deadline:
+        headers["x-should-retry"] = "true"
+    return headers
 
 
 def _quota_spent(label: str, retry_after_s: float) -> _Failed:
-    wait_ms = max(1, min(60_000, round(retry_after_s * 1000)))
+    wait_ms = max(1, math.ceil(retry_after_s * 1000))
     error = GatewayError(
         429, f"The provider quota of {label} is used up for now; retry in {wait_ms} ms.",
-        type="rate_limit_error", code="rate_limit_exceeded",
-        headers={"Retry-After": str(max(1, -(-wait_ms // 1000))), "retry-after-ms": str(wait_ms)},
+        type="rate_limit_error", code="rate_limit_exceeded", headers=retry_headers(wait_ms),
     )
     return _Failed(AttemptFailure.from_response(429, {"retry-after-ms": str(wait_ms)}), error)
 

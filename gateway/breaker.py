@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -46,7 +45,7 @@ from gateway.breaker_deployment import (
 )
 from gateway.breaker_fleet import _LOCAL_SLOT, FleetSync, _key
 from gateway.breaker_policy import BreakerPolicy
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, retry_headers
 from gateway.state.base import StateBackend
 
 log = logging.getLogger(__name__)
@@ -181,8 +180,7 @@ class BreakerBoard(FleetSync):
         return GatewayError(
             503, "Every deployment of this model is temporarily unavailable; retry later.",
             type="upstream_error", code="upstream_unavailable",
-            headers={"Retry-After": str(max(1, math.ceil(wait))),
-                     "retry-after-ms": str(max(1, round(wait * 1000)))},
+            headers=retry_headers(wait * 1000),
         )
 
     async def begin(self, deployment: str) -> Trial | None:

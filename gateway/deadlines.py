@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .admission_policy import AdmissionPolicy
@@ -35,13 +35,15 @@ _SECONDS = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)$")
 _MIN_UPSTREAM_BUDGET_S = 0.001
 
 
-def deadline_exceeded(left_s: float, expected_ttft_s: float) -> GatewayError:
+def deadline_exceeded(left_s: float, expected_ttft_s: float,
+                      cause: str = "the request's deadline") -> GatewayError:
     """504 ``deadline_exceeded`` for a request with ``left_s`` seconds left that expects its
-    first byte after ``expected_ttft_s``; the SDK must not retry what cannot finish in time."""
+    first byte after ``expected_ttft_s``; the SDK must not retry what cannot finish in time.
+    ``cause`` names the deadline (``Deadline.describe``)."""
     return GatewayError(
         504,
-        f"The request's deadline cannot be met: {max(0.0, left_s):.3f} s left, the first byte "
-        f"is expected after {expected_ttft_s:.3f} s.",
+        f"{cause[0].upper()}{cause[1:]} cannot be met: {max(0.0, left_s):.3f} s left, the "
+        f"first byte is expected after {expected_ttft_s:.3f} s.",
         type="timeout_error", code="deadline_exceeded", headers={"x-should-retry": "false"},
     )
 
@@ -52,6 +54,23 @@ class Deadline:
 
     at: float
     source: DeadlineSource
+    seconds: float = field(default=0.0, compare=False)  # as asked (or the default), after caps
+    capped: bool = field(default=False, compare=False)  # a cap was tighter than the ask
+
+    @property
+    def client_set(self) -> bool:
+        """The client's own deadline: running out of it is what a client-side timeout would
+        have been, and the client may retry it as such."""
+        return self.source != "default" and not self.capped
+
+    def describe(self) -> str:
+        """The bound in words, with its number: for messages that say which bound ran out."""
+        if self.client_set:
+            header = "X-Request-Timeout" if self.source == "x-request-timeout" else self.source
+            return f"the request's own deadline ({header}: {self.seconds:g} s)"
+        if self.capped:
+            return f"the gateway's deadline cap ({self.seconds:g} s)"
+        return f"the gateway's default deadline for this class of request ({self.seconds:g} s)"
 
     def remaining(self, now: float) -> float:
         """Seconds left (negative once passed)."""
@@ -64,7 +83,7 @@ class Deadline:
     def check(self, now: float, expected_ttft: float) -> None:
         """Raise 504 ``deadline_exceeded`` when not ``feasible``."""
         if not self.feasible(now, expected_ttft):
-            raise deadline_exceeded(self.remaining(now), expected_ttft)
+            raise deadline_exceeded(self.remaining(now), expected_ttft, self.describe())
 
     def bound(self, now: float, timeout_s: float) -> float:
         """A configured upstream timeout, shortened to the remaining budget (never negative)."""
@@ -106,4 +125,5 @@ def request_deadline(
     seconds, source = min(asked) if asked else (
         policy.classes.of(priority).default_deadline_s, "default"
     )
-    return Deadline(now + min(seconds, policy.deadline_cap_s(tenant)), source)
+    cap = policy.deadline_cap_s(tenant)
+    return Deadline(now + min(seconds, cap), source, min(seconds, cap), cap < seconds)

@@ -42,8 +42,9 @@ from .deferred_hold import hold_from_json, hold_to_json, refund
 from .deferred_policy import DeferredPolicy
 from .deferred_run import DeferredRunner, free_low_slots
 from .deferred_store import Claim, DeferredStore, Fields, QueueFull
-from .errors import GatewayError
+from .errors import GatewayError, retry_headers
 from .jsonbytes import dumps_kept
+from .limits_policy import Degraded
 from .metrics import GatewayMetrics
 from .state import StateUnavailable
 from .upstream import FORWARDED_REQUEST_HEADERS
@@ -61,6 +62,9 @@ SWEEP_HEAD = 20  # oldest entries looked at per tenant and sweep
 _ID = re.compile(r"^dfr_[0-9a-f]{32}$")
 _STORED_HEADERS = frozenset({*FORWARDED_REQUEST_HEADERS, "x-priority", "x-agent-session",
                              "x-agent-step"})
+
+# How often the store is looked at again while unreachable, when no policy is at hand.
+_PROBE_INTERVAL_S: float = Degraded.model_fields["probe_interval_s"].default
 
 
 def prefers_async(headers: Mapping[str, str]) -> bool:
@@ -143,7 +147,7 @@ class DeferredService:
         record.limits_s = self._svc.clock() - began
         if hold.mode not in ("global", "none"):
             await refund(policy.limiter, hold)
-            raise unavailable()
+            raise unavailable(config.state.degraded.probe_interval_s)
         fields = {
             "tenant": tenant.encode(), "route": call.route.path.encode(),
             "model": call.model.encode(), "body": dumps_kept(call.body),
@@ -158,14 +162,17 @@ class DeferredService:
             await refund(policy.limiter, hold)
             raise GatewayError(
                 429, f"Tenant {tenant} already has {exc.depth} deferred requests waiting (limit "
-                f"{settings.max_queued}); submit more when some have finished.",
+                f"{settings.max_queued}); submit more when some have finished (GET "
+                "/v1/deferred/{id} tells when).",
                 type="rate_limit_error", code="deferred_queue_full",
-                headers={**hold.headers, "Retry-After": "30", "x-should-retry": "false"},
+                # When a slot frees depends on runs at the providers' pace, which nobody can
+                # promise: no Retry-After rather than an invented one, and no SDK retry.
+                headers={**hold.headers, **retry_headers(None)},
             ) from None
         except StateUnavailable as exc:
             await refund(policy.limiter, hold)
             self._log_error("deferred submit failed", exc)
-            raise unavailable() from None
+            raise unavailable(config.state.degraded.probe_interval_s) from None
         self._metrics.deferred_submitted(tenant, via)
         self._wake.set()
         record.status = 202
@@ -387,9 +394,11 @@ def _labels(policy: Policy) -> list[str]:
     return sorted({d.label for m in policy.config.models.values() for d in m.deployments})
 
 
-def unavailable() -> GatewayError:
+def unavailable(probe_interval_s: float = _PROBE_INTERVAL_S) -> GatewayError:
+    """503 while the queue's store is unreachable; the gateway looks at the store again every
+    ``probe_interval_s`` (``state.degraded.probe_interval_s``): a retry can succeed then."""
     return GatewayError(
         503, "Deferred requests are unavailable now: the queue cannot be reached; retry later "
         "or send the request without Prefer: respond-async.", type="server_error",
-        code="deferred_unavailable", headers={"Retry-After": "5"},
+        code="deferred_unavailable", headers=retry_headers(probe_interval_s * 1000),
     )

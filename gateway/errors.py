@@ -13,6 +13,7 @@ error event in the same dialect instead.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import orjson
@@ -77,6 +78,17 @@ class GatewayError(Exception):
         return b"data: " + self.body(dialect) + b"\n\n"
 
 
+class UpstreamTimeout(GatewayError):
+    """504: a bound ran out while waiting for the upstream. ``client_deadline``: the bound was
+    the client's own deadline, so the answer is what a client-side timeout would have been
+    and the client may retry it (``x-should-retry`` is not set to false)."""
+
+    def __init__(self, message: str, code: str, *, client_deadline: bool = False) -> None:
+        super().__init__(504, message, type="timeout_error", code=code,
+                         headers={"x-should-retry": "true"} if client_deadline else None)
+        self.client_deadline = client_deadline
+
+
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> GatewayError:
     return GatewayError(400, message, param=param, code=code)
 
@@ -97,3 +109,27 @@ def upstream_failure(status: int, message: str, code: str) -> GatewayError:
     """The upstream could not be reached or answered unusably (502/504)."""
     kind = "timeout_error" if status == 504 else "upstream_error"
     return GatewayError(status, message, type=kind, code=code)
+
+
+# Longest wait an SDK is told to sleep through: the openai SDK ignores (and stops on) a
+# Retry-After above 2 minutes, the anthropic SDK sleeps through any value. Beyond this the
+# answer says ``x-should-retry: false`` and still carries the true Retry-After for the caller.
+SDK_WAIT_MAX_MS = 60_000
+
+
+def retry_headers(wait_ms: float | None) -> dict[str, str]:
+    """The headers that tell a client when a retry can succeed.
+
+    ``wait_ms``: the earliest time a retry can succeed, from now; ``Retry-After`` is it in
+    whole seconds rounded up and ``retry-after-ms`` in milliseconds (which the SDKs prefer).
+    Beyond ``SDK_WAIT_MAX_MS`` no SDK should sleep for it: ``x-should-retry: false`` as
+    well. ``None``: no retry can ever succeed (the request alone is larger than a limit),
+    so only ``x-should-retry: false``.
+    """
+    if wait_ms is None:
+        return {"x-should-retry": "false"}
+    ms = max(1, math.ceil(round(wait_ms, 3)))  # 700.0000000001 ms is 700 ms
+    headers = {"Retry-After": str(max(1, math.ceil(ms / 1000))), "retry-after-ms": str(ms)}
+    if ms > SDK_WAIT_MAX_MS:
+        headers["x-should-retry"] = "false"
+    return headers

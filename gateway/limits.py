@@ -18,7 +18,10 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fractions import Fraction
 from typing import Any
 
 import orjson
@@ -26,13 +29,15 @@ import orjson
 from .classify import ProxyCall, reserved_output_tokens
 from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
-from .errors import GatewayError
-from .limits_policy import RateLimits
+from .errors import GatewayError, retry_headers
+from .leases import LeaseBoard
+from .limits_policy import CacheReads, RateLimits
 from .periods import period_keys
 from .ratelimit import (
     AdmitPlan,
     AdmitResult,
     Check,
+    CheckResult,
     Counter,
     Gcra,
     Lease,
@@ -40,7 +45,7 @@ from .ratelimit import (
     SettlePlan,
 )
 from .state import StateBackend, StateUnavailable
-from .streaming import Usage
+from .usage import Usage, reservation_cost_micros
 
 log = logging.getLogger("gateway.limits")
 LEASE_TTL_MS = 60_000  # renewed every 20 s while the request runs
@@ -49,7 +54,22 @@ HOLD_TTL_MS = 30 * 60_000  # a settlement delayed longer than this charges in fu
 # The cost is one small key per request for this long (~60 MB of Redis at 1,000 req/s).
 DONE_TTL_MS = 10 * 60_000
 SETTLE_BATCH_MAX = 64  # settlements per Redis pipeline: well inside one call's deadline
-MAX_RETRY_AFTER_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Counting:
+    """Whether a request's cache reads count against its token limits, decided at admission
+    (``cache_reads`` of the tenant's limits and budget, by the route's provider kind)."""
+
+    rate_cache_reads: bool = True  # tokens_per_minute buckets
+    budget_cache_reads: bool = True  # daily / monthly token budgets
+
+
+def counts_cache_reads(setting: CacheReads, provider_kind: str) -> bool:
+    """``auto``: what the provider's own limit does (docs/architecture.md#accounting)."""
+    if setting == "auto":
+        return provider_kind != "anthropic"
+    return setting == "count"
 
 
 @dataclass(slots=True)
@@ -64,6 +84,7 @@ class Hold:
     leases: tuple[str, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    counting: Counting = Counting()
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
@@ -76,8 +97,10 @@ class InFlight:
     """Work that outlives one version of the policy: the leases of running requests (renewed
     in the background) and settlements not yet written. A reload swaps the Limiter, not this."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.leases: dict[str, tuple[str, ...]] = {}
+        # Start times and typical durations of the leases held here, and their waiters.
+        self.lease_board = LeaseBoard(clock)
         self.settling: set[asyncio.Task[None]] = set()
         # Settlements waiting for this loop iteration's batch (``Limiter.settle_soon``).
         self.batch: list[tuple[Hold, Usage, int]] = []
@@ -92,56 +115,134 @@ class Limiter:
     """Admission and settlement of tenant limits and budgets against the state backend."""
 
     def __init__(self, config: GatewayConfig, state: StateBackend, degraded: DegradedMode,
-                 wall_clock: Any, inflight: InFlight | None = None) -> None:
+                 wall_clock: Any, inflight: InFlight | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
         self._state = state
         self.degraded = degraded
         self._wall_clock = wall_clock  # seconds since the epoch: budget periods are UTC dates
-        inflight = inflight or InFlight()
+        self._clock = clock  # monotonic: waiting for a lease, lease durations
+        inflight = inflight or InFlight(clock)
+        self._lease_board = inflight.lease_board
         self._active_leases = inflight.leases
         self._settling = inflight.settling
         self._inflight = inflight
         self._budgets = inflight.budgets
 
     async def admit(self, call: ProxyCall, request_id: str, *, lease: bool = True,
-                    hold_ttl_ms: int = HOLD_TTL_MS) -> Hold:
+                    hold_ttl_ms: int = HOLD_TTL_MS, deadline: float | None = None,
+                    client_retry: bool = False) -> Hold:
         """``lease=False`` and a longer ``hold_ttl_ms``: a deferred entry (gateway/deferred.py)
-        holds no concurrency slot while queued, and its reservation is refundable for its life."""
+        holds no concurrency slot while queued, and its reservation is refundable for its life.
+
+        A request refused only for want of a concurrency slot waits for one up to the tenant's
+        ``concurrency_wait_s``, never past ``deadline`` (monotonic seconds, the clock this
+        Limiter was given); the uncontended path makes exactly one store call.
+        ``client_retry``: the SDK marks this as a retry of a failed call, which the loop
+        guard does not count as a repeat."""
         tenant = self._config.tenants[call.tenant.name]
         model = self._config.models[call.model]
         max_out = reservation_max_tokens(call, tenant, model)
         tokens = call.prompt_tokens_estimate + max_out
-        cost = call.prompt_tokens_estimate * model.price.input_per_million + \
-            max_out * model.price.output_per_million
-        cost_units = math.ceil(cost)  # tokens x price per million = micro-units
-        checks, meta = self._checks(call, tenant, tokens, cost_units, lease)
+        cost_units = reservation_cost_micros(call.prompt_tokens_estimate, max_out,
+                                             model.price.rates)
+        kind = call.route.provider_kind
+        counting = Counting(counts_cache_reads(tenant.limits.cache_reads, kind),
+                            counts_cache_reads(tenant.budget.cache_reads, kind))
+        planned_at = self._wall_clock()  # budget resets in the plan count from here
+        checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry)
         if not checks:
-            return Hold(request_id, "none", tokens, cost_units, None)
+            return Hold(request_id, "none", tokens, cost_units, None, counting=counting)
         t = _tag(call.tenant.name)
         plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", hold_ttl_ms)
         settle_plan = _settle_plan(plan)
         leases = tuple(c.key for c in checks if isinstance(c, Lease))
-        if self.degraded.active:
-            result = self.degraded.admit(plan, call.priority.name)
-            mode = self.degraded.action_for(call.priority.name)
-        else:
-            try:
-                began = time.monotonic()
-                result = await self._state.admit(plan)
-                self.degraded.last_latency_s = time.monotonic() - began
-                mode = "global"
-            except StateUnavailable as exc:
-                self.degraded.enter(str(exc))
-                result = self.degraded.admit(plan, call.priority.name)
-                mode = self.degraded.action_for(call.priority.name)
-        hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases)
+        result, mode = await self._run(plan, call.priority.name)
+        waiting_for = _leases_only(plan, result)
+        if waiting_for and self._room_to_wait(plan, waiting_for):
+            wait_s = tenant.limits.concurrency_wait_s
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - self._clock())
+            if wait_s > 0:
+                result, mode = await self._wait_for_lease(plan, call.priority.name,
+                                                          waiting_for, wait_s, result, mode)
+        hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases,
+                    counting=counting)
         hold.headers = _headers(plan, result, tenant)
         self._remember_budgets(call.tenant.name, plan, result)
         if not result.allowed:
-            raise _refusal(plan.checks[result.failed], result, meta, hold.headers)
-        if leases and mode == "global":
-            self._active_leases[request_id] = leases
+            index, wait_ms = self._longest_wait(plan, result)
+            raise _refusal(plan.checks[index], result.results[index], meta.get(index, ""),
+                           hold.headers, planned_at, wait_ms)
+        if leases:
+            self._lease_board.started(request_id, leases)
+            if mode == "global":
+                self._active_leases[request_id] = leases
         return hold
+
+    def _longest_wait(self, plan: AdmitPlan, result: AdmitResult) -> tuple[int, float]:
+        """The failed check a retry has to wait for longest (a retry succeeds only once every
+        one of them passes), and that wait in ms (``inf``: no wait is long enough)."""
+        best, longest = result.failed, -1.0
+        for i, (check, res) in enumerate(zip(plan.checks, result.results)):
+            if res.allowed or check.shadow:
+                continue
+            wait = self._wait_ms(check, res)
+            if wait > longest:
+                best, longest = i, wait
+        return best, longest
+
+    def _wait_ms(self, check: Check, res: CheckResult) -> float:
+        if isinstance(check, Counter):
+            return math.inf if check.cost > check.limit else float(res.reset_ms)
+        if isinstance(check, Gcra):
+            return math.inf if check.cost > check.burst else float(max(1, res.retry_after_ms))
+        if isinstance(check, Lease):
+            # The store only knows when a lease would expire (a crashed holder's, 60 s); the
+            # board knows how long this scope's requests run: a slot is expected to free then.
+            expected = math.ceil(round(self._lease_board.expected_wait_s(check.key) * 1000, 3))
+            return float(min(max(1, res.retry_after_ms), expected))
+        return float(max(1, res.retry_after_ms))  # Repeat: until the window lets one through
+
+    async def _run(self, plan: AdmitPlan, priority: str) -> tuple[AdmitResult, str]:
+        """The plan evaluated once: in the store, or by the degraded mode's action."""
+        if self.degraded.active:
+            return self.degraded.admit(plan, priority), self.degraded.action_for(priority)
+        try:
+            began = time.monotonic()
+            result = await self._state.admit(plan)
+            self.degraded.last_latency_s = time.monotonic() - began
+            self.degraded.remember(plan, result)  # what degraded mode starts from
+            return result, "global"
+        except StateUnavailable as exc:
+            self.degraded.enter(str(exc))
+            return self.degraded.admit(plan, priority), self.degraded.action_for(priority)
+
+    def _room_to_wait(self, plan: AdmitPlan, keys: tuple[str, ...]) -> bool:
+        """At most as many requests wait here per scope as it has slots: more could not be
+        served within a brief wait anyway, and each waiter costs a few store calls (a tenant
+        flooding its limit must not multiply its load on the store)."""
+        limits = {c.key: c.max for c in plan.checks if isinstance(c, Lease)}
+        return all(self._lease_board.waiting(key) < limits[key] for key in keys)
+
+    async def _wait_for_lease(self, plan: AdmitPlan, priority: str, keys: tuple[str, ...],
+                              wait_s: float, result: AdmitResult, mode: str) -> tuple[
+        AdmitResult, str
+    ]:
+        """Ask again whenever a lease of ``keys`` is released on this replica, and on a
+        schedule (50 ms doubling to 250 ms) for releases on other replicas, until admitted,
+        refused for another reason, or ``wait_s`` is over."""
+        end = self._clock() + wait_s
+        pause = 0.05
+        while keys:
+            left = end - self._clock()
+            if left <= 0:
+                break
+            await self._lease_board.wait_release(keys, min(pause, left))
+            pause = min(pause * 2, 0.25)
+            result, mode = await self._run(plan, priority)
+            keys = _leases_only(plan, result)
+        return result, mode
 
     def _remember_budgets(self, tenant: str, plan: AdmitPlan, result: AdmitResult) -> None:
         for check, res in zip(plan.checks, result.results):
@@ -154,7 +255,9 @@ class Limiter:
                 }
 
     def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int,
-                lease: bool = True) -> tuple[list[Check], dict[int, str]]:
+                lease: bool = True, client_retry: bool = False) -> tuple[
+        list[Check], dict[int, str]
+    ]:
         t = _tag(call.tenant.name)
         checks: list[Check] = []
         scopes: dict[int, str] = {}  # check index -> what it limits, for messages
@@ -190,10 +293,16 @@ class Limiter:
                             name=f"{period} {unit} budget", shadow=budget.shadow),
                     f"tenant {call.tenant.name}")
         guard = tenant.loop_guard
-        if guard.enabled:
-            add(Repeat(f"rl:{t}:loop:{_fingerprint(call)}", guard.max_repeats,
-                       int(guard.window_s * 1000), shadow=guard.shadow),
-                f"tenant {call.tenant.name}")
+        if guard.enabled and not client_retry and _may_repeat(call.body):
+            if guard.scope == "tenant":
+                add(Repeat(f"rl:{t}:loop:{_fingerprint(call)}", guard.max_repeats,
+                           int(guard.window_s * 1000), shadow=guard.shadow),
+                    f"tenant {call.tenant.name}")
+            elif call.agent_session:
+                sid = hashlib.sha256(call.agent_session.encode()).hexdigest()[:16]
+                add(Repeat(f"rl:{t}:s:{sid}:loop:{_fingerprint(call)}", guard.max_repeats,
+                           int(guard.window_s * 1000), shadow=guard.shadow),
+                    "this agent session")
         return checks, scopes
 
     def settle_soon(self, hold: Hold, usage: Usage, cost_units: int) -> None:
@@ -240,12 +349,15 @@ class Limiter:
             return None
         hold.settled = True
         self._active_leases.pop(hold.request_id, None)
+        self._lease_board.finished(hold.request_id)
         if hold.settle_plan is None:
             return None
-        plan = _with_actuals(hold.settle_plan, usage.input_tokens + usage.output_tokens,
-                             cost_units)
+        counting = hold.counting
+        plan = _with_actuals(hold.settle_plan, usage.limit_tokens(counting.rate_cache_reads),
+                             usage.limit_tokens(counting.budget_cache_reads), cost_units)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
+            self._lease_board.released(plan.leases)
             return None
         return plan
 
@@ -256,6 +368,9 @@ class Limiter:
             self.degraded.enter(str(exc))
             for plan in plans:  # replayed on recovery; settling twice is a no-op
                 self.degraded.journal(plan)
+        finally:
+            # Requests waiting for one of these slots ask the store again now.
+            self._lease_board.released(key for plan in plans for key in plan.leases)
 
     async def renew_leases(self) -> None:
         """Keep the concurrency slots of long-running requests (called every ~20 s)."""
@@ -278,21 +393,34 @@ def _tag(tenant: str) -> str:
 def _rate_checks(limits: RateLimits, prefix: str, tokens: int, add: Any, scope: str) -> None:
     if limits.requests_per_minute:
         rpm = limits.requests_per_minute
-        add(Gcra(prefix + "req", 60_000 / rpm, limits.request_burst or max(1, rpm // 10), 1,
-                 "requests", limits.shadow), scope)
+        add(Gcra(prefix + "req", Fraction(60_000, rpm),
+                 limits.request_burst or max(1, rpm // 10), 1, "requests", limits.shadow), scope)
     if limits.tokens_per_minute and tokens:
         tpm = limits.tokens_per_minute
-        add(Gcra(prefix + "tok", 60_000 / tpm, limits.token_burst or tpm, tokens, "tokens",
-                 limits.shadow), scope)
+        add(Gcra(prefix + "tok", Fraction(60_000, tpm), limits.token_burst or tpm, tokens,
+                 "tokens", limits.shadow), scope)
     if limits.max_concurrent:
         add(Lease(prefix + "conc", limits.max_concurrent, LEASE_TTL_MS, "concurrent requests",
                   limits.shadow), scope)
 
 
+def _may_repeat(body: dict[str, Any]) -> bool:
+    """Whether an identical request counts toward the loop guard: one asking for several
+    choices (``n`` > 1) wants different answers on purpose."""
+    n = body.get("n")
+    return not (isinstance(n, int) and not isinstance(n, bool) and n > 1)
+
+
 def _fingerprint(call: ProxyCall) -> str:
+    """What makes two requests "the same" for the loop guard (docs/architecture.md): the
+    model and the prompt, plus the seed of a sampled request (temperature absent or not 0),
+    since a new seed asks for a new answer. Nothing else of the body counts."""
     body = call.body
     content = [body.get(k) for k in ("messages", "prompt", "input", "system")]
-    raw = orjson.dumps([call.model, content], option=orjson.OPT_SORT_KEYS)
+    temperature = body.get("temperature")
+    sampled = not (isinstance(temperature, int | float) and temperature == 0)
+    seed = body.get("seed") if sampled else None
+    raw = orjson.dumps([call.model, content, seed], option=orjson.OPT_SORT_KEYS)
     return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
 
@@ -306,13 +434,15 @@ def _settle_plan(plan: AdmitPlan) -> SettlePlan:
     return SettlePlan(plan.request_id, done, plan.hold_key, DONE_TTL_MS, gcra, counters, leases)
 
 
-def _with_actuals(plan: SettlePlan, tokens: int, cost_units: int) -> SettlePlan:
+def _with_actuals(plan: SettlePlan, rate_tokens: int, budget_tokens: int,
+                  cost_units: int) -> SettlePlan:
     """The same plan with each reservation's actual amount filled in."""
     counters = tuple(
-        (key, reserved, cost_units if ":b:cost:" in key else tokens, ttl)
+        (key, reserved, cost_units if ":b:cost:" in key else budget_tokens, ttl)
         for key, reserved, _, ttl in plan.counters
     )
-    gcra = tuple((key, interval, reserved, tokens) for key, interval, reserved, _ in plan.gcra)
+    gcra = tuple((key, interval, reserved, rate_tokens)
+                 for key, interval, reserved, _ in plan.gcra)
     return SettlePlan(plan.request_id, plan.done_key, plan.hold_key, plan.done_ttl_ms, gcra,
                       counters, plan.leases)
 
@@ -338,28 +468,41 @@ def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant) -> dict[str, 
     return headers
 
 
-def _refusal(check: Check, result: AdmitResult, scopes: dict[int, str],
-             headers: dict[str, str]) -> GatewayError:
-    index = result.failed
-    res = result.results[index]
-    scope = scopes.get(index, "")
-    wait_ms = min(max(res.retry_after_ms, 1), MAX_RETRY_AFTER_S * 1000)
-    out = {**headers, "Retry-After": str(max(1, math.ceil(wait_ms / 1000))),
-           "retry-after-ms": str(wait_ms)}
+def _leases_only(plan: AdmitPlan, result: AdmitResult) -> tuple[str, ...]:
+    """The keys of the failed concurrency leases when nothing but leases refused the plan
+    (only then is waiting for a slot worth it), else ()."""
+    if result.allowed:
+        return ()
+    failed = [c for c, r in zip(plan.checks, result.results) if not r.allowed and not c.shadow]
+    if not all(isinstance(c, Lease) for c in failed):
+        return ()
+    return tuple(c.key for c in failed)
+
+
+def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str],
+             planned_at_s: float, wait_ms: float) -> GatewayError:
+    """The 429 for ``check``, with the earliest time a retry can succeed, ``wait_ms``
+    (``inf``: never) in its headers (docs/architecture.md, "Errors and backpressure")."""
+    out = {**headers, **retry_headers(None if math.isinf(wait_ms) else wait_ms)}
     if isinstance(check, Counter):
-        out["x-should-retry"] = "false"
-        return GatewayError(429, f"The {check.name} of {scope} is spent; it resets in "
-                            f"{format_duration(res.reset_ms)}.", type="insufficient_quota",
-                            code="insufficient_quota", headers=out)
+        if math.isinf(wait_ms):  # no period's budget is ever large enough
+            return GatewayError(429, f"This request needs {check.cost} of the {check.name} of "
+                                f"{scope}, more than the whole budget ({check.limit}).",
+                                type="insufficient_quota", code="insufficient_quota",
+                                headers=out)
+        # Periods end on a whole second; reset_ms was cut to the ms below it.
+        reset_at = datetime.fromtimestamp(round(planned_at_s + res.reset_ms / 1000), UTC)
+        return GatewayError(429, f"The {check.name} of {scope} is spent; it resets at "
+                            f"{reset_at:%Y-%m-%dT%H:%M:%SZ} (in {format_duration(res.reset_ms)}).",
+                            type="insufficient_quota", code="insufficient_quota", headers=out)
     if isinstance(check, Repeat):
         return GatewayError(429, f"Loop detected: the same request was sent more than "
                             f"{check.max} times within {check.window_ms / 1000:g} s by "
                             f"{scope}. Change the request or wait "
-                            f"{format_duration(res.retry_after_ms)}.", type="rate_limit_error",
+                            f"{format_duration(int(wait_ms))}.", type="rate_limit_error",
                             code="loop_detected", headers=out)
-    if isinstance(check, Gcra) and check.cost > check.burst:
+    if isinstance(check, Gcra) and math.isinf(wait_ms):
         # No amount of waiting helps: the request alone is larger than the bucket.
-        out["x-should-retry"] = "false"
         return GatewayError(429, f"This request needs {check.cost} {check.name}, more than "
                             f"the {check.burst} {scope} may use at once; lower max_tokens or "
                             "shorten the prompt.", type="rate_limit_error",
@@ -370,7 +513,7 @@ def _refusal(check: Check, result: AdmitResult, scopes: dict[int, str],
     else:
         what, detail = check.name, f" (limit {check.max})"
     return GatewayError(429, f"Rate limit reached for {what} of {scope}{detail}. Retry in "
-                        f"{format_duration(wait_ms)}.", type="rate_limit_error",
+                        f"{format_duration(math.ceil(wait_ms))}.", type="rate_limit_error",
                         code="rate_limit_exceeded", headers=out)
 
 

@@ -8,20 +8,39 @@ the way (limit hold, admission permit, breaker trial) is released in a ``finally
 
 from __future__ import annotations
 
-import math
+import asyncio
 import os
 from typing import Any
 
 from aiohttp import web
 
+from .admission import is_client_retry
 from .attempts import CallContext, attempt_loop
 from .classify import ROUTES, classify, parse_json_body, raise_if_json_content_type_wrong
 from .context import Policy, RequestRecord, Services
 from .deadlines import request_deadline
 from .errors import GatewayError
+from .usage import cost_micros
 
 
 async def handle_proxy(
+    request: web.Request, policy: Policy, svc: Services, record: RequestRecord
+) -> web.StreamResponse:
+    """The pipeline, holding the request body's bytes against the process's bound from
+    before the body is read until the request ends (issue 15 item 9)."""
+    server = policy.config.server
+    declared = request.content_length
+    hold = svc.guard.bodies.reserve(
+        declared if declared is not None and declared <= server.max_body_bytes
+        else server.max_body_bytes if request.body_exists else 0,
+        svc.guard.bodies.limit(server.max_body_bytes_in_flight, server.max_body_bytes))
+    try:
+        return await _pipeline(request, policy, svc, record)
+    finally:
+        hold.release()
+
+
+async def _pipeline(
     request: web.Request, policy: Policy, svc: Services, record: RequestRecord
 ) -> web.StreamResponse:
     route = ROUTES[request.path]
@@ -33,7 +52,8 @@ async def handle_proxy(
     record.tenant = tenant.name
     # 3 classify: read and parse the body once
     raise_if_json_content_type_wrong(request.headers.get("Content-Type"))
-    body = parse_json_body(await _read_body(request, config.server.max_body_bytes))
+    body = parse_json_body(await _read_body(request, config.server.max_body_bytes,
+                                            config.server.body_read_timeout_s))
     call = classify(route, tenant, body, request.headers, config)
     record.model, record.stream = call.model, call.stream
     record.priority = call.priority.name
@@ -74,7 +94,8 @@ async def handle_proxy(
     with svc.tracing.stage("limits"):
         # Keyed by a gateway-made id, never the client's X-Request-Id: a reused client id
         # must not share a concurrency lease or a settlement with another request.
-        hold = await policy.limiter.admit(call, os.urandom(16).hex())
+        hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
+                                          client_retry=is_client_retry(request.headers))
     record.limits_s = svc.clock() - began
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay
@@ -90,18 +111,25 @@ async def handle_proxy(
         return await deferred.submit(policy, call, request.headers, record, via="shed")
     finally:
         # 12 settle: real usage replaces the reservation, off the client's critical path
-        record.cost = (record.usage.input_tokens * model.price.input_per_million
-                       + record.usage.output_tokens * model.price.output_per_million) / 1e6
-        policy.limiter.settle_soon(hold, record.usage, math.ceil(record.cost * 1e6))
+        record.set_cost(cost_micros(record.usage, model.price.rates))
+        policy.limiter.settle_soon(hold, record.usage, record.cost_micros)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
+    except TimeoutError:
+        # A body that never finishes (issue 15 item 8): answer, then close the connection,
+        # since the rest of the body may still arrive and the framing is lost.
+        raise GatewayError(
+            408, f"The request body did not arrive within {timeout_s:g} s.",
+            type="invalid_request_error", code="request_timeout",
+            headers={"Connection": "close"}) from None
 
 
 def _too_large(limit: int) -> GatewayError:

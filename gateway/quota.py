@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 from .config import Deployment
 from .ratelimit import AdmitPlan, Gcra
@@ -76,11 +77,11 @@ class ProviderQuotas:
         checks = []
         tag = "{q:" + label + "}"
         if rpm:
-            checks.append(Gcra(f"q:{tag}:req", 60_000 / rpm, max(chunk_req, rpm // 10),
-                               chunk_req, "requests"))
+            checks.append(Gcra(f"q:{tag}:req", Fraction(60_000, rpm),
+                               max(chunk_req, rpm // 10), chunk_req, "requests"))
         if tpm:
-            checks.append(Gcra(f"q:{tag}:tok", 60_000 / tpm, max(chunk_tok, tpm // 10),
-                               chunk_tok, "tokens"))
+            checks.append(Gcra(f"q:{tag}:tok", Fraction(60_000, tpm),
+                               max(chunk_tok, tpm // 10), chunk_tok, "tokens"))
         self._lease_no += 1
         lease_id = f"{self._replica}:{self._lease_no}"
         plan = AdmitPlan(lease_id, tuple(checks), f"q:{tag}:lease:{lease_id}", 1000)

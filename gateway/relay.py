@@ -88,9 +88,15 @@ async def relay_whole(
 
 async def relay_stream(
     request: web.Request, call: ProxyCall, attempt: UpstreamAttempt, record: RequestRecord,
-    extra_headers: Mapping[str, str], translation: Translation | None = None,
+    extra_headers: Mapping[str, str], write_idle_s: float = 30.0,
+    translation: Translation | None = None,
 ) -> web.StreamResponse:
-    """``translation``: the deployment speaks the other dialect. The relay still reads the
+    """Relay an SSE stream event by event. A write that makes no progress for
+    ``write_idle_s`` (the client stopped reading) ends the request like a disconnect does:
+    the upstream call is cancelled and slots released by the callers' ``finally``; usage is
+    what was produced until then.
+
+    ``translation``: the deployment speaks the other dialect. The relay still reads the
     upstream's own events (usage, deltas, the terminal event); the translator reshapes each
     batch of complete events for the client as it arrives."""
     relay = SseRelay(
@@ -113,10 +119,10 @@ async def relay_stream(
             if out:
                 if record.ttft_s is None:
                     record.ttft_s = time.monotonic() - record.started
-                await _write(request, response, out, attempt.end)
+                await _write(request, response, out, attempt.end, write_idle_s)
         out = rename(translate(relay.leftover()))
         if out:
-            await _write(request, response, out, attempt.end)
+            await _write(request, response, out, attempt.end, write_idle_s)
         if not relay.finished:
             raise upstream_failure(
                 502, f"The upstream {attempt.target.label} ended the stream early.",
@@ -128,7 +134,9 @@ async def relay_stream(
         await _write_quietly(request, response, exc.sse_event(call.route.dialect))
     finally:
         record.usage = relay.final_usage()
-        if not relay.finished:  # cut: the provider did read the prompt and send these deltas
+        if not relay.usage_final:
+            # cut before the final usage, or none was reported: the provider did read the
+            # prompt and send these deltas
             record.usage.input_tokens = record.usage.input_tokens or call.prompt_tokens_estimate
             record.usage.output_tokens = max(record.usage.output_tokens, relay.deltas)
     await _write_eof_quietly(request, response)
@@ -164,11 +172,14 @@ def _unchanged(data: bytes) -> bytes:
 
 
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes,
-                 until: float) -> None:
-    """Write by ``until`` at the latest: a client that stopped reading must not hold the
-    upstream call, its slots and leases past the call's total timeout."""
+                 until: float, idle_s: float | None = None) -> None:
+    """Write within ``idle_s`` and by ``until`` at the latest: a client that stopped reading
+    must not hold the upstream call, its slots and leases (issue 15 item 7). ``write`` only
+    waits when the socket's buffer is full, so this bounds a write that makes no progress."""
+    loop = asyncio.get_running_loop()
+    deadline = until if idle_s is None else min(until, loop.time() + idle_s)
     try:
-        async with asyncio.timeout_at(until):
+        async with asyncio.timeout_at(deadline):
             await response.write(data)
     except TimeoutError:
         if request.transport is not None:

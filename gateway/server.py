@@ -31,6 +31,7 @@ from .pipeline import handle_proxy, models_listing
 from .runtime import Gateway
 from .state import StateBackend, create_backend
 from .tracing import Tracing
+from .worker_group import WORKER_GROUP
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -121,6 +122,11 @@ async def _model(request: web.Request) -> web.Response:
 
 async def _admin_status(request: web.Request) -> web.Response:
     _check_admin_key(request)
+    group = request.app.get(WORKER_GROUP)  # --workers N: every worker's status, merged
+    if group is not None:
+        response = _json(await group.status(admin.status(request.app[GATEWAY])))
+        response.headers["x-gateway-worker"] = str(group.index)
+        return response
     return _json(admin.status(request.app[GATEWAY]))
 
 
@@ -200,7 +206,16 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
                         gateway.metrics.rejected(record.error_code, record.priority,
                                                  record.tenant)
                     gateway.metrics.observe_request(record)
-                _log_access(record, span.log_fields())
+                if not _refused(record) or gateway.refusals.allow(record.tenant,
+                                                                  record.error_code):
+                    _log_access(record, span.log_fields())
+
+
+def _refused(record: RequestRecord) -> bool:
+    """Refused by the gateway itself, before any upstream attempt: its access line is
+    rate-bounded per tenant and reason (logs.RefusalLog); metrics count it regardless."""
+    return record.status >= 400 and record.attempts == 0 \
+        and record.outcome in ("rejected", "error")
 
 
 def _error_response(request: web.Request, record: RequestRecord, exc: GatewayError) -> web.Response:
@@ -259,8 +274,11 @@ def _log_access(record: RequestRecord, trace_fields: dict[str, Any]) -> None:
         ] or None,
         "tokens_in": record.usage.input_tokens,
         "tokens_out": record.usage.output_tokens,
+        # by billed dimension (gateway/usage.py); zero dimensions left out to keep lines short
+        "tokens": {k: v for k, v in record.usage.dimensions().items() if v} or None,
         "usage_reported": record.usage.reported,
         "cost": round(record.cost, 8),
+        "cost_micros": record.cost_micros,
         "context_use": round(record.usage.input_tokens / record.context_window, 6)
         if record.context_window and record.usage.input_tokens else None,
         "agent_session": record.agent_session,

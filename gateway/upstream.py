@@ -26,7 +26,7 @@ import aiohttp
 from . import translate
 from .classify import ProxyCall
 from .config import ConfigError, Deployment, GatewayConfig, Provider, resolve_api_key
-from .errors import GatewayError, upstream_failure
+from .errors import UpstreamTimeout, upstream_failure
 from .jsonbytes import dumps_kept
 from .translate import TranslationRefused
 
@@ -138,7 +138,10 @@ class UpstreamPool:
     def attempt(
         self, call: ProxyCall, target: Target, headers: Mapping[str, str], request_id: str,
         deadline: float | None = None, extra_headers: Mapping[str, str] | None = None,
+        deadline_cause: str = "the request's deadline", client_deadline: bool = False,
     ) -> UpstreamAttempt:
+        """``deadline_cause`` names the deadline in a timeout's message (``Deadline.describe``);
+        ``client_deadline``: it is the client's own, so running out of it stays retryable."""
         translated = call.translations.get(target.provider.kind)
         body = dict(translated.request.body if translated else call.body)
         body["model"] = target.upstream_model
@@ -154,7 +157,8 @@ class UpstreamPool:
         if extra_headers:
             out_headers.update(extra_headers)  # the gateway's own: deadline budget, traceparent
         return UpstreamAttempt(
-            self._sessions[target.provider_name], target, dumps_kept(body), out_headers, deadline
+            self._sessions[target.provider_name], target, dumps_kept(body), out_headers, deadline,
+            deadline_cause, client_deadline, deadline_covers_body=not call.stream,
         )
 
 
@@ -216,6 +220,9 @@ class UpstreamAttempt:
         body: bytes,
         headers: dict[str, str],
         deadline: float | None,
+        deadline_cause: str = "the request's deadline",
+        client_deadline: bool = False,
+        deadline_covers_body: bool = True,
     ) -> None:
         self.target = target
         self._session = session
@@ -227,7 +234,18 @@ class UpstreamAttempt:
         # Measuring uses time.monotonic(): uvloop's loop.time() has millisecond resolution.
         self.began = time.monotonic()
         end = self.started + timeouts.total_s
-        self._end = min(end, deadline) if deadline is not None else end
+        # The deadline is when the client needs the first byte; for a whole answer that is
+        # the end of it. A stream only has to start by then: after that the client's read
+        # timeout is a gap between chunks (the idle timeout's business), as with the provider
+        # itself, so a flowing stream is not cut at the client's read timeout.
+        self._first_byte_deadline = deadline
+        body_deadline = deadline if deadline_covers_body else None
+        self._end = min(end, body_deadline) if body_deadline is not None else end
+        # Whether the request's deadline, not the total timeout, ends the call: a timeout then
+        # names the deadline (and whose it is), never a configured number that did not apply.
+        self._deadline_ends = body_deadline is not None and body_deadline < end
+        self._deadline_cause = deadline_cause
+        self._client_deadline = client_deadline
         self._response: aiohttp.ClientResponse | None = None
         self._last_read = self.started
         self._watchdog: asyncio.TimerHandle | None = None
@@ -256,6 +274,8 @@ class UpstreamAttempt:
 
     async def open(self) -> aiohttp.ClientResponse:
         when = min(self.started + self.target.provider.timeouts.first_byte_s, self._end)
+        if self._first_byte_deadline is not None:
+            when = min(when, self._first_byte_deadline)
         try:
             async with asyncio.timeout_at(when):
                 self._response = await self._session.post(
@@ -325,13 +345,26 @@ class UpstreamAttempt:
         self._last_read = self._loop.time()
         return data
 
-    def _timed_out(self, phase: str) -> GatewayError:
+    def _timed_out(self, phase: str) -> UpstreamTimeout:
+        """The 504 for ``phase`` running out, naming the bound that really ended it: the
+        deployment's configured timeout for that phase, or the request's deadline when that
+        came first (for the first byte and the total; idle gaps are the deployment's own)."""
         limits = self.target.provider.timeouts
         seconds = {
             "connect": limits.connect_s, "first_byte": limits.first_byte_s,
             "idle": limits.idle_s, "total": limits.total_s,
         }[phase]
-        return upstream_failure(
-            504, f"The upstream {self.target.label} exceeded the {phase.replace('_', ' ')} "
-            f"timeout ({seconds:g} s).", f"upstream_{phase}_timeout",
-        )
+        code = f"upstream_{phase}_timeout"
+        configured = self.started + min(limits.first_byte_s, limits.total_s)
+        by_deadline = (phase == "total" and self._deadline_ends) or (
+            phase == "first_byte" and self._first_byte_deadline is not None
+            and self._first_byte_deadline < configured)
+        if by_deadline:
+            waiting = "the first byte" if phase == "first_byte" else "the rest of the answer"
+            return UpstreamTimeout(
+                f"{self._deadline_cause[0].upper()}{self._deadline_cause[1:]} ran out while "
+                f"waiting for {waiting} from the upstream {self.target.label}.", code,
+                client_deadline=self._client_deadline)
+        return UpstreamTimeout(
+            f"The upstream {self.target.label} exceeded the deployment's "
+            f"{phase.replace('_', ' ')} timeout ({seconds:g} s).", code)

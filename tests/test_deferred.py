@@ -338,4 +338,5 @@ async def test_redis_down_refuses_submit_and_lookups_with_503(
     ):
         assert resp.status == 503, await resp.text()
         assert (await resp.json())["error"]["code"] == "deferred_unavailable"
-        assert resp.headers["Retry-After"] == "5"
+        # the store is probed again within state.degraded.probe_interval_s (0.5 s)
+        assert resp.headers["retry-after-ms"] == "500" and resp.headers["Retry-After"] == "1"

@@ -8,6 +8,7 @@ with a fake clock in test_limits_model.py.
 from __future__ import annotations
 
 import asyncio
+from fractions import Fraction
 
 from gateway.ratelimit import AdmitPlan, Check, Counter, Gcra, Lease, Repeat, SettlePlan
 from gateway.state import StateBackend
@@ -19,14 +20,14 @@ def plan(rid: str, *checks: Check) -> AdmitPlan:
     return AdmitPlan(rid, tuple(checks), f"rl:{T}:hold:{rid}", 60_000)
 
 
-def settle(rid: str, *, gcra: tuple[tuple[str, float, int, int], ...] = (),
+def settle(rid: str, *, gcra: tuple[tuple[str, Fraction, int, int], ...] = (),
            counters: tuple[tuple[str, int, int, int], ...] = (),
            leases: tuple[str, ...] = ()) -> SettlePlan:
     return SettlePlan(rid, f"rl:{T}:done:{rid}", f"rl:{T}:hold:{rid}", 60_000, gcra, counters,
                       leases)
 
 
-REQ = Gcra(f"rl:{T}:req", interval_ms=1000.0, burst=5, cost=1, name="requests")
+REQ = Gcra(f"rl:{T}:req", interval_ms=Fraction(1000), burst=5, cost=1, name="requests")
 
 
 async def test_gcra_allows_the_burst_then_refuses_with_retry_after(backend: StateBackend) -> None:
@@ -54,7 +55,7 @@ async def test_concurrent_admissions_each_apply_atomically(backend: StateBackend
 
 
 async def test_a_failing_check_writes_nothing(backend: StateBackend) -> None:
-    tokens = Gcra(f"rl:{T}:tok", interval_ms=10.0, burst=100, cost=500, name="tokens")
+    tokens = Gcra(f"rl:{T}:tok", interval_ms=Fraction(10), burst=100, cost=500, name="tokens")
     for i in range(3):
         result = await backend.admit(plan(f"x{i}", REQ, tokens))
         assert not result.allowed and result.failed == 1
@@ -121,12 +122,23 @@ async def test_settle_without_a_hold_charges_the_whole_usage(backend: StateBacke
 
 
 async def test_token_refund_makes_room_at_once(backend: StateBackend) -> None:
-    tokens = Gcra(f"rl:{T}:tok", interval_ms=100.0, burst=1000, cost=1000, name="tokens")
+    tokens = Gcra(f"rl:{T}:tok", interval_ms=Fraction(100), burst=1000, cost=1000, name="tokens")
     assert (await backend.admit(plan("a", tokens))).allowed
-    smaller = Gcra(tokens.key, 100.0, 1000, 800, "tokens")
+    smaller = Gcra(tokens.key, Fraction(100), 1000, 800, "tokens")
     assert not (await backend.admit(plan("b", smaller))).allowed
-    assert await backend.settle(settle("a", gcra=((tokens.key, 100.0, 1000, 100),)))
+    assert await backend.settle(settle("a", gcra=((tokens.key, Fraction(100), 1000, 100),)))
     assert (await backend.admit(plan("b", smaller))).allowed
+
+
+async def test_the_last_unit_of_a_burst_is_admitted(backend: StateBackend) -> None:
+    # 7 per minute, burst 3: the interval (60000/7 ms) has no exact float; the third request
+    # was refused at about half of all clock values while GCRA ran on float milliseconds.
+    per_min = Gcra(f"rl:{T}:req7", interval_ms=Fraction(60_000, 7), burst=3, cost=1,
+                   name="requests")
+    results = [(await backend.admit(plan(f"u{i}", per_min))).results[0] for i in range(4)]
+    assert [(r.allowed, r.remaining) for r in results] == [
+        (True, 2), (True, 1), (True, 0), (False, 0)]
+    assert 8000 <= results[3].retry_after_ms <= 8572  # ceil(60000/7) less the ms since
 
 
 async def test_repeats_are_counted_per_window(backend: StateBackend) -> None:
@@ -136,7 +148,7 @@ async def test_repeats_are_counted_per_window(backend: StateBackend) -> None:
 
 
 async def test_shadow_checks_report_but_never_refuse(backend: StateBackend) -> None:
-    shadow = Gcra(f"rl:{T}:sreq", interval_ms=1000.0, burst=1, cost=1, name="requests",
+    shadow = Gcra(f"rl:{T}:sreq", interval_ms=Fraction(1000), burst=1, cost=1, name="requests",
                   shadow=True)
     assert (await backend.admit(plan("a", REQ, shadow))).shadow_failed == []
     result = await backend.admit(plan("b", REQ, shadow))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from gateway.classify import estimate_prompt_tokens as gateway_estimate
@@ -77,7 +78,10 @@ async def test_daily_token_budget_refuses_with_should_retry_false(make_gateway: 
     err = (await spent.json())["error"]
     assert err["code"] == "insufficient_quota" and "daily tokens budget" in err["message"]
     assert spent.headers["x-should-retry"] == "false"
-    assert 1 <= int(spent.headers["Retry-After"]) <= 60
+    # The truth, not a placeholder: the budget resets at the next UTC midnight.
+    to_midnight = 86_400 - time.time() % 86_400
+    assert abs(int(spent.headers["Retry-After"]) - to_midnight) <= 2
+    assert "resets at" in err["message"] and "T00:00:00Z" in err["message"]
 
 
 async def test_cost_budget_uses_the_price_table(make_gateway: MakeGateway) -> None:
@@ -95,26 +99,35 @@ async def test_cost_budget_uses_the_price_table(make_gateway: MakeGateway) -> No
 
 async def test_loop_guard_refuses_a_stuck_agent(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(tenants={"acme": {"loop_guard": {"max_repeats": 3, "window_s": 60}}})
+    run = auth(**{"X-Agent-Session": "run-1"})
     statuses = [
-        (await gw.post("/v1/chat/completions", json=chat(text="same"), headers=auth())).status
+        (await gw.post("/v1/chat/completions", json=chat(text="same"), headers=run)).status
         for _ in range(4)
     ]
     assert statuses == [200, 200, 200, 429]
-    resp = await gw.post("/v1/chat/completions", json=chat(text="same"), headers=auth())
+    resp = await gw.post("/v1/chat/completions", json=chat(text="same"), headers=run)
     err = (await resp.json())["error"]
     assert err["code"] == "loop_detected" and "more than 3 times" in err["message"]
-    other = await gw.post("/v1/chat/completions", json=chat(text="different"), headers=auth())
+    other = await gw.post("/v1/chat/completions", json=chat(text="different"), headers=run)
     assert other.status == 200
+    # Another session, or no session at all (fan-out), is not this run's loop.
+    for headers in (auth(**{"X-Agent-Session": "run-2"}), auth()):
+        again = await gw.post("/v1/chat/completions", json=chat(text="same"), headers=headers)
+        assert again.status == 200
 
 
 async def test_concurrency_limit_holds_while_a_stream_runs(make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(**limits(max_concurrent=1))
+    gw = await make_gateway(**limits(max_concurrent=1, concurrency_wait_s=0))
     slow = await gw.post("/v1/chat/completions", json=chat(stream=True),
                          headers=auth(**{"x-mock-chunks": "3", "x-mock-chunk-gap-ms": "200"}))
     await slow.content.readuntil(b"\n\n")
     busy = await gw.post("/v1/chat/completions", json=chat(text="second"), headers=auth())
     assert busy.status == 429
     assert "concurrent requests" in (await busy.json())["error"]["message"]
+    # The slot is expected to free soon (this scope's requests have run ~0 s so far and
+    # none finished yet: the first guess, 1 s), not at the lease's 60 s safety expiry.
+    assert int(busy.headers["Retry-After"]) == 1
+    assert 200 <= int(busy.headers["retry-after-ms"]) <= 1000
     await slow.read()
     await settled(gw)
     assert (await gw.post("/v1/chat/completions", json=chat(text="third"),

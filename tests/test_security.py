@@ -558,7 +558,8 @@ def _tenant_keys(server: RedisServer, tenant: str) -> dict[str, Any]:
 async def test_reusing_a_request_id_does_not_bypass_the_concurrency_limit(
     make_gateway: MakeGateway
 ) -> None:
-    gw = await make_gateway(tenants={"acme": {"limits": {"max_concurrent": 1},
+    gw = await make_gateway(tenants={"acme": {"limits": {"max_concurrent": 1,
+                                                         "concurrency_wait_s": 0},
                                               "loop_guard": {"enabled": False}}})
     headers = auth(**{"X-Request-Id": "same-id", "x-mock-latency-ms": "400"})
     results = await asyncio.gather(*(gw.post("/v1/chat/completions", json=chat(text=f"c{i}"),

@@ -6,7 +6,7 @@
 -- KEYS[1+i]  key of check i
 -- ARGV[1] request id (lease member)   ARGV[2] hold ttl ms   ARGV[3] number of checks
 -- then 6 values per check: type, p1, p2, p3, p4, shadow (0/1)
---   type 1 GCRA     p1 interval_ms  p2 burst   p3 cost
+--   type 1 GCRA     p1 P            p2 burst   p3 cost              p4 Q   (interval P/Q ms)
 --   type 2 LEASE    p1 max          p2 ttl_ms
 --   type 3 COUNTER  p1 limit        p2 cost    p3 ttl_ms  p4 reset_ms
 --   type 4 REPEAT   p1 max          p2 window_ms
@@ -14,6 +14,25 @@
 --          remaining, reset_ms, then the 0-based indexes of failed shadow checks}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)  -- GCRA: whole ms
+
+-- GCRA in integers (units, bounds and why doubles stay exact: "GCRA in integers" in
+-- gateway/ratelimit.py; settle.lua has the same two helpers). The state is the TAT as
+-- 'ms:frac:Q' = ms + frac/Q milliseconds; decisions use its distance ahead of now in 1/Q ms.
+local function gcra_ahead(raw, q)
+  if not raw then return 0 end
+  local ms, frac, per = string.match(raw, '^(%d+):(%d+):(%d+)$')
+  if not ms then return 0 end
+  ms, frac = tonumber(ms), tonumber(frac)
+  if tonumber(per) ~= q and frac > 0 then ms, frac = ms + 1, 0 end  -- the rate changed
+  if ms < now_ms then return 0 end
+  return (ms - now_ms) * q + frac
+end
+local function gcra_state(ahead, q)
+  local frac = ahead % q
+  return string.format('%.0f:%.0f:%.0f', now_ms + (ahead - frac) / q, frac, q)
+end
+local function ceil_div(a, b) return -math.floor(-a / b) end
 local member = ARGV[1]
 local n = tonumber(ARGV[3])
 local allowed, failed = 1, -1
@@ -29,15 +48,13 @@ for i = 1, n do
   local ok, retry, remaining, reset = 1, 0, 0, 0
   local write = nil
   if kind == 1 then
-    local tat = tonumber(redis.call('GET', key))
-    if tat == nil or tat < now then tat = now end
-    local new_tat = tat + p3 * p1
-    local allow_at = new_tat - p2 * p1
-    if now < allow_at then
-      ok, retry, reset = 0, math.ceil(allow_at - now), math.ceil(tat - now)
+    local ahead = gcra_ahead(redis.call('GET', key), p4)
+    local need, cap = ahead + p3 * p1, p2 * p1
+    if need > cap then
+      ok, retry, reset = 0, ceil_div(need - cap, p4), ceil_div(ahead, p4)
     else
-      remaining, reset = math.floor((now - allow_at) / p1), math.ceil(new_tat - now)
-      write = {1, key, new_tat, math.max(1, math.ceil(new_tat - now))}
+      remaining, reset = math.floor((cap - need) / p1), ceil_div(need, p4)
+      write = {1, key, gcra_state(need, p4), math.max(1, reset)}
     end
   elseif kind == 2 then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
@@ -83,7 +100,7 @@ end
 if allowed == 1 then
   for _, w in ipairs(writes) do
     if w[1] == 1 then
-      redis.call('SET', w[2], string.format('%.17g', w[3]), 'PX', w[4])
+      redis.call('SET', w[2], w[3], 'PX', w[4])
     elseif w[1] == 2 then
       redis.call('ZADD', w[2], w[3], member)
       redis.call('PEXPIRE', w[2], w[4])

@@ -6,27 +6,45 @@
 -- KEYS[1] done marker   KEYS[2] hold marker
 -- then the GCRA keys, the counter keys and the lease keys, in that order
 -- ARGV[1] request id   ARGV[2] done ttl ms   ARGV[3..5] number of gcra, counter, lease keys
--- then per GCRA: interval_ms, reserved, actual; per counter: reserved, actual, ttl_ms
+-- then per GCRA: P, Q (the interval P/Q ms), reserved, actual; per counter: reserved, actual,
+-- ttl_ms
 -- Returns 1 when applied, 0 when this request id was settled before.
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- GCRA state in integers: the same helpers as admit.lua (see "GCRA in integers" in
+-- gateway/ratelimit.py): the TAT as 'ms:frac:Q' = ms + frac/Q milliseconds.
+local function gcra_ahead(raw, q)
+  if not raw then return 0 end
+  local ms, frac, per = string.match(raw, '^(%d+):(%d+):(%d+)$')
+  if not ms then return 0 end
+  ms, frac = tonumber(ms), tonumber(frac)
+  if tonumber(per) ~= q and frac > 0 then ms, frac = ms + 1, 0 end  -- the rate changed
+  if ms < now_ms then return 0 end
+  return (ms - now_ms) * q + frac
+end
+local function gcra_state(ahead, q)
+  local frac = ahead % q
+  return string.format('%.0f:%.0f:%.0f', now_ms + (ahead - frac) / q, frac, q)
+end
 local held = redis.call('EXISTS', KEYS[2]) == 1
 local ng, nc, nl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local a, k = 6, 3
 
 for _ = 1, ng do
-  local interval, reserved, actual = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  a = a + 3
+  local p, q = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local reserved, actual = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  a = a + 4
   local key = KEYS[k]
   k = k + 1
   local delta = actual
   if held then delta = actual - reserved end
-  local tat = tonumber(redis.call('GET', key))
-  if delta ~= 0 and not (tat == nil and delta < 0) then
-    local new_tat = math.max(now, (tat or now) + delta * interval)
-    if new_tat > now then
-      redis.call('SET', key, string.format('%.17g', new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
+  if delta ~= 0 then
+    -- Charged from max(TAT, now), refunded down to now at most (as LocalLimits.settle).
+    local ahead = math.max(0, gcra_ahead(redis.call('GET', key), q) + delta * p)
+    if ahead > 0 then
+      redis.call('SET', key, gcra_state(ahead, q), 'PX', -math.floor(-ahead / q))
     else
       redis.call('DEL', key)
     end

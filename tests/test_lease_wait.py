@@ -1,0 +1,154 @@
+"""A request over a max_concurrent waits briefly for a slot before its 429 (issue 16 item 2),
+on every backend: memory, Redis and the 3-node Cluster.
+
+Two Limiters sharing one store (each with its own in-flight board) stand for two replicas:
+a release on this replica wakes its waiters at once; one on another replica is found by
+asking the store again on a short schedule. Real time, generous bounds; store calls counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from gateway.auth import Authenticator
+from gateway.classify import ROUTES, classify
+from gateway.config import GatewayConfig
+from gateway.degraded import DegradedMode
+from gateway.errors import GatewayError
+from gateway.limits import Hold, InFlight, Limiter
+from gateway.ratelimit import AdmitPlan, AdmitResult, SettlePlan
+from gateway.state import StateBackend
+from gateway.streaming import Usage
+from tests.gwtest import auth, chat, policy
+
+
+class Counting:
+    """The store, with its admit calls counted (the uncontended path makes exactly one)."""
+
+    def __init__(self, inner: StateBackend) -> None:
+        self.inner = inner
+        self.admits = 0
+
+    async def admit(self, plan: AdmitPlan) -> AdmitResult:
+        self.admits += 1
+        return await self.inner.admit(plan)
+
+    async def settle_many(self, plans: Sequence[SettlePlan]) -> list[bool]:
+        return await self.inner.settle_many(plans)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def replica(store: Counting, config: GatewayConfig) -> Limiter:
+    degraded = DegradedMode(config.state.degraded, store, time.monotonic, "r")  # type: ignore[arg-type]
+    return Limiter(config, store, degraded, time.time, InFlight())  # type: ignore[arg-type]
+
+
+def config_with(**limits: Any) -> GatewayConfig:
+    return policy("http://127.0.0.1:9", tenants={"acme": {"limits": limits}})
+
+
+async def admit(limiter: Limiter, config: GatewayConfig, rid: str, **kw: Any) -> Hold:
+    tenant = Authenticator(config).authenticate(auth())
+    call = classify(ROUTES["/v1/chat/completions"], tenant, chat(text=rid), {}, config)
+    return await limiter.admit(call, rid, **kw)
+
+
+async def test_uncontended_admission_is_one_store_call(backend: StateBackend) -> None:
+    store = Counting(backend)
+    config = config_with(max_concurrent=2)
+    limiter = replica(store, config)
+    hold = await admit(limiter, config, "a")
+    assert store.admits == 1
+    await limiter.settle(hold, Usage(), 0)
+
+
+async def test_a_waiter_gets_the_slot_as_soon_as_it_is_released_here(
+    backend: StateBackend,
+) -> None:
+    store = Counting(backend)
+    config = config_with(max_concurrent=1, concurrency_wait_s=10)
+    limiter = replica(store, config)
+    first = await admit(limiter, config, "a")
+    began = time.monotonic()
+    waiter = asyncio.create_task(admit(limiter, config, "b"))
+    await asyncio.sleep(0.3)
+    assert not waiter.done()
+    await limiter.settle(first, Usage(), 0)
+    second = await asyncio.wait_for(waiter, 5)
+    assert second.request_id == "b" and time.monotonic() - began < 5
+    # the wait re-asked a handful of times (schedule + the release), not in a busy loop
+    assert store.admits < 15
+    await limiter.settle(second, Usage(), 0)
+
+
+async def test_a_release_on_another_replica_is_found_on_the_retry_schedule(
+    backend: StateBackend,
+) -> None:
+    store = Counting(backend)
+    config = config_with(max_concurrent=1, concurrency_wait_s=10)
+    one, two = replica(store, config), replica(store, config)
+    first = await admit(one, config, "a")
+    waiter = asyncio.create_task(admit(two, config, "b"))
+    await asyncio.sleep(0.5)
+    assert not waiter.done()
+    await one.settle(first, Usage(), 0)
+    released = time.monotonic()
+    second = await asyncio.wait_for(waiter, 5)
+    assert time.monotonic() - released < 2  # the schedule re-asks at least every 250 ms
+    await two.settle(second, Usage(), 0)
+
+
+async def test_the_wait_is_bounded_by_the_setting_and_by_the_deadline(
+    backend: StateBackend,
+) -> None:
+    store = Counting(backend)
+    config = config_with(max_concurrent=1, concurrency_wait_s=0.4)
+    limiter = replica(store, config)
+    first = await admit(limiter, config, "a")
+    began = time.monotonic()
+    with pytest.raises(GatewayError) as info:
+        await admit(limiter, config, "b")
+    assert info.value.status == 429 and 0.35 <= time.monotonic() - began < 5
+    began = time.monotonic()
+    with pytest.raises(GatewayError):
+        await admit(limiter, config, "c", deadline=time.monotonic() + 0.05)
+    assert time.monotonic() - began < 0.35  # the deadline comes first
+    await limiter.settle(first, Usage(), 0)
+
+
+async def test_no_wait_when_something_else_refuses_too(backend: StateBackend) -> None:
+    store = Counting(backend)
+    config = config_with(max_concurrent=1, concurrency_wait_s=10, requests_per_minute=1,
+                         request_burst=1)
+    limiter = replica(store, config)
+    first = await admit(limiter, config, "a")
+    began = time.monotonic()
+    with pytest.raises(GatewayError) as info:
+        await admit(limiter, config, "b")
+    assert time.monotonic() - began < 1 and store.admits == 2
+    # the answer waits for the longest of the two: the request rate (a minute), not the slot
+    assert int(info.value.headers["retry-after-ms"]) > 50_000
+    await limiter.settle(first, Usage(), 0)
+
+
+async def test_no_more_waiters_per_scope_than_it_has_slots(backend: StateBackend) -> None:
+    store = Counting(backend)
+    config = config_with(max_concurrent=1, concurrency_wait_s=10)
+    limiter = replica(store, config)
+    first = await admit(limiter, config, "a")
+    waiter = asyncio.create_task(admit(limiter, config, "b"))
+    await asyncio.sleep(0.2)
+    began = time.monotonic()
+    with pytest.raises(GatewayError):  # the one slot already has its waiter: refused at once
+        await admit(limiter, config, "c")
+    assert time.monotonic() - began < 1
+    await limiter.settle(first, Usage(), 0)
+    second = await asyncio.wait_for(waiter, 5)  # the waiter still gets the slot
+    await limiter.settle(second, Usage(), 0)
