@@ -454,3 +454,99 @@ async def test_the_provider_outage_scenario_keeps_critical_traffic_up(
     failed_primary = [r for r in mock_upstream.app[RECORDED]
                       if r.path == "/v1/messages" and r.headers.get("x-mock-status") == "503"]
     assert failed_primary  # the outage did reach the primary
+
+
+# --- the mock upstream's own tool answers, in both dialects -----------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_openai_sdk_tool_call_answered_by_the_anthropic_kind_mock(
+        gw: TestClient[Any, Any], mock_upstream: Any, stream: bool) -> None:
+    client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
+    try:
+        messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+        if stream:
+            async with client.chat.completions.stream(
+                    model="claude-test", messages=messages, tools=[WEATHER_TOOL]) as events:
+                reply = await events.get_final_completion()
+        else:
+            reply = await client.chat.completions.create(
+                model="claude-test", messages=messages, tools=[WEATHER_TOOL])
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        calls = choice.message.tool_calls or []
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            ("get_weather", {"city": "tok"})]
+        sent = mock_upstream.app[RECORDED][-1]
+        assert sent.path == "/v1/messages"
+        assert sent.body["tools"][0]["input_schema"] == WEATHER_TOOL["function"]["parameters"]
+
+        # the tool result goes back: Anthropic gets it as a tool_result, the model answers text
+        follow = await client.chat.completions.create(model="claude-test", tools=[WEATHER_TOOL],
+                                                      messages=[*messages, {
+            "role": "assistant", "content": None,
+            "tool_calls": [c.model_dump() for c in calls]}, {
+            "role": "tool", "tool_call_id": calls[0].id, "content": "18C"}])
+        assert follow.choices[0].finish_reason == "stop" and follow.choices[0].message.content
+        turn = mock_upstream.app[RECORDED][-1].body["messages"][-1]
+        assert turn["role"] == "user" and turn["content"][0]["type"] == "tool_result"
+    finally:
+        await client.close()
+
+
+async def test_openai_sdk_structured_output_answered_by_the_anthropic_kind_mock(
+        gw: TestClient[Any, Any]) -> None:
+    class City(BaseModel):
+        name: str
+        population: int
+
+    client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
+    try:
+        parsed = await client.chat.completions.parse(
+            model="claude-test", messages=[{"role": "user", "content": "Paris"}],
+            response_format=City)
+        assert parsed.choices[0].message.parsed == City(name="tok", population=0)
+        assert parsed.choices[0].finish_reason == "stop"
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_sdk_tool_use_answered_by_the_openai_kind_mock(
+        gw: TestClient[Any, Any], mock_upstream: Any, stream: bool) -> None:
+    client = anthropic.AsyncAnthropic(base_url=_base(gw), api_key=ACME_KEY, max_retries=0)
+    tool: Any = {"name": "get_weather", "description": "Weather in a city",
+                 "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    try:
+        if stream:
+            async with client.messages.stream(model="gpt-test", max_tokens=50, tools=[tool],
+                                              messages=messages) as events:
+                msg = await events.get_final_message()
+        else:
+            msg = await client.messages.create(model="gpt-test", max_tokens=50, tools=[tool],
+                                               messages=messages)
+        assert msg.stop_reason == "tool_use"
+        uses = [b for b in msg.content if b.type == "tool_use"]
+        assert [(b.name, b.input) for b in uses] == [("get_weather", {"city": "tok"})]
+        assert msg.usage.output_tokens > 0
+        assert mock_upstream.app[RECORDED][-1].path == "/v1/chat/completions"
+
+        follow = await client.messages.create(model="gpt-test", max_tokens=50, tools=[tool],
+                                              messages=[*messages,
+                                                        {"role": "assistant",
+                                                         "content": msg.content},
+                                                        {"role": "user", "content": [{
+                                                            "type": "tool_result",
+                                                            "tool_use_id": uses[0].id,
+                                                            "content": "18C"}]}])
+        assert follow.stop_reason == "end_turn" and follow.content[0].type == "text"
+        sent = mock_upstream.app[RECORDED][-1].body["messages"]
+        assert sent[-1] == {"role": "tool", "tool_call_id": uses[0].id, "content": "18C"}
+    finally:
+        await client.close()
