@@ -13,6 +13,7 @@ import hmac
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .auth import AuthenticationFailed
 from .errors import GatewayError
 
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ def check_admin(headers: Mapping[str, str], admin_digests: list[bytes]) -> None:
     for stored in admin_digests:
         matched |= hmac.compare_digest(stored, digest)
     if not key or not matched:
-        raise GatewayError(401, "An admin key is required.", type="authentication_error",
-                           code="invalid_admin_key")
+        raise AuthenticationFailed("An admin key is required.", code="invalid_admin_key")
 
 
 def status(gateway: Gateway) -> dict[str, Any]:

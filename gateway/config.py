@@ -12,6 +12,7 @@ expected, and ``ConfigError`` names the file, the key path and a hint to quote t
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
 import logging
 import os
 import re
@@ -288,6 +289,26 @@ class Tenant(StrictModel):
         return self
 
 
+class AuthFailureLimit(StrictModel):
+    """Failed authentications per client address (gateway/endpoints.py), counted in each
+    replica's memory: beyond the limit the address is refused (429) before any key is
+    compared, until a failure's worth of the window has passed."""
+
+    max_failures: int = Field(
+        20, ge=1, le=10_000, description="failed authentications (401: missing or wrong key, "
+        "tenant or admin) one client address may make at once; the next is refused with 429 "
+        "and a true Retry-After, before its key is compared"
+    )
+    window_s: PositiveFloat = Field(
+        60.0, description="max_failures are forgiven over this long, evenly (one every "
+        "window_s / max_failures seconds)"
+    )
+    max_addresses: int = Field(
+        100_000, ge=100, le=10_000_000, description="addresses remembered per replica (the "
+        "least recently failing are forgotten first); IPv6 addresses count by /64"
+    )
+
+
 class Server(StrictModel):
     """The listener and the process: address, body size, drain, metrics, event loop, CORS."""
 
@@ -351,12 +372,36 @@ class Server(StrictModel):
         [], description="browser origins allowed to call the API (CORS); empty: CORS off. "
         "'*' allows any origin (credentials are never allowed)"
     )
+    trusted_proxies: list[str] = Field(
+        [], description="addresses or CIDR ranges of the load balancers in front of the "
+        "gateway: from a peer in this list, the client address (for the failed-auth limit) is "
+        "the first untrusted hop of X-Forwarded-For, read right to left; empty: "
+        "X-Forwarded-For is never trusted and the peer address is the client"
+    )
+    auth_failures: AuthFailureLimit = Field(
+        AuthFailureLimit(), description="limit on failed authentications per client address"
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"'{value}' is not an IP address or CIDR range") from None
+        return values
 
 
 class Admin(StrictModel):
     """Keys for the admin API (/admin/status); disjoint from every tenant's keys."""
 
     api_keys: list[str] = Field([], description="sha256:<hex> of each admin key")
+    requests_per_minute: int = Field(
+        120, ge=1, description="admin requests (/admin/status, /metrics when it needs the "
+        "admin key) this replica answers per minute, all admin keys together; more get 429"
+    )
+    burst: int = Field(20, ge=1, description="admin requests allowed at once above that rate")
 
     @field_validator("api_keys")
     @classmethod

@@ -180,6 +180,41 @@ class Limiter:
                 self._active_leases[request_id] = leases
         return hold
 
+    async def admit_request(self, tenant: str, session: str | None, request_id: str,
+                            priority: str) -> Hold:
+        """The request-only plan of the routes that are not proxied (gateway/endpoints.py) and
+        of the token-counting routes: one request against the tenant's and, with
+        X-Agent-Session, the session's ``requests_per_minute``, in the same single atomic call
+        ``admit`` makes. No tokens, budget, loop guard or concurrency lease, so nothing to
+        settle: the hold marker lives 1 ms and the returned hold has no settle plan."""
+        config = self._config.tenants[tenant]
+        t = _tag(tenant)
+        checks: list[Check] = []
+        scopes: dict[int, str] = {}
+
+        def add(check: Check, scope: str) -> None:
+            if isinstance(check, Gcra):  # tokens=0 below: only the request buckets come here
+                scopes[len(checks)] = scope
+                checks.append(check)
+
+        _rate_checks(config.limits, f"rl:{t}:", 0, add, f"tenant {tenant}")
+        if config.limits.per_session and session:
+            sid = hashlib.sha256(session.encode()).hexdigest()[:16]
+            _rate_checks(config.limits.per_session, f"rl:{t}:s:{sid}:", 0, add,
+                         "this agent session")
+        if not checks:
+            return Hold(request_id, "none", 0, 0, None)
+        plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", 1)
+        planned_at = self._wall_clock()
+        result, mode = await self._run(plan, priority)
+        hold = Hold(request_id, mode, 0, 0, None, settled=True)
+        hold.headers = _headers(plan, result, config)
+        if not result.allowed:
+            index, wait_ms = self._longest_wait(plan, result)
+            raise _refusal(plan.checks[index], result.results[index], scopes.get(index, ""),
+                           hold.headers, planned_at, wait_ms)
+        return hold
+
     def _longest_wait(self, plan: AdmitPlan, result: AdmitResult) -> tuple[int, float]:
         """The failed check a retry has to wait for longest (a retry succeeds only once every
         one of them passes), and that wait in ms (``inf``: no wait is long enough)."""

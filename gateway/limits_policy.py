@@ -39,6 +39,14 @@ class RateLimits(StrictModel):
         return not (self.requests_per_minute or self.tokens_per_minute or self.max_concurrent)
 
 
+# Routes counted by a request-only plan (gateway/endpoints.py) that a tenant may exempt from
+# its request limits; the proxied routes, which carry tokens and budgets, never can be.
+ExemptRoute = Literal[
+    "GET /v1/models", "GET /v1/models/{model}", "GET /v1/deferred/{id}",
+    "GET /v1/deferred/{id}/response", "DELETE /v1/deferred/{id}",
+    "POST /v1/messages/count_tokens", "POST /v1/responses/input_tokens",
+]
+
 CacheReads = Literal["auto", "count", "exclude"]
 CACHE_READS_DESCRIPTION = (
     "whether prompt tokens read from the provider's cache count: auto counts them on OpenAI "
@@ -71,6 +79,11 @@ class TenantLimits(RateLimits):
         2.0, ge=0, le=30, description="how long a request over a max_concurrent (tenant, "
         "model or session) waits for a slot to free before its 429; never past the request's "
         "deadline; 0 refuses at once"
+    )
+    exempt_routes: list[ExemptRoute] = Field(
+        [], description="routes whose requests do not count against requests_per_minute "
+        "(tenant and session), e.g. 'GET /v1/models'; default: none, every authenticated "
+        "route is counted"
     )
 
 

@@ -361,6 +361,21 @@ async def _models(request: web.Request, call: Call) -> web.StreamResponse:
     return await reply(request, call, sse.MODELS_BODY)
 
 
+def _count_tokens(provider: Provider) -> _Serve:
+    """Anthropic ``POST /v1/messages/count_tokens`` ({"input_tokens": N}) and OpenAI
+    ``POST /v1/responses/input_tokens`` ({"object": "response.input_tokens", ...}), counted
+    with the same estimate the generating routes report as usage."""
+    async def serve(request: web.Request, call: Call) -> web.StreamResponse:
+        if not isinstance(call.body.get("model"), str):
+            raise BadRequest("model: Field required")
+        tokens = estimate_prompt_tokens(call.body)
+        body: dict[str, Any] = {"input_tokens": tokens} if provider == "anthropic" else {
+            "object": "response.input_tokens", "input_tokens": tokens}
+        return await reply(request, call, orjson.dumps(body))
+
+    return serve
+
+
 async def _unknown(request: web.Request, call: Call) -> web.StreamResponse:
     return error_response("openai", 404, f"mock upstream has no route {request.method} {request.path}")
 
@@ -413,6 +428,8 @@ def create_mock_app(*, max_recorded: int = 200, seed: int | None = None,
     add("POST", "/v1/messages", _endpoint("anthropic", _generating_route(
         "messages", ("max_tokens",), sse.messages_body, sse.messages_stream), generates=True))
     add("POST", "/v1/embeddings", _endpoint("openai", _embeddings, generates=True))
+    add("POST", "/v1/messages/count_tokens", _endpoint("anthropic", _count_tokens("anthropic")))
+    add("POST", "/v1/responses/input_tokens", _endpoint("openai", _count_tokens("openai")))
     add("GET", "/v1/models", _endpoint("openai", _models, needs_body=False))
     add("*", "/v1/{tail:.*}", _endpoint("openai", _unknown, needs_body=False))
     add("GET", "/_mock/requests", _list_recorded)

@@ -16,11 +16,18 @@ from aiohttp import web
 
 from .admission import is_client_retry
 from .attempts import CallContext, attempt_loop
-from .classify import ROUTES, classify, parse_json_body, raise_if_json_content_type_wrong
+from .classify import (
+    ROUTES,
+    ApiRoute,
+    classify,
+    parse_json_body,
+    raise_if_json_content_type_wrong,
+)
 from .context import Policy, RequestRecord, Services
 from .deadlines import request_deadline
 from .errors import GatewayError
-from .usage import cost_micros
+from .limits import Hold
+from .usage import Usage, cost_micros
 
 
 async def handle_proxy(
@@ -61,7 +68,7 @@ async def _pipeline(
     model = config.models[call.model]
     record.prompt_tokens_estimate = call.prompt_tokens_estimate
     record.context_window = model.context_window
-    if call.prompt_tokens_estimate > model.context_window:
+    if call.prompt_tokens_estimate > model.context_window and not route.request_only:
         raise GatewayError(
             400, f"This model's maximum context length is {model.context_window} tokens; the "
             f"request's prompt is about {call.prompt_tokens_estimate} tokens.",
@@ -73,7 +80,7 @@ async def _pipeline(
                            code="model_not_supported_on_route", param="model")
     # Deferred requests (deferred.py): Prefer: respond-async -> stored durably, 202 Accepted.
     # Mode on_shed runs at once and defers only a would-be overload shed of a low request.
-    deferred = svc.deferred
+    deferred = svc.deferred if not route.request_only else None  # counting is never deferred
     defer = deferred.mode(call, request.headers, config) if deferred is not None else None
     if deferred is not None and defer == "now":
         return await deferred.submit(policy, call, request.headers, record, via="prefer")
@@ -94,8 +101,14 @@ async def _pipeline(
     with svc.tracing.stage("limits"):
         # Keyed by a gateway-made id, never the client's X-Request-Id: a reused client id
         # must not share a concurrency lease or a settlement with another request.
-        hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
-                                          client_retry=is_client_retry(request.headers))
+        if not route.request_only:
+            hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
+                                              client_retry=is_client_retry(request.headers))
+        elif route_name(route) in config.tenants[tenant.name].limits.exempt_routes:
+            hold = Hold("", "none", 0, 0, None, settled=True)
+        else:  # token counting: one request, the same single atomic call
+            hold = await policy.limiter.admit_request(tenant.name, call.agent_session,
+                                                      os.urandom(16).hex(), call.priority.name)
     record.limits_s = svc.clock() - began
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay
@@ -110,9 +123,16 @@ async def _pipeline(
         await policy.limiter.settle(hold, record.usage, 0)  # this reservation back at once
         return await deferred.submit(policy, call, request.headers, record, via="shed")
     finally:
+        if route.request_only:  # counting tokens bills none (the estimate relay_whole made)
+            record.usage = Usage()
         # 12 settle: real usage replaces the reservation, off the client's critical path
         record.set_cost(cost_micros(record.usage, model.price.rates))
         policy.limiter.settle_soon(hold, record.usage, record.cost_micros)
+
+
+def route_name(route: ApiRoute) -> str:
+    """``POST /v1/...``: how ``limits.exempt_routes`` names a route."""
+    return f"POST {route.path}"
 
 
 async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:

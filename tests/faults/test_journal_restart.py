@@ -68,7 +68,7 @@ async def _gateway(aiohttp_client: Any, upstream_url: str, redis_url: str,
                 **({"journal_dir": str(journal_dir)} if journal_dir else {})}
     config = policy(upstream_url, tenants=TENANTS, state={"degraded": degraded})
     client: TestClient[Any, Any] = await aiohttp_client(GatewayTestServer(create_app(
-        config, state=RedisBackend(redis_url, timeout_s=0.25))))
+        config, state=RedisBackend(redis_url, timeout_s=1.0))))
     return client
 
 
