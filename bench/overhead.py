@@ -20,12 +20,18 @@ pinned to the first CPU and the mock and the load generator to the second.
     (parentbased_traceidratio); cost = 1 - observed/bare (target < 10 %). ``gateway`` itself
     runs with metrics on and tracing off, as shipped. ``--no-observability`` skips (c).
 
+(d) translation cost (issue #21): one more gateway in the same rounds of (a), ``translated``,
+    whose deployment is Anthropic-kind (the mock's /v1/messages), so every OpenAI chat request
+    is translated to the Messages API and its answer back; CPU per request against ``gateway``
+    (same config, same-dialect relay), target at most +10 %. ``--no-translated`` skips (d).
+
 Variants are measured alternately, ``--rounds`` times, in a rotating order; figures are
 medians over rounds, ratios and differences are taken within a round. A full run with the
 defaults takes about 150 s.
 
     .venv/bin/python bench/overhead.py [--duration 5] [--rounds 3] [--concurrency 64] [--rate 200]
                                        [--trace-sample-ratio 0.1] [--no-observability]
+                                       [--no-translated]
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ import yaml
 
 LATENCY_VARIANTS = ("direct", "passthrough", "gateway")  # (b)
 OBSERVABILITY_VARIANTS = ("bare", "observed")  # (c)
+TRANSLATED_VARIANTS = ("translated",)  # (d)
+TARGET_TRANSLATION_CPU = 0.10
 REQUEST_BODY = json.dumps({
     "model": "gpt-4o-mini",
     "messages": [{"role": "system", "content": "You are a concise assistant."},
@@ -83,6 +91,8 @@ def main() -> int:
                         "SAMPLER_ARG); 1 traces every request")
     parser.add_argument("--no-observability", action="store_true",
                         help="skip (c): no 'bare' and 'observed' gateways")
+    parser.add_argument("--no-translated", action="store_true",
+                        help="skip (d): no 'translated' gateway")
     parser.add_argument("--gateway-log-level", default="INFO",
                         help="the gateway's --log-level (INFO writes one access line a request)")
     args = parser.parse_args()
@@ -91,6 +101,7 @@ def main() -> int:
 
     variants = LATENCY_VARIANTS + ((), OBSERVABILITY_VARIANTS)[not args.no_observability]
     variants += ("baseline",) if args.baseline_ref else ()
+    variants += ((), TRANSLATED_VARIANTS)[not args.no_translated]
 
     bl.exit_on_sigterm()
     bl.raise_nofile()
@@ -161,6 +172,23 @@ def main() -> int:
             ], stderr=subprocess.DEVNULL, cwd=base_source.cwd, env=base_source.env)
             urls["baseline"] = f"http://127.0.0.1:{port}{PATH}"
             server_pid["baseline"] = proc.pid
+        if not args.no_translated:
+            # The same policy, its one deployment Anthropic-kind: every request is translated.
+            translated = yaml.safe_load(config.read_text(encoding="utf-8"))
+            provider = translated["providers"]["mock"]
+            provider["kind"] = "anthropic"
+            provider["base_url"] = provider["base_url"].removesuffix("/v1")
+            translated_config = tmpdir / "translated.yaml"
+            translated_config.write_text(yaml.safe_dump(translated, sort_keys=False),
+                                         encoding="utf-8")
+            port = bl.free_port()
+            proc = procs.start("translated", [
+                *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config",
+                str(translated_config), "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", args.gateway_log_level,
+            ], stderr=gw_log, cwd=source.cwd, env=source.env)
+            urls["translated"] = f"http://127.0.0.1:{port}{PATH}"
+            server_pid["translated"] = proc.pid
         loadgen = procs.start("loadgen", [*support_pin, bl.PYTHON, str(bl.BENCH / "loadgen.py"),
                                           "serve"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -388,6 +416,9 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
     if "baseline" in closed:
         lines.append("")
         lines.append(_baseline_report(args, closed))
+    if "translated" in closed:
+        lines.append("")
+        lines.append(_translation_report(closed))
     if problems:
         lines.append("")
         lines.append(f"gateway log: {len(problems)} warning/error line(s), first: {problems[0]}")
@@ -439,6 +470,29 @@ def _observability_report(args: argparse.Namespace,
         f"  CPU per request (median over rounds): bare {cpu['bare']:.0f} us, gateway "
         f"{cpu['gateway']:.0f} us ({cpu['gateway'] / cpu['bare'] - 1:+.1%}), observed "
         f"{cpu['observed']:.0f} us ({cpu['observed'] / cpu['bare'] - 1:+.1%})",
+    ])
+
+
+def _translation_report(closed: dict[str, list[dict[str, Any]]]) -> str:
+    """(d): what translating OpenAI chat <-> Anthropic Messages costs, from the rounds of (a)."""
+    def cpu_per_request(name: str) -> list[float]:
+        return [r["cpu_server"] / r["rps"] * 1e6 if r["rps"] else float("nan")
+                for r in closed[name]]
+
+    same, translated = cpu_per_request("gateway"), cpu_per_request("translated")
+    per_round = [t / g - 1 for t, g in zip(translated, same)]
+    extra = bl.median(per_round)
+    throughput = bl.median([t["rps"] / g["rps"] if g["rps"] else float("nan")
+                            for t, g in zip(closed["translated"], closed["gateway"])])
+    verdict = "MET" if extra <= TARGET_TRANSLATION_CPU else "NOT MET"
+    return "\n".join([
+        "(d) translation: 'translated' = the same gateway with an Anthropic-kind deployment "
+        "(OpenAI chat request -> Messages API -> chat completion); 'gateway' relays the same "
+        "dialect",
+        f"  CPU per request (median over rounds): gateway {bl.median(same):.0f} us, translated "
+        f"{bl.median(translated):.0f} us; translation adds {extra:+.1%} (per round "
+        f"{', '.join(f'{x:+.1%}' for x in per_round)}); throughput translated/gateway "
+        f"{throughput:.2f}; target <= +{TARGET_TRANSLATION_CPU:.0%}: {verdict}",
     ])
 
 

@@ -18,6 +18,7 @@ import orjson
 from .auth import TenantPolicy
 from .config import GatewayConfig, Model, Priority
 from .errors import Dialect, GatewayError, bad_request, forbidden, not_found
+from .translate import Translation
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,9 @@ class ProxyCall:
     choices: int = 1
     # answer_model: alias -> the public name the answer's `model` field is rewritten to
     answer_model: str | None = None
+    # The body translated for deployments of the other provider kind (gateway/translate),
+    # by upstream kind; made once when the targets are resolved, reused by every attempt.
+    translations: dict[str, Translation] = field(default_factory=dict)
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:

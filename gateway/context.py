@@ -71,6 +71,8 @@ class RequestRecord:
     context_window: int = 0
     agent_session: str | None = None
     agent_step: str | None = None
+    # the dialect of the deployment tried last; differs from the route's when translated
+    upstream_dialect: str | None = None
 
     def set_cost(self, micros: int) -> None:
         self.cost_micros = micros

@@ -32,11 +32,13 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .classify import error_dialect
 from .config import GatewayConfig
 from .metrics_labels import (
     DEFERRED_OUTCOMES,
     DEFERRED_RUN_RESULTS,
     DEFERRED_VIA,
+    DIALECTS,
     OUTCOMES,
     PRIORITIES,
     SHED_REASONS,
@@ -109,6 +111,10 @@ class GatewayMetrics:
 
         self._requests = counter("gateway_requests", "Requests finished, by outcome.",
                                  "tenant", "model", "priority", "outcome")
+        self._dialects = counter("gateway_dialect_requests", "Requests sent upstream, by "
+                                 "the client's dialect and that of the deployment tried last "
+                                 "(they differ when the gateway translated).", "client",
+                                 "upstream")
         self._tokens = counter("gateway_tokens", "Tokens reported by the upstream (or counted "
                                "from a cut stream).", "tenant", "model", "direction")
         self._billed = counter("gateway_billed_tokens", "Tokens by billed dimension: input "
@@ -184,6 +190,9 @@ class GatewayMetrics:
         model = bounded(record.model, bounds.models)
         priority = bounded(record.priority, PRIORITIES)
         self._requests.get(tenant, model, priority, bounded(record.outcome, OUTCOMES)).inc()
+        if record.upstream_dialect is not None:
+            self._dialects.get(error_dialect(record.route),
+                               bounded(record.upstream_dialect, DIALECTS)).inc()
         usage = record.usage
         if usage.input_tokens > 0:
             self._tokens.get(tenant, model, "input").inc(usage.input_tokens)

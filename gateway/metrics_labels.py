@@ -26,6 +26,7 @@ BREAKER_STATES = ("closed", "half_open", "open")
 BUDGET_KINDS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
 # Deferred requests (gateway/deferred.py)
 DEFERRED_VIA = frozenset({"prefer", "shed"})
+DIALECTS = frozenset({"openai", "anthropic"})
 DEFERRED_OUTCOMES = frozenset({"succeeded", "failed", "expired", "cancelled"})
 DEFERRED_RUN_RESULTS = frozenset({"answered", "retried", "lost", "interrupted", "no_slot"})
 # The gateway's own error codes, so the error boundary can pass ``exc.code`` straight through.

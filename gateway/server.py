@@ -265,6 +265,8 @@ def _log_access(record: RequestRecord, trace_fields: dict[str, Any]) -> None:
         "tenant": record.tenant,
         "model": record.model,
         "deployment": record.deployment,
+        "client_dialect": error_dialect(record.route) if record.route in ROUTES else None,
+        "upstream_dialect": record.upstream_dialect,
         "priority": record.priority,
         "stream": record.stream,
         "status": record.status,
