@@ -38,9 +38,13 @@ LABEL org.opencontainers.image.title="llm-gateway" \
       org.opencontainers.image.licenses="Proprietary"
 RUN groupadd --system --gid 10001 gateway \
     && useradd --system --no-log-init --uid 10001 --gid 10001 --no-create-home \
-       --home-dir /nonexistent --shell /usr/sbin/nologin gateway
+       --home-dir /nonexistent --shell /usr/sbin/nologin gateway \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/llm-gateway/journal
 COPY --from=build /opt/llm-gateway /opt/llm-gateway
+# GATEWAY_JOURNAL_DIR: usage a stopping replica could not hand to Redis waits there for the
+# next start (gateway/journal.py); mount a volume on it (the Kubernetes manifests: emptyDir).
 ENV PATH=/opt/llm-gateway/bin:$PATH \
+    GATEWAY_JOURNAL_DIR=/var/lib/llm-gateway/journal \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 USER 10001:10001

@@ -20,7 +20,11 @@ pinned to the first CPU and the mock and the load generator to the second.
     (parentbased_traceidratio); cost = 1 - observed/bare (target < 10 %). ``gateway`` itself
     runs with metrics on and tracing off, as shipped. ``--no-observability`` skips (c).
 
-(d) ``--agent-history`` (only this part runs): the loop detector that reads the conversation
+(d) translation cost (issue #21): one more gateway in the same rounds of (a), ``translated``,
+    whose deployment is Anthropic-kind (the mock's /v1/messages), so every OpenAI chat request
+    is translated to the Messages API and its answer back; CPU per request against ``gateway``
+    (same config, same-dialect relay), target at most +10 %. ``--no-translated`` skips (d).
+(e) ``--agent-history`` (only this part runs): the loop detector that reads the conversation
     (gateway/agent_loop.py) on a 50-message agent history (25 assistant tool calls, each with
     its tool result, no loop). In process: microseconds per ``find_loop`` against the
     ``orjson.loads`` of the same body that the gateway does anyway. End to end: two gateways,
@@ -33,6 +37,7 @@ defaults takes about 150 s.
 
     .venv/bin/python bench/overhead.py [--duration 5] [--rounds 3] [--concurrency 64] [--rate 200]
                                        [--trace-sample-ratio 0.1] [--no-observability]
+                                       [--no-translated]
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ import yaml
 
 LATENCY_VARIANTS = ("direct", "passthrough", "gateway")  # (b)
 OBSERVABILITY_VARIANTS = ("bare", "observed")  # (c)
+TRANSLATED_VARIANTS = ("translated",)  # (d)
+TARGET_TRANSLATION_CPU = 0.10
 REQUEST_BODY = json.dumps({
     "model": "gpt-4o-mini",
     "messages": [{"role": "system", "content": "You are a concise assistant."},
@@ -81,15 +88,21 @@ def main() -> int:
     parser.add_argument("--gateway-ref", metavar="REF",
                         help="measure this commit (git archive of gateway/) instead of the "
                         "working tree, e.g. HEAD")
+    parser.add_argument("--baseline-ref", metavar="REF",
+                        help="also measure the gateway of this commit (e.g. main) in the same "
+                        "rounds of (a), as variant 'baseline': throughput and CPU per request "
+                        "of the gateway under test relative to it")
     parser.add_argument("--trace-sample-ratio", type=float, default=0.1,
                         help="share of traces the 'observed' gateway samples (OTEL_TRACES_"
                         "SAMPLER_ARG); 1 traces every request")
     parser.add_argument("--no-observability", action="store_true",
                         help="skip (c): no 'bare' and 'observed' gateways")
+    parser.add_argument("--no-translated", action="store_true",
+                        help="skip (d): no 'translated' gateway")
     parser.add_argument("--gateway-log-level", default="INFO",
                         help="the gateway's --log-level (INFO writes one access line a request)")
     parser.add_argument("--agent-history", action="store_true",
-                        help="run (d) only: the conversation loop detector's cost on a "
+                        help="run (e) only: the conversation loop detector's cost on a "
                         "50-message history")
     args = parser.parse_args()
     if args.agent_history:
@@ -98,6 +111,8 @@ def main() -> int:
         parser.error("rounds, duration, concurrency and rate must be positive")
 
     variants = LATENCY_VARIANTS + ((), OBSERVABILITY_VARIANTS)[not args.no_observability]
+    variants += ("baseline",) if args.baseline_ref else ()
+    variants += ((), TRANSLATED_VARIANTS)[not args.no_translated]
 
     bl.exit_on_sigterm()
     bl.raise_nofile()
@@ -156,6 +171,35 @@ def main() -> int:
                 urls[name] = f"http://127.0.0.1:{port}{PATH}"
                 server_pid[name] = proc.pid
             bl.wait_http(f"http://127.0.0.1:{sink_port}/healthz", procs=procs)
+        if args.baseline_ref:
+            (tmpdir / "baseline").mkdir()
+            base_source = bl.GatewaySource(args.baseline_ref, tmpdir / "baseline")
+            header.append(f"baseline: {base_source.describe}")
+            port = bl.free_port()
+            proc = procs.start("baseline", [
+                *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
+                "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", args.gateway_log_level,
+            ], stderr=subprocess.DEVNULL, cwd=base_source.cwd, env=base_source.env)
+            urls["baseline"] = f"http://127.0.0.1:{port}{PATH}"
+            server_pid["baseline"] = proc.pid
+        if not args.no_translated:
+            # The same policy, its one deployment Anthropic-kind: every request is translated.
+            translated = yaml.safe_load(config.read_text(encoding="utf-8"))
+            provider = translated["providers"]["mock"]
+            provider["kind"] = "anthropic"
+            provider["base_url"] = provider["base_url"].removesuffix("/v1")
+            translated_config = tmpdir / "translated.yaml"
+            translated_config.write_text(yaml.safe_dump(translated, sort_keys=False),
+                                         encoding="utf-8")
+            port = bl.free_port()
+            proc = procs.start("translated", [
+                *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config",
+                str(translated_config), "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", args.gateway_log_level,
+            ], stderr=gw_log, cwd=source.cwd, env=source.env)
+            urls["translated"] = f"http://127.0.0.1:{port}{PATH}"
+            server_pid["translated"] = proc.pid
         loadgen = procs.start("loadgen", [*support_pin, bl.PYTHON, str(bl.BENCH / "loadgen.py"),
                                           "serve"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -380,10 +424,35 @@ def _report(args: argparse.Namespace, closed: dict[str, list[dict[str, Any]]],
     if "observed" in closed:
         lines.append("")
         lines.append(_observability_report(args, closed))
+    if "baseline" in closed:
+        lines.append("")
+        lines.append(_baseline_report(args, closed))
+    if "translated" in closed:
+        lines.append("")
+        lines.append(_translation_report(closed))
     if problems:
         lines.append("")
         lines.append(f"gateway log: {len(problems)} warning/error line(s), first: {problems[0]}")
     return "\n".join(lines)
+
+
+def _baseline_report(args: argparse.Namespace,
+                     closed: dict[str, list[dict[str, Any]]]) -> str:
+    """The gateway under test against --baseline-ref, from the same rounds of (a)."""
+    def cpu_per_request(r: dict[str, Any]) -> float:
+        return r["cpu_server"] / r["rps"] if r["rps"] else float("nan")
+
+    rps = [g["rps"] / b["rps"] if b["rps"] else float("nan")
+           for g, b in zip(closed["gateway"], closed["baseline"])]
+    cpu = [cpu_per_request(g) / cpu_per_request(b)
+           for g, b in zip(closed["gateway"], closed["baseline"])]
+    return "\n".join([
+        f"(d) against the baseline ({args.baseline_ref}), same rounds of (a)",
+        (f"  gateway/baseline throughput: {bl.median(rps):.3f} (per round "
+         f"{', '.join(f'{x:.3f}' for x in rps)})"),
+        (f"  gateway/baseline CPU per request: {bl.median(cpu):.3f} (per round "
+         f"{', '.join(f'{x:.3f}' for x in cpu)}); 1.05 = 5 % more per request"),
+    ])
 
 
 def _observability_report(args: argparse.Namespace,
@@ -435,7 +504,7 @@ def history_body(messages: int = 50) -> dict[str, Any]:
 
 
 def _agent_history(args: argparse.Namespace) -> int:
-    """(d): the loop detector on a 50-message history, in process and end to end."""
+    """(e): the loop detector on a 50-message history, in process and end to end."""
     import orjson
 
     from gateway.agent_loop import CanonicalCache, find_loop
@@ -522,7 +591,7 @@ def _agent_history(args: argparse.Namespace) -> int:
         cpu_ratios = [on / off_ for on, off_ in zip(cpu_us["detector-on"],
                                                       cpu_us["detector-off"])]
         print()
-        print(f"(d) in process: find_loop {cached_us:.1f} us per request with the history's "
+        print(f"(e) in process: find_loop {cached_us:.1f} us per request with the history's "
               f"arguments seen before (a run's next step), {detect_us:.1f} us with all 25 new; "
               f"orjson.loads of the same body {parse_us:.1f} us (detector = "
               f"{cached_us / parse_us:.2f}x / {detect_us / parse_us:.2f}x the parse the gateway "
@@ -546,6 +615,29 @@ def _agent_history(args: argparse.Namespace) -> int:
                 pass
         procs.stop_all()
         tmp.cleanup()
+
+
+def _translation_report(closed: dict[str, list[dict[str, Any]]]) -> str:
+    """(d): what translating OpenAI chat <-> Anthropic Messages costs, from the rounds of (a)."""
+    def cpu_per_request(name: str) -> list[float]:
+        return [r["cpu_server"] / r["rps"] * 1e6 if r["rps"] else float("nan")
+                for r in closed[name]]
+
+    same, translated = cpu_per_request("gateway"), cpu_per_request("translated")
+    per_round = [t / g - 1 for t, g in zip(translated, same)]
+    extra = bl.median(per_round)
+    throughput = bl.median([t["rps"] / g["rps"] if g["rps"] else float("nan")
+                            for t, g in zip(closed["translated"], closed["gateway"])])
+    verdict = "MET" if extra <= TARGET_TRANSLATION_CPU else "NOT MET"
+    return "\n".join([
+        "(d) translation: 'translated' = the same gateway with an Anthropic-kind deployment "
+        "(OpenAI chat request -> Messages API -> chat completion); 'gateway' relays the same "
+        "dialect",
+        f"  CPU per request (median over rounds): gateway {bl.median(same):.0f} us, translated "
+        f"{bl.median(translated):.0f} us; translation adds {extra:+.1%} (per round "
+        f"{', '.join(f'{x:+.1%}' for x in per_round)}); throughput translated/gateway "
+        f"{throughput:.2f}; target <= +{TARGET_TRANSLATION_CPU:.0%}: {verdict}",
+    ])
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def policy(mock_port: int) -> dict[str, Any]:
               "max_concurrent": 200,
               "per_session": {"requests_per_minute": 600, "max_concurrent": 20}}
     return {
-        "server": {"drain_delay_s": 0, "drain_timeout_s": 5},
+        # The bad-key traffic comes "from" one guessing address behind a trusted proxy: the
+        # failed-auth limit refuses it (401, then 429) without touching the honest traffic.
+        "server": {"drain_delay_s": 0, "drain_timeout_s": 5, "trusted_proxies": ["127.0.0.1"]},
         "state": {"backend": "redis", "timeout_s": 0.25,
                   "degraded": {"replicas": 1, "probe_interval_s": 0.5}},
         "breaker": {"reset_timeout_s": 2, "max_reset_timeout_s": 5},
@@ -278,6 +280,7 @@ class Traffic:
             headers["Authorization"] = f"Bearer {ADMIN_KEY}"
         elif kind == "bad-key":
             headers["Authorization"] = "Bearer sk-wrong"
+            headers["X-Forwarded-For"] = "203.0.113.66"
         began = time.monotonic()
         try:
             async with session.request(method, self.base + path,

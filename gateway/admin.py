@@ -13,6 +13,7 @@ import hmac
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .auth import AuthenticationFailed
 from .errors import GatewayError
 
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ def check_admin(headers: Mapping[str, str], admin_digests: list[bytes]) -> None:
     for stored in admin_digests:
         matched |= hmac.compare_digest(stored, digest)
     if not key or not matched:
-        raise GatewayError(401, "An admin key is required.", type="authentication_error",
-                           code="invalid_admin_key")
+        raise AuthenticationFailed("An admin key is required.", code="invalid_admin_key")
 
 
 def status(gateway: Gateway) -> dict[str, Any]:
@@ -60,6 +60,8 @@ def status(gateway: Gateway) -> dict[str, Any]:
             "run_budget": {k: v for k, v in tenant.run_budget.model_dump(
                 exclude={"per_model"}).items() if v is not None},
             "runs": runs.get(name, []),
+            # this replica since it started: tokens by billed dimension, cost in micro-units
+            "usage": _usage(gateway.metrics.usage_by_tenant.get(name, {})),
         }
     degraded = gateway.degraded
     return {
@@ -82,21 +84,32 @@ def status(gateway: Gateway) -> dict[str, Any]:
     }
 
 
+def _usage(totals: Mapping[str, int]) -> dict[str, Any]:
+    micros = totals.get("cost_micros", 0)
+    return {"tokens": {k: v for k, v in totals.items() if k != "cost_micros"},
+            "cost": micros / 1e6, "cost_micros": micros}
+
+
 def render_table(data: Mapping[str, Any]) -> str:
     """A terminal view of ``status()`` for ``gateway status``."""
     lines = [f"replica {data.get('replica')}  ready={data.get('ready')}"]
+    workers = data.get("workers")
+    if workers:  # --workers N: the figures below are the whole process group's
+        answered = sum(1 for w in workers if w.get("answered"))
+        lines[0] += f"  workers {answered}/{len(workers)} answering"
     state = data.get("state", {})
     lines.append(f"state: {state.get('backend')}  limits {state.get('limits_mode')}  "
                  f"journal {state.get('usage_journal')}  replicas {state.get('replicas')}")
     lines.append("")
-    lines.append(f"{'tenant':<16} {'rpm':>8} {'tpm':>10} {'conc':>6}  budget remaining")
+    lines.append(f"{'tenant':<16} {'rpm':>8} {'tpm':>10} {'conc':>6} {'cost':>12}  "
+                 "budget remaining")
     for name, t in data.get("tenants", {}).items():
         lim = t.get("limits", {})
         remaining = ", ".join(f"{k} {v.get('remaining'):g}/{v.get('limit'):g}"
                               for k, v in t.get("budget_remaining", {}).items()) or "-"
         lines.append(f"{name:<16} {_n(lim.get('requests_per_minute')):>8} "
                      f"{_n(lim.get('tokens_per_minute')):>10} {_n(lim.get('max_concurrent')):>6}"
-                     f"  {remaining}")
+                     f" {t.get('usage', {}).get('cost', 0):>12.6f}  {remaining}")
     runs = [(name, r) for name, t in data.get("tenants", {}).items() for r in t.get("runs", [])]
     if runs:
         lines.append("")

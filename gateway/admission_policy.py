@@ -114,14 +114,22 @@ class ConcurrencySettings(StrictModel):
 class ConcurrencyOverride(StrictModel):
     """Per-deployment changes to ``concurrency``; unset fields keep the shared value."""
 
-    min_limit: int | None = Field(default=None, ge=1)
-    initial_limit: int | None = Field(default=None, ge=1)
-    max_limit: int | None = Field(default=None, ge=1)
-    decrease_factor: float | None = Field(default=None, gt=0, lt=1)
-    increase_step: PositiveFloat | None = None
-    decision_window_s: PositiveFloat | None = None
-    min_utilization: Share | None = None
-    latency_brake: float | None = Field(default=None, gt=1)
+    min_limit: int | None = Field(default=None, ge=1, description="concurrency.min_limit "
+                                  "for this deployment")
+    initial_limit: int | None = Field(default=None, ge=1, description="concurrency."
+                                      "initial_limit for this deployment")
+    max_limit: int | None = Field(default=None, ge=1, description="concurrency.max_limit "
+                                  "for this deployment")
+    decrease_factor: float | None = Field(default=None, gt=0, lt=1, description="concurrency."
+                                          "decrease_factor for this deployment")
+    increase_step: PositiveFloat | None = Field(default=None, description="concurrency."
+                                                "increase_step for this deployment")
+    decision_window_s: PositiveFloat | None = Field(default=None, description="concurrency."
+                                                    "decision_window_s for this deployment")
+    min_utilization: Share | None = Field(default=None, description="concurrency."
+                                          "min_utilization for this deployment")
+    latency_brake: float | None = Field(default=None, gt=1, description="concurrency."
+                                        "latency_brake for this deployment")
 
 
 class SelfProtectionSettings(StrictModel):

@@ -29,6 +29,7 @@ from .deadlines import Deadline, deadline_exceeded
 from .errors import GatewayError, UpstreamTimeout, retry_headers
 from .relay import is_event_stream, relay_stream, relay_whole, upstream_answer
 from .retry import AttemptFailure, decide_retry, gave_up_headers
+from .translate import Translation
 from .upstream import Target, UpstreamAttempt
 
 
@@ -68,6 +69,7 @@ class _Failed:
     content_type: str = ""
     headers: Mapping[str, str] | None = None
     body: bytes = b""
+    translation: Translation | None = None  # the deployment spoke the other dialect
 
 
 async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
@@ -115,6 +117,7 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         tried.append(target.label)
         record.attempts = len(tried)
         record.deployment = target.label
+        record.upstream_dialect = target.provider.kind
         # 10 attempt
         with svc.tracing.attempt_span(target.label, target.provider.kind, target.upstream_model,
                                       len(tried)) as span:
@@ -220,7 +223,8 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             log.outcome = f"http_{upstream.status}"
             return None, _Failed(failure, status=upstream.status,
                                  content_type=upstream.content_type,
-                                 headers=upstream.headers.copy(), body=body)
+                                 headers=upstream.headers.copy(), body=body,
+                                 translation=ctx.call.translations.get(target.provider.kind))
     finally:
         trial.cancelled()  # no-op once judged: a cancel or any other exit is never counted
         log.duration_s = time.monotonic() - attempt.began
@@ -231,15 +235,19 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
 
 
 async def _relay(ctx: CallContext, attempt: UpstreamAttempt) -> web.StreamResponse:
-    """11 relay: streams event by event, anything else whole."""
+    """11 relay: streams event by event, anything else whole; in the client's dialect."""
+    translation = ctx.call.translations.get(attempt.target.provider.kind)
     if ctx.call.stream and is_event_stream(attempt.response):
         assert ctx.request is not None  # deferred runs never stream
         handle = ctx.svc.guard.streams.open()
         try:
-            return await relay_stream(ctx.request, ctx.call, attempt, ctx.record, ctx.headers)
+            return await relay_stream(ctx.request, ctx.call, attempt, ctx.record, ctx.headers,
+                                      ctx.policy.config.server.client_write_idle_s,
+                                      translation)
         finally:
             handle.release()
-    return await relay_whole(attempt, ctx.record, ctx.headers, ctx.call.answer_model)
+    return await relay_whole(attempt, ctx.record, ctx.headers, ctx.call.answer_model,
+                             translation)
 
 
 def _give_up(ctx: CallContext, last: _Failed, tried: list[str], *,
@@ -254,9 +262,12 @@ def _give_up(ctx: CallContext, last: _Failed, tried: list[str], *,
         last.error.headers = {**last.error.headers, **extra}
         _raise_kept(last)
     ctx.record.status = last.status
+    body = last.body
+    if last.translation is not None and last.content_type.endswith("json"):
+        body = last.translation.error(body, last.status)  # same status, same headers
     try:
         return upstream_answer(ctx.record.deployment or "", last.status, last.content_type,
-                               last.headers or {}, last.body, extra)
+                               last.headers or {}, body, extra)
     except GatewayError as exc:  # the upstream's answer was unusable (non-JSON, auth): a 502
         exc.headers = {**exc.headers, **extra}
         raise

@@ -17,7 +17,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import GatewayConfig, Priority
-from .errors import unauthorized
+from .errors import GatewayError
+
+
+class AuthenticationFailed(GatewayError):
+    """401: no key, or not one the gateway knows (tenant or admin). Typed so the failed-auth
+    limit per client address (gateway/endpoints.py) can count it without comparing codes."""
+
+    def __init__(self, message: str, *, code: str = "invalid_api_key") -> None:
+        super().__init__(401, message, type="authentication_error", code=code)
 
 
 def hash_key(key: str) -> str:
@@ -59,14 +67,14 @@ class Authenticator:
     def authenticate(self, headers: Mapping[str, str]) -> TenantPolicy:
         key = _presented_key(headers)
         if not key:
-            raise unauthorized(
+            raise AuthenticationFailed(
                 "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'."
             )
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found = self._by_digest.get(digest)
         if found is None or not hmac.compare_digest(found[0], digest):
             # Never echo the key, not even a prefix: logs and clients may capture this message.
-            raise unauthorized("Incorrect API key provided.")
+            raise AuthenticationFailed("Incorrect API key provided.")
         return found[1]
 
 

@@ -18,6 +18,7 @@ import orjson
 from .auth import TenantPolicy
 from .config import GatewayConfig, Model, Priority
 from .errors import Dialect, GatewayError, bad_request, forbidden, not_found
+from .translate import Translation
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,9 @@ class ApiRoute:
     can_stream: bool
     # chat and legacy completions report streamed usage only when asked (stream_options)
     injects_stream_usage: bool = False
+    # token counting: charged as one request only (no token reservation, budget, loop guard
+    # or concurrency lease; gateway/limits.py Limiter.admit_request), nothing billed
+    request_only: bool = False
 
     @property
     def dialect(self) -> Dialect:
@@ -45,6 +49,12 @@ ROUTES: dict[str, ApiRoute] = {
         ApiRoute("/v1/embeddings", "openai", "/embeddings", "embeddings", False),
         ApiRoute("/v1/responses", "openai", "/responses", "responses", True),
         ApiRoute("/v1/messages", "anthropic", "/v1/messages", "chat", True),
+        # What the official SDKs call to count a prompt's tokens: anthropic
+        # client.messages.count_tokens, openai client.responses.input_tokens.count.
+        ApiRoute("/v1/messages/count_tokens", "anthropic", "/v1/messages/count_tokens",
+                 "count_tokens", False, request_only=True),
+        ApiRoute("/v1/responses/input_tokens", "openai", "/responses/input_tokens",
+                 "count_tokens", False, request_only=True),
     )
 }
 
@@ -74,6 +84,9 @@ class ProxyCall:
     choices: int = 1
     # answer_model: alias -> the public name the answer's `model` field is rewritten to
     answer_model: str | None = None
+    # The body translated for deployments of the other provider kind (gateway/translate),
+    # by upstream kind; made once when the targets are resolved, reused by every attempt.
+    translations: dict[str, Translation] = field(default_factory=dict)
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -192,7 +205,7 @@ def _max_tokens(route: ApiRoute, body: dict[str, Any], name: str, model: Model) 
     (``clamp``), so the upstream can never generate more than the gateway reserves."""
     caps = {f: v for f in _CAP_FIELDS.get(route.path, ())
             if (v := _count(body, f, MAX_TOKEN_FIELD)) is not None}
-    if route.provider_kind == "anthropic" and not caps:
+    if route.provider_kind == "anthropic" and not caps and not route.request_only:
         raise bad_request("max_tokens: Field required", param="max_tokens")
     if not caps:
         return None
@@ -249,7 +262,7 @@ def reserved_output_tokens(call: ProxyCall, default_max_tokens: int,
 
 
 def _check_input(route: ApiRoute, body: dict[str, Any]) -> None:
-    if route.operation == "chat":
+    if route.operation == "chat" or route.dialect == "anthropic":  # messages, count_tokens
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("'messages' must be a non-empty array.", param="messages")

@@ -13,8 +13,10 @@ import getpass
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         help="how often to check the policy file (and api_key_file files) for changes; "
         "0 turns the watch off (SIGHUP still reloads) (default: 1)")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
+    serve.add_argument("--worker-dir", help=argparse.SUPPRESS)  # the group's sockets
+    serve.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     health = sub.add_parser(
@@ -94,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     hk.set_defaults(func=_hash_key)
 
     schema = sub.add_parser("schema", help="print the policy file's JSON Schema")
+    schema.add_argument(
+        "--markdown", action="store_true",
+        help="print the reference docs/configuration.md instead (examples are read from the "
+        "repository's config/example.yaml and config/example-full.yaml)")
     schema.set_defaults(func=_schema)
 
     # Every argument goes to gateway.loadtest.cli, which parses them (and owns --help).
@@ -139,6 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .lifecycle import ServeOptions, run
     from .reload import file_signature, watched_files
+    from .worker_group import worker_group_from
 
     # Until the loop's handler is in place, a SIGHUP must not kill the process (its default);
     # the file watch catches any change made before then.
@@ -162,6 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
         watch_interval_s=max(0.0, args.watch_interval),
         parent_pid=os.getppid() if args.worker_index is not None else None,
         baseline=baseline,
+        worker_group=worker_group_from(args.worker_dir, args.worker_index, args.worker_count),
     )
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop, args.config)) as runner:
@@ -203,17 +213,34 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
     if config.state.backend == "memory":
         log.warning(memory_backend_warning(args.workers))
 
+    # The workers' sockets for merging /metrics and /admin/status (worker_group.py): a fresh
+    # private directory per run, so nothing of an earlier run (or another pod) is ever read.
+    # A Unix socket path holds ~100 bytes: a long $TMPDIR gives way to /tmp.
+    group_dir: str | None = None
+    try:
+        group_dir = tempfile.mkdtemp(
+            prefix="gw-", dir=None if len(tempfile.gettempdir()) < 64 else "/tmp")
+    except OSError as exc:
+        log.warning("no directory for the workers' sockets: /metrics and /admin/status will "
+                    "answer for one worker each", extra={"fields": {"error": str(exc)}})
+
     def argv_for(index: int) -> list[str]:
         argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", args.config,
                 "--log-level", args.log_level, "--workers", "1",
                 "--watch-interval", str(args.watch_interval), "--worker-index", str(index)]
+        if group_dir is not None:
+            argv += ["--worker-dir", group_dir, "--worker-count", str(args.workers)]
         if args.host is not None:
             argv += ["--host", args.host]
         if args.port is not None:
             argv += ["--port", str(args.port)]
         return argv
 
-    return supervise(args.workers, argv_for)
+    try:
+        return supervise(args.workers, argv_for)
+    finally:
+        if group_dir is not None:
+            shutil.rmtree(group_dir, ignore_errors=True)
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
@@ -310,19 +337,35 @@ def _mock_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_ADMIN_KEY = "sk-demo-admin"  # config/example.yaml's admin key; printed by the demo only
+
+
+def demo_banner(config: GatewayConfig, mock_port: int) -> str:
+    """What ``gateway demo`` prints: the URL, a first request and, when the policy has the
+    demo's admin key, how to see the status."""
+    from .auth import hash_key
+
+    url = f"http://{config.server.host}:{config.server.port}"
+    text = (
+        f"\nGateway on {url}/v1 in front of a mock upstream on 127.0.0.1:{mock_port}.\n"
+        "Try it from another terminal:\n\n"
+        f"  curl -s {url}/v1/chat/completions \\\n"
+        "    -H 'Authorization: Bearer sk-demo-acme' -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", "
+        "\"content\": \"hello\"}]}'\n"
+    )
+    if hash_key(DEMO_ADMIN_KEY) in config.admin.api_keys:
+        text += (f"\nLimits, budgets, queues and breakers (admin key {DEMO_ADMIN_KEY}):\n\n"
+                 f"  .venv/bin/gateway status --url {url} --admin-key {DEMO_ADMIN_KEY}\n"
+                 f"  curl -s {url}/metrics\n")
+    return text + "\nCtrl-C stops both.\n"
+
+
 def _demo(args: argparse.Namespace) -> int:
     logs.configure()
     config = _load_or_exit(args.config)
     config = _with_process_settings(config, None, None)
-    print(
-        f"\nGateway on http://{config.server.host}:{config.server.port}/v1 in front of a mock "
-        f"upstream on 127.0.0.1:{args.mock_port}.\nTry it from another terminal:\n\n"
-        f"  curl -s http://{config.server.host}:{config.server.port}/v1/chat/completions \\\n"
-        "    -H 'Authorization: Bearer sk-demo-acme' -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", "
-        "\"content\": \"hello\"}]}'\n\nCtrl-C stops both.\n",
-        file=sys.stderr,
-    )
+    print(demo_banner(config, args.mock_port), file=sys.stderr)
     asyncio.run(_run_until_signal(
         [_mock_site("127.0.0.1", args.mock_port), _gateway_site(config)]
     ))
@@ -375,6 +418,11 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from .config_doc import example_documents, render
+
+        sys.stdout.write(render(example_documents()))
+        return 0
     from .config import json_schema
 
     print(json.dumps(json_schema(), indent=2, sort_keys=True))

@@ -12,13 +12,15 @@ expected, and ``ConfigError`` names the file, the key path and a hint to quote t
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .admission_policy import AdmissionPolicy
 from .breaker_policy import BreakerPolicy
@@ -26,6 +28,7 @@ from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
 from .deferred_policy import DeferredPolicy
 from .limits_policy import AgentLoop, Budget, Degraded, LoopGuard, RunBudget, TenantLimits
 from .retry import RetryPolicy
+from .usage import Rates, micros
 
 __all__ = ["ConfigError", "GatewayConfig", "Priority", "PriorityName", "StrictModel"]
 
@@ -35,6 +38,7 @@ NEVER_FORWARDED = (
     "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length",
     "proxy-connection",
 )
+log = logging.getLogger("gateway.config")
 _SHA256_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -124,16 +128,79 @@ class Provider(StrictModel):
 
 
 class Price(StrictModel):
-    """Price in the operator's currency per million tokens."""
+    """Price in the operator's currency per million tokens, per billed dimension.
 
-    input_per_million: float = Field(0.0, ge=0)
-    output_per_million: float = Field(0.0, ge=0)
+    Costs are computed in integer micro-units of the currency (gateway/usage.py), so prices are
+    used to the sixth decimal. A dimension left unset is priced like uncached input (the 1-hour
+    cache write like the 5-minute one); ``GatewayConfig.price_warnings`` names the ones a
+    provider is known to price differently.
+    """
+
+    input_per_million: float = Field(
+        0.0, ge=0, description="uncached prompt tokens"
+    )
+    cached_input_per_million: float | None = Field(
+        None, ge=0, description="prompt tokens read from the provider's prompt cache (OpenAI "
+        "prompt_tokens_details.cached_tokens, Anthropic cache_read_input_tokens); providers "
+        "bill them at 0.1x-0.5x input. Default: the input price, with a warning at load"
+    )
+    cache_write_per_million: float | None = Field(
+        None, ge=0, description="prompt tokens written to the cache with the 5-minute TTL, or "
+        "with a TTL the provider does not report (Anthropic cache_creation_input_tokens: "
+        "1.25x input). Default: the input price, with a warning at load for Anthropic"
+    )
+    cache_write_1h_per_million: float | None = Field(
+        None, ge=0, description="prompt tokens written to the cache with the 1-hour TTL "
+        "(Anthropic cache_creation.ephemeral_1h_input_tokens: 2x input). Default: "
+        "cache_write_per_million"
+    )
+    output_per_million: float = Field(
+        0.0, ge=0, description="generated tokens, reasoning and predicted-output tokens "
+        "included (the providers bill them as output)"
+    )
+
+    _rates: Rates = PrivateAttr(default_factory=Rates)
+
+    def model_post_init(self, context: Any, /) -> None:
+        write_5m = _or(self.cache_write_per_million, self.input_per_million)
+        self._rates = Rates(
+            input=micros(self.input_per_million),
+            cache_read=micros(_or(self.cached_input_per_million, self.input_per_million)),
+            cache_write_5m=micros(write_5m),
+            cache_write_1h=micros(_or(self.cache_write_1h_per_million, write_5m)),
+            output=micros(self.output_per_million),
+        )
+
+    @property
+    def rates(self) -> Rates:
+        """The table in integer micro-units per million tokens, one per dimension."""
+        return self._rates
+
+    def unpriced(self, kind: str) -> list[str]:
+        """The dimensions left at the input price that a provider of ``kind`` is known to
+        price differently (OpenAI and Anthropic discount cache reads; Anthropic charges
+        more for cache writes)."""
+        if not self.input_per_million or not self.output_per_million:
+            return []  # unpriced, or an embedding model (no output): no cache to price
+        missing = []
+        if self.cached_input_per_million is None and kind in ("openai", "anthropic"):
+            missing.append("cached_input_per_million")
+        if kind == "anthropic":
+            if self.cache_write_per_million is None:
+                missing.append("cache_write_per_million")
+            if self.cache_write_1h_per_million is None:
+                missing.append("cache_write_1h_per_million")
+        return missing
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 class Deployment(StrictModel):
     """One place a model is served: a provider and the model name it knows."""
 
-    provider: str
+    provider: str = Field(description="name of an entry under providers")
     model: str = Field(description="the upstream's name for the model")
     requests_per_minute: int | None = Field(
         None, ge=1, description="what the provider grants for this deployment (RPM), enforced "
@@ -149,8 +216,12 @@ class Deployment(StrictModel):
 class Model(StrictModel):
     """A public model name and where it is served, in failover order."""
 
-    deployments: list[Deployment] = Field(min_length=1)
-    context_window: int = Field(128_000, ge=1)
+    deployments: list[Deployment] = Field(
+        min_length=1, description="where the model is served, tried in this order: the "
+        "first usable one takes the request, the next ones take retries and failover"
+    )
+    context_window: int = Field(128_000, ge=1, description="prompt + output tokens the model "
+                                "accepts; longer requests get a 400 before any upstream cost")
     max_output_tokens: int | None = Field(
         None, ge=1, description="the provider's maximum output tokens for this model; a "
         "request cap above it is refused or clamped (over_max_tokens). Unset: the gateway does "
@@ -184,8 +255,13 @@ class Tenant(StrictModel):
         min_length=1, description="sha256:<hex> of each key (gateway hash-key prints one)"
     )
     models: list[str] = Field(["*"], description="public model names, or * for all")
-    default_priority: PriorityName = "normal"
-    max_priority: PriorityName = "high"
+    default_priority: PriorityName = Field(
+        "normal", description="class of a request that sends no X-Priority header"
+    )
+    max_priority: PriorityName = Field(
+        "high", description="most important class this tenant may ask for; a higher "
+        "X-Priority is lowered to it"
+    )
     default_max_tokens: int = Field(
         1024, ge=1, description="output tokens reserved for a request that sets no output cap "
         "(capped by the model's max_output_tokens); an estimate, not sent upstream unless "
@@ -221,10 +297,34 @@ class Tenant(StrictModel):
         return self
 
 
+class AuthFailureLimit(StrictModel):
+    """Failed authentications per client address (gateway/endpoints.py), counted in each
+    replica's memory: beyond the limit the address is refused (429) before any key is
+    compared, until a failure's worth of the window has passed."""
+
+    max_failures: int = Field(
+        20, ge=1, le=10_000, description="failed authentications (401: missing or wrong key, "
+        "tenant or admin) one client address may make at once; the next is refused with 429 "
+        "and a true Retry-After, before its key is compared"
+    )
+    window_s: PositiveFloat = Field(
+        60.0, description="max_failures are forgiven over this long, evenly (one every "
+        "window_s / max_failures seconds)"
+    )
+    max_addresses: int = Field(
+        100_000, ge=100, le=10_000_000, description="addresses remembered per replica (the "
+        "least recently failing are forgotten first); IPv6 addresses count by /64"
+    )
+
+
 class Server(StrictModel):
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    """The listener and the process: address, body size, drain, metrics, event loop, CORS."""
+
+    host: str = Field("127.0.0.1", description="listen address; --host overrides it "
+                      "(0.0.0.0 in a container)")
+    port: int = Field(8080, ge=0, le=65535, description="listen port; --port overrides it")
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body "
+                                "accepted; a larger one gets 413")
     backlog: int = Field(
         4096, ge=16, le=65535, description="listen backlog (capped by net.core.somaxconn): "
         "aiohttp's default 128 overflowed when thousands of agents connected at once"
@@ -237,6 +337,29 @@ class Server(StrictModel):
         120.0, gt=0, le=3600, description="after the listener closed: how long in-flight "
         "requests and streams may take to finish; the rest end with an error event. Keep "
         "Kubernetes' terminationGracePeriodSeconds above preStop + delay + this + ~10 s"
+    )
+    client_write_idle_s: float = Field(
+        30.0, gt=0, le=3600, description="a stream write to a client that makes no progress "
+        "this long (the client stopped reading) ends the request: the upstream call is "
+        "cancelled, the admission slot and concurrency lease freed, and what was produced "
+        "is charged. About the upstream idle timeout (providers.*.timeouts.idle_s)"
+    )
+    body_read_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="the whole request body must arrive within this "
+        "long once the handler starts reading it; else 408 request_timeout and the "
+        "connection is closed (a body that never finishes holds nothing longer)"
+    )
+    max_body_bytes_in_flight: int | None = Field(
+        None, ge=1024, description="request-body bytes this process holds at once (bodies "
+        "being read or in use by requests in flight, counted by Content-Length before "
+        "reading); beyond it 503 overloaded with Retry-After, before the body is read. "
+        "null: a quarter of the cgroup memory limit, else 256 MiB; never below max_body_bytes"
+    )
+    refused_log_per_s: float = Field(
+        1.0, ge=0, description="access-log lines per second for requests the gateway refused "
+        "(never sent upstream), per tenant and reason, after a burst of 10; the rest are "
+        "folded into one 'refused requests folded' line a minute with their counts. Metrics "
+        "count every request regardless. 0: log every refusal"
     )
     metrics: bool = Field(
         True, description="serve Prometheus metrics on /metrics and record them per request "
@@ -257,12 +380,36 @@ class Server(StrictModel):
         [], description="browser origins allowed to call the API (CORS); empty: CORS off. "
         "'*' allows any origin (credentials are never allowed)"
     )
+    trusted_proxies: list[str] = Field(
+        [], description="addresses or CIDR ranges of the load balancers in front of the "
+        "gateway: from a peer in this list, the client address (for the failed-auth limit) is "
+        "the first untrusted hop of X-Forwarded-For, read right to left; empty: "
+        "X-Forwarded-For is never trusted and the peer address is the client"
+    )
+    auth_failures: AuthFailureLimit = Field(
+        AuthFailureLimit(), description="limit on failed authentications per client address"
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"'{value}' is not an IP address or CIDR range") from None
+        return values
 
 
 class Admin(StrictModel):
     """Keys for the admin API (/admin/status); disjoint from every tenant's keys."""
 
     api_keys: list[str] = Field([], description="sha256:<hex> of each admin key")
+    requests_per_minute: int = Field(
+        120, ge=1, description="admin requests (/admin/status, /metrics when it needs the "
+        "admin key) this replica answers per minute, all admin keys together; more get 429"
+    )
+    burst: int = Field(20, ge=1, description="admin requests allowed at once above that rate")
 
     @field_validator("api_keys")
     @classmethod
@@ -271,12 +418,18 @@ class Admin(StrictModel):
 
 
 class State(StrictModel):
-    backend: Literal["memory", "redis"] = "memory"
+    """Where limits, budgets, breaker state and deferred requests are shared."""
+
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: this process only (one replica, one worker); redis: "
+        "exact limits and budgets across every replica and worker"
+    )
     redis_url: str | None = Field(
         None, description="redis://, rediss:// or redis+cluster://; REDIS_URL overrides"
     )
     timeout_s: PositiveFloat = Field(0.25, description="per Redis call; keep it tight")
-    key_prefix: str = "gw:"
+    key_prefix: str = Field("gw:", description="prefix of every Redis key, so gateways "
+                            "can share a Redis")
     degraded: Degraded = Degraded()
 
 
@@ -290,10 +443,19 @@ class GatewayConfig(StrictModel):
     retries: RetryPolicy = RetryPolicy()
     deferred: DeferredPolicy = DeferredPolicy()  # Prefer: respond-async (deferred_policy.py)
     admin: Admin = Admin()
-    allow_inline_secrets: bool = False
-    providers: dict[str, Provider] = Field(min_length=1)
-    models: dict[str, Model] = Field(min_length=1)
-    tenants: dict[str, Tenant] = Field(min_length=1)
+    allow_inline_secrets: bool = Field(
+        False, description="accept providers.*.api_key written in this file (tests, demos)"
+    )
+    providers: dict[str, Provider] = Field(
+        min_length=1, description="upstream APIs by a name of your choice"
+    )
+    models: dict[str, Model] = Field(
+        min_length=1, description="public model names clients send, each with its deployments"
+    )
+    tenants: dict[str, Tenant] = Field(
+        min_length=1, description="who may call, by a name of your choice (used in metrics, "
+        "logs and status)"
+    )
 
     @model_validator(mode="after")
     def _cross_references(self) -> GatewayConfig:
@@ -340,6 +502,19 @@ class GatewayConfig(StrictModel):
                     "or api_key_file, or set allow_inline_secrets: true"
                 )
         return self
+
+    def price_warnings(self) -> list[str]:
+        """One line per model whose price table leaves a dimension at the input price that
+        its providers bill differently: costs and cost budgets would overstate (cache reads)
+        or understate (Anthropic cache writes) the bill."""
+        out = []
+        for name, model in self.models.items():
+            kinds = sorted({self.providers[d.provider].kind for d in model.deployments})
+            missing = sorted({m for kind in kinds for m in model.price.unpriced(kind)})
+            if missing:
+                out.append(f"models.{name}.price: {', '.join(missing)} not set; priced at "
+                           f"input_per_million, but {'/'.join(kinds)} bills them differently")
+        return out
 
 
 class ConfigError(Exception):
@@ -426,7 +601,10 @@ def load_config(path: str | Path) -> GatewayConfig:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(path, [f"not valid YAML{where}: {problem}"]) from None
-    return parse_config(data, path)
+    config = parse_config(data, path)
+    for warning in config.price_warnings():
+        log.warning("%s: %s", path, warning)
+    return config
 
 
 def resolve_api_key(name: str, provider: Provider) -> str | None:

@@ -65,7 +65,8 @@ class RequestRecord:
     upstream_s: float | None = None
     total_s: float | None = None
     usage: Usage = field(default_factory=Usage)
-    cost: float = 0.0
+    cost: float = 0.0  # cost_micros / 1e6, for logs and metrics
+    cost_micros: int = 0  # the exact charge in micro-units (gateway/usage.py)
     prompt_tokens_estimate: int = 0
     context_window: int = 0
     agent_session: str | None = None
@@ -75,6 +76,12 @@ class RequestRecord:
     run: dict[str, float] | None = None
     loop: str | None = None  # the loop detector's finding on this request's conversation
     loop_action: str | None = None  # what was done about it: warn | refuse | shadow
+    # the dialect of the deployment tried last; differs from the route's when translated
+    upstream_dialect: str | None = None
+
+    def set_cost(self, micros: int) -> None:
+        self.cost_micros = micros
+        self.cost = micros / 1e6
 
 
 @dataclass(slots=True)

@@ -3,7 +3,10 @@
 - ``GET /v1/deferred/{id}[?wait=N]``: the entry's status (queued, running, succeeded, failed,
   expired, cancelled), its runs, and once finished ``response``: the status code, headers and
   body a synchronous call would have answered. ``wait`` long-polls up to N seconds (capped by
-  ``deferred.max_wait_s``) for a final status.
+  ``deferred.max_wait_s``) for a final status. A tenant holds at most
+  ``deferred.max_open_polls`` such polls open on one replica; beyond that a poll answers at once
+  with the current status (never an error), and a poll whose client went away releases its
+  slot at once.
 - ``GET /v1/deferred/{id}/response``: that answer itself, byte for byte, with its own status
   code (409 ``deferred_not_finished`` before).
 - ``DELETE /v1/deferred/{id}``: cancel a queued entry and refund its reservation (409 once it
@@ -26,35 +29,54 @@ from .errors import GatewayError, bad_request, not_found
 from .state import StateUnavailable
 
 if TYPE_CHECKING:
-    from .context import RequestRecord
+    from .auth import TenantPolicy
+    from .endpoints import Routes
     from .runtime import Gateway
 
 
-def add_routes(app: web.Application, gateway_key: web.AppKey[Gateway],
-               record_key: web.RequestKey[RequestRecord]) -> None:
-    def context(request: web.Request) -> tuple[Gateway, str, str]:
+def add_routes(routes: Routes) -> None:
+    """The deferred routes, as tenant routes (endpoints.py: authenticated and counted)."""
+    gateway_key = routes.gateway_key
+    open_polls: dict[str, int] = {}  # tenant -> ?wait= polls open on this replica
+
+    def context(request: web.Request, tenant_policy: TenantPolicy) -> tuple[Gateway, str, str]:
         gateway = request.app[gateway_key]
-        tenant = gateway.policy.auth.authenticate(request.headers).name
-        request[record_key].tenant = tenant
         entry_id = request.match_info["id"]
         if not valid_id(entry_id):
             raise _not_found(entry_id)
-        return gateway, tenant, entry_id
+        return gateway, tenant_policy.name, entry_id
 
-    async def get(request: web.Request) -> web.Response:
-        gateway, tenant, entry_id = context(request)
-        wait = _wait_s(request, gateway.policy.config.deferred.max_wait_s)
+    async def get(request: web.Request, tenant_policy: TenantPolicy) -> web.Response:
+        gateway, tenant, entry_id = context(request, tenant_policy)
+        config = gateway.policy.config.deferred
+        wait = _wait_s(request, config.max_wait_s)
+        headers: dict[str, str] = {}
+        if wait > 0 and open_polls.get(tenant, 0) >= config.max_open_polls:
+            wait = 0.0  # over the cap: the current status at once, never an error
+            headers["x-gateway-wait-skipped"] = "too many open polls"
         try:
-            fields = await gateway.deferred.wait(tenant, entry_id, wait)
+            if wait > 0:
+                open_polls[tenant] = open_polls.get(tenant, 0) + 1
+                try:
+                    fields = await gateway.deferred.wait(tenant, entry_id, wait)
+                finally:
+                    # also when the client goes away: the gateway's runner cancels the handler
+                    # of a closed connection (handler_cancellation=True, cli.py/lifecycle.py)
+                    left = open_polls.pop(tenant) - 1
+                    if left:
+                        open_polls[tenant] = left
+            else:
+                fields = await gateway.deferred.store.get(tenant, entry_id)
         except StateUnavailable:
             raise unavailable() from None
         if fields is None:
             raise _not_found(entry_id)
-        return _json(view(entry_id, fields), status=200,
-                     headers={} if _status(fields) in FINAL else {"Retry-After": "1"})
+        if _status(fields) not in FINAL:
+            headers["Retry-After"] = "1"
+        return _json(view(entry_id, fields), status=200, headers=headers)
 
-    async def response(request: web.Request) -> web.Response:
-        gateway, tenant, entry_id = context(request)
+    async def response(request: web.Request, tenant_policy: TenantPolicy) -> web.Response:
+        gateway, tenant, entry_id = context(request, tenant_policy)
         try:
             fields = await gateway.deferred.store.get(tenant, entry_id)
         except StateUnavailable:
@@ -72,8 +94,8 @@ def add_routes(app: web.Application, gateway_key: web.AppKey[Gateway],
         return web.Response(status=int(fields["code"]), body=fields.get("rbody", b""),
                             headers=headers)
 
-    async def delete(request: web.Request) -> web.Response:
-        gateway, tenant, entry_id = context(request)
+    async def delete(request: web.Request, tenant_policy: TenantPolicy) -> web.Response:
+        gateway, tenant, entry_id = context(request, tenant_policy)
         try:
             status = await gateway.deferred.cancel(tenant, entry_id)
             fields = await gateway.deferred.store.get(tenant, entry_id)
@@ -87,9 +109,9 @@ def add_routes(app: web.Application, gateway_key: web.AppKey[Gateway],
         return _json(view(entry_id, fields) if fields else {"id": entry_id,
                                                             "status": "cancelled"})
 
-    app.router.add_get("/v1/deferred/{id}", get)
-    app.router.add_delete("/v1/deferred/{id}", delete)
-    app.router.add_get("/v1/deferred/{id}/response", response)
+    routes.tenant("GET", "/v1/deferred/{id}", get)
+    routes.tenant("DELETE", "/v1/deferred/{id}", delete)
+    routes.tenant("GET", "/v1/deferred/{id}/response", response)
 
 
 def view(entry_id: str, fields: Fields) -> dict[str, Any]:

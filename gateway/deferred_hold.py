@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from .jsonbytes import dumps_kept
-from .limits import DONE_TTL_MS, Hold, Limiter
+from .limits import DONE_TTL_MS, Counting, Hold, Limiter
 from .ratelimit import SettlePlan, exact_interval
 from .streaming import Usage
 
@@ -35,6 +35,7 @@ def hold_to_json(hold: Hold) -> bytes:
     return dumps_kept({
         "request_id": hold.request_id, "mode": hold.mode, "tokens": hold.reserved_tokens,
         "cost": hold.reserved_cost,
+        "counting": [hold.counting.rate_cache_reads, hold.counting.budget_cache_reads],
         "plan": None if plan is None else {
             "done_key": plan.done_key, "hold_key": plan.hold_key,
             # Intervals as floats, which replicas of every version read, and exactly
@@ -52,7 +53,9 @@ def hold_from_json(raw: bytes) -> Hold:
     settle = None if plan is None else SettlePlan(
         data["request_id"], plan["done_key"], plan["hold_key"], DONE_TTL_MS, _gcra(plan),
         tuple((k, int(r), int(a), int(t)) for k, r, a, t in plan["counters"]), ())
-    return Hold(data["request_id"], data["mode"], int(data["tokens"]), int(data["cost"]), settle)
+    counting = Counting(*(bool(c) for c in data.get("counting", (True, True))))
+    return Hold(data["request_id"], data["mode"], int(data["tokens"]), int(data["cost"]), settle,
+                counting=counting)
 
 
 def _gcra(plan: dict[str, Any]) -> tuple[tuple[str, Fraction, int, int], ...]:
@@ -72,7 +75,8 @@ def run_hold(hold: Hold, run: int) -> Hold:
         rid, plan.done_key.removesuffix(hold.request_id) + rid,
         plan.hold_key.removesuffix(hold.request_id) + rid, DONE_TTL_MS, plan.gcra,
         plan.counters, ())
-    return Hold(rid, hold.mode, hold.reserved_tokens, hold.reserved_cost, charge)
+    return Hold(rid, hold.mode, hold.reserved_tokens, hold.reserved_cost, charge,
+                counting=hold.counting)
 
 
 async def refund(limiter: Limiter, hold: Hold) -> None:
@@ -82,6 +86,11 @@ async def refund(limiter: Limiter, hold: Hold) -> None:
     await limiter.settle(hold, Usage(), 0)
 
 
-async def charge(limiter: Limiter, hold: Hold, run: int, tokens: int, cost_units: int) -> None:
-    """Charge one run ``tokens`` and ``cost_units`` (idempotent per run)."""
-    await limiter.settle(run_hold(hold, run), Usage(input_tokens=tokens), cost_units)
+async def charge(limiter: Limiter, hold: Hold, run: int, usage: Usage, cost_units: int) -> None:
+    """Charge one run ``usage`` and ``cost_units`` (idempotent per run)."""
+    await limiter.settle(run_hold(hold, run), usage, cost_units)
+
+
+def reserved_usage(hold: Hold) -> Usage:
+    """The usage a lost run is charged: its whole reservation (nothing of it a cache read)."""
+    return Usage(input_tokens=hold.reserved_tokens)

@@ -63,6 +63,12 @@ class DeferredPolicy(StrictModel):
         "X-Request-Timeout)"
     )
     max_wait_s: PositiveFloat = Field(60.0, description="cap on GET ?wait=N (long poll)")
+    max_open_polls: int = Field(
+        100, ge=0, le=100_000, description="?wait= long polls one tenant may hold open on one "
+        "replica; beyond it a poll answers at once with the current status (never an error) "
+        "and Retry-After: 1. An open poll re-reads its entry at most every 2 s, a refused one "
+        "comes back every second: keep this above a tenant's usual count of entries awaited"
+    )
     result_grace_s: int = Field(
         3_600, ge=1, le=7 * 86_400, description="a finished entry stays readable at least this "
         "long, and an expired one this long after its expiry"

@@ -34,7 +34,7 @@ from .config import GatewayConfig
 from .config_base import Priority
 from .context import Policy, RequestRecord, Services
 from .deadlines import Deadline
-from .deferred_hold import charge, hold_from_json, refund
+from .deferred_hold import charge, hold_from_json, refund, reserved_usage
 from .deferred_policy import DeferredPolicy
 from .deferred_store import Claim, DeferredStore, FinishMode, Result, Started
 from .errors import GatewayError
@@ -42,6 +42,7 @@ from .limits import Hold, Limiter
 from .metrics import GatewayMetrics
 from .state import StateUnavailable
 from .streaming import Usage
+from .usage import cost_micros
 
 log = logging.getLogger("gateway.deferred")  # the service's logger: one name for all its lines
 
@@ -101,7 +102,7 @@ class DeferredRunner:
             return
         hold = hold_from_json(started.fields["hold"])
         for run in started.lost:
-            await charge(policy.limiter, hold, run, hold.reserved_tokens, hold.reserved_cost)
+            await charge(policy.limiter, hold, run, reserved_usage(hold), hold.reserved_cost)
             self._metrics.deferred_run(claim.tenant, "lost")
         if started.kind == "expired":
             await refund(policy.limiter, hold)
@@ -143,8 +144,7 @@ class DeferredRunner:
             delay_ms=delay_ms, visibility_ms=visibility_ms)
         if finished.charge:
             usage = outcome.usage
-            await charge(limiter, hold, run, usage.input_tokens + usage.output_tokens,
-                         outcome.cost_units)
+            await charge(limiter, hold, run, usage, outcome.cost_units)
         self._metrics.deferred_run(claim.tenant, "retried" if mode == "retry" else "answered")
         if finished.won:
             await refund(limiter, hold)
@@ -164,7 +164,7 @@ class DeferredRunner:
                     {"replica": self.consumer, "outcome": "interrupted"}, delay_ms=0,
                     visibility_ms=visibility_ms)
                 if finished.charge:
-                    await charge(self._policy().limiter, hold, run, hold.reserved_tokens,
+                    await charge(self._policy().limiter, hold, run, reserved_usage(hold),
                                  hold.reserved_cost)
             self._metrics.deferred_run(claim.tenant, "interrupted")
         except (StateUnavailable, TimeoutError):
@@ -228,8 +228,7 @@ class DeferredRunner:
         record.status = result.code
         model = config.models.get(record.model or "")
         if model is not None:
-            record.cost = (record.usage.input_tokens * model.price.input_per_million
-                           + record.usage.output_tokens * model.price.output_per_million) / 1e6
+            record.set_cost(cost_micros(record.usage, model.price.rates))
         record.total_s = time.monotonic() - record.started
         self._metrics.observe_request(record)
         info.update({"outcome": "success" if result.code < 400 else f"http_{result.code}",
@@ -240,7 +239,7 @@ class DeferredRunner:
             log.info("deferred run failed", extra={"fields": {
                 "id": claim.id, "run": started.run, "status": result.code}})
         return _Outcome(result, called, called and result.code in RETRYABLE_STATUS,
-                        record.usage, math.ceil(record.cost * 1e6), info)
+                        record.usage, record.cost_micros, info)
 
     def _no_call(self, record: RequestRecord, info: dict[str, Any], why: str) -> _Outcome:
         info["outcome"] = why

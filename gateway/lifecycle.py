@@ -9,8 +9,9 @@ Drain, on SIGTERM (SIGINT: the same without the delay; a second signal skips to 
 4. requests and streams in flight finish, for up to ``server.drain_timeout_s``;
 5. whatever is still running then is ended properly: a stream gets an SSE error event in its
    dialect (code ``gateway_shutting_down``) and a clean end, a request not answered yet a 503;
-6. the app's cleanup flushes accounting (pending settlements, the degraded-mode journal) and
-   the process exits 0.
+6. pending settlements and the degraded-mode usage journal get what is left of
+   ``drain_timeout_s`` to reach Redis; the app's cleanup writes what still has not to the
+   journal file (``journal.py``) for the next start to replay, and the process exits 0.
 
 aiohttp's own shutdown (``AppRunner.cleanup``) closes the listener first and, after its
 ``shutdown_timeout``, cancels handlers with nothing sent to the client. Steps 1-2 and 4-5 are
@@ -31,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, admin
 from .classify import error_dialect
 from .config import GatewayConfig
 from .errors import GatewayError
@@ -39,6 +40,7 @@ from .heap import maintain_heap, tune_gc
 from .reload import Reloader, Signature
 from .runner import GatewayRunner
 from .server import GATEWAY, RECORD, create_app
+from .worker_group import WORKER_GROUP, WorkerGroup
 
 log = logging.getLogger("gateway")
 
@@ -206,6 +208,7 @@ class ServeOptions:
     parent_pid: int | None = None  # a worker drains when its parent is gone
     baseline: Signature | None = None  # files as they were when the config was read
     on_reload: list[Callable[[bool], None]] = field(default_factory=list)
+    worker_group: WorkerGroup | None = None  # --workers N: /metrics and /admin/status merged
 
 
 @dataclass(slots=True)
@@ -228,6 +231,9 @@ class _Stop:
 async def run(config: GatewayConfig, options: ServeOptions) -> int:
     """Serve until a stop signal, drain, clean up; the process exit code."""
     app = create_app(config)
+    group = options.worker_group
+    if group is not None:
+        app[WORKER_GROUP] = group
     guard = DrainGuard.install(app)
     # Handlers are all done by cleanup time (drain), so a short timeout only bounds stragglers.
     # keepalive_timeout 75 s (aiohttp: 3630 s): an idle or header-trickling connection holds
@@ -240,6 +246,9 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
     stop = _Stop()
     background: set[asyncio.Task[Any]] = set()
     try:
+        if group is not None:  # before the port: a scrape may reach a sibling first
+            gateway = app[GATEWAY]
+            await group.start(gateway.metrics.registry, lambda: admin.status(gateway))
         host, port = config.server.host, config.server.port
         site = web.TCPSite(runner, host, port, reuse_port=True if options.reuse_port else None,
                            backlog=config.server.backlog)
@@ -274,14 +283,22 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
         server = gateway.policy.config.server  # a reload may have changed the drain settings
         delay = 0.0 if stop.reason == "SIGINT" else server.drain_delay_s
         log.info("stop requested", extra={"fields": {"signal": stop.reason}})
+        began = loop.time()
         await guard.drain(runner, [site], delay_s=delay, timeout_s=server.drain_timeout_s,
                           force=stop.force)
+        left = 0.0 if stop.force.is_set() else delay + server.drain_timeout_s - (
+            loop.time() - began)
+        if not await gateway.flush_journal(max(0.0, left)):
+            log.warning("draining: usage journal not flushed to Redis in time", extra={
+                "fields": {"journaled": gateway.degraded.journal_size}})
     finally:
         for task in list(background):
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if group is not None:
+            await group.close()
         await runner.cleanup()  # on_cleanup: Gateway.stop() flushes settlements and journal
     log.info("gateway stopped", extra={"fields": {"pid": os.getpid()}})
     return 0

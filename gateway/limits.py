@@ -32,7 +32,7 @@ from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
 from .errors import GatewayError, retry_headers
 from .leases import LeaseBoard
-from .limits_policy import RateLimits
+from .limits_policy import CacheReads, RateLimits
 from .periods import period_keys
 from .ratelimit import (
     AdmitPlan,
@@ -57,7 +57,7 @@ from .runs import (
     warning,
 )
 from .state import StateBackend, StateUnavailable
-from .streaming import Usage
+from .usage import Usage, reservation_cost_micros
 
 log = logging.getLogger("gateway.limits")
 LEASE_TTL_MS = 60_000  # renewed every 20 s while the request runs
@@ -66,6 +66,22 @@ HOLD_TTL_MS = 30 * 60_000  # a settlement delayed longer than this charges in fu
 # The cost is one small key per request for this long (~60 MB of Redis at 1,000 req/s).
 DONE_TTL_MS = 10 * 60_000
 SETTLE_BATCH_MAX = 64  # settlements per Redis pipeline: well inside one call's deadline
+
+
+@dataclass(frozen=True, slots=True)
+class Counting:
+    """Whether a request's cache reads count against its token limits, decided at admission
+    (``cache_reads`` of the tenant's limits and budget, by the route's provider kind)."""
+
+    rate_cache_reads: bool = True  # tokens_per_minute buckets
+    budget_cache_reads: bool = True  # daily / monthly token budgets
+
+
+def counts_cache_reads(setting: CacheReads, provider_kind: str) -> bool:
+    """``auto``: what the provider's own limit does (docs/architecture.md#accounting)."""
+    if setting == "auto":
+        return provider_kind != "anthropic"
+    return setting == "count"
 
 
 @dataclass(slots=True)
@@ -88,6 +104,7 @@ class Hold:
     # Settle the run's step back to 0: no model call was made under this hold (a deferred
     # entry's submit reservation, refunded because each of its runs is charged as a step).
     no_step: bool = False
+    counting: Counting = Counting()
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
@@ -155,13 +172,15 @@ class Limiter:
         model = self._config.models[call.model]
         max_out = reservation_max_tokens(call, tenant, model)
         tokens = call.prompt_tokens_estimate + max_out
-        cost = call.prompt_tokens_estimate * model.price.input_per_million + \
-            max_out * model.price.output_per_million
-        cost_units = math.ceil(cost)  # tokens x price per million = micro-units
+        cost_units = reservation_cost_micros(call.prompt_tokens_estimate, max_out,
+                                             model.price.rates)
+        kind = call.route.provider_kind
+        counting = Counting(counts_cache_reads(tenant.limits.cache_reads, kind),
+                            counts_cache_reads(tenant.budget.cache_reads, kind))
         planned_at = self._wall_clock()  # budget resets in the plan count from here
         checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry)
         if not checks:
-            return Hold(request_id, "none", tokens, cost_units, None)
+            return Hold(request_id, "none", tokens, cost_units, None, counting=counting)
         t = _tag(call.tenant.name)
         plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", hold_ttl_ms)
         settle_plan = _settle_plan(plan)
@@ -175,7 +194,8 @@ class Limiter:
             if wait_s > 0:
                 result, mode = await self._wait_for_lease(plan, call.priority.name,
                                                           waiting_for, wait_s, result, mode)
-        hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases)
+        hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases,
+                    counting=counting)
         hold.headers = _headers(plan, result, tenant)
         self._remember_budgets(call.tenant.name, plan, result)
         if call.agent_session:
@@ -221,6 +241,41 @@ class Limiter:
                 self._inflight.on_run_stop(call.tenant.name, cap)
             run.stopped_by = cap
 
+    async def admit_request(self, tenant: str, session: str | None, request_id: str,
+                            priority: str) -> Hold:
+        """The request-only plan of the routes that are not proxied (gateway/endpoints.py) and
+        of the token-counting routes: one request against the tenant's and, with
+        X-Agent-Session, the session's ``requests_per_minute``, in the same single atomic call
+        ``admit`` makes. No tokens, budget, loop guard or concurrency lease, so nothing to
+        settle: the hold marker lives 1 ms and the returned hold has no settle plan."""
+        config = self._config.tenants[tenant]
+        t = _tag(tenant)
+        checks: list[Check] = []
+        scopes: dict[int, str] = {}
+
+        def add(check: Check, scope: str) -> None:
+            if isinstance(check, Gcra):  # tokens=0 below: only the request buckets come here
+                scopes[len(checks)] = scope
+                checks.append(check)
+
+        _rate_checks(config.limits, f"rl:{t}:", 0, add, f"tenant {tenant}")
+        if config.limits.per_session and session:
+            sid = hashlib.sha256(session.encode()).hexdigest()[:16]
+            _rate_checks(config.limits.per_session, f"rl:{t}:s:{sid}:", 0, add,
+                         "this agent session")
+        if not checks:
+            return Hold(request_id, "none", 0, 0, None)
+        plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", 1)
+        planned_at = self._wall_clock()
+        result, mode = await self._run(plan, priority)
+        hold = Hold(request_id, mode, 0, 0, None, settled=True)
+        hold.headers = _headers(plan, result, config)
+        if not result.allowed:
+            index, wait_ms = self._longest_wait(plan, result)
+            raise _refusal(plan.checks[index], result.results[index], scopes.get(index, ""),
+                           hold.headers, planned_at, wait_ms)
+        return hold
+
     def _longest_wait(self, plan: AdmitPlan, result: AdmitResult) -> tuple[int, float]:
         """The failed check a retry has to wait for longest (a retry succeeds only once every
         one of them passes), and that wait in ms (``inf``: no wait is long enough)."""
@@ -255,6 +310,7 @@ class Limiter:
             began = time.monotonic()
             result = await self._state.admit(plan)
             self.degraded.last_latency_s = time.monotonic() - began
+            self.degraded.remember(plan, result)  # what degraded mode starts from
             return result, "global"
         except StateUnavailable as exc:
             self.degraded.enter(str(exc))
@@ -394,14 +450,16 @@ class Limiter:
         hold.settled = True
         self._active_leases.pop(hold.request_id, None)
         self._lease_board.finished(hold.request_id)
-        if hold.run is not None:
+        counting = hold.counting
+        if hold.run is not None:  # the run's tokens count as the tenant's budgets do
             self._inflight.runs.settled(
-                *hold.run, hold.reserved_tokens, usage.input_tokens + usage.output_tokens,
+                *hold.run, hold.reserved_tokens, usage.limit_tokens(counting.budget_cache_reads),
                 hold.reserved_cost / 1e6, cost_units / 1e6, hold.run_capped, hold.no_step)
         if hold.settle_plan is None:
             return None
-        plan = _with_actuals(hold.settle_plan, usage.input_tokens + usage.output_tokens,
-                             cost_units, hold.no_step)
+        plan = _with_actuals(hold.settle_plan, usage.limit_tokens(counting.rate_cache_reads),
+                             usage.limit_tokens(counting.budget_cache_reads), cost_units,
+                             hold.no_step)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
             self._lease_board.released(plan.leases)
@@ -481,18 +539,20 @@ def _settle_plan(plan: AdmitPlan) -> SettlePlan:
     return SettlePlan(plan.request_id, done, plan.hold_key, DONE_TTL_MS, gcra, counters, leases)
 
 
-def _with_actuals(plan: SettlePlan, tokens: int, cost_units: int,
-                  no_step: bool = False) -> SettlePlan:
-    """The same plan with each reservation's actual amount filled in."""
+def _with_actuals(plan: SettlePlan, rate_tokens: int, budget_tokens: int,
+                  cost_units: int, no_step: bool = False) -> SettlePlan:
+    """The same plan with each reservation's actual amount filled in (a run's tokens cap
+    counts tokens as the tenant's budgets do)."""
     def actual(key: str, reserved: int) -> int:
-        run = settled_amount(key, 0 if no_step else reserved, tokens, cost_units)
+        run = settled_amount(key, 0 if no_step else reserved, budget_tokens, cost_units)
         if run is not None:
             return run
-        return cost_units if ":b:cost:" in key else tokens
+        return cost_units if ":b:cost:" in key else budget_tokens
 
     counters = tuple((key, reserved, actual(key, reserved), ttl)
                      for key, reserved, _, ttl in plan.counters)
-    gcra = tuple((key, interval, reserved, tokens) for key, interval, reserved, _ in plan.gcra)
+    gcra = tuple((key, interval, reserved, rate_tokens)
+                 for key, interval, reserved, _ in plan.gcra)
     return SettlePlan(plan.request_id, plan.done_key, plan.hold_key, plan.done_ttl_ms, gcra,
                       counters, plan.leases)
 

@@ -45,3 +45,61 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log would duplicate ours, in another format.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class RefusalLog:
+    """Access lines of refused requests at a bounded rate, per tenant and reason.
+
+    A tenant hammering a limit at thousands of requests a second would otherwise write one
+    ~1.3 KB line per refusal. Each (tenant, reason) gets a token bucket: ``burst`` full lines,
+    then ``per_s`` a second; the rest are folded into counts that ``summary`` hands out (one
+    line every ``summary_every_s``, see ``runtime.Gateway``). Metrics are not affected: they
+    are recorded before the log line, for every request. ``per_s`` 0 logs every refusal.
+    Time comes from ``clock`` (seconds).
+    """
+
+    MAX_KEYS = 10_000  # tenants are bounded by the policy, reasons by the code; a safety net
+
+    def __init__(self, clock: Any, per_s: float = 1.0, burst: int = 10,
+                 summary_every_s: float = 60.0) -> None:
+        self._clock = clock
+        self.per_s = per_s
+        self.burst = burst
+        self.summary_every_s = summary_every_s
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, at)
+        self._folded: dict[tuple[str, str], int] = {}
+        self._since = clock()
+
+    def allow(self, tenant: str | None, reason: str | None) -> bool:
+        """True: log this refusal in full; False: it was folded into the next summary."""
+        if self.per_s <= 0:
+            return True
+        key = (tenant or "-", reason or "-")
+        now = self._clock()
+        tokens, at = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.per_s)
+        if tokens >= 1.0:
+            if len(self._buckets) >= self.MAX_KEYS and key not in self._buckets:
+                self._buckets.clear()  # full buckets again: at worst a burst more lines
+            self._buckets[key] = (tokens - 1.0, now)
+            return True
+        self._buckets[key] = (tokens, now)
+        self._folded[key] = self._folded.get(key, 0) + 1
+        return False
+
+    def summary(self, force: bool = False) -> dict[str, Any] | None:
+        """The folded counts since the last summary, when one is due (or ``force``) and
+        anything was folded; None otherwise."""
+        now = self._clock()
+        if not force and now - self._since < self.summary_every_s:
+            return None
+        folded, self._folded = self._folded, {}
+        since, self._since = self._since, now
+        if not folded:
+            return None
+        return {
+            "folded": sum(folded.values()),
+            "window_s": round(now - since, 3),
+            "by_tenant_reason": [{"tenant": t, "reason": r, "count": n}
+                                 for (t, r), n in sorted(folded.items())],
+        }

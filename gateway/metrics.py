@@ -25,17 +25,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .classify import error_dialect
 from .config import GatewayConfig
 from .metrics_labels import (
     DEFERRED_OUTCOMES,
     DEFERRED_RUN_RESULTS,
     DEFERRED_VIA,
+    DIALECTS,
     LOOP_ACTIONS,
     OUTCOMES,
     PRIORITIES,
@@ -56,6 +59,7 @@ from .metrics_pulled import (
     PulledGauges,
     RedisSource,
 )
+from .worker_group import WORKER_GROUP
 
 if TYPE_CHECKING:  # pipeline.py imports this module; avoid the cycle at runtime
     from .context import RequestRecord
@@ -93,6 +97,9 @@ class GatewayMetrics:
     def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._bounds = LabelBounds(config)
+        # Tokens by billed dimension and cost in micro-units per tenant label since start, for
+        # /admin/status (which must not parse the registry); keyed like the metric labels.
+        self.usage_by_tenant: dict[str, dict[str, int]] = {}
         # Instruments live in a private registry, exposed through a filter that drops the
         # *_created series (prometheus-client's own switch for that is process-global).
         inner = CollectorRegistry()
@@ -106,8 +113,17 @@ class GatewayMetrics:
 
         self._requests = counter("gateway_requests", "Requests finished, by outcome.",
                                  "tenant", "model", "priority", "outcome")
+        self._dialects = counter("gateway_dialect_requests", "Requests sent upstream, by "
+                                 "the client's dialect and that of the deployment tried last "
+                                 "(they differ when the gateway translated).", "client",
+                                 "upstream")
         self._tokens = counter("gateway_tokens", "Tokens reported by the upstream (or counted "
                                "from a cut stream).", "tenant", "model", "direction")
+        self._billed = counter("gateway_billed_tokens", "Tokens by billed dimension: input "
+                               "(uncached), cache_read, cache_write_5m, cache_write_1h, output; "
+                               "and the parts of output reasoning, accepted_prediction, "
+                               "rejected_prediction (already in output).",
+                               "tenant", "model", "dimension")
         self._cost = counter("gateway_cost", "Cost in the price table's currency.",
                              "tenant", "model")
         self._rejections = counter("gateway_rejections", "Requests the gateway refused itself.",
@@ -183,11 +199,21 @@ class GatewayMetrics:
         model = bounded(record.model, bounds.models)
         priority = bounded(record.priority, PRIORITIES)
         self._requests.get(tenant, model, priority, bounded(record.outcome, OUTCOMES)).inc()
+        if record.upstream_dialect is not None:
+            self._dialects.get(error_dialect(record.route),
+                               bounded(record.upstream_dialect, DIALECTS)).inc()
         usage = record.usage
         if usage.input_tokens > 0:
             self._tokens.get(tenant, model, "input").inc(usage.input_tokens)
         if usage.output_tokens > 0:
             self._tokens.get(tenant, model, "output").inc(usage.output_tokens)
+        totals = self.usage_by_tenant.setdefault(tenant, {})
+        for dimension, tokens in usage.dimensions().items():  # a fixed set of 8 names
+            if tokens > 0:
+                self._billed.get(tenant, model, dimension).inc(tokens)
+                totals[dimension] = totals.get(dimension, 0) + tokens
+        if record.cost_micros:
+            totals["cost_micros"] = totals.get("cost_micros", 0) + record.cost_micros
         if record.cost > 0:
             self._cost.get(tenant, model).inc(record.cost)
         if record.loop_action is not None:
@@ -320,5 +346,17 @@ class _WithoutCreated(Collector):
 
 def metrics_handler(metrics: GatewayMetrics) -> Handler:
     """``GET /metrics``: prometheus-client picks the format from Accept (text 0.0.4 or
-    OpenMetrics) and aiohttp compresses per Accept-Encoding."""
-    return make_aiohttp_handler(metrics.registry)
+    OpenMetrics) and aiohttp compresses per Accept-Encoding. Under ``--workers N`` the answer
+    is every worker's metrics merged (worker_group.py), whichever worker takes the scrape."""
+    local = make_aiohttp_handler(metrics.registry)
+
+    async def scrape(request: web.Request) -> web.StreamResponse:
+        group = request.app.get(WORKER_GROUP)
+        if group is None:
+            return await local(request)
+        merged = await group.metrics_registry(metrics.registry)
+        response = await make_aiohttp_handler(merged)(request)
+        response.headers["x-gateway-worker"] = str(group.index)
+        return response
+
+    return scrape

@@ -17,7 +17,8 @@ OUTCOMES = frozenset({"ok", "rejected", "shed", "error", "upstream_error", "clie
 REJECTION_REASONS = frozenset({
     "rate_limited", "budget_exhausted", "loop_detected", "overloaded", "deadline_exceeded",
     "upstream_unavailable", "limits_unavailable", "invalid_request", "unauthenticated",
-    "forbidden", "not_found", "too_large", "run_budget_exceeded", "agent_loop_detected",
+    "forbidden", "not_found", "too_large", "auth_failures", "run_budget_exceeded",
+    "agent_loop_detected",
 })
 SHED_REASONS = frozenset({"queue_full", "cohort", "retry", "loop_lag", "open_streams", "memory"})
 ATTEMPT_OUTCOMES = frozenset({"success", "http_429", "http_4xx", "http_5xx", "connect_error",
@@ -28,12 +29,14 @@ LOOP_ACTIONS = frozenset({"warn", "refuse", "shadow"})  # gateway/agent_loop.py
 BUDGET_KINDS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
 # Deferred requests (gateway/deferred.py)
 DEFERRED_VIA = frozenset({"prefer", "shed"})
+DIALECTS = frozenset({"openai", "anthropic"})
 DEFERRED_OUTCOMES = frozenset({"succeeded", "failed", "expired", "cancelled"})
 DEFERRED_RUN_RESULTS = frozenset({"answered", "retried", "lost", "interrupted", "no_slot"})
 # The gateway's own error codes, so the error boundary can pass ``exc.code`` straight through.
 _REASON_BY_CODE = {
     "rate_limit_exceeded": "rate_limited", "insufficient_quota": "budget_exhausted",
-    "invalid_api_key": "unauthenticated", "model_not_allowed": "forbidden",
+    "invalid_api_key": "unauthenticated", "invalid_admin_key": "unauthenticated",
+    "too_many_auth_failures": "auth_failures", "model_not_allowed": "forbidden",
     "model_not_found": "not_found", "unknown_url": "not_found", "request_too_large": "too_large",
     "model_not_supported_on_route": "invalid_request", "unsupported_media_type": "invalid_request",
 }

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NotRequired, TypedDict, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .metrics_labels import BREAKER_STATES, BUDGET_KINDS, PRIORITIES, LabelBounds, breaker_state
@@ -52,6 +52,8 @@ class BudgetSnapshot(TypedDict):
 class RedisSnapshot(TypedDict):
     degraded: bool  # True: limits run locally (limit / replicas) or fail open/closed
     latency_s: NotRequired[float | None]  # recent round trip
+    journal_lost: NotRequired[int]  # settlements lost for good (counter)
+    resets: NotRequired[int]  # Redis found restarted empty (counter)
 
 
 # Typed loosely (Mapping[str, Any]) so a component's own ``snapshot() -> dict[str, Any]`` that
@@ -73,6 +75,7 @@ PULLED_GAUGES = (
     "gateway_deferred_queue_depth", "gateway_deferred_oldest_age_seconds",
     "gateway_deferred_ttl_seconds", "gateway_deferred_running",
 )
+PULLED_COUNTERS = ("gateway_usage_journal_lost", "gateway_state_resets")
 
 
 class PulledGauges(Collector):
@@ -92,7 +95,8 @@ class PulledGauges(Collector):
         self._failing: set[str] = set()  # sources whose current failure streak was logged
 
     def describe(self) -> Iterable[Metric]:  # names only: for duplicate checks and ?name[]=
-        return [GaugeMetricFamily(name, name) for name in PULLED_GAUGES]
+        return [*(GaugeMetricFamily(name, name) for name in PULLED_GAUGES),
+                *(CounterMetricFamily(name, name) for name in PULLED_COUNTERS)]
 
     def collect(self) -> Iterable[Metric]:
         return list(self._pulled())
@@ -147,6 +151,15 @@ class PulledGauges(Collector):
             if latency is not None:
                 yield GaugeMetricFamily("gateway_redis_latency_seconds", "Recent round trip.",
                                         value=latency)
+            if "journal_lost" in redis:
+                yield CounterMetricFamily(
+                    "gateway_usage_journal_lost", "Settlements never recorded in Redis (usage "
+                    "journal full, or no journal file at stop).", value=redis["journal_lost"])
+            if "resets" in redis:
+                yield CounterMetricFamily(
+                    "gateway_state_resets", "Times Redis was found restarted empty (the fleet "
+                    "epoch key gone): every budget and limit in it was back at zero.",
+                    value=redis["resets"])
         deferred = self._call("deferred", self.deferred)
         if deferred is not None:
             depth = _gauge("gateway_deferred_queue_depth", "Deferred requests not finished "

@@ -35,6 +35,8 @@ class Knobs:
     fail: str | None = None
     fail_after: int = 2
     fail_rate: float | None = None
+    cached_share: float | None = None  # share of the prompt read from cache on a repeat
+    reasoning_tokens: int | None = None  # reasoning tokens of a reasoning model's answer
 
 
 _NO_KNOBS = Knobs()
@@ -94,4 +96,6 @@ def parse_knobs(headers: Mapping[str, str]) -> Knobs:
         fail=fail,
         fail_after=2 if fail_after is None else fail_after,
         fail_rate=_number(headers, "x-mock-fail-rate", 1.0),
+        cached_share=_number(headers, "x-mock-cached-share", 1.0),
+        reasoning_tokens=_integer(headers, "x-mock-reasoning-tokens", 0, MAX_CHUNKS),
     )

@@ -14,6 +14,7 @@ Anthropic Messages (including its SSE event sequence and error body).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import random
 import struct
 import zlib
@@ -39,9 +40,21 @@ class Generation:
     created: int  # unix seconds
     model: str  # echoed from the request
     prompt_tokens: int
-    completion_tokens: int  # == number of content chunks
+    completion_tokens: int  # content chunks + reasoning tokens
     truncated: bool  # True when a max-tokens limit, not the chunk count, ended the answer
     include_usage: bool = False  # OpenAI stream_options.include_usage
+    cached_tokens: int = 0  # of prompt_tokens, read from the prompt cache (gateway.mock_cache)
+    cache_write_tokens: int = 0  # of prompt_tokens, written to it (Anthropic)
+    cache_write_1h: bool = False  # the write has the 1-hour TTL
+    reasoning_tokens: int = 0  # of completion_tokens, not sent as content (reasoning models)
+    # Structured answers (tool calls, JSON, n > 1; gateway.mock_structured); empty: the plain
+    # "tok tok ..." answer built by the fast builders below.
+    choices: tuple[Any, ...] = ()
+
+    @property
+    def content_tokens(self) -> int:
+        """Tokens sent as content: one per content chunk."""
+        return self.completion_tokens - self.reasoning_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +147,40 @@ def _openai_stream_error(sent: int, status: int) -> bytes:
 # --- OpenAI chat completions and legacy completions ---------------------------------------
 
 
-def _openai_usage(g: Generation) -> dict[str, int]:
+def _openai_usage(g: Generation) -> dict[str, Any]:
+    # completion_tokens counts reasoning tokens too: the API bills them as output.
     return {
         "prompt_tokens": g.prompt_tokens,
         "completion_tokens": g.completion_tokens,
         "total_tokens": g.prompt_tokens + g.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": g.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": g.reasoning_tokens, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0,
+                                      "rejected_prediction_tokens": 0},
+    }
+
+
+def responses_usage(g: Generation) -> dict[str, Any]:
+    return {
+        "input_tokens": g.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": g.cached_tokens},
+        "output_tokens": g.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": g.reasoning_tokens},
+        "total_tokens": g.prompt_tokens + g.completion_tokens,
+    }
+
+
+def anthropic_usage(g: Generation, output_tokens: int) -> dict[str, Any]:
+    """Anthropic's usage: ``input_tokens`` excludes what was read from or written to cache."""
+    write_1h = g.cache_write_tokens if g.cache_write_1h else 0
+    return {
+        "input_tokens": g.prompt_tokens - g.cached_tokens - g.cache_write_tokens,
+        "cache_creation_input_tokens": g.cache_write_tokens,
+        "cache_read_input_tokens": g.cached_tokens,
+        "cache_creation": {"ephemeral_5m_input_tokens": g.cache_write_tokens - write_1h,
+                           "ephemeral_1h_input_tokens": write_1h},
+        "output_tokens": output_tokens,
+        "service_tier": "standard",
     }
 
 
@@ -148,7 +190,7 @@ def _finish(g: Generation) -> str:
 
 def chat_body(g: Generation) -> bytes:
     """A non-streaming ``chat.completion`` object."""
-    message = {"role": "assistant", "content": TOKEN * g.completion_tokens, "refusal": None}
+    message = {"role": "assistant", "content": TOKEN * g.content_tokens, "refusal": None}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(g)}
     return orjson.dumps(
         {
@@ -180,8 +222,8 @@ def _openai_stream(g: Generation, obj: str, first: dict[str, Any], rest: dict[st
     trailer.append(b"data: [DONE]\n\n")
     return StreamPlan(
         # With zero tokens there is no content chunk to carry the role, so send it alone.
-        preamble=[] if g.completion_tokens else [frame(empty)],
-        chunks=g.completion_tokens,
+        preamble=[] if g.content_tokens else [frame(empty)],
+        chunks=g.content_tokens,
         chunk=lambda i: rest_b if i else first_b,
         trailer=trailer,
         error=_openai_stream_error,
@@ -207,7 +249,7 @@ def chat_stream(g: Generation) -> StreamPlan:
 
 def completion_body(g: Generation) -> bytes:
     """A non-streaming legacy ``text_completion`` object."""
-    choice = {"text": TOKEN * g.completion_tokens, "index": 0, "logprobs": None,
+    choice = {"text": TOKEN * g.content_tokens, "index": 0, "logprobs": None,
               "finish_reason": _finish(g)}
     return orjson.dumps(
         {
@@ -233,8 +275,7 @@ def completion_stream(g: Generation) -> StreamPlan:
 
 
 def _prefixed(g: Generation, prefix: str) -> Generation:
-    return Generation(prefix + g.ident, g.created, g.model, g.prompt_tokens,
-                      g.completion_tokens, g.truncated, g.include_usage)
+    return dataclasses.replace(g, ident=prefix + g.ident)
 
 
 # --- OpenAI Responses API -----------------------------------------------------------------
@@ -245,11 +286,7 @@ def _response(g: Generation, status: str, text: str | None) -> dict[str, Any]:
     output: list[dict[str, Any]] = []
     if text is not None:
         output.append(_message_item(g, "completed", text))
-        usage = {
-            "input_tokens": g.prompt_tokens,
-            "output_tokens": g.completion_tokens,
-            "total_tokens": g.prompt_tokens + g.completion_tokens,
-        }
+        usage = responses_usage(g)
     return {"id": f"resp_{g.ident}", "object": "response", "created_at": g.created,
             "status": status, "model": g.model, "output": output, "usage": usage}
 
@@ -262,7 +299,7 @@ def _message_item(g: Generation, status: str, text: str | None) -> dict[str, Any
 
 def responses_body(g: Generation) -> bytes:
     """A non-streaming ``response`` object (always ``status: completed``)."""
-    return orjson.dumps(_response(g, "completed", TOKEN * g.completion_tokens))
+    return orjson.dumps(_response(g, "completed", TOKEN * g.content_tokens))
 
 
 def responses_stream(g: Generation) -> StreamPlan:
@@ -271,7 +308,7 @@ def responses_stream(g: Generation) -> StreamPlan:
     created, in_progress, output_item.added, content_part.added, N x output_text.delta,
     output_text.done, content_part.done, output_item.done, completed (carries usage).
     """
-    text = TOKEN * g.completion_tokens
+    text = TOKEN * g.content_tokens
     item_id = f"msg_{g.ident}"
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     part = {"type": "output_text", "text": "", "annotations": []}
@@ -290,7 +327,7 @@ def responses_stream(g: Generation) -> StreamPlan:
         ("response.completed", {"response": _response(g, "completed", text)}),
     ]
     first_delta = len(head)
-    after = first_delta + g.completion_tokens
+    after = first_delta + g.content_tokens
 
     def encode(seq: int, name: str, fields: dict[str, Any]) -> bytes:
         return _event(name, {"type": name, "sequence_number": seq, **fields})
@@ -308,7 +345,7 @@ def responses_stream(g: Generation) -> StreamPlan:
 
     return StreamPlan(
         preamble=[encode(i, name, f) for i, (name, f) in enumerate(head)],
-        chunks=g.completion_tokens,
+        chunks=g.content_tokens,
         chunk=lambda i: prefix + str(first_delta + i).encode() + b"}\n\n",
         trailer=[encode(after + i, name, f) for i, (name, f) in enumerate(tail)],
         error=error,
@@ -330,10 +367,10 @@ def messages_body(g: Generation) -> bytes:
             "type": "message",
             "role": "assistant",
             "model": g.model,
-            "content": [{"type": "text", "text": TOKEN * g.completion_tokens}],
+            "content": [{"type": "text", "text": TOKEN * g.content_tokens}],
             "stop_reason": _stop_reason(g),
             "stop_sequence": None,
-            "usage": {"input_tokens": g.prompt_tokens, "output_tokens": g.completion_tokens},
+            "usage": anthropic_usage(g, g.completion_tokens),
         }
     )
 
@@ -366,17 +403,21 @@ def messages_stream(g: Generation) -> StreamPlan:
         "message": {
             "id": f"msg_{g.ident}", "type": "message", "role": "assistant", "model": g.model,
             "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": g.prompt_tokens, "output_tokens": 0},
+            "usage": anthropic_usage(g, 0),
         },
     }
+    # message_delta's usage is cumulative; current API versions repeat the input side in it.
+    final = anthropic_usage(g, g.completion_tokens)
+    final.pop("cache_creation")
+    final.pop("service_tier")
     delta = {
         "type": "message_delta",
         "delta": {"stop_reason": _stop_reason(g), "stop_sequence": None},
-        "usage": {"output_tokens": g.completion_tokens},
+        "usage": final,
     }
     return StreamPlan(
         preamble=[_event("message_start", start), _ANTHROPIC_BLOCK_START],
-        chunks=g.completion_tokens,
+        chunks=g.content_tokens,
         chunk=lambda i: _ANTHROPIC_DELTA,
         trailer=[_ANTHROPIC_BLOCK_STOP, _event("message_delta", delta), _ANTHROPIC_STOP],
         error=_anthropic_stream_error,

@@ -37,6 +37,17 @@ Per-request knobs are request headers (invalid values -> 400 in the route's erro
   ``x-mock-status``, default 500) happens with this probability, drawn from the app's
   seedable ``random.Random``; otherwise the request is answered normally.
 
+- ``x-mock-cached-share``: 0..1; on a request that repeats a prompt prefix the mock has
+  seen, report ``floor(share * prompt_tokens)`` as read from cache instead of the repeated
+  prefix's own size (``gateway.mock_cache``: OpenAI caches automatically, Anthropic only up to
+  a ``cache_control`` breakpoint and reports the cache writes, 5-minute or 1-hour).
+- ``x-mock-reasoning-tokens``: reasoning tokens of a reasoning model's answer (models in
+  ``create_mock_app(reasoning_models=...)``, default ``mock-reasoning``; default 2 x chunks);
+  they count in ``completion_tokens`` / ``output_tokens`` but are not sent as content.
+
+``tools``, ``response_format`` / ``text.format`` JSON and ``n`` > 1 get answers of that shape
+(tool calls, schema-valid JSON, n choices), whole and streamed: ``gateway.mock_structured``.
+
 Every ``/v1`` request is recorded (method, path, lower-cased headers, parsed JSON body or
 None) before any knob applies. Auth is never checked: tests read the recorded headers.
 
@@ -68,6 +79,8 @@ import orjson
 from aiohttp import web
 
 from gateway import mock_sse as sse
+from gateway import mock_structured
+from gateway.mock_cache import PromptCache
 from gateway.mock_capacity import Capacity, CapacityModel, Lease, Rejected
 from gateway.mock_delivery import JSON_HEADERS, Call, drop, error_response, hang, reply, stream
 from gateway.mock_knobs import BadRequest, Knobs, parse_knobs
@@ -99,6 +112,10 @@ _IDS: web.AppKey[itertools.count[int]] = web.AppKey("mock_ids")
 _STOPPING: web.AppKey[asyncio.Event] = web.AppKey("mock_stopping")
 #: The app's capacity model, or None for unlimited capacity.
 CAPACITY: web.AppKey[CapacityModel | None] = web.AppKey("mock_capacity")
+#: Prompt prefixes seen, for cache reads and writes in usage (gateway.mock_cache).
+PROMPT_CACHE: web.AppKey[PromptCache] = web.AppKey("mock_prompt_cache")
+REASONING_MODELS: web.AppKey[frozenset[str]] = web.AppKey("mock_reasoning_models")
+DEFAULT_REASONING_MODELS = frozenset({"mock-reasoning"})
 
 
 # --- prompt token estimate ----------------------------------------------------------------
@@ -241,47 +258,82 @@ def _capacity_error(provider: Provider, capacity: CapacityModel, exc: Rejected) 
 # --- routes -------------------------------------------------------------------------------
 
 
-def _generation(request: web.Request, call: Call, *limit_keys: str) -> sse.Generation:
+def _generation(request: web.Request, call: Call, operation: str,
+                *limit_keys: str) -> sse.Generation:
     body = call.body
     chunks = call.knobs.chunks
-    truncated = False
+    limit: int | None = None
     for key in limit_keys:  # the first limit present wins, like the real APIs
-        limit = body.get(key)
-        if limit is None:
+        value = body.get(key)
+        if value is None:
             continue
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise BadRequest(f"{key} must be a non-negative integer")
-        if limit < chunks:
-            chunks, truncated = limit, True
+        limit = value
         break
     model = body.get("model")
+    model = model if isinstance(model, str) else "mock-model"
+    reasoning = 0
+    if model in request.app[REASONING_MODELS] and operation in ("chat", "responses"):
+        wanted = call.knobs.reasoning_tokens
+        reasoning = 2 * chunks if wanted is None else wanted
+    truncated = False
+    if limit is not None and reasoning > limit:  # reasoning comes first and counts as output
+        reasoning, truncated = limit, True
+    room = None if limit is None else limit - reasoning
+    choices = mock_structured.limit(mock_structured.plan_choices(body, operation, chunks), room)
+    if choices:
+        content = mock_structured.tokens(choices)
+        truncated = truncated or any(c.truncated for c in choices)
+    else:
+        content = chunks if room is None else min(chunks, room)
+        truncated = truncated or content < chunks
+    prompt_tokens = estimate_prompt_tokens(body)
+    cache = request.app[PROMPT_CACHE].use(body, prompt_tokens, call.provider == "anthropic",
+                                          call.knobs.cached_share, _text_bytes)
     options = body.get("stream_options")
     ids = request.app[_IDS]  # a local: mypy cannot infer next() over a generic AppKey lookup
     return sse.Generation(
         ident=f"mock{next(ids)}",
         created=int(time.time()),
-        model=model if isinstance(model, str) else "mock-model",
-        prompt_tokens=estimate_prompt_tokens(body),
-        completion_tokens=chunks,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=content + reasoning,
         truncated=truncated,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        cached_tokens=cache.read,
+        cache_write_tokens=cache.write,
+        cache_write_1h=cache.write_1h,
+        reasoning_tokens=reasoning,
+        choices=choices,
     )
 
 
+_Builders = tuple[Callable[[sse.Generation], bytes], Callable[[sse.Generation], sse.StreamPlan]]
+_STRUCTURED: dict[str, _Builders] = {
+    "chat": (mock_structured.chat_body, mock_structured.chat_stream),
+    "completions": (mock_structured.completion_body, mock_structured.completion_stream),
+    "responses": (mock_structured.responses_body, mock_structured.responses_stream),
+    "messages": (mock_structured.messages_body, mock_structured.messages_stream),
+}
+
+
 def _generating_route(
+    operation: str,
     limit_keys: tuple[str, ...],
     body_fn: Callable[[sse.Generation], bytes],
     stream_fn: Callable[[sse.Generation], sse.StreamPlan],
 ) -> _Serve:
     async def serve(request: web.Request, call: Call) -> web.StreamResponse:
-        gen = _generation(request, call, *limit_keys)
+        gen = _generation(request, call, operation, *limit_keys)
+        make_body, make_stream = _STRUCTURED[operation] if gen.choices else (body_fn, stream_fn)
         if call.body.get("stream") is True:
-            return await stream(request, call, stream_fn(gen))
+            return await stream(request, call, make_stream(gen))
         if call.in_slot:
             generating = call.knobs.ttft_s + gen.completion_tokens * call.knobs.gap_s
             if generating:
                 await asyncio.sleep(generating)
-        return await reply(request, call, body_fn(gen))
+        return await reply(request, call, make_body(gen))
 
     return serve
 
@@ -309,6 +361,21 @@ async def _models(request: web.Request, call: Call) -> web.StreamResponse:
     return await reply(request, call, sse.MODELS_BODY)
 
 
+def _count_tokens(provider: Provider) -> _Serve:
+    """Anthropic ``POST /v1/messages/count_tokens`` ({"input_tokens": N}) and OpenAI
+    ``POST /v1/responses/input_tokens`` ({"object": "response.input_tokens", ...}), counted
+    with the same estimate the generating routes report as usage."""
+    async def serve(request: web.Request, call: Call) -> web.StreamResponse:
+        if not isinstance(call.body.get("model"), str):
+            raise BadRequest("model: Field required")
+        tokens = estimate_prompt_tokens(call.body)
+        body: dict[str, Any] = {"input_tokens": tokens} if provider == "anthropic" else {
+            "object": "response.input_tokens", "input_tokens": tokens}
+        return await reply(request, call, orjson.dumps(body))
+
+    return serve
+
+
 async def _unknown(request: web.Request, call: Call) -> web.StreamResponse:
     return error_response("openai", 404, f"mock upstream has no route {request.method} {request.path}")
 
@@ -328,11 +395,14 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_mock_app(*, max_recorded: int = 200, seed: int | None = None,
-                    capacity: Capacity | None = None) -> web.Application:
+                    capacity: Capacity | None = None,
+                    reasoning_models: frozenset[str] = DEFAULT_REASONING_MODELS,
+                    ) -> web.Application:
     """The mock provider app; ``RECORDED`` holds the last ``max_recorded`` ``/v1`` requests.
 
     ``seed`` seeds the ``random.Random`` behind ``x-mock-fail-rate`` (None: OS entropy).
     ``capacity``: slots, queue and quota of the generating routes (None: unlimited).
+    ``reasoning_models``: model names whose chat / Responses answers report reasoning tokens.
     """
     if max_recorded < 0:
         raise ValueError("max_recorded must be >= 0")
@@ -341,19 +411,25 @@ def create_mock_app(*, max_recorded: int = 200, seed: int | None = None,
     app[CAPACITY] = None if capacity is None else CapacityModel(capacity)
     app[_RNG] = random.Random(seed)
     app[_IDS] = itertools.count(1)
+    app[PROMPT_CACHE] = PromptCache()
+    app[REASONING_MODELS] = reasoning_models
     app[_STOPPING] = asyncio.Event()
     app.on_shutdown.append(_on_shutdown)
     add = app.router.add_route
     add("POST", "/v1/chat/completions", _endpoint("openai", _generating_route(
-        ("max_completion_tokens", "max_tokens"), sse.chat_body, sse.chat_stream),
+        "chat", ("max_completion_tokens", "max_tokens"), sse.chat_body, sse.chat_stream),
         generates=True))
     add("POST", "/v1/completions", _endpoint("openai", _generating_route(
-        ("max_tokens",), sse.completion_body, sse.completion_stream), generates=True))
+        "completions", ("max_tokens",), sse.completion_body, sse.completion_stream),
+        generates=True))
     add("POST", "/v1/responses", _endpoint("openai", _generating_route(
-        ("max_output_tokens",), sse.responses_body, sse.responses_stream), generates=True))
+        "responses", ("max_output_tokens",), sse.responses_body, sse.responses_stream),
+        generates=True))
     add("POST", "/v1/messages", _endpoint("anthropic", _generating_route(
-        ("max_tokens",), sse.messages_body, sse.messages_stream), generates=True))
+        "messages", ("max_tokens",), sse.messages_body, sse.messages_stream), generates=True))
     add("POST", "/v1/embeddings", _endpoint("openai", _embeddings, generates=True))
+    add("POST", "/v1/messages/count_tokens", _endpoint("anthropic", _count_tokens("anthropic")))
+    add("POST", "/v1/responses/input_tokens", _endpoint("openai", _count_tokens("openai")))
     add("GET", "/v1/models", _endpoint("openai", _models, needs_body=False))
     add("*", "/v1/{tail:.*}", _endpoint("openai", _unknown, needs_body=False))
     add("GET", "/_mock/requests", _list_recorded)

@@ -8,7 +8,7 @@ the way (limit hold, admission permit, breaker trial) is released in a ``finally
 
 from __future__ import annotations
 
-import math
+import asyncio
 import os
 from typing import Any
 
@@ -19,6 +19,7 @@ from .agent_loop import find_loop
 from .attempts import CallContext, attempt_loop
 from .classify import (
     ROUTES,
+    ApiRoute,
     ProxyCall,
     classify,
     parse_json_body,
@@ -28,9 +29,28 @@ from .config import Tenant
 from .context import Policy, RequestRecord, Services
 from .deadlines import request_deadline
 from .errors import GatewayError, retry_headers
+from .limits import Hold
+from .usage import Usage, cost_micros
 
 
 async def handle_proxy(
+    request: web.Request, policy: Policy, svc: Services, record: RequestRecord
+) -> web.StreamResponse:
+    """The pipeline, holding the request body's bytes against the process's bound from
+    before the body is read until the request ends (issue 15 item 9)."""
+    server = policy.config.server
+    declared = request.content_length
+    hold = svc.guard.bodies.reserve(
+        declared if declared is not None and declared <= server.max_body_bytes
+        else server.max_body_bytes if request.body_exists else 0,
+        svc.guard.bodies.limit(server.max_body_bytes_in_flight, server.max_body_bytes))
+    try:
+        return await _pipeline(request, policy, svc, record)
+    finally:
+        hold.release()
+
+
+async def _pipeline(
     request: web.Request, policy: Policy, svc: Services, record: RequestRecord
 ) -> web.StreamResponse:
     route = ROUTES[request.path]
@@ -42,7 +62,8 @@ async def handle_proxy(
     record.tenant = tenant.name
     # 3 classify: read and parse the body once
     raise_if_json_content_type_wrong(request.headers.get("Content-Type"))
-    body = parse_json_body(await _read_body(request, config.server.max_body_bytes))
+    body = parse_json_body(await _read_body(request, config.server.max_body_bytes,
+                                            config.server.body_read_timeout_s))
     call = classify(route, tenant, body, request.headers, config)
     record.model, record.stream = call.model, call.stream
     record.priority = call.priority.name
@@ -50,7 +71,7 @@ async def handle_proxy(
     model = config.models[call.model]
     record.prompt_tokens_estimate = call.prompt_tokens_estimate
     record.context_window = model.context_window
-    if call.prompt_tokens_estimate > model.context_window:
+    if call.prompt_tokens_estimate > model.context_window and not route.request_only:
         raise GatewayError(
             400, f"This model's maximum context length is {model.context_window} tokens; the "
             f"request's prompt is about {call.prompt_tokens_estimate} tokens.",
@@ -61,10 +82,11 @@ async def handle_proxy(
         raise GatewayError(400, f"The model '{call.model}' is not served on {route.path}.",
                            code="model_not_supported_on_route", param="model")
     # 3b the loop detector reads the conversation's tool calls (agent_loop.py)
-    loop_header = _agent_loop(call, config.tenants[tenant.name], record, policy)
+    loop_header = None if route.request_only else _agent_loop(
+        call, config.tenants[tenant.name], record, policy)
     # Deferred requests (deferred.py): Prefer: respond-async -> stored durably, 202 Accepted.
     # Mode on_shed runs at once and defers only a would-be overload shed of a low request.
-    deferred = svc.deferred
+    deferred = svc.deferred if not route.request_only else None  # counting is never deferred
     defer = deferred.mode(call, request.headers, config) if deferred is not None else None
     if deferred is not None and defer == "now":
         return await deferred.submit(policy, call, request.headers, record, via="prefer")
@@ -85,8 +107,14 @@ async def handle_proxy(
     with svc.tracing.stage("limits"):
         # Keyed by a gateway-made id, never the client's X-Request-Id: a reused client id
         # must not share a concurrency lease or a settlement with another request.
-        hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
-                                          client_retry=is_client_retry(request.headers))
+        if not route.request_only:
+            hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
+                                              client_retry=is_client_retry(request.headers))
+        elif route_name(route) in config.tenants[tenant.name].limits.exempt_routes:
+            hold = Hold("", "none", 0, 0, None, settled=True)
+        else:  # token counting: one request, the same single atomic call
+            hold = await policy.limiter.admit_request(tenant.name, call.agent_session,
+                                                      os.urandom(16).hex(), call.priority.name)
     record.limits_s = svc.clock() - began
     if hold.run is not None:
         record.run = hold.run_totals
@@ -106,12 +134,18 @@ async def handle_proxy(
         await policy.limiter.settle(hold, record.usage, 0)  # this reservation back at once
         return await deferred.submit(policy, call, request.headers, record, via="shed")
     finally:
+        if route.request_only:  # counting tokens bills none (the estimate relay_whole made)
+            record.usage = Usage()
         # 12 settle: real usage replaces the reservation, off the client's critical path
         # A run's step is a model call: one refused before any upstream attempt is given back.
         hold.no_step = hold.no_step or not record.attempt_log
-        record.cost = (record.usage.input_tokens * model.price.input_per_million
-                       + record.usage.output_tokens * model.price.output_per_million) / 1e6
-        policy.limiter.settle_soon(hold, record.usage, math.ceil(record.cost * 1e6))
+        record.set_cost(cost_micros(record.usage, model.price.rates))
+        policy.limiter.settle_soon(hold, record.usage, record.cost_micros)
+
+
+def route_name(route: ApiRoute) -> str:
+    """``POST /v1/...``: how ``limits.exempt_routes`` names a route."""
+    return f"POST {route.path}"
 
 
 def _agent_loop(call: ProxyCall, tenant: Tenant, record: RequestRecord,
@@ -136,13 +170,21 @@ def _agent_loop(call: ProxyCall, tenant: Tenant, record: RequestRecord,
     return finding.header() if settings.action == "warn" else None
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
+    except TimeoutError:
+        # A body that never finishes (issue 15 item 8): answer, then close the connection,
+        # since the rest of the body may still arrive and the framing is lost.
+        raise GatewayError(
+            408, f"The request body did not arrive within {timeout_s:g} s.",
+            type="invalid_request_error", code="request_timeout",
+            headers={"Connection": "close"}) from None
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -15,6 +15,7 @@ from aiohttp import web
 from .classify import ProxyCall, estimate_answer_tokens
 from .errors import GatewayError, upstream_failure
 from .streaming import SseRelay, Usage
+from .translate import Translation
 from .upstream import FORWARDED_RESPONSE_HEADERS, UpstreamAttempt
 
 if TYPE_CHECKING:
@@ -47,17 +48,28 @@ def upstream_answer(
 
 async def relay_whole(
     attempt: UpstreamAttempt, record: RequestRecord, extra_headers: Mapping[str, str],
-    answer_model: str | None = None,
+    answer_model: str | None = None, translation: Translation | None = None,
 ) -> web.Response:
-    """``answer_model``: the public name the answer's ``model`` field says (None: unchanged)."""
+    """``answer_model``: the public name the answer's ``model`` field says (None: unchanged);
+    ``translation``: the deployment speaks the other dialect, the answer is translated back."""
     upstream = attempt.response
-    body = await attempt.read_body()
+    body = raw = await attempt.read_body()
+    if translation is not None and upstream.content_type.endswith("json") and raw[:1] == b"{":
+        try:
+            body = translation.answer(raw) if upstream.status < 400 else \
+                translation.error(raw, upstream.status)
+        except orjson.JSONDecodeError:
+            raise upstream_failure(502, f"The upstream {attempt.target.label} answered "
+                                   f"{upstream.status} with invalid JSON.",
+                                   "upstream_bad_response") from None
     response = upstream_answer(attempt.target.label, upstream.status, upstream.content_type,
                                upstream.headers, body, extra_headers)
     if upstream.status < 400:
         usage = Usage()
         try:
             answer = orjson.loads(body)
+            # accounted in the upstream's own dialect, as every other answer
+            upstream_answer_json = orjson.loads(raw) if raw is not body else answer
         except orjson.JSONDecodeError:  # a 200 the client could not parse either
             raise upstream_failure(502, f"The upstream {attempt.target.label} answered "
                                    f"{upstream.status} with invalid JSON.",
@@ -65,10 +77,10 @@ async def relay_whole(
         if answer_model is not None and isinstance(answer, dict) and "model" in answer:
             # Top-level only: a tool call's input object may have a "model" key of its own.
             response.body = orjson.dumps({**answer, "model": answer_model})
-        usage.merge(answer)
+        usage.merge(upstream_answer_json)
         if not usage.reported:  # charge an estimate rather than nothing (reported stays False)
             usage.input_tokens = record.prompt_tokens_estimate
-            usage.output_tokens = estimate_answer_tokens(answer)
+            usage.output_tokens = estimate_answer_tokens(upstream_answer_json)
         record.usage = usage
     record.status = upstream.status
     return response
@@ -76,12 +88,23 @@ async def relay_whole(
 
 async def relay_stream(
     request: web.Request, call: ProxyCall, attempt: UpstreamAttempt, record: RequestRecord,
-    extra_headers: Mapping[str, str],
+    extra_headers: Mapping[str, str], write_idle_s: float = 30.0,
+    translation: Translation | None = None,
 ) -> web.StreamResponse:
+    """Relay an SSE stream event by event. A write that makes no progress for
+    ``write_idle_s`` (the client stopped reading) ends the request like a disconnect does:
+    the upstream call is cancelled and slots released by the callers' ``finally``; usage is
+    what was produced until then.
+
+    ``translation``: the deployment speaks the other dialect. The relay still reads the
+    upstream's own events (usage, deltas, the terminal event); the translator reshapes each
+    batch of complete events for the client as it arrives."""
     relay = SseRelay(
         call.route.dialect,
-        strip_usage_chunk=call.route.injects_stream_usage and not call.client_wants_usage,
+        strip_usage_chunk=call.route.injects_stream_usage and not call.client_wants_usage
+        and translation is None,
     )
+    translate = translation.stream().feed if translation is not None else _unchanged
     response = web.StreamResponse(
         status=200,
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -92,14 +115,14 @@ async def relay_stream(
     rename = model_renamer(call.answer_model)
     try:
         while chunk := await attempt.next_chunk():
-            out = rename(relay.feed(chunk))
+            out = rename(translate(relay.feed(chunk)))
             if out:
                 if record.ttft_s is None:
                     record.ttft_s = time.monotonic() - record.started
-                await _write(request, response, out, attempt.end)
-        out = rename(relay.leftover())
+                await _write(request, response, out, attempt.end, write_idle_s)
+        out = rename(translate(relay.leftover()))
         if out:
-            await _write(request, response, out, attempt.end)
+            await _write(request, response, out, attempt.end, write_idle_s)
         if not relay.finished:
             raise upstream_failure(
                 502, f"The upstream {attempt.target.label} ended the stream early.",
@@ -111,7 +134,9 @@ async def relay_stream(
         await _write_quietly(request, response, exc.sse_event(call.route.dialect))
     finally:
         record.usage = relay.final_usage()
-        if not relay.finished:  # cut: the provider did read the prompt and send these deltas
+        if not relay.usage_final:
+            # cut before the final usage, or none was reported: the provider did read the
+            # prompt and send these deltas
             record.usage.input_tokens = record.usage.input_tokens or call.prompt_tokens_estimate
             record.usage.output_tokens = max(record.usage.output_tokens, relay.deltas)
     await _write_eof_quietly(request, response)
@@ -147,11 +172,14 @@ def _unchanged(data: bytes) -> bytes:
 
 
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes,
-                 until: float) -> None:
-    """Write by ``until`` at the latest: a client that stopped reading must not hold the
-    upstream call, its slots and leases past the call's total timeout."""
+                 until: float, idle_s: float | None = None) -> None:
+    """Write within ``idle_s`` and by ``until`` at the latest: a client that stopped reading
+    must not hold the upstream call, its slots and leases (issue 15 item 7). ``write`` only
+    waits when the socket's buffer is full, so this bounds a write that makes no progress."""
+    loop = asyncio.get_running_loop()
+    deadline = until if idle_s is None else min(until, loop.time() + idle_s)
     try:
-        async with asyncio.timeout_at(until):
+        async with asyncio.timeout_at(deadline):
             await response.write(data)
     except TimeoutError:
         if request.transport is not None:

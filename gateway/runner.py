@@ -56,6 +56,10 @@ class _OpenAIShapedErrors(RequestHandler):
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError) and request.writer.output_size > 0:
+            # A client gone (or dropped for not reading, relay.py) mid-response: logged by the
+            # access log as client_disconnected, not a bug of ours worth a traceback.
+            raise ConnectionError("the client connection is gone") from exc
         if status >= 500:  # a bug of ours in a handler: keep aiohttp's traceback in the log
             self.log_exception("error handling request", exc_info=exc)
             error = GatewayError(status, "the gateway failed to handle this request",

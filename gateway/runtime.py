@@ -27,7 +27,9 @@ from .context import Policy, Services
 from .deferred import DeferredService
 from .deferred_store import create_store
 from .degraded import DegradedMode
+from .journal import JournalFile
 from .limits import LEASE_TTL_MS, InFlight, Limiter
+from .logs import ACCESS_LOGGER, RefusalLog
 from .metrics import GatewayMetrics
 from .quota import ProviderQuotas
 from .retry import RetryBudget
@@ -37,6 +39,7 @@ from .tracing import Tracing
 from .upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class _AdmissionMetrics(AdmissionObserver):
@@ -68,7 +71,8 @@ class Gateway:
         rng = random.Random()
         self.metrics = metrics or GatewayMetrics(config)
         self.tracing = tracing or Tracing(None)
-        self.degraded = DegradedMode(config.state.degraded, state, clock, self.replica_id)
+        self.degraded = DegradedMode(config.state.degraded, state, clock, self.replica_id,
+                                     _journal_file(config, state, self.replica_id))
         observer = _AdmissionMetrics(self.metrics)
         self.services = Services(
             clock=clock,
@@ -86,6 +90,8 @@ class Gateway:
         )
         self.inflight = InFlight(clock, time.time)
         self._clock = clock
+        # Access lines of refused requests, rate-bounded per tenant and reason (logs.py)
+        self.refusals = RefusalLog(clock, config.server.refused_log_per_s)
         self.policy = self.build_policy(config)
         self.ready = False
         self._stop = asyncio.Event()
@@ -112,7 +118,9 @@ class Gateway:
         self.inflight.on_run_stop = m.run_stopped
         if self.state.name == "redis":
             m.set_redis_source(lambda: {"degraded": self.degraded.active,
-                                        "latency_s": self.degraded.last_latency_s})
+                                        "latency_s": self.degraded.last_latency_s,
+                                        "journal_lost": self.degraded.journal_lost,
+                                        "resets": self.degraded.resets})
 
     async def swap_policy(self, config: GatewayConfig) -> None:
         """Put a new, already validated policy in place atomically.
@@ -126,6 +134,7 @@ class Gateway:
         self._retired.append(old)
         self.services.admission.reconfigure(config.admission)
         self.services.guard.reconfigure(config.admission)
+        self.refusals.per_s = config.server.refused_log_per_s
         self.metrics.update_config(config)
         log.info("policy reloaded", extra={"fields": {
             "tenants": len(config.tenants), "models": len(config.models)}})
@@ -138,6 +147,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.state.start()
+        self.degraded.load_journal()  # replayed by the degraded loop as soon as Redis answers
+        await self.degraded.check_epoch()
         await self.policy.upstreams.start()
         self.services.guard.start()
         loop = asyncio.get_running_loop()
@@ -146,6 +157,7 @@ class Gateway:
             loop.create_task(self._renew_leases()),
             loop.create_task(self.services.breakers.run_sync(self._stop)),
             loop.create_task(self.deferred.run(self._stop)),  # returns after its runs stop
+            loop.create_task(self._summarize_refusals()),
         ]
         self.ready = True
 
@@ -156,11 +168,31 @@ class Gateway:
         await self.services.guard.stop()
         await self.policy.limiter.drain()
         await self.degraded.recover_once()  # last chance to hand the journal over
+        self.degraded.save_journal()  # what is left: a file for the next start, or counted lost
         for old in self._retired:
             await old.upstreams.close()
         await self.policy.upstreams.close()
         await self.state.close()
         await self.tracing.close()
+
+    async def flush_journal(self, timeout_s: float) -> bool:
+        """Drain: wait (bounded) for pending settlements and the usage journal to reach the
+        store; True when nothing is left to write to a file."""
+        await self.policy.limiter.drain()
+        return await self.degraded.flush(timeout_s)
+
+    def log_refusal_summary(self, force: bool = False) -> None:
+        summary = self.refusals.summary(force)
+        if summary is not None:
+            access_log.info("refused requests folded", extra={"fields": summary})
+
+    async def _summarize_refusals(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.refusals.summary_every_s)
+            except TimeoutError:
+                self.log_refusal_summary()
+        self.log_refusal_summary(force=True)  # stopping: nothing folded goes unreported
 
     async def _renew_leases(self) -> None:
         while not self._stop.is_set():
@@ -168,3 +200,12 @@ class Gateway:
                 await asyncio.wait_for(self._stop.wait(), LEASE_TTL_MS / 3000)
             except TimeoutError:
                 await self.policy.limiter.renew_leases()
+
+
+def _journal_file(config: GatewayConfig, state: StateBackend,
+                  replica_id: str) -> JournalFile | None:
+    """Where unflushed usage goes at stop: only a shared store outlives this process."""
+    directory = config.state.degraded.journal_dir or os.environ.get("GATEWAY_JOURNAL_DIR")
+    if state.name != "redis" or not directory:
+        return None
+    return JournalFile(directory, replica_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -28,6 +29,7 @@ from .admission_policy import AdmissionPolicy
 from .admission_shed import ShedReason, counts_by_class, overloaded_error, retry_after_s
 from .admission_state import AdmissionObserver
 from .config_base import Priority
+from .errors import GatewayError
 
 Clock = Callable[[], float]
 log = logging.getLogger("gateway.selfprotect")
@@ -142,11 +144,82 @@ def cgroup_memory_limit_mib(root: str = "/sys/fs/cgroup") -> float | None:
     return None
 
 
+_AUTO_BODY_SHARE = 0.25  # of the cgroup memory limit, for request bodies held at once
+_AUTO_BODY_BYTES = 256 * _MIB  # without a cgroup limit
+
+
+class BodyHold:
+    """Request-body bytes held by one request; ``release`` when it ends (idempotent)."""
+
+    __slots__ = ("_budget", "nbytes")
+
+    def __init__(self, budget: BodyBudget, nbytes: int) -> None:
+        self._budget = budget
+        self.nbytes = nbytes
+
+    def release(self) -> None:
+        if self.nbytes:
+            self._budget.release(self.nbytes)
+            self.nbytes = 0
+
+
+class BodyBudget:
+    """Request-body bytes this process holds at once (issue 15 item 9): each request reserves
+    its Content-Length (or ``max_body_bytes`` when chunked) before its body is read, and gives
+    it back when it ends. A request that does not fit is refused before it is read, with a
+    Retry-After from the rate at which held bytes have been coming back."""
+
+    _RATE_HALF_LIFE_S = 5.0
+
+    def __init__(self, clock: Clock, cgroup_mib: float | None) -> None:
+        self._clock = clock
+        self.auto_limit = int(cgroup_mib * _MIB * _AUTO_BODY_SHARE) if cgroup_mib \
+            else _AUTO_BODY_BYTES
+        self.held = 0
+        self.refused = 0
+        self._rate = 0.0  # bytes released per second, decaying average
+        self._rate_at = clock()
+
+    def limit(self, configured: int | None, max_body_bytes: int) -> int:
+        return max(configured if configured is not None else self.auto_limit, max_body_bytes)
+
+    def reserve(self, nbytes: int, limit: int) -> BodyHold:
+        """Hold ``nbytes``, or raise 503 ``overloaded`` (nothing held) when over ``limit``."""
+        if nbytes and self.held and self.held + nbytes > limit:
+            self.refused += 1
+            wait = self.retry_after_s(self.held + nbytes - limit)
+            raise GatewayError(
+                503, f"The gateway holds too many request bodies at once ({self.held} bytes); "
+                f"retry after {wait:.1f} s.", type="overloaded", code="overloaded",
+                headers={"Retry-After": str(max(1, math.ceil(wait))),
+                         "retry-after-ms": str(max(1, round(wait * 1000))),
+                         "x-should-retry": "true"})
+        self.held += nbytes
+        return BodyHold(self, nbytes)
+
+    def release(self, nbytes: int) -> None:
+        self.held -= nbytes
+        self._decay()
+        self._rate += nbytes / self._RATE_HALF_LIFE_S
+
+    def _decay(self) -> None:
+        now = self._clock()
+        self._rate *= 0.5 ** ((now - self._rate_at) / self._RATE_HALF_LIFE_S)
+        self._rate_at = now
+
+    def retry_after_s(self, excess: int) -> float:
+        """When ``excess`` bytes will have come back at the recent release rate; 1-60 s."""
+        self._decay()
+        if self._rate <= 0:
+            return 1.0
+        return min(60.0, max(1.0, excess / self._rate))
+
+
 class SelfProtection:
     """The door check and the gauges behind it (module docstring).
 
     ``max_rss_mib`` overrides the policy's limit (and its cgroup default) when given; tests use
-    it together with ``statm_path``.
+    it together with ``statm_path``, and ``cgroup_root`` for the cgroup default.
     """
 
     def __init__(
@@ -158,6 +231,7 @@ class SelfProtection:
         *,
         max_rss_mib: float | None = None,
         statm_path: str = "/proc/self/statm",
+        cgroup_root: str = "/sys/fs/cgroup",
     ) -> None:
         self._policy = policy
         self._clock = clock
@@ -167,12 +241,13 @@ class SelfProtection:
         self.loop_lag = LoopLagMonitor(settings.lag_probe_interval_ms / 1000, clock)
         self.streams = StreamCounter()
         self.rss = RssReader(settings.rss_sample_s, statm_path)
+        cgroup = cgroup_memory_limit_mib(cgroup_root)
         if max_rss_mib is None:
             max_rss_mib = settings.max_rss_mib
         if max_rss_mib is None:
-            cgroup = cgroup_memory_limit_mib()
             max_rss_mib = cgroup * _AUTO_RSS_SHARE if cgroup is not None else None
         self.max_rss_mib = max_rss_mib
+        self.bodies = BodyBudget(clock, cgroup)
         self._shed: Counter[tuple[Priority, str]] = Counter()
         self._would_shed: Counter[tuple[Priority, str]] = Counter()
 

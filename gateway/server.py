@@ -19,11 +19,12 @@ import orjson
 from aiohttp import web
 
 from . import __version__, admin, deferred_api
-from .admin import check_admin
+from .auth import TenantPolicy
 from .classify import ROUTES, error_dialect
 from .config import GatewayConfig
 from .context import RequestRecord
 from .cors import setup_cors
+from .endpoints import Routes
 from .errors import GatewayError, not_found
 from .logs import ACCESS_LOGGER
 from .metrics import GatewayMetrics, metrics_handler
@@ -31,6 +32,7 @@ from .pipeline import handle_proxy, models_listing
 from .runtime import Gateway
 from .state import StateBackend, create_backend
 from .tracing import Tracing
+from .worker_group import WORKER_GROUP
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -62,24 +64,22 @@ def create_app(
     app[GATEWAY] = Gateway(config, state, tracing or Tracing.from_env(), metrics)
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(_stamp_request_id)
+    # Every route through Routes (endpoints.py): the kind decides how it is limited.
+    routes = Routes(app, GATEWAY, RECORD)
     for path in ROUTES:
-        app.router.add_post(path, _proxy)
-    app.router.add_get("/v1/models", _models)
-    app.router.add_get("/v1/models/{model}", _model)
-    deferred_api.add_routes(app, GATEWAY, RECORD)  # /v1/deferred/{id}: status, answer, cancel
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
+        routes.proxied("POST", path, _proxy)
+    routes.tenant("GET", "/v1/models", _models)
+    routes.tenant("GET", "/v1/models/{model}", _model)
+    deferred_api.add_routes(routes)  # /v1/deferred/{id}: status, answer, cancel
+    routes.public("GET", "/healthz", _healthz)
+    routes.public("GET", "/readyz", _readyz)
     if config.server.metrics:
         scrape = metrics_handler(app[GATEWAY].metrics)
         if config.server.metrics_need_admin_key:
-            async def guarded_scrape(request: web.Request) -> web.StreamResponse:
-                _check_admin_key(request)
-                return await scrape(request)
-
-            app.router.add_get("/metrics", guarded_scrape)
+            routes.admin("GET", "/metrics", scrape)
         else:
-            app.router.add_get("/metrics", scrape)
-    app.router.add_get("/admin/status", _admin_status)
+            routes.public("GET", "/metrics", scrape)
+    routes.admin("GET", "/admin/status", _admin_status)
     return app
 
 
@@ -102,33 +102,48 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
             await gateway.close_idle_retired()
 
 
-async def _models(request: web.Request) -> web.Response:
+async def _models(request: web.Request, tenant: TenantPolicy) -> web.Response:
     policy = request.app[GATEWAY].policy
-    tenant = policy.auth.authenticate(request.headers)
-    request[RECORD].tenant = tenant.name
-    return _json(models_listing(policy, tenant.may_use))
+    listing = models_listing(policy, tenant.may_use)
+    if _anthropic_client(request):  # anthropic SDK client.models.list(): its page shape
+        data = [_anthropic_model(m["id"]) for m in listing["data"]]
+        return _json({"data": data, "has_more": False,
+                      "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None})
+    return _json(listing)
 
 
-async def _model(request: web.Request) -> web.Response:
+async def _model(request: web.Request, tenant: TenantPolicy) -> web.Response:
     policy = request.app[GATEWAY].policy
-    tenant = policy.auth.authenticate(request.headers)
     name = request.match_info["model"]
     if name not in policy.config.models or not tenant.may_use(name):
         raise not_found(f"The model '{name[:64]}' does not exist or you do not have access to it.",
                         code="model_not_found", param="model")
+    if _anthropic_client(request):
+        return _json(_anthropic_model(name))
     return _json({"id": name, "object": "model", "created": 0, "owned_by": "gateway"})
 
 
+def _anthropic_client(request: web.Request) -> bool:
+    """The Anthropic SDKs send ``anthropic-version`` on every call and the OpenAI SDKs never
+    do: on the routes both APIs share (``/v1/models``) it picks the answer's dialect."""
+    return "anthropic-version" in request.headers
+
+
+def _anthropic_model(name: str) -> dict[str, Any]:
+    return {"type": "model", "id": name, "display_name": name,
+            "created_at": "1970-01-01T00:00:00Z"}
+
+
 async def _admin_status(request: web.Request) -> web.Response:
-    _check_admin_key(request)
+    # the admin key and the admin limit: Routes.admin (endpoints.py)
+    group = request.app.get(WORKER_GROUP)  # --workers N: every worker's status, merged
+    if group is not None:
+        response = _json(await group.status(admin.status(request.app[GATEWAY])))
+        response.headers["x-gateway-worker"] = str(group.index)
+        return response
     return _json(admin.status(request.app[GATEWAY]))
 
-
-def _check_admin_key(request: web.Request) -> None:
-    """401/403 (``check_admin``) unless the request carries one of the admin keys."""
-    digests = [bytes.fromhex(k.removeprefix("sha256:"))
-               for k in request.app[GATEWAY].policy.config.admin.api_keys]
-    check_admin(request.headers, digests)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -200,7 +215,16 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
                         gateway.metrics.rejected(record.error_code, record.priority,
                                                  record.tenant)
                     gateway.metrics.observe_request(record)
-                _log_access(record, span.log_fields())
+                if not _refused(record) or gateway.refusals.allow(record.tenant,
+                                                                  record.error_code):
+                    _log_access(record, span.log_fields())
+
+
+def _refused(record: RequestRecord) -> bool:
+    """Refused by the gateway itself, before any upstream attempt: its access line is
+    rate-bounded per tenant and reason (logs.RefusalLog); metrics count it regardless."""
+    return record.status >= 400 and record.attempts == 0 \
+        and record.outcome in ("rejected", "error")
 
 
 def _error_response(request: web.Request, record: RequestRecord, exc: GatewayError) -> web.Response:
@@ -209,8 +233,10 @@ def _error_response(request: web.Request, record: RequestRecord, exc: GatewayErr
         record.outcome = "rejected" if exc.status < 500 else "error"
     record.error_code = exc.code
     headers = {"Content-Type": "application/json", **exc.headers}
-    return web.Response(status=exc.status, body=exc.body(error_dialect(request.path)),
-                        headers=headers)
+    dialect = error_dialect(request.path)
+    if request.path not in ROUTES and _anthropic_client(request):
+        dialect = "anthropic"  # models, deferred, unknown URLs: answer the SDK that asked
+    return web.Response(status=exc.status, body=exc.body(dialect), headers=headers)
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
@@ -239,6 +265,8 @@ def _log_access(record: RequestRecord, trace_fields: dict[str, Any]) -> None:
         "tenant": record.tenant,
         "model": record.model,
         "deployment": record.deployment,
+        "client_dialect": error_dialect(record.route) if record.route in ROUTES else None,
+        "upstream_dialect": record.upstream_dialect,
         "priority": record.priority,
         "stream": record.stream,
         "status": record.status,
@@ -257,8 +285,11 @@ def _log_access(record: RequestRecord, trace_fields: dict[str, Any]) -> None:
         ] or None,
         "tokens_in": record.usage.input_tokens,
         "tokens_out": record.usage.output_tokens,
+        # by billed dimension (gateway/usage.py); zero dimensions left out to keep lines short
+        "tokens": {k: v for k, v in record.usage.dimensions().items() if v} or None,
         "usage_reported": record.usage.reported,
         "cost": round(record.cost, 8),
+        "cost_micros": record.cost_micros,
         "context_use": round(record.usage.input_tokens / record.context_window, 6)
         if record.context_window and record.usage.input_tokens else None,
         "agent_session": record.agent_session,

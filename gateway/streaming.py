@@ -15,12 +15,13 @@ network read go out in one write.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
 from .errors import Dialect, upstream_failure
+from .usage import Usage
+
+__all__ = ["MAX_EVENT_BYTES", "SseRelay", "Usage", "usage_from_body"]
 
 # One event larger than this is an upstream fault: cut the stream rather than buffer it all.
 MAX_EVENT_BYTES = 8 * 1024 * 1024
@@ -32,43 +33,6 @@ _TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.fa
              b'"type": "message_stop"',
              # an upstream's own error event ends the stream too; relay it, add nothing
              b'data: {"error"', b"event: error")
-
-
-@dataclass(slots=True)
-class Usage:
-    """Token counts as the upstream reported them (or as counted from a cut stream)."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    reported: bool = False  # False: no usage from the upstream; output_tokens were counted
-
-    def merge(self, data: Any) -> None:
-        """Take the usage object out of any of the dialects' shapes, if present."""
-        if not isinstance(data, dict):
-            return
-        usage = data.get("usage")
-        for outer in ("response", "message"):
-            inner = data.get(outer)
-            if usage is None and isinstance(inner, dict):
-                usage = inner.get("usage")
-        if not isinstance(usage, dict):
-            return
-        inp = _int(usage, "prompt_tokens", "input_tokens")
-        inp += _int(usage, "cache_creation_input_tokens") + _int(usage, "cache_read_input_tokens")
-        out = _int(usage, "completion_tokens", "output_tokens")
-        if inp:
-            self.input_tokens = inp
-        if out or "completion_tokens" in usage or "output_tokens" in usage:
-            self.output_tokens = out
-        self.reported = True
-
-
-def _int(usage: dict[str, Any], *names: str) -> int:
-    for name in names:
-        value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return 0
 
 
 def usage_from_body(body: bytes) -> Usage:
@@ -91,6 +55,10 @@ class SseRelay:
         self.deltas = 0
         self.events = 0
         self.finished = False  # the terminal event was seen
+        # The event with the final usage was seen (every usage event but Anthropic's
+        # message_start, whose output count is only the first token's): a stream cut after it
+        # is charged exactly what it reported.
+        self.usage_final = False
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -132,7 +100,8 @@ class SseRelay:
             parsed = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return True
-        self.usage.merge(parsed)
+        if self.usage.merge(parsed) and parsed.get("type") != "message_start":
+            self.usage_final = True
         # Drop only the extra usage chunk the gateway asked for on the client's behalf.
         return not (self.strip_usage_chunk and _EMPTY_CHOICES.search(event))
 

@@ -152,6 +152,10 @@ class RequestSpan:
             GEN_AI_RESPONSE_MODEL: response_model or self._response_model,
             GEN_AI_PROVIDER_NAME: provider or self._provider,
             "gateway.cost": record.cost or None,
+            # OTel GenAI semconv names for the cache parts of input_tokens (which includes them)
+            "gen_ai.usage.cache_read.input_tokens": record.usage.cache_read_tokens or None,
+            "gen_ai.usage.cache_creation.input_tokens": record.usage.cache_write_tokens or None,
+            "gateway.usage.reasoning_tokens": record.usage.reasoning_tokens or None,
             "gateway.queue_s": record.queue_s,
             "gateway.ttft_s": record.ttft_s,
         }

@@ -19,14 +19,16 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Self
+from typing import Literal, Self
 
 import aiohttp
 
+from . import translate
 from .classify import ProxyCall
 from .config import ConfigError, Deployment, GatewayConfig, Provider, resolve_api_key
 from .errors import UpstreamTimeout, upstream_failure
 from .jsonbytes import dumps_kept
+from .translate import TranslationRefused
 
 # Request headers a client may pass through to the provider. Everything else is dropped.
 FORWARDED_REQUEST_HEADERS = (
@@ -100,12 +102,38 @@ class UpstreamPool:
         """The model's deployments that speak this route's API, in failover order."""
         model = self._config.models[call.model]
         found = []
+        refused: TranslationRefused | None = None
         for dep in model.deployments:
             provider = self._config.providers[dep.provider]
             if provider.kind == call.route.provider_kind:
                 url = provider.base_url + call.route.upstream_path
-                found.append(Target(dep.provider, provider, dep.model, url, dep))
+            elif translate.translates(call.route.path):
+                # Another provider kind: reachable through translation, unless this body
+                # cannot be carried there unchanged (then that deployment is left out).
+                try:
+                    self._translation(call, provider.kind)
+                except TranslationRefused as exc:
+                    refused = refused or exc
+                    continue
+                url = provider.base_url + translate.upstream_path(provider.kind)
+            else:
+                continue
+            found.append(Target(dep.provider, provider, dep.model, url, dep))
+        if not found and refused is not None:
+            raise refused
         return found
+
+    def _translation(self, call: ProxyCall, kind: Literal["openai", "anthropic"]) -> None:
+        if kind in call.translations:
+            return
+        model = self._config.models[call.model]
+        tenant = self._config.tenants.get(call.tenant.name)
+        # Anthropic needs a cap: the body's, else what the reservation assumes per answer
+        # (classify.reserved_output_tokens), so the upstream cannot outgrow the reservation.
+        default = min(tenant.default_max_tokens if tenant else 1024, model.output_limit)
+        call.translations[kind] = translate.plan(
+            call.route.dialect, kind, call.body, default_max_tokens=default,
+            include_usage=call.client_wants_usage)
 
     def attempt(
         self, call: ProxyCall, target: Target, headers: Mapping[str, str], request_id: str,
@@ -114,9 +142,11 @@ class UpstreamPool:
     ) -> UpstreamAttempt:
         """``deadline_cause`` names the deadline in a timeout's message (``Deadline.describe``);
         ``client_deadline``: it is the client's own, so running out of it stays retryable."""
-        body = dict(call.body)
+        translated = call.translations.get(target.provider.kind)
+        body = dict(translated.request.body if translated else call.body)
         body["model"] = target.upstream_model
-        if call.stream and call.route.injects_stream_usage and not call.client_wants_usage:
+        if call.stream and call.route.injects_stream_usage and not call.client_wants_usage \
+                and translated is None:
             # Ask for usage so every stream can be accounted; the relay strips the extra chunk.
             options = dict(call.body.get("stream_options") or {})
             options["include_usage"] = True

@@ -21,4 +21,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${missing[@]}" >/dev/null
 fi
 bash scripts/setup.sh test
+# Lint and types first: a finding fails the run like a failing test (mypy --strict and the ruff
+# rules of pyproject.toml, on the package and its tests).
+.venv/bin/ruff check gateway tests
+.venv/bin/mypy gateway
 exec .venv/bin/python -m pytest "$@"

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from gateway.auth import hash_key
 from gateway.config import parse_config
 from gateway.metrics import GatewayMetrics
-from gateway.metrics_pulled import PULLED_GAUGES
+from gateway.metrics_pulled import PULLED_COUNTERS, PULLED_GAUGES
 
 OBS = Path(__file__).resolve().parent.parent / "deploy" / "observability"
 ALERTS = OBS / "alerts.yml"
@@ -61,7 +61,7 @@ def exposed_names() -> set[str]:
         "models": {"m": {"deployments": [{"provider": "p", "model": "m"}]}},
         "tenants": {"t": {"api_keys": [hash_key("k")]}},
     })
-    names = set(PULLED_GAUGES)
+    names = set(PULLED_GAUGES) | {name + "_total" for name in PULLED_COUNTERS}
     for family in GatewayMetrics(config, CollectorRegistry()).registry.collect():
         if family.type == "counter":
             names.add(family.name + "_total")

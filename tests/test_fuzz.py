@@ -54,6 +54,9 @@ VALID: dict[str, dict[str, Any]] = {
     "/v1/responses": {"model": "gpt-test", "input": "hi"},
     "/v1/messages": {"model": "claude-test", "max_tokens": 5,
                      "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/messages/count_tokens": {"model": "claude-test",
+                                  "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/responses/input_tokens": {"model": "gpt-test", "input": "hi"},
 }
 FIELDS = ["model", "messages", "prompt", "input", "stream", "stream_options", "max_tokens",
           "max_completion_tokens", "max_output_tokens", "system", "tools", "n", "temperature"]

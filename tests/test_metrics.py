@@ -31,6 +31,7 @@ from gateway.metrics_labels import (
 )
 from gateway.metrics_pulled import PULLED_GAUGES, AdmissionSnapshot
 from gateway.streaming import Usage
+from gateway.usage import DIMENSIONS
 
 MAIN = "main/upstream-gpt"
 BACKUP = "backup/upstream-gpt-b"
@@ -243,7 +244,8 @@ def test_label_cardinality_stays_bounded_under_random_input(metrics: GatewayMetr
         "deployment": {MAIN, BACKUP, "claude/upstream-claude"}, "priority": set(PRIORITIES),
         "outcome": OUTCOMES | ATTEMPT_OUTCOMES, "reason": REJECTION_REASONS | SHED_REASONS
         | ATTEMPT_OUTCOMES, "from_state": set(BREAKER_STATES), "to_state": set(BREAKER_STATES),
-        "direction": {"input", "output"}, "stream": {"true", "false"},
+        "direction": {"input", "output"}, "dimension": set(DIMENSIONS),
+        "stream": {"true", "false"},
         "phase": {"estimated", "actual"}, "le": None, "result": {"success", "failure"},
     }
     series = samples(metrics)

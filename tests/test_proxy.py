@@ -255,7 +255,8 @@ async def test_client_disconnect_cancels_the_upstream_call_at_once(
         ("/v1/chat/completions", {"model": 42, "messages": []}, auth(), 400, None),
         ("/v1/embeddings", {"model": "embed-test", "input": "x", "stream": True}, auth(), 400,
          None),
-        ("/v1/messages", chat(model="gpt-test", max_tokens=5), auth(), 400,
+        # chat routes translate between dialects (gateway/translate); other routes do not
+        ("/v1/completions", {"model": "claude-test", "prompt": "x"}, auth(), 400,
          "model_not_supported_on_route"),
         ("/v1/nothing-here", chat(), auth(), 404, "unknown_url"),
     ],

@@ -194,7 +194,9 @@ async def test_redis_down_applies_each_class_its_degraded_action(
 async def test_redis_down_with_every_class_fail_closed_is_not_ready(
     aiohttp_client: Any, upstream_url: str
 ) -> None:
-    config = policy(upstream_url, state={"degraded": {"action": "fail_closed"}})
+    # A tenant with a limit: one without any has nothing to check and never asks the store.
+    config = policy(upstream_url, state={"degraded": {"action": "fail_closed"}},
+                    tenants={"acme": {"limits": {"requests_per_minute": 100}}})
     dead = RedisBackend(f"redis://127.0.0.1:{pick_port()}", timeout_s=0.1)
     gw = await aiohttp_client(create_app(config, state=dead))
     resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth())

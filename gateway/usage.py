@@ -1,0 +1,205 @@
+"""Usage by the dimensions providers bill, and its price in integer micro-units.
+
+One ``Usage`` per request, filled from whatever the upstream reported (docs/architecture.md,
+"Accounting", lists where each dimension comes from in each dialect):
+
+- ``input_tokens``: every prompt token, cached or not (OpenAI's ``prompt_tokens`` /
+  ``input_tokens``; Anthropic's ``input_tokens`` + both cache fields, because Anthropic's
+  ``input_tokens`` counts only the tokens after the last cache breakpoint);
+- of which ``cache_read_tokens`` (read from the provider's prompt cache) and
+  ``cache_write_5m_tokens`` / ``cache_write_1h_tokens`` (written to it, by TTL; a write whose
+  TTL is not reported counts as 5-minute, the providers' default);
+- ``output_tokens``: every generated token, of which ``reasoning_tokens`` and the
+  predicted-output tokens (``accepted_prediction_tokens``, ``rejected_prediction_tokens``);
+  these sub-counts are billed as output and never added again.
+
+Unknown fields are ignored; a negative, fractional or non-numeric count reads as absent, and
+a detail larger than its total is clamped to it, so no upstream answer makes a cost negative.
+
+``Rates`` is a model's price table in integer micro-units (of the operator's currency) per
+million tokens; ``cost_micros`` sums the dimensions and rounds up once, so every replica, the
+journal and the Lua scripts agree on the same integer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+MICROS = 1_000_000  # micro-units per unit of currency; also tokens per "million"
+#: ``Usage.dimensions()`` keys, the ``dimension`` label of gateway_billed_tokens_total.
+DIMENSIONS = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output", "reasoning",
+              "accepted_prediction", "rejected_prediction")
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts as the upstream reported them (or as counted from a cut stream)."""
+
+    input_tokens: int = 0  # all prompt tokens: uncached + cache reads + cache writes
+    output_tokens: int = 0  # all generated tokens, reasoning included
+    reported: bool = False  # False: no usage from the upstream; the counts are estimates
+    cache_read_tokens: int = 0
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+    @property
+    def cache_write_tokens(self) -> int:
+        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
+
+    @property
+    def uncached_input_tokens(self) -> int:
+        return max(0, self.input_tokens - self.cache_read_tokens - self.cache_write_tokens)
+
+    def dimensions(self) -> dict[str, int]:
+        """Tokens per billed dimension (the metric label values; bounded by construction)."""
+        return {
+            "input": self.uncached_input_tokens,
+            "cache_read": self.cache_read_tokens,
+            "cache_write_5m": self.cache_write_5m_tokens,
+            "cache_write_1h": self.cache_write_1h_tokens,
+            "output": self.output_tokens,
+            "reasoning": self.reasoning_tokens,
+            "accepted_prediction": self.accepted_prediction_tokens,
+            "rejected_prediction": self.rejected_prediction_tokens,
+        }
+
+    def limit_tokens(self, count_cache_reads: bool) -> int:
+        """Tokens a TPM limit or token budget counts: input (with or without cache reads)
+        plus output."""
+        counted = self.input_tokens if count_cache_reads else \
+            self.input_tokens - self.cache_read_tokens
+        return counted + self.output_tokens
+
+    def merge(self, data: Any) -> bool:
+        """Take the usage object out of any of the dialects' shapes, if present: a chat /
+        completions / embeddings body or chunk, a Responses ``response`` (or an event carrying
+        one), an Anthropic message, ``message_start`` or ``message_delta``. True when a usage
+        object was found."""
+        if not isinstance(data, dict):
+            return False
+        usage = data.get("usage")
+        for outer in ("response", "message"):
+            inner = data.get(outer)
+            if usage is None and isinstance(inner, dict):
+                usage = inner.get("usage")
+        if not isinstance(usage, dict):
+            return False
+        if data.get("type") in _ANTHROPIC_TYPES or any(k in usage for k in _ANTHROPIC_ONLY):
+            self._merge_anthropic(usage)
+        else:
+            self._merge_openai(usage)
+        self.reported = True
+        return True
+
+    def _merge_openai(self, usage: dict[str, Any]) -> None:
+        # Chat/completions/embeddings: prompt_tokens + prompt_tokens_details; Responses:
+        # input_tokens + input_tokens_details. Both totals include the cached tokens.
+        inp = _count(usage, "prompt_tokens", "input_tokens")
+        if inp is not None:
+            details = _dict(usage, "prompt_tokens_details", "input_tokens_details")
+            self.input_tokens = inp
+            self.cache_read_tokens = min(inp, _count(details, "cached_tokens") or 0)
+            self.cache_write_5m_tokens = min(inp - self.cache_read_tokens,
+                                             _count(details, "cache_write_tokens") or 0)
+            self.cache_write_1h_tokens = 0
+        out = _count(usage, "completion_tokens", "output_tokens")
+        if out is not None:
+            self._set_output(out, _dict(usage, "completion_tokens_details",
+                                        "output_tokens_details"))
+
+    def _merge_anthropic(self, usage: dict[str, Any]) -> None:
+        # message_start carries the input side; message_delta the cumulative output and, on
+        # current API versions, the input side again: a field present replaces what was there.
+        uncached = _count(usage, "input_tokens")
+        if uncached is None:
+            uncached = self.uncached_input_tokens
+        read = _count(usage, "cache_read_input_tokens")
+        if read is not None:
+            self.cache_read_tokens = read
+        written = _count(usage, "cache_creation_input_tokens")
+        if written is not None:
+            # The split by TTL comes in message_start (and whole bodies); message_delta
+            # repeats only the total, so an absent split keeps the one already known.
+            by_ttl = _count(_dict(usage, "cache_creation"), "ephemeral_1h_input_tokens")
+            one_hour = min(written, self.cache_write_1h_tokens if by_ttl is None else by_ttl)
+            self.cache_write_1h_tokens = one_hour
+            self.cache_write_5m_tokens = written - one_hour
+        self.input_tokens = uncached + self.cache_read_tokens + self.cache_write_tokens
+        out = _count(usage, "output_tokens")
+        if out is not None:
+            details = _dict(usage, "output_tokens_details")
+            self.output_tokens = out
+            if "thinking_tokens" in details:
+                self.reasoning_tokens = min(out, _count(details, "thinking_tokens") or 0)
+
+    def _set_output(self, out: int, details: dict[str, Any]) -> None:
+        self.output_tokens = out
+        self.reasoning_tokens = min(out, _count(details, "reasoning_tokens") or 0)
+        self.accepted_prediction_tokens = min(out, _count(details, "accepted_prediction_tokens")
+                                              or 0)
+        self.rejected_prediction_tokens = min(out, _count(details, "rejected_prediction_tokens")
+                                              or 0)
+
+
+# Anthropic's objects (a message body, the stream events that carry usage) and the fields only
+# its usage object has: either decides which arithmetic applies.
+_ANTHROPIC_TYPES = ("message", "message_start", "message_delta")
+_ANTHROPIC_ONLY = ("cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation")
+
+
+def _count(obj: dict[str, Any], *names: str) -> int | None:
+    """The first of ``names`` that holds a non-negative integer; None when none does."""
+    for name in names:
+        value = obj.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def _dict(obj: dict[str, Any], *names: str) -> dict[str, Any]:
+    for name in names:
+        value = obj.get(name)
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """A model's prices in integer micro-units per million tokens, one per billed dimension
+    (reasoning and prediction tokens are output and priced as output)."""
+
+    input: int = 0
+    cache_read: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    output: int = 0
+
+
+def micros(price_per_million: float) -> int:
+    """A configured price (currency per million tokens) in integer micro-units, rounded at the
+    sixth decimal as written (``Decimal(repr(x))``: 0.3 is 300000, never 299999)."""
+    exact = Decimal(repr(price_per_million)) * MICROS
+    return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def cost_micros(usage: Usage, rates: Rates) -> int:
+    """The price of ``usage`` in micro-units: integer sum over the dimensions, rounded up once."""
+    total = (usage.uncached_input_tokens * rates.input
+             + usage.cache_read_tokens * rates.cache_read
+             + usage.cache_write_5m_tokens * rates.cache_write_5m
+             + usage.cache_write_1h_tokens * rates.cache_write_1h
+             + usage.output_tokens * rates.output)
+    return -(-total // MICROS)
+
+
+def reservation_cost_micros(prompt_tokens: int, max_output_tokens: int, rates: Rates) -> int:
+    """The cost reserved at admission: the prompt estimate at the uncached input price plus
+    every allowed output token. (A cache write priced above input can settle a little
+    higher; settlement charges the difference.)"""
+    return -(-(prompt_tokens * rates.input + max_output_tokens * rates.output) // MICROS)

@@ -1,0 +1,204 @@
+"""Resources one client can hold (issue 15 items 7-9), over real sockets on 127.0.0.1.
+
+- A client that stops reading a stream is dropped after ``server.client_write_idle_s``, not at
+  the call's total timeout: the upstream call is cancelled, the slot comes back, what was
+  produced is charged.
+- A request body that never finishes is answered 408 (OpenAI's error shape) after
+  ``server.body_read_timeout_s`` and the connection is closed.
+- Request-body bytes held at once are bounded per process: beyond it 503 ``overloaded`` with
+  Retry-After, before the body is read; ``max_rss_mib`` comes from the cgroup limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.admission_policy import AdmissionPolicy
+from gateway.selfprotect import BodyBudget, SelfProtection
+from gateway.server import create_app
+from gateway.state import RedisBackend
+from tests.faults.helpers import Client, budget_key
+from tests.faults.test_client_faults import Flood, _raw_stream_request
+from tests.gwtest import ACME_KEY, FakeClock, auth, chat, policy
+from tests.plugin_gateway import GatewayTestServer, MakeGateway, settled
+from tests.redis_server import RedisServer
+
+ONE_AT_A_TIME = {"acme": {"default_max_tokens": 100, "loop_guard": {"enabled": False},
+                          "limits": {"max_concurrent": 1},
+                          "budget": {"daily_tokens": 10_000_000}}}
+
+
+class FloodOrAnswer(Flood):
+    """Floods a stream; answers a non-streamed request at once (5 completion tokens)."""
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("stream"):
+            return await super().handler(request)
+        return web.json_response({
+            "id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
+
+
+@pytest.mark.redis
+async def test_a_client_that_stops_reading_is_dropped_after_the_write_idle_time(
+    aiohttp_server: Any, aiohttp_client: Any, clean_redis: RedisServer
+) -> None:
+    flood = FloodOrAnswer()
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", flood.handler)
+    server = await aiohttp_server(upstream)
+    # The call's total timeout is 120 s: before the fix, the slot was held that long.
+    config = policy(str(server.make_url("")).rstrip("/"), tenants=ONE_AT_A_TIME,
+                    providers={"main": {"timeouts": {"idle_s": 30, "total_s": 120}}},
+                    server={"client_write_idle_s": 1.0})
+    gw: Client = await aiohttp_client(GatewayTestServer(
+        create_app(config, state=RedisBackend(clean_redis.url))))
+    assert gw.server.port is not None
+    began = time.monotonic()
+    _, writer = await _raw_stream_request(gw.server.port, chat(stream=True))
+    try:
+        # The client reads nothing more. Within the write idle time (1 s) plus the time the
+        # socket buffers take to fill, the upstream call is cancelled.
+        while flood.released_at is None and time.monotonic() - began < 15:
+            await asyncio.sleep(0.1)
+        assert flood.released_at is not None, "the upstream call was never released"
+        assert flood.released_at - began < 10, "held far past the write idle time"
+        # The only concurrency slot is free again: another request of the tenant is served.
+        resp = await gw.post("/v1/chat/completions", json=chat(max_tokens=5), headers=auth())
+        assert resp.status == 200, await resp.text()
+        other = (await resp.json())["usage"]["total_tokens"]
+        await settled(gw)
+        # What was produced is charged: the prompt and the deltas relayed before the stall
+        # (many 16 KB events), far more than the 5-token request beside it.
+        charged = int(clean_redis.command("GET", budget_key()))  # type: ignore[arg-type]
+        assert charged - other > 10
+    finally:
+        writer.close()
+
+
+async def _raw(port: int, head: bytes, body_part: bytes) -> tuple[
+    asyncio.StreamReader, asyncio.StreamWriter
+]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + body_part)
+    await writer.drain()
+    return reader, writer
+
+
+def _head(length: int, key: str = ACME_KEY) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+            + key.encode() + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % length)
+
+
+async def _response(reader: asyncio.StreamReader, timeout_s: float) -> tuple[bytes, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")))
+    return head, await asyncio.wait_for(reader.readexactly(length), timeout_s)
+
+
+async def test_a_body_that_never_finishes_gets_408_and_the_connection_closes(
+    make_gateway: MakeGateway
+) -> None:
+    gw = await make_gateway(server={"body_read_timeout_s": 1.0})
+    assert gw.server.port is not None
+    began = time.monotonic()
+    # The issue's case: authenticated, Content-Length 100000, 10 bytes sent, then nothing.
+    reader, writer = await _raw(gw.server.port, _head(100_000), b'{"model":"')
+    try:
+        head, body = await _response(reader, 10)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"connection: close" in head.lower()
+        error = orjson.loads(body)["error"]
+        assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
+        assert 0.9 <= time.monotonic() - began < 5
+        # The connection is closed by the gateway (after aiohttp's bounded lingering read
+        # of what is left, at most 10 s), not held for the keep-alive timeout or forever.
+        assert await asyncio.wait_for(reader.read(), 15) == b""
+        assert time.monotonic() - began < 14
+    finally:
+        writer.close()
+    # Others are served meanwhile and after.
+    assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+
+
+async def test_request_bodies_held_at_once_are_bounded_before_they_are_read(
+    make_gateway: MakeGateway
+) -> None:
+    big = 600 * 1024
+    gw = await make_gateway(server={"max_body_bytes": big, "max_body_bytes_in_flight": big + 4096,
+                                    "body_read_timeout_s": 30})
+    port = gw.server.port
+    assert port is not None
+    # One client is sending a large body slowly: its bytes are held.
+    _, slow_writer = await _raw(port, _head(big), b'{"model":')
+    try:
+        await asyncio.sleep(0.2)
+        # A second large body does not fit: refused at once, before a byte of it is read.
+        reader, writer = await _raw(port, _head(big), b"")
+        head, body = await _response(reader, 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 503"), head
+        error = orjson.loads(body)["error"]
+        assert error["code"] == "overloaded"
+        headers = head.lower()
+        assert b"retry-after: " in headers and b"retry-after-ms: " in headers
+        # A small request still fits beside the slow one.
+        resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth())
+        assert resp.status == 200
+    finally:
+        slow_writer.close()
+    await asyncio.sleep(0.3)  # the slow body's connection is gone: its bytes come back
+    resp = await gw.post("/v1/chat/completions", json=chat(text="x" * (big // 2)),
+                         headers=auth())
+    assert resp.status == 200, await resp.text()
+
+
+def test_body_budget_retry_after_follows_the_release_rate() -> None:
+    clock = FakeClock()
+    budget = BodyBudget(clock, cgroup_mib=None)
+    assert budget.auto_limit == 256 * 1024 * 1024
+    limit = 1000
+    holds = [budget.reserve(400, limit), budget.reserve(400, limit)]
+    with pytest.raises(Exception) as refused:
+        budget.reserve(400, limit)
+    assert refused.value.status == 503  # type: ignore[attr-defined]
+    assert refused.value.headers["Retry-After"] == "1"  # type: ignore[attr-defined]
+    assert budget.held == 800  # a refusal holds nothing
+    holds[0].release()
+    holds[0].release()  # idempotent
+    assert budget.held == 400
+    # Bytes came back at about 400 per 5 s: 600 more over the limit is a longer wait.
+    big_wait = budget.retry_after_s(20_000)
+    assert 1.0 < big_wait <= 60.0
+    assert BodyBudget(clock, cgroup_mib=1024).auto_limit == 256 * 1024 * 1024
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["cgroup-v2", "cgroup-v1"])
+def test_max_rss_defaults_to_the_cgroup_memory_limit(tmp_path: Path, v1: bool) -> None:
+    limit = 2 * 1024 * 1024 * 1024
+    if v1:
+        (tmp_path / "memory").mkdir()
+        (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    else:
+        (tmp_path / "memory.max").write_text(f"{limit}\n")
+    guard = SelfProtection(AdmissionPolicy(), FakeClock(), __import__("random").Random(1),
+                           cgroup_root=str(tmp_path))
+    assert guard.max_rss_mib == pytest.approx(2048 * 0.85)
+    assert guard.bodies.auto_limit == limit // 4
+    # A policy value wins over the cgroup.
+    explicit = SelfProtection(AdmissionPolicy.model_validate(
+        {"self_protection": {"max_rss_mib": 300}}), FakeClock(), __import__("random").Random(1),
+        cgroup_root=str(tmp_path))
+    assert explicit.max_rss_mib == 300

@@ -1,0 +1,86 @@
+"""The demo: scripts/setup.sh installs once per pyproject.toml, and `gateway status` works on
+the demo policy with the admin key the demo prints."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli import DEMO_ADMIN_KEY, demo_banner, main
+from gateway.config import load_config
+from gateway.server import create_app
+from tests.plugin_gateway import GatewayTestServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fake_repo(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of setup.sh beside a pyproject.toml and a .venv whose python records its calls."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    calls = tmp_path / "calls"
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (bin_dir / "gateway").write_text("#!/bin/sh\n")
+    for exe in bin_dir.iterdir():
+        exe.chmod(0o755)
+    return tmp_path, calls
+
+
+def _setup(repo: Path, *args: str) -> None:
+    subprocess.run(["bash", str(repo / "scripts" / "setup.sh"), *args], check=True, timeout=30)
+
+
+def _installs(calls: Path) -> int:
+    return sum("pip install" in line for line in calls.read_text().splitlines()) \
+        if calls.exists() else 0
+
+
+def test_setup_installs_once_per_pyproject_and_extras(tmp_path: Path) -> None:
+    repo, calls = _fake_repo(tmp_path)
+    _setup(repo)
+    assert _installs(calls) == 1
+    _setup(repo)  # current: skipped
+    assert _installs(calls) == 1
+    _setup(repo, "test")  # the test extras are not installed yet
+    assert _installs(calls) == 2
+    _setup(repo)  # a [test] install covers a plain one
+    _setup(repo, "test")
+    assert _installs(calls) == 2
+    with (repo / "pyproject.toml").open("a") as f:
+        f.write("\n# a dependency changed\n")
+    _setup(repo, "test")
+    assert _installs(calls) == 3
+    (repo / ".venv" / "bin" / "gateway").unlink()  # a broken venv is repaired
+    _setup(repo, "test")
+    assert _installs(calls) == 4
+
+
+def test_demo_prints_the_url_and_the_admin_key_for_gateway_status() -> None:
+    config = load_config(ROOT / "config" / "example.yaml")
+    text = demo_banner(config, 9000)
+    assert "http://127.0.0.1:8080/v1" in text
+    assert f"gateway status --url http://127.0.0.1:8080 --admin-key {DEMO_ADMIN_KEY}" in text
+    no_admin = config.model_copy(update={"admin": config.admin.model_copy(
+        update={"api_keys": []})})
+    assert "admin-key" not in demo_banner(no_admin, 9000)
+
+
+async def test_gateway_status_works_on_the_demo_policy(
+    aiohttp_client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = load_config(ROOT / "config" / "example.yaml")
+    client = await aiohttp_client(GatewayTestServer(create_app(config)))
+    url = str(client.server.make_url("")).rstrip("/")
+    code = await asyncio.to_thread(main, ["status", "--url", url, "--admin-key", DEMO_ADMIN_KEY])
+    out = capsys.readouterr().out
+    assert code == 0, capsys.readouterr().err
+    assert "acme" in out and "20000" in out and "umbrella" in out  # the tenants' limits
+    assert await asyncio.to_thread(main, ["status", "--url", url, "--admin-key", "wrong"]) == 1
