@@ -234,11 +234,21 @@ def gcra_step(tat: Tat | None, now_ms: int, check: Gcra) -> tuple[bool, Tat | No
                                                       _ceil_div(need, q))
 
 
+# A settlement that charges far more than was reserved (usage beyond any cap the body set) can
+# push ``ahead`` past 2^53, where Lua's doubles round and the twin and the script would store
+# different TATs (hypothesis found it: a settle of 10^14 units). So a settlement leaves
+# ``ahead`` at most 2^52 units of 1/Q ms: exact in both, and no decision inside the exact range
+# above changes (a bucket whose own span reaches 2^52 units is already outside it); such a
+# debt still refuses the bucket for 2^52/Q ms (over 5 days at Q = 10^7). gcra.lua has the same
+# constant.
+GCRA_MAX_AHEAD = 2**52
+
+
 def gcra_settle(tat: Tat | None, now_ms: int, interval_ms: Fraction, delta: int) -> Tat | None:
-    """The TAT after charging ``delta`` more units (negative: a refund, never below now);
-    None when nothing is left ahead of now."""
+    """The TAT after charging ``delta`` more units (negative: a refund, never below now; at
+    most ``GCRA_MAX_AHEAD`` ahead); None when nothing is left ahead of now."""
     p, q = interval_ms.numerator, interval_ms.denominator
-    ahead = max(0, _ahead(tat, now_ms, q) + delta * p)
+    ahead = min(max(0, _ahead(tat, now_ms, q) + delta * p), GCRA_MAX_AHEAD)
     return _after(now_ms, ahead, q) if ahead > 0 else None
 
 

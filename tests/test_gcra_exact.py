@@ -18,7 +18,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from importlib import resources
 from typing import Any
 
 import orjson
@@ -43,6 +42,7 @@ from gateway.ratelimit import (
     exact_interval,
     gcra_step,
 )
+from gateway.state.redis import load_lua
 from tests.redis_server import RedisServer
 
 KEY = "rl:{t:p}:tok"
@@ -60,7 +60,7 @@ def _script(name: str, gcra_ttl: str) -> str:
     GCRA key, padded by ``TTL_PAD_MS``. The TTL runs on Redis's real clock while the scenario
     runs on the test's, so unpadded a key whose TAT is a few (test) ms ahead would vanish
     between two steps; the TTL itself is still checked (``Pair.admit``)."""
-    text = (resources.files("gateway") / "lua" / name).read_text(encoding="utf-8")
+    text = load_lua(name)
     for old, new in (("redis.call('TIME')", f"redis.call('MGET', '{CLOCK[0]}', '{CLOCK[1]}')"),
                      (f"'PX', {gcra_ttl})", f"'PX', {TTL_PAD_MS} + {gcra_ttl})")):
         assert text.count(old) == 1, (name, old)
@@ -264,6 +264,18 @@ def test_python_and_lua_agree_exactly(lua: LuaLimits, start: int, interval: Frac
         else:
             pair.settle(f"offline{pair.n}", 0, b % (burst + 1))
     pair.verify()  # the scripts gave the same answers and left the same state, step by step
+
+
+@pytest.mark.redis
+def test_a_settlement_far_beyond_the_bucket_is_stored_alike(lua: LuaLimits) -> None:
+    # Usage far above the reservation (found by hypothesis): 2 x 10^11 units at 60000/169001
+    # ms each put the TAT past 2^53 units, where the script's doubles rounded and the twin's
+    # integers did not. Both now stop at GCRA_MAX_AHEAD, and both still refuse the bucket.
+    pair = Pair(MsClockLimits(0), lua, Gcra(KEY, Fraction(60_000, 169_001), 1000, 1, "tokens"), 0)
+    assert pair.settle("offline-huge", 0, 2 * 10**11 + 7)
+    assert pair.settle("offline-more", 0, 3)  # read back and charged again: odd, past 2^53
+    assert not pair.admit(1)[1].allowed
+    pair.verify()
 
 
 def test_a_fresh_bucket_takes_cost_equal_to_burst_at_any_clock() -> None:

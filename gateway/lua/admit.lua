@@ -20,22 +20,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)  -- GCRA: whole ms
 
--- GCRA in integers (units, bounds and why doubles stay exact: "GCRA in integers" in
--- gateway/ratelimit.py; settle.lua has the same two helpers). The state is the TAT as
--- 'ms:frac:Q' = ms + frac/Q milliseconds; decisions use its distance ahead of now in 1/Q ms.
-local function gcra_ahead(raw, q)
-  if not raw then return 0 end
-  local ms, frac, per = string.match(raw, '^(%d+):(%d+):(%d+)$')
-  if not ms then return 0 end
-  ms, frac = tonumber(ms), tonumber(frac)
-  if tonumber(per) ~= q and frac > 0 then ms, frac = ms + 1, 0 end  -- the rate changed
-  if ms < now_ms then return 0 end
-  return (ms - now_ms) * q + frac
-end
-local function gcra_state(ahead, q)
-  local frac = ahead % q
-  return string.format('%.0f:%.0f:%.0f', now_ms + (ahead - frac) / q, frac, q)
-end
+-- GCRA in integers: gcra_ahead / gcra_state, shared with settle.lua.
+-- include gcra.lua
 local function ceil_div(a, b) return -math.floor(-a / b) end
 local member = ARGV[1]
 local n = tonumber(ARGV[3])

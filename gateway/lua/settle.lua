@@ -13,21 +13,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
--- GCRA state in integers: the same helpers as admit.lua (see "GCRA in integers" in
--- gateway/ratelimit.py): the TAT as 'ms:frac:Q' = ms + frac/Q milliseconds.
-local function gcra_ahead(raw, q)
-  if not raw then return 0 end
-  local ms, frac, per = string.match(raw, '^(%d+):(%d+):(%d+)$')
-  if not ms then return 0 end
-  ms, frac = tonumber(ms), tonumber(frac)
-  if tonumber(per) ~= q and frac > 0 then ms, frac = ms + 1, 0 end  -- the rate changed
-  if ms < now_ms then return 0 end
-  return (ms - now_ms) * q + frac
-end
-local function gcra_state(ahead, q)
-  local frac = ahead % q
-  return string.format('%.0f:%.0f:%.0f', now_ms + (ahead - frac) / q, frac, q)
-end
+-- GCRA in integers: gcra_ahead / gcra_state, shared with admit.lua.
+-- include gcra.lua
 local held = redis.call('EXISTS', KEYS[2]) == 1
 local ng, nc, nl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local a, k = 6, 3
@@ -42,7 +29,8 @@ for _ = 1, ng do
   if held then delta = actual - reserved end
   if delta ~= 0 then
     -- Charged from max(TAT, now), refunded down to now at most (as LocalLimits.settle).
-    local ahead = math.max(0, gcra_ahead(redis.call('GET', key), q) + delta * p)
+    local ahead = math.min(math.max(0, gcra_ahead(redis.call('GET', key), q) + delta * p),
+                           GCRA_MAX_AHEAD)
     if ahead > 0 then
       redis.call('SET', key, gcra_state(ahead, q), 'PX', -math.floor(-ahead / q))
     else

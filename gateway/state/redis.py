@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar, cast
@@ -61,8 +62,14 @@ ADMIT_BATCH_MAX = 128  # admissions per pipeline
 _STORE_ERRORS = (RedisError, RedisClusterException, OSError, AttributeError)
 
 
-def _load_lua(name: str) -> str:
-    return (resources.files("gateway") / "lua" / name).read_text(encoding="utf-8")
+def load_lua(name: str) -> str:
+    """A script of gateway/lua, with each ``-- include X.lua`` line replaced by that file
+    (shared helpers: Redis scripts cannot load each other)."""
+    text = (resources.files("gateway") / "lua" / name).read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda m: load_lua(m.group(1)), text)
+
+
+_INCLUDE = re.compile(r"^-- include (\w+\.lua)$", re.MULTILINE)
 
 
 def _quick_retry() -> Retry:
@@ -161,10 +168,10 @@ class RedisBackend:
             )
         # register_script makes no round trip; calls use EVALSHA and reload the script
         # on NOSCRIPT (e.g. after a Redis restart emptied the script cache).
-        self._incr_script = self._client.register_script(_load_lua("incr_ttl.lua"))
-        self._admit_script = self._client.register_script(_load_lua("admit.lua"))
-        self._settle_script = self._client.register_script(_load_lua("settle.lua"))
-        self._renew_script = self._client.register_script(_load_lua("renew.lua"))
+        self._incr_script = self._client.register_script(load_lua("incr_ttl.lua"))
+        self._admit_script = self._client.register_script(load_lua("admit.lua"))
+        self._settle_script = self._client.register_script(load_lua("settle.lua"))
+        self._renew_script = self._client.register_script(load_lua("renew.lua"))
         self._closed = False
         # Admissions waiting for the one in flight to finish (``admit``: group commit).
         self._admit_busy = False
