@@ -286,7 +286,7 @@ class AdmissionController:
             future.result().release("ignore")
 
     def _release(self, state: DeploymentState, priority: Priority, outcome: Outcome,
-                 ttft_s: float | None, prompt_tokens: int) -> None:
+                 ttft_s: float | None, prompt_tokens: int, granted_at: float) -> None:
         now = self._clock()
         demand = state.in_flight + state.queued()
         state.give_back(priority)
@@ -294,7 +294,7 @@ class AdmissionController:
         if ttft_s is not None:
             state.observe_ttft(ttft_s)
         before = state.limiter.limit
-        state.limiter.on_sample(now, outcome, demand, ttft_s, prompt_tokens)
+        state.limiter.on_sample(now, outcome, demand, ttft_s, prompt_tokens, now - granted_at)
         if state.limiter.limit != before:
             self._observer.on_limit(state.label, state.limiter.limit)
         self._roll(state, now)

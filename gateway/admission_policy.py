@@ -9,7 +9,7 @@ Units are in the field names (``_ms``, ``_s``, ``_mib``). Defaults follow docs/a
 from __future__ import annotations
 
 import itertools
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -72,16 +72,49 @@ class ClassesSettings(StrictModel):
         return self
 
 
-class ConcurrencySettings(StrictModel):
-    """The adaptive (AIMD) concurrency limit of one deployment, per gateway replica."""
+LimitAlgorithm = Literal["vegas", "aimd"]
 
-    min_limit: int = Field(default=4, ge=1, description="the limit never goes below this")
-    initial_limit: int = Field(default=20, ge=1, description="the limit at start")
-    max_limit: int = Field(default=200, ge=1, description="the limit never goes above this")
+
+class ConcurrencySettings(StrictModel):
+    """The adaptive concurrency limit of one deployment, per gateway replica: AIMD on errors,
+    plus (``vegas``) a queue estimate from time to first token. The defaults are for an upstream
+    whose capacity is unknown (docs/architecture.md, "How the concurrency limit finds
+    capacity")."""
+
+    min_limit: int = Field(default=2, ge=1, description="the limit never goes below this")
+    initial_limit: int = Field(
+        default=4, ge=1,
+        description="the limit at start; it grows in slow start (x1.5 per decision window) "
+        "while the upstream shows no queueing, so starting low costs seconds, not capacity "
+        "(and the first windows measure the no-load time to first token)",
+    )
+    max_limit: int = Field(default=500, ge=1, description="the limit never goes above this")
+    algorithm: LimitAlgorithm = Field(
+        default="vegas",
+        description="vegas: AIMD on errors plus the number of requests waiting inside the "
+        "provider, estimated from time to first token above its no-load baseline (Little's "
+        "law); aimd: errors only (for upstreams whose first token says nothing about load)",
+    )
+    upstream_queue_share: Share = Field(
+        default=0.05,
+        description="vegas: requests tolerated waiting inside the provider, as a share of the "
+        "limit (at least upstream_queue_min); above it the limit drops by the excess, below "
+        "half of it the limit may grow",
+    )
+    upstream_queue_min: PositiveFloat = Field(
+        default=0.75,
+        description="vegas: the tolerance never goes below this many requests (small limits)",
+    )
+    baseline_window_s: PositiveFloat = Field(
+        default=30.0,
+        description="vegas: the no-load time to first token is the lowest seen within this "
+        "many seconds, so a slow period is forgotten after it",
+    )
     decrease_factor: float = Field(
         default=0.9, gt=0, lt=1,
         description="multiplicative decrease on a provider 429, 5xx/529, connect error or "
-        "first-byte timeout; applied at most once per decision window",
+        "first-byte timeout (at least down to the concurrency the provider served successfully "
+        "in the window); applied at most once per decision window",
     )
     increase_step: PositiveFloat = Field(
         default=1.0,
@@ -114,9 +147,18 @@ class ConcurrencySettings(StrictModel):
 class ConcurrencyOverride(StrictModel):
     """Per-deployment changes to ``concurrency``; unset fields keep the shared value."""
 
-    min_limit: int | None = Field(default=None, ge=1)
-    initial_limit: int | None = Field(default=None, ge=1)
-    max_limit: int | None = Field(default=None, ge=1)
+    min_limit: int | None = Field(default=None, ge=1, description="see concurrency.min_limit")
+    initial_limit: int | None = Field(
+        default=None, ge=1, description="see concurrency.initial_limit")
+    max_limit: int | None = Field(default=None, ge=1, description="see concurrency.max_limit")
+    algorithm: LimitAlgorithm | None = Field(
+        default=None, description="see concurrency.algorithm")
+    upstream_queue_share: Share | None = Field(
+        default=None, description="see concurrency.upstream_queue_share")
+    upstream_queue_min: PositiveFloat | None = Field(
+        default=None, description="see concurrency.upstream_queue_min")
+    baseline_window_s: PositiveFloat | None = Field(
+        default=None, description="see concurrency.baseline_window_s")
     decrease_factor: float | None = Field(default=None, gt=0, lt=1)
     increase_step: PositiveFloat | None = None
     decision_window_s: PositiveFloat | None = None

@@ -15,7 +15,7 @@ from typing import Literal
 from .admission_policy import AdmissionPolicy
 from .admission_queue import FairQueue
 from .admission_shed import DecayingRate, ShedReason, ShedState
-from .concurrency import AIMDLimit, Outcome
+from .concurrency import AdaptiveLimit, Outcome
 from .config_base import Priority
 
 DeadlineStage = Literal["admission", "queue"]
@@ -74,8 +74,8 @@ class AdmissionObserver:
 
 
 # The controller's bookkeeping when a permit is released:
-# (state, priority, outcome, ttft_s, prompt tokens).
-ReleaseHook = Callable[["DeploymentState", Priority, Outcome, "float | None", int], None]
+# (state, priority, outcome, ttft_s, prompt tokens, granted_at).
+ReleaseHook = Callable[["DeploymentState", Priority, Outcome, "float | None", int, float], None]
 
 
 class Permit:
@@ -111,7 +111,8 @@ class Permit:
         if self._released:
             return
         self._released = True
-        self._on_release(self._state, self.priority, outcome, ttft_s, self._prompt_tokens)
+        self._on_release(self._state, self.priority, outcome, ttft_s, self._prompt_tokens,
+                         self.granted_at)
 
 
 @dataclass(eq=False, slots=True)
@@ -146,7 +147,7 @@ class DeploymentState:
 
     def __init__(self, label: str, policy: AdmissionPolicy, now: float) -> None:
         self.label = label
-        self.limiter = AIMDLimit(policy.concurrency_for(label), now)
+        self.limiter = AdaptiveLimit(policy.concurrency_for(label), now)
         self.in_flight = 0
         self.in_flight_by_class = [0] * len(Priority)
         self.queues: list[FairQueue[QueueEntry]] = [FairQueue() for _ in Priority]
