@@ -182,7 +182,8 @@ def _get_json(url: str) -> dict[str, Any]:
         return data
 
 
-def run_variant(name: str, args: argparse.Namespace, tmpdir: Path) -> dict[str, Any]:
+def run_variant(name: str, args: argparse.Namespace, tmpdir: Path,
+                source: bl.GatewaySource) -> dict[str, Any]:
     procs = bl.Procs()
     logs = contextlib.ExitStack()
 
@@ -196,7 +197,7 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path) -> dict[str, 
             *support_pin, bl.PYTHON, "-m", "gateway.cli", "mock-upstream", "--port",
             str(mock_port), "--slots", str(args.slots), "--max-queue", str(args.max_queue),
             "--queue-ttft-ms", str(args.queue_ttft_ms), "--quota-rpm", str(args.quota_rpm)],
-            stderr=log(f"mock-{name}.log"))
+            stderr=log(f"mock-{name}.log"), cwd=source.cwd, env=source.env)
         if name == "off" and args.off_mode == "passthrough":
             server = procs.start("passthrough", [
                 *server_pin, bl.PYTHON, str(bl.BENCH / "passthrough.py"), "--port", str(gw_port),
@@ -210,7 +211,7 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path) -> dict[str, 
             server = procs.start("gateway", [
                 *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
                 "--log-level", "WARNING"],
-                stderr=log(f"gateway-{name}.log"))
+                stderr=log(f"gateway-{name}.log"), cwd=source.cwd, env=source.env)
             ready = f"http://127.0.0.1:{gw_port}/readyz"
         bl.wait_http(f"http://127.0.0.1:{mock_port}/v1/models", procs=procs)
         bl.wait_http(ready, procs=procs)
@@ -257,6 +258,9 @@ def _answers(url: str) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="on,defaults,off")
+    parser.add_argument("--gateway-ref", metavar="REF",
+                        help="measure this commit (git archive of gateway/), not the working "
+                        "tree")
     parser.add_argument("--off-mode", choices=("gateway", "passthrough"), default="gateway")
     parser.add_argument("--levels", default="2,3,10", type=lambda s: [float(x) for x in
                                                                       s.split(",")])
@@ -289,7 +293,8 @@ def main() -> int:
     bl.exit_on_sigterm()
     bl.raise_nofile()
     started = time.monotonic()
-    source = bl.GatewaySource(None, Path(tempfile.gettempdir()))
+    source_dir = tempfile.TemporaryDirectory(prefix="bench-overload-src-")
+    source = bl.GatewaySource(args.gateway_ref, Path(source_dir.name))
     header = bl.run_header(sys.argv, source)
     _, support_pin, pin_desc = bl.pin_plan()
     if support_pin:
@@ -308,7 +313,7 @@ def main() -> int:
         results = []
         with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
             for name in args.variants.split(","):
-                results.append(run_variant(name, setup, Path(tmp)))
+                results.append(run_variant(name, setup, Path(tmp), source))
         figures = evaluate(results, setup)
         print_summary(figures, header, pin_desc)
         label = (f"quota-limited ({setup.quota_rpm} RPM, unlimited slots)" if quota_only
