@@ -10,7 +10,7 @@ from typing import Any
 TARGETS = (
     ("goodput_3x", "3x: goodput >= 90 % of capacity"),
     ("critical_success_3x", "3x: critical success >= 99.5 %"),
-    ("critical_ttft_3x", "3x: critical TTFT p99 <= 1.25 x unloaded p99 + 50 ms"),
+    ("critical_ttft_3x", "3x: critical TTFT p99 <= 1.25 x unloaded p99 (of `on`) + 50 ms"),
     ("runs_2x", "2x: >= 50 % of 10-step agent runs complete"),
     ("alive_10x", "10x: no crash (gateway alive and ready after)"),
     ("goodput_10x", "10x: goodput >= 80 % of capacity"),
@@ -98,8 +98,16 @@ def evaluate(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
                    "healthy": res["healthy"], "mock": res["mock"],
                    "engine_warnings": report["engine"]["warnings"],
                    "attempts_sent": report["attempts_sent"]}
-        variant["targets"] = _targets(variant)
         out["variants"][res["variant"]] = variant
+    # The TTFT target is against the upstream's own unloaded p99. The tuned run measures it
+    # best (its limit is the upstream's slots from the start); the others' unloaded phase can
+    # include the gateway's own start-up (a default limit still growing), which would loosen
+    # their target. So every variant is held to the tuned run's figure when there is one.
+    on = out["variants"].get("on")
+    reference = on["unloaded_critical_ttft_p99_ms"] if on else None
+    for variant in out["variants"].values():
+        variant["ttft_reference_ms"] = reference or variant["unloaded_critical_ttft_p99_ms"]
+        variant["targets"] = _targets(variant)
     out["ratios"] = _ratios(out["variants"], args.levels)
     return out
 
@@ -134,7 +142,7 @@ def ratio_table(figures: dict[str, Any]) -> list[list[str]]:
 def _targets(v: dict[str, Any]) -> dict[str, dict[str, Any]]:
     lv = v["levels"]
     l2, l3, l10 = lv.get("2x", {}), lv.get("3x", {}), lv.get("10x", {})
-    base = v["unloaded_critical_ttft_p99_ms"]
+    base = v["ttft_reference_ms"]
     limit = None if base is None else 1.25 * base + 50
     mem = v["memory"]
 
