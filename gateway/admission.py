@@ -366,6 +366,7 @@ class AdmissionController:
              "classes": {class: {"in_flight", "queued", "queue_target_s", "oldest_wait_s",
                                  "drop_mode"}},                   # over all deployments
              "deployments": {label: {"limit", "in_flight", "queued", "ttft_estimate_s",
+                 "ttft_baseline_s", "upstream_queue",
                  "drain_rate_per_s", "shed_level",
                  "classes": {class: {"in_flight", "queued", "oldest_wait_s", "overloaded",
                                      "drop_mode"}}}},
@@ -402,6 +403,10 @@ class AdmissionController:
                 "in_flight": state.in_flight,
                 "queued": state.queued(),
                 "ttft_estimate_s": state.ttft,
+                # How the limit sees the upstream: its no-load first token (for a tiny
+                # prompt) and the requests estimated to wait inside it (None: not measured).
+                "ttft_baseline_s": state.limiter.baseline_s,
+                "upstream_queue": state.limiter.upstream_queue,
                 "drain_rate_per_s": state.drain.rate(now),
                 "shed_level": state.shed.level,
                 "classes": classes,
