@@ -28,11 +28,10 @@ provider ``Q = completions/s x mean excess TTFT``. Each decision window (at leas
   limit)``: above it the limit drops by the excess (down to the concurrency that leaves half
   the tolerance queued); below half of it, and while the limit is actually used (demand at
   least ``min_utilization`` of it), the limit grows; in between it holds;
-- growth is a slow start (x1.5 per window) until the first decrease, then additive
-  (``increase_step``, one more per consecutive growing window, at most +50 %). After a
-  latency decrease, growth waits ``_PROBE_BACKOFF`` windows: at the knee every probe queues one
-  request inside the provider, so probes are rare there, while a limit far below the knee
-  still climbs fast.
+- growth is a slow start (x1.5 per window) until the first decrease or hold, then additive
+  (``increase_step`` per window). After a latency decrease, growth waits ``_PROBE_BACKOFF``
+  windows: at the knee every probe queues a request inside the provider, so probes are rare
+  there.
 
 Non-streamed calls have no first token: a window without any TTFT falls back to the AIMD
 increase (one ``increase_step`` per window while used). ``ignore`` (client cancelled, 4xx)
@@ -99,7 +98,6 @@ class AdaptiveLimit:
         self._level: float | None = None  # smoothed no-load TTFT per size unit
         self._baseline: deque[tuple[float, float]] = deque()  # (when, level), for the minimum
         self._slow_start = True
-        self._growing = 0  # consecutive windows that grew the limit
         self._backoff = 0  # windows left without growth after a latency decrease
         self._cuts = 0  # latency decreases in a row after which TTFT did not fall
         self._cut_from = 0.0  # the level at the last of them
@@ -172,7 +170,7 @@ class AdaptiveLimit:
         self._last_increase = now
         self._window = _Window(now)
         self._slow_start = True
-        self._growing = self._backoff = self._cuts = 0
+        self._backoff = self._cuts = 0
         self._next_cut = -math.inf
 
     def reconfigure(self, settings: ConcurrencySettings) -> None:
@@ -206,7 +204,6 @@ class AdaptiveLimit:
         self._last_increase = now
         self._window = _Window(now)
         self._slow_start = False
-        self._growing = 0
 
     def _decide(self, now: float, demand: int) -> None:
         s = self._settings
@@ -246,7 +243,6 @@ class AdaptiveLimit:
         if queue < 0.5 * tolerance and demand >= s.min_utilization * self._limit:
             self._grow(now, max(s.increase_step, 0.5 * self._limit if self._slow_start else 0))
             return
-        self._growing = 0
         if queue >= 0.5 * tolerance:
             self._slow_start = False  # near the knee: slow start is over
 
@@ -267,7 +263,6 @@ class AdaptiveLimit:
         self._set(max(0.5 * self._limit, self._limit - (queue - 0.5 * tolerance)))
         self._last_decrease = now
         self._slow_start = False
-        self._growing = 0
         self._backoff = _PROBE_BACKOFF
 
     def _grow(self, now: float, step: float) -> None:
@@ -275,7 +270,6 @@ class AdaptiveLimit:
             return
         self._set(self._limit + step)
         self._last_increase = now
-        self._growing += 1
 
     def _set(self, value: float) -> None:
         s = self._settings
