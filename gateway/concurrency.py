@@ -30,8 +30,9 @@ provider ``Q = completions/s x mean excess TTFT``. Each decision window (at leas
   least ``min_utilization`` of it), the limit grows; in between it holds;
 - growth is a slow start (x1.5 per window) until the first decrease or hold, then additive
   (``increase_step`` per window). After a latency decrease, growth waits ``_PROBE_BACKOFF``
-  windows: at the knee every probe queues a request inside the provider, so probes are rare
-  there.
+  windows, twice as long after each probe that had to be taken back at once (up to
+  ``_PROBE_BACKOFF_MAX``): at the knee every probe queues a request inside the provider, where
+  priority means nothing, so probes there become rare; a probe the provider takes resets it.
 
 Non-streamed calls have no first token: a window without any TTFT falls back to the AIMD
 increase (one ``increase_step`` per window while used). ``ignore`` (client cancelled, 4xx)
@@ -58,8 +59,10 @@ Outcome = Literal["success", "overload", "ignore"]
 _PROMPT_UNIT = 1000.0
 # First tokens a latency decision needs: fewer make the mean too noisy to act on.
 _MIN_SAMPLES = 8
-# Windows without growth after a latency decrease (probe rarely at the knee, see docstring).
+# Windows without growth after a latency decrease (probe rarely at the knee, see docstring);
+# doubled after each probe that had to be taken back, up to the maximum.
 _PROBE_BACKOFF = 5
+_PROBE_BACKOFF_MAX = 40
 # Latency decreases in a row after which TTFT that did not fall becomes the new baseline.
 _REBASE_AFTER = 3
 # Weight of a new window in the smoothed no-load level fed to the baseline minimum.
@@ -99,6 +102,10 @@ class AdaptiveLimit:
         self._baseline: deque[tuple[float, float]] = deque()  # (when, level), for the minimum
         self._slow_start = True
         self._backoff = 0  # windows left without growth after a latency decrease
+        self._probe_backoff = _PROBE_BACKOFF  # what the next latency decrease sets it to
+        # After growth past the slow start: quiet windows left before the probe counts as
+        # taken (its effect shows a window late, so one quiet window proves nothing).
+        self._probing = 0
         self._cuts = 0  # latency decreases in a row after which TTFT did not fall
         self._cut_from = 0.0  # the level at the last of them
         self._next_cut = -math.inf  # no latency decrease before this
@@ -171,6 +178,7 @@ class AdaptiveLimit:
         self._window = _Window(now)
         self._slow_start = True
         self._backoff = self._cuts = 0
+        self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf
 
     def reconfigure(self, settings: ConcurrencySettings) -> None:
@@ -237,10 +245,15 @@ class AdaptiveLimit:
                 self._decrease_on_queue(now, queue, tolerance, level, baseline)
             return
         self._cuts = 0
+        if self._probing and queue < 0.5 * tolerance:
+            self._probing -= 1
+            if not self._probing:  # the provider took the probe: probe freely again
+                self._probe_backoff = _PROBE_BACKOFF
         if self._backoff > 0:
             self._backoff -= 1
             return
         if queue < 0.5 * tolerance and demand >= s.min_utilization * self._limit:
+            self._probing = 0 if self._slow_start else 2
             self._grow(now, max(s.increase_step, 0.5 * self._limit if self._slow_start else 0))
             return
         if queue >= 0.5 * tolerance:
@@ -259,11 +272,18 @@ class AdaptiveLimit:
             self._baseline.append((now, level))
             self._level = level
             self._cuts = 0
+            # Where the knee is now is unknown: probe for it at once, and freely.
+            self._backoff, self._probe_backoff = 0, _PROBE_BACKOFF
             return
         self._set(max(0.5 * self._limit, self._limit - (queue - 0.5 * tolerance)))
         self._last_decrease = now
         self._slow_start = False
-        self._backoff = _PROBE_BACKOFF
+        # A probe taken back at once: the knee has not moved, so probe it half as often (at
+        # most every _PROBE_BACKOFF_MAX windows) until a probe is taken.
+        if self._probing:
+            self._probe_backoff = min(2 * self._probe_backoff, _PROBE_BACKOFF_MAX)
+        self._probing = 0
+        self._backoff = self._probe_backoff
 
     def _grow(self, now: float, step: float) -> None:
         if now - self._last_increase < self._settings.decision_window_s:

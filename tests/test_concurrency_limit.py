@@ -329,3 +329,13 @@ def test_a_quota_overshoot_comes_back_in_one_step_to_what_was_served() -> None:
     assert limiter.limit == 50  # served 20 call-seconds in 1 s, but at most halved at once
     limiter.on_sample(1.5, "overload", 50)  # same window: no second decrease
     assert limiter.limit == 50
+
+
+def test_probes_past_a_knee_that_does_not_move_become_rare() -> None:
+    """Every probe past the knee queues a call inside the provider, where priority means
+    nothing: once probes keep being taken back, the limit spends little time past the knee."""
+    limiter = AdaptiveLimit(defaults(), now=0.0)
+    trace = drive(limiter, SlotUpstream(4), 0.0, 300.0)
+    late = steady(trace, 120.0)
+    assert sum(limit > 4 for limit in late) < 0.15 * len(late)
+    assert sum(limit < 4 for limit in late) < 0.05 * len(late)
