@@ -48,19 +48,24 @@ class ClassSettings(StrictModel):
 
 
 class ClassesSettings(StrictModel):
-    """One ``ClassSettings`` per priority class."""
+    """One ``ClassSettings`` per priority class.
+
+    Queue targets are short (100/300/500/500 ms): they bound time spent waiting in this
+    gateway, not the upstream's latency. An agent step that waits longer means the class is
+    overloaded; shedding new runs then (runs in progress are spared) lets the runs under way
+    finish, where long targets let every run crawl and few complete."""
 
     critical: ClassSettings = ClassSettings(
-        queue_target_ms=250, max_queue=1000, holdback_share=1.0, default_deadline_s=60
+        queue_target_ms=100, max_queue=1000, holdback_share=1.0, default_deadline_s=60
     )
     high: ClassSettings = ClassSettings(
-        queue_target_ms=1000, max_queue=1000, holdback_share=0.95, default_deadline_s=120
+        queue_target_ms=300, max_queue=1000, holdback_share=0.95, default_deadline_s=120
     )
     normal: ClassSettings = ClassSettings(
-        queue_target_ms=5000, max_queue=1000, holdback_share=0.85, default_deadline_s=300
+        queue_target_ms=500, max_queue=1000, holdback_share=0.85, default_deadline_s=300
     )
     low: ClassSettings = ClassSettings(
-        queue_target_ms=2000, max_queue=100, holdback_share=0.70, default_deadline_s=600
+        queue_target_ms=500, max_queue=100, holdback_share=0.70, default_deadline_s=600
     )
 
     def of(self, priority: Priority) -> ClassSettings:

@@ -539,7 +539,7 @@ async def test_per_deployment_override_and_snapshot_shape() -> None:
                         "shed_level", "classes", "ttft_baseline_s", "upstream_queue"}
     assert dep["classes"]["normal"] == {"in_flight": 1, "queued": 0, "oldest_wait_s": 0.0,
                                         "overloaded": False, "drop_mode": False}
-    assert snap["classes"]["normal"] == {"in_flight": 2, "queued": 0, "queue_target_s": 5.0,
+    assert snap["classes"]["normal"] == {"in_flight": 2, "queued": 0, "queue_target_s": 0.5,
                                          "oldest_wait_s": 0.0, "drop_mode": False}
     assert snap["classes"]["critical"]["in_flight"] == 0
     permit.release("ignore")
