@@ -145,7 +145,7 @@ class AdaptiveLimit:
             return
         s = self._settings
         window = self._window
-        if outcome == "success" and now >= window.start:
+        if outcome == "success":
             window.ok += 1
             if duration_s is not None:
                 window.busy_ok += max(0.0, duration_s)
@@ -255,9 +255,6 @@ class AdaptiveLimit:
         if queue < 0.5 * tolerance and demand >= s.min_utilization * self._limit:
             self._probing = 0 if self._slow_start else 2
             self._grow(now, max(s.increase_step, 0.5 * self._limit if self._slow_start else 0))
-            # Judge the new limit on calls sent under it: first tokens arriving within a TTFT
-            # are of calls sent before (with a slow first token, growth on them overshoots).
-            self._window = _Window(now + mean_ttft)
             return
         if queue >= 0.5 * tolerance:
             self._slow_start = False  # near the knee: slow start is over
