@@ -51,6 +51,8 @@ CASES: dict[str, tuple[str, Any]] = {
     "Tenant.budget": ("daily_tokens", 1000),
     "Tenant.loop_guard": ("max_repeats", 5),
     "Tenant.agent_loop": ("max_repeats", 7),
+    "Tenant.run_budget": ("max_steps", 40),
+    "Server.auth_failures": ("window_s", 30.0),
 }
 
 
