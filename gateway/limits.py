@@ -33,6 +33,7 @@ from .errors import GatewayError, retry_headers
 from .leases import LeaseBoard
 from .limits_policy import CacheReads, RateLimits
 from .periods import period_keys
+from .promises import PromiseBook
 from .ratelimit import (
     AdmitPlan,
     AdmitResult,
@@ -54,6 +55,9 @@ HOLD_TTL_MS = 30 * 60_000  # a settlement delayed longer than this charges in fu
 # The cost is one small key per request for this long (~60 MB of Redis at 1,000 req/s).
 DONE_TTL_MS = 10 * 60_000
 SETTLE_BATCH_MAX = 64  # settlements per Redis pipeline: well inside one call's deadline
+# Requests that may wait here for a slot of one concurrency scope, per slot of it
+# (``Limiter._room_to_wait``).
+WAITERS_PER_SLOT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,8 @@ class InFlight:
         self.leases: dict[str, tuple[str, ...]] = {}
         # Start times and typical durations of the leases held here, and their waiters.
         self.lease_board = LeaseBoard(clock)
+        # Retry times promised in refusals, so concurrent refusals queue (gateway/promises.py).
+        self.promises = PromiseBook(clock)
         self.settling: set[asyncio.Task[None]] = set()
         # Settlements waiting for this loop iteration's batch (``Limiter.settle_soon``).
         self.batch: list[tuple[Hold, Usage, int]] = []
@@ -124,6 +130,7 @@ class Limiter:
         self._clock = clock  # monotonic: waiting for a lease, lease durations
         inflight = inflight or InFlight(clock)
         self._lease_board = inflight.lease_board
+        self._promises = inflight.promises
         self._active_leases = inflight.leases
         self._settling = inflight.settling
         self._inflight = inflight
@@ -159,11 +166,13 @@ class Limiter:
         leases = tuple(c.key for c in checks if isinstance(c, Lease))
         result, mode = await self._run(plan, call.priority.name)
         waiting_for = _leases_only(plan, result)
+        waited = False  # a caller that did not wait queues behind the waiters still here
         if waiting_for and self._room_to_wait(plan, waiting_for):
             wait_s = tenant.limits.concurrency_wait_s
             if deadline is not None:
                 wait_s = min(wait_s, deadline - self._clock())
             if wait_s > 0:
+                waited = True
                 result, mode = await self._wait_for_lease(plan, call.priority.name,
                                                           waiting_for, wait_s, result, mode)
         hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases,
@@ -171,7 +180,7 @@ class Limiter:
         hold.headers = _headers(plan, result, tenant)
         self._remember_budgets(call.tenant.name, plan, result)
         if not result.allowed:
-            index, wait_ms = self._longest_wait(plan, result)
+            index, wait_ms = self._longest_wait(plan, result, waited)
             raise _refusal(plan.checks[index], result.results[index], meta.get(index, ""),
                            hold.headers, planned_at, wait_ms)
         if leases:
@@ -215,27 +224,57 @@ class Limiter:
                            hold.headers, planned_at, wait_ms)
         return hold
 
-    def _longest_wait(self, plan: AdmitPlan, result: AdmitResult) -> tuple[int, float]:
+    def _longest_wait(self, plan: AdmitPlan, result: AdmitResult,
+                      waited: bool = True) -> tuple[int, float]:
         """The failed check a retry has to wait for longest (a retry succeeds only once every
-        one of them passes), and that wait in ms (``inf``: no wait is long enough)."""
+        one of them passes), and that wait in ms (``inf``: no wait is long enough).
+
+        The wait of a rate or concurrency check queues behind the refusals of the same key
+        this replica answered before (gateway/promises.py), and is remembered as a promise
+        for the key(s) that set it. ``waited``: the caller waited for a slot (else every
+        request still waiting here for one is ahead of it)."""
         best, longest = result.failed, -1.0
+        waits: list[tuple[Check, float]] = []
         for i, (check, res) in enumerate(zip(plan.checks, result.results)):
             if res.allowed or check.shadow:
                 continue
-            wait = self._wait_ms(check, res)
+            wait = self._wait_ms(check, res, waited)
+            waits.append((check, wait))
             if wait > longest:
                 best, longest = i, wait
+        if 0 <= longest < math.inf:
+            at = self._clock() + longest / 1000
+            for check, wait in waits:
+                if isinstance(check, Gcra | Lease) and wait >= longest:
+                    self._promises.promise(check.key, at)
         return best, longest
 
-    def _wait_ms(self, check: Check, res: CheckResult) -> float:
+    def _wait_ms(self, check: Check, res: CheckResult, waited: bool = True) -> float:
         if isinstance(check, Counter):
             return math.inf if check.cost > check.limit else float(res.reset_ms)
         if isinstance(check, Gcra):
-            return math.inf if check.cost > check.burst else float(max(1, res.retry_after_ms))
+            if check.cost > check.burst:
+                return math.inf
+            own = float(max(1, res.retry_after_ms))
+            # Concurrent refusals all see the same bucket: the store tells each the same
+            # earliest retry, yet only one retry fits then; each later refusal comes one
+            # request's emission interval after the last one promised.
+            last = self._promises.last(check.key)
+            if last is None:
+                return own
+            queued = (last - self._clock()) * 1000 + float(check.cost * check.interval_ms)
+            return max(own, float(math.ceil(round(queued, 3))))
         if isinstance(check, Lease):
             # The store only knows when a lease would expire (a crashed holder's, 60 s); the
             # board knows how long this scope's requests run: a slot is expected to free then.
-            expected = math.ceil(round(self._lease_board.expected_wait_s(check.key) * 1000, 3))
+            # The k-th caller in line (refused earlier and not back yet, or still waiting
+            # here) gets a slot in round ceil(k / slots), each round about that long.
+            ahead = len(self._promises.outstanding(check.key))
+            if not waited:
+                ahead += self._lease_board.waiting(check.key)
+            rounds = math.ceil((ahead + 1) / check.max)
+            expected_s = self._lease_board.expected_wait_s(check.key) * rounds
+            expected = math.ceil(round(expected_s * 1000, 3))
             return float(min(max(1, res.retry_after_ms), expected))
         return float(max(1, res.retry_after_ms))  # Repeat: until the window lets one through
 
@@ -254,11 +293,16 @@ class Limiter:
             return self.degraded.admit(plan, priority), self.degraded.action_for(priority)
 
     def _room_to_wait(self, plan: AdmitPlan, keys: tuple[str, ...]) -> bool:
-        """At most as many requests wait here per scope as it has slots: more could not be
-        served within a brief wait anyway, and each waiter costs a few store calls (a tenant
-        flooding its limit must not multiply its load on the store)."""
+        """At most ``WAITERS_PER_SLOT`` x slots requests wait here per scope. Waiting only
+        as many as the slots refused the next round of a burst at once, each with a guess
+        that ignored the queue ahead (six calls at ``max_concurrent: 2`` ended in SDK
+        errors); a few rounds' worth keeps a burst inside the gateway, where a release
+        wakes a waiter at once. Still bounded: each waiter costs about ten store calls over
+        the default 2 s wait (the schedule in ``_wait_for_lease``) plus one per release, so a
+        tenant flooding its limit adds at most 4 x slots x that to the store's load."""
         limits = {c.key: c.max for c in plan.checks if isinstance(c, Lease)}
-        return all(self._lease_board.waiting(key) < limits[key] for key in keys)
+        return all(self._lease_board.waiting(key) < WAITERS_PER_SLOT * limits[key]
+                   for key in keys)
 
     async def _wait_for_lease(self, plan: AdmitPlan, priority: str, keys: tuple[str, ...],
                               wait_s: float, result: AdmitResult, mode: str) -> tuple[
