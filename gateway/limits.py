@@ -46,7 +46,7 @@ from .ratelimit import (
     SettlePlan,
 )
 from .state import StateBackend, StateUnavailable
-from .usage import Usage, reservation_cost_micros
+from .usage import Rates, Usage, reservation_cost_micros
 
 log = logging.getLogger("gateway.limits")
 LEASE_TTL_MS = 60_000  # renewed every 20 s while the request runs
@@ -74,6 +74,22 @@ def counts_cache_reads(setting: CacheReads, provider_kind: str) -> bool:
     if setting == "auto":
         return provider_kind != "anthropic"
     return setting == "count"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a refused request reserved and why, for a budget refusal's message: a budget
+    with room left refuses a request whose reservation does not fit, and the client needs to
+    know that a smaller cap would (``_budget_message``)."""
+
+    prompt: int  # the prompt estimate
+    output: int  # output tokens reserved: per choice x choices
+    choices: int
+    capped: bool  # the body set an output cap; else the estimate (default_max_tokens)
+    cap_field: str  # the body's cap field (or the route's usual one)
+    default_max_tokens: int
+    rates: Rates
+    fits: int | None  # the largest cap per choice that fits every refusing budget; None: none
 
 
 @dataclass(slots=True)
@@ -181,8 +197,9 @@ class Limiter:
         self._remember_budgets(call.tenant.name, plan, result)
         if not result.allowed:
             index, wait_ms = self._longest_wait(plan, result, waited)
+            reservation = _reservation(call, tenant, model, max_out, plan, result)
             raise _refusal(plan.checks[index], result.results[index], meta.get(index, ""),
-                           hold.headers, planned_at, wait_ms)
+                           hold.headers, planned_at, wait_ms, reservation)
         if leases:
             self._lease_board.started(request_id, leases)
             if mode == "global":
@@ -558,8 +575,75 @@ def _leases_only(plan: AdmitPlan, result: AdmitResult) -> tuple[str, ...]:
     return tuple(c.key for c in failed)
 
 
+def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int,
+                 plan: AdmitPlan, result: AdmitResult) -> Reservation:
+    """The refused request's reservation, and the largest output cap per choice with which
+    it would pass every budget that refused it (refusal path only)."""
+    prompt, choices = call.prompt_tokens_estimate, max(1, call.choices)
+    fits: int | None = max_out // choices
+    for check, res in zip(plan.checks, result.results):
+        if res.allowed or check.shadow or not isinstance(check, Counter):
+            continue
+        left = res.remaining
+        if ":b:cost:" in check.key:
+            # the largest total output whose reserved price fits: cost grows with it
+            low, high = -1, max_out
+            while low < high:
+                mid = (low + high + 1) // 2
+                if reservation_cost_micros(prompt, mid, model.price.rates) <= left:
+                    low = mid
+                else:
+                    high = mid - 1
+            total = low
+        else:
+            total = left - prompt
+        fits = None if fits is None or total < choices else min(fits, total // choices)
+    present = [f for f in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+               if f in call.body]
+    usual = "max_output_tokens" if call.route.path == "/v1/responses" else "max_tokens"
+    return Reservation(prompt, max_out, choices, call.max_tokens is not None,
+                       present[0] if present else usual, tenant.default_max_tokens,
+                       model.price.rates, fits)
+
+
+def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
+                    r: Reservation | None) -> str:
+    """A budget refusal that says what is true: spent, or room left that this request's
+    reservation does not fit (how much it reserves, why, and the cap that would fit)."""
+    if res.remaining <= 0 or r is None:
+        return f"The {check.name} of {scope} is spent; it resets at {reset}."
+    cost = ":b:cost:" in check.key
+
+    def amount(units: int) -> str:
+        return f"{units / 1_000_000:.6g}" if cost else f"{units:,} tokens"
+
+    text = (f"The {check.name} of {scope} has {amount(res.remaining)} left, but this "
+            f"request reserves {amount(check.cost)}")
+    if r.output:
+        per_choice = r.output // r.choices
+        times = f" x {r.choices} choices" if r.choices > 1 else ""
+        if r.capped:
+            why = f"its {r.cap_field} {per_choice:,}{times}"
+        elif per_choice == r.default_max_tokens:
+            why = (f"default_max_tokens {per_choice:,}{times} (the estimate reserved when a "
+                   f"request sets no {r.cap_field})")
+        else:
+            why = (f"the model's output limit {per_choice:,}{times} (reserved when a request "
+                   f"sets no {r.cap_field})")
+        text += f": its prompt (about {r.prompt:,} tokens) and, for the answer, {why}."
+        if r.fits:
+            text += f" Set {r.cap_field} to {r.fits:,} or less to fit."
+        else:
+            text += " Its prompt alone needs more than is left."
+    else:
+        text += f" for its input (about {r.prompt:,} tokens)."
+    return (text + " As it is, this request cannot fit before the budget resets at "
+            f"{reset} unless requests still running give back reservations they do not use.")
+
+
 def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str],
-             planned_at_s: float, wait_ms: float) -> GatewayError:
+             planned_at_s: float, wait_ms: float,
+             reservation: Reservation | None = None) -> GatewayError:
     """The 429 for ``check``, with the earliest time a retry can succeed, ``wait_ms``
     (``inf``: never) in its headers (docs/architecture.md, "Errors and backpressure")."""
     out = {**headers, **retry_headers(None if math.isinf(wait_ms) else wait_ms)}
@@ -571,8 +655,8 @@ def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str]
                                 headers=out)
         # Periods end on a whole second; reset_ms was cut to the ms below it.
         reset_at = datetime.fromtimestamp(round(planned_at_s + res.reset_ms / 1000), UTC)
-        return GatewayError(429, f"The {check.name} of {scope} is spent; it resets at "
-                            f"{reset_at:%Y-%m-%dT%H:%M:%SZ} (in {format_duration(res.reset_ms)}).",
+        reset = f"{reset_at:%Y-%m-%dT%H:%M:%SZ} (in {format_duration(res.reset_ms)})"
+        return GatewayError(429, _budget_message(check, res, scope, reset, reservation),
                             type="insufficient_quota", code="insufficient_quota", headers=out)
     if isinstance(check, Repeat):
         return GatewayError(429, f"Loop detected: the same request was sent more than "

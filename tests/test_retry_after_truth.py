@@ -145,6 +145,9 @@ async def test_daily_budget_until_midnight_utc() -> None:
     error = await w.refused()
     says_not_soon(error, 3 * 3600 * 1000)
     assert "resets at 2026-12-07T00:00:00Z" in error.message
+    # 100 - the first's ~66 reserved: not spent, and the message says so (and what fits)
+    assert "is spent" not in error.message and "tokens left" in error.message
+    assert "Set max_tokens to" in error.message
 
 async def test_daily_budget_a_few_seconds_before_midnight_is_worth_waiting_for() -> None:
     w = World({"budget": {"daily_tokens": 100}, "default_max_tokens": 60},
