@@ -29,7 +29,7 @@ import orjson
 from .classify import ProxyCall, reserved_output_tokens
 from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
-from .errors import GatewayError, retry_headers
+from .errors import SDK_WAIT_MAX_MS, GatewayError, retry_headers
 from .leases import LeaseBoard
 from .limits_policy import CacheReads, RateLimits
 from .periods import period_keys
@@ -280,6 +280,10 @@ class Limiter:
             if last is None:
                 return own
             queued = (last - self._clock()) * 1000 + float(check.cost * check.interval_ms)
+            # Never past what an SDK sits out because of the queue alone: promises are not
+            # reservations (a client ignoring Retry-After adds some), so they must not turn
+            # an honest caller's answer into x-should-retry: false.
+            queued = min(queued, SDK_WAIT_MAX_MS)
             return max(own, float(math.ceil(round(queued, 3))))
         if isinstance(check, Lease):
             # The store only knows when a lease would expire (a crashed holder's, 60 s); the
