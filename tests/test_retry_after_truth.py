@@ -144,6 +144,16 @@ async def test_concurrency_from_the_running_durations_of_the_scopes_requests() -
     w.advance(10)  # overdue: expected any moment, never 0 (an SDK would spin)
     says_retry_in(await w.refused(), 200)
 
+async def test_concurrency_refusals_in_rounds_of_the_slots() -> None:
+    w = World({"limits": {"max_concurrent": 2, "concurrency_wait_s": 0}})
+    await w.admit()
+    await w.admit()
+    w.advance(2.0)
+    # nothing finished: each holder, 2 s old, is expected to run about 2 s more; the k-th
+    # caller in line gets a slot in round ceil(k / 2)
+    for k in range(1, 6):
+        says_retry_in(await w.refused(), 2000 * math.ceil(k / 2))
+
 async def test_daily_budget_until_midnight_utc() -> None:
     w = World({"budget": {"daily_tokens": 100}, "default_max_tokens": 60})
     await w.admit()
