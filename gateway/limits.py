@@ -197,7 +197,8 @@ class Limiter:
         self._remember_budgets(call.tenant.name, plan, result)
         if not result.allowed:
             index, wait_ms = self._longest_wait(plan, result, waited)
-            reservation = _reservation(call, tenant, model, max_out, plan, result)
+            reservation = _reservation(call, tenant, model, max_out, plan, result) \
+                if isinstance(plan.checks[index], Counter) else None
             raise _refusal(plan.checks[index], result.results[index], meta.get(index, ""),
                            hold.headers, planned_at, wait_ms, reservation)
         if leases:
