@@ -24,6 +24,12 @@ pinned to the first CPU and the mock and the load generator to the second.
     whose deployment is Anthropic-kind (the mock's /v1/messages), so every OpenAI chat request
     is translated to the Messages API and its answer back; CPU per request against ``gateway``
     (same config, same-dialect relay), target at most +10 %. ``--no-translated`` skips (d).
+(e) ``--agent-history`` (only this part runs): the loop detector that reads the conversation
+    (gateway/agent_loop.py) on a 50-message agent history (25 assistant tool calls, each with
+    its tool result, no loop). In process: microseconds per ``find_loop`` against the
+    ``orjson.loads`` of the same body that the gateway does anyway. End to end: two gateways,
+    detector on (as shipped) and off, closed loop in alternating rounds; ratio on/off within
+    each round, median over rounds.
 
 Variants are measured alternately, ``--rounds`` times, in a rotating order; figures are
 medians over rounds, ratios and differences are taken within a round. A full run with the
@@ -95,7 +101,12 @@ def main() -> int:
                         help="skip (d): no 'translated' gateway")
     parser.add_argument("--gateway-log-level", default="INFO",
                         help="the gateway's --log-level (INFO writes one access line a request)")
+    parser.add_argument("--agent-history", action="store_true",
+                        help="run (e) only: the conversation loop detector's cost on a "
+                        "50-message history")
     args = parser.parse_args()
+    if args.agent_history:
+        return _agent_history(args)
     if args.rounds < 1 or args.duration <= 0 or args.concurrency < 1 or args.rate <= 0:
         parser.error("rounds, duration, concurrency and rate must be positive")
 
@@ -471,6 +482,139 @@ def _observability_report(args: argparse.Namespace,
         f"{cpu['gateway']:.0f} us ({cpu['gateway'] / cpu['bare'] - 1:+.1%}), observed "
         f"{cpu['observed']:.0f} us ({cpu['observed'] / cpu['bare'] - 1:+.1%})",
     ])
+
+
+def history_body(messages: int = 50) -> dict[str, Any]:
+    """An agent conversation of ``messages`` messages: a system and a user message, then
+    assistant tool calls (distinct arguments: no loop) each followed by its tool result."""
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [
+        {"role": "system", "content": "You are an agent. Use the tools."},
+        {"role": "user", "content": "Collect the quarterly figures for every region."}]}
+    i = 0
+    while len(body["messages"]) < messages:
+        body["messages"].append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {
+                "name": "fetch_figures",
+                "arguments": json.dumps({"region": f"region-{i}", "quarter": "Q3",
+                                         "fields": ["revenue", "cost", "headcount"]})}}]})
+        body["messages"].append({"role": "tool", "tool_call_id": f"call_{i}",
+                                 "content": f"region-{i}: revenue 1200, cost 800, headcount 31"})
+        i += 1
+    return body
+
+
+def _agent_history(args: argparse.Namespace) -> int:
+    """(e): the loop detector on a 50-message history, in process and end to end."""
+    import orjson
+
+    from gateway.agent_loop import CanonicalCache, find_loop
+
+    body = history_body()
+    raw = orjson.dumps(body)
+    assert find_loop(body, 5, 8) is None
+
+    def per_call_us(fn: Any, n: int = 20_000) -> float:
+        best = math.inf
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        return best
+
+    detect_us = per_call_us(lambda: find_loop(body, 5, 8))  # every argument string new
+    cache = CanonicalCache()  # as in a run: the history's earlier calls were seen before
+    cached_us = per_call_us(lambda: find_loop(body, 5, 8, cache))
+    parse_us = per_call_us(lambda: orjson.loads(raw))
+    bl.exit_on_sigterm()
+    bl.raise_nofile()
+    server_pin, support_pin, pin_desc = bl.pin_plan()
+    procs = bl.Procs()
+    tmp = tempfile.TemporaryDirectory(prefix="bench-history-")
+    tmpdir = Path(tmp.name)
+    loadgen: subprocess.Popen[str] | None = None
+    try:
+        source = bl.GatewaySource(args.gateway_ref, tmpdir)
+        header = bl.run_header(sys.argv, source)
+        mock_port = bl.free_port()
+        config = bl.gateway_config(bl.BENCH / "configs" / "overhead.yaml", tmpdir, mock_port)
+        procs.start("mock", [*support_pin, bl.PYTHON, "-m", "gateway.cli", "mock-upstream",
+                             "--host", "127.0.0.1", "--port", str(mock_port)],
+                    stderr=subprocess.DEVNULL, cwd=source.cwd, env=source.env)
+        off = yaml.safe_load(config.read_text(encoding="utf-8"))
+        off["tenants"]["acme"]["agent_loop"] = {"enabled": False}
+        off_config = tmpdir / "detector-off.yaml"
+        off_config.write_text(yaml.safe_dump(off, sort_keys=False), encoding="utf-8")
+        urls: dict[str, str] = {}
+        pids: dict[str, int] = {}
+        for name, cfg in (("detector-on", config), ("detector-off", off_config)):
+            port = bl.free_port()
+            pids[name] = procs.start(name, [*server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config",
+                               str(cfg), "--host", "127.0.0.1", "--port", str(port),
+                               "--log-level", "WARNING"],
+                        stderr=subprocess.DEVNULL, cwd=source.cwd, env=source.env).pid
+            urls[name] = f"http://127.0.0.1:{port}{PATH}"
+        loadgen = procs.start("loadgen", [*support_pin, bl.PYTHON,
+                                          str(bl.BENCH / "loadgen.py"), "serve"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        io = _LoadgenIO(loadgen)
+        for url in urls.values():
+            bl.wait_http(url.replace(PATH, "/healthz"), procs=procs)
+            status, text = bl.post(url, raw, HEADERS)
+            if status != 200:
+                raise RuntimeError(f"{url}: HTTP {status} {text[:300]!r}")
+        body_text = raw.decode()
+        print("\n".join(["Loop detector on a 50-message agent history", *header,
+                         f"pinning:  {pin_desc}",
+                         f"request:  POST {PATH}, {len(raw)}-byte body, 25 tool calls", ""]),
+              flush=True)
+        for url in urls.values():  # warm-up
+            io.run({"op": "closed", "url": url, "headers": HEADERS, "body": body_text,
+                    "concurrency": args.concurrency, "duration": 1.0, "warmup": 0.2})
+        rps: dict[str, list[float]] = {name: [] for name in urls}
+        cpu_us: dict[str, list[float]] = {name: [] for name in urls}  # CPU per request
+        for r in range(args.rounds):
+            for name in _rotated(tuple(urls), r):
+                cpu0 = bl.proc_cpu_seconds(pids[name])
+                res = io.run({"op": "closed", "url": urls[name], "headers": HEADERS,
+                              "body": body_text, "concurrency": args.concurrency,
+                              "duration": args.duration, "warmup": args.warmup})
+                rps[name].append(res["rps"])
+                served = res["rps"] * (args.duration + args.warmup)
+                cpu_us[name].append((bl.proc_cpu_seconds(pids[name]) - cpu0) / served * 1e6
+                                    if served else float("nan"))
+                print(f"  round {r + 1}/{args.rounds} {name:<13} {res['rps']:8.0f} req/s  "
+                      f"{cpu_us[name][-1]:6.0f} us CPU/request  errors {res['errors']}",
+                      flush=True)
+        ratios = [on / off_ if off_ else float("nan")
+                  for on, off_ in zip(rps["detector-on"], rps["detector-off"])]
+        cpu_ratios = [on / off_ for on, off_ in zip(cpu_us["detector-on"],
+                                                      cpu_us["detector-off"])]
+        print()
+        print(f"(e) in process: find_loop {cached_us:.1f} us per request with the history's "
+              f"arguments seen before (a run's next step), {detect_us:.1f} us with all 25 new; "
+              f"orjson.loads of the same body {parse_us:.1f} us (detector = "
+              f"{cached_us / parse_us:.2f}x / {detect_us / parse_us:.2f}x the parse the gateway "
+              "does anyway)")
+        print(f"    end to end: detector on / off throughput {bl.median(ratios):.3f} (per round "
+              f"{', '.join(f'{x:.3f}' for x in ratios)}); medians on "
+              f"{bl.median(rps['detector-on']):.0f}, off {bl.median(rps['detector-off']):.0f} "
+              "req/s")
+        print(f"    CPU per request (steadier on a shared machine): on / off "
+              f"{bl.median(cpu_ratios):.3f} (per round "
+              f"{', '.join(f'{x:.3f}' for x in cpu_ratios)}); medians on "
+              f"{bl.median(cpu_us['detector-on']):.0f} us, off "
+              f"{bl.median(cpu_us['detector-off']):.0f} us")
+        return 0
+    finally:
+        if loadgen is not None and loadgen.poll() is None and loadgen.stdin:
+            try:
+                loadgen.stdin.write('{"op": "quit"}\n')
+                loadgen.stdin.flush()
+            except OSError:
+                pass
+        procs.stop_all()
+        tmp.cleanup()
 
 
 def _translation_report(closed: dict[str, list[dict[str, Any]]]) -> str:

@@ -43,6 +43,8 @@ def status(gateway: Gateway) -> dict[str, Any]:
     svc = gateway.services
     tenants: dict[str, Any] = {}
     budgets = gateway.inflight.budgets
+    runs = gateway.inflight.runs.snapshot(
+        lambda t: config.tenants[t].run_budget.idle_ttl_s if t in config.tenants else 0.0)
     for name, tenant in config.tenants.items():
         limits = tenant.limits
         tenants[name] = {
@@ -55,6 +57,9 @@ def status(gateway: Gateway) -> dict[str, Any]:
             },
             "budget": {k: v for k, v in tenant.budget.model_dump().items() if v is not None},
             "budget_remaining": budgets.get(name, {}),
+            "run_budget": {k: v for k, v in tenant.run_budget.model_dump(
+                exclude={"per_model"}).items() if v is not None},
+            "runs": runs.get(name, []),
             # this replica since it started: tokens by billed dimension, cost in micro-units
             "usage": _usage(gateway.metrics.usage_by_tenant.get(name, {})),
         }
@@ -105,6 +110,16 @@ def render_table(data: Mapping[str, Any]) -> str:
         lines.append(f"{name:<16} {_n(lim.get('requests_per_minute')):>8} "
                      f"{_n(lim.get('tokens_per_minute')):>10} {_n(lim.get('max_concurrent')):>6}"
                      f" {t.get('usage', {}).get('cost', 0):>12.6f}  {remaining}")
+    runs = [(name, r) for name, t in data.get("tenants", {}).items() for r in t.get("runs", [])]
+    if runs:
+        lines.append("")
+        lines.append(f"{'tenant':<16} {'run':<17} {'tokens':>9} {'cost':>10} {'steps':>6} "
+                     f"{'age':>9} {'loops':>6}  stopped by")
+        for name, r in runs:
+            lines.append(f"{name:<16} {r.get('run', ''):<17} {r.get('tokens', 0):>9} "
+                         f"{r.get('cost', 0.0):>10.4f} {r.get('steps', 0):>6} "
+                         f"{r.get('age_s', 0.0):>8.0f}s {r.get('loop_warnings', 0):>6}  "
+                         f"{r.get('stopped_by') or '-'}")
     lines.append("")
     lines.append(f"{'class':<10} {'in flight':>10} {'queued':>8} {'oldest wait':>12}  drop")
     for name, c in data.get("admission", {}).get("classes", {}).items():

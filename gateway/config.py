@@ -26,7 +26,7 @@ from .admission_policy import AdmissionPolicy
 from .breaker_policy import BreakerPolicy
 from .config_base import PositiveFloat, Priority, PriorityName, StrictModel
 from .deferred_policy import DeferredPolicy
-from .limits_policy import Budget, Degraded, LoopGuard, TenantLimits
+from .limits_policy import AgentLoop, Budget, Degraded, LoopGuard, RunBudget, TenantLimits
 from .retry import RetryPolicy
 from .usage import Rates, micros
 
@@ -276,6 +276,14 @@ class Tenant(StrictModel):
     limits: TenantLimits = TenantLimits()
     budget: Budget = Budget()
     loop_guard: LoopGuard = LoopGuard()
+    agent_loop: AgentLoop = Field(
+        AgentLoop(), description="the loop detector that reads the conversation's tool calls "
+        "(warn by default)"
+    )
+    run_budget: RunBudget = Field(
+        RunBudget(), description="caps on each agent run (X-Agent-Session): tokens, cost, "
+        "steps, age; none by default"
+    )
 
     @field_validator("api_keys")
     @classmethod
@@ -467,6 +475,11 @@ class GatewayConfig(StrictModel):
                 if model_name not in self.models:
                     raise ValueError(
                         f"tenants.{tname}.limits.per_model: unknown model '{model_name}'"
+                    )
+            for model_name in tenant.run_budget.per_model:
+                if model_name not in self.models:
+                    raise ValueError(
+                        f"tenants.{tname}.run_budget.per_model: unknown model '{model_name}'"
                     )
             for key in tenant.api_keys:
                 if key in seen and seen[key] != tname:

@@ -71,6 +71,11 @@ class RequestRecord:
     context_window: int = 0
     agent_session: str | None = None
     agent_step: str | None = None
+    # The agent run's totals after this request's admission (gateway/runs.py): tokens, cost,
+    # steps, age_s; fleet-wide for the capped ones. None: no X-Agent-Session.
+    run: dict[str, float] | None = None
+    loop: str | None = None  # the loop detector's finding on this request's conversation
+    loop_action: str | None = None  # what was done about it: warn | refuse | shadow
     # the dialect of the deployment tried last; differs from the route's when translated
     upstream_dialect: str | None = None
 

@@ -80,7 +80,9 @@ def run_hold(hold: Hold, run: int) -> Hold:
 
 
 async def refund(limiter: Limiter, hold: Hold) -> None:
-    """Give the submit reservation back (idempotent: settled once per request id)."""
+    """Give the submit reservation back (idempotent: settled once per request id), its
+    agent-run step included: each run is charged as a step of its own."""
+    hold.no_step = True
     await limiter.settle(hold, Usage(), 0)
 
 

@@ -161,6 +161,8 @@ class DegradedMode:
                                           limit=max(0, c.limit - spent) // n))
             elif isinstance(c, Repeat):
                 checks.append(replace(c, max=max(2, c.max // n)))
+            else:  # Since: a run's age is the same on every replica
+                checks.append(c)
         return dataclasses.replace(plan, checks=tuple(checks))
 
     def settle_local(self, plan: SettlePlan, replay: bool) -> None:

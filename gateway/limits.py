@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from .agent_loop import CanonicalCache
 from .classify import ProxyCall, reserved_output_tokens
 from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
@@ -44,6 +45,17 @@ from .ratelimit import (
     Lease,
     Repeat,
     SettlePlan,
+    Since,
+)
+from .runs import (
+    RunBoard,
+    is_run_check,
+    run_cap,
+    run_checks,
+    session_id,
+    settled_amount,
+    usage_after,
+    warning,
 )
 from .state import StateBackend, StateUnavailable
 from .usage import Rates, Usage, reservation_cost_micros
@@ -104,6 +116,14 @@ class Hold:
     leases: tuple[str, ...] = ()
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    # The agent run (tenant, hashed session id) and its totals after this admission, for the
+    # run board and the access log; run_capped: the totals are the store's (fleet-wide).
+    run: tuple[str, str] | None = None
+    run_capped: bool = False
+    run_totals: dict[str, float] = field(default_factory=dict)
+    # Settle the run's step back to 0: no model call was made under this hold (a deferred
+    # entry's submit reservation, refunded because each of its runs is charged as a step).
+    no_step: bool = False
     counting: Counting = Counting()
 
 
@@ -117,7 +137,8 @@ class InFlight:
     """Work that outlives one version of the policy: the leases of running requests (renewed
     in the background) and settlements not yet written. A reload swaps the Limiter, not this."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.leases: dict[str, tuple[str, ...]] = {}
         # Start times and typical durations of the leases held here, and their waiters.
         self.lease_board = LeaseBoard(clock)
@@ -128,6 +149,12 @@ class InFlight:
         self.batch: list[tuple[Hold, Usage, int]] = []
         # Last budget state seen per tenant, for the metrics scrape (which must not hit Redis).
         self.budgets: dict[str, dict[str, dict[str, float]]] = {}
+        # The agent runs this replica has seen (gateway/runs.py), for /admin/status.
+        self.runs = RunBoard(wall_clock)
+        # Canonical tool-call arguments already seen (the loop detector, agent_loop.py).
+        self.canonical = CanonicalCache()
+        # Called once per run (on this replica) at its first refusal by a cap: the metric.
+        self.on_run_stop: Callable[[str, str], None] | None = None
 
     def budget_snapshot(self) -> dict[str, dict[str, dict[str, float]]]:
         return self.budgets
@@ -151,6 +178,7 @@ class Limiter:
         self._settling = inflight.settling
         self._inflight = inflight
         self._budgets = inflight.budgets
+        self.canonical_cache = inflight.canonical
 
     async def admit(self, call: ProxyCall, request_id: str, *, lease: bool = True,
                     hold_ttl_ms: int = HOLD_TTL_MS, deadline: float | None = None,
@@ -195,6 +223,8 @@ class Limiter:
                     counting=counting)
         hold.headers = _headers(plan, result, tenant)
         self._remember_budgets(call.tenant.name, plan, result)
+        if call.agent_session:
+            self._track_run(call, hold, plan, result, tenant)
         if not result.allowed:
             index, wait_ms = self._longest_wait(plan, result, waited)
             reservation = _reservation(call, tenant, model, max_out, plan, result) \
@@ -206,6 +236,37 @@ class Limiter:
             if mode == "global":
                 self._active_leases[request_id] = leases
         return hold
+
+    def note_loop(self, call: ProxyCall) -> None:
+        """The loop detector flagged this run's conversation (the run board's counter)."""
+        if call.agent_session:
+            self._inflight.runs.entry(call.tenant.name,
+                                      session_id(call.agent_session)).loop_warnings += 1
+
+    def _track_run(self, call: ProxyCall, hold: Hold, plan: AdmitPlan, result: AdmitResult,
+                   tenant: Tenant) -> None:
+        """The run board, the access log's run totals, the soft-cap warning and the count of
+        runs stopped by each cap."""
+        assert call.agent_session is not None
+        sid = session_id(call.agent_session)
+        totals = usage_after(plan, result)
+        if result.allowed:
+            hold.run, hold.run_capped = (call.tenant.name, sid), bool(totals)
+            run = self._inflight.runs.admitted(call.tenant.name, sid, totals)
+            hold.run_totals = {"tokens": run.tokens, "cost": round(run.cost, 6),
+                               "steps": run.steps, "age_s": round(
+                                   self._wall_clock() - run.first_seen, 3)}
+            warn = warning(plan, result, tenant.run_budget.soft_ratio)
+            if warn:
+                hold.headers["x-gateway-run-budget-warning"] = warn
+            return
+        failed = plan.checks[result.failed] if result.failed >= 0 else None
+        if failed is not None and is_run_check(failed):
+            cap = run_cap(failed)
+            run = self._inflight.runs.entry(call.tenant.name, sid)
+            if run.stopped_by is None and self._inflight.on_run_stop is not None:
+                self._inflight.on_run_stop(call.tenant.name, cap)
+            run.stopped_by = cap
 
     async def admit_request(self, tenant: str, session: str | None, request_id: str,
                             priority: str) -> Hold:
@@ -268,6 +329,8 @@ class Limiter:
         return best, longest
 
     def _wait_ms(self, check: Check, res: CheckResult, waited: bool = True) -> float:
+        if is_run_check(check):
+            return math.inf  # a run's totals never go down: no wait helps
         if isinstance(check, Counter):
             return math.inf if check.cost > check.limit else float(res.reset_ms)
         if isinstance(check, Gcra):
@@ -347,7 +410,7 @@ class Limiter:
 
     def _remember_budgets(self, tenant: str, plan: AdmitPlan, result: AdmitResult) -> None:
         for check, res in zip(plan.checks, result.results):
-            if isinstance(check, Counter):
+            if isinstance(check, Counter) and not check.idle:
                 period, unit = check.name.split()[:2]  # "daily tokens budget"
                 scale = 1e6 if unit == "cost" else 1.0
                 self._budgets.setdefault(tenant, {})[f"{period}_{unit}"] = {
@@ -404,6 +467,8 @@ class Limiter:
                 add(Repeat(f"rl:{t}:s:{sid}:loop:{_fingerprint(call)}", guard.max_repeats,
                            int(guard.window_s * 1000), shadow=guard.shadow),
                     "this agent session")
+        if call.agent_session:
+            run_checks(t, call.agent_session, call.model, tenant.run_budget, tokens, cost, add)
         return checks, scopes
 
     def settle_soon(self, hold: Hold, usage: Usage, cost_units: int) -> None:
@@ -451,11 +516,16 @@ class Limiter:
         hold.settled = True
         self._active_leases.pop(hold.request_id, None)
         self._lease_board.finished(hold.request_id)
+        counting = hold.counting
+        if hold.run is not None:  # the run's tokens count as the tenant's budgets do
+            self._inflight.runs.settled(
+                *hold.run, hold.reserved_tokens, usage.limit_tokens(counting.budget_cache_reads),
+                hold.reserved_cost / 1e6, cost_units / 1e6, hold.run_capped, hold.no_step)
         if hold.settle_plan is None:
             return None
-        counting = hold.counting
         plan = _with_actuals(hold.settle_plan, usage.limit_tokens(counting.rate_cache_reads),
-                             usage.limit_tokens(counting.budget_cache_reads), cost_units)
+                             usage.limit_tokens(counting.budget_cache_reads), cost_units,
+                             hold.no_step)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
             self._lease_board.released(plan.leases)
@@ -536,12 +606,17 @@ def _settle_plan(plan: AdmitPlan) -> SettlePlan:
 
 
 def _with_actuals(plan: SettlePlan, rate_tokens: int, budget_tokens: int,
-                  cost_units: int) -> SettlePlan:
-    """The same plan with each reservation's actual amount filled in."""
-    counters = tuple(
-        (key, reserved, cost_units if ":b:cost:" in key else budget_tokens, ttl)
-        for key, reserved, _, ttl in plan.counters
-    )
+                  cost_units: int, no_step: bool = False) -> SettlePlan:
+    """The same plan with each reservation's actual amount filled in (a run's tokens cap
+    counts tokens as the tenant's budgets do)."""
+    def actual(key: str, reserved: int) -> int:
+        run = settled_amount(key, 0 if no_step else reserved, budget_tokens, cost_units)
+        if run is not None:
+            return run
+        return cost_units if ":b:cost:" in key else budget_tokens
+
+    counters = tuple((key, reserved, actual(key, reserved), ttl)
+                     for key, reserved, _, ttl in plan.counters)
     gcra = tuple((key, interval, reserved, rate_tokens)
                  for key, interval, reserved, _ in plan.gcra)
     return SettlePlan(plan.request_id, plan.done_key, plan.hold_key, plan.done_ttl_ms, gcra,
@@ -559,7 +634,7 @@ def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant) -> dict[str, 
             headers[f"x-ratelimit-limit-{kind}"] = str(per_minute)
             headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, res.remaining))
             headers[f"x-ratelimit-reset-{kind}"] = format_duration(res.reset_ms)
-        if isinstance(check, Counter) and res.allowed and check.limit:
+        if isinstance(check, Counter) and res.allowed and check.limit and not check.idle:
             used = 1 - res.remaining / check.limit
             if used >= tenant.budget.soft_ratio:
                 headers["x-gateway-budget-warning"] = f"{check.name} {used:.0%} used"
@@ -587,7 +662,8 @@ def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int,
     prompt, choices = call.prompt_tokens_estimate, max(1, call.choices)
     fits: int | None = max_out // choices
     for check, res in zip(plan.checks, result.results):
-        if res.allowed or check.shadow or not isinstance(check, Counter):
+        if res.allowed or check.shadow or not isinstance(check, Counter) or \
+                is_run_check(check):
             continue
         left = res.remaining
         if ":b:cost:" in check.key:
@@ -652,6 +728,8 @@ def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str]
     """The 429 for ``check``, with the earliest time a retry can succeed, ``wait_ms``
     (``inf``: never) in its headers (docs/architecture.md, "Errors and backpressure")."""
     out = {**headers, **retry_headers(None if math.isinf(wait_ms) else wait_ms)}
+    if isinstance(check, Since) or (isinstance(check, Counter) and check.idle):
+        return _run_refusal(check, res, out)
     if isinstance(check, Counter):
         if math.isinf(wait_ms):  # no period's budget is ever large enough
             return GatewayError(429, f"This request needs {check.cost} of the {check.name} of "
@@ -683,6 +761,27 @@ def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str]
     return GatewayError(429, f"Rate limit reached for {what} of {scope}{detail}. Retry in "
                         f"{format_duration(math.ceil(wait_ms))}.", type="rate_limit_error",
                         code="rate_limit_exceeded", headers=out)
+
+
+def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str]) -> GatewayError:
+    """429 run_budget_exceeded naming the cap: the run is over, so no retry (the SDKs read
+    ``x-should-retry: false``); the agent must wrap up or start a new run."""
+    cap = run_cap(check)
+    setting = f"run_budget.max_{'age_s' if cap == 'age' else cap}"
+    if isinstance(check, Since):
+        detail = f"is older than its age cap of {check.max_ms / 1000:g} s"
+    else:
+        assert isinstance(check, Counter)
+        used = check.limit - res.remaining
+        if cap == "cost":
+            detail = (f"has spent {used / 1e6:g} of its cost cap of {check.limit / 1e6:g}; "
+                      f"this request would reserve {check.cost / 1e6:g} more")
+        else:
+            detail = (f"has used {used} of its {cap} cap of {check.limit}; this request "
+                      f"would reserve {check.cost} more")
+    return GatewayError(429, f"Run budget exceeded: this agent run (X-Agent-Session) {detail} "
+                        f"({setting}). The run is stopped: start a new run to continue.",
+                        type="insufficient_quota", code="run_budget_exceeded", headers=headers)
 
 
 def format_duration(ms: int) -> str:

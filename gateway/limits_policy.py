@@ -109,6 +109,67 @@ class Budget(StrictModel):
     shadow: bool = Field(False, description="evaluate and report, never refuse")
 
 
+class RunCaps(StrictModel):
+    """Caps on one agent run (the requests sharing one ``X-Agent-Session``); unset: no cap."""
+
+    max_tokens: int | None = Field(
+        None, ge=1, description="prompt + output tokens of the whole run; every request "
+        "in flight holds its reservation (prompt estimate + output cap) against it until its "
+        "real usage is settled"
+    )
+    max_cost: float | None = Field(
+        None, gt=0, description="what the whole run may cost, in the price table's currency "
+        "(kept in integer micro-units); in-flight requests hold their reserved price"
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="model calls in the run: every admitted request holds a step "
+        "while in flight and keeps it once it reached an upstream, whatever the answer (one "
+        "refused before any upstream call, e.g. shed, gives it back)"
+    )
+    max_age_s: float | None = Field(
+        None, gt=0, description="wall-clock seconds since the run's first admitted request; "
+        "later requests of the run are refused"
+    )
+
+    def is_empty(self) -> bool:
+        return (self.max_tokens is None and self.max_cost is None and self.max_steps is None
+                and self.max_age_s is None)
+
+
+class RunBudget(RunCaps):
+    """Per-run budgets: stop one runaway agent run before it spends the tenant's budget.
+
+    Enforced in the same atomic admission as the tenant's limits, exactly across replicas
+    (docs/architecture.md, "Agent runs"). A run over a cap gets 429 ``run_budget_exceeded``
+    with ``x-should-retry: false``; past ``soft_ratio`` of a cap every answer carries
+    ``x-gateway-run-budget-warning`` so the agent can wrap up.
+    """
+
+    per_model: dict[str, RunCaps] = Field(
+        {}, description="caps for requests to one model; a cap set here replaces the "
+        "tenant-wide one, an unset one keeps it (the run's totals are shared by its models)"
+    )
+    soft_ratio: float = Field(
+        0.8, gt=0, le=1, description="share of a cap above which answers carry "
+        "x-gateway-run-budget-warning"
+    )
+    idle_ttl_s: float = Field(
+        86_400.0, ge=60, le=30 * 86_400, description="a run with no admitted request for "
+        "this long is forgotten: its next request starts a new run with fresh totals and age "
+        "(every admission renews it; a day keeps a stalled run's spend across the daily "
+        "budget's horizon for a few small keys per run)"
+    )
+    shadow: bool = Field(False, description="evaluate and report, never refuse")
+
+    def caps_for(self, model: str) -> RunCaps:
+        """The caps that apply to a request for ``model``."""
+        override = self.per_model.get(model)
+        if override is None:
+            return self
+        return RunCaps(**{name: (getattr(override, name) if getattr(override, name) is not None
+                                 else getattr(self, name)) for name in RunCaps.model_fields})
+
+
 class LoopGuard(StrictModel):
     """Refuse the same request repeated too often within one agent session: a stuck agent.
 
@@ -129,6 +190,34 @@ class LoopGuard(StrictModel):
     window_s: float = Field(60.0, gt=0, description="the window, in seconds, starting at the "
                             "first of them")
     shadow: bool = Field(False, description="evaluate and report, never refuse")
+
+
+class AgentLoop(StrictModel):
+    """The loop detector that reads the conversation (gateway/agent_loop.py): the assistant's
+    tool calls in the request's history, in chat, Responses and Messages bodies."""
+
+    enabled: bool = Field(True, description="read the history of every request with tool calls")
+    action: Literal["warn", "refuse", "shadow"] = Field(
+        "warn", description="warn: the answer carries x-gateway-agent-loop (the request runs "
+        "as usual); refuse: 429 agent_loop_detected with x-should-retry: false; shadow: only "
+        "the metric gateway_agent_loops_total and the access log"
+    )
+    max_repeats: int = Field(
+        5, ge=2, le=1000, description="a loop when one tool was called this many times with "
+        "the same arguments (compared as canonical JSON) in the history"
+    )
+    cycle_steps: int = Field(
+        8, ge=0, le=64, description="a loop when the last this-many assistant steps repeat "
+        "one pattern of 2 to cycle_steps/2 steps (e.g. A B A B A B A B); 0 turns cycle "
+        "detection off"
+    )
+
+    @model_validator(mode="after")
+    def _cycle_long_enough(self) -> AgentLoop:
+        if 0 < self.cycle_steps < 4:
+            raise ValueError("cycle_steps must be 0 (off) or at least 4 (two rounds of a "
+                             "two-step cycle)")
+        return self
 
 
 DegradedAction = Literal["local", "fail_open", "fail_closed"]

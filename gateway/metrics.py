@@ -39,8 +39,10 @@ from .metrics_labels import (
     DEFERRED_RUN_RESULTS,
     DEFERRED_VIA,
     DIALECTS,
+    LOOP_ACTIONS,
     OUTCOMES,
     PRIORITIES,
+    RUN_CAPS,
     SHED_REASONS,
     LabelBounds,
     attempt_outcome,
@@ -152,6 +154,13 @@ class GatewayMetrics:
             "(retryable failure, queued again), lost (its replica died; run again), "
             "interrupted (replica stopping), no_slot (put back before reaching the upstream).",
             "tenant", "result")
+        self._run_stops = counter(
+            "gateway_run_budget_stops", "Agent runs stopped by a run budget cap (counted once "
+            "per run and replica, at its first refusal), by cap: tokens, cost, steps, age.",
+            "tenant", "cap")
+        self._agent_loops = counter(
+            "gateway_agent_loops", "Requests whose conversation the loop detector flagged, by "
+            "the action taken: warn, refuse, shadow.", "tenant", "action")
         self._pulled = PulledGauges(inner, lambda: self._bounds)
         self._reload_ok = Gauge("gateway_config_last_reload_successful",
                                 "1 when the last policy reload worked.", registry=inner)
@@ -207,6 +216,8 @@ class GatewayMetrics:
             totals["cost_micros"] = totals.get("cost_micros", 0) + record.cost_micros
         if record.cost > 0:
             self._cost.get(tenant, model).inc(record.cost)
+        if record.loop_action is not None:
+            self._agent_loops.get(tenant, bounded(record.loop_action, LOOP_ACTIONS)).inc()
         if record.limits_s is not None:
             self._limits_check.observe(record.limits_s)
         if record.queue_s is not None:
@@ -280,6 +291,13 @@ class GatewayMetrics:
     def deferred_run(self, tenant: str | None, result: str) -> None:
         self._deferred_runs.get(bounded(tenant, self._bounds.tenants),
                                 bounded(result, DEFERRED_RUN_RESULTS)).inc()
+
+    def run_stopped(self, tenant: str, cap: str) -> None:
+        self._run_stops.get(bounded(tenant, self._bounds.tenants), bounded(cap, RUN_CAPS)).inc()
+
+    def agent_loop(self, tenant: str, action: str) -> None:
+        self._agent_loops.get(bounded(tenant, self._bounds.tenants),
+                              bounded(action, LOOP_ACTIONS)).inc()
 
     def config_reload(self, ok: bool) -> None:
         """A policy reload finished; on success call ``update_config`` too."""

@@ -17,12 +17,15 @@ OUTCOMES = frozenset({"ok", "rejected", "shed", "error", "upstream_error", "clie
 REJECTION_REASONS = frozenset({
     "rate_limited", "budget_exhausted", "loop_detected", "overloaded", "deadline_exceeded",
     "upstream_unavailable", "limits_unavailable", "invalid_request", "unauthenticated",
-    "forbidden", "not_found", "too_large", "auth_failures",
+    "forbidden", "not_found", "too_large", "auth_failures", "run_budget_exceeded",
+    "agent_loop_detected",
 })
 SHED_REASONS = frozenset({"queue_full", "cohort", "retry", "loop_lag", "open_streams", "memory"})
 ATTEMPT_OUTCOMES = frozenset({"success", "http_429", "http_4xx", "http_5xx", "connect_error",
                               "timeout", "stream_cut", "breaker_open", "cancelled"})
 BREAKER_STATES = ("closed", "half_open", "open")
+RUN_CAPS = frozenset({"tokens", "cost", "steps", "age"})  # gateway/runs.py
+LOOP_ACTIONS = frozenset({"warn", "refuse", "shadow"})  # gateway/agent_loop.py
 BUDGET_KINDS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
 # Deferred requests (gateway/deferred.py)
 DEFERRED_VIA = frozenset({"prefer", "shed"})

@@ -15,17 +15,20 @@ from typing import Any
 from aiohttp import web
 
 from .admission import is_client_retry
+from .agent_loop import find_loop
 from .attempts import CallContext, attempt_loop
 from .classify import (
     ROUTES,
     ApiRoute,
+    ProxyCall,
     classify,
     parse_json_body,
     raise_if_json_content_type_wrong,
 )
+from .config import Tenant
 from .context import Policy, RequestRecord, Services
 from .deadlines import request_deadline
-from .errors import GatewayError
+from .errors import GatewayError, retry_headers
 from .limits import Hold
 from .usage import Usage, cost_micros
 
@@ -78,6 +81,9 @@ async def _pipeline(
     if not targets:
         raise GatewayError(400, f"The model '{call.model}' is not served on {route.path}.",
                            code="model_not_supported_on_route", param="model")
+    # 3b the loop detector reads the conversation's tool calls (agent_loop.py)
+    loop_header = None if route.request_only else _agent_loop(
+        call, config.tenants[tenant.name], record, policy)
     # Deferred requests (deferred.py): Prefer: respond-async -> stored durably, 202 Accepted.
     # Mode on_shed runs at once and defers only a would-be overload shed of a low request.
     deferred = svc.deferred if not route.request_only else None  # counting is never deferred
@@ -110,6 +116,10 @@ async def _pipeline(
             hold = await policy.limiter.admit_request(tenant.name, call.agent_session,
                                                       os.urandom(16).hex(), call.priority.name)
     record.limits_s = svc.clock() - began
+    if hold.run is not None:
+        record.run = hold.run_totals
+    if loop_header is not None:
+        hold.headers["x-gateway-agent-loop"] = loop_header
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay
         ctx = CallContext(request, policy, svc, call, record, targets, deadline, hold.headers,
@@ -120,12 +130,15 @@ async def _pipeline(
         if deferred is None or defer != "on_shed" or exc.code != "overloaded" \
                 or record.attempt_log:
             raise
+        hold.no_step = True  # no model call: the deferred entry's run is the step
         await policy.limiter.settle(hold, record.usage, 0)  # this reservation back at once
         return await deferred.submit(policy, call, request.headers, record, via="shed")
     finally:
         if route.request_only:  # counting tokens bills none (the estimate relay_whole made)
             record.usage = Usage()
         # 12 settle: real usage replaces the reservation, off the client's critical path
+        # A run's step is a model call: one refused before any upstream attempt is given back.
+        hold.no_step = hold.no_step or not record.attempt_log
         record.set_cost(cost_micros(record.usage, model.price.rates))
         policy.limiter.settle_soon(hold, record.usage, record.cost_micros)
 
@@ -133,6 +146,28 @@ async def _pipeline(
 def route_name(route: ApiRoute) -> str:
     """``POST /v1/...``: how ``limits.exempt_routes`` names a route."""
     return f"POST {route.path}"
+
+
+def _agent_loop(call: ProxyCall, tenant: Tenant, record: RequestRecord,
+                policy: Policy) -> str | None:
+    """The loop detector's verdict: the warning header to add (warn), a 429 (refuse), or
+    None (no loop, or shadow: recorded for the metric and the access log only)."""
+    settings = tenant.agent_loop
+    if not settings.enabled:
+        return None
+    finding = find_loop(call.body, settings.max_repeats, settings.cycle_steps,
+                        policy.limiter.canonical_cache)
+    if finding is None:
+        return None
+    record.loop, record.loop_action = finding.header(), settings.action
+    policy.limiter.note_loop(call)
+    if settings.action == "refuse":
+        raise GatewayError(429, f"Agent loop detected: {finding.describe()} in this "
+                           "conversation. Change the approach instead of repeating the call.",
+                           type="rate_limit_error", code="agent_loop_detected",
+                           headers={**retry_headers(None),
+                                    "x-gateway-agent-loop": finding.header()})
+    return finding.header() if settings.action == "warn" else None
 
 
 async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:

@@ -11,7 +11,11 @@ Checks (all evaluated before anything is written; a failing non-shadow check wri
   integers" below), so a request that exactly fits is admitted whatever the clock reads.
 - ``Lease``: a concurrency slot, a sorted-set member with an expiry, so a crashed replica's
   slots free themselves; renewed while a long stream runs.
-- ``Counter``: a budget for a period (day/month); ``limit`` in integer units.
+- ``Counter``: a budget for a period (day/month); ``limit`` in integer units. ``idle``: the
+  key's TTL is renewed by every admission instead of set once (an agent run's budget lives
+  while the run is active, gateway/runs.py).
+- ``Since``: the age of an agent run: the first admission writes its time, later ones are
+  refused once it is more than ``max_ms`` old; renewed like an ``idle`` counter.
 - ``Repeat``: how often the same request fingerprint was seen in a window (runaway agents).
 
 Settling is idempotent per request id: a ``done`` marker makes replays no-ops; a ``hold``
@@ -60,6 +64,20 @@ class Counter:
     reset_ms: int  # until the period ends (Retry-After when spent)
     name: str = "budget"
     shadow: bool = False
+    idle: bool = False  # ttl_ms is an idle timeout, renewed by every admission
+
+
+@dataclass(frozen=True, slots=True)
+class Since:
+    """Admitted while less than ``max_ms`` have passed since the key's first admission
+    (its ``remaining`` is the ms left, never negative). The key lives ``ttl_ms`` after the
+    latest admission."""
+
+    key: str
+    max_ms: int
+    ttl_ms: int
+    name: str = "age"
+    shadow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +89,7 @@ class Repeat:
     shadow: bool = False
 
 
-Check = Gcra | Lease | Counter | Repeat
+Check = Gcra | Lease | Counter | Repeat | Since
 
 
 @dataclass(slots=True)
@@ -323,10 +341,18 @@ class LocalLimits:
             if used + check.cost > check.limit:
                 return False, CheckResult(False, check.reset_ms, int(check.limit - used),
                                           check.reset_ms), _noop
-            ttl = check.ttl_ms if used == 0 else self._ttl(check.key, now)
+            ttl = check.ttl_ms if used == 0 or check.idle else self._ttl(check.key, now)
             return True, CheckResult(True, 0, int(check.limit - used - check.cost),
                                      check.reset_ms), lambda: self._put(
                 check.key, used + check.cost, ttl, now)
+        if isinstance(check, Since):
+            first = self._get(check.key, now)
+            start = float(ms) if first is None else first
+            left = check.max_ms - (ms - start)
+            if left < 0:
+                return False, CheckResult(False, 0, 0, 0), _noop
+            return True, CheckResult(True, 0, int(left)), lambda: self._put(
+                check.key, start, check.ttl_ms, now)
         seen = self._get(check.key, now) or 0.0
         if seen >= check.max:
             return False, CheckResult(False, math.ceil(self._ttl(check.key, now))), _noop
@@ -403,7 +429,10 @@ def encode_admit(plan: AdmitPlan, prefix: str) -> tuple[list[str], list[str | in
         elif isinstance(check, Lease):
             args += [2, check.max, check.ttl_ms, 0, 0]
         elif isinstance(check, Counter):
-            args += [3, check.limit, check.cost, check.ttl_ms, check.reset_ms]
+            args += [5 if check.idle else 3, check.limit, check.cost, check.ttl_ms,
+                     check.reset_ms]
+        elif isinstance(check, Since):
+            args += [6, check.max_ms, check.ttl_ms, 0, 0]
         else:
             args += [4, check.max, check.window_ms, 0, 0]
         args.append(1 if check.shadow else 0)

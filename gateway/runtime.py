@@ -88,7 +88,7 @@ class Gateway:
             tracing=self.tracing,
             observers=[self.metrics],
         )
-        self.inflight = InFlight(clock)
+        self.inflight = InFlight(clock, time.time)
         self._clock = clock
         # Access lines of refused requests, rate-bounded per tenant and reason (logs.py)
         self.refusals = RefusalLog(clock, config.server.refused_log_per_s)
@@ -115,6 +115,7 @@ class Gateway:
         m.set_breaker_source(svc.breakers.states)
         m.set_loop_lag_source(lambda: svc.guard.loop_lag.lag_s)
         m.set_budget_source(self.inflight.budget_snapshot)
+        self.inflight.on_run_stop = m.run_stopped
         if self.state.name == "redis":
             m.set_redis_source(lambda: {"degraded": self.degraded.active,
                                         "latency_s": self.degraded.last_latency_s,

@@ -294,6 +294,8 @@ def _log_access(record: RequestRecord, trace_fields: dict[str, Any]) -> None:
         if record.context_window and record.usage.input_tokens else None,
         "agent_session": record.agent_session,
         "agent_step": record.agent_step,
+        "run": record.run,
+        "agent_loop": record.loop,
     }
     fields.update(trace_fields)
     access_log.info("request", extra={"fields": fields})

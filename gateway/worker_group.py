@@ -233,7 +233,8 @@ _MAX = frozenset({"oldest_wait_s", "loop_lag_s", "pressure", "failure_rate",
 _MIN = frozenset({"remaining"})
 _SAME = frozenset({"limits", "budget", "max_priority", "max_loop_lag_s",
                    "max_open_streams", "max_rss_mib", "worst", "degraded_action", "backend",
-                   "replicas", "shadow"})  # policy or per-worker settings: taken from one
+                   "replicas", "shadow", "run_budget"})  # policy or per-worker settings:
+                                                            # taken from one
 
 
 def merge_status(statuses: Sequence[Mapping[str, Any] | None],
@@ -263,6 +264,8 @@ def _merge(values: list[Any], key: str) -> Any:
     first = values[0]
     if key in _SAME:
         return first
+    if key == "runs":  # each worker's biggest agent runs: one list, again the biggest
+        return _merge_runs(values)
     if key == "budget_remaining":  # {kind: {remaining, limit}}: the least left, of one limit
         kinds = {k: None for v in values for k in v}
         return {k: {"remaining": min(v[k]["remaining"] for v in values if k in v),
@@ -288,6 +291,26 @@ def _merge(values: list[Any], key: str) -> Any:
     if key == "limits_mode":
         return "degraded" if "degraded" in values else first
     return first
+
+
+def _merge_runs(lists: list[Any], top: int = 10) -> list[dict[str, Any]]:
+    """One run seen by several workers: its largest totals (a capped run's are fleet-wide, an
+    uncapped run's each worker's share, so the largest is a lower bound), its oldest age, its
+    loop warnings summed; then the ``top`` biggest by cost, then tokens."""
+    runs: dict[str, dict[str, Any]] = {}
+    for entries in lists:
+        for entry in entries if isinstance(entries, list) else ():
+            seen = runs.get(entry.get("run"))
+            if seen is None:
+                runs[entry.get("run")] = dict(entry)
+                continue
+            for total in ("tokens", "cost", "steps", "age_s"):
+                seen[total] = max(seen.get(total, 0), entry.get(total, 0))
+            seen["idle_s"] = min(seen.get("idle_s", 0), entry.get("idle_s", 0))
+            seen["loop_warnings"] = seen.get("loop_warnings", 0) + entry.get("loop_warnings", 0)
+            seen["stopped_by"] = seen.get("stopped_by") or entry.get("stopped_by")
+    return sorted(runs.values(), key=lambda r: (r.get("cost", 0), r.get("tokens", 0)),
+                  reverse=True)[:top]
 
 
 WORKER_GROUP = web.AppKey("worker_group", WorkerGroup)

@@ -78,9 +78,10 @@ def test_every_section_and_tenant_option_is_shown_in_an_example_policy() -> None
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         for tenant in data["tenants"].values():
             # per_model is keyed by model name: compare the options, not the names
-            per_model = tenant.get("limits", {}).get("per_model", {})
-            for name in list(per_model):
-                per_model["<model>"] = per_model.pop(name)
+            for section in ("limits", "run_budget"):
+                per_model = tenant.get(section, {}).get("per_model", {})
+                for name in list(per_model):
+                    per_model["<model>"] = per_model.pop(name)
             shown |= _paths(tenant)
         shown |= {(key,) for key in data}
     wanted = {(key,) for key in GatewayConfig.model_fields}

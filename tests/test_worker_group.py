@@ -198,3 +198,22 @@ async def test_a_worker_that_stops_answering_keeps_its_last_counts(group_dir: Pa
     finally:
         await first.close()
         await second.close()
+
+
+def test_merged_status_lists_each_tenants_biggest_runs_of_every_worker() -> None:
+    def status(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"replica": "r", "ready": True, "state": {"limits_mode": "global"},
+                "tenants": {"acme": {"run_budget": {"max_tokens": 1000, "soft_ratio": 0.8},
+                                     "runs": runs}}}
+
+    def run(rid: str, tokens: int, warnings: int = 0, stopped: str | None = None
+            ) -> dict[str, Any]:
+        return {"run": rid, "tokens": tokens, "cost": tokens / 1e6, "steps": 1, "age_s": 5.0,
+                "idle_s": 1.0, "loop_warnings": warnings, "stopped_by": stopped}
+
+    merged = merge_status([status([run("a", 900, 1), run("b", 50)]),
+                           status([run("a", 950, 2, "tokens"), run("c", 400)])], 0)
+    acme = merged["tenants"]["acme"]
+    assert acme["run_budget"] == {"max_tokens": 1000, "soft_ratio": 0.8}  # policy: not summed
+    assert [(r["run"], r["tokens"], r["loop_warnings"], r["stopped_by"]) for r in acme["runs"]
+            ] == [("a", 950, 3, "tokens"), ("c", 400, 0, None), ("b", 50, 0, None)]

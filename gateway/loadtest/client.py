@@ -45,6 +45,7 @@ class AttemptResult:
     retry_after_s: float | None = None
     should_retry: bool | None = None
     detail: str = ""
+    code: str | None = None  # error.code of an error answer (run_budget_exceeded, ...)
 
 
 def classify_error(status: int, code: str | None) -> str:
@@ -147,7 +148,8 @@ async def send(session: aiohttp.ClientSession, url: URL, headers: Mapping[str, s
             result.status = resp.status
             if resp.status >= 400:
                 raw = await resp.content.read(_ERROR_BODY_LIMIT)
-                result.outcome = classify_error(resp.status, _error_code(raw))
+                result.code = _error_code(raw)
+                result.outcome = classify_error(resp.status, result.code)
                 result.retry_after_s = parse_retry_after(resp.headers)
                 result.should_retry = _should_retry(resp.headers)
                 result.detail = f"HTTP {resp.status}"

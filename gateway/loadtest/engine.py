@@ -254,14 +254,18 @@ class Engine:
         started = loop.time()
         self.recorder.run_started(spec.name, phase)
         steps_ok, outcome = 0, "unfinished"
+        tokens, stopped_by = 0, None
         session = f"lt-{self.started_at:.0f}-{run_id}" if spec.steps > 1 else None
         try:
             for step in range(1, spec.steps + 1):
                 if not self._continuing:
                     break
-                if not await self._request(plan, run_id, step, session):
+                result = await self._request(plan, run_id, step, session)
+                if result.outcome != "ok":
                     outcome = "failed" if self._continuing else "unfinished"
+                    stopped_by = result.code
                     break
+                tokens += result.prompt_tokens + result.completion_tokens
                 steps_ok += 1
                 if step < spec.steps:
                     await asyncio.sleep(plan.think_s())
@@ -270,15 +274,16 @@ class Engine:
         finally:
             self.recorder.run_done(RunRecord(
                 spec.name, plan.klass, spec.tenant, phase, started - self.t0,
-                loop.time() - self.t0, spec.steps, steps_ok, outcome, run_id))
+                loop.time() - self.t0, spec.steps, steps_ok, outcome, run_id, tokens,
+                stopped_by))
 
     async def _request(self, plan: WorkloadPlan, run_id: int, step: int,
-                       session: str | None) -> bool:
-        """One step with the client's retries; records it; True when it succeeded."""
+                       session: str | None) -> AttemptResult:
+        """One step with the client's retries; records it; its last attempt's result."""
         loop = asyncio.get_running_loop()
         if self._attempts >= self.max_requests:
             self._limit()
-            return False
+            return AttemptResult(0, "cancelled", loop.time())
         spec = plan.spec
         started = loop.time()
         phase = self.live.phase
@@ -318,7 +323,7 @@ class Engine:
         finally:
             self.live.in_flight -= 1
             self._record(plan, phase, started, result, attempts, run_id, step)
-        return result.outcome == "ok"
+        return result
 
     def _record(self, plan: WorkloadPlan, phase: str, started: float, result: AttemptResult,
                 attempts: int, run_id: int, step: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import DRAIN_PHASE, Engine
-from .stats import OUTCOMES, Group, class_order
+from .stats import OUTCOMES, Group, RunRecord, class_order
 
 __all__ = ["FORMAT", "build_report", "compare", "load_report", "render", "write_report"]
 
@@ -67,6 +67,7 @@ def build_report(engine: Engine, *, source: str = "", command: str = "") -> dict
         "timeline": rec.timeline.to_dict(),
         "engine": info["engine"],
         "hooks": info["hooks"],
+        "runs": _runs_section(rec.run_spend),
     }
     if rec.requests is not None and rec.runs is not None:
         report["trace"] = {
@@ -74,6 +75,49 @@ def build_report(engine: Engine, *, source: str = "", command: str = "") -> dict
             "runs": [_asdict(r) for r in rec.runs],
         }
     return report
+
+
+def _runs_section(runs: Sequence[RunRecord], top: int = 20) -> dict[str, Any]:
+    """Each agent run's spend and end: per tenant and per workload (runs, completed, what
+    stopped the failed ones, tokens spent, when they were stopped), and the biggest runs."""
+    multi = [r for r in runs if r.steps > 1]
+
+    def summary(group: list[RunRecord]) -> dict[str, Any]:
+        tokens = sorted(r.tokens for r in group)
+        stopped = [r for r in group if r.outcome == "failed"]
+        codes: dict[str, int] = {}
+        for r in stopped:
+            codes[r.stopped_by or "other"] = codes.get(r.stopped_by or "other", 0) + 1
+        return {
+            "runs": len(group),
+            "completed": sum(r.outcome == "completed" for r in group),
+            "completion_ratio": round(sum(r.outcome == "completed" for r in group)
+                                      / len(group), 4) if group else None,
+            "stopped": codes,
+            "tokens": sum(tokens),
+            "tokens_per_run": {"p50": _middle(tokens), "max": tokens[-1] if tokens else None},
+            "stopped_at_step_p50": _middle(sorted(r.steps_ok + 1 for r in stopped)),
+            "stopped_after_s_p50": _middle(sorted(round(r.ended - r.started, 3)
+                                                  for r in stopped)),
+        }
+
+    by: dict[str, dict[str, list[RunRecord]]] = {"tenants": {}, "workloads": {}}
+    for r in multi:
+        by["tenants"].setdefault(r.tenant, []).append(r)
+        by["workloads"].setdefault(r.workload, []).append(r)
+    biggest = sorted(multi, key=lambda r: r.tokens, reverse=True)[:top]
+    return {
+        "tenants": {k: summary(v) for k, v in by["tenants"].items()},
+        "workloads": {k: summary(v) for k, v in by["workloads"].items()},
+        "biggest": [{"run": r.run, "workload": r.workload, "tenant": r.tenant,
+                     "tokens": r.tokens, "steps_ok": r.steps_ok, "steps": r.steps,
+                     "started_s": round(r.started, 3), "ended_s": round(r.ended, 3),
+                     "outcome": r.outcome, "stopped_by": r.stopped_by} for r in biggest],
+    }
+
+
+def _middle(ordered: Sequence[float]) -> float | None:
+    return ordered[len(ordered) // 2] if ordered else None
 
 
 def _view(group: Group, seconds: float) -> dict[str, Any]:
@@ -168,7 +212,31 @@ def render(report: dict[str, Any]) -> str:
         status = hook.get("skipped") or f"exit {hook.get('exit_status')}"
         lines.append(f"hook at {hook['at_s']:.1f} s ({hook['phase']}): {status}")
     lines += [f"WARNING: {w}" for w in engine["warnings"]]
+    lines += _render_runs(report.get("runs") or {})
     return "\n".join(lines)
+
+
+def _render_runs(runs: dict[str, Any]) -> list[str]:
+    """Agent runs: what each tenant and workload spent, and when failed runs were stopped."""
+    if not runs.get("workloads"):
+        return []
+    header = ("agent runs", "runs", "completed %", "tokens", "tokens/run p50", "max",
+              "stopped", "at step p50", "after s p50")
+    rows = []
+    for kind in ("tenants", "workloads"):
+        for name, s in runs[kind].items():
+            stopped = ", ".join(f"{k} {v}" for k, v in sorted(s["stopped"].items())) or "-"
+            rows.append([f"{kind[:-1]} {name}", str(s["runs"]), _pct(s["completion_ratio"]),
+                         str(s["tokens"]), _num(s["tokens_per_run"]["p50"]),
+                         _num(s["tokens_per_run"]["max"]), stopped,
+                         _num(s["stopped_at_step_p50"]), _num(s["stopped_after_s_p50"])])
+    lines = ["", table(rows, header), "", "biggest runs (tokens spent; when each ended):"]
+    big = ("run", "workload", "tenant", "tokens", "steps ok", "started s", "ended s", "end")
+    lines.append(table([[str(r["run"]), r["workload"], r["tenant"], str(r["tokens"]),
+                         f"{r['steps_ok']}/{r['steps']}", f"{r['started_s']:.1f}",
+                         f"{r['ended_s']:.1f}",
+                         r["stopped_by"] or r["outcome"]] for r in runs["biggest"][:10]], big))
+    return lines
 
 
 # --- two runs side by side -------------------------------------------------------------------

@@ -90,6 +90,12 @@ class Workload(StrictModel):
         default=None, description="sent as X-Request-Timeout; goodput counts answers within it"
     )
     timeout_s: PositiveFloat = Field(default=120.0, description="the client gives up after this")
+    tool_calls: Literal["none", "distinct", "loop"] = Field(
+        default="none", description="each step resends the run's history, as agent frameworks "
+        "do: distinct: every earlier step called a tool with new arguments (an agent making "
+        "progress); loop: every earlier step called the same tool with the same arguments "
+        "(an agent stuck waiting for external data); none: no history"
+    )
 
 
 class Client(StrictModel):

@@ -62,6 +62,8 @@ class RunRecord:
     steps_ok: int
     outcome: str
     run: int = 0
+    tokens: int = 0  # prompt + completion tokens of its successful requests (what it spent)
+    stopped_by: str | None = None  # error.code of the answer that ended a failed run
 
 
 class Group:
@@ -206,6 +208,9 @@ def _quantiles(values: array.array[float] | None) -> dict[str, float | None]:
             for q, p in (("p50", 50.0), ("p99", 99.0))}
 
 
+MAX_RUN_SPEND = 100_000  # runs kept for the report's runs section
+
+
 class Recorder:
     """Records each request and run into one *cell* (phase x workload, which fixes the class
     and the tenant), so the hot path touches two histograms; ``groups`` adds cells up into
@@ -217,6 +222,8 @@ class Recorder:
         self.timeline = Timeline(bucket_s)
         self.requests: list[RequestRecord] | None = None  # kept only when tracing
         self.runs: list[RunRecord] | None = None
+        # Every run's spend and end, for the runs section of the report (bounded).
+        self.run_spend: list[RunRecord] = []
 
     def _cell(self, phase: str, workload: str) -> Group:
         key = (phase, workload)
@@ -240,6 +247,8 @@ class Recorder:
 
     def run_done(self, run: RunRecord) -> None:
         self._cell(run.phase, run.workload).runs[run.outcome] += 1
+        if len(self.run_spend) < MAX_RUN_SPEND:
+            self.run_spend.append(run)
         if self.runs is not None:
             self.runs.append(run)
 

@@ -57,12 +57,15 @@ class WorkloadPlan:
         max_tokens = max(1, int(self.draw_max_tokens()))
         output = max_tokens if self.draw_output is None else max(0, int(self.draw_output()))
         content = f"run {run_id} step {step}: " + text.prompt(prompt_tokens, rng)
+        messages: list[dict[str, object]] = [
+            {"role": "system", "content": "You are a synthetic load-test agent."},
+            {"role": "user", "content": content},
+        ]
+        if self.spec.tool_calls != "none":
+            messages += _tool_history(run_id, step, self.spec.tool_calls == "loop")
         body: dict[str, object] = {
             "model": self.spec.model,
-            "messages": [
-                {"role": "system", "content": "You are a synthetic load-test agent."},
-                {"role": "user", "content": content},
-            ],
+            "messages": messages,
             "max_tokens": max_tokens,
         }
         if stream:
@@ -72,6 +75,30 @@ class WorkloadPlan:
 
     def think_s(self) -> float:
         return self.draw_think_s() / 1000.0
+
+
+def _tool_history(run_id: int, step: int, loop: bool) -> list[dict[str, object]]:
+    """The assistant's tool calls of steps 1 .. step-1 and their results: the same call each
+    time (``loop``: polling a job that never finishes) or a new one each time."""
+    out: list[dict[str, object]] = []
+    for earlier in range(1, step):
+        args = {"job": f"report-{run_id}"} if loop else {"job": f"report-{run_id}",
+                                                          "page": earlier}
+        call_id = f"call_{run_id}_{earlier}"
+        out.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function",
+             "function": {"name": "fetch_report", "arguments": orjson.dumps(args).decode()}}]})
+        out.append({"role": "tool", "tool_call_id": call_id,
+                    "content": _PENDING if loop else f"page {earlier}: " + _ROWS})
+    return out
+
+
+# Tool results of about 50 tokens each (200 bytes), as a status or data API answers: the
+# history, and so each step's prompt, grows by that much per step.
+_PENDING = ('{"status": "pending", "progress": null, "message": "The report is being prepared; '
+            'poll again later.", "retry_hint_s": 30, "queue": "reports-default", "eta": null}')
+_ROWS = ('{"rows": [["north", 1200, 800, 31], ["south", 980, 700, 27], ["east", 1430, 910, '
+         '35], ["west", 1105, 760, 29]], "columns": ["region", "revenue", "cost", "heads"]}')
 
 
 def plan_workloads(scenario: Scenario, keys: dict[str, str],

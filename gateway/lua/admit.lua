@@ -10,6 +10,10 @@
 --   type 2 LEASE    p1 max          p2 ttl_ms
 --   type 3 COUNTER  p1 limit        p2 cost    p3 ttl_ms  p4 reset_ms
 --   type 4 REPEAT   p1 max          p2 window_ms
+--   type 5 COUNTER with an idle TTL (an agent run's budget): as 3, and every admission
+--                   renews the key's TTL to p3
+--   type 6 SINCE    p1 max_ms       p2 ttl_ms (an agent run's age: the first admission's
+--                   time, in ms, is kept; refused once now - first > max_ms)
 -- Returns {allowed 0/1, failed check (0-based) or -1, then per check: ok, retry_after_ms,
 --          remaining, reset_ms, then the 0-based indexes of failed shadow checks}
 local t = redis.call('TIME')
@@ -53,13 +57,22 @@ for i = 1, n do
       remaining = p1 - count - 1
       write = {2, key, now + p2, p2}
     end
-  elseif kind == 3 then
+  elseif kind == 3 or kind == 5 then
     local used = tonumber(redis.call('GET', key) or '0')
     if used + p2 > p1 then
       ok, retry, remaining, reset = 0, p4, p1 - used, p4
     else
       remaining, reset = p1 - used - p2, p4
-      write = {3, key, p2, p3}
+      write = {kind, key, p2, p3}
+    end
+  elseif kind == 6 then
+    local first = tonumber(redis.call('GET', key) or now_ms)
+    local left = p1 - (now_ms - first)
+    if left < 0 then
+      ok = 0
+    else
+      remaining = left
+      write = {6, key, first, p2}
     end
   else
     local count = tonumber(redis.call('GET', key) or '0')
@@ -93,6 +106,12 @@ if allowed == 1 then
     elseif w[1] == 3 then
       redis.call('INCRBY', w[2], w[3])
       if redis.call('PTTL', w[2]) < 0 then redis.call('PEXPIRE', w[2], w[4]) end
+    elseif w[1] == 5 then
+      redis.call('INCRBY', w[2], w[3])
+      redis.call('PEXPIRE', w[2], w[4])
+    elseif w[1] == 6 then
+      local first, idle_ttl = string.format('%.0f', w[3]), w[4]
+      redis.call('SET', w[2], first, 'PX', idle_ttl)
     else
       redis.call('INCR', w[2])
       if redis.call('PTTL', w[2]) < 0 then redis.call('PEXPIRE', w[2], w[3]) end
