@@ -49,7 +49,6 @@ from .admission_state import (
     Permit,
     QueueEntry,
     is_client_retry,
-    is_later_step,
 )
 from .concurrency import Outcome
 from .config_base import Priority
@@ -58,7 +57,7 @@ from .errors import GatewayError
 
 __all__ = [
     "AdmissionController", "AdmissionObserver", "AdmissionPolicy", "AdmissionRequest",
-    "DeadlineStage", "Outcome", "Permit", "ShedReason", "is_client_retry", "is_later_step",
+    "DeadlineStage", "Outcome", "Permit", "ShedReason", "is_client_retry",
 ]
 
 Clock = Callable[[], float]
@@ -87,7 +86,9 @@ class AdmissionController:
         self._would_shed: Counter[tuple[Priority, str]] = Counter()
         self._deadline: Counter[tuple[Priority, str]] = Counter()
         # (tenant, session) -> when this replica last admitted a step of it: runs in progress,
-        # which cohort shedding spares (admission_shed.py) even without X-Agent-Step.
+        # which cohort shedding spares (admission_shed.py). Only the gateway's own memory
+        # counts: a client-set X-Agent-Step > 1 bought a tenant exemption from shedding
+        # (a red team kept 120/120 answered while a peer got 0/120).
         self._runs: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     @property
@@ -226,9 +227,7 @@ class AdmissionController:
         return Permit(state, req, now, queued_s, self._release)
 
     def _in_progress(self, req: AdmissionRequest, now: float) -> bool:
-        """A later step of a run: X-Agent-Step > 1, or a session admitted recently here."""
-        if req.continuing:
-            return True
+        """A later step of a run: a session this replica admitted within run_memory_s."""
         if req.agent_session is None:
             return False
         at = self._runs.get((req.tenant, req.agent_session))

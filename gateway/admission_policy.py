@@ -238,9 +238,9 @@ class AdmissionPolicy(StrictModel):
     )
     run_memory_s: float = Field(
         default=120.0, ge=0,
-        description="a session admitted within this many seconds counts as a run in progress "
-        "(as X-Agent-Step > 1 does): cohort shedding spares it until the level passes its "
-        "whole class; 0 relies on X-Agent-Step alone",
+        description="a session admitted within this many seconds (on this replica) counts as "
+        "a run in progress: cohort shedding spares it until the level passes its whole class; "
+        "0: no run is spared. X-Agent-Step is not trusted for this (a client could set it)",
     )
     ttft_prior_s: PositiveFloat = Field(
         default=1.0,

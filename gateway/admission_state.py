@@ -33,14 +33,6 @@ def is_client_retry(headers: Mapping[str, str]) -> bool:
     return value.isascii() and value.isdigit() and int(value) > 0  # "²".isdigit() is True
 
 
-def is_later_step(agent_step: str | None) -> bool:
-    """Whether X-Agent-Step names a step after the first of a run (a whole number > 1)."""
-    if agent_step is None:
-        return False
-    value = agent_step.strip()
-    return value.isascii() and value.isdigit() and int(value) > 1
-
-
 @dataclass(frozen=True, slots=True)
 class AdmissionRequest:
     """What admission needs to know about one request. Times are on the controller's clock."""
@@ -53,9 +45,6 @@ class AdmissionRequest:
     agent_session: str | None = None  # X-Agent-Session: the shedding cohort
     is_retry: bool = False  # x-stainless-retry-count > 0: shed before first attempts
     prompt_tokens: int | None = None  # for the limiter's latency brake (defaults to ``tokens``)
-    # A later step of an agent run (X-Agent-Step > 1): cohort shedding spares it while the
-    # level is inside its class, so a run that got its first steps through is carried on.
-    continuing: bool = False
 
     @property
     def prompt_size(self) -> int:

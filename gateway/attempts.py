@@ -21,7 +21,7 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from .admission import AdmissionRequest, Permit, is_client_retry, is_later_step
+from .admission import AdmissionRequest, Permit, is_client_retry
 from .breaker import Trial
 from .classify import ProxyCall
 from .context import AttemptRecord, Policy, RequestRecord, Services
@@ -83,7 +83,6 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         ctx.call.priority, ctx.call.tenant.name, ctx.tokens, ctx.deadline.at, svc.clock(),
         ctx.call.agent_session, is_retry=is_client_retry(ctx.request_headers),
         prompt_tokens=ctx.call.prompt_tokens_estimate,
-        continuing=is_later_step(ctx.call.agent_step),
     )
     while True:
         # 7 route: an untried usable deployment first (failover), else the same one again

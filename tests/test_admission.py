@@ -50,10 +50,10 @@ def make(clock: FakeClock, limit: int = 20, observer: AdmissionObserver | None =
 
 def req(clock: FakeClock, priority: Priority = N, tenant: str = "t", tokens: int = 100,
         deadline_in: float = 60.0, session: str | None = None,
-        retry: bool = False, continuing: bool = False) -> AdmissionRequest:
+        retry: bool = False) -> AdmissionRequest:
     return AdmissionRequest(priority=priority, tenant=tenant, tokens=tokens,
                             deadline=clock.now + deadline_in, arrived=clock.now,
-                            agent_session=session, is_retry=retry, continuing=continuing)
+                            agent_session=session, is_retry=retry)
 
 
 async def fill(ctl: AdmissionController, clock: FakeClock, n: int,
@@ -348,14 +348,12 @@ async def test_runs_already_admitted_keep_their_place_when_their_cohort_is_shed(
     with pytest.raises(GatewayError) as err:
         await ctl.acquire(DEP, req(clock, N, session="new-run"))
     assert err.value.code == "overloaded"
-    # the run admitted 11 s ago, and a later step named by X-Agent-Step, queue instead
+    # the run admitted 11 s ago queues instead
     remembered = asyncio.create_task(ctl.acquire(DEP, req(clock, N, session="old-run")))
-    stepped = asyncio.create_task(ctl.acquire(DEP, req(clock, N, session="other",
-                                                       continuing=True)))
     await settle()
-    assert not remembered.done() and not stepped.done()
+    assert not remembered.done()
     blocker.release("success")
-    for task in (waiter, remembered, stepped):
+    for task in (waiter, remembered):
         await settle()
         (await task).release("success")
     clock.now += 31  # past run_memory_s: the same session is a new run again
