@@ -106,6 +106,10 @@ class InFlight:
         self.batch: list[tuple[Hold, Usage, int]] = []
         # Last budget state seen per tenant, for the metrics scrape (which must not hit Redis).
         self.budgets: dict[str, dict[str, dict[str, float]]] = {}
+        # Which store counter each remembered figure came from (tenant, "daily_tokens") -> key,
+        # and back: a settlement corrects the figure only while it is still that period's.
+        self.budget_keys: dict[tuple[str, str], str] = {}
+        self.budget_of_key: dict[str, tuple[str, str]] = {}
 
     def budget_snapshot(self) -> dict[str, dict[str, dict[str, float]]]:
         return self.budgets
@@ -284,10 +288,30 @@ class Limiter:
             if isinstance(check, Counter):
                 period, unit = check.name.split()[:2]  # "daily tokens budget"
                 scale = 1e6 if unit == "cost" else 1.0
-                self._budgets.setdefault(tenant, {})[f"{period}_{unit}"] = {
+                name = f"{period}_{unit}"
+                self._budgets.setdefault(tenant, {})[name] = {
                     "remaining": max(0, res.remaining) / scale,
                     "limit": check.limit / scale,
                 }
+                old = self._inflight.budget_keys.get((tenant, name))
+                if old != check.key:  # a new period: the old counter's figure is gone
+                    self._inflight.budget_of_key.pop(old or "", None)
+                    self._inflight.budget_keys[(tenant, name)] = check.key
+                    self._inflight.budget_of_key[check.key] = (tenant, name)
+
+    def _refund_remembered(self, plan: SettlePlan) -> None:
+        """The remembered figures (metrics, status) were taken at admission, with this request's
+        whole reservation spent; settlement charged the actual amount instead. Correct them by
+        the difference, once (from ``_claim``), whether the store or the degraded mode's local
+        counters were charged: both hold the same difference."""
+        for key, reserved, actual, _ in plan.counters:
+            owner = self._inflight.budget_of_key.get(key)
+            figure = self._budgets.get(owner[0], {}).get(owner[1]) if owner else None
+            if figure is None:
+                continue
+            scale = 1e6 if ":b:cost:" in key else 1.0
+            figure["remaining"] = min(figure["limit"], max(
+                0.0, figure["remaining"] + (reserved - actual) / scale))
 
     def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int,
                 lease: bool = True, client_retry: bool = False) -> tuple[
@@ -390,6 +414,8 @@ class Limiter:
         counting = hold.counting
         plan = _with_actuals(hold.settle_plan, usage.limit_tokens(counting.rate_cache_reads),
                              usage.limit_tokens(counting.budget_cache_reads), cost_units)
+        if hold.mode in ("global", "local"):  # fail_open remembered nothing from a counter
+            self._refund_remembered(plan)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
             self._lease_board.released(plan.leases)

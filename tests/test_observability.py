@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gateway.auth import hash_key
 from gateway.mock_upstream import RECORDED
 from gateway.server import create_app
+from gateway.streaming import Usage
 from gateway.tracing import Tracing
 from tests.gwtest import ACME_KEY, auth, chat, policy
 from tests.plugin_gateway import MakeGateway
@@ -228,3 +229,56 @@ async def test_gateway_status_cli_prints_a_table(make_gateway: MakeGateway) -> N
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     await asyncio.wait_for(bad.communicate(), 20)
     assert bad.returncode == 1
+
+
+async def test_budget_remaining_is_corrected_once_the_request_settles(
+    make_gateway: MakeGateway,
+) -> None:
+    # max_tokens 4000 reserves ~4000 tokens at admission; the answer uses a handful. Once
+    # settled, the gauge and /admin/status say what is really left, not the reservation.
+    from tests.plugin_gateway import settled
+
+    gw = await make_gateway(admin={"api_keys": [hash_key(ADMIN_KEY)]}, tenants={"acme": {
+        "budget": {"daily_tokens": 20_000, "daily_cost": 50.0}}})
+    resp = await gw.post("/v1/chat/completions", json=chat(max_tokens=4000), headers=auth())
+    assert resp.status == 200
+    usage = (await resp.json())["usage"]
+    await settled(gw)
+    text = await _metrics(gw)
+    tokens = 'gateway_budget_remaining{budget="daily_tokens",tenant="acme"}'
+    assert _value(text, tokens) == 20_000 - usage["total_tokens"]
+    # gpt-test: 1.0 per million input tokens, 2.0 per million output tokens
+    spent = (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6
+    cost = _value(text, 'gateway_budget_remaining{budget="daily_cost",tenant="acme"}')
+    assert abs(cost - (50.0 - spent)) < 2e-6  # micro-units, rounded up per request
+    status = await (await gw.get("/admin/status", headers=auth(ADMIN_KEY))).json()
+    figure = status["tenants"]["acme"]["budget_remaining"]["daily_tokens"]
+    assert figure == {"remaining": 20_000 - usage["total_tokens"], "limit": 20_000}
+
+
+async def test_remembered_budget_is_refunded_exactly_once_also_in_degraded_mode() -> None:
+    from tests.test_retry_after_truth import World
+
+    world = World({"budget": {"daily_tokens": 100_000}})
+    budgets = world.limiter._budgets
+    hold = await world.admit(max_tokens=4000)
+    assert budgets["acme"]["daily_tokens"]["remaining"] == 100_000 - hold.reserved_tokens
+    used = Usage(input_tokens=2, output_tokens=1000)
+    await world.limiter.settle(hold, used, 0)
+    await world.limiter.settle(hold, used, 0)  # a second settlement is a no-op
+    assert budgets["acme"]["daily_tokens"]["remaining"] == 100_000 - 1002
+    # degraded (local counters): the same correction, and the journal replay adds none
+    world.limiter.degraded.enter("test")
+    hold = await world.admit(max_tokens=4000, text="another")
+    local_before = budgets["acme"]["daily_tokens"]["remaining"]
+    await world.limiter.settle(hold, used, 0)
+    assert budgets["acme"]["daily_tokens"]["remaining"] == \
+        local_before + hold.reserved_tokens - 1002
+    # a settlement of yesterday's reservation does not touch today's figure
+    hold = await world.admit(max_tokens=4000, text="late")
+    world.advance(86_400)
+    world.limiter.degraded.active = False
+    await world.admit(text="today")
+    today = dict(budgets["acme"]["daily_tokens"])
+    await world.limiter.settle(hold, used, 0)
+    assert budgets["acme"]["daily_tokens"] == today
