@@ -262,6 +262,9 @@ def _give_up(ctx: CallContext, last: _Failed, tried: list[str], *,
         last.error.headers = {**last.error.headers, **extra}
         _raise_kept(last)
     ctx.record.status = last.status
+    # The upstream's own error answer, relayed: not "ok" in the access log and the metrics
+    # (the 4xx/5xx status alone is not what error rates are counted from)
+    ctx.record.outcome, ctx.record.error_code = "upstream_error", last.failure.error_code
     body = last.body
     if last.translation is not None and last.content_type.endswith("json"):
         body = last.translation.error(body, last.status)  # same status, same headers

@@ -282,3 +282,30 @@ async def test_remembered_budget_is_refunded_exactly_once_also_in_degraded_mode(
     today = dict(budgets["acme"]["daily_tokens"])
     await world.limiter.settle(hold, used, 0)
     assert budgets["acme"]["daily_tokens"] == today
+
+
+async def test_a_relayed_upstream_error_is_not_counted_ok(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The upstream answers 429/503/500 on every attempt: the gateway relays its answer, and
+    # the access log and the request counter say it failed upstream.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    for status in ("429", "503", "500"):  # a fresh gateway each: no breaker opened by the last
+        gw = await make_gateway(retries={"backoff_base_s": 0.001, "backoff_cap_s": 0.002})
+        resp = await gw.post("/v1/chat/completions", json=chat(text=status),
+                             headers=auth(**{"x-mock-status": status}))
+        assert resp.status == int(status) and resp.headers["x-should-retry"] == "false"
+        line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+        assert line["status"] == int(status) and line["attempts"] >= 1
+        assert line["outcome"] == "upstream_error" and line["error_code"]  # the upstream's
+        text = await _metrics(gw)
+        assert _value(text, 'gateway_requests_total{model="gpt-test",outcome="upstream_error",'
+                            'priority="normal",tenant="acme"}') == 1
+        assert 'outcome="ok"' not in text.split("gateway_requests_total")[1].split("# HELP")[0]
+    # Anthropic's error bodies have a type and no code
+    resp = await gw.post("/v1/messages", json={
+        "model": "claude-test", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]},
+        headers=auth(**{"x-mock-status": "529"}))
+    assert resp.status == 529
+    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    assert line["outcome"] == "upstream_error" and line["error_code"] == "overloaded_error"
