@@ -87,7 +87,7 @@ async def test_gateway_status_works_on_the_demo_policy(
     code = await asyncio.to_thread(main, ["status", "--url", url, "--admin-key", DEMO_ADMIN_KEY])
     out = capsys.readouterr().out
     assert code == 0, capsys.readouterr().err
-    assert "acme" in out and "20000" in out and "umbrella" in out  # the tenants' limits
+    assert "acme" in out and "20,000" in out and "umbrella" in out  # the tenants' limits
     assert await asyncio.to_thread(main, ["status", "--url", url, "--admin-key", "wrong"]) == 1
 
 

@@ -309,3 +309,34 @@ async def test_a_relayed_upstream_error_is_not_counted_ok(
     assert resp.status == 529
     line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
     assert line["outcome"] == "upstream_error" and line["error_code"] == "overloaded_error"
+
+
+async def test_status_table_prints_budgets_as_integers_with_their_used_share(
+    make_gateway: MakeGateway,
+) -> None:
+    from gateway.admin import render_table
+
+    gw = await make_gateway(admin={"api_keys": [hash_key(ADMIN_KEY)]}, tenants={"acme": {
+        "limits": {"tokens_per_minute": 5_000_000,
+                   "per_session": {"requests_per_minute": 20, "max_concurrent": 2}},
+        "budget": {"daily_tokens": 500_000_000, "daily_cost": 50.0}}})
+    resp = await gw.post("/v1/chat/completions", json=chat(max_tokens=4000), headers=auth())
+    usage = (await resp.json())["usage"]
+    from tests.plugin_gateway import settled
+    await settled(gw)
+    data = await (await gw.get("/admin/status", headers=auth(ADMIN_KEY))).json()
+    assert data["tenants"]["acme"]["limits"]["per_session"] == {
+        "requests_per_minute": 20, "tokens_per_minute": None, "max_concurrent": 2}
+    table = render_table(data)
+    assert "e+" not in table
+    left = 500_000_000 - usage["total_tokens"]
+    assert f"daily_tokens {left:,}/500,000,000 (0.0% used)" in table
+    assert "daily_cost 49.99" in table and "/50 (0.0% used)" in table
+    assert "5,000,000" in table  # the tenant's tokens per minute
+    session = next(line for line in table.splitlines() if "per session" in line)
+    assert session.split()[2:] == ["20", "-", "2"]
+    assert "replicas 1" in table and "workers" not in table
+    # under --workers 2 (the status merged across the group): the workers, not "replicas 1"
+    grouped = render_table({**data, "workers": [{"answered": True}, {"answered": True}]})
+    state_line = next(line for line in grouped.splitlines() if line.startswith("state:"))
+    assert "workers 2" in state_line and "replicas" not in state_line
