@@ -302,6 +302,13 @@ async def test_a_relayed_upstream_error_is_not_counted_ok(
         assert _value(text, 'gateway_requests_total{model="gpt-test",outcome="upstream_error",'
                             'priority="normal",tenant="acme"}') == 1
         assert 'outcome="ok"' not in text.split("gateway_requests_total")[1].split("# HELP")[0]
+    # the upstream refusing this request (its 400) is not counted as the upstream failing
+    gw = await make_gateway()
+    resp = await gw.post("/v1/chat/completions", json=chat(text="bad"),
+                         headers=auth(**{"x-mock-status": "400"}))
+    assert resp.status == 400
+    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    assert line["outcome"] == "upstream_rejected" and line["error_code"]
     # Anthropic's error bodies have a type and no code
     resp = await gw.post("/v1/messages", json={
         "model": "claude-test", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]},
