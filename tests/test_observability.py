@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gateway.auth import hash_key
 from gateway.mock_upstream import RECORDED
 from gateway.server import create_app
+from gateway.state import StateBackend
 from gateway.streaming import Usage
 from gateway.tracing import Tracing
 from tests.gwtest import ACME_KEY, auth, chat, policy
@@ -232,14 +233,15 @@ async def test_gateway_status_cli_prints_a_table(make_gateway: MakeGateway) -> N
 
 
 async def test_budget_remaining_is_corrected_once_the_request_settles(
-    make_gateway: MakeGateway,
+    make_gateway: MakeGateway, backend: StateBackend,
 ) -> None:
     # max_tokens 4000 reserves ~4000 tokens at admission; the answer uses a handful. Once
     # settled, the gauge and /admin/status say what is really left, not the reservation.
     from tests.plugin_gateway import settled
 
-    gw = await make_gateway(admin={"api_keys": [hash_key(ADMIN_KEY)]}, tenants={"acme": {
-        "budget": {"daily_tokens": 20_000, "daily_cost": 50.0}}})
+    gw = await make_gateway(state=backend, admin={"api_keys": [hash_key(ADMIN_KEY)]},
+                            tenants={"acme": {"budget": {"daily_tokens": 20_000,
+                                                         "daily_cost": 50.0}}})
     resp = await gw.post("/v1/chat/completions", json=chat(max_tokens=4000), headers=auth())
     assert resp.status == 200
     usage = (await resp.json())["usage"]
@@ -270,14 +272,17 @@ async def test_remembered_budget_is_refunded_exactly_once_also_in_degraded_mode(
     # degraded (local counters): the same correction, and the journal replay adds none
     world.limiter.degraded.enter("test")
     hold = await world.admit(max_tokens=4000, text="another")
+    assert hold.mode == "local"
     local_before = budgets["acme"]["daily_tokens"]["remaining"]
     await world.limiter.settle(hold, used, 0)
-    assert budgets["acme"]["daily_tokens"]["remaining"] == \
-        local_before + hold.reserved_tokens - 1002
+    corrected = local_before + hold.reserved_tokens - 1002
+    assert budgets["acme"]["daily_tokens"]["remaining"] == corrected
+    assert await world.limiter.degraded.recover_once()  # the journal replayed to the store
+    assert world.limiter.degraded.journal_size == 0
+    assert budgets["acme"]["daily_tokens"]["remaining"] == corrected
     # a settlement of yesterday's reservation does not touch today's figure
     hold = await world.admit(max_tokens=4000, text="late")
     world.advance(86_400)
-    world.limiter.degraded.active = False
     await world.admit(text="today")
     today = dict(budgets["acme"]["daily_tokens"])
     await world.limiter.settle(hold, used, 0)
