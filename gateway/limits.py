@@ -303,7 +303,8 @@ class Limiter:
         """The remembered figures (metrics, status) were taken at admission, with this request's
         whole reservation spent; settlement charged the actual amount instead. Correct them by
         the difference, once (from ``_claim``), whether the store or the degraded mode's local
-        counters were charged: both hold the same difference."""
+        counters were charged (both hold the same difference), or nothing (fail_open: the
+        figure then stays the store's last word less this request's actual use)."""
         for key, reserved, actual, _ in plan.counters:
             owner = self._inflight.budget_of_key.get(key)
             figure = self._budgets.get(owner[0], {}).get(owner[1]) if owner else None
@@ -414,8 +415,7 @@ class Limiter:
         counting = hold.counting
         plan = _with_actuals(hold.settle_plan, usage.limit_tokens(counting.rate_cache_reads),
                              usage.limit_tokens(counting.budget_cache_reads), cost_units)
-        if hold.mode in ("global", "local"):  # fail_open remembered nothing from a counter
-            self._refund_remembered(plan)
+        self._refund_remembered(plan)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
             self._lease_board.released(plan.leases)

@@ -280,6 +280,19 @@ async def test_remembered_budget_is_refunded_exactly_once_also_in_degraded_mode(
     assert await world.limiter.degraded.recover_once()  # the journal replayed to the store
     assert world.limiter.degraded.journal_size == 0
     assert budgets["acme"]["daily_tokens"]["remaining"] == corrected
+    # fail_open counts nothing: the figure is the store's last word, not "nothing left"
+    from gateway.limits_policy import Degraded
+    world.limiter.degraded.policy = Degraded(action="fail_open")
+    world.limiter.degraded.enter("test")
+    hold = await world.admit(max_tokens=4000, text="open")
+    assert hold.mode == "fail_open"
+    figure = budgets["acme"]["daily_tokens"]["remaining"]
+    assert 90_000 < figure <= 100_000 - hold.reserved_tokens  # was 0: "all spent"
+    assert "x-gateway-budget-warning" not in hold.headers
+    await world.limiter.settle(hold, used, 0)
+    assert budgets["acme"]["daily_tokens"]["remaining"] == figure + hold.reserved_tokens - 1002
+    world.limiter.degraded.policy = Degraded()
+    assert await world.limiter.degraded.recover_once()
     # a settlement of yesterday's reservation does not touch today's figure
     hold = await world.admit(max_tokens=4000, text="late")
     world.advance(86_400)
