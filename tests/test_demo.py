@@ -91,10 +91,16 @@ async def test_gateway_status_works_on_the_demo_policy(
     assert await asyncio.to_thread(main, ["status", "--url", url, "--admin-key", "wrong"]) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` different free ports (held open together, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.mark.parametrize("taken_flag", ["--port", "--mock-port"])
@@ -105,7 +111,8 @@ def test_demo_on_a_taken_port_says_which_and_how_to_choose_another(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        ports = {"--port": _free_port(), "--mock-port": _free_port(), taken_flag: port}
+        free = _free_ports(2)
+        ports = {"--port": free[0], "--mock-port": free[1], taken_flag: port}
         code = main(["demo", "--config", str(ROOT / "config" / "example.yaml"),
                      "--port", str(ports["--port"]), "--mock-port", str(ports["--mock-port"])])
     err = capsys.readouterr().err
@@ -117,7 +124,7 @@ def test_demo_on_a_taken_port_says_which_and_how_to_choose_another(
 
 
 def test_demo_ports_take_effect(tmp_path: Path) -> None:
-    port, mock_port = _free_port(), _free_port()
+    port, mock_port = _free_ports(2)
     with subprocess.Popen(
         [str(ROOT / ".venv" / "bin" / "gateway"), "demo", "--config",
          str(ROOT / "config" / "example.yaml"), "--port", str(port), "--mock-port",
@@ -128,7 +135,10 @@ def test_demo_ports_take_effect(tmp_path: Path) -> None:
             banner = ""
             deadline = time.monotonic() + 60
             while "Ctrl-C" not in banner and time.monotonic() < deadline:
-                banner += proc.stderr.readline()
+                line = proc.stderr.readline()
+                if not line:  # it exited
+                    break
+                banner += line
             assert f"http://127.0.0.1:{port}/v1" in banner
             assert f"127.0.0.1:{mock_port}" in banner
             body = json.dumps({"model": "gpt-4o-mini", "messages": [
