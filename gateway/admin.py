@@ -17,6 +17,7 @@ from .auth import AuthenticationFailed
 from .errors import GatewayError
 
 if TYPE_CHECKING:
+    from .limits_policy import RateLimits
     from .runtime import Gateway
 
 
@@ -54,6 +55,7 @@ def status(gateway: Gateway) -> dict[str, Any]:
                 "tokens_per_minute": limits.tokens_per_minute,
                 "max_concurrent": limits.max_concurrent,
                 "shadow": limits.shadow,
+                **({"per_session": _rates(limits.per_session)} if limits.per_session else {}),
             },
             "budget": {k: v for k, v in tenant.budget.model_dump().items() if v is not None},
             "budget_remaining": budgets.get(name, {}),
@@ -84,6 +86,12 @@ def status(gateway: Gateway) -> dict[str, Any]:
     }
 
 
+def _rates(limits: RateLimits) -> dict[str, Any]:
+    return {"requests_per_minute": limits.requests_per_minute,
+            "tokens_per_minute": limits.tokens_per_minute,
+            "max_concurrent": limits.max_concurrent}
+
+
 def _usage(totals: Mapping[str, int]) -> dict[str, Any]:
     micros = totals.get("cost_micros", 0)
     return {"tokens": {k: v for k, v in totals.items() if k != "cost_micros"},
@@ -98,18 +106,27 @@ def render_table(data: Mapping[str, Any]) -> str:
         answered = sum(1 for w in workers if w.get("answered"))
         lines[0] += f"  workers {answered}/{len(workers)} answering"
     state = data.get("state", {})
+    # --workers N: one process group, N workers (the replica count is the fleet's, which
+    # only a shared store knows)
+    processes = f"workers {len(workers)}" if workers else f"replicas {state.get('replicas')}"
+    if workers and state.get("backend") != "memory":
+        processes += f"  replicas {state.get('replicas')}"
     lines.append(f"state: {state.get('backend')}  limits {state.get('limits_mode')}  "
-                 f"journal {state.get('usage_journal')}  replicas {state.get('replicas')}")
+                 f"journal {state.get('usage_journal')}  {processes}")
     lines.append("")
     lines.append(f"{'tenant':<16} {'rpm':>8} {'tpm':>10} {'conc':>6} {'cost':>12}  "
-                 "budget remaining")
+                 "budget left of limit (used)")
     for name, t in data.get("tenants", {}).items():
         lim = t.get("limits", {})
-        remaining = ", ".join(f"{k} {v.get('remaining'):g}/{v.get('limit'):g}"
-                              for k, v in t.get("budget_remaining", {}).items()) or "-"
+        remaining = ", ".join(_budget(k, v) for k, v in t.get("budget_remaining", {}).items())
         lines.append(f"{name:<16} {_n(lim.get('requests_per_minute')):>8} "
                      f"{_n(lim.get('tokens_per_minute')):>10} {_n(lim.get('max_concurrent')):>6}"
-                     f" {t.get('usage', {}).get('cost', 0):>12.6f}  {remaining}")
+                     f" {t.get('usage', {}).get('cost', 0):>12.6f}  {remaining or '-'}")
+        session = lim.get("per_session")
+        if session:
+            lines.append(f"{'  per session':<16} {_n(session.get('requests_per_minute')):>8} "
+                         f"{_n(session.get('tokens_per_minute')):>10} "
+                         f"{_n(session.get('max_concurrent')):>6}")
     runs = [(name, r) for name, t in data.get("tenants", {}).items() for r in t.get("runs", [])]
     if runs:
         lines.append("")
@@ -138,4 +155,18 @@ def render_table(data: Mapping[str, Any]) -> str:
 
 
 def _n(value: Any) -> str:
-    return "-" if value is None else str(value)
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _budget(kind: str, figure: Mapping[str, Any]) -> str:
+    """``daily_tokens 499,996,998/500,000,000 (0.0% used)``: whole tokens with separators,
+    a cost to the micro-unit."""
+    left, limit = float(figure.get("remaining", 0)), float(figure.get("limit", 0))
+    used = f" ({1 - left / limit:.1%} used)" if limit else ""
+    if kind.endswith("_cost"):
+        return f"{kind} {_money(left)}/{_money(limit)}{used}"
+    return f"{kind} {round(left):,}/{round(limit):,}{used}"
+
+
+def _money(value: float) -> str:
+    return f"{value:,.6f}".rstrip("0").rstrip(".")

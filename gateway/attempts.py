@@ -263,6 +263,12 @@ def _give_up(ctx: CallContext, last: _Failed, tried: list[str], *,
         last.error.headers = {**last.error.headers, **extra}
         _raise_kept(last)
     ctx.record.status = last.status
+    # The upstream's own error answer, relayed: not "ok" in the access log and the metrics.
+    # Its 429 and 5xx are the upstream failing; its other 4xx refuse this request (a bad
+    # parameter, an unknown model), which is no failure of the service.
+    failing = last.status >= 500 or last.status == 429
+    ctx.record.outcome = "upstream_error" if failing else "upstream_rejected"
+    ctx.record.error_code = last.failure.error_code
     body = last.body
     if last.translation is not None and last.content_type.endswith("json"):
         body = last.translation.error(body, last.status)  # same status, same headers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 import json
 import logging
@@ -90,7 +91,11 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the mock upstream and the gateway, in one process")
     demo.add_argument("--config", default="config/example.yaml")
-    demo.add_argument("--mock-port", type=int, default=9000)
+    demo.add_argument("--port", type=int,
+                      help="the gateway's port (default: the policy's server.port, 8080)")
+    demo.add_argument("--mock-port", type=int, default=9000,
+                      help="the mock upstream's port; the policy's loopback providers are "
+                      "pointed at it (default 9000)")
     demo.set_defaults(func=_demo)
 
     hk = sub.add_parser("hash-key", help="print the sha256 form of an API key for the config")
@@ -284,7 +289,11 @@ async def _gateway_site(config: GatewayConfig) -> web.AppRunner:
 
     runner = GatewayRunner(create_app(config), handler_cancellation=True, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, config.server.host, config.server.port).start()
+    try:
+        await web.TCPSite(runner, config.server.host, config.server.port).start()
+    except OSError:  # the port is taken: close the app's sessions before saying so
+        await runner.cleanup()
+        raise
     log.info("gateway listening", extra={"fields": {
         "host": config.server.host, "port": config.server.port,
         "state_backend": config.state.backend, "version": __version__}})
@@ -299,7 +308,11 @@ async def _mock_site(host: str, port: int, capacity: Capacity | None = None) -> 
     runner = web.AppRunner(create_mock_app(capacity=capacity), handler_cancellation=True,
                            access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
     log.info("mock upstream listening", extra={"fields": {"host": host, "port": port}})
     return runner
 
@@ -361,14 +374,64 @@ def demo_banner(config: GatewayConfig, mock_port: int) -> str:
     return text + "\nCtrl-C stops both.\n"
 
 
+def demo_policy(config: GatewayConfig, port: int | None, mock_port: int) -> GatewayConfig:
+    """The demo's policy on the chosen ports: the gateway on ``port`` (None: the file's), and
+    every provider on a loopback address (the demo's mock upstream) at ``mock_port``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    config = _with_process_settings(config, None, port)
+    providers = {}
+    for name, provider in config.providers.items():
+        url = urlsplit(provider.base_url)
+        if url.hostname in ("127.0.0.1", "localhost", "::1") and url.port != mock_port:
+            host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+            provider = provider.model_copy(update={
+                "base_url": urlunsplit(url._replace(netloc=f"{host}:{mock_port}"))})
+        providers[name] = provider
+    return config.model_copy(update={"providers": providers})
+
+
+class PortInUse(Exception):
+    """A demo port is taken: one line for the user, no traceback."""
+
+
+async def _demo_sites(config: GatewayConfig, mock_port: int) -> None:
+    """Bind both ports first (a taken one ends the demo with one clear line), then print
+    the banner, then run until a signal."""
+    runners: list[web.AppRunner] = []
+    try:
+        for what, flag, port, start in (
+            ("the mock upstream", "--mock-port", mock_port,
+             functools.partial(_mock_site, "127.0.0.1", mock_port)),
+            ("the gateway", "--port", config.server.port,
+             functools.partial(_gateway_site, config)),
+        ):
+            try:
+                runners.append(await start())
+            except OSError as exc:
+                raise PortInUse(
+                    f"gateway demo: cannot listen on port {port} for {what} "
+                    f"({exc.strerror or exc}); choose another with {flag} N, e.g. "
+                    f"bash scripts/demo.sh {flag} {port + 1}") from None
+        print(demo_banner(config, mock_port), file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
 def _demo(args: argparse.Namespace) -> int:
     logs.configure()
-    config = _load_or_exit(args.config)
-    config = _with_process_settings(config, None, None)
-    print(demo_banner(config, args.mock_port), file=sys.stderr)
-    asyncio.run(_run_until_signal(
-        [_mock_site("127.0.0.1", args.mock_port), _gateway_site(config)]
-    ))
+    config = demo_policy(_load_or_exit(args.config), args.port, args.mock_port)
+    try:
+        asyncio.run(_demo_sites(config, args.mock_port))
+    except PortInUse as exc:
+        print(exc, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -516,6 +516,27 @@ class GatewayConfig(StrictModel):
                            f"input_per_million, but {'/'.join(kinds)} bills them differently")
         return out
 
+    def budget_warnings(self) -> list[str]:
+        """One line per tenant with a cost budget that can never count anything: no model the
+        tenant may use has a price, so every request costs 0 (a warning, not an error: prices
+        may be added later, and token budgets still hold)."""
+        out = []
+        for tname, tenant in self.tenants.items():
+            set_ = [k for k in ("daily_cost", "monthly_cost")
+                    if getattr(tenant.budget, k) is not None]
+            names = self.models if "*" in tenant.models else tenant.models
+            if set_ and not any(_priced(self.models[m].price) for m in names):
+                out.append(f"tenants.{tname}.budget: {' and '.join(set_)} set, but no model "
+                           "this tenant may use has a price (models.<name>.price): every "
+                           "request costs 0 and the cost budget never refuses")
+        return out
+
+
+def _priced(price: Price) -> bool:
+    return any(v for v in (price.input_per_million, price.output_per_million,
+                           price.cached_input_per_million, price.cache_write_per_million,
+                           price.cache_write_1h_per_million))
+
 
 class ConfigError(Exception):
     """A policy file that cannot be used; the message names file, key path and reason."""
@@ -602,7 +623,7 @@ def load_config(path: str | Path) -> GatewayConfig:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(path, [f"not valid YAML{where}: {problem}"]) from None
     config = parse_config(data, path)
-    for warning in config.price_warnings():
+    for warning in config.price_warnings() + config.budget_warnings():
         log.warning("%s: %s", path, warning)
     return config
 

@@ -53,7 +53,8 @@ class RequestRecord:
     priority: str | None = None
     stream: bool = False
     status: int = 0
-    outcome: str = "ok"  # ok | rejected | shed | error | upstream_error | client_disconnected
+    # ok | rejected | shed | error | upstream_error | upstream_rejected | client_disconnected
+    outcome: str = "ok"
     error_code: str | None = None
     attempts: int = 0
     attempt_log: list[AttemptRecord] = field(default_factory=list)

@@ -121,8 +121,16 @@ class DegradedMode:
                 headers=retry_headers(self.policy.probe_interval_s * 1000),
             )
         if action == "fail_open":
-            return AdmitResult(True, [CheckResult(True) for _ in plan.checks])
+            # Nothing is counted, but a budget's figure (status, metrics, the budget warning
+            # header) stays what the store last said, not "nothing left"
+            return AdmitResult(True, [CheckResult(True, remaining=self._open_remaining(c))
+                                      for c in plan.checks])
         return self.local.admit(self._scaled(plan))
+
+    def _open_remaining(self, check: Check) -> int:
+        if not isinstance(check, Counter):
+            return 0
+        return max(0, check.limit - (self._known.get(check.key) or 0) - check.cost)
 
     def remember(self, plan: AdmitPlan, result: AdmitResult) -> None:
         """Record what the store said each budget counter has spent (a global admission)."""

@@ -155,6 +155,10 @@ class InFlight:
         self.canonical = CanonicalCache()
         # Called once per run (on this replica) at its first refusal by a cap: the metric.
         self.on_run_stop: Callable[[str, str], None] | None = None
+        # Which store counter each remembered figure came from (tenant, "daily_tokens") -> key,
+        # and back: a settlement corrects the figure only while it is still that period's.
+        self.budget_keys: dict[tuple[str, str], str] = {}
+        self.budget_of_key: dict[str, tuple[str, str]] = {}
 
     def budget_snapshot(self) -> dict[str, dict[str, dict[str, float]]]:
         return self.budgets
@@ -413,10 +417,31 @@ class Limiter:
             if isinstance(check, Counter) and not check.idle:
                 period, unit = check.name.split()[:2]  # "daily tokens budget"
                 scale = 1e6 if unit == "cost" else 1.0
-                self._budgets.setdefault(tenant, {})[f"{period}_{unit}"] = {
+                name = f"{period}_{unit}"
+                self._budgets.setdefault(tenant, {})[name] = {
                     "remaining": max(0, res.remaining) / scale,
                     "limit": check.limit / scale,
                 }
+                old = self._inflight.budget_keys.get((tenant, name))
+                if old != check.key:  # a new period: the old counter's figure is gone
+                    self._inflight.budget_of_key.pop(old or "", None)
+                    self._inflight.budget_keys[(tenant, name)] = check.key
+                    self._inflight.budget_of_key[check.key] = (tenant, name)
+
+    def _refund_remembered(self, plan: SettlePlan) -> None:
+        """The remembered figures (metrics, status) were taken at admission, with this request's
+        whole reservation spent; settlement charged the actual amount instead. Correct them by
+        the difference, once (from ``_claim``), whether the store or the degraded mode's local
+        counters were charged (both hold the same difference), or nothing (fail_open: the
+        figure then stays the store's last word less this request's actual use)."""
+        for key, reserved, actual, _ in plan.counters:
+            owner = self._inflight.budget_of_key.get(key)
+            figure = self._budgets.get(owner[0], {}).get(owner[1]) if owner else None
+            if figure is None:
+                continue
+            scale = 1e6 if ":b:cost:" in key else 1.0
+            figure["remaining"] = min(figure["limit"], max(
+                0.0, figure["remaining"] + (reserved - actual) / scale))
 
     def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int,
                 lease: bool = True, client_retry: bool = False) -> tuple[
@@ -526,6 +551,7 @@ class Limiter:
         plan = _with_actuals(hold.settle_plan, usage.limit_tokens(counting.rate_cache_reads),
                              usage.limit_tokens(counting.budget_cache_reads), cost_units,
                              hold.no_step)
+        self._refund_remembered(plan)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
             self._lease_board.released(plan.leases)

@@ -21,16 +21,19 @@ class RateLimits(StrictModel):
         None, ge=1, description="steady request rate (GCRA); above it and its burst: 429"
     )
     request_burst: int | None = Field(
-        None, ge=1, description="requests allowed at once above the steady rate "
-        "(default: a tenth of a minute's worth, at least 1)"
+        None, ge=1, description="requests that may be sent at once (the bucket, refilled at "
+        "requests_per_minute; x-ratelimit-remaining-requests is what it holds now) "
+        "(default: a tenth of requests_per_minute, at least 1)"
     )
     tokens_per_minute: int | None = Field(
         None, ge=1, description="prompt estimate + max_tokens are reserved at admission and "
         "reconciled with the upstream's usage afterwards"
     )
     token_burst: int | None = Field(
-        None, ge=1, description="tokens allowed at once above the steady rate (default: a "
-        "tenth of a minute's worth, at least the model's largest reservation)"
+        None, ge=1, description="tokens that may be reserved at once (the bucket, refilled "
+        "at tokens_per_minute; x-ratelimit-remaining-tokens is what it holds now; a request "
+        "reserving more is refused with no retry) (default: tokens_per_minute, a whole "
+        "minute's worth, so any request that fits the per-minute limit can be admitted)"
     )
     max_concurrent: int | None = Field(None, ge=1, description="requests in flight at once")
     shadow: bool = Field(False, description="evaluate and report, never refuse")

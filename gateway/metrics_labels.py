@@ -13,7 +13,8 @@ NONE = "none"  # the value was missing (e.g. the tenant of an unauthenticated re
 OTHER = "other"  # a value outside the configured or fixed set
 
 PRIORITIES = frozenset(p.name for p in Priority)
-OUTCOMES = frozenset({"ok", "rejected", "shed", "error", "upstream_error", "client_disconnected"})
+OUTCOMES = frozenset({"ok", "rejected", "shed", "error", "upstream_error", "upstream_rejected",
+                      "client_disconnected"})
 REJECTION_REASONS = frozenset({
     "rate_limited", "budget_exhausted", "loop_detected", "overloaded", "deadline_exceeded",
     "upstream_unavailable", "limits_unavailable", "invalid_request", "unauthenticated",

@@ -255,7 +255,8 @@ def error_hint(body: bytes) -> str | None:
         return CONTEXT_LENGTH
     if codes & _FILTER_CODES or any(p in message for p in _FILTER_PHRASES):
         return CONTENT_FILTER
-    return code or None
+    # Anthropic's errors have a type and no code (overloaded_error); logs keep at most 64 chars
+    return (code or kind)[:64] or None
 
 
 @dataclass(frozen=True, slots=True)

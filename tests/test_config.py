@@ -85,3 +85,34 @@ def test_console_script_is_installed() -> None:
     from gateway import __version__
 
     assert out.stdout.strip() == __version__
+
+
+def test_a_cost_budget_with_no_priced_model_is_a_warning_at_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = "sha256:" + "0" * 64
+
+    def write(models: str, tenant_models: str = "['*']") -> str:
+        path = tmp_path / "policy.yaml"
+        path.write_text(
+            "providers:\n  main: {kind: openai, base_url: 'http://127.0.0.1:9/v1'}\n"
+            f"models:\n{models}"
+            f"tenants:\n  acme:\n    api_keys: ['{key}']\n    models: {tenant_models}\n"
+            "    budget: {daily_cost: 5, monthly_tokens: 1000000}\n")
+        return str(path)
+
+    free = "  m: {deployments: [{provider: main, model: x}]}\n"
+    priced = ("  p: {deployments: [{provider: main, model: y}], price: "
+              "{input_per_million: 1, output_per_million: 2, cached_input_per_million: 0.5}}\n")
+    # check-config still passes, and says why the budget will never refuse
+    assert main(["check-config", write(free)]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("tenants.acme.budget: daily_cost set, but no model this tenant may use has a "
+               "price" in w for w in warned), warned
+    assert "ok:" in capsys.readouterr().out
+    caplog.clear()
+    load_config(write(free + priced, "[m]"))  # the priced model is not one it may use
+    assert any("tenants.acme.budget" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    load_config(write(free + priced))
+    assert not [r for r in caplog.records if "budget" in r.getMessage()]

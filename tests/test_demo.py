@@ -4,14 +4,19 @@ the demo policy with the admin key the demo prints."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import signal
+import socket
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.cli import DEMO_ADMIN_KEY, demo_banner, main
+from gateway.cli import DEMO_ADMIN_KEY, demo_banner, demo_policy, main
 from gateway.config import load_config
 from gateway.server import create_app
 from tests.plugin_gateway import GatewayTestServer
@@ -82,5 +87,75 @@ async def test_gateway_status_works_on_the_demo_policy(
     code = await asyncio.to_thread(main, ["status", "--url", url, "--admin-key", DEMO_ADMIN_KEY])
     out = capsys.readouterr().out
     assert code == 0, capsys.readouterr().err
-    assert "acme" in out and "20000" in out and "umbrella" in out  # the tenants' limits
+    assert "acme" in out and "20,000" in out and "umbrella" in out  # the tenants' limits
     assert await asyncio.to_thread(main, ["status", "--url", url, "--admin-key", "wrong"]) == 1
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` different free ports (held open together, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.parametrize("taken_flag", ["--port", "--mock-port"])
+def test_demo_on_a_taken_port_says_which_and_how_to_choose_another(
+    taken_flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        free = _free_ports(2)
+        ports = {"--port": free[0], "--mock-port": free[1], taken_flag: port}
+        code = main(["demo", "--config", str(ROOT / "config" / "example.yaml"),
+                     "--port", str(ports["--port"]), "--mock-port", str(ports["--mock-port"])])
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("gateway demo:")]
+    assert len(lines) == 1 and str(port) in lines[0] and f"{taken_flag} N" in lines[0]
+    # bound first: no banner for a demo that is not running, and no traceback
+    assert "Try it" not in err and "Traceback" not in err and "never awaited" not in err
+
+
+def test_demo_ports_take_effect(tmp_path: Path) -> None:
+    port, mock_port = _free_ports(2)
+    with subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "gateway"), "demo", "--config",
+         str(ROOT / "config" / "example.yaml"), "--port", str(port), "--mock-port",
+         str(mock_port)], stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            banner = ""
+            deadline = time.monotonic() + 60
+            while "Ctrl-C" not in banner and time.monotonic() < deadline:
+                line = proc.stderr.readline()
+                if not line:  # it exited
+                    break
+                banner += line
+            assert f"http://127.0.0.1:{port}/v1" in banner
+            assert f"127.0.0.1:{mock_port}" in banner
+            body = json.dumps({"model": "gpt-4o-mini", "messages": [
+                {"role": "user", "content": "hi"}]}).encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={
+                    "Authorization": "Bearer sk-demo-acme", "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as resp:  # reached the mock
+                assert resp.status == 200 and json.loads(resp.read())["choices"]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+
+
+def test_demo_policy_points_the_loopback_providers_at_the_mock_port() -> None:
+    config = demo_policy(load_config(ROOT / "config" / "example.yaml"), 18080, 19001)
+    assert config.server.port == 18080
+    urls = [p.base_url for p in config.providers.values()]
+    assert urls and all(":19001" in url for url in urls), urls
+    assert "http://127.0.0.1:19001/v1" in urls  # the path is kept

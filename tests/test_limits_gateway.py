@@ -213,3 +213,26 @@ async def test_provider_quota_fails_over_then_refuses(
     assert refused.status == 429
     assert (await refused.json())["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
+
+
+async def test_bursts_default_as_documented_and_the_headers_report_the_bucket(
+    make_gateway: MakeGateway,
+) -> None:
+    # docs/configuration.md (from the field descriptions): request_burst defaults to a tenth
+    # of requests_per_minute, token_burst to the whole tokens_per_minute; the
+    # x-ratelimit-remaining-* headers report what each bucket holds right now.
+    from gateway.limits_policy import RateLimits
+
+    fields = RateLimits.model_fields
+    assert "default: a tenth of requests_per_minute" in (fields["request_burst"].description or "")
+    assert "default: tokens_per_minute" in (fields["token_burst"].description or "")
+    gw = await make_gateway(state=MemoryBackend(FakeClock()), **limits(
+        requests_per_minute=60, tokens_per_minute=6000))
+    body = chat(text="hi", max_tokens=5000)  # more than a tenth of the minute: admitted
+    resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
+    assert resp.status == 200
+    assert resp.headers["x-ratelimit-limit-tokens"] == "6000"
+    assert int(resp.headers["x-ratelimit-remaining-tokens"]) == \
+        6000 - gateway_estimate(body) - 5000
+    assert resp.headers["x-ratelimit-limit-requests"] == "60"
+    assert resp.headers["x-ratelimit-remaining-requests"] == "5"  # a burst of 6, one used

@@ -17,6 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gateway.auth import hash_key
 from gateway.mock_upstream import RECORDED
 from gateway.server import create_app
+from gateway.state import StateBackend
+from gateway.streaming import Usage
 from gateway.tracing import Tracing
 from tests.gwtest import ACME_KEY, auth, chat, policy
 from tests.plugin_gateway import MakeGateway
@@ -228,3 +230,138 @@ async def test_gateway_status_cli_prints_a_table(make_gateway: MakeGateway) -> N
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     await asyncio.wait_for(bad.communicate(), 20)
     assert bad.returncode == 1
+
+
+async def test_budget_remaining_is_corrected_once_the_request_settles(
+    make_gateway: MakeGateway, backend: StateBackend,
+) -> None:
+    # max_tokens 4000 reserves ~4000 tokens at admission; the answer uses a handful. Once
+    # settled, the gauge and /admin/status say what is really left, not the reservation.
+    from tests.plugin_gateway import settled
+
+    gw = await make_gateway(state=backend, admin={"api_keys": [hash_key(ADMIN_KEY)]},
+                            tenants={"acme": {"budget": {"daily_tokens": 20_000,
+                                                         "daily_cost": 50.0}}})
+    resp = await gw.post("/v1/chat/completions", json=chat(max_tokens=4000), headers=auth())
+    assert resp.status == 200
+    usage = (await resp.json())["usage"]
+    await settled(gw)
+    text = await _metrics(gw)
+    tokens = 'gateway_budget_remaining{budget="daily_tokens",tenant="acme"}'
+    assert _value(text, tokens) == 20_000 - usage["total_tokens"]
+    # gpt-test: 1.0 per million input tokens, 2.0 per million output tokens
+    spent = (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6
+    cost = _value(text, 'gateway_budget_remaining{budget="daily_cost",tenant="acme"}')
+    assert abs(cost - (50.0 - spent)) < 2e-6  # micro-units, rounded up per request
+    status = await (await gw.get("/admin/status", headers=auth(ADMIN_KEY))).json()
+    figure = status["tenants"]["acme"]["budget_remaining"]["daily_tokens"]
+    assert figure == {"remaining": 20_000 - usage["total_tokens"], "limit": 20_000}
+
+
+async def test_remembered_budget_is_refunded_exactly_once_also_in_degraded_mode() -> None:
+    from tests.test_retry_after_truth import World
+
+    world = World({"budget": {"daily_tokens": 100_000}})
+    budgets = world.limiter._budgets
+    hold = await world.admit(max_tokens=4000)
+    assert budgets["acme"]["daily_tokens"]["remaining"] == 100_000 - hold.reserved_tokens
+    used = Usage(input_tokens=2, output_tokens=1000)
+    await world.limiter.settle(hold, used, 0)
+    await world.limiter.settle(hold, used, 0)  # a second settlement is a no-op
+    assert budgets["acme"]["daily_tokens"]["remaining"] == 100_000 - 1002
+    # degraded (local counters): the same correction, and the journal replay adds none
+    world.limiter.degraded.enter("test")
+    hold = await world.admit(max_tokens=4000, text="another")
+    assert hold.mode == "local"
+    local_before = budgets["acme"]["daily_tokens"]["remaining"]
+    await world.limiter.settle(hold, used, 0)
+    corrected = local_before + hold.reserved_tokens - 1002
+    assert budgets["acme"]["daily_tokens"]["remaining"] == corrected
+    assert await world.limiter.degraded.recover_once()  # the journal replayed to the store
+    assert world.limiter.degraded.journal_size == 0
+    assert budgets["acme"]["daily_tokens"]["remaining"] == corrected
+    # fail_open counts nothing: the figure is the store's last word, not "nothing left"
+    from gateway.limits_policy import Degraded
+    world.limiter.degraded.policy = Degraded(action="fail_open")
+    world.limiter.degraded.enter("test")
+    hold = await world.admit(max_tokens=4000, text="open")
+    assert hold.mode == "fail_open"
+    figure = budgets["acme"]["daily_tokens"]["remaining"]
+    assert 90_000 < figure <= 100_000 - hold.reserved_tokens  # was 0: "all spent"
+    assert "x-gateway-budget-warning" not in hold.headers
+    await world.limiter.settle(hold, used, 0)
+    assert budgets["acme"]["daily_tokens"]["remaining"] == figure + hold.reserved_tokens - 1002
+    world.limiter.degraded.policy = Degraded()
+    assert await world.limiter.degraded.recover_once()
+    # a settlement of yesterday's reservation does not touch today's figure
+    hold = await world.admit(max_tokens=4000, text="late")
+    world.advance(86_400)
+    await world.admit(text="today")
+    today = dict(budgets["acme"]["daily_tokens"])
+    await world.limiter.settle(hold, used, 0)
+    assert budgets["acme"]["daily_tokens"] == today
+
+
+async def test_a_relayed_upstream_error_is_not_counted_ok(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The upstream answers 429/503/500 on every attempt: the gateway relays its answer, and
+    # the access log and the request counter say it failed upstream.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    for status in ("429", "503", "500"):  # a fresh gateway each: no breaker opened by the last
+        gw = await make_gateway(retries={"backoff_base_s": 0.001, "backoff_cap_s": 0.002})
+        resp = await gw.post("/v1/chat/completions", json=chat(text=status),
+                             headers=auth(**{"x-mock-status": status}))
+        assert resp.status == int(status) and resp.headers["x-should-retry"] == "false"
+        line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+        assert line["status"] == int(status) and line["attempts"] >= 1
+        assert line["outcome"] == "upstream_error" and line["error_code"]  # the upstream's
+        text = await _metrics(gw)
+        assert _value(text, 'gateway_requests_total{model="gpt-test",outcome="upstream_error",'
+                            'priority="normal",tenant="acme"}') == 1
+        assert 'outcome="ok"' not in text.split("gateway_requests_total")[1].split("# HELP")[0]
+    # the upstream refusing this request (its 400) is not counted as the upstream failing
+    gw = await make_gateway()
+    resp = await gw.post("/v1/chat/completions", json=chat(text="bad"),
+                         headers=auth(**{"x-mock-status": "400"}))
+    assert resp.status == 400
+    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    assert line["outcome"] == "upstream_rejected" and line["error_code"]
+    # Anthropic's error bodies have a type and no code
+    resp = await gw.post("/v1/messages", json={
+        "model": "claude-test", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]},
+        headers=auth(**{"x-mock-status": "529"}))
+    assert resp.status == 529
+    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    assert line["outcome"] == "upstream_error" and line["error_code"] == "overloaded_error"
+
+
+async def test_status_table_prints_budgets_as_integers_with_their_used_share(
+    make_gateway: MakeGateway,
+) -> None:
+    from gateway.admin import render_table
+
+    gw = await make_gateway(admin={"api_keys": [hash_key(ADMIN_KEY)]}, tenants={"acme": {
+        "limits": {"tokens_per_minute": 5_000_000,
+                   "per_session": {"requests_per_minute": 20, "max_concurrent": 2}},
+        "budget": {"daily_tokens": 500_000_000, "daily_cost": 50.0}}})
+    resp = await gw.post("/v1/chat/completions", json=chat(max_tokens=4000), headers=auth())
+    usage = (await resp.json())["usage"]
+    from tests.plugin_gateway import settled
+    await settled(gw)
+    data = await (await gw.get("/admin/status", headers=auth(ADMIN_KEY))).json()
+    assert data["tenants"]["acme"]["limits"]["per_session"] == {
+        "requests_per_minute": 20, "tokens_per_minute": None, "max_concurrent": 2}
+    table = render_table(data)
+    assert "e+" not in table
+    left = 500_000_000 - usage["total_tokens"]
+    assert f"daily_tokens {left:,}/500,000,000 (0.0% used)" in table
+    assert "daily_cost 49.99" in table and "/50 (0.0% used)" in table
+    assert "5,000,000" in table  # the tenant's tokens per minute
+    session = next(line for line in table.splitlines() if "per session" in line)
+    assert session.split()[2:] == ["20", "-", "2"]
+    assert "replicas 1" in table and "workers" not in table
+    # under --workers 2 (the status merged across the group): the workers, not "replicas 1"
+    grouped = render_table({**data, "workers": [{"answered": True}, {"answered": True}]})
+    state_line = next(line for line in grouped.splitlines() if line.startswith("state:"))
+    assert "workers 2" in state_line and "replicas" not in state_line
