@@ -19,6 +19,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal, Self
 
 import aiohttp
@@ -69,7 +70,7 @@ class UpstreamPool:
         self, config: GatewayConfig, trace_configs: list[aiohttp.TraceConfig] | None = None
     ) -> None:
         self._config = config
-        self._trace_configs = trace_configs or []
+        self._trace_configs = [*(trace_configs or []), _sent_trace()]
         self._keys = {name: resolve_api_key(name, p) for name, p in config.providers.items()}
         self._tls = {name: _tls_context(name, p) for name, p in config.providers.items()}
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -162,6 +163,23 @@ class UpstreamPool:
         )
 
 
+def _sent_trace() -> aiohttp.TraceConfig:
+    """Marks an ``UpstreamAttempt`` as sent once its whole body was written to the upstream's
+    connection: from then on the provider may read the prompt, so a cancelled call is charged
+    (attempts.py). aiohttp reports each chunk it wrote; the attempt rides in
+    ``trace_request_ctx``."""
+    trace = aiohttp.TraceConfig()
+
+    async def on_chunk_sent(_session: aiohttp.ClientSession, ctx: SimpleNamespace,
+                            params: aiohttp.TraceRequestChunkSentParams) -> None:
+        attempt = ctx.trace_request_ctx
+        if isinstance(attempt, UpstreamAttempt):
+            attempt.wrote(len(params.chunk))
+
+    trace.on_request_chunk_sent.append(on_chunk_sent)
+    return trace
+
+
 def _tls_context(name: str, provider: Provider) -> ssl.SSLContext | bool:
     """How calls to the provider verify TLS: the system CAs (True), the ``ca_file``'s, or not."""
     if not provider.verify_tls:
@@ -250,6 +268,14 @@ class UpstreamAttempt:
         self._last_read = self.started
         self._watchdog: asyncio.TimerHandle | None = None
         self._expired: str | None = None  # "idle" or "total" once the watchdog fired
+        self._written = 0
+        # The whole request was written to the upstream: the provider may have read the prompt
+        # and may bill it, whatever happens to the call from here (cancel, timeout, cut).
+        self.sent = False
+
+    def wrote(self, n: int) -> None:
+        self._written += n
+        self.sent = self._written >= len(self._body)
 
     async def __aenter__(self) -> Self:
         return self
@@ -279,7 +305,8 @@ class UpstreamAttempt:
         try:
             async with asyncio.timeout_at(when):
                 self._response = await self._session.post(
-                    self.target.url, data=self._body, headers=self._headers
+                    self.target.url, data=self._body, headers=self._headers,
+                    trace_request_ctx=self,  # _sent_trace marks the attempt sent
                 )
         except TimeoutError:
             raise self._timed_out("first_byte") from None
