@@ -95,3 +95,14 @@ async def test_huge_instructions_meet_the_context_window_check(
     assert resp.status == 400
     assert (await resp.json())["error"]["code"] == "context_length_exceeded"
     assert not [r for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")]
+
+
+async def test_huge_instructions_cannot_pass_a_token_rate_limit(
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: Any,
+) -> None:
+    gw = await make_gateway(state=backend, tenants={"acme": {"limits": {
+        "tokens_per_minute": 20_000, "token_burst": 20_000}}}, **CALM)
+    body = {"model": "gpt-test", "input": "hi", "instructions": BIG, "max_output_tokens": 100}
+    resp = await gw.post("/v1/responses", json=body, headers=auth())
+    assert resp.status == 429
+    assert not [r for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")]
