@@ -14,14 +14,16 @@ import asyncio
 import time
 from typing import Any
 
+import openai
 import pytest
 from aiohttp import web
 
 from gateway.classify import estimate_prompt_tokens
+from gateway.mock_upstream import RECORDED
 from gateway.periods import period_keys
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend, StateBackend
-from tests.gwtest import auth, chat
+from tests.gwtest import ACME_KEY, auth, chat
 from tests.plugin_gateway import MakeGateway, settled
 
 CALM = {"self_protection": {"max_loop_lag_ms": 600_000}}
@@ -47,18 +49,19 @@ async def _left(gw: Any, route: str, body: dict[str, Any], after_s: float,
             await resp.read()
 
 
-async def _disconnects_seen(gw: Any, n: int) -> None:
-    """Wait until the gateway saw ``n`` client disconnects, then for their settlements."""
+async def _disconnects_seen(gw: Any, n: int, outcome: str | None = "client_disconnected") -> None:
+    """Wait until the gateway ended ``n`` requests with ``outcome`` (None: any), then for their
+    settlements."""
     metrics = gw.server.app[GATEWAY].metrics.registry
     for _ in range(1000):
         seen = sum(s.value for m in metrics.collect() if m.name == "gateway_requests"
                    for s in m.samples if s.name == "gateway_requests_total"
-                   and s.labels.get("outcome") == "client_disconnected")
+                   and outcome in (None, s.labels.get("outcome")))
         if seen >= n:
             await settled(gw)
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("the gateway never saw the client leave")
+    raise AssertionError(f"the gateway never ended {n} requests with {outcome}")
 
 
 async def _budgeted(make_gateway: MakeGateway, backend: StateBackend, upstream: str | None = None,
@@ -135,3 +138,29 @@ async def test_each_sent_attempt_without_usage_is_charged_once(
     await settled(gw)
     assert calls == 2
     assert await _spent(backend) == 8 + estimate_prompt_tokens(body)
+
+
+async def test_the_openai_sdk_timing_out_is_charged_each_call_that_reached_the_upstream(
+    make_gateway: MakeGateway, mock_upstream: Any,
+) -> None:
+    # The SDK with its default retries and a client timeout shorter than the upstream. Each
+    # call that reached the upstream was read (and is billed) by the provider, so each is
+    # charged its prompt; a retry the gateway refuses up front (the SDK's own read timeout
+    # cannot be met, 504) reached nothing and is charged nothing.
+    # Memory backend only: the store path is the one the tests above cover on every backend.
+    backend = MemoryBackend()
+    gw = await _budgeted(make_gateway, backend)
+    base = str(gw.make_url("")).rstrip("/") + "/v1"
+    # 1.2 s: above the gateway's default first-byte expectation (1 s), so the deadline check
+    # lets the call through (at 0.5 s the gateway refuses it up front: nothing is charged).
+    client = openai.AsyncOpenAI(base_url=base, api_key=ACME_KEY, timeout=1.2,
+                                default_headers={"x-mock-latency-ms": "3000"})
+    body = {"model": "gpt-test", "input": "hi", "instructions": INSTRUCTIONS,
+            "max_output_tokens": 100}
+    with pytest.raises((openai.APITimeoutError, openai.InternalServerError)):
+        await client.responses.create(**body)
+    sent = len([r for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")])
+    assert sent >= 1
+    # each ended by the gateway's own deadline (the SDK's read timeout, 504) or the client
+    await _disconnects_seen(gw, sent, outcome=None)
+    assert await _spent(backend) == sent * estimate_prompt_tokens(body)
