@@ -31,6 +31,7 @@ from .relay import is_event_stream, relay_stream, relay_whole, upstream_answer
 from .retry import AttemptFailure, decide_retry, gave_up_headers
 from .translate import Translation
 from .upstream import Target, UpstreamAttempt
+from .usage import Usage
 
 
 @dataclass(slots=True)
@@ -73,6 +74,17 @@ class _Failed:
 
 
 async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
+    try:
+        return await _attempt_loop(ctx)
+    finally:
+        # However the loop ended (answer, failure, the client's cancellation): each attempt
+        # whose request reached the upstream and left no usage is charged a prompt estimate,
+        # once, here (docs/architecture.md "Accounting").
+        ctx.record.usage.input_tokens += ctx.record.attempts_unaccounted \
+            * ctx.call.prompt_tokens_estimate
+
+
+async def _attempt_loop(ctx: CallContext) -> web.StreamResponse:
     svc, record = ctx.svc, ctx.record
     labels = [t.label for t in ctx.targets]
     by_label = {t.label: t for t in ctx.targets}
@@ -181,6 +193,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
     )
     outcome, ttft, log = "ignore", None, AttemptRecord(target.label, "cancelled", 0.0)
     record.attempt_log.append(log)
+    error_answer = False  # the upstream answered an error status: it did not do the work
     try:
         async with attempt:
             try:
@@ -193,6 +206,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                            else AttemptFailure.connect_error())
                 return None, _Failed(failure, error=exc)
             log.first_byte_s = record.first_byte_s = time.monotonic() - attempt.began
+            error_answer = upstream.status >= 400
             if upstream.status < 400:
                 trial.success(log.first_byte_s)
                 svc.retry_budget.record_success(target.label)
@@ -233,6 +247,15 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             # the gateway says nothing about the upstream (and would feed back on the limit).
             ttft = max(0.0, record.started + record.ttft_s - attempt.began)
         permit.release(outcome, ttft_s=ttft)  # type: ignore[arg-type]
+        if attempt.sent and not error_answer and _no_usage(record.usage):
+            # Sent, then cancelled, timed out or cut before the relay accounted any usage:
+            # the provider read the prompt (and may have answered it) all the same.
+            record.attempts_unaccounted += 1
+
+
+def _no_usage(usage: Usage) -> bool:
+    """Nothing accounted yet: only the relay of a 2xx answer fills the record's usage."""
+    return not usage.reported and usage.input_tokens == 0 and usage.output_tokens == 0
 
 
 async def _relay(ctx: CallContext, attempt: UpstreamAttempt) -> web.StreamResponse:

@@ -304,14 +304,38 @@ def _printable(text: str, limit: int = 64) -> str:
     return cleaned + ("..." if len(text) > limit else "")
 
 
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """A cheap, slightly generous prompt size: UTF-8 bytes of the text / 4, plus 4 per message.
+# Top-level fields no provider tokenizes: routing, sampling knobs, ids and tags. Everything
+# else in the body is walked (an unknown field counts: over-reserving is the safe side).
+_NOT_PROMPT = frozenset((
+    "model", "stream", "stream_options", "metadata", "user", "service_tier", "store",
+    "previous_response_id", "prompt_cache_key", "safety_identifier", "reasoning_effort",
+    "modalities", "n", "best_of", "logprobs", "top_logprobs", "seed", "temperature", "top_p",
+    "top_k", "max_tokens", "max_completion_tokens", "max_output_tokens", "encoding_format",
+    "dimensions", "parallel_tool_calls", "truncation", "background", "include",
+))
+# Content blocks whose payload is not text: base64 or URL images are billed by size tiers,
+# not by the bytes of their encoding (85 tokens is a low-detail image).
+_IMAGE_TYPES = frozenset(("image", "image_url", "input_image"))
+# Keys of the message/part envelope: the provider renders them as its own markers (the 4 per
+# list element covers those), not as text. Every other key counts: a schema's property names
+# are tokenized like its values. Only keys are skipped, never values.
+_ENVELOPE_KEYS = frozenset(("role", "content", "type", "text"))
 
-    Good enough to reserve tokens before the call; the upstream's usage settles the exact count.
-    """
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A cheap, slightly generous prompt size: UTF-8 bytes of every string the provider may
+    tokenize / 4, plus 4 per list element (message, content part, tool).
+
+    The whole body is walked, not a list of known fields: Responses ``instructions``, tool
+    schemas (keys and values: ``tools[].function.parameters``, Anthropic ``input_schema``),
+    ``response_format`` / ``text.format`` schemas, ``tool_choice`` and any field a provider
+    adds later all count, since a field left out is prompt a tenant can send unreserved.
+    Only the top-level fields in ``_NOT_PROMPT`` are skipped; images count 85 tokens each
+    instead of their base64 text. One pass, no re-serialisation. The upstream's usage settles
+    the exact count."""
     total_bytes = 0
     parts = 0
-    stack: list[Any] = [body.get(k) for k in ("messages", "prompt", "input", "system", "tools")]
+    stack: list[Any] = [v for k, v in body.items() if k not in _NOT_PROMPT]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
@@ -322,11 +346,14 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
             parts += len(item)
             stack.extend(item)
         elif isinstance(item, dict):
-            for key in ("content", "text", "input", "arguments", "name", "description"):
-                if key in item:
-                    stack.append(item[key])
-            if "image_url" in item or item.get("type") == "image":
+            if "image_url" in item or item.get("type") in _IMAGE_TYPES:
                 total_bytes += 85 * 4  # a low-detail image costs about 85 tokens
+                continue
+            for key, value in item.items():
+                if key not in _ENVELOPE_KEYS:
+                    total_bytes += len(key) if key.isascii() else len(key.encode(
+                        "utf-8", "surrogatepass"))
+                stack.append(value)
     return max(1, math.ceil(total_bytes / 4) + 4 * parts)
 
 
@@ -355,6 +382,27 @@ def estimate_answer_tokens(answer: Any) -> int:
 def error_dialect(path: str) -> Dialect:
     route = ROUTES.get(path)
     return route.dialect if route else "openai"
+
+
+def raise_if_content_encoded(content_encoding: str | None) -> None:
+    """415 for a compressed request body, before a byte of it is read.
+
+    Inflating would let a small body become a large one after every size check saw the
+    compressed length (``max_body_bytes``, the in-flight body-bytes bound): a 204 KB gzip
+    body inflates to 200 MiB. The official OpenAI and Anthropic SDKs never compress
+    requests, so refusing costs honest clients nothing; the server does not inflate either
+    (``auto_decompress`` off in server.py)."""
+    if content_encoding is None:
+        return
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    if all(c == "identity" for c in codings):
+        return
+    raise GatewayError(
+        415,
+        f"Unsupported Content-Encoding '{_printable(content_encoding.strip())}': the gateway "
+        "accepts uncompressed request bodies only; send the JSON body without compression.",
+        code="unsupported_content_encoding", headers={"Connection": "close"},
+    )
 
 
 def raise_if_json_content_type_wrong(content_type: str | None) -> None:

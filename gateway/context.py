@@ -66,6 +66,9 @@ class RequestRecord:
     upstream_s: float | None = None
     total_s: float | None = None
     usage: Usage = field(default_factory=Usage)
+    # Upstream attempts that were sent (the whole request written) but left no usage: cancelled,
+    # timed out or cut before an answer was accounted. Each is charged a prompt estimate.
+    attempts_unaccounted: int = 0
     cost: float = 0.0  # cost_micros / 1e6, for logs and metrics
     cost_micros: int = 0  # the exact charge in micro-units (gateway/usage.py)
     prompt_tokens_estimate: int = 0

@@ -23,6 +23,7 @@ from .classify import (
     ProxyCall,
     classify,
     parse_json_body,
+    raise_if_content_encoded,
     raise_if_json_content_type_wrong,
 )
 from .config import Tenant
@@ -62,6 +63,7 @@ async def _pipeline(
     record.tenant = tenant.name
     # 3 classify: read and parse the body once
     raise_if_json_content_type_wrong(request.headers.get("Content-Type"))
+    raise_if_content_encoded(request.headers.get("Content-Encoding"))
     body = parse_json_body(await _read_body(request, config.server.max_body_bytes,
                                             config.server.body_read_timeout_s))
     call = classify(route, tenant, body, request.headers, config)

@@ -58,7 +58,12 @@ def create_app(
             timeout_s=config.state.timeout_s,
             key_prefix=config.state.key_prefix,
         )
-    app = web.Application(middlewares=[_boundary], client_max_size=config.server.max_body_bytes)
+    # auto_decompress off: aiohttp's parser would inflate a gzip/deflate/br request body as it
+    # arrives, before any handler or size limit sees it (a 204 KB gzip bomb became 200 MiB in
+    # memory, authenticated or not). The pipeline refuses encoded bodies with a 415 instead
+    # (classify.raise_if_content_encoded); the official SDKs never compress requests.
+    app = web.Application(middlewares=[_boundary], client_max_size=config.server.max_body_bytes,
+                          handler_args={"auto_decompress": False})
     if config.server.cors_origins:
         setup_cors(app, config.server.cors_origins)
     app[GATEWAY] = Gateway(config, state, tracing or Tracing.from_env(), metrics)
