@@ -33,6 +33,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # File descriptors kept for everything that is not a client connection: Redis, the journal,
 # logs, the listener, worker pipes, DNS; the upstream pools (pool_size each) come on top.
 MIN_RESERVE_FDS = 256
+# The default per-address cap is a quarter of the process cap, but never below this (a busy
+# agent host, or a load balancer not listed in trusted_proxies, on a small open-file limit).
+MIN_PER_IP = 256
 # Refusals come in floods: one line per interval with the counts, never one per connection.
 LOG_INTERVAL_S = 10.0
 
@@ -41,6 +44,21 @@ def open_file_limit() -> int:
     """This process's soft RLIMIT_NOFILE (unlimited counted as 2**20)."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft if soft != resource.RLIM_INFINITY and soft > 0 else 1 << 20
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (systemd and some container runtimes set
+    1024 soft over a far higher hard limit; Python, unlike Go, does not raise it), so the
+    default max_connections is sized on what the process may really open. Returns the soft
+    limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft and (hard == resource.RLIM_INFINITY or hard > soft):
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # e.g. macOS caps at OPEN_MAX: keep what we have
+            pass
+    return open_file_limit()
 
 
 def default_max_connections(config: GatewayConfig, nofile: int) -> int:
@@ -60,7 +78,7 @@ class _Limits:
         self.total = (server.max_connections if server.max_connections is not None
                       else default_max_connections(config, nofile))
         self.per_ip = (server.max_connections_per_ip if server.max_connections_per_ip
-                       is not None else max(1, self.total // 4))
+                       is not None else max(min(self.total, MIN_PER_IP), self.total // 4))
         self.trusted: tuple[Network, ...] = tuple(
             ipaddress.ip_network(t, strict=False) for t in server.trusted_proxies)
 

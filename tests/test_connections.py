@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -192,7 +194,23 @@ def test_default_caps_leave_file_descriptors_for_upstream_pools_and_redis() -> N
     guard = ConnectionGuard(lambda: config, nofile=lambda: 20_000)
     limits = guard.limits()
     assert limits.per_ip == limits.total // 4
+    small = ConnectionGuard(lambda: config, nofile=lambda: 1024).limits()
+    assert small.per_ip == 256 < small.total  # a busy host on a small limit keeps room
     # The red team's flood: 20,400 connections from one address; at most a quarter held.
     admitted = sum(guard.admit("10.0.0.9")[1] is None for _ in range(20_400))
     assert admitted == limits.per_ip
     assert guard.admit("10.0.0.10")[1] is None  # another client still gets in
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one_at_start() -> None:
+    # In a child process: the test process's own limit stays as it is.
+    script = ("import resource; from gateway.connections import raise_open_file_limit; "
+              "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+              "print(raise_open_file_limit() == (hard if hard != resource.RLIM_INFINITY "
+              "else max(256, 1 << 20)), hard > 256)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    if out[1] == "False":
+        pytest.skip("the hard limit is 256 or less here")
+    assert out[0] == "True"
