@@ -175,11 +175,6 @@ class ConnectionGuard:
         self._unlogged.clear()
         self._logged_at = now
 
-    def close(self) -> None:
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-
     def _gauge(self) -> None:
         if self._metrics is not None:
             self._metrics.client_connections(self.open)

@@ -214,3 +214,28 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one_at_start() -> None:
     if out[1] == "False":
         pytest.skip("the hard limit is 256 or less here")
     assert out[0] == "True"
+
+
+async def test_refusals_are_logged_once_per_interval_with_their_counts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    config = parse_config(policy_dict("http://127.0.0.1:1", server={
+        "max_connections": 10, "max_connections_per_ip": 1}))
+    now = [100.0]
+    guard = ConnectionGuard(lambda: config, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, "gateway.server"):
+        assert guard.admit("10.0.0.1")[1] is None
+        for _ in range(1000):  # a flood within one interval: the first line at once...
+            assert guard.admit("10.0.0.1")[1] == "max_connections_per_ip"
+            now[0] += 0.001
+        lines = [r for r in caplog.records if "connection limits" in r.getMessage()]
+        assert len(lines) == 1
+        assert guard._flush is not None  # ...the rest at the end of the interval
+        guard._flush.cancel()
+        now[0] += 10
+        guard._log_later()
+    lines = [r for r in caplog.records if "connection limits" in r.getMessage()]
+    assert len(lines) == 2
+    fields = [r.fields for r in lines]
+    assert [f["closed"] for f in fields] == [{"max_connections_per_ip": 1},
+                                             {"max_connections_per_ip": 999}]
+    assert fields[1]["last_peer"] == "10.0.0.1" and fields[1]["open"] == 1
