@@ -239,3 +239,32 @@ async def test_refusals_are_logged_once_per_interval_with_their_counts(
     assert [f["closed"] for f in fields] == [{"max_connections_per_ip": 1},
                                              {"max_connections_per_ip": 999}]
     assert fields[1]["last_peer"] == "10.0.0.1" and fields[1]["open"] == 1
+
+
+def test_a_reloaded_policy_changes_the_caps_for_new_connections() -> None:
+    def config(per_ip: int) -> Any:
+        return parse_config(policy_dict("http://127.0.0.1:1", server={
+            "max_connections": 10, "max_connections_per_ip": per_ip}))
+    live = [config(1)]
+    guard = ConnectionGuard(lambda: live[0], nofile=lambda: 20_000)
+    key, _ = guard.admit("10.0.0.1")
+    assert guard.admit("10.0.0.1")[1] == "max_connections_per_ip"
+    live[0] = config(2)  # what a reload does: a new policy object
+    assert guard.admit("10.0.0.1")[1] is None
+    assert guard.open == 2
+    assert key is not None
+    guard.release(key)
+    guard.release(key)
+    assert guard.open == 0 and not guard._per_peer  # nothing left behind per address
+
+
+def test_addresses_are_counted_like_the_failed_auth_limit_counts_them() -> None:
+    from ipaddress import ip_network
+
+    from gateway.connections import _peer_key
+    trusted = (ip_network("10.1.0.0/16"),)
+    assert _peer_key("2001:db8::1", ()) == _peer_key("2001:db8::ffff", ()) == "2001:db8::/64"
+    assert _peer_key("::ffff:192.0.2.7", ()) == "192.0.2.7"
+    assert _peer_key("10.1.2.3", trusted) is None  # a load balancer: not capped per address
+    assert _peer_key("10.2.2.3", trusted) == "10.2.2.3"
+    assert _peer_key(None, ()) is None  # a Unix socket: only the process cap
