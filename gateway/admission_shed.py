@@ -20,8 +20,9 @@ interval: slower than it climbs, so the shed share settles instead of flapping. 
 (``x-stainless-retry-count`` > 0) of a class are shed as soon as the level reaches into the
 class, before any of its first attempts.
 
-**Runs in progress.** A later step of an agent run (X-Agent-Step > 1, or a session admitted
-recently) is not shed by cohort while the level is inside its class: only new runs are. A run
+**Runs in progress.** A later step of an agent run (a session this replica admitted within
+``run_memory_s``; never the client's own X-Agent-Step, which would let any tenant exempt
+itself) is not shed by cohort while the level is inside its class: only new runs are. A run
 is worth something only when all its steps complete, so under overload the gateway stops
 starting runs of a class instead of cutting runs half-way; the queue bound and deadlines still
 apply to continuing steps, and once the level passes the top of the class (the class above is

@@ -21,7 +21,7 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from .admission import AdmissionRequest, Permit, is_client_retry, is_later_step
+from .admission import AdmissionRequest, Permit, is_client_retry
 from .breaker import Trial
 from .classify import ProxyCall
 from .context import AttemptRecord, Policy, RequestRecord, Services
@@ -83,7 +83,6 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         ctx.call.priority, ctx.call.tenant.name, ctx.tokens, ctx.deadline.at, svc.clock(),
         ctx.call.agent_session, is_retry=is_client_retry(ctx.request_headers),
         prompt_tokens=ctx.call.prompt_tokens_estimate,
-        continuing=is_later_step(ctx.call.agent_step),
     )
     while True:
         # 7 route: an untried usable deployment first (failover), else the same one again
@@ -229,8 +228,10 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
         trial.cancelled()  # no-op once judged: a cancel or any other exit is never counted
         log.duration_s = time.monotonic() - attempt.began
         record.upstream_s = (record.upstream_s or 0.0) + log.duration_s
-        if outcome == "success" and record.stream:
-            ttft = record.ttft_s
+        if outcome == "success" and record.stream and record.ttft_s is not None:
+            # From sending this attempt, not from the request's arrival: time spent queued in
+            # the gateway says nothing about the upstream (and would feed back on the limit).
+            ttft = max(0.0, record.started + record.ttft_s - attempt.began)
         permit.release(outcome, ttft_s=ttft)  # type: ignore[arg-type]
 
 

@@ -104,14 +104,20 @@ class LeaseBoard:
         Each local holder is expected to end at ``typical - age`` (at least ``MIN_WAIT_S``);
         the soonest wins. With no local holder (every lease is held by another replica) half
         the typical duration: a holder's expected remaining time at a random moment. Before
-        any request finished the typical duration is the oldest holder's age, at least
-        ``FIRST_GUESS_S``. Bounded to [``MIN_WAIT_S``, ``MAX_WAIT_S``]."""
+        any request of the scope finished there is no typical duration: a holder that has
+        run for ``age`` is expected to run about as long again (the best guess knowing only
+        that it has lasted this long; "the oldest holder's age" as the whole duration told
+        callers a 3 s request was due at once once it passed 1 s), ``FIRST_GUESS_S`` in all
+        at least.
+        Bounded to [``MIN_WAIT_S``, ``MAX_WAIT_S``]."""
         now = self._clock()
         ages = [now - began for began in self._by_key.get(key, {}).values()]
         typical = self._typical.get(key)
         if typical is None:
-            typical = max([FIRST_GUESS_S, *ages])
-        if ages:
+            # Lasted ``age`` so far: expected to take about twice that in all.
+            wait = min((max(FIRST_GUESS_S, 2 * age) - age for age in ages),
+                       default=FIRST_GUESS_S / 2)
+        elif ages:
             wait = typical - max(ages)
         else:
             wait = typical / 2

@@ -30,10 +30,11 @@ from .agent_loop import CanonicalCache
 from .classify import ProxyCall, reserved_output_tokens
 from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
-from .errors import GatewayError, retry_headers
+from .errors import SDK_WAIT_MAX_MS, GatewayError, retry_headers
 from .leases import LeaseBoard
 from .limits_policy import CacheReads, RateLimits
 from .periods import period_keys
+from .promises import PromiseBook
 from .ratelimit import (
     AdmitPlan,
     AdmitResult,
@@ -57,7 +58,7 @@ from .runs import (
     warning,
 )
 from .state import StateBackend, StateUnavailable
-from .usage import Usage, reservation_cost_micros
+from .usage import Rates, Usage, reservation_cost_micros
 
 log = logging.getLogger("gateway.limits")
 LEASE_TTL_MS = 60_000  # renewed every 20 s while the request runs
@@ -66,6 +67,9 @@ HOLD_TTL_MS = 30 * 60_000  # a settlement delayed longer than this charges in fu
 # The cost is one small key per request for this long (~60 MB of Redis at 1,000 req/s).
 DONE_TTL_MS = 10 * 60_000
 SETTLE_BATCH_MAX = 64  # settlements per Redis pipeline: well inside one call's deadline
+# Requests that may wait here for a slot of one concurrency scope, per slot of it
+# (``Limiter._room_to_wait``).
+WAITERS_PER_SLOT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,22 @@ def counts_cache_reads(setting: CacheReads, provider_kind: str) -> bool:
     if setting == "auto":
         return provider_kind != "anthropic"
     return setting == "count"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a refused request reserved and why, for a budget refusal's message: a budget
+    with room left refuses a request whose reservation does not fit, and the client needs to
+    know that a smaller cap would (``_budget_message``)."""
+
+    prompt: int  # the prompt estimate
+    output: int  # output tokens reserved: per choice x choices
+    choices: int
+    capped: bool  # the body set an output cap; else the estimate (default_max_tokens)
+    cap_field: str  # the body's cap field (or the route's usual one)
+    default_max_tokens: int
+    rates: Rates
+    fits: int | None  # the largest cap per choice that fits every refusing budget; None: none
 
 
 @dataclass(slots=True)
@@ -122,6 +142,8 @@ class InFlight:
         self.leases: dict[str, tuple[str, ...]] = {}
         # Start times and typical durations of the leases held here, and their waiters.
         self.lease_board = LeaseBoard(clock)
+        # Retry times promised in refusals, so concurrent refusals queue (gateway/promises.py).
+        self.promises = PromiseBook(clock)
         self.settling: set[asyncio.Task[None]] = set()
         # Settlements waiting for this loop iteration's batch (``Limiter.settle_soon``).
         self.batch: list[tuple[Hold, Usage, int]] = []
@@ -151,6 +173,7 @@ class Limiter:
         self._clock = clock  # monotonic: waiting for a lease, lease durations
         inflight = inflight or InFlight(clock)
         self._lease_board = inflight.lease_board
+        self._promises = inflight.promises
         self._active_leases = inflight.leases
         self._settling = inflight.settling
         self._inflight = inflight
@@ -187,11 +210,13 @@ class Limiter:
         leases = tuple(c.key for c in checks if isinstance(c, Lease))
         result, mode = await self._run(plan, call.priority.name)
         waiting_for = _leases_only(plan, result)
+        waited = False  # a caller that did not wait queues behind the waiters still here
         if waiting_for and self._room_to_wait(plan, waiting_for):
             wait_s = tenant.limits.concurrency_wait_s
             if deadline is not None:
                 wait_s = min(wait_s, deadline - self._clock())
             if wait_s > 0:
+                waited = True
                 result, mode = await self._wait_for_lease(plan, call.priority.name,
                                                           waiting_for, wait_s, result, mode)
         hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases,
@@ -201,9 +226,11 @@ class Limiter:
         if call.agent_session:
             self._track_run(call, hold, plan, result, tenant)
         if not result.allowed:
-            index, wait_ms = self._longest_wait(plan, result)
+            index, wait_ms = self._longest_wait(plan, result, waited)
+            reservation = _reservation(call, tenant, model, max_out, plan, result) \
+                if isinstance(plan.checks[index], Counter) else None
             raise _refusal(plan.checks[index], result.results[index], meta.get(index, ""),
-                           hold.headers, planned_at, wait_ms)
+                           hold.headers, planned_at, wait_ms, reservation)
         if leases:
             self._lease_board.started(request_id, leases)
             if mode == "global":
@@ -276,29 +303,63 @@ class Limiter:
                            hold.headers, planned_at, wait_ms)
         return hold
 
-    def _longest_wait(self, plan: AdmitPlan, result: AdmitResult) -> tuple[int, float]:
+    def _longest_wait(self, plan: AdmitPlan, result: AdmitResult,
+                      waited: bool = True) -> tuple[int, float]:
         """The failed check a retry has to wait for longest (a retry succeeds only once every
-        one of them passes), and that wait in ms (``inf``: no wait is long enough)."""
+        one of them passes), and that wait in ms (``inf``: no wait is long enough).
+
+        The wait of a rate or concurrency check queues behind the refusals of the same key
+        this replica answered before (gateway/promises.py), and is remembered as a promise
+        for the key(s) that set it. ``waited``: the caller waited for a slot (else every
+        request still waiting here for one is ahead of it)."""
         best, longest = result.failed, -1.0
+        waits: list[tuple[Check, float]] = []
         for i, (check, res) in enumerate(zip(plan.checks, result.results)):
             if res.allowed or check.shadow:
                 continue
-            wait = self._wait_ms(check, res)
+            wait = self._wait_ms(check, res, waited)
+            waits.append((check, wait))
             if wait > longest:
                 best, longest = i, wait
+        if 0 <= longest < math.inf:
+            at = self._clock() + longest / 1000
+            for check, wait in waits:
+                if isinstance(check, Gcra | Lease) and wait >= longest:
+                    self._promises.promise(check.key, at)
         return best, longest
 
-    def _wait_ms(self, check: Check, res: CheckResult) -> float:
+    def _wait_ms(self, check: Check, res: CheckResult, waited: bool = True) -> float:
         if is_run_check(check):
             return math.inf  # a run's totals never go down: no wait helps
         if isinstance(check, Counter):
             return math.inf if check.cost > check.limit else float(res.reset_ms)
         if isinstance(check, Gcra):
-            return math.inf if check.cost > check.burst else float(max(1, res.retry_after_ms))
+            if check.cost > check.burst:
+                return math.inf
+            own = float(max(1, res.retry_after_ms))
+            # Concurrent refusals all see the same bucket: the store tells each the same
+            # earliest retry, yet only one retry fits then; each later refusal comes one
+            # request's emission interval after the last one promised.
+            last = self._promises.last(check.key)
+            if last is None:
+                return own
+            queued = (last - self._clock()) * 1000 + float(check.cost * check.interval_ms)
+            # Never past what an SDK sits out because of the queue alone: promises are not
+            # reservations (a client ignoring Retry-After adds some), so they must not turn
+            # an honest caller's answer into x-should-retry: false.
+            queued = min(queued, SDK_WAIT_MAX_MS)
+            return max(own, float(math.ceil(round(queued, 3))))
         if isinstance(check, Lease):
             # The store only knows when a lease would expire (a crashed holder's, 60 s); the
             # board knows how long this scope's requests run: a slot is expected to free then.
-            expected = math.ceil(round(self._lease_board.expected_wait_s(check.key) * 1000, 3))
+            # The k-th caller in line (refused earlier and not back yet, or still waiting
+            # here) gets a slot in round ceil(k / slots), each round about that long.
+            ahead = len(self._promises.outstanding(check.key))
+            if not waited:
+                ahead += self._lease_board.waiting(check.key)
+            rounds = math.ceil((ahead + 1) / check.max)
+            expected_s = self._lease_board.expected_wait_s(check.key) * rounds
+            expected = math.ceil(round(expected_s * 1000, 3))
             return float(min(max(1, res.retry_after_ms), expected))
         return float(max(1, res.retry_after_ms))  # Repeat: until the window lets one through
 
@@ -317,11 +378,16 @@ class Limiter:
             return self.degraded.admit(plan, priority), self.degraded.action_for(priority)
 
     def _room_to_wait(self, plan: AdmitPlan, keys: tuple[str, ...]) -> bool:
-        """At most as many requests wait here per scope as it has slots: more could not be
-        served within a brief wait anyway, and each waiter costs a few store calls (a tenant
-        flooding its limit must not multiply its load on the store)."""
+        """At most ``WAITERS_PER_SLOT`` x slots requests wait here per scope. Waiting only
+        as many as the slots refused the next round of a burst at once, each with a guess
+        that ignored the queue ahead (six calls at ``max_concurrent: 2`` ended in SDK
+        errors); a few rounds' worth keeps a burst inside the gateway, where a release
+        wakes a waiter at once. Still bounded: each waiter costs about ten store calls over
+        the default 2 s wait (the schedule in ``_wait_for_lease``) plus one per release, so a
+        tenant flooding its limit adds at most 4 x slots x that to the store's load."""
         limits = {c.key: c.max for c in plan.checks if isinstance(c, Lease)}
-        return all(self._lease_board.waiting(key) < limits[key] for key in keys)
+        return all(self._lease_board.waiting(key) < WAITERS_PER_SLOT * limits[key]
+                   for key in keys)
 
     async def _wait_for_lease(self, plan: AdmitPlan, priority: str, keys: tuple[str, ...],
                               wait_s: float, result: AdmitResult, mode: str) -> tuple[
@@ -589,8 +655,76 @@ def _leases_only(plan: AdmitPlan, result: AdmitResult) -> tuple[str, ...]:
     return tuple(c.key for c in failed)
 
 
+def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int,
+                 plan: AdmitPlan, result: AdmitResult) -> Reservation:
+    """The refused request's reservation, and the largest output cap per choice with which
+    it would pass every budget that refused it (refusal path only)."""
+    prompt, choices = call.prompt_tokens_estimate, max(1, call.choices)
+    fits: int | None = max_out // choices
+    for check, res in zip(plan.checks, result.results):
+        if res.allowed or check.shadow or not isinstance(check, Counter) or \
+                is_run_check(check):
+            continue
+        left = res.remaining
+        if ":b:cost:" in check.key:
+            # the largest total output whose reserved price fits: cost grows with it
+            low, high = -1, max_out
+            while low < high:
+                mid = (low + high + 1) // 2
+                if reservation_cost_micros(prompt, mid, model.price.rates) <= left:
+                    low = mid
+                else:
+                    high = mid - 1
+            total = low
+        else:
+            total = left - prompt
+        fits = None if fits is None or total < choices else min(fits, total // choices)
+    present = [f for f in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+               if f in call.body]
+    usual = "max_output_tokens" if call.route.path == "/v1/responses" else "max_tokens"
+    return Reservation(prompt, max_out, choices, call.max_tokens is not None,
+                       present[0] if present else usual, tenant.default_max_tokens,
+                       model.price.rates, fits)
+
+
+def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
+                    r: Reservation | None) -> str:
+    """A budget refusal that says what is true: spent, or room left that this request's
+    reservation does not fit (how much it reserves, why, and the cap that would fit)."""
+    if res.remaining <= 0 or r is None:
+        return f"The {check.name} of {scope} is spent; it resets at {reset}."
+    cost = ":b:cost:" in check.key
+
+    def amount(units: int) -> str:
+        return f"{units / 1_000_000:.6g}" if cost else f"{units:,} tokens"
+
+    text = (f"The {check.name} of {scope} has {amount(res.remaining)} left, but this "
+            f"request reserves {amount(check.cost)}")
+    if r.output:
+        per_choice = r.output // r.choices
+        times = f" x {r.choices} choices" if r.choices > 1 else ""
+        if r.capped:
+            why = f"its {r.cap_field} {per_choice:,}{times}"
+        elif per_choice == r.default_max_tokens:
+            why = (f"default_max_tokens {per_choice:,}{times} (the estimate reserved when a "
+                   f"request sets no {r.cap_field})")
+        else:
+            why = (f"the model's output limit {per_choice:,}{times} (reserved when a request "
+                   f"sets no {r.cap_field})")
+        text += f": its prompt (about {r.prompt:,} tokens) and, for the answer, {why}."
+        if r.fits:
+            text += f" Set {r.cap_field} to {r.fits:,} or less to fit."
+        else:
+            text += " Its prompt alone needs more than is left."
+    else:
+        text += f" for its input (about {r.prompt:,} tokens)."
+    return (text + " As it is, this request cannot fit before the budget resets at "
+            f"{reset} unless requests still running give back reservations they do not use.")
+
+
 def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str],
-             planned_at_s: float, wait_ms: float) -> GatewayError:
+             planned_at_s: float, wait_ms: float,
+             reservation: Reservation | None = None) -> GatewayError:
     """The 429 for ``check``, with the earliest time a retry can succeed, ``wait_ms``
     (``inf``: never) in its headers (docs/architecture.md, "Errors and backpressure")."""
     out = {**headers, **retry_headers(None if math.isinf(wait_ms) else wait_ms)}
@@ -604,8 +738,8 @@ def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str]
                                 headers=out)
         # Periods end on a whole second; reset_ms was cut to the ms below it.
         reset_at = datetime.fromtimestamp(round(planned_at_s + res.reset_ms / 1000), UTC)
-        return GatewayError(429, f"The {check.name} of {scope} is spent; it resets at "
-                            f"{reset_at:%Y-%m-%dT%H:%M:%SZ} (in {format_duration(res.reset_ms)}).",
+        reset = f"{reset_at:%Y-%m-%dT%H:%M:%SZ} (in {format_duration(res.reset_ms)})"
+        return GatewayError(429, _budget_message(check, res, scope, reset, reservation),
                             type="insufficient_quota", code="insufficient_quota", headers=out)
     if isinstance(check, Repeat):
         return GatewayError(429, f"Loop detected: the same request was sent more than "

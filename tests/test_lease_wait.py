@@ -20,6 +20,7 @@ from gateway.classify import ROUTES, classify
 from gateway.config import GatewayConfig
 from gateway.degraded import DegradedMode
 from gateway.errors import GatewayError
+from gateway.leases import LeaseBoard
 from gateway.limits import Hold, InFlight, Limiter
 from gateway.ratelimit import AdmitPlan, AdmitResult, SettlePlan
 from gateway.state import StateBackend
@@ -138,17 +139,61 @@ async def test_no_wait_when_something_else_refuses_too(backend: StateBackend) ->
     await limiter.settle(first, Usage(), 0)
 
 
-async def test_no_more_waiters_per_scope_than_it_has_slots(backend: StateBackend) -> None:
+async def test_no_more_waiters_per_scope_than_four_per_slot(backend: StateBackend) -> None:
     store = Counting(backend)
     config = config_with(max_concurrent=1, concurrency_wait_s=10)
     limiter = replica(store, config)
     first = await admit(limiter, config, "a")
-    waiter = asyncio.create_task(admit(limiter, config, "b"))
+    waiters = [asyncio.create_task(admit(limiter, config, f"w{i}")) for i in range(4)]
     await asyncio.sleep(0.2)
+    assert not any(w.done() for w in waiters)  # four per slot wait
     began = time.monotonic()
-    with pytest.raises(GatewayError):  # the one slot already has its waiter: refused at once
+    with pytest.raises(GatewayError) as info:  # the fifth is refused at once...
         await admit(limiter, config, "c")
     assert time.monotonic() - began < 1
+    # ...told it is fifth in line for one slot: five rounds of the holder's expected 0.8 s
+    # (1 s in all, the first guess, and it ran 0.2 s)
+    assert 3_000 <= int(info.value.headers["retry-after-ms"]) <= 5_000
     await limiter.settle(first, Usage(), 0)
-    second = await asyncio.wait_for(waiter, 5)  # the waiter still gets the slot
-    await limiter.settle(second, Usage(), 0)
+    pending = set(waiters)
+    while pending:  # each waiter gets the slot in turn, as the one before settles
+        done, pending = await asyncio.wait(pending, timeout=5,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        assert done
+        for w in done:
+            await limiter.settle(w.result(), Usage(), 0)
+
+
+def test_with_no_history_a_holder_is_expected_to_run_as_long_again() -> None:
+    now = [100.0]
+    board = LeaseBoard(lambda: now[0])
+    board.started("a", ("k",))
+    now[0] += 0.3
+    assert board.expected_wait_s("k") == pytest.approx(0.7)  # 1 s in all, the first guess
+    now[0] += 2.2
+    # 2.5 s old with nothing finished yet: about 2.5 s more, not "due now" (200 ms)
+    assert board.expected_wait_s("k") == pytest.approx(2.5)
+    board.started("b", ("k",))
+    now[0] += 0.2
+    # the soonest expected end: the young one's first guess (1 s in all) before the old one's
+    assert board.expected_wait_s("k") == pytest.approx(0.8)
+    now[0] += 0.3
+    board.finished("a")  # a took 3 s: now the scope has a typical duration
+    assert board.expected_wait_s("k") == pytest.approx(2.5)
+
+
+async def test_successive_refusals_queue_in_rounds_of_the_slots(backend: StateBackend) -> None:
+    store = Counting(backend)
+    config = config_with(max_concurrent=2, concurrency_wait_s=0)
+    limiter = replica(store, config)
+    holds = [await admit(limiter, config, f"h{i}") for i in range(2)]
+    told = []
+    for i in range(5):
+        with pytest.raises(GatewayError) as info:
+            await admit(limiter, config, f"r{i}")
+        told.append(int(info.value.headers["retry-after-ms"]))
+    # the k-th refused caller is told ceil(k / 2) x the expected holder time (1 s first guess)
+    rounds = [round(ms / 1000) for ms in told]
+    assert rounds == [1, 1, 2, 2, 3], told
+    for hold in holds:
+        await limiter.settle(hold, Usage(), 0)

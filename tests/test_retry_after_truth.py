@@ -89,7 +89,31 @@ async def test_requests_per_minute_until_the_bucket_lets_one_through() -> None:
     await w.admit()
     says_retry_in(await w.refused(), 1000)  # one request per second
     w.advance(0.4)
+    # the bucket lets one through in 600 ms, but the caller refused first was promised that
+    # one: this one comes a request's interval later (item 3: no thundering herd)
+    says_retry_in(await w.refused(), 1600)
+    w.advance(1.6)
+    await w.admit()  # the promised times have passed: only the bucket counts again
+    w.advance(0.4)
     says_retry_in(await w.refused(), 600)
+
+async def test_concurrent_refusals_of_one_bucket_are_promised_successive_times() -> None:
+    # 30 requests/min with a burst of 3: every refusal at one instant sees the same bucket,
+    # yet only one retry passes every 2 s; each is promised its own turn.
+    w = World({"limits": {"requests_per_minute": 30}})
+    for _ in range(3):
+        await w.admit()
+    for k in range(3):
+        says_retry_in(await w.refused(), 2000 * (k + 1))
+    # each turn is real: at the first promise exactly one retry passes
+    w.advance(2.0)
+    await w.admit()
+    says_retry_in(await w.refused(), 2000 * 3)  # behind the two still promised
+    # a client ignoring Retry-After piles up promises; they never push an answer past the
+    # minute an SDK sits out (promises are estimates, not reservations)
+    for _ in range(40):
+        error = await w.refused()
+    says_retry_in(error, 60_000)
 
 async def test_tokens_per_minute_until_enough_tokens_are_back() -> None:
     # 6,000 tokens/min = 10 ms per token; a burst of 100 tokens.
@@ -99,6 +123,8 @@ async def test_tokens_per_minute_until_enough_tokens_are_back() -> None:
     cost = first.reserved_tokens
     assert 2 * cost > 100 >= cost
     says_retry_in(await w.refused(), (2 * cost - 100) * 10)
+    # a second refusal at the same instant queues behind the first: its reservation later
+    says_retry_in(await w.refused(), (3 * cost - 100) * 10)
 
 async def test_a_request_larger_than_the_token_burst_never_succeeds() -> None:
     w = World({"limits": {"tokens_per_minute": 6000, "token_burst": 100}})
@@ -118,12 +144,25 @@ async def test_concurrency_from_the_running_durations_of_the_scopes_requests() -
     w.advance(10)  # overdue: expected any moment, never 0 (an SDK would spin)
     says_retry_in(await w.refused(), 200)
 
+async def test_concurrency_refusals_in_rounds_of_the_slots() -> None:
+    w = World({"limits": {"max_concurrent": 2, "concurrency_wait_s": 0}})
+    await w.admit()
+    await w.admit()
+    w.advance(2.0)
+    # nothing finished: each holder, 2 s old, is expected to run about 2 s more; the k-th
+    # caller in line gets a slot in round ceil(k / 2)
+    for k in range(1, 6):
+        says_retry_in(await w.refused(), 2000 * math.ceil(k / 2))
+
 async def test_daily_budget_until_midnight_utc() -> None:
     w = World({"budget": {"daily_tokens": 100}, "default_max_tokens": 60})
     await w.admit()
     error = await w.refused()
     says_not_soon(error, 3 * 3600 * 1000)
     assert "resets at 2026-12-07T00:00:00Z" in error.message
+    # 100 - the first's ~66 reserved: not spent, and the message says so (and what fits)
+    assert "is spent" not in error.message and "tokens left" in error.message
+    assert "Set max_tokens to" in error.message
 
 async def test_daily_budget_a_few_seconds_before_midnight_is_worth_waiting_for() -> None:
     w = World({"budget": {"daily_tokens": 100}, "default_max_tokens": 60},

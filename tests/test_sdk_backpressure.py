@@ -112,6 +112,45 @@ async def test_six_parallel_one_second_calls_at_max_concurrent_three_take_about_
     assert answers[200] == 6 and answers[429] <= 3
 
 
+async def test_six_three_second_calls_at_max_concurrent_two_all_succeed_in_three_rounds(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    """Two run, four wait 2 s (``concurrency_wait_s``) and are refused: the first two told
+    when the running pair ends, the next two a round later, so the SDK's two retries are
+    enough. Before the fix two of them were told 200 ms three times and failed."""
+    gw, answers = await make_counted(tenants={"acme": {"limits": {"max_concurrent": 2}}})
+    result = await in_another_process(gw, 6, latency_ms=3000)
+    took = result["took"]
+    print(f"six 3 s calls at max_concurrent 2: {took:.2f} s, answers {dict(answers)}")
+    assert result["errors"] == []
+    assert upstream_calls(mock_upstream) == 6 and answers[200] == 6
+    # three rounds of 3 s (ideal 9 s; the guesses cost about a second more)
+    assert 8.5 <= took < 20, took
+    assert answers[429] <= 6  # one refusal per waiting call, none spent on a doomed retry
+
+
+async def test_six_concurrent_anthropic_calls_over_a_request_rate_each_get_their_turn(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    """30 requests/min (burst 3), six calls at once: three pass, the three refused are told
+    2, 4 and 6 s (one retry fits every 2 s), so each passes on its first retry. Before,
+    all three were told 2 s, met again and one ran out of retries after 4 s."""
+    gw, answers = await make_counted(
+        tenants={"acme": {"limits": {"requests_per_minute": 30}}})
+    an = _anthropic(gw)
+    try:
+        began = time.monotonic()
+        await asyncio.gather(*(an.messages.create(model="claude-test", max_tokens=20,
+                                                  messages=HELLO) for _ in range(6)))
+        took = time.monotonic() - began
+    finally:
+        await an.close()
+    print(f"six calls at 30 requests/min: {took:.2f} s, answers {dict(answers)}")
+    assert answers == {200: 6, 429: 3}  # one refusal each for the three over the burst
+    assert upstream_calls(mock_upstream) == 6
+    assert 5.5 <= took < 15, took  # the last turn is 6 s after the burst
+
+
 async def test_fifty_identical_concurrent_calls_on_the_default_policy_all_succeed(
     make_counted: MakeCounted, mock_upstream: TestServer,
 ) -> None:
