@@ -329,6 +329,28 @@ class Server(StrictModel):
         4096, ge=16, le=65535, description="listen backlog (capped by net.core.somaxconn): "
         "aiohttp's default 128 overflowed when thousands of agents connected at once"
     )
+    max_connections: int | None = Field(
+        None, ge=1, description="client connections this process holds open at once; a "
+        "connection beyond it is closed as soon as it is accepted, before any byte is read, "
+        "and counted in gateway_connections_refused_total{reason=\"max_connections\"}. "
+        "null: the open-file limit (RLIMIT_NOFILE) less a reserve for upstream pools (the "
+        "providers' pool_size), Redis, logs and files (at least 256 and a tenth of the limit); "
+        "the soft limit is raised to the hard one at start"
+    )
+    max_connections_per_ip: int | None = Field(
+        None, ge=1, description="client connections one peer address (an IPv6 /64) holds "
+        "open at once in this process; beyond it the new connection is closed before any "
+        "byte is read. Never applied to trusted_proxies (behind a load balancer every "
+        "connection comes from the balancer: list it there). Per process: with --workers N "
+        "an address may hold N times this. null: a quarter of max_connections, at least 256"
+    )
+    header_read_timeout_s: float = Field(
+        15.0, gt=0, le=3600, description="a client connection must deliver a complete "
+        "request head (request line and headers) within this long of connecting, or of its "
+        "first byte after an idle keep-alive; else it is closed without an answer (an idle "
+        "or header-trickling connection holds nothing longer). Idle keep-alive between "
+        "requests is bounded separately (75 s)"
+    )
     drain_delay_s: float = Field(
         5.0, ge=0, le=300, description="on SIGTERM: /readyz fails at once, but the listener "
         "keeps accepting this long so load balancers stop sending first (0: close at once)"

@@ -35,6 +35,7 @@ from aiohttp import web
 from . import __version__, admin
 from .classify import error_dialect
 from .config import GatewayConfig
+from .connections import raise_open_file_limit
 from .errors import GatewayError
 from .heap import maintain_heap, tune_gc
 from .reload import Reloader, Signature
@@ -238,6 +239,7 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
     # Handlers are all done by cleanup time (drain), so a short timeout only bounds stragglers.
     # keepalive_timeout 75 s (aiohttp: 3630 s): an idle or header-trickling connection holds
     # an fd; this bounds how long.
+    raise_open_file_limit()  # before the connection caps are sized on it (connections.py)
     runner = GatewayRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=CUT_GRACE_S, keepalive_timeout=75)
     await runner.setup()

@@ -161,6 +161,14 @@ class GatewayMetrics:
         self._agent_loops = counter(
             "gateway_agent_loops", "Requests whose conversation the loop detector flagged, by "
             "the action taken: warn, refuse, shadow.", "tenant", "action")
+        self._conns_refused = counter(
+            "gateway_connections_refused", "Client connections closed before a request was "
+            "read, by reason: max_connections, max_connections_per_ip (closed as accepted), "
+            "header_timeout (no complete request head within server.header_read_timeout_s).",
+            "reason")
+        self._conns_open = Gauge("gateway_client_connections", "Client connections open in "
+                                 "this process (within server.max_connections).",
+                                 registry=inner)
         self._pulled = PulledGauges(inner, lambda: self._bounds)
         self._reload_ok = Gauge("gateway_config_last_reload_successful",
                                 "1 when the last policy reload worked.", registry=inner)
@@ -298,6 +306,13 @@ class GatewayMetrics:
     def agent_loop(self, tenant: str, action: str) -> None:
         self._agent_loops.get(bounded(tenant, self._bounds.tenants),
                               bounded(action, LOOP_ACTIONS)).inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """A client connection closed by a connection cap or the header timeout."""
+        self._conns_refused.get(reason).inc()
+
+    def client_connections(self, count: int) -> None:
+        self._conns_open.set(count)
 
     def config_reload(self, ok: bool) -> None:
         """A policy reload finished; on success call ``update_config`` too."""
