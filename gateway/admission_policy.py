@@ -9,17 +9,26 @@ Units are in the field names (``_ms``, ``_s``, ``_mib``). Defaults follow docs/a
 from __future__ import annotations
 
 import itertools
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from .config_base import PositiveFloat, Priority, StrictModel
 
 Share = Annotated[float, Field(gt=0, le=1)]
 
 
+def _nothing_required(schema: dict[str, Any]) -> None:
+    # Every key has a default where the section is used (ClassesSettings gives each class its
+    # own): editors must accept a class given in part, as the policy loader does.
+    schema.pop("required", None)
+
+
 class ClassSettings(StrictModel):
-    """How one priority class queues, how much of the limit it may use, its default deadline."""
+    """How one priority class queues, how much of the limit it may use, its default deadline.
+    The defaults are per class (``ClassesSettings``); a class given in part keeps the rest."""
+
+    model_config = ConfigDict(json_schema_extra=_nothing_required)
 
     queue_target_ms: PositiveFloat = Field(
         description="CoDel target: when the minimum queueing delay of this class stays above "

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Priority(IntEnum):
@@ -32,6 +32,39 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class StrictModel(BaseModel):
-    """Base of every policy model: unknown keys and YAML type coercions are errors."""
+    """Base of every policy model: unknown keys and YAML type coercions are errors.
+
+    A nested section given in part keeps the defaults of the keys it leaves out: for every
+    field whose default is itself a model (``classes.critical``, ``concurrency``,
+    ``self_protection``, ``state.degraded``...), a mapping in the input is laid over that
+    default, recursively, before validation. So ``admission.classes.critical:
+    {default_deadline_s: 5}`` keeps critical's queue target, queue size and holdback share.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_section_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged: dict[str, Any] | None = None
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if isinstance(value, dict) and isinstance(field.default, BaseModel):
+                merged = dict(data) if merged is None else merged
+                merged[name] = overlay(field.default, value)
+        return data if merged is None else merged
+
+
+def overlay(default: BaseModel, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` laid over ``default``'s values: keys left out keep the default's (validated)
+    values, nested sections are overlaid in turn; the result validates as the section."""
+    out: dict[str, Any] = {name: getattr(default, name) for name in type(default).model_fields}
+    for key, value in given.items():
+        current = out.get(key)
+        if isinstance(value, dict) and isinstance(current, BaseModel):
+            out[key] = overlay(current, value)
+        else:
+            out[key] = value  # unknown keys too: validation names them
+    return out
