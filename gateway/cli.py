@@ -323,14 +323,19 @@ async def _run_until_signal(starters: list[object]) -> None:
     try:
         for start in starters:
             runners.append(await start)  # type: ignore[misc]
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await _stop_signal()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+async def _stop_signal() -> None:
+    """Return at SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def _mock_upstream(args: argparse.Namespace) -> int:
@@ -414,11 +419,7 @@ async def _demo_sites(config: GatewayConfig, mock_port: int) -> None:
                     f"({exc.strerror or exc}); choose another with {flag} N, e.g. "
                     f"bash scripts/demo.sh {flag} {port + 1}") from None
         print(demo_banner(config, mock_port), file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await _stop_signal()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
