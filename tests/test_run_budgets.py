@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.admin import render_table
 from gateway.auth import hash_key
+from gateway.classify import estimate_prompt_tokens
 from gateway.ratelimit import AdmitPlan, Check, Counter, LocalLimits, SettlePlan, Since
 from gateway.runs import session_id
 from gateway.server import GATEWAY, create_app
@@ -253,9 +254,9 @@ async def test_twenty_concurrent_requests_of_one_run_on_three_replicas_stay_unde
     used = sum(tokens for status, tokens, _ in results if status == 200)
     admitted = sum(status == 200 for status, _, _ in results)
     refused = [code for status, _, code in results if status != 200]
-    # Each request reserves its prompt estimate (~2) + 40 and uses about that: the cap
-    # admits 11 of 20 at once, whatever replica they hit and however they interleave.
-    reservation = 42
+    # Each request reserves its prompt estimate + 40 and uses about that: the cap admits
+    # cap // reservation of 20 at once, whatever replica they hit and however they interleave.
+    reservation = estimate_prompt_tokens(chat(text="step", max_tokens=40)) + 40
     assert admitted == cap // reservation, results
     assert set(refused) == {"run_budget_exceeded"}
     assert used <= cap  # real usage never above the reservations, which never pass the cap
@@ -391,7 +392,9 @@ async def test_twenty_concurrent_requests_of_one_run_on_three_gateway_processes(
     finally:
         fleet.close()  # SIGTERM drains pending settlements before exit
     admitted = [tokens for status, tokens, _ in results if status == 200]
-    assert len(admitted) == cap // 42, results  # reservation: ~2 prompt + 40 output
+    reservation = estimate_prompt_tokens(
+        {"model": "m", "max_tokens": 40, "messages": [{"role": "user", "content": "step"}]}) + 40
+    assert len(admitted) == cap // reservation, results  # prompt estimate + 40 output
     assert {code for status, _, code in results if status != 200} == {"run_budget_exceeded"}
     assert sum(admitted) <= cap
     key = f"gw:rl:{{t:t}}:r:{session_id('one-run')}:run-tok"
