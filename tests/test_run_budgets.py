@@ -254,10 +254,12 @@ async def test_twenty_concurrent_requests_of_one_run_on_three_replicas_stay_unde
     used = sum(tokens for status, tokens, _ in results if status == 200)
     admitted = sum(status == 200 for status, _, _ in results)
     refused = [code for status, _, code in results if status != 200]
-    # Each request reserves its prompt estimate + 40 and uses about that: the cap admits
-    # cap // reservation of 20 at once, whatever replica they hit and however they interleave.
+    # Each request reserves its prompt estimate + 40 and uses a little less: the cap admits
+    # cap // reservation of 20 at once, whatever replica they hit and however they interleave,
+    # and more when early answers settled (gave back their unused part) before the last
+    # admissions; what holds always is that real usage never passes the cap (below).
     reservation = estimate_prompt_tokens(chat(text="step", max_tokens=40)) + 40
-    assert admitted == cap // reservation, results
+    assert admitted >= cap // reservation, results
     assert set(refused) == {"run_budget_exceeded"}
     assert used <= cap  # real usage never above the reservations, which never pass the cap
     store = RedisBackend(backend_url, timeout_s=1.0)
@@ -394,7 +396,8 @@ async def test_twenty_concurrent_requests_of_one_run_on_three_gateway_processes(
     admitted = [tokens for status, tokens, _ in results if status == 200]
     reservation = estimate_prompt_tokens(
         {"model": "m", "max_tokens": 40, "messages": [{"role": "user", "content": "step"}]}) + 40
-    assert len(admitted) == cap // reservation, results  # prompt estimate + 40 output
+    # prompt estimate + 40 output each; more when early answers settled first
+    assert len(admitted) >= cap // reservation, results
     assert {code for status, _, code in results if status != 200} == {"run_budget_exceeded"}
     assert sum(admitted) <= cap
     key = f"gw:rl:{{t:t}}:r:{session_id('one-run')}:run-tok"
