@@ -68,6 +68,22 @@ def backend_url(request: pytest.FixtureRequest) -> str | None:
     """None for the memory backend, else the URL of a freshly flushed Redis."""
     if request.param == "memory":
         return None
+    return _shared_url(request)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ]
+)
+def shared_backend_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a freshly flushed Redis, then of a 3-node Cluster: for tests of what only a
+    shared store does (replicas, TTLs read back); they fail, never skip, without one."""
+    return _shared_url(request)
+
+
+def _shared_url(request: pytest.FixtureRequest) -> str:
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("clean_redis")
         return server.url

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,17 @@ async def test_a_run_older_than_its_age_cap_is_refused(backend: StateBackend) ->
     assert young.allowed and young.results[0].remaining <= 599_980
 
 
-@pytest.mark.redis
-async def test_every_admission_renews_a_runs_keys_on_redis(backend: StateBackend) -> None:
-    if not isinstance(backend, RedisBackend):
-        pytest.skip("TTLs read from Redis; the memory twin is tested with a fake clock below")
+@pytest.fixture
+async def redis_backend(shared_backend_url: str) -> AsyncIterator[RedisBackend]:
+    store = RedisBackend(shared_backend_url, timeout_s=1.0)
+    await store.start()
+    yield store
+    await store.close()
+
+
+# TTLs read from Redis; the memory twin is tested with a fake clock below.
+async def test_every_admission_renews_a_runs_keys_on_redis(redis_backend: RedisBackend) -> None:
+    backend = redis_backend
     tok = Counter(RUN + "run-tok", 1000, 1, 60_000, 0, idle=True)
     age = Since(RUN + "run-t0", 600_000, 60_000)
     assert (await backend.admit(plan("a", tok, age))).allowed
@@ -229,12 +237,10 @@ async def test_a_run_refused_by_a_cap_counts_in_metrics_and_status(
     assert "run-m" not in metrics  # session ids never become labels
 
 
-@pytest.mark.redis
 async def test_twenty_concurrent_requests_of_one_run_on_three_replicas_stay_under_the_cap(
-    make_gateway: MakeGateway, backend_url: str | None
+    make_gateway: MakeGateway, shared_backend_url: str
 ) -> None:
-    if backend_url is None:
-        pytest.skip("replicas share Redis or the Cluster")
+    backend_url = shared_backend_url  # replicas share Redis or the Cluster
     cap = 500
     policy = _run_policy(max_tokens=cap)
     replicas = [await make_gateway(state=RedisBackend(backend_url, timeout_s=1.0), **policy)
