@@ -62,10 +62,14 @@ def chat(model: str = "gpt-test", text: str = "hello there", **extra: Any) -> di
 
 
 class FakeClock:
-    """Monotonic seconds that move only when the test says so."""
+    """Seconds that move only when the test says so: the one fake clock of the tests, for
+    monotonic and wall clocks alike (set ``now`` or call ``advance``)."""
 
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now
 
     def __call__(self) -> float:
         return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -23,17 +23,10 @@ from gateway.admission import (
 )
 from gateway.config import Priority
 from gateway.errors import GatewayError
+from tests.gwtest import FakeClock
 
 C, H, N, L = Priority.critical, Priority.high, Priority.normal, Priority.low
 DEP = "openai/gpt-4o"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(clock: FakeClock, limit: int = 20, observer: AdmissionObserver | None = None,

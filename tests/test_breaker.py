@@ -19,6 +19,7 @@ from gateway.breaker import BreakerBoard, Trial
 from gateway.breaker_policy import BreakerPolicy
 from gateway.retry import AttemptFailure, RetryBudget, RetryPolicy, decide_retry
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
+from tests.gwtest import FakeClock
 from tests.redis_server import RedisServer
 
 DEP = "openai/gpt-x"
@@ -27,17 +28,6 @@ POLICY = BreakerPolicy(
     window_s=30, min_calls=10, failure_rate=0.5, consecutive_failures=5,
     reset_timeout_s=10, max_reset_timeout_s=120, reset_jitter=0.2, half_open_probes=2,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Transitions:
