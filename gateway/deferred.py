@@ -41,7 +41,7 @@ from .context import Policy, RequestRecord, Services
 from .deferred_hold import hold_from_json, hold_to_json, refund
 from .deferred_policy import DeferredPolicy
 from .deferred_run import DeferredRunner, free_low_slots
-from .deferred_store import Claim, DeferredStore, Fields, QueueFull
+from .deferred_store import FORGET_CONSUMER_MS, Claim, DeferredStore, Fields, QueueFull
 from .errors import GatewayError, retry_headers
 from .jsonbytes import dumps_kept
 from .limits_policy import Degraded
@@ -362,7 +362,7 @@ class DeferredService:
         stats: dict[str, dict[str, float]] = {}
         for tenant in sorted(config.tenants):
             scan = await self.store.scan(tenant, SWEEP_HEAD,
-                                         forget_idle_ms=86_400_000 if forget else -1)
+                                         forget_idle_ms=FORGET_CONSUMER_MS if forget else -1)
             stats[tenant] = {"depth": scan.depth, "oldest_age_s": scan.oldest_age_s,
                              "ttl_s": config.deferred.for_tenant(tenant).ttl_s}
             for sid, entry_id, expires_ms in scan.head:

@@ -66,11 +66,8 @@ class Target:
 class UpstreamPool:
     """Owns the provider sessions and credentials; resolves a call's candidate targets."""
 
-    def __init__(
-        self, config: GatewayConfig, trace_configs: list[aiohttp.TraceConfig] | None = None
-    ) -> None:
+    def __init__(self, config: GatewayConfig) -> None:
         self._config = config
-        self._trace_configs = trace_configs or []
         self._keys = {name: resolve_api_key(name, p) for name, p in config.providers.items()}
         self._tls = {name: _tls_context(name, p) for name, p in config.providers.items()}
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -90,7 +87,6 @@ class UpstreamPool:
                 # One session serves every tenant: a cookie an upstream sets (load balancer,
                 # bot management) must not ride along on later calls, whoever makes them.
                 cookie_jar=aiohttp.DummyCookieJar(),
-                trace_configs=self._trace_configs,
                 skip_auto_headers=("User-Agent",),
             )
 

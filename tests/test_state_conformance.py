@@ -60,38 +60,6 @@ async def test_delete_returns_whether_key_existed(backend: StateBackend) -> None
     assert await backend.delete("del") is False
 
 
-async def test_incr_creates_with_ttl_and_keeps_it(backend: StateBackend) -> None:
-    assert await backend.incr("ctr", 5, 60_000) == 5
-    first = await backend.ttl_ms("ctr")
-    assert first is not None and 55_000 <= first <= 60_000
-    # A later increment with a much longer TTL must not extend the window.
-    assert await backend.incr("ctr", 2, 10 * HOUR_MS) == 7
-    later = await backend.ttl_ms("ctr")
-    assert later is not None and 0 < later <= first
-    assert await backend.get("ctr") == b"7"
-
-
-async def test_incr_negative_amounts(backend: StateBackend) -> None:
-    assert await backend.incr("neg", -3, HOUR_MS) == -3
-    assert await backend.incr("neg", 5, HOUR_MS) == 2
-    assert await backend.incr("neg", -2, HOUR_MS) == 0
-    assert await backend.get("neg") == b"0"
-
-
-async def test_incr_on_set_integer_keeps_its_ttl(backend: StateBackend) -> None:
-    await backend.set("num", b"10", 30_000)
-    assert await backend.incr("num", 5, HOUR_MS) == 15
-    ttl = await backend.ttl_ms("num")
-    assert ttl is not None and 0 < ttl <= 30_000
-
-
-async def test_incr_on_non_integer_is_unavailable(backend: StateBackend) -> None:
-    await backend.set("text", b"abc", HOUR_MS)
-    with pytest.raises(StateUnavailable):
-        await backend.incr("text", 1, HOUR_MS)
-    assert await backend.get("text") == b"abc"
-
-
 async def test_ttl_ms_within_bounds(backend: StateBackend) -> None:
     await backend.set("ttl", b"x", 5_000)
     ttl = await backend.ttl_ms("ttl")
@@ -102,15 +70,8 @@ async def test_non_positive_ttl_is_a_caller_error(backend: StateBackend) -> None
     with pytest.raises(ValueError):
         await backend.set("bad", b"x", 0)
     with pytest.raises(ValueError):
-        await backend.incr("bad", 1, -5)
+        await backend.set("bad", b"x", -5)
     assert await backend.get("bad") is None
-
-
-async def test_concurrent_incr_sums_exactly(backend: StateBackend) -> None:
-    results = await asyncio.gather(*(backend.incr("{t}:n", 1, HOUR_MS) for _ in range(200)))
-    # Every task saw a distinct intermediate value: no lost or doubled update.
-    assert sorted(results) == list(range(1, 201))
-    assert await backend.get("{t}:n") == b"200"
 
 
 async def test_ping_and_idempotent_close(backend: StateBackend) -> None:
@@ -126,19 +87,19 @@ async def test_memory_expiry_is_exact() -> None:
     clock = FakeClock(1000.0)
     store = MemoryBackend(clock)
     await store.set("k", b"v", 100)
-    assert await store.incr("c", 1, 100) == 1
+    await store.set("c", b"1", 100)
 
     clock.now = 1000.0 + 0.099  # ttl - 1 ms: still there
     assert await store.get("k") == b"v"
     assert await store.ttl_ms("k") == 1
-    assert await store.incr("c", 1, 100) == 2
+    assert await store.set("c", b"2", 100, only_if_absent=True) is False
 
     clock.now = 1000.0 + 0.100  # exactly ttl: gone, everywhere
     assert await store.get("k") is None
     assert await store.ttl_ms("k") is None
     assert await store.delete("c") is False
     assert await store.set("k", b"new", 50, only_if_absent=True) is True
-    assert await store.incr("c", 1, 100) == 1  # a fresh counter with a fresh TTL
+    assert await store.set("c", b"3", 100, only_if_absent=True) is True  # fresh, fresh TTL
     assert await store.ttl_ms("c") == 100
 
 
@@ -159,10 +120,7 @@ async def test_memory_stays_bounded_under_key_churn(ttl_ms: int) -> None:
     peak = 0
     for i in range(10_000):  # distinct keys, one write per simulated millisecond
         clock.now += 0.001
-        if i % 2:
-            await store.set(f"s{i}", b"x", ttl_ms)
-        else:
-            await store.incr(f"c{i}", 1, ttl_ms)
+        await store.set(f"s{i}", b"x", ttl_ms, only_if_absent=bool(i % 2))
         peak = max(peak, store.stored_count())
     live = ttl_ms  # keys younger than the TTL
     assert peak <= 1.5 * live + 32, peak
@@ -176,7 +134,7 @@ async def test_redis_keys_carry_the_prefix(clean_redis: RedisServer) -> None:
     store = RedisBackend(clean_redis.url, key_prefix="gwtest:")
     try:
         await store.set("k", b"v", HOUR_MS)
-        await store.incr("n", 1, HOUR_MS)
+        await store.set("n", b"1", HOUR_MS)
         assert clean_redis.command("EXISTS", "gwtest:k") == 1
         assert clean_redis.command("EXISTS", "gwtest:n") == 1
         assert clean_redis.command("EXISTS", "k") == 0
@@ -191,7 +149,9 @@ async def test_redis_cluster_mode_is_selected_by_url(redis_cluster: RedisCluster
         assert store.cluster is True
         # Different hash tags land on different masters; all of them must work.
         for tenant in ("hooli", "umbrella", "acme"):
-            assert await store.incr(f"rl:{{{tenant}}}:n", 1, HOUR_MS) >= 1
+            key = f"rl:{{{tenant}}}:n"
+            assert await store.set(key, tenant.encode(), HOUR_MS) is True
+            assert await store.get(key) == tenant.encode()
     finally:
         await store.close()
 
@@ -201,7 +161,7 @@ def _ops(store: RedisBackend) -> list[Callable[[], Awaitable[object]]]:
         lambda: store.get("k"),
         lambda: store.set("k", b"v", HOUR_MS),
         lambda: store.delete("k"),
-        lambda: store.incr("n", 1, HOUR_MS),
+        lambda: store.renew_leases("n", ["r1"], HOUR_MS),  # a script (EVALSHA)
         lambda: store.ttl_ms("k"),
     ]
 
@@ -223,7 +183,7 @@ async def test_redis_stopped_server_fails_fast_and_recovers() -> None:
         store = RedisBackend(server.url, timeout_s=0.25)
         try:
             await store.start()
-            assert await store.incr("n", 1, HOUR_MS) == 1  # caches the script SHA
+            await store.renew_leases("n", ["r1"], HOUR_MS)  # caches the script SHA
 
             server.stop()
             await _assert_all_fail_fast(store, 1.5)
@@ -234,7 +194,7 @@ async def test_redis_stopped_server_fails_fast_and_recovers() -> None:
                 assert time.monotonic() < deadline, "backend did not reconnect"
                 await asyncio.sleep(0.05)
             # Same object, no re-creation; EVALSHA hits NOSCRIPT and the script reloads.
-            assert await store.incr("n", 1, HOUR_MS) == 1
+            await store.renew_leases("n", ["r1"], HOUR_MS)
             # A settle pipeline too: NOSCRIPT calls did not run, so they run once, reloaded.
             plans = [SettlePlan(f"r{i}", f"rl:{{t:a}}:done:r{i}", f"rl:{{t:a}}:hold:r{i}",
                                 HOUR_MS, (), (("rl:{t:a}:day", 0, 7, HOUR_MS),), ())

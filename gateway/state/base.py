@@ -27,7 +27,7 @@ class StateUnavailable(Exception):
 
 
 class StateBackend(Protocol):
-    """Async key/value store with TTLs and atomic counters."""
+    """Async key/value store with TTLs, and the limiter's atomic admit/settle calls."""
 
     name: str  # "memory" or "redis", shown in /readyz and metrics
 
@@ -51,10 +51,6 @@ class StateBackend(Protocol):
 
     async def delete(self, key: str) -> bool:
         """Remove the key; True when it existed."""
-
-    async def incr(self, key: str, amount: int, ttl_ms: int) -> int:
-        """Atomically add amount (may be negative) and return the new value. A key created
-        by this call gets ttl_ms; an existing key keeps its TTL."""
 
     async def ttl_ms(self, key: str) -> int | None:
         """Remaining TTL in milliseconds, or None when the key is missing."""

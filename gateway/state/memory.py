@@ -12,13 +12,11 @@ distinct keys without ever pausing the event loop for a full scan.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.ratelimit import AdmitPlan, AdmitResult, LocalLimits, SettlePlan
-from gateway.state.base import StateUnavailable
 
 # Keys examined per write by the incremental sweep. With k keys per write, a full pass
 # over n stored keys takes n/k writes, during which at most n/k new keys can arrive; so
@@ -26,17 +24,11 @@ from gateway.state.base import StateUnavailable
 # live / (1 - 2/k) + a small constant. 8 keeps that within ~1.33x of the live keys.
 _SWEEP_BATCH = 8
 
-# Redis INCRBY accepts only canonical signed 64-bit decimals; mirror that so a value that
-# works with one backend works with the other.
-_INT_RE = re.compile(rb"0|-?[1-9][0-9]{0,18}")
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
 
 
 @dataclass(slots=True)
 class _Entry:
-    # Counters stay ints so incr does not re-parse bytes every time; get() encodes them.
-    value: bytes | int
+    value: bytes
     expires_at: float  # clock seconds; the key is gone once now >= expires_at
 
 
@@ -52,8 +44,7 @@ class MemoryBackend:
 
     ``clock`` returns seconds (monotonic); a key written with ``ttl_ms`` at time ``t``
     is visible while ``clock() < t + ttl_ms / 1000`` and gone from then on.
-    Never raises ``StateUnavailable`` except for ``incr`` on a value that is not an
-    integer (or would overflow 64 bits), which Redis also refuses.
+    Never raises ``StateUnavailable``: the store is this process.
     """
 
     name: str = "memory"
@@ -96,8 +87,7 @@ class MemoryBackend:
         entry = self._live(key, self._clock())
         if entry is None:
             return None
-        value = entry.value
-        return str(value).encode() if isinstance(value, int) else value
+        return entry.value
 
     async def set(
         self, key: str, value: bytes, ttl_ms: int, *, only_if_absent: bool = False
@@ -115,28 +105,6 @@ class MemoryBackend:
             return False
         del self._data[key]
         return True
-
-    async def incr(self, key: str, amount: int, ttl_ms: int) -> int:
-        check_ttl(ttl_ms)
-        now = self._clock()
-        self._sweep_step(now)
-        entry = self._live(key, now)
-        if entry is None:
-            current = 0
-        elif isinstance(entry.value, int):
-            current = entry.value
-        elif _INT_RE.fullmatch(entry.value):
-            current = int(entry.value)
-        else:
-            raise StateUnavailable(f"incr {key!r}: stored value is not an integer")
-        new = current + amount
-        if not _INT64_MIN <= new <= _INT64_MAX:
-            raise StateUnavailable(f"incr {key!r}: result would overflow 64 bits")
-        if entry is None:
-            self._data[key] = _Entry(new, now + ttl_ms / 1000)
-        else:
-            entry.value = new  # an existing key keeps its expiry
-        return new
 
     async def ttl_ms(self, key: str) -> int | None:
         now = self._clock()

@@ -168,7 +168,6 @@ class RedisBackend:
             )
         # register_script makes no round trip; calls use EVALSHA and reload the script
         # on NOSCRIPT (e.g. after a Redis restart emptied the script cache).
-        self._incr_script = self._client.register_script(load_lua("incr_ttl.lua"))
         self._admit_script = self._client.register_script(load_lua("admit.lua"))
         self._settle_script = self._client.register_script(load_lua("settle.lua"))
         self._renew_script = self._client.register_script(load_lua("renew.lua"))
@@ -250,13 +249,6 @@ class RedisBackend:
     async def delete(self, key: str) -> bool:
         k = self._prefix + key
         return bool(await self._call("delete", lambda: self._client.delete(k)))
-
-    async def incr(self, key: str, amount: int, ttl_ms: int) -> int:
-        check_ttl(ttl_ms)
-        k = self._prefix + key
-        return int(
-            await self._call("incr", lambda: self._incr_script(keys=[k], args=[amount, ttl_ms]))
-        )
 
     async def ttl_ms(self, key: str) -> int | None:
         """Remaining TTL; None when missing. -1 for a key without expiry, which only a
