@@ -141,9 +141,6 @@ class DegradedMode:
                 if len(self._known) > KNOWN_BUDGETS_MAX:
                     del self._known[next(iter(self._known))]
 
-    def known_spent(self, key: str) -> int | None:
-        return self._known.get(key)
-
     def _local_key(self, key: str) -> str:
         # A budget with a known spend gets fresh local counters per episode: its limit there
         # is the headroom left when the episode began, not the whole budget.

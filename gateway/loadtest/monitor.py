@@ -34,7 +34,6 @@ class Monitor:
         self.dropped_arrivals = 0
         self.current_lag_s = 0.0
         self._probe_s = probe_s
-        self._t0 = 0.0
 
     def arrival(self, lag_s: float) -> None:
         self.arrival_lag.record(lag_s)
@@ -44,7 +43,6 @@ class Monitor:
                   on_tick: Callable[[float], None]) -> None:
         """Probe until cancelled; ``on_tick(seconds since t0)`` runs every ``every_s``."""
         loop = asyncio.get_running_loop()
-        self._t0 = t0
         last_wall, last_cpu = loop.time(), time.process_time()
         next_tick = t0 + every_s
         while True:

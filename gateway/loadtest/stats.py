@@ -23,7 +23,6 @@ __all__ = ["OUTCOMES", "Group", "Recorder", "RequestRecord", "RunRecord", "Timel
 OUTCOMES = ("ok", "shed", "rate_limited", "deadline", "upstream_error", "client_error",
             "stream_error", "timeout", "transport", "cancelled")
 OUTCOME_INDEX = {name: i for i, name in enumerate(OUTCOMES)}
-NO_CLASS = "default"  # requests sent without X-Priority
 
 
 @dataclass(slots=True)
