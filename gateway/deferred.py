@@ -42,11 +42,13 @@ from .deferred_hold import hold_from_json, hold_to_json, refund
 from .deferred_policy import DeferredPolicy
 from .deferred_run import DeferredRunner, free_low_slots
 from .deferred_store import FORGET_CONSUMER_MS, Claim, DeferredStore, Fields, QueueFull
+from .deferred_store_memory import MemoryDeferredStore
+from .deferred_store_redis import RedisDeferredStore
 from .errors import GatewayError, retry_headers
 from .jsonbytes import dumps_kept
 from .limits_policy import Degraded
 from .metrics import GatewayMetrics
-from .state import StateUnavailable
+from .state import StateBackend, StateUnavailable
 from .upstream import FORWARDED_REQUEST_HEADERS
 
 log = logging.getLogger("gateway.deferred")
@@ -77,6 +79,15 @@ def prefers_async(headers: Mapping[str, str]) -> bool:
             if pref.split(";", 1)[0].split("=", 1)[0].strip().lower() == "respond-async":
                 return True
     return False
+
+
+def create_store(state: StateBackend, clock: Callable[[], float] = time.time) -> DeferredStore:
+    """Redis Streams on the Redis the state backend shares; else the in-process store (the
+    memory backend's state is this process's too). ``clock``: epoch seconds, memory only."""
+    shared = state.shared_redis()
+    if shared is not None:
+        return RedisDeferredStore(shared)
+    return MemoryDeferredStore(clock)
 
 
 def valid_id(entry_id: str) -> bool:

@@ -1,6 +1,7 @@
-"""Where deferred requests wait: the ``DeferredStore`` contract, its data types, and
-``create_store``, which picks the implementation for the state backend: Redis Streams
-(deferred_store_redis.py) or process memory (deferred_store_memory.py).
+"""Where deferred requests wait: the ``DeferredStore`` contract and its data types. Two
+implementations: Redis Streams (deferred_store_redis.py) on the Redis the state backend
+shares, process memory (deferred_store_memory.py) otherwise; ``deferred.create_store``
+picks one.
 
 Lifecycle of an entry (on Redis each step is one atomic script, ``gateway/lua/deferred_*.lua``;
 the memory store does the same in Python)::
@@ -24,14 +25,11 @@ pending are deleted by the sweeper.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from .jsonbytes import dumps_kept
-from .state import StateBackend, StateUnavailable
-from .state.redis import RedisBackend
 
 FORGET_CONSUMER_MS = 24 * 3600 * 1000  # replicas gone this long, with nothing pending
 Fields = dict[str, bytes]
@@ -146,17 +144,6 @@ class DeferredStore(Protocol):
         """Depth and the oldest ``head`` entries; forgets long-idle consumers."""
 
 
-def create_store(state: StateBackend, clock: Callable[[], float] = time.time) -> DeferredStore:
-    """Redis Streams on the Redis backend's client; else the in-process store."""
-    # Imported here, not at the top: both implementations import this module's types.
-    from .deferred_store_memory import MemoryDeferredStore
-    from .deferred_store_redis import RedisDeferredStore
-
-    if isinstance(state, RedisBackend):
-        return RedisDeferredStore(state)
-    return MemoryDeferredStore(clock)
-
-
 def encode_run_info(info: Mapping[str, Any]) -> bytes:
     """A run's record as both stores keep it (``run:<n>``), so the API reads either alike."""
     return dumps_kept(info)
@@ -170,7 +157,5 @@ __all__ = [
     "Result",
     "Scan",
     "Started",
-    "StateUnavailable",
     "Submitted",
-    "create_store",
 ]

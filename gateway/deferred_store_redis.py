@@ -32,7 +32,7 @@ from .deferred_store import (
     Submitted,
     encode_run_info,
 )
-from .state.redis import RedisBackend
+from .state import SharedRedis
 
 GROUP = "gw"
 
@@ -50,11 +50,12 @@ def _load(name: str) -> str:
 
 
 class RedisDeferredStore:
-    """``DeferredStore`` on the state backend's Redis (standalone or Cluster)."""
+    """``DeferredStore`` on the state backend's Redis (standalone or Cluster), lent by the
+    backend (``StateBackend.shared_redis``)."""
 
     name = "redis"
 
-    def __init__(self, backend: RedisBackend) -> None:
+    def __init__(self, backend: SharedRedis) -> None:
         self._backend = backend
         client = backend.client
         self._prefix = backend.key_prefix

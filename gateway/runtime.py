@@ -24,8 +24,7 @@ from .breaker import BreakerBoard
 from .config import GatewayConfig
 from .config_base import Priority
 from .context import Policy, Services
-from .deferred import DeferredService
-from .deferred_store import create_store
+from .deferred import DeferredService, create_store
 from .degraded import DegradedMode
 from .journal import JournalFile
 from .limits import LEASE_TTL_MS, InFlight, Limiter

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.deferred_store import Claim, DeferredStore, QueueFull, Result, create_store
+from gateway.deferred import create_store
+from gateway.deferred_store import Claim, DeferredStore, QueueFull, Result
 from gateway.deferred_store_memory import MemoryDeferredStore
 from gateway.deferred_store_redis import RedisDeferredStore
 from gateway.state import MemoryBackend, StateBackend

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from gateway.state.base import StateBackend, StateUnavailable
+from gateway.state.base import SharedRedis, StateBackend, StateUnavailable
 from gateway.state.memory import MemoryBackend
 from gateway.state.redis import RedisBackend
 
-__all__ = ["MemoryBackend", "RedisBackend", "StateBackend", "StateUnavailable", "create_backend"]
+__all__ = ["MemoryBackend", "RedisBackend", "SharedRedis", "StateBackend", "StateUnavailable",
+           "create_backend"]
 
 
 def create_backend(

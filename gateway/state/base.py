@@ -11,19 +11,45 @@ memory backend ignores tags. Every write takes a TTL so nothing grows without bo
 
 Errors: a backend raises ``StateUnavailable`` (and only that) when the store cannot be
 reached or answers too slowly, so policies can apply their degraded mode in one place.
+
+Capabilities: a store that needs more than keys and TTLs (the deferred queue keeps Redis
+Streams) asks the backend for it (``StateBackend.shared_redis``) rather than testing which
+backend it got; a backend without the capability returns None and the caller uses its
+in-process alternative.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis, RedisCluster
+
     from gateway.ratelimit import AdmitPlan, AdmitResult, SettlePlan
+
+T = TypeVar("T")
 
 
 class StateUnavailable(Exception):
     """The shared store did not answer in time or refused the connection."""
+
+
+class SharedRedis(Protocol):
+    """The Redis a backend runs on, lent to stores that keep their own data structures there
+    (streams, hashes, their own scripts) beside the backend's keys."""
+
+    @property
+    def client(self) -> Redis | RedisCluster:
+        """The backend's client; every command on it goes through ``call``."""
+
+    @property
+    def key_prefix(self) -> str:
+        """Put in front of every key, as the backend does with its own."""
+
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one command under the backend's deadline; failures become
+        ``StateUnavailable`` naming ``op``."""
 
 
 class StateBackend(Protocol):
@@ -70,3 +96,7 @@ class StateBackend(Protocol):
 
     async def renew_leases(self, key: str, members: list[str], ttl_ms: int) -> None:
         """Extend live concurrency leases (long streams keep their slot)."""
+
+    def shared_redis(self) -> SharedRedis | None:
+        """The Redis shared by every replica, for stores of their own there; None when the
+        state lives in this process (then such a store keeps its data in memory too)."""

@@ -83,6 +83,9 @@ class MemoryBackend:
     async def renew_leases(self, key: str, members: list[str], ttl_ms: int) -> None:
         self.limits.renew([(key, m) for m in members], ttl_ms)
 
+    def shared_redis(self) -> None:
+        return None  # nothing is shared: the state is this process's
+
     async def get(self, key: str) -> bytes | None:
         entry = self._live(key, self._clock())
         if entry is None:

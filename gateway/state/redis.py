@@ -182,8 +182,11 @@ class RedisBackend:
         """True when talking to a Redis Cluster (``redis+cluster://`` URL)."""
         return isinstance(self._client, RedisCluster)
 
-    # Deferred requests (gateway/deferred_store.py) run stream commands and their own scripts on
-    # this client; every such command goes through ``call`` (deadline + StateUnavailable).
+    def shared_redis(self) -> RedisBackend:
+        """Itself: stores of their own (deferred requests' streams and scripts) run on this
+        client, every command through ``call`` (deadline + StateUnavailable)."""
+        return self
+
     @property
     def client(self) -> Redis | RedisCluster:
         return self._client
