@@ -1,6 +1,6 @@
-"""Cost of knowing that an upstream request was sent (upstream.py ``_SentBody``): the same
+"""Cost of knowing that an upstream request was sent (transport.py ``SentBody``): the same
 sequential POSTs (a 4 KB JSON body) to a local aiohttp server with the body as plain bytes,
-as the gateway's ``_SentBody`` payload, and (the alternative not taken) as bytes from a
+as the gateway's ``SentBody`` payload, and (the alternative not taken) as bytes from a
 session with an aiohttp TraceConfig that marks ``on_request_chunk_sent``; alternating rounds
 in one process, best round of each.
 
@@ -16,7 +16,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from gateway.upstream import _SentBody
+from gateway.transport import SentBody
 
 
 async def _ok(request: web.Request) -> web.Response:
@@ -38,7 +38,7 @@ async def _round(session: aiohttp.ClientSession, url: str, body: bytes, n: int,
                  payload: bool = False) -> float:
     began = time.perf_counter()
     for _ in range(n):
-        data = _SentBody(body, content_type="application/json") if payload else body
+        data = SentBody(body) if payload else body
         async with session.post(url, data=data) as resp:
             await resp.read()
     return (time.perf_counter() - began) / n
@@ -68,7 +68,7 @@ async def main(requests: int, rounds: int) -> None:
         await bare.close()
         await traced.close()
         await runner.cleanup()
-    print(f"per call: bytes {best_bare * 1e6:.0f} us, _SentBody {best_payload * 1e6:.0f} us "
+    print(f"per call: bytes {best_bare * 1e6:.0f} us, SentBody {best_payload * 1e6:.0f} us "
           f"(ratio {best_payload / best_bare:.3f}), chunk trace {best_traced * 1e6:.0f} us "
           f"(ratio {best_traced / best_bare:.3f})")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
@@ -205,7 +204,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                 failure = (AttemptFailure.first_byte_timeout() if timed_out
                            else AttemptFailure.connect_error())
                 return None, _Failed(failure, error=exc)
-            log.first_byte_s = record.first_byte_s = time.monotonic() - attempt.began
+            log.first_byte_s = record.first_byte_s = svc.clock() - attempt.began
             error_answer = upstream.status >= 400
             if upstream.status < 400:
                 trial.success(log.first_byte_s)
@@ -224,7 +223,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             except GatewayError:  # the error body broke off: judged by its status alone
                 body = b""
             failure = AttemptFailure.from_response(upstream.status, upstream.headers, body,
-                                                   now_epoch_s=time.time())
+                                                   now_epoch_s=svc.wall_clock())
             if upstream.status == 429:
                 trial.quota(failure.retry_after_s)
                 outcome = "overload"
@@ -240,7 +239,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                                  translation=ctx.call.translations.get(target.provider.kind))
     finally:
         trial.cancelled()  # no-op once judged: a cancel or any other exit is never counted
-        log.duration_s = time.monotonic() - attempt.began
+        log.duration_s = svc.clock() - attempt.began
         record.upstream_s = (record.upstream_s or 0.0) + log.duration_s
         if outcome == "success" and record.stream:
             ttft = record.ttft_s

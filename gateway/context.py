@@ -9,6 +9,7 @@ keep state across requests and reloads.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,7 @@ class RequestRecord:
     span attributes are all made from it, so they always agree."""
 
     request_id: str
-    started: float  # time.monotonic() when the request arrived (not loop.time(): uvloop's is ms)
+    started: float  # the gateway's clock when the request arrived (Services.clock)
     route: str = ""
     tenant: str | None = None
     model: str | None = None
@@ -103,7 +104,9 @@ class Policy:
 class Services:
     """Process-wide policy objects; each keeps its own state across requests and reloads."""
 
-    clock: Callable[[], float]  # monotonic seconds, the same clock as loop.time()
+    # Monotonic seconds: deadlines, waits, measured durations. Not necessarily loop.time():
+    # the upstream attempt moves deadlines to the clock its timers run on.
+    clock: Callable[[], float]
     rng: random.Random
     admission: AdmissionController
     guard: SelfProtection
@@ -113,3 +116,4 @@ class Services:
     tracing: Tracing
     observers: list[Any] = field(default_factory=list)
     deferred: DeferredService | None = None  # Prefer: respond-async; set by runtime.Gateway
+    wall_clock: Callable[[], float] = time.time  # epoch seconds: Retry-After dates, run logs

@@ -395,7 +395,7 @@ class DeferredService:
         return {"running": len(self._running), "tenants": self._stats}
 
     def _log_error(self, message: str, exc: Exception) -> None:
-        now = time.monotonic()
+        now = self._svc.clock()
         if now - self._last_error_log >= 10.0:  # at most one line per 10 s
             self._last_error_log = now
             log.warning(message, extra={"fields": {"error": str(exc)}})

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -187,9 +186,9 @@ class DeferredRunner:
         svc, config = self._svc, policy.config
         fields = started.fields
         route = ROUTES[fields["route"].decode()]
-        record = RequestRecord(request_id=f"{claim.id}.r{started.run}", started=time.monotonic(),
+        record = RequestRecord(request_id=f"{claim.id}.r{started.run}", started=svc.clock(),
                                route=route.path, tenant=claim.tenant, priority="low")
-        began_ms = int(time.time() * 1000)
+        began_ms = int(svc.wall_clock() * 1000)
         info: dict[str, Any] = {"replica": self.consumer, "started_ms": began_ms}
         headers = CIMultiDict(orjson.loads(fields["headers"]))
         called = False
@@ -229,12 +228,12 @@ class DeferredRunner:
         model = config.models.get(record.model or "")
         if model is not None:
             record.set_cost(cost_micros(record.usage, model.price.rates))
-        record.total_s = time.monotonic() - record.started
+        record.total_s = svc.clock() - record.started
         self._metrics.observe_request(record)
         info.update({"outcome": "success" if result.code < 400 else f"http_{result.code}",
                      "status": result.code, "attempts": len(record.attempt_log),
                      "deployment": record.deployment,
-                     "duration_ms": int(time.time() * 1000) - began_ms})
+                     "duration_ms": int(svc.wall_clock() * 1000) - began_ms})
         if called and result.code >= 400:
             log.info("deferred run failed", extra={"fields": {
                 "id": claim.id, "run": started.run, "status": result.code}})

@@ -80,7 +80,7 @@ class JournalFile:
         """Take over every file other replicas left: (settlements, unreadable lines)."""
         plans: list[SettlePlan] = []
         corrupt = 0
-        now = time.time()
+        now = time.time()  # the real wall clock: compared with the files' mtimes, set by the OS
         try:
             names = sorted(os.listdir(self._dir))
         except FileNotFoundError:

@@ -372,9 +372,9 @@ class Limiter:
         if self.degraded.active:
             return self.degraded.admit(plan, priority), self.degraded.action_for(priority)
         try:
-            began = time.monotonic()
+            began = self._clock()
             result = await self._state.admit(plan)
-            self.degraded.last_latency_s = time.monotonic() - began
+            self.degraded.last_latency_s = self._clock() - began
             self.degraded.remember(plan, result)  # what degraded mode starts from
             return result, "global"
         except StateUnavailable as exc:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -16,13 +14,14 @@ from .classify import ProxyCall, estimate_answer_tokens
 from .errors import GatewayError, upstream_failure
 from .streaming import SseRelay, Usage
 from .translate import Translation
+from .transport import UpstreamResponse
 from .upstream import FORWARDED_RESPONSE_HEADERS, UpstreamAttempt
 
 if TYPE_CHECKING:
     from .context import RequestRecord
 
 
-def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+def is_event_stream(response: UpstreamResponse) -> bool:
     return response.content_type == "text/event-stream"
 
 
@@ -118,7 +117,7 @@ async def relay_stream(
             out = rename(translate(relay.feed(chunk)))
             if out:
                 if record.ttft_s is None:
-                    record.ttft_s = time.monotonic() - record.started
+                    record.ttft_s = attempt.clock() - record.started
                 await _write(request, response, out, attempt.end, write_idle_s)
         out = rename(translate(relay.leftover()))
         if out:

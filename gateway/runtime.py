@@ -17,6 +17,7 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Callable
 
 from .admission import AdmissionController, AdmissionObserver
 from .auth import Authenticator
@@ -35,6 +36,7 @@ from .retry import RetryBudget
 from .selfprotect import SelfProtection
 from .state import StateBackend
 from .tracing import Tracing
+from .transport import TransportFactory, aiohttp_transport
 from .upstream import UpstreamPool
 
 log = logging.getLogger("gateway")
@@ -60,13 +62,23 @@ def deployment_labels(config: GatewayConfig) -> list[str]:
 
 
 class Gateway:
-    """Everything one gateway process runs on; ``start``/``stop`` from the app's lifecycle."""
+    """Everything one gateway process runs on; ``start``/``stop`` from the app's lifecycle.
+
+    The seams a test drives the whole app through: ``clock`` (monotonic seconds: limits,
+    admission, breakers, deadlines, measured times), ``wall_clock`` (epoch seconds: budget
+    periods, Retry-After dates, deferred entries) and ``transport`` (how each provider is
+    called: ``transport.MockTransport`` answers in-process, without sockets).
+    """
 
     def __init__(self, config: GatewayConfig, state: StateBackend,
-                 tracing: Tracing | None = None, metrics: GatewayMetrics | None = None) -> None:
+                 tracing: Tracing | None = None, metrics: GatewayMetrics | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time,
+                 transport: TransportFactory = aiohttp_transport) -> None:
         self.state = state
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        clock = time.monotonic
+        self.clock, self.wall_clock = clock, wall_clock
+        self._transport = transport
         rng = random.Random()
         self.metrics = metrics or GatewayMetrics(config)
         self.tracing = tracing or Tracing(None)
@@ -86,9 +98,9 @@ class Gateway:
             quotas=ProviderQuotas(state, clock, self.replica_id),
             tracing=self.tracing,
             observers=[self.metrics],
+            wall_clock=wall_clock,
         )
-        self.inflight = InFlight(clock, time.time)
-        self._clock = clock
+        self.inflight = InFlight(clock, wall_clock)
         # Access lines of refused requests, rate-bounded per tenant and reason (logs.py)
         self.refusals = RefusalLog(clock, config.server.refused_log_per_s)
         self.policy = self.build_policy(config)
@@ -98,15 +110,17 @@ class Gateway:
         self._retired: list[Policy] = []
         self._wire_metric_sources()
         # Deferred requests (deferred.py): queue, dispatcher and sweeper; idle unless enabled
-        self.deferred = DeferredService(lambda: self.policy, self.services, create_store(state),
+        self.deferred = DeferredService(lambda: self.policy, self.services,
+                                        create_store(state, wall_clock),
                                         self.metrics, self.replica_id, self.close_idle_retired)
         self.services.deferred = self.deferred
         self.metrics.set_deferred_source(self.deferred.snapshot)
 
     def build_policy(self, config: GatewayConfig) -> Policy:
-        limiter = Limiter(config, self.state, self.degraded, time.time, self.inflight,
-                          self._clock)
-        return Policy(config, Authenticator(config), UpstreamPool(config), limiter)
+        limiter = Limiter(config, self.state, self.degraded, self.wall_clock, self.inflight,
+                          self.clock)
+        upstreams = UpstreamPool(config, transport=self._transport, clock=self.clock)
+        return Policy(config, Authenticator(config), upstreams, limiter)
 
     def _wire_metric_sources(self) -> None:
         svc, m = self.services, self.metrics

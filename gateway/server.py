@@ -32,6 +32,7 @@ from .pipeline import handle_proxy, models_listing
 from .runtime import Gateway
 from .state import StateBackend, create_backend
 from .tracing import Tracing
+from .transport import TransportFactory, aiohttp_transport
 from .worker_group import WORKER_GROUP
 
 log = logging.getLogger("gateway")
@@ -48,9 +49,12 @@ RECORD = web.RequestKey("record", RequestRecord)
 def create_app(
     config: GatewayConfig, *, state: StateBackend | None = None,
     tracing: Tracing | None = None, metrics: GatewayMetrics | None = None,
+    clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+    transport: TransportFactory = aiohttp_transport,
 ) -> web.Application:
     """Build the gateway app; the state backend defaults to what the policy file names,
-    tracing to what the OTEL_* environment says (off unless an exporter is configured)."""
+    tracing to what the OTEL_* environment says (off unless an exporter is configured).
+    ``clock``, ``wall_clock`` and ``transport``: the ``Gateway``'s seams (runtime.py)."""
     if state is None:
         state = create_backend(
             config.state.backend,
@@ -66,11 +70,12 @@ def create_app(
                           handler_args={"auto_decompress": False})
     if config.server.cors_origins:
         setup_cors(app, config.server.cors_origins)
-    app[GATEWAY] = Gateway(config, state, tracing or Tracing.from_env(), metrics)
+    gateway = app[GATEWAY] = Gateway(config, state, tracing or Tracing.from_env(), metrics,
+                                     clock=clock, wall_clock=wall_clock, transport=transport)
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(_stamp_request_id)
     # Every route through Routes (endpoints.py): the kind decides how it is limited.
-    routes = Routes(app, GATEWAY, RECORD)
+    routes = Routes(app, GATEWAY, RECORD, gateway.clock)
     for path in ROUTES:
         routes.proxied("POST", path, _proxy)
     routes.tenant("GET", "/v1/models", _models)
@@ -79,7 +84,7 @@ def create_app(
     routes.public("GET", "/healthz", _healthz)
     routes.public("GET", "/readyz", _readyz)
     if config.server.metrics:
-        scrape = metrics_handler(app[GATEWAY].metrics)
+        scrape = metrics_handler(gateway.metrics)
         if config.server.metrics_need_admin_key:
             routes.admin("GET", "/metrics", scrape)
         else:
@@ -186,7 +191,7 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
     gateway = request.app[GATEWAY]
     client_id = request.headers.get("X-Request-Id", "")
     request_id = client_id if _CLIENT_REQUEST_ID.match(client_id) else os.urandom(16).hex()
-    record = RequestRecord(request_id=request_id, started=time.monotonic(), route=request.path)
+    record = RequestRecord(request_id=request_id, started=gateway.clock(), route=request.path)
     request[RECORD] = record
     quiet = request.path in _QUIET_PATHS  # probes and scrapes: no span, metrics or log line
     resource = request.match_info.route.resource
@@ -212,7 +217,7 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
             return _error_response(request, record, internal)
         finally:
             if span is not None:
-                record.total_s = time.monotonic() - record.started
+                record.total_s = gateway.clock() - record.started
                 span.finish(record)
                 if gateway.policy.config.server.metrics:
                     if record.outcome in ("rejected", "error") \

@@ -1,4 +1,5 @@
-"""The upstream client: one connection pool per provider, one ``UpstreamAttempt`` per call.
+"""The upstream client: one transport (connection pool) per provider, one ``UpstreamAttempt``
+per call. The transport (transport.py) only moves bytes; timeouts and errors are decided here.
 
 Security rules live here because this is the only code that talks to providers:
 - the URL is ``provider.base_url + route path``, never anything from the request;
@@ -17,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Self
 
 import aiohttp
-from aiohttp.abc import AbstractStreamWriter
 
 from . import translate
 from .classify import ProxyCall
@@ -30,6 +30,7 @@ from .config import ConfigError, Deployment, GatewayConfig, Provider, resolve_ap
 from .errors import UpstreamTimeout, upstream_failure
 from .jsonbytes import dumps_kept
 from .translate import TranslationRefused
+from .transport import SentBody, Transport, TransportFactory, UpstreamResponse, aiohttp_transport
 
 # Request headers a client may pass through to the provider. Everything else is dropped.
 FORWARDED_REQUEST_HEADERS = (
@@ -64,36 +65,29 @@ class Target:
 
 
 class UpstreamPool:
-    """Owns the provider sessions and credentials; resolves a call's candidate targets."""
+    """Owns the provider transports and credentials; resolves a call's candidate targets.
 
-    def __init__(self, config: GatewayConfig) -> None:
+    ``transport`` makes each provider's transport (``aiohttp_transport``: a pooled session);
+    ``clock`` is the gateway's monotonic clock, which deadlines and measured times use."""
+
+    def __init__(self, config: GatewayConfig, *,
+                 transport: TransportFactory = aiohttp_transport,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
+        self._make_transport = transport
+        self._clock = clock
         self._keys = {name: resolve_api_key(name, p) for name, p in config.providers.items()}
         self._tls = {name: _tls_context(name, p) for name, p in config.providers.items()}
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._transports: dict[str, Transport] = {}
 
     async def start(self) -> None:
         for name, provider in self._config.providers.items():
-            connector = aiohttp.TCPConnector(
-                limit=provider.pool_size,
-                ssl=self._tls[name],
-                enable_cleanup_closed=False,
-            )
-            self._sessions[name] = aiohttp.ClientSession(
-                connector=connector,
-                # Our own timers bound every phase; aiohttp's 5-minute default must not cut in.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=provider.timeouts.connect_s),
-                auto_decompress=True,
-                # One session serves every tenant: a cookie an upstream sets (load balancer,
-                # bot management) must not ride along on later calls, whoever makes them.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent",),
-            )
+            self._transports[name] = self._make_transport(name, provider, self._tls[name])
 
     async def close(self) -> None:
-        sessions, self._sessions = self._sessions, {}
-        for session in sessions.values():
-            await session.close()
+        transports, self._transports = self._transports, {}
+        for transport in transports.values():
+            await transport.close()
 
     def targets(self, call: ProxyCall) -> list[Target]:
         """The model's deployments that speak this route's API, in failover order."""
@@ -154,28 +148,10 @@ class UpstreamPool:
         if extra_headers:
             out_headers.update(extra_headers)  # the gateway's own: deadline budget, traceparent
         return UpstreamAttempt(
-            self._sessions[target.provider_name], target, dumps_kept(body), out_headers, deadline,
-            deadline_cause, client_deadline, deadline_covers_body=not call.stream,
+            self._transports[target.provider_name], target, dumps_kept(body), out_headers,
+            deadline, deadline_cause, client_deadline, deadline_covers_body=not call.stream,
+            clock=self._clock,
         )
-
-
-class _SentBody(aiohttp.BytesPayload):
-    """The request body, knowing when it was written in full to the upstream's connection:
-    from then on the provider may read the prompt and bill it, whatever happens to the call
-    (cancel, timeout, cut), so attempts.py charges it. A payload rather than an aiohttp trace:
-    a trace config fires every request signal on every call (+11 % per call, bench/sent_body.py),
-    this one costs nothing measurable. It holds no reference to its attempt (no cycle)."""
-
-    sent = False
-
-    async def write(self, writer: AbstractStreamWriter) -> None:
-        await super().write(writer)
-        self.sent = True
-
-    async def write_with_length(self, writer: AbstractStreamWriter,
-                                content_length: int | None) -> None:
-        await super().write_with_length(writer, content_length)
-        self.sent = True
 
 
 def _tls_context(name: str, provider: Provider) -> ssl.SSLContext | bool:
@@ -227,11 +203,14 @@ class UpstreamAttempt:
     Use as ``async with attempt:``; ``open()`` returns once the response headers arrived,
     ``read_body()`` / ``next_chunk()`` read the rest. Failures become ``GatewayError`` (502 for
     connection problems, 504 for timeouts) whose ``code`` says which phase failed.
+
+    ``deadline`` is on ``clock`` (the gateway's); the attempt moves it to the real clock its
+    timers run on, so the gateway's clock may be a fake one in tests.
     """
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        transport: Transport,
         target: Target,
         body: bytes,
         headers: dict[str, str],
@@ -239,16 +218,24 @@ class UpstreamAttempt:
         deadline_cause: str = "the request's deadline",
         client_deadline: bool = False,
         deadline_covers_body: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target = target
-        self._session = session
+        self.clock = clock
+        self._transport = transport
         self._body = body
         self._headers = headers
         self._loop = asyncio.get_running_loop()
         timeouts = target.provider.timeouts
-        self.started = self._loop.time()  # timers (call_at) run on the loop's clock
-        # Measuring uses time.monotonic(): uvloop's loop.time() has millisecond resolution.
-        self.began = time.monotonic()
+        # Timers (call_at, timeout_at) need the loop's clock, a real one whatever the gateway's.
+        self.started = self._loop.time()
+        # Measured times use the gateway's clock (by default time.monotonic(): uvloop's
+        # loop.time() has millisecond resolution).
+        self.began = clock()
+        if deadline is not None:
+            # The same instant on the real monotonic clock the loop's timers follow (a no-op
+            # when the gateway's clock is that one): the gateway's clock may be a test's fake.
+            deadline += time.monotonic() - self.began
         end = self.started + timeouts.total_s
         # The deadline is when the client needs the first byte; for a whole answer that is
         # the end of it. A stream only has to start by then: after that the client's read
@@ -262,11 +249,11 @@ class UpstreamAttempt:
         self._deadline_ends = body_deadline is not None and body_deadline < end
         self._deadline_cause = deadline_cause
         self._client_deadline = client_deadline
-        self._response: aiohttp.ClientResponse | None = None
+        self._response: UpstreamResponse | None = None
         self._last_read = self.started
         self._watchdog: asyncio.TimerHandle | None = None
         self._expired: str | None = None  # "idle" or "total" once the watchdog fired
-        self._payload: _SentBody | None = None
+        self._payload: SentBody | None = None
 
     @property
     def sent(self) -> bool:
@@ -291,20 +278,19 @@ class UpstreamAttempt:
         return self._end
 
     @property
-    def response(self) -> aiohttp.ClientResponse:
+    def response(self) -> UpstreamResponse:
         assert self._response is not None, "open() first"
         return self._response
 
-    async def open(self) -> aiohttp.ClientResponse:
+    async def open(self) -> UpstreamResponse:
         when = min(self.started + self.target.provider.timeouts.first_byte_s, self._end)
         if self._first_byte_deadline is not None:
             when = min(when, self._first_byte_deadline)
         try:
             async with asyncio.timeout_at(when):
-                self._payload = _SentBody(self._body, content_type="application/json")
-                self._response = await self._session.post(
-                    self.target.url, data=self._payload, headers=self._headers
-                )
+                self._payload = SentBody(self._body)
+                self._response = await self._transport.post(
+                    self.target.url, self._payload, self._headers)
         except TimeoutError:
             raise self._timed_out("first_byte") from None
         except aiohttp.ClientConnectorError as exc:
