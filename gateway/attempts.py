@@ -23,11 +23,12 @@ from aiohttp import web
 from .admission import AdmissionRequest, Permit, is_client_retry
 from .breaker import Trial
 from .classify import ProxyCall
-from .context import AttemptRecord, Policy, RequestRecord, Services
+from .context import AttemptRecord, RequestRecord
 from .deadlines import Deadline, deadline_exceeded
 from .errors import GatewayError, UpstreamTimeout, retry_headers
 from .relay import is_event_stream, relay_stream, relay_whole, upstream_answer
 from .retry import AttemptFailure, decide_retry, gave_up_headers
+from .services import PolicyVersion, Services
 from .translate import Translation
 from .upstream import Target, UpstreamAttempt
 from .usage import Usage
@@ -36,7 +37,7 @@ from .usage import Usage
 @dataclass(slots=True)
 class CallContext:
     request: web.Request | None  # None for a deferred run (gateway/deferred.py)
-    policy: Policy
+    policy: PolicyVersion
     svc: Services
     call: ProxyCall
     record: RequestRecord

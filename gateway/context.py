@@ -1,33 +1,16 @@
-"""What one request carries through the pipeline, and the objects the pipeline works with.
+"""What one request carries through the pipeline: its ``RequestRecord`` and the record of
+each upstream attempt.
 
 ``RequestRecord`` is filled in step by step; the access log line, the metrics and the span
-attributes are all made from it, so they always agree. ``Policy`` is one version of the
-policy file (swapped whole on reload); ``Services`` are the process-wide policy objects that
-keep state across requests and reloads.
+attributes are all made from it, so they always agree. The objects the pipeline works with
+(``PolicyVersion``, ``Services``) are in services.py.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-from .admission import AdmissionController
-from .auth import Authenticator
-from .breaker import BreakerBoard
-from .config import GatewayConfig
-from .limits import Limiter
-from .quota import ProviderQuotas
-from .retry import RetryBudget
-from .selfprotect import SelfProtection
 from .streaming import Usage
-from .tracing import Tracing
-from .upstream import UpstreamPool
-
-if TYPE_CHECKING:
-    from .deferred import DeferredService
 
 
 @dataclass(slots=True)
@@ -87,33 +70,3 @@ class RequestRecord:
     def set_cost(self, micros: int) -> None:
         self.cost_micros = micros
         self.cost = micros / 1e6
-
-
-@dataclass(slots=True)
-class Policy:
-    """Everything derived from one version of the policy file; swapped whole on reload."""
-
-    config: GatewayConfig
-    auth: Authenticator
-    upstreams: UpstreamPool
-    limiter: Limiter
-    active: int = 0  # requests running under this policy (a retired one closes at 0)
-
-
-@dataclass(slots=True)
-class Services:
-    """Process-wide policy objects; each keeps its own state across requests and reloads."""
-
-    # Monotonic seconds: deadlines, waits, measured durations. Not necessarily loop.time():
-    # the upstream attempt moves deadlines to the clock its timers run on.
-    clock: Callable[[], float]
-    rng: random.Random
-    admission: AdmissionController
-    guard: SelfProtection
-    breakers: BreakerBoard
-    retry_budget: RetryBudget
-    quotas: ProviderQuotas
-    tracing: Tracing
-    observers: list[Any] = field(default_factory=list)
-    deferred: DeferredService | None = None  # Prefer: respond-async; set by runtime.Gateway
-    wall_clock: Callable[[], float] = time.time  # epoch seconds: Retry-After dates, run logs

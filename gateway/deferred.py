@@ -37,7 +37,7 @@ from aiohttp import web
 from .classify import ProxyCall
 from .config import GatewayConfig
 from .config_base import Priority
-from .context import Policy, RequestRecord, Services
+from .context import RequestRecord
 from .deferred_hold import hold_from_json, hold_to_json, refund
 from .deferred_policy import DeferredPolicy
 from .deferred_run import DeferredRunner, free_low_slots
@@ -48,6 +48,7 @@ from .errors import GatewayError, retry_headers
 from .jsonbytes import dumps_kept
 from .limits_policy import Degraded
 from .metrics import GatewayMetrics
+from .services import PolicyVersion, Services
 from .state import StateBackend, StateUnavailable
 from .upstream import FORWARDED_REQUEST_HEADERS
 
@@ -110,8 +111,8 @@ def _stored_headers(headers: Mapping[str, str], config: GatewayConfig) -> dict[s
 class DeferredService:
     """Submit, look up, cancel and run deferred requests for one replica."""
 
-    def __init__(self, policy: Callable[[], Policy], services: Services, store: DeferredStore,
-                 metrics: GatewayMetrics, consumer: str,
+    def __init__(self, policy: Callable[[], PolicyVersion], services: Services,
+                 store: DeferredStore, metrics: GatewayMetrics, consumer: str,
                  policy_idle: Callable[[], Awaitable[None]] | None = None) -> None:
         self._policy = policy
         self._svc = services
@@ -142,7 +143,7 @@ class DeferredService:
             return "on_shed"
         return None
 
-    async def submit(self, policy: Policy, call: ProxyCall, headers: Mapping[str, str],
+    async def submit(self, policy: PolicyVersion, call: ProxyCall, headers: Mapping[str, str],
                      record: RequestRecord, *, via: Literal["prefer", "shed"]) -> web.Response:
         """Reserve, store, and answer 202 (429 for limits, budgets or a full queue; 503 when
         the store is unreachable)."""
@@ -401,7 +402,7 @@ class DeferredService:
             log.warning(message, extra={"fields": {"error": str(exc)}})
 
 
-def _labels(policy: Policy) -> list[str]:
+def _labels(policy: PolicyVersion) -> list[str]:
     return sorted({d.label for m in policy.config.models.values() for d in m.deployments})
 
 

@@ -31,7 +31,7 @@ from .auth import TenantPolicy
 from .classify import ROUTES, classify
 from .config import GatewayConfig
 from .config_base import Priority
-from .context import Policy, RequestRecord, Services
+from .context import RequestRecord
 from .deadlines import Deadline
 from .deferred_hold import charge, hold_from_json, refund, reserved_usage
 from .deferred_policy import DeferredPolicy
@@ -39,6 +39,7 @@ from .deferred_store import Claim, DeferredStore, FinishMode, Result, Started
 from .errors import GatewayError
 from .limits import Hold, Limiter
 from .metrics import GatewayMetrics
+from .services import PolicyVersion, Services
 from .state import StateUnavailable
 from .streaming import Usage
 from .usage import cost_micros
@@ -75,8 +76,8 @@ class _Outcome:
 class DeferredRunner:
     """Runs the entries one replica's ``DeferredService`` claimed, one ``execute`` per claim."""
 
-    def __init__(self, policy: Callable[[], Policy], services: Services, store: DeferredStore,
-                 metrics: GatewayMetrics, consumer: str, notify: Callable[[str], None],
+    def __init__(self, policy: Callable[[], PolicyVersion], services: Services,
+                 store: DeferredStore, metrics: GatewayMetrics, consumer: str, notify: Callable[[str], None],
                  policy_idle: Callable[[], Awaitable[None]] | None = None) -> None:
         self._policy = policy
         self._svc = services
@@ -180,7 +181,7 @@ class DeferredRunner:
             except StateUnavailable:
                 continue
 
-    async def _call(self, policy: Policy, claim: Claim, started: Started, hold: Hold,
+    async def _call(self, policy: PolicyVersion, claim: Claim, started: Started, hold: Hold,
                     cfg: DeferredPolicy, has_slot: Callable[[], None]) -> _Outcome:
         """One run through the attempt loop, as a synchronous call of class low."""
         svc, config = self._svc, policy.config

@@ -27,15 +27,16 @@ from .classify import (
     raise_if_json_content_type_wrong,
 )
 from .config import Tenant
-from .context import Policy, RequestRecord, Services
+from .context import RequestRecord
 from .deadlines import request_deadline
 from .errors import GatewayError, retry_headers
 from .limits import Hold
+from .services import PolicyVersion, Services
 from .usage import Usage, cost_micros
 
 
 async def handle_proxy(
-    request: web.Request, policy: Policy, svc: Services, record: RequestRecord
+    request: web.Request, policy: PolicyVersion, svc: Services, record: RequestRecord
 ) -> web.StreamResponse:
     """The pipeline, holding the request body's bytes against the process's bound from
     before the body is read until the request ends (issue 15 item 9)."""
@@ -52,7 +53,7 @@ async def handle_proxy(
 
 
 async def _pipeline(
-    request: web.Request, policy: Policy, svc: Services, record: RequestRecord
+    request: web.Request, policy: PolicyVersion, svc: Services, record: RequestRecord
 ) -> web.StreamResponse:
     route = ROUTES[request.path]
     record.route = route.path
@@ -151,7 +152,7 @@ def route_name(route: ApiRoute) -> str:
 
 
 def _agent_loop(call: ProxyCall, tenant: Tenant, record: RequestRecord,
-                policy: Policy) -> str | None:
+                policy: PolicyVersion) -> str | None:
     """The loop detector's verdict: the warning header to add (warn), a 429 (refuse), or
     None (no loop, or shadow: recorded for the metric and the access log only)."""
     settings = tenant.agent_loop
@@ -196,7 +197,7 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
-def models_listing(policy: Policy, tenant_models: Any) -> dict[str, Any]:
+def models_listing(policy: PolicyVersion, tenant_models: Any) -> dict[str, Any]:
     """GET /v1/models: the models this tenant may use, in OpenAI's list shape."""
     return {
         "object": "list",

@@ -5,7 +5,7 @@ One ``Gateway`` per process (it hangs off the aiohttp app, never off a module). 
 - the services that keep state across requests and reloads (admission, self-protection,
   breakers, retry budget, provider quotas),
 - metrics and tracing,
-- the current ``Policy`` and the retired ones still finishing requests after a reload.
+- the current ``PolicyVersion`` and the retired ones still finishing requests after a reload.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from .auth import Authenticator
 from .breaker import BreakerBoard
 from .config import GatewayConfig
 from .config_base import Priority
-from .context import Policy, Services
 from .deferred import DeferredService, create_store
 from .degraded import DegradedMode
 from .journal import JournalFile
@@ -34,6 +33,7 @@ from .metrics import GatewayMetrics
 from .quota import ProviderQuotas
 from .retry import RetryBudget
 from .selfprotect import SelfProtection
+from .services import PolicyVersion, Services
 from .state import StateBackend
 from .tracing import Tracing
 from .transport import TransportFactory, aiohttp_transport
@@ -107,7 +107,7 @@ class Gateway:
         self.ready = False
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._retired: list[Policy] = []
+        self._retired: list[PolicyVersion] = []
         self._wire_metric_sources()
         # Deferred requests (deferred.py): queue, dispatcher and sweeper; idle unless enabled
         self.deferred = DeferredService(lambda: self.policy, self.services,
@@ -116,11 +116,11 @@ class Gateway:
         self.services.deferred = self.deferred
         self.metrics.set_deferred_source(self.deferred.snapshot)
 
-    def build_policy(self, config: GatewayConfig) -> Policy:
+    def build_policy(self, config: GatewayConfig) -> PolicyVersion:
         limiter = Limiter(config, self.state, self.degraded, self.wall_clock, self.inflight,
                           self.clock)
         upstreams = UpstreamPool(config, transport=self._transport, clock=self.clock)
-        return Policy(config, Authenticator(config), upstreams, limiter)
+        return PolicyVersion(config, Authenticator(config), upstreams, limiter)
 
     def _wire_metric_sources(self) -> None:
         svc, m = self.services, self.metrics

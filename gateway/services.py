@@ -1,0 +1,73 @@
+"""The objects the pipeline works with: one ``PolicyVersion`` (what one version of the policy
+file built; swapped whole on reload) and the ``Services`` (process-wide, keeping state across
+requests and reloads).
+
+``Deferral`` is what the pipeline asks of deferred requests; deferred.py implements it on
+top of the attempt loop, so it is a protocol here rather than an import of that module.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from aiohttp import web
+
+from .admission import AdmissionController
+from .auth import Authenticator
+from .breaker import BreakerBoard
+from .classify import ProxyCall
+from .config import GatewayConfig
+from .context import RequestRecord
+from .limits import Limiter
+from .quota import ProviderQuotas
+from .retry import RetryBudget
+from .selfprotect import SelfProtection
+from .tracing import Tracing
+from .upstream import UpstreamPool
+
+
+@dataclass(slots=True)
+class PolicyVersion:
+    """Everything derived from one version of the policy file; swapped whole on reload (the
+    requests that started under it finish with it)."""
+
+    config: GatewayConfig
+    auth: Authenticator
+    upstreams: UpstreamPool
+    limiter: Limiter
+    active: int = 0  # requests running under this policy (a retired one closes at 0)
+
+
+@dataclass(slots=True)
+class Services:
+    """Process-wide policy objects; each keeps its own state across requests and reloads."""
+
+    # Monotonic seconds: deadlines, waits, measured durations. Not necessarily loop.time():
+    # the upstream attempt moves deadlines to the clock its timers run on.
+    clock: Callable[[], float]
+    rng: random.Random
+    admission: AdmissionController
+    guard: SelfProtection
+    breakers: BreakerBoard
+    retry_budget: RetryBudget
+    quotas: ProviderQuotas
+    tracing: Tracing
+    observers: list[Any] = field(default_factory=list)
+    deferred: Deferral | None = None  # Prefer: respond-async; set by runtime.Gateway
+    wall_clock: Callable[[], float] = time.time  # epoch seconds: Retry-After dates, run logs
+
+
+class Deferral(Protocol):
+    """Deferred requests as the pipeline sees them (``deferred.DeferredService``)."""
+
+    def mode(self, call: ProxyCall, headers: Mapping[str, str], config: GatewayConfig
+             ) -> Literal["now", "on_shed"] | None:
+        """"now": store and answer 202; "on_shed": run, defer a would-be shed; None: run."""
+
+    async def submit(self, policy: PolicyVersion, call: ProxyCall, headers: Mapping[str, str],
+                     record: RequestRecord, *, via: Literal["prefer", "shed"]) -> web.Response:
+        """Reserve, store, and answer 202 (or the refusal)."""
