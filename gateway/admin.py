@@ -80,7 +80,7 @@ def status(gateway: Gateway) -> dict[str, Any]:
         },
         "tenants": tenants,
         "admission": svc.admission.snapshot(),
-        "self_protection": svc.guard.snapshot(),
+        "self_protection": svc.self_protection.snapshot(),
         "breakers": {k: dataclasses.asdict(v) for k, v in svc.breakers.snapshot().items()},
         "retry_budget": svc.retry_budget.snapshot(),
     }

@@ -261,7 +261,7 @@ async def _relay(ctx: CallContext, attempt: UpstreamAttempt) -> web.StreamRespon
     translation = ctx.call.translations.get(attempt.target.provider.kind)
     if ctx.call.stream and is_event_stream(attempt.response):
         assert ctx.request is not None  # deferred runs never stream
-        handle = ctx.svc.guard.streams.open()
+        handle = ctx.svc.self_protection.streams.open()
         try:
             return await relay_stream(ctx.request, ctx.call, attempt, ctx.record, ctx.headers,
                                       ctx.policy.config.server.client_write_idle_s,

@@ -65,7 +65,7 @@ BudgetSource = Callable[[], Mapping[str, Mapping[str, Mapping[str, Any]]]]  # te
 RedisSource = Callable[[], Mapping[str, Any] | None]  # RedisSnapshot; None: no Redis here
 # {"running": n, "tenants": {tenant: {"depth", "oldest_age_s", "ttl_s"}}}; None: deferral off
 DeferredSource = Callable[[], Mapping[str, Any] | None]
-LoopLagSource = Callable[[], float]  # seconds, e.g. lambda: selfprotect_monitor.lag_s
+LoopLagSource = Callable[[], float]  # seconds, e.g. lambda: self_protection.loop_lag.lag_s
 
 PULLED_GAUGES = (
     "gateway_in_flight_requests", "gateway_queued_requests", "gateway_queue_target_seconds",

@@ -42,10 +42,10 @@ async def handle_proxy(
     before the body is read until the request ends (issue 15 item 9)."""
     server = policy.config.server
     declared = request.content_length
-    hold = svc.guard.bodies.reserve(
+    hold = svc.self_protection.bodies.reserve(
         declared if declared is not None and declared <= server.max_body_bytes
         else server.max_body_bytes if request.body_exists else 0,
-        svc.guard.bodies.limit(server.max_body_bytes_in_flight, server.max_body_bytes))
+        svc.self_protection.bodies.limit(server.max_body_bytes_in_flight, server.max_body_bytes))
     try:
         return await _pipeline(request, policy, svc, record)
     finally:
@@ -96,7 +96,7 @@ async def _pipeline(
     # 4 self-protection: shed the lowest classes at the door before any work
     now = svc.clock()
     try:
-        svc.guard.door_check(call.priority, now)
+        svc.self_protection.check(call.priority, now)
     except GatewayError as exc:
         if deferred is None or defer != "on_shed" or exc.code != "overloaded":
             raise

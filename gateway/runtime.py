@@ -89,7 +89,7 @@ class Gateway:
             clock=clock,
             rng=rng,
             admission=AdmissionController(config.admission, clock, rng, observer),
-            guard=SelfProtection(config.admission, clock, rng, observer),
+            self_protection=SelfProtection(config.admission, clock, rng, observer),
             breakers=BreakerBoard(config.breaker, state, deployments=deployment_labels(config),
                                   clock=clock, rng=rng, observer=self.metrics,
                                   replica_id=self.replica_id),
@@ -126,7 +126,7 @@ class Gateway:
         svc, m = self.services, self.metrics
         m.set_admission_source(svc.admission.snapshot)
         m.set_breaker_source(svc.breakers.states)
-        m.set_loop_lag_source(lambda: svc.guard.loop_lag.lag_s)
+        m.set_loop_lag_source(lambda: svc.self_protection.loop_lag.lag_s)
         m.set_budget_source(self.inflight.budget_snapshot)
         self.inflight.on_run_stop = m.run_stopped
         if self.state.name == "redis":
@@ -146,7 +146,7 @@ class Gateway:
         old, self.policy = self.policy, new
         self._retired.append(old)
         self.services.admission.reconfigure(config.admission)
-        self.services.guard.reconfigure(config.admission)
+        self.services.self_protection.reconfigure(config.admission)
         self.refusals.per_s = config.server.refused_log_per_s
         self.metrics.update_config(config)
         log.info("policy reloaded", extra={"fields": {
@@ -163,7 +163,7 @@ class Gateway:
         self.degraded.load_journal()  # replayed by the degraded loop as soon as Redis answers
         await self.degraded.check_epoch()
         await self.policy.upstreams.start()
-        self.services.guard.start()
+        self.services.self_protection.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.degraded.run(self._stop)),
@@ -178,7 +178,7 @@ class Gateway:
         self.ready = False
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.services.guard.stop()
+        await self.services.self_protection.stop()
         await self.policy.limiter.drain()
         await self.degraded.recover_once()  # last chance to hand the journal over
         self.degraded.save_journal()  # what is left: a file for the next start, or counted lost

@@ -6,7 +6,7 @@ Three gauges, each cheap to read on every request:
 - open streams: streamed responses being relayed (``StreamCounter``; each one is a handle);
 - resident memory: ``/proc/self/statm``, read at most every ``rss_sample_s`` (``RssReader``).
 
-``SelfProtection.door_check(priority, now)`` compares each with its limit. The worst ratio
+``SelfProtection.check(priority, now)`` compares each with its limit. The worst ratio
 decides who is shed: from 1x ``low``, from 1.5x ``normal`` too, from 2x ``high`` too, ``critical``
 never (a human waits on it, and a gateway that sheds everything protects nobody). Refusals are
 503 ``overloaded`` with a jittered Retry-After; in shadow mode they are only counted and logged.
@@ -216,7 +216,7 @@ class BodyBudget:
 
 
 class SelfProtection:
-    """The door check and the gauges behind it (module docstring).
+    """Self-protection: the check at step 4 and the gauges behind it (module docstring).
 
     ``max_rss_mib`` overrides the policy's limit (and its cgroup default) when given; tests use
     it together with ``statm_path``, and ``cgroup_root`` for the cgroup default.
@@ -279,7 +279,7 @@ class SelfProtection:
                 worst = (rss / self.max_rss_mib, "memory")
         return worst
 
-    def door_check(self, priority: Priority, now: float) -> None:
+    def check(self, priority: Priority, now: float) -> None:
         """Raise 503 ``overloaded`` when the process is too loaded for this class (see
         ``SHED_FROM``); in shadow mode count and log instead. Never refuses ``critical``."""
         threshold = SHED_FROM.get(priority)

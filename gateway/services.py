@@ -51,7 +51,7 @@ class Services:
     clock: Callable[[], float]
     rng: random.Random
     admission: AdmissionController
-    guard: SelfProtection
+    self_protection: SelfProtection
     breakers: BreakerBoard
     retry_budget: RetryBudget
     quotas: ProviderQuotas

@@ -31,7 +31,7 @@ def refused(guard: SelfProtection) -> list[str]:
     out = []
     for priority in Priority:
         try:
-            guard.door_check(priority, 0.0)
+            guard.check(priority, 0.0)
         except GatewayError as err:
             assert (err.status, err.code) == (503, "overloaded")
             out.append(priority.name)
@@ -60,14 +60,14 @@ def test_open_streams_count_with_idempotent_handles() -> None:
     handles = [guard.streams.open() for _ in range(10)]
     assert guard.pressure(0.0) == (1.0, "open_streams")
     with pytest.raises(GatewayError) as err:
-        guard.door_check(L, 0.0)
+        guard.check(L, 0.0)
     assert err.value.headers["x-should-retry"] == "false"
     assert 1 <= float(err.value.headers["retry-after-ms"]) / 1000 <= 30
-    guard.door_check(N, 0.0)
+    guard.check(N, 0.0)
     handles[0].release()
     handles[0].release()
     assert guard.streams.count == 9
-    guard.door_check(L, 0.0)
+    guard.check(L, 0.0)
 
 
 def test_memory_is_sampled_not_read_per_request(tmp_path: Path) -> None:
@@ -81,11 +81,11 @@ def test_memory_is_sampled_not_read_per_request(tmp_path: Path) -> None:
     assert pressure == pytest.approx(512 / 400) and worst == "memory"
     statm.write_text(f"999999 {int(100 * 1024 * 1024 / page)} 0 0 0 0 0\n")
     assert guard.pressure(10.5)[1] == "memory"  # the sample is still fresh
-    guard.door_check(N, 10.5)
+    guard.check(N, 10.5)
     with pytest.raises(GatewayError):
-        guard.door_check(L, 10.5)
+        guard.check(L, 10.5)
     assert guard.pressure(11.0)[0] == pytest.approx(100 / 400)  # re-read after rss_sample_s
-    guard.door_check(L, 11.0)
+    guard.check(L, 11.0)
 
 
 def test_rss_reader_reads_this_process() -> None:
