@@ -1,6 +1,6 @@
 """Admission's data: the request, the permit, the observer hooks, per-deployment state.
 
-Split from ``admission.py`` (the controller) to keep both readable; import the public names
+The controller (admission.py) decides with these; other modules import the public names
 from ``gateway.admission``.
 """
 

@@ -1,4 +1,6 @@
-"""Shared pieces of the policy models (kept apart to avoid import cycles)."""
+"""What every section of the policy models shares: ``StrictModel`` (unknown keys rejected),
+``Priority`` and ``overlay``. It imports nothing of the gateway, so every section's module
+can import it."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ class DegradedMode:
         self.last_latency_s: float | None = None  # of the last admit round trip
         self._known_replicas = policy.replicas if isinstance(policy.replicas, int) else 1
         # Budget counter key -> units spent, as the store answered this replica's last
-        # admission on it (item 4 of issue 15: degraded mode starts from it).
+        # admission on it: degraded mode starts from it.
         self._known: dict[str, int] = {}
         self.journal_file = journal_file
         self._epoch: bytes | None = None

@@ -5,7 +5,7 @@ at once, queues the rest (so time to first token grows with the queue), and answ
 the queue is full or the account's requests-per-minute quota is spent. Overload benchmarks need
 that behaviour from the mock, so ``create_mock_app(capacity=Capacity(...))`` turns it on
 (``gateway mock-upstream --slots N ...`` from the command line). Without it the mock has
-unlimited capacity, as before.
+unlimited capacity.
 
 With a capacity model, every generating route (chat, completions, responses, messages,
 embeddings) goes through, in order:

@@ -8,7 +8,7 @@ promised lets the next refusal of the same key queue behind the earlier ones
 cost x interval)``; a concurrency refusal counts the promises still ahead of it.
 
 Local to this replica (refusals on other replicas are not seen: at worst their callers meet
-as before) and only on the refusal path: an admitted request never reads or writes it.
+as if there were no promises) and only on the refusal path: an admitted request never reads or writes it.
 Memory is bounded: at most ``MAX_KEYS`` keys (least recently refused first out) with at most
 ``MAX_PER_KEY`` promises each; promises whose time has passed are dropped when the key is read.
 Time comes from ``clock`` (monotonic seconds).

@@ -173,7 +173,7 @@ def _unchanged(data: bytes) -> bytes:
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes,
                  until: float, idle_s: float | None = None) -> None:
     """Write within ``idle_s`` and by ``until`` at the latest: a client that stopped reading
-    must not hold the upstream call, its slots and leases (issue 15 item 7). ``write`` only
+    must not hold the upstream call, its slots and leases. ``write`` only
     waits when the socket's buffer is full, so this bounds a write that makes no progress."""
     loop = asyncio.get_running_loop()
     deadline = until if idle_s is None else min(until, loop.time() + idle_s)

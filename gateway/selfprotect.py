@@ -164,7 +164,7 @@ class BodyHold:
 
 
 class BodyBudget:
-    """Request-body bytes this process holds at once (issue 15 item 9): each request reserves
+    """Request-body bytes this process holds at once: each request reserves
     its Content-Length (or ``max_body_bytes`` when chunked) before its body is read, and gives
     it back when it ends. A request that does not fit is refused before it is read, with a
     Retry-After from the rate at which held bytes have been coming back."""

@@ -1,6 +1,6 @@
 """One view of a pod's ``--workers N``: /metrics and /admin/status answer for every worker.
 
-SO_REUSEPORT hands each connection to one worker, so a scrape used to see only that worker's
+SO_REUSEPORT hands each connection to one worker, so a scrape would see only that worker's
 counters, and two scrapes in a row could see different ones (counters jumping up and down).
 Instead, every worker also listens on a Unix socket of its own in a directory the supervisor
 creates for this run (``tempfile.mkdtemp``: empty at start, mode 0700, removed at exit), where
@@ -21,7 +21,7 @@ registry on its ``GatewayMetrics``, several per test process), it has no custom 
 every increment becomes an mmap write on the request path. Merging at scrape time costs
 nothing per request; a scrape costs one local round trip per other worker.
 
-Nothing here runs without ``--workers`` above 1: a single process serves /metrics as before.
+Nothing here runs without ``--workers`` above 1: a single process serves its own /metrics.
 """
 
 from __future__ import annotations
