@@ -176,6 +176,8 @@ async def _write(request: web.Request, response: web.StreamResponse, data: bytes
     must not hold the upstream call, its slots and leases. ``write`` only
     waits when the socket's buffer is full, so this bounds a write that makes no progress."""
     loop = asyncio.get_running_loop()
+    # The loop's own clock, not the gateway's: timeout_at runs on it (``until`` is
+    # ``UpstreamAttempt.end``, on the same clock).
     deadline = until if idle_s is None else min(until, loop.time() + idle_s)
     try:
         async with asyncio.timeout_at(deadline):
