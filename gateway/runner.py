@@ -172,5 +172,5 @@ class GatewayRunner(web.AppRunner):
         assert isinstance(server, _Server)
         gateway = self.app.get(GATEWAY)
         server.guard = None if gateway is None else ConnectionGuard(
-            lambda: gateway.policy.config, gateway.metrics)
+            lambda: gateway.policy.config, gateway.metrics, clock=gateway.clock)
         return server
