@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient
 from gateway.config import parse_config
 from gateway.connections import ConnectionGuard, default_max_connections
 from gateway.server import GATEWAY
-from tests.gwtest import policy_dict
+from tests.gwtest import FakeClock, policy_dict
 from tests.plugin_gateway import MakeGateway
 
 Client = TestClient[Any, Any]
@@ -220,18 +220,18 @@ async def test_refusals_are_logged_once_per_interval_with_their_counts(
         caplog: pytest.LogCaptureFixture) -> None:
     config = parse_config(policy_dict("http://127.0.0.1:1", server={
         "max_connections": 10, "max_connections_per_ip": 1}))
-    now = [100.0]
-    guard = ConnectionGuard(lambda: config, clock=lambda: now[0])
+    clock = FakeClock(100.0)
+    guard = ConnectionGuard(lambda: config, clock=clock)
     with caplog.at_level(logging.WARNING, "gateway.server"):
         assert guard.admit("10.0.0.1")[1] is None
         for _ in range(1000):  # a flood within one interval: the first line at once...
             assert guard.admit("10.0.0.1")[1] == "max_connections_per_ip"
-            now[0] += 0.001
+            clock.now += 0.001
         lines = [r for r in caplog.records if "connection limits" in r.getMessage()]
         assert len(lines) == 1
         assert guard._flush is not None  # ...the rest at the end of the interval
         guard._flush.cancel()
-        now[0] += 10
+        clock.now += 10
         guard._log_later()
     lines = [r for r in caplog.records if "connection limits" in r.getMessage()]
     assert len(lines) == 2

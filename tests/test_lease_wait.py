@@ -25,7 +25,7 @@ from gateway.limits import Hold, InFlight, Limiter
 from gateway.ratelimit import AdmitPlan, AdmitResult, SettlePlan
 from gateway.state import StateBackend
 from gateway.streaming import Usage
-from tests.gwtest import auth, chat, policy
+from tests.gwtest import FakeClock, auth, chat, policy
 
 
 class Counting:
@@ -165,19 +165,19 @@ async def test_no_more_waiters_per_scope_than_four_per_slot(backend: StateBacken
 
 
 def test_with_no_history_a_holder_is_expected_to_run_as_long_again() -> None:
-    now = [100.0]
-    board = LeaseBoard(lambda: now[0])
+    clock = FakeClock(100.0)
+    board = LeaseBoard(clock)
     board.started("a", ("k",))
-    now[0] += 0.3
+    clock.now += 0.3
     assert board.expected_wait_s("k") == pytest.approx(0.7)  # 1 s in all, the first guess
-    now[0] += 2.2
+    clock.now += 2.2
     # 2.5 s old with nothing finished yet: about 2.5 s more, not "due now" (200 ms)
     assert board.expected_wait_s("k") == pytest.approx(2.5)
     board.started("b", ("k",))
-    now[0] += 0.2
+    clock.now += 0.2
     # the soonest expected end: the young one's first guess (1 s in all) before the old one's
     assert board.expected_wait_s("k") == pytest.approx(0.8)
-    now[0] += 0.3
+    clock.now += 0.3
     board.finished("a")  # a took 3 s: now the scope has a typical duration
     assert board.expected_wait_s("k") == pytest.approx(2.5)
 

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from gateway.cli import _parser
 from gateway.mock_capacity import Capacity, CapacityModel, Rejected
 from gateway.mock_upstream import CAPACITY, create_mock_app
+from tests.gwtest import FakeClock
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -142,13 +143,13 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
 
 
 def test_quota_bucket_refills_on_the_injected_clock() -> None:
-    now = [100.0]
-    model = CapacityModel(Capacity(slots=1, quota_rpm=120, quota_burst=1), clock=lambda: now[0])
+    clock = FakeClock(100.0)
+    model = CapacityModel(Capacity(slots=1, quota_rpm=120, quota_burst=1), clock=clock)
     model.take_quota()
     with pytest.raises(Rejected) as info:
         model.take_quota()
     assert info.value.reason == "quota" and info.value.retry_after_s == pytest.approx(0.5)
-    now[0] += 0.5
+    clock.now += 0.5
     model.take_quota()
     assert model.rejected_quota == 1
     assert Capacity(slots=1, quota_rpm=600).burst == 60

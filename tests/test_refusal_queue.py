@@ -18,7 +18,7 @@ from gateway.errors import GatewayError
 from gateway.limits import InFlight, Limiter
 from gateway.promises import PromiseBook
 from gateway.state import StateBackend
-from tests.gwtest import auth, chat, policy
+from tests.gwtest import FakeClock, auth, chat, policy
 
 
 async def told(backend: StateBackend, limits: dict[str, Any], admitted: int, refused: int,
@@ -57,8 +57,8 @@ async def test_token_rate_refusals_get_one_reservation_each(backend: StateBacken
 
 
 def test_promises_are_bounded_and_forgotten_once_due() -> None:
-    now = [0.0]
-    book = PromiseBook(lambda: now[0])
+    clock = FakeClock(0.0)
+    book = PromiseBook(clock)
     for i in range(promises.MAX_PER_KEY + 10):
         book.promise("k", 1.0 + i)
     assert len(book.outstanding("k")) == promises.MAX_PER_KEY
@@ -66,5 +66,5 @@ def test_promises_are_bounded_and_forgotten_once_due() -> None:
         book.promise(f"key{i}", 5.0)
     assert book.outstanding("k") == []  # least recently refused key went first
     assert len(book._by_key) == promises.MAX_KEYS
-    now[0] = 5.0
+    clock.now = 5.0
     assert book.last("key10") is None and "key10" not in book._by_key  # due: dropped
