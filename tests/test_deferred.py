@@ -11,13 +11,13 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpServer
 
 from gateway.periods import period_keys
 from gateway.server import GATEWAY
 from gateway.state import RedisBackend
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
-from tests.plugin_gateway import MakeGateway, settled
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 from tests.redis_server import RedisServer
 
 ASYNC = {"Prefer": "respond-async"}
@@ -58,13 +58,13 @@ class Upstream:
 
 
 @pytest.fixture
-async def upstream(aiohttp_server: Any) -> tuple[Upstream, str]:
+async def upstream(aiohttp_server: AiohttpServer) -> tuple[Upstream, str]:
     mock = Upstream()
     server = await aiohttp_server(mock.app())
     return mock, str(server.make_url("")).rstrip("/")
 
 
-Gw = TestClient[Any, Any]
+Gw = GatewayClient
 
 
 def redis_gateway(make_gateway: MakeGateway, url: str, redis: RedisServer, **overrides: Any

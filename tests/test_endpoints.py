@@ -12,7 +12,6 @@ import aiohttp
 import anthropic
 import openai
 import pytest
-from aiohttp.test_utils import TestClient
 
 from gateway.auth import hash_key
 from gateway.classify import ROUTES
@@ -22,10 +21,10 @@ from gateway.mock_upstream import estimate_prompt_tokens
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, FakeClock, auth, chat
-from tests.plugin_gateway import MakeGateway
+from tests.plugin_gateway import GatewayClient, MakeGateway
 from tests.redis_server import RedisCluster3, RedisServer
 
-Gw = TestClient[Any, Any]
+Gw = GatewayClient
 ADMIN_KEY = "sk-admin-test"
 PUBLIC = {"GET /healthz", "GET /readyz", "GET /metrics"}
 MISSING_ID = "dfr_" + "0" * 32
@@ -64,9 +63,9 @@ async def _send(gw: Gw, name: str, headers: dict[str, str] | None = None) -> Any
 def _walk(gw: Gw) -> dict[str, str]:
     """Every route of the app's router, by ``METHOD /template``, with its kind in the table;
     a route registered around ``Routes`` has kind ``unregistered``."""
-    table = gw.server.app[ROUTE_TABLE]
+    table = gw.app[ROUTE_TABLE]
     found: dict[str, str] = {}
-    for route in gw.server.app.router.routes():
+    for route in gw.app.router.routes():
         if route.method == "HEAD":
             continue
         resource = route.resource
@@ -102,8 +101,8 @@ async def test_a_route_added_around_routes_is_caught(make_gateway: MakeGateway) 
     async def sneaky(request: Any) -> Any:
         raise AssertionError
 
-    gw.server.app.router._frozen = False  # the test adds a route the way a mistake would
-    gw.server.app.router.add_get("/v1/sneaky", sneaky)
+    gw.app.router._frozen = False  # the test adds a route the way a mistake would
+    gw.app.router.add_get("/v1/sneaky", sneaky)
     assert _walk(gw)["GET /v1/sneaky"] == "unregistered"
 
 
@@ -232,7 +231,7 @@ async def test_tenant_routes_follow_the_degraded_mode_when_redis_is_down(
                             **_rpm(2))
     statuses = [(await _send(gw, "GET /v1/models")).status for _ in range(6)]
     assert 500 not in statuses and statuses[0] == 200
-    assert gw.server.app[GATEWAY].degraded.active
+    assert gw.app[GATEWAY].degraded.active
 
 
 # --- long polls ---------------------------------------------------------------------------
@@ -313,8 +312,8 @@ async def test_failed_auth_refuses_the_address_before_comparing_keys(
     gw = await make_gateway(server={"trusted_proxies": ["127.0.0.1"],
                                     "auth_failures": {"max_failures": 5, "window_s": 60}})
     clock = FakeClock()
-    gw.server.app[AUTH_GUARD].clock = clock
-    policy = gw.server.app[GATEWAY].policy
+    gw.app[AUTH_GUARD].clock = clock
+    policy = gw.app[GATEWAY].policy
     compared: list[int] = []
     authenticate = policy.auth.authenticate
 
@@ -348,7 +347,7 @@ async def test_failed_auth_refuses_the_address_before_comparing_keys(
                         headers=_xff(attacker, ACME_KEY))
     assert msg.status == 429 and (await msg.json())["type"] == "error"
     assert (await gw.get("/admin/status", headers=_xff(attacker, ACME_KEY))).status == 429
-    metrics = gw.server.app[GATEWAY].metrics
+    metrics = gw.app[GATEWAY].metrics
     refused = metrics.registry.get_sample_value(
         "gateway_rejections_total", {"reason": "auth_failures", "priority": "none",
                                      "tenant": "none"})
@@ -409,7 +408,7 @@ async def test_admin_routes_have_their_own_limit(make_gateway: MakeGateway) -> N
     assert (await gw.get("/admin/status",
                          headers={"Authorization": "Bearer nope"})).status == 401
     assert (await gw.get("/healthz")).status == 200
-    metrics = gw.server.app[GATEWAY].metrics
+    metrics = gw.app[GATEWAY].metrics
     assert metrics.registry.get_sample_value("gateway_rejections_total", {
         "reason": "rate_limited", "priority": "none", "tenant": "none"}) == 2
 

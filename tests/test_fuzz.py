@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -288,7 +289,7 @@ async def test_bad_header_bytes_get_an_openai_shaped_answer(gw: Client, name: st
 
 
 async def test_hostile_bodies_do_not_grow_memory(make_gateway: MakeGateway,
-                                                 mock_upstream: Any) -> None:
+                                                 mock_upstream: TestServer) -> None:
     gw = await make_gateway(server={"max_body_bytes": 1024 * 1024},
                             tenants={"acme": {"loop_guard": {"enabled": False}}},
                             admission=NO_LAG_SHEDDING)

@@ -45,7 +45,7 @@ async def test_a_refusal_flood_is_folded_in_the_log_and_exact_in_metrics(
     gw = await make_gateway(tenants={"acme": {
         "limits": {"requests_per_minute": 1, "request_burst": 1},
         "loop_guard": {"enabled": False}}})
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     statuses = []
     with caplog.at_level(logging.INFO, ACCESS_LOGGER):
         for i in range(60):

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from gateway.periods import period_keys
 from gateway.server import GATEWAY
@@ -71,7 +72,7 @@ async def _replay(request: web.Request) -> web.StreamResponse:
 
 
 @pytest.fixture
-async def replay(aiohttp_server: Any) -> TestServer:
+async def replay(aiohttp_server: AiohttpServer) -> TestServer:
     app = web.Application()
     app[_GATE] = asyncio.Event()
     app.router.add_post("/{tail:.*}", _replay)
@@ -121,7 +122,7 @@ async def test_corpus_case_is_charged_exactly(
                 for m, p in EXPECTED["prices"].items()},
         tenants={"acme": {"budget": {"daily_cost": 1000.0, "daily_tokens": 10**9}}},
     )
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     cost_key, tokens_key = _budget_keys()
     before = (await _counter(backend, cost_key), await _counter(backend, tokens_key))
     headers = auth(ACME_KEY, **{"x-mock-case": name})

@@ -6,15 +6,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
-from aiohttp.test_utils import TestClient
 
 from gateway.periods import period_keys
 from tests.gwtest import auth, chat
+from tests.plugin_gateway import GatewayClient
 
-Client = TestClient[Any, Any]
+Client = GatewayClient
 
 
 def budget_key(tenant: str = "acme", prefix: str = "gw:") -> str:
