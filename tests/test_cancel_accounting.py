@@ -67,7 +67,7 @@ async def _disconnects_seen(gw: GatewayClient, n: int, outcome: str | None = "cl
 
 
 async def _budgeted(make_gateway: MakeGateway, backend: StateBackend, upstream: str | None = None,
-                    **extra: Any) -> Any:
+                    **extra: Any) -> GatewayClient:
     return await make_gateway(upstream, state=backend,
                               tenants={"acme": {"budget": {"daily_tokens": 10**7}}},
                               admission={**CALM, **extra.pop("admission", {})}, **extra)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import parse_config
+from gateway.config import GatewayConfig, parse_config
 from gateway.connections import ConnectionGuard, default_max_connections
 from gateway.server import GATEWAY
 from tests.gwtest import policy_dict
@@ -241,7 +241,7 @@ async def test_refusals_are_logged_once_per_interval_with_their_counts(
 
 
 def test_a_reloaded_policy_changes_the_caps_for_new_connections() -> None:
-    def config(per_ip: int) -> Any:
+    def config(per_ip: int) -> GatewayConfig:
         return parse_config(policy_dict("http://127.0.0.1:1", server={
             "max_connections": 10, "max_connections_per_ip": per_ip}))
     live = [config(1)]

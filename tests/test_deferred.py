@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -68,7 +68,7 @@ Gw = GatewayClient
 
 
 def redis_gateway(make_gateway: MakeGateway, url: str, redis: RedisServer, **overrides: Any
-                  ) -> Any:
+                  ) -> Awaitable[GatewayClient]:
     deferred = {**DEFERRED, **overrides.pop("deferred", {})}
     return make_gateway(upstream=url, state=RedisBackend(redis.url, timeout_s=1.0),
                         deferred=deferred, **overrides)

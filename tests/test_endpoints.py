@@ -12,6 +12,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from aiohttp import ClientResponse, web
 
 from gateway.auth import hash_key
 from gateway.classify import ROUTES
@@ -55,7 +56,7 @@ def _rpm(burst: int, **extra: Any) -> dict[str, Any]:
                                             **extra}}}}
 
 
-async def _send(gw: Gw, name: str, headers: dict[str, str] | None = None) -> Any:
+async def _send(gw: Gw, name: str, headers: dict[str, str] | None = None) -> ClientResponse:
     method, path, body = REQUESTS[name]
     return await gw.request(method, path, json=body, headers=headers or auth())
 
@@ -98,7 +99,7 @@ async def test_every_route_in_the_router_went_through_routes(make_gateway: MakeG
 async def test_a_route_added_around_routes_is_caught(make_gateway: MakeGateway) -> None:
     gw = await make_gateway()
 
-    async def sneaky(request: Any) -> Any:
+    async def sneaky(request: web.Request) -> web.Response:
         raise AssertionError
 
     gw.app.router._frozen = False  # the test adds a route the way a mistake would

@@ -25,7 +25,7 @@ import sys
 import time
 import tracemalloc
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +301,7 @@ async def test_hostile_bodies_do_not_grow_memory(make_gateway: MakeGateway,
         b"x" * 5_000_000,  # over the limit
     ]
 
-    async def chunked(data: bytes) -> Any:
+    async def chunked(data: bytes) -> AsyncIterator[bytes]:
         for i in range(0, len(data), 65536):
             yield data[i:i + 65536]
 

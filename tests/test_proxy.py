@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -303,7 +304,7 @@ async def test_oversized_body_gets_413(make_gateway: MakeGateway) -> None:
     assert resp.status == 413
     assert (await resp.json())["error"]["code"] == "request_too_large"
 
-    async def chunked() -> Any:  # no Content-Length: the limit must still hold
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit must still hold
         for _ in range(10):
             yield b"x" * 1000
 

@@ -18,7 +18,7 @@ import aiohttp
 import openai
 import pytest
 import yaml
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from pytest_aiohttp import AiohttpClient
 
 from gateway.admin import render_table
@@ -127,7 +127,7 @@ def _run_policy(**caps: Any) -> dict[str, Any]:
 
 
 async def _chat(gw: GatewayClient, run: str, max_tokens: int = 50,
-                text: str = "hello there", model: str = "gpt-test") -> Any:
+                text: str = "hello there", model: str = "gpt-test") -> ClientResponse:
     return await gw.post("/v1/chat/completions",
                          json=chat(model, text, max_tokens=max_tokens),
                          headers=auth(**{"X-Agent-Session": run, "x-mock-chunks": "5"}))

@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +288,7 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(aiohttp_server: AiohttpS
     server = await aiohttp_server(app)
     gw = await make_gateway(upstream=str(server.make_url("")).rstrip("/"))
 
-    async def chunked() -> Any:
+    async def chunked() -> AsyncIterator[bytes]:
         yield orjson.dumps(chat())
 
     resp = await gw.post("/v1/chat/completions", data=chunked(), headers=auth(**{
