@@ -300,7 +300,7 @@ async def test_memory_backend_runs_deferred_requests_in_process(
         make_gateway: MakeGateway, upstream: tuple[Upstream, str]) -> None:
     _, url = upstream
     gw = await make_gateway(upstream=url, deferred=DEFERRED)
-    app: Any = gw.app
+    app = gw.app
     assert app[GATEWAY].deferred.store.name == "memory"
     entry = (await submit(gw))["id"]
     done = await result(gw, entry)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any, get_args
 
 import aiohttp
@@ -14,11 +15,12 @@ import openai
 import pytest
 from aiohttp import ClientResponse, web
 
-from gateway.auth import hash_key
+from gateway.auth import TenantPolicy, hash_key
 from gateway.classify import ROUTES
 from gateway.endpoints import AUTH_GUARD, ROUTE_TABLE, address_key, client_address
 from gateway.limits_policy import ExemptRoute
 from gateway.mock_upstream import estimate_prompt_tokens
+from gateway.ratelimit import AdmitPlan, AdmitResult, SettlePlan
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, FakeClock, auth, chat
@@ -169,11 +171,11 @@ async def test_tenant_routes_make_one_admit_call_and_no_settlement(
     calls: list[str] = []
     admit, settle_many = state.admit, state.settle_many
 
-    async def counting_admit(plan: Any) -> Any:
+    async def counting_admit(plan: AdmitPlan) -> AdmitResult:
         calls.append("admit")
         return await admit(plan)
 
-    async def counting_settle(plans: Any) -> Any:
+    async def counting_settle(plans: Sequence[SettlePlan]) -> list[bool]:
         calls.append("settle")
         return await settle_many(plans)
 
@@ -318,7 +320,7 @@ async def test_failed_auth_refuses_the_address_before_comparing_keys(
     compared: list[int] = []
     authenticate = policy.auth.authenticate
 
-    def counting(headers: Any) -> Any:
+    def counting(headers: Mapping[str, str]) -> TenantPolicy:
         compared.append(1)
         return authenticate(headers)
 

@@ -177,7 +177,7 @@ async def test_three_replicas_share_limits_exactly_on_redis_and_on_a_cluster(
     _check(outcomes[1], cluster_used)
 
 
-def _cluster_get(cluster: RedisCluster3, key: str) -> Any:
+def _cluster_get(cluster: RedisCluster3, key: str) -> bytes | int | None:
     for node in cluster.nodes:
         try:
             value = node.command("GET", key)

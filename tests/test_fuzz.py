@@ -387,7 +387,7 @@ else:
     @admin_schema.parametrize()
     @settings(max_examples=15, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    def test_admin_api_conforms_to_its_openapi_document(case: Any,
+    def test_admin_api_conforms_to_its_openapi_document(case: schemathesis.Case[Any],
                                                         served_gateway: str) -> None:
         """Status codes, content types, headers and bodies match docs/admin-openapi.yaml,
         with the admin key and with what schemathesis sends instead of it; never a 5xx."""

@@ -19,6 +19,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestServer
 from anthropic.types import MessageParam
 from hypothesis import HealthCheck, event, given, settings
@@ -66,7 +67,7 @@ def _forwarded(mock_upstream: TestServer) -> list[dict[str, Any]]:
     return [r.body for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")]
 
 
-async def _used(resp: Any) -> int:
+async def _used(resp: ClientResponse) -> int:
     """Tokens the upstream really spent on one answer (0 for a refusal)."""
     if resp.status != 200:
         return 0

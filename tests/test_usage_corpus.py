@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway.periods import period_keys
+from gateway.runtime import Gateway
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend, StateBackend
 from tests.gwtest import ACME_KEY, auth
@@ -165,7 +166,7 @@ async def _leave_after_usage(url: Any, headers: dict[str, str], body: dict[str, 
         resp.close()  # drops the connection: the client is gone mid-stream
 
 
-async def _recorded(gateway: Any) -> dict[str, int]:
+async def _recorded(gateway: Gateway) -> dict[str, int]:
     """The tenant's recorded tokens by dimension and cost, once the request was observed."""
     for _ in range(1000):
         totals = gateway.metrics.usage_by_tenant.get("acme")
