@@ -21,7 +21,7 @@ from gateway.config import Price, load_config
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend
 from gateway.usage import Rates, Usage, cost_micros, micros
-from tests.gwtest import ACME_KEY, auth, policy_dict
+from tests.gwtest import ACME_KEY, auth, log_fields, policy_dict
 from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
 ADMIN_KEY = "sk-admin-accounting"
@@ -264,7 +264,7 @@ async def test_access_log_has_tokens_by_dimension_and_exact_cost(
         body = {"model": "gpt-test", "messages": messages}
         assert (await gw.post("/v1/chat/completions", json=body, headers=auth())).status == 200
         messages = [*messages, {"role": "user", "content": "and again"}]
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     prompt = line["tokens_in"]
     assert line["tokens"] == {"cache_read": 150, "input": prompt - 150, "output": 5}
     # gpt-test: 1.0 input (cached unset: priced as input), 2.0 output per million
@@ -296,6 +296,6 @@ async def test_a_finished_stream_without_usage_is_charged_the_prompt_estimate(
                                                                "content": "hello " * 40}]}
     resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
     assert resp.status == 200 and b"[DONE]" in await resp.read()
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     assert line["usage_reported"] is False
     assert line["tokens_in"] > 0 and line["tokens_out"] == 2

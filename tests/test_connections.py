@@ -23,7 +23,7 @@ import pytest
 from gateway.config import GatewayConfig, parse_config
 from gateway.connections import ConnectionGuard, default_max_connections
 from gateway.server import GATEWAY
-from tests.gwtest import policy_dict
+from tests.gwtest import log_fields, policy_dict
 from tests.plugin_gateway import GatewayClient, MakeGateway
 
 Client = GatewayClient
@@ -234,7 +234,7 @@ async def test_refusals_are_logged_once_per_interval_with_their_counts(
         guard._log_later()
     lines = [r for r in caplog.records if "connection limits" in r.getMessage()]
     assert len(lines) == 2
-    fields: list[dict[str, Any]] = [vars(r)["fields"] for r in lines]
+    fields: list[dict[str, Any]] = [log_fields(r) for r in lines]
     assert [f["closed"] for f in fields] == [{"max_connections_per_ip": 1},
                                              {"max_connections_per_ip": 999}]
     assert fields[1]["last_peer"] == "10.0.0.1" and fields[1]["open"] == 1

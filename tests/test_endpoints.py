@@ -23,7 +23,7 @@ from gateway.mock_upstream import estimate_prompt_tokens
 from gateway.ratelimit import AdmitPlan, AdmitResult, SettlePlan
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
-from tests.gwtest import ACME_KEY, UMBRELLA_KEY, FakeClock, auth, chat
+from tests.gwtest import ACME_KEY, UMBRELLA_KEY, FakeClock, auth, chat, log_fields
 from tests.plugin_gateway import GatewayClient, MakeGateway
 from tests.redis_server import RedisCluster3, RedisServer
 
@@ -355,7 +355,7 @@ async def test_failed_auth_refuses_the_address_before_comparing_keys(
         "gateway_rejections_total", {"reason": "auth_failures", "priority": "none",
                                      "tenant": "none"})
     assert refused == 4
-    access = [r.fields for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
+    access = [log_fields(r) for r in caplog.records if r.name == "gateway.access"]
     assert [f["status"] for f in access].count(401) == 6  # the lines exist, and hold no key:
     assert [f["error_code"] for f in access].count("too_many_auth_failures") == 3
     logged = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)

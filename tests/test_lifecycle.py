@@ -429,7 +429,8 @@ async def test_reload_under_load_applies_on_the_next_request_and_rejects_invalid
         await gw.wait_ready(session)
         url = gw.url + "/v1/chat/completions"
         assert await _limit_header(session, url) == "6000"
-        stop, results = asyncio.Event(), []  # type: ignore[var-annotated]
+        stop = asyncio.Event()
+        results: list[tuple[str, int, bool]] = []
         load = [asyncio.create_task(_steady_load(session, url, stop, results)) for _ in range(6)]
         # A long stream that starts under the old policy and must finish under it.
         long = Stream()

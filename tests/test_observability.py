@@ -20,7 +20,7 @@ from gateway.server import create_app
 from gateway.state import StateBackend
 from gateway.streaming import Usage
 from gateway.tracing import Tracing
-from tests.gwtest import ACME_KEY, auth, chat, policy
+from tests.gwtest import ACME_KEY, auth, chat, log_fields, policy
 from tests.plugin_gateway import GatewayClient, MakeGateway
 
 ADMIN_KEY = "sk-admin-test"
@@ -131,7 +131,7 @@ async def test_access_log_explains_a_slow_step(
         "x-mock-ttft-ms": "150", "x-mock-chunks": "2", "X-Agent-Session": "s1",
         "X-Agent-Step": "9"}))
     await resp.read()
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     assert line["agent_session"] == "s1" and line["agent_step"] == "9"
     for key in ("limits_ms", "queue_ms", "upstream_first_byte_ms", "ttft_ms", "duration_ms"):
         assert line[key] is not None, key
@@ -313,7 +313,7 @@ async def test_a_relayed_upstream_error_is_not_counted_ok(
         resp = await gw.post("/v1/chat/completions", json=chat(text=status),
                              headers=auth(**{"x-mock-status": status}))
         assert resp.status == int(status) and resp.headers["x-should-retry"] == "false"
-        line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+        line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
         assert line["status"] == int(status) and line["attempts"] >= 1
         assert line["outcome"] == "upstream_error" and line["error_code"]  # the upstream's
         text = await _metrics(gw)
@@ -325,7 +325,7 @@ async def test_a_relayed_upstream_error_is_not_counted_ok(
     resp = await gw.post("/v1/chat/completions", json=chat(text="bad"),
                          headers=auth(**{"x-mock-status": "400"}))
     assert resp.status == 400
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     assert line["outcome"] == "upstream_rejected" and line["error_code"]
     # Anthropic's error bodies have a type and no code. One attempt: a retry of a 529 can meet
     # the deployment cooling down and get the gateway's own 503 instead (a CI run did).
@@ -334,7 +334,7 @@ async def test_a_relayed_upstream_error_is_not_counted_ok(
         "model": "claude-test", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]},
         headers=auth(**{"x-mock-status": "529"}))
     assert resp.status == 529
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     assert line["outcome"] == "upstream_error" and line["error_code"] == "overloaded_error"
 
 

@@ -17,7 +17,7 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway import classify
 from gateway.mock_upstream import RECORDED, estimate_prompt_tokens
-from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
+from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat, log_fields
 from tests.plugin_gateway import GatewayClient, MakeGateway
 
 Client = GatewayClient
@@ -402,4 +402,4 @@ async def test_access_log_has_one_json_line_without_prompt_or_key(
 
 
 def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [dict(r.fields) for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
+    return [dict(log_fields(r)) for r in caplog.records if r.name == "gateway.access"]

@@ -28,7 +28,7 @@ from gateway.ratelimit import AdmitPlan, Check, Counter, LocalLimits, SettlePlan
 from gateway.runs import session_id
 from gateway.server import GATEWAY, create_app
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
-from tests.gwtest import ACME_KEY, FakeClock, auth, chat, policy
+from tests.gwtest import ACME_KEY, FakeClock, auth, chat, log_fields, policy
 from tests.plugin_gateway import GatewayClient, MakeGateway, gateway_client, settled
 from tests.redis_server import RedisServer
 from tests.test_fleet_limits import Fleet, _wait_ready
@@ -344,8 +344,7 @@ async def test_status_lists_the_biggest_runs_and_the_access_log_their_totals(
     await settled(gw)
     await _chat(gw, "small-run")
     await settled(gw)
-    lines = [r.fields for r in caplog.records  # type: ignore[attr-defined]
-             if r.name == "gateway.access"]
+    lines = [log_fields(r) for r in caplog.records if r.name == "gateway.access"]
     assert [line["run"]["steps"] for line in lines[:3]] == [1, 2, 3]
     assert lines[2]["run"]["tokens"] > lines[1]["run"]["tokens"] > 0
     assert lines[3]["run"] is None and lines[3]["error_code"] == "run_budget_exceeded"

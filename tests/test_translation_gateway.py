@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from pytest_aiohttp import AiohttpServer
 
 from gateway.mock_upstream import RECORDED
-from tests.gwtest import ACME_KEY, auth, chat
+from tests.gwtest import ACME_KEY, auth, chat, log_fields
 from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
 DATA = Path(__file__).parent / "data" / "translation"
@@ -51,9 +51,7 @@ def _base(gw: GatewayClient) -> str:
 
 
 def _access(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
-    line: dict[str, Any] = [r for r in caplog.records
-                            if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
-    return line
+    return log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
 
 
 class Replay:

@@ -27,7 +27,8 @@ def stream_usage(raw: bytes) -> dict[str, int] | None:
         if b'"usage":{' in event:
             data = orjson.loads(event.split(b"data:", 1)[1])
             if data.get("usage"):
-                return data["usage"]  # type: ignore[no-any-return]
+                usage: dict[str, int] = data["usage"]
+                return usage
     return None
 
 

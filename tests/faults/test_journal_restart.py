@@ -32,7 +32,7 @@ from gateway.server import GATEWAY, create_app
 from gateway.state import RedisBackend
 from tests.faults.helpers import budget_key, until
 from tests.faults.tcpproxy import FaultProxy
-from tests.gwtest import UMBRELLA_KEY, auth, chat, policy, policy_dict
+from tests.gwtest import UMBRELLA_KEY, auth, chat, log_fields, policy, policy_dict
 from tests.plugin_gateway import GatewayClient, gateway_client, settled
 from tests.redis_server import RedisServer, pick_port
 
@@ -223,7 +223,7 @@ async def test_loss_without_a_journal_file_is_logged_and_counted(
     assert gateway.degraded.journal_lost == 1
     assert "usage lost" in caplog.text
     record = next(r for r in caplog.records if "usage lost" in r.getMessage())
-    assert record.fields["lost"] == 1  # type: ignore[attr-defined]
+    assert log_fields(record)["lost"] == 1
     proxy.resume()
 
 

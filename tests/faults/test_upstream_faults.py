@@ -35,9 +35,9 @@ NO_RETRY_TENANT = {"acme": {"default_max_tokens": 50, "loop_guard": {"enabled": 
 
 
 def _openai_error(data: bytes) -> dict[str, Any]:
-    err = orjson.loads(data)["error"]
+    err: dict[str, Any] = orjson.loads(data)["error"]
     assert set(err) == {"message", "type", "code", "param"} and err["message"]
-    return err  # type: ignore[no-any-return]
+    return err
 
 
 def _events(raw: bytes) -> list[bytes]:
