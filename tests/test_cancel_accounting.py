@@ -51,7 +51,8 @@ async def _left(gw: GatewayClient, route: str, body: dict[str, Any], after_s: fl
             await resp.read()
 
 
-async def _disconnects_seen(gw: GatewayClient, n: int, outcome: str | None = "client_disconnected") -> None:
+async def _disconnects_seen(gw: GatewayClient, n: int,
+                            outcome: str | None = "client_disconnected") -> None:
     """Wait until the gateway ended ``n`` requests with ``outcome`` (None: any), then for their
     settlements."""
     metrics = gw.app[GATEWAY].metrics.registry

@@ -37,7 +37,8 @@ def _serve(config: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
 
 @pytest.mark.redis
 async def test_a_killed_replica_s_entry_completes_on_another(
-        tmp_path: Path, aiohttp_server: AiohttpServer, make_gateway: MakeGateway, clean_redis: RedisServer
+        tmp_path: Path, aiohttp_server: AiohttpServer, make_gateway: MakeGateway,
+        clean_redis: RedisServer,
 ) -> None:
     mock = Upstream()
     server = await aiohttp_server(mock.app())

@@ -122,7 +122,7 @@ async def test_openai_n_choices_whole_and_streamed(oai: Any) -> None:
 
 async def test_responses_tool_call_and_json_whole_and_streamed(oai: Any) -> None:
     tool: FunctionToolParam = {"type": "function", "name": "get_weather",
-            "parameters": WEATHER["function"]["parameters"], "strict": True}
+                               "parameters": WEATHER["function"]["parameters"], "strict": True}
     resp = await oai.responses.create(model="gpt-test", input="weather?", tools=[tool])
     call = resp.output[0]
     assert call.type == "function_call" and call.name == "get_weather"

@@ -33,7 +33,8 @@ def _data(event: bytes) -> Any:
     return payload if payload == b"[DONE]" else orjson.loads(payload)
 
 
-async def test_chat_completion_is_proxied_with_model_rewritten(gw: Client, mock_upstream: TestServer) -> None:
+async def test_chat_completion_is_proxied_with_model_rewritten(gw: Client,
+                                                               mock_upstream: TestServer) -> None:
     body = chat(text="what is the capital of France?")
     resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
     assert resp.status == 200

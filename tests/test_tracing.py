@@ -62,7 +62,8 @@ def record(**fields: Any) -> RequestRecord:
     return RequestRecord(**base)
 
 
-def run_request(tracing: Tracing, headers: Mapping[str, str], upstream_headers: dict[str, str]) -> None:
+def run_request(tracing: Tracing, headers: Mapping[str, str],
+                upstream_headers: dict[str, str]) -> None:
     """What the pipeline does, in order."""
     with tracing.request_span("POST", CHAT, headers) as span:
         with tracing.stage("auth"):

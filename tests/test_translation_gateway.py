@@ -470,8 +470,8 @@ WEATHER_TOOL: ChatCompletionFunctionToolParam = {"type": "function", "function":
                    "required": ["city"]}}}
 
 
-def _function_calls(
-        calls: list[ChatCompletionMessageToolCallUnion]) -> list[ChatCompletionMessageFunctionToolCall]:
+def _function_calls(calls: list[ChatCompletionMessageToolCallUnion],
+                    ) -> list[ChatCompletionMessageFunctionToolCall]:
     """The tool calls as function calls: any other kind here fails the test."""
     function_calls = [c for c in calls if isinstance(c, ChatCompletionMessageFunctionToolCall)]
     assert len(function_calls) == len(calls), calls

@@ -61,7 +61,8 @@ def _policy(mock_port: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, clean_redis: RedisServer) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+def fleet(tmp_path: Path,
+          clean_redis: RedisServer) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
     procs: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "REDIS_URL": clean_redis.url, "GATEWAY_LOG_LEVEL": "WARNING"}
     try:
