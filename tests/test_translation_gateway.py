@@ -20,11 +20,13 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from anthropic.types import Message
+from anthropic.types import Message, MessageParam, ToolParam
 from openai.types.chat import (
     ChatCompletion,
     ChatCompletionFunctionToolParam,
     ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageFunctionToolCallParam,
+    ChatCompletionMessageParam,
     ChatCompletionMessageToolCallUnion,
 )
 from pydantic import BaseModel
@@ -483,7 +485,8 @@ async def test_openai_sdk_tool_call_answered_by_the_anthropic_kind_mock(
         gw: GatewayClient, mock_upstream: TestServer, stream: bool) -> None:
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
     try:
-        messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": "Weather in Paris?"}]
         reply: ChatCompletion
         if stream:
             async with client.chat.completions.stream(
@@ -505,7 +508,8 @@ async def test_openai_sdk_tool_call_answered_by_the_anthropic_kind_mock(
         follow = await client.chat.completions.create(model="claude-test", tools=[WEATHER_TOOL],
                                                       messages=[*messages, {
             "role": "assistant", "content": None,
-            "tool_calls": [cast(Any, c.model_dump()) for c in calls]}, {
+            "tool_calls": [cast(ChatCompletionMessageFunctionToolCallParam, c.model_dump())
+                           for c in calls]}, {
             "role": "tool", "tool_call_id": calls[0].id, "content": "18C"}])
         assert follow.choices[0].finish_reason == "stop" and follow.choices[0].message.content
         turn = mock_upstream.app[RECORDED][-1].body["messages"][-1]
@@ -535,9 +539,9 @@ async def test_openai_sdk_structured_output_answered_by_the_anthropic_kind_mock(
 async def test_anthropic_sdk_tool_use_answered_by_the_openai_kind_mock(
         gw: GatewayClient, mock_upstream: TestServer, stream: bool) -> None:
     client = anthropic.AsyncAnthropic(base_url=_base(gw), api_key=ACME_KEY, max_retries=0)
-    tool: Any = {"name": "get_weather", "description": "Weather in a city",
-                 "input_schema": WEATHER_TOOL["function"]["parameters"]}
-    messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    tool: ToolParam = {"name": "get_weather", "description": "Weather in a city",
+                       "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    messages: list[MessageParam] = [{"role": "user", "content": "Weather in Paris?"}]
     msg: Message
     try:
         if stream:
