@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from .admission import AdmissionController
 from .auth import Authenticator
@@ -99,6 +99,12 @@ class Policy:
     active: int = 0  # requests running under this policy (a retired one closes at 0)
 
 
+class RetryObserver(Protocol):
+    """Told of every retry or failover the attempt loop decides (the metrics count them)."""
+
+    def retry(self, deployment: str | None, reason: str | None) -> None: ...
+
+
 @dataclass(slots=True)
 class Services:
     """Process-wide policy objects; each keeps its own state across requests and reloads."""
@@ -111,5 +117,5 @@ class Services:
     retry_budget: RetryBudget
     quotas: ProviderQuotas
     tracing: Tracing
-    observers: list[Any] = field(default_factory=list)
+    observers: list[RetryObserver] = field(default_factory=list)
     deferred: DeferredService | None = None  # Prefer: respond-async; set by runtime.Gateway
