@@ -108,7 +108,8 @@ class Run:
 
 
 def schedule(rate: float, seconds: float, rng: random.Random) -> list[float]:
-    out, t = [], 0.0
+    out: list[float] = []
+    t = 0.0
     while True:
         t += rng.expovariate(rate)
         if t >= seconds:

@@ -530,8 +530,9 @@ async def read_heap_stats(gateway: subprocess.Popen[bytes], path: Path) -> dict[
 def warmup_s(args: argparse.Namespace) -> float:
     """The first fifth of the run, and at least one round of every fault (each kind raises
     the allocator's high-water mark once; a leak keeps raising it afterwards)."""
-    duration = args.minutes * 60
-    return max(30.0, duration / 5, min(duration / 2, 4 * args.fault_every + 15))
+    duration: float = args.minutes * 60
+    fault_every: float = args.fault_every
+    return max(30.0, duration / 5, min(duration / 2, 4 * fault_every + 15))
 
 
 def summarize(samples: list[Sample], stats: Stats, args: argparse.Namespace) -> dict[str, Any]:

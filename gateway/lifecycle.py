@@ -26,11 +26,12 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import __version__, admin
 from .classify import error_dialect
@@ -76,7 +77,7 @@ class DrainGuard:
         guard = cls(app)
 
         @web.middleware
-        async def drain_guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        async def drain_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             return await guard._track(request, handler)
 
         app.middlewares.append(drain_guard)
@@ -87,7 +88,7 @@ class DrainGuard:
     def in_flight(self) -> int:
         return len(self._flights)
 
-    async def _track(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None
         flight = _Flight(request)
@@ -265,7 +266,7 @@ async def run(config: GatewayConfig, options: ServeOptions) -> int:
         reloader = Reloader(app, options.config_path, prepare=options.prepare,
                             baseline=options.baseline, on_result=reload_result)
 
-        def spawn(coro: Any) -> None:
+        def spawn(coro: Coroutine[Any, Any, object]) -> None:
             task = loop.create_task(coro)
             background.add(task)
             task.add_done_callback(background.discard)

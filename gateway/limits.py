@@ -168,7 +168,7 @@ class Limiter:
     """Admission and settlement of tenant limits and budgets against the state backend."""
 
     def __init__(self, config: GatewayConfig, state: StateBackend, degraded: DegradedMode,
-                 wall_clock: Any, inflight: InFlight | None = None,
+                 wall_clock: Callable[[], float], inflight: InFlight | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
         self._state = state
@@ -587,7 +587,8 @@ def _tag(tenant: str) -> str:
     return "{t:" + tenant + "}"
 
 
-def _rate_checks(limits: RateLimits, prefix: str, tokens: int, add: Any, scope: str) -> None:
+def _rate_checks(limits: RateLimits, prefix: str, tokens: int,
+                 add: Callable[[Check, str], None], scope: str) -> None:
     if limits.requests_per_minute:
         rpm = limits.requests_per_minute
         add(Gcra(prefix + "req", Fraction(60_000, rpm),

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import orjson
 
@@ -36,7 +37,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure(level: str = "INFO", stream: Any = None) -> None:
+def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Route every logger through one JSON handler (idempotent)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -60,7 +61,7 @@ class RefusalLog:
 
     MAX_KEYS = 10_000  # tenants are bounded by the policy, reasons by the code; a safety net
 
-    def __init__(self, clock: Any, per_s: float = 1.0, burst: int = 10,
+    def __init__(self, clock: Callable[[], float], per_s: float = 1.0, burst: int = 10,
                  summary_every_s: float = 60.0) -> None:
         self._clock = clock
         self.per_s = per_s

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -197,7 +198,7 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
-def models_listing(policy: PolicyVersion, tenant_models: Any) -> dict[str, Any]:
+def models_listing(policy: PolicyVersion, tenant_models: Callable[[str], bool]) -> dict[str, Any]:
     """GET /v1/models: the models this tenant may use, in OpenAI's list shape."""
     return {
         "object": "list",

@@ -33,12 +33,12 @@ RESTART_ONLY = (("server", "host"), ("server", "port"), ("server", "max_body_byt
                 ("server", "backlog"), ("server", "cors_origins"), ("server", "event_loop"),
                 ("server", "metrics"), ("server", "metrics_need_admin_key"), ("state", None))
 
-Signature = tuple[tuple[Any, ...], ...]
+Signature = tuple[tuple[str | int | None, ...], ...]
 
 
 def file_signature(paths: Iterable[str]) -> Signature:
     """What changes when a file is edited, replaced, or swapped in through a symlink."""
-    out: list[tuple[Any, ...]] = []
+    out: list[tuple[str | int | None, ...]] = []
     for path in paths:
         try:
             st = os.stat(path)  # follows symlinks: the file's own identity and contents

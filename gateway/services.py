@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from aiohttp import web
 
@@ -42,6 +42,12 @@ class PolicyVersion:
     active: int = 0  # requests running under this policy (a retired one closes at 0)
 
 
+class RetryObserver(Protocol):
+    """Told of every retry or failover the attempt loop decides (the metrics count them)."""
+
+    def retry(self, deployment: str | None, reason: str | None) -> None: ...
+
+
 @dataclass(slots=True)
 class Services:
     """Process-wide policy objects; each keeps its own state across requests and reloads."""
@@ -56,7 +62,7 @@ class Services:
     retry_budget: RetryBudget
     quotas: ProviderQuotas
     tracing: Tracing
-    observers: list[Any] = field(default_factory=list)
+    observers: list[RetryObserver] = field(default_factory=list)
     deferred: Deferral | None = None  # Prefer: respond-async; set by runtime.Gateway
     wall_clock: Callable[[], float] = time.time  # epoch seconds: Retry-After dates, run logs
 

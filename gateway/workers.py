@@ -78,7 +78,9 @@ def supervise(workers: int, argv_for: Callable[[int], list[str]]) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signum)
 
-    previous: dict[int, Any] = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    # signal.signal's own return type: a handler, SIG_DFL/SIG_IGN, or None (not set from Python)
+    previous: dict[int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None] = {
+        sig: signal.signal(sig, forward) for sig in FORWARDED}
     exit_code = 0
     try:
         for index in range(workers):

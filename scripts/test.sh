@@ -21,8 +21,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${missing[@]}" >/dev/null
 fi
 bash scripts/setup.sh test
-# Lint and types first: a finding fails the run like a failing test (mypy --strict and the ruff
-# rules of pyproject.toml, on the package and its tests).
+# Lint and types first: a finding fails the run like a failing test (the ruff rules of
+# pyproject.toml on the package and its tests; mypy --strict on the package, its tests and the
+# bench scripts, the `files` of pyproject.toml's [tool.mypy]).
 .venv/bin/ruff check gateway tests
-.venv/bin/mypy gateway
+.venv/bin/mypy --strict gateway tests bench
 exec .venv/bin/python -m pytest "$@"

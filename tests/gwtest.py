@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from gateway.auth import hash_key
@@ -51,6 +52,12 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def log_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields of a gateway log record (``extra={"fields": {...}}``, see logs.py)."""
+    fields: dict[str, Any] = vars(record)["fields"]
+    return fields
 
 
 def auth(key: str = ACME_KEY, **extra: str) -> dict[str, str]:

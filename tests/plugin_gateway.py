@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.mock_upstream import create_mock_app
 from gateway.runner import GatewayRunner
@@ -14,7 +15,15 @@ from gateway.server import create_app
 from gateway.state import StateBackend
 from tests.gwtest import policy
 
-MakeGateway = Callable[..., Awaitable[TestClient[Any, Any]]]
+GatewayClient = TestClient[web.Request, web.Application]
+"""A test client of an app on a ``TestServer``: ``client.app`` is that app."""
+
+
+class MakeGateway(Protocol):
+    """The ``make_gateway`` fixture: a gateway on ``policy(upstream, **overrides)``."""
+
+    async def __call__(self, upstream: str | None = None, state: StateBackend | None = None,
+                       **overrides: Any) -> GatewayClient: ...
 
 
 class GatewayTestServer(TestServer):
@@ -25,9 +34,8 @@ class GatewayTestServer(TestServer):
 
 
 @pytest.fixture
-async def mock_upstream(aiohttp_server: Any) -> TestServer:
-    server: TestServer = await aiohttp_server(create_mock_app(seed=7))
-    return server
+async def mock_upstream(aiohttp_server: AiohttpServer) -> TestServer:
+    return await aiohttp_server(create_mock_app(seed=7))
 
 
 @pytest.fixture
@@ -36,24 +44,29 @@ def upstream_url(mock_upstream: TestServer) -> str:
 
 
 @pytest.fixture
-def make_gateway(aiohttp_client: Any, upstream_url: str) -> MakeGateway:
+def make_gateway(aiohttp_client: AiohttpClient, upstream_url: str) -> MakeGateway:
     async def make(upstream: str | None = None, state: StateBackend | None = None,
-                   **overrides: Any) -> TestClient[Any, Any]:
+                   **overrides: Any) -> GatewayClient:
         config = policy(upstream or upstream_url, **overrides)
-        client: TestClient[Any, Any] = await aiohttp_client(
-            GatewayTestServer(create_app(config, state=state)))
-        return client
+        return await gateway_client(aiohttp_client, create_app(config, state=state))
 
     return make
 
 
 @pytest.fixture
-async def gw(make_gateway: MakeGateway) -> TestClient[Any, Any]:
+async def gw(make_gateway: MakeGateway) -> GatewayClient:
     return await make_gateway()
 
 
-async def settled(client: TestClient[Any, Any]) -> None:
+async def gateway_client(aiohttp_client: AiohttpClient, app: web.Application) -> GatewayClient:
+    """A client of ``app`` served by ``GatewayTestServer`` (the runner ``gateway serve`` uses)."""
+    # aiohttp types a TestClient over a TestServer as TestClient[Request, Application];
+    # pytest-aiohttp's factory protocol widens any server to TestClient[_, None].
+    return cast(GatewayClient, await aiohttp_client(GatewayTestServer(app)))
+
+
+async def settled(client: GatewayClient) -> None:
     """Wait until every settlement the gateway started in the background has run."""
     from gateway.server import GATEWAY
 
-    await client.server.app[GATEWAY].policy.limiter.drain()
+    await client.app[GATEWAY].policy.limiter.drain()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,15 @@ import openai
 import pytest
 import yaml
 from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
 from gateway.auth import hash_key
 from gateway.config import Price, load_config
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend
 from gateway.usage import Rates, Usage, cost_micros, micros
-from tests.gwtest import ACME_KEY, auth, policy_dict
-from tests.plugin_gateway import MakeGateway, settled
+from tests.gwtest import ACME_KEY, auth, log_fields, policy_dict
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
 ADMIN_KEY = "sk-admin-accounting"
 # SDK, gateway and mock share the test's loop: no load shedding on the loop-lag probe here.
@@ -144,12 +146,12 @@ def _anthropic_cached(text: str) -> dict[str, Any]:
             "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def _token_budget_used(gw: Any) -> int:
+async def _token_budget_used(gw: GatewayClient) -> int:
     import time
 
     from gateway.periods import period_keys
 
-    state = gw.server.app[GATEWAY].state
+    state = gw.app[GATEWAY].state
     assert isinstance(state, MemoryBackend)
     daily = next(p for name, p, _, _ in period_keys(time.time()) if name == "daily")
     value = state.limits._get(f"rl:{{t:acme}}:b:tokens:{daily}", state.limits.now_ms())
@@ -183,7 +185,7 @@ async def test_ten_step_agent_with_90_percent_cached_input_is_charged_the_price_
     price = {"input_per_million": 2.0, "cached_input_per_million": 0.2, "output_per_million": 8.0}
     rates = Price(**price).rates
 
-    async def run(gw: Any, label: str) -> list[Any]:
+    async def run(gw: GatewayClient, label: str) -> list[Any]:
         client = openai.AsyncOpenAI(base_url=str(gw.make_url("/v1")), api_key=ACME_KEY)
         messages: list[Any] = [{"role": "system", "content": f"{label} " + "rules " * 700}]
         usages = []
@@ -239,7 +241,7 @@ def test_settlement_counts_cache_reads_per_limit_as_the_hold_says() -> None:
     from gateway.limits import Counting, Hold, _with_actuals
     from gateway.ratelimit import SettlePlan
 
-    plan = SettlePlan("r", "done", "hold", 1000, (("rl:{t:a}:tok", 60.0, 500, 500),),
+    plan = SettlePlan("r", "done", "hold", 1000, (("rl:{t:a}:tok", Fraction(60), 500, 500),),
                       (("rl:{t:a}:b:tokens:d:1", 500, 500, 1), ("rl:{t:a}:b:cost:d:1", 9, 9, 1)),
                       ())
     usage = Usage(input_tokens=1000, output_tokens=10, cache_read_tokens=900)
@@ -262,7 +264,7 @@ async def test_access_log_has_tokens_by_dimension_and_exact_cost(
         body = {"model": "gpt-test", "messages": messages}
         assert (await gw.post("/v1/chat/completions", json=body, headers=auth())).status == 200
         messages = [*messages, {"role": "user", "content": "and again"}]
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     prompt = line["tokens_in"]
     assert line["tokens"] == {"cache_read": 150, "input": prompt - 150, "output": 5}
     # gpt-test: 1.0 input (cached unset: priced as input), 2.0 output per million
@@ -270,7 +272,7 @@ async def test_access_log_has_tokens_by_dimension_and_exact_cost(
 
 
 async def test_a_finished_stream_without_usage_is_charged_the_prompt_estimate(
-    make_gateway: MakeGateway, aiohttp_server: Any, caplog: pytest.LogCaptureFixture,
+    make_gateway: MakeGateway, aiohttp_server: AiohttpServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An OpenAI-compatible server that ignores stream_options: the stream ends cleanly with
     no usage, and the gateway charges its estimates rather than zero input."""
@@ -294,6 +296,6 @@ async def test_a_finished_stream_without_usage_is_charged_the_prompt_estimate(
                                                                "content": "hello " * 40}]}
     resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
     assert resp.status == 200 and b"[DONE]" in await resp.read()
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     assert line["usage_reported"] is False
     assert line["tokens_in"] > 0 and line["tokens_out"] == 2

@@ -9,12 +9,12 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from gateway.agent_loop import find_loop, tool_steps
 from gateway.server import create_app
 from tests.gwtest import ACME_KEY, auth, policy
-from tests.plugin_gateway import GatewayTestServer, MakeGateway
+from tests.plugin_gateway import GatewayClient, MakeGateway, gateway_client
 
 
 def chat_history(calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -153,7 +153,7 @@ async def test_shadow_only_counts(make_gateway: MakeGateway) -> None:
 
 
 async def test_sdks_refuse_a_looping_conversation_once_and_keep_a_progressing_one(
-    aiohttp_client: Any, upstream_url: str
+    aiohttp_client: AiohttpClient, upstream_url: str
 ) -> None:
     app = create_app(policy(upstream_url, **_loop_policy("refuse")))
     answers: list[int] = []
@@ -163,7 +163,7 @@ async def test_sdks_refuse_a_looping_conversation_once_and_keep_a_progressing_on
             answers.append(response.status)
 
     app.on_response_prepare.append(count)
-    gw: TestClient[Any, Any] = await aiohttp_client(GatewayTestServer(app))
+    gw: GatewayClient = await gateway_client(aiohttp_client, app)
     async with openai.AsyncOpenAI(base_url=str(gw.make_url("/v1")), api_key=ACME_KEY) as oa:
         with pytest.raises(openai.RateLimitError) as info:
             await oa.chat.completions.create(**_body(5))

@@ -17,6 +17,8 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from gateway.classify import estimate_prompt_tokens
 from gateway.mock_upstream import RECORDED
@@ -24,7 +26,7 @@ from gateway.periods import period_keys
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend, StateBackend
 from tests.gwtest import ACME_KEY, auth, chat
-from tests.plugin_gateway import MakeGateway, settled
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
 CALM = {"self_protection": {"max_loop_lag_ms": 600_000}}
 ONE_SLOT = {"concurrency": {"min_limit": 1, "initial_limit": 1, "max_limit": 1}}
@@ -40,7 +42,7 @@ async def _spent(backend: StateBackend) -> int:
     return int(await backend.get(key) or 0)
 
 
-async def _left(gw: Any, route: str, body: dict[str, Any], after_s: float,
+async def _left(gw: GatewayClient, route: str, body: dict[str, Any], after_s: float,
                 **headers: str) -> None:
     """Send, then hang up after ``after_s`` (the client's timeout), before any answer."""
     with pytest.raises(TimeoutError):
@@ -49,10 +51,11 @@ async def _left(gw: Any, route: str, body: dict[str, Any], after_s: float,
             await resp.read()
 
 
-async def _disconnects_seen(gw: Any, n: int, outcome: str | None = "client_disconnected") -> None:
+async def _disconnects_seen(gw: GatewayClient, n: int,
+                            outcome: str | None = "client_disconnected") -> None:
     """Wait until the gateway ended ``n`` requests with ``outcome`` (None: any), then for their
     settlements."""
-    metrics = gw.server.app[GATEWAY].metrics.registry
+    metrics = gw.app[GATEWAY].metrics.registry
     for _ in range(1000):
         seen = sum(s.value for m in metrics.collect() if m.name == "gateway_requests"
                    for s in m.samples if s.name == "gateway_requests_total"
@@ -65,7 +68,7 @@ async def _disconnects_seen(gw: Any, n: int, outcome: str | None = "client_disco
 
 
 async def _budgeted(make_gateway: MakeGateway, backend: StateBackend, upstream: str | None = None,
-                    **extra: Any) -> Any:
+                    **extra: Any) -> GatewayClient:
     return await make_gateway(upstream, state=backend,
                               tenants={"acme": {"budget": {"daily_tokens": 10**7}}},
                               admission={**CALM, **extra.pop("admission", {})}, **extra)
@@ -75,7 +78,7 @@ async def test_a_client_that_leaves_while_the_upstream_works_is_charged_the_prom
     make_gateway: MakeGateway, backend: StateBackend,
 ) -> None:
     gw = await _budgeted(make_gateway, backend)
-    body = {"model": "gpt-test", "input": "hi", "instructions": INSTRUCTIONS,
+    body: dict[str, Any] = {"model": "gpt-test", "input": "hi", "instructions": INSTRUCTIONS,
             "max_output_tokens": 100}
     await _left(gw, "/v1/responses", body, 0.5, **{"x-mock-latency-ms": "1500"})
     await _disconnects_seen(gw, 1)
@@ -108,7 +111,7 @@ async def test_a_client_that_leaves_before_any_upstream_call_is_charged_nothing(
 
 
 async def test_each_sent_attempt_without_usage_is_charged_once(
-    make_gateway: MakeGateway, backend: StateBackend, aiohttp_server: Any,
+    make_gateway: MakeGateway, backend: StateBackend, aiohttp_server: AiohttpServer,
 ) -> None:
     # The first call gets no answer within the first-byte timeout, the retry answers: the
     # first attempt's prompt was read all the same, so it is charged on top of the answer.
@@ -141,7 +144,7 @@ async def test_each_sent_attempt_without_usage_is_charged_once(
 
 
 async def test_the_openai_sdk_timing_out_is_charged_each_call_that_reached_the_upstream(
-    make_gateway: MakeGateway, mock_upstream: Any,
+    make_gateway: MakeGateway, mock_upstream: TestServer,
 ) -> None:
     # The SDK with its default retries and a client timeout shorter than the upstream. Each
     # call that reached the upstream was read (and is billed) by the provider, so each is
@@ -155,7 +158,7 @@ async def test_the_openai_sdk_timing_out_is_charged_each_call_that_reached_the_u
     # lets the call through (at 0.5 s the gateway refuses it up front: nothing is charged).
     client = openai.AsyncOpenAI(base_url=base, api_key=ACME_KEY, timeout=1.2,
                                 default_headers={"x-mock-latency-ms": "3000"})
-    body = {"model": "gpt-test", "input": "hi", "instructions": INSTRUCTIONS,
+    body: dict[str, Any] = {"model": "gpt-test", "input": "hi", "instructions": INSTRUCTIONS,
             "max_output_tokens": 100}
     with pytest.raises((openai.APITimeoutError, openai.InternalServerError)):
         await client.responses.create(**body)

@@ -84,10 +84,10 @@ def test_every_section_and_tenant_option_is_shown_in_an_example_policy() -> None
                     per_model["<model>"] = per_model.pop(name)
             shown |= _paths(tenant)
         shown |= {(key,) for key in data}
-    wanted = {(key,) for key in GatewayConfig.model_fields}
+    wanted: set[tuple[str, ...]] = {(key,) for key in GatewayConfig.model_fields}
     tenant_sections = [s for s in config_doc.sections() if s.path[:2] == ("tenants", "<name>")]
-    for section in tenant_sections:
-        for option in section.options:
+    for tenant_section in tenant_sections:
+        for option in tenant_section.options:
             wanted.add(tuple("<model>" if p == "<name>" else p for p in option.path[2:]))
     missing = sorted(".".join(p) for p in wanted - shown)
     assert not missing, f"show these in config/example.yaml or config/example-full.yaml: {missing}"

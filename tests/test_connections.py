@@ -19,15 +19,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
-from gateway.config import parse_config
+from gateway.config import GatewayConfig, parse_config
 from gateway.connections import ConnectionGuard, default_max_connections
 from gateway.server import GATEWAY
-from tests.gwtest import FakeClock, policy_dict
-from tests.plugin_gateway import MakeGateway
+from tests.gwtest import FakeClock, log_fields, policy_dict
+from tests.plugin_gateway import GatewayClient, MakeGateway
 
-Client = TestClient[Any, Any]
+Client = GatewayClient
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"
 
@@ -76,7 +75,7 @@ async def answered(conn: Conn) -> bytes:
 
 
 def metric(client: Client, name: str, **labels: str) -> float:
-    value = client.server.app[GATEWAY].metrics.registry.get_sample_value(name, labels)
+    value = client.app[GATEWAY].metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
 
@@ -235,14 +234,14 @@ async def test_refusals_are_logged_once_per_interval_with_their_counts(
         guard._log_later()
     lines = [r for r in caplog.records if "connection limits" in r.getMessage()]
     assert len(lines) == 2
-    fields = [r.fields for r in lines]
+    fields: list[dict[str, Any]] = [log_fields(r) for r in lines]
     assert [f["closed"] for f in fields] == [{"max_connections_per_ip": 1},
                                              {"max_connections_per_ip": 999}]
     assert fields[1]["last_peer"] == "10.0.0.1" and fields[1]["open"] == 1
 
 
 def test_a_reloaded_policy_changes_the_caps_for_new_connections() -> None:
-    def config(per_ip: int) -> Any:
+    def config(per_ip: int) -> GatewayConfig:
         return parse_config(policy_dict("http://127.0.0.1:1", server={
             "max_connections": 10, "max_connections_per_ip": per_ip}))
     live = [config(1)]

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpServer
 
 from gateway.periods import period_keys
 from gateway.server import GATEWAY
 from gateway.state import RedisBackend
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
-from tests.plugin_gateway import MakeGateway, settled
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 from tests.redis_server import RedisServer
 
 ASYNC = {"Prefer": "respond-async"}
@@ -58,17 +58,17 @@ class Upstream:
 
 
 @pytest.fixture
-async def upstream(aiohttp_server: Any) -> tuple[Upstream, str]:
+async def upstream(aiohttp_server: AiohttpServer) -> tuple[Upstream, str]:
     mock = Upstream()
     server = await aiohttp_server(mock.app())
     return mock, str(server.make_url("")).rstrip("/")
 
 
-Gw = TestClient[Any, Any]
+Gw = GatewayClient
 
 
 def redis_gateway(make_gateway: MakeGateway, url: str, redis: RedisServer, **overrides: Any
-                  ) -> Any:
+                  ) -> Awaitable[GatewayClient]:
     deferred = {**DEFERRED, **overrides.pop("deferred", {})}
     return make_gateway(upstream=url, state=RedisBackend(redis.url, timeout_s=1.0),
                         deferred=deferred, **overrides)
@@ -300,7 +300,7 @@ async def test_memory_backend_runs_deferred_requests_in_process(
         make_gateway: MakeGateway, upstream: tuple[Upstream, str]) -> None:
     _, url = upstream
     gw = await make_gateway(upstream=url, deferred=DEFERRED)
-    app: Any = gw.app
+    app = gw.app
     assert app[GATEWAY].deferred.store.name == "memory"
     entry = (await submit(gw))["id"]
     done = await result(gw, entry)

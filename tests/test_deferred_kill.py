@@ -11,11 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import aiohttp
 import pytest
 import yaml
+from pytest_aiohttp import AiohttpServer
 
 from gateway.state import RedisBackend
 from tests.gwtest import ACME_KEY, auth, chat, policy_dict
@@ -36,7 +37,8 @@ def _serve(config: Path, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
 
 @pytest.mark.redis
 async def test_a_killed_replica_s_entry_completes_on_another(
-        tmp_path: Path, aiohttp_server: Any, make_gateway: MakeGateway, clean_redis: RedisServer
+        tmp_path: Path, aiohttp_server: AiohttpServer, make_gateway: MakeGateway,
+        clean_redis: RedisServer,
 ) -> None:
     mock = Upstream()
     server = await aiohttp_server(mock.app())

@@ -12,14 +12,14 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
+from pytest_aiohttp import AiohttpClient
 
 from gateway.cli import DEMO_ADMIN_KEY, demo_banner, demo_policy, main
 from gateway.config import load_config
 from gateway.server import create_app
-from tests.plugin_gateway import GatewayTestServer
+from tests.plugin_gateway import gateway_client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,10 +79,10 @@ def test_demo_prints_the_url_and_the_admin_key_for_gateway_status() -> None:
 
 
 async def test_gateway_status_works_on_the_demo_policy(
-    aiohttp_client: Any, capsys: pytest.CaptureFixture[str]
+    aiohttp_client: AiohttpClient, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = load_config(ROOT / "config" / "example.yaml")
-    client = await aiohttp_client(GatewayTestServer(create_app(config)))
+    client = await gateway_client(aiohttp_client, create_app(config))
     url = str(client.server.make_url("")).rstrip("/")
     code = await asyncio.to_thread(main, ["status", "--url", url, "--admin-key", DEMO_ADMIN_KEY])
     out = capsys.readouterr().out

@@ -6,26 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any, get_args
 
 import aiohttp
 import anthropic
 import openai
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import ClientResponse, web
 
-from gateway.auth import hash_key
+from gateway.auth import TenantPolicy, hash_key
 from gateway.classify import ROUTES
 from gateway.endpoints import AUTH_GUARD, ROUTE_TABLE, address_key, client_address
 from gateway.limits_policy import ExemptRoute
 from gateway.mock_upstream import estimate_prompt_tokens
+from gateway.ratelimit import AdmitPlan, AdmitResult, SettlePlan
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
-from tests.gwtest import ACME_KEY, UMBRELLA_KEY, FakeClock, auth, chat
-from tests.plugin_gateway import MakeGateway
+from tests.gwtest import ACME_KEY, UMBRELLA_KEY, FakeClock, auth, chat, log_fields
+from tests.plugin_gateway import GatewayClient, MakeGateway
 from tests.redis_server import RedisCluster3, RedisServer
 
-Gw = TestClient[Any, Any]
+Gw = GatewayClient
 ADMIN_KEY = "sk-admin-test"
 PUBLIC = {"GET /healthz", "GET /readyz", "GET /metrics"}
 MISSING_ID = "dfr_" + "0" * 32
@@ -56,7 +58,7 @@ def _rpm(burst: int, **extra: Any) -> dict[str, Any]:
                                             **extra}}}}
 
 
-async def _send(gw: Gw, name: str, headers: dict[str, str] | None = None) -> Any:
+async def _send(gw: Gw, name: str, headers: dict[str, str] | None = None) -> ClientResponse:
     method, path, body = REQUESTS[name]
     return await gw.request(method, path, json=body, headers=headers or auth())
 
@@ -64,9 +66,9 @@ async def _send(gw: Gw, name: str, headers: dict[str, str] | None = None) -> Any
 def _walk(gw: Gw) -> dict[str, str]:
     """Every route of the app's router, by ``METHOD /template``, with its kind in the table;
     a route registered around ``Routes`` has kind ``unregistered``."""
-    table = gw.server.app[ROUTE_TABLE]
+    table = gw.app[ROUTE_TABLE]
     found: dict[str, str] = {}
-    for route in gw.server.app.router.routes():
+    for route in gw.app.router.routes():
         if route.method == "HEAD":
             continue
         resource = route.resource
@@ -99,11 +101,11 @@ async def test_every_route_in_the_router_went_through_routes(make_gateway: MakeG
 async def test_a_route_added_around_routes_is_caught(make_gateway: MakeGateway) -> None:
     gw = await make_gateway()
 
-    async def sneaky(request: Any) -> Any:
+    async def sneaky(request: web.Request) -> web.Response:
         raise AssertionError
 
-    gw.server.app.router._frozen = False  # the test adds a route the way a mistake would
-    gw.server.app.router.add_get("/v1/sneaky", sneaky)
+    gw.app.router._frozen = False  # the test adds a route the way a mistake would
+    gw.app.router.add_get("/v1/sneaky", sneaky)
     assert _walk(gw)["GET /v1/sneaky"] == "unregistered"
 
 
@@ -169,11 +171,11 @@ async def test_tenant_routes_make_one_admit_call_and_no_settlement(
     calls: list[str] = []
     admit, settle_many = state.admit, state.settle_many
 
-    async def counting_admit(plan: Any) -> Any:
+    async def counting_admit(plan: AdmitPlan) -> AdmitResult:
         calls.append("admit")
         return await admit(plan)
 
-    async def counting_settle(plans: Any) -> Any:
+    async def counting_settle(plans: Sequence[SettlePlan]) -> list[bool]:
         calls.append("settle")
         return await settle_many(plans)
 
@@ -232,7 +234,7 @@ async def test_tenant_routes_follow_the_degraded_mode_when_redis_is_down(
                             **_rpm(2))
     statuses = [(await _send(gw, "GET /v1/models")).status for _ in range(6)]
     assert 500 not in statuses and statuses[0] == 200
-    assert gw.server.app[GATEWAY].degraded.active
+    assert gw.app[GATEWAY].degraded.active
 
 
 # --- long polls ---------------------------------------------------------------------------
@@ -313,12 +315,12 @@ async def test_failed_auth_refuses_the_address_before_comparing_keys(
     gw = await make_gateway(server={"trusted_proxies": ["127.0.0.1"],
                                     "auth_failures": {"max_failures": 5, "window_s": 60}})
     clock = FakeClock()
-    gw.server.app[AUTH_GUARD].clock = clock
-    policy = gw.server.app[GATEWAY].policy
+    gw.app[AUTH_GUARD].clock = clock
+    policy = gw.app[GATEWAY].policy
     compared: list[int] = []
     authenticate = policy.auth.authenticate
 
-    def counting(headers: Any) -> Any:
+    def counting(headers: Mapping[str, str]) -> TenantPolicy:
         compared.append(1)
         return authenticate(headers)
 
@@ -348,12 +350,12 @@ async def test_failed_auth_refuses_the_address_before_comparing_keys(
                         headers=_xff(attacker, ACME_KEY))
     assert msg.status == 429 and (await msg.json())["type"] == "error"
     assert (await gw.get("/admin/status", headers=_xff(attacker, ACME_KEY))).status == 429
-    metrics = gw.server.app[GATEWAY].metrics
+    metrics = gw.app[GATEWAY].metrics
     refused = metrics.registry.get_sample_value(
         "gateway_rejections_total", {"reason": "auth_failures", "priority": "none",
                                      "tenant": "none"})
     assert refused == 4
-    access = [r.fields for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
+    access = [log_fields(r) for r in caplog.records if r.name == "gateway.access"]
     assert [f["status"] for f in access].count(401) == 6  # the lines exist, and hold no key:
     assert [f["error_code"] for f in access].count("too_many_auth_failures") == 3
     logged = "\n".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
@@ -409,7 +411,7 @@ async def test_admin_routes_have_their_own_limit(make_gateway: MakeGateway) -> N
     assert (await gw.get("/admin/status",
                          headers={"Authorization": "Bearer nope"})).status == 401
     assert (await gw.get("/healthz")).status == 200
-    metrics = gw.server.app[GATEWAY].metrics
+    metrics = gw.app[GATEWAY].metrics
     assert metrics.registry.get_sample_value("gateway_rejections_total", {
         "reason": "rate_limited", "priority": "none", "tenant": "none"}) == 2
 

@@ -171,13 +171,13 @@ async def test_three_replicas_share_limits_exactly_on_redis_and_on_a_cluster(
                 fleet.close()  # SIGTERM drains pending settlements before exit
         _, day, _, _ = period_keys(time.time())[0]
         key = f"gw:rl:{{t:budget}}:b:tokens:{day}"
-        standalone_used = int(redis.command("GET", key) or 0)  # type: ignore[arg-type]
+        standalone_used = int(redis.command("GET", key) or 0)
         cluster_used = int(_cluster_get(redis_cluster, key) or 0)
     _check(outcomes[0], standalone_used)
     _check(outcomes[1], cluster_used)
 
 
-def _cluster_get(cluster: RedisCluster3, key: str) -> Any:
+def _cluster_get(cluster: RedisCluster3, key: str) -> bytes | int | None:
     for node in cluster.nodes:
         try:
             value = node.command("GET", key)

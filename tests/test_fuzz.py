@@ -25,13 +25,14 @@ import sys
 import time
 import tracemalloc
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import yaml
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -288,7 +289,7 @@ async def test_bad_header_bytes_get_an_openai_shaped_answer(gw: Client, name: st
 
 
 async def test_hostile_bodies_do_not_grow_memory(make_gateway: MakeGateway,
-                                                 mock_upstream: Any) -> None:
+                                                 mock_upstream: TestServer) -> None:
     gw = await make_gateway(server={"max_body_bytes": 1024 * 1024},
                             tenants={"acme": {"loop_guard": {"enabled": False}}},
                             admission=NO_LAG_SHEDDING)
@@ -300,7 +301,7 @@ async def test_hostile_bodies_do_not_grow_memory(make_gateway: MakeGateway,
         b"x" * 5_000_000,  # over the limit
     ]
 
-    async def chunked(data: bytes) -> Any:
+    async def chunked(data: bytes) -> AsyncIterator[bytes]:
         for i in range(0, len(data), 65536):
             yield data[i:i + 65536]
 
@@ -386,7 +387,7 @@ else:
     @admin_schema.parametrize()
     @settings(max_examples=15, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    def test_admin_api_conforms_to_its_openapi_document(case: Any,
+    def test_admin_api_conforms_to_its_openapi_document(case: schemathesis.Case[Any],
                                                         served_gateway: str) -> None:
         """Status codes, content types, headers and bodies match docs/admin-openapi.yaml,
         with the admin key and with what schemathesis sends instead of it; never a 5xx."""

@@ -116,7 +116,7 @@ class LuaLimits:
             pipe.evalsha(self.sha[step.kind], len(step.keys), *step.keys, *step.args)
             pipe.time()
             pipe.get(KEY + GCRA_KEY_SUFFIX)
-            pipe.execute_command("PEXPIRETIME", KEY + GCRA_KEY_SUFFIX)
+            pipe.pexpiretime(KEY + GCRA_KEY_SUFFIX)
         replies = pipe.execute()[1:]
         out = []
         for i, step in enumerate(steps):

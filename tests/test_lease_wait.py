@@ -47,8 +47,8 @@ class Counting:
 
 
 def replica(store: Counting, config: GatewayConfig) -> Limiter:
-    degraded = DegradedMode(config.state.degraded, store, time.monotonic, "r")  # type: ignore[arg-type]
-    return Limiter(config, store, degraded, time.time, InFlight())  # type: ignore[arg-type]
+    degraded = DegradedMode(config.state.degraded, store, time.monotonic, "r")
+    return Limiter(config, store, degraded, time.time, InFlight())
 
 
 def config_with(**limits: Any) -> GatewayConfig:

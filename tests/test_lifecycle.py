@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from gateway.auth import hash_key
 from gateway.config import parse_config
@@ -34,6 +34,7 @@ from gateway.periods import period_keys
 from gateway.reload import Reloader, file_signature, keep_running_settings
 from gateway.server import GATEWAY, create_app
 from tests.gwtest import UMBRELLA_KEY, auth, chat, policy_dict
+from tests.plugin_gateway import GatewayClient
 from tests.redis_server import RedisServer, pick_port
 
 CLAUDE_KEY = "sk-test-claude"
@@ -428,7 +429,8 @@ async def test_reload_under_load_applies_on_the_next_request_and_rejects_invalid
         await gw.wait_ready(session)
         url = gw.url + "/v1/chat/completions"
         assert await _limit_header(session, url) == "6000"
-        stop, results = asyncio.Event(), []  # type: ignore[var-annotated]
+        stop = asyncio.Event()
+        results: list[tuple[str, int, bool]] = []
         load = [asyncio.create_task(_steady_load(session, url, stop, results)) for _ in range(6)]
         # A long stream that starts under the old policy and must finish under it.
         long = Stream()
@@ -538,11 +540,11 @@ def test_serve_runs_on_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPa
 
 
 async def test_reloader_keeps_the_old_policy_object_when_the_file_is_invalid(
-    tmp_path: Path, mock_url: str, aiohttp_client: Any
+    tmp_path: Path, mock_url: str, aiohttp_client: AiohttpClient
 ) -> None:
     path = write_policy(tmp_path / "policy.yaml", _limited(mock_url, 6000))
     app = create_app(parse_config(_limited(mock_url, 6000)))
-    client: TestClient[Any, Any] = await aiohttp_client(app)
+    client: GatewayClient = await aiohttp_client(app)
     results: list[bool] = []
     reloader = Reloader(app, str(path), prepare=lambda c: c, on_result=results.append)
     old = app[GATEWAY].policy
@@ -560,7 +562,7 @@ async def test_reloader_keeps_the_old_policy_object_when_the_file_is_invalid(
 
 
 async def test_key_files_are_watched_without_a_reload_at_start(
-    tmp_path: Path, mock_url: str, aiohttp_client: Any
+    tmp_path: Path, mock_url: str, aiohttp_client: AiohttpClient
 ) -> None:
     key = tmp_path / "openai.key"
     key.write_text("sk-one\n")

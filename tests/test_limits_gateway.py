@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
+from aiohttp.test_utils import TestServer
+
 from gateway.classify import estimate_prompt_tokens as gateway_estimate
-from gateway.mock_upstream import RECORDED, estimate_prompt_tokens
+from gateway.mock_upstream import RECORDED, RecordedRequest, estimate_prompt_tokens
 from gateway.state import MemoryBackend
 from tests.gwtest import FakeClock, auth, chat
 from tests.plugin_gateway import MakeGateway, settled
@@ -39,7 +42,7 @@ async def test_request_limit_refuses_with_retry_after_and_ratelimit_headers(
 
 
 async def test_token_limit_reserves_max_tokens_and_refunds_unused(
-    make_gateway: MakeGateway, mock_upstream: Any,
+    make_gateway: MakeGateway, mock_upstream: TestServer,
 ) -> None:
     clock = FakeClock()
     gw = await make_gateway(state=MemoryBackend(clock), tenants={"acme": {
@@ -197,7 +200,7 @@ async def test_a_request_larger_than_the_token_burst_is_told_not_to_retry(
 
 
 async def test_provider_quota_fails_over_then_refuses(
-    make_gateway: MakeGateway, mock_upstream: Any,
+    make_gateway: MakeGateway, mock_upstream: TestServer,
 ) -> None:
     # upstream-gpt is granted 60 requests/minute (6 at once); the model fails over to "spare".
     models = {"gpt-test": {"deployments": [
@@ -207,7 +210,8 @@ async def test_provider_quota_fails_over_then_refuses(
     statuses = [(await gw.post("/v1/chat/completions", json=chat(text=f"{i}"),
                                headers=auth())).status for i in range(12)]
     assert statuses == [200] * 12
-    used = [r.body["model"] for r in list(mock_upstream.app[RECORDED])[-12:]]
+    recorded: deque[RecordedRequest] = mock_upstream.app[RECORDED]
+    used = [r.body["model"] for r in list(recorded)[-12:]]
     assert used == ["upstream-gpt"] * 6 + ["spare"] * 6
     refused = await gw.post("/v1/chat/completions", json=chat(text="13"), headers=auth())
     assert refused.status == 429

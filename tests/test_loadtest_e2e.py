@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import BaseTestServer, TestServer
+from pytest_aiohttp import AiohttpServer
 
 from gateway.auth import hash_key
 from gateway.loadtest.engine import Engine, EngineOptions
@@ -33,7 +34,7 @@ from tests.redis_server import pick_port
 
 
 @pytest.fixture
-async def counting_mock(aiohttp_server: Any) -> TestServer:
+async def counting_mock(aiohttp_server: AiohttpServer) -> TestServer:
     server: TestServer = await aiohttp_server(create_mock_app(max_recorded=100_000, seed=3))
     return server
 

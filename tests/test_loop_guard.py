@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from tests.gwtest import auth, chat
-from tests.plugin_gateway import MakeGateway
+from tests.plugin_gateway import GatewayClient, MakeGateway
 
-GUARD = {"tenants": {"acme": {"loop_guard": {"max_repeats": 2, "window_s": 60}}}}
+GUARD: dict[str, Any] = {"tenants": {"acme": {"loop_guard": {"max_repeats": 2, "window_s": 60}}}}
 RUN = {"X-Agent-Session": "run-1"}
 
 
-async def statuses(gw: Any, bodies: list[dict[str, Any]], **headers: str) -> list[int]:
+async def statuses(gw: GatewayClient, bodies: list[dict[str, Any]], **headers: str) -> list[int]:
     out = []
     for body in bodies:
         resp = await gw.post("/v1/chat/completions", json=body, headers=auth(**headers))

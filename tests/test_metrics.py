@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
+from pytest_aiohttp import AiohttpClient
 
 from gateway.auth import hash_key
 from gateway.config import GatewayConfig, parse_config
@@ -339,7 +340,7 @@ def test_exposition_names_prefix_and_no_created_series(metrics: GatewayMetrics) 
     ],
 )
 async def test_handler_negotiates_format_and_compresses(
-    metrics: GatewayMetrics, aiohttp_client: Any, accept: str | None, content_type: str,
+    metrics: GatewayMetrics, aiohttp_client: AiohttpClient, accept: str | None, content_type: str,
     tail: str,
 ) -> None:
     metrics.rejected("overloaded")

@@ -5,23 +5,27 @@ reads/writes and reasoning tokens the way the providers do."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
 import openai
 import pytest
-from aiohttp.test_utils import TestClient
+from anthropic.types import ToolParam
+from openai.types.chat import ChatCompletionFunctionToolParam
+from openai.types.responses import FunctionToolParam
 from pydantic import BaseModel
 
 from tests.gwtest import ACME_KEY
+from tests.plugin_gateway import GatewayClient, MakeGateway
 
-WEATHER = {"type": "function", "function": {
+WEATHER: ChatCompletionFunctionToolParam = {"type": "function", "function": {
     "name": "get_weather", "description": "weather in a city",
     "parameters": {"type": "object", "properties": {
         "city": {"type": "string"}, "days": {"type": "integer"},
         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
         "required": ["city", "days", "unit"], "additionalProperties": False}}}
-ANTHROPIC_WEATHER = {"name": "get_weather", "description": "weather in a city",
+ANTHROPIC_WEATHER: ToolParam = {"name": "get_weather", "description": "weather in a city",
                      "input_schema": WEATHER["function"]["parameters"]}
 MESSAGES: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -33,31 +37,31 @@ class Answer(BaseModel):
     ok: bool
 
 
-def _base(gw: TestClient[Any, Any]) -> str:
+def _base(gw: GatewayClient) -> str:
     return str(gw.make_url("")).rstrip("/")
 
 
 # The SDKs, the gateway and the mock share this test's event loop: the SDKs' first use of
 # their streaming and parsing helpers imports and builds models for a while, which the
 # gateway's loop-lag probe would take for overload. These tests are about answer shapes.
-CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 10_000}}}
+CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 10_000}}}
 
 
 @pytest.fixture
-async def gw(make_gateway: Any) -> TestClient[Any, Any]:
-    client: TestClient[Any, Any] = await make_gateway(**CALM)
+async def gw(make_gateway: MakeGateway) -> GatewayClient:
+    client: GatewayClient = await make_gateway(**CALM)
     return client
 
 
 @pytest.fixture
-async def oai(gw: TestClient[Any, Any]) -> Any:
+async def oai(gw: GatewayClient) -> AsyncIterator[openai.AsyncOpenAI]:
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY)
     yield client
     await client.close()
 
 
 @pytest.fixture
-async def ant(gw: TestClient[Any, Any]) -> Any:
+async def ant(gw: GatewayClient) -> AsyncIterator[anthropic.AsyncAnthropic]:
     client = anthropic.AsyncAnthropic(base_url=_base(gw), api_key=ACME_KEY)
     yield client
     await client.close()
@@ -117,8 +121,8 @@ async def test_openai_n_choices_whole_and_streamed(oai: Any) -> None:
 
 
 async def test_responses_tool_call_and_json_whole_and_streamed(oai: Any) -> None:
-    tool = {"type": "function", "name": "get_weather",
-            "parameters": WEATHER["function"]["parameters"], "strict": True}
+    tool: FunctionToolParam = {"type": "function", "name": "get_weather",
+                               "parameters": WEATHER["function"]["parameters"], "strict": True}
     resp = await oai.responses.create(model="gpt-test", input="weather?", tools=[tool])
     call = resp.output[0]
     assert call.type == "function_call" and call.name == "get_weather"
@@ -187,18 +191,20 @@ async def test_openai_usage_reports_cached_prefix_and_share_knob(oai: Any) -> No
     assert third.usage.prompt_tokens_details.cached_tokens == int(0.9 * third.usage.prompt_tokens)
 
 
-async def test_reasoning_model_reports_reasoning_tokens(make_gateway: Any) -> None:
+async def test_reasoning_model_reports_reasoning_tokens(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(models={"reasoner": {
         "deployments": [{"provider": "main", "model": "mock-reasoning"}]}}, **CALM)
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY)
     try:
         reply = await client.chat.completions.create(
             model="reasoner", messages=MESSAGES, extra_headers={"x-mock-reasoning-tokens": "30"})
+        assert reply.usage is not None and reply.usage.completion_tokens_details is not None
         assert reply.usage.completion_tokens_details.reasoning_tokens == 30
         assert reply.usage.completion_tokens == 30 + 5
         assert reply.choices[0].message.content == "tok " * 5
         resp = await client.responses.create(model="reasoner", input="think",
                                              extra_headers={"x-mock-chunks": "2"})
+        assert resp.usage is not None
         assert resp.usage.output_tokens_details.reasoning_tokens == 4  # default: 2 x chunks
         assert resp.usage.output_tokens == 6
     finally:

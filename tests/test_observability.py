@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestServer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.auth import hash_key
 from gateway.mock_upstream import RECORDED
@@ -20,8 +20,8 @@ from gateway.server import create_app
 from gateway.state import StateBackend
 from gateway.streaming import Usage
 from gateway.tracing import Tracing
-from tests.gwtest import ACME_KEY, auth, chat, policy
-from tests.plugin_gateway import MakeGateway
+from tests.gwtest import ACME_KEY, auth, chat, log_fields, policy
+from tests.plugin_gateway import GatewayClient, MakeGateway
 
 ADMIN_KEY = "sk-admin-test"
 
@@ -39,7 +39,7 @@ def traced(exporter: InMemorySpanExporter) -> Tracing:
     return Tracing(provider)
 
 
-async def _metrics(gw: TestClient[Any, Any]) -> str:
+async def _metrics(gw: GatewayClient) -> str:
     resp = await gw.get("/metrics")
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/plain")
@@ -54,7 +54,7 @@ def _value(text: str, series: str) -> float:
 
 
 async def test_metrics_count_requests_tokens_rejections_and_retries(
-    make_gateway: MakeGateway, aiohttp_server: Any, upstream_url: str
+    make_gateway: MakeGateway, aiohttp_server: AiohttpServer, upstream_url: str
 ) -> None:
     failing = web.Application()
 
@@ -96,7 +96,7 @@ async def test_metrics_count_requests_tokens_rejections_and_retries(
 
 
 async def test_spans_continue_the_client_trace_and_reach_the_upstream(
-    upstream_url: str, aiohttp_client: Any, mock_upstream: Any, traced: Tracing,
+    upstream_url: str, aiohttp_client: AiohttpClient, mock_upstream: TestServer, traced: Tracing,
     exporter: InMemorySpanExporter,
 ) -> None:
     gw = await aiohttp_client(create_app(policy(upstream_url), tracing=traced))
@@ -124,14 +124,14 @@ async def test_spans_continue_the_client_trace_and_reach_the_upstream(
 
 
 async def test_access_log_explains_a_slow_step(
-    gw: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+    gw: GatewayClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     resp = await gw.post("/v1/chat/completions", json=chat(stream=True), headers=auth(**{
         "x-mock-ttft-ms": "150", "x-mock-chunks": "2", "X-Agent-Session": "s1",
         "X-Agent-Step": "9"}))
     await resp.read()
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     assert line["agent_session"] == "s1" and line["agent_step"] == "9"
     for key in ("limits_ms", "queue_ms", "upstream_first_byte_ms", "ttft_ms", "duration_ms"):
         assert line[key] is not None, key
@@ -141,7 +141,7 @@ async def test_access_log_explains_a_slow_step(
 
 
 async def test_context_window_overflow_is_refused_before_any_upstream_cost(
-    make_gateway: MakeGateway, mock_upstream: Any
+    make_gateway: MakeGateway, mock_upstream: TestServer
 ) -> None:
     gw = await make_gateway(models={"gpt-test": {"context_window": 100}})
     before = len(mock_upstream.app[RECORDED])
@@ -187,12 +187,12 @@ async def test_metrics_can_require_the_admin_key(make_gateway: MakeGateway) -> N
     assert scraped.status == 200 and "gateway_requests_total" in await scraped.text()
 
 
-async def test_admin_api_is_off_without_admin_keys(gw: TestClient[Any, Any]) -> None:
+async def test_admin_api_is_off_without_admin_keys(gw: GatewayClient) -> None:
     assert (await gw.get("/admin/status", headers=auth(ADMIN_KEY))).status == 403
 
 
 async def test_cors_is_off_by_default_and_exact_when_configured(
-    gw: TestClient[Any, Any], make_gateway: MakeGateway
+    gw: GatewayClient, make_gateway: MakeGateway
 ) -> None:
     resp = await gw.post("/v1/chat/completions", json=chat(),
                          headers=auth(Origin="https://app.example"))
@@ -313,7 +313,7 @@ async def test_a_relayed_upstream_error_is_not_counted_ok(
         resp = await gw.post("/v1/chat/completions", json=chat(text=status),
                              headers=auth(**{"x-mock-status": status}))
         assert resp.status == int(status) and resp.headers["x-should-retry"] == "false"
-        line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+        line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
         assert line["status"] == int(status) and line["attempts"] >= 1
         assert line["outcome"] == "upstream_error" and line["error_code"]  # the upstream's
         text = await _metrics(gw)
@@ -325,7 +325,7 @@ async def test_a_relayed_upstream_error_is_not_counted_ok(
     resp = await gw.post("/v1/chat/completions", json=chat(text="bad"),
                          headers=auth(**{"x-mock-status": "400"}))
     assert resp.status == 400
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     assert line["outcome"] == "upstream_rejected" and line["error_code"]
     # Anthropic's error bodies have a type and no code. One attempt: a retry of a 529 can meet
     # the deployment cooling down and get the gateway's own 503 instead (a CI run did).
@@ -334,7 +334,7 @@ async def test_a_relayed_upstream_error_is_not_counted_ok(
         "model": "claude-test", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]},
         headers=auth(**{"x-mock-status": "529"}))
     assert resp.status == 529
-    line = [r for r in caplog.records if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     assert line["outcome"] == "upstream_error" and line["error_code"] == "overloaded_error"
 
 

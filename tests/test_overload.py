@@ -6,9 +6,9 @@ import asyncio
 import random
 import time
 from collections import Counter
-from typing import Any
 
 from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
 from tests.gwtest import auth, chat
 from tests.plugin_gateway import MakeGateway
@@ -33,7 +33,7 @@ def capacity_upstream() -> web.Application:
 
 
 async def test_at_3x_critical_all_succeed_low_is_shed_first_and_no_one_waits_past_deadline(
-    aiohttp_server: Any, make_gateway: MakeGateway
+    aiohttp_server: AiohttpServer, make_gateway: MakeGateway
 ) -> None:
     upstream = await aiohttp_server(capacity_upstream())
     gw = await make_gateway(

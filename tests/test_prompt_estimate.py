@@ -10,13 +10,15 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from aiohttp.test_utils import TestServer
+
 from gateway.classify import estimate_prompt_tokens
 from gateway.mock_upstream import RECORDED
 from gateway.state import StateBackend
 from tests.gwtest import auth
 from tests.plugin_gateway import MakeGateway, settled
 
-CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
+CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 BIG = "word " * 40_000  # 200,000 bytes: about 50,000 tokens
 
 
@@ -36,7 +38,7 @@ def test_tool_and_output_schemas_count_keys_and_values() -> None:
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     floor = estimate_prompt_tokens(base)
     schema = _schema(200)  # about 18 KB of JSON: well over 4,000 tokens
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {**base, "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]},
         {**base, "tools": [{"name": "f", "input_schema": schema}]},  # Anthropic
         {**base, "response_format": {"type": "json_schema",
@@ -74,7 +76,7 @@ def test_fields_that_are_not_prompt_are_not_counted() -> None:
 
 
 async def test_huge_instructions_cannot_overspend_a_budget(
-    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: Any,
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
 ) -> None:
     gw = await make_gateway(state=backend, tenants={"acme": {"budget": {"daily_tokens": 20_000}}},
                             **CALM)
@@ -87,7 +89,7 @@ async def test_huge_instructions_cannot_overspend_a_budget(
 
 
 async def test_huge_instructions_meet_the_context_window_check(
-    make_gateway: MakeGateway, mock_upstream: Any,
+    make_gateway: MakeGateway, mock_upstream: TestServer,
 ) -> None:
     gw = await make_gateway(models={"gpt-test": {"context_window": 20_000}}, **CALM)
     body = {"model": "gpt-test", "input": "hi", "instructions": BIG, "max_output_tokens": 100}
@@ -98,7 +100,7 @@ async def test_huge_instructions_meet_the_context_window_check(
 
 
 async def test_huge_instructions_cannot_pass_a_token_rate_limit(
-    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: Any,
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
 ) -> None:
     gw = await make_gateway(state=backend, tenants={"acme": {"limits": {
         "tokens_per_minute": 20_000, "token_burst": 20_000}}}, **CALM)

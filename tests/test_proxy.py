@@ -6,19 +6,21 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from gateway import classify
 from gateway.mock_upstream import RECORDED, estimate_prompt_tokens
-from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
-from tests.plugin_gateway import MakeGateway
+from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat, log_fields
+from tests.plugin_gateway import GatewayClient, MakeGateway
 
-Client = TestClient[Any, Any]
+Client = GatewayClient
 
 
 def _events(raw: bytes) -> list[bytes]:
@@ -31,7 +33,8 @@ def _data(event: bytes) -> Any:
     return payload if payload == b"[DONE]" else orjson.loads(payload)
 
 
-async def test_chat_completion_is_proxied_with_model_rewritten(gw: Client, mock_upstream: Any) -> None:
+async def test_chat_completion_is_proxied_with_model_rewritten(gw: Client,
+                                                               mock_upstream: TestServer) -> None:
     body = chat(text="what is the capital of France?")
     resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
     assert resp.status == 200
@@ -44,7 +47,7 @@ async def test_chat_completion_is_proxied_with_model_rewritten(gw: Client, mock_
     assert seen.body["messages"] == body["messages"]
 
 
-async def test_request_id_is_echoed_or_generated(gw: Client, mock_upstream: Any) -> None:
+async def test_request_id_is_echoed_or_generated(gw: Client, mock_upstream: TestServer) -> None:
     resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth(**{"X-Request-Id": "req-42"}))
     assert resp.headers["X-Request-Id"] == "req-42"
     assert mock_upstream.app[RECORDED][-1].headers["x-client-request-id"] == "req-42"
@@ -56,7 +59,7 @@ async def test_request_id_is_echoed_or_generated(gw: Client, mock_upstream: Any)
 
 
 async def test_only_allow_listed_headers_reach_the_upstream(
-    make_gateway: MakeGateway, mock_upstream: Any, monkeypatch: pytest.MonkeyPatch
+    make_gateway: MakeGateway, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEST_PROVIDER_KEY", "sk-provider-secret")
     gw = await make_gateway(providers={"main": {"api_key_env": "TEST_PROVIDER_KEY"}})
@@ -76,7 +79,7 @@ async def test_only_allow_listed_headers_reach_the_upstream(
 
 
 async def test_anthropic_messages_use_the_provider_key_and_anthropic_shapes(
-    make_gateway: MakeGateway, mock_upstream: Any, monkeypatch: pytest.MonkeyPatch
+    make_gateway: MakeGateway, mock_upstream: TestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", "sk-ant-provider")
     gw = await make_gateway(providers={"claude": {"api_key_env": "TEST_ANTHROPIC_KEY"}})
@@ -99,7 +102,7 @@ async def test_anthropic_messages_use_the_provider_key_and_anthropic_shapes(
     assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
 
 
-async def test_every_openai_route_is_proxied(gw: Client, mock_upstream: Any) -> None:
+async def test_every_openai_route_is_proxied(gw: Client, mock_upstream: TestServer) -> None:
     cases = [
         ("/v1/completions", {"model": "gpt-test", "prompt": "say hi", "max_tokens": 3}),
         ("/v1/embeddings", {"model": "embed-test", "input": ["a", "b"]}),
@@ -129,7 +132,7 @@ async def test_streamed_chunks_reach_the_client_before_the_upstream_finishes(gw:
 
 
 async def test_a_whole_answer_without_usage_is_charged_an_estimate(
-    aiohttp_server: Any, make_gateway: Any, caplog: pytest.LogCaptureFixture
+    aiohttp_server: AiohttpServer, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def upstream(request: web.Request) -> web.Response:
         return web.json_response({"choices": [{"message": {"role": "assistant",
@@ -149,7 +152,7 @@ async def test_a_whole_answer_without_usage_is_charged_an_estimate(
 
 
 async def test_stream_usage_is_requested_upstream_and_stripped_for_the_client(
-    gw: Client, mock_upstream: Any, caplog: pytest.LogCaptureFixture
+    gw: Client, mock_upstream: TestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     body = chat(stream=True)
@@ -212,7 +215,7 @@ async def test_upstream_error_event_midstream_is_relayed_once(gw: Client) -> Non
 
 
 async def test_client_disconnect_cancels_the_upstream_call_at_once(
-    aiohttp_server: Any, make_gateway: MakeGateway
+    aiohttp_server: AiohttpServer, make_gateway: MakeGateway
 ) -> None:
     cancelled = asyncio.Event()
 
@@ -302,7 +305,7 @@ async def test_oversized_body_gets_413(make_gateway: MakeGateway) -> None:
     assert resp.status == 413
     assert (await resp.json())["error"]["code"] == "request_too_large"
 
-    async def chunked() -> Any:  # no Content-Length: the limit must still hold
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit must still hold
         for _ in range(10):
             yield b"x" * 1000
 
@@ -400,4 +403,4 @@ async def test_access_log_has_one_json_line_without_prompt_or_key(
 
 
 def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [dict(r.fields) for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
+    return [dict(log_fields(r)) for r in caplog.records if r.name == "gateway.access"]

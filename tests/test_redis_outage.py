@@ -51,8 +51,8 @@ async def test_redis_killed_and_restarted_mid_load_loses_no_accounting(
         while time.monotonic() < stop_at and i < 400:
             i += 1
             stream = i % 3 == 0
-            body = chat(text=f"worker {n} call {i}", stream=stream,
-                        **({"stream_options": {"include_usage": True}} if stream else {}))
+            usage: dict[str, Any] = {"stream_options": {"include_usage": True}} if stream else {}
+            body = chat(text=f"worker {n} call {i}", stream=stream, **usage)
             started = time.monotonic()
             resp = await gw.post("/v1/chat/completions", json=body,
                                  headers=auth(**{"x-mock-chunks": str(1 + i % 5)}))
@@ -72,7 +72,7 @@ async def test_redis_killed_and_restarted_mid_load_loses_no_accounting(
         durable_redis.start()
 
     await asyncio.gather(outage(), *(worker(n) for n in range(6)))
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     assert gateway.degraded.transitions >= 1, "the outage was never noticed"
     assert gateway.degraded.replayed + gateway.degraded.journal_size > 0
     assert set(statuses) == {200}
@@ -91,7 +91,7 @@ async def test_redis_killed_and_restarted_mid_load_loses_no_accounting(
     _, day, _, _ = period_keys(time.time())[0]
     recorded = durable_redis.command("GET", f"gw:rl:{{t:acme}}:b:tokens:{day}")
     assert recorded is not None
-    assert int(recorded) == sum(reported)  # type: ignore[arg-type]
+    assert int(recorded) == sum(reported)
 
 
 def _stream_usage(raw: bytes) -> Any:
@@ -132,6 +132,7 @@ async def test_every_key_has_a_ttl_and_the_count_stays_bounded_under_churn(
 def _scan(server: RedisServer) -> list[str]:
     import redis
 
+    assert server.port is not None
     client = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
     try:
         return list(client.scan_iter(count=1000))

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.logs import ACCESS_LOGGER, RefusalLog
 from gateway.server import GATEWAY
-from tests.gwtest import FakeClock, auth, chat
+from tests.gwtest import FakeClock, auth, chat, log_fields
 from tests.plugin_gateway import MakeGateway
 
 
@@ -45,7 +45,7 @@ async def test_a_refusal_flood_is_folded_in_the_log_and_exact_in_metrics(
     gw = await make_gateway(tenants={"acme": {
         "limits": {"requests_per_minute": 1, "request_burst": 1},
         "loop_guard": {"enabled": False}}})
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     statuses = []
     with caplog.at_level(logging.INFO, ACCESS_LOGGER):
         for i in range(60):
@@ -59,11 +59,11 @@ async def test_a_refusal_flood_is_folded_in_the_log_and_exact_in_metrics(
     lines = [r for r in caplog.records if r.name == ACCESS_LOGGER]
     full = [r for r in lines if r.getMessage() == "request"]
     summaries = [r for r in lines if r.getMessage() == "refused requests folded"]
-    logged_refusals = [r for r in full if r.fields["status"] == 429]  # type: ignore[attr-defined]
+    logged_refusals = [r for r in full if log_fields(r)["status"] == 429]
     assert len(logged_refusals) <= 10 + 2  # the burst, and what a slow machine refills
     assert len(full) - len(logged_refusals) == 1  # the 200 is always logged
     assert len(summaries) == 1
-    fields = summaries[0].fields  # type: ignore[attr-defined]
+    fields = log_fields(summaries[0])
     assert fields["folded"] == refused - len(logged_refusals)
     assert fields["by_tenant_reason"] == [
         {"tenant": "acme", "reason": "rate_limit_exceeded", "count": fields["folded"]}]

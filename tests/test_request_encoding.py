@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp.test_utils import TestServer
 
 from gateway.mock_upstream import RECORDED
 from tests.gwtest import auth, chat
@@ -23,16 +24,16 @@ from tests.plugin_gateway import MakeGateway
 
 INFLATED = 64 * 1024 * 1024
 BOMB = zlib.compress(b" " * INFLATED, 9)  # ~64 KB: a JSON body of whitespace once inflated
-CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
+CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 
 
-def _upstream_calls(mock_upstream: Any) -> int:
+def _upstream_calls(mock_upstream: TestServer) -> int:
     return len([r for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")])
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", "gzip, identity"])
 async def test_an_encoded_body_is_refused_in_the_openai_dialect(
-    make_gateway: MakeGateway, mock_upstream: Any, encoding: str,
+    make_gateway: MakeGateway, mock_upstream: TestServer, encoding: str,
 ) -> None:
     gw = await make_gateway(**CALM)
     resp = await gw.post("/v1/chat/completions", data=gzip.compress(orjson.dumps(chat())),
@@ -46,7 +47,7 @@ async def test_an_encoded_body_is_refused_in_the_openai_dialect(
 
 
 async def test_an_encoded_body_is_refused_in_the_anthropic_dialect(
-    make_gateway: MakeGateway, mock_upstream: Any,
+    make_gateway: MakeGateway, mock_upstream: TestServer,
 ) -> None:
     gw = await make_gateway(**CALM)
     body = {"model": "claude-test", "max_tokens": 5,

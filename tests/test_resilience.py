@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.server import create_app
 from gateway.state import RedisBackend
 from tests.gwtest import auth, chat, policy
-from tests.plugin_gateway import MakeGateway
+from tests.plugin_gateway import GatewayClient, MakeGateway
 from tests.redis_server import RedisServer
 
 FAST_BREAKER = {"consecutive_failures": 5, "reset_timeout_s": 1.0, "max_reset_timeout_s": 2.0,
@@ -52,13 +51,13 @@ class Switchable:
             self.in_flight -= 1
 
 
-async def _serve(aiohttp_server: Any, upstream: Switchable) -> str:
+async def _serve(aiohttp_server: AiohttpServer, upstream: Switchable) -> str:
     server = await aiohttp_server(upstream.app())
     return str(server.make_url("")).rstrip("/")
 
 
 async def test_an_outage_opens_the_breaker_fast_and_answers_503_with_retry_after(
-    aiohttp_server: Any, make_gateway: MakeGateway
+    aiohttp_server: AiohttpServer, make_gateway: MakeGateway
 ) -> None:
     upstream = Switchable(status=503)
     gw = await make_gateway(upstream=await _serve(aiohttp_server, upstream),
@@ -83,7 +82,7 @@ async def test_an_outage_opens_the_breaker_fast_and_answers_503_with_retry_after
 
 
 async def test_gave_up_answers_tell_the_sdk_not_to_retry(
-    aiohttp_server: Any, make_gateway: MakeGateway
+    aiohttp_server: AiohttpServer, make_gateway: MakeGateway
 ) -> None:
     upstream = Switchable(status=502)
     gw = await make_gateway(upstream=await _serve(aiohttp_server, upstream))
@@ -95,7 +94,7 @@ async def test_gave_up_answers_tell_the_sdk_not_to_retry(
 
 
 async def test_failover_hides_a_dead_deployment(
-    aiohttp_server: Any, make_gateway: MakeGateway
+    aiohttp_server: AiohttpServer, make_gateway: MakeGateway
 ) -> None:
     dead = Switchable(status=500)
     dead_url = await _serve(aiohttp_server, dead)
@@ -113,12 +112,12 @@ async def test_failover_hides_a_dead_deployment(
 
 @pytest.mark.redis
 async def test_half_open_probes_are_limited_fleet_wide_and_recovery_closes(
-    aiohttp_server: Any, aiohttp_client: Any, clean_redis: RedisServer
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, clean_redis: RedisServer
 ) -> None:
     upstream = Switchable(status=503)
     url = await _serve(aiohttp_server, upstream)
     config = policy(url, breaker=FAST_BREAKER, retries={"max_attempts": 1})
-    fleet: list[TestClient[Any, Any]] = [
+    fleet: list[GatewayClient] = [
         await aiohttp_client(create_app(config, state=RedisBackend(clean_redis.url,
                                                                    timeout_s=1.0)))
         for _ in range(3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import calendar
 import math
 import random
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from gateway.ratelimit import AdmitPlan, Gcra
 from gateway.state import MemoryBackend
 from gateway.streaming import Usage
 from tests.gwtest import FakeClock, auth, chat, policy
+from tests.plugin_gateway import MakeGateway
 
 # 2026-12-06T21:00:00Z: three hours before the daily budget resets.
 EVENING = calendar.timegm((2026, 12, 6, 21, 0, 0))
@@ -255,7 +257,7 @@ def test_limits_unavailable_until_the_store_is_probed_again() -> None:
     clock = FakeClock()
     mode = DegradedMode(Degraded(action="fail_closed", probe_interval_s=0.5),
                         MemoryBackend(clock=clock), clock, "r1")
-    plan = AdmitPlan("r", (Gcra("k", 1000, 1, 1, "requests"),), "h", 1000)
+    plan = AdmitPlan("r", (Gcra("k", Fraction(1000), 1, 1, "requests"),), "h", 1000)
     with pytest.raises(GatewayError) as info:
         mode.admit(plan, "normal")
     assert info.value.status == 503
@@ -264,7 +266,7 @@ def test_limits_unavailable_until_the_store_is_probed_again() -> None:
 def test_deferred_queue_unreachable_until_the_store_is_probed_again() -> None:
     says_retry_in(unavailable(0.5), 500)
 
-async def test_deferred_queue_full_has_no_invented_wait(make_gateway: Any) -> None:
+async def test_deferred_queue_full_has_no_invented_wait(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(deferred={"enabled": True, "defaults": {"max_queued": 1}})
     prefer = auth(Prefer="respond-async")
     first = await gw.post("/v1/chat/completions", json=chat(text="a"), headers=prefer)

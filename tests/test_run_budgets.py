@@ -18,8 +18,8 @@ import aiohttp
 import openai
 import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp import ClientResponse, web
+from pytest_aiohttp import AiohttpClient
 
 from gateway.admin import render_table
 from gateway.auth import hash_key
@@ -28,8 +28,8 @@ from gateway.ratelimit import AdmitPlan, Check, Counter, LocalLimits, SettlePlan
 from gateway.runs import session_id
 from gateway.server import GATEWAY, create_app
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
-from tests.gwtest import ACME_KEY, FakeClock, auth, chat, policy
-from tests.plugin_gateway import GatewayTestServer, MakeGateway, settled
+from tests.gwtest import ACME_KEY, FakeClock, auth, chat, log_fields, policy
+from tests.plugin_gateway import GatewayClient, MakeGateway, gateway_client, settled
 from tests.redis_server import RedisServer
 from tests.test_fleet_limits import Fleet, _wait_ready
 from tests.test_fleet_limits import mock_port as fleet_mock  # noqa: F401 (a fixture)
@@ -126,8 +126,8 @@ def _run_policy(**caps: Any) -> dict[str, Any]:
                                  "run_budget": caps}}, **CALM}
 
 
-async def _chat(gw: TestClient[Any, Any], run: str, max_tokens: int = 50,
-                text: str = "hello there", model: str = "gpt-test") -> Any:
+async def _chat(gw: GatewayClient, run: str, max_tokens: int = 50,
+                text: str = "hello there", model: str = "gpt-test") -> ClientResponse:
     return await gw.post("/v1/chat/completions",
                          json=chat(model, text, max_tokens=max_tokens),
                          headers=auth(**{"X-Agent-Session": run, "x-mock-chunks": "5"}))
@@ -221,7 +221,7 @@ async def test_a_request_refused_before_any_model_call_gives_its_step_back(
         # Counted as steps, the third of them would be refused by max_steps instead.
         assert (await refused.json())["error"]["code"] != "run_budget_exceeded"
         await settled(gw)
-    runs = gw.server.app[GATEWAY].inflight.runs.snapshot(lambda _: 3600)["acme"]
+    runs = gw.app[GATEWAY].inflight.runs.snapshot(lambda _: 3600)["acme"]
     assert runs[0]["steps"] == 1 and runs[0]["stopped_by"] is None
 
 
@@ -291,7 +291,7 @@ async def _keys(store: RedisBackend) -> list[str]:
 # --- the openai SDK --------------------------------------------------------------------------
 
 async def test_openai_sdk_a_run_over_its_token_cap_is_refused_once_while_another_run_works(
-    aiohttp_client: Any, upstream_url: str
+    aiohttp_client: AiohttpClient, upstream_url: str
 ) -> None:
     app = create_app(policy(upstream_url, **_run_policy(max_tokens=120)))
     answers: list[tuple[str, int]] = []  # (run, status) of every answer: SDK retries included
@@ -301,7 +301,7 @@ async def test_openai_sdk_a_run_over_its_token_cap_is_refused_once_while_another
             answers.append((request.headers.get("X-Agent-Session", ""), response.status))
 
     app.on_response_prepare.append(count)
-    gw: TestClient[Any, Any] = await aiohttp_client(GatewayTestServer(app))
+    gw: GatewayClient = await gateway_client(aiohttp_client, app)
 
     def client(run: str) -> openai.AsyncOpenAI:  # default settings: max_retries 2
         return openai.AsyncOpenAI(base_url=str(gw.make_url("/v1")), api_key=ACME_KEY,
@@ -344,8 +344,7 @@ async def test_status_lists_the_biggest_runs_and_the_access_log_their_totals(
     await settled(gw)
     await _chat(gw, "small-run")
     await settled(gw)
-    lines = [r.fields for r in caplog.records  # type: ignore[attr-defined]
-             if r.name == "gateway.access"]
+    lines = [log_fields(r) for r in caplog.records if r.name == "gateway.access"]
     assert [line["run"]["steps"] for line in lines[:3]] == [1, 2, 3]
     assert lines[2]["run"]["tokens"] > lines[1]["run"]["tokens"] > 0
     assert lines[3]["run"] is None and lines[3]["error_code"] == "run_budget_exceeded"

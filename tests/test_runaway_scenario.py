@@ -19,7 +19,7 @@ from gateway.loadtest.scenario import load_scenario, parse_scenario
 from tests.plugin_gateway import MakeGateway
 
 GATEWAY_CONFIG = Path(__file__).resolve().parent.parent / "bench" / "configs" / "runaway.yaml"
-CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
+CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 
 
 async def test_run_budgets_cut_a_runaway_tenants_spend_below_a_tenth(

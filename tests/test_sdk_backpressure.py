@@ -19,22 +19,26 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.mock_upstream import RECORDED
 from gateway.server import create_app
 from tests.gwtest import ACME_KEY, policy
-from tests.plugin_gateway import GatewayTestServer
+from tests.plugin_gateway import GatewayClient, gateway_client
 
-MakeCounted = Callable[..., Awaitable[tuple[TestClient[Any, Any], collections.Counter[int]]]]
-HELLO = [{"role": "user", "content": "hello"}]
+MakeCounted = Callable[..., Awaitable[tuple[GatewayClient, collections.Counter[int]]]]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+ANTHROPIC_HELLO: list[MessageParam] = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture
-def make_counted(aiohttp_client: Any, upstream_url: str) -> MakeCounted:
+def make_counted(aiohttp_client: AiohttpClient, upstream_url: str) -> MakeCounted:
     """A gateway whose answers are counted by status: every SDK retry is one more answer."""
 
-    async def make(**overrides: Any) -> tuple[TestClient[Any, Any], collections.Counter[int]]:
+    async def make(**overrides: Any) -> tuple[GatewayClient, collections.Counter[int]]:
         app = create_app(policy(upstream_url, **overrides))
         answers: collections.Counter[int] = collections.Counter()
 
@@ -43,17 +47,17 @@ def make_counted(aiohttp_client: Any, upstream_url: str) -> MakeCounted:
                 answers[response.status] += 1
 
         app.on_response_prepare.append(count)
-        client: TestClient[Any, Any] = await aiohttp_client(GatewayTestServer(app))
+        client: GatewayClient = await gateway_client(aiohttp_client, app)
         return client, answers
 
     return make
 
 
-def _openai(gw: TestClient[Any, Any], **kw: Any) -> openai.AsyncOpenAI:
+def _openai(gw: GatewayClient, **kw: Any) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=str(gw.make_url("/v1")), api_key=ACME_KEY, **kw)
 
 
-def _anthropic(gw: TestClient[Any, Any], **kw: Any) -> anthropic.AsyncAnthropic:
+def _anthropic(gw: GatewayClient, **kw: Any) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=str(gw.make_url("")).rstrip("/"), api_key=ACME_KEY,
                                     **kw)
 
@@ -81,7 +85,7 @@ print(json.dumps(asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))))
 """
 
 
-async def in_another_process(gw: TestClient[Any, Any], calls: int,
+async def in_another_process(gw: GatewayClient, calls: int,
                              latency_ms: int = 0) -> dict[str, Any]:
     """``calls`` concurrent chat completions by the openai SDK (default settings) from a
     separate process; how long they took together and the errors they ended with."""
@@ -141,7 +145,7 @@ async def test_six_concurrent_anthropic_calls_over_a_request_rate_each_get_their
     try:
         began = time.monotonic()
         await asyncio.gather(*(an.messages.create(model="claude-test", max_tokens=20,
-                                                  messages=HELLO) for _ in range(6)))
+                                                  messages=ANTHROPIC_HELLO) for _ in range(6)))
         took = time.monotonic() - began
     finally:
         await an.close()
@@ -173,7 +177,8 @@ async def test_a_spent_daily_budget_stops_the_sdks_at_once_naming_the_reset(
         with pytest.raises(openai.RateLimitError) as spent:
             await oa.chat.completions.create(model="gpt-test", messages=HELLO, max_tokens=95)
         with pytest.raises(anthropic.RateLimitError) as spent_too:
-            await an.messages.create(model="claude-test", max_tokens=95, messages=HELLO)
+            await an.messages.create(model="claude-test", max_tokens=95,
+                                     messages=ANTHROPIC_HELLO)
         assert time.monotonic() - began < 3  # neither SDK slept through a backoff
     finally:
         await oa.close()
@@ -253,7 +258,8 @@ async def test_a_cut_whole_answer_is_not_retried_by_the_sdks(
             await oa.chat.completions.create(model="gpt-test", messages=HELLO,
                                              extra_headers=cut)
         with pytest.raises(anthropic.InternalServerError) as info_too:
-            await an.messages.create(model="claude-test", max_tokens=20, messages=HELLO,
+            await an.messages.create(model="claude-test", max_tokens=20,
+                                     messages=ANTHROPIC_HELLO,
                                      extra_headers=cut)
     finally:
         await oa.close()
@@ -307,7 +313,7 @@ async def test_a_stream_must_start_by_the_deadline_then_flows_past_it(
 
 
 async def test_an_unusable_error_page_after_the_gateways_retries_is_final_for_the_sdk(
-    aiohttp_server: Any, aiohttp_client: Any,
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
 ) -> None:
     calls = 0
 
@@ -320,8 +326,8 @@ async def test_an_unusable_error_page_after_the_gateways_retries_is_final_for_th
     broken = web.Application()
     broken.router.add_post("/v1/chat/completions", html_503)
     server = await aiohttp_server(broken)
-    gw: TestClient[Any, Any] = await aiohttp_client(GatewayTestServer(create_app(
-        policy(str(server.make_url("")).rstrip("/")))))
+    gw: GatewayClient = await gateway_client(aiohttp_client, create_app(
+        policy(str(server.make_url("")).rstrip("/"))))
     client = _openai(gw)  # default retries
     try:
         with pytest.raises(openai.InternalServerError) as info:

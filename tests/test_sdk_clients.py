@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import anthropic
 import openai
-from aiohttp.test_utils import TestClient
 
 from tests.gwtest import ACME_KEY
+from tests.plugin_gateway import GatewayClient
 
 
-def _base(gw: TestClient[Any, Any]) -> str:
+def _base(gw: GatewayClient) -> str:
     return str(gw.make_url("")).rstrip("/")
 
 
-async def test_openai_sdk_non_streaming_and_streaming(gw: TestClient[Any, Any]) -> None:
+async def test_openai_sdk_non_streaming_and_streaming(gw: GatewayClient) -> None:
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
     try:
         reply = await client.chat.completions.create(
@@ -37,7 +35,7 @@ async def test_openai_sdk_non_streaming_and_streaming(gw: TestClient[Any, Any]) 
         await client.close()
 
 
-async def test_openai_sdk_sees_gateway_errors_with_their_message(gw: TestClient[Any, Any]) -> None:
+async def test_openai_sdk_sees_gateway_errors_with_their_message(gw: GatewayClient) -> None:
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key="sk-not-a-key", max_retries=0)
     try:
         try:
@@ -53,13 +51,15 @@ async def test_openai_sdk_sees_gateway_errors_with_their_message(gw: TestClient[
         await client.close()
 
 
-async def test_anthropic_sdk_messages_non_streaming_and_streaming(gw: TestClient[Any, Any]) -> None:
+async def test_anthropic_sdk_messages_non_streaming_and_streaming(gw: GatewayClient) -> None:
     client = anthropic.AsyncAnthropic(base_url=_base(gw), api_key=ACME_KEY, max_retries=0)
     try:
         msg = await client.messages.create(
             model="claude-test", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
         )
-        assert msg.content[0].text and msg.usage.output_tokens > 0
+        first = msg.content[0]
+        assert isinstance(first, anthropic.types.TextBlock)
+        assert first.text and msg.usage.output_tokens > 0
         async with client.messages.stream(
             model="claude-test", max_tokens=20, messages=[{"role": "user", "content": "hi"}],
             extra_headers={"x-mock-chunks": "4"},

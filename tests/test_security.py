@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from aiohttp.test_utils import TestServer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway import logs
 from gateway.auth import hash_key
@@ -267,7 +268,7 @@ async def test_no_request_can_steer_the_upstream_target_or_credentials(
         assert ACME_KEY not in json.dumps(seen.headers)
 
 
-async def test_hop_by_hop_headers_are_dropped_both_ways(aiohttp_server: Any,
+async def test_hop_by_hop_headers_are_dropped_both_ways(aiohttp_server: AiohttpServer,
                                                         make_gateway: MakeGateway) -> None:
     seen: list[dict[str, str]] = []
 
@@ -287,7 +288,7 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(aiohttp_server: Any,
     server = await aiohttp_server(app)
     gw = await make_gateway(upstream=str(server.make_url("")).rstrip("/"))
 
-    async def chunked() -> Any:
+    async def chunked() -> AsyncIterator[bytes]:
         yield orjson.dumps(chat())
 
     resp = await gw.post("/v1/chat/completions", data=chunked(), headers=auth(**{
@@ -306,7 +307,7 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(aiohttp_server: Any,
         assert name not in resp.headers, name
 
 
-async def test_cookies_an_upstream_sets_are_never_sent_back(aiohttp_server: Any,
+async def test_cookies_an_upstream_sets_are_never_sent_back(aiohttp_server: AiohttpServer,
                                                             make_gateway: MakeGateway) -> None:
     # One upstream session serves every tenant: a cookie it kept (a provider's load-balancer
     # or bot-management cookie) would ride along on other tenants' calls.
@@ -329,7 +330,7 @@ async def test_cookies_an_upstream_sets_are_never_sent_back(aiohttp_server: Any,
 
 
 async def test_upstream_tls_is_verified_by_default(certs: Path, make_gateway: MakeGateway,
-                                                   aiohttp_server: Any) -> None:
+                                                   aiohttp_server: AiohttpServer) -> None:
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"choices": [], "usage": {"prompt_tokens": 1,
                                                             "completion_tokens": 0}})
@@ -585,7 +586,7 @@ def json_logs() -> Iterator[io.StringIO]:
 
 
 async def test_planted_secrets_never_reach_logs_metrics_spans_or_error_messages(
-    aiohttp_client: Any, upstream_url: str, json_logs: io.StringIO,
+    aiohttp_client: AiohttpClient, upstream_url: str, json_logs: io.StringIO,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     provider_key = "sk-provider-PLANTED-" + secrets.token_hex(8)

@@ -19,9 +19,12 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestServer
+from anthropic.types import MessageParam
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.classify import estimate_prompt_tokens
 from gateway.mock_upstream import RECORDED
@@ -29,9 +32,9 @@ from gateway.relay import model_renamer
 from gateway.server import GATEWAY
 from gateway.state import StateBackend
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
-from tests.plugin_gateway import MakeGateway, settled
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
-Client = TestClient[Any, Any]
+Client = GatewayClient
 MAX_OUT = 4096  # the models' max_output_tokens (set here: unset, the gateway knows no maximum)
 MAX_CHOICES = 128  # OpenAI refuses n above this
 MAX_TOKEN_FIELD = 2**31 - 1  # a cap above this is malformed, not clamped
@@ -44,7 +47,7 @@ CLAMPED = {"models": {
 
 # This machine's event loop also runs the test and the mock: loop-lag shedding (503) is right
 # under load, but not what these tests are about.
-CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
+CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 
 
 def tenant(**acme: Any) -> dict[str, Any]:
@@ -60,11 +63,11 @@ def _base(gw: Client) -> str:
     return str(gw.make_url("")).rstrip("/")
 
 
-def _forwarded(mock_upstream: Any) -> list[dict[str, Any]]:
+def _forwarded(mock_upstream: TestServer) -> list[dict[str, Any]]:
     return [r.body for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")]
 
 
-async def _used(resp: Any) -> int:
+async def _used(resp: ClientResponse) -> int:
     """Tokens the upstream really spent on one answer (0 for a refusal)."""
     if resp.status != 200:
         return 0
@@ -121,7 +124,7 @@ async def test_both_token_fields_cannot_overspend_tokens_per_minute(
 
 
 async def test_max_tokens_above_the_models_maximum_is_refused_in_each_dialect(
-    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: Any,
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
 ) -> None:
     gw = await make_gateway(state=backend, **tenant(budget={"daily_tokens": 20_000}))
     resp = await gw.post("/v1/chat/completions", json=chat(max_tokens=60_000), headers=auth())
@@ -147,7 +150,7 @@ async def test_max_tokens_above_the_models_maximum_is_refused_in_each_dialect(
 
 
 async def test_a_model_without_a_known_maximum_refuses_nothing_and_reserves_what_is_asked(
-    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: Any,
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
 ) -> None:
     # Shipped default: max_output_tokens unset. The gateway cannot know the provider's maximum,
     # so it must not refuse a cap the provider may accept; it reserves the cap in full instead.
@@ -167,7 +170,7 @@ async def test_a_model_without_a_known_maximum_refuses_nothing_and_reserves_what
 
 
 async def test_clamped_max_tokens_cannot_overspend_a_budget(
-    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: Any,
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
 ) -> None:
     # One request with max_tokens 60000 spent 60,001 tokens of a 20,000-token budget.
     gw = await make_gateway(state=backend, **{**tenant(budget={"daily_tokens": 20_000}),
@@ -315,7 +318,7 @@ async def spy_gw(make_gateway: MakeGateway) -> tuple[Client, list[int]]:
         **CALM,
     )
     reserved: list[int] = []
-    limiter = gw.server.app[GATEWAY].policy.limiter
+    limiter = gw.app[GATEWAY].policy.limiter
     admit = limiter.admit
 
     async def spying_admit(call: Any, request_id: str, **kw: Any) -> Any:
@@ -330,7 +333,7 @@ async def spy_gw(make_gateway: MakeGateway) -> tuple[Client, list[int]]:
 @PROPERTY
 @given(data=st.data())
 async def test_forwarded_body_never_outgrows_the_reservation(
-    spy_gw: tuple[Client, list[int]], mock_upstream: Any, data: st.DataObject,
+    spy_gw: tuple[Client, list[int]], mock_upstream: TestServer, data: st.DataObject,
 ) -> None:
     gw, reserved = spy_gw
     route = data.draw(st.sampled_from(sorted(BASES)))
@@ -379,7 +382,7 @@ async def test_forwarded_body_never_outgrows_the_reservation(
 
 
 async def test_openai_sdk_request_without_max_tokens_is_forwarded_unchanged(
-    gw: Client, mock_upstream: Any,
+    gw: Client, mock_upstream: TestServer,
 ) -> None:
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
     try:
@@ -399,7 +402,7 @@ async def test_openai_sdk_request_without_max_tokens_is_forwarded_unchanged(
 
 
 async def test_openai_sdk_request_gets_the_estimate_injected_when_opted_in(
-    make_gateway: MakeGateway, mock_upstream: Any,
+    make_gateway: MakeGateway, mock_upstream: TestServer,
 ) -> None:
     gw = await make_gateway(**tenant(inject_max_tokens=True, default_max_tokens=300))
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
@@ -443,7 +446,8 @@ async def test_answer_model_alias_names_the_public_model_in_every_dialect(
                                     "claude-test": {"answer_model": "alias"}}, **CALM)
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
     claude = anthropic.AsyncAnthropic(base_url=_base(gw), api_key=ACME_KEY, max_retries=0)
-    hello = [{"role": "user", "content": "hello"}]
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+    claude_hello: list[MessageParam] = [{"role": "user", "content": "hello"}]
     try:
         reply = await client.chat.completions.create(model="gpt-test", messages=hello)
         assert reply.model == "gpt-test" and reply.usage is not None
@@ -457,10 +461,11 @@ async def test_answer_model_alias_names_the_public_model_in_every_dialect(
         assert final.model == "gpt-test"
         text = await client.completions.create(model="gpt-test", prompt="hi")
         assert text.model == "gpt-test"
-        msg = await claude.messages.create(model="claude-test", max_tokens=20, messages=hello)
+        msg = await claude.messages.create(model="claude-test", max_tokens=20,
+                                           messages=claude_hello)
         assert msg.model == "claude-test" and msg.usage.output_tokens > 0
         async with claude.messages.stream(model="claude-test", max_tokens=20,
-                                          messages=hello) as claude_stream:
+                                          messages=claude_hello) as claude_stream:
             streamed = await claude_stream.get_final_message()
         assert streamed.model == "claude-test"
     finally:

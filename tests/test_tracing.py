@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import timeit
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -62,7 +62,8 @@ def record(**fields: Any) -> RequestRecord:
     return RequestRecord(**base)
 
 
-def run_request(tracing: Tracing, headers: Any, upstream_headers: dict[str, str]) -> None:
+def run_request(tracing: Tracing, headers: Mapping[str, str],
+                upstream_headers: dict[str, str]) -> None:
     """What the pipeline does, in order."""
     with tracing.request_span("POST", CHAT, headers) as span:
         with tracing.stage("auth"):

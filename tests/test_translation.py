@@ -27,7 +27,8 @@ CASES = sorted(p.stem for p in DATA.glob("*_client_*.json"))
 
 
 def _case(name: str) -> dict[str, Any]:
-    return json.loads((DATA / f"{name}.json").read_text())
+    case: dict[str, Any] = json.loads((DATA / f"{name}.json").read_text())
+    return case
 
 
 def _plan(case: dict[str, Any]) -> translate.Translation:

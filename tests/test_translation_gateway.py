@@ -13,18 +13,28 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestServer
+from anthropic.types import Message, MessageParam, ToolParam
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageFunctionToolCallParam,
+    ChatCompletionMessageParam,
+    ChatCompletionMessageToolCallUnion,
+)
 from pydantic import BaseModel
+from pytest_aiohttp import AiohttpServer
 
 from gateway.mock_upstream import RECORDED
-from tests.gwtest import ACME_KEY, auth, chat
-from tests.plugin_gateway import MakeGateway, settled
+from tests.gwtest import ACME_KEY, auth, chat, log_fields
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
 DATA = Path(__file__).parent / "data" / "translation"
 TIMEOUTS = {"connect_s": 2, "first_byte_s": 5, "idle_s": 2, "total_s": 20}
@@ -34,18 +44,16 @@ CALM = {"self_protection": {"max_loop_lag_ms": 600_000}}
 
 
 @pytest.fixture
-async def gw(make_gateway: MakeGateway) -> TestClient[Any, Any]:
+async def gw(make_gateway: MakeGateway) -> GatewayClient:
     return await make_gateway(admission=CALM)
 
 
-def _base(gw: TestClient[Any, Any]) -> str:
+def _base(gw: GatewayClient) -> str:
     return str(gw.make_url("")).rstrip("/")
 
 
 def _access(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
-    line: dict[str, Any] = [r for r in caplog.records
-                            if r.name == "gateway.access"][-1].fields  # type: ignore[attr-defined]
-    return line
+    return log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
 
 
 class Replay:
@@ -69,7 +77,7 @@ class Replay:
 
 
 @pytest.fixture
-async def replay(aiohttp_server: Any) -> tuple[Replay, str]:
+async def replay(aiohttp_server: AiohttpServer) -> tuple[Replay, str]:
     upstream = Replay()
     app = web.Application()
     app.router.add_post("/v1/messages", upstream.handle)
@@ -78,7 +86,7 @@ async def replay(aiohttp_server: Any) -> tuple[Replay, str]:
     return upstream, str(server.make_url("")).rstrip("/")
 
 
-async def _replay_gateway(make_gateway: MakeGateway, url: str) -> TestClient[Any, Any]:
+async def _replay_gateway(make_gateway: MakeGateway, url: str) -> GatewayClient:
     return await make_gateway(
         admission=CALM,
         providers={"r_openai": {"kind": "openai", "base_url": f"{url}/v1",
@@ -92,7 +100,7 @@ async def _replay_gateway(make_gateway: MakeGateway, url: str) -> TestClient[Any
 # --- openai SDK -> Anthropic-kind deployment ------------------------------------------------
 
 async def test_openai_sdk_chat_and_stream_on_an_anthropic_deployment(
-        gw: TestClient[Any, Any], mock_upstream: Any, caplog: pytest.LogCaptureFixture) -> None:
+        gw: GatewayClient, mock_upstream: TestServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
     try:
@@ -174,7 +182,7 @@ async def test_openai_sdk_tool_calls_and_structured_output_on_an_anthropic_deplo
 # --- anthropic SDK -> OpenAI-kind deployment ------------------------------------------------
 
 async def test_anthropic_sdk_messages_and_stream_on_an_openai_deployment(
-        gw: TestClient[Any, Any], mock_upstream: Any, caplog: pytest.LogCaptureFixture) -> None:
+        gw: GatewayClient, mock_upstream: TestServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     client = anthropic.AsyncAnthropic(base_url=_base(gw), api_key=ACME_KEY, max_retries=0)
     try:
@@ -270,7 +278,7 @@ async def test_openai_sdk_sees_the_translated_429_as_a_rate_limit_error(
     ("/v1/messages", "gpt-test", b"event: error\n"),
 ])
 async def test_a_cut_translated_stream_ends_with_the_clients_error_event_and_is_charged(
-        gw: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, path: str, model: str,
+        gw: GatewayClient, caplog: pytest.LogCaptureFixture, path: str, model: str,
         error_prefix: bytes) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     headers = auth(**{"x-mock-fail": "midstream-cut", "x-mock-fail-after": "3",
@@ -288,7 +296,7 @@ async def test_a_cut_translated_stream_ends_with_the_clients_error_event_and_is_
 
 
 async def test_a_field_without_counterpart_is_refused_in_the_clients_dialect(
-        gw: TestClient[Any, Any], mock_upstream: Any) -> None:
+        gw: GatewayClient, mock_upstream: TestServer) -> None:
     before = len(mock_upstream.app[RECORDED])
     resp = await gw.post("/v1/chat/completions", json=chat(model="claude-test", n=2),
                          headers=auth())
@@ -302,7 +310,7 @@ async def test_a_field_without_counterpart_is_refused_in_the_clients_dialect(
 
 
 async def test_a_request_the_other_kind_cannot_carry_stays_on_its_own_kind(
-        make_gateway: MakeGateway, mock_upstream: Any) -> None:
+        make_gateway: MakeGateway, mock_upstream: TestServer) -> None:
     """n=2 cannot go to Anthropic: a mixed model serves it from its OpenAI deployment only."""
     gw = await make_gateway(admission=CALM, models={"mixed": {"deployments": [
         {"provider": "claude", "model": "upstream-claude"},
@@ -313,7 +321,7 @@ async def test_a_request_the_other_kind_cannot_carry_stays_on_its_own_kind(
 
 
 async def test_anthropic_gets_the_cap_the_gateway_reserved(
-        make_gateway: MakeGateway, mock_upstream: Any) -> None:
+        make_gateway: MakeGateway, mock_upstream: TestServer) -> None:
     """No cap in the OpenAI body: Anthropic needs one, and gets exactly the per-answer output
     the reservation assumed (the tenant's default_max_tokens bounded by the model's maximum),
     so the upstream cannot generate more than was reserved."""
@@ -328,7 +336,7 @@ async def test_anthropic_gets_the_cap_the_gateway_reserved(
 
 
 async def test_client_disconnect_cancels_a_translated_upstream_stream(
-        aiohttp_server: Any, make_gateway: MakeGateway) -> None:
+        aiohttp_server: AiohttpServer, make_gateway: MakeGateway) -> None:
     cancelled = asyncio.Event()
 
     async def slow_stream(request: web.Request) -> web.StreamResponse:
@@ -364,7 +372,7 @@ async def test_client_disconnect_cancels_a_translated_upstream_stream(
 
 @pytest.mark.parametrize("client_kind", ["openai", "anthropic"])
 async def test_failover_to_the_other_kind_streams_with_exact_usage(
-        make_gateway: MakeGateway, mock_upstream: Any, upstream_url: str,
+        make_gateway: MakeGateway, mock_upstream: TestServer, upstream_url: str,
         caplog: pytest.LogCaptureFixture, client_kind: str) -> None:
     """The first deployment (the client's own kind) is down; the answer streams from a
     deployment of the other kind, translated, and the usage charged is the one it reported."""
@@ -416,7 +424,7 @@ async def test_failover_to_the_other_kind_streams_with_exact_usage(
 
 
 async def test_the_provider_outage_scenario_keeps_critical_traffic_up(
-        make_gateway: MakeGateway, mock_upstream: Any, upstream_url: str) -> None:
+        make_gateway: MakeGateway, mock_upstream: TestServer, upstream_url: str) -> None:
     """config/scenarios/provider-outage.yaml against config/provider-outage.yaml, in this
     process and compressed in time (its phases 1 s, 3 s, 1 s): the Anthropic-kind primary
     answers 503 to everything in the middle phase; critical requests still succeed >= 99.5 %
@@ -458,18 +466,28 @@ async def test_the_provider_outage_scenario_keeps_critical_traffic_up(
 
 # --- the mock upstream's own tool answers, in both dialects -----------------------------------
 
-WEATHER_TOOL = {"type": "function", "function": {
+WEATHER_TOOL: ChatCompletionFunctionToolParam = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
 
 
+def _function_calls(calls: list[ChatCompletionMessageToolCallUnion],
+                    ) -> list[ChatCompletionMessageFunctionToolCall]:
+    """The tool calls as function calls: any other kind here fails the test."""
+    function_calls = [c for c in calls if isinstance(c, ChatCompletionMessageFunctionToolCall)]
+    assert len(function_calls) == len(calls), calls
+    return function_calls
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_openai_sdk_tool_call_answered_by_the_anthropic_kind_mock(
-        gw: TestClient[Any, Any], mock_upstream: Any, stream: bool) -> None:
+        gw: GatewayClient, mock_upstream: TestServer, stream: bool) -> None:
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
     try:
-        messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": "Weather in Paris?"}]
+        reply: ChatCompletion
         if stream:
             async with client.chat.completions.stream(
                     model="claude-test", messages=messages, tools=[WEATHER_TOOL]) as events:
@@ -479,7 +497,7 @@ async def test_openai_sdk_tool_call_answered_by_the_anthropic_kind_mock(
                 model="claude-test", messages=messages, tools=[WEATHER_TOOL])
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls"
-        calls = choice.message.tool_calls or []
+        calls = _function_calls(choice.message.tool_calls or [])
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
             ("get_weather", {"city": "tok"})]
         sent = mock_upstream.app[RECORDED][-1]
@@ -490,7 +508,8 @@ async def test_openai_sdk_tool_call_answered_by_the_anthropic_kind_mock(
         follow = await client.chat.completions.create(model="claude-test", tools=[WEATHER_TOOL],
                                                       messages=[*messages, {
             "role": "assistant", "content": None,
-            "tool_calls": [c.model_dump() for c in calls]}, {
+            "tool_calls": [cast(ChatCompletionMessageFunctionToolCallParam, c.model_dump())
+                           for c in calls]}, {
             "role": "tool", "tool_call_id": calls[0].id, "content": "18C"}])
         assert follow.choices[0].finish_reason == "stop" and follow.choices[0].message.content
         turn = mock_upstream.app[RECORDED][-1].body["messages"][-1]
@@ -500,7 +519,7 @@ async def test_openai_sdk_tool_call_answered_by_the_anthropic_kind_mock(
 
 
 async def test_openai_sdk_structured_output_answered_by_the_anthropic_kind_mock(
-        gw: TestClient[Any, Any]) -> None:
+        gw: GatewayClient) -> None:
     class City(BaseModel):
         name: str
         population: int
@@ -518,11 +537,12 @@ async def test_openai_sdk_structured_output_answered_by_the_anthropic_kind_mock(
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_anthropic_sdk_tool_use_answered_by_the_openai_kind_mock(
-        gw: TestClient[Any, Any], mock_upstream: Any, stream: bool) -> None:
+        gw: GatewayClient, mock_upstream: TestServer, stream: bool) -> None:
     client = anthropic.AsyncAnthropic(base_url=_base(gw), api_key=ACME_KEY, max_retries=0)
-    tool: Any = {"name": "get_weather", "description": "Weather in a city",
-                 "input_schema": WEATHER_TOOL["function"]["parameters"]}
-    messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    tool: ToolParam = {"name": "get_weather", "description": "Weather in a city",
+                       "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    messages: list[MessageParam] = [{"role": "user", "content": "Weather in Paris?"}]
+    msg: Message
     try:
         if stream:
             async with client.messages.stream(model="gpt-test", max_tokens=50, tools=[tool],

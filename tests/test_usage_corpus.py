@@ -16,8 +16,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from gateway.periods import period_keys
+from gateway.runtime import Gateway
 from gateway.server import GATEWAY
 from gateway.state import MemoryBackend, StateBackend
 from tests.gwtest import ACME_KEY, auth
@@ -71,7 +73,7 @@ async def _replay(request: web.Request) -> web.StreamResponse:
 
 
 @pytest.fixture
-async def replay(aiohttp_server: Any) -> TestServer:
+async def replay(aiohttp_server: AiohttpServer) -> TestServer:
     app = web.Application()
     app[_GATE] = asyncio.Event()
     app.router.add_post("/{tail:.*}", _replay)
@@ -121,7 +123,7 @@ async def test_corpus_case_is_charged_exactly(
                 for m, p in EXPECTED["prices"].items()},
         tenants={"acme": {"budget": {"daily_cost": 1000.0, "daily_tokens": 10**9}}},
     )
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     cost_key, tokens_key = _budget_keys()
     before = (await _counter(backend, cost_key), await _counter(backend, tokens_key))
     headers = auth(ACME_KEY, **{"x-mock-case": name})
@@ -164,7 +166,7 @@ async def _leave_after_usage(url: Any, headers: dict[str, str], body: dict[str, 
         resp.close()  # drops the connection: the client is gone mid-stream
 
 
-async def _recorded(gateway: Any) -> dict[str, int]:
+async def _recorded(gateway: Gateway) -> dict[str, int]:
     """The tenant's recorded tokens by dimension and cost, once the request was observed."""
     for _ in range(1000):
         totals = gateway.metrics.usage_by_tenant.get("acme")

@@ -7,13 +7,14 @@ import asyncio
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import hash_key
@@ -129,7 +130,7 @@ def _registry(requests: int, in_flight: int, budget_left: float, lag: float) -> 
     return registry
 
 
-def _values(families: Any) -> dict[str, float]:
+def _values(families: Iterable[Metric]) -> dict[str, float]:
     return {f"{s.name}{sorted(s.labels.items()) if s.labels else ''}": s.value
             for m in families for s in m.samples if not s.name.endswith("_created")}
 

@@ -9,8 +9,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -137,7 +137,8 @@ sys.exit(3)
 """
 
 
-def _children(tmp_path: Path, die_after: dict[int, float]) -> tuple[list[Path], Any]:
+def _children(tmp_path: Path, die_after: dict[int, float]
+              ) -> tuple[list[Path], Callable[[int], list[str]]]:
     notes = [tmp_path / f"child{i}.txt" for i in range(3)]
 
     def argv_for(index: int) -> list[str]:

@@ -11,7 +11,7 @@ import bisect
 import itertools
 from collections.abc import Sequence
 
-from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+from hdrh.histogram import HdrHistogram
 
 __all__ = ["Histogram", "percentile_of_sorted"]
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .stats import OUTCOMES, class_order
+
+if TYPE_CHECKING:  # matplotlib is optional (the plot extra); imported lazily in plot_report
+    from matplotlib.axes import Axes
 
 __all__ = ["PlotUnavailable", "plot_report"]
 
@@ -100,7 +103,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     return out
 
 
-def _line(ax: Any, xs: list[float], ys: list[float | None], color: str, style: str,
+def _line(ax: Axes, xs: list[float], ys: list[float | None], color: str, style: str,
           label: str) -> None:
     # Missing buckets are NaN so the line breaks there instead of bridging the gap.
     values = [math.nan if y is None or y <= 0 else y for y in ys]
@@ -109,7 +112,7 @@ def _line(ax: Any, xs: list[float], ys: list[float | None], color: str, style: s
                 linewidth=1.5 if style == "-" else 1.1, marker="." if len(xs) < 30 else None)
 
 
-def _phases(ax: Any, phases: list[dict[str, Any]], *, label: bool) -> None:
+def _phases(ax: Axes, phases: list[dict[str, Any]], *, label: bool) -> None:
     for phase in phases:
         ax.axvline(phase["start_s"], color="#333333", linestyle=":", linewidth=0.9)
         if label:

@@ -174,7 +174,7 @@ class RedisBackend:
         self._closed = False
         # Admissions waiting for the one in flight to finish (``admit``: group commit).
         self._admit_busy = False
-        self._admits: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._admits: list[tuple[list[str], list[str | int | float], asyncio.Future[Any]]] = []
         self._batches: set[asyncio.Task[None]] = set()
 
     @property
@@ -332,7 +332,8 @@ class RedisBackend:
         return [bool(reply) for reply in replies]
 
     async def _evalsha_pipeline(self, script: AsyncScript,
-                                calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+                                calls: Sequence[tuple[list[str], list[str | int | float]]],
+                                ) -> list[Any]:
         """``script`` once per (keys, args), pipelined. Calls that found the script missing
         (NOSCRIPT, e.g. after a restart emptied the cache) did not run: they are sent again
         once it is loaded. Any other error fails the whole batch."""

@@ -6,15 +6,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
-from aiohttp.test_utils import TestClient
 
 from gateway.periods import period_keys
 from tests.gwtest import auth, chat
+from tests.plugin_gateway import GatewayClient
 
-Client = TestClient[Any, Any]
+Client = GatewayClient
 
 
 def budget_key(tenant: str = "acme", prefix: str = "gw:") -> str:
@@ -28,7 +27,8 @@ def stream_usage(raw: bytes) -> dict[str, int] | None:
         if b'"usage":{' in event:
             data = orjson.loads(event.split(b"data:", 1)[1])
             if data.get("usage"):
-                return data["usage"]  # type: ignore[no-any-return]
+                usage: dict[str, int] = data["usage"]
+                return usage
     return None
 
 

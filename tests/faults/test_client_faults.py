@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.classify import estimate_prompt_tokens
 from gateway.server import create_app
@@ -74,7 +75,7 @@ class Flood:
 
 
 async def test_a_client_that_stops_reading_is_buffered_boundedly_then_dropped(
-    aiohttp_server: Any, make_gateway: MakeGateway
+    aiohttp_server: AiohttpServer, make_gateway: MakeGateway
 ) -> None:
     flood = Flood()
     app = web.Application()
@@ -113,7 +114,8 @@ async def test_a_client_that_stops_reading_is_buffered_boundedly_then_dropped(
 @pytest.mark.parametrize("handler_cancellation", [True, False],
                          ids=["cancelling-server", "non-cancelling-server"])
 async def test_disconnect_mid_stream_frees_the_slot_and_charges_what_was_sent(
-    aiohttp_client: Any, upstream_url: str, clean_redis: RedisServer, handler_cancellation: bool
+    aiohttp_client: AiohttpClient, upstream_url: str, clean_redis: RedisServer,
+    handler_cancellation: bool,
 ) -> None:
     # `gateway serve` runs with handler_cancellation=True; aiohttp's default is False.
     config = policy(upstream_url, tenants=ONE_AT_A_TIME)

@@ -20,21 +20,20 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from gateway.journal import JournalFile
 from gateway.server import GATEWAY, create_app
 from gateway.state import RedisBackend
 from tests.faults.helpers import budget_key, until
 from tests.faults.tcpproxy import FaultProxy
-from tests.gwtest import UMBRELLA_KEY, auth, chat, policy, policy_dict
-from tests.plugin_gateway import GatewayTestServer, settled
+from tests.gwtest import UMBRELLA_KEY, auth, chat, log_fields, policy, policy_dict
+from tests.plugin_gateway import GatewayClient, gateway_client, settled
 from tests.redis_server import RedisServer, pick_port
 
 pytestmark = pytest.mark.redis
@@ -62,17 +61,17 @@ def _recorded(server: RedisServer, tenant: str = "acme") -> int:
     return int(value) if isinstance(value, bytes) else 0
 
 
-async def _gateway(aiohttp_client: Any, upstream_url: str, redis_url: str,
-                   journal_dir: Path | None = None) -> TestClient[Any, Any]:
+async def _gateway(aiohttp_client: AiohttpClient, upstream_url: str, redis_url: str,
+                   journal_dir: Path | None = None) -> GatewayClient:
     degraded = {**DEGRADED["degraded"],
                 **({"journal_dir": str(journal_dir)} if journal_dir else {})}
     config = policy(upstream_url, tenants=TENANTS, state={"degraded": degraded})
-    client: TestClient[Any, Any] = await aiohttp_client(GatewayTestServer(create_app(
-        config, state=RedisBackend(redis_url, timeout_s=1.0))))
+    client: GatewayClient = await gateway_client(aiohttp_client, create_app(
+        config, state=RedisBackend(redis_url, timeout_s=1.0)))
     return client
 
 
-async def _usage(gw: TestClient[Any, Any], text: str, key: str | None = None) -> int:
+async def _usage(gw: GatewayClient, text: str, key: str | None = None) -> int:
     resp = await gw.post("/v1/chat/completions", json=chat(text=text, max_tokens=20),
                          headers=auth(key) if key else auth())
     assert resp.status == 200, await resp.text()
@@ -81,10 +80,10 @@ async def _usage(gw: TestClient[Any, Any], text: str, key: str | None = None) ->
 
 
 async def test_a_tenant_over_budget_stays_refused_while_redis_is_down(
-    aiohttp_client: Any, upstream_url: str, clean_redis: RedisServer, proxy: FaultProxy
+    aiohttp_client: AiohttpClient, upstream_url: str, clean_redis: RedisServer, proxy: FaultProxy
 ) -> None:
     gw = await _gateway(aiohttp_client, upstream_url, proxy.url)
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     # Spend acme's budget through the gateway until it refuses a request of this size.
     refused = None
     for i in range(100):
@@ -115,7 +114,7 @@ async def test_a_tenant_over_budget_stays_refused_while_redis_is_down(
 
 
 async def test_headroom_in_degraded_mode_is_what_was_left_not_the_whole_budget(
-    aiohttp_client: Any, upstream_url: str, clean_redis: RedisServer, proxy: FaultProxy
+    aiohttp_client: AiohttpClient, upstream_url: str, clean_redis: RedisServer, proxy: FaultProxy
 ) -> None:
     gw = await _gateway(aiohttp_client, upstream_url, proxy.url)
     spent = 0
@@ -146,7 +145,7 @@ async def test_headroom_in_degraded_mode_is_what_was_left_not_the_whole_budget(
 
 
 async def test_journal_written_at_stop_is_replayed_exactly_once_by_the_next_start(
-    aiohttp_client: Any, upstream_url: str, clean_redis: RedisServer, proxy: FaultProxy,
+    aiohttp_client: AiohttpClient, upstream_url: str, clean_redis: RedisServer, proxy: FaultProxy,
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     journal = tmp_path / "journal"
@@ -156,7 +155,7 @@ async def test_journal_written_at_stop_is_replayed_exactly_once_by_the_next_star
     for i in range(4):  # the case: four requests journaled during a Redis stall
         charged += await _usage(first, f"journaled {i}")
     await settled(first)
-    degraded = first.server.app[GATEWAY].degraded
+    degraded = first.app[GATEWAY].degraded
     assert degraded.journal_size == 4
     with caplog.at_level(logging.WARNING, "gateway.limits"):
         await first.close()  # stop while Redis still hangs: the journal goes to the file
@@ -168,7 +167,7 @@ async def test_journal_written_at_stop_is_replayed_exactly_once_by_the_next_star
     assert _recorded(clean_redis) == 0  # nothing reached Redis so far
 
     second = await _gateway(aiohttp_client, upstream_url, clean_redis.url, journal)
-    gateway = second.server.app[GATEWAY]
+    gateway = second.app[GATEWAY]
     await until(lambda: gateway.degraded.replayed == 4, 10.0, "the journal file to be replayed")
     assert _recorded(clean_redis) == charged
     assert list(journal.iterdir()) == []  # replayed: the file is gone
@@ -179,13 +178,13 @@ async def test_journal_written_at_stop_is_replayed_exactly_once_by_the_next_star
     files[0].write_bytes(b"")
     third = await _gateway(aiohttp_client, upstream_url, clean_redis.url, journal)
     await settled(third)
-    assert third.server.app[GATEWAY].degraded.replayed == 0
+    assert third.app[GATEWAY].degraded.replayed == 0
     await third.close()
     assert _recorded(clean_redis) == charged
 
 
 async def test_a_journal_file_replayed_twice_charges_once(
-    tmp_path: Path, clean_redis: RedisServer, aiohttp_client: Any, upstream_url: str,
+    tmp_path: Path, clean_redis: RedisServer, aiohttp_client: AiohttpClient, upstream_url: str,
     proxy: FaultProxy,
 ) -> None:
     journal = tmp_path / "journal"
@@ -199,7 +198,7 @@ async def test_a_journal_file_replayed_twice_charges_once(
     for _ in range(2):  # the same file again, as if the first replay crashed before deleting
         (journal / "usage-journal-crashed.jsonl").write_bytes(saved)
         gw = await _gateway(aiohttp_client, upstream_url, clean_redis.url, journal)
-        degraded = gw.server.app[GATEWAY].degraded
+        degraded = gw.app[GATEWAY].degraded
         await until(lambda d=degraded: d.journal_size == 0, 10.0,  # type: ignore[misc]
                     "the replay")
         await gw.close()
@@ -207,7 +206,7 @@ async def test_a_journal_file_replayed_twice_charges_once(
 
 
 async def test_loss_without_a_journal_file_is_logged_and_counted(
-    aiohttp_client: Any, upstream_url: str, proxy: FaultProxy, tmp_path: Path,
+    aiohttp_client: AiohttpClient, upstream_url: str, proxy: FaultProxy, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     blocker = tmp_path / "not-a-directory"
@@ -216,7 +215,7 @@ async def test_loss_without_a_journal_file_is_logged_and_counted(
     proxy.stall()
     await _usage(gw, "will be lost")
     await settled(gw)
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     scrape = await (await gw.get("/metrics")).text()
     assert "gateway_usage_journal_lost_total 0.0" in scrape
     with caplog.at_level(logging.ERROR, "gateway.limits"):
@@ -224,7 +223,7 @@ async def test_loss_without_a_journal_file_is_logged_and_counted(
     assert gateway.degraded.journal_lost == 1
     assert "usage lost" in caplog.text
     record = next(r for r in caplog.records if "usage lost" in r.getMessage())
-    assert record.fields["lost"] == 1  # type: ignore[attr-defined]
+    assert log_fields(record)["lost"] == 1
     proxy.resume()
 
 
@@ -247,13 +246,13 @@ def test_journal_file_round_trip_and_claim_once(tmp_path: Path) -> None:
 
 
 async def test_redis_restarted_empty_is_detected_logged_and_counted(
-    aiohttp_client: Any, upstream_url: str, caplog: pytest.LogCaptureFixture
+    aiohttp_client: AiohttpClient, upstream_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = RedisServer()  # no persistence: a restart comes back empty
     server.start()
     try:
         gw = await _gateway(aiohttp_client, upstream_url, server.url)
-        gateway = gw.server.app[GATEWAY]
+        gateway = gw.app[GATEWAY]
         await _usage(gw, "before the restart")
         await settled(gw)
         assert await gateway.degraded.check_epoch()  # same epoch: nothing to report

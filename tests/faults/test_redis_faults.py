@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from pytest_aiohttp import AiohttpClient
 
 from gateway.server import GATEWAY, create_app
 from gateway.state import RedisBackend
 from tests.faults.helpers import budget_key, chat_load, until
 from tests.faults.tcpproxy import FaultProxy
 from tests.gwtest import auth, chat, policy
-from tests.plugin_gateway import MakeGateway, settled
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 from tests.redis_server import RedisCluster3, RedisServer, pick_port
 
 pytestmark = pytest.mark.redis
@@ -51,8 +52,8 @@ def _recorded(server: RedisServer) -> int:
     return int(value) if isinstance(value, bytes) else 0
 
 
-async def _back_to_global(gw: Any) -> None:
-    gateway = gw.server.app[GATEWAY]
+async def _back_to_global(gw: GatewayClient) -> None:
+    gateway = gw.app[GATEWAY]
     await until(lambda: not gateway.degraded.active and gateway.degraded.journal_size == 0,
                 10.0, "limits to return to global mode")
     await settled(gw)
@@ -68,7 +69,7 @@ async def test_redis_slowed_below_its_timeout_stays_global_and_exact(
                             admission=RELAXED)
     load = await chat_load(gw, seconds=2.0, workers=6)
     await settled(gw)
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     assert set(load.statuses) == {200}, load.errors[:3]
     assert gateway.degraded.transitions == 0, "a slow but answering Redis must not degrade"
     assert min(load.latencies) >= 0.05  # the delay really was on the path
@@ -80,7 +81,7 @@ async def test_redis_slower_than_its_timeout_then_stalled_serves_degraded_and_ne
 ) -> None:
     gw = await make_gateway(state=RedisBackend(proxy.url, timeout_s=0.25), tenants=TENANT,
                             admission=RELAXED)
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     readiness: list[dict[str, Any]] = []
 
     async def faults() -> None:
@@ -134,7 +135,7 @@ async def test_redis_cluster_losing_a_node_serves_throughout_and_loses_no_accoun
     backend = RedisBackend(durable_cluster.url, timeout_s=0.25)
     gw = await make_gateway(state=backend, tenants=TENANT,
                             admission=RELAXED)
-    gateway = gw.server.app[GATEWAY]
+    gateway = gw.app[GATEWAY]
     warm = await chat_load(gw, seconds=0.5, workers=2)
     await settled(gw)
     owner = _owner(durable_cluster, budget_key())  # the node holding acme's counters
@@ -165,7 +166,7 @@ def _owner(cluster: RedisCluster3, key: str) -> RedisServer:
 
 
 async def test_redis_down_applies_each_class_its_degraded_action(
-    aiohttp_client: Any, upstream_url: str
+    aiohttp_client: AiohttpClient, upstream_url: str
 ) -> None:
     """Fail-open / fail-closed per class while the store is unreachable: critical passes
     unlimited, normal gets local limits, low is refused with a 503 that says why."""
@@ -192,7 +193,7 @@ async def test_redis_down_applies_each_class_its_degraded_action(
 
 
 async def test_redis_down_with_every_class_fail_closed_is_not_ready(
-    aiohttp_client: Any, upstream_url: str
+    aiohttp_client: AiohttpClient, upstream_url: str
 ) -> None:
     # A tenant with a limit: one without any has nothing to check and never asks the store.
     config = policy(upstream_url, state={"degraded": {"action": "fail_closed"}},

@@ -61,7 +61,8 @@ def _policy(mock_port: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, clean_redis: RedisServer) -> Iterator[list[tuple[str, Any]]]:
+def fleet(tmp_path: Path,
+          clean_redis: RedisServer) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
     procs: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "REDIS_URL": clean_redis.url, "GATEWAY_LOG_LEVEL": "WARNING"}
     try:
@@ -114,7 +115,7 @@ def _body(text: str, stream: bool) -> dict[str, Any]:
 
 
 async def test_replica_killed_mid_stream_others_carry_on_and_nothing_admitted_is_lost(
-    fleet: list[tuple[str, Any]], clean_redis: RedisServer
+    fleet: list[tuple[str, subprocess.Popen[bytes]]], clean_redis: RedisServer
 ) -> None:
     (victim_url, victim), *others = fleet
     headers = {"Authorization": f"Bearer {KEY}"}

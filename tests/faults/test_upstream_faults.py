@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 import gateway.upstream
 from gateway.classify import estimate_prompt_tokens as gateway_estimate
@@ -33,9 +35,9 @@ NO_RETRY_TENANT = {"acme": {"default_max_tokens": 50, "loop_guard": {"enabled": 
 
 
 def _openai_error(data: bytes) -> dict[str, Any]:
-    err = orjson.loads(data)["error"]
+    err: dict[str, Any] = orjson.loads(data)["error"]
     assert set(err) == {"message", "type", "code", "param"} and err["message"]
-    return err  # type: ignore[no-any-return]
+    return err
 
 
 def _events(raw: bytes) -> list[bytes]:
@@ -51,7 +53,7 @@ def _budget_used(redis: RedisServer, tenant: str = "acme") -> int:
 
 
 async def test_5xx_storm_fails_fast_once_the_breaker_opens_and_recovers_after(
-    make_gateway: MakeGateway, mock_upstream: Any
+    make_gateway: MakeGateway, mock_upstream: TestServer
 ) -> None:
     gw = await make_gateway(breaker={"reset_timeout_s": 0.5, "max_reset_timeout_s": 0.5,
                                      "reset_jitter": 0.0}, tenants=NO_RETRY_TENANT)
@@ -87,7 +89,7 @@ async def test_5xx_storm_fails_fast_once_the_breaker_opens_and_recovers_after(
             break
         await asyncio.sleep(0.1)
     assert resp.status == 200
-    assert gw.server.app[GATEWAY].services.breakers.states()["main/upstream-gpt"] == "closed"
+    assert gw.app[GATEWAY].services.breakers.states()["main/upstream-gpt"] == "closed"
 
 
 async def test_a_hanging_provider_does_not_slow_another(make_gateway: MakeGateway) -> None:
@@ -208,7 +210,7 @@ MODES = ["html-200", "html-503", "broken-json", "sse-for-plain", "bad-gzip", "hu
 
 
 @pytest.fixture
-async def garbage_gw(aiohttp_server: Any, make_gateway: MakeGateway,
+async def garbage_gw(aiohttp_server: AiohttpServer, make_gateway: MakeGateway,
                      monkeypatch: pytest.MonkeyPatch) -> Client:
     monkeypatch.setattr(gateway.upstream, "MAX_RESPONSE_BYTES", 1024 * 1024)
     server = await aiohttp_server(_garbage_app())

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.admission_policy import AdmissionPolicy
 from gateway.selfprotect import BodyBudget, SelfProtection
@@ -27,7 +27,7 @@ from gateway.state import RedisBackend
 from tests.faults.helpers import Client, budget_key
 from tests.faults.test_client_faults import Flood, _raw_stream_request
 from tests.gwtest import ACME_KEY, FakeClock, auth, chat, policy
-from tests.plugin_gateway import GatewayTestServer, MakeGateway, settled
+from tests.plugin_gateway import MakeGateway, gateway_client, settled
 from tests.redis_server import RedisServer
 
 ONE_AT_A_TIME = {"acme": {"default_max_tokens": 100, "loop_guard": {"enabled": False},
@@ -51,7 +51,7 @@ class FloodOrAnswer(Flood):
 
 @pytest.mark.redis
 async def test_a_client_that_stops_reading_is_dropped_after_the_write_idle_time(
-    aiohttp_server: Any, aiohttp_client: Any, clean_redis: RedisServer
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, clean_redis: RedisServer
 ) -> None:
     flood = FloodOrAnswer()
     upstream = web.Application()
@@ -61,8 +61,8 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_write_idle_time(
     config = policy(str(server.make_url("")).rstrip("/"), tenants=ONE_AT_A_TIME,
                     providers={"main": {"timeouts": {"idle_s": 30, "total_s": 120}}},
                     server={"client_write_idle_s": 1.0})
-    gw: Client = await aiohttp_client(GatewayTestServer(
-        create_app(config, state=RedisBackend(clean_redis.url))))
+    gw: Client = await gateway_client(aiohttp_client, create_app(
+        config, state=RedisBackend(clean_redis.url)))
     assert gw.server.port is not None
     began = time.monotonic()
     _, writer = await _raw_stream_request(gw.server.port, chat(stream=True))
