@@ -382,3 +382,93 @@ def test_a_breaker_with_memory_storage_does_not_share_state() -> None:
     b = pybreaker.CircuitBreaker(fail_max=1)
     fail(a)
     assert (a.current_state, b.current_state) == ("open", "closed")
+
+
+def _memory_storage() -> pybreaker.CircuitBreakerStorage:
+    return pybreaker.CircuitMemoryStorage("closed")
+
+
+def _trip_storage() -> pybreaker.CircuitBreakerStorage:
+    from gateway.breaker_deployment import TripStorage
+
+    return TripStorage()
+
+
+@pytest.mark.parametrize("make_storage", [_memory_storage, _trip_storage],
+                         ids=["pybreaker-memory", "gateway-trip"])
+def test_the_gateway_storage_behaves_as_pybreaker_memory_storage(
+    make_storage: Any,
+) -> None:
+    """One suite for each storage: the gateway's TripStorage is a faithful pybreaker storage
+    (state, both counters, opened_at written on open) whatever else it keeps."""
+    rec = Recorder()
+    storage = make_storage()
+    cb = pybreaker.CircuitBreaker(fail_max=2, reset_timeout=10, success_threshold=2,
+                                  state_storage=storage, listeners=[rec])
+    assert (storage.state, storage.counter, storage.success_counter) == ("closed", 0, 0)
+    assert storage.opened_at is None
+    fail(cb)
+    assert storage.counter == 1
+    succeed(cb)
+    assert storage.counter == 0
+    fail(cb)
+    fail(cb)
+    assert storage.state == "open" and storage.counter == 2
+    opened = storage.opened_at
+    assert opened is not None and abs((datetime.now(UTC) - opened).total_seconds()) < 60
+    cb.half_open()
+    succeed(cb)
+    assert (storage.state, storage.success_counter) == ("half-open", 1)
+    succeed(cb)
+    assert (storage.state, storage.counter, storage.success_counter) == ("closed", 0, 0)
+    assert rec.transitions() == [("closed", "open"), ("open", "half-open"),
+                                 ("half-open", "closed")]
+
+
+async def test_the_gateway_never_lets_pybreakers_wall_clock_judge_an_open_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pybreaker reads ``opened_at`` only to compare it with its own ``datetime.now()``; the
+    gateway times open periods on its injected clock, so it must never get there: through
+    trips, an answer arriving while open, half-open, a failed and a successful probe, and a
+    trip learned from the fleet."""
+    from gateway.breaker import BreakerBoard
+    from gateway.breaker_deployment import TripStorage
+    from gateway.breaker_policy import BreakerPolicy
+    from gateway.state import MemoryBackend
+
+    reads: list[object] = []
+    real = vars(TripStorage)["opened_at"]
+    assert isinstance(real, property) and real.fget is not None
+    getter = real.fget
+
+    def spy(self: TripStorage) -> datetime | None:
+        reads.append(self)
+        value: datetime | None = getter(self)
+        return value
+
+    monkeypatch.setattr(TripStorage, "opened_at", property(spy, real.fset))
+    now = [1000.0]
+    store = MemoryBackend(clock=lambda: now[0])
+    policy = BreakerPolicy(consecutive_failures=2, reset_timeout_s=10, max_reset_timeout_s=60)
+    a, b = (BreakerBoard(policy, store, deployments=["p/m"], clock=lambda: now[0],
+                         rng=random.Random(seed)) for seed in (1, 2))
+    slow = await a.begin("p/m")  # answers only after the trip
+    assert slow is not None
+    for _ in range(2):
+        trial = await a.begin("p/m")
+        assert trial is not None
+        trial.failure("server_error")
+    slow.success(0.1)
+    await a.sync_once()
+    await b.sync_once()
+    assert a.states() == b.states() == {"p/m": "open"}
+    for outcome in ("failure", "success"):
+        now[0] += 60
+        probe = await a.begin("p/m")
+        assert probe is not None and probe.probe
+        probe.failure("timeout") if outcome == "failure" else probe.success(0.1)
+        await a.sync_once()
+        await b.sync_once()
+    assert a.states() == b.states() == {"p/m": "closed"}
+    assert reads == []
