@@ -73,6 +73,19 @@ class Trip:
         return self.opened_at_s + self.open_for_s
 
 
+@dataclass(frozen=True, slots=True)
+class FleetNews:
+    """What a deployment has to tell the other replicas since the last sync."""
+
+    tripped: bool = False  # a local trip (the current one) to share
+    closed_trip: str | None = None  # the trip id a local probe closed
+    cooled: bool = False  # a longer 429 cooldown to share
+
+    def merge(self, newer: FleetNews) -> FleetNews:
+        return FleetNews(self.tripped or newer.tripped, newer.closed_trip or self.closed_trip,
+                         self.cooled or newer.cooled)
+
+
 class DeploymentFailure(Exception):
     """An attempt's failure, replayed through pybreaker's ``call()`` so it counts."""
 
@@ -197,8 +210,14 @@ class DeploymentBreaker:
     """One deployment: pybreaker plus the window, escalation, cooldown and fleet outbox.
 
     ``listeners`` are added after the breaker's own (so they see a trip already described).
-    ``on_news`` is called when something waits to be pushed to the fleet. The fleet outbox
-    (``push_open``, ``push_ok``, ``push_cool``) is read and cleared by fleet sync.
+    ``on_news`` is called when something waits to be pushed to the fleet.
+
+    Read by the board and fleet sync: ``state``, ``epoch`` (bumped on every open, so a
+    ``Trial`` begun before a trip is recognised as stale), ``level`` (escalation: trips not
+    yet forgiven), ``trip_id``, ``open_until``, ``cool_until`` (429 cooldown end, injected
+    clock) and ``probes`` (half-open probes in flight here, kept by the board). Fleet sync
+    takes what is new with ``take_news`` and hands in what the fleet knows with
+    ``learn_trip``, ``learn_closed`` and ``learn_cooldown``.
     """
 
     def __init__(
@@ -219,15 +238,14 @@ class DeploymentBreaker:
             state_storage=self.storage, name=name, throw_new_error_on_trip=False,
             listeners=[_TransitionListener(self._on_transition), *listeners],
         )  # no `exclude`: pybreaker counts excluded errors as successes
-        self.window = _Window(policy.window_s)
+        self._window = _Window(policy.window_s)
         self.epoch = 0  # bumped on every open: outcomes of older trials are stale
         self.cool_until = -math.inf
         self.level = 0
-        self.closed_since = clock()
+        self._closed_since = clock()
         self.probes = 0
         self._cause = ""
-        self.push_open = self.push_cool = False
-        self.push_ok: str | None = None
+        self._news = FleetNews()
 
     @property
     def state(self) -> str:
@@ -243,7 +261,7 @@ class DeploymentBreaker:
         trip = self.storage.trip
         return trip.until_s if trip is not None and self.state == OPEN else -math.inf
 
-    def open_period_s(self, level: int) -> float:
+    def _open_period_s(self, level: int) -> float:
         p = self.policy
         full = min(p.max_reset_timeout_s, p.reset_timeout_s * 2.0 ** min(level, 30))
         return full * self._rng.uniform(1 - p.reset_jitter, 1.0)
@@ -264,14 +282,15 @@ class DeploymentBreaker:
             pass  # counted (and, if it tripped, the listener did the rest)
         after = self.state
         if before == HALF_OPEN and after == CLOSED:
-            self.push_ok = self.trip_id  # tell replicas still half-open on this trip
+            # tell replicas still half-open on this trip
+            self._news = self._news.merge(FleetNews(closed_trip=self.trip_id))
             self._on_news()
         if before == CLOSED and after == CLOSED:
             now = self._clock()
-            self.window.add(now, kind is not None)
+            self._window.add(now, kind is not None)
             if kind is None:
                 return
-            calls, failures = self.window.totals(now)
+            calls, failures = self._window.totals(now)
             p = self.policy
             if calls >= p.min_calls and failures >= p.failure_rate * calls:
                 self._cause = "failure_rate"
@@ -281,8 +300,21 @@ class DeploymentBreaker:
         """Skip this deployment until ``until`` (injected clock) unless already longer."""
         if until > self.cool_until:
             self.cool_until = until
-            self.push_cool = True
+            self._news = self._news.merge(FleetNews(cooled=True))
             self._on_news()
+
+    def take_news(self) -> FleetNews:
+        """What waits to be pushed to the fleet; cleared (``put_back`` if the push fails)."""
+        news, self._news = self._news, FleetNews()
+        return news
+
+    def put_back(self, news: FleetNews) -> None:
+        """Keep news whose push failed for the next sync (news since then wins)."""
+        self._news = news.merge(self._news)
+
+    def learn_cooldown(self, until: float) -> None:
+        """Another replica cooled this deployment down until ``until`` (injected clock)."""
+        self.cool_until = max(self.cool_until, until)
 
     def learn_trip(self, open_s: float, level: int, trip_id: str) -> None:
         """Another replica tripped: open for ``open_s`` from now, or extend a shorter trip."""
@@ -301,7 +333,7 @@ class DeploymentBreaker:
 
     def status(self, now: float) -> BreakerStatus:
         self.refresh(now)
-        calls, failures = self.window.totals(now)
+        calls, failures = self._window.totals(now)
         state = self.state
         return BreakerStatus(
             state=state,
@@ -318,26 +350,26 @@ class DeploymentBreaker:
         now = self._clock()
         if new == OPEN:
             self.epoch += 1
-            self.window.clear()
-            if old == CLOSED and now - self.closed_since >= self.policy.max_reset_timeout_s:
+            self._window.clear()
+            if old == CLOSED and now - self._closed_since >= self.policy.max_reset_timeout_s:
                 self.level = 0  # stayed closed long enough: forget earlier trips
             trip = self.storage.trip
             if not self.storage.opened_locally and trip is not None:
                 self.level = max(self.level, trip.level)
                 cause = "fleet"
             else:
-                open_s = self.open_period_s(self.level)
+                open_s = self._open_period_s(self.level)
                 self.level += 1
                 trip = Trip(f"{self._rng.getrandbits(48):012x}", self.level, now, open_s)
                 self.storage.trip, self.storage.opened_locally = trip, False
-                self.push_open = True
+                self._news = self._news.merge(FleetNews(tripped=True))
                 self._on_news()
                 cause = "probe_failed" if old == HALF_OPEN else self._cause or "consecutive_failures"
             log.warning("circuit breaker %s opened for %.1f s (%s)",
                         self.name, trip.open_for_s, cause)
         elif new == CLOSED:
-            self.closed_since = now
-            self.window.clear()
+            self._closed_since = now
+            self._window.clear()
             log.info("circuit breaker %s closed", self.name)
         self._cause = ""
 

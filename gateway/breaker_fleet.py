@@ -136,24 +136,22 @@ class FleetSync:
         st, now = self._state, self._clock()
         cool_ms = await st.ttl_ms(_key(b.name, "cool"))
         remote_cool = -math.inf if cool_ms is None else now + cool_ms / 1000
+        # Taken before the awaits, so news arriving meanwhile is not lost.
+        news = b.take_news()
         writes: list[tuple[str, bytes, float]] = []  # key, value, seconds to live
-        if b.push_open and b.state == OPEN and b.open_until > now:
+        if news.tripped and b.state == OPEN and b.open_until > now:
             writes.append(("open", f"{b.level}:{b.trip_id}".encode(), b.open_until - now))
-        if b.push_ok is not None:
-            writes.append(("ok", b.push_ok.encode(), self._policy.max_reset_timeout_s))
-        if b.push_cool and b.cool_until > max(remote_cool, now):  # the longest cooldown wins
+        if news.closed_trip is not None:
+            writes.append(("ok", news.closed_trip.encode(), self._policy.max_reset_timeout_s))
+        if news.cooled and b.cool_until > max(remote_cool, now):  # the longest cooldown wins
             writes.append(("cool", b"1", b.cool_until - now))
-        # Flags are cleared before the awaits, so news arriving meanwhile is not lost.
-        flags = (b.push_open, b.push_ok, b.push_cool)
-        b.push_open, b.push_ok, b.push_cool = False, None, False
         try:
             for suffix, value, ttl_s in writes:
                 await st.set(_key(b.name, suffix), value, max(1, math.ceil(ttl_s * 1000)))
         except BaseException:
-            b.push_open, b.push_cool = b.push_open or flags[0], b.push_cool or flags[2]
-            b.push_ok = b.push_ok or flags[1]
+            b.put_back(news)
             raise
-        b.cool_until = max(b.cool_until, remote_cool)
+        b.learn_cooldown(remote_cool)
         open_ms = await st.ttl_ms(_key(b.name, "open"))
         if open_ms is not None and open_ms > 0:
             raw = await st.get(_key(b.name, "open"))
