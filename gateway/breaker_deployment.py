@@ -237,7 +237,8 @@ class DeploymentBreaker:
             fail_max=policy.consecutive_failures, reset_timeout=policy.reset_timeout_s,
             state_storage=self.storage, name=name, throw_new_error_on_trip=False,
             listeners=[_TransitionListener(self._on_transition), *listeners],
-        )  # no `exclude`: pybreaker counts excluded errors as successes
+        )  # no `exclude`: pybreaker counts excluded errors as successes. reset_timeout is
+        # the base period for pybreaker's own check, which no call reaches (see module doc).
         self._window = _Window(policy.window_s)
         self.epoch = 0  # bumped on every open: outcomes of older trials are stale
         self.cool_until = -math.inf

@@ -90,6 +90,8 @@ def test_calling_counts_an_exception_as_failure_and_a_normal_exit_as_success() -
 
 
 def test_a_success_while_closed_with_no_failure_counted_changes_only_listener_hooks() -> None:
+    """Every successful attempt is replayed through pybreaker: on the common path it must
+    leave the state, counters and opened_at as they were."""
     rec = Recorder()
     cb = pybreaker.CircuitBreaker(fail_max=5, listeners=[rec])
     storage = cb._state_storage
