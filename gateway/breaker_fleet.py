@@ -9,8 +9,9 @@ close too). A background task exchanges them; nothing touches the store on the r
 except the probe reservation in half-open. If the store is down, everything works locally:
 trips stay per replica and each replica lets one probe through.
 
-``FleetSync`` reads each ``DeploymentBreaker``'s outbox and hands it what the fleet knows
-(``learn_trip``, ``learn_closed``, ``cool_down``); it never reaches into pybreaker.
+``FleetSync`` takes each ``DeploymentBreaker``'s news (``take_news``, ``put_back`` when the
+push fails) and hands it what the fleet knows (``learn_trip``, ``learn_closed``,
+``learn_cooldown``); it never reaches into pybreaker.
 """
 
 from __future__ import annotations
