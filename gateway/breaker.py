@@ -1,29 +1,23 @@
 """Circuit breakers per deployment, shared by the fleet (pipeline steps 7 and 10).
 
-How it is built, and why:
+``BreakerBoard`` holds one ``DeploymentBreaker`` per deployment and routes across them:
+``begin``/``begin_first`` hand out a ``Trial`` for one attempt (or None: skip that
+deployment), and every attempt reports exactly one outcome to its ``Trial``.
 
-- ``pybreaker.CircuitBreaker`` is the state machine (closed -> open -> half-open -> closed,
-  consecutive failures, listeners) on an in-memory storage, so it never blocks the loop.
-- pybreaker's ``calling()`` has no neutral exit: a block once entered counts as a success
-  or a failure however it is left (abandoned, cancelled or an excluded error included). So a
-  ``Trial`` enters ``calling()`` only once its outcome is known, as a zero-length block:
-  ``with cb.calling(): raise _Counted`` for a failure, ``pass`` for a success. Cancelled,
-  4xx and 429 outcomes never enter it, so they neither count nor reset the failure counter.
-- A failure *rate* over ``window_s`` (with ``min_calls``) trips it too: our own bucketed
-  window calls ``cb.open()``. The open period grows per repeated trip, capped and jittered.
-- Time comes from the injected clock: the storage reports ``opened_at`` shifted by that
-  clock, so even pybreaker's own open -> half-open check follows it.
-- Fleet state goes through the ``StateBackend`` (never pybreaker's blocking Redis storage),
-  as TTL'd keys, so replicas with different clocks agree without comparing timestamps:
-  ``cb:{dep}:open`` (value ``level:trip_id``, TTL = rest of the open period),
-  ``cb:{dep}:cool`` (429 cooldown, TTL = its rest), ``cb:{dep}:probe:<i>`` (half-open probe
-  slots, SET NX PX) and ``cb:{dep}:ok`` (value ``trip_id``: a probe closed that trip, so
-  replicas still half-open on it close too). Nothing touches the store on the request path
-  except the probe reservation in half-open. If the store is down, everything works locally.
+- pybreaker is the state machine of each deployment (``breaker_deployment``): consecutive
+  failures, open -> half-open -> closed, listeners; a failure *rate* over ``window_s``
+  (with ``min_calls``) trips it too, and the open period grows per repeated trip, capped
+  and jittered. Time comes from the injected clock.
+- Half-open lets at most ``half_open_probes`` attempts through fleet-wide: slots are
+  reserved in the store (``breaker_fleet``), the only store access on the request path.
+- Cancelled, 4xx and 429 outcomes never reach pybreaker, so they neither count nor reset
+  the failure count; a 429 cools the deployment down fleet-wide instead.
+- ``FleetSync`` shares trips, cooldowns and probe verdicts with the other replicas in the
+  background; with the store down everything works per replica.
 
-Modules: breaker_policy.py (the ``breaker:`` policy model), breaker_deployment.py (one
-deployment's breaker), breaker_fleet.py (sync through the store) and this one: the board that
-routes across all deployments, and the ``Trial`` every attempt reports its outcome to.
+Module graph (acyclic): ``breaker_policy`` <- ``breaker_deployment`` <- ``breaker_fleet``
+<- ``breaker``; this module is the public face (``BreakerBoard``, ``Trial``,
+``BreakerObserver``, ``BreakerStatus``, ``FailureKind``).
 """
 
 from __future__ import annotations
@@ -35,18 +29,22 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
+import pybreaker
+
 from gateway.breaker_deployment import (
     CLOSED,
     HALF_OPEN,
     OPEN,
     BreakerStatus,
+    DeploymentBreaker,
     FailureKind,
-    _Breaker,
 )
-from gateway.breaker_fleet import _LOCAL_SLOT, FleetSync, _key
+from gateway.breaker_fleet import FleetSync
 from gateway.breaker_policy import BreakerPolicy
 from gateway.errors import GatewayError, retry_headers
 from gateway.state.base import StateBackend
+
+__all__ = ["BreakerBoard", "BreakerObserver", "BreakerStatus", "FailureKind", "Trial"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +58,24 @@ class BreakerObserver(Protocol):
         """old/new: "closed", "open" or "half-open". Must not block or raise."""
 
 
+class _Announcer(pybreaker.CircuitBreakerListener):
+    """Tells the board's observer about one deployment's transitions."""
+
+    def __init__(self, deployment: str, observer: BreakerObserver) -> None:
+        self._deployment, self._observer = deployment, observer
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        old = old_state.name if old_state else CLOSED
+        try:
+            self._observer.breaker_transition(self._deployment, old, new_state.name)
+        except Exception:  # metrics must never break the request path
+            log.exception("breaker observer failed")
+
 
 class Trial:
     """Permission for one attempt on one deployment; report exactly one outcome.
@@ -68,14 +84,16 @@ class Trial:
     the first are ignored, so ``finally: trial.cancelled()`` is a safe catch-all.
     """
 
-    __slots__ = ("_breaker", "_done", "_epoch", "_since", "_slot", "deployment", "probe")
+    __slots__ = ("_board", "_breaker", "_done", "_epoch", "_since", "_slot", "deployment",
+                 "probe")
 
     def __init__(
-        self, breaker: _Breaker, epoch: int, slot: int | None = None, since: float = 0.0
+        self, board: BreakerBoard, breaker: DeploymentBreaker, epoch: int,
+        slot: int | None = None, since: float = 0.0,
     ) -> None:
         self.deployment = breaker.name
         self.probe = slot is not None  # a half-open probe: its outcome closes or reopens
-        self._breaker, self._epoch, self._done = breaker, epoch, False
+        self._board, self._breaker, self._epoch, self._done = board, breaker, epoch, False
         self._slot, self._since = slot, since  # probe slot and when it was reserved
 
     def success(self, first_byte_s: float | None = None) -> None:
@@ -92,7 +110,7 @@ class Trial:
     def quota(self, retry_after_s: float | None = None) -> None:
         """429: not a failure; cools the deployment down fleet-wide for Retry-After."""
         if not self._done:
-            self._breaker.board.cool_down(self.deployment, retry_after_s)
+            self._board.cool_down(self.deployment, retry_after_s)
         self._end(None, record=False)
 
     def neutral(self) -> None:
@@ -110,10 +128,10 @@ class Trial:
         if record:
             self._breaker.record(self._epoch, kind)
         if self._slot is not None:
-            self._breaker.board.release_probe(self._breaker, self._slot, self._since)
+            self._board.release_probe(self._breaker, self._slot, self._since)
 
 
-class BreakerBoard(FleetSync):
+class BreakerBoard:
     """All deployments' breakers of one process.
 
     ``clock`` returns monotonic seconds; ``rng`` jitters open periods. ``deployments``
@@ -132,20 +150,27 @@ class BreakerBoard(FleetSync):
         replica_id: str | None = None,
     ) -> None:
         self.policy, self.clock = policy, clock
-        self.rng = rng if rng is not None else random.Random()
-        self._state, self._observer = state, observer
-        self.replica_id = replica_id or f"{self.rng.getrandbits(48):012x}"
-        self._breakers: dict[str, _Breaker] = {}
-        self._releases: list[tuple[str, float]] = []  # probe keys to delete, reserved at
-        self._wake = asyncio.Event()
-        self._degraded = False
+        self._rng = rng if rng is not None else random.Random()
+        self._observer = observer
+        replica_id = replica_id or f"{self._rng.getrandbits(48):012x}"
+        self._breakers: dict[str, DeploymentBreaker] = {}
+        self._fleet = FleetSync(policy, state, self._breakers, clock=clock,
+                                replica_id=replica_id)
         for name in deployments:
             self._get(name)
 
     @property
     def degraded(self) -> bool:
         """True while the state store is unreachable (breakers then work per replica)."""
-        return self._degraded
+        return self._fleet.degraded
+
+    async def sync_once(self) -> bool:
+        """Exchange state with the other replicas once (see ``FleetSync.sync_once``)."""
+        return await self._fleet.sync_once()
+
+    async def run_sync(self, stop: asyncio.Event) -> None:
+        """Background fleet sync until ``stop`` is set (see ``FleetSync.run``)."""
+        await self._fleet.run(stop)
 
     def usable(self, deployment: str) -> bool:
         """False when open or cooling down, or half-open with this replica's probes busy.
@@ -154,7 +179,7 @@ class BreakerBoard(FleetSync):
         b.refresh(now)
         if now < b.cool_until:
             return False
-        state = b.cb.current_state
+        state = b.state
         return state == CLOSED or (state == HALF_OPEN and b.probes < self.policy.half_open_probes)
 
     def retry_after_s(self, deployments: Iterable[str]) -> float:
@@ -166,7 +191,7 @@ class BreakerBoard(FleetSync):
                 continue
             b = self._get(name)
             wait = max(0.0, b.cool_until - now)
-            state = b.cb.current_state
+            state = b.state
             if state == OPEN:
                 wait = max(wait, b.open_until - now)
             elif state == HALF_OPEN:
@@ -191,25 +216,25 @@ class BreakerBoard(FleetSync):
         b.refresh(now)
         if now < b.cool_until:
             return None
-        state = b.cb.current_state
+        state = b.state
         if state == CLOSED:
-            return Trial(b, b.epoch)
+            return Trial(self, b, b.epoch)
         if state == OPEN or b.probes >= self.policy.half_open_probes:
             return None
         epoch = b.epoch
         b.probes += 1  # before the await, so concurrent begins see it
         try:
-            slot = await self._reserve(b)
+            slot = await self._fleet.reserve_probe(b)
         except BaseException:
             b.probes -= 1
             raise
         if slot is None:
             b.probes -= 1
             return None
-        if b.epoch != epoch or b.cb.current_state != HALF_OPEN:
+        if b.epoch != epoch or b.state != HALF_OPEN:
             self.release_probe(b, slot, now)  # the verdict arrived while we reserved
-            return Trial(b, b.epoch) if b.cb.current_state == CLOSED else None
-        return Trial(b, epoch, slot, now)
+            return Trial(self, b, b.epoch) if b.state == CLOSED else None
+        return Trial(self, b, epoch, slot, now)
 
     async def begin_first(
         self, deployments: Sequence[str], tried: Collection[str] = ()
@@ -227,11 +252,7 @@ class BreakerBoard(FleetSync):
         at most ``max_reset_timeout_s``). Not a breaker failure."""
         b, now = self._get(deployment), self.clock()
         s = self.policy.cooldown_default_s if seconds is None else seconds
-        s = min(max(s, 0.0), self.policy.max_reset_timeout_s)
-        if now + s > b.cool_until:
-            b.cool_until = now + s
-            b.push_cool = True
-            self.wake()
+        b.cool_down(now + min(max(s, 0.0), self.policy.max_reset_timeout_s))
 
     def snapshot(self) -> dict[str, BreakerStatus]:
         now = self.clock()
@@ -241,31 +262,16 @@ class BreakerBoard(FleetSync):
         """Deployment -> "closed" | "open" | "half-open" (a metrics gauge source)."""
         return {name: status.state for name, status in self.snapshot().items()}
 
-    # --- internals used by _Breaker and Trial ------------------------------------------
-
-    def open_period_s(self, level: int) -> float:
-        p = self.policy
-        full = min(p.max_reset_timeout_s, p.reset_timeout_s * 2.0 ** min(level, 30))
-        return full * self.rng.uniform(1 - p.reset_jitter, 1.0)
-
-    def notify(self, deployment: str, old: str, new: str) -> None:
-        if self._observer is not None:
-            try:
-                self._observer.breaker_transition(deployment, old, new)
-            except Exception:  # metrics must never break the request path
-                log.exception("breaker observer failed")
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def release_probe(self, b: _Breaker, slot: int, reserved_at: float) -> None:
+    def release_probe(self, b: DeploymentBreaker, slot: int, reserved_at: float) -> None:
+        """Give back a probe slot from ``begin`` (the ``Trial`` does, once settled)."""
         b.probes -= 1
-        if slot != _LOCAL_SLOT:
-            self._releases.append((_key(b.name, f"probe:{slot}"), reserved_at))
-            self.wake()
+        self._fleet.release_probe(b.name, slot, reserved_at)
 
-    def _get(self, name: str) -> _Breaker:
+    def _get(self, name: str) -> DeploymentBreaker:
         b = self._breakers.get(name)
         if b is None:
-            b = self._breakers[name] = _Breaker(self, name)
+            listeners = [] if self._observer is None else [_Announcer(name, self._observer)]
+            b = self._breakers[name] = DeploymentBreaker(
+                name, self.policy, clock=self.clock, rng=self._rng, on_news=self._fleet.wake,
+                listeners=listeners)
         return b

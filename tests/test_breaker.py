@@ -19,6 +19,7 @@ from gateway.breaker import BreakerBoard, Trial
 from gateway.breaker_policy import BreakerPolicy
 from gateway.retry import AttemptFailure, RetryBudget, RetryPolicy, decide_retry
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
+from gateway.state.base import StateUnavailable
 from tests.gwtest import FakeClock
 from tests.redis_server import RedisServer
 
@@ -330,6 +331,38 @@ async def test_a_trip_on_one_replica_opens_the_breaker_on_the_others(
     assert b.snapshot()[DEP].open_for_s == pytest.approx(a.snapshot()[DEP].open_for_s, abs=0.002)
     await b.sync_once()  # the same trip again changes nothing
     assert seen_b.seen == [(DEP, "closed", "open")]
+
+
+class FlakySetStore(MemoryBackend):
+    """A memory store whose next ``set`` calls fail as an unreachable Redis would."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.failing_sets = 0
+
+    async def set(self, key: str, value: bytes, ttl_ms: int, *,
+                  only_if_absent: bool = False) -> bool:
+        if self.failing_sets:
+            self.failing_sets -= 1
+            raise StateUnavailable("set refused")
+        return await super().set(key, value, ttl_ms, only_if_absent=only_if_absent)
+
+
+async def test_a_trip_whose_push_failed_reaches_the_fleet_at_the_next_sync(
+    clock: FakeClock,
+) -> None:
+    store = FlakySetStore(clock)
+    a, b = board(store, clock, seed=1), board(store, clock, seed=2)
+    await fail(a, 5)
+    (await begin(a, DEP2)).quota(30)
+    store.failing_sets = 1
+    assert await a.sync_once() is False
+    await b.sync_once()
+    assert b.usable(DEP) and b.usable(DEP2)  # nothing reached the fleet yet
+    assert await a.sync_once() is True
+    await b.sync_once()
+    assert not b.usable(DEP) and not b.usable(DEP2)
+    assert b.retry_after_s([DEP2]) == pytest.approx(30)
 
 
 async def test_cooldown_is_shared_by_the_fleet(store: MemoryBackend, clock: FakeClock) -> None:

@@ -1,15 +1,18 @@
-"""What gateway/breaker.py relies on in pybreaker (checked on 1.4.1).
+"""What the gateway's breakers (gateway/breaker*.py) rely on in pybreaker (checked on 1.4.1).
 
 If an upgrade changes any of this, these tests fail before the gateway misbehaves:
-transitions and their listeners, ``calling()`` bookkeeping, exclusion counting as success,
-cancellation counting as failure, and ``call()`` silently not awaiting coroutines.
-Time is controlled by moving the storage's ``opened_at`` back, never by sleeping.
+transitions and their listeners, ``call()``/``calling()`` bookkeeping, a trip re-raising the
+original error, a storage changed elsewhere being noticed, when ``opened_at`` is written and
+read, exclusion counting as success, cancellation counting as failure, and ``call()``
+silently not awaiting coroutines. Time is controlled by moving the storage's ``opened_at``
+back, never by sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -87,8 +90,8 @@ def test_calling_counts_an_exception_as_failure_and_a_normal_exit_as_success() -
 
 
 def test_a_success_while_closed_with_no_failure_counted_changes_only_listener_hooks() -> None:
-    # gateway/breaker.py skips calling() for exactly this case: it must be a no-op apart from
-    # the listeners' before_call/success hooks, which the gateway's listener does not define.
+    """Every successful attempt is replayed through pybreaker: on the common path it must
+    leave the state, counters and opened_at as they were."""
     rec = Recorder()
     cb = pybreaker.CircuitBreaker(fail_max=5, listeners=[rec])
     storage = cb._state_storage
@@ -99,12 +102,87 @@ def test_a_success_while_closed_with_no_failure_counted_changes_only_listener_ho
     assert rec.events == [("before_call",), ("success",)]
 
 
-def test_gateway_listener_has_only_a_state_change_hook() -> None:
-    from gateway.breaker_deployment import _Listener
+def test_call_judges_a_plain_function_by_raise_or_return() -> None:
+    """The gateway replays a known verdict as ``cb.call(verdict, kind)``."""
+    rec = Recorder()
+    cb = pybreaker.CircuitBreaker(fail_max=5, listeners=[rec])
 
+    def verdict(failed: bool) -> str:
+        if failed:
+            raise Boom()
+        return "ok"
+
+    with pytest.raises(Boom):
+        cb.call(verdict, True)
+    assert cb.fail_counter == 1
+    assert cb.call(verdict, False) == "ok"
+    assert cb.fail_counter == 0
+    assert rec.events == [("before_call",), ("failure", "Boom"), ("before_call",), ("success",)]
+
+
+def _raise_boom() -> None:
+    raise Boom()
+
+
+def test_without_throw_new_error_on_trip_the_tripping_error_is_reraised() -> None:
+    """The gateway's breakers catch only their own failure type, tripping or not."""
+    cb = pybreaker.CircuitBreaker(fail_max=2, reset_timeout=10, throw_new_error_on_trip=False)
+    for _ in range(2):
+        with pytest.raises(Boom):
+            cb.call(_raise_boom)
+    assert cb.current_state == "open"
+    cb.half_open()
+    with pytest.raises(Boom):
+        cb.call(_raise_boom)  # a failed trial reopens it, again with the original error
+    assert cb.current_state == "open"
+
+
+def test_reading_state_notices_a_storage_changed_elsewhere_and_fires_listeners() -> None:
+    """How a trip learned from the fleet enters pybreaker: written into the storage, then
+    ``cb.state`` is read (pybreaker's own path for a shared storage changed elsewhere)."""
+    rec = Recorder()
+    storage = pybreaker.CircuitMemoryStorage("closed")
+    cb = pybreaker.CircuitBreaker(fail_max=5, state_storage=storage, listeners=[rec])
+    storage.opened_at = datetime.now(UTC)  # without it, pybreaker deems the timeout over
+    storage.state = "open"
+    assert cb.current_state == "open" and rec.transitions() == []  # not noticed yet
+    assert cb.state.name == "open"
+    assert rec.transitions() == [("closed", "open")]
+    assert cb.state.name == "open"
+    assert rec.transitions() == [("closed", "open")]  # unchanged: no second event
+    with pytest.raises(pybreaker.CircuitBreakerError):
+        succeed(cb)  # really open: calls are refused
+
+
+def test_listeners_are_called_in_registration_order() -> None:
+    """The board's announcer runs after the deployment's own listener has described a trip."""
+    order: list[str] = []
+
+    class Named(pybreaker.CircuitBreakerListener):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def state_change(self, cb: pybreaker.CircuitBreaker, old: Any, new: Any) -> None:
+            order.append(self.name)
+
+    cb = pybreaker.CircuitBreaker(listeners=[Named("first"), Named("second")])
+    cb.open()
+    assert order == ["first", "second"]
+
+
+def test_gateway_listeners_have_only_a_state_change_hook() -> None:
+    """The gateway reacts to transitions only; verdicts reach it through its own code."""
+    from gateway.breaker_deployment import DeploymentBreaker
+    from gateway.breaker_policy import BreakerPolicy
+
+    extra = pybreaker.CircuitBreakerListener()
+    b = DeploymentBreaker("p/m", BreakerPolicy(), clock=lambda: 0.0, rng=random.Random(1),
+                          on_news=lambda: None, listeners=[extra])
+    own = [x for x in b.cb.listeners if x is not extra]
+    assert len(own) == 1 and b.cb.listeners[-1] is extra  # extra listeners come after
     base = pybreaker.CircuitBreakerListener
     assert [name for name in ("before_call", "failure", "success")
-            if getattr(_Listener, name) is not getattr(base, name)] == []
+            if getattr(type(own[0]), name) is not getattr(base, name)] == []
 
 
 def test_fail_max_consecutive_failures_open_it_with_circuit_breaker_error() -> None:
@@ -156,7 +234,7 @@ def test_half_open_failure_reopens() -> None:
 
 
 def test_half_open_lets_every_concurrent_call_in() -> None:
-    """The reason breaker.py reserves probe slots itself."""
+    """The reason the gateway reserves probe slots itself."""
     cb = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=10)
     cb.open()
     age(cb, 11)
@@ -179,8 +257,11 @@ def test_open_half_open_close_methods_fire_listeners() -> None:
                                  ("half-open", "closed"), ("closed", "open")]
 
 
-def test_open_sets_opened_at_through_the_storage_setter_and_the_timeout_check_reads_it() -> None:
-    """breaker.py's storage puts opened_at on its own clock through exactly these two."""
+def test_opened_at_is_set_only_by_open_before_listeners_and_read_only_on_a_call_while_open(
+) -> None:
+    """The gateway's storage marks a local trip in the ``opened_at`` setter, which its
+    listener then describes; pybreaker's wall-clock timeout check, the only reader, runs
+    only on a call while open, which the gateway never makes."""
     calls: list[str] = []
 
     class Spy(pybreaker.CircuitMemoryStorage):
@@ -194,10 +275,23 @@ def test_open_sets_opened_at_through_the_storage_setter_and_the_timeout_check_re
             calls.append("set")
             self._opened_at = value - timedelta(seconds=60)  # "opened a minute ago"
 
-    cb = pybreaker.CircuitBreaker(reset_timeout=30, state_storage=Spy("closed"))
+    class Order(pybreaker.CircuitBreakerListener):
+        def state_change(self, cb: pybreaker.CircuitBreaker, old: Any, new: Any) -> None:
+            calls.append(f"state:{new.name}")
+
+    cb = pybreaker.CircuitBreaker(fail_max=2, reset_timeout=30, state_storage=Spy("closed"),
+                                  listeners=[Order()])
+    succeed(cb)
+    fail(cb)
+    fail(cb)  # trips: set, then the listeners
+    cb.half_open()
+    fail(cb)  # a failed trial: set, then the listeners
+    cb.half_open()
+    succeed(cb)  # closes
     cb.open()
-    assert calls == ["set"]
-    succeed(cb)  # the check reads the shifted opened_at: timeout over, so half-open -> closed
+    assert calls == ["set", "state:open", "state:half-open", "set", "state:open",
+                     "state:half-open", "state:closed", "set", "state:open"]
+    succeed(cb)  # a call while open: the timeout check reads it (shifted: over, so closes)
     assert "get" in calls and cb.current_state == "closed"
 
 
@@ -214,7 +308,7 @@ def test_reset_timeout_and_fail_max_can_be_changed_on_a_live_breaker() -> None:
 
 
 def test_excluded_exception_counts_as_success_and_resets_the_count() -> None:
-    """Why breaker.py never uses ``exclude`` for 4xx: it would hide a failing deployment."""
+    """Why the gateway never uses ``exclude`` for 4xx: it would hide a failing deployment."""
     rec = Recorder()
     cb = pybreaker.CircuitBreaker(fail_max=3, exclude=[ClientErr], listeners=[rec])
     fail(cb)
@@ -241,7 +335,7 @@ def test_excluded_exception_closes_a_half_open_breaker() -> None:
 
 
 async def test_cancelled_error_counts_as_failure() -> None:
-    """Why breaker.py keeps cancellation out of ``calling()`` altogether."""
+    """Why the gateway keeps cancellation out of pybreaker altogether."""
     cb = pybreaker.CircuitBreaker(fail_max=5)
     started = asyncio.Event()
 
@@ -290,3 +384,93 @@ def test_a_breaker_with_memory_storage_does_not_share_state() -> None:
     b = pybreaker.CircuitBreaker(fail_max=1)
     fail(a)
     assert (a.current_state, b.current_state) == ("open", "closed")
+
+
+def _memory_storage() -> pybreaker.CircuitBreakerStorage:
+    return pybreaker.CircuitMemoryStorage("closed")
+
+
+def _trip_storage() -> pybreaker.CircuitBreakerStorage:
+    from gateway.breaker_deployment import TripStorage
+
+    return TripStorage()
+
+
+@pytest.mark.parametrize("make_storage", [_memory_storage, _trip_storage],
+                         ids=["pybreaker-memory", "gateway-trip"])
+def test_the_gateway_storage_behaves_as_pybreaker_memory_storage(
+    make_storage: Any,
+) -> None:
+    """One suite for each storage: the gateway's TripStorage is a faithful pybreaker storage
+    (state, both counters, opened_at written on open) whatever else it keeps."""
+    rec = Recorder()
+    storage = make_storage()
+    cb = pybreaker.CircuitBreaker(fail_max=2, reset_timeout=10, success_threshold=2,
+                                  state_storage=storage, listeners=[rec])
+    assert (storage.state, storage.counter, storage.success_counter) == ("closed", 0, 0)
+    assert storage.opened_at is None
+    fail(cb)
+    assert storage.counter == 1
+    succeed(cb)
+    assert storage.counter == 0
+    fail(cb)
+    fail(cb)
+    assert storage.state == "open" and storage.counter == 2
+    opened = storage.opened_at
+    assert opened is not None and abs((datetime.now(UTC) - opened).total_seconds()) < 60
+    cb.half_open()
+    succeed(cb)
+    assert (storage.state, storage.success_counter) == ("half-open", 1)
+    succeed(cb)
+    assert (storage.state, storage.counter, storage.success_counter) == ("closed", 0, 0)
+    assert rec.transitions() == [("closed", "open"), ("open", "half-open"),
+                                 ("half-open", "closed")]
+
+
+async def test_the_gateway_never_lets_pybreakers_wall_clock_judge_an_open_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pybreaker reads ``opened_at`` only to compare it with its own ``datetime.now()``; the
+    gateway times open periods on its injected clock, so it must never get there: through
+    trips, an answer arriving while open, half-open, a failed and a successful probe, and a
+    trip learned from the fleet."""
+    from gateway.breaker import BreakerBoard
+    from gateway.breaker_deployment import TripStorage
+    from gateway.breaker_policy import BreakerPolicy
+    from gateway.state import MemoryBackend
+
+    reads: list[object] = []
+    real = vars(TripStorage)["opened_at"]
+    assert isinstance(real, property) and real.fget is not None
+    getter = real.fget
+
+    def spy(self: TripStorage) -> datetime | None:
+        reads.append(self)
+        value: datetime | None = getter(self)
+        return value
+
+    monkeypatch.setattr(TripStorage, "opened_at", property(spy, real.fset))
+    now = [1000.0]
+    store = MemoryBackend(clock=lambda: now[0])
+    policy = BreakerPolicy(consecutive_failures=2, reset_timeout_s=10, max_reset_timeout_s=60)
+    a, b = (BreakerBoard(policy, store, deployments=["p/m"], clock=lambda: now[0],
+                         rng=random.Random(seed)) for seed in (1, 2))
+    slow = await a.begin("p/m")  # answers only after the trip
+    assert slow is not None
+    for _ in range(2):
+        trial = await a.begin("p/m")
+        assert trial is not None
+        trial.failure("server_error")
+    slow.success(0.1)
+    await a.sync_once()
+    await b.sync_once()
+    assert a.states() == b.states() == {"p/m": "open"}
+    for outcome in ("failure", "success"):
+        now[0] += 60
+        probe = await a.begin("p/m")
+        assert probe is not None and probe.probe
+        probe.failure("timeout") if outcome == "failure" else probe.success(0.1)
+        await a.sync_once()
+        await b.sync_once()
+    assert a.states() == b.states() == {"p/m": "closed"}
+    assert reads == []
