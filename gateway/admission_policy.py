@@ -95,7 +95,7 @@ class ConcurrencySettings(StrictModel):
     whose capacity is unknown (docs/architecture.md, "How the concurrency limit finds
     capacity")."""
 
-    min_limit: int = Field(default=2, ge=1, description="the limit never goes below this")
+    min_limit: int = Field(default=4, ge=1, description="the limit never goes below this")
     initial_limit: int = Field(
         default=4, ge=1,
         description="the limit at start; it grows in slow start (x1.5 per decision window) "

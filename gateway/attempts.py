@@ -201,7 +201,10 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             except GatewayError as exc:
                 timed_out = exc.status == 504
                 trial.failure("timeout" if timed_out else "connect_error")
-                outcome, log.outcome = "overload", exc.code or "error"
+                # A first byte that never came may be one stuck call, not a full upstream:
+                # the limit tells them apart by the first tokens of the calls that did answer.
+                outcome = "timeout" if timed_out else "overload"
+                log.outcome = exc.code or "error"
                 failure = (AttemptFailure.first_byte_timeout() if timed_out
                            else AttemptFailure.connect_error())
                 return None, _Failed(failure, error=exc)

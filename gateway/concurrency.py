@@ -11,6 +11,10 @@ first-byte timeout), at most once per decision window: calls that were in flight
 together, and a burst of them is one signal, not twenty. The decrease goes at least down to the
 concurrency the upstream actually served successfully in the window (Little's law: successful
 call-seconds / seconds), so a limit that overshot a quota comes back in one step, not twenty.
+Once errors stop, the limit returns x1.5 per window to one decrease below where it stood when
+they began (TCP's slow start to ssthresh): a few seconds of timeouts from a hanging upstream
+must not leave it at its floor for a minute of queueing and 503s. Errors again during that
+return mean the old limit was too high after all: the return ends, growth is additive again.
 
 **Queueing (Vegas-style, ``algorithm: vegas``).** Providers publish rate limits, not
 concurrency: past its real capacity an upstream queues requests internally, where priority means
@@ -34,8 +38,9 @@ provider ``Q = completions/s x mean excess TTFT``. Each decision window (at leas
   ``_PROBE_BACKOFF_MAX``): at the knee every probe queues a request inside the provider, where
   priority means nothing, so probes there become rare; a probe the provider takes resets it.
 
-Non-streamed calls have no first token: a window without any TTFT falls back to the AIMD
-increase (one ``increase_step`` per window while used). ``ignore`` (client cancelled, 4xx)
+Non-streamed calls have no first token: a window without any TTFT, or with far more
+non-streamed successes than first tokens, falls back to the AIMD increase (one
+``increase_step`` per window while used). ``ignore`` (client cancelled, 4xx)
 leaves the limit alone.
 
 The optional ``latency_brake`` (off by default) is the older, cruder latency signal: time to
@@ -51,7 +56,7 @@ from typing import Literal
 
 from .admission_policy import ConcurrencySettings
 
-Outcome = Literal["success", "overload", "ignore"]
+Outcome = Literal["success", "overload", "timeout", "ignore"]
 """How a call ended, as far as the limit cares: see the module docstring."""
 
 # Prompt sizes are normalised as (prompt_tokens + _PROMPT_UNIT) / _PROMPT_UNIT: prefill time
@@ -109,7 +114,15 @@ class AdaptiveLimit:
         self._cuts = 0  # latency decreases in a row after which TTFT did not fall
         self._cut_from = 0.0  # the level at the last of them
         self._next_cut = -math.inf  # no latency decrease before this
+        self._decided_at = -math.inf  # when the last latency decision was made
         self.upstream_queue: float | None = None  # the last estimate Q (for status)
+        # After errors cut the limit: the limit the upstream coped with before them (one
+        # decrease below it). Once errors stop, growth goes back there x1.5 per window (TCP's
+        # slow start to ssthresh): a few seconds of timeouts must not cost a minute of 503s.
+        # Errors again once that growth has begun: the old limit was too high after all, and
+        # growth goes back to one step at a time.
+        self._recover_to: float | None = None
+        self._recovering = False
 
     @property
     def limit(self) -> int:
@@ -157,6 +170,10 @@ class AdaptiveLimit:
                 ttft_s, prompt_tokens or 0
             ):
                 outcome = "overload"
+        if outcome == "timeout":
+            if self._answering_promptly(now):
+                return  # a stuck call, not a queue: cutting the limit would not help it
+            outcome = "overload"
         if outcome == "overload":
             self._decrease_on_error(now)
             return
@@ -164,7 +181,9 @@ class AdaptiveLimit:
             return
         if s.algorithm == "vegas" and window.n >= _MIN_SAMPLES:
             self._decide(now, in_flight)
-        elif s.algorithm == "aimd" or window.n == 0:
+        elif s.algorithm == "aimd" or window.n == 0 or window.ok - window.n >= _MIN_SAMPLES:
+            # No latency signal to go by (AIMD, nothing streamed, or mostly calls that are not
+            # streamed): successes alone let the limit grow.
             self._window = _Window(now)
             if in_flight >= s.min_utilization * self._limit:
                 self._grow(now, s.increase_step)
@@ -174,6 +193,7 @@ class AdaptiveLimit:
         """Back to ``min_limit`` (after a breaker closes): probe a recovering upstream gently,
         growing in slow start again."""
         self._limit = float(self._settings.min_limit)
+        self._recover_to, self._recovering = None, False
         self._last_increase = now
         self._window = _Window(now)
         self._slow_start = True
@@ -194,11 +214,33 @@ class AdaptiveLimit:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _answering_promptly(self, now: float) -> bool:
+        """Whether, by time to first token, the upstream is answering at its no-load speed now:
+        then a call that timed out was stuck (a hung request, a bad connection), not queued
+        behind others, and it is no reason to lower the limit. Vegas only, once a baseline is
+        known: this window's first tokens if it has a few, else the last decision's."""
+        s = self._settings
+        if s.algorithm != "vegas" or not self._baseline:
+            return False
+        tolerance = max(s.upstream_queue_min, s.upstream_queue_share * self._limit)
+        window = self._window
+        if window.n >= _MIN_SAMPLES // 2:
+            elapsed = max(now - window.start, s.decision_window_s / 10)
+            mean_size = window.sizes / window.n
+            excess_s = max(0.0, window.ttfts / window.n - self._baseline[0][1] * mean_size)
+            return window.ok / elapsed * excess_s <= tolerance
+        recent = now - self._decided_at <= 2 * s.decision_window_s
+        return recent and self.upstream_queue is not None and self.upstream_queue <= tolerance
+
     def _decrease_on_error(self, now: float) -> None:
         s = self._settings
         if now - self._last_decrease < s.decision_window_s:
             return
         target = self._limit * s.decrease_factor
+        if self._recovering:
+            self._recover_to, self._recovering = None, False
+        elif self._recover_to is None:
+            self._recover_to = target
         window = self._window
         elapsed = now - window.start
         if window.busy_ok > 0 and elapsed >= 0.5 * s.decision_window_s:
@@ -218,6 +260,7 @@ class AdaptiveLimit:
         window = self._window
         elapsed = max(now - window.start, 1e-9)
         self._window = _Window(now)
+        self._decided_at = now
         mean_ttft = window.ttfts / window.n
         mean_size = window.sizes / window.n
         level = mean_ttft / mean_size
@@ -276,6 +319,8 @@ class AdaptiveLimit:
             self._backoff, self._probe_backoff = 0, _PROBE_BACKOFF
             return
         self._set(max(0.5 * self._limit, self._limit - (queue - 0.5 * tolerance)))
+        # the provider queues here: the old limit was past its knee
+        self._recover_to, self._recovering = None, False
         self._last_decrease = now
         self._slow_start = False
         # A probe taken back at once: the knee has not moved, so probe it half as often (at
@@ -288,7 +333,13 @@ class AdaptiveLimit:
     def _grow(self, now: float, step: float) -> None:
         if now - self._last_increase < self._settings.decision_window_s:
             return
-        self._set(self._limit + step)
+        target = self._limit + step
+        if self._recover_to is not None:
+            target = max(target, min(self._recover_to, 1.5 * self._limit))
+            self._recovering = True
+            if target >= self._recover_to:
+                self._recover_to, self._recovering = None, False
+        self._set(target)
         self._last_increase = now
 
     def _set(self, value: float) -> None:

@@ -108,6 +108,39 @@ def test_decrease_stops_at_min_and_ignore_changes_nothing() -> None:
     assert limiter.limit == 3
 
 
+def test_after_a_burst_of_timeouts_the_limit_is_back_in_a_few_windows() -> None:
+    # Twenty seconds of first-byte timeouts take the limit to its floor; once calls succeed
+    # again it returns x1.5 per window to one decrease below where it was (not +1 per window:
+    # that took 30 s, and every request meanwhile beyond the limit was queued or shed).
+    limiter = AdaptiveLimit(settings(min_limit=4, initial_limit=40), now=0.0)
+    for second in range(1, 21):
+        limiter.on_sample(float(second), "overload", in_flight=40)
+    assert limiter.limit == 4  # 4.86: 0.9 x 40 twenty times
+    seen = []
+    for second in range(21, 31):
+        limiter.on_sample(float(second), "success", in_flight=40)
+        seen.append(limiter.limit)
+    assert seen[:5] == [7, 10, 16, 24, 36], seen  # 36 = 0.9 x 40
+    assert seen[5:] == [37, 38, 39, 40, 41], seen  # then additive again
+
+
+def test_errors_while_returning_end_the_return() -> None:
+    # The old limit was too high after all: growth is one step per window again.
+    limiter = AdaptiveLimit(settings(min_limit=4, initial_limit=40), now=0.0)
+    for second in range(1, 21):
+        limiter.on_sample(float(second), "overload", in_flight=40)
+    limiter.on_sample(22.0, "success", in_flight=40)
+    limiter.on_sample(23.0, "success", in_flight=40)
+    assert limiter.limit == 10  # returning x1.5 per window
+    limiter.on_sample(24.0, "overload", in_flight=40)
+    assert limiter.limit == 9
+    seen = []
+    for second in range(25, 30):
+        limiter.on_sample(float(second), "success", in_flight=40)
+        seen.append(limiter.limit)
+    assert seen == [10, 11, 12, 13, 14]
+
+
 def test_restart_low_and_reconfigure() -> None:
     limiter = AdaptiveLimit(settings(min_limit=2, initial_limit=60), now=0.0)
     limiter.restart_low(now=1.0)
@@ -339,3 +372,36 @@ def test_probes_past_a_knee_that_does_not_move_become_rare() -> None:
     late = steady(trace, 120.0)
     assert sum(limit > 4 for limit in late) < 0.15 * len(late)
     assert sum(limit < 4 for limit in late) < 0.05 * len(late)
+
+
+def test_a_stuck_call_is_not_a_full_upstream() -> None:
+    """A first-byte timeout while the calls that do answer get their first token at no-load
+    speed is a stuck call (a hung request): the limit stays, instead of shrinking under the
+    hung calls until everything else queues behind them. The same timeout while first tokens
+    show a queue inside the provider lowers it as before."""
+    upstream = SlotUpstream(16)
+    limiter = AdaptiveLimit(defaults(), now=0.0)
+    drive(limiter, upstream, 0.0, 60.0)
+    before = limiter.limit
+    now = 60.0
+    for ttft, prompt, duration in [(0.1, 300, 0.28)] * 6:  # answering promptly
+        now += 0.01
+        limiter.on_sample(now, "success", 30, ttft_s=ttft, prompt_tokens=prompt,
+                          duration_s=duration)
+    for _ in range(5):
+        now += 1.0
+        limiter.on_sample(now, "timeout", 30)
+    assert limiter.limit == before
+    for _ in range(6):  # first tokens ten times their no-load time: queued in the provider
+        now += 0.01
+        limiter.on_sample(now, "success", 30, ttft_s=1.0, prompt_tokens=300, duration_s=1.2)
+    now += 1.0
+    limiter.on_sample(now, "timeout", 30)
+    assert limiter.limit < before
+
+
+def test_a_timeout_without_first_tokens_to_judge_by_lowers_the_limit() -> None:
+    for algorithm in ("aimd", "vegas"):  # vegas: no baseline measured yet
+        limiter = AdaptiveLimit(defaults(initial_limit=20, algorithm=algorithm), now=0.0)
+        limiter.on_sample(1.0, "timeout", 20)
+        assert limiter.limit == 18, algorithm
