@@ -18,12 +18,20 @@ the runs that *started* in it.
 
 Variants (separate processes, fresh mock each; the gateway is pinned to the first CPU, the
 mock and this process to the second, when there are two):
-- ``on``: the gateway with admission tuned for this upstream (see ``POLICY_ON``);
+- ``on``: the gateway with admission tuned for this upstream (see ``policy``);
+- ``defaults``: the gateway with no ``admission:`` section at all (the shipped defaults: what a
+  user who does not know the provider's capacity gets);
 - ``off``: the same gateway with admission disabled: concurrency limit 10000, unbounded
   queues, CoDel targets of an hour, self-protection out of reach (``--off-mode passthrough``
   uses bench/passthrough.py instead).
 
-    .venv/bin/python bench/overload.py [--write-docs] [--variants on,off] [--measure-s 15]
+Upstreams: ``--slots 4,16,64`` runs every variant against each slot count in turn (a section
+of docs/benchmarks.md each); ``--quota-rpm N`` without ``--slots`` is a provider limited only
+by its quota: unlimited slots, 429 with Retry-After beyond N requests per minute (capacity N/60
+requests/s).
+
+    .venv/bin/python bench/overload.py [--write-docs] [--variants on,defaults,off]
+        [--slots 4,16,64 | --quota-rpm 3400] [--measure-s 15]
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -56,12 +65,15 @@ KEYS = {"interactive": "sk-bench-interactive", "background": "sk-bench-backgroun
 TENANT_OF = {"critical": "interactive", "high": "interactive", "normal": "background",
              "low": "background"}
 STEPS = 10
+UNLIMITED_SLOTS = 100_000  # a quota-limited provider: slots are never the limit
 
 
-def policy(mock_port: int, gw_port: int, slots: int, shedding: bool,
+def policy(mock_port: int, gw_port: int, slots: int, variant: str,
            holdback: dict[str, float]) -> dict[str, Any]:
     """The gateway's policy. ``on``: concurrency pinned to the mock's slots (min half), queue
-    targets short enough that agent steps do not wait seconds; ``off``: admission disabled."""
+    targets short enough that agent steps do not wait seconds; ``defaults``: no ``admission``
+    section; ``off``: admission disabled."""
+    shedding = variant == "on"
     tenants = {name: {"api_keys": [hash_key(key)], "models": ["*"],
                       "default_priority": "normal", "max_priority": "critical",
                       "loop_guard": {"enabled": False}}
@@ -93,7 +105,7 @@ def policy(mock_port: int, gw_port: int, slots: int, shedding: bool,
                         for name in CLASSES},
             "self_protection": {"max_loop_lag_ms": 60000, "max_open_streams": 1000000},
         }
-    return {
+    out = {
         "server": {"host": "127.0.0.1", "port": gw_port},
         "providers": {"mock": {"kind": "openai", "base_url": f"http://127.0.0.1:{mock_port}/v1",
                                "pool_size": 2000, "forward_headers": ["x-mock-*"]}},
@@ -101,6 +113,9 @@ def policy(mock_port: int, gw_port: int, slots: int, shedding: bool,
         "tenants": tenants,
         "admission": admission,
     }
+    if variant == "defaults":
+        del out["admission"]
+    return out
 
 
 def scenario(target: str, run_rate: float, args: argparse.Namespace) -> dict[str, Any]:
@@ -167,7 +182,8 @@ def _get_json(url: str) -> dict[str, Any]:
         return data
 
 
-def run_variant(name: str, args: argparse.Namespace, tmpdir: Path) -> dict[str, Any]:
+def run_variant(name: str, args: argparse.Namespace, tmpdir: Path,
+                source: bl.GatewaySource) -> dict[str, Any]:
     procs = bl.Procs()
     logs = contextlib.ExitStack()
 
@@ -181,7 +197,7 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path) -> dict[str, 
             *support_pin, bl.PYTHON, "-m", "gateway.cli", "mock-upstream", "--port",
             str(mock_port), "--slots", str(args.slots), "--max-queue", str(args.max_queue),
             "--queue-ttft-ms", str(args.queue_ttft_ms), "--quota-rpm", str(args.quota_rpm)],
-            stderr=log(f"mock-{name}.log"))
+            stderr=log(f"mock-{name}.log"), cwd=source.cwd, env=source.env)
         if name == "off" and args.off_mode == "passthrough":
             server = procs.start("passthrough", [
                 *server_pin, bl.PYTHON, str(bl.BENCH / "passthrough.py"), "--port", str(gw_port),
@@ -190,26 +206,25 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path) -> dict[str, 
             ready = f"http://127.0.0.1:{gw_port}/v1/models"
         else:
             config = tmpdir / f"policy-{name}.yaml"
-            config.write_text(yaml.safe_dump(policy(mock_port, gw_port, args.slots,
-                                                    shedding=name == "on",
-                                                    holdback=args.holdback)))
+            config.write_text(yaml.safe_dump(policy(mock_port, gw_port, args.tuned_slots,
+                                                    variant=name, holdback=args.holdback)))
             server = procs.start("gateway", [
                 *server_pin, bl.PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
                 "--log-level", "WARNING"],
-                stderr=log(f"gateway-{name}.log"))
+                stderr=log(f"gateway-{name}.log"), cwd=source.cwd, env=source.env)
             ready = f"http://127.0.0.1:{gw_port}/readyz"
         bl.wait_http(f"http://127.0.0.1:{mock_port}/v1/models", procs=procs)
         bl.wait_http(ready, procs=procs)
         # Capacity from the mock's knobs first (the plan), measured from its counters after.
         service_s = (args.ttft_ms + (args.tokens - 1) * args.gap_ms) / 1000
-        planned = args.slots / service_s
+        planned = args.quota_rpm / 60 if args.quota_only else args.slots / service_s
         data = scenario(f"http://127.0.0.1:{gw_port}", planned / STEPS, args)
         spec = parse_scenario(data)
         engine = Engine(spec, spec.api_keys(), EngineOptions(target=data["target"]))
         rss = RssSampler(server.pid)
         rss.start()
         print(f"[{name}] running {spec.duration_s:.0f} s of phases against {data['target']} "
-              f"({'gateway' if name == 'on' or args.off_mode == 'gateway' else 'passthrough'})",
+              f"({'gateway' if name != 'off' or args.off_mode == 'gateway' else 'passthrough'})",
               flush=True)
         asyncio.run(engine.run())
         rss.stop.set()
@@ -219,11 +234,13 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path) -> dict[str, 
         capacity = _get_json(f"http://127.0.0.1:{mock_port}/_mock/capacity")
         report = build_report(engine, source="bench/overload.py")
         busy = capacity["busy_s"]
-        measured = args.slots * capacity["served"] / busy if busy else planned
+        # A quota-limited upstream's capacity is its quota (slots are never busy).
+        measured = (planned if args.quota_only or not busy
+                    else args.slots * capacity["served"] / busy)
         return {"variant": name, "report": report, "mock": capacity,
                 "capacity_rps": measured, "planned_capacity_rps": planned,
                 "rss_kib": rss.samples, "alive": alive, "healthy": healthy,
-                "mode": "gateway" if name == "on" or args.off_mode == "gateway"
+                "mode": "gateway" if name != "off" or args.off_mode == "gateway"
                 else "passthrough"}
     finally:
         procs.stop_all()
@@ -240,18 +257,24 @@ def _answers(url: str) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="on,off")
+    parser.add_argument("--variants", default="on,defaults,off")
+    parser.add_argument("--gateway-ref", metavar="REF",
+                        help="measure this commit (git archive of gateway/), not the working "
+                        "tree")
     parser.add_argument("--off-mode", choices=("gateway", "passthrough"), default="gateway")
     parser.add_argument("--levels", default="2,3,10", type=lambda s: [float(x) for x in
                                                                       s.split(",")])
-    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--slots", type=lambda s: [int(x) for x in s.split(",")],
+                        help="the mock's generation slots, e.g. 4,16,64 for a sweep (default "
+                        "16; without it but with --quota-rpm: unlimited slots)")
     parser.add_argument("--ttft-ms", type=float, default=100.0)
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--gap-ms", type=float, default=20.0)
     parser.add_argument("--max-queue", type=int, default=32)
     parser.add_argument("--queue-ttft-ms", type=float, default=5.0)
     parser.add_argument("--quota-rpm", type=int, default=0,
-                        help="the mock's RPM quota (0: 1.5x the planned capacity)")
+                        help="the mock's RPM quota (0: 1.5x the planned capacity); alone, "
+                        "without --slots: a provider limited by its quota only")
     parser.add_argument("--baseline-s", type=float, default=12.0)
     parser.add_argument("--warm-s", type=float, default=5.0)
     parser.add_argument("--measure-s", type=float, default=15.0)
@@ -267,29 +290,45 @@ def main() -> int:
     parser.add_argument("--write-docs", action="store_true",
                         help="record the figures in docs/benchmarks.md (## Overload section)")
     args = parser.parse_args()
-    service_s = (args.ttft_ms + (args.tokens - 1) * args.gap_ms) / 1000
-    if not args.quota_rpm:
-        args.quota_rpm = int(1.5 * 60 * args.slots / service_s)
     bl.exit_on_sigterm()
     bl.raise_nofile()
     started = time.monotonic()
-    source = bl.GatewaySource(None, Path(tempfile.gettempdir()))
+    source_dir = tempfile.TemporaryDirectory(prefix="bench-overload-src-")
+    source = bl.GatewaySource(args.gateway_ref, Path(source_dir.name))
     header = bl.run_header(sys.argv, source)
     _, support_pin, pin_desc = bl.pin_plan()
     if support_pin:
         os.sched_setaffinity(0, {int(support_pin[-1])})  # this process drives the load
-    results = []
-    with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
-        for name in args.variants.split(","):
-            results.append(run_variant(name, args, Path(tmp)))
-    figures = evaluate(results, args)
-    print_summary(figures, header, pin_desc)
+    service_s = (args.ttft_ms + (args.tokens - 1) * args.gap_ms) / 1000
+    quota_only = args.slots is None and args.quota_rpm > 0
+    for slots in ([UNLIMITED_SLOTS] if quota_only else args.slots or [16]):
+        setup = argparse.Namespace(**vars(args))
+        setup.slots, setup.quota_only = slots, quota_only
+        if quota_only:
+            # The tuned policy pins the concurrency that fills the quota and no more.
+            setup.tuned_slots = max(1, math.ceil(args.quota_rpm / 60 * service_s))
+        else:
+            setup.tuned_slots = slots
+            setup.quota_rpm = args.quota_rpm or int(1.5 * 60 * slots / service_s)
+        results = []
+        with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
+            for name in args.variants.split(","):
+                results.append(run_variant(name, setup, Path(tmp), source))
+        figures = evaluate(results, setup)
+        print_summary(figures, header, pin_desc)
+        label = (f"quota-limited ({setup.quota_rpm} RPM, unlimited slots)" if quota_only
+                 else f"{slots} slots")
+        if args.json:
+            path = Path(args.json)
+            if len(args.slots or []) > 1:
+                path = path.with_name(f"{path.stem}-{slots}{path.suffix}")
+            path.write_text(json.dumps({"figures": figures, "runs": results}, indent=1))
+        if args.write_docs:
+            heading = f"## Overload: {label}"
+            write_docs(bl.REPO / "docs" / "benchmarks.md",
+                       docs_section(figures, header, pin_desc, heading), heading)
+            print(f"docs/benchmarks.md: {heading} section updated")
     print(f"\n(total run time {time.monotonic() - started:.0f} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"figures": figures, "runs": results}, indent=1))
-    if args.write_docs:
-        write_docs(bl.REPO / "docs" / "benchmarks.md", docs_section(figures, header, pin_desc))
-        print("docs/benchmarks.md: ## Overload section updated")
     return 0
 
 

@@ -10,10 +10,11 @@ from typing import Any
 TARGETS = (
     ("goodput_3x", "3x: goodput >= 90 % of capacity"),
     ("critical_success_3x", "3x: critical success >= 99.5 %"),
-    ("critical_ttft_3x", "3x: critical TTFT p99 <= 1.25 x unloaded p99 + 50 ms"),
-    ("runs_2x", "2x: >= 45 % of 10-step agent runs complete"),
+    ("critical_ttft_3x", "3x: critical TTFT p99 <= 1.25 x unloaded p99 (of `on`) + 50 ms"),
+    ("runs_2x", "2x: >= 50 % of 10-step agent runs complete"),
     ("alive_10x", "10x: no crash (gateway alive and ready after)"),
     ("goodput_10x", "10x: goodput >= 80 % of capacity"),
+    ("critical_success_10x", "10x: critical success >= 98 %"),
     ("memory_flat", "memory flat (RSS end - start < 50 MiB, peak < 2x start)"),
 )
 
@@ -73,7 +74,8 @@ def evaluate(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
     out: dict[str, Any] = {"setup": {
         "slots": args.slots, "ttft_ms": args.ttft_ms, "tokens": args.tokens,
         "gap_ms": args.gap_ms, "max_queue": args.max_queue, "queue_ttft_ms": args.queue_ttft_ms,
-        "quota_rpm": args.quota_rpm, "levels": args.levels, "measure_s": args.measure_s,
+        "quota_rpm": args.quota_rpm, "quota_only": args.quota_only,
+        "tuned_slots": args.tuned_slots, "levels": args.levels, "measure_s": args.measure_s,
         "off_mode": args.off_mode, "holdback": args.holdback}, "variants": {}}
     for res in results:
         report, cap = res["report"], res["capacity_rps"]
@@ -96,15 +98,51 @@ def evaluate(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
                    "healthy": res["healthy"], "mock": res["mock"],
                    "engine_warnings": report["engine"]["warnings"],
                    "attempts_sent": report["attempts_sent"]}
-        variant["targets"] = _targets(variant)
         out["variants"][res["variant"]] = variant
+    # The TTFT target is against the upstream's own unloaded p99. The tuned run measures it
+    # best (its limit is the upstream's slots from the start); the others' unloaded phase can
+    # include the gateway's own start-up (a default limit still growing), which would loosen
+    # their target. So every variant is held to the tuned run's figure when there is one.
+    on = out["variants"].get("on")
+    reference = on["unloaded_critical_ttft_p99_ms"] if on else None
+    for variant in out["variants"].values():
+        variant["ttft_reference_ms"] = reference or variant["unloaded_critical_ttft_p99_ms"]
+        variant["targets"] = _targets(variant)
+    out["ratios"] = _ratios(out["variants"], args.levels)
     return out
+
+
+def _ratios(variants: dict[str, Any], levels: list[float]) -> dict[str, Any]:
+    """``defaults`` against ``on`` in the same run: goodput (requests/s) at each level, target
+    >= 95 %. The share of capacity alone hides a gap: capacity comes from the mock's counters,
+    which fall when its queue overflows."""
+    on, dflt = variants.get("on"), variants.get("defaults")
+    if on is None or dflt is None:
+        return {}
+    out = {}
+    for level in levels:
+        name = f"{level:g}x"
+        a, b = on["levels"].get(name), dflt["levels"].get(name)
+        if a and b and a["goodput_rps"]:
+            ratio = b["goodput_rps"] / a["goodput_rps"]
+            out[name] = {"on_rps": a["goodput_rps"], "defaults_rps": b["goodput_rps"],
+                         "ratio": ratio, "met": ratio >= 0.95}
+    return out
+
+
+def ratio_table(figures: dict[str, Any]) -> list[list[str]]:
+    rows = [["level", "goodput on (req/s)", "goodput defaults (req/s)",
+             "defaults / on (target >= 95 %)"]]
+    for level, r in figures.get("ratios", {}).items():
+        rows.append([level, f"{r['on_rps']:.1f}", f"{r['defaults_rps']:.1f}",
+                     f"{'met' if r['met'] else 'MISSED'}: {100 * r['ratio']:.0f} %"])
+    return rows
 
 
 def _targets(v: dict[str, Any]) -> dict[str, dict[str, Any]]:
     lv = v["levels"]
     l2, l3, l10 = lv.get("2x", {}), lv.get("3x", {}), lv.get("10x", {})
-    base = v["unloaded_critical_ttft_p99_ms"]
+    base = v["ttft_reference_ms"]
     limit = None if base is None else 1.25 * base + 50
     mem = v["memory"]
 
@@ -113,16 +151,18 @@ def _targets(v: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     g3, g10 = l3.get("goodput_share"), l10.get("goodput_share")
     c3, t3, r2 = l3.get("critical_success"), l3.get("critical_ttft_p99_ms"), l2.get("runs_share")
+    c10 = l10.get("critical_success")
     growth = mem["end_mib"] - mem["start_mib"] if mem else None
     return {
         "goodput_3x": check(g3, g3 is not None and g3 >= 0.9, _pct(g3)),
         "critical_success_3x": check(c3, c3 is not None and c3 >= 0.995, _pct(c3, 2)),
         "critical_ttft_3x": check(t3, t3 is not None and limit is not None and t3 <= limit,
                                   f"{_ms(t3)} (limit {_ms(limit)})"),
-        "runs_2x": check(r2, r2 is not None and r2 >= 0.45, _pct(r2)),
+        "runs_2x": check(r2, r2 is not None and r2 >= 0.5, _pct(r2)),
         "alive_10x": check(1.0 if v["healthy"] else 0.0, v["healthy"],
                            "yes" if v["healthy"] else "NO"),
         "goodput_10x": check(g10, g10 is not None and g10 >= 0.8, _pct(g10)),
+        "critical_success_10x": check(c10, c10 is not None and c10 >= 0.98, _pct(c10, 2)),
         "memory_flat": check(growth, growth is not None and growth < 50
                              and mem["peak_mib"] < 2 * mem["start_mib"],
                              "-" if not mem else f"{mem['start_mib']:.0f} -> peak "
@@ -173,23 +213,6 @@ def class_table(figures: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-READING = (
-    "Reading: with admission on, critical and high runs complete and normal/low are shed "
-    "(503 overloaded, x-should-retry false for normal/low, so the SDKs do not retry them). At "
-    "2x critical + high ask for about 80 % of capacity; the rest goes to normal. Once normal "
-    "is overloaded, all of low is shed at once and the cohort level climbs through normal's "
-    "cohorts, refusing new normal runs while the runs already under way (X-Agent-Step > 1, "
-    "or a session admitted within admission.run_memory_s) keep their place in the queue: in "
-    "the run below 10 of 42 normal runs complete (0 before runs in progress were spared, "
-    "when 37 % of all runs completed). In this seed's draw critical + high are 46 % of the "
-    "runs, the normal runs carried through make 52 %. Those runs wait for their slots "
-    "(normal TTFT p99 ~13 s at 2x, inside the 20 s deadline). At 10x critical still gets "
-    "98 % through, with a TTFT p99 of ~1.5 s: it queues behind its own class. Off: the "
-    "mock's bounded queue keeps goodput near capacity, but its 429s fall on every class "
-    "alike (critical success 78-81 %), queueing in the mock pushes first tokens to ~1.8 s, "
-    "and the SDK retries double the attempts (ampl ~1.95).")
-
-
 def target_table(figures: dict[str, Any]) -> list[list[str]]:
     names = list(figures["variants"])
     rows = [["target", *[f"{n} ({figures['variants'][n]['mode']})" for n in names]]]
@@ -216,7 +239,7 @@ def _md_table(rows: list[list[str]]) -> str:
 
 def _setup_lines(figures: dict[str, Any]) -> list[str]:
     s = figures["setup"]
-    lines = [f"holdback shares (on): {_holdback(figures)}", (f"mock: {s['slots']} slots, first token {s['ttft_ms']:g} ms + {s['tokens']} tokens "
+    lines = [f"holdback shares (on): {_holdback(figures)}", (f"mock: {'unlimited' if s['quota_only'] else s['slots']} slots, first token {s['ttft_ms']:g} ms + {s['tokens']} tokens "
              f"{s['gap_ms']:g} ms apart, queue of {s['max_queue']} (+{s['queue_ttft_ms']:g} ms "
              f"first token per request ahead), quota {s['quota_rpm']} RPM")]
     for name, v in figures["variants"].items():
@@ -243,11 +266,15 @@ def print_summary(figures: dict[str, Any], header: list[str], pin_desc: str) -> 
     print(_text_table(level_table(figures)))
     print()
     print(_text_table(target_table(figures)))
+    if figures.get("ratios"):
+        print()
+        print(_text_table(ratio_table(figures)))
 
 
-def docs_section(figures: dict[str, Any], header: list[str], pin_desc: str) -> str:
+def docs_section(figures: dict[str, Any], header: list[str], pin_desc: str,
+                 heading: str = "## Overload") -> str:
     body = [
-        "## Overload",
+        heading,
         "",
         ("`bench/overload.py` drives open-loop traffic (Poisson; on/off bursts at 10x) of 10-step "
         "agent runs with a class mix of 10 % critical, 30 % high, 30 % normal, 30 % low through "
@@ -260,9 +287,11 @@ def docs_section(figures: dict[str, Any], header: list[str], pin_desc: str) -> s
         "difference is admission control alone. Clients retry like the official SDKs (2 "
         "retries, Retry-After, x-should-retry). The gateway's policy for `on`: concurrency "
         "limit min/initial/max = slots/2, slots, slots (the operator knows the upstream's "
-        "slots); class queue targets 100/300/500/500 ms (critical/high/normal/low); "
+        "slots; for a quota-limited upstream the concurrency that fills the quota); class "
+        "queue targets 100/300/500/500 ms (critical/high/normal/low); "
         f"holdback shares {_holdback(figures)}; deadlines (X-Request-Timeout) 5/10/20/30 s "
-        "by class."),
+        "by class. `defaults` is the same gateway with no `admission:` section at all (the "
+        "shipped defaults; clients still send their class deadlines)."),
         "",
         "```",
         *header,
@@ -274,8 +303,7 @@ def docs_section(figures: dict[str, Any], header: list[str], pin_desc: str) -> s
         "",
         _md_table(target_table(figures)),
         "",
-        READING,
-        "",
+        *([_md_table(ratio_table(figures)), ""] if figures.get("ratios") else []),
         "Per class:",
         "",
         _md_table(class_table(figures)),

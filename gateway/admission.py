@@ -53,6 +53,7 @@ from .admission_state import (
 from .concurrency import Outcome
 from .config_base import Priority
 from .deadlines import deadline_exceeded
+from .errors import GatewayError
 
 __all__ = [
     "AdmissionController", "AdmissionObserver", "AdmissionPolicy", "AdmissionRequest",
@@ -110,9 +111,15 @@ class AdmissionController:
         if permit is not None:
             return permit
         reason = self._shed_reason(state, req, now)
+        shed_at = None
+        if reason == "cohort" and req.agent_session is None and not self._policy.shadow:
+            # Cohorts are for agent runs. A plain client first waits in its class queue, up to
+            # the class's queue target (and its deadline), and is shed only if no slot came.
+            target_s = self._policy.classes.of(req.priority).queue_target_ms / 1000
+            shed_at, reason = now + target_s, None
         if reason is not None:
             self._refuse(state, req, reason, now)  # raises unless in shadow mode
-        entry = QueueEntry(req, now, asyncio.get_running_loop().create_future())
+        entry = QueueEntry(req, now, asyncio.get_running_loop().create_future(), shed_at=shed_at)
         state.queues[req.priority].push(entry)
         self._arm(state, entry, now)
         try:
@@ -129,11 +136,12 @@ class AdmissionController:
         self._roll(state, now)
         return self._grant_now(state, req, now)
 
-    def check_deadline(self, deployment: str, deadline: float, now: float | None = None) -> None:
-        """504 ``deadline_exceeded`` unless ``deadline`` leaves time for the deployment's expected
-        time to first byte (use before a retry or failover)."""
+    def check_deadline(self, deployment: str, deadline: float, now: float | None = None,
+                       prompt_tokens: int | None = None) -> None:
+        """504 ``deadline_exceeded`` unless ``deadline`` leaves time for the deployment's
+        optimistic time to first byte (use before a retry or failover)."""
         now = self._clock() if now is None else now
-        expected = self.ttft_estimate(deployment)
+        expected = self.fastest_ttft(deployment, prompt_tokens)
         if deadline - now < expected:
             raise deadline_exceeded(deadline - now, expected)
 
@@ -141,6 +149,13 @@ class AdmissionController:
         """Expected seconds to the first byte: EWMA of observed ones, ``ttft_prior_s`` before."""
         state = self._deployments.get(deployment)
         return self._policy.ttft_prior_s if state is None else state.ttft
+
+    def fastest_ttft(self, deployment: str, prompt_tokens: int | None = None) -> float:
+        """The optimistic time to first byte that deadline checks use: a low percentile of the
+        deployment's recent first bytes for this prompt size (``ttft_prior_s`` before any is
+        measured). A request is refused only when even that cannot fit."""
+        state = self._deployments.get(deployment)
+        return self._policy.ttft_prior_s if state is None else state.fastest_ttft(prompt_tokens)
 
     def restart_low(self, deployment: str) -> None:
         """Drop the limit to its minimum (call after the deployment's breaker closes)."""
@@ -168,7 +183,8 @@ class AdmissionController:
         for state in self._deployments.values():
             for queue in state.queues:
                 for entry in list(queue):
-                    if not state.feasible(entry.req.deadline, now) and queue.remove(entry):
+                    if (not state.feasible(entry.req.deadline, now, entry.req.prompt_size)
+                            and queue.remove(entry)):
                         self._expire(state, entry, now)
                         expired += 1
         return expired
@@ -218,10 +234,10 @@ class AdmissionController:
         return at is not None and now - at <= self._policy.run_memory_s
 
     def _check_deadline(self, state: DeploymentState, req: AdmissionRequest, now: float) -> None:
-        if not state.feasible(req.deadline, now):
+        if not state.feasible(req.deadline, now, req.prompt_size):
             self._deadline[(req.priority, "admission")] += 1
             self._observer.on_deadline(state.label, req.priority, "admission")
-            raise deadline_exceeded(req.deadline - now, state.ttft)
+            raise deadline_exceeded(req.deadline - now, state.fastest_ttft(req.prompt_size))
 
     def _shed_reason(self, state: DeploymentState, req: AdmissionRequest,
                      now: float) -> ShedReason | None:
@@ -252,7 +268,9 @@ class AdmissionController:
         )
 
     def _arm(self, state: DeploymentState, entry: QueueEntry, now: float) -> None:
-        delay = entry.req.deadline - state.ttft - now
+        delay = entry.req.deadline - state.fastest_ttft(entry.req.prompt_size) - now
+        if entry.shed_at is not None:
+            delay = min(delay, entry.shed_at - now)
         entry.timer = asyncio.get_running_loop().call_later(
             max(_MIN_REARM_S, delay), self._on_timer, state, entry
         )
@@ -262,9 +280,20 @@ class AdmissionController:
         if entry.future.done():
             return
         now = self._clock()
-        if state.feasible(entry.req.deadline, now):  # the estimate fell meanwhile: wait on
+        req = entry.req
+        if entry.shed_at is not None and now >= entry.shed_at:
+            if self._policy.shadow:  # reloaded into shadow mode meanwhile: nothing is shed
+                entry.shed_at = None
+                self._arm(state, entry, now)
+            elif state.queues[req.priority].remove(entry):
+                try:
+                    self._refuse(state, req, "cohort", now)
+                except GatewayError as exc:
+                    entry.future.set_exception(exc)
+            return
+        if state.feasible(req.deadline, now, req.prompt_size):  # estimate fell: wait on
             self._arm(state, entry, now)
-        elif state.queues[entry.req.priority].remove(entry):
+        elif state.queues[req.priority].remove(entry):
             self._expire(state, entry, now)
 
     def _expire(self, state: DeploymentState, entry: QueueEntry, now: float) -> None:
@@ -272,7 +301,8 @@ class AdmissionController:
         self._deadline[(entry.req.priority, "queue")] += 1
         self._observer.on_deadline(state.label, entry.req.priority, "queue")
         if not entry.future.done():
-            entry.future.set_exception(deadline_exceeded(entry.req.deadline - now, state.ttft))
+            entry.future.set_exception(deadline_exceeded(
+                entry.req.deadline - now, state.fastest_ttft(entry.req.prompt_size)))
 
     def _abandon(self, state: DeploymentState, entry: QueueEntry) -> None:
         entry.disarm()
@@ -285,15 +315,15 @@ class AdmissionController:
             future.result().release("ignore")
 
     def _release(self, state: DeploymentState, priority: Priority, outcome: Outcome,
-                 ttft_s: float | None, prompt_tokens: int) -> None:
+                 ttft_s: float | None, prompt_tokens: int, granted_at: float) -> None:
         now = self._clock()
         demand = state.in_flight + state.queued()
         state.give_back(priority)
         state.drain.tick(now)
         if ttft_s is not None:
-            state.observe_ttft(ttft_s)
+            state.observe_ttft(ttft_s, prompt_tokens)
         before = state.limiter.limit
-        state.limiter.on_sample(now, outcome, demand, ttft_s, prompt_tokens)
+        state.limiter.on_sample(now, outcome, demand, ttft_s, prompt_tokens, now - granted_at)
         if state.limiter.limit != before:
             self._observer.on_limit(state.label, state.limiter.limit)
         self._roll(state, now)
@@ -311,7 +341,7 @@ class AdmissionController:
                 entry.disarm()
                 if entry.future.done():  # cancelled; its task has not run its handler yet
                     continue
-                if not state.feasible(entry.req.deadline, now):
+                if not state.feasible(entry.req.deadline, now, entry.req.prompt_size):
                     self._expire(state, entry, now)
                     continue
                 delay = now - entry.enqueued_at
@@ -335,6 +365,7 @@ class AdmissionController:
              "classes": {class: {"in_flight", "queued", "queue_target_s", "oldest_wait_s",
                                  "drop_mode"}},                   # over all deployments
              "deployments": {label: {"limit", "in_flight", "queued", "ttft_estimate_s",
+                 "ttft_baseline_s", "upstream_queue",
                  "drain_rate_per_s", "shed_level",
                  "classes": {class: {"in_flight", "queued", "oldest_wait_s", "overloaded",
                                      "drop_mode"}}}},
@@ -371,6 +402,10 @@ class AdmissionController:
                 "in_flight": state.in_flight,
                 "queued": state.queued(),
                 "ttft_estimate_s": state.ttft,
+                # How the limit sees the upstream: its no-load first token (for a tiny
+                # prompt) and the requests estimated to wait inside it (None: not measured).
+                "ttft_baseline_s": state.limiter.baseline_s,
+                "upstream_queue": state.limiter.upstream_queue,
                 "drain_rate_per_s": state.drain.rate(now),
                 "shed_level": state.shed.level,
                 "classes": classes,

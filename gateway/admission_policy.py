@@ -9,7 +9,7 @@ Units are in the field names (``_ms``, ``_s``, ``_mib``). Defaults follow docs/a
 from __future__ import annotations
 
 import itertools
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
@@ -48,19 +48,24 @@ class ClassSettings(StrictModel):
 
 
 class ClassesSettings(StrictModel):
-    """One ``ClassSettings`` per priority class."""
+    """One ``ClassSettings`` per priority class.
+
+    Queue targets are short (100/300/500/500 ms): they bound time spent waiting in this
+    gateway, not the upstream's latency. An agent step that waits longer means the class is
+    overloaded; shedding new runs then (runs in progress are spared) lets the runs under way
+    finish, where long targets let every run crawl and few complete."""
 
     critical: ClassSettings = ClassSettings(
-        queue_target_ms=250, max_queue=1000, holdback_share=1.0, default_deadline_s=60
+        queue_target_ms=100, max_queue=1000, holdback_share=1.0, default_deadline_s=60
     )
     high: ClassSettings = ClassSettings(
-        queue_target_ms=1000, max_queue=1000, holdback_share=0.95, default_deadline_s=120
+        queue_target_ms=300, max_queue=1000, holdback_share=0.95, default_deadline_s=120
     )
     normal: ClassSettings = ClassSettings(
-        queue_target_ms=5000, max_queue=1000, holdback_share=0.85, default_deadline_s=300
+        queue_target_ms=500, max_queue=1000, holdback_share=0.85, default_deadline_s=300
     )
     low: ClassSettings = ClassSettings(
-        queue_target_ms=2000, max_queue=100, holdback_share=0.70, default_deadline_s=600
+        queue_target_ms=500, max_queue=100, holdback_share=0.70, default_deadline_s=600
     )
 
     def of(self, priority: Priority) -> ClassSettings:
@@ -81,16 +86,49 @@ class ClassesSettings(StrictModel):
         return self
 
 
+LimitAlgorithm = Literal["vegas", "aimd"]
+
+
 class ConcurrencySettings(StrictModel):
-    """The adaptive (AIMD) concurrency limit of one deployment, per gateway replica."""
+    """The adaptive concurrency limit of one deployment, per gateway replica: AIMD on errors,
+    plus (``vegas``) a queue estimate from time to first token. The defaults are for an upstream
+    whose capacity is unknown (docs/architecture.md, "How the concurrency limit finds
+    capacity")."""
 
     min_limit: int = Field(default=4, ge=1, description="the limit never goes below this")
-    initial_limit: int = Field(default=20, ge=1, description="the limit at start")
-    max_limit: int = Field(default=200, ge=1, description="the limit never goes above this")
+    initial_limit: int = Field(
+        default=4, ge=1,
+        description="the limit at start; it grows in slow start (x1.5 per decision window) "
+        "while the upstream shows no queueing, so starting low costs seconds, not capacity "
+        "(and the first windows measure the no-load time to first token)",
+    )
+    max_limit: int = Field(default=500, ge=1, description="the limit never goes above this")
+    algorithm: LimitAlgorithm = Field(
+        default="vegas",
+        description="vegas: AIMD on errors plus the number of requests waiting inside the "
+        "provider, estimated from time to first token above its no-load baseline (Little's "
+        "law); aimd: errors only (for upstreams whose first token says nothing about load)",
+    )
+    upstream_queue_share: Share = Field(
+        default=0.03,
+        description="vegas: requests tolerated waiting inside the provider, as a share of the "
+        "limit (at least upstream_queue_min); above it the limit drops by the excess, below "
+        "half of it the limit may grow",
+    )
+    upstream_queue_min: PositiveFloat = Field(
+        default=0.75,
+        description="vegas: the tolerance never goes below this many requests (small limits)",
+    )
+    baseline_window_s: PositiveFloat = Field(
+        default=30.0,
+        description="vegas: the no-load time to first token is the lowest seen within this "
+        "many seconds, so a slow period is forgotten after it",
+    )
     decrease_factor: float = Field(
         default=0.9, gt=0, lt=1,
         description="multiplicative decrease on a provider 429, 5xx/529, connect error or "
-        "first-byte timeout; applied at most once per decision window",
+        "first-byte timeout (at least down to the concurrency the provider served successfully "
+        "in the window); applied at most once per decision window",
     )
     increase_step: PositiveFloat = Field(
         default=1.0,
@@ -123,22 +161,28 @@ class ConcurrencySettings(StrictModel):
 class ConcurrencyOverride(StrictModel):
     """Per-deployment changes to ``concurrency``; unset fields keep the shared value."""
 
-    min_limit: int | None = Field(default=None, ge=1, description="concurrency.min_limit "
-                                  "for this deployment")
-    initial_limit: int | None = Field(default=None, ge=1, description="concurrency."
-                                      "initial_limit for this deployment")
-    max_limit: int | None = Field(default=None, ge=1, description="concurrency.max_limit "
-                                  "for this deployment")
-    decrease_factor: float | None = Field(default=None, gt=0, lt=1, description="concurrency."
-                                          "decrease_factor for this deployment")
-    increase_step: PositiveFloat | None = Field(default=None, description="concurrency."
-                                                "increase_step for this deployment")
-    decision_window_s: PositiveFloat | None = Field(default=None, description="concurrency."
-                                                    "decision_window_s for this deployment")
-    min_utilization: Share | None = Field(default=None, description="concurrency."
-                                          "min_utilization for this deployment")
-    latency_brake: float | None = Field(default=None, gt=1, description="concurrency."
-                                        "latency_brake for this deployment")
+    min_limit: int | None = Field(default=None, ge=1, description="see concurrency.min_limit")
+    initial_limit: int | None = Field(
+        default=None, ge=1, description="see concurrency.initial_limit")
+    max_limit: int | None = Field(default=None, ge=1, description="see concurrency.max_limit")
+    algorithm: LimitAlgorithm | None = Field(
+        default=None, description="see concurrency.algorithm")
+    upstream_queue_share: Share | None = Field(
+        default=None, description="see concurrency.upstream_queue_share")
+    upstream_queue_min: PositiveFloat | None = Field(
+        default=None, description="see concurrency.upstream_queue_min")
+    baseline_window_s: PositiveFloat | None = Field(
+        default=None, description="see concurrency.baseline_window_s")
+    decrease_factor: float | None = Field(default=None, gt=0, lt=1,
+                                          description="see concurrency.decrease_factor")
+    increase_step: PositiveFloat | None = Field(default=None,
+                                                description="see concurrency.increase_step")
+    decision_window_s: PositiveFloat | None = Field(
+        default=None, description="see concurrency.decision_window_s")
+    min_utilization: Share | None = Field(default=None,
+                                          description="see concurrency.min_utilization")
+    latency_brake: float | None = Field(default=None, gt=1,
+                                        description="see concurrency.latency_brake")
 
 
 class SelfProtectionSettings(StrictModel):

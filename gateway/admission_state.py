@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -15,11 +16,15 @@ from typing import Literal
 from .admission_policy import AdmissionPolicy
 from .admission_queue import FairQueue
 from .admission_shed import DecayingRate, ShedReason, ShedState
-from .concurrency import AIMDLimit, Outcome
+from .concurrency import AdaptiveLimit, Outcome, size_factor
 from .config_base import Priority
 
 DeadlineStage = Literal["admission", "queue"]
 _TTFT_WEIGHT = 0.2  # EWMA weight of a new first-byte time
+# The deadline check's optimistic estimate: this low percentile of the last _RECENT_TTFT first
+# bytes (per prompt size). Low, not the minimum: one lucky answer must not let every request in.
+_RECENT_TTFT = 64
+_OPTIMISTIC_RANK = 0.1
 
 
 def is_client_retry(headers: Mapping[str, str]) -> bool:
@@ -40,6 +45,11 @@ class AdmissionRequest:
     agent_session: str | None = None  # X-Agent-Session: the shedding cohort
     is_retry: bool = False  # x-stainless-retry-count > 0: shed before first attempts
     prompt_tokens: int | None = None  # for the limiter's latency brake (defaults to ``tokens``)
+
+    @property
+    def prompt_size(self) -> int:
+        """Prompt tokens for latency estimates (``tokens`` when the prompt alone is unknown)."""
+        return self.prompt_tokens if self.prompt_tokens is not None else self.tokens
 
 
 class AdmissionObserver:
@@ -63,8 +73,8 @@ class AdmissionObserver:
 
 
 # The controller's bookkeeping when a permit is released:
-# (state, priority, outcome, ttft_s, prompt tokens).
-ReleaseHook = Callable[["DeploymentState", Priority, Outcome, "float | None", int], None]
+# (state, priority, outcome, ttft_s, prompt tokens, granted_at).
+ReleaseHook = Callable[["DeploymentState", Priority, Outcome, "float | None", int, float], None]
 
 
 class Permit:
@@ -100,7 +110,8 @@ class Permit:
         if self._released:
             return
         self._released = True
-        self._on_release(self._state, self.priority, outcome, ttft_s, self._prompt_tokens)
+        self._on_release(self._state, self.priority, outcome, ttft_s, self._prompt_tokens,
+                         self.granted_at)
 
 
 @dataclass(eq=False, slots=True)
@@ -111,6 +122,9 @@ class QueueEntry:
     enqueued_at: float
     future: asyncio.Future[Permit]
     timer: asyncio.TimerHandle | None = None  # fires when the deadline becomes infeasible
+    # A plain client (no X-Agent-Session) that cohort shedding would have refused: it waits
+    # in its class queue until then (its queue target) before 503 overloaded.
+    shed_at: float | None = None
 
     def disarm(self) -> None:
         if self.timer is not None:
@@ -135,12 +149,15 @@ class DeploymentState:
 
     def __init__(self, label: str, policy: AdmissionPolicy, now: float) -> None:
         self.label = label
-        self.limiter = AIMDLimit(policy.concurrency_for(label), now)
+        self.limiter = AdaptiveLimit(policy.concurrency_for(label), now)
         self.in_flight = 0
         self.in_flight_by_class = [0] * len(Priority)
         self.queues: list[FairQueue[QueueEntry]] = [FairQueue() for _ in Priority]
         self.shed = ShedState(policy, now)
-        self.ttft = policy.ttft_prior_s
+        self.ttft = policy.ttft_prior_s  # EWMA of first bytes: what status reports
+        self._recent: deque[float] = deque(maxlen=_RECENT_TTFT)  # first bytes / size factor
+        self._fast: float | None = None  # _OPTIMISTIC_RANK percentile of _recent
+        self._prior = policy.ttft_prior_s
         self.drain = DecayingRate(policy.drain_window_s)
 
     def take(self, priority: Priority) -> None:
@@ -151,14 +168,26 @@ class DeploymentState:
         self.in_flight -= 1
         self.in_flight_by_class[priority] -= 1
 
-    def feasible(self, deadline: float, now: float) -> bool:
-        """Whether a request with this deadline can still get its first byte in time."""
-        return deadline - now >= self.ttft
+    def fastest_ttft(self, prompt_tokens: int | None) -> float:
+        """An optimistic time to first byte for a prompt of this size: a low percentile of the
+        deployment's recent first bytes, scaled by prompt size; ``ttft_prior_s`` before any
+        is measured."""
+        if self._fast is None:
+            return self._prior
+        return self._fast * size_factor(prompt_tokens)
 
-    def observe_ttft(self, ttft_s: float) -> None:
-        """A measured time to first byte feeds the estimate used for deadline checks."""
+    def feasible(self, deadline: float, now: float, prompt_tokens: int | None = None) -> bool:
+        """Whether a request with this deadline can still get its first byte in time, even
+        optimistically: refusing work that would have succeeded is worse than trying."""
+        return deadline - now >= self.fastest_ttft(prompt_tokens)
+
+    def observe_ttft(self, ttft_s: float, prompt_tokens: int | None = None) -> None:
+        """A measured time to first byte (from sending) feeds the estimates."""
         if ttft_s >= 0:
             self.ttft += _TTFT_WEIGHT * (ttft_s - self.ttft)
+            self._recent.append(ttft_s / size_factor(prompt_tokens))
+            ordered = sorted(self._recent)
+            self._fast = ordered[int(_OPTIMISTIC_RANK * (len(ordered) - 1))]
 
     def queued(self, up_to: Priority = Priority.low) -> int:
         """Waiting requests of classes ``critical`` .. ``up_to``."""

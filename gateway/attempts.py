@@ -201,7 +201,10 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             except GatewayError as exc:
                 timed_out = exc.status == 504
                 trial.failure("timeout" if timed_out else "connect_error")
-                outcome, log.outcome = "overload", exc.code or "error"
+                # A first byte that never came may be one stuck call, not a full upstream:
+                # the limit tells them apart by the first tokens of the calls that did answer.
+                outcome = "timeout" if timed_out else "overload"
+                log.outcome = exc.code or "error"
                 failure = (AttemptFailure.first_byte_timeout() if timed_out
                            else AttemptFailure.connect_error())
                 return None, _Failed(failure, error=exc)
@@ -242,8 +245,10 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
         trial.cancelled()  # no-op once judged: a cancel or any other exit is never counted
         log.duration_s = svc.clock() - attempt.began
         record.upstream_s = (record.upstream_s or 0.0) + log.duration_s
-        if outcome == "success" and record.stream:
-            ttft = record.ttft_s
+        if outcome == "success" and record.stream and record.ttft_s is not None:
+            # From sending this attempt, not from the request's arrival: time spent queued in
+            # the gateway says nothing about the upstream (and would feed back on the limit).
+            ttft = max(0.0, record.started + record.ttft_s - attempt.began)
         permit.release(outcome, ttft_s=ttft)  # type: ignore[arg-type]
         if attempt.sent and not error_answer and _no_usage(record.usage):
             # Sent, then cancelled, timed out or cut before the relay accounted any usage:

@@ -102,10 +102,11 @@ async def _pipeline(
         if deferred is None or defer != "on_shed" or exc.code != "overloaded":
             raise
         return await deferred.submit(policy, call, request.headers, record, via="shed")
-    # 5 deadline feasibility against the fastest candidate's expected first byte
+    # 5 deadline feasibility against the fastest candidate's optimistic first byte
     deadline = request_deadline(request.headers, call.priority, tenant.name, now,
                                 config.admission)
-    deadline.check(now, min(svc.admission.ttft_estimate(t.label) for t in targets))
+    deadline.check(now, min(svc.admission.fastest_ttft(t.label, call.prompt_tokens_estimate)
+                            for t in targets))
     # 6 tenant limits and budgets: one atomic round trip; settled exactly once below
     began = svc.clock()
     with svc.tracing.stage("limits"):

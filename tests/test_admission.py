@@ -527,10 +527,10 @@ async def test_per_deployment_override_and_snapshot_shape() -> None:
     assert snap["deployments"][DEP]["limit"] == 20
     dep = snap["deployments"]["local/llama"]
     assert set(dep) == {"limit", "in_flight", "queued", "ttft_estimate_s", "drain_rate_per_s",
-                        "shed_level", "classes"}
+                        "shed_level", "classes", "ttft_baseline_s", "upstream_queue"}
     assert dep["classes"]["normal"] == {"in_flight": 1, "queued": 0, "oldest_wait_s": 0.0,
                                         "overloaded": False, "drop_mode": False}
-    assert snap["classes"]["normal"] == {"in_flight": 2, "queued": 0, "queue_target_s": 5.0,
+    assert snap["classes"]["normal"] == {"in_flight": 2, "queued": 0, "queue_target_s": 0.5,
                                          "oldest_wait_s": 0.0, "drop_mode": False}
     assert snap["classes"]["critical"]["in_flight"] == 0
     permit.release("ignore")
@@ -556,3 +556,118 @@ def test_is_client_retry() -> None:
     assert not is_client_retry({"x-stainless-retry-count": "0"})
     assert is_client_retry({"x-stainless-retry-count": "2"})
     assert not is_client_retry({"x-stainless-retry-count": "junk"})
+
+
+# -- plain clients queue before they are shed ------------------------------------------------------
+
+
+def _loop_controller(**overrides: Any) -> AdmissionController:
+    """On the loop's clock: the shed timers of plain clients run on the real loop."""
+    data: dict[str, Any] = {
+        "concurrency": {"min_limit": 1, "initial_limit": 1, "max_limit": 1},
+        "classes": {"low": {"queue_target_ms": 300, "max_queue": 100}},
+        "codel_interval_ms": 100, "cohort_step_up": 128,
+    } | overrides
+    return AdmissionController(AdmissionPolicy.model_validate(data),
+                               asyncio.get_running_loop().time, random.Random(3))
+
+
+def _ask(ctl: AdmissionController, priority: Priority, session: str | None = None,
+         ) -> AdmissionRequest:
+    now = asyncio.get_running_loop().time()
+    return AdmissionRequest(priority, "t", 100, now + 60, now, agent_session=session)
+
+
+async def _busy_period(ctl: AdmissionController) -> None:
+    """Low waits past its queue target behind a critical call: low's cohorts are all shed
+    (level 128), and the level stays up for a while after the slot frees."""
+    blocker = await ctl.acquire(DEP, _ask(ctl, C))
+    waiter = asyncio.create_task(ctl.acquire(DEP, _ask(ctl, L)))
+    await asyncio.sleep(0.45)
+    blocker.release("success")
+    (await waiter).release("success")
+    assert ctl.snapshot()["deployments"][DEP]["shed_level"] >= 100
+
+
+async def test_plain_clients_after_a_busy_period_wait_in_the_queue_instead_of_503() -> None:
+    """The issue's case: 60 low calls without X-Agent-Session arrive together after a busy
+    period. Cohort shedding would refuse ~all at once though the queue is empty; plain clients
+    wait in their class queue and are served as slots free."""
+    ctl = _loop_controller()
+    await _busy_period(ctl)
+
+    async def call(session: str | None) -> int:
+        try:
+            permit = await ctl.acquire(DEP, _ask(ctl, L, session))
+        except GatewayError as exc:
+            return exc.status
+        await asyncio.sleep(0)
+        permit.release("success")
+        return 200
+
+    statuses = await asyncio.gather(*(call(None) for _ in range(60)))
+    assert statuses.count(200) == 60, statuses
+    assert ctl.snapshot()["shed"] == {}
+    # Agent runs are still shed by cohort at once: that is what cohorts are for.
+    runs = await asyncio.gather(*(call(f"run-{i}") for i in range(20)))
+    assert runs.count(503) >= 10, runs
+
+
+async def test_a_plain_client_is_shed_after_its_queue_target_when_no_slot_comes() -> None:
+    ctl = _loop_controller()
+    blocker = await ctl.acquire(DEP, _ask(ctl, C))
+    waiter = asyncio.create_task(ctl.acquire(DEP, _ask(ctl, L)))
+    await asyncio.sleep(0.45)  # low is overloaded now, and stays so behind the blocker
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(GatewayError) as err:
+        await ctl.acquire(DEP, _ask(ctl, L))
+    waited = loop.time() - began
+    assert err.value.code == "overloaded" and err.value.status == 503
+    assert "Retry-After" in err.value.headers
+    assert waited >= 0.3  # its queue target, not at once
+    assert ctl.snapshot()["shed"] == {"low": {"cohort": 1}}
+    blocker.release("success")
+    (await waiter).release("success")
+
+
+# -- deadline feasibility -------------------------------------------------------------------------
+
+
+async def test_no_refusal_when_the_upstreams_recent_first_bytes_fit() -> None:
+    """The issue's case: first bytes mostly 0.3 s with a few slow ones pull the EWMA past 1 s;
+    a request with 1.0 s left would have been refused though the upstream answers in 0.3 s.
+    Counted: refusals of requests whose first byte would have fitted."""
+    clock = FakeClock()
+    ctl = make(clock)
+    rng = random.Random(2)
+    for i in range(64):
+        ttft = 4.0 if i % 4 == 3 else 0.3 + 0.05 * rng.random()
+        (await ctl.acquire(DEP, req(clock))).release("success", ttft_s=ttft)
+    assert ctl.ttft_estimate(DEP) > 1.0  # what the check used to compare with
+    refused_but_would_fit = 0
+    for _ in range(50):
+        try:
+            (await ctl.acquire(DEP, req(clock, deadline_in=1.0))).release("ignore")
+        except GatewayError:
+            refused_but_would_fit += 1  # the upstream answers 75 % of calls in < 0.35 s
+    assert refused_but_would_fit == 0
+    ctl.check_deadline(DEP, clock.now + 1.0)  # retries and failovers: the same check
+    # Even optimistically a first byte takes ~0.3 s: 0.1 s left cannot make it.
+    with pytest.raises(GatewayError) as err:
+        await ctl.acquire(DEP, req(clock, deadline_in=0.1))
+    assert (err.value.status, err.value.code) == (504, "deadline_exceeded")
+
+
+async def test_the_optimistic_estimate_scales_with_the_prompt() -> None:
+    clock = FakeClock()
+    ctl = make(clock)
+    for _ in range(20):  # 0.2 s per 1000 tokens of (prompt + 1000): 0.4 s for 1000 tokens
+        permit = await ctl.acquire(DEP, AdmissionRequest(N, "t", 1000, clock.now + 60,
+                                                         clock.now, prompt_tokens=1000))
+        permit.release("success", ttft_s=0.4)
+    assert ctl.fastest_ttft(DEP, 1000) == pytest.approx(0.4)
+    assert ctl.fastest_ttft(DEP, 19_000) == pytest.approx(4.0)  # a 19k-token prompt: 10x
+    big = AdmissionRequest(N, "t", 19_000, clock.now + 3.0, clock.now, prompt_tokens=19_000)
+    with pytest.raises(GatewayError):
+        await ctl.acquire(DEP, big)

@@ -54,9 +54,9 @@ def test_codel_enters_drop_mode_when_min_delay_stays_above_target_for_an_interva
 
 def test_codel_one_good_delay_in_the_interval_keeps_it_out_of_drop_mode() -> None:
     state = ShedState(policy(), now=0.0)
-    for delay in (6.0, 7.0, 4.0, 8.0):  # a standing queue never drains below target...
+    for delay in (0.6, 0.7, 0.4, 0.8):  # a standing queue never drains below target...
         state.observe(N, delay)
-    state.roll(1.0, waits(normal=9.0))
+    state.roll(1.0, waits(normal=0.9))
     assert not state.overloaded(N)  # ...but this one drained below it: a good queue
 
 
