@@ -230,7 +230,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                                                    now_epoch_s=svc.wall_clock())
             if upstream.status == 429:
                 trial.quota(failure.retry_after_s)
-                outcome = "overload"
+                outcome = "rate_limited"
             elif upstream.status >= 500:
                 trial.failure("server_error")
                 outcome = "overload"

@@ -11,7 +11,7 @@ first-byte timeout), at most once per decision window: calls that were in flight
 together, and a burst of them is one signal, not twenty. The decrease goes at least down to the
 concurrency the upstream actually served successfully in the window (Little's law: successful
 call-seconds / seconds), so a limit that overshot a quota comes back in one step, not twenty.
-Once errors stop, the limit returns x1.5 per window to one decrease below where it stood when
+Once errors other than a provider 429 stop, the limit returns x1.5 per window to one decrease below where it stood when
 they began (TCP's slow start to ssthresh): a few seconds of timeouts from a hanging upstream
 must not leave it at its floor for a minute of queueing and 503s. Errors again during that
 return mean the old limit was too high after all: the return ends, growth is additive again.
@@ -56,7 +56,7 @@ from typing import Literal
 
 from .admission_policy import ConcurrencySettings
 
-Outcome = Literal["success", "overload", "timeout", "ignore"]
+Outcome = Literal["success", "overload", "rate_limited", "timeout", "ignore"]
 """How a call ended, as far as the limit cares: see the module docstring."""
 
 # Prompt sizes are normalised as (prompt_tokens + _PROMPT_UNIT) / _PROMPT_UNIT: prefill time
@@ -174,6 +174,12 @@ class AdaptiveLimit:
             if self._answering_promptly(now):
                 return  # a stuck call, not a queue: cutting the limit would not help it
             outcome = "overload"
+        if outcome == "rate_limited":
+            # The provider said "too fast" (429): the limit it had was too high by its own
+            # word, so there is nothing to return to afterwards.
+            self._decrease_on_error(now)
+            self._recover_to, self._recovering = None, False
+            return
         if outcome == "overload":
             self._decrease_on_error(now)
             return

@@ -405,3 +405,17 @@ def test_a_timeout_without_first_tokens_to_judge_by_lowers_the_limit() -> None:
         limiter = AdaptiveLimit(defaults(initial_limit=20, algorithm=algorithm), now=0.0)
         limiter.on_sample(1.0, "timeout", 20)
         assert limiter.limit == 18, algorithm
+
+
+def test_after_a_provider_429_there_is_no_return_to_the_old_limit() -> None:
+    # A 429 says the limit was too high: growth after it is one step per window, where a
+    # burst of 5xx or timeouts is followed by a quick return (the test above).
+    limiter = AdaptiveLimit(settings(min_limit=4, initial_limit=40), now=0.0)
+    for second in range(1, 21):
+        limiter.on_sample(float(second), "rate_limited", in_flight=40)
+    assert limiter.limit == 4
+    seen = []
+    for second in range(21, 26):
+        limiter.on_sample(float(second), "success", in_flight=40)
+        seen.append(limiter.limit)
+    assert seen == [5, 6, 7, 8, 9]
