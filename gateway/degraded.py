@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
-from .errors import GatewayError, retry_headers
+from .errors import Unavailable, retry_headers
 from .journal import JournalFile
 from .limits_policy import Degraded
 from .ratelimit import (
@@ -113,9 +113,9 @@ class DegradedMode:
     def admit(self, plan: AdmitPlan, priority: str) -> AdmitResult:
         action = self.action_for(priority)
         if action == "fail_closed":
-            raise GatewayError(
-                503, "Limits cannot be checked right now (shared state unavailable); "
-                "this class of request is refused until it returns.", type="server_error",
+            raise Unavailable(
+                "Limits cannot be checked right now (shared state unavailable); "
+                "this class of request is refused until it returns.",
                 code="limits_unavailable",
                 # The store is probed again within this long: the earliest a retry can pass.
                 headers=retry_headers(self.policy.probe_interval_s * 1000),

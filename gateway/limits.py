@@ -30,7 +30,7 @@ from .agent_loop import CanonicalCache
 from .classify import ProxyCall, reserved_output_tokens
 from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
-from .errors import SDK_WAIT_MAX_MS, GatewayError, retry_headers
+from .errors import SDK_WAIT_MAX_MS, BudgetExceeded, GatewayError, RateLimited, retry_headers
 from .leases import LeaseBoard
 from .limits_policy import CacheReads, RateLimits
 from .periods import period_keys
@@ -759,38 +759,35 @@ def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str]
         return _run_refusal(check, res, out)
     if isinstance(check, Counter):
         if math.isinf(wait_ms):  # no period's budget is ever large enough
-            return GatewayError(429, f"This request needs {check.cost} of the {check.name} of "
-                                f"{scope}, more than the whole budget ({check.limit}).",
-                                type="insufficient_quota", code="insufficient_quota",
-                                headers=out)
+            return BudgetExceeded(f"This request needs {check.cost} of the {check.name} of "
+                                  f"{scope}, more than the whole budget ({check.limit}).",
+                                  headers=out)
         # Periods end on a whole second; reset_ms was cut to the ms below it.
         reset_at = datetime.fromtimestamp(round(planned_at_s + res.reset_ms / 1000), UTC)
         reset = f"{reset_at:%Y-%m-%dT%H:%M:%SZ} (in {format_duration(res.reset_ms)})"
-        return GatewayError(429, _budget_message(check, res, scope, reset, reservation),
-                            type="insufficient_quota", code="insufficient_quota", headers=out)
+        return BudgetExceeded(_budget_message(check, res, scope, reset, reservation),
+                              headers=out)
     if isinstance(check, Repeat):
-        return GatewayError(429, f"Loop detected: the same request was sent more than "
-                            f"{check.max} times within {check.window_ms / 1000:g} s by "
-                            f"{scope}. Change the request or wait "
-                            f"{format_duration(int(wait_ms))}.", type="rate_limit_error",
-                            code="loop_detected", headers=out)
+        return RateLimited(f"Loop detected: the same request was sent more than "
+                           f"{check.max} times within {check.window_ms / 1000:g} s by "
+                           f"{scope}. Change the request or wait "
+                           f"{format_duration(int(wait_ms))}.", code="loop_detected",
+                           headers=out)
     if isinstance(check, Gcra) and math.isinf(wait_ms):
         # No amount of waiting helps: the request alone is larger than the bucket.
-        return GatewayError(429, f"This request needs {check.cost} {check.name}, more than "
-                            f"the {check.burst} {scope} may use at once; lower max_tokens or "
-                            "shorten the prompt.", type="rate_limit_error",
-                            code="rate_limit_exceeded", headers=out)
+        return RateLimited(f"This request needs {check.cost} {check.name}, more than "
+                           f"the {check.burst} {scope} may use at once; lower max_tokens or "
+                           "shorten the prompt.", headers=out)
     if isinstance(check, Gcra):
         per_minute = round(60_000 / check.interval_ms)
         what, detail = f"{check.name} per minute", f" (limit {per_minute}/min)"
     else:
         what, detail = check.name, f" (limit {check.max})"
-    return GatewayError(429, f"Rate limit reached for {what} of {scope}{detail}. Retry in "
-                        f"{format_duration(math.ceil(wait_ms))}.", type="rate_limit_error",
-                        code="rate_limit_exceeded", headers=out)
+    return RateLimited(f"Rate limit reached for {what} of {scope}{detail}. Retry in "
+                       f"{format_duration(math.ceil(wait_ms))}.", headers=out)
 
 
-def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str]) -> GatewayError:
+def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str]) -> BudgetExceeded:
     """429 run_budget_exceeded naming the cap: the run is over, so no retry (the SDKs read
     ``x-should-retry: false``); the agent must wrap up or start a new run."""
     cap = run_cap(check)
@@ -806,9 +803,9 @@ def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str]) -> Gat
         else:
             detail = (f"has used {used} of its {cap} cap of {check.limit}; this request "
                       f"would reserve {check.cost} more")
-    return GatewayError(429, f"Run budget exceeded: this agent run (X-Agent-Session) {detail} "
-                        f"({setting}). The run is stopped: start a new run to continue.",
-                        type="insufficient_quota", code="run_budget_exceeded", headers=headers)
+    return BudgetExceeded(f"Run budget exceeded: this agent run (X-Agent-Session) {detail} "
+                          f"({setting}). The run is stopped: start a new run to continue.",
+                          code="run_budget_exceeded", headers=headers)
 
 
 def format_duration(ms: int) -> str:
