@@ -26,7 +26,7 @@ import orjson
 
 from .jsonbytes import dumps_kept
 from .limits import DONE_TTL_MS, Counting, Hold, Limiter
-from .ratelimit import SettlePlan, exact_interval
+from .ratelimit import Kind, SettlePlan, exact_interval
 from .streaming import Usage
 
 
@@ -43,6 +43,7 @@ def hold_to_json(hold: Hold) -> bytes:
             "gcra": [(k, float(i), r, a) for k, i, r, a in plan.gcra],
             "gcra_intervals": [str(i) for _, i, _, _ in plan.gcra],
             "counters": plan.counters,
+            "counter_kinds": [kind.value for kind in hold.counter_kinds],
         },
     })
 
@@ -55,7 +56,24 @@ def hold_from_json(raw: bytes) -> Hold:
         tuple((k, int(r), int(a), int(t)) for k, r, a, t in plan["counters"]), ())
     counting = Counting(*(bool(c) for c in data.get("counting", (True, True))))
     return Hold(data["request_id"], data["mode"], int(data["tokens"]), int(data["cost"]), settle,
-                counting=counting)
+                counting=counting, counter_kinds=_counter_kinds(plan))
+
+
+def _counter_kinds(plan: dict[str, Any] | None) -> tuple[Kind, ...]:
+    # Entries written before holds recorded what each counter counts: read from the keys.
+    if plan is None:
+        return ()
+    if "counter_kinds" in plan:
+        return tuple(Kind(k) for k in plan["counter_kinds"])
+    return tuple(_legacy_kind(str(c[0])) for c in plan["counters"])
+
+
+def _legacy_kind(key: str) -> Kind:
+    last = key.rsplit(":", 1)[-1]
+    runs = {"run-tok": Kind.run_tokens, "run-cost": Kind.run_cost, "run-steps": Kind.run_steps}
+    if last in runs:
+        return runs[last]
+    return Kind.budget_cost if ":b:cost:" in key else Kind.budget_tokens
 
 
 def _gcra(plan: dict[str, Any]) -> tuple[tuple[str, Fraction, int, int], ...]:
@@ -76,7 +94,7 @@ def run_hold(hold: Hold, run: int) -> Hold:
         plan.hold_key.removesuffix(hold.request_id) + rid, DONE_TTL_MS, plan.gcra,
         plan.counters, ())
     return Hold(rid, hold.mode, hold.reserved_tokens, hold.reserved_cost, charge,
-                counting=hold.counting)
+                counting=hold.counting, counter_kinds=hold.counter_kinds)
 
 
 async def refund(limiter: Limiter, hold: Hold) -> None:

@@ -50,6 +50,7 @@ from .ratelimit import (
     Lease,
     LocalLimits,
     Repeat,
+    Scope,
     SettlePlan,
 )
 from .state import StateBackend, StateUnavailable
@@ -264,7 +265,8 @@ class DegradedMode:
         """Count live replicas through a lease set, for ``replicas: auto``."""
         if isinstance(self.policy.replicas, int) or self.active:
             return
-        plan = AdmitPlan(self.replica_id, (Lease(FLEET_KEY, 1_000_000, HEARTBEAT_TTL_MS),),
+        plan = AdmitPlan(self.replica_id, (Lease(FLEET_KEY, 1_000_000, HEARTBEAT_TTL_MS,
+                                                 scope=Scope.fleet),),
                          "rl:{fleet}:hb:" + self.replica_id, HEARTBEAT_TTL_MS)
         try:
             result = await self._state.admit(plan)

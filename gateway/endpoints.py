@@ -45,7 +45,7 @@ from .auth import AuthenticationFailed, TenantPolicy
 from .classify import _header_id as header_id
 from .config import AuthFailureLimit, GatewayConfig
 from .errors import GatewayError, RateLimited, retry_headers
-from .ratelimit import Gcra, Tat, gcra_step
+from .ratelimit import Gcra, Scope, Tat, gcra_step
 
 if TYPE_CHECKING:
     from .context import RequestRecord
@@ -114,7 +114,8 @@ class AdminLimit:
 
     def take(self, config: GatewayConfig) -> None:
         rpm = config.admin.requests_per_minute
-        check = Gcra("admin", Fraction(60_000, rpm), config.admin.burst, 1, "requests")
+        check = Gcra("admin", Fraction(60_000, rpm), config.admin.burst, 1, "requests",
+                     scope=Scope.replica)
         ok, tat, result = gcra_step(self._tat, math.floor(self.clock() * 1000), check)
         if ok:
             self._tat = tat

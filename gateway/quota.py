@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from .config import Deployment
-from .ratelimit import AdmitPlan, Gcra
+from .ratelimit import AdmitPlan, Gcra, Kind, Scope
 from .state import StateBackend, StateUnavailable
 
 CHUNK_LIFETIME_S = 1.0
@@ -78,10 +78,12 @@ class ProviderQuotas:
         tag = "{q:" + label + "}"
         if rpm:
             checks.append(Gcra(f"q:{tag}:req", Fraction(60_000, rpm),
-                               max(chunk_req, rpm // 10), chunk_req, "requests"))
+                               max(chunk_req, rpm // 10), chunk_req, "requests",
+                               kind=Kind.requests, scope=Scope.deployment))
         if tpm:
             checks.append(Gcra(f"q:{tag}:tok", Fraction(60_000, tpm),
-                               max(chunk_tok, tpm // 10), chunk_tok, "tokens"))
+                               max(chunk_tok, tpm // 10), chunk_tok, "tokens",
+                               kind=Kind.tokens, scope=Scope.deployment))
         self._lease_no += 1
         lease_id = f"{self._replica}:{self._lease_no}"
         plan = AdmitPlan(lease_id, tuple(checks), f"q:{tag}:lease:{lease_id}", 1000)

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .limits_policy import RunBudget
-from .ratelimit import AdmitPlan, AdmitResult, Check, Counter, Since
+from .ratelimit import AdmitPlan, AdmitResult, Check, Counter, Kind, Scope, Since
 
 MAX_RUNS_PER_TENANT = 200
-RUN_KEY_SUFFIXES = {"run-tok": "tokens", "run-cost": "cost", "run-steps": "steps"}
+# The cap a run check enforces, as its bounded metric label.
+RUN_CAPS = {Kind.run_tokens: "tokens", Kind.run_cost: "cost", Kind.run_steps: "steps",
+            Kind.run_age: "age"}
 CAP_FIELDS = {"tokens": "max_tokens", "cost": "max_cost", "steps": "max_steps",
               "age": "max_age_s"}
 
@@ -50,17 +52,20 @@ def run_checks(tag: str, session: str, model: str, budget: RunBudget, tokens: in
     ttl = int(budget.idle_ttl_s * 1000)
     scope = "this agent run"
     if caps.max_tokens is not None:
-        add(Counter(prefix + "run-tok", caps.max_tokens, tokens, ttl, 0, "run tokens cap",
-                    budget.shadow, idle=True), scope)
+        add(Counter(prefix + "run-tok", caps.max_tokens, tokens, ttl, 0,
+                    "run tokens cap", budget.shadow, idle=True, kind=Kind.run_tokens,
+                    scope=Scope.run), scope)
     if caps.max_cost is not None:
-        add(Counter(prefix + "run-cost", math.floor(caps.max_cost * 1_000_000), cost_units,
-                    ttl, 0, "run cost cap", budget.shadow, idle=True), scope)
+        add(Counter(prefix + "run-cost", math.floor(caps.max_cost * 1_000_000),
+                    cost_units, ttl, 0, "run cost cap", budget.shadow, idle=True,
+                    kind=Kind.run_cost, scope=Scope.run), scope)
     if caps.max_steps is not None:
-        add(Counter(prefix + "run-steps", caps.max_steps, 1, ttl, 0, "run steps cap",
-                    budget.shadow, idle=True), scope)
+        add(Counter(prefix + "run-steps", caps.max_steps, 1, ttl, 0,
+                    "run steps cap", budget.shadow, idle=True, kind=Kind.run_steps,
+                    scope=Scope.run), scope)
     if caps.max_age_s is not None:
-        add(Since(prefix + "run-t0", math.floor(caps.max_age_s * 1000), ttl, "run age cap",
-                  budget.shadow), scope)
+        add(Since(prefix + "run-t0", math.floor(caps.max_age_s * 1000), ttl,
+                  "run age cap", budget.shadow, Kind.run_age, Scope.run), scope)
 
 
 def is_run_check(check: Check) -> bool:
@@ -70,21 +75,7 @@ def is_run_check(check: Check) -> bool:
 def run_cap(check: Check) -> str:
     """``tokens`` | ``cost`` | ``steps`` | ``age``: the cap a run check enforces (a bounded
     metric label)."""
-    if isinstance(check, Since):
-        return "age"
-    return RUN_KEY_SUFFIXES.get(check.key.rsplit(":", 1)[-1], "tokens")
-
-
-def settled_amount(key: str, reserved: int, tokens: int, cost_units: int) -> int | None:
-    """What a run counter is charged at settlement (None: not a run counter)."""
-    suffix = key.rsplit(":", 1)[-1]
-    if suffix == "run-tok":
-        return tokens
-    if suffix == "run-cost":
-        return cost_units
-    if suffix == "run-steps":
-        return reserved  # a step is a step, whatever the call used
-    return None
+    return RUN_CAPS.get(check.kind, "tokens")
 
 
 def usage_after(plan: AdmitPlan, result: AdmitResult) -> dict[str, float]:
