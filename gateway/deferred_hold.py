@@ -27,6 +27,7 @@ import orjson
 from .jsonbytes import dumps_kept
 from .limits import DONE_TTL_MS, Counting, Hold, Limiter
 from .ratelimit import Kind, SettlePlan, exact_interval
+from .state import keys
 from .streaming import Usage
 
 
@@ -65,15 +66,7 @@ def _counter_kinds(plan: dict[str, Any] | None) -> tuple[Kind, ...]:
         return ()
     if "counter_kinds" in plan:
         return tuple(Kind(k) for k in plan["counter_kinds"])
-    return tuple(_legacy_kind(str(c[0])) for c in plan["counters"])
-
-
-def _legacy_kind(key: str) -> Kind:
-    last = key.rsplit(":", 1)[-1]
-    runs = {"run-tok": Kind.run_tokens, "run-cost": Kind.run_cost, "run-steps": Kind.run_steps}
-    if last in runs:
-        return runs[last]
-    return Kind.budget_cost if ":b:cost:" in key else Kind.budget_tokens
+    return tuple(keys.counter_kind(str(c[0])) for c in plan["counters"])
 
 
 def _gcra(plan: dict[str, Any]) -> tuple[tuple[str, Fraction, int, int], ...]:
@@ -90,8 +83,8 @@ def run_hold(hold: Hold, run: int) -> Hold:
     plan = hold.settle_plan
     rid = f"{hold.request_id}.r{run}"
     charge = None if plan is None else SettlePlan(
-        rid, plan.done_key.removesuffix(hold.request_id) + rid,
-        plan.hold_key.removesuffix(hold.request_id) + rid, DONE_TTL_MS, plan.gcra,
+        rid, keys.for_request(plan.done_key, hold.request_id, rid),
+        keys.for_request(plan.hold_key, hold.request_id, rid), DONE_TTL_MS, plan.gcra,
         plan.counters, ())
     return Hold(rid, hold.mode, hold.reserved_tokens, hold.reserved_cost, charge,
                 counting=hold.counting, counter_kinds=hold.counter_kinds)

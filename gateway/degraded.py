@@ -53,12 +53,12 @@ from .ratelimit import (
     Scope,
     SettlePlan,
 )
-from .state import StateBackend, StateUnavailable
+from .state import StateBackend, StateUnavailable, keys
 
 log = logging.getLogger("gateway.limits")
-FLEET_KEY = "rl:{fleet}:replicas"
+FLEET_KEY = keys.FLEET_REPLICAS
 HEARTBEAT_TTL_MS = 30_000
-EPOCH_KEY = "rl:{fleet}:epoch"
+EPOCH_KEY = keys.FLEET_EPOCH
 EPOCH_TTL_MS = 32 * 24 * 3600 * 1000  # refreshed on every check: gone only if the store lost it
 EPOCH_CHECK_S = 5.0
 KNOWN_BUDGETS_MAX = 100_000  # budget counters remembered (tenants x periods); oldest dropped
@@ -267,7 +267,7 @@ class DegradedMode:
             return
         plan = AdmitPlan(self.replica_id, (Lease(FLEET_KEY, 1_000_000, HEARTBEAT_TTL_MS,
                                                  scope=Scope.fleet),),
-                         "rl:{fleet}:hb:" + self.replica_id, HEARTBEAT_TTL_MS)
+                         keys.fleet_heartbeat(self.replica_id), HEARTBEAT_TTL_MS)
         try:
             result = await self._state.admit(plan)
         except StateUnavailable as exc:

@@ -59,6 +59,7 @@ from .runs import (
     warning,
 )
 from .state import StateBackend, StateUnavailable
+from .state import keys as store_keys
 from .usage import Rates, Usage, reservation_cost_micros
 
 log = logging.getLogger("gateway.limits")
@@ -213,9 +214,10 @@ class Limiter:
         checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry)
         if not checks:
             return Hold(request_id, "none", tokens, cost_units, None, counting=counting)
-        t = _tag(call.tenant.name)
-        plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", hold_ttl_ms)
-        settle_plan, counter_kinds = _settle_plan(plan)
+        name = call.tenant.name
+        plan = AdmitPlan(request_id, tuple(checks), store_keys.hold(name, request_id),
+                         hold_ttl_ms)
+        settle_plan, counter_kinds = _settle_plan(plan, store_keys.done(name, request_id))
         leases = tuple(c.key for c in checks if isinstance(c, Lease))
         result, mode = await self._run(plan, call.priority.name)
         waiting_for = _leases_only(plan, result)
@@ -285,7 +287,6 @@ class Limiter:
         ``admit`` makes. No tokens, budget, loop guard or concurrency lease, so nothing to
         settle: the hold marker lives 1 ms and the returned hold has no settle plan."""
         config = self._config.tenants[tenant]
-        t = _tag(tenant)
         checks: list[Check] = []
         scopes: dict[int, str] = {}
 
@@ -294,14 +295,15 @@ class Limiter:
                 scopes[len(checks)] = scope
                 checks.append(check)
 
-        _rate_checks(config.limits, f"rl:{t}:", 0, add, Scope.tenant, f"tenant {tenant}")
+        _rate_checks(config.limits, store_keys.limits(tenant), 0, add, Scope.tenant,
+                     f"tenant {tenant}")
         if config.limits.per_session and session:
             sid = hashlib.sha256(session.encode()).hexdigest()[:16]
-            _rate_checks(config.limits.per_session, f"rl:{t}:s:{sid}:", 0, add, Scope.session,
-                         "this agent session")
+            _rate_checks(config.limits.per_session, store_keys.session_limits(tenant, sid), 0,
+                         add, Scope.session, "this agent session")
         if not checks:
             return Hold(request_id, "none", 0, 0, None)
-        plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", 1)
+        plan = AdmitPlan(request_id, tuple(checks), store_keys.hold(tenant, request_id), 1)
         planned_at = self._wall_clock()
         result, mode = await self._run(plan, priority)
         hold = Hold(request_id, mode, 0, 0, None, settled=True)
@@ -452,7 +454,7 @@ class Limiter:
                 lease: bool = True, client_retry: bool = False) -> tuple[
         list[Check], dict[int, str]
     ]:
-        t = _tag(call.tenant.name)
+        name = call.tenant.name
         checks: list[Check] = []
         scopes: dict[int, str] = {}  # check index -> what it limits, for messages
 
@@ -462,16 +464,16 @@ class Limiter:
             scopes[len(checks)] = scope
             checks.append(check)
 
-        _rate_checks(tenant.limits, f"rl:{t}:", tokens, add, Scope.tenant,
+        _rate_checks(tenant.limits, store_keys.limits(name), tokens, add, Scope.tenant,
                      f"tenant {call.tenant.name}")
         per_model = tenant.limits.per_model.get(call.model)
         if per_model:
-            _rate_checks(per_model, f"rl:{t}:m:{call.model}:", tokens, add, Scope.model,
-                         f"tenant {call.tenant.name} on model {call.model}")
+            _rate_checks(per_model, store_keys.model_limits(name, call.model), tokens, add,
+                         Scope.model, f"tenant {call.tenant.name} on model {call.model}")
         if tenant.limits.per_session and call.agent_session:
             sid = hashlib.sha256(call.agent_session.encode()).hexdigest()[:16]
-            _rate_checks(tenant.limits.per_session, f"rl:{t}:s:{sid}:", tokens, add,
-                         Scope.session, "this agent session")
+            _rate_checks(tenant.limits.per_session, store_keys.session_limits(name, sid),
+                         tokens, add, Scope.session, "this agent session")
         budget = tenant.budget
         has_budget = budget.daily_tokens or budget.monthly_tokens or budget.daily_cost or \
             budget.monthly_cost
@@ -484,24 +486,25 @@ class Limiter:
                 if limit is None:
                     continue
                 units = int(limit * 1_000_000) if kind is Kind.budget_cost else int(limit)
-                add(Counter(f"rl:{t}:b:{unit}:{key_part}", units, cost_of, ttl_ms,
+                add(Counter(store_keys.budget(name, kind, key_part), units, cost_of, ttl_ms,
                             reset_ms, name=f"{period} {unit} budget", shadow=budget.shadow,
                             kind=kind, period=period),
                     f"tenant {call.tenant.name}")
         guard = tenant.loop_guard
         if guard.enabled and not client_retry and _may_repeat(call.body):
             if guard.scope == "tenant":
-                add(Repeat(f"rl:{t}:loop:{_fingerprint(call)}", guard.max_repeats,
+                add(Repeat(store_keys.loop(name, _fingerprint(call)), guard.max_repeats,
                            int(guard.window_s * 1000), shadow=guard.shadow),
                     f"tenant {call.tenant.name}")
             elif call.agent_session:
                 sid = hashlib.sha256(call.agent_session.encode()).hexdigest()[:16]
-                add(Repeat(f"rl:{t}:s:{sid}:loop:{_fingerprint(call)}", guard.max_repeats,
+                add(Repeat(store_keys.loop(name, _fingerprint(call), sid), guard.max_repeats,
                            int(guard.window_s * 1000), shadow=guard.shadow,
                            scope=Scope.session),
                     "this agent session")
         if call.agent_session:
-            run_checks(t, call.agent_session, call.model, tenant.run_budget, tokens, cost, add)
+            run_checks(name, call.agent_session, call.model, tenant.run_budget, tokens, cost,
+                       add)
         return checks, scopes
 
     def settle_soon(self, hold: Hold, usage: Usage, cost_units: int) -> None:
@@ -592,26 +595,22 @@ class Limiter:
                 return
 
 
-def _tag(tenant: str) -> str:
-    return "{t:" + tenant + "}"
-
-
 def _rate_checks(limits: RateLimits, prefix: str, tokens: int,
                  add: Callable[[Check, str], None], scope: Scope, text: str) -> None:
     """The request, token and concurrency checks of ``limits`` for ``scope`` (``text``
     names it in messages)."""
     if limits.requests_per_minute:
         rpm = limits.requests_per_minute
-        add(Gcra(prefix + "req", Fraction(60_000, rpm),
+        add(Gcra(prefix + store_keys.RATE_SUFFIXES[Kind.requests], Fraction(60_000, rpm),
                  limits.request_burst or max(1, rpm // 10), 1, "requests", limits.shadow,
                  Kind.requests, scope), text)
     if limits.tokens_per_minute and tokens:
         tpm = limits.tokens_per_minute
-        add(Gcra(prefix + "tok", Fraction(60_000, tpm),
+        add(Gcra(prefix + store_keys.RATE_SUFFIXES[Kind.tokens], Fraction(60_000, tpm),
                  limits.token_burst or tpm, tokens,
                  "tokens", limits.shadow, Kind.tokens, scope), text)
     if limits.max_concurrent:
-        add(Lease(prefix + "conc", limits.max_concurrent,
+        add(Lease(prefix + store_keys.RATE_SUFFIXES[Kind.concurrency], limits.max_concurrent,
                   LEASE_TTL_MS, "concurrent requests", limits.shadow, Kind.concurrency, scope),
             text)
 
@@ -636,14 +635,14 @@ def _fingerprint(call: ProxyCall) -> str:
     return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
 
-def _settle_plan(plan: AdmitPlan) -> tuple[SettlePlan, tuple[Kind, ...]]:
-    """The settlement of ``plan``, and what each of its counters counts."""
+def _settle_plan(plan: AdmitPlan, done: str) -> tuple[SettlePlan, tuple[Kind, ...]]:
+    """The settlement of ``plan`` (``done``: its idempotence marker's key), and what each of
+    its counters counts."""
     gcra = tuple((c.key, c.interval_ms, c.cost, c.cost) for c in plan.checks
                  if isinstance(c, Gcra) and c.kind is Kind.tokens and not c.shadow)
     counted = [c for c in plan.checks if isinstance(c, Counter) and not c.shadow]
     counters = tuple((c.key, c.cost, c.cost, c.ttl_ms) for c in counted)
     leases = tuple(c.key for c in plan.checks if isinstance(c, Lease) and not c.shadow)
-    done = plan.hold_key.replace(":hold:", ":done:")
     return (SettlePlan(plan.request_id, done, plan.hold_key, DONE_TTL_MS, gcra, counters, leases),
             tuple(c.kind for c in counted))
 
