@@ -40,7 +40,7 @@ from typing import Literal
 
 from .admission_policy import AdmissionPolicy
 from .config_base import Priority
-from .errors import GatewayError
+from .errors import Overloaded
 
 ShedReason = Literal["queue_full", "cohort", "retry", "loop_lag", "open_streams", "memory"]
 N_CLASSES = len(Priority)
@@ -167,7 +167,7 @@ def retry_after_s(base_s: float, policy: AdmissionPolicy, rng: random.Random) ->
     return rng.uniform(max(low, base * (1 - spread)), min(high, base * (1 + spread)))
 
 
-def overloaded_error(priority: Priority, retry_after: float, message: str) -> GatewayError:
+def overloaded_error(priority: Priority, retry_after: float, message: str) -> Overloaded:
     """503 ``overloaded`` with Retry-After (whole seconds), retry-after-ms (which the SDKs prefer)
     and x-should-retry: false for normal/low, so SDK clients do not add retries to an overload."""
     headers = {
@@ -175,7 +175,7 @@ def overloaded_error(priority: Priority, retry_after: float, message: str) -> Ga
         "retry-after-ms": str(max(1, round(retry_after * 1000))),
         "x-should-retry": "true" if priority <= Priority.high else "false",
     }
-    return GatewayError(503, message, type="overloaded", code="overloaded", headers=headers)
+    return Overloaded(message, headers=headers)
 
 
 def counts_by_class(counts: Counter[tuple[Priority, str]]) -> dict[str, dict[str, int]]:

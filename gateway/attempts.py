@@ -25,7 +25,7 @@ from .breaker import Trial
 from .classify import ProxyCall
 from .context import AttemptRecord, RequestRecord
 from .deadlines import Deadline, deadline_exceeded
-from .errors import GatewayError, UpstreamTimeout, retry_headers
+from .errors import GatewayError, RateLimited, UpstreamTimeout, retry_headers
 from .relay import is_event_stream, relay_stream, relay_whole, upstream_answer
 from .retry import AttemptFailure, decide_retry, gave_up_headers
 from .services import PolicyVersion, Services
@@ -199,7 +199,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             try:
                 upstream = await attempt.open()
             except GatewayError as exc:
-                timed_out = exc.status == 504
+                timed_out = isinstance(exc, UpstreamTimeout)
                 trial.failure("timeout" if timed_out else "connect_error")
                 # A first byte that never came may be one stuck call, not a full upstream:
                 # the limit tells them apart by the first tokens of the calls that did answer.
@@ -318,9 +318,9 @@ def _after_attempts(error: GatewayError, attempts: int) -> dict[str, str]:
 
 def _quota_spent(label: str, retry_after_s: float) -> _Failed:
     wait_ms = max(1, math.ceil(retry_after_s * 1000))
-    error = GatewayError(
-        429, f"The provider quota of {label} is used up for now; retry in {wait_ms} ms.",
-        type="rate_limit_error", code="rate_limit_exceeded", headers=retry_headers(wait_ms),
+    error = RateLimited(
+        f"The provider quota of {label} is used up for now; retry in {wait_ms} ms.",
+        headers=retry_headers(wait_ms),
     )
     return _Failed(AttemptFailure.from_response(429, {"retry-after-ms": str(wait_ms)}), error)
 

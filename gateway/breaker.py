@@ -41,7 +41,7 @@ from gateway.breaker_deployment import (
 )
 from gateway.breaker_fleet import FleetSync
 from gateway.breaker_policy import BreakerPolicy
-from gateway.errors import GatewayError, retry_headers
+from gateway.errors import Unavailable, retry_headers
 from gateway.state.base import StateBackend
 
 __all__ = ["BreakerBoard", "BreakerObserver", "BreakerStatus", "FailureKind", "Trial"]
@@ -199,11 +199,11 @@ class BreakerBoard:
             waits.append(wait)
         return min(waits) if waits else self.policy.reset_timeout_s
 
-    def unavailable_error(self, deployments: Iterable[str]) -> GatewayError:
+    def unavailable_error(self, deployments: Iterable[str]) -> Unavailable:
         """The fast 503 for "no deployment usable", with Retry-After until the first one is."""
         wait = self.retry_after_s(deployments)
-        return GatewayError(
-            503, "Every deployment of this model is temporarily unavailable; retry later.",
+        return Unavailable(
+            "Every deployment of this model is temporarily unavailable; retry later.",
             type="upstream_error", code="upstream_unavailable",
             headers=retry_headers(wait * 1000),
         )

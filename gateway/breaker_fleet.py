@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 
 from gateway.breaker_deployment import HALF_OPEN, OPEN, DeploymentBreaker
 from gateway.breaker_policy import BreakerPolicy
+from gateway.state import keys
 from gateway.state.base import StateBackend, StateUnavailable
 
 log = logging.getLogger("gateway.breaker")
@@ -30,10 +31,8 @@ _LOCAL_SLOT = -1  # a probe admitted locally while the store was unreachable
 
 
 def _key(deployment: str, suffix: str) -> str:
-    # The deployment is the {hash tag}: one Cluster slot per deployment. Braces inside the
-    # name would end the tag early, so they are swapped out.
-    tag = deployment.replace("{", "(").replace("}", ")")
-    return f"cb:{{{tag}}}:{suffix}"
+    # The deployment is the {hash tag}: one Cluster slot per deployment (state/keys.py).
+    return keys.breaker(deployment, suffix)
 
 
 class FleetSync:

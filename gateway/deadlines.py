@@ -23,7 +23,7 @@ from typing import Literal
 
 from .admission_policy import AdmissionPolicy
 from .config_base import Priority
-from .errors import GatewayError
+from .errors import DeadlineExceeded, GatewayError
 
 REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
 SDK_READ_TIMEOUT_HEADER = "x-stainless-read-timeout"
@@ -36,15 +36,14 @@ _MIN_UPSTREAM_BUDGET_S = 0.001
 
 
 def deadline_exceeded(left_s: float, expected_ttft_s: float,
-                      cause: str = "the request's deadline") -> GatewayError:
+                      cause: str = "the request's deadline") -> DeadlineExceeded:
     """504 ``deadline_exceeded`` for a request with ``left_s`` seconds left that expects its
     first byte after ``expected_ttft_s``; the SDK must not retry what cannot finish in time.
     ``cause`` names the deadline (``Deadline.describe``)."""
-    return GatewayError(
-        504,
+    return DeadlineExceeded(
         f"{cause[0].upper()}{cause[1:]} cannot be met: {max(0.0, left_s):.3f} s left, the "
         f"first byte is expected after {expected_ttft_s:.3f} s.",
-        type="timeout_error", code="deadline_exceeded", headers={"x-should-retry": "false"},
+        headers={"x-should-retry": "false"},
     )
 
 

@@ -44,7 +44,7 @@ from .deferred_run import DeferredRunner, free_low_slots
 from .deferred_store import FORGET_CONSUMER_MS, Claim, DeferredStore, Fields, QueueFull
 from .deferred_store_memory import MemoryDeferredStore
 from .deferred_store_redis import RedisDeferredStore
-from .errors import GatewayError, retry_headers
+from .errors import GatewayError, RateLimited, Unavailable, retry_headers
 from .jsonbytes import dumps_kept
 from .limits_policy import Degraded
 from .metrics import GatewayMetrics
@@ -172,11 +172,11 @@ class DeferredService:
                                           grace_ms=grace_ms, max_queued=settings.max_queued)
         except QueueFull as exc:
             await refund(policy.limiter, hold)
-            raise GatewayError(
-                429, f"Tenant {tenant} already has {exc.depth} deferred requests waiting (limit "
+            raise RateLimited(
+                f"Tenant {tenant} already has {exc.depth} deferred requests waiting (limit "
                 f"{settings.max_queued}); submit more when some have finished (GET "
                 "/v1/deferred/{id} tells when).",
-                type="rate_limit_error", code="deferred_queue_full",
+                code="deferred_queue_full",
                 # When a slot frees depends on runs at the providers' pace, which nobody can
                 # promise: no Retry-After rather than an invented one, and no SDK retry.
                 headers={**hold.headers, **retry_headers(None)},
@@ -409,8 +409,8 @@ def _labels(policy: PolicyVersion) -> list[str]:
 def unavailable(probe_interval_s: float = _PROBE_INTERVAL_S) -> GatewayError:
     """503 while the queue's store is unreachable; the gateway looks at the store again every
     ``probe_interval_s`` (``state.degraded.probe_interval_s``): a retry can succeed then."""
-    return GatewayError(
-        503, "Deferred requests are unavailable now: the queue cannot be reached; retry later "
-        "or send the request without Prefer: respond-async.", type="server_error",
+    return Unavailable(
+        "Deferred requests are unavailable now: the queue cannot be reached; retry later "
+        "or send the request without Prefer: respond-async.",
         code="deferred_unavailable", headers=retry_headers(probe_interval_s * 1000),
     )

@@ -26,7 +26,8 @@ import orjson
 
 from .jsonbytes import dumps_kept
 from .limits import DONE_TTL_MS, Counting, Hold, Limiter
-from .ratelimit import SettlePlan, exact_interval
+from .ratelimit import Kind, SettlePlan, exact_interval
+from .state import keys
 from .streaming import Usage
 
 
@@ -43,6 +44,7 @@ def hold_to_json(hold: Hold) -> bytes:
             "gcra": [(k, float(i), r, a) for k, i, r, a in plan.gcra],
             "gcra_intervals": [str(i) for _, i, _, _ in plan.gcra],
             "counters": plan.counters,
+            "counter_kinds": [kind.value for kind in hold.counter_kinds],
         },
     })
 
@@ -55,7 +57,16 @@ def hold_from_json(raw: bytes) -> Hold:
         tuple((k, int(r), int(a), int(t)) for k, r, a, t in plan["counters"]), ())
     counting = Counting(*(bool(c) for c in data.get("counting", (True, True))))
     return Hold(data["request_id"], data["mode"], int(data["tokens"]), int(data["cost"]), settle,
-                counting=counting)
+                counting=counting, counter_kinds=_counter_kinds(plan))
+
+
+def _counter_kinds(plan: dict[str, Any] | None) -> tuple[Kind, ...]:
+    # Entries written before holds recorded what each counter counts: read from the keys.
+    if plan is None:
+        return ()
+    if "counter_kinds" in plan:
+        return tuple(Kind(k) for k in plan["counter_kinds"])
+    return tuple(keys.counter_kind(str(c[0])) for c in plan["counters"])
 
 
 def _gcra(plan: dict[str, Any]) -> tuple[tuple[str, Fraction, int, int], ...]:
@@ -72,11 +83,11 @@ def run_hold(hold: Hold, run: int) -> Hold:
     plan = hold.settle_plan
     rid = f"{hold.request_id}.r{run}"
     charge = None if plan is None else SettlePlan(
-        rid, plan.done_key.removesuffix(hold.request_id) + rid,
-        plan.hold_key.removesuffix(hold.request_id) + rid, DONE_TTL_MS, plan.gcra,
+        rid, keys.for_request(plan.done_key, hold.request_id, rid),
+        keys.for_request(plan.hold_key, hold.request_id, rid), DONE_TTL_MS, plan.gcra,
         plan.counters, ())
     return Hold(rid, hold.mode, hold.reserved_tokens, hold.reserved_cost, charge,
-                counting=hold.counting)
+                counting=hold.counting, counter_kinds=hold.counter_kinds)
 
 
 async def refund(limiter: Limiter, hold: Hold) -> None:

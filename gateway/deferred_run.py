@@ -220,10 +220,10 @@ class DeferredRunner:
                 called = bool(record.attempt_log)
             result = _result(response)
         except GatewayError as exc:
-            if not called and exc.status in RETRYABLE_STATUS and exc.code != "tenant_removed":
+            if not called and exc.transient:
                 return self._no_call(record, info, exc.code or f"http_{exc.status}")
             result = Result("failed", exc.status, exc.headers, exc.body(route.dialect))
-            record.outcome = "rejected" if exc.status < 500 else "error"
+            record.outcome = "error" if exc.server_fault else "rejected"
             record.error_code = exc.code
         record.status = result.code
         model = config.models.get(record.model or "")

@@ -32,13 +32,9 @@ from .deferred_store import (
     Submitted,
     encode_run_info,
 )
-from .state import SharedRedis
+from .state import SharedRedis, keys
 
 GROUP = "gw"
-
-
-def _tag(tenant: str) -> str:
-    return "{t:" + tenant + "}"
 
 
 def _s(value: Any) -> str:
@@ -69,10 +65,10 @@ class RedisDeferredStore:
         self._cursors: dict[str, str] = {}  # tenant -> XAUTOCLAIM cursor
 
     def _stream(self, tenant: str) -> str:
-        return f"{self._prefix}dq:{_tag(tenant)}:s"
+        return keys.deferred_stream(self._prefix, tenant)
 
     def _entry(self, tenant: str, entry_id: str) -> str:
-        return f"{self._prefix}dq:{_tag(tenant)}:e:{entry_id}"
+        return keys.deferred_entry(self._prefix, tenant, entry_id)
 
     async def _run(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         return await self._backend.call(f"deferred {op}", lambda: script(keys=keys, args=args))

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
-from .errors import GatewayError, retry_headers
+from .errors import Unavailable, retry_headers
 from .journal import JournalFile
 from .limits_policy import Degraded
 from .ratelimit import (
@@ -50,14 +50,15 @@ from .ratelimit import (
     Lease,
     LocalLimits,
     Repeat,
+    Scope,
     SettlePlan,
 )
-from .state import StateBackend, StateUnavailable
+from .state import StateBackend, StateUnavailable, keys
 
 log = logging.getLogger("gateway.limits")
-FLEET_KEY = "rl:{fleet}:replicas"
+FLEET_KEY = keys.FLEET_REPLICAS
 HEARTBEAT_TTL_MS = 30_000
-EPOCH_KEY = "rl:{fleet}:epoch"
+EPOCH_KEY = keys.FLEET_EPOCH
 EPOCH_TTL_MS = 32 * 24 * 3600 * 1000  # refreshed on every check: gone only if the store lost it
 EPOCH_CHECK_S = 5.0
 KNOWN_BUDGETS_MAX = 100_000  # budget counters remembered (tenants x periods); oldest dropped
@@ -113,9 +114,9 @@ class DegradedMode:
     def admit(self, plan: AdmitPlan, priority: str) -> AdmitResult:
         action = self.action_for(priority)
         if action == "fail_closed":
-            raise GatewayError(
-                503, "Limits cannot be checked right now (shared state unavailable); "
-                "this class of request is refused until it returns.", type="server_error",
+            raise Unavailable(
+                "Limits cannot be checked right now (shared state unavailable); "
+                "this class of request is refused until it returns.",
                 code="limits_unavailable",
                 # The store is probed again within this long: the earliest a retry can pass.
                 headers=retry_headers(self.policy.probe_interval_s * 1000),
@@ -264,8 +265,9 @@ class DegradedMode:
         """Count live replicas through a lease set, for ``replicas: auto``."""
         if isinstance(self.policy.replicas, int) or self.active:
             return
-        plan = AdmitPlan(self.replica_id, (Lease(FLEET_KEY, 1_000_000, HEARTBEAT_TTL_MS),),
-                         "rl:{fleet}:hb:" + self.replica_id, HEARTBEAT_TTL_MS)
+        plan = AdmitPlan(self.replica_id, (Lease(FLEET_KEY, 1_000_000, HEARTBEAT_TTL_MS,
+                                                 scope=Scope.fleet),),
+                         keys.fleet_heartbeat(self.replica_id), HEARTBEAT_TTL_MS)
         try:
             result = await self._state.admit(plan)
         except StateUnavailable as exc:

@@ -44,8 +44,8 @@ from .admin import check_admin
 from .auth import AuthenticationFailed, TenantPolicy
 from .classify import _header_id as header_id
 from .config import AuthFailureLimit, GatewayConfig
-from .errors import GatewayError, retry_headers
-from .ratelimit import Gcra, Tat, gcra_step
+from .errors import GatewayError, RateLimited, retry_headers
+from .ratelimit import Gcra, Scope, Tat, gcra_step
 
 if TYPE_CHECKING:
     from .context import RequestRecord
@@ -91,9 +91,9 @@ class AuthFailureGuard:
         allow_at = tat - (limit.max_failures - 1) * interval
         if now < allow_at:
             wait_ms = max(1, math.ceil((allow_at - now) * 1000))
-            raise GatewayError(
-                429, "Too many failed authentications from this address; retry in "
-                f"{math.ceil(wait_ms / 1000)} s.", type="rate_limit_error",
+            raise RateLimited(
+                "Too many failed authentications from this address; retry in "
+                f"{math.ceil(wait_ms / 1000)} s.",
                 code="too_many_auth_failures", headers=retry_headers(wait_ms))
 
     def failed(self, address: str, limit: AuthFailureLimit) -> None:
@@ -114,15 +114,16 @@ class AdminLimit:
 
     def take(self, config: GatewayConfig) -> None:
         rpm = config.admin.requests_per_minute
-        check = Gcra("admin", Fraction(60_000, rpm), config.admin.burst, 1, "requests")
+        check = Gcra("admin", Fraction(60_000, rpm), config.admin.burst, 1, "requests",
+                     scope=Scope.replica)
         ok, tat, result = gcra_step(self._tat, math.floor(self.clock() * 1000), check)
         if ok:
             self._tat = tat
             return
         wait_ms = max(1, result.retry_after_ms)
-        raise GatewayError(
-            429, f"Admin rate limit reached ({rpm} requests per minute on this replica); retry "
-            f"in {math.ceil(wait_ms / 1000)} s.", type="rate_limit_error",
+        raise RateLimited(
+            f"Admin rate limit reached ({rpm} requests per minute on this replica); retry "
+            f"in {math.ceil(wait_ms / 1000)} s.",
             code="rate_limit_exceeded", headers=retry_headers(wait_ms))
 
 

@@ -9,12 +9,20 @@ error boundary in ``server.py`` turns it into JSON in the caller's dialect:
 
 Once a stream has started the status line is gone; ``streaming.py`` then ends the stream with an
 error event in the same dialect instead.
+
+Code that decides something from an error decides by its class, never by comparing its status,
+code or message: ``TimedOut`` (504: ``UpstreamTimeout``, ``DeadlineExceeded``), ``Overloaded``
+(503 shed), ``Unavailable`` (503: a dependency of the gateway is down, or it is draining),
+``RateLimited`` and ``BudgetExceeded`` (429), ``UpstreamFailure`` (502), ``InternalError``
+(500). Plain ``GatewayError`` is a refusal of the request itself (4xx). ``transient`` says
+whether the same request can succeed later; ``server_fault`` whether the answer is a failure of
+the service (5xx) rather than a refusal.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import orjson
 
@@ -38,6 +46,11 @@ _ANTHROPIC_TYPES = {
 class GatewayError(Exception):
     """An error answered by the gateway rather than relayed from an upstream."""
 
+    # Refused for now, not for what the request is: a deferred run that met it before any
+    # upstream call is put back and tried again later (gateway/deferred_run.py). The 429 and
+    # 5xx classes; a plain GatewayError (4xx) would fail the same way every time.
+    transient: ClassVar[bool] = False
+
     def __init__(
         self,
         status: int,
@@ -55,6 +68,12 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = headers or {}
+
+    @property
+    def server_fault(self) -> bool:
+        """A failure of the service (HTTP's 5xx class), not a refusal of this request (4xx):
+        the access log's ``error`` vs ``rejected``, a span's error status."""
+        return self.status >= 500
 
     def body(self, dialect: Dialect = "openai") -> bytes:
         if dialect == "anthropic":
@@ -78,7 +97,13 @@ class GatewayError(Exception):
         return b"data: " + self.body(dialect) + b"\n\n"
 
 
-class UpstreamTimeout(GatewayError):
+class TimedOut(GatewayError):
+    """504: a time bound ran out (or cannot be met)."""
+
+    transient = True
+
+
+class UpstreamTimeout(TimedOut):
     """504: a bound ran out while waiting for the upstream. ``client_deadline``: the bound was
     the client's own deadline, so the answer is what a client-side timeout would have been
     and the client may retry it (``x-should-retry`` is not set to false)."""
@@ -87,6 +112,73 @@ class UpstreamTimeout(GatewayError):
         super().__init__(504, message, type="timeout_error", code=code,
                          headers={"x-should-retry": "true"} if client_deadline else None)
         self.client_deadline = client_deadline
+
+
+class DeadlineExceeded(TimedOut):
+    """504 ``deadline_exceeded``: the request's deadline cannot be met (gateway/deadlines.py)."""
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(504, message, type="timeout_error", code="deadline_exceeded",
+                         headers=headers)
+
+
+class Overloaded(GatewayError):
+    """503 ``overloaded``: the gateway sheds this request to protect itself or an upstream
+    (admission, self-protection). The one error an ``on_shed`` deferral turns into a 202."""
+
+    transient = True
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(503, message, type="overloaded", code="overloaded", headers=headers)
+
+
+class Unavailable(GatewayError):
+    """503: something the request needs is unavailable for now (the shared state, the deferred
+    queue, every deployment of the model) or the gateway is draining."""
+
+    transient = True
+
+    def __init__(self, message: str, code: str, *, type: str = "server_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(503, message, type=type, code=code, headers=headers)
+
+
+class RateLimited(GatewayError):
+    """429 ``rate_limit_error``: a rate limit, the loop guard, a provider quota, a queue bound."""
+
+    transient = True
+
+    def __init__(self, message: str, code: str = "rate_limit_exceeded", *,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(429, message, type="rate_limit_error", code=code, headers=headers)
+
+
+class BudgetExceeded(GatewayError):
+    """429 ``insufficient_quota``: a tenant budget or an agent run's cap."""
+
+    transient = True
+
+    def __init__(self, message: str, code: str = "insufficient_quota", *,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(429, message, type="insufficient_quota", code=code, headers=headers)
+
+
+class UpstreamFailure(GatewayError):
+    """502 ``upstream_error``: the upstream could not be reached or answered unusably."""
+
+    transient = True
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(502, message, type="upstream_error", code=code)
+
+
+class InternalError(GatewayError):
+    """500 ``internal_error``: a bug of the gateway's."""
+
+    transient = True
+
+    def __init__(self, message: str, *, status: int = 500) -> None:
+        super().__init__(status, message, type="server_error", code="internal_error")
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> GatewayError:
@@ -105,10 +197,10 @@ def not_found(message: str, *, code: str = "not_found", param: str | None = None
     return GatewayError(404, message, type="not_found_error", code=code, param=param)
 
 
-def upstream_failure(status: int, message: str, code: str) -> GatewayError:
-    """The upstream could not be reached or answered unusably (502/504)."""
-    kind = "timeout_error" if status == 504 else "upstream_error"
-    return GatewayError(status, message, type=kind, code=code)
+def upstream_failure(status: Literal[502], message: str, code: str) -> UpstreamFailure:
+    """The upstream could not be reached or answered unusably: 502 (its timeouts are
+    ``UpstreamTimeout``)."""
+    return UpstreamFailure(message, code)
 
 
 # Longest wait an SDK is told to sleep through: the openai SDK ignores (and stops on) a

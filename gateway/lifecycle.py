@@ -37,7 +37,7 @@ from . import __version__, admin
 from .classify import error_dialect
 from .config import GatewayConfig
 from .connections import raise_open_file_limit
-from .errors import GatewayError
+from .errors import Unavailable
 from .heap import maintain_heap, tune_gc
 from .reload import Reloader, Signature
 from .runner import GatewayRunner
@@ -118,9 +118,9 @@ class DrainGuard:
             response.headers["Connection"] = "close"
 
     async def _end_cut(self, request: web.Request, flight: _Flight) -> web.StreamResponse:
-        error = GatewayError(
-            503, "The gateway is shutting down and this request did not finish within its "
-            "drain timeout; retry it.", type="server_error", code=DRAIN_ERROR_CODE,
+        error = Unavailable(
+            "The gateway is shutting down and this request did not finish within its "
+            "drain timeout; retry it.", code=DRAIN_ERROR_CODE,
             headers={"Retry-After": "1"},
         )
         record = request.get(RECORD)

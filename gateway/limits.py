@@ -30,7 +30,7 @@ from .agent_loop import CanonicalCache
 from .classify import ProxyCall, reserved_output_tokens
 from .config import GatewayConfig, Model, Tenant
 from .degraded import DegradedMode
-from .errors import SDK_WAIT_MAX_MS, GatewayError, retry_headers
+from .errors import SDK_WAIT_MAX_MS, BudgetExceeded, GatewayError, RateLimited, retry_headers
 from .leases import LeaseBoard
 from .limits_policy import CacheReads, RateLimits
 from .periods import period_keys
@@ -42,8 +42,10 @@ from .ratelimit import (
     CheckResult,
     Counter,
     Gcra,
+    Kind,
     Lease,
     Repeat,
+    Scope,
     SettlePlan,
     Since,
 )
@@ -53,11 +55,11 @@ from .runs import (
     run_cap,
     run_checks,
     session_id,
-    settled_amount,
     usage_after,
     warning,
 )
 from .state import StateBackend, StateUnavailable
+from .state import keys as store_keys
 from .usage import Rates, Usage, reservation_cost_micros
 
 log = logging.getLogger("gateway.limits")
@@ -121,6 +123,9 @@ class Hold:
     run: tuple[str, str] | None = None
     run_capped: bool = False
     run_totals: dict[str, float] = field(default_factory=dict)
+    # What each counter of settle_plan counts (aligned with its counters): settlement charges
+    # a cost budget the cost, a token budget the tokens, a run's steps cap one step.
+    counter_kinds: tuple[Kind, ...] = ()
     # Settle the run's step back to 0: no model call was made under this hold (a deferred
     # entry's submit reservation, refunded because each of its runs is charged as a step).
     no_step: bool = False
@@ -156,9 +161,10 @@ class InFlight:
         # Called once per run (on this replica) at its first refusal by a cap: the metric.
         self.on_run_stop: Callable[[str, str], None] | None = None
         # Which store counter each remembered figure came from (tenant, "daily_tokens") -> key,
-        # and back: a settlement corrects the figure only while it is still that period's.
+        # and back (with the figure's unit: 1e6 micro-units of a cost budget per currency
+        # unit): a settlement corrects the figure only while it is still that period's.
         self.budget_keys: dict[tuple[str, str], str] = {}
-        self.budget_of_key: dict[str, tuple[str, str]] = {}
+        self.budget_of_key: dict[str, tuple[str, str, float]] = {}
 
     def budget_snapshot(self) -> dict[str, dict[str, dict[str, float]]]:
         return self.budgets
@@ -208,9 +214,10 @@ class Limiter:
         checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry)
         if not checks:
             return Hold(request_id, "none", tokens, cost_units, None, counting=counting)
-        t = _tag(call.tenant.name)
-        plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", hold_ttl_ms)
-        settle_plan = _settle_plan(plan)
+        name = call.tenant.name
+        plan = AdmitPlan(request_id, tuple(checks), store_keys.hold(name, request_id),
+                         hold_ttl_ms)
+        settle_plan, counter_kinds = _settle_plan(plan, store_keys.done(name, request_id))
         leases = tuple(c.key for c in checks if isinstance(c, Lease))
         result, mode = await self._run(plan, call.priority.name)
         waiting_for = _leases_only(plan, result)
@@ -224,7 +231,7 @@ class Limiter:
                 result, mode = await self._wait_for_lease(plan, call.priority.name,
                                                           waiting_for, wait_s, result, mode)
         hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases,
-                    counting=counting)
+                    counting=counting, counter_kinds=counter_kinds)
         hold.headers = _headers(plan, result, tenant)
         self._remember_budgets(call.tenant.name, plan, result)
         if call.agent_session:
@@ -280,7 +287,6 @@ class Limiter:
         ``admit`` makes. No tokens, budget, loop guard or concurrency lease, so nothing to
         settle: the hold marker lives 1 ms and the returned hold has no settle plan."""
         config = self._config.tenants[tenant]
-        t = _tag(tenant)
         checks: list[Check] = []
         scopes: dict[int, str] = {}
 
@@ -289,14 +295,15 @@ class Limiter:
                 scopes[len(checks)] = scope
                 checks.append(check)
 
-        _rate_checks(config.limits, f"rl:{t}:", 0, add, f"tenant {tenant}")
+        _rate_checks(config.limits, store_keys.limits(tenant), 0, add, Scope.tenant,
+                     f"tenant {tenant}")
         if config.limits.per_session and session:
             sid = hashlib.sha256(session.encode()).hexdigest()[:16]
-            _rate_checks(config.limits.per_session, f"rl:{t}:s:{sid}:", 0, add,
-                         "this agent session")
+            _rate_checks(config.limits.per_session, store_keys.session_limits(tenant, sid), 0,
+                         add, Scope.session, "this agent session")
         if not checks:
             return Hold(request_id, "none", 0, 0, None)
-        plan = AdmitPlan(request_id, tuple(checks), f"rl:{t}:hold:{request_id}", 1)
+        plan = AdmitPlan(request_id, tuple(checks), store_keys.hold(tenant, request_id), 1)
         planned_at = self._wall_clock()
         result, mode = await self._run(plan, priority)
         hold = Hold(request_id, mode, 0, 0, None, settled=True)
@@ -415,9 +422,9 @@ class Limiter:
     def _remember_budgets(self, tenant: str, plan: AdmitPlan, result: AdmitResult) -> None:
         for check, res in zip(plan.checks, result.results):
             if isinstance(check, Counter) and not check.idle:
-                period, unit = check.name.split()[:2]  # "daily tokens budget"
-                scale = 1e6 if unit == "cost" else 1.0
-                name = f"{period}_{unit}"
+                cost = check.kind is Kind.budget_cost
+                scale = 1e6 if cost else 1.0
+                name = f"{check.period}_{'cost' if cost else 'tokens'}"
                 self._budgets.setdefault(tenant, {})[name] = {
                     "remaining": max(0, res.remaining) / scale,
                     "limit": check.limit / scale,
@@ -426,7 +433,7 @@ class Limiter:
                 if old != check.key:  # a new period: the old counter's figure is gone
                     self._inflight.budget_of_key.pop(old or "", None)
                     self._inflight.budget_keys[(tenant, name)] = check.key
-                    self._inflight.budget_of_key[check.key] = (tenant, name)
+                    self._inflight.budget_of_key[check.key] = (tenant, name, scale)
 
     def _refund_remembered(self, plan: SettlePlan) -> None:
         """The remembered figures (metrics, status) were taken at admission, with this request's
@@ -437,9 +444,9 @@ class Limiter:
         for key, reserved, actual, _ in plan.counters:
             owner = self._inflight.budget_of_key.get(key)
             figure = self._budgets.get(owner[0], {}).get(owner[1]) if owner else None
-            if figure is None:
+            if figure is None or owner is None:
                 continue
-            scale = 1e6 if ":b:cost:" in key else 1.0
+            scale = owner[2]
             figure["remaining"] = min(figure["limit"], max(
                 0.0, figure["remaining"] + (reserved - actual) / scale))
 
@@ -447,7 +454,7 @@ class Limiter:
                 lease: bool = True, client_retry: bool = False) -> tuple[
         list[Check], dict[int, str]
     ]:
-        t = _tag(call.tenant.name)
+        name = call.tenant.name
         checks: list[Check] = []
         scopes: dict[int, str] = {}  # check index -> what it limits, for messages
 
@@ -457,43 +464,47 @@ class Limiter:
             scopes[len(checks)] = scope
             checks.append(check)
 
-        _rate_checks(tenant.limits, f"rl:{t}:", tokens, add, f"tenant {call.tenant.name}")
+        _rate_checks(tenant.limits, store_keys.limits(name), tokens, add, Scope.tenant,
+                     f"tenant {call.tenant.name}")
         per_model = tenant.limits.per_model.get(call.model)
         if per_model:
-            _rate_checks(per_model, f"rl:{t}:m:{call.model}:", tokens, add,
-                         f"tenant {call.tenant.name} on model {call.model}")
+            _rate_checks(per_model, store_keys.model_limits(name, call.model), tokens, add,
+                         Scope.model, f"tenant {call.tenant.name} on model {call.model}")
         if tenant.limits.per_session and call.agent_session:
             sid = hashlib.sha256(call.agent_session.encode()).hexdigest()[:16]
-            _rate_checks(tenant.limits.per_session, f"rl:{t}:s:{sid}:", tokens, add,
-                         "this agent session")
+            _rate_checks(tenant.limits.per_session, store_keys.session_limits(name, sid),
+                         tokens, add, Scope.session, "this agent session")
         budget = tenant.budget
         has_budget = budget.daily_tokens or budget.monthly_tokens or budget.daily_cost or \
             budget.monthly_cost
         periods = period_keys(self._wall_clock()) if has_budget else ()
         for period, key_part, reset_ms, ttl_ms in periods:
-            for unit, limit, cost_of in (
-                ("tokens", getattr(budget, f"{period}_tokens"), tokens),
-                ("cost", getattr(budget, f"{period}_cost"), cost),
+            for unit, kind, limit, cost_of in (
+                ("tokens", Kind.budget_tokens, getattr(budget, f"{period}_tokens"), tokens),
+                ("cost", Kind.budget_cost, getattr(budget, f"{period}_cost"), cost),
             ):
                 if limit is None:
                     continue
-                units = int(limit * 1_000_000) if unit == "cost" else int(limit)
-                add(Counter(f"rl:{t}:b:{unit}:{key_part}", units, cost_of, ttl_ms, reset_ms,
-                            name=f"{period} {unit} budget", shadow=budget.shadow),
+                units = int(limit * 1_000_000) if kind is Kind.budget_cost else int(limit)
+                add(Counter(store_keys.budget(name, kind, key_part), units, cost_of, ttl_ms,
+                            reset_ms, name=f"{period} {unit} budget", shadow=budget.shadow,
+                            kind=kind, period=period),
                     f"tenant {call.tenant.name}")
         guard = tenant.loop_guard
         if guard.enabled and not client_retry and _may_repeat(call.body):
             if guard.scope == "tenant":
-                add(Repeat(f"rl:{t}:loop:{_fingerprint(call)}", guard.max_repeats,
+                add(Repeat(store_keys.loop(name, _fingerprint(call)), guard.max_repeats,
                            int(guard.window_s * 1000), shadow=guard.shadow),
                     f"tenant {call.tenant.name}")
             elif call.agent_session:
                 sid = hashlib.sha256(call.agent_session.encode()).hexdigest()[:16]
-                add(Repeat(f"rl:{t}:s:{sid}:loop:{_fingerprint(call)}", guard.max_repeats,
-                           int(guard.window_s * 1000), shadow=guard.shadow),
+                add(Repeat(store_keys.loop(name, _fingerprint(call), sid), guard.max_repeats,
+                           int(guard.window_s * 1000), shadow=guard.shadow,
+                           scope=Scope.session),
                     "this agent session")
         if call.agent_session:
-            run_checks(t, call.agent_session, call.model, tenant.run_budget, tokens, cost, add)
+            run_checks(name, call.agent_session, call.model, tenant.run_budget, tokens, cost,
+                       add)
         return checks, scopes
 
     def settle_soon(self, hold: Hold, usage: Usage, cost_units: int) -> None:
@@ -548,7 +559,8 @@ class Limiter:
                 hold.reserved_cost / 1e6, cost_units / 1e6, hold.run_capped, hold.no_step)
         if hold.settle_plan is None:
             return None
-        plan = _with_actuals(hold.settle_plan, usage.limit_tokens(counting.rate_cache_reads),
+        plan = _with_actuals(hold.settle_plan, hold.counter_kinds,
+                             usage.limit_tokens(counting.rate_cache_reads),
                              usage.limit_tokens(counting.budget_cache_reads), cost_units,
                              hold.no_step)
         self._refund_remembered(plan)
@@ -583,23 +595,24 @@ class Limiter:
                 return
 
 
-def _tag(tenant: str) -> str:
-    return "{t:" + tenant + "}"
-
-
 def _rate_checks(limits: RateLimits, prefix: str, tokens: int,
-                 add: Callable[[Check, str], None], scope: str) -> None:
+                 add: Callable[[Check, str], None], scope: Scope, text: str) -> None:
+    """The request, token and concurrency checks of ``limits`` for ``scope`` (``text``
+    names it in messages)."""
     if limits.requests_per_minute:
         rpm = limits.requests_per_minute
-        add(Gcra(prefix + "req", Fraction(60_000, rpm),
-                 limits.request_burst or max(1, rpm // 10), 1, "requests", limits.shadow), scope)
+        add(Gcra(prefix + store_keys.RATE_SUFFIXES[Kind.requests], Fraction(60_000, rpm),
+                 limits.request_burst or max(1, rpm // 10), 1, "requests", limits.shadow,
+                 Kind.requests, scope), text)
     if limits.tokens_per_minute and tokens:
         tpm = limits.tokens_per_minute
-        add(Gcra(prefix + "tok", Fraction(60_000, tpm), limits.token_burst or tpm, tokens,
-                 "tokens", limits.shadow), scope)
+        add(Gcra(prefix + store_keys.RATE_SUFFIXES[Kind.tokens], Fraction(60_000, tpm),
+                 limits.token_burst or tpm, tokens,
+                 "tokens", limits.shadow, Kind.tokens, scope), text)
     if limits.max_concurrent:
-        add(Lease(prefix + "conc", limits.max_concurrent, LEASE_TTL_MS, "concurrent requests",
-                  limits.shadow), scope)
+        add(Lease(prefix + store_keys.RATE_SUFFIXES[Kind.concurrency], limits.max_concurrent,
+                  LEASE_TTL_MS, "concurrent requests", limits.shadow, Kind.concurrency, scope),
+            text)
 
 
 def _may_repeat(body: dict[str, Any]) -> bool:
@@ -622,28 +635,29 @@ def _fingerprint(call: ProxyCall) -> str:
     return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
 
-def _settle_plan(plan: AdmitPlan) -> SettlePlan:
+def _settle_plan(plan: AdmitPlan, done: str) -> tuple[SettlePlan, tuple[Kind, ...]]:
+    """The settlement of ``plan`` (``done``: its idempotence marker's key), and what each of
+    its counters counts."""
     gcra = tuple((c.key, c.interval_ms, c.cost, c.cost) for c in plan.checks
-                 if isinstance(c, Gcra) and c.name == "tokens" and not c.shadow)
-    counters = tuple((c.key, c.cost, c.cost, c.ttl_ms) for c in plan.checks
-                     if isinstance(c, Counter) and not c.shadow)
+                 if isinstance(c, Gcra) and c.kind is Kind.tokens and not c.shadow)
+    counted = [c for c in plan.checks if isinstance(c, Counter) and not c.shadow]
+    counters = tuple((c.key, c.cost, c.cost, c.ttl_ms) for c in counted)
     leases = tuple(c.key for c in plan.checks if isinstance(c, Lease) and not c.shadow)
-    done = plan.hold_key.replace(":hold:", ":done:")
-    return SettlePlan(plan.request_id, done, plan.hold_key, DONE_TTL_MS, gcra, counters, leases)
+    return (SettlePlan(plan.request_id, done, plan.hold_key, DONE_TTL_MS, gcra, counters, leases),
+            tuple(c.kind for c in counted))
 
 
-def _with_actuals(plan: SettlePlan, rate_tokens: int, budget_tokens: int,
-                  cost_units: int, no_step: bool = False) -> SettlePlan:
-    """The same plan with each reservation's actual amount filled in (a run's tokens cap
-    counts tokens as the tenant's budgets do)."""
-    def actual(key: str, reserved: int) -> int:
-        run = settled_amount(key, 0 if no_step else reserved, budget_tokens, cost_units)
-        if run is not None:
-            return run
-        return cost_units if ":b:cost:" in key else budget_tokens
+def _with_actuals(plan: SettlePlan, kinds: tuple[Kind, ...], rate_tokens: int,
+                  budget_tokens: int, cost_units: int, no_step: bool = False) -> SettlePlan:
+    """The same plan with each reservation's actual amount filled in; ``kinds``: what each
+    counter counts (a run's tokens cap counts tokens as the tenant's budgets do)."""
+    def actual(kind: Kind, reserved: int) -> int:
+        if kind is Kind.run_steps:
+            return 0 if no_step else reserved  # a step is a step, whatever the call used
+        return cost_units if kind in (Kind.budget_cost, Kind.run_cost) else budget_tokens
 
-    counters = tuple((key, reserved, actual(key, reserved), ttl)
-                     for key, reserved, _, ttl in plan.counters)
+    counters = tuple((key, reserved, actual(kind, reserved), ttl)
+                     for (key, reserved, _, ttl), kind in zip(plan.counters, kinds, strict=True))
     gcra = tuple((key, interval, reserved, rate_tokens)
                  for key, interval, reserved, _ in plan.gcra)
     return SettlePlan(plan.request_id, plan.done_key, plan.hold_key, plan.done_ttl_ms, gcra,
@@ -655,8 +669,9 @@ def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant) -> dict[str, 
     headers: dict[str, str] = {}
     for i, check in enumerate(plan.checks):
         res = result.results[i]
-        if isinstance(check, Gcra) and check.key.endswith(("}:req", "}:tok")) and not check.shadow:
-            kind = "requests" if check.name == "requests" else "tokens"
+        if isinstance(check, Gcra) and check.scope is Scope.tenant and not check.shadow \
+                and check.kind in (Kind.requests, Kind.tokens):
+            kind = "requests" if check.kind is Kind.requests else "tokens"
             per_minute = round(60_000 / check.interval_ms)
             headers[f"x-ratelimit-limit-{kind}"] = str(per_minute)
             headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, res.remaining))
@@ -693,7 +708,7 @@ def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int,
                 is_run_check(check):
             continue
         left = res.remaining
-        if ":b:cost:" in check.key:
+        if check.kind is Kind.budget_cost:
             # the largest total output whose reserved price fits: cost grows with it
             low, high = -1, max_out
             while low < high:
@@ -720,7 +735,7 @@ def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
     reservation does not fit (how much it reserves, why, and the cap that would fit)."""
     if res.remaining <= 0 or r is None:
         return f"The {check.name} of {scope} is spent; it resets at {reset}."
-    cost = ":b:cost:" in check.key
+    cost = check.kind is Kind.budget_cost
 
     def amount(units: int) -> str:
         return f"{units / 1_000_000:.6g}" if cost else f"{units:,} tokens"
@@ -759,38 +774,35 @@ def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str]
         return _run_refusal(check, res, out)
     if isinstance(check, Counter):
         if math.isinf(wait_ms):  # no period's budget is ever large enough
-            return GatewayError(429, f"This request needs {check.cost} of the {check.name} of "
-                                f"{scope}, more than the whole budget ({check.limit}).",
-                                type="insufficient_quota", code="insufficient_quota",
-                                headers=out)
+            return BudgetExceeded(f"This request needs {check.cost} of the {check.name} of "
+                                  f"{scope}, more than the whole budget ({check.limit}).",
+                                  headers=out)
         # Periods end on a whole second; reset_ms was cut to the ms below it.
         reset_at = datetime.fromtimestamp(round(planned_at_s + res.reset_ms / 1000), UTC)
         reset = f"{reset_at:%Y-%m-%dT%H:%M:%SZ} (in {format_duration(res.reset_ms)})"
-        return GatewayError(429, _budget_message(check, res, scope, reset, reservation),
-                            type="insufficient_quota", code="insufficient_quota", headers=out)
+        return BudgetExceeded(_budget_message(check, res, scope, reset, reservation),
+                              headers=out)
     if isinstance(check, Repeat):
-        return GatewayError(429, f"Loop detected: the same request was sent more than "
-                            f"{check.max} times within {check.window_ms / 1000:g} s by "
-                            f"{scope}. Change the request or wait "
-                            f"{format_duration(int(wait_ms))}.", type="rate_limit_error",
-                            code="loop_detected", headers=out)
+        return RateLimited(f"Loop detected: the same request was sent more than "
+                           f"{check.max} times within {check.window_ms / 1000:g} s by "
+                           f"{scope}. Change the request or wait "
+                           f"{format_duration(int(wait_ms))}.", code="loop_detected",
+                           headers=out)
     if isinstance(check, Gcra) and math.isinf(wait_ms):
         # No amount of waiting helps: the request alone is larger than the bucket.
-        return GatewayError(429, f"This request needs {check.cost} {check.name}, more than "
-                            f"the {check.burst} {scope} may use at once; lower max_tokens or "
-                            "shorten the prompt.", type="rate_limit_error",
-                            code="rate_limit_exceeded", headers=out)
+        return RateLimited(f"This request needs {check.cost} {check.name}, more than "
+                           f"the {check.burst} {scope} may use at once; lower max_tokens or "
+                           "shorten the prompt.", headers=out)
     if isinstance(check, Gcra):
         per_minute = round(60_000 / check.interval_ms)
         what, detail = f"{check.name} per minute", f" (limit {per_minute}/min)"
     else:
         what, detail = check.name, f" (limit {check.max})"
-    return GatewayError(429, f"Rate limit reached for {what} of {scope}{detail}. Retry in "
-                        f"{format_duration(math.ceil(wait_ms))}.", type="rate_limit_error",
-                        code="rate_limit_exceeded", headers=out)
+    return RateLimited(f"Rate limit reached for {what} of {scope}{detail}. Retry in "
+                       f"{format_duration(math.ceil(wait_ms))}.", headers=out)
 
 
-def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str]) -> GatewayError:
+def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str]) -> BudgetExceeded:
     """429 run_budget_exceeded naming the cap: the run is over, so no retry (the SDKs read
     ``x-should-retry: false``); the agent must wrap up or start a new run."""
     cap = run_cap(check)
@@ -806,9 +818,9 @@ def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str]) -> Gat
         else:
             detail = (f"has used {used} of its {cap} cap of {check.limit}; this request "
                       f"would reserve {check.cost} more")
-    return GatewayError(429, f"Run budget exceeded: this agent run (X-Agent-Session) {detail} "
-                        f"({setting}). The run is stopped: start a new run to continue.",
-                        type="insufficient_quota", code="run_budget_exceeded", headers=headers)
+    return BudgetExceeded(f"Run budget exceeded: this agent run (X-Agent-Session) {detail} "
+                          f"({setting}). The run is stopped: start a new run to continue.",
+                          code="run_budget_exceeded", headers=headers)
 
 
 def format_duration(ms: int) -> str:

@@ -30,7 +30,7 @@ from .classify import (
 from .config import Tenant
 from .context import RequestRecord
 from .deadlines import request_deadline
-from .errors import GatewayError, retry_headers
+from .errors import GatewayError, Overloaded, RateLimited, retry_headers
 from .limits import Hold
 from .services import PolicyVersion, Services
 from .usage import Usage, cost_micros
@@ -99,7 +99,7 @@ async def _pipeline(
     try:
         svc.self_protection.check(call.priority, now)
     except GatewayError as exc:
-        if deferred is None or defer != "on_shed" or exc.code != "overloaded":
+        if deferred is None or defer != "on_shed" or not isinstance(exc, Overloaded):
             raise
         return await deferred.submit(policy, call, request.headers, record, via="shed")
     # 5 deadline feasibility against the fastest candidate's optimistic first byte
@@ -132,7 +132,7 @@ async def _pipeline(
         return await attempt_loop(ctx)
     except GatewayError as exc:
         # on_shed deferral: an admission shed comes before any upstream call was made
-        if deferred is None or defer != "on_shed" or exc.code != "overloaded" \
+        if deferred is None or defer != "on_shed" or not isinstance(exc, Overloaded) \
                 or record.attempt_log:
             raise
         hold.no_step = True  # no model call: the deferred entry's run is the step
@@ -167,11 +167,11 @@ def _agent_loop(call: ProxyCall, tenant: Tenant, record: RequestRecord,
     record.loop, record.loop_action = finding.header(), settings.action
     policy.limiter.note_loop(call)
     if settings.action == "refuse":
-        raise GatewayError(429, f"Agent loop detected: {finding.describe()} in this "
-                           "conversation. Change the approach instead of repeating the call.",
-                           type="rate_limit_error", code="agent_loop_detected",
-                           headers={**retry_headers(None),
-                                    "x-gateway-agent-loop": finding.header()})
+        raise RateLimited(f"Agent loop detected: {finding.describe()} in this "
+                          "conversation. Change the approach instead of repeating the call.",
+                          code="agent_loop_detected",
+                          headers={**retry_headers(None),
+                                   "x-gateway-agent-loop": finding.header()})
     return finding.header() if settings.action == "warn" else None
 
 

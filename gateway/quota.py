@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from .config import Deployment
-from .ratelimit import AdmitPlan, Gcra
-from .state import StateBackend, StateUnavailable
+from .ratelimit import AdmitPlan, Gcra, Kind, Scope
+from .state import StateBackend, StateUnavailable, keys
 
 CHUNK_LIFETIME_S = 1.0
 CHUNK_SHARE = 0.01
@@ -75,16 +75,17 @@ class ProviderQuotas:
         chunk_req = max(need_req, math.ceil((rpm or 0) * CHUNK_SHARE)) if rpm else 0
         chunk_tok = max(need_tok, math.ceil((tpm or 0) * CHUNK_SHARE)) if tpm else 0
         checks = []
-        tag = "{q:" + label + "}"
         if rpm:
-            checks.append(Gcra(f"q:{tag}:req", Fraction(60_000, rpm),
-                               max(chunk_req, rpm // 10), chunk_req, "requests"))
+            checks.append(Gcra(keys.quota(label, Kind.requests), Fraction(60_000, rpm),
+                               max(chunk_req, rpm // 10), chunk_req, "requests",
+                               kind=Kind.requests, scope=Scope.deployment))
         if tpm:
-            checks.append(Gcra(f"q:{tag}:tok", Fraction(60_000, tpm),
-                               max(chunk_tok, tpm // 10), chunk_tok, "tokens"))
+            checks.append(Gcra(keys.quota(label, Kind.tokens), Fraction(60_000, tpm),
+                               max(chunk_tok, tpm // 10), chunk_tok, "tokens",
+                               kind=Kind.tokens, scope=Scope.deployment))
         self._lease_no += 1
         lease_id = f"{self._replica}:{self._lease_no}"
-        plan = AdmitPlan(lease_id, tuple(checks), f"q:{tag}:lease:{lease_id}", 1000)
+        plan = AdmitPlan(lease_id, tuple(checks), keys.quota_lease(label, lease_id), 1000)
         try:
             result = await self._state.admit(plan)
         except StateUnavailable:

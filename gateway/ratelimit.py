@@ -18,6 +18,10 @@ Checks (all evaluated before anything is written; a failing non-shadow check wri
   refused once it is more than ``max_ms`` old; renewed like an ``idle`` counter.
 - ``Repeat``: how often the same request fingerprint was seen in a window (runaway agents).
 
+Every check carries what it limits as typed fields, ``kind`` and ``scope`` (enums below), for
+the code that decides from them (headers, settlement, messages); ``name`` is only the words
+shown in messages, logs and headers, and its key only where it lives in the store.
+
 Settling is idempotent per request id: a ``done`` marker makes replays no-ops; a ``hold``
 marker written by admit tells settle whether to adjust a reservation (hold present) or to
 charge the whole usage (admit never reached this store, e.g. admitted while degraded).
@@ -28,8 +32,36 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from fractions import Fraction
 from typing import NamedTuple
+
+
+class Kind(StrEnum):
+    """What a check counts."""
+
+    requests = "requests"
+    tokens = "tokens"
+    concurrency = "concurrency"
+    budget_tokens = "budget_tokens"  # a period's token budget
+    budget_cost = "budget_cost"  # a period's cost budget, in micro-units
+    run_tokens = "run_tokens"  # an agent run's caps (gateway/runs.py)
+    run_cost = "run_cost"
+    run_steps = "run_steps"
+    run_age = "run_age"
+    loop = "loop"  # the loop guard's repeats of one request
+
+
+class Scope(StrEnum):
+    """Whose use a check counts."""
+
+    tenant = "tenant"
+    model = "model"  # the tenant on one model (limits.per_model)
+    session = "session"  # one X-Agent-Session (limits.per_session, the loop guard)
+    run = "run"  # one agent run (run_budget)
+    deployment = "deployment"  # a provider's quota for a deployment (gateway/quota.py)
+    fleet = "fleet"  # the whole fleet (the replicas' heartbeats, gateway/degraded.py)
+    replica = "replica"  # this replica alone (the admin API's limit, gateway/endpoints.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +72,8 @@ class Gcra:
     cost: int
     name: str  # "requests", "tokens", ...: shown in messages and headers
     shadow: bool = False
+    kind: Kind = Kind.requests
+    scope: Scope = Scope.tenant
 
     def __post_init__(self) -> None:
         if not isinstance(self.interval_ms, Fraction):  # an int, or a float from older code
@@ -53,6 +87,8 @@ class Lease:
     ttl_ms: int
     name: str = "concurrency"
     shadow: bool = False
+    kind: Kind = Kind.concurrency
+    scope: Scope = Scope.tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +101,9 @@ class Counter:
     name: str = "budget"
     shadow: bool = False
     idle: bool = False  # ttl_ms is an idle timeout, renewed by every admission
+    kind: Kind = Kind.budget_tokens
+    scope: Scope = Scope.tenant
+    period: str = ""  # a budget's period: "daily" | "monthly" (gateway/periods.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +117,8 @@ class Since:
     ttl_ms: int
     name: str = "age"
     shadow: bool = False
+    kind: Kind = Kind.run_age
+    scope: Scope = Scope.run
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +128,8 @@ class Repeat:
     window_ms: int
     name: str = "loop"
     shadow: bool = False
+    kind: Kind = Kind.loop
+    scope: Scope = Scope.tenant
 
 
 Check = Gcra | Lease | Counter | Repeat | Since

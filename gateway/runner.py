@@ -29,7 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from .connections import ConnectionGuard
-from .errors import GatewayError
+from .errors import GatewayError, InternalError
 
 log = logging.getLogger("gateway.server")
 
@@ -138,8 +138,8 @@ class _OpenAIShapedErrors(RequestHandler):
             raise ConnectionError("the client connection is gone") from exc
         if status >= 500:  # a bug of ours in a handler: keep aiohttp's traceback in the log
             self.log_exception("error handling request", exc_info=exc)
-            error = GatewayError(status, "the gateway failed to handle this request",
-                                 type="server_error", code="internal_error")
+            error: GatewayError = InternalError("the gateway failed to handle this request",
+                                                status=status)
         else:
             reason = parse_error_reason(exc)
             log.info("unparseable request refused", extra={"fields": {

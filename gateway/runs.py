@@ -4,7 +4,8 @@ A run's caps (``tenant.run_budget``, limits_policy.RunBudget) become checks of t
 ``AdmitPlan`` as the tenant's limits (gateway/ratelimit.py), so they are evaluated in the same
 atomic admission (lua/admit.lua, or LocalLimits) and settled by the same settlement:
 
-- tokens, cost, steps: ``Counter(idle=True)`` keys ``rl:{t:<tenant>}:r:<sid>:run-tok``,
+- tokens, cost, steps: ``Counter(idle=True)`` keys ``rl:{t:<tenant>}:r:<sid>:run-tok``
+  (built in gateway/state/keys.py),
   ``...:run-cost`` (integer micro-units), ``...:run-steps``. Admission adds the request's
   reservation (prompt estimate + output cap, its price, 1 step), so requests in flight count
   against the cap; settlement replaces the reservation with the real usage (a step stays 1).
@@ -27,10 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .limits_policy import RunBudget
-from .ratelimit import AdmitPlan, AdmitResult, Check, Counter, Since
+from .ratelimit import AdmitPlan, AdmitResult, Check, Counter, Kind, Scope, Since
+from .state import keys
 
 MAX_RUNS_PER_TENANT = 200
-RUN_KEY_SUFFIXES = {"run-tok": "tokens", "run-cost": "cost", "run-steps": "steps"}
+# The cap a run check enforces, as its bounded metric label.
+RUN_CAPS = {Kind.run_tokens: "tokens", Kind.run_cost: "cost", Kind.run_steps: "steps",
+            Kind.run_age: "age"}
 CAP_FIELDS = {"tokens": "max_tokens", "cost": "max_cost", "steps": "max_steps",
               "age": "max_age_s"}
 
@@ -40,27 +44,30 @@ def session_id(session: str) -> str:
     return hashlib.sha256(session.encode()).hexdigest()[:16]
 
 
-def run_checks(tag: str, session: str, model: str, budget: RunBudget, tokens: int,
+def run_checks(tenant: str, session: str, model: str, budget: RunBudget, tokens: int,
                cost_units: int, add: Callable[[Check, str], None]) -> None:
     """The run's cap checks for a request reserving ``tokens`` and ``cost_units``."""
     caps = budget.caps_for(model)
     if caps.is_empty():
         return
-    prefix = f"rl:{tag}:r:{session_id(session)}:"
+    sid = session_id(session)
     ttl = int(budget.idle_ttl_s * 1000)
     scope = "this agent run"
     if caps.max_tokens is not None:
-        add(Counter(prefix + "run-tok", caps.max_tokens, tokens, ttl, 0, "run tokens cap",
-                    budget.shadow, idle=True), scope)
+        add(Counter(keys.run(tenant, sid, Kind.run_tokens), caps.max_tokens, tokens, ttl, 0,
+                    "run tokens cap", budget.shadow, idle=True, kind=Kind.run_tokens,
+                    scope=Scope.run), scope)
     if caps.max_cost is not None:
-        add(Counter(prefix + "run-cost", math.floor(caps.max_cost * 1_000_000), cost_units,
-                    ttl, 0, "run cost cap", budget.shadow, idle=True), scope)
+        add(Counter(keys.run(tenant, sid, Kind.run_cost), math.floor(caps.max_cost * 1_000_000),
+                    cost_units, ttl, 0, "run cost cap", budget.shadow, idle=True,
+                    kind=Kind.run_cost, scope=Scope.run), scope)
     if caps.max_steps is not None:
-        add(Counter(prefix + "run-steps", caps.max_steps, 1, ttl, 0, "run steps cap",
-                    budget.shadow, idle=True), scope)
+        add(Counter(keys.run(tenant, sid, Kind.run_steps), caps.max_steps, 1, ttl, 0,
+                    "run steps cap", budget.shadow, idle=True, kind=Kind.run_steps,
+                    scope=Scope.run), scope)
     if caps.max_age_s is not None:
-        add(Since(prefix + "run-t0", math.floor(caps.max_age_s * 1000), ttl, "run age cap",
-                  budget.shadow), scope)
+        add(Since(keys.run(tenant, sid, Kind.run_age), math.floor(caps.max_age_s * 1000), ttl,
+                  "run age cap", budget.shadow, Kind.run_age, Scope.run), scope)
 
 
 def is_run_check(check: Check) -> bool:
@@ -70,21 +77,7 @@ def is_run_check(check: Check) -> bool:
 def run_cap(check: Check) -> str:
     """``tokens`` | ``cost`` | ``steps`` | ``age``: the cap a run check enforces (a bounded
     metric label)."""
-    if isinstance(check, Since):
-        return "age"
-    return RUN_KEY_SUFFIXES.get(check.key.rsplit(":", 1)[-1], "tokens")
-
-
-def settled_amount(key: str, reserved: int, tokens: int, cost_units: int) -> int | None:
-    """What a run counter is charged at settlement (None: not a run counter)."""
-    suffix = key.rsplit(":", 1)[-1]
-    if suffix == "run-tok":
-        return tokens
-    if suffix == "run-cost":
-        return cost_units
-    if suffix == "run-steps":
-        return reserved  # a step is a step, whatever the call used
-    return None
+    return RUN_CAPS.get(check.kind, "tokens")
 
 
 def usage_after(plan: AdmitPlan, result: AdmitResult) -> dict[str, float]:

@@ -29,7 +29,7 @@ from .admission_policy import AdmissionPolicy
 from .admission_shed import ShedReason, counts_by_class, overloaded_error, retry_after_s
 from .admission_state import AdmissionObserver
 from .config_base import Priority
-from .errors import GatewayError
+from .errors import Overloaded
 
 Clock = Callable[[], float]
 log = logging.getLogger("gateway.selfprotect")
@@ -188,9 +188,9 @@ class BodyBudget:
         if nbytes and self.held and self.held + nbytes > limit:
             self.refused += 1
             wait = self.retry_after_s(self.held + nbytes - limit)
-            raise GatewayError(
-                503, f"The gateway holds too many request bodies at once ({self.held} bytes); "
-                f"retry after {wait:.1f} s.", type="overloaded", code="overloaded",
+            raise Overloaded(
+                f"The gateway holds too many request bodies at once ({self.held} bytes); "
+                f"retry after {wait:.1f} s.",
                 headers={"Retry-After": str(max(1, math.ceil(wait))),
                          "retry-after-ms": str(max(1, round(wait * 1000))),
                          "x-should-retry": "true"})

@@ -25,7 +25,7 @@ from .config import GatewayConfig
 from .context import RequestRecord
 from .cors import setup_cors
 from .endpoints import Routes
-from .errors import GatewayError, not_found
+from .errors import GatewayError, InternalError, Overloaded, not_found
 from .logs import ACCESS_LOGGER
 from .metrics import GatewayMetrics, metrics_handler
 from .pipeline import handle_proxy, models_listing
@@ -212,16 +212,14 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
             raise
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-            internal = GatewayError(500, "The gateway failed to handle this request.",
-                                    type="server_error", code="internal_error")
+            internal = InternalError("The gateway failed to handle this request.")
             return _error_response(request, record, internal)
         finally:
             if span is not None:
                 record.total_s = gateway.clock() - record.started
                 span.finish(record)
                 if gateway.policy.config.server.metrics:
-                    if record.outcome in ("rejected", "error") \
-                            and record.error_code != "overloaded":
+                    if record.outcome in ("rejected", "error") and not record.shed:
                         gateway.metrics.rejected(record.error_code, record.priority,
                                                  record.tenant)
                     gateway.metrics.observe_request(record)
@@ -240,8 +238,9 @@ def _refused(record: RequestRecord) -> bool:
 def _error_response(request: web.Request, record: RequestRecord, exc: GatewayError) -> web.Response:
     record.status = exc.status
     if record.outcome == "ok":
-        record.outcome = "rejected" if exc.status < 500 else "error"
+        record.outcome = "error" if exc.server_fault else "rejected"
     record.error_code = exc.code
+    record.shed = isinstance(exc, Overloaded)  # counted by Metrics.shed, not as a rejection
     headers = {"Content-Type": "application/json", **exc.headers}
     dialect = error_dialect(request.path)
     if request.path not in ROUTES and _anthropic_client(request):
@@ -250,14 +249,14 @@ def _error_response(request: web.Request, record: RequestRecord, exc: GatewayErr
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
-    if exc.status == 404:
+    if isinstance(exc, web.HTTPNotFound):
         return GatewayError(404, f"Unknown request URL: {request.method} {request.path[:200]}.",
                             code="unknown_url")
-    if exc.status == 405:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         return GatewayError(405, f"Method {request.method} is not allowed on {request.path[:200]}.",
                             code="method_not_allowed",  # RFC 9110: a 405 names what is allowed
                             headers={"Allow": exc.headers.get("Allow", "")})
-    if exc.status == 413:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return GatewayError(413, "The request body is too large.", code="request_too_large")
     return GatewayError(exc.status, exc.reason, code=f"http_{exc.status}")
 

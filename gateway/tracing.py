@@ -254,7 +254,7 @@ class _Scope(Generic[H]):
                     span.set_attribute("gateway.cancelled", True)
                 elif isinstance(exc, GatewayError):
                     span.set_attribute(ERROR_TYPE, exc.code or str(exc.status))
-                    if exc.status >= 500:
+                    if exc.server_fault:
                         span.set_status(Status(StatusCode.ERROR))
                 elif isinstance(exc, Exception):
                     span.record_exception(exc)

@@ -239,7 +239,7 @@ async def test_ten_step_agent_with_90_percent_cached_input_is_charged_the_price_
 
 def test_settlement_counts_cache_reads_per_limit_as_the_hold_says() -> None:
     from gateway.limits import Counting, Hold, _with_actuals
-    from gateway.ratelimit import SettlePlan
+    from gateway.ratelimit import Kind, SettlePlan
 
     plan = SettlePlan("r", "done", "hold", 1000, (("rl:{t:a}:tok", Fraction(60), 500, 500),),
                       (("rl:{t:a}:b:tokens:d:1", 500, 500, 1), ("rl:{t:a}:b:cost:d:1", 9, 9, 1)),
@@ -248,7 +248,8 @@ def test_settlement_counts_cache_reads_per_limit_as_the_hold_says() -> None:
     hold = Hold("r", "global", 500, 9, plan, counting=Counting(rate_cache_reads=False,
                                                                  budget_cache_reads=True))
     c = hold.counting
-    settled_plan = _with_actuals(plan, usage.limit_tokens(c.rate_cache_reads),
+    kinds = (Kind.budget_tokens, Kind.budget_cost)
+    settled_plan = _with_actuals(plan, kinds, usage.limit_tokens(c.rate_cache_reads),
                                  usage.limit_tokens(c.budget_cache_reads), 7)
     assert settled_plan.gcra[0][3] == 110  # TPM: 100 uncached + 10 output
     assert [a for _, _, a, _ in settled_plan.counters] == [1010, 7]
