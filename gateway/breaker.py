@@ -27,9 +27,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
+from functools import partial
 from typing import Protocol
-
-import pybreaker
 
 from gateway.breaker_deployment import (
     CLOSED,
@@ -38,6 +37,7 @@ from gateway.breaker_deployment import (
     BreakerStatus,
     DeploymentBreaker,
     FailureKind,
+    TransitionListener,
 )
 from gateway.breaker_fleet import FleetSync
 from gateway.breaker_policy import BreakerPolicy
@@ -56,25 +56,6 @@ class BreakerObserver(Protocol):
 
     def breaker_transition(self, deployment: str, old: str, new: str) -> None:
         """old/new: "closed", "open" or "half-open". Must not block or raise."""
-
-
-class _Announcer(pybreaker.CircuitBreakerListener):
-    """Tells the board's observer about one deployment's transitions."""
-
-    def __init__(self, deployment: str, observer: BreakerObserver) -> None:
-        self._deployment, self._observer = deployment, observer
-
-    def state_change(
-        self,
-        cb: pybreaker.CircuitBreaker,
-        old_state: pybreaker.CircuitBreakerState | None,
-        new_state: pybreaker.CircuitBreakerState,
-    ) -> None:
-        old = old_state.name if old_state else CLOSED
-        try:
-            self._observer.breaker_transition(self._deployment, old, new_state.name)
-        except Exception:  # metrics must never break the request path
-            log.exception("breaker observer failed")
 
 
 class Trial:
@@ -267,10 +248,18 @@ class BreakerBoard:
         b.probes -= 1
         self._fleet.release_probe(b.name, slot, reserved_at)
 
+    def _announce(self, deployment: str, old: str, new: str) -> None:
+        assert self._observer is not None
+        try:
+            self._observer.breaker_transition(deployment, old, new)
+        except Exception:  # metrics must never break the request path
+            log.exception("breaker observer failed")
+
     def _get(self, name: str) -> DeploymentBreaker:
         b = self._breakers.get(name)
         if b is None:
-            listeners = [] if self._observer is None else [_Announcer(name, self._observer)]
+            listeners = [] if self._observer is None else [
+                TransitionListener(partial(self._announce, name))]
             b = self._breakers[name] = DeploymentBreaker(
                 name, self.policy, clock=self.clock, rng=self._rng, on_news=self._fleet.wake,
                 listeners=listeners)

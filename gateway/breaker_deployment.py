@@ -191,8 +191,9 @@ class _Window:
             self._buckets.popleft()
 
 
-class _TransitionListener(pybreaker.CircuitBreakerListener):
-    """Hands pybreaker's transitions to ``DeploymentBreaker`` as state names."""
+class TransitionListener(pybreaker.CircuitBreakerListener):
+    """Hands pybreaker's transitions on as state names: to ``DeploymentBreaker`` (escalation,
+    logs) and to the board's observer (metrics)."""
 
     def __init__(self, on_transition: Callable[[str, str], None]) -> None:
         self._on_transition = on_transition
@@ -236,7 +237,7 @@ class DeploymentBreaker:
         self.cb = pybreaker.CircuitBreaker(
             fail_max=policy.consecutive_failures, reset_timeout=policy.reset_timeout_s,
             state_storage=self.storage, name=name, throw_new_error_on_trip=False,
-            listeners=[_TransitionListener(self._on_transition), *listeners],
+            listeners=[TransitionListener(self._on_transition), *listeners],
         )  # no `exclude`: pybreaker counts excluded errors as successes. reset_timeout is
         # the base period for pybreaker's own check, which no call reaches (see module doc).
         self._window = _Window(policy.window_s)
