@@ -121,6 +121,10 @@ async def _attempt_loop(ctx: CallContext) -> web.StreamResponse:
                     svc.breakers.unavailable_error(labels))
             tried.append(target.label)
             continue
+        if trial.stale:  # its breaker opened while it queued: answer now, do not send
+            permit.release("ignore")
+            trial.cancelled()
+            continue
         if ctx.on_permit is not None:
             ctx.on_permit()
         if not tried:

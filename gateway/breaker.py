@@ -77,6 +77,12 @@ class Trial:
         self._board, self._breaker, self._epoch, self._done = board, breaker, epoch, False
         self._slot, self._since = slot, since  # probe slot and when it was reserved
 
+    @property
+    def stale(self) -> bool:
+        """The deployment's breaker opened since this trial began (a request that queued for a
+        slot meanwhile): sending now would only add to the failures that opened it."""
+        return not self.probe and self._breaker.epoch != self._epoch
+
     def success(self, first_byte_s: float | None = None) -> None:
         """Upstream answered 2xx/3xx; ``first_byte_s`` above ``slow_first_token_s`` counts
         as a failure (the response itself is still relayed)."""
