@@ -1,0 +1,1 @@
+"""Per-deployment circuit breakers (pybreaker), escalation and fleet-wide sync."""

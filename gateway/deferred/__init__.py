@@ -1,0 +1,1 @@
+"""Deferred requests (Prefer: respond-async): service, runner, hold, store and its backends."""

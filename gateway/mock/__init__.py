@@ -1,0 +1,1 @@
+"""The mock upstream (gateway mock-upstream): OpenAI/Anthropic answers, SSE, capacity, knobs."""

@@ -1,0 +1,1 @@
+"""Prometheus metrics, OpenTelemetry tracing, JSON logs, the workers' merged scrape."""

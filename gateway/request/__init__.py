@@ -1,0 +1,1 @@
+"""What a request is: authentication, classification (ProxyCall), agent-loop detection."""

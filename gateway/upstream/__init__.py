@@ -1,0 +1,1 @@
+"""The deployments: pool, one attempt with its timeouts, relay, SSE parsing, retry decisions."""
