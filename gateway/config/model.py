@@ -22,7 +22,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from gateway.upstream.retry import RetryPolicy
 from gateway.usage import Rates, micros
 
 from .admission import AdmissionPolicy
@@ -30,6 +29,7 @@ from .base import PositiveFloat, Priority, PriorityName, StrictModel
 from .breaker import BreakerPolicy
 from .deferred import DeferredPolicy
 from .limits import AgentLoop, Budget, Degraded, LoopGuard, RunBudget, TenantLimits
+from .retry import RetryPolicy
 
 __all__ = ["ConfigError", "GatewayConfig", "Priority", "PriorityName", "StrictModel"]
 
