@@ -17,9 +17,10 @@ import pytest
 
 from gateway.breaker.board import BreakerBoard, Trial
 from gateway.config.breaker import BreakerPolicy
+from gateway.config.retry import RetryPolicy
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from gateway.state.base import StateUnavailable
-from gateway.upstream.retry import AttemptFailure, RetryBudget, RetryPolicy, decide_retry
+from gateway.upstream.retry import AttemptFailure, RetryBudget, decide_retry
 from tests.gwtest import FakeClock
 from tests.redis_server import RedisServer
 

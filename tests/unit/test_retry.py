@@ -9,10 +9,10 @@ from email.utils import format_datetime
 
 import pytest
 
+from gateway.config.retry import RetryPolicy
 from gateway.upstream.retry import (
     AttemptFailure,
     RetryBudget,
-    RetryPolicy,
     backoff_s,
     decide_retry,
     error_hint,
