@@ -43,7 +43,7 @@ from aiohttp import web
 from gateway.config.model import AuthFailureLimit, GatewayConfig
 from gateway.errors import GatewayError, RateLimited, retry_headers
 from gateway.request.auth import AuthenticationFailed, TenantPolicy
-from gateway.request.classifier import _header_id as header_id
+from gateway.request.classifier import header_id
 from gateway.state.plan import Gcra, Scope, Tat, gcra_step
 
 from .admin import check_admin

@@ -148,8 +148,8 @@ def classify(
         priority=_priority(headers, tenant),
         max_tokens=max_tokens,
         prompt_tokens_estimate=estimate_prompt_tokens(body),
-        agent_session=_header_id(headers, "X-Agent-Session"),
-        agent_step=_header_id(headers, "X-Agent-Step"),
+        agent_session=header_id(headers, "X-Agent-Session"),
+        agent_step=header_id(headers, "X-Agent-Step"),
         choices=choices,
         answer_model=model if model_config.answer_model == "alias" else None,
     )
@@ -291,7 +291,7 @@ def _priority(headers: Mapping[str, str], tenant: TenantPolicy) -> Priority:
     return Priority(max(asked, tenant.max_priority))
 
 
-def _header_id(headers: Mapping[str, str], name: str) -> str | None:
+def header_id(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
     if value is None:
         return None
