@@ -27,8 +27,8 @@ from gateway.observability import logs
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from gateway.config.model import GatewayConfig
-    from gateway.mock.capacity import Capacity
+    from gateway.config import GatewayConfig
+    from gateway.mock import Capacity
 
 log = logging.getLogger("gateway")
 
@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_or_exit(path: str) -> GatewayConfig:
-    from gateway.config.model import ConfigError, load_config
+    from gateway.config import ConfigError, load_config
 
     try:
         return load_config(path)
@@ -150,17 +150,16 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.config.model import ConfigError
-    from gateway.observability.worker_group import worker_group_from
-    from gateway.process.lifecycle import ServeOptions, run
-    from gateway.process.reload import file_signature, watched_files
+    from gateway.config import ConfigError
+    from gateway.observability import worker_group_from
+    from gateway.process import ServeOptions, file_signature, run, watched_files
 
     # Until the loop's handler is in place, a SIGHUP must not kill the process (its default);
     # the file watch catches any change made before then.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.configure(args.log_level)
     if args.worker_index is not None:
-        from gateway.process.workers import tag_worker_logs
+        from gateway.process import tag_worker_logs
 
         tag_worker_logs(args.worker_index)
     if args.workers < 1:
@@ -200,7 +199,7 @@ def loop_factory(choice: str, path: str = "") -> Callable[[], asyncio.AbstractEv
     try:
         import uvloop
     except ImportError:
-        from gateway.config.model import ConfigError
+        from gateway.config import ConfigError
 
         if choice == "uvloop":
             raise ConfigError(path, [("server.event_loop: 'uvloop' is not installed "
@@ -210,7 +209,7 @@ def loop_factory(choice: str, path: str = "") -> Callable[[], asyncio.AbstractEv
 
 
 def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
-    from gateway.process.workers import memory_backend_warning, supervise
+    from gateway.process import memory_backend_warning, supervise
 
     if config.server.port == 0:
         print("gateway serve: --workers needs a fixed port (not 0): the workers share it",
@@ -285,8 +284,8 @@ def _with_process_settings(
 async def _gateway_site(config: GatewayConfig) -> web.AppRunner:
     from aiohttp import web
 
-    from gateway.app.server import create_app
-    from gateway.process.runner import GatewayRunner
+    from gateway.app import create_app
+    from gateway.process import GatewayRunner
 
     runner = GatewayRunner(create_app(config), handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -304,7 +303,7 @@ async def _gateway_site(config: GatewayConfig) -> web.AppRunner:
 async def _mock_site(host: str, port: int, capacity: Capacity | None = None) -> web.AppRunner:
     from aiohttp import web
 
-    from gateway.mock.upstream import create_mock_app
+    from gateway.mock import create_mock_app
 
     runner = web.AppRunner(create_mock_app(capacity=capacity), handler_cancellation=True,
                            access_log=None)
@@ -343,7 +342,7 @@ def _mock_upstream(args: argparse.Namespace) -> int:
     logs.configure()
     capacity = None
     if args.slots is not None:
-        from gateway.mock.capacity import Capacity
+        from gateway.mock import Capacity
 
         try:
             capacity = Capacity(slots=args.slots, max_queue=args.max_queue,
@@ -362,7 +361,7 @@ DEMO_ADMIN_KEY = "sk-demo-admin"  # config/example.yaml's admin key; printed by 
 def demo_banner(config: GatewayConfig, mock_port: int) -> str:
     """What ``gateway demo`` prints: the URL, a first request and, when the policy has the
     demo's admin key, how to see the status."""
-    from gateway.request.auth import hash_key
+    from gateway.request import hash_key
 
     url = f"http://{config.server.host}:{config.server.port}"
     text = (
@@ -438,7 +437,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from .loadtest.cli import main as loadtest_main
+    from gateway.loadtest import main as loadtest_main
 
     return loadtest_main(args.args)
 
@@ -447,7 +446,7 @@ def _status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from gateway.app.admin import render_table
+    from gateway.app import render_table
 
     if not args.admin_key:
         print("gateway status: give --admin-key or set GATEWAY_ADMIN_KEY", file=sys.stderr)
@@ -469,7 +468,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _hash_key(args: argparse.Namespace) -> int:
-    from gateway.request.auth import hash_key
+    from gateway.request import hash_key
 
     key = args.key
     if key is None:
@@ -484,11 +483,11 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 def _schema(args: argparse.Namespace) -> int:
     if args.markdown:
-        from gateway.config.doc import example_documents, render
+        from gateway.config import example_documents, render
 
         sys.stdout.write(render(example_documents()))
         return 0
-    from gateway.config.model import json_schema
+    from gateway.config import json_schema
 
     print(json.dumps(json_schema(), indent=2, sort_keys=True))
     return 0

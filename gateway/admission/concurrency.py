@@ -54,7 +54,7 @@ import math
 from collections import deque
 from typing import Literal
 
-from gateway.config.admission import ConcurrencySettings
+from gateway.config import ConcurrencySettings
 
 Outcome = Literal["success", "overload", "rate_limited", "timeout", "ignore"]
 """How a call ended, as far as the limit cares: see the module docstring."""

@@ -31,8 +31,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from gateway.config.admission import AdmissionPolicy
-from gateway.config.base import Priority
+from gateway.config import AdmissionPolicy, Priority
 from gateway.errors import GatewayError
 
 from .concurrency import Outcome

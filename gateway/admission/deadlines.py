@@ -21,8 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.config.admission import AdmissionPolicy
-from gateway.config.base import Priority
+from gateway.config import AdmissionPolicy, Priority
 from gateway.errors import DeadlineExceeded, GatewayError
 
 REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"

@@ -25,8 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.config.admission import AdmissionPolicy
-from gateway.config.base import Priority
+from gateway.config import AdmissionPolicy, Priority
 from gateway.errors import Overloaded
 
 from .shed import ShedReason, counts_by_class, overloaded_error, retry_after_s

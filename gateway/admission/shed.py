@@ -38,8 +38,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
-from gateway.config.admission import AdmissionPolicy
-from gateway.config.base import Priority
+from gateway.config import AdmissionPolicy, Priority
 from gateway.errors import Overloaded
 
 ShedReason = Literal["queue_full", "cohort", "retry", "loop_lag", "open_streams", "memory"]

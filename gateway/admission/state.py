@@ -13,8 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.config.admission import AdmissionPolicy
-from gateway.config.base import Priority
+from gateway.config import AdmissionPolicy, Priority
 
 from .concurrency import AdaptiveLimit, Outcome, size_factor
 from .queue import FairQueue

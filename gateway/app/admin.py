@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError
-from gateway.request.auth import AuthenticationFailed
+from gateway.request import AuthenticationFailed
 
 if TYPE_CHECKING:
-    from gateway.config.limits import RateLimits
+    from gateway.config import RateLimits
 
     from .runtime import Gateway
 

@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from gateway.deferred.service import FINAL, unavailable, valid_id
-from gateway.deferred.store import Fields
+from gateway.deferred import FINAL, Fields, unavailable, valid_id
 from gateway.errors import GatewayError, bad_request, not_found
 from gateway.state import StateUnavailable
 
 if TYPE_CHECKING:
-    from gateway.request.auth import TenantPolicy
+    from gateway.request import TenantPolicy
 
     from .endpoints import Routes
     from .runtime import Gateway

@@ -40,16 +40,15 @@ from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 
-from gateway.config.model import AuthFailureLimit, GatewayConfig
+from gateway.config import AuthFailureLimit, GatewayConfig
 from gateway.errors import GatewayError, RateLimited, retry_headers
-from gateway.request.auth import AuthenticationFailed, TenantPolicy
-from gateway.request.classifier import header_id
-from gateway.state.plan import Gcra, Scope, Tat, gcra_step
+from gateway.request import AuthenticationFailed, TenantPolicy, header_id
+from gateway.state import Gcra, Scope, Tat, gcra_step
 
 from .admin import check_admin
 
 if TYPE_CHECKING:
-    from gateway.request.record import RequestRecord
+    from gateway.request import RequestRecord
 
     from .runtime import Gateway
 

@@ -19,25 +19,23 @@ import time
 import uuid
 from collections.abc import Callable
 
-from gateway.admission.controller import AdmissionController, AdmissionObserver
-from gateway.admission.selfprotect import SelfProtection
-from gateway.breaker.board import BreakerBoard
-from gateway.config.base import Priority
-from gateway.config.model import GatewayConfig
-from gateway.deferred.service import DeferredService, create_store
-from gateway.limits.degraded import DegradedMode
-from gateway.limits.journal import JournalFile
-from gateway.limits.limiter import LEASE_TTL_MS, InFlight, Limiter
-from gateway.limits.quota import ProviderQuotas
-from gateway.observability.logs import ACCESS_LOGGER, RefusalLog
-from gateway.observability.metrics import GatewayMetrics
-from gateway.observability.tracing import Tracing
-from gateway.pipeline.services import PolicyVersion, Services
-from gateway.request.auth import Authenticator
+from gateway.admission import AdmissionController, AdmissionObserver, SelfProtection
+from gateway.breaker import BreakerBoard
+from gateway.config import GatewayConfig, Priority
+from gateway.deferred import DeferredService, create_store
+from gateway.limits import (
+    LEASE_TTL_MS,
+    DegradedMode,
+    InFlight,
+    JournalFile,
+    Limiter,
+    ProviderQuotas,
+)
+from gateway.observability import ACCESS_LOGGER, GatewayMetrics, RefusalLog, Tracing
+from gateway.pipeline import PolicyVersion, Services
+from gateway.request import Authenticator
 from gateway.state import StateBackend
-from gateway.upstream.pool import UpstreamPool
-from gateway.upstream.retry import RetryBudget
-from gateway.upstream.transport import TransportFactory, aiohttp_transport
+from gateway.upstream import RetryBudget, TransportFactory, UpstreamPool, aiohttp_transport
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger(ACCESS_LOGGER)

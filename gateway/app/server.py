@@ -19,18 +19,19 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.config.model import GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, InternalError, Overloaded, not_found
-from gateway.observability.logs import ACCESS_LOGGER
-from gateway.observability.metrics import GatewayMetrics, metrics_handler
-from gateway.observability.tracing import Tracing
-from gateway.observability.worker_group import WORKER_GROUP
-from gateway.pipeline.handler import handle_proxy, models_listing
-from gateway.request.auth import TenantPolicy
-from gateway.request.classifier import ROUTES, error_dialect
-from gateway.request.record import RequestRecord
+from gateway.observability import (
+    ACCESS_LOGGER,
+    WORKER_GROUP,
+    GatewayMetrics,
+    Tracing,
+    metrics_handler,
+)
+from gateway.pipeline import handle_proxy, models_listing
+from gateway.request import ROUTES, RequestRecord, TenantPolicy, error_dialect
 from gateway.state import StateBackend, create_backend
-from gateway.upstream.transport import TransportFactory, aiohttp_transport
+from gateway.upstream import TransportFactory, aiohttp_transport
 
 from . import admin, deferred_api
 from .cors import setup_cors

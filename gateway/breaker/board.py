@@ -30,9 +30,9 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import partial
 from typing import Protocol
 
-from gateway.config.breaker import BreakerPolicy
+from gateway.config import BreakerPolicy
 from gateway.errors import Unavailable, retry_headers
-from gateway.state.base import StateBackend
+from gateway.state import StateBackend
 
 from .deployment import (
     CLOSED,

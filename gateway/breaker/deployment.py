@@ -36,7 +36,7 @@ from typing import Literal
 
 import pybreaker
 
-from gateway.config.breaker import BreakerPolicy
+from gateway.config import BreakerPolicy
 
 log = logging.getLogger("gateway.breaker")
 

@@ -21,9 +21,8 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 
-from gateway.config.breaker import BreakerPolicy
-from gateway.state import keys
-from gateway.state.base import StateBackend, StateUnavailable
+from gateway.config import BreakerPolicy
+from gateway.state import StateBackend, StateUnavailable, keys
 
 from .deployment import HALF_OPEN, OPEN, DeploymentBreaker
 

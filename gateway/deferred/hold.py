@@ -25,10 +25,9 @@ from typing import Any
 import orjson
 
 from gateway.jsonbytes import dumps_kept
-from gateway.limits.limiter import DONE_TTL_MS, Counting, Hold, Limiter
-from gateway.state import keys
-from gateway.state.plan import Kind, SettlePlan, exact_interval
-from gateway.upstream.sse import Usage
+from gateway.limits import DONE_TTL_MS, Counting, Hold, Limiter
+from gateway.state import Kind, SettlePlan, exact_interval, keys
+from gateway.usage import Usage
 
 
 def hold_to_json(hold: Hold) -> bytes:

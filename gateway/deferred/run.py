@@ -25,22 +25,15 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.admission.controller import AdmissionController
-from gateway.admission.deadlines import Deadline
-from gateway.config.base import Priority
-from gateway.config.deferred import DeferredPolicy
-from gateway.config.model import GatewayConfig
+from gateway.admission import AdmissionController, Deadline
+from gateway.config import DeferredPolicy, GatewayConfig, Priority
 from gateway.errors import GatewayError
-from gateway.limits.limiter import Hold, Limiter
-from gateway.observability.metrics import GatewayMetrics
-from gateway.pipeline.attempts import CallContext, attempt_loop
-from gateway.pipeline.services import PolicyVersion, Services
-from gateway.request.auth import TenantPolicy
-from gateway.request.classifier import ROUTES, classify
-from gateway.request.record import RequestRecord
+from gateway.limits import Hold, Limiter
+from gateway.observability import GatewayMetrics
+from gateway.pipeline import CallContext, PolicyVersion, Services, attempt_loop
+from gateway.request import ROUTES, RequestRecord, TenantPolicy, classify
 from gateway.state import StateUnavailable
-from gateway.upstream.sse import Usage
-from gateway.usage import cost_micros
+from gateway.usage import Usage, cost_micros
 
 from .hold import charge, hold_from_json, refund, reserved_usage
 from .store import Claim, DeferredStore, FinishMode, Result, Started

@@ -34,18 +34,14 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from gateway.config.base import Priority
-from gateway.config.deferred import DeferredPolicy
-from gateway.config.limits import Degraded
-from gateway.config.model import GatewayConfig
+from gateway.config import DeferredPolicy, Degraded, GatewayConfig, Priority
 from gateway.errors import GatewayError, RateLimited, Unavailable, retry_headers
 from gateway.jsonbytes import dumps_kept
-from gateway.observability.metrics import GatewayMetrics
-from gateway.pipeline.services import PolicyVersion, Services
-from gateway.request.classifier import ProxyCall
-from gateway.request.record import RequestRecord
+from gateway.observability import GatewayMetrics
+from gateway.pipeline import PolicyVersion, Services
+from gateway.request import ProxyCall, RequestRecord
 from gateway.state import StateBackend, StateUnavailable
-from gateway.upstream.pool import FORWARDED_REQUEST_HEADERS
+from gateway.upstream import FORWARDED_REQUEST_HEADERS
 
 from .hold import hold_from_json, hold_to_json, refund
 from .run import DeferredRunner, free_low_slots

@@ -37,10 +37,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
-from gateway.config.limits import Degraded
+from gateway.config import Degraded
 from gateway.errors import Unavailable, retry_headers
-from gateway.state import StateBackend, StateUnavailable, keys
-from gateway.state.plan import (
+from gateway.state import (
     AdmitPlan,
     AdmitResult,
     Check,
@@ -52,6 +51,9 @@ from gateway.state.plan import (
     Repeat,
     Scope,
     SettlePlan,
+    StateBackend,
+    StateUnavailable,
+    keys,
 )
 
 from .journal import JournalFile

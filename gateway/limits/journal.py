@@ -31,7 +31,7 @@ from pathlib import Path
 
 import orjson
 
-from gateway.state.plan import SettlePlan, exact_interval
+from gateway.state import SettlePlan, exact_interval
 
 log = logging.getLogger("gateway.limits")
 PREFIX = "usage-journal-"

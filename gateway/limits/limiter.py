@@ -26,14 +26,10 @@ from typing import Any
 
 import orjson
 
-from gateway.config.limits import CacheReads, RateLimits
-from gateway.config.model import GatewayConfig, Model, Tenant
+from gateway.config import CacheReads, GatewayConfig, Model, RateLimits, Tenant
 from gateway.errors import SDK_WAIT_MAX_MS, BudgetExceeded, GatewayError, RateLimited, retry_headers
-from gateway.request.agent_loop import CanonicalCache
-from gateway.request.classifier import ProxyCall, reserved_output_tokens
-from gateway.state import StateBackend, StateUnavailable
-from gateway.state import keys as store_keys
-from gateway.state.plan import (
+from gateway.request import CanonicalCache, ProxyCall, reserved_output_tokens
+from gateway.state import (
     AdmitPlan,
     AdmitResult,
     Check,
@@ -46,7 +42,10 @@ from gateway.state.plan import (
     Scope,
     SettlePlan,
     Since,
+    StateBackend,
+    StateUnavailable,
 )
+from gateway.state import keys as store_keys
 from gateway.usage import Rates, Usage, reservation_cost_micros
 
 from .degraded import DegradedMode

@@ -21,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
-from gateway.config.model import Deployment
-from gateway.state import StateBackend, StateUnavailable, keys
-from gateway.state.plan import AdmitPlan, Gcra, Kind, Scope
+from gateway.config import Deployment
+from gateway.state import AdmitPlan, Gcra, Kind, Scope, StateBackend, StateUnavailable, keys
 
 CHUNK_LIFETIME_S = 1.0
 CHUNK_SHARE = 0.01

@@ -27,9 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config.limits import RunBudget
-from gateway.state import keys
-from gateway.state.plan import AdmitPlan, AdmitResult, Check, Counter, Kind, Scope, Since
+from gateway.config import RunBudget
+from gateway.state import AdmitPlan, AdmitResult, Check, Counter, Kind, Scope, Since, keys
 
 MAX_RUNS_PER_TENANT = 200
 # The cap a run check enforces, as its bounded metric label.

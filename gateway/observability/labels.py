@@ -7,7 +7,7 @@ module is the one place to check that nothing taken from a request can become a 
 
 from __future__ import annotations
 
-from gateway.config.model import GatewayConfig, Priority
+from gateway.config import GatewayConfig, Priority
 
 NONE = "none"  # the value was missing (e.g. the tenant of an unauthenticated request)
 OTHER = "other"  # a value outside the configured or fixed set

@@ -32,8 +32,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from gateway.config.model import GatewayConfig
-from gateway.request.classifier import error_dialect
+from gateway.config import GatewayConfig
+from gateway.request import error_dialect
 
 from .labels import (
     DEFERRED_OUTCOMES,
@@ -63,7 +63,7 @@ from .pulled import (
 from .worker_group import WORKER_GROUP
 
 if TYPE_CHECKING:  # pipeline/handler.py imports this module; avoid the cycle at runtime
-    from gateway.request.record import RequestRecord
+    from gateway.request import RequestRecord
 
 # 1 ms .. 10 min: dense below 1 s for the gateway's own waits, 0.25/1/2/5 s exact so the default
 # queue targets (critical 250 ms, high 1 s, low 2 s, normal 5 s) are bucket edges, and a long

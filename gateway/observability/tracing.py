@@ -43,10 +43,10 @@ from opentelemetry.util.types import AttributeValue
 
 from gateway import __version__
 from gateway.errors import GatewayError
-from gateway.request.classifier import ROUTES
+from gateway.request import ROUTES
 
 if TYPE_CHECKING:
-    from gateway.request.record import AttemptRecord, RequestRecord
+    from gateway.request import AttemptRecord, RequestRecord
 
 # GenAI semantic conventions, as our own constants: the strings are stable, while the Python
 # constants live in a private ``_incubating`` module and are marked deprecated (moved repos).

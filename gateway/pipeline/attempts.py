@@ -20,16 +20,22 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from gateway.admission.controller import AdmissionRequest, Permit, is_client_retry
-from gateway.admission.deadlines import Deadline, deadline_exceeded
-from gateway.breaker.board import Trial
+from gateway.admission import AdmissionRequest, Deadline, Permit, deadline_exceeded, is_client_retry
+from gateway.breaker import Trial
 from gateway.errors import GatewayError, RateLimited, UpstreamTimeout, retry_headers
-from gateway.request.classifier import ProxyCall
-from gateway.request.record import AttemptRecord, RequestRecord
+from gateway.request import AttemptRecord, ProxyCall, RequestRecord
 from gateway.translate import Translation
-from gateway.upstream.pool import Target, UpstreamAttempt
-from gateway.upstream.relay import is_event_stream, relay_stream, relay_whole, upstream_answer
-from gateway.upstream.retry import AttemptFailure, decide_retry, gave_up_headers
+from gateway.upstream import (
+    AttemptFailure,
+    Target,
+    UpstreamAttempt,
+    decide_retry,
+    gave_up_headers,
+    is_event_stream,
+    relay_stream,
+    relay_whole,
+    upstream_answer,
+)
 from gateway.usage import Usage
 
 from .services import PolicyVersion, Services

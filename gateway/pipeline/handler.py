@@ -15,22 +15,21 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admission.controller import is_client_retry
-from gateway.admission.deadlines import request_deadline
-from gateway.config.model import Tenant
+from gateway.admission import is_client_retry, request_deadline
+from gateway.config import Tenant
 from gateway.errors import GatewayError, Overloaded, RateLimited, retry_headers
-from gateway.limits.limiter import Hold
-from gateway.request.agent_loop import find_loop
-from gateway.request.classifier import (
+from gateway.limits import Hold
+from gateway.request import (
     ROUTES,
     ApiRoute,
     ProxyCall,
+    RequestRecord,
     classify,
+    find_loop,
     parse_json_body,
     raise_if_content_encoded,
     raise_if_json_content_type_wrong,
 )
-from gateway.request.record import RequestRecord
 from gateway.usage import Usage, cost_micros
 
 from .attempts import CallContext, attempt_loop

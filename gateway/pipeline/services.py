@@ -16,18 +16,13 @@ from typing import Literal, Protocol
 
 from aiohttp import web
 
-from gateway.admission.controller import AdmissionController
-from gateway.admission.selfprotect import SelfProtection
-from gateway.breaker.board import BreakerBoard
-from gateway.config.model import GatewayConfig
-from gateway.limits.limiter import Limiter
-from gateway.limits.quota import ProviderQuotas
-from gateway.observability.tracing import Tracing
-from gateway.request.auth import Authenticator
-from gateway.request.classifier import ProxyCall
-from gateway.request.record import RequestRecord
-from gateway.upstream.pool import UpstreamPool
-from gateway.upstream.retry import RetryBudget
+from gateway.admission import AdmissionController, SelfProtection
+from gateway.breaker import BreakerBoard
+from gateway.config import GatewayConfig
+from gateway.limits import Limiter, ProviderQuotas
+from gateway.observability import Tracing
+from gateway.request import Authenticator, ProxyCall, RequestRecord
+from gateway.upstream import RetryBudget, UpstreamPool
 
 
 @dataclass(slots=True)

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-from gateway.config.model import GatewayConfig
+from gateway.config import GatewayConfig
 
 if TYPE_CHECKING:
-    from gateway.observability.metrics import GatewayMetrics
+    from gateway.observability import GatewayMetrics
 
 log = logging.getLogger("gateway.server")
 

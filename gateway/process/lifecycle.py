@@ -34,12 +34,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway import __version__
-from gateway.app import admin
-from gateway.app.server import GATEWAY, RECORD, create_app
-from gateway.config.model import GatewayConfig
+from gateway.app import GATEWAY, RECORD, admin, create_app
+from gateway.config import GatewayConfig
 from gateway.errors import Unavailable
-from gateway.observability.worker_group import WORKER_GROUP, WorkerGroup
-from gateway.request.classifier import error_dialect
+from gateway.observability import WORKER_GROUP, WorkerGroup
+from gateway.request import error_dialect
 
 from .connections import raise_open_file_limit
 from .heap import maintain_heap, tune_gc

@@ -21,8 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.app.server import GATEWAY
-from gateway.config.model import ConfigError, GatewayConfig, load_config
+from gateway.app import GATEWAY
+from gateway.config import ConfigError, GatewayConfig, load_config
 
 log = logging.getLogger("gateway")
 

@@ -166,7 +166,7 @@ class GatewayRunner(web.AppRunner):
     and answer unparseable requests in OpenAI's error shape."""
 
     async def _make_server(self) -> web.Server:
-        from gateway.app.server import GATEWAY  # app/server.py builds the app this runner serves
+        from gateway.app import GATEWAY  # app/server.py builds the app this runner serves
 
         server = await super()._make_server()
         server.__class__ = _Server  # same state, another protocol factory

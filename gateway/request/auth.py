@@ -16,7 +16,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.config.model import GatewayConfig, Priority
+from gateway.config import GatewayConfig, Priority
 from gateway.errors import GatewayError
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.config.model import GatewayConfig, Model, Priority
+from gateway.config import GatewayConfig, Model, Priority
 from gateway.errors import Dialect, GatewayError, bad_request, forbidden, not_found
 from gateway.translate import Translation
 

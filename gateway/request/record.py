@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.upstream.sse import Usage
+from gateway.usage import Usage
 
 
 @dataclass(slots=True)

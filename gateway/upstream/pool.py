@@ -25,10 +25,10 @@ from typing import Literal, Self
 import aiohttp
 
 from gateway import translate
-from gateway.config.model import ConfigError, Deployment, GatewayConfig, Provider, resolve_api_key
+from gateway.config import ConfigError, Deployment, GatewayConfig, Provider, resolve_api_key
 from gateway.errors import UpstreamTimeout, upstream_failure
 from gateway.jsonbytes import dumps_kept
-from gateway.request.classifier import ProxyCall
+from gateway.request import ProxyCall
 from gateway.translate import TranslationRefused
 
 from .transport import SentBody, Transport, TransportFactory, UpstreamResponse, aiohttp_transport

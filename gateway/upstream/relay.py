@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import GatewayError, upstream_failure
-from gateway.request.classifier import ProxyCall, estimate_answer_tokens
+from gateway.request import ProxyCall, estimate_answer_tokens
 from gateway.translate import Translation
 
 from .pool import FORWARDED_RESPONSE_HEADERS, UpstreamAttempt
@@ -19,7 +19,7 @@ from .sse import SseRelay, Usage
 from .transport import UpstreamResponse
 
 if TYPE_CHECKING:
-    from gateway.request.record import RequestRecord
+    from gateway.request import RequestRecord
 
 
 def is_event_stream(response: UpstreamResponse) -> bool:

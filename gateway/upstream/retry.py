@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.config.retry import RetryPolicy
+from gateway.config import RetryPolicy
 
 FailureKind = Literal["connect_error", "first_byte_timeout", "http_status", "stream_cut"]
 

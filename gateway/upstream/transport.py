@@ -30,7 +30,7 @@ import orjson
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config.model import Provider
+from gateway.config import Provider
 
 
 class SentBody(aiohttp.BytesPayload):
