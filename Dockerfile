@@ -42,7 +42,7 @@ RUN groupadd --system --gid 10001 gateway \
     && install -d -o 10001 -g 10001 -m 0700 /var/lib/llm-gateway/journal
 COPY --from=build /opt/llm-gateway /opt/llm-gateway
 # GATEWAY_JOURNAL_DIR: usage a stopping replica could not hand to Redis waits there for the
-# next start (gateway/journal.py); mount a volume on it (the Kubernetes manifests: emptyDir).
+# next start (gateway/limits/journal.py); mount a volume on it (the Kubernetes manifests: emptyDir).
 ENV PATH=/opt/llm-gateway/bin:$PATH \
     GATEWAY_JOURNAL_DIR=/var/lib/llm-gateway/journal \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -8,7 +8,7 @@ a repeat counter), with limits far above the load so every request is admitted:
   Figures: the server's own time per call (INFO commandstats, usec_per_call: the script's
   cost, free of client noise) and the round trip seen by the client;
 - ``twin``: ``LocalLimits.admit`` (memory backend, degraded mode), CPU time per call.
-The base variant is ``gateway/ratelimit.py`` and ``gateway/lua/admit.lua`` as of --base,
+The base variant is ``gateway/state/plan.py`` and ``gateway/state/lua/admit.lua`` as of --base,
 read with ``git show`` (default: where this branch left main); the other is the working tree.
 
 Run: .venv/bin/python bench/admit_script.py [--base REF] [--rounds 5] [--calls 3000]
@@ -54,7 +54,7 @@ def load_module(name: str, source: str, tmp: Path) -> ModuleType:
 
 
 def plan(rl: Any, variant: str, i: int) -> Any:
-    """The plan of one request (gateway/limits.py's shape), as module ``rl`` spells it."""
+    """The plan of one request (gateway/limits/limiter.py's shape), as module ``rl`` spells it."""
     exact = hasattr(rl, "GCRA_KEY_SUFFIX")
     rpm, tpm = 10_000_000, 10**10
     p = f"rl:{TAG}:{variant}:"
@@ -119,15 +119,15 @@ def main() -> None:
                               capture_output=True, text=True, check=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout.strip()
-    from gateway import ratelimit as current
+    from gateway.state import plan as current
 
     lua: dict[str, list[tuple[float, float]]] = {"base": [], "new": []}
     twin: dict[str, list[float]] = {"base": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
         variants = {
-            "base": (load_module("ratelimit_base", git_show(args.base, "gateway/ratelimit.py"),
-                                 Path(tmp)), git_show(args.base, "gateway/lua/admit.lua")),
-            "new": (current, (ROOT / "gateway/lua/admit.lua").read_text(encoding="utf-8")),
+            "base": (load_module("ratelimit_base", git_show(args.base, "gateway/state/plan.py"),
+                                 Path(tmp)), git_show(args.base, "gateway/state/lua/admit.lua")),
+            "new": (current, (ROOT / "gateway/state/lua/admit.lua").read_text(encoding="utf-8")),
         }
         port = free_port()
         proc = subprocess.Popen([redis_bin, "--port", str(port), "--bind", "127.0.0.1",

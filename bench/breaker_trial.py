@@ -21,8 +21,8 @@ import sys
 import time
 
 import gateway
-from gateway.breaker import BreakerBoard
-from gateway.breaker_policy import BreakerPolicy
+from gateway.breaker.board import BreakerBoard
+from gateway.config.breaker import BreakerPolicy
 from gateway.state import MemoryBackend
 
 ROUNDS, N = 5, 100_000

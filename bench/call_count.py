@@ -35,9 +35,9 @@ BODY = {"model": "gpt-4o-mini", "max_tokens": 16,
 async def _count(requests: int) -> tuple[float, float]:
     from aiohttp.test_utils import TestClient, TestServer
 
-    from gateway.config import parse_config
-    from gateway.mock_upstream import create_mock_app
-    from gateway.server import create_app
+    from gateway.app.server import create_app
+    from gateway.config.model import parse_config
+    from gateway.mock.upstream import create_mock_app
 
     mock = TestServer(create_mock_app())
     await mock.start_server()

@@ -46,7 +46,7 @@ import aiohttp
 import benchlib as bl
 import yaml
 
-from gateway.auth import hash_key
+from gateway.request.auth import hash_key
 
 CLASSES = {"critical": 0.10, "high": 0.30, "normal": 0.30, "low": 0.30}
 DEADLINES_S = {"critical": 5, "high": 10, "normal": 20, "low": 30}

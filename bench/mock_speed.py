@@ -38,7 +38,7 @@ def free_port() -> int:
 def start_mock(port: int) -> subprocess.Popen[bytes]:
     code = (
         "import asyncio\n"
-        "from gateway.mock_upstream import run_mock_upstream\n"
+        "from gateway.mock.upstream import run_mock_upstream\n"
         "try:\n"
         f"    asyncio.run(run_mock_upstream('127.0.0.1', {port}))\n"
         "except KeyboardInterrupt:\n"  # SIGINT is how this script stops it: no traceback

@@ -1,4 +1,4 @@
-"""The mock upstream app (gateway.mock_upstream) served for heavy benchmarks.
+"""The mock upstream app (gateway.mock.upstream) served for heavy benchmarks.
 
 Same app as ``gateway mock-upstream``, with two serving changes so the mock is not what
 limits a 10,000-stream run: a listen backlog of ``--backlog`` (aiohttp's default is 128,
@@ -24,7 +24,7 @@ try:  # the installed (or PYTHONPATH) gateway package, else the checkout this fi
     import gateway  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway.mock_upstream import create_mock_app
+from gateway.mock.upstream import create_mock_app
 
 
 async def serve(host: str, port: int, backlog: int) -> None:

@@ -71,7 +71,7 @@ def free_port() -> int:
 
 
 def policy(upstream_port: int, naive: bool) -> dict[str, Any]:
-    from gateway.auth import hash_key
+    from gateway.request.auth import hash_key
 
     data: dict[str, Any] = {
         "providers": {"only": {"kind": "openai",

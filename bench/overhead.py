@@ -25,7 +25,7 @@ pinned to the first CPU and the mock and the load generator to the second.
     is translated to the Messages API and its answer back; CPU per request against ``gateway``
     (same config, same-dialect relay), target at most +10 %. ``--no-translated`` skips (d).
 (e) ``--agent-history`` (only this part runs): the loop detector that reads the conversation
-    (gateway/agent_loop.py) on a 50-message agent history (25 assistant tool calls, each with
+    (gateway/request/agent_loop.py) on a 50-message agent history (25 assistant tool calls, each with
     its tool result, no loop). In process: microseconds per ``find_loop`` against the
     ``orjson.loads`` of the same body that the gateway does anyway. End to end: two gateways,
     detector on (as shipped) and off, closed loop in alternating rounds; ratio on/off within
@@ -507,7 +507,7 @@ def _agent_history(args: argparse.Namespace) -> int:
     """(e): the loop detector on a 50-message history, in process and end to end."""
     import orjson
 
-    from gateway.agent_loop import CanonicalCache, find_loop
+    from gateway.request.agent_loop import CanonicalCache, find_loop
 
     body = history_body()
     raw = orjson.dumps(body)

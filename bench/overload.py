@@ -54,10 +54,10 @@ import benchlib as bl
 import yaml
 from overload_report import docs_section, evaluate, print_summary, write_docs
 
-from gateway.auth import hash_key
 from gateway.loadtest.engine import Engine, EngineOptions
 from gateway.loadtest.report import build_report
 from gateway.loadtest.scenario import parse_scenario
+from gateway.request.auth import hash_key
 
 CLASSES = {"critical": 0.10, "high": 0.30, "normal": 0.30, "low": 0.30}
 DEADLINES_S = {"critical": 5, "high": 10, "normal": 20, "low": 30}

@@ -10,7 +10,7 @@ import timeit
 
 import orjson
 
-from gateway.classify import estimate_prompt_tokens
+from gateway.request.classifier import estimate_prompt_tokens
 
 
 def main() -> None:

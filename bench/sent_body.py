@@ -1,4 +1,4 @@
-"""Cost of knowing that an upstream request was sent (transport.py ``SentBody``): the same
+"""Cost of knowing that an upstream request was sent (upstream/transport.py ``SentBody``): the same
 sequential POSTs (a 4 KB JSON body) to a local aiohttp server with the body as plain bytes,
 as the gateway's ``SentBody`` payload, and (the alternative not taken) as bytes from a
 session with an aiohttp TraceConfig that marks ``on_request_chunk_sent``; alternating rounds
@@ -16,7 +16,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from gateway.transport import SentBody
+from gateway.upstream.transport import SentBody
 
 
 async def _ok(request: web.Request) -> web.Response:

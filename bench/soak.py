@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 import aiohttp
 import yaml
 
-from gateway.auth import hash_key
+from gateway.request.auth import hash_key
 from tests.redis_server import RedisServer, pick_port
 
 TENANTS = {"acme": "sk-soak-acme", "globex": "sk-soak-globex", "initech": "sk-soak-initech"}
@@ -89,7 +89,7 @@ signal.signal(signal.SIGRTMIN + 2, _stats)
 """
 SERVE = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, "
          "all_threads=True); from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
-DONE_TTL_S = 600  # gateway/limits.py DONE_TTL_MS: one settled-marker key per request lives this long
+DONE_TTL_S = 600  # gateway/limits/limiter.py DONE_TTL_MS: one settled-marker key per request lives this long
 
 
 def policy(mock_port: int) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def main() -> int:
                 f"TUNED (--tuned-gateway): listen backlog {args.tuned_backlog}, gc.freeze() + "
                 f"gc.set_threshold({args.tuned_gc_threshold}); code as shipped"
                 if args.tuned_gateway else "`gateway serve` as shipped"),
-            ("mock:     the gateway.mock_upstream app via bench/mockserver.py (listen backlog "
+            ("mock:     the gateway.mock.upstream app via bench/mockserver.py (listen backlog "
              "4096, cyclic GC off), so that the mock is not the limit"),
             (f"streams:  {args.streams} through the gateway, {args.chunks} chunks "
              f"{args.gap_ms:g} ms apart (~{args.chunks * args.gap_ms / 1000:.0f} s each), opened "

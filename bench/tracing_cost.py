@@ -1,6 +1,6 @@
 """CPU that OpenTelemetry tracing costs per request, in-process, export included.
 
-Drives the gateway's own span code (gateway/tracing.py: a SERVER span, auth/limits/relay
+Drives the gateway's own span code (gateway/observability/tracing.py: a SERVER span, auth/limits/relay
 stages, one CLIENT attempt span with traceparent injection, the summary attributes) with the
 SDK configured from the same OTEL_* variables `gateway serve` reads, exporting over OTLP/HTTP to
 bench/otlp_sink.py (started here). 4,000 requests in bursts of 100 with 20 ms pauses, so the
@@ -31,8 +31,8 @@ def measure(ratio: str, port: int) -> float:
         "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": ratio})
-    from gateway.context import RequestRecord
-    from gateway.tracing import Tracing
+    from gateway.observability.tracing import Tracing
+    from gateway.request.record import RequestRecord
 
     tracing = Tracing.from_env()
     headers = {"content-type": "application/json"}

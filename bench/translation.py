@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 
 from gateway import translate
-from gateway.streaming import SseRelay
+from gateway.upstream.sse import SseRelay
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {"model": "gpt-4o-mini",

@@ -21,13 +21,14 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from . import __version__, logs
+from gateway import __version__
+from gateway.observability import logs
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from .config import GatewayConfig
-    from .mock_capacity import Capacity
+    from gateway.config import GatewayConfig
+    from gateway.mock import Capacity
 
 log = logging.getLogger("gateway")
 
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=9000)
     cap = mock.add_argument_group(
-        "capacity model", "off unless --slots is given; see gateway/mock_capacity.py")
+        "capacity model", "off unless --slots is given; see gateway/mock/capacity.py")
     cap.add_argument("--slots", type=int, help="concurrent generation slots")
     cap.add_argument("--max-queue", type=int, default=64,
                      help="requests waiting for a slot; more get 429 (default 64)")
@@ -128,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_or_exit(path: str) -> GatewayConfig:
-    from .config import ConfigError, load_config
+    from gateway.config import ConfigError, load_config
 
     try:
         return load_config(path)
@@ -149,17 +150,16 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .lifecycle import ServeOptions, run
-    from .reload import file_signature, watched_files
-    from .worker_group import worker_group_from
+    from gateway.config import ConfigError
+    from gateway.observability import worker_group_from
+    from gateway.process import ServeOptions, file_signature, run, watched_files
 
     # Until the loop's handler is in place, a SIGHUP must not kill the process (its default);
     # the file watch catches any change made before then.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.configure(args.log_level)
     if args.worker_index is not None:
-        from .workers import tag_worker_logs
+        from gateway.process import tag_worker_logs
 
         tag_worker_logs(args.worker_index)
     if args.workers < 1:
@@ -199,7 +199,7 @@ def loop_factory(choice: str, path: str = "") -> Callable[[], asyncio.AbstractEv
     try:
         import uvloop
     except ImportError:
-        from .config import ConfigError
+        from gateway.config import ConfigError
 
         if choice == "uvloop":
             raise ConfigError(path, [("server.event_loop: 'uvloop' is not installed "
@@ -209,7 +209,7 @@ def loop_factory(choice: str, path: str = "") -> Callable[[], asyncio.AbstractEv
 
 
 def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
-    from .workers import memory_backend_warning, supervise
+    from gateway.process import memory_backend_warning, supervise
 
     if config.server.port == 0:
         print("gateway serve: --workers needs a fixed port (not 0): the workers share it",
@@ -218,7 +218,7 @@ def _supervise(args: argparse.Namespace, config: GatewayConfig) -> int:
     if config.state.backend == "memory":
         log.warning(memory_backend_warning(args.workers))
 
-    # The workers' sockets for merging /metrics and /admin/status (worker_group.py): a fresh
+    # The workers' sockets for merging /metrics and /admin/status (observability/worker_group.py): a fresh
     # private directory per run, so nothing of an earlier run (or another pod) is ever read.
     # A Unix socket path holds ~100 bytes: a long $TMPDIR gives way to /tmp.
     group_dir: str | None = None
@@ -284,8 +284,8 @@ def _with_process_settings(
 async def _gateway_site(config: GatewayConfig) -> web.AppRunner:
     from aiohttp import web
 
-    from .runner import GatewayRunner
-    from .server import create_app
+    from gateway.app import create_app
+    from gateway.process import GatewayRunner
 
     runner = GatewayRunner(create_app(config), handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -303,7 +303,7 @@ async def _gateway_site(config: GatewayConfig) -> web.AppRunner:
 async def _mock_site(host: str, port: int, capacity: Capacity | None = None) -> web.AppRunner:
     from aiohttp import web
 
-    from .mock_upstream import create_mock_app
+    from gateway.mock import create_mock_app
 
     runner = web.AppRunner(create_mock_app(capacity=capacity), handler_cancellation=True,
                            access_log=None)
@@ -342,7 +342,7 @@ def _mock_upstream(args: argparse.Namespace) -> int:
     logs.configure()
     capacity = None
     if args.slots is not None:
-        from .mock_capacity import Capacity
+        from gateway.mock import Capacity
 
         try:
             capacity = Capacity(slots=args.slots, max_queue=args.max_queue,
@@ -361,7 +361,7 @@ DEMO_ADMIN_KEY = "sk-demo-admin"  # config/example.yaml's admin key; printed by 
 def demo_banner(config: GatewayConfig, mock_port: int) -> str:
     """What ``gateway demo`` prints: the URL, a first request and, when the policy has the
     demo's admin key, how to see the status."""
-    from .auth import hash_key
+    from gateway.request import hash_key
 
     url = f"http://{config.server.host}:{config.server.port}"
     text = (
@@ -437,7 +437,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from .loadtest.cli import main as loadtest_main
+    from gateway.loadtest import main as loadtest_main
 
     return loadtest_main(args.args)
 
@@ -446,7 +446,7 @@ def _status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from .admin import render_table
+    from gateway.app import render_table
 
     if not args.admin_key:
         print("gateway status: give --admin-key or set GATEWAY_ADMIN_KEY", file=sys.stderr)
@@ -468,7 +468,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _hash_key(args: argparse.Namespace) -> int:
-    from .auth import hash_key
+    from gateway.request import hash_key
 
     key = args.key
     if key is None:
@@ -483,11 +483,11 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 def _schema(args: argparse.Namespace) -> int:
     if args.markdown:
-        from .config_doc import example_documents, render
+        from gateway.config import example_documents, render
 
         sys.stdout.write(render(example_documents()))
         return 0
-    from .config import json_schema
+    from gateway.config import json_schema
 
     print(json.dumps(json_schema(), indent=2, sort_keys=True))
     return 0

@@ -2,12 +2,12 @@
 
 One exception, ``GatewayError``, carries everything a client needs: HTTP status, OpenAI error
 ``type`` and ``code``, the offending ``param`` and extra headers (Retry-After and friends). The
-error boundary in ``server.py`` turns it into JSON in the caller's dialect:
+error boundary in ``app/server.py`` turns it into JSON in the caller's dialect:
 
 - OpenAI routes:    ``{"error": {"message", "type", "code", "param"}}``
 - Anthropic routes: ``{"type": "error", "error": {"type", "message"}}``
 
-Once a stream has started the status line is gone; ``streaming.py`` then ends the stream with an
+Once a stream has started the status line is gone; ``upstream/sse.py`` then ends the stream with an
 error event in the same dialect instead.
 
 Code that decides something from an error decides by its class, never by comparing its status,
@@ -47,7 +47,7 @@ class GatewayError(Exception):
     """An error answered by the gateway rather than relayed from an upstream."""
 
     # Refused for now, not for what the request is: a deferred run that met it before any
-    # upstream call is put back and tried again later (gateway/deferred_run.py). The 429 and
+    # upstream call is put back and tried again later (gateway/deferred/run.py). The 429 and
     # 5xx classes; a plain GatewayError (4xx) would fail the same way every time.
     transient: ClassVar[bool] = False
 
@@ -115,7 +115,7 @@ class UpstreamTimeout(TimedOut):
 
 
 class DeadlineExceeded(TimedOut):
-    """504 ``deadline_exceeded``: the request's deadline cannot be met (gateway/deadlines.py)."""
+    """504 ``deadline_exceeded``: the request's deadline cannot be met (gateway/admission/deadlines.py)."""
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(504, message, type="timeout_error", code="deadline_exceeded",

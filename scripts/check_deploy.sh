@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Offline checks of the deployment files (CI runs this through tests/test_deploy.py):
+# Offline checks of the deployment files (CI runs this through tests/integration/test_deploy.py):
 # - hadolint on the Dockerfile, failing on warnings as well as errors;
 # - every kustomization under deploy/kubernetes (bases and overlays) rendered with
 #   `kubectl kustomize`, where anything printed on stderr (a deprecation, say) fails;

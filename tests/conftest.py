@@ -4,6 +4,7 @@ redis-server cannot start."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,28 @@ async def backend(backend_url: str | None) -> AsyncIterator[StateBackend]:
     await store.start()
     yield store
     await store.close()
+
+
+# --- tiers: the directory a test lives in is its marker -----------------------------------------
+TIERS = ("unit", "contract", "integration", "faults")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """`-m unit` (exactly one tier) does not import the other tiers' modules at all: their
+    markers come from their directory, so none of their tests could be selected, and importing
+    them (the SDKs, schemathesis) is most of the fast loop's time."""
+    tier = str(config.getoption("markexpr", "")).strip()
+    root = config.rootpath / "tests"
+    if tier in TIERS and collection_path.parent == root and collection_path.name in TIERS:
+        return collection_path.name != tier
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """tests/<tier>/... gets the <tier> marker, so `pytest -m unit` is the fast loop; the
+    default run selects nothing away and runs every tier."""
+    root = config.rootpath / "tests"
+    for item in items:
+        parts = item.path.relative_to(root).parts if item.path.is_relative_to(root) else ()
+        if parts and parts[0] in TIERS:
+            item.add_marker(parts[0])

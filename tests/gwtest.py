@@ -6,8 +6,8 @@ import copy
 import logging
 from typing import Any
 
-from gateway.auth import hash_key
-from gateway.config import GatewayConfig, parse_config
+from gateway.config.model import GatewayConfig, parse_config
+from gateway.request.auth import hash_key
 
 ACME_KEY = "sk-test-acme"
 UMBRELLA_KEY = "sk-test-umbrella"
@@ -55,7 +55,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def log_fields(record: logging.LogRecord) -> dict[str, Any]:
-    """The structured fields of a gateway log record (``extra={"fields": {...}}``, see logs.py)."""
+    """The structured fields of a gateway log record (``extra={"fields": {...}}``, see observability/logs.py)."""
     fields: dict[str, Any] = vars(record)["fields"]
     return fields
 

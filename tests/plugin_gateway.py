@@ -9,9 +9,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.mock_upstream import create_mock_app
-from gateway.runner import GatewayRunner
-from gateway.server import create_app
+from gateway.app.server import create_app
+from gateway.mock.upstream import create_mock_app
+from gateway.process.runner import GatewayRunner
 from gateway.state import StateBackend
 from tests.gwtest import policy
 
@@ -67,6 +67,6 @@ async def gateway_client(aiohttp_client: AiohttpClient, app: web.Application) ->
 
 async def settled(client: GatewayClient) -> None:
     """Wait until every settlement the gateway started in the background has run."""
-    from gateway.server import GATEWAY
+    from gateway.app.server import GATEWAY
 
     await client.app[GATEWAY].policy.limiter.drain()

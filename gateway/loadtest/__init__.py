@@ -7,3 +7,12 @@ Modules: ``scenario`` (the YAML format), ``arrivals`` (open-loop processes), ``t
 (progress display), ``report`` (JSON, tables, compare), ``plots`` (PNG, optional matplotlib),
 ``cli`` (the command). Importing this package imports none of them.
 """
+
+from __future__ import annotations
+
+# --- public face: what other packages import (restructure.py --faces) ---
+from .cli import main
+
+__all__ = [
+    "main",
+]

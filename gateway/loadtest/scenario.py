@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from ..config_base import PositiveFloat, PriorityName, StrictModel
+from gateway.config import PositiveFloat, PriorityName, StrictModel
 
 __all__ = ["Arrival", "Dist", "Phase", "Scenario", "ScenarioError", "Workload", "load_scenario"]
 

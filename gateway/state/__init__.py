@@ -6,8 +6,50 @@ from gateway.state.base import SharedRedis, StateBackend, StateUnavailable
 from gateway.state.memory import MemoryBackend
 from gateway.state.redis import RedisBackend
 
-__all__ = ["MemoryBackend", "RedisBackend", "SharedRedis", "StateBackend", "StateUnavailable",
-           "create_backend"]
+# --- public face: what other packages import (restructure.py --faces) ---
+from .plan import (
+    AdmitPlan,
+    AdmitResult,
+    Check,
+    CheckResult,
+    Counter,
+    Gcra,
+    Kind,
+    Lease,
+    LocalLimits,
+    Repeat,
+    Scope,
+    SettlePlan,
+    Since,
+    Tat,
+    exact_interval,
+    gcra_step,
+)
+
+__all__ = [
+    "AdmitPlan",
+    "AdmitResult",
+    "Check",
+    "CheckResult",
+    "Counter",
+    "Gcra",
+    "Kind",
+    "Lease",
+    "LocalLimits",
+    "MemoryBackend",
+    "RedisBackend",
+    "Repeat",
+    "Scope",
+    "SettlePlan",
+    "SharedRedis",
+    "Since",
+    "StateBackend",
+    "StateUnavailable",
+    "Tat",
+    "create_backend",
+    "exact_interval",
+    "gcra_step",
+]
 
 
 def create_backend(

@@ -1,6 +1,6 @@
 """The state backend interface: every piece of state shared between requests lives behind it.
 
-Two implementations pass one conformance suite (``tests/test_state_conformance.py``):
+Two implementations pass one conformance suite (``tests/contract/test_state_conformance.py``):
 
 - ``MemoryBackend``: one process, the embedded default; ``serve`` needs no Redis.
 - ``RedisBackend``: ``redis.asyncio``, shared by every replica, with tight timeouts.
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
 
-    from gateway.ratelimit import AdmitPlan, AdmitResult, SettlePlan
+    from .plan import AdmitPlan, AdmitResult, SettlePlan
 
 T = TypeVar("T")
 
@@ -83,7 +83,7 @@ class StateBackend(Protocol):
 
     async def admit(self, plan: AdmitPlan) -> AdmitResult:
         """Evaluate every check of the plan atomically; apply all of them or none
-        (gateway/ratelimit.py documents the checks; Redis runs gateway/lua/admit.lua)."""
+        (gateway/state/plan.py documents the checks; Redis runs gateway/state/lua/admit.lua)."""
 
     async def settle(self, plan: SettlePlan) -> bool:
         """Apply a request's real usage exactly once; False when already settled."""

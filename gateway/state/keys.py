@@ -22,7 +22,7 @@ The state backend prefixes every key with ``state.key_prefix`` (``gw:``, no brac
 
 from __future__ import annotations
 
-from gateway.ratelimit import Kind
+from .plan import Kind
 
 _ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
 
@@ -41,7 +41,7 @@ def tenant_tag(tenant: str) -> str:
     return hash_tag("t:" + tenant)
 
 
-# --- tenant limits (gateway/limits.py, gateway/runs.py) -------------------------------------
+# --- tenant limits (gateway/limits/limiter.py, gateway/limits/runs.py) -------------------------------------
 
 RATE_SUFFIXES = {Kind.requests: "req", Kind.tokens: "tok", Kind.concurrency: "conc"}
 RUN_SUFFIXES = {Kind.run_tokens: "run-tok", Kind.run_cost: "run-cost",
@@ -92,13 +92,13 @@ def done(tenant: str, request_id: str) -> str:
 
 def for_request(key: str, request_id: str, other_id: str) -> str:
     """A hold or done marker ``key`` of ``request_id``, for ``other_id`` of the same tenant
-    (a deferred entry's runs, gateway/deferred_hold.py): the id is the key's last part."""
+    (a deferred entry's runs, gateway/deferred/hold.py): the id is the key's last part."""
     return key.removesuffix(request_id) + other_id
 
 
 def counter_kind(key: str) -> Kind:
     """What a counter key counts, read back from the key itself: only for reservations stored
-    by replicas that did not record the kinds (deferred holds, gateway/deferred_hold.py)."""
+    by replicas that did not record the kinds (deferred holds, gateway/deferred/hold.py)."""
     last = key.rsplit(":", 1)[-1]
     for kind, suffix in RUN_SUFFIXES.items():
         if last == suffix:
@@ -106,7 +106,7 @@ def counter_kind(key: str) -> Kind:
     return Kind.budget_cost if ":b:cost:" in key else Kind.budget_tokens
 
 
-# --- provider quotas (gateway/quota.py) -----------------------------------------------------
+# --- provider quotas (gateway/limits/quota.py) -----------------------------------------------------
 
 def quota(label: str, kind: Kind) -> str:
     """A deployment's provider quota bucket (requests or tokens per minute)."""
@@ -118,14 +118,14 @@ def quota_lease(label: str, lease_id: str) -> str:
     return f"q:{hash_tag('q:' + label)}:lease:{lease_id}"
 
 
-# --- circuit breakers (gateway/breaker_fleet.py) --------------------------------------------
+# --- circuit breakers (gateway/breaker/fleet.py) --------------------------------------------
 
 def breaker(deployment: str, suffix: str) -> str:
     """One of a deployment's breaker keys (``open``, ``cool``, ``ok``, ``probe:<n>``)."""
     return f"cb:{hash_tag(deployment)}:{suffix}"
 
 
-# --- deferred requests (gateway/deferred_store_redis.py) ------------------------------------
+# --- deferred requests (gateway/deferred/store_redis.py) ------------------------------------
 
 def deferred_stream(prefix: str, tenant: str) -> str:
     """A tenant's deferred-request stream, with the backend's ``prefix`` (its scripts are
@@ -137,7 +137,7 @@ def deferred_entry(prefix: str, tenant: str, entry_id: str) -> str:
     return f"{prefix}dq:{tenant_tag(tenant)}:e:{entry_id}"
 
 
-# --- the fleet (gateway/degraded.py) --------------------------------------------------------
+# --- the fleet (gateway/limits/degraded.py) --------------------------------------------------------
 
 FLEET_TAG = hash_tag("fleet")
 FLEET_REPLICAS = f"rl:{FLEET_TAG}:replicas"  # heartbeat leases of the live replicas

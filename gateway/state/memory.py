@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gateway.ratelimit import AdmitPlan, AdmitResult, LocalLimits, SettlePlan
+from .plan import AdmitPlan, AdmitResult, LocalLimits, SettlePlan
 
 # Keys examined per write by the incremental sweep. With k keys per write, a full pass
 # over n stored keys takes n/k writes, during which at most n/k new keys can arrive; so

@@ -37,16 +37,10 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from gateway.ratelimit import (
-    AdmitPlan,
-    AdmitResult,
-    SettlePlan,
-    decode_admit,
-    encode_admit,
-    encode_settle,
-)
 from gateway.state.base import StateUnavailable
 from gateway.state.memory import check_ttl
+
+from .plan import AdmitPlan, AdmitResult, SettlePlan, decode_admit, encode_admit, encode_settle
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +57,9 @@ _STORE_ERRORS = (RedisError, RedisClusterException, OSError, AttributeError)
 
 
 def load_lua(name: str) -> str:
-    """A script of gateway/lua, with each ``-- include X.lua`` line replaced by that file
+    """A script of gateway/state/lua, with each ``-- include X.lua`` line replaced by that file
     (shared helpers: Redis scripts cannot load each other)."""
-    text = (resources.files("gateway") / "lua" / name).read_text(encoding="utf-8")
+    text = (resources.files("gateway.state") / "lua" / name).read_text(encoding="utf-8")
     return _INCLUDE.sub(lambda m: load_lua(m.group(1)), text)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from gateway.periods import period_keys
+from gateway.limits.periods import period_keys
 from tests.gwtest import auth, chat
 from tests.plugin_gateway import GatewayClient
 

@@ -4,7 +4,7 @@ What users (the others) see: nothing; the gateway keeps serving. What is recorde
 disconnected stream is charged for the prompt and the output that was relayed, and its
 concurrency slot comes back at once. Buffering per stream is bounded by socket buffers, and a
 client that stops reading is dropped at the call's total timeout, releasing the upstream.
-(tests/test_proxy.py already shows a disconnect cancels the upstream call at once.)
+(tests/integration/test_proxy.py already shows a disconnect cancels the upstream call at once.)
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.classify import estimate_prompt_tokens
-from gateway.server import create_app
+from gateway.app.server import create_app
+from gateway.request.classifier import estimate_prompt_tokens
 from gateway.state import RedisBackend
 from tests.faults.helpers import Client, budget_key
 from tests.gwtest import ACME_KEY, auth, chat, policy

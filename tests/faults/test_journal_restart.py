@@ -27,8 +27,8 @@ import pytest
 import yaml
 from pytest_aiohttp import AiohttpClient
 
-from gateway.journal import JournalFile
-from gateway.server import GATEWAY, create_app
+from gateway.app.server import GATEWAY, create_app
+from gateway.limits.journal import JournalFile
 from gateway.state import RedisBackend
 from tests.faults.helpers import budget_key, until
 from tests.faults.tcpproxy import FaultProxy
@@ -230,7 +230,7 @@ async def test_loss_without_a_journal_file_is_logged_and_counted(
 def test_journal_file_round_trip_and_claim_once(tmp_path: Path) -> None:
     from fractions import Fraction
 
-    from gateway.ratelimit import SettlePlan
+    from gateway.state.plan import SettlePlan
 
     plan = SettlePlan("r1", "rl:{t:a}:done:r1", "rl:{t:a}:hold:r1", 600_000,
                       (("rl:{t:a}:tok", Fraction(60_000, 7), 70, 31),),

@@ -4,7 +4,7 @@ What users see: every request is answered, none waits more than about one Redis 
 what is recorded: usage never under-counted (exact when the fault is a crash), and the
 gateway returns to global limits by itself once the store answers again.
 
-Redis killed and restarted (standalone) is tests/test_redis_outage.py.
+Redis killed and restarted (standalone) is tests/integration/test_redis_outage.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from gateway.server import GATEWAY, create_app
+from gateway.app.server import GATEWAY, create_app
 from gateway.state import RedisBackend
 from tests.faults.helpers import budget_key, chat_load, until
 from tests.faults.tcpproxy import FaultProxy

@@ -28,8 +28,8 @@ import orjson
 import pytest
 import yaml
 
-from gateway.auth import hash_key
-from gateway.classify import estimate_prompt_tokens
+from gateway.request.auth import hash_key
+from gateway.request.classifier import estimate_prompt_tokens
 from tests.faults.helpers import budget_key, stream_usage
 from tests.redis_server import RedisServer, pick_port
 
@@ -40,7 +40,7 @@ MAX_TOKENS = 100
 CONCURRENCY = 6
 LEASE_TTL_MS = 2000
 # `gateway serve` with a short lease TTL, so the test need not wait a production minute.
-_SERVE = ("import sys, gateway.limits as l, gateway.runtime as r; "
+_SERVE = ("import sys, gateway.limits.limiter as l, gateway.app.runtime as r; "
           f"l.LEASE_TTL_MS = r.LEASE_TTL_MS = {LEASE_TTL_MS}; "
           "from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
 

@@ -3,7 +3,7 @@ oversized answers and wrong content types.
 
 What users see: an OpenAI-shaped error (or, once a stream started, an error event), in
 bounded time, and no retry amplification; what is recorded: the tokens that were really
-consumed. Single-request cases already covered by tests/test_proxy.py (drop, hang at the
+consumed. Single-request cases already covered by tests/integration/test_proxy.py (drop, hang at the
 first byte, idle timeout, mid-stream cut/error event, unreachable upstream) are not repeated.
 """
 
@@ -20,10 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-import gateway.upstream
-from gateway.classify import estimate_prompt_tokens as gateway_estimate
-from gateway.mock_upstream import RECORDED, estimate_prompt_tokens
-from gateway.server import GATEWAY
+import gateway.upstream.pool
+from gateway.app.server import GATEWAY
+from gateway.mock.upstream import RECORDED, estimate_prompt_tokens
+from gateway.request.classifier import estimate_prompt_tokens as gateway_estimate
 from gateway.state import RedisBackend
 from tests.faults.helpers import Client, budget_key
 from tests.gwtest import auth, chat
@@ -212,7 +212,7 @@ MODES = ["html-200", "html-503", "broken-json", "sse-for-plain", "bad-gzip", "hu
 @pytest.fixture
 async def garbage_gw(aiohttp_server: AiohttpServer, make_gateway: MakeGateway,
                      monkeypatch: pytest.MonkeyPatch) -> Client:
-    monkeypatch.setattr(gateway.upstream, "MAX_RESPONSE_BYTES", 1024 * 1024)
+    monkeypatch.setattr(gateway.upstream.pool, "MAX_RESPONSE_BYTES", 1024 * 1024)
     server = await aiohttp_server(_garbage_app())
     url = str(server.make_url("")).rstrip("/")
     return await make_gateway(

@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.admission_policy import AdmissionPolicy
-from gateway.selfprotect import BodyBudget, SelfProtection
-from gateway.server import create_app
+from gateway.admission.selfprotect import BodyBudget, SelfProtection
+from gateway.app.server import create_app
+from gateway.config.admission import AdmissionPolicy
 from gateway.state import RedisBackend
 from tests.faults.helpers import Client, budget_key
 from tests.faults.test_client_faults import Flood, _raw_stream_request

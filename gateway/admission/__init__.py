@@ -1,0 +1,21 @@
+"""Who goes now: self-protection, deadlines, per-deployment AIMD limit, priority queues, shedding."""
+
+from __future__ import annotations
+
+# --- public face: what other packages import (restructure.py --faces) ---
+from .controller import AdmissionController
+from .deadlines import Deadline, deadline_exceeded, request_deadline
+from .selfprotect import SelfProtection
+from .state import AdmissionObserver, AdmissionRequest, Permit, is_client_retry
+
+__all__ = [
+    "AdmissionController",
+    "AdmissionObserver",
+    "AdmissionRequest",
+    "Deadline",
+    "Permit",
+    "SelfProtection",
+    "deadline_exceeded",
+    "is_client_retry",
+    "request_deadline",
+]

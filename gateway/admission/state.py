@@ -1,0 +1,206 @@
+"""Admission's data: the request, the permit, the observer hooks, per-deployment state.
+
+The controller (admission/controller.py) decides with these; other modules import the public names
+from ``gateway.admission``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.config import AdmissionPolicy, Priority
+
+from .concurrency import AdaptiveLimit, Outcome, size_factor
+from .queue import FairQueue
+from .shed import DecayingRate, ShedReason, ShedState
+
+DeadlineStage = Literal["admission", "queue"]
+_TTFT_WEIGHT = 0.2  # EWMA weight of a new first-byte time
+# The deadline check's optimistic estimate: this low percentile of the last _RECENT_TTFT first
+# bytes (per prompt size). Low, not the minimum: one lucky answer must not let every request in.
+_RECENT_TTFT = 64
+_OPTIMISTIC_RANK = 0.1
+
+
+def is_client_retry(headers: Mapping[str, str]) -> bool:
+    """Whether the SDK marks this as a retry (``x-stainless-retry-count`` > 0)."""
+    value = headers.get("x-stainless-retry-count", "0").strip()
+    return value.isascii() and value.isdigit() and int(value) > 0  # "²".isdigit() is True
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """What admission needs to know about one request. Times are on the controller's clock."""
+
+    priority: Priority
+    tenant: str
+    tokens: int  # estimated prompt + max output tokens: the request's cost in fair queueing
+    deadline: float  # absolute (``Deadline.at``)
+    arrived: float  # when it reached the gateway; earlier wins ties in fair queueing
+    agent_session: str | None = None  # X-Agent-Session: the shedding cohort
+    is_retry: bool = False  # x-stainless-retry-count > 0: shed before first attempts
+    prompt_tokens: int | None = None  # for the limiter's latency brake (defaults to ``tokens``)
+
+    @property
+    def prompt_size(self) -> int:
+        """Prompt tokens for latency estimates (``tokens`` when the prompt alone is unknown)."""
+        return self.prompt_tokens if self.prompt_tokens is not None else self.tokens
+
+
+class AdmissionObserver:
+    """Metrics hooks, all no-ops here: override what you need. Called synchronously on the hot
+    path, so keep them cheap and never raise. ``deployment`` is None for door (self-protection)
+    sheds."""
+
+    def on_shed(
+        self, deployment: str | None, priority: Priority, reason: ShedReason, shadow: bool
+    ) -> None:
+        """A request refused (or, in shadow mode, that would have been)."""
+
+    def on_queue_delay(self, deployment: str, priority: Priority, delay_s: float) -> None:
+        """A request admitted after ``delay_s`` in the queue (0 when admitted at once)."""
+
+    def on_deadline(self, deployment: str, priority: Priority, stage: DeadlineStage) -> None:
+        """A request refused with 504 because its deadline could not be met."""
+
+    def on_limit(self, deployment: str, limit: int) -> None:
+        """The deployment's concurrency limit changed."""
+
+
+# The controller's bookkeeping when a permit is released:
+# (state, priority, outcome, ttft_s, prompt tokens, granted_at).
+ReleaseHook = Callable[["DeploymentState", Priority, Outcome, "float | None", int, float], None]
+
+
+class Permit:
+    """A slot under a deployment's limit. ``release`` exactly once; later calls do nothing."""
+
+    __slots__ = ("_on_release", "_prompt_tokens", "_released", "_state", "deployment",
+                 "granted_at", "priority", "queued_s")
+
+    def __init__(self, state: DeploymentState, req: AdmissionRequest, granted_at: float,
+                 queued_s: float, on_release: ReleaseHook) -> None:
+        self.deployment = state.label
+        self.priority = req.priority
+        self.granted_at = granted_at
+        self.queued_s = queued_s  # time spent in the admission queue
+        self._state = state
+        self._on_release = on_release
+        self._prompt_tokens = req.prompt_tokens if req.prompt_tokens is not None else req.tokens
+        self._released = False
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self, outcome: Outcome, ttft_s: float | None = None) -> None:
+        """Give the slot back and feed the limit.
+
+        ``outcome``: ``success``; ``overload`` for a provider 429, 5xx/529, connect error or
+        first-byte timeout; ``ignore`` for a client cancel or a 4xx. ``ttft_s``: seconds from
+        sending to the upstream's first streamed byte. Pass None for non-streamed calls (their
+        first byte is the whole answer and would inflate the estimate that deadline checks use)
+        and when no byte came.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._on_release(self._state, self.priority, outcome, ttft_s, self._prompt_tokens,
+                         self.granted_at)
+
+
+@dataclass(eq=False, slots=True)
+class QueueEntry:
+    """A waiting request: resolved with a ``Permit`` or a 504, or cancelled by its waiter."""
+
+    req: AdmissionRequest
+    enqueued_at: float
+    future: asyncio.Future[Permit]
+    timer: asyncio.TimerHandle | None = None  # fires when the deadline becomes infeasible
+    # A plain client (no X-Agent-Session) that cohort shedding would have refused: it waits
+    # in its class queue until then (its queue target) before 503 overloaded.
+    shed_at: float | None = None
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    @property
+    def tenant(self) -> str:
+        return self.req.tenant
+
+    @property
+    def cost(self) -> int:
+        return self.req.tokens
+
+    @property
+    def arrived(self) -> float:
+        return self.req.arrived
+
+
+class DeploymentState:
+    """Admission state of one deployment on this replica."""
+
+    def __init__(self, label: str, policy: AdmissionPolicy, now: float) -> None:
+        self.label = label
+        self.limiter = AdaptiveLimit(policy.concurrency_for(label), now)
+        self.in_flight = 0
+        self.in_flight_by_class = [0] * len(Priority)
+        self.queues: list[FairQueue[QueueEntry]] = [FairQueue() for _ in Priority]
+        self.shed = ShedState(policy, now)
+        self.ttft = policy.ttft_prior_s  # EWMA of first bytes: what status reports
+        self._recent: deque[float] = deque(maxlen=_RECENT_TTFT)  # first bytes / size factor
+        self._fast: float | None = None  # _OPTIMISTIC_RANK percentile of _recent
+        self._prior = policy.ttft_prior_s
+        self.drain = DecayingRate(policy.drain_window_s)
+
+    def take(self, priority: Priority) -> None:
+        self.in_flight += 1
+        self.in_flight_by_class[priority] += 1
+
+    def give_back(self, priority: Priority) -> None:
+        self.in_flight -= 1
+        self.in_flight_by_class[priority] -= 1
+
+    def fastest_ttft(self, prompt_tokens: int | None) -> float:
+        """An optimistic time to first byte for a prompt of this size: a low percentile of the
+        deployment's recent first bytes, scaled by prompt size; ``ttft_prior_s`` before any
+        is measured."""
+        if self._fast is None:
+            return self._prior
+        return self._fast * size_factor(prompt_tokens)
+
+    def feasible(self, deadline: float, now: float, prompt_tokens: int | None = None) -> bool:
+        """Whether a request with this deadline can still get its first byte in time, even
+        optimistically: refusing work that would have succeeded is worse than trying."""
+        return deadline - now >= self.fastest_ttft(prompt_tokens)
+
+    def observe_ttft(self, ttft_s: float, prompt_tokens: int | None = None) -> None:
+        """A measured time to first byte (from sending) feeds the estimates."""
+        if ttft_s >= 0:
+            self.ttft += _TTFT_WEIGHT * (ttft_s - self.ttft)
+            self._recent.append(ttft_s / size_factor(prompt_tokens))
+            ordered = sorted(self._recent)
+            self._fast = ordered[int(_OPTIMISTIC_RANK * (len(ordered) - 1))]
+
+    def queued(self, up_to: Priority = Priority.low) -> int:
+        """Waiting requests of classes ``critical`` .. ``up_to``."""
+        return sum(len(q) for q in self.queues[: up_to + 1])
+
+    def cap(self, priority: Priority, share: float) -> int:
+        """Slots the class may fill. At least one, so every class progresses at tiny limits."""
+        limit = self.limiter.limit
+        return limit if share >= 1.0 else max(1, math.floor(share * limit + 1e-9))
+
+    def oldest_waits(self, now: float) -> list[float | None]:
+        waits: list[float | None] = []
+        for q in self.queues:
+            oldest = q.oldest_enqueued()
+            waits.append(None if oldest is None else now - oldest)
+        return waits

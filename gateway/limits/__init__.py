@@ -1,0 +1,21 @@
+"""Tenant rate limits, budgets and run budgets, provider quotas, degraded mode and its journal."""
+
+from __future__ import annotations
+
+# --- public face: what other packages import (restructure.py --faces) ---
+from .degraded import DegradedMode
+from .journal import JournalFile
+from .limiter import DONE_TTL_MS, LEASE_TTL_MS, Counting, Hold, InFlight, Limiter
+from .quota import ProviderQuotas
+
+__all__ = [
+    "DONE_TTL_MS",
+    "LEASE_TTL_MS",
+    "Counting",
+    "DegradedMode",
+    "Hold",
+    "InFlight",
+    "JournalFile",
+    "Limiter",
+    "ProviderQuotas",
+]

@@ -1,0 +1,420 @@
+"""Step 3 of the pipeline: parse the body once and decide what kind of call this is.
+
+Everything later steps need (model, streaming, priority, token estimate, agent session) is read
+here, type-checked, and frozen into a ``ProxyCall``. Fields the gateway does not act on are left
+for the upstream to judge: the gateway is a proxy, not a second copy of every provider's schema.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from gateway.config import GatewayConfig, Model, Priority
+from gateway.errors import Dialect, GatewayError, bad_request, forbidden, not_found
+from gateway.translate import Translation
+
+from .auth import TenantPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRoute:
+    """One client-facing endpoint and how it maps onto a provider's API."""
+
+    path: str
+    provider_kind: Literal["openai", "anthropic"]
+    upstream_path: str  # appended to the provider's base_url
+    operation: str  # OpenTelemetry gen_ai.operation.name
+    can_stream: bool
+    # chat and legacy completions report streamed usage only when asked (stream_options)
+    injects_stream_usage: bool = False
+    # token counting: charged as one request only (no token reservation, budget, loop guard
+    # or concurrency lease; gateway/limits/limiter.py Limiter.admit_request), nothing billed
+    request_only: bool = False
+
+    @property
+    def dialect(self) -> Dialect:
+        return "anthropic" if self.provider_kind == "anthropic" else "openai"
+
+
+ROUTES: dict[str, ApiRoute] = {
+    r.path: r
+    for r in (
+        ApiRoute("/v1/chat/completions", "openai", "/chat/completions", "chat", True, True),
+        ApiRoute("/v1/completions", "openai", "/completions", "text_completion", True, True),
+        ApiRoute("/v1/embeddings", "openai", "/embeddings", "embeddings", False),
+        ApiRoute("/v1/responses", "openai", "/responses", "responses", True),
+        ApiRoute("/v1/messages", "anthropic", "/v1/messages", "chat", True),
+        # What the official SDKs call to count a prompt's tokens: anthropic
+        # client.messages.count_tokens, openai client.responses.input_tokens.count.
+        ApiRoute("/v1/messages/count_tokens", "anthropic", "/v1/messages/count_tokens",
+                 "count_tokens", False, request_only=True),
+        ApiRoute("/v1/responses/input_tokens", "openai", "/responses/input_tokens",
+                 "count_tokens", False, request_only=True),
+    )
+}
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
+
+
+@dataclass(slots=True)
+class ProxyCall:
+    """A validated request, ready for limits, admission and the upstream."""
+
+    route: ApiRoute
+    tenant: TenantPolicy
+    model: str
+    body: dict[str, Any]
+    stream: bool
+    client_wants_usage: bool
+    priority: Priority
+    # The most output tokens the upstream may generate per choice under this (forwarded) body:
+    # the largest token-cap field it reads, after any clamp; None: the body sets no cap.
+    max_tokens: int | None
+    prompt_tokens_estimate: int
+    agent_session: str | None = None
+    agent_step: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    # How many generations the provider makes, each up to ``max_tokens``: chat ``n``; legacy
+    # completions ``max(n, best_of)`` for each prompt of a batched ``prompt`` array.
+    choices: int = 1
+    # answer_model: alias -> the public name the answer's `model` field is rewritten to
+    answer_model: str | None = None
+    # The body translated for deployments of the other provider kind (gateway/translate),
+    # by upstream kind; made once when the targets are resolved, reused by every attempt.
+    translations: dict[str, Translation] = field(default_factory=dict)
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise bad_request("The request body is empty; send a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc.msg} at position {exc.pos}.")
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def classify(
+    route: ApiRoute,
+    tenant: TenantPolicy,
+    body: dict[str, Any],
+    headers: Mapping[str, str],
+    config: GatewayConfig,
+) -> ProxyCall:
+    """Validate what the gateway relies on; raise 400/403/404 GatewayErrors otherwise."""
+    model = body.get("model")
+    if model is None:
+        raise bad_request("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad_request("'model' must be a non-empty string.", param="model")
+    if model not in config.models:
+        raise not_found(
+            f"The model '{_printable(model)}' does not exist or you do not have access to it.",
+            code="model_not_found",
+            param="model",
+        )
+    if not tenant.may_use(model):
+        raise forbidden(f"Your key is not allowed to use the model '{model}'.")
+
+    stream = _optional(body, "stream", bool, False)
+    if stream and not route.can_stream:
+        raise bad_request(f"{route.path} does not support streaming.", param="stream")
+    stream_options = _optional(body, "stream_options", dict, None)
+    wants_usage = bool(stream_options and stream_options.get("include_usage") is True)
+
+    model_config = config.models[model]
+    max_tokens = _max_tokens(route, body, model, model_config)
+    _check_input(route, body)
+    choices = _choices(route, body)
+    tenant_config = config.tenants.get(tenant.name)
+    if max_tokens is None and tenant_config is not None and tenant_config.inject_max_tokens:
+        max_tokens = _inject_max_tokens(
+            route, body, min(tenant_config.default_max_tokens, model_config.output_limit))
+    return ProxyCall(
+        route=route,
+        tenant=tenant,
+        model=model,
+        body=body,
+        stream=stream,
+        client_wants_usage=wants_usage,
+        priority=_priority(headers, tenant),
+        max_tokens=max_tokens,
+        prompt_tokens_estimate=estimate_prompt_tokens(body),
+        agent_session=header_id(headers, "X-Agent-Session"),
+        agent_step=header_id(headers, "X-Agent-Step"),
+        choices=choices,
+        answer_model=model if model_config.answer_model == "alias" else None,
+    )
+
+
+def _optional(body: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    # bool is a subclass of int: `"max_tokens": true` must not pass as 1
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise bad_request(f"'{key}' must be {_TYPE_NAMES[kind]}.", param=key)
+    return value
+
+
+_TYPE_NAMES = {bool: "a boolean", dict: "an object", int: "an integer", list: "an array"}
+
+
+# The output-token caps each API's providers read. A body may carry several: OpenAI's chat
+# reads max_completion_tokens, many OpenAI-compatible servers read max_tokens, so the upstream
+# may honour either and the gateway must assume the largest.
+_CAP_FIELDS: dict[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
+    "/v1/messages": ("max_tokens",),
+}
+# The field an opted-in injection writes (inject_max_tokens): the one the provider documents.
+_INJECTED_FIELD = {"/v1/chat/completions": "max_completion_tokens",
+                   "/v1/completions": "max_tokens", "/v1/responses": "max_output_tokens"}
+# Larger than any model's output: such a value is a malformed request, not a cap to clamp.
+MAX_TOKEN_FIELD = 2**31 - 1
+# OpenAI refuses n above 128; best_of (legacy completions) is bounded the same way here, so a
+# body cannot multiply its reservation past what any provider serves.
+MAX_CHOICES = 128
+
+
+def _count(body: dict[str, Any], name: str, hi: int) -> int | None:
+    """An integer field in [1, hi]: None when absent or null, a 400 naming it otherwise."""
+    value = body.get(name)
+    if value is None:
+        return None
+    # bool is a subclass of int: `"max_tokens": true` must not pass as 1
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+        raise bad_request(f"'{name}' must be an integer between 1 and {hi}; got "
+                          f"{_printable(orjson.dumps(value).decode())}.", param=name,
+                          code="invalid_value")
+    return value
+
+
+def _max_tokens(route: ApiRoute, body: dict[str, Any], name: str, model: Model) -> int | None:
+    """The largest output cap in the body; above the model's ``max_output_tokens`` it is refused
+    (``over_max_tokens: refuse``) or every cap field is lowered to it in the forwarded body
+    (``clamp``), so the upstream can never generate more than the gateway reserves."""
+    caps = {f: v for f in _CAP_FIELDS.get(route.path, ())
+            if (v := _count(body, f, MAX_TOKEN_FIELD)) is not None}
+    if route.provider_kind == "anthropic" and not caps and not route.request_only:
+        raise bad_request("max_tokens: Field required", param="max_tokens")
+    if not caps:
+        return None
+    field_name, largest = max(caps.items(), key=lambda item: item[1])
+    limit = model.output_limit
+    if largest <= limit:
+        return largest
+    if model.over_max_tokens == "refuse":
+        raise bad_request(
+            f"{field_name} is too large: {largest}. The model '{name}' supports at most {limit} "
+            f"output tokens; set {field_name} to {limit} or less.",
+            param=field_name, code="integer_above_max_value",
+        )
+    for f, value in caps.items():
+        if value > limit:
+            body[f] = limit
+    return limit
+
+
+def _choices(route: ApiRoute, body: dict[str, Any]) -> int:
+    """Generations the provider makes for this body, each up to the output cap."""
+    if route.path == "/v1/chat/completions":
+        return _count(body, "n", MAX_CHOICES) or 1
+    if route.path != "/v1/completions":
+        return 1  # Responses and Messages have no n: one answer
+    per_prompt = max(_count(body, "n", MAX_CHOICES) or 1, _count(body, "best_of", MAX_CHOICES) or 1)
+    prompt = body.get("prompt")
+    # A batch: a list of strings or of token arrays is one completion set per prompt; a flat
+    # list of token ids is one prompt.
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and \
+        not isinstance(prompt[0], int) else 1
+    return per_prompt * prompts
+
+
+def _inject_max_tokens(route: ApiRoute, body: dict[str, Any], cap: int) -> int | None:
+    """Opt-in (``inject_max_tokens``): write the reserved estimate into a body that has no cap."""
+    name = _INJECTED_FIELD.get(route.path)
+    if name is None:
+        return None
+    body[name] = cap
+    return cap
+
+
+def reserved_output_tokens(call: ProxyCall, default_max_tokens: int,
+                           max_output_tokens: int) -> int:
+    """Output tokens to reserve: per choice the body's cap (which the upstream cannot exceed),
+    else the estimate ``default_max_tokens`` capped by the model's maximum (which it can:
+    docs/architecture.md, "Reservations"); times the generations the provider makes."""
+    if call.route.operation == "embeddings":
+        return 0
+    per_choice = call.max_tokens if call.max_tokens is not None else \
+        min(default_max_tokens, max_output_tokens)
+    return per_choice * call.choices
+
+
+def _check_input(route: ApiRoute, body: dict[str, Any]) -> None:
+    if route.operation == "chat" or route.dialect == "anthropic":  # messages, count_tokens
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' must be a non-empty array.", param="messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise bad_request(f"'messages.{i}' must be an object.", param=f"messages.{i}")
+    elif route.operation == "text_completion":
+        if not isinstance(body.get("prompt"), (str, list)):
+            raise bad_request("'prompt' must be a string or an array.", param="prompt")
+    elif route.operation in ("embeddings", "responses") and not isinstance(body.get("input"),
+                                                                           (str, list)):
+        raise bad_request("'input' must be a string or an array.", param="input")
+
+
+def _priority(headers: Mapping[str, str], tenant: TenantPolicy) -> Priority:
+    raw = headers.get("X-Priority")
+    if raw is None:
+        return tenant.default_priority
+    asked = Priority.parse(raw)
+    if asked is None:
+        raise bad_request(
+            "X-Priority must be critical, high, normal, low or 0-3.", param="X-Priority"
+        )
+    # A request may lower its class, never raise it above what its key allows.
+    return Priority(max(asked, tenant.max_priority))
+
+
+def header_id(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    if not _SAFE_ID.match(value):
+        raise bad_request(f"{name} must be 1-128 characters of [A-Za-z0-9._:/@+=-].", param=name)
+    return value
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
+
+
+# Top-level fields no provider tokenizes: routing, sampling knobs, ids and tags. Everything
+# else in the body is walked (an unknown field counts: over-reserving is the safe side).
+_NOT_PROMPT = frozenset((
+    "model", "stream", "stream_options", "metadata", "user", "service_tier", "store",
+    "previous_response_id", "prompt_cache_key", "safety_identifier", "reasoning_effort",
+    "modalities", "n", "best_of", "logprobs", "top_logprobs", "seed", "temperature", "top_p",
+    "top_k", "max_tokens", "max_completion_tokens", "max_output_tokens", "encoding_format",
+    "dimensions", "parallel_tool_calls", "truncation", "background", "include",
+))
+# Content blocks whose payload is not text: base64 or URL images are billed by size tiers,
+# not by the bytes of their encoding (85 tokens is a low-detail image).
+_IMAGE_TYPES = frozenset(("image", "image_url", "input_image"))
+# Keys of the message/part envelope: the provider renders them as its own markers (the 4 per
+# list element covers those), not as text. Every other key counts: a schema's property names
+# are tokenized like its values. Only keys are skipped, never values.
+_ENVELOPE_KEYS = frozenset(("role", "content", "type", "text"))
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A cheap, slightly generous prompt size: UTF-8 bytes of every string the provider may
+    tokenize / 4, plus 4 per list element (message, content part, tool).
+
+    The whole body is walked, not a list of known fields: Responses ``instructions``, tool
+    schemas (keys and values: ``tools[].function.parameters``, Anthropic ``input_schema``),
+    ``response_format`` / ``text.format`` schemas, ``tool_choice`` and any field a provider
+    adds later all count, since a field left out is prompt a tenant can send unreserved.
+    Only the top-level fields in ``_NOT_PROMPT`` are skipped; images count 85 tokens each
+    instead of their base64 text. One pass, no re-serialisation. The upstream's usage settles
+    the exact count."""
+    total_bytes = 0
+    parts = 0
+    stack: list[Any] = [v for k, v in body.items() if k not in _NOT_PROMPT]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            # isascii() is O(1) in CPython: most prompts skip the encode copy
+            total_bytes += len(item) if item.isascii() else len(item.encode("utf-8",
+                                                                           "surrogatepass"))
+        elif isinstance(item, list):
+            parts += len(item)
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if "image_url" in item or item.get("type") in _IMAGE_TYPES:
+                total_bytes += 85 * 4  # a low-detail image costs about 85 tokens
+                continue
+            for key, value in item.items():
+                if key not in _ENVELOPE_KEYS:
+                    total_bytes += len(key) if key.isascii() else len(key.encode(
+                        "utf-8", "surrogatepass"))
+                stack.append(value)
+    return max(1, math.ceil(total_bytes / 4) + 4 * parts)
+
+
+def estimate_answer_tokens(answer: Any) -> int:
+    """Output tokens of a whole answer that came without ``usage``: its text / 4, the same
+    generous rule as the prompt estimate. Walks the answer text of every dialect: OpenAI
+    ``choices[].message.content``/``text``/tool-call ``arguments``, Responses ``output[]``,
+    Anthropic ``content[]`` (embeddings have no output tokens)."""
+    total_chars = 0
+    stack: list[Any] = [answer.get(k) for k in ("choices", "output", "content")] \
+        if isinstance(answer, dict) else []
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total_chars += len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key in ("message", "text", "content", "tool_calls", "function", "arguments",
+                        "input"):
+                if key in item:
+                    stack.append(item[key])
+    return math.ceil(total_chars / 4)
+
+
+def error_dialect(path: str) -> Dialect:
+    route = ROUTES.get(path)
+    return route.dialect if route else "openai"
+
+
+def raise_if_content_encoded(content_encoding: str | None) -> None:
+    """415 for a compressed request body, before a byte of it is read.
+
+    Inflating would let a small body become a large one after every size check saw the
+    compressed length (``max_body_bytes``, the in-flight body-bytes bound): a 204 KB gzip
+    body inflates to 200 MiB. The official OpenAI and Anthropic SDKs never compress
+    requests, so refusing costs honest clients nothing; the server does not inflate either
+    (``auto_decompress`` off in app/server.py)."""
+    if content_encoding is None:
+        return
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    if all(c == "identity" for c in codings):
+        return
+    raise GatewayError(
+        415,
+        f"Unsupported Content-Encoding '{_printable(content_encoding.strip())}': the gateway "
+        "accepts uncompressed request bodies only; send the JSON body without compression.",
+        code="unsupported_content_encoding", headers={"Connection": "close"},
+    )
+
+
+def raise_if_json_content_type_wrong(content_type: str | None) -> None:
+    """415 for a declared non-JSON body; an absent Content-Type is read as JSON."""
+    if not content_type:
+        return
+    main = content_type.split(";", 1)[0].strip().lower()
+    if main == "application/json" or (main.startswith("application/") and main.endswith("+json")):
+        return
+    raise GatewayError(
+        415,
+        f"Unsupported Content-Type '{_printable(main)}': send application/json.",
+        code="unsupported_media_type",
+    )

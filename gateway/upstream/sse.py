@@ -1,0 +1,117 @@
+"""Step 11: relay a server-sent-event stream to the client event by event, as it arrives.
+
+The relay understands just enough of each dialect to account for the call:
+- usage: OpenAI chat/completions report it in a last chunk with ``"choices": []`` (which the
+  gateway requested itself and strips when the client did not ask); the Responses API in
+  ``response.completed``; Anthropic in ``message_start`` and ``message_delta``;
+- streamed deltas are counted, so a stream cut before its usage arrives is still charged;
+- a stream that ends without its terminal event was cut, and the client is told so with an
+  error event instead of a silent clean end (SDKs never retry after a 200, so honesty matters).
+
+Events are forwarded the moment their terminating blank line arrives; several events from one
+network read go out in one write.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+from gateway.errors import Dialect, upstream_failure
+from gateway.usage import Usage
+
+__all__ = ["MAX_EVENT_BYTES", "SseRelay", "Usage", "usage_from_body"]
+
+# One event larger than this is an upstream fault: cut the stream rather than buffer it all.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+_DELTA = re.compile(rb'"delta"|output_text\.delta')
+_TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
+             b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
+             b'"type": "message_stop"',
+             # an upstream's own error event ends the stream too; relay it, add nothing
+             b'data: {"error"', b"event: error")
+
+
+def usage_from_body(body: bytes) -> Usage:
+    """Usage from a complete JSON response body; zero counts when absent or unparsable."""
+    usage = Usage()
+    try:
+        usage.merge(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        pass
+    return usage
+
+
+class SseRelay:
+    """Splits upstream bytes into events, accounts for them and decides what to forward."""
+
+    def __init__(self, dialect: Dialect, strip_usage_chunk: bool) -> None:
+        self.dialect = dialect
+        self.strip_usage_chunk = strip_usage_chunk
+        self.usage = Usage()
+        self.deltas = 0
+        self.events = 0
+        self.finished = False  # the terminal event was seen
+        # The event with the final usage was seen (every usage event but Anthropic's
+        # message_start, whose output count is only the first token's): a stream cut after it
+        # is charged exactly what it reported.
+        self.usage_final = False
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take a network read; return the complete events to forward now (maybe b"")."""
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._buffer + chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            if len(data) > MAX_EVENT_BYTES:
+                raise upstream_failure(502, f"The upstream sent a stream event larger than "
+                                       f"{MAX_EVENT_BYTES} bytes.", "upstream_event_too_large")
+            self._buffer = data
+            return b""
+        self._buffer = data[end + 2:]
+        out = []
+        for event in data[: end + 2].split(b"\n\n"):
+            if event and self._keep(event):
+                out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def leftover(self) -> bytes:
+        """An incomplete last event (no blank line after it) once the upstream ended."""
+        rest, self._buffer = self._buffer, b""
+        if rest.strip() and self._keep(rest.rstrip(b"\n")):
+            return rest.rstrip(b"\n") + b"\n\n"
+        return b""
+
+    def _keep(self, event: bytes) -> bool:
+        self.events += 1
+        if _DELTA.search(event):
+            self.deltas += 1
+        if any(marker in event for marker in _TERMINAL):
+            self.finished = True
+        if not _USAGE_OBJECT.search(event):
+            return True
+        payload = _data_of(event)
+        try:
+            parsed = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return True
+        if self.usage.merge(parsed) and parsed.get("type") != "message_start":
+            self.usage_final = True
+        # Drop only the extra usage chunk the gateway asked for on the client's behalf.
+        return not (self.strip_usage_chunk and _EMPTY_CHOICES.search(event))
+
+    def final_usage(self) -> Usage:
+        """Reported usage, or the counted deltas when the upstream never reported any."""
+        if not self.usage.reported:
+            self.usage.output_tokens = self.deltas
+        return self.usage
+
+
+def _data_of(event: bytes) -> bytes:
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)

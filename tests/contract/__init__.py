@@ -1,0 +1,1 @@
+"""Every backend and library the gateway relies on, held to one contract."""

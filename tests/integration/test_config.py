@@ -1,0 +1,118 @@
+"""Policy file validation, the JSON Schema and the config CLI commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.config.model import ConfigError, json_schema, load_config, resolve_api_key
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ERRORS = sorted((Path(__file__).parent.parent / "config_errors").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ERRORS, ids=[p.stem for p in ERRORS])
+def test_each_broken_policy_is_rejected_with_its_exact_message(path: Path) -> None:
+    expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert len(info.value.problems) == 1, info.value.problems
+    assert info.value.problems[0].startswith(expected), info.value.problems[0]
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_the_example_policy_is_valid() -> None:
+    config = load_config(ROOT / "config" / "example.yaml")
+    assert config.state.backend == "memory"
+    assert "gpt-4o-mini" in config.models
+
+
+def test_schema_file_is_in_sync_with_the_config_model() -> None:
+    on_disk = json.loads((ROOT / "config" / "schema.json").read_text())
+    assert on_disk == json_schema(), "regenerate: gateway schema > config/schema.json"
+
+
+def test_schema_rejects_unknown_keys_everywhere() -> None:
+    schema = json_schema()
+    for name, definition in schema["$defs"].items():
+        if definition.get("type") == "object":
+            assert definition.get("additionalProperties") is False, name
+
+
+def test_provider_keys_come_from_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.config.model import Provider
+
+    monkeypatch.setenv("GW_TEST_KEY", "sk-from-env\n")
+    assert resolve_api_key("p", Provider(kind="openai", base_url="http://x",
+                                         api_key_env="GW_TEST_KEY")) == "sk-from-env"
+    secret = tmp_path / "key"
+    secret.write_text("sk-from-file\n")
+    assert resolve_api_key("p", Provider(kind="openai", base_url="http://x",
+                                         api_key_file=str(secret))) == "sk-from-file"
+    monkeypatch.delenv("GW_TEST_KEY")
+    with pytest.raises(ConfigError, match=r"\$GW_TEST_KEY is not set"):
+        resolve_api_key("p", Provider(kind="openai", base_url="http://x",
+                                      api_key_env="GW_TEST_KEY"))
+
+
+def test_check_config_cli_reports_file_key_and_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    bad = Path(__file__).parent.parent / "config_errors" / "unknown_key.yaml"
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", str(bad)])
+    assert info.value.code == 2
+    assert f"{bad}: tenants.t.rpm: unknown key" in capsys.readouterr().err
+    assert main(["check-config", str(ROOT / "config" / "example.yaml")]) == 0
+    assert "ok: 3 providers" in capsys.readouterr().out
+
+
+def test_hash_key_cli_matches_what_the_gateway_accepts(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.request.auth import hash_key
+
+    assert main(["hash-key", "sk-demo-acme"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == hash_key("sk-demo-acme")
+    assert printed in (ROOT / "config" / "example.yaml").read_text()
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "version"], capture_output=True,
+                         text=True, check=True)
+    from gateway import __version__
+
+    assert out.stdout.strip() == __version__
+
+
+def test_a_cost_budget_with_no_priced_model_is_a_warning_at_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = "sha256:" + "0" * 64
+
+    def write(models: str, tenant_models: str = "['*']") -> str:
+        path = tmp_path / "policy.yaml"
+        path.write_text(
+            "providers:\n  main: {kind: openai, base_url: 'http://127.0.0.1:9/v1'}\n"
+            f"models:\n{models}"
+            f"tenants:\n  acme:\n    api_keys: ['{key}']\n    models: {tenant_models}\n"
+            "    budget: {daily_cost: 5, monthly_tokens: 1000000}\n")
+        return str(path)
+
+    free = "  m: {deployments: [{provider: main, model: x}]}\n"
+    priced = ("  p: {deployments: [{provider: main, model: y}], price: "
+              "{input_per_million: 1, output_per_million: 2, cached_input_per_million: 0.5}}\n")
+    # check-config still passes, and says why the budget will never refuse
+    assert main(["check-config", write(free)]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("tenants.acme.budget: daily_cost set, but no model this tenant may use has a "
+               "price" in w for w in warned), warned
+    assert "ok:" in capsys.readouterr().out
+    caplog.clear()
+    load_config(write(free + priced, "[m]"))  # the priced model is not one it may use
+    assert any("tenants.acme.budget" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    load_config(write(free + priced))
+    assert not [r for r in caplog.records if "budget" in r.getMessage()]

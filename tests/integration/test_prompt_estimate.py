@@ -1,0 +1,110 @@
+"""The prompt estimate counts every string the provider tokenizes (red team, HIGH).
+
+A 200 KB Responses ``instructions`` estimated 1 token: one request spent 50,006 tokens against a
+20,000-token budget and token rate, and the context-window pre-check did not fire. The same
+held for tool schemas and structured-output schemas. The estimate now walks the whole body.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from aiohttp.test_utils import TestServer
+
+from gateway.mock.upstream import RECORDED
+from gateway.request.classifier import estimate_prompt_tokens
+from gateway.state import StateBackend
+from tests.gwtest import auth
+from tests.plugin_gateway import MakeGateway, settled
+
+CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
+BIG = "word " * 40_000  # 200,000 bytes: about 50,000 tokens
+
+
+def test_instructions_count() -> None:
+    small = estimate_prompt_tokens({"model": "m", "input": "hi"})
+    assert estimate_prompt_tokens({"model": "m", "input": "hi", "instructions": BIG}) \
+        >= small + 50_000
+
+
+def _schema(n: int) -> dict[str, Any]:
+    return {"type": "object", "properties": {
+        f"field_{i}": {"type": "string", "description": "a long description " * 4}
+        for i in range(n)}}
+
+
+def test_tool_and_output_schemas_count_keys_and_values() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    floor = estimate_prompt_tokens(base)
+    schema = _schema(200)  # about 18 KB of JSON: well over 4,000 tokens
+    bodies: list[dict[str, Any]] = [
+        {**base, "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]},
+        {**base, "tools": [{"name": "f", "input_schema": schema}]},  # Anthropic
+        {**base, "response_format": {"type": "json_schema",
+                                     "json_schema": {"name": "s", "schema": schema}}},
+        {"model": "m", "input": "hi", "text": {"format": {"type": "json_schema", "name": "s",
+                                                          "schema": schema}}},
+    ]
+    for body in bodies:
+        assert estimate_prompt_tokens(body) >= floor + 4_000, body.keys()
+    # property names are tokenized like values: a schema made of keys alone still counts
+    keys_only = {"type": "object", "properties": {f"k{'x' * 40}{i}": {} for i in range(400)}}
+    assert estimate_prompt_tokens({**base, "tools": [{"name": "f", "input_schema": keys_only}]}) \
+        >= floor + 4_000
+
+
+def test_images_are_not_counted_as_their_base64_text() -> None:
+    image = base64.b64encode(b"\x00" * 300_000).decode()  # 400 KB of base64
+    anthropic = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": image}}]}]}
+    openai = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]}]}
+    responses = {"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": f"data:image/png;base64,{image}"}]}]}
+    for body in (anthropic, openai, responses):
+        assert 85 <= estimate_prompt_tokens(body) < 200
+
+
+def test_fields_that_are_not_prompt_are_not_counted() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    knobs = {**base, "model": "x" * 4000, "user": "u" * 4000, "metadata": {"k": "v" * 4000},
+             "temperature": 0.5, "max_tokens": 10, "stream": True,
+             "stream_options": {"include_usage": True}}
+    assert estimate_prompt_tokens(knobs) == estimate_prompt_tokens(base)
+
+
+async def test_huge_instructions_cannot_overspend_a_budget(
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
+) -> None:
+    gw = await make_gateway(state=backend, tenants={"acme": {"budget": {"daily_tokens": 20_000}}},
+                            **CALM)
+    body = {"model": "gpt-test", "input": "hi", "instructions": BIG, "max_output_tokens": 100}
+    resp = await gw.post("/v1/responses", json=body, headers=auth())
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "insufficient_quota"
+    await settled(gw)
+    assert not [r for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")]
+
+
+async def test_huge_instructions_meet_the_context_window_check(
+    make_gateway: MakeGateway, mock_upstream: TestServer,
+) -> None:
+    gw = await make_gateway(models={"gpt-test": {"context_window": 20_000}}, **CALM)
+    body = {"model": "gpt-test", "input": "hi", "instructions": BIG, "max_output_tokens": 100}
+    resp = await gw.post("/v1/responses", json=body, headers=auth())
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "context_length_exceeded"
+    assert not [r for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")]
+
+
+async def test_huge_instructions_cannot_pass_a_token_rate_limit(
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
+) -> None:
+    gw = await make_gateway(state=backend, tenants={"acme": {"limits": {
+        "tokens_per_minute": 20_000, "token_burst": 20_000}}}, **CALM)
+    body = {"model": "gpt-test", "input": "hi", "instructions": BIG, "max_output_tokens": 100}
+    resp = await gw.post("/v1/responses", json=body, headers=auth())
+    assert resp.status == 429
+    assert not [r for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")]

@@ -1,0 +1,55 @@
+"""The runaway scenario (issue 22 item 4): run budgets stop looping agent runs.
+
+config/scenarios/runaway.yaml, shortened, against a gateway in this process whose two tenants
+differ only in run budgets (as bench/configs/runaway.yaml): `guarded` spends < 10 % of `open`,
+and the runs that make progress complete at the same rate in both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.loadtest.engine import Engine, EngineOptions
+from gateway.loadtest.report import build_report, render
+from gateway.loadtest.scenario import load_scenario, parse_scenario
+from gateway.request.auth import hash_key
+from tests.plugin_gateway import MakeGateway
+
+GATEWAY_CONFIG = Path(__file__).resolve().parent.parent.parent / "bench" / "configs" / "runaway.yaml"
+CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
+
+
+async def test_run_budgets_cut_a_runaway_tenants_spend_below_a_tenth(
+    make_gateway: MakeGateway
+) -> None:
+    shipped = yaml.safe_load(GATEWAY_CONFIG.read_text(encoding="utf-8"))[
+        "tenants"]["guarded"]["run_budget"]
+    gw = await make_gateway(tenants={
+        "guarded": {"api_keys": [hash_key("sk-demo-guarded")], "run_budget": shipped},
+        "open": {"api_keys": [hash_key("sk-demo-open")]},
+    }, **CALM)
+    data: dict[str, Any] = load_scenario("runaway").model_dump(exclude_defaults=True)
+    for w in data["workloads"]:
+        w["model"] = "gpt-test"
+        if w["name"].startswith("looping"):
+            w["steps"] = 80  # shorter than the shipped 150: a test, not a benchmark
+    data["phases"][0]["duration_s"] = 5
+    data["phases"][0]["upstream"] = {}
+    data["target"] = str(gw.make_url("")).rstrip("/")
+    scenario = parse_scenario(data)
+    engine = Engine(scenario, scenario.api_keys(), EngineOptions(target=data["target"]))
+    await engine.run()
+    report = build_report(engine)
+    runs = report["runs"]
+    guarded, open_ = runs["tenants"]["guarded"], runs["tenants"]["open"]
+    assert guarded["tokens"] < 0.10 * open_["tokens"], render(report)
+    loopers = runs["workloads"]["looping-guarded"]
+    assert loopers["runs"] >= 1 and loopers["stopped"] == {"run_budget_exceeded": loopers["runs"]}
+    assert runs["workloads"]["looping-open"]["completion_ratio"] == 1.0
+    working = [runs["workloads"][f"working-{t}"] for t in ("guarded", "open")]
+    assert all(w["runs"] >= 3 and w["completion_ratio"] == 1.0 for w in working), working
+    assert runs["biggest"][0]["tenant"] == "open"
+    assert "agent runs" in render(report)

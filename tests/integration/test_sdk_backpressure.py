@@ -1,0 +1,340 @@
+"""Backpressure as the official SDKs see it (issue 16): default settings, retries counted.
+
+The gateway app gets a counter of the answers it sends (what the SDK really did, retries
+included); the mock upstream records every call that reached it. Timing bounds are generous
+(these machines are noisy); counts are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from anthropic.types import MessageParam
+from openai.types.chat import ChatCompletionMessageParam
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from gateway.app.server import create_app
+from gateway.mock.upstream import RECORDED
+from tests.gwtest import ACME_KEY, policy
+from tests.plugin_gateway import GatewayClient, gateway_client
+
+MakeCounted = Callable[..., Awaitable[tuple[GatewayClient, collections.Counter[int]]]]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+ANTHROPIC_HELLO: list[MessageParam] = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def make_counted(aiohttp_client: AiohttpClient, upstream_url: str) -> MakeCounted:
+    """A gateway whose answers are counted by status: every SDK retry is one more answer."""
+
+    async def make(**overrides: Any) -> tuple[GatewayClient, collections.Counter[int]]:
+        app = create_app(policy(upstream_url, **overrides))
+        answers: collections.Counter[int] = collections.Counter()
+
+        async def count(request: web.Request, response: web.StreamResponse) -> None:
+            if request.path.startswith("/v1/"):
+                answers[response.status] += 1
+
+        app.on_response_prepare.append(count)
+        client: GatewayClient = await gateway_client(aiohttp_client, app)
+        return client, answers
+
+    return make
+
+
+def _openai(gw: GatewayClient, **kw: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=str(gw.make_url("/v1")), api_key=ACME_KEY, **kw)
+
+
+def _anthropic(gw: GatewayClient, **kw: Any) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=str(gw.make_url("")).rstrip("/"), api_key=ACME_KEY,
+                                    **kw)
+
+
+# A client in its own process, as in production: fifty SDK calls in the gateway's process
+# (its loop, or a thread fighting it for the GIL) show up as the gateway's own loop lag,
+# which self-protection rightly sheds. Prints {"took": s, "errors": [...]} as JSON.
+_CLIENT = """
+import asyncio, json, sys, time
+import openai
+async def main(base, n, latency_ms):
+    async with openai.AsyncOpenAI(base_url=base, api_key=sys.argv[4]) as client:
+        async def one():
+            try:
+                await client.chat.completions.create(
+                    model="gpt-test", messages=[{"role": "user", "content": "hello"}],
+                    extra_headers={"x-mock-latency-ms": latency_ms})
+                return None
+            except openai.APIError as exc:
+                return str(exc)
+        began = time.monotonic()
+        errors = await asyncio.gather(*(one() for _ in range(n)))
+        return {"took": time.monotonic() - began, "errors": [e for e in errors if e]}
+print(json.dumps(asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))))
+"""
+
+
+async def in_another_process(gw: GatewayClient, calls: int,
+                             latency_ms: int = 0) -> dict[str, Any]:
+    """``calls`` concurrent chat completions by the openai SDK (default settings) from a
+    separate process; how long they took together and the errors they ended with."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CLIENT, str(gw.make_url("/v1")), str(calls), str(latency_ms),
+        ACME_KEY, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def upstream_calls(mock: TestServer) -> int:
+    return sum(1 for r in mock.app[RECORDED] if r.path.startswith("/v1/"))
+
+
+async def test_six_parallel_one_second_calls_at_max_concurrent_three_take_about_two_seconds(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted(tenants={"acme": {"limits": {"max_concurrent": 3}}})
+    result = await in_another_process(gw, 6, latency_ms=1000)
+    took = result["took"]
+    assert result["errors"] == []
+    assert upstream_calls(mock_upstream) == 6
+    # Two rounds of one second, not a minute's Retry-After (ideal 2.0 s; noisy machines).
+    print(f"six 1 s calls at max_concurrent 3: {took:.2f} s, answers {dict(answers)}")
+    assert 1.9 <= took < 5.0, took
+    assert answers[200] == 6 and answers[429] <= 3
+
+
+async def test_six_three_second_calls_at_max_concurrent_two_all_succeed_in_three_rounds(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    """Two run, four wait 2 s (``concurrency_wait_s``) and are refused: the first two told
+    when the running pair ends, the next two a round later, so the SDK's two retries are
+    enough. Before the fix two of them were told 200 ms three times and failed."""
+    gw, answers = await make_counted(tenants={"acme": {"limits": {"max_concurrent": 2}}})
+    result = await in_another_process(gw, 6, latency_ms=3000)
+    took = result["took"]
+    print(f"six 3 s calls at max_concurrent 2: {took:.2f} s, answers {dict(answers)}")
+    assert result["errors"] == []
+    assert upstream_calls(mock_upstream) == 6 and answers[200] == 6
+    # three rounds of 3 s (ideal 9 s; the guesses cost about a second more)
+    assert 8.5 <= took < 20, took
+    assert answers[429] <= 6  # one refusal per waiting call, none spent on a doomed retry
+
+
+async def test_six_concurrent_anthropic_calls_over_a_request_rate_each_get_their_turn(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    """30 requests/min (burst 3), six calls at once: three pass, the three refused are told
+    2, 4 and 6 s (one retry fits every 2 s), so each passes on its first retry. Before,
+    all three were told 2 s, met again and one ran out of retries after 4 s."""
+    gw, answers = await make_counted(
+        tenants={"acme": {"limits": {"requests_per_minute": 30}}})
+    an = _anthropic(gw)
+    try:
+        began = time.monotonic()
+        await asyncio.gather(*(an.messages.create(model="claude-test", max_tokens=20,
+                                                  messages=ANTHROPIC_HELLO) for _ in range(6)))
+        took = time.monotonic() - began
+    finally:
+        await an.close()
+    print(f"six calls at 30 requests/min: {took:.2f} s, answers {dict(answers)}")
+    assert answers == {200: 6, 429: 3}  # one refusal each for the three over the burst
+    assert upstream_calls(mock_upstream) == 6
+    assert 5.5 <= took < 15, took  # the last turn is 6 s after the burst
+
+
+async def test_fifty_identical_concurrent_calls_on_the_default_policy_all_succeed(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted()
+    result = await in_another_process(gw, 50)
+    assert result["errors"] == [] and answers == {200: 50}  # no refusal, no SDK retry
+    assert upstream_calls(mock_upstream) == 50
+
+
+async def test_a_spent_daily_budget_stops_the_sdks_at_once_naming_the_reset(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted(tenants={"acme": {"budget": {"daily_tokens": 150}}})
+    oa, an = _openai(gw), _anthropic(gw)
+    try:
+        await oa.chat.completions.create(model="gpt-test", messages=HELLO, max_tokens=120,
+                                         extra_headers={"x-mock-chunks": "120"})
+        began = time.monotonic()
+        # 150 - the first call's ~122 tokens < the ~100 these reserve (and ever could use)
+        with pytest.raises(openai.RateLimitError) as spent:
+            await oa.chat.completions.create(model="gpt-test", messages=HELLO, max_tokens=95)
+        with pytest.raises(anthropic.RateLimitError) as spent_too:
+            await an.messages.create(model="claude-test", max_tokens=95,
+                                     messages=ANTHROPIC_HELLO)
+        assert time.monotonic() - began < 3  # neither SDK slept through a backoff
+    finally:
+        await oa.close()
+        await an.close()
+    assert answers == {200: 1, 429: 2}  # one answer each: no SDK retry
+    assert upstream_calls(mock_upstream) == 1
+    for exc in (spent.value, spent_too.value):
+        assert "resets at" in str(exc) and "T00:00:00Z" in str(exc)
+        to_midnight = 86_400 - time.time() % 86_400
+        assert abs(int(exc.response.headers["Retry-After"]) - to_midnight) < 5
+
+
+async def test_the_clients_own_deadline_on_a_hung_upstream_is_a_retryable_truthful_504(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted()
+    client = _openai(gw, timeout=20, max_retries=1)
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(
+                model="gpt-test", messages=HELLO,
+                extra_headers={"x-mock-fail": "hang", "X-Request-Timeout": "1.5"})
+    finally:
+        await client.close()
+    exc = info.value
+    assert exc.status_code == 504
+    assert "request's own deadline (X-Request-Timeout: 1.5 s) ran out" in str(exc)
+    assert exc.response.headers["x-should-retry"] == "true"
+    # Retryable, as a client-side timeout would have been: the SDK retried once.
+    assert answers == {504: 2} and upstream_calls(mock_upstream) == 2
+
+
+async def test_openai_timeout_against_a_hung_upstream_is_a_retryable_timeout(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, _ = await make_counted()
+    client = _openai(gw, timeout=3.0, max_retries=0)  # the issue's OpenAI(timeout=3)
+    try:
+        with pytest.raises((openai.APITimeoutError, openai.InternalServerError)) as info:
+            await client.chat.completions.create(model="gpt-test", messages=HELLO,
+                                                 extra_headers={"x-mock-fail": "hang"})
+    finally:
+        await client.close()
+    # Whichever wins the race (the SDK's own timer or the gateway's 504 on the SDK's
+    # x-stainless-read-timeout), it is a timeout the SDK retries, and it names the 3 s bound.
+    if isinstance(info.value, openai.InternalServerError):
+        assert "x-stainless-read-timeout: 3 s" in str(info.value)
+        assert info.value.response.headers.get("x-should-retry", "true") == "true"
+
+
+async def test_a_deployment_timeout_names_its_configured_number_and_ends_retries(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted(providers={"main": {"timeouts": {"first_byte_s": 0.3}}})
+    client = _openai(gw)
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(model="gpt-test", messages=HELLO,
+                                                 extra_headers={"x-mock-fail": "hang"})
+    finally:
+        await client.close()
+    exc = info.value
+    assert "exceeded the deployment's first byte timeout (0.3 s)" in str(exc)
+    assert exc.response.headers["x-should-retry"] == "false"
+    attempts = int(exc.response.headers["x-gateway-attempts"])
+    assert answers == {504: 1} and upstream_calls(mock_upstream) == attempts
+
+
+async def test_a_cut_whole_answer_is_not_retried_by_the_sdks(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted()
+    oa, an = _openai(gw), _anthropic(gw)
+    cut = {"x-mock-fail": "midstream-cut"}
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await oa.chat.completions.create(model="gpt-test", messages=HELLO,
+                                             extra_headers=cut)
+        with pytest.raises(anthropic.InternalServerError) as info_too:
+            await an.messages.create(model="claude-test", max_tokens=20,
+                                     messages=ANTHROPIC_HELLO,
+                                     extra_headers=cut)
+    finally:
+        await oa.close()
+        await an.close()
+    for exc in (info.value, info_too.value):
+        assert exc.status_code == 502 and "broke off" in str(exc)
+        assert exc.response.headers["x-should-retry"] == "false"
+    assert answers == {502: 2} and upstream_calls(mock_upstream) == 2  # one call each
+
+
+async def test_an_upstream_that_drops_the_connection_is_not_retried_on_top_of_the_gateway(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted()
+    client = _openai(gw)
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(model="gpt-test", messages=HELLO,
+                                                 extra_headers={"x-mock-fail": "drop"})
+    finally:
+        await client.close()
+    exc = info.value
+    assert exc.status_code == 502 and exc.response.headers["x-should-retry"] == "false"
+    attempts = int(exc.response.headers["x-gateway-attempts"])
+    assert attempts >= 2  # the gateway retried ...
+    assert answers == {502: 1} and upstream_calls(mock_upstream) == attempts  # ... the SDK not
+
+
+async def test_a_stream_must_start_by_the_deadline_then_flows_past_it(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    gw, answers = await make_counted()
+    client = _openai(gw, max_retries=0)
+    deadline = {"X-Request-Timeout": "1.5"}
+    try:
+        # chunks 0.6 s apart: 2.4 s in all, past the 1.5 s deadline, never 1.5 s silent
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=HELLO, stream=True,
+            extra_headers={**deadline, "x-mock-chunks": "4", "x-mock-chunk-gap-ms": "600"})
+        pieces = [c.choices[0].delta.content async for c in stream if c.choices]
+        assert len([p for p in pieces if p]) == 4
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(
+                model="gpt-test", messages=HELLO, stream=True,
+                extra_headers={**deadline, "x-mock-fail": "hang"})
+    finally:
+        await client.close()
+    assert info.value.status_code == 504
+    assert "X-Request-Timeout: 1.5 s) ran out while waiting for the first byte" in str(info.value)
+    assert answers == {200: 1, 504: 1}
+
+
+async def test_an_unusable_error_page_after_the_gateways_retries_is_final_for_the_sdk(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
+) -> None:
+    calls = 0
+
+    async def html_503(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.Response(status=503, text="<html>upstream down</html>",
+                            content_type="text/html")
+
+    broken = web.Application()
+    broken.router.add_post("/v1/chat/completions", html_503)
+    server = await aiohttp_server(broken)
+    gw: GatewayClient = await gateway_client(aiohttp_client, create_app(
+        policy(str(server.make_url("")).rstrip("/"))))
+    client = _openai(gw)  # default retries
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(model="gpt-test", messages=HELLO)
+    finally:
+        await client.close()
+    exc = info.value
+    assert exc.status_code == 502 and "non-JSON" in str(exc)
+    assert exc.response.headers["x-should-retry"] == "false"
+    assert calls == int(exc.response.headers["x-gateway-attempts"]) >= 2  # no SDK retry

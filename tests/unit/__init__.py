@@ -1,0 +1,1 @@
+"""Fast tier: no sockets, no subprocesses, no Redis; time from fake clocks."""

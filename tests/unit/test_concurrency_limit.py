@@ -1,0 +1,421 @@
+"""The adaptive concurrency limit, driven by a fake clock and simulated upstreams."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from gateway.admission.concurrency import AdaptiveLimit, Outcome
+from gateway.config.admission import ConcurrencySettings
+
+
+def settings(**overrides: Any) -> ConcurrencySettings:
+    values: dict[str, Any] = {"min_limit": 2, "initial_limit": 20, "max_limit": 200}
+    return ConcurrencySettings.model_validate(values | overrides)
+
+
+def simulate(limiter: AdaptiveLimit, capacity: int, seconds: float) -> list[tuple[float, int]]:
+    """A saturated upstream that serves ``capacity`` calls at once (1 s each) and answers 429
+    at once (after 50 ms) to any call beyond that. Returns (time, limit) every 100 ms."""
+    now, dt = 0.0, 0.01
+    running: list[tuple[float, Outcome]] = []  # (finishes at, outcome)
+    serving = 0
+    trace: list[tuple[float, int]] = []
+    step = 0
+    while now < seconds:
+        while running and running[0][0] <= now:
+            _, outcome = heapq.heappop(running)
+            if outcome == "success":
+                serving -= 1
+            # demand: everything in flight plus a backlog that never empties
+            limiter.on_sample(now, outcome, len(running) + 1 + 100)
+        while len(running) < limiter.limit:  # the gateway fills the limit
+            if serving < capacity:
+                serving += 1
+                heapq.heappush(running, (now + 1.0, "success"))
+            else:
+                heapq.heappush(running, (now + 0.05, "overload"))
+        if step % 10 == 0:
+            trace.append((now, limiter.limit))
+        now += dt
+        step += 1
+    return trace
+
+
+def test_converges_to_capacity_from_below_and_above() -> None:
+    for initial in (4, 150):
+        limiter = AdaptiveLimit(settings(initial_limit=initial), now=0.0)
+        trace = simulate(limiter, capacity=40, seconds=240.0)
+        settled = [limit for t, limit in trace if t >= 120.0]
+        assert min(settled) >= 0.85 * 40, (initial, min(settled))
+        assert max(settled) <= 1.1 * 40, (initial, max(settled))
+        assert abs(statistics.mean(settled) - 40) <= 4
+
+
+def test_one_decrease_per_window_on_a_correlated_burst() -> None:
+    limiter = AdaptiveLimit(settings(initial_limit=100, decision_window_s=1.0), now=0.0)
+    for i in range(50):  # fifty calls failing within 0.5 s: one signal
+        limiter.on_sample(10.0 + i * 0.01, "overload", in_flight=100)
+    assert limiter.limit == 90
+    limiter.on_sample(10.99, "overload", in_flight=100)
+    assert limiter.limit == 90
+    limiter.on_sample(11.0, "overload", in_flight=100)  # a new window
+    assert limiter.limit == 81
+
+
+def test_no_increase_in_the_window_after_a_decrease() -> None:
+    limiter = AdaptiveLimit(settings(initial_limit=50), now=0.0)
+    limiter.on_sample(5.0, "overload", in_flight=50)
+    assert limiter.limit == 45
+    limiter.on_sample(5.5, "success", in_flight=45)
+    assert limiter.limit == 45
+    limiter.on_sample(6.0, "success", in_flight=45)
+    assert limiter.limit == 46
+
+
+def test_no_growth_while_under_used() -> None:
+    limiter = AdaptiveLimit(settings(initial_limit=20, min_utilization=0.5), now=0.0)
+    for second in range(1, 300):
+        limiter.on_sample(float(second), "success", in_flight=9)  # 45% of the limit
+    assert limiter.limit == 20
+    limiter.on_sample(301.0, "success", in_flight=10)  # used: grows, one step per window
+    limiter.on_sample(301.5, "success", in_flight=10)
+    assert limiter.limit == 21
+
+
+def test_growth_is_additive_per_window_and_bounded() -> None:
+    limiter = AdaptiveLimit(settings(initial_limit=20, max_limit=25, increase_step=2.0), now=0.0)
+    for i in range(100):  # 100 successes within one window: one step
+        limiter.on_sample(1.0 + i * 0.001, "success", in_flight=20)
+    assert limiter.limit == 22
+    for second in range(2, 20):
+        limiter.on_sample(float(second), "success", in_flight=limiter.limit)
+    assert limiter.limit == 25
+
+
+def test_decrease_stops_at_min_and_ignore_changes_nothing() -> None:
+    limiter = AdaptiveLimit(settings(min_limit=3, initial_limit=4), now=0.0)
+    for second in range(1, 30):
+        limiter.on_sample(float(second), "overload", in_flight=4)
+    assert limiter.limit == 3
+    limiter.on_sample(100.0, "ignore", in_flight=3)
+    assert limiter.limit == 3
+
+
+def test_after_a_burst_of_timeouts_the_limit_is_back_in_a_few_windows() -> None:
+    # Twenty seconds of first-byte timeouts take the limit to its floor; once calls succeed
+    # again it returns x1.5 per window to one decrease below where it was (not +1 per window:
+    # that took 30 s, and every request meanwhile beyond the limit was queued or shed).
+    limiter = AdaptiveLimit(settings(min_limit=4, initial_limit=40), now=0.0)
+    for second in range(1, 21):
+        limiter.on_sample(float(second), "overload", in_flight=40)
+    assert limiter.limit == 4  # 4.86: 0.9 x 40 twenty times
+    seen = []
+    for second in range(21, 31):
+        limiter.on_sample(float(second), "success", in_flight=40)
+        seen.append(limiter.limit)
+    assert seen[:5] == [7, 10, 16, 24, 36], seen  # 36 = 0.9 x 40
+    assert seen[5:] == [37, 38, 39, 40, 41], seen  # then additive again
+
+
+def test_errors_while_returning_end_the_return() -> None:
+    # The old limit was too high after all: growth is one step per window again.
+    limiter = AdaptiveLimit(settings(min_limit=4, initial_limit=40), now=0.0)
+    for second in range(1, 21):
+        limiter.on_sample(float(second), "overload", in_flight=40)
+    limiter.on_sample(22.0, "success", in_flight=40)
+    limiter.on_sample(23.0, "success", in_flight=40)
+    assert limiter.limit == 10  # returning x1.5 per window
+    limiter.on_sample(24.0, "overload", in_flight=40)
+    assert limiter.limit == 9
+    seen = []
+    for second in range(25, 30):
+        limiter.on_sample(float(second), "success", in_flight=40)
+        seen.append(limiter.limit)
+    assert seen == [10, 11, 12, 13, 14]
+
+
+def test_restart_low_and_reconfigure() -> None:
+    limiter = AdaptiveLimit(settings(min_limit=2, initial_limit=60), now=0.0)
+    limiter.restart_low(now=1.0)
+    assert limiter.limit == 2
+    limiter.on_sample(1.5, "success", in_flight=2)  # same window as the restart: no growth
+    assert limiter.limit == 2
+    limiter.on_sample(2.0, "success", in_flight=2)
+    assert limiter.limit == 3
+    limiter.reconfigure(settings(min_limit=10, initial_limit=10, max_limit=20))
+    assert limiter.limit == 10
+
+
+def test_latency_brake_lowers_the_limit_when_ttft_per_prompt_size_rises() -> None:
+    limiter = AdaptiveLimit(settings(initial_limit=50, latency_brake=2.0), now=0.0)
+    t = 0.0
+    for i in range(50):  # baseline: 0.5 s per (1k + 1k) tokens, whatever the prompt size
+        t += 0.1
+        prompt = 1000 if i % 2 else 9000
+        limiter.on_sample(t, "success", in_flight=10, ttft_s=0.5 * (prompt + 1000) / 2000,
+                          prompt_tokens=prompt)
+    assert limiter.limit == 50  # under-used, steady latency: no change either way
+    for _ in range(30):  # the same prompts now take four times as long
+        t += 0.1
+        limiter.on_sample(t, "success", in_flight=10, ttft_s=2.0, prompt_tokens=1000)
+    assert limiter.limit < 50
+    assert limiter.limit >= 50 * 0.9 ** 4  # still at most one decrease per window
+
+
+def test_latency_brake_ignores_big_prompts_that_are_slow_for_their_size() -> None:
+    limiter = AdaptiveLimit(settings(initial_limit=50, latency_brake=2.0), now=0.0)
+    t = 0.0
+    for i in range(200):
+        t += 0.1
+        prompt = 100_000 if i % 10 == 0 else 500
+        ttft = 0.3 * (prompt + 1000) / 1000  # prefill time grows with the prompt
+        limiter.on_sample(t, "success", in_flight=10, ttft_s=ttft, prompt_tokens=prompt)
+    assert limiter.limit == 50
+
+
+# -- the queueing signal against a slot-limited upstream -------------------------------------
+
+
+class SlotUpstream:
+    """A model server with ``slots`` generations at once and an unbounded FIFO queue, like the
+    benchmark's mock: first token ``ttft_s`` after a call gets a slot (plus ``per_ahead_s`` per
+    call waiting ahead of it), the slot held ``service_s`` in all. Prompt sizes vary and do not
+    change the first token (the mock's way), or add ``per_1k_s`` per 1000 prompt tokens."""
+
+    def __init__(self, slots: int, ttft_s: float = 0.1, service_s: float = 0.28,
+                 per_ahead_s: float = 0.005, per_1k_s: float = 0.0, seed: int = 7) -> None:
+        self.slots, self.ttft_s, self.service_s = slots, ttft_s, service_s
+        self.per_ahead_s, self.per_1k_s = per_ahead_s, per_1k_s
+        self.rng = random.Random(seed)
+        self.busy: list[float] = []  # heap of slot release times
+        self.waiting: list[tuple[float, int, int]] = []  # (sent, prompt, ahead) FIFO
+        self.done: list[tuple[float, float, int, float]] = []  # heap (end, ttft, prompt, sent)
+        self.sent = 0
+        self.served = 0
+
+    def send(self, now: float) -> None:
+        prompt = int(self.rng.lognormvariate(math.log(300), 0.8))
+        self.waiting.append((now, prompt, len(self.waiting)))
+        self.sent += 1
+        self._start(now)
+
+    def _start(self, now: float) -> None:
+        while self.waiting and len(self.busy) < self.slots:
+            sent, prompt, ahead = self.waiting.pop(0)
+            end = now + self.service_s
+            heapq.heappush(self.busy, end)
+            ttft = (now - sent) + self.ttft_s + ahead * self.per_ahead_s + prompt / 1000 * (
+                self.per_1k_s)
+            heapq.heappush(self.done, (end, ttft, prompt, sent))
+
+    def step(self, now: float) -> list[tuple[float, int, float]]:
+        """Advance to ``now``: (ttft, prompt tokens, duration) of every call that finished."""
+        while self.busy and self.busy[0] <= now:
+            heapq.heappop(self.busy)
+        self._start(now)
+        finished = []
+        while self.done and self.done[0][0] <= now:
+            end, ttft, prompt, sent = heapq.heappop(self.done)
+            finished.append((ttft, prompt, end - sent))
+            self.served += 1
+        return finished
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.done)
+
+
+def drive(limiter: AdaptiveLimit, upstream: SlotUpstream, start: float, seconds: float,
+          change: Callable[[float], None] | None = None) -> list[tuple[float, int]]:
+    """A gateway with endless demand keeping ``limit`` calls in flight; (time, limit) every
+    0.1 s. ``change(now)`` is called every step (to change the upstream mid-run)."""
+    now, dt, trace, step = start, 0.005, [], 0
+    while now < start + seconds:
+        if change is not None:
+            change(now)
+        for ttft, prompt, duration in upstream.step(now):
+            limiter.on_sample(now, "success", upstream.in_flight + 100, ttft_s=ttft,
+                              prompt_tokens=prompt, duration_s=duration)
+        while upstream.in_flight < limiter.limit:
+            upstream.send(now)
+        if step % 20 == 0:
+            trace.append((now, limiter.limit))
+        now += dt
+        step += 1
+    return trace
+
+
+def defaults(**overrides: Any) -> ConcurrencySettings:
+    return ConcurrencySettings.model_validate(overrides)
+
+
+def steady(trace: list[tuple[float, int]], after: float) -> list[int]:
+    return [limit for t, limit in trace if t >= after]
+
+
+@pytest.mark.parametrize("slots", [4, 16, 64])
+@pytest.mark.parametrize("direction", ["from below", "from above"])
+def test_finds_the_knee_of_a_slot_limited_upstream_from_below_and_above(
+    slots: int, direction: str
+) -> None:
+    """From below: the shipped defaults (a low initial limit) against an unknown upstream.
+    From above: the limit settled on an upstream three times as big, which then loses two
+    thirds of its slots (a region failing over, a smaller replica set)."""
+    upstream = SlotUpstream(slots if direction == "from below" else 3 * slots)
+    limiter = AdaptiveLimit(defaults(), now=0.0)
+    start = 0.0
+    if direction == "from above":
+        drive(limiter, upstream, 0.0, 60.0)
+        assert limiter.limit >= 2.5 * slots
+        upstream.slots, start = slots, 60.0
+    trace = drive(limiter, upstream, start, 120.0)
+    settled = steady(trace, start + 60.0)
+    # At the knee: never fewer slots than the upstream has (that would waste capacity) for
+    # long, never far past it (that queues inside the provider); within +-25 % throughout.
+    assert min(settled) >= 0.75 * slots, (slots, direction, min(settled))
+    assert max(settled) <= 1.25 * slots + 1, (slots, direction, max(settled))
+    assert slots * 0.9 <= statistics.mean(settled) <= slots * 1.2, statistics.mean(settled)
+
+
+def test_the_upstream_queue_stays_short_at_the_knee() -> None:
+    """What the limit is for: calls do not wait inside the provider. Past the knee every extra
+    call queues there; at the knee the first token stays near its no-load time."""
+    upstream = SlotUpstream(16)
+    limiter = AdaptiveLimit(defaults(), now=0.0)
+    drive(limiter, upstream, 0.0, 60.0)
+    waits: list[float] = []
+    original = upstream.step
+
+    def step(now: float) -> list[tuple[float, int, float]]:
+        finished = original(now)
+        waits.extend(ttft - 0.1 for ttft, _, _ in finished)
+        return finished
+
+    upstream.step = step  # type: ignore[method-assign]
+    served_before = upstream.served
+    drive(limiter, upstream, 60.0, 60.0)
+    served = upstream.served - served_before
+    assert served >= 0.9 * 60 * 16 / 0.28  # the upstream was kept busy: >= 90 % of capacity
+    assert statistics.mean(waits) < 0.05, statistics.mean(waits)  # mean wait inside < 50 ms
+    # Probing past the knee queues a call now and then (the simulated slots free in
+    # bunches, so one that waits may wait a whole call)
+    assert sum(w > 0.02 for w in waits) < 0.1 * len(waits)
+
+
+def test_holds_under_steady_load_with_prompt_dependent_first_tokens() -> None:
+    """Prefill that grows with the prompt (0.2 s per 1000 tokens) is not queueing: the size
+    normalisation keeps it out of the estimate."""
+    limiter = AdaptiveLimit(defaults(), now=0.0)
+    trace = drive(limiter, SlotUpstream(16, per_1k_s=0.2, service_s=0.5), 0.0, 180.0)
+    settled = steady(trace, 60.0)
+    mean = statistics.mean(settled)
+    assert 16 * 0.9 <= mean <= 16 * 1.2, mean
+    assert min(settled) >= 0.75 * mean and max(settled) <= 1.25 * mean, (min(settled),
+                                                                          max(settled))
+
+
+def test_recovers_after_the_upstream_gets_faster() -> None:
+    upstream = SlotUpstream(16)
+    limiter = AdaptiveLimit(defaults(), now=0.0)
+    drive(limiter, upstream, 0.0, 60.0)
+    assert limiter.limit <= 20
+
+    def faster(now: float) -> None:  # twice the slots, and quicker first tokens
+        upstream.slots, upstream.ttft_s = 32, 0.05
+
+    trace = drive(limiter, upstream, 60.0, 90.0, change=faster)
+    settled = steady(trace, 120.0)
+    assert min(settled) >= 0.75 * 32 and max(settled) <= 1.25 * 32 + 1, (min(settled),
+                                                                          max(settled))
+
+
+def test_a_slower_upstream_is_a_new_baseline_not_a_reason_to_starve() -> None:
+    """The provider's first tokens all get 3x slower (a slow period, same slots): the limit may
+    dip, but the baseline is re-probed, so it comes back to the knee instead of sitting at the
+    floor until the old minimum ages out."""
+    upstream = SlotUpstream(16, ttft_s=0.1, service_s=0.28)
+    limiter = AdaptiveLimit(defaults(baseline_window_s=600.0), now=0.0)
+    drive(limiter, upstream, 0.0, 60.0)
+
+    def slower(now: float) -> None:
+        upstream.ttft_s, upstream.service_s = 0.3, 0.48
+
+    trace = drive(limiter, upstream, 60.0, 90.0, change=slower)
+    settled = steady(trace, 110.0)
+    assert min(settled) >= 0.75 * 16 and max(settled) <= 1.25 * 16 + 1, (min(settled),
+                                                                          max(settled))
+
+
+def test_a_quota_overshoot_comes_back_in_one_step_to_what_was_served() -> None:
+    limiter = AdaptiveLimit(defaults(initial_limit=100, max_limit=500), now=0.0)
+    # One window in which 20 calls of 1 s each were served without complaint, then a 429.
+    for i in range(20):
+        limiter.on_sample(0.1 + i * 0.04, "success", 100, duration_s=1.0)
+    limiter.on_sample(1.0, "overload", 100)
+    assert limiter.limit == 50  # served 20 call-seconds in 1 s, but at most halved at once
+    limiter.on_sample(1.5, "overload", 50)  # same window: no second decrease
+    assert limiter.limit == 50
+
+
+def test_probes_past_a_knee_that_does_not_move_become_rare() -> None:
+    """Every probe past the knee queues a call inside the provider, where priority means
+    nothing: once probes keep being taken back, the limit spends little time past the knee."""
+    limiter = AdaptiveLimit(defaults(), now=0.0)
+    trace = drive(limiter, SlotUpstream(4), 0.0, 300.0)
+    late = steady(trace, 120.0)
+    assert sum(limit > 4 for limit in late) < 0.15 * len(late)
+    assert sum(limit < 4 for limit in late) < 0.05 * len(late)
+
+
+def test_a_stuck_call_is_not_a_full_upstream() -> None:
+    """A first-byte timeout while the calls that do answer get their first token at no-load
+    speed is a stuck call (a hung request): the limit stays, instead of shrinking under the
+    hung calls until everything else queues behind them. The same timeout while first tokens
+    show a queue inside the provider lowers it as before."""
+    upstream = SlotUpstream(16)
+    limiter = AdaptiveLimit(defaults(), now=0.0)
+    drive(limiter, upstream, 0.0, 60.0)
+    before = limiter.limit
+    now = 60.0
+    for ttft, prompt, duration in [(0.1, 300, 0.28)] * 6:  # answering promptly
+        now += 0.01
+        limiter.on_sample(now, "success", 30, ttft_s=ttft, prompt_tokens=prompt,
+                          duration_s=duration)
+    for _ in range(5):
+        now += 1.0
+        limiter.on_sample(now, "timeout", 30)
+    assert limiter.limit == before
+    for _ in range(6):  # first tokens ten times their no-load time: queued in the provider
+        now += 0.01
+        limiter.on_sample(now, "success", 30, ttft_s=1.0, prompt_tokens=300, duration_s=1.2)
+    now += 1.0
+    limiter.on_sample(now, "timeout", 30)
+    assert limiter.limit < before
+
+
+def test_a_timeout_without_first_tokens_to_judge_by_lowers_the_limit() -> None:
+    for algorithm in ("aimd", "vegas"):  # vegas: no baseline measured yet
+        limiter = AdaptiveLimit(defaults(initial_limit=20, algorithm=algorithm), now=0.0)
+        limiter.on_sample(1.0, "timeout", 20)
+        assert limiter.limit == 18, algorithm
+
+
+def test_after_a_provider_429_there_is_no_return_to_the_old_limit() -> None:
+    # A 429 says the limit was too high: growth after it is one step per window, where a
+    # burst of 5xx or timeouts is followed by a quick return (the test above).
+    limiter = AdaptiveLimit(settings(min_limit=4, initial_limit=40), now=0.0)
+    for second in range(1, 21):
+        limiter.on_sample(float(second), "rate_limited", in_flight=40)
+    assert limiter.limit == 4
+    seen = []
+    for second in range(21, 26):
+        limiter.on_sample(float(second), "success", in_flight=40)
+        seen.append(limiter.limit)
+    assert seen == [5, 6, 7, 8, 9]

@@ -1,0 +1,90 @@
+"""The SSE relay on its own: event splitting, usage accounting, the stripped usage chunk."""
+
+from __future__ import annotations
+
+import itertools
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.upstream.sse import SseRelay, usage_from_body
+
+
+def _chunk(content: str) -> bytes:
+    return b"data: " + orjson.dumps({"choices": [{"delta": {"content": content}}],
+                                     "usage": None}) + b"\n\n"
+
+
+USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":3}}\n\n'
+STREAM = _chunk("a") + _chunk("b") + _chunk("c") + USAGE + b"data: [DONE]\n\n"
+
+
+def _run(relay: SseRelay, pieces: list[bytes]) -> bytes:
+    return b"".join(relay.feed(p) for p in pieces) + relay.leftover()
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=12))
+def test_any_split_of_the_network_reads_gives_the_same_events(cuts: list[int]) -> None:
+    bounds = [0, *sorted(set(cuts)), len(STREAM)]
+    pieces = [STREAM[a:b] for a, b in itertools.pairwise(bounds)]
+    relay = SseRelay("openai", strip_usage_chunk=True)
+    out = _run(relay, pieces)
+    assert out == _chunk("a") + _chunk("b") + _chunk("c") + b"data: [DONE]\n\n"
+    usage = relay.final_usage()
+    assert (usage.input_tokens, usage.output_tokens, usage.reported) == (11, 3, True)
+    assert relay.finished
+
+
+def test_usage_chunk_is_kept_when_the_client_asked() -> None:
+    relay = SseRelay("openai", strip_usage_chunk=False)
+    assert _run(relay, [STREAM]) == STREAM
+
+
+def test_crlf_streams_are_split_too() -> None:
+    relay = SseRelay("openai", strip_usage_chunk=True)
+    out = _run(relay, [STREAM.replace(b"\n", b"\r\n")])
+    assert out.count(b"\n\n") == 4 and relay.finished
+
+
+def test_a_cut_stream_is_charged_for_its_counted_deltas() -> None:
+    relay = SseRelay("openai", strip_usage_chunk=True)
+    _run(relay, [_chunk("a") + _chunk("b")])
+    usage = relay.final_usage()
+    assert (usage.output_tokens, usage.reported, relay.finished) == (2, False, False)
+
+
+def test_anthropic_usage_comes_from_start_and_delta_events() -> None:
+    events = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+        b'{"input_tokens":25,"output_tokens":1}}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":'
+        b'{"type":"text_delta","text":"hi"}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{},"usage":'
+        b'{"output_tokens":7}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    relay = SseRelay("anthropic", strip_usage_chunk=False)
+    assert _run(relay, [events]) == events
+    usage = relay.final_usage()
+    assert (usage.input_tokens, usage.output_tokens, relay.finished) == (25, 7, True)
+
+
+def test_responses_api_usage_comes_from_the_completed_event() -> None:
+    events = (
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+        b'"delta":"x"}\n\n'
+        b'event: response.completed\ndata: {"type":"response.completed","response":'
+        b'{"usage":{"input_tokens":9,"output_tokens":4}}}\n\n'
+    )
+    relay = SseRelay("openai", strip_usage_chunk=False)
+    _run(relay, [events])
+    usage = relay.final_usage()
+    assert (usage.input_tokens, usage.output_tokens, relay.finished) == (9, 4, True)
+
+
+def test_usage_from_body_tolerates_garbage() -> None:
+    assert usage_from_body(b"not json").reported is False
+    assert usage_from_body(b'{"usage": {"prompt_tokens": "x"}}').input_tokens == 0
+    body = usage_from_body(b'{"usage": {"prompt_tokens": 5, "completion_tokens": 2}}')
+    assert (body.input_tokens, body.output_tokens) == (5, 2)
