@@ -40,7 +40,7 @@ async def handle_proxy(
     request: web.Request, policy: PolicyVersion, svc: Services, record: RequestRecord
 ) -> web.StreamResponse:
     """The pipeline, holding the request body's bytes against the process's bound from
-    before the body is read until the request ends (issue 15 item 9)."""
+    before the body is read until the request ends."""
     server = policy.config.server
     declared = request.content_length
     hold = svc.self_protection.bodies.reserve(
@@ -184,7 +184,7 @@ async def _read_body(request: web.Request, limit: int, timeout_s: float) -> byte
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
     except TimeoutError:
-        # A body that never finishes (issue 15 item 8): answer, then close the connection,
+        # A body that never finishes: answer, then close the connection,
         # since the rest of the body may still arrive and the framing is lost.
         raise GatewayError(
             408, f"The request body did not arrive within {timeout_s:g} s.",
