@@ -315,7 +315,9 @@ def docs_section(figures: dict[str, Any], header: list[str], pin_desc: str,
 def write_docs(path: Path, section: str, heading: str = "## Overload") -> None:
     """Replace (or append) ``heading``'s section in the markdown file, leaving the rest."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\b.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    # The heading line whole: "## Overload" is not "## Overload: 4 slots", and a heading ending
+    # in ")" has no word boundary after it.
+    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*$.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     if pattern.search(text):
         text = pattern.sub(lambda _m: section.rstrip() + "\n\n", text, count=1)
     else:
