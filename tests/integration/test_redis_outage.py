@@ -67,9 +67,11 @@ async def test_redis_killed_and_restarted_mid_load_loses_no_accounting(
 
     async def outage() -> None:
         await asyncio.sleep(1.0)
-        durable_redis.kill()
+        # In threads: killing and starting wait for the process, and blocking the loop the
+        # gateway runs on would make it shed for loop lag, which a real restart never causes.
+        await asyncio.to_thread(durable_redis.kill)
         await asyncio.sleep(1.5)
-        durable_redis.start()
+        await asyncio.to_thread(durable_redis.start)
 
     await asyncio.gather(outage(), *(worker(n) for n in range(6)))
     gateway = gw.app[GATEWAY]
