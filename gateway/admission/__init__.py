@@ -1,8 +1,9 @@
-"""Who goes now: self-protection, deadlines, per-deployment AIMD limit, priority queues, shedding."""
+"""Who goes now: self-protection, deadlines, the adaptive per-deployment limit, priority
+queues, shedding."""
 
 from __future__ import annotations
 
-# --- public face: what other packages import (restructure.py --faces) ---
+# --- public face: what other packages import (tests/unit/test_layout.py holds them to it) ---
 from .controller import AdmissionController
 from .deadlines import Deadline, deadline_exceeded, request_deadline
 from .selfprotect import SelfProtection

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# --- public face: what other packages import (restructure.py --faces) ---
+# --- public face: what other packages import (tests/unit/test_layout.py holds them to it) ---
 from .degraded import DegradedMode
 from .journal import JournalFile
 from .limiter import DONE_TTL_MS, LEASE_TTL_MS, Counting, Hold, InFlight, Limiter

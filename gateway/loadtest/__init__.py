@@ -10,7 +10,7 @@ Modules: ``scenario`` (the YAML format), ``arrivals`` (open-loop processes), ``t
 
 from __future__ import annotations
 
-# --- public face: what other packages import (restructure.py --faces) ---
+# --- public face: what other packages import (tests/unit/test_layout.py holds them to it) ---
 from .cli import main
 
 __all__ = [

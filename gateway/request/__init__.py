@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# --- public face: what other packages import (restructure.py --faces) ---
+# --- public face: what other packages import (tests/unit/test_layout.py holds them to it) ---
 from .agent_loop import CanonicalCache, find_loop
 from .auth import AuthenticationFailed, Authenticator, TenantPolicy, hash_key
 from .classifier import (

@@ -6,7 +6,7 @@ from gateway.state.base import SharedRedis, StateBackend, StateUnavailable
 from gateway.state.memory import MemoryBackend
 from gateway.state.redis import RedisBackend
 
-# --- public face: what other packages import (restructure.py --faces) ---
+# --- public face: what other packages import (tests/unit/test_layout.py holds them to it) ---
 from .plan import (
     AdmitPlan,
     AdmitResult,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# --- public face: what other packages import (restructure.py --faces) ---
+# --- public face: what other packages import (tests/unit/test_layout.py holds them to it) ---
 from .pool import FORWARDED_REQUEST_HEADERS, Target, UpstreamAttempt, UpstreamPool
 from .relay import is_event_stream, relay_stream, relay_whole, upstream_answer
 from .retry import AttemptFailure, RetryBudget, decide_retry, gave_up_headers
