@@ -1,7 +1,7 @@
 """The ``deferred:`` section of the policy file: deferred requests (``Prefer: respond-async``).
 
 Off unless ``enabled: true``; then a request carrying ``Prefer: respond-async`` is stored in a
-durable queue and answered with 202 (see gateway/deferred.py and docs/architecture.md,
+durable queue and answered with 202 (see gateway/deferred/ and docs/architecture.md,
 "Deferred requests"). Per-tenant settings (``tenants:``) override ``defaults`` key by key.
 """
 

@@ -287,7 +287,7 @@ def render(documents: Sequence[Any] = ()) -> str:
     lines = [
         "# Configuration reference",
         "",
-        "<!-- Generated from the policy models (gateway/config.py and the *_policy modules), the",
+        "<!-- Generated from the policy models (gateway/config/), the",
         "     same source as config/schema.json. Do not edit by hand: change a Field's",
         f"     description and run, from the repository root:  {REGENERATE}  -->",
         "",

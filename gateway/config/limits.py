@@ -42,7 +42,7 @@ class RateLimits(StrictModel):
         return not (self.requests_per_minute or self.tokens_per_minute or self.max_concurrent)
 
 
-# Routes counted by a request-only plan (gateway/endpoints.py) that a tenant may exempt from
+# Routes counted by a request-only plan (gateway/app/endpoints.py) that a tenant may exempt from
 # its request limits; the proxied routes, which carry tokens and budgets, never can be.
 ExemptRoute = Literal[
     "GET /v1/models", "GET /v1/models/{model}", "GET /v1/deferred/{id}",
@@ -196,7 +196,7 @@ class LoopGuard(StrictModel):
 
 
 class AgentLoop(StrictModel):
-    """The loop detector that reads the conversation (gateway/agent_loop.py): the assistant's
+    """The loop detector that reads the conversation (gateway/request/agent_loop.py): the assistant's
     tool calls in the request's history, in chat, Responses and Messages bodies."""
 
     enabled: bool = Field(True, description="read the history of every request with tool calls")

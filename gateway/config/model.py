@@ -299,7 +299,7 @@ class Tenant(StrictModel):
 
 
 class AuthFailureLimit(StrictModel):
-    """Failed authentications per client address (gateway/endpoints.py), counted in each
+    """Failed authentications per client address (gateway/app/endpoints.py), counted in each
     replica's memory: beyond the limit the address is refused (429) before any key is
     compared, until a failure's worth of the window has passed."""
 
