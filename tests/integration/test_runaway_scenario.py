@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from gateway.app import GATEWAY
 from gateway.loadtest.engine import Engine, EngineOptions
 from gateway.loadtest.report import build_report, render
 from gateway.loadtest.scenario import load_scenario, parse_scenario
@@ -50,6 +51,10 @@ async def test_run_budgets_cut_a_runaway_tenants_spend_below_a_tenth(
     assert loopers["runs"] >= 1 and loopers["stopped"] == {"run_budget_exceeded": loopers["runs"]}
     assert runs["workloads"]["looping-open"]["completion_ratio"] == 1.0
     working = [runs["workloads"][f"working-{t}"] for t in ("guarded", "open")]
-    assert all(w["runs"] >= 3 and w["completion_ratio"] == 1.0 for w in working), working
+    # When an honest run is refused (seen once in a full CI run, never reproduced alone), say
+    # which cap it met: the guarded tenant's live runs as the gateway counted them.
+    live = gw.app[GATEWAY].inflight.runs.snapshot(lambda _tenant: 3600.0, top=50)
+    assert all(w["runs"] >= 3 and w["completion_ratio"] == 1.0 for w in working), (
+        working, live.get("guarded"))
     assert runs["biggest"][0]["tenant"] == "open"
     assert "agent runs" in render(report)
