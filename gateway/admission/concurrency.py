@@ -92,6 +92,10 @@ class _Window:
         self.sizes = 0.0  # sum of their size factors
         self.n = 0  # how many first tokens
 
+    def excess_s(self, baseline: float) -> float:
+        """Mean first-token time above ``baseline`` (per size unit) at this window's sizes."""
+        return max(0.0, self.ttfts / self.n - baseline * (self.sizes / self.n))
+
 
 class AdaptiveLimit:
     """A concurrency limit within ``[min_limit, max_limit]``; see the module docstring."""
@@ -228,15 +232,18 @@ class AdaptiveLimit:
         s = self._settings
         if s.algorithm != "vegas" or not self._baseline:
             return False
-        tolerance = max(s.upstream_queue_min, s.upstream_queue_share * self._limit)
+        tolerance = self._tolerance()
         window = self._window
         if window.n >= _MIN_SAMPLES // 2:
             elapsed = max(now - window.start, s.decision_window_s / 10)
-            mean_size = window.sizes / window.n
-            excess_s = max(0.0, window.ttfts / window.n - self._baseline[0][1] * mean_size)
-            return window.ok / elapsed * excess_s <= tolerance
+            return window.ok / elapsed * window.excess_s(self._baseline[0][1]) <= tolerance
         recent = now - self._decided_at <= 2 * s.decision_window_s
         return recent and self.upstream_queue is not None and self.upstream_queue <= tolerance
+
+    def _tolerance(self) -> float:
+        """Requests allowed to wait inside the provider at the current limit."""
+        s = self._settings
+        return max(s.upstream_queue_min, s.upstream_queue_share * self._limit)
 
     def _decrease_on_error(self, now: float) -> None:
         s = self._settings
@@ -280,12 +287,12 @@ class AdaptiveLimit:
             self._baseline.pop()  # a monotonic deque: its head is the minimum of the horizon
         self._baseline.append((now, self._level))
         baseline = self._baseline[0][1]
-        excess_s = max(0.0, mean_ttft - baseline * mean_size)
+        excess_s = window.excess_s(baseline)
         queue = window.ok / elapsed * excess_s
         self.upstream_queue = queue
         if first:
             return  # nothing to compare the first window with
-        tolerance = max(s.upstream_queue_min, s.upstream_queue_share * self._limit)
+        tolerance = self._tolerance()
         if queue > tolerance:
             if now >= self._next_cut:
                 # The effect of a decrease shows once the provider's queue has drained and
