@@ -28,7 +28,7 @@ import asyncio
 import logging
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.config import AdmissionPolicy, Priority
@@ -36,6 +36,7 @@ from gateway.errors import GatewayError
 
 from .concurrency import Outcome
 from .deadlines import deadline_exceeded
+from .pacing import read_rate_headers
 from .shed import (
     ShedReason,
     ShedState,
@@ -122,6 +123,8 @@ class AdmissionController:
         entry = QueueEntry(req, now, asyncio.get_running_loop().create_future(), shed_at=shed_at)
         state.queues[req.priority].push(entry)
         self._arm(state, entry, now)
+        if not state.quota_allows(self._shares[req.priority], now):
+            self._arm_pace(state, req.priority, now)  # nothing else may wake it: no release
         try:
             return await entry.future
         except asyncio.CancelledError:
@@ -157,6 +160,12 @@ class AdmissionController:
         state = self._deployments.get(deployment)
         return self._policy.ttft_prior_s if state is None else state.fastest_ttft(prompt_tokens)
 
+    def observe_rate(self, deployment: str, headers: Mapping[str, str]) -> None:
+        """Headers of an answer sent without a permit of this controller: their report of the
+        request quota, if any, replaces the paced prediction (``Permit.observe_rate`` is the
+        usual way in)."""
+        self._observe_rate(self._state(deployment), -1, headers)
+
     def restart_low(self, deployment: str) -> None:
         """Drop the limit to its minimum (call after the deployment's breaker closes)."""
         state = self._state(deployment)
@@ -168,8 +177,8 @@ class AdmissionController:
         now = self._clock()
         self._policy = policy
         self._shares = policy.classes.holdback_shares()  # read on every admission
-        for label, state in self._deployments.items():
-            state.limiter.reconfigure(policy.concurrency_for(label))
+        for state in self._deployments.values():
+            state.reconfigure(policy)
             level = state.shed.level
             state.shed = ShedState(policy, now)
             state.shed.level = min(level, len(Priority) * policy.cohort_buckets)
@@ -204,8 +213,10 @@ class AdmissionController:
 
     def _grant_now(self, state: DeploymentState, req: AdmissionRequest,
                    now: float) -> Permit | None:
-        # A free slot within the class share, and nobody of this class or above waiting for it.
-        if state.in_flight >= self._cap(state, req.priority) or state.queued(req.priority):
+        # A free slot within the class share, and nobody of this class or above waiting for it,
+        # and the provider's quota (as paced) not down to the reserve of the classes above.
+        if (state.in_flight >= self._cap(state, req.priority) or state.queued(req.priority)
+                or not state.quota_allows(self._shares[req.priority], now)):
             return None
         state.shed.observe(req.priority, 0.0)
         self._observer.on_queue_delay(state.label, req.priority, 0.0)
@@ -213,7 +224,7 @@ class AdmissionController:
 
     def _grant(self, state: DeploymentState, req: AdmissionRequest, now: float,
                queued_s: float) -> Permit:
-        state.take(req.priority)
+        seq = state.take(req.priority, now)
         if req.agent_session is not None and self._policy.run_memory_s > 0:
             key = (req.tenant, req.agent_session)
             runs = self._runs
@@ -224,7 +235,7 @@ class AdmissionController:
             horizon = now - self._policy.run_memory_s
             while runs and (len(runs) > _RUN_MEMORY_MAX or next(iter(runs.values())) < horizon):
                 runs.popitem(last=False)
-        return Permit(state, req, now, queued_s, self._release)
+        return Permit(state, req, now, queued_s, self._release, self._observe_rate, seq)
 
     def _in_progress(self, req: AdmissionRequest, now: float) -> bool:
         """A later step of a run: a session this replica admitted within run_memory_s."""
@@ -314,9 +325,23 @@ class AdmissionController:
             # Granted in the same loop iteration as the cancel: hand the slot on.
             future.result().release("ignore")
 
-    def _release(self, state: DeploymentState, priority: Priority, outcome: Outcome,
-                 ttft_s: float | None, prompt_tokens: int, granted_at: float) -> None:
+    def _observe_rate(self, state: DeploymentState, seq: int, headers: Mapping[str, str]) -> None:
+        if seq >= 0:
+            state.pace.heard(seq)
+        report = read_rate_headers(headers)
+        if report is None:
+            return
         now = self._clock()
+        state.pace.observe(report, now, seq if seq >= 0 else None)
+        if state.pacing:
+            self._dispatch(state, now)  # more left than predicted: waiters may go now
+
+    def _release(self, state: DeploymentState, priority: Priority, outcome: Outcome,
+                 ttft_s: float | None, prompt_tokens: int, granted_at: float,
+                 pace_seq: int) -> None:
+        now = self._clock()
+        if pace_seq >= 0:
+            state.pace.heard(pace_seq)  # no answer came (or it was heard already)
         demand = state.in_flight + state.queued()
         state.give_back(priority)
         state.drain.tick(now)
@@ -336,7 +361,11 @@ class AdmissionController:
             if not queue:
                 continue
             cap = self._cap(state, priority)
+            share = self._shares[priority]
             while queue and state.in_flight < cap:
+                if not state.quota_allows(share, now):
+                    self._arm_pace(state, priority, now)
+                    return  # lower classes keep larger reserves: they cannot go either
                 entry = queue.pop()
                 entry.disarm()
                 if entry.future.done():  # cancelled; its task has not run its handler yet
@@ -350,6 +379,25 @@ class AdmissionController:
                 entry.future.set_result(self._grant(state, entry.req, now, delay))
             if queue:
                 return  # lower classes have smaller shares: they cannot fit either
+
+    def _arm_pace(self, state: DeploymentState, priority: Priority, now: float) -> None:
+        """Dispatch again when the provider's quota has refilled for ``priority``: with nothing
+        in flight, no release would wake the queue."""
+        wait = state.pace.wait_s(self._shares[priority], now)
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(_MIN_REARM_S, wait)
+        timer = state.pace_timer
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return  # an earlier wake-up is armed: it re-arms if still short
+        if timer is not None:
+            timer.cancel()
+        state.pace_timer = loop.call_at(when, self._on_pace, state)
+
+    def _on_pace(self, state: DeploymentState) -> None:
+        state.pace_timer = None
+        now = self._clock()
+        self._roll(state, now)
+        self._dispatch(state, now)
 
     def _roll(self, state: DeploymentState, now: float) -> None:
         if state.shed.due(now):
@@ -407,6 +455,8 @@ class AdmissionController:
                 "ttft_baseline_s": state.limiter.baseline_s,
                 "upstream_queue": state.limiter.upstream_queue,
                 "drain_rate_per_s": state.drain.rate(now),
+                # The provider's request quota as paced from its headers (None: not reported).
+                "provider_quota": state.pace.snapshot(now) if state.pacing else None,
                 "shed_level": state.shed.level,
                 "classes": classes,
             }

@@ -16,6 +16,7 @@ from typing import Literal
 from gateway.config import AdmissionPolicy, Priority
 
 from .concurrency import AdaptiveLimit, Outcome, size_factor
+from .pacing import ProviderPace
 from .queue import FairQueue
 from .shed import DecayingRate, ShedReason, ShedState
 
@@ -73,30 +74,42 @@ class AdmissionObserver:
 
 
 # The controller's bookkeeping when a permit is released:
-# (state, priority, outcome, ttft_s, prompt tokens, granted_at).
-ReleaseHook = Callable[["DeploymentState", Priority, Outcome, "float | None", int, float], None]
+# (state, priority, outcome, ttft_s, prompt tokens, granted_at, pace sequence number).
+ReleaseHook = Callable[
+    ["DeploymentState", Priority, Outcome, "float | None", int, float, int], None]
+# ... and when its answer's headers arrive: (state, pace sequence number, headers).
+RateHook = Callable[["DeploymentState", int, Mapping[str, str]], None]
 
 
 class Permit:
     """A slot under a deployment's limit. ``release`` exactly once; later calls do nothing."""
 
-    __slots__ = ("_on_release", "_prompt_tokens", "_released", "_state", "deployment",
-                 "granted_at", "priority", "queued_s")
+    __slots__ = ("_on_rate", "_on_release", "_pace_seq", "_prompt_tokens", "_released",
+                 "_state", "deployment", "granted_at", "priority", "queued_s")
 
     def __init__(self, state: DeploymentState, req: AdmissionRequest, granted_at: float,
-                 queued_s: float, on_release: ReleaseHook) -> None:
+                 queued_s: float, on_release: ReleaseHook, on_rate: RateHook,
+                 pace_seq: int = -1) -> None:
         self.deployment = state.label
         self.priority = req.priority
         self.granted_at = granted_at
         self.queued_s = queued_s  # time spent in the admission queue
         self._state = state
         self._on_release = on_release
+        self._on_rate = on_rate
+        self._pace_seq = pace_seq
         self._prompt_tokens = req.prompt_tokens if req.prompt_tokens is not None else req.tokens
         self._released = False
 
     @property
     def released(self) -> bool:
         return self._released
+
+    def observe_rate(self, headers: Mapping[str, str]) -> None:
+        """The upstream answered (any status): the request quota its headers report, if any,
+        paces the deployment's next requests (admission/pacing.py). Call before ``release``."""
+        if not self._released:
+            self._on_rate(self._state, self._pace_seq, headers)
 
     def release(self, outcome: Outcome, ttft_s: float | None = None) -> None:
         """Give the slot back and feed the limit.
@@ -111,7 +124,7 @@ class Permit:
             return
         self._released = True
         self._on_release(self._state, self.priority, outcome, ttft_s, self._prompt_tokens,
-                         self.granted_at)
+                         self.granted_at, self._pace_seq)
 
 
 @dataclass(eq=False, slots=True)
@@ -159,10 +172,24 @@ class DeploymentState:
         self._fast: float | None = None  # _OPTIMISTIC_RANK percentile of _recent
         self._prior = policy.ttft_prior_s
         self.drain = DecayingRate(policy.drain_window_s)
+        self.pace = ProviderPace()  # the provider's request quota, from its answers' headers
+        self.pacing = policy.concurrency_for(label).pace_by_rate_headers
+        self.pace_timer: asyncio.TimerHandle | None = None  # re-dispatch when quota refills
 
-    def take(self, priority: Priority) -> None:
+    def reconfigure(self, policy: AdmissionPolicy) -> None:
+        settings = policy.concurrency_for(self.label)
+        self.limiter.reconfigure(settings)
+        self.pacing = settings.pace_by_rate_headers
+
+    def quota_allows(self, share: float, now: float) -> bool:
+        """Whether the provider's quota, as paced, lets a class of this share send now."""
+        return not self.pacing or self.pace.allows(share, now)
+
+    def take(self, priority: Priority, now: float) -> int:
+        """A slot taken; the request's sequence number in the paced quota (-1: not paced)."""
         self.in_flight += 1
         self.in_flight_by_class[priority] += 1
+        return self.pace.take(now) if self.pacing else -1
 
     def give_back(self, priority: Priority) -> None:
         self.in_flight -= 1

@@ -150,6 +150,14 @@ class ConcurrencySettings(StrictModel):
         description="optional: when time to first token per prompt size rises above this "
         "multiple of its baseline, treat successes as overload; null disables",
     )
+    pace_by_rate_headers: bool = Field(
+        default=True,
+        description="send no faster than the provider's own request quota allows, as its "
+        "answers report it (x-ratelimit-remaining-requests, anthropic-ratelimit-requests-"
+        "remaining): requests wait in their class queue for the quota to refill instead of "
+        "drawing 429s, and each class leaves 1 - holdback_share of the quota to the classes "
+        "above (docs/architecture.md, \"Pacing by the provider's quota\")",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ConcurrencySettings:
@@ -183,6 +191,8 @@ class ConcurrencyOverride(StrictModel):
                                           description="see concurrency.min_utilization")
     latency_brake: float | None = Field(default=None, gt=1,
                                         description="see concurrency.latency_brake")
+    pace_by_rate_headers: bool | None = Field(
+        default=None, description="see concurrency.pace_by_rate_headers")
 
 
 class SelfProtectionSettings(StrictModel):

@@ -11,7 +11,11 @@ With a capacity model, every generating route (chat, completions, responses, mes
 embeddings) goes through, in order:
 
 1. the quota: a token bucket of ``quota_burst`` requests refilled at ``quota_rpm / 60`` per
-   second; an empty bucket answers 429 with Retry-After (time until the next token);
+   second; an empty bucket answers 429 with Retry-After (time until the next token). Every
+   answer of a generating route, 429s included, reports the bucket the way the providers do
+   (``quota_headers``): OpenAI's ``x-ratelimit-{limit,remaining,reset}-requests`` on its
+   routes, Anthropic's ``anthropic-ratelimit-requests-{limit,remaining,reset}`` on
+   ``/v1/messages``; the count is the bucket's when the answer's headers are sent;
 2. the queue: a free slot is taken at once; otherwise the request waits FIFO for one. A request
    that finds ``max_queue`` already waiting is answered 429 with Retry-After at once;
 3. the slot is held for the whole answer: ``x-mock-latency-ms`` (before the headers), then for
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,21 +136,47 @@ class CapacityModel:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def _refill(self, rpm: int) -> float:
+        now = self._clock()
+        self._tokens = min(float(self.capacity.burst),
+                           self._tokens + (now - self._refilled_at) * rpm / 60.0)
+        self._refilled_at = now
+        return now
+
     def take_quota(self) -> None:
         """Spend one request of the quota, or raise ``Rejected("quota", wait)``."""
         rpm = self.capacity.quota_rpm
         if rpm is None:
             return
-        now = self._clock()
+        self._refill(rpm)
         per_s = rpm / 60.0
-        self._tokens = min(float(self.capacity.burst),
-                           self._tokens + (now - self._refilled_at) * per_s)
-        self._refilled_at = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return
         self.rejected_quota += 1
         raise Rejected("quota", (1.0 - self._tokens) / per_s)
+
+    def quota_headers(self, provider: str, now_epoch_s: float | None = None) -> dict[str, str]:
+        """The quota as the providers report it (see the module docstring); empty without a
+        quota. ``provider``: ``openai`` or ``anthropic``."""
+        rpm = self.capacity.quota_rpm
+        if rpm is None:
+            return {}
+        self._refill(rpm)
+        remaining = math.floor(self._tokens)
+        full_in_s = (self.capacity.burst - self._tokens) * 60.0 / rpm
+        if provider == "anthropic":
+            epoch = time.time() if now_epoch_s is None else now_epoch_s
+            reset = datetime.datetime.fromtimestamp(epoch + full_in_s, datetime.UTC)
+            return {"anthropic-ratelimit-requests-limit": str(rpm),
+                    "anthropic-ratelimit-requests-remaining": str(remaining),
+                    "anthropic-ratelimit-requests-reset": reset.isoformat(
+                        timespec="seconds").replace("+00:00", "Z")}
+        reset_ms = math.ceil(full_in_s * 1000)
+        return {"x-ratelimit-limit-requests": str(rpm),
+                "x-ratelimit-remaining-requests": str(remaining),
+                "x-ratelimit-reset-requests": (f"{reset_ms}ms" if reset_ms < 1000
+                                               else f"{reset_ms / 1000:g}s")}
 
     async def acquire(self) -> Lease:
         """A slot now, or after waiting in the FIFO queue; ``Rejected("queue", ...)`` when the

@@ -110,6 +110,8 @@ RECORDED: web.AppKey[collections.deque[RecordedRequest]] = web.AppKey("mock_reco
 _RNG: web.AppKey[random.Random] = web.AppKey("mock_rng")
 _IDS: web.AppKey[itertools.count[int]] = web.AppKey("mock_ids")
 _STOPPING: web.AppKey[asyncio.Event] = web.AppKey("mock_stopping")
+# Request key: the dialect in which this answer reports the quota (set on generating routes).
+_QUOTA_DIALECT: web.RequestKey[str] = web.RequestKey("mock_quota_dialect", str)
 #: The app's capacity model, or None for unlimited capacity.
 CAPACITY: web.AppKey[CapacityModel | None] = web.AppKey("mock_capacity")
 #: Prompt prefixes seen, for cache reads and writes in usage (gateway.mock.cache).
@@ -195,6 +197,7 @@ def _endpoint(provider: Provider, serve: _Serve, *, needs_body: bool = True,
         capacity = request.app[CAPACITY] if generates else None
         if capacity is None:
             return await answer(request, body, body_error, knobs, False)
+        request[_QUOTA_DIALECT] = provider  # the answer reports the quota (_report_quota)
         try:
             capacity.take_quota()
             lease = await capacity.acquire()
@@ -415,6 +418,7 @@ def create_mock_app(*, max_recorded: int = 200, seed: int | None = None,
     app[REASONING_MODELS] = reasoning_models
     app[_STOPPING] = asyncio.Event()
     app.on_shutdown.append(_on_shutdown)
+    app.on_response_prepare.append(_report_quota)
     add = app.router.add_route
     add("POST", "/v1/chat/completions", _endpoint("openai", _generating_route(
         "chat", ("max_completion_tokens", "max_tokens"), sse.chat_body, sse.chat_stream),
@@ -436,6 +440,15 @@ def create_mock_app(*, max_recorded: int = 200, seed: int | None = None,
     add("DELETE", "/_mock/requests", _clear_recorded)
     add("GET", "/_mock/capacity", _capacity_stats)
     return app
+
+
+async def _report_quota(request: web.Request, response: web.StreamResponse) -> None:
+    """Rate-limit headers on every answer of a generating route, 429s included, counted when
+    the headers go out (a streamed answer's at its first byte), as the providers send them."""
+    provider = request.get(_QUOTA_DIALECT)
+    model = request.app[CAPACITY]
+    if provider is not None and model is not None:
+        response.headers.update(model.quota_headers(provider))
 
 
 async def _capacity_stats(request: web.Request) -> web.Response:

@@ -220,6 +220,9 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                            else AttemptFailure.connect_error())
                 return None, _Failed(failure, error=exc)
             log.first_byte_s = record.first_byte_s = svc.clock() - attempt.began
+            # The quota left, as the provider counts it (429s report it too): admission paces
+            # this deployment's next requests by it.
+            permit.observe_rate(upstream.headers)
             error_answer = upstream.status >= 400
             if upstream.status < 400:
                 trial.success(log.first_byte_s)

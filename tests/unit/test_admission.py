@@ -527,7 +527,9 @@ async def test_per_deployment_override_and_snapshot_shape() -> None:
     assert snap["deployments"][DEP]["limit"] == 20
     dep = snap["deployments"]["local/llama"]
     assert set(dep) == {"limit", "in_flight", "queued", "ttft_estimate_s", "drain_rate_per_s",
-                        "shed_level", "classes", "ttft_baseline_s", "upstream_queue"}
+                        "shed_level", "classes", "ttft_baseline_s", "upstream_queue",
+                        "provider_quota"}
+    assert dep["provider_quota"] is None  # no answer reported a quota yet
     assert dep["classes"]["normal"] == {"in_flight": 1, "queued": 0, "oldest_wait_s": 0.0,
                                         "overloaded": False, "drop_mode": False}
     assert snap["classes"]["normal"] == {"in_flight": 2, "queued": 0, "queue_target_s": 0.5,

@@ -1,0 +1,153 @@
+"""Pacing by the provider's own rate-limit headers: spend a quota in priority order.
+
+A provider limited by its quota (requests per minute), not by its slots, gives the concurrency
+limit nothing to learn from: its first token does not move with load, only its 429s do. Those
+429s land on whichever request comes next, critical ones included, and each cools the
+deployment down for its Retry-After. But every answer of OpenAI, Azure OpenAI and Anthropic
+already says how much of the quota is left:
+
+- OpenAI: ``x-ratelimit-limit-requests`` / ``x-ratelimit-remaining-requests``;
+- Anthropic: ``anthropic-ratelimit-requests-limit`` / ``anthropic-ratelimit-requests-remaining``.
+
+Both providers document their request limits as per minute and replenished continuously (a
+token bucket), so the bucket refills at ``limit / 60`` per second. ``ProviderPace`` keeps the
+bucket as this replica last heard of it: the remaining count of the newest answer, plus the
+refill since, minus the requests this replica sent since. Admission sends a request only while
+that level stays above its class's reserve, and queues it otherwise; the priority queues then
+hand each refilled request to the highest class waiting, and shedding acts on the queue delay
+as it does for a full concurrency limit. The reserve of a class is ``1 - holdback_share`` of
+one second of the quota (the share that holdback keeps of the concurrency limit), and never
+more than that share of the bucket's size (the largest remaining count heard, so a class is
+never asked to wait for more than the bucket holds): a burst of critical calls finds the
+quota the lower classes left.
+
+The view is a prediction, and every answer corrects it. A report counts the requests that
+reached the provider before the answer's headers went out; requests this replica sent after the
+answered one and has not heard back from may still be on their way, so they are taken off the
+reported count (a few requests of the bucket are kept unused while answers race, rather than
+sending past the quota). Other replicas and other users of the same API key spend from the
+same bucket unseen, and a refill estimate that is too high only means a 429 now and then, as
+without pacing. A deployment that has not reported its quota for
+``_FORGET_S`` is not paced (its answers stopped carrying the headers, or nobody sent for a
+minute, after which a per-minute bucket is full again). Token quotas are not paced: a request's
+cost in tokens is known only after the answer (output tokens), where a request is always one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["ProviderPace", "RateReport", "read_rate_headers"]
+
+_FORGET_S = 60.0  # a per-minute bucket unheard of for a minute is full again: stop pacing
+_RESERVE_S = 1.0  # reserves are shares of this many seconds of the quota
+# (limit, remaining) header pairs by dialect; whichever an answer carries is read.
+_HEADERS = (
+    ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"),
+    ("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RateReport:
+    """A provider's request quota as one answer reported it."""
+
+    limit: float  # requests per minute
+    remaining: float  # requests the provider would take now
+
+
+def read_rate_headers(headers: Mapping[str, str]) -> RateReport | None:
+    """The request quota an upstream answer reports, or None when it reports none (or
+    nonsense: a limit below one, a count that is not a number)."""
+    for limit_name, remaining_name in _HEADERS:
+        limit_text, remaining_text = headers.get(limit_name), headers.get(remaining_name)
+        if limit_text is None or remaining_text is None:
+            continue
+        try:
+            limit, remaining = float(limit_text), float(remaining_text)
+        except ValueError:
+            return None
+        if not (math.isfinite(limit) and math.isfinite(remaining)) or limit < 1:
+            return None
+        return RateReport(limit, min(max(remaining, 0.0), limit))
+    return None
+
+
+class ProviderPace:
+    """One deployment's request bucket at the provider, as this replica predicts it (module
+    docstring). No clock of its own: every call passes ``now``."""
+
+    __slots__ = ("_at", "_heard", "_level", "_rate", "_sent", "_size", "_unheard")
+
+    def __init__(self) -> None:
+        self._rate = 0.0  # refill, requests per second; 0: not paced (never heard of)
+        self._size = 0.0  # the bucket's size: the largest remaining count heard
+        self._level = 0.0  # requests left at ``_at``
+        self._at = 0.0
+        self._heard = -math.inf  # when the last report came
+        self._sent = 0  # requests taken: the sequence number of the next one
+        self._unheard: list[int] = []  # sequence numbers sent with no answer yet, ascending
+
+    def observe(self, report: RateReport, now: float, seq: int | None = None) -> None:
+        """An answer's report replaces the prediction: it is the provider's own count, less
+        the requests sent after the answered one (``seq``, from ``take``) that are not answered
+        yet, which it may not count."""
+        if report.limit / 60.0 != self._rate:  # a new limit: the old bucket size says nothing
+            self._size = 0.0
+        self._rate = report.limit / 60.0
+        self._size = max(self._size, report.remaining)
+        later = 0 if seq is None else len(self._unheard) - bisect.bisect_right(self._unheard, seq)
+        self._level = report.remaining - later
+        self._at = self._heard = now
+
+    def level(self, now: float) -> float:
+        """Requests predicted left now: the last report, refilled, minus what was sent since.
+        At most the bucket's size (at least one: a provider always saturated reports 0)."""
+        return min(max(self._size, 1.0), self._level + (now - self._at) * self._rate)
+
+    def reserve(self, share: float) -> float:
+        """Requests a class of this holdback share leaves in the bucket for the classes above."""
+        return (1.0 - share) * min(self._size, self._rate * _RESERVE_S)
+
+    def allows(self, share: float, now: float) -> bool:
+        """Whether a request of a class with this holdback share may be sent now."""
+        if not self._paced(now):
+            return True
+        return self.level(now) >= 1.0 + self.reserve(share) - 1e-9
+
+    def wait_s(self, share: float, now: float) -> float:
+        """Seconds until ``allows`` (0 when it does now)."""
+        if not self._paced(now):
+            return 0.0
+        short = 1.0 + self.reserve(share) - self.level(now)
+        return max(0.0, short / self._rate)
+
+    def take(self, now: float) -> int:
+        """A request is being sent: one fewer in the bucket. Its sequence number, for
+        ``observe`` and ``heard``."""
+        seq = self._sent
+        self._sent += 1
+        self._unheard.append(seq)
+        if self._paced(now):
+            self._level = self.level(now) - 1.0
+            self._at = now
+        return seq
+
+    def heard(self, seq: int) -> None:
+        """The request ``seq`` was answered, or will never reach the provider."""
+        at = bisect.bisect_left(self._unheard, seq)
+        if at < len(self._unheard) and self._unheard[at] == seq:
+            del self._unheard[at]
+
+    def snapshot(self, now: float) -> dict[str, float] | None:
+        """The quota as paced, for /admin/status (None when not paced)."""
+        if not self._paced(now):
+            return None
+        return {"limit_per_minute": self._rate * 60.0, "bucket": self._size,
+                "remaining": round(self.level(now), 3)}
+
+    def _paced(self, now: float) -> bool:
+        return now - self._heard < _FORGET_S
