@@ -50,13 +50,16 @@ class ClassSettings(StrictModel):
 class ClassesSettings(StrictModel):
     """One ``ClassSettings`` per priority class.
 
-    Queue targets are short (100/300/500/500 ms): they bound time spent waiting in this
+    Queue targets are short (500/300/500/500 ms): they bound time spent waiting in this
     gateway, not the upstream's latency. An agent step that waits longer means the class is
     overloaded; shedding new runs then (runs in progress are spared) lets the runs under way
-    finish, where long targets let every run crawl and few complete."""
+    finish, where long targets let every run crawl and few complete. Critical's is the longest
+    of the upper classes: no class above it gains from shedding it, and critical demand near
+    the upstream's capacity comes in bursts that a queue absorbs and shedding turns into
+    failed runs."""
 
     critical: ClassSettings = ClassSettings(
-        queue_target_ms=100, max_queue=1000, holdback_share=1.0, default_deadline_s=60
+        queue_target_ms=500, max_queue=1000, holdback_share=1.0, default_deadline_s=60
     )
     high: ClassSettings = ClassSettings(
         queue_target_ms=300, max_queue=1000, holdback_share=0.95, default_deadline_s=120
