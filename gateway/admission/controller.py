@@ -164,7 +164,7 @@ class AdmissionController:
         """Headers of an answer sent without a permit of this controller: their report of the
         request quota, if any, replaces the paced prediction (``Permit.observe_rate`` is the
         usual way in)."""
-        self._observe_rate(self._state(deployment), -1, headers)
+        self._observe_rate(self._state(deployment), -1, headers, False)
 
     def restart_low(self, deployment: str) -> None:
         """Drop the limit to its minimum (call after the deployment's breaker closes)."""
@@ -325,14 +325,15 @@ class AdmissionController:
             # Granted in the same loop iteration as the cancel: hand the slot on.
             future.result().release("ignore")
 
-    def _observe_rate(self, state: DeploymentState, seq: int, headers: Mapping[str, str]) -> None:
+    def _observe_rate(self, state: DeploymentState, seq: int, headers: Mapping[str, str],
+                      rejected: bool) -> None:
         if seq >= 0:
             state.pace.heard(seq)
         report = read_rate_headers(headers)
         if report is None:
             return
         now = self._clock()
-        state.pace.observe(report, now, seq if seq >= 0 else None)
+        state.pace.observe(report, now, seq if seq >= 0 else None, rejected)
         if state.pacing:
             self._dispatch(state, now)  # more left than predicted: waiters may go now
 

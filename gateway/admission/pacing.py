@@ -25,9 +25,21 @@ The view is a prediction, and every answer corrects it. A report counts the requ
 reached the provider before the answer's headers went out; requests this replica sent after the
 answered one and has not heard back from may still be on their way, so they are taken off the
 reported count (a few requests of the bucket are kept unused while answers race, rather than
-sending past the quota). Other replicas and other users of the same API key spend from the
-same bucket unseen, and a refill estimate that is too high only means a 429 now and then, as
-without pacing. A deployment that has not reported its quota for
+sending past the quota).
+
+Other replicas, and other clients of the same API key, spend from the same bucket unseen: each
+replica would count every reported request and the whole refill as its own, and together they
+would send past the quota (a simulation of two replicas: a 429 for every tenth request served).
+So the spend of others is learned from the bucket's conservation: over a window of at least
+``_LEARN_S`` (and ``_LEARN_REQUESTS`` requests of refill, so that counts rounded to whole
+requests do not matter), ``reported then + refill - spent by us - reported now`` is what others
+spent (our requests answered 429 spent nothing). Its average (``_LEARN_WEIGHT`` per window)
+sets this replica's *share*: ``1 - others / refill``, at least ``_MIN_REFILL_SHARE``. A replica
+counts only its share of each report and of the refill as its own, so replicas splitting a
+quota stop racing for the same requests (tests/unit/test_pacing.py: two and four simulated
+replicas draw no 429 once they have learned, about ten seconds). Windows in which the bucket may
+have been full (refill then overflows, which would look like spend) teach nothing. A share that
+is still too large only means a 429 now and then, as without pacing. A deployment that has not reported its quota for
 ``_FORGET_S`` is not paced (its answers stopped carrying the headers, or nobody sent for a
 minute, after which a per-minute bucket is full again). Token quotas are not paced: a request's
 cost in tokens is known only after the answer (output tokens), where a request is always one.
@@ -44,6 +56,10 @@ __all__ = ["ProviderPace", "RateReport", "read_rate_headers"]
 
 _FORGET_S = 60.0  # a per-minute bucket unheard of for a minute is full again: stop pacing
 _RESERVE_S = 1.0  # reserves are shares of this many seconds of the quota
+_LEARN_S = 1.0  # others' spend is measured over windows of at least this many seconds...
+_LEARN_REQUESTS = 20.0  # ... and of this many requests of refill
+_LEARN_WEIGHT = 0.5  # weight of a new window in the average of others' spend
+_MIN_REFILL_SHARE = 0.1  # the refill predicted for this replica never falls below this share
 # (limit, remaining) header pairs by dialect; whichever an answer carries is read.
 _HEADERS = (
     ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"),
@@ -80,33 +96,78 @@ class ProviderPace:
     """One deployment's request bucket at the provider, as this replica predicts it (module
     docstring). No clock of its own: every call passes ``now``."""
 
-    __slots__ = ("_at", "_heard", "_level", "_rate", "_sent", "_size", "_unheard")
+    __slots__ = ("_anchor", "_at", "_heard", "_level", "_others", "_rate", "_rejected",
+                 "_reported", "_sent", "_size", "_unheard")
 
     def __init__(self) -> None:
         self._rate = 0.0  # refill, requests per second; 0: not paced (never heard of)
         self._size = 0.0  # the bucket's size: the largest remaining count heard
-        self._level = 0.0  # requests left at ``_at``
+        self._level = 0.0  # requests left for this replica at ``_at`` (its slice)
         self._at = 0.0
-        self._heard = -math.inf  # when the last report came
+        self._reported = 0.0  # the last report, less our requests it may not count
+        self._heard = -math.inf  # when that report came
         self._sent = 0  # requests taken: the sequence number of the next one
+        self._rejected = 0  # of those, answered 429: they spent nothing from the bucket
         self._unheard: list[int] = []  # sequence numbers sent with no answer yet, ascending
+        self._others = 0.0  # requests per second others spend from the bucket (learned)
+        # Start of the learning window: (when, level reported, requests we had spent then);
+        # None when no window is open (never heard, or the bucket may have been full).
+        self._anchor: tuple[float, float, int] | None = None
 
-    def observe(self, report: RateReport, now: float, seq: int | None = None) -> None:
+    def observe(self, report: RateReport, now: float, seq: int | None = None,
+                rejected: bool = False) -> None:
         """An answer's report replaces the prediction: it is the provider's own count, less
         the requests sent after the answered one (``seq``, from ``take``) that are not answered
-        yet, which it may not count."""
+        yet, which it may not count. ``rejected``: the answer was a 429 (it spent nothing)."""
+        if rejected:
+            self._rejected += 1
         if report.limit / 60.0 != self._rate:  # a new limit: the old bucket size says nothing
-            self._size = 0.0
+            self._size, self._others, self._anchor = 0.0, 0.0, None
         self._rate = report.limit / 60.0
         self._size = max(self._size, report.remaining)
         later = 0 if seq is None else len(self._unheard) - bisect.bisect_right(self._unheard, seq)
-        self._level = report.remaining - later
+        self._learn(report.remaining - later, now)
+        self._reported = report.remaining - later
+        # This replica's slice of what is left: its share of the bucket, less its own
+        # requests on their way (they will be spent from its slice).
+        self._level = self.share() * report.remaining - later
         self._at = self._heard = now
 
+    def _learn(self, level: float, now: float) -> None:
+        """Others' spend from the bucket's conservation over the open window (docstring)."""
+        # Near full, or refilled to full since the last report at the whole rate: the
+        # overflow would count as others' spend. No window.
+        if (level > self._size / 2
+                or self._reported + (now - self._heard) * self._rate >= self._size):
+            self._anchor = None
+            return
+        spent_by_us = self._sent - self._rejected
+        if self._anchor is None:
+            self._anchor = (now, level, spent_by_us)
+            return
+        began, level_then, spent_then = self._anchor
+        elapsed = now - began
+        if elapsed < _LEARN_S or elapsed * self._rate < _LEARN_REQUESTS:
+            return
+        spent = level_then + elapsed * self._rate - (spent_by_us - spent_then) - level
+        others = min(max(spent / elapsed, 0.0), self._rate)
+        self._others += _LEARN_WEIGHT * (others - self._others)
+        self._anchor = (now, level, spent_by_us)
+
+    def share(self) -> float:
+        """This replica's share of the bucket and its refill: what others were not seen to
+        spend (1 alone)."""
+        if self._rate <= 0:
+            return 1.0
+        return max(1.0 - self._others / self._rate, _MIN_REFILL_SHARE)
+
     def level(self, now: float) -> float:
-        """Requests predicted left now: the last report, refilled, minus what was sent since.
-        At most the bucket's size (at least one: a provider always saturated reports 0)."""
-        return min(max(self._size, 1.0), self._level + (now - self._at) * self._rate)
+        """Requests predicted left for this replica now: its slice of the last report,
+        refilled at its share of the rate, minus what it sent since. At most its share of the
+        bucket's size (at least one: a provider always saturated reports 0)."""
+        share = self.share()
+        return min(max(share * self._size, 1.0),
+                   self._level + (now - self._at) * share * self._rate)
 
     def reserve(self, share: float) -> float:
         """Requests a class of this holdback share leaves in the bucket for the classes above."""
@@ -123,7 +184,7 @@ class ProviderPace:
         if not self._paced(now):
             return 0.0
         short = 1.0 + self.reserve(share) - self.level(now)
-        return max(0.0, short / self._rate)
+        return max(0.0, short / (self.share() * self._rate))
 
     def take(self, now: float) -> int:
         """A request is being sent: one fewer in the bucket. Its sequence number, for
@@ -147,7 +208,8 @@ class ProviderPace:
         if not self._paced(now):
             return None
         return {"limit_per_minute": self._rate * 60.0, "bucket": self._size,
-                "remaining": round(self.level(now), 3)}
+                "remaining": round(self.level(now), 3),
+                "others_per_minute": round(self._others * 60.0, 1)}
 
     def _paced(self, now: float) -> bool:
         return now - self._heard < _FORGET_S

@@ -77,8 +77,8 @@ class AdmissionObserver:
 # (state, priority, outcome, ttft_s, prompt tokens, granted_at, pace sequence number).
 ReleaseHook = Callable[
     ["DeploymentState", Priority, Outcome, "float | None", int, float, int], None]
-# ... and when its answer's headers arrive: (state, pace sequence number, headers).
-RateHook = Callable[["DeploymentState", int, Mapping[str, str]], None]
+# ... and when its answer's headers arrive: (state, pace sequence number, headers, was a 429).
+RateHook = Callable[["DeploymentState", int, Mapping[str, str], bool], None]
 
 
 class Permit:
@@ -105,11 +105,11 @@ class Permit:
     def released(self) -> bool:
         return self._released
 
-    def observe_rate(self, headers: Mapping[str, str]) -> None:
+    def observe_rate(self, headers: Mapping[str, str], status: int) -> None:
         """The upstream answered (any status): the request quota its headers report, if any,
         paces the deployment's next requests (admission/pacing.py). Call before ``release``."""
         if not self._released:
-            self._on_rate(self._state, self._pace_seq, headers)
+            self._on_rate(self._state, self._pace_seq, headers, status == 429)
 
     def release(self, outcome: Outcome, ttft_s: float | None = None) -> None:
         """Give the slot back and feed the limit.

@@ -222,7 +222,7 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             log.first_byte_s = record.first_byte_s = svc.clock() - attempt.began
             # The quota left, as the provider counts it (429s report it too): admission paces
             # this deployment's next requests by it.
-            permit.observe_rate(upstream.headers)
+            permit.observe_rate(upstream.headers, upstream.status)
             error_answer = upstream.status >= 400
             if upstream.status < 400:
                 trial.success(log.first_byte_s)

@@ -151,3 +151,43 @@ async def test_the_anthropic_sdk_is_paced_by_anthropic_headers(
         await asyncio.gather(*(one() for _ in range(15)))
     assert answers == {200: 16}
     assert rejected_by_quota(mock) == 0
+
+
+async def test_two_replicas_share_the_quota_without_drawing_its_429s(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer,
+) -> None:
+    """Two gateways (replicas, each with its own memory) in front of one quota, each with more
+    work than the whole quota: from the bucket's reports each learns what the other spends
+    (in windows of 2 s at this quota), and from then on they share the quota without racing
+    for the same requests."""
+    mock = await quota_mock(aiohttp_server)
+    replicas = [(await counted_gateway(aiohttp_client, mock))[0] for _ in range(2)]
+    for gw in replicas:
+        assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+    learn_s, seconds = 5.0, 9.0
+    began = time.monotonic()
+    served: list[float] = []
+    rejected_when_learned = 0
+
+    async def worker(gw: GatewayClient) -> None:
+        while time.monotonic() - began < seconds:
+            resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth())
+            await resp.read()
+            if resp.status == 200:
+                served.append(time.monotonic() - began)
+            else:
+                await asyncio.sleep(0.05)
+
+    async def learned() -> None:
+        nonlocal rejected_when_learned
+        await asyncio.sleep(learn_s)
+        rejected_when_learned = rejected_by_quota(mock)
+
+    await asyncio.gather(learned(), *(worker(gw) for gw in replicas for _ in range(6)))
+    late_served = sum(1 for t in served if t >= learn_s)
+    late_rejected = rejected_by_quota(mock) - rejected_when_learned
+    print(f"two replicas at 600 RPM: first {learn_s:.0f} s {len(served) - late_served} served, "
+          f"{rejected_when_learned} quota 429s; next {seconds - learn_s:.0f} s {late_served} "
+          f"served, {late_rejected} quota 429s")
+    assert late_served >= 0.8 * 10 * (seconds - learn_s)  # the quota (10 a second) is spent
+    assert late_rejected <= 0.1 * late_served, (late_rejected, late_served)

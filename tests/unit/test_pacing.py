@@ -201,4 +201,67 @@ async def test_pacing_can_be_turned_off_per_deployment() -> None:
     paced = make(clock)
     paced.observe_rate(DEP, openai_headers(600, 7))
     assert paced.snapshot()["deployments"][DEP]["provider_quota"] == {
-        "limit_per_minute": 600, "bucket": 7, "remaining": 7}
+        "limit_per_minute": 600, "bucket": 7, "remaining": 7, "others_per_minute": 0}
+
+
+# -- several replicas on one bucket ----------------------------------------------------------
+
+
+def _replicas_on_one_bucket(replicas: int, seconds: float = 30.0,
+                            ) -> tuple[int, int, int, list[ProviderPace]]:
+    """Replicas, each with more work than the quota, spend one provider bucket (600 a minute,
+    50 deep). The provider counts a request when it arrives (at once) and reports the bucket
+    as it is when the answer's headers go out, 0.3 s later (a streamed answer's first byte).
+    Returns (requests served, 429s drawn, 429s drawn after the first 10 s, the paces)."""
+    rate, size, ttft, step = 10.0, 50.0, 0.3, 0.005
+    bucket = size
+    paces = [ProviderPace() for _ in range(replicas)]
+    for pace in paces:
+        pace.observe(RateReport(rate * 60, size), 0.0)
+    pending: list[tuple[float, int, int, bool]] = []  # (answer at, replica, seq, was a 429)
+    served = rejected = rejected_late = 0
+    now = 0.0
+    while now < seconds:
+        now = round(now + step, 6)
+        bucket = min(size, bucket + rate * step)
+        for answer in [p for p in pending if p[0] <= now]:
+            pending.remove(answer)
+            _, who, seq, was_429 = answer
+            paces[who].heard(seq)
+            paces[who].observe(RateReport(rate * 60, float(int(bucket))), now, seq, was_429)
+        for who, pace in enumerate(paces):
+            while pace.allows(1.0, now):
+                seq = pace.take(now)
+                spent = bucket >= 1.0
+                if spent:
+                    bucket -= 1.0
+                    served += 1
+                else:
+                    rejected += 1
+                    rejected_late += now > 10.0
+                pending.append((now + ttft, who, seq, not spent))
+    return served, rejected, rejected_late, paces
+
+
+def test_one_replica_spends_the_whole_quota_without_a_429() -> None:
+    served, rejected, _, [pace] = _replicas_on_one_bucket(1)
+    assert served >= 0.98 * (50 + 10 * 30) and rejected == 0
+    assert pace.share() > 0.95  # nobody else was seen spending
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_replicas_sharing_a_bucket_learn_each_others_spend(
+    replicas: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    served, rejected, late, paces = _replicas_on_one_bucket(replicas)
+    others = 10.0 * (replicas - 1) / replicas  # each of the others spends its share
+    for pace in paces:
+        assert 0.6 * others <= pace.snapshot(30.0)["others_per_minute"] / 60 <= 1.4 * others  # type: ignore[index]
+    assert served >= 0.95 * (50 + 10 * 30)  # the whole quota is spent...
+    monkeypatch.setattr("gateway.admission.pacing._LEARN_WEIGHT", 0.0)
+    _, rejected_blind, late_blind, _ = _replicas_on_one_bucket(replicas)
+    print(f"{replicas} replicas, 429s over 30 s (after 10 s): learning {rejected} ({late}), "
+          f"each counting all refill as its own {rejected_blind} ({late_blind})")
+    # ... and once learned, draws next to no 429s, where replicas blind to each other keep
+    # drawing them (at the start all see a full bucket: those 429s teach the others' spend).
+    assert late <= 2 and late_blind >= 20
