@@ -166,24 +166,32 @@ class ProviderPace:
         refilled at its share of the rate, minus what it sent since. At most its share of the
         bucket's size (at least one: a provider always saturated reports 0)."""
         share = self.share()
-        return min(max(share * self._size, 1.0),
-                   self._level + (now - self._at) * share * self._rate)
+        return min(self._slice(), self._level + (now - self._at) * share * self._rate)
+
+    def _slice(self) -> float:
+        """The most this replica's level reaches: its share of the bucket (at least one)."""
+        return max(self.share() * self._size, 1.0)
 
     def reserve(self, share: float) -> float:
         """Requests a class of this holdback share leaves in the bucket for the classes above."""
         return (1.0 - share) * min(self._size, self._rate * _RESERVE_S)
 
+    def _need(self, share: float) -> float:
+        """The level a class of this holdback share needs to send one request: one plus its
+        reserve, but never more than the level can reach (or the class would wait forever)."""
+        return min(1.0 + self.reserve(share), self._slice())
+
     def allows(self, share: float, now: float) -> bool:
         """Whether a request of a class with this holdback share may be sent now."""
         if not self._paced(now):
             return True
-        return self.level(now) >= 1.0 + self.reserve(share) - 1e-9
+        return self.level(now) >= self._need(share) - 1e-9
 
     def wait_s(self, share: float, now: float) -> float:
         """Seconds until ``allows`` (0 when it does now)."""
         if not self._paced(now):
             return 0.0
-        short = 1.0 + self.reserve(share) - self.level(now)
+        short = self._need(share) - self.level(now)
         return max(0.0, short / (self.share() * self._rate))
 
     def take(self, now: float) -> int:

@@ -34,9 +34,17 @@ class ClassSnapshot(TypedDict):
     queue_target_s: NotRequired[float]  # the class's CoDel target
 
 
+class ProviderQuotaSnapshot(TypedDict):
+    """A provider's request quota as paced from its rate-limit headers (admission/pacing.py)."""
+
+    remaining: float  # requests this replica may still send now
+    others_per_minute: NotRequired[float]  # what other replicas / clients were seen to spend
+
+
 class DeploymentSnapshot(TypedDict):
     limit: float  # adaptive concurrency limit
     in_flight: NotRequired[int]
+    provider_quota: NotRequired[ProviderQuotaSnapshot | None]  # None: no quota reported
 
 
 class AdmissionSnapshot(TypedDict):
@@ -69,7 +77,8 @@ LoopLagSource = Callable[[], float]  # seconds, e.g. lambda: self_protection.loo
 
 PULLED_GAUGES = (
     "gateway_in_flight_requests", "gateway_queued_requests", "gateway_queue_target_seconds",
-    "gateway_concurrency_limit", "gateway_deployment_in_flight_requests", "gateway_breaker_state",
+    "gateway_concurrency_limit", "gateway_deployment_in_flight_requests",
+    "gateway_provider_requests_remaining", "gateway_breaker_state",
     "gateway_budget_remaining", "gateway_budget_limit", "gateway_redis_degraded",
     "gateway_redis_latency_seconds", "gateway_event_loop_lag_seconds",
     "gateway_deferred_queue_depth", "gateway_deferred_oldest_age_seconds",
@@ -117,12 +126,18 @@ class PulledGauges(Collector):
                         target.add_metric([name], cls["queue_target_s"])
             limit = _gauge("gateway_concurrency_limit", "Adaptive limit.", "deployment")
             used = _gauge("gateway_deployment_in_flight_requests", "In flight.", "deployment")
+            quota = _gauge("gateway_provider_requests_remaining",
+                           "Requests this replica may send now within the provider's own quota, "
+                           "as paced from its rate-limit headers (deployments that report one).",
+                           "deployment")
             for label, dep in admission["deployments"].items():
                 if label in deployments:
                     limit.add_metric([label], dep["limit"])
                     if "in_flight" in dep:
                         used.add_metric([label], dep["in_flight"])
-            yield from (in_flight, queued, target, limit, used)
+                    if dep.get("provider_quota"):
+                        quota.add_metric([label], dep["provider_quota"]["remaining"])
+            yield from (in_flight, queued, target, limit, used, quota)
         breakers = self._call("breakers", self.breakers)
         if breakers is not None:
             state = _gauge("gateway_breaker_state", "1 for the current state.",

@@ -263,7 +263,10 @@ def test_pulled_gauges_come_from_sources_at_scrape_time(metrics: GatewayMetrics)
     admission: AdmissionSnapshot = {
         "classes": {"critical": {"in_flight": 3, "queued": 0, "queue_target_s": 0.25},
                     "low": {"in_flight": 7, "queued": 12}, "bogus": {"in_flight": 1, "queued": 1}},
-        "deployments": {MAIN: {"limit": 40.0, "in_flight": 10}, "stale/x": {"limit": 9.0}},
+        "deployments": {MAIN: {"limit": 40.0, "in_flight": 10,
+                               "provider_quota": {"remaining": 17.5}},
+                        BACKUP: {"limit": 4.0, "provider_quota": None},
+                        "stale/x": {"limit": 9.0}},
     }
     state = {"lag": 0.002}
     metrics.set_admission_source(lambda: admission)
@@ -280,6 +283,8 @@ def test_pulled_gauges_come_from_sources_at_scrape_time(metrics: GatewayMetrics)
     assert value(metrics, "gateway_queue_target_seconds", priority="critical") == 0.25
     assert value(metrics, "gateway_concurrency_limit", deployment=MAIN) == 40
     assert value(metrics, "gateway_deployment_in_flight_requests", deployment=MAIN) == 10
+    assert value(metrics, "gateway_provider_requests_remaining", deployment=MAIN) == 17.5
+    assert value(metrics, "gateway_provider_requests_remaining", deployment=BACKUP) is None
     assert value(metrics, "gateway_breaker_state", deployment=MAIN, state="half_open") == 1
     assert value(metrics, "gateway_breaker_state", deployment=MAIN, state="open") == 0
     assert value(metrics, "gateway_budget_remaining", tenant="acme", budget="daily_tokens") == 50

@@ -127,6 +127,15 @@ def test_a_quota_unreported_for_a_minute_is_no_longer_paced() -> None:
     assert pace.allows(1.0, 60.0) and pace.snapshot(60.0) is None
 
 
+def test_a_replica_with_a_small_share_of_a_small_bucket_still_serves_every_class() -> None:
+    pace = ProviderPace()
+    pace.observe(RateReport(600, 5), 0.0)  # 10 a second, a bucket of 5
+    pace._others = 7.5  # three others spend three quarters: this replica's slice is 1.25
+    pace.observe(RateReport(600, 0), 1.0)
+    assert pace.level(10.0) == pytest.approx(1.25)
+    assert pace.allows(0.70, 10.0)  # low's reserve (1.5) is more than the slice: not waited for
+
+
 def test_a_changed_limit_forgets_the_old_bucket_size() -> None:
     pace = ProviderPace()
     pace.observe(RateReport(6000, 1000), 0.0)
