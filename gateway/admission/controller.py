@@ -139,6 +139,19 @@ class AdmissionController:
         self._roll(state, now)
         return self._grant_now(state, req, now)
 
+    def free_slots(self, deployment: str, priority: Priority) -> int:
+        """How many requests of ``priority`` ``try_acquire`` would grant now: slots within the
+        class share with nobody of the class or above waiting, and no more than the
+        provider's quota (as paced) lets the class send."""
+        now = self._clock()
+        state = self._state(deployment)
+        if state.queued(priority):
+            return 0
+        free = self._cap(state, priority) - state.in_flight
+        if state.pacing:
+            free = min(free, state.pace.spendable(self._shares[priority], now))
+        return max(0, free)
+
     def check_deadline(self, deployment: str, deadline: float, now: float | None = None,
                        prompt_tokens: int | None = None) -> None:
         """504 ``deadline_exceeded`` unless ``deadline`` leaves time for the deployment's
@@ -327,15 +340,18 @@ class AdmissionController:
 
     def _observe_rate(self, state: DeploymentState, seq: int, headers: Mapping[str, str],
                       rejected: bool) -> None:
+        if not state.pacing:  # its own sends are not counted: it would learn them as others'
+            return
         if seq >= 0:
             state.pace.heard(seq)
+            if rejected:
+                state.pace.rejected()
         report = read_rate_headers(headers)
         if report is None:
             return
         now = self._clock()
-        state.pace.observe(report, now, seq if seq >= 0 else None, rejected)
-        if state.pacing:
-            self._dispatch(state, now)  # more left than predicted: waiters may go now
+        state.pace.observe(report, now, seq if seq >= 0 else None)
+        self._dispatch(state, now)  # more left than predicted: waiters may go now
 
     def _release(self, state: DeploymentState, priority: Priority, outcome: Outcome,
                  ttft_s: float | None, prompt_tokens: int, granted_at: float,
@@ -343,7 +359,9 @@ class AdmissionController:
         now = self._clock()
         if pace_seq >= 0:
             state.pace.heard(pace_seq)  # no answer came (or it was heard already)
-        demand = state.in_flight + state.queued()
+        # Demand for slots: requests waiting for the provider's quota do not count, or a
+        # quota-bound deployment would grow its limit to max_limit while slots sit idle.
+        demand = state.in_flight + state.queued_for_slots(self._shares, now)
         state.give_back(priority)
         state.drain.tick(now)
         if ttft_s is not None:

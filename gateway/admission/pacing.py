@@ -22,10 +22,13 @@ never asked to wait for more than the bucket holds): a burst of critical calls f
 quota the lower classes left.
 
 The view is a prediction, and every answer corrects it. A report counts the requests that
-reached the provider before the answer's headers went out; requests this replica sent after the
-answered one and has not heard back from may still be on their way, so they are taken off the
-reported count (a few requests of the bucket are kept unused while answers race, rather than
-sending past the quota).
+reached the provider before the answer's headers went out. Requests this replica sent after the
+answered one, within the last ``_TRANSIT_S``, and has not heard back from may still be on their
+way, so they are taken off the reported count (a few requests of the bucket are kept unused
+while answers race, rather than sending past the quota). Older ones have arrived and are in
+the count: a non-streamed answer's headers come seconds after its request, and taking every
+request sent since then off would count them twice and, with a bucket smaller than the
+requests in flight, stop sending altogether.
 
 Other replicas, and other clients of the same API key, spend from the same bucket unseen: each
 replica would count every reported request and the whole refill as its own, and together they
@@ -35,11 +38,15 @@ So the spend of others is learned from the bucket's conservation: over a window 
 requests do not matter), ``reported then + refill - spent by us - reported now`` is what others
 spent (our requests answered 429 spent nothing). Its average (``_LEARN_WEIGHT`` per window)
 sets this replica's *share*: ``1 - others / refill``, at least ``_MIN_REFILL_SHARE``. A replica
-counts only its share of each report and of the refill as its own, so replicas splitting a
-quota stop racing for the same requests (tests/unit/test_pacing.py: two and four simulated
-replicas draw no 429 once they have learned, about ten seconds). Windows in which the bucket may
-have been full (refill then overflows, which would look like spend) teach nothing. A share that
-is still too large only means a 429 now and then, as without pacing. A deployment that has not reported its quota for
+takes only its share of each report as its own (and of the refill until the next report), so
+replicas splitting a quota stop racing for the same requests (tests/unit/test_pacing.py: two
+and four simulated replicas draw no 429 once they have learned, about ten seconds). Windows in
+which the bucket may have been full (refill then overflows, which would look like spend) teach
+nothing, and while the bucket stays above half full the learned spend fades (time constant
+``_FADE_S``): others who spend that little do not need a share. A share that is still too large
+only means a 429 now and then, as without pacing. Answers of one deployment label that come
+from several buckets (a proxy in front of several keys or regions) look like others' spend and
+shrink the share; turn pacing off for such a deployment. A deployment that has not reported its quota for
 ``_FORGET_S`` is not paced (its answers stopped carrying the headers, or nobody sent for a
 minute, after which a per-minute bucket is full again). Token quotas are not paced: a request's
 cost in tokens is known only after the answer (output tokens), where a request is always one.
@@ -60,6 +67,9 @@ _LEARN_S = 1.0  # others' spend is measured over windows of at least this many s
 _LEARN_REQUESTS = 20.0  # ... and of this many requests of refill
 _LEARN_WEIGHT = 0.5  # weight of a new window in the average of others' spend
 _MIN_REFILL_SHARE = 0.1  # the refill predicted for this replica never falls below this share
+_FADE_S = 10.0  # time constant of the fading of others' spend while the bucket is above half
+_TRANSIT_S = 0.25  # a request sent this recently may not have reached the provider yet
+_LIMIT_CHANGE = 0.1  # a reported limit that moves by more than this share is a new quota
 # (limit, remaining) header pairs by dialect; whichever an answer carries is read.
 _HEADERS = (
     ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"),
@@ -97,7 +107,7 @@ class ProviderPace:
     docstring). No clock of its own: every call passes ``now``."""
 
     __slots__ = ("_anchor", "_at", "_heard", "_level", "_others", "_rate", "_rejected",
-                 "_reported", "_sent", "_size", "_unheard")
+                 "_reported", "_sent", "_sent_at", "_size", "_unheard")
 
     def __init__(self) -> None:
         self._rate = 0.0  # refill, requests per second; 0: not paced (never heard of)
@@ -109,23 +119,24 @@ class ProviderPace:
         self._sent = 0  # requests taken: the sequence number of the next one
         self._rejected = 0  # of those, answered 429: they spent nothing from the bucket
         self._unheard: list[int] = []  # sequence numbers sent with no answer yet, ascending
+        self._sent_at: list[float] = []  # when each of those was sent
         self._others = 0.0  # requests per second others spend from the bucket (learned)
         # Start of the learning window: (when, level reported, requests we had spent then);
         # None when no window is open (never heard, or the bucket may have been full).
         self._anchor: tuple[float, float, int] | None = None
 
-    def observe(self, report: RateReport, now: float, seq: int | None = None,
-                rejected: bool = False) -> None:
+    def observe(self, report: RateReport, now: float, seq: int | None = None) -> None:
         """An answer's report replaces the prediction: it is the provider's own count, less
-        the requests sent after the answered one (``seq``, from ``take``) that are not answered
-        yet, which it may not count. ``rejected``: the answer was a 429 (it spent nothing)."""
-        if rejected:
-            self._rejected += 1
-        if report.limit / 60.0 != self._rate:  # a new limit: the old bucket size says nothing
+        the requests that may still be on their way (sent after the answered one, ``seq``
+        from ``take``, within ``_TRANSIT_S``, not answered yet)."""
+        rate = report.limit / 60.0
+        if abs(rate - self._rate) > _LIMIT_CHANGE * self._rate:
+            # A new quota: the old bucket size and others' spend say nothing of it. (A limit
+            # that moves a little, request by request, is the same quota.)
             self._size, self._others, self._anchor = 0.0, 0.0, None
-        self._rate = report.limit / 60.0
+        self._rate = rate
         self._size = max(self._size, report.remaining)
-        later = 0 if seq is None else len(self._unheard) - bisect.bisect_right(self._unheard, seq)
+        later = 0 if seq is None else self._on_their_way(seq, now)
         self._learn(report.remaining - later, now)
         self._reported = report.remaining - later
         # This replica's slice of what is left: its share of the bucket, less its own
@@ -140,6 +151,8 @@ class ProviderPace:
         if (level > self._size / 2
                 or self._reported + (now - self._heard) * self._rate >= self._size):
             self._anchor = None
+            if level > self._size / 2:  # others spend too little to keep the bucket low
+                self._others *= math.exp(-(now - self._heard) / _FADE_S)
             return
         spent_by_us = self._sent - self._rejected
         if self._anchor is None:
@@ -187,6 +200,12 @@ class ProviderPace:
             return True
         return self.level(now) >= self._need(share) - 1e-9
 
+    def spendable(self, share: float, now: float) -> int:
+        """Requests a class of this holdback share may send now, one after another."""
+        if not self._paced(now):
+            return 1 << 30
+        return max(0, math.floor(self.level(now) - self._need(share) + 1e-9) + 1)
+
     def wait_s(self, share: float, now: float) -> float:
         """Seconds until ``allows`` (0 when it does now)."""
         if not self._paced(now):
@@ -200,6 +219,7 @@ class ProviderPace:
         seq = self._sent
         self._sent += 1
         self._unheard.append(seq)
+        self._sent_at.append(now)
         if self._paced(now):
             self._level = self.level(now) - 1.0
             self._at = now
@@ -210,6 +230,21 @@ class ProviderPace:
         at = bisect.bisect_left(self._unheard, seq)
         if at < len(self._unheard) and self._unheard[at] == seq:
             del self._unheard[at]
+            del self._sent_at[at]
+
+    def rejected(self) -> None:
+        """A request of ours was answered 429: it spent nothing from the bucket."""
+        self._rejected += 1
+
+    def _on_their_way(self, seq: int, now: float) -> int:
+        """Unanswered requests sent after ``seq`` and within ``_TRANSIT_S``: the newest ones
+        (both lists ascend), counted from the end."""
+        count, since = 0, now - _TRANSIT_S
+        for i in range(len(self._unheard) - 1, -1, -1):
+            if self._unheard[i] <= seq or self._sent_at[i] <= since:
+                break
+            count += 1
+        return count
 
     def snapshot(self, now: float) -> dict[str, float] | None:
         """The quota as paced, for /admin/status (None when not paced)."""

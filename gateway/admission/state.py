@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -179,6 +179,8 @@ class DeploymentState:
     def reconfigure(self, policy: AdmissionPolicy) -> None:
         settings = policy.concurrency_for(self.label)
         self.limiter.reconfigure(settings)
+        if settings.pace_by_rate_headers and not self.pacing:
+            self.pace = ProviderPace()  # nothing was counted while off: start afresh
         self.pacing = settings.pace_by_rate_headers
 
     def quota_allows(self, share: float, now: float) -> bool:
@@ -215,6 +217,12 @@ class DeploymentState:
             self._recent.append(ttft_s / size_factor(prompt_tokens))
             ordered = sorted(self._recent)
             self._fast = ordered[int(_OPTIMISTIC_RANK * (len(ordered) - 1))]
+
+    def queued_for_slots(self, shares: Sequence[float], now: float) -> int:
+        """Waiting requests of the classes the provider's quota (as paced) lets go now: the
+        others wait for the quota, not for a slot."""
+        return sum(len(q) for q, share in zip(self.queues, shares, strict=True)
+                   if q and self.quota_allows(share, now))
 
     def queued(self, up_to: Priority = Priority.low) -> int:
         """Waiting requests of classes ``critical`` .. ``up_to``."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -241,21 +240,10 @@ class DeferredRunner:
 
 
 def free_low_slots(admission: AdmissionController, labels: list[str]) -> int:
-    """Slots the low class may take now on the best of these deployments, with nobody
-    waiting (the rule ``AdmissionController.try_acquire`` applies)."""
-    deployments = admission.snapshot()["deployments"]
-    share = admission.policy.classes.of(Priority.low).holdback_share
-    best = 0
-    for label in labels:
-        state = deployments.get(label)
-        if state is None:  # never used here: its whole initial limit is free
-            limit = admission.policy.concurrency_for(label).initial_limit
-            state = {"limit": limit, "in_flight": 0, "queued": 0}
-        limit = state["limit"]
-        cap = limit if share >= 1.0 else max(1, math.floor(share * limit + 1e-9))
-        if state["queued"] == 0:
-            best = max(best, cap - state["in_flight"])
-    return best
+    """Requests of the low class ``try_acquire`` would grant now on the best of these
+    deployments (slots, nobody waiting, and the provider's quota as paced: a run started
+    without one would only be requeued)."""
+    return max((admission.free_slots(label, Priority.low) for label in labels), default=0)
 
 
 def _result(response: web.StreamResponse) -> Result:

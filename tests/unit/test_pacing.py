@@ -118,6 +118,31 @@ def test_requests_sent_after_the_answered_one_are_taken_off_its_report() -> None
     pace.heard(second)  # twice is harmless
 
 
+def test_requests_sent_long_before_the_report_are_in_it() -> None:
+    """Non-streamed answers report when they end, seconds after their request: everything
+    sent more than a moment before the report has reached the provider and is in its count.
+    Taking it off again would stop a replica whose requests in flight outnumber the bucket."""
+    pace = ProviderPace()
+    pace.observe(RateReport(6000, 20), 0.0)  # 100 a second, a bucket of 20
+    first = pace.take(0.0)
+    for t in range(1, 300):  # 300 requests in flight over 3 s, more than the bucket holds
+        pace.take(t / 100)
+    pace.heard(first)
+    pace.observe(RateReport(6000, 10), 3.0, first)
+    # Only the requests of the last quarter second may still be on their way.
+    assert pace.level(3.0) == pytest.approx(10 - 24, abs=1)
+    assert pace.wait_s(1.0, 3.0) < 0.3
+
+
+def test_a_limit_that_moves_a_little_is_the_same_quota() -> None:
+    pace = ProviderPace()
+    pace.observe(RateReport(6000, 500), 0.0)
+    pace.observe(RateReport(6001, 0), 0.0)  # the same quota: its bucket and reserves stay
+    assert pace.reserve(0.70) == pytest.approx(30, abs=0.1)
+    pace.observe(RateReport(600, 0), 0.0)  # a new quota: learned from scratch
+    assert pace.reserve(0.70) == 0
+
+
 def test_a_quota_unreported_for_a_minute_is_no_longer_paced() -> None:
     pace = ProviderPace()
     pace.observe(RateReport(60, 0), 0.0)
@@ -197,16 +222,55 @@ async def test_critical_finds_the_reserve_the_lower_classes_leave() -> None:
     waiting.cancel()
 
 
+async def test_requests_waiting_for_quota_do_not_grow_the_concurrency_limit() -> None:
+    """The limit grows only while its slots are in demand: requests that wait for the
+    provider's quota are not, or a quota-bound deployment's limit climbs to max_limit and the
+    class shares stop meaning anything."""
+    clock = FakeClock()
+    ctl = make(clock, initial_limit=8, min_limit=4, algorithm="aimd")
+    ctl.observe_rate(DEP, OPENAI_SPENT)
+    waiting = [asyncio.create_task(ctl.acquire(DEP, ask(clock, L))) for _ in range(50)]
+    await asyncio.sleep(0)
+    for _ in range(30):  # 30 windows, two requests through each on refills
+        clock.advance(1.0)
+        ctl.observe_rate(DEP, openai_headers(6000, 2))
+        await asyncio.sleep(0)
+        for task in [t for t in waiting if t.done()]:
+            waiting.remove(task)
+            task.result().release("success")
+    assert ctl.snapshot()["deployments"][DEP]["limit"] == 8
+    for task in waiting:
+        task.cancel()
+
+
+async def test_free_slots_count_the_quota_for_deferred_runs() -> None:
+    clock = FakeClock()
+    ctl = make(clock)
+    assert ctl.free_slots(DEP, L) == 70  # 70 % of a limit of 100
+    ctl.observe_rate(DEP, openai_headers(6000, 100))  # low's reserve is 30
+    assert ctl.free_slots(DEP, L) == 70
+    ctl.observe_rate(DEP, openai_headers(6000, 40))
+    assert ctl.free_slots(DEP, L) == 10 and ctl.free_slots(DEP, C) == 40
+    ctl.observe_rate(DEP, OPENAI_SPENT)
+    assert ctl.free_slots(DEP, C) == 0
+
+
 async def test_pacing_can_be_turned_off_per_deployment() -> None:
     clock = FakeClock()
     policy = AdmissionPolicy.model_validate({
         "concurrency": {"min_limit": 1, "initial_limit": 10, "max_limit": 10},
         "deployments": {DEP: {"pace_by_rate_headers": False}}})
     ctl = AdmissionController(policy, clock, random.Random(5))
-    ctl.observe_rate(DEP, OPENAI_SPENT)
+    for _ in range(100):  # its own sends are not counted: nothing is learned either
+        ctl.observe_rate(DEP, OPENAI_SPENT)
+        clock.advance(1.0)
     permit = await ctl.acquire(DEP, ask(clock, L))
     assert permit.queued_s == 0
     assert ctl.snapshot()["deployments"][DEP]["provider_quota"] is None
+    ctl.reconfigure(AdmissionPolicy.model_validate({
+        "concurrency": {"min_limit": 1, "initial_limit": 10, "max_limit": 10}}))
+    ctl.observe_rate(DEP, openai_headers(6000, 7))
+    assert ctl.snapshot()["deployments"][DEP]["provider_quota"]["others_per_minute"] == 0
     paced = make(clock)
     paced.observe_rate(DEP, openai_headers(600, 7))
     assert paced.snapshot()["deployments"][DEP]["provider_quota"] == {
@@ -237,7 +301,9 @@ def _replicas_on_one_bucket(replicas: int, seconds: float = 30.0,
             pending.remove(answer)
             _, who, seq, was_429 = answer
             paces[who].heard(seq)
-            paces[who].observe(RateReport(rate * 60, float(int(bucket))), now, seq, was_429)
+            if was_429:
+                paces[who].rejected()
+            paces[who].observe(RateReport(rate * 60, float(int(bucket))), now, seq)
         for who, pace in enumerate(paces):
             while pace.allows(1.0, now):
                 seq = pace.take(now)
