@@ -176,6 +176,36 @@ class RssSampler(threading.Thread):
                 self.samples.append((round(time.monotonic() - start, 1), kib))
 
 
+class LimitSampler(threading.Thread):
+    """The gateway's concurrency limit, in-flight and queued requests twice a second (from
+    /metrics), for ``--trace``: how the limit moved while the load ran."""
+
+    NAMES = ("gateway_concurrency_limit", "gateway_deployment_in_flight_requests",
+             "gateway_queued_requests")
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.samples: list[dict[str, float]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self.stop.wait(0.5):
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                continue
+            sample = {"t": round(time.monotonic() - start, 1)}
+            for line in text.splitlines():
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name in self.NAMES:
+                    short = name.removeprefix("gateway_").split("_")[0]
+                    sample[short] = sample.get(short, 0.0) + float(line.rsplit(" ", 1)[1])
+            self.samples.append(sample)
+
+
 def _get_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=5) as resp:
         data: dict[str, Any] = json.loads(resp.read())
@@ -223,12 +253,20 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path,
         engine = Engine(spec, spec.api_keys(), EngineOptions(target=data["target"]))
         rss = RssSampler(server.pid)
         rss.start()
+        limits = LimitSampler(f"http://127.0.0.1:{gw_port}/metrics")
+        if args.trace and name != "off":
+            limits.start()
         print(f"[{name}] running {spec.duration_s:.0f} s of phases against {data['target']} "
               f"({'gateway' if name != 'off' or args.off_mode == 'gateway' else 'passthrough'})",
               flush=True)
         asyncio.run(engine.run())
         rss.stop.set()
         rss.join()
+        if limits.is_alive():
+            limits.stop.set()
+            limits.join()
+            with open(f"{args.trace}.{name}.jsonl", "w", encoding="utf-8") as out:
+                out.writelines(json.dumps(s) + "\n" for s in limits.samples)
         alive = server.poll() is None
         healthy = alive and _answers(ready)
         capacity = _get_json(f"http://127.0.0.1:{mock_port}/_mock/capacity")
@@ -287,6 +325,9 @@ def main() -> int:
                         help="holdback shares of the on policy (the gateway's defaults are "
                         "high=0.95,normal=0.85,low=0.7)")
     parser.add_argument("--json", help="write every figure (and both reports) here")
+    parser.add_argument("--trace", metavar="PREFIX",
+                        help="write each gateway variant's concurrency limit, in-flight and "
+                        "queued requests, twice a second, to PREFIX.<variant>.jsonl")
     parser.add_argument("--write-docs", action="store_true",
                         help="record the figures in docs/benchmarks.md (## Overload section)")
     args = parser.parse_args()
