@@ -310,13 +310,7 @@ class AdaptiveLimit:
             return
         if queue < 0.5 * tolerance and demand >= s.min_utilization * self._limit:
             self._probing = 0 if self._slow_start else 2
-            # Slow start multiplies only a limit the demand fills (as TCP grows its window
-            # only when the window limits it, RFC 7661): headroom no load has tried says
-            # nothing of the knee, and x1.5 on x1.5 of it let the next burst find the knee by
-            # overflowing the provider's queue (64 slots: 153 in flight, then 429s and a
-            # limit cut below the knee for the rest of the run).
-            filled = self._slow_start and demand >= self._limit
-            self._grow(now, max(s.increase_step, 0.5 * self._limit if filled else 0))
+            self._grow(now, max(s.increase_step, 0.5 * self._limit if self._slow_start else 0))
             return
         if queue >= 0.5 * tolerance:
             self._slow_start = False  # near the knee: slow start is over
