@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Protocol, cast
 
 import pytest
@@ -63,6 +64,21 @@ async def gateway_client(aiohttp_client: AiohttpClient, app: web.Application) ->
     # aiohttp types a TestClient over a TestServer as TestClient[Request, Application];
     # pytest-aiohttp's factory protocol widens any server to TestClient[_, None].
     return cast(GatewayClient, await aiohttp_client(GatewayTestServer(app)))
+
+
+async def counted_gateway(aiohttp_client: AiohttpClient, upstream: str, **overrides: Any,
+                          ) -> tuple[GatewayClient, collections.Counter[int]]:
+    """A gateway on ``policy(upstream, **overrides)`` whose /v1 answers are counted by status:
+    every SDK retry is one more answer."""
+    app = create_app(policy(upstream, **overrides))
+    answers: collections.Counter[int] = collections.Counter()
+
+    async def count(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.startswith("/v1/"):
+            answers[response.status] += 1
+
+    app.on_response_prepare.append(count)
+    return await gateway_client(aiohttp_client, app), answers
 
 
 async def settled(client: GatewayClient) -> None:

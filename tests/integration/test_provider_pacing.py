@@ -14,15 +14,13 @@ from typing import Any
 
 import anthropic
 import openai
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.app.server import create_app
 from gateway.mock.capacity import Capacity
 from gateway.mock.upstream import CAPACITY, create_mock_app
-from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat, policy
-from tests.plugin_gateway import GatewayClient, gateway_client
+from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
+from tests.plugin_gateway import GatewayClient, counted_gateway
 
 # 600 requests a minute (one every 100 ms), a bucket of 5: what a burst finds.
 QUOTA = Capacity(slots=1000, quota_rpm=600, quota_burst=5)
@@ -38,20 +36,11 @@ def rejected_by_quota(mock: TestServer) -> int:
     return model.rejected_quota
 
 
-async def counted_gateway(aiohttp_client: AiohttpClient, mock: TestServer,
-                          **overrides: Any) -> tuple[GatewayClient, collections.Counter[int]]:
-    """A gateway (shipped admission defaults unless overridden) whose answers are counted by
-    status: every SDK retry is one more answer."""
-    url = str(mock.make_url("")).rstrip("/")
-    app = create_app(policy(url, **overrides))
-    answers: collections.Counter[int] = collections.Counter()
-
-    async def count(request: web.Request, response: web.StreamResponse) -> None:
-        if request.path.startswith("/v1/"):
-            answers[response.status] += 1
-
-    app.on_response_prepare.append(count)
-    return await gateway_client(aiohttp_client, app), answers
+async def paced_gateway(aiohttp_client: AiohttpClient, mock: TestServer,
+                        **overrides: Any) -> tuple[GatewayClient, collections.Counter[int]]:
+    """A gateway in front of ``mock`` (shipped admission defaults unless overridden) whose
+    answers are counted by status."""
+    return await counted_gateway(aiohttp_client, str(mock.make_url("")).rstrip("/"), **overrides)
 
 
 async def openai_burst(gw: GatewayClient, calls: int) -> list[str | None]:
@@ -73,7 +62,7 @@ async def test_the_openai_sdk_never_sees_a_429_of_a_quota_the_provider_reports(
     aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer,
 ) -> None:
     mock = await quota_mock(aiohttp_server)
-    gw, answers = await counted_gateway(aiohttp_client, mock)
+    gw, answers = await paced_gateway(aiohttp_client, mock)
     assert await openai_burst(gw, 1) == [None]  # the first answer reports the quota
     began = time.monotonic()
     errors = await openai_burst(gw, 20)
@@ -92,7 +81,7 @@ async def test_without_pacing_the_same_burst_draws_the_providers_429s(
     """What pacing saves: the same burst with it turned off reaches the provider past its
     quota, and the SDK retries what the gateway could not answer."""
     mock = await quota_mock(aiohttp_server)
-    gw, answers = await counted_gateway(
+    gw, answers = await paced_gateway(
         aiohttp_client, mock,
         admission={"concurrency": {"initial_limit": 20, "pace_by_rate_headers": False}})
     await openai_burst(gw, 1)
@@ -108,7 +97,7 @@ async def test_a_spent_quota_goes_to_high_priority_first(
     """Low-priority calls (tenant umbrella) fill the quota; high ones arriving behind them
     are sent first as it refills, and none of either meets the provider's 429."""
     mock = await quota_mock(aiohttp_server)
-    gw, _ = await counted_gateway(aiohttp_client, mock)
+    gw, _ = await paced_gateway(aiohttp_client, mock)
     assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
     done: list[tuple[str, float]] = []
     began = time.monotonic()
@@ -140,7 +129,7 @@ async def test_the_anthropic_sdk_is_paced_by_anthropic_headers(
     aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer,
 ) -> None:
     mock = await quota_mock(aiohttp_server)
-    gw, answers = await counted_gateway(aiohttp_client, mock)
+    gw, answers = await paced_gateway(aiohttp_client, mock)
     async with anthropic.AsyncAnthropic(base_url=str(gw.make_url("")).rstrip("/"),
                                         api_key=ACME_KEY) as client:
         async def one() -> None:
@@ -161,7 +150,7 @@ async def test_two_replicas_share_the_quota_without_drawing_its_429s(
     (in windows of 2 s at this quota), and from then on they share the quota without racing
     for the same requests."""
     mock = await quota_mock(aiohttp_server)
-    replicas = [(await counted_gateway(aiohttp_client, mock))[0] for _ in range(2)]
+    replicas = [(await paced_gateway(aiohttp_client, mock))[0] for _ in range(2)]
     for gw in replicas:
         assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
     learn_s, seconds = 5.0, 9.0

@@ -27,7 +27,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from gateway.app.server import create_app
 from gateway.mock.upstream import RECORDED
 from tests.gwtest import ACME_KEY, policy
-from tests.plugin_gateway import GatewayClient, gateway_client
+from tests.plugin_gateway import GatewayClient, counted_gateway, gateway_client
 
 MakeCounted = Callable[..., Awaitable[tuple[GatewayClient, collections.Counter[int]]]]
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
@@ -39,16 +39,7 @@ def make_counted(aiohttp_client: AiohttpClient, upstream_url: str) -> MakeCounte
     """A gateway whose answers are counted by status: every SDK retry is one more answer."""
 
     async def make(**overrides: Any) -> tuple[GatewayClient, collections.Counter[int]]:
-        app = create_app(policy(upstream_url, **overrides))
-        answers: collections.Counter[int] = collections.Counter()
-
-        async def count(request: web.Request, response: web.StreamResponse) -> None:
-            if request.path.startswith("/v1/"):
-                answers[response.status] += 1
-
-        app.on_response_prepare.append(count)
-        client: GatewayClient = await gateway_client(aiohttp_client, app)
-        return client, answers
+        return await counted_gateway(aiohttp_client, upstream_url, **overrides)
 
     return make
 
