@@ -46,10 +46,12 @@ nothing, and while the bucket stays above half full the learned spend fades (tim
 ``_FADE_S``): others who spend that little do not need a share. A share that is still too large
 only means a 429 now and then, as without pacing. Answers of one deployment label that come
 from several buckets (a proxy in front of several keys or regions) look like others' spend and
-shrink the share; turn pacing off for such a deployment. A deployment that has not reported its quota for
-``_FORGET_S`` is not paced (its answers stopped carrying the headers, or nobody sent for a
-minute, after which a per-minute bucket is full again). Token quotas are not paced: a request's
-cost in tokens is known only after the answer (output tokens), where a request is always one.
+shrink the share; turn pacing off for such a deployment. A deployment that has not reported
+its quota for ``_FORGET_S`` is not paced (its answers stopped carrying the headers, or nobody
+sent for a minute, after which a per-minute bucket is full again). Token quotas are not paced:
+each request would cost its prompt estimate plus ``max_tokens`` (OpenAI's charge at arrival;
+Anthropic's input-token bucket counts the prompt only), so every count here would need a cost
+per request where it now counts one.
 """
 
 from __future__ import annotations
