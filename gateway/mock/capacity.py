@@ -136,12 +136,11 @@ class CapacityModel:
     def queued(self) -> int:
         return len(self._waiters)
 
-    def _refill(self, rpm: int) -> float:
+    def _refill(self, rpm: int) -> None:
         now = self._clock()
         self._tokens = min(float(self.capacity.burst),
                            self._tokens + (now - self._refilled_at) * rpm / 60.0)
         self._refilled_at = now
-        return now
 
     def take_quota(self) -> None:
         """Spend one request of the quota, or raise ``Rejected("quota", wait)``."""
@@ -156,7 +155,7 @@ class CapacityModel:
         self.rejected_quota += 1
         raise Rejected("quota", (1.0 - self._tokens) / per_s)
 
-    def quota_headers(self, provider: str, now_epoch_s: float | None = None) -> dict[str, str]:
+    def quota_headers(self, provider: str) -> dict[str, str]:
         """The quota as the providers report it (see the module docstring); empty without a
         quota. ``provider``: ``openai`` or ``anthropic``."""
         rpm = self.capacity.quota_rpm
@@ -166,8 +165,7 @@ class CapacityModel:
         remaining = math.floor(self._tokens)
         full_in_s = (self.capacity.burst - self._tokens) * 60.0 / rpm
         if provider == "anthropic":
-            epoch = time.time() if now_epoch_s is None else now_epoch_s
-            reset = datetime.datetime.fromtimestamp(epoch + full_in_s, datetime.UTC)
+            reset = datetime.datetime.fromtimestamp(time.time() + full_in_s, datetime.UTC)
             return {"anthropic-ratelimit-requests-limit": str(rpm),
                     "anthropic-ratelimit-requests-remaining": str(remaining),
                     "anthropic-ratelimit-requests-reset": reset.isoformat(
