@@ -16,7 +16,10 @@ overloaded, every class below the most important overloaded one is shed whole (s
 gives them no slot while it queues anyway), and the level climbs ``cohort_step_up`` per interval
 up to the top of that class, so inside a class the same cohorts (hashes of the agent session) go
 first on every replica. Without overload it falls ``cohort_step_down`` per
-interval: slower than it climbs, so the shed share settles instead of flapping. Retries
+interval: slower than it climbs, so the shed share settles instead of flapping. Classes it
+jumped over whole come back whole once it is down at their top: they were shed for the class
+above, and a few seconds of critical overload must not keep low shed for a minute and a half
+(512 cohorts at 4 a second). Retries
 (``x-stainless-retry-count`` > 0) of a class are shed as soon as the level reaches into the
 class, before any of its first attempts.
 
@@ -71,6 +74,9 @@ class ShedState:
         self._overloaded = [False] * N_CLASSES
         self._interval_end = now + self._interval
         self.level = 0
+        # Jumps of the level over whole classes, (the floor it jumped to, where it was before),
+        # innermost last: the way down skips them again (_fall).
+        self._jumps: list[tuple[int, int]] = []
 
     def observe(self, priority: Priority, delay_s: float) -> None:
         """A queueing delay of the class: at dequeue, or 0 for an immediate admission."""
@@ -97,16 +103,28 @@ class ShedState:
     def _move_level(self, intervals: int) -> None:
         worst = next((p for p in range(N_CLASSES) if self._overloaded[p]), None)
         if worst is None:
-            self.level = max(0, self.level - self._down * intervals)
+            self._fall(intervals, 0)
             return
         cap = (N_CLASSES - worst) * self._buckets
         # Strict priority gives the classes below an overloaded one no slot at all while it
         # queues: shed them entirely at once rather than climbing through their cohorts first.
         floor = cap - self._buckets
         if self.level < cap:
+            if self.level < floor:
+                self._jumps.append((floor, self.level))
             self.level = min(cap, max(self.level, floor) + self._up)
         else:
-            self.level = max(cap, self.level - self._down * intervals)
+            self._fall(intervals, cap)
+
+    def _fall(self, intervals: int, bottom: int) -> None:
+        """Down ``cohort_step_down`` per interval through cohorts the level climbed, but at once
+        through classes it jumped over whole: those were shed for the class above, not for
+        their own queues, and walking back through a jumped class 4 cohorts a second would
+        keep it shed for half a minute after a few seconds of overload above it."""
+        level = self.level - self._down * intervals
+        while self._jumps and level <= self._jumps[-1][0]:
+            level = min(level, self._jumps.pop()[1])
+        self.level = max(bottom, level)
 
     def overloaded(self, priority: Priority) -> bool:
         """The class's own CoDel verdict for this interval."""

@@ -121,6 +121,28 @@ def test_cohort_level_never_climbs_past_the_most_important_overloaded_class() ->
     assert state.level == 384 - 4
 
 
+def test_classes_jumped_over_whole_come_back_whole() -> None:
+    """A few seconds of critical overload shed every lower class whole. Once it clears, the
+    level walks back through the critical cohorts it climbed, then returns the jumped classes
+    at once: walking through them at 4 cohorts a second would keep low shed for 90 s more."""
+    state = ShedState(policy(cohort_step_up=16, cohort_step_down=4), now=0.0)
+    for second in range(1, 4):  # low's queue is long: 48 low cohorts
+        state.roll(float(second), waits(low=10.0))
+    assert state.level == 48
+    for second in range(4, 6):  # then critical queues: everything below it goes whole
+        state.roll(float(second), waits(critical=10.0, low=10.0))
+    assert state.level == 3 * 128 + 32
+    assert state.decide(H, 127, is_retry=False) == "cohort"
+    levels = []
+    for second in range(6, 16):  # all quiet
+        state.roll(float(second), EMPTY)
+        levels.append(state.level)
+    # 32 climbed critical cohorts at 4 a step, then straight back to low's 48, then gently on
+    assert levels == [412, 408, 404, 400, 396, 392, 388, 48, 44, 40]
+    assert state.decide(H, 127, is_retry=False) is None
+    assert state.decide(N, 127, is_retry=False) is None
+
+
 def test_quiet_intervals_each_lower_the_level() -> None:
     state = ShedState(policy(cohort_step_up=64, cohort_step_down=8), now=0.0)
     state.roll(1.0, waits(low=10.0))
