@@ -42,6 +42,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -177,8 +178,9 @@ class RssSampler(threading.Thread):
 
 
 class LimitSampler(threading.Thread):
-    """The gateway's concurrency limit, in-flight and queued requests twice a second (from
-    /metrics), for ``--trace``: how the limit moved while the load ran."""
+    """The gateway's concurrency limit, in-flight and queued requests, and its sheds so far
+    by class and reason, twice a second (from /metrics), for ``--trace``: how the limit moved
+    while the load ran."""
 
     NAMES = ("gateway_concurrency_limit", "gateway_deployment_in_flight_requests",
              "gateway_queued_requests")
@@ -203,6 +205,10 @@ class LimitSampler(threading.Thread):
                 if name in self.NAMES:
                     short = name.removeprefix("gateway_").split("_")[0]
                     sample[short] = sample.get(short, 0.0) + float(line.rsplit(" ", 1)[1])
+                elif name == "gateway_sheds_total":  # sheds so far, by class and reason
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                    key = f"shed_{labels.get('priority')}_{labels.get('reason')}"
+                    sample[key] = float(line.rsplit(" ", 1)[1])
             self.samples.append(sample)
 
 
