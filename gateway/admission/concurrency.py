@@ -20,23 +20,29 @@ return mean the old limit was too high after all: the return ends, growth is add
 concurrency: past its real capacity an upstream queues requests internally, where priority means
 nothing, long before it answers 429. Queueing shows as time to first token (TTFT) above its
 no-load level, and Little's law turns that excess into a count: requests waiting inside the
-provider ``Q = completions/s x mean excess TTFT``. Each decision window (at least
-``decision_window_s`` and ``_MIN_SAMPLES`` streamed first tokens):
+provider ``Q = calls/s x mean excess TTFT``. First tokens are fed as they arrive
+(``on_first_token``), so the signal lags by one TTFT, not by a whole streamed answer. Each
+decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first tokens):
 
-- the window's no-load level per prompt size ``mean(ttft) / mean(size)`` (size =
-  ``(prompt_tokens + 1000) / 1000``: prefill grows with the prompt) is smoothed and fed to the
-  *baseline*, its minimum over ``baseline_window_s``. The minimum is re-probed: it ages out, so
-  a slow period is forgotten; and when three decreases in a row did not bring TTFT down, the
-  latency is the provider's new normal, not our queue, and becomes the baseline at once;
+- the prefill time per prompt token is learned, as the slope of first token on prompt size
+  about each window's means, pooled over ``_PREFILL_MEMORY`` (an assumed slope is noise
+  wherever it is wrong: see docs/architecture.md);
+- the window's no-load level, its mean TTFT less the prefill of its prompts, is smoothed and
+  fed to the *baseline*, its minimum over ``baseline_window_s``. The minimum is re-probed: it
+  ages out, so a slow period is forgotten; and when three decreases in a row did not bring
+  TTFT down, the latency is the provider's new normal, not our queue, and becomes the
+  baseline at once;
 - ``Q`` is compared with the tolerance ``max(upstream_queue_min, upstream_queue_share x
-  limit)``: above it the limit drops by the excess (down to the concurrency that leaves half
-  the tolerance queued); below half of it, and while the limit is actually used (demand at
-  least ``min_utilization`` of it), the limit grows; in between it holds;
-- growth is a slow start (x1.5 per window) until the first decrease or hold, then additive
-  (``increase_step`` per window). After a latency decrease, growth waits ``_PROBE_BACKOFF``
-  windows, twice as long after each probe that had to be taken back at once (up to
-  ``_PROBE_BACKOFF_MAX``): at the knee every probe queues a request inside the provider, where
-  priority means nothing, so probes there become rare; a probe the provider takes resets it.
+  limit)``: above it the limit drops by the excess, from the concurrency the window actually
+  used (down to where half the tolerance stays queued); below half of it, and while the
+  limit is actually used (demand at least ``min_utilization`` of it), the limit grows; in
+  between it holds;
+- growth is a slow start (x1.5 per window, only while the demand fills the limit) until the
+  first decrease or hold, then additive (``increase_step`` per window). After a latency
+  decrease, growth waits ``_PROBE_BACKOFF`` windows, twice as long after each probe that had
+  to be taken back at once (up to ``_PROBE_BACKOFF_MAX``): at the knee every probe queues a
+  request inside the provider, where priority means nothing, so probes there become rare; a
+  probe the provider takes resets it.
 
 Non-streamed calls have no first token: a window without any TTFT, or with far more
 non-streamed successes than first tokens, falls back to the AIMD increase (one
@@ -52,16 +58,50 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Literal
+from typing import Literal, Protocol
 
 from gateway.config import ConcurrencySettings
 
 Outcome = Literal["success", "overload", "rate_limited", "timeout", "ignore"]
 """How a call ended, as far as the limit cares: see the module docstring."""
 
-# Prompt sizes are normalised as (prompt_tokens + _PROMPT_UNIT) / _PROMPT_UNIT: prefill time
-# grows with the prompt, and the fixed part keeps tiny prompts from dividing by almost nothing.
+class CallsInFlight(Protocol):
+    """What the gateway knows of its calls to the deployment right now (admission's
+    ``DeploymentState``): read once per decision window."""
+
+    @property
+    def in_flight(self) -> int:
+        """Calls to the deployment in flight now."""
+        ...
+
+    def overdue(self, now: float, baseline_s: float, prefill_s: float) -> int:
+        """Streamed calls in flight that have waited for their first token past
+        ``OVERDUE_FACTOR`` times the no-load expectation (``baseline_s`` plus ``prefill_s``
+        per thousand prompt tokens)."""
+        ...
+
+# A call waiting for its first token longer than this many times the no-load expectation is
+# queued, not slow: tail latency of a provider at rest stays well within it.
+OVERDUE_FACTOR = 3.0
+
+# For the deadline check's estimate and the latency brake: prompt sizes are normalised as
+# (prompt_tokens + _PROMPT_UNIT) / _PROMPT_UNIT (prefill time grows with the prompt; the fixed
+# part keeps tiny prompts from dividing by almost nothing). The queue signal learns the
+# prefill time per token instead (_PREFILL_MEMORY).
 _PROMPT_UNIT = 1000.0
+# Weight of the past in the learned prefill time per token, per decision window (about twenty
+# windows of memory): long enough for a steady estimate, short enough to follow a provider
+# that changes.
+_PREFILL_MEMORY = 0.95
+# Spread of prompt sizes (sum of squares about the means, thousands of tokens) below which
+# a window says nothing of the prefill time: prompts all of one size.
+_PREFILL_MIN_SPREAD = 0.01
+# The least scatter of first tokens about the fitted line credited to a window (1 ms, squared):
+# a simulated upstream without jitter would otherwise weigh infinitely.
+_JITTER_FLOOR_S2 = 1e-6
+# Decisions whose windows the baseline keeps however old they are: with calls that stream for
+# minutes a window lasts long, and a baseline of one or two windows is no minimum at all.
+_BASELINE_MIN_WINDOWS = 10
 # First tokens a latency decision needs: fewer make the mean too noisy to act on.
 _MIN_SAMPLES = 8
 # Windows without growth after a latency decrease (probe rarely at the knee, see docstring);
@@ -70,6 +110,8 @@ _PROBE_BACKOFF = 5
 _PROBE_BACKOFF_MAX = 40
 # Latency decreases in a row after which TTFT that did not fall becomes the new baseline.
 _REBASE_AFTER = 3
+# TTFT this much above the last latency decrease's: the provider changed (see _REBASE_AFTER).
+_CHANGED = 1.25
 # Weight of a new window in the smoothed no-load level fed to the baseline minimum.
 _LEVEL_WEIGHT = 0.5
 
@@ -82,33 +124,79 @@ def size_factor(prompt_tokens: int | None) -> float:
 class _Window:
     """What one decision window saw."""
 
-    __slots__ = ("busy_ok", "n", "ok", "sizes", "start", "ttfts")
+    __slots__ = ("busy_ok", "cross", "n", "ok", "prompts", "prompts2", "start", "ttfts",
+                 "ttfts2")
 
     def __init__(self, start: float) -> None:
         self.start = start
         self.ok = 0  # successful calls that finished
         self.busy_ok = 0.0  # their call-seconds
-        self.ttfts = 0.0  # sum of streamed first-token times
-        self.sizes = 0.0  # sum of their size factors
         self.n = 0  # how many first tokens
+        self.ttfts = 0.0  # sum of streamed first-token times (s)
+        self.prompts = 0.0  # sum of their prompt sizes (thousands of tokens)
+        self.prompts2 = 0.0  # sum of squared prompt sizes
+        self.cross = 0.0  # sum of prompt size x first-token time
+        self.ttfts2 = 0.0  # sum of squared first-token times
 
-    def excess_s(self, baseline: float) -> float:
-        """Mean first-token time above ``baseline`` (per size unit) at this window's sizes."""
-        return max(0.0, self.ttfts / self.n - baseline * (self.sizes / self.n))
+    def add(self, ttft_s: float, prompt_k: float) -> None:
+        self.n += 1
+        self.ttfts += ttft_s
+        self.ttfts2 += ttft_s * ttft_s
+        self.prompts += prompt_k
+        self.prompts2 += prompt_k * prompt_k
+        self.cross += prompt_k * ttft_s
+
+    def level(self, prefill_s: float) -> float:
+        """The window's mean first-token time with the prefill of its prompts taken off (at
+        ``prefill_s`` per thousand prompt tokens): what an empty prompt would have seen."""
+        return max(0.0, (self.ttfts - prefill_s * self.prompts) / self.n)
+
+    def excess_s(self, baseline: float, prefill_s: float) -> float:
+        """Mean first-token time above the no-load ``baseline`` (of an empty prompt)."""
+        return max(0.0, self.level(prefill_s) - baseline)
+
+    def prefill_evidence(self) -> tuple[float, float] | None:
+        """This window's estimate of the prefill time per thousand prompt tokens (the slope of
+        first token on prompt size about the window's own means, so a queue that changed
+        between windows does not enter it), and its weight, the inverse of its variance: a
+        window whose first tokens scatter (a queue that grew or drained within it, and
+        happened to meet large prompts) counts for little. None when its prompts were all of
+        one size."""
+        n = self.n
+        sxx = self.prompts2 - self.prompts * self.prompts / n
+        if n < 3 or sxx <= _PREFILL_MIN_SPREAD:
+            return None
+        sxy = self.cross - self.prompts * self.ttfts / n
+        syy = self.ttfts2 - self.ttfts * self.ttfts / n
+        slope = sxy / sxx
+        residual = max(_JITTER_FLOOR_S2, (syy - slope * sxy) / (n - 2))
+        return slope, sxx / residual
 
 
 class AdaptiveLimit:
     """A concurrency limit within ``[min_limit, max_limit]``; see the module docstring."""
 
-    def __init__(self, settings: ConcurrencySettings, now: float) -> None:
+    def __init__(self, settings: ConcurrencySettings, now: float,
+                 calls: CallsInFlight | None = None) -> None:
+        """``calls``: the calls in flight now, for a queue too recent for Little's law and
+        for the concurrency a decrease starts from (without it, decisions go by the calls
+        that finished only)."""
         self._settings = settings
+        self._calls = calls
         self._limit = float(settings.initial_limit)
         self._last_decrease = -math.inf
         self._last_increase = now
         self._brake = _LatencyBrake(settings.latency_brake) if settings.latency_brake else None
         self._window = _Window(now)
-        self._level: float | None = None  # smoothed no-load TTFT per size unit
-        self._baseline: deque[tuple[float, float]] = deque()  # (when, level), for the minimum
+        # The window's mean first token and mean prompt (thousands of tokens), smoothed over
+        # about two windows; the baseline keeps them as they were, so that each is valued at
+        # the prefill time learned by now.
+        self._smoothed: tuple[float, float] | None = None
+        # The windows' prefill estimates, weighted by their precision and decayed: the prefill
+        # time per thousand prompt tokens is their weighted mean.
+        self._prefill_weight = 0.0
+        self._prefill_sum = 0.0
+        self._baseline: deque[tuple[float, float, float]] = deque()  # (when, ttft, prompt)
         self._slow_start = True
         self._backoff = 0  # windows left without growth after a latency decrease
         self._probe_backoff = _PROBE_BACKOFF  # what the next latency decrease sets it to
@@ -139,8 +227,21 @@ class AdaptiveLimit:
 
     @property
     def baseline_s(self) -> float | None:
-        """The no-load time to first token of a tiny prompt (None before any is measured)."""
-        return min(level for _, level in self._baseline) if self._baseline else None
+        """The no-load time to first token of an empty prompt (None before any is measured)."""
+        return self._baseline_at(self.prefill_s) if self._baseline else None
+
+    def _baseline_at(self, prefill_s: float) -> float:
+        """The lowest smoothed level within the baseline window, each with the prefill of its
+        prompts (at ``prefill_s`` per thousand tokens) taken off."""
+        return max(0.0, min(ttft - prefill_s * prompt for _, ttft, prompt in self._baseline))
+
+    @property
+    def prefill_s(self) -> float:
+        """Learned first-token time per thousand prompt tokens (0 until prompts of different
+        sizes have been seen, and never negative)."""
+        if self._prefill_weight <= 0:
+            return 0.0
+        return max(0.0, self._prefill_sum / self._prefill_weight)
 
     def on_sample(
         self,
@@ -155,24 +256,18 @@ class AdaptiveLimit:
 
         ``in_flight`` is the demand when the call finished: calls in flight (this one
         included) plus requests queued for the deployment. ``ttft_s`` (seconds from sending
-        to the first streamed token, None when not streamed) and ``prompt_tokens`` feed the
-        queueing signal; ``duration_s`` (how long the call held its slot) the error decrease.
+        to the first streamed token; None when not streamed, or when ``on_first_token``
+        reported it already) and ``prompt_tokens`` feed the queueing signal; ``duration_s``
+        (how long the call held its slot) the error decrease.
         """
         if outcome == "ignore":
             return
-        s = self._settings
         window = self._window
         if outcome == "success":
             window.ok += 1
             if duration_s is not None:
                 window.busy_ok += max(0.0, duration_s)
-            if ttft_s is not None and ttft_s >= 0:
-                window.ttfts += ttft_s
-                window.sizes += size_factor(prompt_tokens)
-                window.n += 1
-            if self._brake is not None and ttft_s is not None and self._brake.slow(
-                ttft_s, prompt_tokens or 0
-            ):
+            if ttft_s is not None and ttft_s >= 0 and self._first_token(ttft_s, prompt_tokens):
                 outcome = "overload"
         if outcome == "timeout":
             if self._answering_promptly(now):
@@ -187,6 +282,31 @@ class AdaptiveLimit:
         if outcome == "overload":
             self._decrease_on_error(now)
             return
+        self._maybe_decide(now, in_flight)
+
+    def on_first_token(self, now: float, ttft_s: float, prompt_tokens: int | None,
+                       demand: int) -> None:
+        """Feed the first streamed token of a call still in flight, as it arrives: the queue
+        signal then lags the provider by one time to first token, not by a whole call (an
+        answer streams for seconds to minutes, and a limit that learns of a queue only when
+        the calls that met it end has long since grown past the knee). ``demand`` as for
+        ``on_sample``; the call's ``on_sample`` then passes no ``ttft_s``."""
+        if ttft_s < 0:
+            return
+        if self._first_token(ttft_s, prompt_tokens):
+            self._decrease_on_error(now)
+            return
+        self._maybe_decide(now, demand)
+
+    def _first_token(self, ttft_s: float, prompt_tokens: int | None) -> bool:
+        """Count a first token in the window; whether the latency brake calls it overload."""
+        self._window.add(ttft_s, max(0, prompt_tokens or 0) / 1000)
+        return self._brake is not None and self._brake.slow(ttft_s, prompt_tokens or 0)
+
+    def _maybe_decide(self, now: float, in_flight: int) -> None:
+        """Close the window once it is long enough, and act on what it saw."""
+        s = self._settings
+        window = self._window
         if now - window.start < s.decision_window_s:
             return
         if s.algorithm == "vegas" and window.n >= _MIN_SAMPLES:
@@ -236,7 +356,9 @@ class AdaptiveLimit:
         window = self._window
         if window.n >= _MIN_SAMPLES // 2:
             elapsed = max(now - window.start, s.decision_window_s / 10)
-            return window.ok / elapsed * window.excess_s(self._baseline[0][1]) <= tolerance
+            prefill = self.prefill_s
+            excess_s = window.excess_s(self._baseline_at(prefill), prefill)
+            return max(window.ok, window.n) / elapsed * excess_s <= tolerance
         recent = now - self._decided_at <= 2 * s.decision_window_s
         return recent and self.upstream_queue is not None and self.upstream_queue <= tolerance
 
@@ -275,20 +397,30 @@ class AdaptiveLimit:
         self._window = _Window(now)
         self._decided_at = now
         mean_ttft = window.ttfts / window.n
-        mean_size = window.sizes / window.n
-        level = mean_ttft / mean_size
-        first = self._level is None
-        self._level = level if self._level is None else (
-            self._level + _LEVEL_WEIGHT * (level - self._level))
+        evidence = window.prefill_evidence()
+        if evidence is not None:
+            slope, weight = evidence
+            self._prefill_weight = _PREFILL_MEMORY * self._prefill_weight + weight
+            self._prefill_sum = _PREFILL_MEMORY * self._prefill_sum + weight * slope
+        prefill = self.prefill_s
+        level = window.level(prefill)
+        mean_prompt = window.prompts / window.n
+        first = self._smoothed is None
+        if self._smoothed is None:
+            self._smoothed = (mean_ttft, mean_prompt)
+        else:
+            ttft0, prompt0 = self._smoothed
+            self._smoothed = (ttft0 + _LEVEL_WEIGHT * (mean_ttft - ttft0),
+                              prompt0 + _LEVEL_WEIGHT * (mean_prompt - prompt0))
         horizon = now - s.baseline_window_s
-        while self._baseline and self._baseline[0][0] < horizon:
+        while len(self._baseline) >= _BASELINE_MIN_WINDOWS and self._baseline[0][0] < horizon:
             self._baseline.popleft()
-        while self._baseline and self._baseline[-1][1] >= self._level:
-            self._baseline.pop()  # a monotonic deque: its head is the minimum of the horizon
-        self._baseline.append((now, self._level))
-        baseline = self._baseline[0][1]
-        excess_s = window.excess_s(baseline)
-        queue = window.ok / elapsed * excess_s
+        self._baseline.append((now, *self._smoothed))
+        baseline = self._baseline_at(prefill)
+        excess_s = window.excess_s(baseline, prefill)
+        # Little's law on the calls going through: completions, or first tokens when they
+        # run ahead (in slow start the completions lag the calls sent).
+        queue = max(window.ok, window.n) / elapsed * excess_s
         self.upstream_queue = queue
         if first:
             return  # nothing to compare the first window with
@@ -298,40 +430,65 @@ class AdaptiveLimit:
                 # The effect of a decrease shows once the provider's queue has drained and
                 # calls sent after it have their first token: not before ~ wait + TTFT.
                 self._next_cut = now + s.decision_window_s + excess_s + mean_ttft
-                self._decrease_on_queue(now, queue, tolerance, level, baseline)
+                # What is actually in flight (else Little's law on the calls that finished,
+                # which lags by a whole call): a limit above it binds nobody, and cutting
+                # only the headroom would change nothing the provider sees.
+                used = window.busy_ok / elapsed if window.busy_ok > 0 else self._limit
+                if self._calls is not None:
+                    used = max(used, float(self._calls.in_flight))
+                self._decrease_on_queue(now, queue, tolerance, level, (mean_ttft, mean_prompt),
+                                        min(self._limit, used))
             return
         self._cuts = 0
-        if self._probing and queue < 0.5 * tolerance:
+        # Calls still waiting for a first token long past the no-load time are queued inside
+        # the provider now; Little's law sees them only once their first token comes, a whole
+        # call later when calls stream for minutes. They stop growth (never cut: a first token
+        # can be late for other reasons).
+        overdue = self._calls.overdue(now, baseline, prefill) if self._calls is not None else 0
+        calm = max(queue, overdue) < 0.5 * tolerance
+        if self._probing and calm:
             self._probing -= 1
             if not self._probing:  # the provider took the probe: probe freely again
                 self._probe_backoff = _PROBE_BACKOFF
         if self._backoff > 0:
             self._backoff -= 1
             return
-        if queue < 0.5 * tolerance and demand >= s.min_utilization * self._limit:
+        if calm and demand >= s.min_utilization * self._limit:
             self._probing = 0 if self._slow_start else 2
-            self._grow(now, max(s.increase_step, 0.5 * self._limit if self._slow_start else 0))
+            # Slow start multiplies only a limit the demand fills (as TCP grows its window
+            # only while the window limits it, RFC 7661): headroom no load has tried says
+            # nothing of the knee, and x1.5 on x1.5 of it lets the next burst find the knee by
+            # overflowing the provider's queue (64 slots, 400 ms first tokens: the limit went
+            # 45 -> 102 -> 153 -> 223 with 54-84 in flight, then 429s from the full queue).
+            filled = self._slow_start and demand >= self.limit
+            self._grow(now, max(s.increase_step, 0.5 * self._limit if filled else 0))
             return
-        if queue >= 0.5 * tolerance:
+        if not calm:
             self._slow_start = False  # near the knee: slow start is over
 
     def _decrease_on_queue(self, now: float, queue: float, tolerance: float, level: float,
-                           baseline: float) -> None:
+                           means: tuple[float, float], used: float) -> None:
         s = self._settings
         # Decreases in a row, each given time to show, and TTFT did not come down after any
         # of them: the provider got slower for everyone (or our limit is at its floor). The
-        # latency is its new normal, not a queue of ours.
-        self._cuts = self._cuts + 1 if self._cuts and level >= 0.95 * self._cut_from else 1
+        # latency is its new normal, not a queue of ours. TTFT that rose a lot since the last
+        # decrease starts the count again: the provider changed (it may have lost capacity,
+        # and a queue of ours then grows until the decreases catch up with it).
+        steady = 0.95 * self._cut_from <= level <= _CHANGED * self._cut_from
+        self._cuts = self._cuts + 1 if self._cuts and steady else 1
         self._cut_from = level
         if self._cuts >= _REBASE_AFTER or self._limit <= s.min_limit:
             self._baseline.clear()
-            self._baseline.append((now, level))
-            self._level = level
+            self._baseline.append((now, *means))
+            self._smoothed = means
             self._cuts = 0
             # Where the knee is now is unknown: probe for it at once, and freely.
             self._backoff, self._probe_backoff = 0, _PROBE_BACKOFF
             return
-        self._set(max(0.5 * self._limit, self._limit - (queue - 0.5 * tolerance)))
+        # Down by the excess queued, from the concurrency the window actually used (with
+        # holdback the lower classes stop below the limit, so a limit past the knee can sit
+        # above what is in flight), never below half of it at once.
+        self._set(max(0.5 * used, used - (queue - 0.5 * tolerance)))
         # the provider queues here: the old limit was past its knee
         self._recover_to, self._recovering = None, False
         self._last_decrease = now

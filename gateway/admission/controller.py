@@ -111,6 +111,8 @@ class AdmissionController:
         permit = self._grant_now(state, req, now)
         if permit is not None:
             return permit
+        if state.in_flight >= self._cap(state, req.priority):
+            state.slots_full_at = now
         reason = self._shed_reason(state, req, now)
         shed_at = None
         if reason == "cohort" and req.agent_session is None and not self._policy.shadow:
@@ -248,7 +250,8 @@ class AdmissionController:
             horizon = now - self._policy.run_memory_s
             while runs and (len(runs) > _RUN_MEMORY_MAX or next(iter(runs.values())) < horizon):
                 runs.popitem(last=False)
-        return Permit(state, req, now, queued_s, self._release, self._observe_rate, seq)
+        return Permit(state, req, now, queued_s, self._release, self._observe_rate,
+                      self._first_token, seq)
 
     def _in_progress(self, req: AdmissionRequest, now: float) -> bool:
         """A later step of a run: a session this replica admitted within run_memory_s."""
@@ -353,15 +356,23 @@ class AdmissionController:
         state.pace.observe(report, now, seq if seq >= 0 else None)
         self._dispatch(state, now)  # more left than predicted: waiters may go now
 
+    def _first_token(self, state: DeploymentState, ttft_s: float,
+                     prompt_tokens: int | None) -> None:
+        now = self._clock()
+        state.observe_ttft(ttft_s, prompt_tokens)
+        before = state.limiter.limit
+        state.limiter.on_first_token(now, ttft_s, prompt_tokens, state.demand(self._shares, now))
+        if state.limiter.limit != before:
+            self._observer.on_limit(state.label, state.limiter.limit)
+            self._dispatch(state, now)  # a higher limit frees slots at once
+
     def _release(self, state: DeploymentState, priority: Priority, outcome: Outcome,
                  ttft_s: float | None, prompt_tokens: int, granted_at: float,
                  pace_seq: int) -> None:
         now = self._clock()
         if pace_seq >= 0:
             state.pace.heard(pace_seq)  # no answer came (or it was heard already)
-        # Demand for slots: requests waiting for the provider's quota do not count, or a
-        # quota-bound deployment would grow its limit to max_limit while slots sit idle.
-        demand = state.in_flight + state.queued_for_slots(self._shares, now)
+        demand = state.demand(self._shares, now)
         state.give_back(priority)
         state.drain.tick(now)
         if ttft_s is not None:
@@ -469,9 +480,11 @@ class AdmissionController:
                 "in_flight": state.in_flight,
                 "queued": state.queued(),
                 "ttft_estimate_s": state.ttft,
-                # How the limit sees the upstream: its no-load first token (for a tiny
-                # prompt) and the requests estimated to wait inside it (None: not measured).
+                # How the limit sees the upstream: its no-load first token (for an empty
+                # prompt), the prefill it learned per 1,000 prompt tokens, and the requests
+                # estimated to wait inside it (None: not measured).
                 "ttft_baseline_s": state.limiter.baseline_s,
+                "prefill_s_per_1k_tokens": state.limiter.prefill_s,
                 "upstream_queue": state.limiter.upstream_queue,
                 "drain_rate_per_s": state.drain.rate(now),
                 # The provider's request quota as paced from its headers (None: not reported).

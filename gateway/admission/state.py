@@ -15,7 +15,7 @@ from typing import Literal
 
 from gateway.config import AdmissionPolicy, Priority
 
-from .concurrency import AdaptiveLimit, Outcome, size_factor
+from .concurrency import OVERDUE_FACTOR, AdaptiveLimit, Outcome, size_factor
 from .pacing import ProviderPace
 from .queue import FairQueue
 from .shed import DecayingRate, ShedReason, ShedState
@@ -46,6 +46,7 @@ class AdmissionRequest:
     agent_session: str | None = None  # X-Agent-Session: the shedding cohort
     is_retry: bool = False  # x-stainless-retry-count > 0: shed before first attempts
     prompt_tokens: int | None = None  # for the limiter's latency brake (defaults to ``tokens``)
+    streamed: bool = False  # asks for a stream: its first token is awaited (the queue signal)
 
     @property
     def prompt_size(self) -> int:
@@ -79,17 +80,20 @@ ReleaseHook = Callable[
     ["DeploymentState", Priority, Outcome, "float | None", int, float, int], None]
 # ... and when its answer's headers arrive: (state, pace sequence number, headers, was a 429).
 RateHook = Callable[["DeploymentState", int, Mapping[str, str], bool], None]
+# (deployment, seconds from sending to the first streamed token, prompt tokens)
+FirstTokenHook = Callable[["DeploymentState", float, int | None], None]
 
 
 class Permit:
     """A slot under a deployment's limit. ``release`` exactly once; later calls do nothing."""
 
-    __slots__ = ("_on_rate", "_on_release", "_pace_seq", "_prompt_tokens", "_released",
-                 "_state", "deployment", "granted_at", "priority", "queued_s")
+    __slots__ = ("_awaiting", "_on_first_token", "_on_rate", "_on_release", "_pace_seq",
+                 "_prompt_tokens", "_released", "_state", "_ttft_reported", "deployment",
+                 "granted_at", "priority", "queued_s")
 
     def __init__(self, state: DeploymentState, req: AdmissionRequest, granted_at: float,
                  queued_s: float, on_release: ReleaseHook, on_rate: RateHook,
-                 pace_seq: int = -1) -> None:
+                 on_first_token: FirstTokenHook, pace_seq: int = -1) -> None:
         self.deployment = state.label
         self.priority = req.priority
         self.granted_at = granted_at
@@ -97,8 +101,13 @@ class Permit:
         self._state = state
         self._on_release = on_release
         self._on_rate = on_rate
+        self._on_first_token = on_first_token
+        self._ttft_reported = False
         self._pace_seq = pace_seq
         self._prompt_tokens = req.prompt_tokens if req.prompt_tokens is not None else req.tokens
+        # Its key among the calls awaiting a first token (-1: not streamed, not awaited).
+        self._awaiting = state.await_first_token(granted_at, self._prompt_tokens) if (
+            req.streamed) else -1
         self._released = False
 
     @property
@@ -110,6 +119,14 @@ class Permit:
         paces the deployment's next requests (admission/pacing.py). Call before ``release``."""
         if not self._released:
             self._on_rate(self._state, self._pace_seq, headers, status == 429)
+
+    def first_token(self, ttft_s: float) -> None:
+        """The first streamed token came, ``ttft_s`` after sending: it feeds the limit's queue
+        signal now, while the answer still streams (once; ``release`` then skips it)."""
+        if not self._released and not self._ttft_reported:
+            self._ttft_reported = True
+            self._state.awaiting.pop(self._awaiting, None)
+            self._on_first_token(self._state, ttft_s, self._prompt_tokens)
 
     def release(self, outcome: Outcome, ttft_s: float | None = None) -> None:
         """Give the slot back and feed the limit.
@@ -123,6 +140,9 @@ class Permit:
         if self._released:
             return
         self._released = True
+        self._state.awaiting.pop(self._awaiting, None)
+        if self._ttft_reported:
+            ttft_s = None  # counted when it came
         self._on_release(self._state, self.priority, outcome, ttft_s, self._prompt_tokens,
                          self.granted_at, self._pace_seq)
 
@@ -162,7 +182,11 @@ class DeploymentState:
 
     def __init__(self, label: str, policy: AdmissionPolicy, now: float) -> None:
         self.label = label
-        self.limiter = AdaptiveLimit(policy.concurrency_for(label), now)
+        self.limiter = AdaptiveLimit(policy.concurrency_for(label), now, self)
+        # Streamed calls in flight that have not had their first token: key -> (granted at,
+        # prompt tokens). Keys grow with time, so the dict is oldest first.
+        self.awaiting: dict[int, tuple[float, int]] = {}
+        self._next_key = 0
         self.in_flight = 0
         self.in_flight_by_class = [0] * len(Priority)
         self.queues: list[FairQueue[QueueEntry]] = [FairQueue() for _ in Priority]
@@ -175,6 +199,9 @@ class DeploymentState:
         self.pace = ProviderPace()  # the provider's request quota, from its answers' headers
         self.pacing = policy.concurrency_for(label).pace_by_rate_headers
         self.pace_timer: asyncio.TimerHandle | None = None  # re-dispatch when quota refills
+        # When a request last found its class's slots full (it queued or was shed): the limit
+        # was what held it back, whatever the count of requests in flight says (see demand).
+        self.slots_full_at = -math.inf
 
     def reconfigure(self, policy: AdmissionPolicy) -> None:
         settings = policy.concurrency_for(self.label)
@@ -192,6 +219,33 @@ class DeploymentState:
         self.in_flight += 1
         self.in_flight_by_class[priority] += 1
         return self.pace.take(now) if self.pacing else -1
+
+    def await_first_token(self, granted_at: float, prompt_tokens: int) -> int:
+        """A streamed call sent: its first token is awaited. The key to forget it by."""
+        key = self._next_key
+        self._next_key += 1
+        self.awaiting[key] = (granted_at, prompt_tokens)
+        return key
+
+    def overdue(self, now: float, baseline_s: float, prefill_s: float) -> int:
+        """Streamed calls waiting for their first token past ``OVERDUE_FACTOR`` times the
+        no-load expectation for their prompt: queued inside the provider (``CallsInFlight``
+        for the limiter; read once per decision window, so a scan of the calls is cheap)."""
+        return sum(1 for granted, prompt in self.awaiting.values()
+                   if now - granted > OVERDUE_FACTOR * (baseline_s + prefill_s * prompt / 1000))
+
+    def demand(self, shares: Sequence[float], now: float) -> int:
+        """Demand for slots, as the limit judges whether it is used: requests in flight plus
+        those waiting for a slot (not those waiting for the provider's quota, or a quota-bound
+        deployment would grow its limit to max_limit while slots sit idle). A request waiting
+        for a slot now, or a class refused one within the last decision window (queued or
+        shed), counts as the whole limit: with holdback the lower classes are refused below
+        the limit, and requests shed at once never show as queued."""
+        waiting = self.queued_for_slots(shares, now)
+        demand = self.in_flight + waiting
+        if waiting or now - self.slots_full_at <= self.limiter.settings.decision_window_s:
+            demand = max(demand, self.limiter.limit)
+        return demand
 
     def give_back(self, priority: Priority) -> None:
         self.in_flight -= 1

@@ -229,10 +229,12 @@ class _Fixed(Collector):
 _BREAKER_WORST = {"open": 2, "half_open": 1, "closed": 0}
 _MAX = frozenset({"oldest_wait_s", "loop_lag_s", "pressure", "failure_rate",
                   "consecutive_failures", "open_for_s", "cooling_for_s", "ttft_estimate_s",
-                  "shed_level", "queue_target_s", "limit_per_minute", "bucket"})
+                  "shed_level", "queue_target_s", "limit_per_minute", "bucket",
+                  "prefill_s_per_1k_tokens"})
 # others_per_minute: each worker counts the other workers as "others"; the least is the
 # closest to what the pod's neighbours spend.
-_MIN = frozenset({"remaining", "others_per_minute"})
+# ttft_baseline_s: the lowest no-load first token any worker measured (a sum means nothing).
+_MIN = frozenset({"remaining", "others_per_minute", "ttft_baseline_s"})
 _SAME = frozenset({"limits", "budget", "max_priority", "max_loop_lag_s",
                    "max_open_streams", "max_rss_mib", "worst", "degraded_action", "backend",
                    "replicas", "shadow", "run_budget"})  # policy or per-worker settings:

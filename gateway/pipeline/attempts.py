@@ -101,7 +101,7 @@ async def _attempt_loop(ctx: CallContext) -> web.StreamResponse:
     ask = AdmissionRequest(
         ctx.call.priority, ctx.call.tenant.name, ctx.tokens, ctx.deadline.at, svc.clock(),
         ctx.call.agent_session, is_retry=is_client_retry(ctx.request_headers),
-        prompt_tokens=ctx.call.prompt_tokens_estimate,
+        prompt_tokens=ctx.call.prompt_tokens_estimate, streamed=ctx.call.stream,
     )
     while True:
         # 7 route: an untried usable deployment first (failover), else the same one again
@@ -228,6 +228,8 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                 trial.success(log.first_byte_s)
                 svc.retry_budget.record_success(target.label)
                 outcome, log.outcome = "success", "success"
+                # First tokens feed the limit as they come, not when the answer ends.
+                attempt.first_token_listener = permit.first_token
                 try:
                     return await _relay(ctx, attempt), None
                 except GatewayError as exc:

@@ -255,6 +255,14 @@ class UpstreamAttempt:
         self._watchdog: asyncio.TimerHandle | None = None
         self._expired: str | None = None  # "idle" or "total" once the watchdog fired
         self._payload: SentBody | None = None
+        # Told the seconds from sending to the first relayed token, when it comes (admission's
+        # queue signal: pipeline/attempts.py sets it).
+        self.first_token_listener: Callable[[float], None] | None = None
+
+    def first_token(self) -> None:
+        """The relay passed on the answer's first token."""
+        if self.first_token_listener is not None:
+            self.first_token_listener(self.clock() - self.began)
 
     @property
     def sent(self) -> bool:

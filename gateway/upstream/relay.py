@@ -119,6 +119,7 @@ async def relay_stream(
             if out:
                 if record.ttft_s is None:
                     record.ttft_s = attempt.clock() - record.started
+                    attempt.first_token()
                 await _write(request, response, out, attempt.end, write_idle_s)
         out = rename(translate(relay.leftover()))
         if out:

@@ -10,10 +10,12 @@ from collections import Counter
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
+from gateway.request.auth import hash_key
 from tests.gwtest import auth, chat
 from tests.plugin_gateway import MakeGateway
 
 SLOTS, SERVICE_S = 4, 0.2  # capacity: 20 requests/s
+ADMIN_KEY = "sk-admin-test"
 DEADLINE_S = 2.0
 
 
@@ -74,3 +76,31 @@ async def test_at_3x_critical_all_succeed_low_is_shed_first_and_no_one_waits_pas
     # shed one (503) is told at once.
     shed = sorted(t for _, status, t in results if status == 503)
     assert not shed or shed[int(len(shed) * 0.99) - 1] < 0.5
+
+
+async def test_a_streamed_first_token_reaches_admission_before_the_answer_ends(
+    make_gateway: MakeGateway
+) -> None:
+    """Answers stream for seconds to minutes: the concurrency limit and the deadline estimate
+    hear of a first token when the relay passes it on, not when the stream ends."""
+    gw = await make_gateway(admin={"api_keys": [hash_key(ADMIN_KEY)]})
+
+    async def estimate() -> float:
+        status = await (await gw.get("/admin/status", headers=auth(ADMIN_KEY))).json()
+        value: float = status["admission"]["deployments"]["main/upstream-gpt"][
+            "ttft_estimate_s"]
+        return value
+
+    # A whole answer first: it has no first token, so the estimate stays ttft_prior_s.
+    assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+    prior = await estimate()
+    resp = await gw.post("/v1/chat/completions", json=chat(stream=True), headers=auth(**{
+        "x-mock-ttft-ms": "20", "x-mock-chunks": "20", "x-mock-chunk-gap-ms": "100"}))
+    assert resp.status == 200
+    first = await resp.content.readline()  # the first event: the stream has 2 s to go
+    assert first.startswith(b"data: ")
+    during = await estimate()
+    rest = await resp.read()
+    assert b"[DONE]" in rest
+    assert during < prior, (prior, during)  # heard at the first token, 2 s before the end
+    assert await estimate() == during  # and counted once

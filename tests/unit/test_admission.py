@@ -75,6 +75,43 @@ def queued(ctl: AdmissionController, priority: Priority | None = None) -> int:
 # -- slots, holdback, priority -------------------------------------------------------------------
 
 
+async def test_a_class_held_at_its_share_is_demand_for_the_whole_limit() -> None:
+    """Low may fill 7 of 10 slots. Low requests refused a slot show the limit is what holds
+    traffic back, although only 8 requests are in flight or queued: the limit may grow (here
+    AIMD growth needs demand at the whole limit). Without them it does not."""
+    for with_low in (False, True):
+        clock = FakeClock()
+        ctl = make(clock, concurrency={"min_limit": 1, "initial_limit": 10, "max_limit": 100,
+                                       "algorithm": "aimd", "min_utilization": 1.0})
+        permits = await fill(ctl, clock, 7)
+        waiter = asyncio.create_task(ctl.acquire(DEP, req(clock, L))) if with_low else None
+        await settle()
+        clock.now += 1.1
+        permits.pop().release("success")
+        limit = ctl.snapshot()["deployments"][DEP]["limit"]
+        assert limit == (11 if with_low else 10), (with_low, limit)
+        if waiter is not None:
+            (await waiter).release("ignore")
+        for permit in permits:
+            permit.release("ignore")
+
+
+async def test_first_tokens_feed_the_estimates_as_they_come() -> None:
+    """A streamed answer's first token counts when it arrives, once: the deadline check's
+    estimate moves before the answer ends."""
+    clock = FakeClock()
+    ctl = make(clock)
+    permit = await ctl.acquire(DEP, req(clock, C))
+    before = ctl.snapshot()["deployments"][DEP]["ttft_estimate_s"]
+    permit.first_token(0.2)
+    after = ctl.snapshot()["deployments"][DEP]["ttft_estimate_s"]
+    assert after < before
+    permit.first_token(0.2)  # once only
+    assert ctl.snapshot()["deployments"][DEP]["ttft_estimate_s"] == after
+    permit.release("success", ttft_s=0.2)  # counted already
+    assert ctl.snapshot()["deployments"][DEP]["ttft_estimate_s"] == after
+
+
 async def test_free_slot_is_granted_at_once_and_release_is_idempotent() -> None:
     clock = FakeClock()
     ctl = make(clock)
@@ -528,7 +565,7 @@ async def test_per_deployment_override_and_snapshot_shape() -> None:
     dep = snap["deployments"]["local/llama"]
     assert set(dep) == {"limit", "in_flight", "queued", "ttft_estimate_s", "drain_rate_per_s",
                         "shed_level", "classes", "ttft_baseline_s", "upstream_queue",
-                        "provider_quota"}
+                        "provider_quota", "prefill_s_per_1k_tokens"}
     assert dep["provider_quota"] is None  # no answer reported a quota yet
     assert dep["classes"]["normal"] == {"in_flight": 1, "queued": 0, "oldest_wait_s": 0.0,
                                         "overloaded": False, "drop_mode": False}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.admission.concurrency import AdaptiveLimit, Outcome
+from gateway.admission.concurrency import OVERDUE_FACTOR, AdaptiveLimit, Outcome
 from gateway.config.admission import ConcurrencySettings
 
 
@@ -190,13 +190,16 @@ class SlotUpstream:
     change the first token (the mock's way), or add ``per_1k_s`` per 1000 prompt tokens."""
 
     def __init__(self, slots: int, ttft_s: float = 0.1, service_s: float = 0.28,
-                 per_ahead_s: float = 0.005, per_1k_s: float = 0.0, seed: int = 7) -> None:
+                 per_ahead_s: float = 0.005, per_1k_s: float = 0.0, seed: int = 7,
+                 service_spread: float = 0.0) -> None:
         self.slots, self.ttft_s, self.service_s = slots, ttft_s, service_s
+        self.service_spread = service_spread  # each call's slot time +- this share
         self.per_ahead_s, self.per_1k_s = per_ahead_s, per_1k_s
         self.rng = random.Random(seed)
         self.busy: list[float] = []  # heap of slot release times
         self.waiting: list[tuple[float, int, int]] = []  # (sent, prompt, ahead) FIFO
         self.done: list[tuple[float, float, int, float]] = []  # heap (end, ttft, prompt, sent)
+        self.first_tokens: list[tuple[float, float, int]] = []  # heap (when, ttft, prompt)
         self.sent = 0
         self.served = 0
 
@@ -209,11 +212,13 @@ class SlotUpstream:
     def _start(self, now: float) -> None:
         while self.waiting and len(self.busy) < self.slots:
             sent, prompt, ahead = self.waiting.pop(0)
-            end = now + self.service_s
+            spread = self.service_spread * self.rng.uniform(-1, 1) if self.service_spread else 0
+            end = now + self.service_s * (1 + spread)
             heapq.heappush(self.busy, end)
             ttft = (now - sent) + self.ttft_s + ahead * self.per_ahead_s + prompt / 1000 * (
                 self.per_1k_s)
             heapq.heappush(self.done, (end, ttft, prompt, sent))
+            heapq.heappush(self.first_tokens, (sent + ttft, ttft, prompt))
 
     def step(self, now: float) -> list[tuple[float, int, float]]:
         """Advance to ``now``: (ttft, prompt tokens, duration) of every call that finished."""
@@ -246,6 +251,7 @@ def drive(limiter: AdaptiveLimit, upstream: SlotUpstream, start: float, seconds:
         for ttft, prompt, duration in upstream.step(now):
             limiter.on_sample(now, "success", ENDLESS, ttft_s=ttft,
                               prompt_tokens=prompt, duration_s=duration)
+        upstream.first_tokens.clear()  # reported with the call's end instead
         while upstream.in_flight < limiter.limit:
             upstream.send(now)
         if step % 20 == 0:
@@ -322,6 +328,101 @@ def test_holds_under_steady_load_with_prompt_dependent_first_tokens() -> None:
     assert 16 * 0.9 <= mean <= 16 * 1.2, mean
     assert min(settled) >= 0.75 * mean and max(settled) <= 1.25 * mean, (min(settled),
                                                                           max(settled))
+
+
+def test_learns_the_prefill_time_per_token() -> None:
+    """Prompt size matters only as much as the provider's first tokens say: 0.2 s per 1,000
+    tokens here, nothing at all for the mock the benchmark runs."""
+    for per_1k_s in (0.2, 0.0):
+        limiter = AdaptiveLimit(defaults(), now=0.0)
+        drive(limiter, SlotUpstream(16, per_1k_s=per_1k_s, service_s=0.5), 0.0, 60.0)
+        assert limiter.prefill_s == pytest.approx(per_1k_s, abs=0.01), per_1k_s
+
+
+def test_a_slow_first_token_that_ignores_the_prompt_is_not_mistaken_for_a_queue() -> None:
+    """A large, slow upstream (64 slots, 400 ms first tokens, calls of 1.12 s) whose first
+    token does not depend on the prompt. Normalised by an assumed prefill ((prompt + 1000) /
+    1000), a window of large prompts set the baseline and every other window showed up to
+    60 ms of "excess": the limit was cut to a third of the slots and stayed there. Learned,
+    the prefill is nil and the limit finds the knee from the shipped defaults."""
+    for seed in (1, 2, 3):  # the prompt sizes drawn (with the assumed prefill: 16, 40, 61)
+        limiter = AdaptiveLimit(defaults(), now=0.0)
+        upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.12, seed=seed)
+        trace = drive(limiter, upstream, 0.0, 120.0)
+        settled = steady(trace, 60.0)
+        assert min(settled) >= 0.75 * 64 and max(settled) <= 1.25 * 64 + 1, (
+            seed, min(settled), max(settled))
+
+
+def drive_first_tokens(limiter: AdaptiveLimit, upstream: SlotUpstream, start: float,
+                       seconds: float) -> list[tuple[float, int]]:
+    """As ``drive``, but the gateway reports each first token when it comes (``on_first_token``)
+    and the call's end without it, as the pipeline does for streamed answers."""
+    now, dt, trace, step = start, 0.005, [], 0
+    while now < start + seconds:
+        for _ttft, prompt, duration in upstream.step(now):
+            limiter.on_sample(now, "success", ENDLESS, prompt_tokens=prompt, duration_s=duration)
+        while upstream.first_tokens and upstream.first_tokens[0][0] <= now:
+            _at, ttft, prompt = heapq.heappop(upstream.first_tokens)
+            limiter.on_first_token(now, ttft, prompt, ENDLESS)
+        while upstream.in_flight < limiter.limit:
+            upstream.send(now)
+        if step % 20 == 0:
+            trace.append((now, limiter.limit))
+        now += dt
+        step += 1
+    return trace
+
+
+class GatewayView:
+    """What the gateway's permits know of the calls to ``upstream``: how many are in flight,
+    and which have been sent without a first token yet."""
+
+    def __init__(self, upstream: SlotUpstream) -> None:
+        self.upstream = upstream
+
+    @property
+    def in_flight(self) -> int:
+        return self.upstream.in_flight
+
+    def overdue(self, now: float, baseline_s: float, prefill_s: float) -> int:
+        awaiting = [(sent, prompt) for sent, prompt, _ in self.upstream.waiting]
+        awaiting += [(at - ttft, prompt) for at, ttft, prompt in self.upstream.first_tokens
+                     if at > now]
+        return sum(1 for sent, prompt in awaiting
+                   if now - sent > OVERDUE_FACTOR * (baseline_s + prefill_s * prompt / 1000))
+
+
+def test_the_limit_learns_from_first_tokens_before_long_calls_end() -> None:
+    """Real answers stream for many seconds. Fed at the end of each call, the queue signal
+    would lag by a whole call (20 s here) and slow start would run far past the knee; fed at
+    each first token it lags by one first token."""
+    upstream = SlotUpstream(16, ttft_s=0.4, service_s=20.0, service_spread=0.2)
+    limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
+    trace = drive_first_tokens(limiter, upstream, 0.0, 240.0)
+    assert max(limit for _, limit in trace) <= 2.5 * 16, max(limit for _, limit in trace)
+    settled = steady(trace, 160.0)
+    assert min(settled) >= 0.75 * 16 and max(settled) <= 1.25 * 16 + 1, (min(settled),
+                                                                          max(settled))
+
+
+def test_a_queue_cut_starts_from_what_was_in_flight_not_from_an_unused_limit() -> None:
+    """With holdback the lower classes stop below the limit, so a limit past the knee can sit
+    well above what is in flight. A cut of the excess from the limit would only trim unused
+    headroom; it is taken from the concurrency the window used."""
+    limiter = AdaptiveLimit(defaults(initial_limit=100), now=0.0)
+    now = 0.0
+    for _ in range(10):  # no queue: 60 calls of 1 s in flight, 400 ms first tokens
+        for _ in range(60):
+            now += 1 / 60
+            limiter.on_sample(now, "success", 60, ttft_s=0.4, prompt_tokens=300,
+                              duration_s=1.0)
+    assert limiter.limit >= 100  # used more than half: it may grow, one step a window
+    for _ in range(120):  # the same 60 in flight, but 5 of them wait inside the provider
+        now += 1 / 60
+        limiter.on_sample(now, "success", 60, ttft_s=0.4 + 5 / 60, prompt_tokens=300,
+                          duration_s=1.0)
+    assert limiter.limit < 60, limiter.limit
 
 
 def test_recovers_after_the_upstream_gets_faster() -> None:
