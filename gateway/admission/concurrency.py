@@ -65,6 +65,7 @@ from gateway.config import ConcurrencySettings
 Outcome = Literal["success", "overload", "rate_limited", "timeout", "ignore"]
 """How a call ended, as far as the limit cares: see the module docstring."""
 
+
 class CallsInFlight(Protocol):
     """What the gateway knows of its calls to the deployment right now (admission's
     ``DeploymentState``): read once per decision window."""
@@ -79,6 +80,7 @@ class CallsInFlight(Protocol):
         ``OVERDUE_FACTOR`` times the no-load expectation (``baseline_s`` plus ``prefill_s``
         per thousand prompt tokens)."""
         ...
+
 
 # A call waiting for its first token longer than this many times the no-load expectation is
 # queued, not slow: tail latency of a provider at rest stays well within it.

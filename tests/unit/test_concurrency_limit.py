@@ -241,17 +241,24 @@ ENDLESS = 1_000_000  # demand (in flight + queued) of a gateway that always has 
 
 
 def drive(limiter: AdaptiveLimit, upstream: SlotUpstream, start: float, seconds: float,
-          change: Callable[[float], None] | None = None) -> list[tuple[float, int]]:
+          change: Callable[[float], None] | None = None,
+          first_tokens: bool = False) -> list[tuple[float, int]]:
     """A gateway with endless demand keeping ``limit`` calls in flight; (time, limit) every
-    0.1 s. ``change(now)`` is called every step (to change the upstream mid-run)."""
+    0.1 s. ``change(now)`` is called every step (to change the upstream mid-run). With
+    ``first_tokens`` each first token is reported when it comes (``on_first_token``) and the
+    call's end without it, as the pipeline does for streamed answers; without, with the end."""
     now, dt, trace, step = start, 0.005, [], 0
     while now < start + seconds:
         if change is not None:
             change(now)
         for ttft, prompt, duration in upstream.step(now):
-            limiter.on_sample(now, "success", ENDLESS, ttft_s=ttft,
+            limiter.on_sample(now, "success", ENDLESS, ttft_s=None if first_tokens else ttft,
                               prompt_tokens=prompt, duration_s=duration)
-        upstream.first_tokens.clear()  # reported with the call's end instead
+        if not first_tokens:
+            upstream.first_tokens.clear()  # reported with the call's end
+        while upstream.first_tokens and upstream.first_tokens[0][0] <= now:
+            _at, ttft, prompt = heapq.heappop(upstream.first_tokens)
+            limiter.on_first_token(now, ttft, prompt, ENDLESS)
         while upstream.in_flight < limiter.limit:
             upstream.send(now)
         if step % 20 == 0:
@@ -354,26 +361,6 @@ def test_a_slow_first_token_that_ignores_the_prompt_is_not_mistaken_for_a_queue(
             seed, min(settled), max(settled))
 
 
-def drive_first_tokens(limiter: AdaptiveLimit, upstream: SlotUpstream, start: float,
-                       seconds: float) -> list[tuple[float, int]]:
-    """As ``drive``, but the gateway reports each first token when it comes (``on_first_token``)
-    and the call's end without it, as the pipeline does for streamed answers."""
-    now, dt, trace, step = start, 0.005, [], 0
-    while now < start + seconds:
-        for _ttft, prompt, duration in upstream.step(now):
-            limiter.on_sample(now, "success", ENDLESS, prompt_tokens=prompt, duration_s=duration)
-        while upstream.first_tokens and upstream.first_tokens[0][0] <= now:
-            _at, ttft, prompt = heapq.heappop(upstream.first_tokens)
-            limiter.on_first_token(now, ttft, prompt, ENDLESS)
-        while upstream.in_flight < limiter.limit:
-            upstream.send(now)
-        if step % 20 == 0:
-            trace.append((now, limiter.limit))
-        now += dt
-        step += 1
-    return trace
-
-
 class GatewayView:
     """What the gateway's permits know of the calls to ``upstream``: how many are in flight,
     and which have been sent without a first token yet."""
@@ -399,7 +386,7 @@ def test_the_limit_learns_from_first_tokens_before_long_calls_end() -> None:
     each first token it lags by one first token."""
     upstream = SlotUpstream(16, ttft_s=0.4, service_s=20.0, service_spread=0.2)
     limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
-    trace = drive_first_tokens(limiter, upstream, 0.0, 240.0)
+    trace = drive(limiter, upstream, 0.0, 240.0, first_tokens=True)
     assert max(limit for _, limit in trace) <= 2.5 * 16, max(limit for _, limit in trace)
     settled = steady(trace, 160.0)
     assert min(settled) >= 0.75 * 16 and max(settled) <= 1.25 * 16 + 1, (min(settled),
