@@ -98,6 +98,11 @@ _PREFILL_MEMORY = 0.95
 # Spread of prompt sizes (sum of squares about the means, thousands of tokens) below which
 # a window says nothing of the prefill time: prompts all of one size.
 _PREFILL_MIN_SPREAD = 0.01
+# The largest prefill per thousand prompt tokens a window may report (1,000 tokens a second:
+# slower than any hosted model reads a prompt).
+_PREFILL_MAX_S = 1.0
+# Calls overdue for a first token that stop growth: at least this many (see _decide).
+_OVERDUE_MIN = 2.0
 # The least scatter of first tokens about the fitted line credited to a window (1 ms, squared):
 # a simulated upstream without jitter would otherwise weigh infinitely.
 _JITTER_FLOOR_S2 = 1e-6
@@ -402,6 +407,14 @@ class AdaptiveLimit:
         evidence = window.prefill_evidence()
         if evidence is not None:
             slope, weight = evidence
+            # Within what providers do, and no one window more than all the past together: a
+            # single huge prompt has the leverage to set a window's slope by itself. (A tenant
+            # who sends one every window still drags the estimate: bounded by its token limits,
+            # and no worse than the fixed normalisation it replaced, which the same prompt
+            # skewed as much.)
+            slope = min(_PREFILL_MAX_S, max(0.0, slope))
+            if self._prefill_weight > 0:
+                weight = min(weight, self._prefill_weight)
             self._prefill_weight = _PREFILL_MEMORY * self._prefill_weight + weight
             self._prefill_sum = _PREFILL_MEMORY * self._prefill_sum + weight * slope
         prefill = self.prefill_s
@@ -446,8 +459,11 @@ class AdaptiveLimit:
         # the provider now; Little's law sees them only once their first token comes, a whole
         # call later when calls stream for minutes. They stop growth (never cut: a first token
         # can be late for other reasons).
+        # Two at least, and a whole tolerance: one stream stuck behind a huge prompt, or held
+        # back by its tenant, must not freeze the limit for everyone.
         overdue = self._calls.overdue(now, baseline, prefill) if self._calls is not None else 0
-        calm = max(queue, overdue) < 0.5 * tolerance
+        quiet = queue < 0.5 * tolerance
+        calm = quiet and overdue < max(_OVERDUE_MIN, tolerance)
         if self._probing and calm:
             self._probing -= 1
             if not self._probing:  # the provider took the probe: probe freely again
@@ -465,8 +481,9 @@ class AdaptiveLimit:
             filled = self._slow_start and demand >= self.limit
             self._grow(now, max(s.increase_step, 0.5 * self._limit if filled else 0))
             return
-        if not calm:
-            self._slow_start = False  # near the knee: slow start is over
+        if not quiet:
+            self._slow_start = False  # near the knee: slow start is over (overdue calls only
+            # hold it: they may be one tenant's)
 
     def _decrease_on_queue(self, now: float, queue: float, tolerance: float, level: float,
                            means: tuple[float, float], used: float) -> None:

@@ -123,7 +123,15 @@ class ShedState:
         keep it shed for half a minute after a few seconds of overload above it."""
         level = self.level - self._down * intervals
         while self._jumps and level <= self._jumps[-1][0]:
-            level = min(level, self._jumps.pop()[1])
+            _floor, before = self._jumps.pop()
+            if before < bottom:
+                # A class at ``bottom``'s top is overloaded itself: the classes under it stay
+                # shed whole for it, so that part of the jump stays on record.
+                under = bottom - self._buckets
+                if before < under:
+                    self._jumps.append((under, before))
+                break
+            level = min(level, before)
         self.level = max(bottom, level)
 
     def overloaded(self, priority: Priority) -> bool:

@@ -128,6 +128,11 @@ class Permit:
             self._state.awaiting.pop(self._awaiting, None)
             self._on_first_token(self._state, ttft_s, self._prompt_tokens)
 
+    def no_first_token(self) -> None:
+        """The answer will not stream (a whole body, or an error): its first token is not
+        awaited, and the call is not overdue for one."""
+        self._state.awaiting.pop(self._awaiting, None)
+
     def release(self, outcome: Outcome, ttft_s: float | None = None) -> None:
         """Give the slot back and feed the limit.
 

@@ -224,12 +224,16 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             # this deployment's next requests by it.
             permit.observe_rate(upstream.headers, upstream.status)
             error_answer = upstream.status >= 400
+            if error_answer:
+                permit.no_first_token()
             if upstream.status < 400:
                 trial.success(log.first_byte_s)
                 svc.retry_budget.record_success(target.label)
                 outcome, log.outcome = "success", "success"
                 # First tokens feed the limit as they come, not when the answer ends.
                 attempt.first_token_listener = permit.first_token
+                if not is_event_stream(attempt.response):
+                    permit.no_first_token()  # a whole body: nothing to wait for
                 try:
                     return await _relay(ctx, attempt), None
                 except GatewayError as exc:

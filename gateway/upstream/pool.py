@@ -16,6 +16,7 @@ the pending read. A timer per chunk cost ~9 us per chunk on long streams.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,8 @@ from gateway.request import ProxyCall
 from gateway.translate import TranslationRefused
 
 from .transport import SentBody, Transport, TransportFactory, UpstreamResponse, aiohttp_transport
+
+log = logging.getLogger("gateway.upstream")
 
 # Request headers a client may pass through to the provider. Everything else is dropped.
 FORWARDED_REQUEST_HEADERS = (
@@ -260,9 +263,14 @@ class UpstreamAttempt:
         self.first_token_listener: Callable[[float], None] | None = None
 
     def first_token(self) -> None:
-        """The relay passed on the answer's first token."""
+        """The relay passed on the answer's first token. A listener that fails is logged, not
+        raised: the stream is already the client's."""
         if self.first_token_listener is not None:
-            self.first_token_listener(self.clock() - self.began)
+            try:
+                self.first_token_listener(self.clock() - self.began)
+            except Exception:
+                log.exception("first-token listener failed",
+                              extra={"fields": {"deployment": self.target.label}})
 
     @property
     def sent(self) -> bool:

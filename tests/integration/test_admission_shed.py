@@ -143,6 +143,23 @@ def test_classes_jumped_over_whole_come_back_whole() -> None:
     assert state.decide(N, 127, is_retry=False) is None
 
 
+def test_a_jump_stays_on_record_while_the_class_below_is_overloaded_itself() -> None:
+    """Critical queues, then calms while high still queues: high holds the level at its top
+    (its own overload), and normal and low stay shed whole for it. Once high calms the level
+    walks through high's cohorts, then returns normal and low at once, not 256 cohorts later."""
+    state = ShedState(policy(cohort_step_up=16, cohort_step_down=4), now=0.0)
+    state.roll(1.0, waits(critical=10.0))
+    assert state.level == 3 * 128 + 16
+    for second in range(2, 7):  # critical calm, high queueing
+        state.roll(float(second), waits(high=10.0))
+    assert state.level == 3 * 128
+    for second in range(7, 38):  # all quiet: 4 cohorts of high an interval...
+        state.roll(float(second), EMPTY)
+    assert state.level == 2 * 128 + 4
+    state.roll(38.0, EMPTY)  # ...then normal and low at once
+    assert state.level == 0
+
+
 def test_quiet_intervals_each_lower_the_level() -> None:
     state = ShedState(policy(cohort_step_up=64, cohort_step_down=8), now=0.0)
     state.roll(1.0, waits(low=10.0))

@@ -7,6 +7,7 @@ Decisions run on a fake clock; the waiting itself runs on the real event loop, a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from typing import Any
@@ -94,6 +95,32 @@ async def test_a_class_held_at_its_share_is_demand_for_the_whole_limit() -> None
             (await waiter).release("ignore")
         for permit in permits:
             permit.release("ignore")
+
+
+async def test_a_streamed_call_is_awaited_until_its_first_token_or_its_end() -> None:
+    """Streamed calls without a first token yet are what the limit counts as overdue: each
+    leaves that count at its first token, when its answer turns out not to stream, or at its
+    release, whichever comes first."""
+    clock = FakeClock()
+    ctl = make(clock)
+    state = ctl._state(DEP)
+
+    async def streamed() -> Permit:
+        return await ctl.acquire(DEP, dataclasses.replace(req(clock, C), streamed=True))
+
+    first, whole, cut, plain = (await streamed(), await streamed(), await streamed(),
+                                await ctl.acquire(DEP, req(clock, C)))
+    assert len(state.awaiting) == 3  # the plain call is not awaited
+    clock.now += 10.0
+    assert state.overdue(clock.now, baseline_s=0.1, prefill_s=0.0) == 3
+    first.first_token(0.2)
+    whole.no_first_token()
+    assert len(state.awaiting) == 1
+    cut.release("ignore")
+    assert not state.awaiting
+    for permit in (first, whole, plain):
+        permit.release("success")
+    assert not state.awaiting
 
 
 async def test_first_tokens_feed_the_estimates_as_they_come() -> None:

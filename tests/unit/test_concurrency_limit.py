@@ -346,6 +346,27 @@ def test_learns_the_prefill_time_per_token() -> None:
         assert limiter.prefill_s == pytest.approx(per_1k_s, abs=0.01), per_1k_s
 
 
+def test_one_stream_stuck_for_its_first_token_does_not_freeze_the_limit() -> None:
+    """A single overdue stream (one tenant's, or one huge prompt's) is not a queue: slow
+    start goes on. Calls overdue by the tolerance's count stop growth."""
+    class Stuck:
+        def __init__(self, count: int) -> None:
+            self.in_flight, self.count = 10, count
+
+        def overdue(self, now: float, baseline_s: float, prefill_s: float) -> int:
+            return self.count
+
+    for stuck, grows in ((1, True), (3, False)):
+        limiter = AdaptiveLimit(defaults(initial_limit=10), now=0.0, calls=Stuck(stuck))
+        now = 0.0
+        for _ in range(3):
+            for _ in range(20):
+                now += 1 / 20
+                limiter.on_sample(now, "success", 10, ttft_s=0.4, prompt_tokens=300,
+                                  duration_s=0.5)
+        assert (limiter.limit > 10) is grows, (stuck, limiter.limit)
+
+
 def test_a_slow_first_token_that_ignores_the_prompt_is_not_mistaken_for_a_queue() -> None:
     """A large, slow upstream (64 slots, 400 ms first tokens, calls of 1.12 s) whose first
     token does not depend on the prompt. Normalised by an assumed prefill ((prompt + 1000) /
