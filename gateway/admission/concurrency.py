@@ -162,6 +162,11 @@ class _Window:
         """Mean first-token time above the no-load ``baseline`` (of an empty prompt)."""
         return max(0.0, self.level(prefill_s) - baseline)
 
+    def rate(self, elapsed: float) -> float:
+        """Calls going through per second, for Little's law: completions, or first tokens
+        when they run ahead (in slow start the completions lag the calls sent)."""
+        return max(self.ok, self.n) / elapsed
+
     def prefill_evidence(self) -> tuple[float, float] | None:
         """This window's estimate of the prefill time per thousand prompt tokens (the slope of
         first token on prompt size about the window's own means, so a queue that changed
@@ -365,7 +370,7 @@ class AdaptiveLimit:
             elapsed = max(now - window.start, s.decision_window_s / 10)
             prefill = self.prefill_s
             excess_s = window.excess_s(self._baseline_at(prefill), prefill)
-            return max(window.ok, window.n) / elapsed * excess_s <= tolerance
+            return window.rate(elapsed) * excess_s <= tolerance
         recent = now - self._decided_at <= 2 * s.decision_window_s
         return recent and self.upstream_queue is not None and self.upstream_queue <= tolerance
 
@@ -433,9 +438,7 @@ class AdaptiveLimit:
         self._baseline.append((now, *self._smoothed))
         baseline = self._baseline_at(prefill)
         excess_s = window.excess_s(baseline, prefill)
-        # Little's law on the calls going through: completions, or first tokens when they
-        # run ahead (in slow start the completions lag the calls sent).
-        queue = max(window.ok, window.n) / elapsed * excess_s
+        queue = window.rate(elapsed) * excess_s  # Little's law
         self.upstream_queue = queue
         if first:
             return  # nothing to compare the first window with

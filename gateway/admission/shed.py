@@ -123,7 +123,7 @@ class ShedState:
         keep it shed for half a minute after a few seconds of overload above it."""
         level = self.level - self._down * intervals
         while self._jumps and level <= self._jumps[-1][0]:
-            _floor, before = self._jumps.pop()
+            before = self._jumps.pop()[1]
             if before < bottom:
                 # A class at ``bottom``'s top is overloaded itself: the classes under it stay
                 # shed whole for it, so that part of the jump stays on record.

@@ -189,7 +189,7 @@ class DeploymentState:
         self.label = label
         self.limiter = AdaptiveLimit(policy.concurrency_for(label), now, self)
         # Streamed calls in flight that have not had their first token: key -> (granted at,
-        # prompt tokens). Keys grow with time, so the dict is oldest first.
+        # prompt tokens).
         self.awaiting: dict[int, tuple[float, int]] = {}
         self._next_key = 0
         self.in_flight = 0
