@@ -111,7 +111,7 @@ class AdmissionController:
         permit = self._grant_now(state, req, now)
         if permit is not None:
             return permit
-        if state.in_flight >= self._cap(state, req.priority):
+        if state.in_flight >= state.cap(req.priority, now):
             state.slots_full_at = now
         reason = self._shed_reason(state, req, now)
         shed_at = None
@@ -127,6 +127,8 @@ class AdmissionController:
         self._arm(state, entry, now)
         if not state.quota_allows(self._shares[req.priority], now):
             self._arm_pace(state, req.priority, now)  # nothing else may wake it: no release
+        elif (owed := state.owed_s(req.priority, now)) is not None:
+            self._wake(state, owed)  # its share's last slot comes back before a release may
         try:
             return await entry.future
         except asyncio.CancelledError:
@@ -149,7 +151,7 @@ class AdmissionController:
         state = self._state(deployment)
         if state.queued(priority):
             return 0
-        free = self._cap(state, priority) - state.in_flight
+        free = state.cap(priority, now) - state.in_flight
         if state.pacing:
             free = min(free, state.pace.spendable(self._shares[priority], now))
         return max(0, free)
@@ -223,14 +225,12 @@ class AdmissionController:
             )
         return state
 
-    def _cap(self, state: DeploymentState, priority: Priority) -> int:
-        return state.cap(priority, self._shares[priority])
 
     def _grant_now(self, state: DeploymentState, req: AdmissionRequest,
                    now: float) -> Permit | None:
         # A free slot within the class share, and nobody of this class or above waiting for it,
         # and the provider's quota (as paced) not down to the reserve of the classes above.
-        if (state.in_flight >= self._cap(state, req.priority) or state.queued(req.priority)
+        if (state.in_flight >= state.cap(req.priority, now) or state.queued(req.priority)
                 or not state.quota_allows(self._shares[req.priority], now)):
             return None
         state.shed.observe(req.priority, 0.0)
@@ -373,7 +373,7 @@ class AdmissionController:
         if pace_seq >= 0:
             state.pace.heard(pace_seq)  # no answer came (or it was heard already)
         demand = state.demand(self._shares, now)
-        state.give_back(priority)
+        state.give_back(priority, now)
         state.drain.tick(now)
         if ttft_s is not None:
             state.observe_ttft(ttft_s, prompt_tokens)
@@ -390,7 +390,7 @@ class AdmissionController:
             queue = state.queues[priority]
             if not queue:
                 continue
-            cap = self._cap(state, priority)
+            cap = state.cap(priority, now)
             share = self._shares[priority]
             while queue and state.in_flight < cap:
                 if not state.quota_allows(share, now):
@@ -408,23 +408,29 @@ class AdmissionController:
                 self._observer.on_queue_delay(state.label, priority, delay)
                 entry.future.set_result(self._grant(state, entry.req, now, delay))
             if queue:
+                wait = state.owed_s(priority, now)
+                if wait is not None:  # its share's slot comes back before any release may
+                    self._wake(state, wait)
                 return  # lower classes have smaller shares: they cannot fit either
 
     def _arm_pace(self, state: DeploymentState, priority: Priority, now: float) -> None:
         """Dispatch again when the provider's quota has refilled for ``priority``: with nothing
         in flight, no release would wake the queue."""
-        wait = state.pace.wait_s(self._shares[priority], now)
+        self._wake(state, state.pace.wait_s(self._shares[priority], now))
+
+    def _wake(self, state: DeploymentState, wait: float) -> None:
+        """Dispatch again in ``wait`` seconds (one timer per deployment, the earliest kept)."""
         loop = asyncio.get_running_loop()
         when = loop.time() + max(_MIN_REARM_S, wait)
-        timer = state.pace_timer
+        timer = state.wake_timer
         if timer is not None and not timer.cancelled() and timer.when() <= when:
             return  # an earlier wake-up is armed: it re-arms if still short
         if timer is not None:
             timer.cancel()
-        state.pace_timer = loop.call_at(when, self._on_pace, state)
+        state.wake_timer = loop.call_at(when, self._on_wake, state)
 
-    def _on_pace(self, state: DeploymentState) -> None:
-        state.pace_timer = None
+    def _on_wake(self, state: DeploymentState) -> None:
+        state.wake_timer = None
         now = self._clock()
         self._roll(state, now)
         self._dispatch(state, now)

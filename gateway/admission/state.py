@@ -26,6 +26,11 @@ _TTFT_WEIGHT = 0.2  # EWMA weight of a new first-byte time
 # bytes (per prompt size). Low, not the minimum: one lucky answer must not let every request in.
 _RECENT_TTFT = 64
 _OPTIMISTIC_RANK = 0.1
+# A class's share of the limit that falls between whole slots (0.95 x 4 = 3.8) is a slot it may
+# fill that fraction of the time. The time it owes back is capped at this many seconds of the
+# fraction's own rate: a limit cut with the slots full does not bar the class for minutes.
+_LEND_MEMORY_S = 10.0
+_PAID = 1e-9  # slot-seconds owed that count as none (float sums do not return to 0 exactly)
 
 
 def is_client_retry(headers: Mapping[str, str]) -> bool:
@@ -203,13 +208,19 @@ class DeploymentState:
         self.drain = DecayingRate(policy.drain_window_s)
         self.pace = ProviderPace()  # the provider's request quota, from its answers' headers
         self.pacing = policy.concurrency_for(label).pace_by_rate_headers
-        self.pace_timer: asyncio.TimerHandle | None = None  # re-dispatch when quota refills
+        self.wake_timer: asyncio.TimerHandle | None = None  # re-dispatch: quota refilled, share repaid
         # When a request last found its class's slots full (it queued or was shed): the limit
         # was what held it back, whatever the count of requests in flight says (see demand).
         self.slots_full_at = -math.inf
+        self.shares = policy.classes.holdback_shares()
+        # Per class: slot-seconds over its share the deployment has run since the class last
+        # was within it (see cap); settled whenever the count in flight changes.
+        self._owed = [0.0] * len(Priority)
+        self._settled_at = now
 
     def reconfigure(self, policy: AdmissionPolicy) -> None:
         settings = policy.concurrency_for(self.label)
+        self.shares = policy.classes.holdback_shares()
         self.limiter.reconfigure(settings)
         if settings.pace_by_rate_headers and not self.pacing:
             self.pace = ProviderPace()  # nothing was counted while off: start afresh
@@ -221,6 +232,7 @@ class DeploymentState:
 
     def take(self, priority: Priority, now: float) -> int:
         """A slot taken; the request's sequence number in the paced quota (-1: not paced)."""
+        self.settle(now)
         self.in_flight += 1
         self.in_flight_by_class[priority] += 1
         return self.pace.take(now) if self.pacing else -1
@@ -252,7 +264,8 @@ class DeploymentState:
             demand = max(demand, self.limiter.limit)
         return demand
 
-    def give_back(self, priority: Priority) -> None:
+    def give_back(self, priority: Priority, now: float) -> None:
+        self.settle(now)
         self.in_flight -= 1
         self.in_flight_by_class[priority] -= 1
 
@@ -287,10 +300,64 @@ class DeploymentState:
         """Waiting requests of classes ``critical`` .. ``up_to``."""
         return sum(len(q) for q in self.queues[: up_to + 1])
 
-    def cap(self, priority: Priority, share: float) -> int:
-        """Slots the class may fill. At least one, so every class progresses at tiny limits."""
+    def cap(self, priority: Priority, now: float) -> int:
+        """Slots the class may fill now: its holdback share of the limit, at least one so every
+        class progresses at tiny limits.
+
+        A share that falls between whole slots is honoured over time, not rounded down: high's
+        0.95 of a limit of 4 is 3.8 slots, so high may fill the fourth slot 80 % of the time.
+        Rounding down held a whole slot, a quarter of a 4-slot upstream, for critical requests
+        that might come (bench/overload.py --slots 4: 83-87 % of capacity used at 2x and 3x).
+        The class takes that slot only when it owes nothing: the deployment ran above the
+        share no longer, in proportion, than the share allows (``settle``). The class keeps a
+        slot it took to the end of its call and waits longer before the next.
+        """
         limit = self.limiter.limit
-        return limit if share >= 1.0 else max(1, math.floor(share * limit + 1e-9))
+        share = self.shares[priority]
+        if share >= 1.0:
+            return limit
+        whole = math.floor(share * limit + 1e-9)
+        if share * limit - whole > 1e-9:
+            self.settle(now)
+            if self._owed[priority] <= _PAID:
+                whole += 1
+        return max(1, whole)
+
+    def owed_s(self, priority: Priority, now: float) -> float | None:
+        """Seconds until the class may take its share's last, partial slot again, when owing
+        time is all that holds it now (None otherwise): a waiting request of the class should
+        not wait for a release that may come much later."""
+        limit = self.limiter.limit
+        share = self.shares[priority]
+        whole = math.floor(share * limit + 1e-9)
+        fraction = share * limit - whole
+        if share >= 1.0 or whole < 1 or fraction <= 1e-9 or self.in_flight != whole:
+            return None
+        self.settle(now)
+        owed = self._owed[priority]
+        return owed / fraction if owed > _PAID else None
+
+    def settle(self, now: float) -> None:
+        """Bring each class's debt up to ``now``: time with more calls in flight than the
+        class's whole slots (3 of 3.8) adds ``1 - fraction`` per second, time within them pays
+        back ``fraction``, so a class that takes the extra slot only when it owes nothing has
+        it, in the long run, that fraction of the time. Idle time earns no credit."""
+        elapsed = now - self._settled_at
+        if elapsed <= 0.0:
+            return
+        self._settled_at = now
+        limit = self.limiter.limit
+        for priority, share in enumerate(self.shares):
+            if share >= 1.0:
+                continue
+            whole = math.floor(share * limit + 1e-9)
+            fraction = share * limit - whole
+            if fraction <= 1e-9:
+                self._owed[priority] = 0.0
+                continue
+            rate = 1.0 - fraction if self.in_flight > whole else -fraction
+            self._owed[priority] = min(max(0.0, self._owed[priority] + rate * elapsed),
+                                       fraction * _LEND_MEMORY_S)
 
     def oldest_waits(self, now: float) -> list[float | None]:
         waits: list[float | None] = []

@@ -173,6 +173,74 @@ async def test_holdback_normal_queues_at_85_percent_while_critical_gets_a_slot_a
         permit.release("success")
 
 
+def pinned(clock: FakeClock, limit: int) -> AdmissionController:
+    return make(clock, concurrency={"min_limit": limit, "initial_limit": limit,
+                                    "max_limit": limit})
+
+
+async def test_a_share_between_whole_slots_is_that_fraction_of_the_time_in_the_last_slot() -> None:
+    """High's 0.95 of a limit of 4 is 3.8 slots: a high class that takes every slot it may
+    holds all four 80 % of the time, and the fifth part of the time the fourth is free for
+    critical. (Rounding down to 3 held a quarter of the upstream idle for critical.)"""
+    clock = FakeClock()
+    ctl = pinned(clock, 4)
+    state = ctl._state(DEP)
+    rng = random.Random(3)
+    calls: list[tuple[float, Permit]] = []
+    all_four = critical_found_one = critical_tries = 0.0
+    horizon = 600.0
+    end_at = clock.now + horizon
+    while clock.now < end_at:
+        while (permit := ctl.try_acquire(DEP, req(clock, H))) is not None:
+            calls.append((clock.now + rng.uniform(0.1, 0.5), permit))
+        owed = state.owed_s(H, clock.now)
+        step = min(end for end, _ in calls) - clock.now
+        if owed is not None:
+            step = min(step, owed)
+        if state.in_flight == 4:
+            all_four += step
+        # a critical request arriving now finds a slot whenever high left one
+        critical_tries += 1
+        critical_found_one += state.in_flight < 4
+        clock.now += step
+        for call in [c for c in calls if c[0] <= clock.now]:
+            calls.remove(call)
+            call[1].release("ignore")
+    assert 0.77 <= all_four / horizon <= 0.83, all_four / horizon
+    assert critical_found_one > 0.1 * critical_tries
+    for _, permit in calls:
+        permit.release("ignore")
+
+
+async def test_the_last_partial_slot_comes_back_when_its_time_is_repaid() -> None:
+    """A high request that took the fourth slot for 0.3 s owes 0.2 x 0.3 s; it is repaid at
+    0.8 per second, so the next high request may take the fourth slot 75 ms after the first
+    left it. A queued one is granted then, without waiting for another call to end; critical
+    may take it at any time."""
+    clock = FakeClock()
+    ctl = pinned(clock, 4)
+    held = await fill(ctl, clock, 3, H)
+    fourth = await ctl.acquire(DEP, req(clock, H))
+    assert fourth.queued_s == 0
+    clock.now += 0.3
+    fourth.release("success")
+    assert ctl.try_acquire(DEP, req(clock, H)) is None
+    critical = ctl.try_acquire(DEP, req(clock, C))
+    assert critical is not None
+    critical.release("success")
+    waiting = asyncio.create_task(ctl.acquire(DEP, req(clock, H)))
+    await settle()
+    assert not waiting.done()
+    clock.now += 0.074
+    await asyncio.sleep(0.08)  # the deployment's wake-up timer runs on the loop's own time
+    assert not waiting.done()
+    clock.now += 0.002
+    await asyncio.sleep(0.08)
+    assert waiting.done()
+    for permit in [*held, waiting.result()]:
+        permit.release("success")
+
+
 async def test_strict_priority_on_release() -> None:
     clock = FakeClock()
     ctl = make(clock, limit=20)
@@ -395,7 +463,8 @@ async def test_runs_already_admitted_keep_their_place_when_their_cohort_is_shed(
     clock = FakeClock()
     classes = {"normal": {"queue_target_ms": 100, "max_queue": 100, "holdback_share": 0.85,
                           "default_deadline_s": 300}}
-    ctl = make(clock, limit=1, classes=classes, cohort_step_up=256, run_memory_s=30)
+    ctl = make(clock, limit=1, classes=classes, cohort_step_up=256, run_memory_s=30,
+               concurrency={"min_limit": 1, "initial_limit": 1, "max_limit": 1})
     (await ctl.acquire(DEP, req(clock, N, session="old-run"))).release("success")  # step 1
     clock.now += 10
     blocker = await ctl.acquire(DEP, req(clock, C))
