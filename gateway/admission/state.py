@@ -208,7 +208,8 @@ class DeploymentState:
         self.drain = DecayingRate(policy.drain_window_s)
         self.pace = ProviderPace()  # the provider's request quota, from its answers' headers
         self.pacing = policy.concurrency_for(label).pace_by_rate_headers
-        self.wake_timer: asyncio.TimerHandle | None = None  # re-dispatch: quota refilled, share repaid
+        # Dispatch again when the quota has refilled or a class's share is repaid (controller).
+        self.wake_timer: asyncio.TimerHandle | None = None
         # When a request last found its class's slots full (it queued or was shed): the limit
         # was what held it back, whatever the count of requests in flight says (see demand).
         self.slots_full_at = -math.inf
@@ -312,26 +313,28 @@ class DeploymentState:
         share no longer, in proportion, than the share allows (``settle``). The class keeps a
         slot it took to the end of its call and waits longer before the next.
         """
-        limit = self.limiter.limit
-        share = self.shares[priority]
-        if share >= 1.0:
-            return limit
-        whole = math.floor(share * limit + 1e-9)
-        if share * limit - whole > 1e-9:
+        if self.shares[priority] >= 1.0:
+            return self.limiter.limit
+        whole, fraction = self._slots(priority)
+        if fraction > 0.0:
             self.settle(now)
             if self._owed[priority] <= _PAID:
                 whole += 1
         return max(1, whole)
 
+    def _slots(self, priority: Priority) -> tuple[int, float]:
+        """The class's share of the limit as whole slots and the fraction of one more."""
+        slots = self.shares[priority] * self.limiter.limit
+        whole = math.floor(slots + 1e-9)
+        fraction = slots - whole
+        return whole, (fraction if fraction > 1e-9 else 0.0)
+
     def owed_s(self, priority: Priority, now: float) -> float | None:
         """Seconds until the class may take its share's last, partial slot again, when owing
         time is all that holds it now (None otherwise): a waiting request of the class should
         not wait for a release that may come much later."""
-        limit = self.limiter.limit
-        share = self.shares[priority]
-        whole = math.floor(share * limit + 1e-9)
-        fraction = share * limit - whole
-        if share >= 1.0 or whole < 1 or fraction <= 1e-9 or self.in_flight != whole:
+        whole, fraction = self._slots(priority)
+        if whole < 1 or fraction == 0.0 or self.in_flight != whole:
             return None
         self.settle(now)
         owed = self._owed[priority]
@@ -346,13 +349,9 @@ class DeploymentState:
         if elapsed <= 0.0:
             return
         self._settled_at = now
-        limit = self.limiter.limit
-        for priority, share in enumerate(self.shares):
-            if share >= 1.0:
-                continue
-            whole = math.floor(share * limit + 1e-9)
-            fraction = share * limit - whole
-            if fraction <= 1e-9:
+        for priority in Priority:
+            whole, fraction = self._slots(priority)
+            if fraction == 0.0:  # whole slots (critical's whole limit among them): nothing owed
                 self._owed[priority] = 0.0
                 continue
             rate = 1.0 - fraction if self.in_flight > whole else -fraction

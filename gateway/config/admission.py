@@ -39,7 +39,9 @@ class ClassSettings(StrictModel):
     )
     holdback_share: Share = Field(
         description="share of the concurrency limit this class may fill; a request of the class "
-        "takes a slot only while in-flight stays within it, so the classes above always find one"
+        "takes a slot only while in-flight stays within it, so the classes above find one. A "
+        "share between whole slots is kept over time: 0.95 of a limit of 4 is the fourth slot "
+        "80 % of the time"
     )
     default_deadline_s: PositiveFloat = Field(
         description="deadline when the client sends neither X-Request-Timeout nor "
