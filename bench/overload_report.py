@@ -57,6 +57,10 @@ def _level(report: dict[str, Any], phase: dict[str, Any], capacity: float) -> di
         "amplification": stats["amplification"],
         "critical_success": crit.get("success_ratio"),
         "critical_requests": crit.get("requests", 0),
+        # Critical's own load against the upstream: at 10x it is 1x by construction (10 % of
+        # the runs), so above 1 no policy serves all of it (see the 10x critical target).
+        "critical_offered_share": (crit.get("offered_rps", 0.0) / capacity
+                                   if capacity else None),
         "critical_ttft_p99_ms": (crit.get("ttft_ms") or {}).get("p99"),
         "runs_started": runs["started"], "runs_completed": runs["completed"],
         "runs_unfinished": runs["unfinished"],
@@ -162,7 +166,10 @@ def _targets(v: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "alive_10x": check(1.0 if v["healthy"] else 0.0, v["healthy"],
                            "yes" if v["healthy"] else "NO"),
         "goodput_10x": check(g10, g10 is not None and g10 >= 0.8, _pct(g10)),
-        "critical_success_10x": check(c10, c10 is not None and c10 >= 0.98, _pct(c10, 2)),
+        "critical_success_10x": check(
+            c10, c10 is not None and c10 >= 0.98,
+            f"{_pct(c10, 2)} (critical offered {_pct(l10.get('critical_offered_share'), 0)} "
+            "of capacity)"),
         "memory_flat": check(growth, growth is not None and growth < 50
                              and mem["peak_mib"] < 2 * mem["start_mib"],
                              "-" if not mem else f"{mem['start_mib']:.0f} -> peak "
