@@ -186,7 +186,9 @@ class AdmissionController:
     def restart_low(self, deployment: str) -> None:
         """Drop the limit to its minimum (call after the deployment's breaker closes)."""
         state = self._state(deployment)
-        state.limiter.restart_low(self._clock())
+        now = self._clock()
+        state.settle(now)  # the time so far at the old limit
+        state.limiter.restart_low(now)
         self._observer.on_limit(deployment, state.limiter.limit)
 
     def reconfigure(self, policy: AdmissionPolicy) -> None:
@@ -195,7 +197,7 @@ class AdmissionController:
         self._policy = policy
         self._shares = policy.classes.holdback_shares()  # read on every admission
         for state in self._deployments.values():
-            state.reconfigure(policy)
+            state.reconfigure(policy, now)
             level = state.shed.level
             state.shed = ShedState(policy, now)
             state.shed.level = min(level, len(Priority) * policy.cohort_buckets)
@@ -360,6 +362,7 @@ class AdmissionController:
                      prompt_tokens: int | None) -> None:
         now = self._clock()
         state.observe_ttft(ttft_s, prompt_tokens)
+        state.settle(now)  # the time so far at the current limit
         before = state.limiter.limit
         state.limiter.on_first_token(now, ttft_s, prompt_tokens, state.demand(self._shares, now))
         if state.limiter.limit != before:

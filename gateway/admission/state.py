@@ -27,10 +27,17 @@ _TTFT_WEIGHT = 0.2  # EWMA weight of a new first-byte time
 _RECENT_TTFT = 64
 _OPTIMISTIC_RANK = 0.1
 # A class's share of the limit that falls between whole slots (0.95 x 4 = 3.8) is a slot it may
-# fill that fraction of the time. The time it owes back is capped at this many seconds of the
-# fraction's own rate: a limit cut with the slots full does not bar the class for minutes.
+# fill that fraction of the time. Time above the share that is not the class's borrowing adds
+# at most this many seconds of repayment to what it owes (DeploymentState.settle).
 _LEND_MEMORY_S = 10.0
 _PAID = 1e-9  # slot-seconds owed that count as none (float sums do not return to 0 exactly)
+
+
+def _lend_waits(policy: AdmissionPolicy) -> tuple[float, ...]:
+    """Per class, the shortest queue target (seconds) of the classes above it: how long a
+    request of theirs may wait for a slot that this class was lent (see ``cap``)."""
+    targets = [policy.classes.of(p).queue_target_ms / 1000 for p in Priority]
+    return tuple(min(targets[:p], default=math.inf) for p in range(len(targets)))
 
 
 def is_client_retry(headers: Mapping[str, str]) -> bool:
@@ -214,14 +221,18 @@ class DeploymentState:
         # was what held it back, whatever the count of requests in flight says (see demand).
         self.slots_full_at = -math.inf
         self.shares = policy.classes.holdback_shares()
+        self._lend_wait_s = _lend_waits(policy)
         # Per class: slot-seconds over its share the deployment has run since the class last
-        # was within it (see cap); settled whenever the count in flight changes.
+        # was within it (see cap); settled whenever the count in flight, the limit or the
+        # shares change.
         self._owed = [0.0] * len(Priority)
         self._settled_at = now
 
-    def reconfigure(self, policy: AdmissionPolicy) -> None:
+    def reconfigure(self, policy: AdmissionPolicy, now: float) -> None:
         settings = policy.concurrency_for(self.label)
+        self.settle(now)  # the time so far at the old limit and shares
         self.shares = policy.classes.holdback_shares()
+        self._lend_wait_s = _lend_waits(policy)
         self.limiter.reconfigure(settings)
         if settings.pace_by_rate_headers and not self.pacing:
             self.pace = ProviderPace()  # nothing was counted while off: start afresh
@@ -305,22 +316,32 @@ class DeploymentState:
         """Slots the class may fill now: its holdback share of the limit, at least one so every
         class progresses at tiny limits.
 
-        A share that falls between whole slots is honoured over time, not rounded down: high's
-        0.95 of a limit of 4 is 3.8 slots, so high may fill the fourth slot 80 % of the time.
-        Rounding down held a whole slot, a quarter of a 4-slot upstream, for critical requests
-        that might come (bench/overload.py --slots 4: 83-87 % of capacity used at 2x and 3x).
-        The class takes that slot only when it owes nothing: the deployment ran above the
-        share no longer, in proportion, than the share allows (``settle``). The class keeps a
-        slot it took to the end of its call and waits longer before the next.
+        A share that falls between whole slots is honoured over time, not rounded down, while
+        calls are short: high's 0.95 of a limit of 4 is 3.8 slots, so high may fill the fourth
+        slot 80 % of the time. Rounding down held a whole slot, a quarter of a 4-slot upstream,
+        for critical requests that might come (bench/overload.py --slots 4: 83-87 % of capacity
+        used at 2x and 3x). The class takes that slot only when it owes nothing: the deployment
+        ran above the share no longer, in proportion, than the share allows (``settle``).
+
+        A lent slot is held to the end of its call, so a request of a class above that then
+        finds every slot busy waits for the next call to end. The slot is lent only while that
+        wait (one over the rate calls end) is within the queue target of every class above:
+        with calls of a minute at a small limit, the whole slot stays held for them.
         """
         if self.shares[priority] >= 1.0:
             return self.limiter.limit
         whole, fraction = self._slots(priority)
-        if fraction > 0.0:
+        if fraction > 0.0 and self._lendable(priority, now):
             self.settle(now)
             if self._owed[priority] <= _PAID:
                 whole += 1
         return max(1, whole)
+
+    def _lendable(self, priority: Priority, now: float) -> bool:
+        """Calls end often enough that a class above, finding every slot busy, waits for the
+        next one no longer than its queue target."""
+        ending = self.drain.rate(now)
+        return ending > 0.0 and 1.0 / ending <= self._lend_wait_s[priority]
 
     def _slots(self, priority: Priority) -> tuple[int, float]:
         """The class's share of the limit as whole slots and the fraction of one more."""
@@ -334,17 +355,22 @@ class DeploymentState:
         time is all that holds it now (None otherwise): a waiting request of the class should
         not wait for a release that may come much later."""
         whole, fraction = self._slots(priority)
-        if whole < 1 or fraction == 0.0 or self.in_flight != whole:
+        if (whole < 1 or fraction == 0.0 or self.in_flight != whole
+                or not self._lendable(priority, now)):
             return None
         self.settle(now)
         owed = self._owed[priority]
         return owed / fraction if owed > _PAID else None
 
     def settle(self, now: float) -> None:
-        """Bring each class's debt up to ``now``: time with more calls in flight than the
-        class's whole slots (3 of 3.8) adds ``1 - fraction`` per second, time within them pays
-        back ``fraction``, so a class that takes the extra slot only when it owes nothing has
-        it, in the long run, that fraction of the time. Idle time earns no credit."""
+        """Bring each class's debt up to ``now`` (call before the count in flight, the limit
+        or the shares change): time with more calls in flight than the class's whole slots (3
+        of 3.8) adds ``1 - fraction`` per second, time within them pays back ``fraction``, so
+        a class that takes the extra slot only when it owes nothing has it, in the long run,
+        that fraction of the time, however long its calls. Idle time earns no credit. Time
+        further above (a limit cut with every slot full, or the classes above filling their
+        reserve) adds only up to ``_LEND_MEMORY_S`` of repayment: it is not the class's
+        borrowing, and must not bar it for minutes."""
         elapsed = now - self._settled_at
         if elapsed <= 0.0:
             return
@@ -354,9 +380,15 @@ class DeploymentState:
             if fraction == 0.0:  # whole slots (critical's whole limit among them): nothing owed
                 self._owed[priority] = 0.0
                 continue
-            rate = 1.0 - fraction if self.in_flight > whole else -fraction
-            self._owed[priority] = min(max(0.0, self._owed[priority] + rate * elapsed),
-                                       fraction * _LEND_MEMORY_S)
+            owed = self._owed[priority]
+            if self.in_flight <= whole:
+                owed = max(0.0, owed - fraction * elapsed)
+            elif self.in_flight == whole + 1:
+                owed += (1.0 - fraction) * elapsed
+            else:
+                owed = max(owed, min(owed + (1.0 - fraction) * elapsed,
+                                     fraction * _LEND_MEMORY_S))
+            self._owed[priority] = owed
 
     def oldest_waits(self, now: float) -> list[float | None]:
         waits: list[float | None] = []

@@ -40,8 +40,8 @@ class ClassSettings(StrictModel):
     holdback_share: Share = Field(
         description="share of the concurrency limit this class may fill; a request of the class "
         "takes a slot only while in-flight stays within it, so the classes above find one. A "
-        "share between whole slots is kept over time: 0.95 of a limit of 4 is the fourth slot "
-        "80 % of the time"
+        "share of the limit between whole slots (3.8 of 4) is kept over time while calls end "
+        "within the queue target of the classes above: the fourth slot 80 % of the time"
     )
     default_deadline_s: PositiveFloat = Field(
         description="deadline when the client sends neither X-Request-Timeout nor "
