@@ -455,7 +455,7 @@ class AdmissionController:
                  "ttft_baseline_s", "upstream_queue",
                  "drain_rate_per_s", "shed_level",
                  "classes": {class: {"in_flight", "queued", "oldest_wait_s", "overloaded",
-                                     "drop_mode"}}}},
+                                     "drop_mode", "slots"}}}},
              "shed": {class: {reason: n}}, "would_shed": {...},
              "deadline_exceeded": {class: {"admission"|"queue": n}}}
         """
@@ -478,6 +478,10 @@ class AdmissionController:
                     "oldest_wait_s": waits[p] or 0.0,
                     "overloaded": state.shed.overloaded(p),
                     "drop_mode": state.shed.drop_mode(p),
+                    # Slots the class may fill now: its holdback share of the limit, with the
+                    # last partial slot only while lent (DeploymentState.cap). "limit 4, in
+                    # flight 3, high queued" is high owing its share of the fourth slot.
+                    "slots": state.cap(p, now),
                 }
                 total = totals[p.name]
                 total["in_flight"] += cls["in_flight"]

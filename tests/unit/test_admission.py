@@ -234,6 +234,11 @@ async def test_the_last_partial_slot_comes_back_when_its_time_is_repaid() -> Non
     calls_ending(ctl, clock, 10.0)
     fourth.release("success")
     assert ctl.try_acquire(DEP, req(clock, H)) is None
+    slots = {name: cls["slots"]
+             for name, cls in ctl.snapshot()["deployments"][DEP]["classes"].items()}
+    # /admin/status: high owes for the fourth slot; normal's 3.4 and low's 2.8 owe too (the
+    # fourth slot was busy for 0.3 s), so they are at their whole slots
+    assert slots == {"critical": 4, "high": 3, "normal": 3, "low": 2}
     critical = ctl.try_acquire(DEP, req(clock, C))
     assert critical is not None
     critical.release("success")
@@ -709,8 +714,9 @@ async def test_per_deployment_override_and_snapshot_shape() -> None:
                         "shed_level", "classes", "ttft_baseline_s", "upstream_queue",
                         "provider_quota", "prefill_s_per_1k_tokens"}
     assert dep["provider_quota"] is None  # no answer reported a quota yet
+    # slots: normal's 0.85 of 3 is 2.55; no call has ended yet, so the third is not lent
     assert dep["classes"]["normal"] == {"in_flight": 1, "queued": 0, "oldest_wait_s": 0.0,
-                                        "overloaded": False, "drop_mode": False}
+                                        "overloaded": False, "drop_mode": False, "slots": 2}
     assert snap["classes"]["normal"] == {"in_flight": 2, "queued": 0, "queue_target_s": 0.5,
                                          "oldest_wait_s": 0.0, "drop_mode": False}
     assert snap["classes"]["critical"]["in_flight"] == 0
