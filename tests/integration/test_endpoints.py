@@ -23,7 +23,7 @@ from gateway.request.auth import TenantPolicy, hash_key
 from gateway.request.classifier import ROUTES
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from gateway.state.plan import AdmitPlan, AdmitResult, SettlePlan
-from tests.gwtest import ACME_KEY, UMBRELLA_KEY, FakeClock, auth, chat, log_fields
+from tests.gwtest import ACME_KEY, NO_LAG_SHEDDING, UMBRELLA_KEY, FakeClock, auth, chat, log_fields
 from tests.plugin_gateway import GatewayClient, MakeGateway
 from tests.redis_server import RedisCluster3, RedisServer
 
@@ -31,7 +31,6 @@ Gw = GatewayClient
 ADMIN_KEY = "sk-admin-test"
 PUBLIC = {"GET /healthz", "GET /readyz", "GET /metrics"}
 MISSING_ID = "dfr_" + "0" * 32
-NO_LAG_SHEDDING = {"self_protection": {"max_loop_lag_ms": 600_000}}
 # A request for each authenticated route (path parameters filled in, a body where needed).
 REQUESTS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "POST /v1/chat/completions": ("POST", "/v1/chat/completions", chat()),

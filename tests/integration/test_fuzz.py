@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from gateway.mock.upstream import RECORDED
 from gateway.request.classifier import ROUTES
 from tests.faults.helpers import Client
-from tests.gwtest import ACME_KEY, UMBRELLA_KEY
+from tests.gwtest import ACME_KEY, NO_LAG_SHEDDING, UMBRELLA_KEY
 from tests.plugin_gateway import MakeGateway
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
@@ -159,7 +159,6 @@ async def fuzz_gw(make_gateway: MakeGateway) -> Client:
 # These gateways run in the test's own event loop, which hypothesis and megabyte bodies keep
 # busy: the loop lag self-protection measures is the test's, and its 503 sheds are correct
 # behaviour, not what these tests are about.
-NO_LAG_SHEDDING = {"self_protection": {"max_loop_lag_ms": 600_000}}
 
 
 @FUZZ
