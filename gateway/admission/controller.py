@@ -227,7 +227,6 @@ class AdmissionController:
             )
         return state
 
-
     def _grant_now(self, state: DeploymentState, req: AdmissionRequest,
                    now: float) -> Permit | None:
         # A free slot within the class share, and nobody of this class or above waiting for it,

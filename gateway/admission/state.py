@@ -27,8 +27,8 @@ _TTFT_WEIGHT = 0.2  # EWMA weight of a new first-byte time
 _RECENT_TTFT = 64
 _OPTIMISTIC_RANK = 0.1
 # A class's share of the limit that falls between whole slots (0.95 x 4 = 3.8) is a slot it may
-# fill that fraction of the time. Time above the share that is not the class's borrowing adds
-# at most this many seconds of repayment to what it owes (DeploymentState.settle).
+# fill that fraction of the time. Time more than one slot above the share adds at most this
+# many seconds of repayment to what it owes (DeploymentState.settle).
 _LEND_MEMORY_S = 10.0
 _PAID = 1e-9  # slot-seconds owed that count as none (float sums do not return to 0 exactly)
 
@@ -367,10 +367,11 @@ class DeploymentState:
         or the shares change): time with more calls in flight than the class's whole slots (3
         of 3.8) adds ``1 - fraction`` per second, time within them pays back ``fraction``, so
         a class that takes the extra slot only when it owes nothing has it, in the long run,
-        that fraction of the time, however long its calls. Idle time earns no credit. Time
-        further above (a limit cut with every slot full, or the classes above filling their
-        reserve) adds only up to ``_LEND_MEMORY_S`` of repayment: it is not the class's
-        borrowing, and must not bar it for minutes."""
+        that fraction of the time, however long its calls (whoever fills the partial slot:
+        a critical call there uses the reserve as much as a lent one). Idle time earns no
+        credit. Time more than one slot above (a limit cut with every slot full) adds only up
+        to ``_LEND_MEMORY_S`` of repayment: it is not the class's borrowing, and must not bar
+        it for minutes."""
         elapsed = now - self._settled_at
         if elapsed <= 0.0:
             return
