@@ -14,8 +14,10 @@ UMBRELLA_KEY = "sk-test-umbrella"
 
 
 # For ``admission=``: no shedding for event-loop lag. These tests run the gateway, its upstream
-# and their clients on one loop of a shared CI machine, where a stall of a few hundred ms is the
-# machine's, not the gateway's; the self-protection tests keep it.
+# and their clients on one loop of a shared CI machine, where a stall of a few hundred ms (a
+# full garbage collection of a test process late in the suite, a busy neighbour) is the
+# machine's, not the gateway's. ``policy`` applies it unless a test sets its own threshold;
+# the self-protection tests (tests/unit/test_selfprotect.py) set theirs.
 NO_LAG_SHEDDING = {"self_protection": {"max_loop_lag_ms": 600_000}}
 
 
@@ -42,6 +44,7 @@ def policy_dict(upstream: str, **overrides: Any) -> dict[str, Any]:
             "umbrella": {"api_keys": [hash_key(UMBRELLA_KEY)], "models": ["gpt-test"],
                          "default_priority": "low", "max_priority": "normal"},
         },
+        "admission": copy.deepcopy(NO_LAG_SHEDDING),
     }
     return _merge(data, overrides)
 

@@ -132,7 +132,7 @@ async def test_each_route_is_counted_and_refused_over_the_limit(
     answered = [await _send(gw, name) for _ in range(3)]
     assert [r.status for r in answered if r.status == 429] == []
     refused = await _send(gw, name)
-    assert refused.status == 429, name
+    assert refused.status == 429, (name, await refused.text())
     assert refused.headers["x-ratelimit-limit-requests"] == "6"
     assert 1 <= int(refused.headers["Retry-After"]) <= 10
     assert 1 <= int(refused.headers["retry-after-ms"]) <= 10_000
