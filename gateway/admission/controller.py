@@ -78,7 +78,6 @@ class AdmissionController:
     def __init__(self, policy: AdmissionPolicy, clock: Clock, rng: random.Random,
                  observer: AdmissionObserver | None = None) -> None:
         self._policy = policy
-        self._shares = policy.classes.holdback_shares()  # read on every admission
         self._clock = clock
         self._rng = rng
         self._observer = observer or AdmissionObserver()
@@ -125,7 +124,7 @@ class AdmissionController:
         entry = QueueEntry(req, now, asyncio.get_running_loop().create_future(), shed_at=shed_at)
         state.queues[req.priority].push(entry)
         self._arm(state, entry, now)
-        if not state.quota_allows(self._shares[req.priority], now):
+        if not state.quota_allows(req.priority, now):
             self._arm_pace(state, req.priority, now)  # nothing else may wake it: no release
         elif (owed := state.owed_s(req.priority, now)) is not None:
             self._wake(state, owed)  # its share's last slot comes back before a release may
@@ -153,7 +152,7 @@ class AdmissionController:
             return 0
         free = state.cap(priority, now) - state.in_flight
         if state.pacing:
-            free = min(free, state.pace.spendable(self._shares[priority], now))
+            free = min(free, state.pace.spendable(state.shares[priority], now))
         return max(0, free)
 
     def check_deadline(self, deployment: str, deadline: float, now: float | None = None,
@@ -195,7 +194,6 @@ class AdmissionController:
         """Apply a reloaded policy, keeping in-flight counts, queues, limits and shed levels."""
         now = self._clock()
         self._policy = policy
-        self._shares = policy.classes.holdback_shares()  # read on every admission
         for state in self._deployments.values():
             state.reconfigure(policy, now)
             level = state.shed.level
@@ -232,7 +230,7 @@ class AdmissionController:
         # A free slot within the class share, and nobody of this class or above waiting for it,
         # and the provider's quota (as paced) not down to the reserve of the classes above.
         if (state.in_flight >= state.cap(req.priority, now) or state.queued(req.priority)
-                or not state.quota_allows(self._shares[req.priority], now)):
+                or not state.quota_allows(req.priority, now)):
             return None
         state.shed.observe(req.priority, 0.0)
         self._observer.on_queue_delay(state.label, req.priority, 0.0)
@@ -363,7 +361,7 @@ class AdmissionController:
         state.observe_ttft(ttft_s, prompt_tokens)
         state.settle(now)  # the time so far at the current limit
         before = state.limiter.limit
-        state.limiter.on_first_token(now, ttft_s, prompt_tokens, state.demand(self._shares, now))
+        state.limiter.on_first_token(now, ttft_s, prompt_tokens, state.demand(now))
         if state.limiter.limit != before:
             self._observer.on_limit(state.label, state.limiter.limit)
             self._dispatch(state, now)  # a higher limit frees slots at once
@@ -374,7 +372,7 @@ class AdmissionController:
         now = self._clock()
         if pace_seq >= 0:
             state.pace.heard(pace_seq)  # no answer came (or it was heard already)
-        demand = state.demand(self._shares, now)
+        demand = state.demand(now)
         state.give_back(priority, now)
         state.drain.tick(now)
         if ttft_s is not None:
@@ -393,9 +391,8 @@ class AdmissionController:
             if not queue:
                 continue
             cap = state.cap(priority, now)
-            share = self._shares[priority]
             while queue and state.in_flight < cap:
-                if not state.quota_allows(share, now):
+                if not state.quota_allows(priority, now):
                     self._arm_pace(state, priority, now)
                     return  # lower classes keep larger reserves: they cannot go either
                 entry = queue.pop()
@@ -418,7 +415,7 @@ class AdmissionController:
     def _arm_pace(self, state: DeploymentState, priority: Priority, now: float) -> None:
         """Dispatch again when the provider's quota has refilled for ``priority``: with nothing
         in flight, no release would wake the queue."""
-        self._wake(state, state.pace.wait_s(self._shares[priority], now))
+        self._wake(state, state.pace.wait_s(state.shares[priority], now))
 
     def _wake(self, state: DeploymentState, wait: float) -> None:
         """Dispatch again in ``wait`` seconds (one timer per deployment, the earliest kept)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -220,7 +220,7 @@ class DeploymentState:
         # When a request last found its class's slots full (it queued or was shed): the limit
         # was what held it back, whatever the count of requests in flight says (see demand).
         self.slots_full_at = -math.inf
-        self.shares = policy.classes.holdback_shares()
+        self.shares = policy.classes.holdback_shares()  # read on every admission
         self._lend_wait_s = _lend_waits(policy)
         # Per class: slot-seconds over its share the deployment has run since the class last
         # was within it (see cap); settled whenever the count in flight, the limit or the
@@ -238,9 +238,9 @@ class DeploymentState:
             self.pace = ProviderPace()  # nothing was counted while off: start afresh
         self.pacing = settings.pace_by_rate_headers
 
-    def quota_allows(self, share: float, now: float) -> bool:
-        """Whether the provider's quota, as paced, lets a class of this share send now."""
-        return not self.pacing or self.pace.allows(share, now)
+    def quota_allows(self, priority: Priority, now: float) -> bool:
+        """Whether the provider's quota, as paced, lets the class send now."""
+        return not self.pacing or self.pace.allows(self.shares[priority], now)
 
     def take(self, priority: Priority, now: float) -> int:
         """A slot taken; the request's sequence number in the paced quota (-1: not paced)."""
@@ -263,14 +263,14 @@ class DeploymentState:
         return sum(1 for granted, prompt in self.awaiting.values()
                    if now - granted > OVERDUE_FACTOR * (baseline_s + prefill_s * prompt / 1000))
 
-    def demand(self, shares: Sequence[float], now: float) -> int:
+    def demand(self, now: float) -> int:
         """Demand for slots, as the limit judges whether it is used: requests in flight plus
         those waiting for a slot (not those waiting for the provider's quota, or a quota-bound
         deployment would grow its limit to max_limit while slots sit idle). A request waiting
         for a slot now, or a class refused one within the last decision window (queued or
         shed), counts as the whole limit: with holdback the lower classes are refused below
         the limit, and requests shed at once never show as queued."""
-        waiting = self.queued_for_slots(shares, now)
+        waiting = self.queued_for_slots(now)
         demand = self.in_flight + waiting
         if waiting or now - self.slots_full_at <= self.limiter.settings.decision_window_s:
             demand = max(demand, self.limiter.limit)
@@ -302,11 +302,11 @@ class DeploymentState:
             ordered = sorted(self._recent)
             self._fast = ordered[int(_OPTIMISTIC_RANK * (len(ordered) - 1))]
 
-    def queued_for_slots(self, shares: Sequence[float], now: float) -> int:
+    def queued_for_slots(self, now: float) -> int:
         """Waiting requests of the classes the provider's quota (as paced) lets go now: the
         others wait for the quota, not for a slot."""
-        return sum(len(q) for q, share in zip(self.queues, shares, strict=True)
-                   if q and self.quota_allows(share, now))
+        return sum(len(q) for priority, q in zip(Priority, self.queues, strict=True)
+                   if q and self.quota_allows(priority, now))
 
     def queued(self, up_to: Priority = Priority.low) -> int:
         """Waiting requests of classes ``critical`` .. ``up_to``."""
