@@ -350,7 +350,7 @@ def main() -> int:
     quota_only = args.slots is None and args.quota_rpm > 0
     for slots in ([UNLIMITED_SLOTS] if quota_only else args.slots or [16]):
         setup = argparse.Namespace(**vars(args))
-        setup.slots, setup.quota_only = slots, quota_only
+        setup.slots, setup.quota_only, setup.steps = slots, quota_only, STEPS
         if quota_only:
             # The tuned policy pins the concurrency that fills the quota and no more.
             setup.tuned_slots = max(1, math.ceil(args.quota_rpm / 60 * service_s))
