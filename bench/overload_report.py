@@ -214,7 +214,10 @@ def _targets(v: dict[str, Any], first_token_ms: float) -> dict[str, dict[str, An
     c3, t3, r2 = l3.get("critical_success"), l3.get("critical_ttft_p99_ms"), l2.get("runs_share")
     c10 = l10.get("critical_success")
     growth = mem["end_mib"] - mem["start_mib"] if mem else None
-    # Bounds no admission policy beats (None: not computed, counted as reachable).
+    # Bounds no admission policy beats in expectation (None: not computed, counted as
+    # reachable). A 15 s window can pass one by luck: fewer arrivals than their mean, or work
+    # that spilled into the window's neighbours (runs finishing in the tail, critical requests
+    # in the gap after 10x).
     wait = v.get("critical_wait_p99_ms")
     ttft_floor = None if wait is None else first_token_ms + wait  # p99(x + y) >= min x + p99 y
     runs_bound = l2.get("runs_bound")
@@ -229,7 +232,8 @@ def _targets(v: dict[str, Any], first_token_ms: float) -> dict[str, dict[str, An
             t3, t3 is not None and limit is not None and t3 <= limit,
             f"{_ms(t3)} (limit {_ms(limit)}"
             + ("" if ttft_floor is None else
-               f"; critical alone on every slot: p99 >= {_ms(ttft_floor)}") + ")",
+               f"; with every slot critical's alone, expected p99 >= {_ms(ttft_floor)}")
+            + ")",
             reachable=ttft_floor is None or limit is None or ttft_floor <= limit),
         "runs_2x": check(
             r2, r2 is not None and r2 >= 0.5,
@@ -243,7 +247,7 @@ def _targets(v: dict[str, Any], first_token_ms: float) -> dict[str, dict[str, An
         "critical_success_10x": check(
             c10, c10 is not None and c10 >= 0.98,
             f"{_pct(c10, 2)} (critical offered {_pct(offered10, 0)} of capacity"
-            + ("" if crit_bound is None else f": at most {_pct(crit_bound)}") + ")",
+            + ("" if crit_bound is None else f": over time at most {_pct(crit_bound)}") + ")",
             reachable=crit_bound is None or crit_bound >= 0.98),
         "memory_flat": check(growth, growth is not None and growth < 50
                              and mem["peak_mib"] < 2 * mem["start_mib"],
