@@ -25,8 +25,6 @@ from tests.gwtest import ACME_KEY, auth, log_fields, policy_dict
 from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
 ADMIN_KEY = "sk-admin-accounting"
-# SDK, gateway and mock share the test's loop: no load shedding on the loop-lag probe here.
-CALM = {"self_protection": {"max_loop_lag_ms": 10_000}}
 
 
 def merged(*objs: Any) -> Usage:
@@ -210,7 +208,7 @@ async def test_ten_step_agent_with_90_percent_cached_input_is_charged_the_price_
     models = {"gpt-agent": {"deployments": [{"provider": "main", "model": "upstream-agent"}],
                             "price": price}}
     # a first run, unlimited, to learn what the run costs
-    probe = await run(await make_gateway(models=models, admission=CALM), "probe")
+    probe = await run(await make_gateway(models=models), "probe")
     expected = bill(probe, rates.cache_read)
     cached = sum(u.prompt_tokens_details.cached_tokens for u in probe[1:])
     assert cached / sum(u.prompt_tokens for u in probe[1:]) >= 0.89  # steps 2-10: 90 % cached
@@ -222,7 +220,6 @@ async def test_ten_step_agent_with_90_percent_cached_input_is_charged_the_price_
     budget_micros = expected + room
     assert budget_micros < bill(probe, rates.input)
     gw = await make_gateway(models=models, admin={"api_keys": [hash_key(ADMIN_KEY)]},
-                            admission=CALM,
                             tenants={"acme": {"budget": {"daily_cost": budget_micros / 1e6}}})
     usages = await run(gw, "agent")  # a fresh prefix: the same token counts as the probe
     assert [(u.prompt_tokens, u.prompt_tokens_details.cached_tokens) for u in usages] == \

@@ -117,13 +117,10 @@ def test_hostile_shapes_are_ignored_without_errors() -> None:
 
 # --- through a gateway -----------------------------------------------------------------------
 
-# Loop-lag shedding off: these gateways share the test's loop, and shedding is not tested here.
-CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 
 
 def _loop_policy(action: str) -> dict[str, Any]:
-    return {"tenants": {"acme": {"agent_loop": {"action": action, "max_repeats": 5}}},
-            **CALM}
+    return {"tenants": {"acme": {"agent_loop": {"action": action, "max_repeats": 5}}}}
 
 
 def _body(n: int, *, different: bool = False) -> dict[str, Any]:

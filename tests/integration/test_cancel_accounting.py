@@ -28,7 +28,6 @@ from gateway.state import MemoryBackend, StateBackend
 from tests.gwtest import ACME_KEY, auth, chat
 from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
-CALM = {"self_protection": {"max_loop_lag_ms": 600_000}}
 ONE_SLOT = {"concurrency": {"min_limit": 1, "initial_limit": 1, "max_limit": 1}}
 INSTRUCTIONS = "word " * 8_000  # about 10,000 tokens by the estimate
 
@@ -71,7 +70,7 @@ async def _budgeted(make_gateway: MakeGateway, backend: StateBackend, upstream: 
                     **extra: Any) -> GatewayClient:
     return await make_gateway(upstream, state=backend,
                               tenants={"acme": {"budget": {"daily_tokens": 10**7}}},
-                              admission={**CALM, **extra.pop("admission", {})}, **extra)
+                              admission=extra.pop("admission", {}), **extra)
 
 
 async def test_a_client_that_leaves_while_the_upstream_works_is_charged_the_prompt(

@@ -41,15 +41,9 @@ def _base(gw: GatewayClient) -> str:
     return str(gw.make_url("")).rstrip("/")
 
 
-# The SDKs, the gateway and the mock share this test's event loop: the SDKs' first use of
-# their streaming and parsing helpers imports and builds models for a while, which the
-# gateway's loop-lag probe would take for overload. These tests are about answer shapes.
-CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 10_000}}}
-
-
 @pytest.fixture
 async def gw(make_gateway: MakeGateway) -> GatewayClient:
-    client: GatewayClient = await make_gateway(**CALM)
+    client: GatewayClient = await make_gateway()
     return client
 
 
@@ -193,7 +187,7 @@ async def test_openai_usage_reports_cached_prefix_and_share_knob(oai: Any) -> No
 
 async def test_reasoning_model_reports_reasoning_tokens(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(models={"reasoner": {
-        "deployments": [{"provider": "main", "model": "mock-reasoning"}]}}, **CALM)
+        "deployments": [{"provider": "main", "model": "mock-reasoning"}]}})
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY)
     try:
         reply = await client.chat.completions.create(

@@ -18,7 +18,6 @@ from gateway.state import StateBackend
 from tests.gwtest import auth
 from tests.plugin_gateway import MakeGateway, settled
 
-CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 BIG = "word " * 40_000  # 200,000 bytes: about 50,000 tokens
 
 
@@ -78,8 +77,7 @@ def test_fields_that_are_not_prompt_are_not_counted() -> None:
 async def test_huge_instructions_cannot_overspend_a_budget(
     make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
 ) -> None:
-    gw = await make_gateway(state=backend, tenants={"acme": {"budget": {"daily_tokens": 20_000}}},
-                            **CALM)
+    gw = await make_gateway(state=backend, tenants={"acme": {"budget": {"daily_tokens": 20_000}}})
     body = {"model": "gpt-test", "input": "hi", "instructions": BIG, "max_output_tokens": 100}
     resp = await gw.post("/v1/responses", json=body, headers=auth())
     assert resp.status == 429
@@ -91,7 +89,7 @@ async def test_huge_instructions_cannot_overspend_a_budget(
 async def test_huge_instructions_meet_the_context_window_check(
     make_gateway: MakeGateway, mock_upstream: TestServer,
 ) -> None:
-    gw = await make_gateway(models={"gpt-test": {"context_window": 20_000}}, **CALM)
+    gw = await make_gateway(models={"gpt-test": {"context_window": 20_000}})
     body = {"model": "gpt-test", "input": "hi", "instructions": BIG, "max_output_tokens": 100}
     resp = await gw.post("/v1/responses", json=body, headers=auth())
     assert resp.status == 400
@@ -103,7 +101,7 @@ async def test_huge_instructions_cannot_pass_a_token_rate_limit(
     make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
 ) -> None:
     gw = await make_gateway(state=backend, tenants={"acme": {"limits": {
-        "tokens_per_minute": 20_000, "token_burst": 20_000}}}, **CALM)
+        "tokens_per_minute": 20_000, "token_burst": 20_000}}})
     body = {"model": "gpt-test", "input": "hi", "instructions": BIG, "max_output_tokens": 100}
     resp = await gw.post("/v1/responses", json=body, headers=auth())
     assert resp.status == 429

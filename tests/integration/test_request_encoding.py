@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import tracemalloc
 import zlib
-from typing import Any
 
 import orjson
 import pytest
@@ -24,7 +23,6 @@ from tests.plugin_gateway import MakeGateway
 
 INFLATED = 64 * 1024 * 1024
 BOMB = zlib.compress(b" " * INFLATED, 9)  # ~64 KB: a JSON body of whitespace once inflated
-CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 
 
 def _upstream_calls(mock_upstream: TestServer) -> int:
@@ -35,7 +33,7 @@ def _upstream_calls(mock_upstream: TestServer) -> int:
 async def test_an_encoded_body_is_refused_in_the_openai_dialect(
     make_gateway: MakeGateway, mock_upstream: TestServer, encoding: str,
 ) -> None:
-    gw = await make_gateway(**CALM)
+    gw = await make_gateway()
     resp = await gw.post("/v1/chat/completions", data=gzip.compress(orjson.dumps(chat())),
                          headers=auth(**{"Content-Encoding": encoding,
                                          "Content-Type": "application/json"}))
@@ -49,7 +47,7 @@ async def test_an_encoded_body_is_refused_in_the_openai_dialect(
 async def test_an_encoded_body_is_refused_in_the_anthropic_dialect(
     make_gateway: MakeGateway, mock_upstream: TestServer,
 ) -> None:
-    gw = await make_gateway(**CALM)
+    gw = await make_gateway()
     body = {"model": "claude-test", "max_tokens": 5,
             "messages": [{"role": "user", "content": "hi"}]}
     resp = await gw.post("/v1/messages", data=gzip.compress(orjson.dumps(body)),
@@ -62,7 +60,7 @@ async def test_an_encoded_body_is_refused_in_the_anthropic_dialect(
 
 
 async def test_identity_is_accepted(make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(**CALM)
+    gw = await make_gateway()
     resp = await gw.post("/v1/chat/completions", json=chat(),
                          headers=auth(**{"Content-Encoding": "identity"}))
     assert resp.status == 200
@@ -72,7 +70,7 @@ async def test_identity_is_accepted(make_gateway: MakeGateway) -> None:
 async def test_a_gzip_bomb_is_never_inflated(make_gateway: MakeGateway, key: str) -> None:
     """A 64 KB body that inflates to 64 MiB: the gateway's memory never holds the inflated
     bytes, with a valid key (415) or without one (401)."""
-    gw = await make_gateway(**CALM)
+    gw = await make_gateway()
     tracemalloc.start()
     try:
         resp = await gw.post("/v1/chat/completions", data=BOMB,

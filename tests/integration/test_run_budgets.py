@@ -117,13 +117,14 @@ def test_a_run_idle_past_its_ttl_is_forgotten_and_an_active_one_is_not() -> None
 
 # --- a gateway on the memory backend ---------------------------------------------------------
 
-# Loop-lag shedding off: these gateways share the test's loop, and shedding is not tested here.
+# Loop-lag shedding off in the fleet's own policy file (policy() in tests/gwtest.py turns it off
+# for the gateways built in this process): shedding is not what is tested.
 CALM = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 
 
 def _run_policy(**caps: Any) -> dict[str, Any]:
     return {"tenants": {"acme": {"loop_guard": {"enabled": False},
-                                 "run_budget": caps}}, **CALM}
+                                 "run_budget": caps}}}
 
 
 async def _chat(gw: GatewayClient, run: str, max_tokens: int = 50,

@@ -20,7 +20,6 @@ from gateway.request.auth import hash_key
 from tests.plugin_gateway import MakeGateway
 
 GATEWAY_CONFIG = Path(__file__).resolve().parent.parent.parent / "bench" / "configs" / "runaway.yaml"
-CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 
 
 async def test_run_budgets_cut_a_runaway_tenants_spend_below_a_tenth(
@@ -31,7 +30,7 @@ async def test_run_budgets_cut_a_runaway_tenants_spend_below_a_tenth(
     gw = await make_gateway(tenants={
         "guarded": {"api_keys": [hash_key("sk-demo-guarded")], "run_budget": shipped},
         "open": {"api_keys": [hash_key("sk-demo-open")]},
-    }, **CALM)
+    })
     data: dict[str, Any] = load_scenario("runaway").model_dump(exclude_defaults=True)
     for w in data["workloads"]:
         w["model"] = "gpt-test"

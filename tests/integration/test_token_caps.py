@@ -45,18 +45,15 @@ CLAMPED = {"models": {
 }}
 
 
-# This machine's event loop also runs the test and the mock: loop-lag shedding (503) is right
-# under load, but not what these tests are about.
-CALM: dict[str, Any] = {"admission": {"self_protection": {"max_loop_lag_ms": 600_000}}}
 
 
 def tenant(**acme: Any) -> dict[str, Any]:
-    return {"tenants": {"acme": acme}, "models": MAXED, **CALM}
+    return {"tenants": {"acme": acme}, "models": MAXED}
 
 
 @pytest.fixture
 async def gw(make_gateway: MakeGateway) -> Client:
-    return await make_gateway(**CALM)
+    return await make_gateway()
 
 
 def _base(gw: Client) -> str:
@@ -156,7 +153,7 @@ async def test_a_model_without_a_known_maximum_refuses_nothing_and_reserves_what
     # so it must not refuse a cap the provider may accept; it reserves the cap in full instead.
     gw = await make_gateway(state=backend, tenants={"acme": {
         "budget": {"daily_tokens": 100_000},
-        "limits": {"tokens_per_minute": 60, "token_burst": 100_000}}}, **CALM)
+        "limits": {"tokens_per_minute": 60, "token_burst": 100_000}}})
     body = chat(text="long essay", max_tokens=60_000)
     resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
     assert resp.status == 200
@@ -315,7 +312,6 @@ async def spy_gw(make_gateway: MakeGateway) -> tuple[Client, list[int]]:
                  # this one opts in to injection: its uncapped requests get the estimate as cap
                  "umbrella": {"loop_guard": {"enabled": False}, "default_max_tokens": 300,
                               "inject_max_tokens": True, "models": ["*"]}},
-        **CALM,
     )
     reserved: list[int] = []
     limiter = gw.app[GATEWAY].policy.limiter
@@ -443,7 +439,7 @@ async def test_answer_model_alias_names_the_public_model_in_every_dialect(
     make_gateway: MakeGateway,
 ) -> None:
     gw = await make_gateway(models={"gpt-test": {"answer_model": "alias"},
-                                    "claude-test": {"answer_model": "alias"}}, **CALM)
+                                    "claude-test": {"answer_model": "alias"}})
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
     claude = anthropic.AsyncAnthropic(base_url=_base(gw), api_key=ACME_KEY, max_retries=0)
     hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]

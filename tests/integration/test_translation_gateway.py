@@ -38,14 +38,11 @@ from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
 DATA = Path(__file__).parent.parent / "data" / "translation"
 TIMEOUTS = {"connect_s": 2, "first_byte_s": 5, "idle_s": 2, "total_s": 20}
-# Loop-lag shedding off: these gateways share their loop with the test and the SDKs, and
-# shedding under a loaded machine is not what is tested here.
-CALM = {"self_protection": {"max_loop_lag_ms": 600_000}}
 
 
 @pytest.fixture
 async def gw(make_gateway: MakeGateway) -> GatewayClient:
-    return await make_gateway(admission=CALM)
+    return await make_gateway()
 
 
 def _base(gw: GatewayClient) -> str:
@@ -88,7 +85,6 @@ async def replay(aiohttp_server: AiohttpServer) -> tuple[Replay, str]:
 
 async def _replay_gateway(make_gateway: MakeGateway, url: str) -> GatewayClient:
     return await make_gateway(
-        admission=CALM,
         providers={"r_openai": {"kind": "openai", "base_url": f"{url}/v1",
                                 "forward_headers": ["x-mock-*"], "timeouts": TIMEOUTS},
                    "r_claude": {"kind": "anthropic", "base_url": url,
@@ -246,7 +242,7 @@ async def test_anthropic_sdk_tool_use_on_an_openai_deployment(
 
 async def test_upstream_errors_reach_each_client_in_its_own_dialect_with_the_same_headers(
         make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(admission=CALM, retries={"max_attempts": 1})
+    gw = await make_gateway(retries={"max_attempts": 1})
     headers = auth(**{"x-mock-status": "429", "x-mock-retry-after": "7"})
     resp = await gw.post("/v1/chat/completions", json=chat(model="claude-test"), headers=headers)
     assert resp.status == 429 and resp.headers["Retry-After"] == "7"
@@ -262,7 +258,7 @@ async def test_upstream_errors_reach_each_client_in_its_own_dialect_with_the_sam
 
 async def test_openai_sdk_sees_the_translated_429_as_a_rate_limit_error(
         make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(admission=CALM, retries={"max_attempts": 1})
+    gw = await make_gateway(retries={"max_attempts": 1})
     client = openai.AsyncOpenAI(base_url=_base(gw) + "/v1", api_key=ACME_KEY, max_retries=0)
     try:
         with pytest.raises(openai.RateLimitError):
@@ -312,7 +308,7 @@ async def test_a_field_without_counterpart_is_refused_in_the_clients_dialect(
 async def test_a_request_the_other_kind_cannot_carry_stays_on_its_own_kind(
         make_gateway: MakeGateway, mock_upstream: TestServer) -> None:
     """n=2 cannot go to Anthropic: a mixed model serves it from its OpenAI deployment only."""
-    gw = await make_gateway(admission=CALM, models={"mixed": {"deployments": [
+    gw = await make_gateway(models={"mixed": {"deployments": [
         {"provider": "claude", "model": "upstream-claude"},
         {"provider": "main", "model": "upstream-gpt"}]}})
     resp = await gw.post("/v1/chat/completions", json=chat(model="mixed", n=2), headers=auth())
@@ -325,7 +321,7 @@ async def test_anthropic_gets_the_cap_the_gateway_reserved(
     """No cap in the OpenAI body: Anthropic needs one, and gets exactly the per-answer output
     the reservation assumed (the tenant's default_max_tokens bounded by the model's maximum),
     so the upstream cannot generate more than was reserved."""
-    gw = await make_gateway(admission=CALM, tenants={"acme": {"default_max_tokens": 300}},
+    gw = await make_gateway(tenants={"acme": {"default_max_tokens": 300}},
                             models={"claude-test": {"max_output_tokens": 200}})
     resp = await gw.post("/v1/chat/completions", json=chat(model="claude-test"), headers=auth())
     assert resp.status == 200
@@ -359,7 +355,7 @@ async def test_client_disconnect_cancels_a_translated_upstream_stream(
     upstream = web.Application()
     upstream.router.add_post("/v1/messages", slow_stream)
     server = await aiohttp_server(upstream)
-    gw = await make_gateway(upstream=str(server.make_url("")).rstrip("/"), admission=CALM)
+    gw = await make_gateway(upstream=str(server.make_url("")).rstrip("/"))
     resp = await gw.post("/v1/chat/completions", json=chat(model="claude-test", stream=True),
                          headers=auth())
     first = await resp.content.readuntil(b"\n\n")
@@ -383,7 +379,7 @@ async def test_failover_to_the_other_kind_streams_with_exact_usage(
     other = "claude" if client_kind == "openai" else "main"
     other_model = "upstream-claude" if client_kind == "openai" else "upstream-gpt"
     gw = await make_gateway(
-        admission=CALM, providers={"down": down},
+        providers={"down": down},
         models={"mixed": {"deployments": [{"provider": "down", "model": "x"},
                                           {"provider": other, "model": other_model}]}})
     headers = {"x-mock-chunks": "6"}
@@ -439,7 +435,7 @@ async def test_the_provider_outage_scenario_keeps_critical_traffic_up(
     policy = yaml.safe_load((root / "provider-outage.yaml").read_text())
     policy["providers"]["anthropic-primary"]["base_url"] = upstream_url
     policy["providers"]["openai-fallback"]["base_url"] = f"{upstream_url}/v1"
-    gw = await make_gateway(admission=CALM, providers=policy["providers"],
+    gw = await make_gateway(providers=policy["providers"],
                             models=policy["models"],
                             tenants={"acme": {"max_priority": "critical"}})
     data = yaml.safe_load((root / "scenarios" / "provider-outage.yaml").read_text())
