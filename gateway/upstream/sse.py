@@ -28,6 +28,10 @@ MAX_EVENT_BYTES = 8 * 1024 * 1024
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _DELTA = re.compile(rb'"delta"|output_text\.delta')
+# A legacy /v1/completions chunk carries its text in choices[].text, with no "delta": counted
+# as a delta when its choices are not empty (the usage chunk's are), or a stream cut before
+# its usage would bill no output at all.
+_LEGACY_CHUNK = re.compile(rb'"object"\s*:\s*"text_completion"')
 _TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
              b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
              b'"type": "message_stop"',
@@ -89,7 +93,8 @@ class SseRelay:
 
     def _keep(self, event: bytes) -> bool:
         self.events += 1
-        if _DELTA.search(event):
+        if _DELTA.search(event) or (_LEGACY_CHUNK.search(event)
+                                     and not _EMPTY_CHOICES.search(event)):
             self.deltas += 1
         if any(marker in event for marker in _TERMINAL):
             self.finished = True

@@ -139,14 +139,21 @@ async def test_slow_drip_is_cut_at_the_total_timeout_and_charged_for_what_arrive
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/messages"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/messages", "/v1/completions"])
 async def test_a_stream_cut_midway_is_charged_for_prompt_and_delivered_output(
     make_gateway: MakeGateway, clean_redis: RedisServer, route: str
 ) -> None:
     gw = await make_gateway(tenants=NO_RETRY_TENANT, state=RedisBackend(clean_redis.url))
-    body = chat(stream=True) if route != "/v1/messages" else {
-        "model": "claude-test", "max_tokens": 50, "stream": True,
-        "messages": [{"role": "user", "content": "hello there, a longer prompt to count"}]}
+    bodies: dict[str, dict[str, Any]] = {
+        "/v1/chat/completions": chat(stream=True),
+        "/v1/messages": {
+            "model": "claude-test", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": "hello there, a longer prompt to count"}]},
+        # legacy completions stream choices[].text, with no "delta" in them
+        "/v1/completions": {"model": "gpt-test", "max_tokens": 50, "stream": True,
+                            "prompt": "hello there, a longer prompt to count"},
+    }
+    body = bodies[route]
     resp = await gw.post(route, json=body, headers=auth(**{
         "x-mock-fail": "midstream-cut", "x-mock-fail-after": "3", "x-mock-chunks": "10"}))
     raw = await resp.read()

@@ -54,6 +54,18 @@ def test_a_cut_stream_is_charged_for_its_counted_deltas() -> None:
     assert (usage.output_tokens, usage.reported, relay.finished) == (2, False, False)
 
 
+def test_a_cut_legacy_completion_stream_is_charged_for_its_text_chunks() -> None:
+    """/v1/completions chunks carry choices[].text, no "delta": a tenant who drops the stream
+    before its usage chunk still pays for the text it read."""
+    def text(piece: str) -> bytes:
+        return b"data: " + orjson.dumps({"object": "text_completion", "choices": [
+            {"text": piece, "index": 0, "finish_reason": None}]}) + b"\n\n"
+    usage = b'data: {"object":"text_completion","choices":[],"usage":null}\n\n'
+    relay = SseRelay("openai", strip_usage_chunk=True)
+    _run(relay, [text("a") + text("b") + text("c") + usage])
+    assert (relay.final_usage().output_tokens, relay.finished) == (3, False)
+
+
 def test_anthropic_usage_comes_from_start_and_delta_events() -> None:
     events = (
         b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
