@@ -315,8 +315,13 @@ _NOT_PROMPT = frozenset((
     "dimensions", "parallel_tool_calls", "truncation", "background", "include",
 ))
 # Content blocks whose payload is not text: base64 or URL images are billed by size tiers,
-# not by the bytes of their encoding (85 tokens is a low-detail image).
+# not by the bytes of their encoding (85 tokens is a low-detail image). Only the payload of a
+# block of such a type is skipped (OpenAI's and Responses' ``image_url``, Anthropic's
+# ``source``, a ``file_id``): any other field of it counts, and a dict that merely has an
+# ``image_url`` key (a message, a text part, a schema property of that name) is walked whole,
+# or text beside it would go unreserved.
 _IMAGE_TYPES = frozenset(("image", "image_url", "input_image"))
+_IMAGE_PAYLOAD_KEYS = frozenset(("image_url", "source", "file_id"))
 # Keys of the message/part envelope: the provider renders them as its own markers (the 4 per
 # list element covers those), not as text. Every other key counts: a schema's property names
 # are tokenized like its values. Only keys are skipped, never values.
@@ -347,10 +352,12 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
             parts += len(item)
             stack.extend(item)
         elif isinstance(item, dict):
-            if "image_url" in item or item.get("type") in _IMAGE_TYPES:
+            image = item.get("type") in _IMAGE_TYPES
+            if image:
                 total_bytes += 85 * 4  # a low-detail image costs about 85 tokens
-                continue
             for key, value in item.items():
+                if image and key in _IMAGE_PAYLOAD_KEYS:
+                    continue  # the image itself, billed by its size tier, not its encoding
                 if key not in _ENVELOPE_KEYS:
                     total_bytes += len(key) if key.isascii() else len(key.encode(
                         "utf-8", "surrogatepass"))

@@ -66,6 +66,41 @@ def test_images_are_not_counted_as_their_base64_text() -> None:
         assert 85 <= estimate_prompt_tokens(body) < 200
 
 
+def test_text_beside_an_image_key_counts() -> None:
+    """Only an image block's own payload is skipped: an ``image_url`` key on a message, on a
+    text part or as a schema property once hid everything beside it (a 48 KB message with
+    ``"image_url": "x"`` reserved 99 tokens and spent 12,005; red team)."""
+    floor = len(BIG) // 4
+    bodies: list[dict[str, Any]] = [
+        {"model": "m", "messages": [{"role": "user", "content": BIG, "image_url": "x"}]},
+        {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": BIG, "image_url": {"url": "x"}}]}]},
+        {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}, "text": BIG}]}]},
+        {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "x"}, "title": BIG}]}]},
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"image_url": {"type": "string",
+                                                               "description": BIG}}}}}]},
+    ]
+    for body in bodies:
+        assert estimate_prompt_tokens(body) >= floor, body
+
+
+async def test_an_image_key_cannot_hide_a_prompt_from_a_budget(
+    make_gateway: MakeGateway, backend: StateBackend, mock_upstream: TestServer,
+) -> None:
+    gw = await make_gateway(state=backend, tenants={"acme": {"budget": {"daily_tokens": 20_000}}})
+    body = {"model": "gpt-test", "max_tokens": 10,
+            "messages": [{"role": "user", "content": BIG, "image_url": "x"}]}
+    resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "insufficient_quota"
+    await settled(gw)
+    assert not [r for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")]
+
+
 def test_fields_that_are_not_prompt_are_not_counted() -> None:
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     knobs = {**base, "model": "x" * 4000, "user": "u" * 4000, "metadata": {"k": "v" * 4000},
