@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from gateway.cli import main
+from gateway.config import GatewayConfig
 from gateway.config.model import ConfigError, json_schema, load_config, resolve_api_key
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -116,3 +120,32 @@ def test_a_cost_budget_with_no_priced_model_is_a_warning_at_load(
     caplog.clear()
     load_config(write(free + priced))
     assert not [r for r in caplog.records if "budget" in r.getMessage()]
+
+
+def test_example_sections_said_to_be_at_their_defaults_are() -> None:
+    """config/example.yaml shows admission, breaker, retries and deferred "at their defaults":
+    a user who copies it must get the shipped behaviour (it once set queue targets up to 10x
+    the defaults and an initial limit of 20 while saying so)."""
+    data = yaml.safe_load((ROOT / "config" / "example.yaml").read_text(encoding="utf-8"))
+
+    def leaves(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from leaves(value, (*path, key))
+        else:
+            yield path, node
+
+    differ = []
+    for section in ("admission", "breaker", "retries", "deferred"):
+        field = GatewayConfig.model_fields[section]
+        shipped = (field.default_factory() if field.default_factory  # type: ignore[call-arg]
+                   else field.default).model_dump()
+        for path, value in leaves(data[section]):
+            if path[0] == "tenants":  # deferred.tenants: the example's own per-tenant choice
+                continue
+            default: Any = shipped
+            for key in path:
+                default = default[key]
+            if default != value:
+                differ.append(f"{section}.{'.'.join(path)}: {value} (default {default})")
+    assert not differ, differ
