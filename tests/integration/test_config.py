@@ -149,3 +149,43 @@ def test_example_sections_said_to_be_at_their_defaults_are() -> None:
             if default != value:
                 differ.append(f"{section}.{'.'.join(path)}: {value} (default {default})")
     assert not differ, differ
+
+
+def test_example_full_says_why_wherever_it_leaves_a_default() -> None:
+    """config/example-full.yaml: "values are the defaults where a default exists, except where
+    a comment says why not". Every value of its policy sections (not tenants, providers,
+    models) that differs from the shipped default carries a comment on its line."""
+    path = ROOT / "config" / "example-full.yaml"
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    root = yaml.compose(text)
+    assert isinstance(root, yaml.MappingNode)
+
+    def leaves(node: yaml.Node, line: int, path: tuple[str, ...]
+               ) -> Iterator[tuple[tuple[str, ...], int]]:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                yield from leaves(value, key.start_mark.line, (*path, key.value))
+        else:
+            yield path, line
+
+    data = yaml.safe_load(text)
+    silent = []
+    for key, node in root.value:
+        section = key.value
+        if section in ("tenants", "providers", "models"):
+            continue
+        field = GatewayConfig.model_fields[section]
+        shipped: Any = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        shipped = shipped.model_dump() if hasattr(shipped, "model_dump") else shipped
+        for leaf, line in leaves(node, key.start_mark.line, (section,)):
+            default: Any = {section: shipped}
+            value: Any = data
+            try:
+                for part in leaf:
+                    default, value = default[part], value[part]
+            except (KeyError, TypeError):
+                continue  # a map of the example's own names (deployments, tenants): no default
+            if default != value and "#" not in lines[line]:
+                silent.append(f"{'.'.join(leaf)}: {value} (default {default})")
+    assert not silent, silent
