@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, InternalError, Overloaded, not_found
+from gateway.errors import GatewayError, InternalError, not_found
 from gateway.observability import (
     ACCESS_LOGGER,
     WORKER_GROUP,
@@ -222,9 +222,9 @@ async def _boundary(request: web.Request, handler: Handler) -> web.StreamRespons
                 record.total_s = gateway.clock() - record.started
                 span.finish(record)
                 if gateway.policy.config.server.metrics:
-                    if record.outcome in ("rejected", "error") and not record.shed:
+                    if record.outcome in ("rejected", "error"):  # sheds too: "overloaded"
                         gateway.metrics.rejected(record.error_code, record.priority,
-                                                 record.tenant)
+                                                 record.tenant, record.status)
                     gateway.metrics.observe_request(record)
                 if not _refused(record) or gateway.refusals.allow(record.tenant,
                                                                   record.error_code):
@@ -243,7 +243,6 @@ def _error_response(request: web.Request, record: RequestRecord, exc: GatewayErr
     if record.outcome == "ok":
         record.outcome = "error" if exc.server_fault else "rejected"
     record.error_code = exc.code
-    record.shed = isinstance(exc, Overloaded)  # counted by Metrics.shed, not as a rejection
     headers = {"Content-Type": "application/json", **exc.headers}
     dialect = error_dialect(request.path)
     if request.path not in ROUTES and _anthropic_client(request):

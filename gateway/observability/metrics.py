@@ -258,17 +258,17 @@ class GatewayMetrics:
                 self._context_use.get(model, "actual").observe(usage.input_tokens / window)
 
     def rejected(self, reason: str | None, priority: str | None = None,
-                 tenant: str | None = None) -> None:
+                 tenant: str | None = None, status: int | None = None) -> None:
         """The gateway refused a request. ``reason``: one of ``REJECTION_REASONS`` or a gateway
-        error code (``rate_limit_exceeded``, ``insufficient_quota``, ...); else ``other``."""
-        self._rejections.get(rejection_reason(reason), bounded(priority, PRIORITIES),
+        error code (``rate_limit_exceeded``, ``insufficient_quota``, ...); without a known
+        one, the answer's ``status`` decides (a 400 is ``invalid_request``); else ``other``."""
+        self._rejections.get(rejection_reason(reason, status), bounded(priority, PRIORITIES),
                              bounded(tenant, self._bounds.tenants)).inc()
 
-    def shed(self, reason: str | None, priority: str | None = None,
-             tenant: str | None = None) -> None:
-        """An overload shed (503 ``overloaded``): counts as a rejection with reason
-        ``overloaded`` too, so call this *instead of* ``rejected`` for sheds."""
-        self.rejected("overloaded", priority, tenant)
+    def shed(self, reason: str | None, priority: str | None = None) -> None:
+        """An overload shed, by its reason (admission and self-protection know the reason, not
+        the tenant). The 503 it becomes is counted by ``rejected`` with the request's tenant,
+        like every refusal, where the answer is made (gateway/app/server.py)."""
         self._sheds.get(bounded(priority, PRIORITIES), bounded(reason, SHED_REASONS)).inc()
 
     def retry(self, deployment: str | None, reason: str | None) -> None:

@@ -40,7 +40,6 @@ class RequestRecord:
     # ok | rejected | shed | error | upstream_error | upstream_rejected | client_disconnected
     outcome: str = "ok"
     error_code: str | None = None
-    shed: bool = False  # answered the gateway's own 503 overloaded (errors.Overloaded)
     attempts: int = 0
     attempt_log: list[AttemptRecord] = field(default_factory=list)
     # wait time at every step, in seconds (None: the step did not run)

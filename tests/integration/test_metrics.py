@@ -9,11 +9,13 @@ import random
 import string
 from typing import Any
 
+import orjson
 import prometheus_client
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from gateway.config.model import GatewayConfig, parse_config
@@ -33,6 +35,8 @@ from gateway.request.auth import hash_key
 from gateway.request.record import AttemptRecord, RequestRecord
 from gateway.upstream.sse import Usage
 from gateway.usage import DIMENSIONS
+from tests.gwtest import auth, chat
+from tests.plugin_gateway import MakeGateway
 
 MAIN = "main/upstream-gpt"
 BACKUP = "backup/upstream-gpt-b"
@@ -111,7 +115,8 @@ def test_success_feeds_counters_histograms_and_context_use(metrics: GatewayMetri
 
 
 def test_shed_counts_a_rejection_and_the_shed_reason(metrics: GatewayMetrics) -> None:
-    metrics.shed("cohort", "low", "acme")
+    metrics.shed("cohort", "low")  # admission: the reason
+    metrics.rejected("overloaded", "low", "acme")  # the server, answering: the tenant
     metrics.observe_request(record(priority="low", status=503, outcome="shed",
                                    error_code="overloaded", total_s=0.001))
     assert value(metrics, "gateway_rejections_total", reason="overloaded", priority="low",
@@ -138,6 +143,25 @@ def test_rejections_accept_reasons_or_error_codes(metrics: GatewayMetrics) -> No
                  priority="none", tenant="none") == 1
     assert value(metrics, "gateway_rejections_total", reason="other", priority="normal",
                  tenant="acme") == 1
+
+
+async def test_bad_input_is_counted_as_invalid_request_for_its_tenant(
+    make_gateway: MakeGateway,
+) -> None:
+    """400s without an error code of their own (a body that does not parse or validate) were
+    counted as reason "other"."""
+    gw = await make_gateway()
+    bodies: list[bytes] = [b"{not json", b"", orjson.dumps({"model": "gpt-test"}),
+                           orjson.dumps({**chat(), "max_tokens": -5})]
+    for body in bodies:
+        resp = await gw.post("/v1/chat/completions", data=body,
+                             headers=auth(**{"Content-Type": "application/json"}))
+        assert resp.status == 400, await resp.text()
+    families = {f.name: f for f in text_string_to_metric_families(
+        await (await gw.get("/metrics")).text())}
+    counted = {(s.labels["reason"], s.labels["tenant"]): s.value
+               for s in families["gateway_rejections"].samples if s.name.endswith("_total")}
+    assert counted == {("invalid_request", "acme"): len(bodies)}
 
 
 def test_retried_then_failed_over_counts_every_attempt(metrics: GatewayMetrics) -> None:
@@ -236,7 +260,7 @@ def test_label_cardinality_stays_bounded_under_random_input(metrics: GatewayMetr
             attempt_log=[AttemptRecord(_random(rng), _random(rng), 0.1, 0.05)],
         ))
         metrics.rejected(_random(rng), _random(rng), _random(rng))
-        metrics.shed(_random(rng), _random(rng), _random(rng))
+        metrics.shed(_random(rng), _random(rng))
         metrics.retry(_random(rng), _random(rng))
         metrics.breaker_transition(_random(rng), _random(rng), _random(rng))
         metrics.shadow_decision(_random(rng))

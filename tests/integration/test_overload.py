@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpServer
 
 from gateway.request.auth import hash_key
@@ -76,6 +77,16 @@ async def test_at_3x_critical_all_succeed_low_is_shed_first_and_no_one_waits_pas
     # shed one (503) is told at once.
     shed = sorted(t for _, status, t in results if status == 503)
     assert not shed or shed[int(len(shed) * 0.99) - 1] < 0.5
+    # Every shed is on the tenant's rejections and on the shed reasons (it was once counted
+    # under tenant "none", so sheds could not be told apart by tenant).
+    families = {f.name: f for f in text_string_to_metric_families(
+        await (await gw.get("/metrics")).text())}
+    rejected = [s for s in families["gateway_rejections"].samples
+                if s.name.endswith("_total") and s.labels["reason"] == "overloaded"]
+    assert {s.labels["tenant"] for s in rejected} == {"acme"}
+    assert sum(s.value for s in rejected) == len(shed) > 0
+    assert sum(s.value for s in families["gateway_sheds"].samples
+               if s.name.endswith("_total")) == len(shed)
 
 
 async def test_a_streamed_first_token_reaches_admission_before_the_answer_ends(
