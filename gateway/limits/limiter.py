@@ -184,9 +184,16 @@ class Limiter:
 
     async def admit(self, call: ProxyCall, request_id: str, *, lease: bool = True,
                     hold_ttl_ms: int = HOLD_TTL_MS, deadline: float | None = None,
-                    client_retry: bool = False) -> Hold:
+                    client_retry: bool = False, count_only: bool = False) -> Hold:
         """``lease=False`` and a longer ``hold_ttl_ms``: a deferred entry (gateway/deferred/service.py)
         holds no concurrency slot while queued, and its reservation is refundable for its life.
+
+        ``count_only``: a token-counting call (``/v1/messages/count_tokens``,
+        ``/v1/responses/input_tokens``). It bills no tokens, so it reserves none and meets no
+        budget, loop guard or run cap; but it is a call to the provider that holds a connection
+        and an admission slot for as long as the provider takes, so it counts as a request and
+        holds a concurrency lease like any other (without one, a tenant held five counting
+        calls at once under ``max_concurrent: 2``).
 
         A request refused only for want of a concurrency slot waits for one up to the tenant's
         ``concurrency_wait_s``, never past ``deadline`` (monotonic seconds, the clock this
@@ -195,22 +202,26 @@ class Limiter:
         guard does not count as a repeat."""
         tenant = self._config.tenants[call.tenant.name]
         model = self._config.models[call.model]
-        max_out = reservation_max_tokens(call, tenant, model)
-        tokens = call.prompt_tokens_estimate + max_out
-        cost_units = reservation_cost_micros(call.prompt_tokens_estimate, max_out,
-                                             model.price.rates)
+        max_out = 0 if count_only else reservation_max_tokens(call, tenant, model)
+        tokens = 0 if count_only else call.prompt_tokens_estimate + max_out
+        cost_units = 0 if count_only else reservation_cost_micros(
+            call.prompt_tokens_estimate, max_out, model.price.rates)
         kind = call.route.provider_kind
         counting = Counting(counts_cache_reads(tenant.limits.cache_reads, kind),
                             counts_cache_reads(tenant.budget.cache_reads, kind))
         planned_at = self._wall_clock()  # budget resets in the plan count from here
-        checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry)
+        checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry,
+                                    count_only)
         if not checks:
             return Hold(request_id, "none", tokens, cost_units, None, counting=counting)
         name = call.tenant.name
-        plan = AdmitPlan(request_id, tuple(checks), store_keys.hold(name, request_id),
-                         hold_ttl_ms)
-        settle_plan, counter_kinds = _settle_plan(plan, store_keys.done(name, request_id))
         leases = tuple(c.key for c in checks if isinstance(c, Lease))
+        # Counting without a lease reserves nothing: no settlement, and a hold marker that
+        # lives 1 ms, so the call costs one store round trip as admit_request's do.
+        unsettled = count_only and not leases
+        plan = AdmitPlan(request_id, tuple(checks), store_keys.hold(name, request_id),
+                         1 if unsettled else hold_ttl_ms)
+        settle_plan, counter_kinds = _settle_plan(plan, store_keys.done(name, request_id))
         result, mode = await self._run(plan, call.priority.name)
         waiting_for = _leases_only(plan, result)
         waited = False  # a caller that did not wait queues behind the waiters still here
@@ -222,11 +233,11 @@ class Limiter:
                 waited = True
                 result, mode = await self._wait_for_lease(plan, call.priority.name,
                                                           waiting_for, wait_s, result, mode)
-        hold = Hold(request_id, mode, tokens, cost_units, settle_plan, leases,
-                    counting=counting, counter_kinds=counter_kinds)
+        hold = Hold(request_id, mode, tokens, cost_units, None if unsettled else settle_plan,
+                    leases, counting=counting, counter_kinds=counter_kinds, settled=unsettled)
         hold.headers = _headers(plan, result, tenant)
         self._remember_budgets(call.tenant.name, plan, result)
-        if call.agent_session:
+        if call.agent_session and not count_only:  # counting a prompt is no step of a run
             self._track_run(call, hold, plan, result, tenant)
         if not result.allowed:
             index, wait_ms = self._longest_wait(plan, result, waited)
@@ -273,8 +284,8 @@ class Limiter:
 
     async def admit_request(self, tenant: str, session: str | None, request_id: str,
                             priority: str) -> Hold:
-        """The request-only plan of the routes that are not proxied (gateway/app/endpoints.py) and
-        of the token-counting routes: one request against the tenant's and, with
+        """The request-only plan of the routes that are not proxied (gateway/app/endpoints.py):
+        one request against the tenant's and, with
         X-Agent-Session, the session's ``requests_per_minute``, in the same single atomic call
         ``admit`` makes. No tokens, budget, loop guard or concurrency lease, so nothing to
         settle: the hold marker lives 1 ms and the returned hold has no settle plan."""
@@ -443,9 +454,8 @@ class Limiter:
                 0.0, figure["remaining"] + (reserved - actual) / scale))
 
     def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int,
-                lease: bool = True, client_retry: bool = False) -> tuple[
-        list[Check], dict[int, str]
-    ]:
+                lease: bool = True, client_retry: bool = False,
+                count_only: bool = False) -> tuple[list[Check], dict[int, str]]:
         name = call.tenant.name
         checks: list[Check] = []
         scopes: dict[int, str] = {}  # check index -> what it limits, for messages
@@ -466,6 +476,8 @@ class Limiter:
             sid = hashlib.sha256(call.agent_session.encode()).hexdigest()[:16]
             _rate_checks(tenant.limits.per_session, store_keys.session_limits(name, sid),
                          tokens, add, Scope.session, "this agent session")
+        if count_only:  # requests and concurrency only (see admit)
+            return checks, scopes
         budget = tenant.budget
         has_budget = budget.daily_tokens or budget.monthly_tokens or budget.daily_cost or \
             budget.monthly_cost

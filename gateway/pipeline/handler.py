@@ -112,14 +112,13 @@ async def _pipeline(
     with svc.tracing.stage("limits"):
         # Keyed by a gateway-made id, never the client's X-Request-Id: a reused client id
         # must not share a concurrency lease or a settlement with another request.
-        if not route.request_only:
-            hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
-                                              client_retry=is_client_retry(request.headers))
-        elif route_name(route) in config.tenants[tenant.name].limits.exempt_routes:
+        if route.request_only and \
+                route_name(route) in config.tenants[tenant.name].limits.exempt_routes:
             hold = Hold("", "none", 0, 0, None, settled=True)
-        else:  # token counting: one request, the same single atomic call
-            hold = await policy.limiter.admit_request(tenant.name, call.agent_session,
-                                                      os.urandom(16).hex(), call.priority.name)
+        else:  # token counting: a request and a concurrency lease, no tokens (Limiter.admit)
+            hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
+                                              client_retry=is_client_retry(request.headers),
+                                              count_only=route.request_only)
     record.limits_s = svc.clock() - began
     if hold.run is not None:
         record.run = hold.run_totals

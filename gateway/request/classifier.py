@@ -33,8 +33,8 @@ class ApiRoute:
     can_stream: bool
     # chat and legacy completions report streamed usage only when asked (stream_options)
     injects_stream_usage: bool = False
-    # token counting: charged as one request only (no token reservation, budget, loop guard
-    # or concurrency lease; gateway/limits/limiter.py Limiter.admit_request), nothing billed
+    # token counting: a request and a concurrency lease (no token reservation, budget, loop
+    # guard or run cap; gateway/limits/limiter.py Limiter.admit, count_only), nothing billed
     request_only: bool = False
 
     @property

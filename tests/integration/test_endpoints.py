@@ -24,7 +24,7 @@ from gateway.request.classifier import ROUTES
 from gateway.state import MemoryBackend, RedisBackend, StateBackend
 from gateway.state.plan import AdmitPlan, AdmitResult, SettlePlan
 from tests.gwtest import ACME_KEY, NO_LAG_SHEDDING, UMBRELLA_KEY, FakeClock, auth, chat, log_fields
-from tests.plugin_gateway import GatewayClient, MakeGateway
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 from tests.redis_server import RedisCluster3, RedisServer
 
 Gw = GatewayClient
@@ -431,6 +431,28 @@ async def test_count_tokens_reserves_no_tokens_and_spends_no_budget(
     # a real request of that size is still refused by the token limit
     refused = await gw.post("/v1/messages", json={**big, "max_tokens": 5}, headers=auth())
     assert refused.status == 429
+
+
+async def test_count_tokens_calls_hold_a_concurrency_lease(make_gateway: MakeGateway) -> None:
+    """A counting call is a call to the provider for as long as it takes: it holds one of the
+    tenant's max_concurrent like any request, and gives it back when it ends (a tenant once
+    held five slow counting calls at once under max_concurrent: 2; red team)."""
+    gw = await make_gateway(tenants={"acme": {"limits": {
+        "max_concurrent": 2, "concurrency_wait_s": 0}}})
+    body = {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}
+    slow = auth(**{"x-mock-latency-ms": "500"})
+    answers = await asyncio.gather(*(gw.post("/v1/messages/count_tokens", json=body,
+                                             headers=slow) for _ in range(5)))
+    statuses = sorted(r.status for r in answers)
+    assert statuses == [200, 200, 429, 429, 429], statuses
+    refused = next(r for r in answers if r.status == 429)
+    assert (await refused.json())["type"] == "error"  # in the Anthropic dialect
+    assert "concurrent" in (await refused.json())["error"]["message"]
+    await settled(gw)
+    # the leases came back: the next ones pass
+    for _ in range(2):
+        resp = await gw.post("/v1/messages/count_tokens", json=body, headers=auth())
+        assert resp.status == 200, await resp.text()
 
 
 async def test_count_tokens_speaks_anthropic_errors(gw: Gw) -> None:
