@@ -252,8 +252,8 @@ def _error_response(request: web.Request, record: RequestRecord, exc: GatewayErr
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
     if isinstance(exc, web.HTTPNotFound):
-        return GatewayError(404, f"Unknown request URL: {request.method} {request.path[:200]}.",
-                            code="unknown_url")
+        return not_found(f"Unknown request URL: {request.method} {request.path[:200]}.",
+                         code="unknown_url")
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return GatewayError(405, f"Method {request.method} is not allowed on {request.path[:200]}.",
                             code="method_not_allowed",  # RFC 9110: a 405 names what is allowed

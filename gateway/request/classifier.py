@@ -388,8 +388,13 @@ def estimate_answer_tokens(answer: Any) -> int:
 
 
 def error_dialect(path: str) -> Dialect:
+    """The dialect of an error answered on ``path``: its route's, and Anthropic's anywhere
+    under ``/v1/messages`` (an endpoint the gateway does not serve, such as the Batches API,
+    is still asked by an Anthropic client)."""
     route = ROUTES.get(path)
-    return route.dialect if route else "openai"
+    if route is not None:
+        return route.dialect
+    return "anthropic" if path.startswith("/v1/messages/") else "openai"
 
 
 def raise_if_content_encoded(content_encoding: str | None) -> None:

@@ -280,6 +280,17 @@ async def test_bad_requests_get_openai_shaped_4xx(
             assert err["error"]["code"] == code
 
 
+async def test_an_unserved_anthropic_endpoint_answers_in_the_anthropic_dialect(
+    gw: Client,
+) -> None:
+    """/v1/messages/batches is not served: a 404 in Anthropic's shape, even from a client that
+    sends no anthropic-version header."""
+    resp = await gw.post("/v1/messages/batches", json={"requests": []}, headers=auth())
+    assert resp.status == 404
+    err = await resp.json()
+    assert err["type"] == "error" and err["error"]["type"] == "not_found_error", err
+
+
 @pytest.mark.parametrize(
     ("data", "content_type", "status"),
     [
