@@ -7,6 +7,7 @@ from __future__ import annotations
 from .controller import AdmissionController
 from .deadlines import Deadline, deadline_exceeded, request_deadline
 from .selfprotect import SelfProtection
+from .shed import cohort_key
 from .state import AdmissionObserver, AdmissionRequest, Permit, is_client_retry
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Deadline",
     "Permit",
     "SelfProtection",
+    "cohort_key",
     "deadline_exceeded",
     "is_client_retry",
     "request_deadline",

@@ -76,8 +76,9 @@ class AdmissionController:
     """
 
     def __init__(self, policy: AdmissionPolicy, clock: Clock, rng: random.Random,
-                 observer: AdmissionObserver | None = None) -> None:
+                 observer: AdmissionObserver | None = None, cohort_key: bytes = b"") -> None:
         self._policy = policy
+        self._cohort_key = cohort_key  # keys the cohort hash (shed.cohort_key)
         self._clock = clock
         self._rng = rng
         self._observer = observer or AdmissionObserver()
@@ -190,10 +191,13 @@ class AdmissionController:
         state.limiter.restart_low(now)
         self._observer.on_limit(deployment, state.limiter.limit)
 
-    def reconfigure(self, policy: AdmissionPolicy) -> None:
-        """Apply a reloaded policy, keeping in-flight counts, queues, limits and shed levels."""
+    def reconfigure(self, policy: AdmissionPolicy, cohort_key: bytes | None = None) -> None:
+        """Apply a reloaded policy, keeping in-flight counts, queues, limits and shed levels
+        (and the cohort hash's key unless a new one is given)."""
         now = self._clock()
         self._policy = policy
+        if cohort_key is not None:
+            self._cohort_key = cohort_key
         for state in self._deployments.values():
             state.reconfigure(policy, now)
             level = state.shed.level
@@ -270,7 +274,8 @@ class AdmissionController:
         if len(state.queues[req.priority]) >= self._policy.classes.of(req.priority).max_queue:
             return "queue_full"
         bucket = cohort_bucket(
-            req.tenant, req.agent_session, self._policy.cohort_buckets, self._rng
+            req.tenant, req.agent_session, self._policy.cohort_buckets, self._rng,
+            self._cohort_key,
         )
         return state.shed.decide(req.priority, bucket, req.is_retry, self._in_progress(req, now))
 

@@ -14,8 +14,9 @@ interval. A class is in drop mode when it, or any class above it, is overloaded.
 that would have to queue is shed when its position is below the level. While some class is
 overloaded, every class below the most important overloaded one is shed whole (strict priority
 gives them no slot while it queues anyway), and the level climbs ``cohort_step_up`` per interval
-up to the top of that class, so inside a class the same cohorts (hashes of the agent session) go
-first on every replica. Without overload it falls ``cohort_step_down`` per
+up to the top of that class, so inside a class the same cohorts (hashes of the agent session,
+keyed with a secret of the policy so that no tenant can pick the cohorts shed last) go first on
+every replica. Without overload it falls ``cohort_step_down`` per
 interval: slower than it climbs, so the shed share settles instead of flapping. Classes it
 jumped over whole come back whole once it is down at their top: they were shed for the class
 above, and a few seconds of critical overload must not keep low shed for a minute and a half
@@ -38,7 +39,7 @@ import hashlib
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from gateway.config import AdmissionPolicy, Priority
@@ -48,17 +49,30 @@ ShedReason = Literal["queue_full", "cohort", "retry", "loop_lag", "open_streams"
 N_CLASSES = len(Priority)
 
 
-def cohort_bucket(tenant: str, session: str | None, buckets: int, rng: random.Random) -> int:
-    """The cohort of an agent session: blake2b-64 of ``tenant NUL session``, mod ``buckets``.
+def cohort_bucket(tenant: str, session: str | None, buckets: int, rng: random.Random,
+                  key: bytes = b"") -> int:
+    """The cohort of an agent session: blake2b-64 of ``tenant NUL session`` keyed with ``key``
+    (``cohort_key``), mod ``buckets``.
 
     Stable across processes and replicas (Python's ``hash()`` is salted per process). The tenant
-    is part of the key so two tenants that name sessions alike do not share a fate. A request
+    is part of the input so two tenants that name sessions alike do not share a fate. The key
+    keeps a tenant from choosing its cohort: the highest cohorts of a class are shed last, and
+    without a secret in the hash a tenant could compute offline which session ids land there
+    (a red team's top-cohort ids got 20 of 50 answered where the bottom's got 4). A request
     without a session gets a random cohort: it has no run to keep alive.
     """
     if session is None:
         return rng.randrange(buckets)
-    digest = hashlib.blake2b(f"{tenant}\0{session}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{tenant}\0{session}".encode(), digest_size=8, key=key).digest()
     return int.from_bytes(digest, "big") % buckets
+
+
+def cohort_key(secrets: Iterable[str]) -> bytes:
+    """The cohort hash's key from what every replica's policy holds and no tenant knows in
+    full: the hashes of every tenant's and admin's API keys. The same policy file gives the
+    same key on every replica; a tenant knows its own keys only. (A change of keys reshuffles
+    the cohorts once: a run in progress is spared by the replica that admitted it anyway.)"""
+    return hashlib.blake2b("\0".join(sorted(secrets)).encode(), digest_size=32).digest()
 
 
 class ShedState:

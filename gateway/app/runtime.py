@@ -19,7 +19,12 @@ import time
 import uuid
 from collections.abc import Callable
 
-from gateway.admission import AdmissionController, AdmissionObserver, SelfProtection
+from gateway.admission import (
+    AdmissionController,
+    AdmissionObserver,
+    SelfProtection,
+    cohort_key,
+)
 from gateway.breaker import BreakerBoard
 from gateway.config import GatewayConfig, Priority
 from gateway.deferred import DeferredService, create_store
@@ -55,6 +60,13 @@ class _AdmissionMetrics(AdmissionObserver):
             self._metrics.shed(reason, priority.name)
 
 
+def _cohort_key(config: GatewayConfig) -> bytes:
+    """The admission cohort hash's key: from every API key hash in the policy (a secret no one
+    tenant holds in full; admission/shed.py ``cohort_key``)."""
+    return cohort_key([*(h for t in config.tenants.values() for h in t.api_keys),
+                       *config.admin.api_keys])
+
+
 def deployment_labels(config: GatewayConfig) -> list[str]:
     return sorted({d.label for m in config.models.values() for d in m.deployments})
 
@@ -86,7 +98,8 @@ class Gateway:
         self.services = Services(
             clock=clock,
             rng=rng,
-            admission=AdmissionController(config.admission, clock, rng, observer),
+            admission=AdmissionController(config.admission, clock, rng, observer,
+                                          cohort_key=_cohort_key(config)),
             self_protection=SelfProtection(config.admission, clock, rng, observer),
             breakers=BreakerBoard(config.breaker, state, deployments=deployment_labels(config),
                                   clock=clock, rng=rng, observer=self.metrics,
@@ -143,7 +156,7 @@ class Gateway:
         await new.upstreams.start()
         old, self.policy = self.policy, new
         self._retired.append(old)
-        self.services.admission.reconfigure(config.admission)
+        self.services.admission.reconfigure(config.admission, _cohort_key(config))
         self.services.self_protection.reconfigure(config.admission)
         self.refusals.per_s = config.server.refused_log_per_s
         self.metrics.update_config(config)

@@ -15,12 +15,15 @@ from gateway.admission.shed import (
     DecayingRate,
     ShedState,
     cohort_bucket,
+    cohort_key,
     drain_time_s,
     overloaded_error,
     retry_after_s,
 )
+from gateway.app.server import GATEWAY
 from gateway.config.admission import AdmissionPolicy
 from gateway.config.model import Priority
+from tests.plugin_gateway import MakeGateway
 
 N, L, H, C = Priority.normal, Priority.low, Priority.high, Priority.critical
 EMPTY: list[float | None] = [None, None, None, None]
@@ -190,20 +193,52 @@ def test_runs_in_progress_are_shed_only_once_the_level_passes_their_class() -> N
     assert state.decide(H, 0, is_retry=False, continuing=True) is None
 
 
+KEY = cohort_key(["sha256:" + "1" * 64, "sha256:" + "2" * 64])
+
+
 def test_cohort_bucket_is_stable_and_not_pythons_salted_hash() -> None:
     rng = random.Random(1)
-    bucket = cohort_bucket("acme", "run-42", 128, rng)
-    digest = hashlib.blake2b(b"acme\0run-42", digest_size=8).digest()
+    bucket = cohort_bucket("acme", "run-42", 128, rng, KEY)
+    digest = hashlib.blake2b(b"acme\0run-42", digest_size=8, key=KEY).digest()
     assert bucket == int.from_bytes(digest, "big") % 128
-    assert all(cohort_bucket("acme", "run-42", 128, rng) == bucket for _ in range(10))
-    code = "import random; from gateway.admission.shed import cohort_bucket as b; " \
-           "print(b('acme', 'run-42', 128, random.Random()))"
+    assert all(cohort_bucket("acme", "run-42", 128, rng, KEY) == bucket for _ in range(10))
+    code = "import random; from gateway.admission.shed import cohort_bucket as b, cohort_key; " \
+           "print(b('acme', 'run-42', 128, random.Random(), cohort_key(['sha256:' + '1' * 64, " \
+           "'sha256:' + '2' * 64])))"
     for seed in ("1", "2"):  # other processes, other hash salts: same cohort
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True,
             env=os.environ | {"PYTHONHASHSEED": seed},
         )
         assert int(out.stdout) == bucket
+
+
+def test_a_tenant_cannot_choose_the_cohorts_shed_last() -> None:
+    """The top cohorts of a class are shed last. Session ids a tenant picked offline for the
+    top cohort (it knows the hash, its own key and every other tenant's name, not the other
+    keys) land anywhere once the gateway keys the hash (a red team's top-cohort ids got 20 of
+    50 answered where the bottom's got 4)."""
+    rng = random.Random(3)
+    own_key = "sha256:" + "1" * 64
+    guesses = (b"", cohort_key([own_key]))  # unkeyed, or keyed with what it knows
+    for guess in guesses:
+        picked = [f"run-{i}" for i in range(40_000)
+                  if cohort_bucket("acme", f"run-{i}", 128, rng, guess) >= 120][:200]
+        assert len(picked) == 200
+        real = [cohort_bucket("acme", s, 128, rng, KEY) for s in picked]
+        assert sum(b >= 120 for b in real) < 30  # about 6 % by chance, not 100 %
+        assert 44 < sum(real) / len(real) < 84  # the middle, as any sessions
+
+
+async def test_the_gateway_keys_cohorts_with_its_policys_key_hashes(
+    make_gateway: MakeGateway,
+) -> None:
+    """Every replica on the same policy has the same key; another policy's keys, another."""
+    gw = await make_gateway()
+    config = gw.app[GATEWAY].policy.config
+    hashes = [*(h for t in config.tenants.values() for h in t.api_keys), *config.admin.api_keys]
+    assert gw.app[GATEWAY].services.admission._cohort_key == cohort_key(hashes)
+    assert cohort_key(hashes) != cohort_key(hashes[:-1])
 
 
 def test_cohort_buckets_spread_sessions_and_sessionless_requests() -> None:
