@@ -745,27 +745,30 @@ def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
         return f"{units / 1_000_000:.6g}" if cost else f"{units:,} tokens"
 
     text = (f"The {check.name} of {scope} has {amount(res.remaining)} left, but this "
-            f"request reserves {amount(check.cost)}")
-    if r.output:
-        per_choice = r.output // r.choices
-        times = f" x {r.choices} choices" if r.choices > 1 else ""
-        if r.capped:
-            why = f"its {r.cap_field} {per_choice:,}{times}"
-        elif per_choice == r.default_max_tokens:
-            why = (f"default_max_tokens {per_choice:,}{times} (the estimate reserved when a "
-                   f"request sets no {r.cap_field})")
-        else:
-            why = (f"the model's output limit {per_choice:,}{times} (reserved when a request "
-                   f"sets no {r.cap_field})")
-        text += f": its prompt (about {r.prompt:,} tokens) and, for the answer, {why}."
-        if r.fits:
-            text += f" Set {r.cap_field} to {r.fits:,} or less to fit."
-        else:
-            text += " Its prompt alone needs more than is left."
-    else:
-        text += f" for its input (about {r.prompt:,} tokens)."
+            f"request reserves {amount(check.cost)}") + _what_it_reserves(r)
     return (text + " As it is, this request cannot fit before the budget resets at "
             f"{reset} unless requests still running give back reservations they do not use.")
+
+
+def _what_it_reserves(r: Reservation) -> str:
+    """How a refused request's reservation is made up (its prompt, and the answer's cap with
+    where that cap came from), and the cap that would fit, if one would."""
+    if not r.output:
+        return f" for its input (about {r.prompt:,} tokens)."
+    per_choice = r.output // r.choices
+    times = f" x {r.choices} choices" if r.choices > 1 else ""
+    if r.capped:
+        why = f"its {r.cap_field} {per_choice:,}{times}"
+    elif per_choice == r.default_max_tokens:
+        why = (f"default_max_tokens {per_choice:,}{times} (the estimate reserved when a "
+               f"request sets no {r.cap_field})")
+    else:
+        why = (f"the model's output limit {per_choice:,}{times} (reserved when a request "
+               f"sets no {r.cap_field})")
+    text = f": its prompt (about {r.prompt:,} tokens) and, for the answer, {why}."
+    if r.fits:
+        return text + f" Set {r.cap_field} to {r.fits:,} or less to fit."
+    return text + " Its prompt alone needs more than is left."
 
 
 def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str],
@@ -778,9 +781,10 @@ def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str]
         return _run_refusal(check, res, out)
     if isinstance(check, Counter):
         if math.isinf(wait_ms):  # no period's budget is ever large enough
-            return BudgetExceeded(f"This request needs {check.cost} of the {check.name} of "
-                                  f"{scope}, more than the whole budget ({check.limit}).",
-                                  headers=out)
+            text = (f"This request needs {check.cost} of the {check.name} of {scope}, more "
+                    f"than the whole budget ({check.limit})")
+            return BudgetExceeded(text + (_what_it_reserves(reservation)
+                                          if reservation is not None else "."), headers=out)
         # Periods end on a whole second; reset_ms was cut to the ms below it.
         reset_at = datetime.fromtimestamp(round(planned_at_s + res.reset_ms / 1000), UTC)
         reset = f"{reset_at:%Y-%m-%dT%H:%M:%SZ} (in {format_duration(res.reset_ms)})"

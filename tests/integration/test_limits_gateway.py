@@ -240,3 +240,26 @@ async def test_bursts_default_as_documented_and_the_headers_report_the_bucket(
         6000 - gateway_estimate(body) - 5000
     assert resp.headers["x-ratelimit-limit-requests"] == "60"
     assert resp.headers["x-ratelimit-remaining-requests"] == "5"  # a burst of 6, one used
+
+
+async def test_a_request_larger_than_the_whole_budget_says_what_it_reserves(
+    make_gateway: MakeGateway,
+) -> None:
+    """Without max_tokens the tenant's default_max_tokens is reserved; a request that needs
+    more than the whole budget says so, where the reservation comes from, and the cap that
+    fits (it once said only "needs 1030 ... more than the whole budget (300)")."""
+    gw = await make_gateway(state=MemoryBackend(FakeClock()), tenants={"acme": {
+        "budget": {"daily_tokens": 300}, "default_max_tokens": 1000}})
+    body = chat()
+    body.pop("max_tokens", None)
+    refused = await gw.post("/v1/chat/completions", json=body, headers=auth())
+    assert refused.status == 429
+    err = (await refused.json())["error"]
+    assert err["code"] == "insufficient_quota"
+    assert "more than the whole budget (300)" in err["message"]
+    assert "default_max_tokens 1,000" in err["message"]
+    assert "Set max_tokens to " in err["message"], err["message"]
+    fits = int(err["message"].split("Set max_tokens to ")[1].split(" ")[0].replace(",", ""))
+    served = await gw.post("/v1/chat/completions", json={**body, "max_tokens": fits},
+                           headers=auth())
+    assert served.status == 200, await served.text()
