@@ -243,7 +243,7 @@ class AdmissionController:
     def _grant(self, state: DeploymentState, req: AdmissionRequest, now: float,
                queued_s: float) -> Permit:
         seq = state.take(req.priority, now)
-        if req.agent_session is not None and self._policy.run_memory_s > 0:
+        if req.agent_session is not None and req.step and self._policy.run_memory_s > 0:
             key = (req.tenant, req.agent_session)
             runs = self._runs
             runs[key] = now

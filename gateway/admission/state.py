@@ -59,6 +59,9 @@ class AdmissionRequest:
     is_retry: bool = False  # x-stainless-retry-count > 0: shed before first attempts
     prompt_tokens: int | None = None  # for the limiter's latency brake (defaults to ``tokens``)
     streamed: bool = False  # asks for a stream: its first token is awaited (the queue signal)
+    # a model call, a step of its run: only those mark a session as a run in progress (a token
+    # count is no step, and must not buy a session the exemption from cohort shedding)
+    step: bool = True
 
     @property
     def prompt_size(self) -> int:

@@ -102,6 +102,7 @@ async def _attempt_loop(ctx: CallContext) -> web.StreamResponse:
         ctx.call.priority, ctx.call.tenant.name, ctx.tokens, ctx.deadline.at, svc.clock(),
         ctx.call.agent_session, is_retry=is_client_retry(ctx.request_headers),
         prompt_tokens=ctx.call.prompt_tokens_estimate, streamed=ctx.call.stream,
+        step=not ctx.call.route.request_only,
     )
     while True:
         # 7 route: an untried usable deployment first (failover), else the same one again

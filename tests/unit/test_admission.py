@@ -545,6 +545,32 @@ async def test_runs_already_admitted_keep_their_place_when_their_cohort_is_shed(
     (await waiter).release("success")
 
 
+async def test_a_token_count_does_not_make_its_session_a_run_in_progress() -> None:
+    """Only a model call is a step: a session that only counted tokens is still a new run, shed
+    by its cohort (a cheap count once bought a session the exemption; red team)."""
+    clock = FakeClock()
+    classes = {"normal": {"queue_target_ms": 100, "max_queue": 100, "holdback_share": 0.85,
+                          "default_deadline_s": 300}}
+    ctl = make(clock, limit=1, classes=classes, cohort_step_up=256, run_memory_s=30,
+               concurrency={"min_limit": 1, "initial_limit": 1, "max_limit": 1})
+    count = dataclasses.replace(req(clock, N, session="counted"), step=False)
+    (await ctl.acquire(DEP, count)).release("ignore")
+    clock.now += 10
+    blocker = await ctl.acquire(DEP, req(clock, C))
+    waiter = asyncio.create_task(ctl.acquire(DEP, req(clock, N)))
+    await settle()
+    clock.now += 1.0  # normal is overloaded: every new normal run is shed
+    step = asyncio.create_task(ctl.acquire(DEP, req(clock, N, session="counted")))
+    await settle()
+    assert step.done(), "queued as a run in progress"  # (not awaited: it would wait 60 s)
+    with pytest.raises(GatewayError) as err:
+        step.result()
+    assert err.value.code == "overloaded"
+    blocker.release("success")
+    await settle()
+    (await waiter).release("success")
+
+
 async def test_the_run_memory_forgets_runs_idle_past_it() -> None:
     clock = FakeClock()
     ctl = make(clock, limit=10, run_memory_s=30)
