@@ -15,8 +15,8 @@ that would have to queue is shed when its position is below the level. While som
 overloaded, every class below the most important overloaded one is shed whole (strict priority
 gives them no slot while it queues anyway), and the level climbs ``cohort_step_up`` per interval
 up to the top of that class, so inside a class the same cohorts (hashes of the agent session,
-keyed with a secret of the policy so that no tenant can pick the cohorts shed last) go first on
-every replica. Without overload it falls ``cohort_step_down`` per
+keyed with the providers' credentials so that no tenant can compute offline which sessions
+are shed last) go first on every replica. Without overload it falls ``cohort_step_down`` per
 interval: slower than it climbs, so the shed share settles instead of flapping. Classes it
 jumped over whole come back whole once it is down at their top: they were shed for the class
 above, and a few seconds of critical overload must not keep low shed for a minute and a half
@@ -68,10 +68,12 @@ def cohort_bucket(tenant: str, session: str | None, buckets: int, rng: random.Ra
 
 
 def cohort_key(secrets: Iterable[str]) -> bytes:
-    """The cohort hash's key from what every replica's policy holds and no tenant knows in
-    full: the hashes of every tenant's and admin's API keys. The same policy file gives the
-    same key on every replica; a tenant knows its own keys only. (A change of keys reshuffles
-    the cohorts once: a run in progress is spared by the replica that admitted it anyway.)"""
+    """The cohort hash's key from secrets every replica holds and no tenant knows (the app
+    passes the providers' API keys and the policy's key hashes). The same policy and
+    credentials give the same key on every replica. (A change of keys reshuffles the cohorts
+    once: a run in progress is spared by the replica that admitted it anyway.) It stops a
+    tenant from computing good session ids offline; probing them online costs requests under
+    its rate limits, and every id it probes while not shed becomes a run in progress anyway."""
     return hashlib.blake2b("\0".join(sorted(secrets)).encode(), digest_size=32).digest()
 
 

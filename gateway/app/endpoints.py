@@ -7,7 +7,7 @@ way (``app.router.add_get`` directly) is not in the table and fails that test.
 
 - ``proxied``: the API routes of ``pipeline.handle_proxy``, which authenticates and admits the
   request itself (the full plan: requests, tokens, concurrency lease, budgets, loop guard; the
-  token-counting routes a request-only plan).
+  token-counting routes requests and the lease only).
 - ``tenant``: authenticated routes the gateway answers itself (models, deferred status, answer
   and cancel). The wrapper authenticates, then counts the request against the tenant's (and,
   with ``X-Agent-Session``, the session's) ``requests_per_minute`` with a request-only plan,

@@ -26,7 +26,7 @@ from gateway.admission import (
     cohort_key,
 )
 from gateway.breaker import BreakerBoard
-from gateway.config import GatewayConfig, Priority
+from gateway.config import ConfigError, GatewayConfig, Priority, resolve_api_key
 from gateway.deferred import DeferredService, create_store
 from gateway.limits import (
     LEASE_TTL_MS,
@@ -61,10 +61,19 @@ class _AdmissionMetrics(AdmissionObserver):
 
 
 def _cohort_key(config: GatewayConfig) -> bytes:
-    """The admission cohort hash's key: from every API key hash in the policy (a secret no one
-    tenant holds in full; admission/shed.py ``cohort_key``)."""
-    return cohort_key([*(h for t in config.tenants.values() for h in t.api_keys),
-                       *config.admin.api_keys])
+    """The admission cohort hash's key (admission/shed.py ``cohort_key``): the providers' API
+    keys, which every replica reads and no tenant sees, and every API key hash of the policy
+    (all a key-less setup has: secret only from whoever cannot read the policy file)."""
+    secrets = [*(h for t in config.tenants.values() for h in t.api_keys),
+               *config.admin.api_keys]
+    for name, provider in config.providers.items():
+        try:
+            key = resolve_api_key(name, provider)
+        except ConfigError:  # unreadable here: the upstream pool says so where it matters
+            continue
+        if key:
+            secrets.append(key)
+    return cohort_key(secrets)
 
 
 def deployment_labels(config: GatewayConfig) -> list[str]:

@@ -184,7 +184,8 @@ class Limiter:
 
     async def admit(self, call: ProxyCall, request_id: str, *, lease: bool = True,
                     hold_ttl_ms: int = HOLD_TTL_MS, deadline: float | None = None,
-                    client_retry: bool = False, count_only: bool = False) -> Hold:
+                    client_retry: bool = False, count_only: bool = False,
+                    rate_exempt: bool = False) -> Hold:
         """``lease=False`` and a longer ``hold_ttl_ms``: a deferred entry (gateway/deferred/service.py)
         holds no concurrency slot while queued, and its reservation is refundable for its life.
 
@@ -193,7 +194,9 @@ class Limiter:
         budget, loop guard or run cap; but it is a call to the provider that holds a connection
         and an admission slot for as long as the provider takes, so it counts as a request and
         holds a concurrency lease like any other (without one, a tenant held five counting
-        calls at once under ``max_concurrent: 2``).
+        calls at once under ``max_concurrent: 2``). ``rate_exempt``: the route is in the
+        tenant's ``limits.exempt_routes``, so it is not counted as a request either; the lease
+        stays (exempting a route from the request rate must not reopen the concurrency hole).
 
         A request refused only for want of a concurrency slot waits for one up to the tenant's
         ``concurrency_wait_s``, never past ``deadline`` (monotonic seconds, the clock this
@@ -211,7 +214,7 @@ class Limiter:
                             counts_cache_reads(tenant.budget.cache_reads, kind))
         planned_at = self._wall_clock()  # budget resets in the plan count from here
         checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry,
-                                    count_only)
+                                    count_only, rate_exempt)
         if not checks:
             return Hold(request_id, "none", tokens, cost_units, None, counting=counting)
         name = call.tenant.name
@@ -455,13 +458,15 @@ class Limiter:
 
     def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int,
                 lease: bool = True, client_retry: bool = False,
-                count_only: bool = False) -> tuple[list[Check], dict[int, str]]:
+                count_only: bool = False, rate_exempt: bool = False,
+                ) -> tuple[list[Check], dict[int, str]]:
         name = call.tenant.name
         checks: list[Check] = []
         scopes: dict[int, str] = {}  # check index -> what it limits, for messages
 
         def add(check: Check, scope: str) -> None:
-            if isinstance(check, Lease) and not lease:
+            if (isinstance(check, Lease) and not lease) or (isinstance(check, Gcra)
+                                                            and rate_exempt):
                 return
             scopes[len(checks)] = scope
             checks.append(check)

@@ -18,7 +18,6 @@ from aiohttp import web
 from gateway.admission import is_client_retry, request_deadline
 from gateway.config import Tenant
 from gateway.errors import GatewayError, Overloaded, RateLimited, retry_headers
-from gateway.limits import Hold
 from gateway.request import (
     ROUTES,
     ApiRoute,
@@ -112,13 +111,13 @@ async def _pipeline(
     with svc.tracing.stage("limits"):
         # Keyed by a gateway-made id, never the client's X-Request-Id: a reused client id
         # must not share a concurrency lease or a settlement with another request.
-        if route.request_only and \
-                route_name(route) in config.tenants[tenant.name].limits.exempt_routes:
-            hold = Hold("", "none", 0, 0, None, settled=True)
-        else:  # token counting: a request and a concurrency lease, no tokens (Limiter.admit)
-            hold = await policy.limiter.admit(call, os.urandom(16).hex(), deadline=deadline.at,
-                                              client_retry=is_client_retry(request.headers),
-                                              count_only=route.request_only)
+        # Token counting: a request and a concurrency lease, no tokens (Limiter.admit); an
+        # exempt counting route is not counted as a request but still holds its lease.
+        hold = await policy.limiter.admit(
+            call, os.urandom(16).hex(), deadline=deadline.at,
+            client_retry=is_client_retry(request.headers), count_only=route.request_only,
+            rate_exempt=route.request_only
+            and route_name(route) in config.tenants[tenant.name].limits.exempt_routes)
     record.limits_s = svc.clock() - began
     if hold.run is not None:
         record.run = hold.run_totals

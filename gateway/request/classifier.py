@@ -315,12 +315,17 @@ _NOT_PROMPT = frozenset((
     "dimensions", "parallel_tool_calls", "truncation", "background", "include",
 ))
 # Content blocks whose payload is not text: base64 or URL images are billed by size tiers,
-# not by the bytes of their encoding (85 tokens is a low-detail image). Only the payload of a
+# not by the bytes of their encoding. Each counts _IMAGE_TOKENS: about what Claude bills for
+# the largest image it keeps (1.15 megapixels / 750), above a high-detail gpt-4o image
+# (765-1,105); 85, a low-detail image, let a request of a hundred small images reserve a
+# twentieth of what it spent. (gpt-4o-mini counts several times more per image at the same
+# price: for it the estimate stays under.) Only the payload of a
 # block of such a type is skipped (OpenAI's and Responses' ``image_url``, Anthropic's
 # ``source``, a ``file_id``): any other field of it counts, and a dict that merely has an
 # ``image_url`` key (a message, a text part, a schema property of that name) is walked whole,
 # or text beside it would go unreserved.
 _IMAGE_TYPES = frozenset(("image", "image_url", "input_image"))
+_IMAGE_TOKENS = 1600
 _IMAGE_PAYLOAD_KEYS = frozenset(("image_url", "source", "file_id"))
 # Keys of the message/part envelope: the provider renders them as its own markers (the 4 per
 # list element covers those), not as text. Every other key counts: a schema's property names
@@ -336,8 +341,8 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     schemas (keys and values: ``tools[].function.parameters``, Anthropic ``input_schema``),
     ``response_format`` / ``text.format`` schemas, ``tool_choice`` and any field a provider
     adds later all count, since a field left out is prompt a tenant can send unreserved.
-    Only the top-level fields in ``_NOT_PROMPT`` are skipped; images count 85 tokens each
-    instead of their base64 text. One pass, no re-serialisation. The upstream's usage settles
+    Only the top-level fields in ``_NOT_PROMPT`` are skipped; images count ``_IMAGE_TOKENS``
+    each instead of their base64 text. One pass, no re-serialisation. The upstream's usage settles
     the exact count."""
     total_bytes = 0
     parts = 0
@@ -352,9 +357,10 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
             parts += len(item)
             stack.extend(item)
         elif isinstance(item, dict):
-            image = item.get("type") in _IMAGE_TYPES
+            kind = item.get("type")  # a JSON schema's may be a list: ["string", "null"]
+            image = isinstance(kind, str) and kind in _IMAGE_TYPES
             if image:
-                total_bytes += 85 * 4  # a low-detail image costs about 85 tokens
+                total_bytes += _IMAGE_TOKENS * 4
             for key, value in item.items():
                 if image and key in _IMAGE_PAYLOAD_KEYS:
                     continue  # the image itself, billed by its size tier, not its encoding

@@ -230,15 +230,18 @@ def test_a_tenant_cannot_choose_the_cohorts_shed_last() -> None:
         assert 44 < sum(real) / len(real) < 84  # the middle, as any sessions
 
 
-async def test_the_gateway_keys_cohorts_with_its_policys_key_hashes(
-    make_gateway: MakeGateway,
+async def test_the_gateway_keys_cohorts_with_its_providers_credentials(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Every replica on the same policy has the same key; another policy's keys, another."""
-    gw = await make_gateway()
+    """Every replica with the same policy and credentials has the same key; the providers'
+    API keys are in it (no tenant sees those), as are the policy's key hashes."""
+    monkeypatch.setenv("COHORT_TEST_KEY", "sk-provider-secret")
+    gw = await make_gateway(providers={"main": {"api_key_env": "COHORT_TEST_KEY"}})
     config = gw.app[GATEWAY].policy.config
     hashes = [*(h for t in config.tenants.values() for h in t.api_keys), *config.admin.api_keys]
-    assert gw.app[GATEWAY].services.admission._cohort_key == cohort_key(hashes)
-    assert cohort_key(hashes) != cohort_key(hashes[:-1])
+    key = gw.app[GATEWAY].services.admission._cohort_key
+    assert key == cohort_key([*hashes, "sk-provider-secret"])
+    assert key != cohort_key(hashes)  # the policy file alone does not give it away
 
 
 def test_cohort_buckets_spread_sessions_and_sessionless_requests() -> None:

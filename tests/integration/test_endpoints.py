@@ -433,12 +433,16 @@ async def test_count_tokens_reserves_no_tokens_and_spends_no_budget(
     assert refused.status == 429
 
 
-async def test_count_tokens_calls_hold_a_concurrency_lease(make_gateway: MakeGateway) -> None:
+@pytest.mark.parametrize("exempt", [False, True])
+async def test_count_tokens_calls_hold_a_concurrency_lease(make_gateway: MakeGateway,
+                                                           exempt: bool) -> None:
     """A counting call is a call to the provider for as long as it takes: it holds one of the
     tenant's max_concurrent like any request, and gives it back when it ends (a tenant once
-    held five slow counting calls at once under max_concurrent: 2; red team)."""
+    held five slow counting calls at once under max_concurrent: 2; red team). Exempting the
+    route from the request rate keeps the lease."""
     gw = await make_gateway(tenants={"acme": {"limits": {
-        "max_concurrent": 2, "concurrency_wait_s": 0}}})
+        "max_concurrent": 2, "concurrency_wait_s": 0, "requests_per_minute": 600,
+        "exempt_routes": ["POST /v1/messages/count_tokens"] if exempt else []}}})
     body = {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}
     slow = auth(**{"x-mock-latency-ms": "500"})
     answers = await asyncio.gather(*(gw.post("/v1/messages/count_tokens", json=body,

@@ -114,7 +114,9 @@ def test_success_feeds_counters_histograms_and_context_use(metrics: GatewayMetri
     assert value(metrics, f"{ratio}_bucket", model="gpt-test", phase="actual", le="0.4") == 1
 
 
-def test_shed_counts_a_rejection_and_the_shed_reason(metrics: GatewayMetrics) -> None:
+def test_a_shed_is_a_reason_and_its_answer_a_rejection(metrics: GatewayMetrics) -> None:
+    """The two calls a shed makes (admission with its reason, the server with the tenant); the
+    wiring end to end is tests/integration/test_overload.py's."""
     metrics.shed("cohort", "low")  # admission: the reason
     metrics.rejected("overloaded", "low", "acme")  # the server, answering: the tenant
     metrics.observe_request(record(priority="low", status=503, outcome="shed",

@@ -63,7 +63,29 @@ def test_images_are_not_counted_as_their_base64_text() -> None:
     responses = {"model": "m", "input": [{"role": "user", "content": [
         {"type": "input_image", "image_url": f"data:image/png;base64,{image}"}]}]}
     for body in (anthropic, openai, responses):
-        assert 85 <= estimate_prompt_tokens(body) < 200
+        assert 1600 <= estimate_prompt_tokens(body) < 1700
+
+
+def test_a_schema_with_a_list_type_is_estimated_not_a_500() -> None:
+    """A nullable field of a strict JSON schema has "type": ["string", "null"]: the image check
+    once hashed that list and raised (a 500 for any such tool or response_format)."""
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    schema = {"type": "object", "properties": {"note": {"type": ["string", "null"],
+                                                        "description": "d" * 400}}}
+    body = {**base, "tools": [{"type": "function", "function": {"name": "f",
+                                                                "parameters": schema}}]}
+    assert estimate_prompt_tokens(body) >= estimate_prompt_tokens(base) + 100
+
+
+async def test_a_nullable_tool_field_is_served(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway()
+    schema = {"type": "object", "properties": {"note": {"type": ["string", "null"]}},
+              "required": ["note"], "additionalProperties": False}
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "strict": True,
+                                                        "parameters": schema}}]}
+    resp = await gw.post("/v1/chat/completions", json=body, headers=auth())
+    assert resp.status == 200, await resp.text()
 
 
 def test_text_beside_an_image_key_counts() -> None:
