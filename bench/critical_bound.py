@@ -21,8 +21,9 @@ import random
 
 
 def wait_p99(rate: float, service_s: float, slots: int, arrivals: int,
-             seed: int) -> tuple[float, float]:
-    """(p99 wait for a slot, share of arrivals that wait at all) of an M/D/c queue."""
+             seed: int, quantile: float = 0.99) -> tuple[float, float]:
+    """(the ``quantile`` of the wait for a slot, p99 by default; share of arrivals that wait at
+    all) of an M/D/c queue."""
     rng = random.Random(seed)
     now = 0.0
     free_at = [0.0] * slots  # heap: when each slot frees
@@ -33,7 +34,7 @@ def wait_p99(rate: float, service_s: float, slots: int, arrivals: int,
         waits.append(start - now)
         heapq.heappush(free_at, start + service_s)
     waits.sort()
-    return waits[int(0.99 * len(waits))], sum(w > 0 for w in waits) / len(waits)
+    return waits[int(quantile * len(waits))], sum(w > 0 for w in waits) / len(waits)
 
 
 def main() -> None:

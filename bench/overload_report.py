@@ -95,7 +95,7 @@ def _level(report: dict[str, Any], phase: dict[str, Any], capacity: float,
         "runs_unfinished": runs["unfinished"],
         "runs_share": runs["completed"] / runs["started"] if runs["started"] else None,
         # No policy completes more runs over time than the upstream serves steps for: capacity
-        # / (steps x runs arriving per second). Above it only by luck of the window.
+        # / (steps x runs arriving per second). A window can pass it (see _targets).
         "runs_bound": (min(1.0, capacity / (steps * _mean_rate(phase["arrival"])))
                        if capacity and hard else None),
         "runs_under_load": _runs_under_load(report, phase["name"]),
@@ -181,7 +181,7 @@ def ratio_table(figures: dict[str, Any]) -> list[list[str]]:
 
 
 def _critical_wait_bound(v: dict[str, Any], args: argparse.Namespace) -> float | None:
-    """The p99 wait for a slot of critical at 3x with every slot of the upstream its own
+    """The least p99 wait for a slot of critical at 3x with every slot of the upstream its own
     (bench/critical_bound.py: an M/D/c queue of Poisson arrivals). The benchmark's runs of
     back-to-back steps bunch more: simulated as runs at 4 slots and 5.4 critical requests a
     second they wait 193 ms at p99 where Poisson arrivals wait 146 ms. None when slots are
@@ -193,8 +193,10 @@ def _critical_wait_bound(v: dict[str, Any], args: argparse.Namespace) -> float |
     if rate <= 0:
         return None
     service_s = args.slots / v["capacity_rps"]  # the measured time a call holds a slot
-    p99, _ = wait_p99(rate, service_s, args.slots, arrivals=200_000, seed=1)
-    return 1000 * p99
+    # The success target lets a policy shed 0.5 % of critical, the longest waits at best, and
+    # the p99 of the rest is then the 98.5th percentile of all (0.99 x 0.995).
+    wait, _ = wait_p99(rate, service_s, args.slots, arrivals=200_000, seed=1, quantile=0.985)
+    return 1000 * wait
 
 
 def _targets(v: dict[str, Any], first_token_ms: float) -> dict[str, dict[str, Any]]:
@@ -214,10 +216,11 @@ def _targets(v: dict[str, Any], first_token_ms: float) -> dict[str, dict[str, An
     c3, t3, r2 = l3.get("critical_success"), l3.get("critical_ttft_p99_ms"), l2.get("runs_share")
     c10 = l10.get("critical_success")
     growth = mem["end_mib"] - mem["start_mib"] if mem else None
-    # Bounds no admission policy beats in expectation (None: not computed, counted as
-    # reachable). A 15 s window can pass one by luck: fewer arrivals than their mean, or work
-    # that spilled into the window's neighbours (runs finishing in the tail, critical requests
-    # in the gap after 10x).
+    # The one bound no admission policy beats: critical's own wait for a slot (None: not
+    # computed, counted as reachable). The runs and 10x critical figures are shown beside
+    # their long-run ceilings, capacity / demand, but those bind no 15 s window: runs started
+    # in it finish in the tail while new ones are shed, and critical requests queued at the
+    # end of 10x are served in the quiet gap after it.
     wait = v.get("critical_wait_p99_ms")
     ttft_floor = None if wait is None else first_token_ms + wait  # p99(x + y) >= min x + p99 y
     runs_bound = l2.get("runs_bound")
@@ -232,23 +235,21 @@ def _targets(v: dict[str, Any], first_token_ms: float) -> dict[str, dict[str, An
             t3, t3 is not None and limit is not None and t3 <= limit,
             f"{_ms(t3)} (limit {_ms(limit)}"
             + ("" if ttft_floor is None else
-               f"; with every slot critical's alone, expected p99 >= {_ms(ttft_floor)}")
+               f"; critical alone on every slot: p99 >= {_ms(ttft_floor)}")
             + ")",
             reachable=ttft_floor is None or limit is None or ttft_floor <= limit),
         "runs_2x": check(
             r2, r2 is not None and r2 >= 0.5,
             f"{_pct(r2)} ("
-            + ("" if runs_bound is None else f"over time at most {_pct(runs_bound)}; ")
-            + f"warm-up to tail {_pct(under[0] / under[1] if under[1] else None)})",
-            reachable=runs_bound is None or runs_bound >= 0.5),
+            + ("" if runs_bound is None else f"long-run ceiling {_pct(runs_bound)}; ")
+            + f"warm-up to tail {_pct(under[0] / under[1] if under[1] else None)})"),
         "alive_10x": check(1.0 if v["healthy"] else 0.0, v["healthy"],
                            "yes" if v["healthy"] else "NO"),
         "goodput_10x": check(g10, g10 is not None and g10 >= 0.8, _pct(g10)),
         "critical_success_10x": check(
             c10, c10 is not None and c10 >= 0.98,
             f"{_pct(c10, 2)} (critical offered {_pct(offered10, 0)} of capacity"
-            + ("" if crit_bound is None else f": over time at most {_pct(crit_bound)}") + ")",
-            reachable=crit_bound is None or crit_bound >= 0.98),
+            + ("" if crit_bound is None else f": long-run ceiling {_pct(crit_bound)}") + ")"),
         "memory_flat": check(growth, growth is not None and growth < 50
                              and mem["peak_mib"] < 2 * mem["start_mib"],
                              "-" if not mem else f"{mem['start_mib']:.0f} -> peak "
@@ -307,7 +308,7 @@ def target_table(figures: dict[str, Any]) -> list[list[str]]:
         for n in names:
             t = figures["variants"][n]["targets"][key]
             mark = ("n/a" if t["met"] is None else "met" if t["met"]
-                    else "MISSED" if t["reachable"] else "MISSED (out of reach)")
+                    else "MISSED" if t["reachable"] else "MISSED (beyond any policy)")
             cells.append(f"{mark}: {t['shown']}")
         rows.append([label, *cells])
     tally = []
@@ -316,7 +317,7 @@ def target_table(figures: dict[str, Any]) -> list[list[str]]:
         met = sum(bool(t["met"]) for t in checks)
         beyond = sum(not t["met"] and not t["reachable"] for t in checks)
         tally.append(f"{met} of {len(checks)}"
-                     + (f" ({beyond} more out of reach of any policy)" if beyond else ""))
+                     + (f" ({beyond} more beyond any policy)" if beyond else ""))
     rows.append(["targets met", *tally])
     return rows
 
@@ -386,14 +387,16 @@ def docs_section(figures: dict[str, Any], header: list[str], pin_desc: str,
         "queue targets 100/300/500/500 ms (critical/high/normal/low); "
         f"holdback shares {_holdback(figures)}; deadlines (X-Request-Timeout) 5/10/20/30 s "
         "by class. `defaults` is the same gateway with no `admission:` section at all (the "
-        "shipped defaults; clients still send their class deadlines). A target marked "
-        "`out of reach` has a bound no admission policy beats below it: at 3x, critical "
-        "alone on every slot of the upstream already waits longer for a slot (an M/D/c "
-        "queue, bench/critical_bound.py); at 2x, capacity / (10 steps x runs arriving per "
-        "second) is under 50 %, so over time no policy completes half the runs (the window "
-        "can pass it by luck or with capacity the warm-up left; 'warm-up to tail' counts "
-        "every run started while the level's load ran); at 10x, critical alone offers more "
-        "than the capacity. None applies to the quota-limited upstream, whose quota window "
+        "shipped defaults; clients still send their class deadlines). The 3x critical TTFT "
+        "target is marked `beyond any policy` where critical alone on every slot of the "
+        "upstream already waits longer for a slot (an M/D/c queue, bench/critical_bound.py, "
+        "at the 98.5th percentile: the success target lets a policy shed the slowest 0.5 "
+        "%). The 2x runs and 10x critical figures are shown beside their long-run ceilings "
+        "(capacity / (10 steps x runs arriving a second); capacity / critical's own offered "
+        "load), which no 15 s window is held to: runs started in it finish in the tail while "
+        "new ones are shed, and critical requests queued at the end of 10x are served in the "
+        "quiet gap after it. 'Warm-up to tail' counts every run started while the level's "
+        "load ran. No ceilings are shown for the quota-limited upstream, whose quota window "
         "lets bursts through."),
         "",
         "```",
