@@ -40,13 +40,9 @@ _REASON_BY_CODE = {
     "too_many_auth_failures": "auth_failures", "model_not_allowed": "forbidden",
     "model_not_found": "not_found", "unknown_url": "not_found", "request_too_large": "too_large",
     "model_not_supported_on_route": "invalid_request", "unsupported_media_type": "invalid_request",
-    "malformed_request": "invalid_request", "invalid_value": "invalid_request",
-    "integer_above_max_value": "invalid_request", "context_length_exceeded": "invalid_request",
-    "unsupported_content_encoding": "invalid_request", "unsupported_for_provider":
-    "invalid_request", "method_not_allowed": "invalid_request",
 }
-# Refusals without a code of their own (most 400s of a body that does not parse or validate
-# carry none): by their status.
+# Refusals whose code is not above (most 400s of a body that does not parse or validate carry
+# none, the rest codes of their own): by their status.
 _REASON_BY_STATUS = {400: "invalid_request", 401: "unauthenticated", 403: "forbidden",
                      404: "not_found", 405: "invalid_request", 413: "too_large",
                      415: "invalid_request", 422: "invalid_request"}

@@ -319,11 +319,10 @@ _NOT_PROMPT = frozenset((
 # the largest image it keeps (1.15 megapixels / 750), above a high-detail gpt-4o image
 # (765-1,105); 85, a low-detail image, let a request of a hundred small images reserve a
 # twentieth of what it spent. (gpt-4o-mini counts several times more per image at the same
-# price: for it the estimate stays under.) Only the payload of a
-# block of such a type is skipped (OpenAI's and Responses' ``image_url``, Anthropic's
-# ``source``, a ``file_id``): any other field of it counts, and a dict that merely has an
-# ``image_url`` key (a message, a text part, a schema property of that name) is walked whole,
-# or text beside it would go unreserved.
+# price: for it the estimate stays under.) Only the payload of a block of such a type is
+# skipped (OpenAI's and Responses' ``image_url``, Anthropic's ``source``, a ``file_id``): any
+# other field of it counts, and a dict that merely has an ``image_url`` key (a message, a text
+# part, a schema property of that name) is walked whole, or text beside it would go unreserved.
 _IMAGE_TYPES = frozenset(("image", "image_url", "input_image"))
 _IMAGE_TOKENS = 1600
 _IMAGE_PAYLOAD_KEYS = frozenset(("image_url", "source", "file_id"))
