@@ -37,8 +37,11 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   used (down to where half the tolerance stays queued); below half of it, and while the
   limit is actually used (demand at least ``min_utilization`` of it), the limit grows; in
   between it holds;
-- growth is a slow start (x1.5 per window, only while the demand fills the limit) until the
-  first decrease or hold, then additive (``increase_step`` per window). After a latency
+- growth is a slow start until the first decrease or hold, then additive (``increase_step``
+  per window). Slow start grows per call, only while the demand fills the limit: half a slot
+  per first token that came on time (``_slow_start_step``), x1.5 a round trip, topped up to
+  x1.5 per window. While it still grows (``exploring``) the limit has found no capacity yet,
+  and admission does not shed for the requests that queue behind it. After a latency
   decrease, growth waits ``_PROBE_BACKOFF`` windows, twice as long after each probe that had
   to be taken back at once (up to ``_PROBE_BACKOFF_MAX``): at the knee every probe queues a
   request inside the provider, where priority means nothing, so probes there become rare; a
@@ -46,7 +49,8 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
 
 Non-streamed calls have no first token: a window without any TTFT, or with far more
 non-streamed successes than first tokens, falls back to the AIMD increase (one
-``increase_step`` per window while used). ``ignore`` (client cancelled, 4xx)
+``increase_step`` per window while used), and while no call has streamed slow start grows
+per success until the first error. ``ignore`` (client cancelled, 4xx)
 leaves the limit alone.
 
 The optional ``latency_brake`` (off by default) is the older, cruder latency signal: time to
@@ -121,6 +125,15 @@ _REBASE_AFTER = 3
 _CHANGED = 1.25
 # Weight of a new window in the smoothed no-load level fed to the baseline minimum.
 _LEVEL_WEIGHT = 0.5
+# Slow start adds this to the limit per first token that came on time (x1.5 per round trip
+# when every call of a round did), or per success while no call streams: growth per call, as
+# TCP's slow start grows by one segment per acknowledgement, not once per decision window.
+_SLOW_START_GAIN = 0.5
+# A first token is on time, for slow start, within this multiple of the no-load expectation
+# (the baseline plus the prompt's prefill) plus _ON_TIME_SLACK_S: a call that queued inside the provider for a slot waits a good part
+# of a whole call on top (HyStart's delay check, per call).
+_ON_TIME_FACTOR = 1.5
+_ON_TIME_SLACK_S = 0.01
 
 
 def size_factor(prompt_tokens: int | None) -> float:
@@ -210,6 +223,10 @@ class AdaptiveLimit:
         self._prefill_sum = 0.0
         self._baseline: deque[tuple[float, float, float]] = deque()  # (when, ttft, prompt)
         self._slow_start = True
+        # Slow start held by calls overdue for their first token (_decide): the limit is no
+        # longer finding capacity, so a queue of the gateway's own is overload again.
+        self._stalled = False
+        self._window_limit = self._limit  # the limit when the window began
         self._backoff = 0  # windows left without growth after a latency decrease
         self._probe_backoff = _PROBE_BACKOFF  # what the next latency decrease sets it to
         # After growth past the slow start: quiet windows left before the probe counts as
@@ -236,6 +253,16 @@ class AdaptiveLimit:
     @property
     def settings(self) -> ConcurrencySettings:
         return self._settings
+
+    @property
+    def exploring(self) -> bool:
+        """In slow start and still growing: the limit has met no sign of the upstream's
+        capacity yet (no error, no queue inside it), so requests queued for a slot wait for
+        the limit to find it, not for an upstream that is full. Admission does not shed for
+        that wait (ShedState.roll): a new gateway in front of an idle provider would answer
+        503 "overloaded" to the first burst of calls to a slow model."""
+        return (self._slow_start and not self._stalled
+                and self._limit < self._settings.max_limit)
 
     @property
     def baseline_s(self) -> float | None:
@@ -279,8 +306,13 @@ class AdaptiveLimit:
             window.ok += 1
             if duration_s is not None:
                 window.busy_ok += max(0.0, duration_s)
-            if ttft_s is not None and ttft_s >= 0 and self._first_token(ttft_s, prompt_tokens):
-                outcome = "overload"
+            if ttft_s is not None and ttft_s >= 0:
+                if self._first_token(ttft_s, prompt_tokens):
+                    outcome = "overload"
+                else:
+                    self._slow_start_step(now, in_flight, ttft_s, prompt_tokens)
+            elif ttft_s is None:
+                self._slow_start_step(now, in_flight, None, prompt_tokens)
         if outcome == "timeout":
             if self._answering_promptly(now):
                 return  # a stuck call, not a queue: cutting the limit would not help it
@@ -308,12 +340,51 @@ class AdaptiveLimit:
         if self._first_token(ttft_s, prompt_tokens):
             self._decrease_on_error(now)
             return
+        self._slow_start_step(now, demand, ttft_s, prompt_tokens)
         self._maybe_decide(now, demand)
 
     def _first_token(self, ttft_s: float, prompt_tokens: int | None) -> bool:
         """Count a first token in the window; whether the latency brake calls it overload."""
         self._window.add(ttft_s, max(0, prompt_tokens or 0) / 1000)
         return self._brake is not None and self._brake.slow(ttft_s, prompt_tokens or 0)
+
+    def _slow_start_step(self, now: float, demand: int, ttft_s: float | None,
+                         prompt_tokens: int | None) -> None:
+        """Slow start's growth per call: ``_SLOW_START_GAIN`` for a first token that came on
+        time, or (no call streaming, or ``aimd``) for a success, while the demand fills the
+        limit. Per window it took a cold start seconds per step against a slow model (first
+        tokens of 5 s, or whole answers of 5 s not streamed: a window waits for them), while
+        the requests beyond the limit queued in the gateway. The window still tops growth up
+        to x1.5 (``_decide``), and ends slow start at the first queue it sees: a round of
+        calls sent past the knee comes back late and adds nothing, so growth overshoots the
+        knee by at most half."""
+        if not self._slow_start or self._recover_to is not None or demand < self.limit:
+            return
+        latency = self._settings.algorithm == "vegas"
+        if ttft_s is None:
+            if latency and (self._window.n or self._smoothed is not None):
+                return  # streamed calls judge it by their first tokens
+        elif latency and not self._on_time(now, ttft_s, prompt_tokens):
+            return
+        self._set(self._limit + _SLOW_START_GAIN)
+        self._stalled = False
+
+    def _on_time(self, now: float, ttft_s: float, prompt_tokens: int | None) -> bool:
+        """A first token at the no-load speed: within ``_ON_TIME_FACTOR`` of the baseline
+        plus the prompt's prefill, with no more calls overdue for theirs than stop growth at
+        a window (``_decide``): those show a queue inside the provider before their first
+        tokens do. None is on time before the first window has measured the baseline:
+        growth inside it would queue the calls whose first tokens become the baseline (at 4
+        slots the limit then settled at 5)."""
+        if not self._baseline:
+            return False
+        prefill = self.prefill_s
+        baseline = self._baseline_at(prefill)
+        expected = baseline + prefill * max(0, prompt_tokens or 0) / 1000
+        if ttft_s > _ON_TIME_FACTOR * expected + _ON_TIME_SLACK_S:
+            return False
+        overdue = self._calls.overdue(now, baseline, prefill) if self._calls is not None else 0
+        return overdue < max(_OVERDUE_MIN, self._tolerance())
 
     def _maybe_decide(self, now: float, in_flight: int) -> None:
         """Close the window once it is long enough, and act on what it saw."""
@@ -326,8 +397,8 @@ class AdaptiveLimit:
         elif s.algorithm == "aimd" or window.n == 0 or window.ok - window.n >= _MIN_SAMPLES:
             # No latency signal to go by (AIMD, nothing streamed, or mostly calls that are not
             # streamed): successes alone let the limit grow.
-            self._window = _Window(now)
-            if in_flight >= s.min_utilization * self._limit:
+            self._new_window(now)
+            if in_flight >= s.min_utilization * self.limit:
                 self._grow(now, s.increase_step)
         # else: a few first tokens only; the window goes on until it has enough
 
@@ -337,8 +408,8 @@ class AdaptiveLimit:
         self._limit = float(self._settings.min_limit)
         self._recover_to, self._recovering = None, False
         self._last_increase = now
-        self._window = _Window(now)
-        self._slow_start = True
+        self._new_window(now)
+        self._slow_start, self._stalled = True, False
         self._backoff = self._cuts = 0
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf
@@ -355,6 +426,10 @@ class AdaptiveLimit:
             self._brake.ratio = settings.latency_brake
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _new_window(self, now: float) -> None:
+        self._window = _Window(now)
+        self._window_limit = self._limit
 
     def _answering_promptly(self, now: float) -> bool:
         """Whether, by time to first token, the upstream is answering at its no-load speed now:
@@ -399,14 +474,14 @@ class AdaptiveLimit:
         self._last_decrease = now
         # The window after a decrease shows how the smaller limit copes: no increase yet.
         self._last_increase = now
-        self._window = _Window(now)
+        self._new_window(now)
         self._slow_start = False
 
     def _decide(self, now: float, demand: int) -> None:
         s = self._settings
-        window = self._window
+        window, window_limit = self._window, self._window_limit
         elapsed = max(now - window.start, 1e-9)
-        self._window = _Window(now)
+        self._new_window(now)
         self._decided_at = now
         mean_ttft = window.ttfts / window.n
         evidence = window.prefill_evidence()
@@ -474,7 +549,7 @@ class AdaptiveLimit:
         if self._backoff > 0:
             self._backoff -= 1
             return
-        if calm and demand >= s.min_utilization * self._limit:
+        if calm and demand >= s.min_utilization * self.limit:
             self._probing = 0 if self._slow_start else 2
             # Slow start multiplies only a limit the demand fills (as TCP grows its window
             # only while the window limits it, RFC 7661): headroom no load has tried says
@@ -482,11 +557,17 @@ class AdaptiveLimit:
             # overflowing the provider's queue (64 slots, 400 ms first tokens: the limit went
             # 45 -> 102 -> 153 -> 223 with 54-84 in flight, then 429s from the full queue).
             filled = self._slow_start and demand >= self.limit
-            self._grow(now, max(s.increase_step, 0.5 * self._limit if filled else 0))
+            step = s.increase_step
+            if filled:  # x1.5 over the window, counting what on-time first tokens added
+                step = max(step, 0.5 * window_limit) - (self._limit - window_limit)
+            if step > 0:
+                self._grow(now, step)
             return
         if not quiet:
             self._slow_start = False  # near the knee: slow start is over (overdue calls only
             # hold it: they may be one tenant's)
+        elif self._slow_start and demand >= self.limit:
+            self._stalled = True  # held by overdue calls: no longer finding capacity
 
     def _decrease_on_queue(self, now: float, queue: float, tolerance: float, level: float,
                            means: tuple[float, float], used: float) -> None:
@@ -533,6 +614,7 @@ class AdaptiveLimit:
                 self._recover_to, self._recovering = None, False
         self._set(target)
         self._last_increase = now
+        self._stalled = False
 
     def _set(self, value: float) -> None:
         s = self._settings

@@ -441,7 +441,7 @@ class AdmissionController:
 
     def _roll(self, state: DeploymentState, now: float) -> None:
         if state.shed.due(now):
-            state.shed.roll(now, state.oldest_waits(now))
+            state.shed.roll(now, state.oldest_waits(now), state.exploring(now))
 
     # -- reporting ------------------------------------------------------------------------------
 

@@ -101,15 +101,20 @@ class ShedState:
     def due(self, now: float) -> bool:
         return now >= self._interval_end
 
-    def roll(self, now: float, oldest_waits: Sequence[float | None]) -> None:
+    def roll(self, now: float, oldest_waits: Sequence[float | None],
+             exploring: Sequence[bool] = ()) -> None:
         """Close the interval(s) that ended by ``now``; ``oldest_waits[p]`` is how long the
-        oldest queued request of class p has waited (None when the class queue is empty)."""
+        oldest queued request of class p has waited (None when the class queue is empty).
+        ``exploring[p]``: class p waits for a slot under a limit still in slow start, which
+        has found no sign of the upstream's capacity yet: that wait is not overload (the limit
+        is growing to meet it), so it is not shed for."""
         if now < self._interval_end:
             return
         for p in range(N_CLASSES):
             wait = oldest_waits[p]
             lowest = min(self._min_delay[p], 0.0 if wait is None else wait)
-            self._overloaded[p] = lowest > self._targets[p]
+            excused = p < len(exploring) and exploring[p]
+            self._overloaded[p] = lowest > self._targets[p] and not excused
             self._min_delay[p] = math.inf
         # Intervals with no event in them count as quiet ones: the level may fall for each.
         closed = 1 + int((now - self._interval_end) // self._interval)

@@ -394,6 +394,14 @@ class DeploymentState:
                                      fraction * _LEND_MEMORY_S))
             self._owed[priority] = owed
 
+    def exploring(self, now: float) -> list[bool]:
+        """Per class, whether its queue waits for a slot under a limit still finding the
+        upstream's capacity (``AdaptiveLimit.exploring``), not for the provider's quota:
+        CoDel does not count that wait as overload."""
+        if not self.limiter.exploring:
+            return []
+        return [self.quota_allows(priority, now) for priority in Priority]
+
     def oldest_waits(self, now: float) -> list[float | None]:
         waits: list[float | None] = []
         for q in self.queues:

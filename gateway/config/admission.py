@@ -103,9 +103,11 @@ class ConcurrencySettings(StrictModel):
     min_limit: int = Field(default=4, ge=1, description="the limit never goes below this")
     initial_limit: int = Field(
         default=4, ge=1,
-        description="the limit at start; it grows in slow start (x1.5 per decision window) "
-        "while the upstream shows no queueing, so starting low costs seconds, not capacity "
-        "(and the first windows measure the no-load time to first token)",
+        description="the limit at start; it grows in slow start (half a slot per first token "
+        "that comes at the no-load speed, or per success while no call streams: x1.5 a round "
+        "trip) while the upstream shows no queueing, so starting low costs a few round trips, "
+        "not capacity, and requests queued meanwhile wait for it instead of being shed (the "
+        "first window measures the no-load time to first token)",
     )
     max_limit: int = Field(default=500, ge=1, description="the limit never goes above this")
     algorithm: LimitAlgorithm = Field(

@@ -59,30 +59,34 @@ def _anthropic(gw: GatewayClient, **kw: Any) -> anthropic.AsyncAnthropic:
 _CLIENT = """
 import asyncio, json, sys, time
 import openai
-async def main(base, n, latency_ms):
+async def main(base, n, latency_ms, rounds):
     async with openai.AsyncOpenAI(base_url=base, api_key=sys.argv[4]) as client:
         async def one():
-            try:
-                await client.chat.completions.create(
-                    model="gpt-test", messages=[{"role": "user", "content": "hello"}],
-                    extra_headers={"x-mock-latency-ms": latency_ms})
-                return None
-            except openai.APIError as exc:
-                return str(exc)
+            errors = []
+            for _ in range(rounds):
+                try:
+                    await client.chat.completions.create(
+                        model="gpt-test", messages=[{"role": "user", "content": "hello"}],
+                        extra_headers={"x-mock-latency-ms": latency_ms})
+                except openai.APIError as exc:
+                    errors.append(str(exc))
+            return errors
         began = time.monotonic()
         errors = await asyncio.gather(*(one() for _ in range(n)))
-        return {"took": time.monotonic() - began, "errors": [e for e in errors if e]}
-print(json.dumps(asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))))
+        return {"took": time.monotonic() - began, "errors": [e for es in errors for e in es]}
+print(json.dumps(asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3],
+                                  int(sys.argv[5])))))
 """
 
 
-async def in_another_process(gw: GatewayClient, calls: int,
-                             latency_ms: int = 0) -> dict[str, Any]:
-    """``calls`` concurrent chat completions by the openai SDK (default settings) from a
-    separate process; how long they took together and the errors they ended with."""
+async def in_another_process(gw: GatewayClient, calls: int, latency_ms: int = 0,
+                             rounds: int = 1) -> dict[str, Any]:
+    """``calls`` concurrent clients each making ``rounds`` chat completions in a row, by the
+    openai SDK (default settings) from a separate process; how long they took together and
+    the errors they ended with."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _CLIENT, str(gw.make_url("/v1")), str(calls), str(latency_ms),
-        ACME_KEY, stdout=asyncio.subprocess.PIPE)
+        ACME_KEY, str(rounds), stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0
     result: dict[str, Any] = json.loads(out)
@@ -153,6 +157,22 @@ async def test_fifty_identical_concurrent_calls_on_the_default_policy_all_succee
     result = await in_another_process(gw, 50)
     assert result["errors"] == [] and answers == {200: 50}  # no refusal, no SDK retry
     assert upstream_calls(mock_upstream) == 50
+
+
+async def test_a_fresh_gateway_queues_slow_calls_while_its_limit_grows_instead_of_503(
+    make_counted: MakeCounted, mock_upstream: TestServer,
+) -> None:
+    """A new gateway in front of an idle provider: its concurrency limit starts at 4 and
+    grows as calls succeed. Sixteen SDK clients each making three 1 s calls in a row wait for
+    the limit while it grows. Before, a queue of the gateway's own start counted as overload:
+    8 calls of 48 in the later rounds were refused 503 "overloaded" after half a second (the
+    SDK does not retry a normal-priority overload), with an idle upstream behind it."""
+    gw, answers = await make_counted()
+    result = await in_another_process(gw, 16, latency_ms=1000, rounds=3)
+    print(f"sixteen clients x three 1 s calls, fresh gateway: {result['took']:.2f} s, "
+          f"answers {dict(answers)}")
+    assert result["errors"] == [] and answers == {200: 48}  # no refusal, no SDK retry
+    assert upstream_calls(mock_upstream) == 48
 
 
 async def test_a_spent_daily_budget_stops_the_sdks_at_once_naming_the_reset(

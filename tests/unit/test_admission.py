@@ -32,8 +32,11 @@ DEP = "openai/gpt-4o"
 
 def make(clock: FakeClock, limit: int = 20, observer: AdmissionObserver | None = None,
          **overrides: Any) -> AdmissionController:
+    # The limit is pinned unless a test says otherwise: these tests are about queues and
+    # shedding, and a fresh limit grows per call in slow start (tests of the limit's own
+    # moves pass their own ``concurrency``).
     data: dict[str, Any] = {
-        "concurrency": {"min_limit": 1, "initial_limit": limit, "max_limit": 1000},
+        "concurrency": {"min_limit": 1, "initial_limit": limit, "max_limit": limit},
         "ttft_prior_s": 1.0,
     }
     for key, value in overrides.items():
@@ -842,6 +845,43 @@ async def test_a_plain_client_is_shed_after_its_queue_target_when_no_slot_comes(
     assert ctl.snapshot()["shed"] == {"low": {"cohort": 1}}
     blocker.release("success")
     (await waiter).release("success")
+
+
+async def test_a_limit_still_finding_capacity_queues_instead_of_shedding() -> None:
+    """A fresh gateway: the limit starts at 4 and has seen no sign of the upstream's capacity
+    yet. Requests queued behind it wait for the limit to grow; that wait is not overload, so
+    no class is marked overloaded and no new run or plain client is shed 503 for it. Once
+    the limit has met the upstream's capacity (an error ends slow start), the same wait is
+    overload again."""
+    clock = FakeClock()
+    ctl = make(clock, concurrency={"min_limit": 4, "initial_limit": 4, "max_limit": 500})
+    first = [await ctl.acquire(DEP, req(clock, C)) for _ in range(4)]
+    waiting = [asyncio.create_task(ctl.acquire(DEP, req(clock, N, session=f"run-{i}")))
+               for i in range(20)]
+    await settle()
+    for _ in range(5):  # five CoDel intervals with the queue's head waiting throughout
+        clock.now += 1.0
+        waiting.append(asyncio.create_task(ctl.acquire(DEP, req(
+            clock, N, session=f"later-{clock.now}"))))
+        await settle()
+    snap = ctl.snapshot()
+    dep = snap["deployments"][DEP]
+    assert snap["shed"] == {} and dep["shed_level"] == 0
+    assert not dep["classes"]["normal"]["overloaded"] and dep["queued"] == 25
+    assert not any(task.done() for task in waiting)
+    first.pop().release("overload")  # the upstream's first error: its capacity is met
+    for _ in range(3):
+        clock.now += 1.0
+        waiting.append(asyncio.create_task(ctl.acquire(DEP, req(
+            clock, N, session=f"after-{clock.now}"))))
+        await settle()
+    dep = ctl.snapshot()["deployments"][DEP]
+    assert dep["classes"]["normal"]["overloaded"] and dep["shed_level"] > 0
+    for permit in first:
+        permit.release("ignore")
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
 
 
 # -- deadline feasibility -------------------------------------------------------------------------

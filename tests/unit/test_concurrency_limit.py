@@ -145,9 +145,12 @@ def test_restart_low_and_reconfigure() -> None:
     limiter = AdaptiveLimit(settings(min_limit=2, initial_limit=60), now=0.0)
     limiter.restart_low(now=1.0)
     assert limiter.limit == 2
-    limiter.on_sample(1.5, "success", in_flight=2)  # same window as the restart: no growth
+    limiter.on_sample(1.2, "success", in_flight=1)  # the demand does not fill it: no growth
     assert limiter.limit == 2
-    limiter.on_sample(2.0, "success", in_flight=2)
+    # Slow start again: half a slot per call while the demand fills the limit (no call
+    # streams, so successes count), not one step per window.
+    limiter.on_sample(1.3, "success", in_flight=2)
+    limiter.on_sample(1.4, "success", in_flight=2)
     assert limiter.limit == 3
     limiter.reconfigure(settings(min_limit=10, initial_limit=10, max_limit=20))
     assert limiter.limit == 10
@@ -412,6 +415,38 @@ def test_the_limit_learns_from_first_tokens_before_long_calls_end() -> None:
     settled = steady(trace, 160.0)
     assert min(settled) >= 0.75 * 16 and max(settled) <= 1.25 * 16 + 1, (min(settled),
                                                                           max(settled))
+
+
+def test_slow_start_grows_per_call_not_per_window_against_a_slow_model() -> None:
+    """A cold start in front of a model whose answers take seconds. Per decision window,
+    slow start waited for a window's worth of answers before each step, and the calls beyond
+    the limit queued in the gateway round after round (5 s answers not streamed: 4, 5, 6, 7
+    after three rounds). Per call it is x1.5 a round, whatever the window."""
+    limiter = AdaptiveLimit(defaults(), now=0.0)  # initial limit 4
+    rounds = []
+    for n in range(1, 4):  # each round, every call in flight ends with a whole answer
+        for i in range(limiter.limit):
+            limiter.on_sample(5.0 * n + i * 0.001, "success", ENDLESS, duration_s=5.0)
+        rounds.append(limiter.limit)
+    assert rounds[-1] >= 15, rounds
+    assert all(b <= 2 * a for a, b in zip([4, *rounds], rounds, strict=False)), rounds
+    # Streamed: growth waits for the first window's baseline, then goes per on-time first
+    # token (2 s first tokens, 4 s calls, an upstream of 200 slots): 11 at 20 s per window.
+    upstream = SlotUpstream(200, ttft_s=2.0, service_s=4.0)
+    limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
+    trace = drive(limiter, upstream, 0.0, 20.05, first_tokens=True)
+    assert trace[-1][1] >= 18, trace[-1]
+
+
+def test_slow_start_per_call_stops_at_the_knee() -> None:
+    """Growth per first token stops when they come late: calls sent past the knee queue
+    inside the provider for a slot, and add nothing. The overshoot stays within half the
+    knee before the window's queue estimate cuts back (4, 16 and 64 slots)."""
+    for slots in (4, 16, 64):
+        upstream = SlotUpstream(slots, ttft_s=0.4, service_s=1.12)
+        limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
+        trace = drive(limiter, upstream, 0.0, 40.0, first_tokens=True)
+        assert max(limit for _, limit in trace) <= 1.5 * slots + 2, (slots, trace)
 
 
 def test_a_queue_cut_starts_from_what_was_in_flight_not_from_an_unused_limit() -> None:
