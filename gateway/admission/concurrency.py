@@ -129,6 +129,9 @@ _LEVEL_WEIGHT = 0.5
 # when every call of a round did), or per success while no call streams: growth per call, as
 # TCP's slow start grows by one segment per acknowledgement, not once per decision window.
 _SLOW_START_GAIN = 0.5
+# Weight of a new call's duration in the mean that sets how long slow start may go without
+# progress and still count as exploring (AdaptiveLimit.exploring).
+_CALL_WEIGHT = 0.2
 # A first token is on time, for slow start, within this multiple of the no-load expectation
 # (the baseline plus the prompt's prefill) plus _ON_TIME_SLACK_S: a call that queued inside the provider for a slot waits a good part
 # of a whole call on top (HyStart's delay check, per call).
@@ -226,6 +229,11 @@ class AdaptiveLimit:
         # Slow start held by calls overdue for their first token (_decide): the limit is no
         # longer finding capacity, so a queue of the gateway's own is overload again.
         self._stalled = False
+        # When slow start last made progress: grew, or counted a first token toward the first
+        # window's baseline (growth waits for it); and how long successful calls take (EWMA,
+        # None before the first): progress must come within about two calls (exploring).
+        self._progress_at = now
+        self._call_s: float | None = None
         self._window_limit = self._limit  # the limit when the window began
         self._backoff = 0  # windows left without growth after a latency decrease
         self._probe_backoff = _PROBE_BACKOFF  # what the next latency decrease sets it to
@@ -254,15 +262,23 @@ class AdaptiveLimit:
     def settings(self) -> ConcurrencySettings:
         return self._settings
 
-    @property
-    def exploring(self) -> bool:
+    def exploring(self, now: float) -> bool:
         """In slow start and still growing: the limit has met no sign of the upstream's
         capacity yet (no error, no queue inside it), so requests queued for a slot wait for
         the limit to find it, not for an upstream that is full. Admission does not shed for
         that wait (ShedState.roll): a new gateway in front of an idle provider would answer
-        503 "overloaded" to the first burst of calls to a slow model."""
-        return (self._slow_start and not self._stalled
-                and self._limit < self._settings.max_limit)
+        503 "overloaded" to the first burst of calls to a slow model.
+
+        Still growing means progress within the last two calls (or decision windows, if
+        longer): growth per call, or first tokens counted toward the first baseline. A slow
+        start that no longer grows (late first tokens, calls overdue for theirs, only the
+        additive step of a window) has found what it can, and a queue behind it is overload."""
+        if not self._slow_start or self._stalled or self._limit >= self._settings.max_limit:
+            return False
+        if self._call_s is None:
+            return True  # no call has ended yet: the first round trip is still out
+        horizon = 2 * max(self._settings.decision_window_s, self._call_s)
+        return now - self._progress_at <= horizon
 
     @property
     def baseline_s(self) -> float | None:
@@ -306,8 +322,11 @@ class AdaptiveLimit:
             window.ok += 1
             if duration_s is not None:
                 window.busy_ok += max(0.0, duration_s)
+                took = max(0.0, duration_s)
+                self._call_s = took if self._call_s is None else (
+                    self._call_s + _CALL_WEIGHT * (took - self._call_s))
             if ttft_s is not None and ttft_s >= 0:
-                if self._first_token(ttft_s, prompt_tokens):
+                if self._first_token(now, ttft_s, prompt_tokens):
                     outcome = "overload"
                 else:
                     self._slow_start_step(now, in_flight, ttft_s, prompt_tokens)
@@ -337,15 +356,18 @@ class AdaptiveLimit:
         ``on_sample``; the call's ``on_sample`` then passes no ``ttft_s``."""
         if ttft_s < 0:
             return
-        if self._first_token(ttft_s, prompt_tokens):
+        if self._first_token(now, ttft_s, prompt_tokens):
             self._decrease_on_error(now)
             return
-        self._slow_start_step(now, demand, ttft_s, prompt_tokens)
+        if self._settings.algorithm == "vegas":  # aimd counts the call once, at its end
+            self._slow_start_step(now, demand, ttft_s, prompt_tokens)
         self._maybe_decide(now, demand)
 
-    def _first_token(self, ttft_s: float, prompt_tokens: int | None) -> bool:
+    def _first_token(self, now: float, ttft_s: float, prompt_tokens: int | None) -> bool:
         """Count a first token in the window; whether the latency brake calls it overload."""
         self._window.add(ttft_s, max(0, prompt_tokens or 0) / 1000)
+        if not self._baseline:
+            self._progress_at = now  # toward the first baseline, which growth waits for
         return self._brake is not None and self._brake.slow(ttft_s, prompt_tokens or 0)
 
     def _slow_start_step(self, now: float, demand: int, ttft_s: float | None,
@@ -355,9 +377,12 @@ class AdaptiveLimit:
         limit. Per window it took a cold start seconds per step against a slow model (first
         tokens of 5 s, or whole answers of 5 s not streamed: a window waits for them), while
         the requests beyond the limit queued in the gateway. The window still tops growth up
-        to x1.5 (``_decide``), and ends slow start at the first queue it sees: a round of
-        calls sent past the knee comes back late and adds nothing, so growth overshoots the
-        knee by at most half."""
+        to x1.5 (``_decide``), and ends slow start at the first queue it sees. Calls sent past
+        the knee wait inside the provider and their first tokens come late, adding nothing;
+        but a call that waited less than half a first token counts as on time, so where first
+        tokens are a large part of a call (or calls are short) the overshoot can pass half the
+        knee before the window's queue estimate cuts it back (about as far as x1.5 per window
+        went). ``aimd`` counts each call once, at its end."""
         if not self._slow_start or self._recover_to is not None or demand < self.limit:
             return
         latency = self._settings.algorithm == "vegas"
@@ -368,6 +393,7 @@ class AdaptiveLimit:
             return
         self._set(self._limit + _SLOW_START_GAIN)
         self._stalled = False
+        self._progress_at = now
 
     def _on_time(self, now: float, ttft_s: float, prompt_tokens: int | None) -> bool:
         """A first token at the no-load speed: within ``_ON_TIME_FACTOR`` of the baseline
@@ -409,7 +435,7 @@ class AdaptiveLimit:
         self._recover_to, self._recovering = None, False
         self._last_increase = now
         self._new_window(now)
-        self._slow_start, self._stalled = True, False
+        self._slow_start, self._stalled, self._progress_at = True, False, now
         self._backoff = self._cuts = 0
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf
@@ -418,6 +444,7 @@ class AdaptiveLimit:
         """New bounds from a policy reload; the current limit is kept within them."""
         self._settings = settings
         self._limit = min(float(settings.max_limit), max(float(settings.min_limit), self._limit))
+        self._window_limit = self._limit  # the window's top-up counts from here
         if settings.latency_brake is None:
             self._brake = None
         elif self._brake is None:
@@ -585,8 +612,10 @@ class AdaptiveLimit:
             self._baseline.append((now, *means))
             self._smoothed = means
             self._cuts = 0
-            # Where the knee is now is unknown: probe for it at once, and freely.
+            # Where the knee is now is unknown: probe for it at once, and freely. A queue was
+            # seen all the same: slow start is over (at the floor the knee is at or below it).
             self._backoff, self._probe_backoff = 0, _PROBE_BACKOFF
+            self._slow_start = False
             return
         # Down by the excess queued, from the concurrency the window actually used (with
         # holdback the lower classes stop below the limit, so a limit past the knee can sit
@@ -615,6 +644,8 @@ class AdaptiveLimit:
         self._set(target)
         self._last_increase = now
         self._stalled = False
+        if self._slow_start and step > self._settings.increase_step:
+            self._progress_at = now  # a slow-start step, not the additive one
 
     def _set(self, value: float) -> None:
         s = self._settings

@@ -420,6 +420,7 @@ class AdmissionController:
     def _arm_pace(self, state: DeploymentState, priority: Priority, now: float) -> None:
         """Dispatch again when the provider's quota has refilled for ``priority``: with nothing
         in flight, no release would wake the queue."""
+        state.quota_held_at = now
         self._wake(state, state.pace.wait_s(state.shares[priority], now))
 
     def _wake(self, state: DeploymentState, wait: float) -> None:
@@ -441,7 +442,8 @@ class AdmissionController:
 
     def _roll(self, state: DeploymentState, now: float) -> None:
         if state.shed.due(now):
-            state.shed.roll(now, state.oldest_waits(now), state.exploring(now))
+            state.shed.roll(now, state.oldest_waits(now),
+                            state.exploring(now, self._policy.codel_interval_ms / 1000))
 
     # -- reporting ------------------------------------------------------------------------------
 

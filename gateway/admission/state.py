@@ -223,6 +223,9 @@ class DeploymentState:
         # When a request last found its class's slots full (it queued or was shed): the limit
         # was what held it back, whatever the count of requests in flight says (see demand).
         self.slots_full_at = -math.inf
+        # When the provider's quota (as paced) last held a request back: a queue then is not
+        # the limit's to excuse (exploring).
+        self.quota_held_at = -math.inf
         self.shares = policy.classes.holdback_shares()  # read on every admission
         self._lend_wait_s = _lend_waits(policy)
         # Per class: slot-seconds over its share the deployment has run since the class last
@@ -394,13 +397,15 @@ class DeploymentState:
                                      fraction * _LEND_MEMORY_S))
             self._owed[priority] = owed
 
-    def exploring(self, now: float) -> list[bool]:
+    def exploring(self, now: float, interval_s: float) -> list[bool]:
         """Per class, whether its queue waits for a slot under a limit still finding the
-        upstream's capacity (``AdaptiveLimit.exploring``), not for the provider's quota:
-        CoDel does not count that wait as overload."""
-        if not self.limiter.exploring:
+        upstream's capacity (``AdaptiveLimit.exploring``): CoDel does not count that wait as
+        overload. Never while the provider's quota held anyone back within the last CoDel
+        interval (``interval_s``): a class may wait for the quota and then for a slot in the
+        same interval, and that wait is the provider's."""
+        if now - self.quota_held_at <= interval_s or not self.limiter.exploring(now):
             return []
-        return [self.quota_allows(priority, now) for priority in Priority]
+        return [True] * len(Priority)
 
     def oldest_waits(self, now: float) -> list[float | None]:
         waits: list[float | None] = []

@@ -449,6 +449,53 @@ def test_slow_start_per_call_stops_at_the_knee() -> None:
         assert max(limit for _, limit in trace) <= 1.5 * slots + 2, (slots, trace)
 
 
+def test_a_slow_start_that_no_longer_grows_is_not_exploring() -> None:
+    """Admission sheds nothing for a queue behind a limit that is exploring, so exploring
+    must end when slow start stops finding capacity, not only at an error."""
+    # Streamed calls have set a baseline; after a breaker closes (restart_low) only calls
+    # that do not stream come: no first token judges growth, which is the additive window
+    # step alone. Within two calls that is no longer exploring.
+    upstream = SlotUpstream(16)
+    limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
+    drive(limiter, upstream, 0.0, 10.0, first_tokens=True)
+    limiter.restart_low(20.0)
+    assert limiter.exploring(20.0)
+    now = 20.0
+    for _ in range(40):
+        now += 0.1
+        limiter.on_sample(now, "success", ENDLESS, duration_s=0.3)
+    assert not limiter.exploring(now)
+    # A queue inside the provider at the floor (a 1-slot upstream, min_limit 4): the
+    # baseline is taken afresh, and slow start is over (it went on exploring for ~20 s).
+    upstream = SlotUpstream(1)
+    limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
+    trace = drive(limiter, upstream, 0.0, 8.0, first_tokens=True)
+    assert not limiter.exploring(8.0), trace[-5:]
+    # Calls overdue for their first token stall it at once.
+    class Stuck:
+        in_flight = 10
+
+        def overdue(self, now: float, baseline_s: float, prefill_s: float) -> int:
+            return 5 if now > 2.5 else 0
+
+    limiter = AdaptiveLimit(defaults(initial_limit=10), now=0.0, calls=Stuck())
+    now = 0.0
+    for _ in range(80):
+        now += 1 / 20
+        limiter.on_sample(now, "success", 10, ttft_s=0.4, prompt_tokens=300, duration_s=0.5)
+    assert not limiter.exploring(now)
+
+
+def test_aimd_counts_a_streamed_call_once_in_slow_start() -> None:
+    """Without the latency signal a call counts once, at its end, reported first token or
+    not: x1.5 a round, not x2."""
+    limiter = AdaptiveLimit(defaults(algorithm="aimd"), now=0.0)  # initial limit 4
+    for i in range(4):
+        limiter.on_first_token(0.1 + i * 0.01, 0.1, 300, ENDLESS)
+        limiter.on_sample(0.3 + i * 0.01, "success", ENDLESS, duration_s=0.3)
+    assert limiter.limit == 6
+
+
 def test_a_queue_cut_starts_from_what_was_in_flight_not_from_an_unused_limit() -> None:
     """With holdback the lower classes stop below the limit, so a limit past the knee can sit
     well above what is in flight. A cut of the excess from the limit would only trim unused
