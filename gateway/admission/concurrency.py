@@ -270,15 +270,21 @@ class AdaptiveLimit:
         503 "overloaded" to the first burst of calls to a slow model.
 
         Still growing means progress within the last two calls (or decision windows, if
-        longer): growth per call, or first tokens counted toward the first baseline. A slow
-        start that no longer grows (late first tokens, calls overdue for theirs, only the
-        additive step of a window) has found what it can, and a queue behind it is overload."""
+        longer): growth per call, first tokens counted toward the first baseline, or calls
+        that found the limit not in the way (the demand below it). A slow start that no
+        longer grows while the demand fills the limit (late first tokens, calls overdue for
+        theirs, only the additive step of a window) has found what it can, and a queue behind
+        it is overload: from then on it stays so until the limit grows again (a few long calls
+        ending must not stretch the horizon back over a stall)."""
         if not self._slow_start or self._stalled or self._limit >= self._settings.max_limit:
             return False
         if self._call_s is None:
             return True  # no call has ended yet: the first round trip is still out
         horizon = 2 * max(self._settings.decision_window_s, self._call_s)
-        return now - self._progress_at <= horizon
+        if now - self._progress_at > horizon:
+            self._stalled = True
+            return False
+        return True
 
     @property
     def baseline_s(self) -> float | None:
@@ -383,7 +389,10 @@ class AdaptiveLimit:
         tokens are a large part of a call (or calls are short) the overshoot can pass half the
         knee before the window's queue estimate cuts it back (about as far as x1.5 per window
         went). ``aimd`` counts each call once, at its end."""
-        if not self._slow_start or self._recover_to is not None or demand < self.limit:
+        if not self._slow_start or self._recover_to is not None:
+            return
+        if demand < self.limit:
+            self._progress_at = now  # the limit holds nobody back: nothing to find yet
             return
         latency = self._settings.algorithm == "vegas"
         if ttft_s is None:
@@ -587,8 +596,11 @@ class AdaptiveLimit:
             step = s.increase_step
             if filled:  # x1.5 over the window, counting what on-time first tokens added
                 step = max(step, 0.5 * window_limit) - (self._limit - window_limit)
+            before = self._limit
             if step > 0:
                 self._grow(now, step)
+            if filled and self._limit > before:  # a slow-start step (additive ones are not)
+                self._progress_at, self._stalled = now, False
             return
         if not quiet:
             self._slow_start = False  # near the knee: slow start is over (overdue calls only
@@ -643,9 +655,6 @@ class AdaptiveLimit:
                 self._recover_to, self._recovering = None, False
         self._set(target)
         self._last_increase = now
-        self._stalled = False
-        if self._slow_start and step > self._settings.increase_step:
-            self._progress_at = now  # a slow-start step, not the additive one
 
     def _set(self, value: float) -> None:
         s = self._settings

@@ -420,8 +420,9 @@ class AdmissionController:
     def _arm_pace(self, state: DeploymentState, priority: Priority, now: float) -> None:
         """Dispatch again when the provider's quota has refilled for ``priority``: with nothing
         in flight, no release would wake the queue."""
-        state.quota_held_at = now
-        self._wake(state, state.pace.wait_s(state.shares[priority], now))
+        wait = state.pace.wait_s(state.shares[priority], now)
+        state.hold_for_quota(priority, now + wait)
+        self._wake(state, wait)
 
     def _wake(self, state: DeploymentState, wait: float) -> None:
         """Dispatch again in ``wait`` seconds (one timer per deployment, the earliest kept)."""

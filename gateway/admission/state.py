@@ -223,9 +223,9 @@ class DeploymentState:
         # When a request last found its class's slots full (it queued or was shed): the limit
         # was what held it back, whatever the count of requests in flight says (see demand).
         self.slots_full_at = -math.inf
-        # When the provider's quota (as paced) last held a request back: a queue then is not
-        # the limit's to excuse (exploring).
-        self.quota_held_at = -math.inf
+        # Per class, until when the provider's quota (as paced) holds its requests back: a
+        # queue then is not the limit's to excuse (exploring).
+        self.quota_held_until = [-math.inf] * len(Priority)
         self.shares = policy.classes.holdback_shares()  # read on every admission
         self._lend_wait_s = _lend_waits(policy)
         # Per class: slot-seconds over its share the deployment has run since the class last
@@ -243,6 +243,13 @@ class DeploymentState:
         if settings.pace_by_rate_headers and not self.pacing:
             self.pace = ProviderPace()  # nothing was counted while off: start afresh
         self.pacing = settings.pace_by_rate_headers
+
+    def hold_for_quota(self, priority: Priority, until: float) -> None:
+        """The quota holds ``priority`` back until ``until``; the classes below keep larger
+        reserves of it, so they are held at least as long."""
+        held = self.quota_held_until
+        for p in range(priority, len(held)):
+            held[p] = max(held[p], until)
 
     def quota_allows(self, priority: Priority, now: float) -> bool:
         """Whether the provider's quota, as paced, lets the class send now."""
@@ -400,12 +407,12 @@ class DeploymentState:
     def exploring(self, now: float, interval_s: float) -> list[bool]:
         """Per class, whether its queue waits for a slot under a limit still finding the
         upstream's capacity (``AdaptiveLimit.exploring``): CoDel does not count that wait as
-        overload. Never while the provider's quota held anyone back within the last CoDel
-        interval (``interval_s``): a class may wait for the quota and then for a slot in the
-        same interval, and that wait is the provider's."""
-        if now - self.quota_held_at <= interval_s or not self.limiter.exploring(now):
+        overload. Never for a class the provider's quota held back within the last CoDel
+        interval (``interval_s``) or holds now: a class may wait for the quota and then for a
+        slot in the same interval, and that wait is the provider's."""
+        if not self.limiter.exploring(now):
             return []
-        return [True] * len(Priority)
+        return [now > held + interval_s for held in self.quota_held_until]
 
     def oldest_waits(self, now: float) -> list[float | None]:
         waits: list[float | None] = []

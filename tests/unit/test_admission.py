@@ -884,6 +884,34 @@ async def test_a_limit_still_finding_capacity_queues_instead_of_shedding() -> No
     await asyncio.gather(*waiting, return_exceptions=True)
 
 
+async def test_a_burst_after_light_traffic_still_waits_for_the_limit_to_grow() -> None:
+    """A minute of one 5 s call at a time never fills the limit of 4, so it cannot grow; that
+    is no sign that the upstream is full. The first burst after it still waits for the limit
+    to grow (within its calls' time) instead of being shed."""
+    clock = FakeClock()
+    ctl = make(clock, concurrency={"min_limit": 4, "initial_limit": 4, "max_limit": 500})
+    for _ in range(12):
+        permit = await ctl.acquire(DEP, req(clock, N))
+        clock.now += 5.0
+        permit.release("success")
+    first = [await ctl.acquire(DEP, req(clock, C)) for _ in range(4)]
+    waiting = [asyncio.create_task(ctl.acquire(DEP, req(clock, N, session=f"run-{i}")))
+               for i in range(20)]
+    await settle()
+    for _ in range(3):
+        clock.now += 1.0
+        waiting.append(asyncio.create_task(ctl.acquire(DEP, req(
+            clock, N, session=f"later-{clock.now}"))))
+        await settle()
+    dep = ctl.snapshot()["deployments"][DEP]
+    assert ctl.snapshot()["shed"] == {} and not dep["classes"]["normal"]["overloaded"]
+    for permit in first:
+        permit.release("ignore")
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
 # -- deadline feasibility -------------------------------------------------------------------------
 
 

@@ -465,6 +465,10 @@ def test_a_slow_start_that_no_longer_grows_is_not_exploring() -> None:
         now += 0.1
         limiter.on_sample(now, "success", ENDLESS, duration_s=0.3)
     assert not limiter.exploring(now)
+    for _ in range(5):  # a few long calls ending do not stretch the horizon back over it
+        now += 1.0
+        limiter.on_sample(now, "success", ENDLESS, duration_s=600.0)
+    assert not limiter.exploring(now)
     # A queue inside the provider at the floor (a 1-slot upstream, min_limit 4): the
     # baseline is taken afresh, and slow start is over (it went on exploring for ~20 s).
     upstream = SlotUpstream(1)
@@ -482,7 +486,8 @@ def test_a_slow_start_that_no_longer_grows_is_not_exploring() -> None:
     now = 0.0
     for _ in range(80):
         now += 1 / 20
-        limiter.on_sample(now, "success", 10, ttft_s=0.4, prompt_tokens=300, duration_s=0.5)
+        limiter.on_sample(now, "success", ENDLESS, ttft_s=0.4, prompt_tokens=300,
+                          duration_s=0.5)
     assert not limiter.exploring(now)
 
 
