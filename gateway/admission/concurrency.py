@@ -233,6 +233,7 @@ class AdaptiveLimit:
         # window's baseline (growth waits for it); and how long successful calls take (EWMA,
         # None before the first): progress must come within about two calls (exploring).
         self._progress_at = now
+        self._bound_since: float | None = None  # since when the demand fills the limit
         self._call_s: float | None = None
         self._window_limit = self._limit  # the limit when the window began
         self._backoff = 0  # windows left without growth after a latency decrease
@@ -262,7 +263,7 @@ class AdaptiveLimit:
     def settings(self) -> ConcurrencySettings:
         return self._settings
 
-    def exploring(self, now: float) -> bool:
+    def exploring(self, now: float, binding: bool = True) -> bool:
         """In slow start and still growing: the limit has met no sign of the upstream's
         capacity yet (no error, no queue inside it), so requests queued for a slot wait for
         the limit to find it, not for an upstream that is full. Admission does not shed for
@@ -275,16 +276,31 @@ class AdaptiveLimit:
         longer grows while the demand fills the limit (late first tokens, calls overdue for
         theirs, only the additive step of a window) has found what it can, and a queue behind
         it is overload: from then on it stays so until the limit grows again (a few long calls
-        ending must not stretch the horizon back over a stall)."""
-        if not self._slow_start or self._stalled or self._limit >= self._settings.max_limit:
-            return False
+        ending must not stretch the horizon back over a stall). Time counts toward the horizon
+        only while the limit binds (``binding``: the demand fills it), so an idle gap before a
+        burst is no stall.
+
+        ``binding``: whether the demand fills the limit now (admission's ``demand``)."""
+        self._lapse(now, binding)
+        return (self._slow_start and not self._stalled
+                and self._limit < self._settings.max_limit)
+
+    def _lapse(self, now: float, binding: bool) -> None:
+        """Mark slow start stalled once the limit has bound for the horizon (two calls, or
+        decision windows) without progress (``exploring``). Checked at every call's events as
+        well as by admission, before a long call's end stretches the horizon."""
+        if not self._slow_start or self._stalled:
+            return
+        if not binding:
+            self._bound_since = None
+            return
+        if self._bound_since is None:
+            self._bound_since = now
         if self._call_s is None:
-            return True  # no call has ended yet: the first round trip is still out
+            return  # no call has ended yet: the first round trip is still out
         horizon = 2 * max(self._settings.decision_window_s, self._call_s)
-        if now - self._progress_at > horizon:
+        if now - max(self._progress_at, self._bound_since) > horizon:
             self._stalled = True
-            return False
-        return True
 
     @property
     def baseline_s(self) -> float | None:
@@ -323,6 +339,7 @@ class AdaptiveLimit:
         """
         if outcome == "ignore":
             return
+        self._lapse(now, in_flight >= self.limit)
         window = self._window
         if outcome == "success":
             window.ok += 1
@@ -362,6 +379,7 @@ class AdaptiveLimit:
         ``on_sample``; the call's ``on_sample`` then passes no ``ttft_s``."""
         if ttft_s < 0:
             return
+        self._lapse(now, demand >= self.limit)
         if self._first_token(now, ttft_s, prompt_tokens):
             self._decrease_on_error(now)
             return
@@ -445,6 +463,7 @@ class AdaptiveLimit:
         self._last_increase = now
         self._new_window(now)
         self._slow_start, self._stalled, self._progress_at = True, False, now
+        self._bound_since = None
         self._backoff = self._cuts = 0
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf

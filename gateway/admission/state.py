@@ -410,7 +410,7 @@ class DeploymentState:
         overload. Never for a class the provider's quota held back within the last CoDel
         interval (``interval_s``) or holds now: a class may wait for the quota and then for a
         slot in the same interval, and that wait is the provider's."""
-        if not self.limiter.exploring(now):
+        if not self.limiter.exploring(now, self.demand(now) >= self.limiter.limit):
             return []
         return [now > held + interval_s for held in self.quota_held_until]
 

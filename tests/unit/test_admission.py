@@ -912,6 +912,33 @@ async def test_a_burst_after_light_traffic_still_waits_for_the_limit_to_grow() -
     await asyncio.gather(*waiting, return_exceptions=True)
 
 
+async def test_a_burst_after_an_idle_gap_still_waits_for_the_limit_to_grow() -> None:
+    """One early call, twenty quiet seconds, then a burst: the quiet was no stall (the limit
+    bound nobody), so the burst waits for the limit to grow, and is not shed."""
+    clock = FakeClock()
+    ctl = make(clock, concurrency={"min_limit": 4, "initial_limit": 4, "max_limit": 500})
+    permit = await ctl.acquire(DEP, req(clock, N))
+    clock.now += 5.0
+    permit.release("success")
+    clock.now += 20.0
+    first = [await ctl.acquire(DEP, req(clock, C)) for _ in range(4)]
+    waiting = [asyncio.create_task(ctl.acquire(DEP, req(clock, N, session=f"run-{i}")))
+               for i in range(20)]
+    await settle()
+    for _ in range(3):
+        clock.now += 1.0
+        waiting.append(asyncio.create_task(ctl.acquire(DEP, req(
+            clock, N, session=f"later-{clock.now}"))))
+        await settle()
+    dep = ctl.snapshot()["deployments"][DEP]
+    assert ctl.snapshot()["shed"] == {} and not dep["classes"]["normal"]["overloaded"]
+    for permit in first:
+        permit.release("ignore")
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
 # -- deadline feasibility -------------------------------------------------------------------------
 
 
