@@ -234,6 +234,12 @@ class AdaptiveLimit:
         # None before the first): progress must come within about two calls (exploring).
         self._progress_at = now
         self._bound_since: float | None = None  # since when the demand fills the limit
+        # The quickest success of this slow start (s): successes that took much longer were
+        # queued, for growth without first tokens (_slow_start_step).
+        self._quickest_call = math.inf
+        # The first window is open: first tokens count as progress toward its baseline. A
+        # window closed without one (mostly calls that do not stream) ends that.
+        self._measuring = True
         self._call_s: float | None = None
         self._window_limit = self._limit  # the limit when the window began
         self._backoff = 0  # windows left without growth after a latency decrease
@@ -352,9 +358,9 @@ class AdaptiveLimit:
                 if self._first_token(now, ttft_s, prompt_tokens):
                     outcome = "overload"
                 else:
-                    self._slow_start_step(now, in_flight, ttft_s, prompt_tokens)
+                    self._slow_start_step(now, in_flight, ttft_s, prompt_tokens, duration_s)
             elif ttft_s is None:
-                self._slow_start_step(now, in_flight, None, prompt_tokens)
+                self._slow_start_step(now, in_flight, None, prompt_tokens, duration_s)
         if outcome == "timeout":
             if self._answering_promptly(now):
                 return  # a stuck call, not a queue: cutting the limit would not help it
@@ -390,12 +396,12 @@ class AdaptiveLimit:
     def _first_token(self, now: float, ttft_s: float, prompt_tokens: int | None) -> bool:
         """Count a first token in the window; whether the latency brake calls it overload."""
         self._window.add(ttft_s, max(0, prompt_tokens or 0) / 1000)
-        if not self._baseline:
+        if not self._baseline and self._measuring:
             self._progress_at = now  # toward the first baseline, which growth waits for
         return self._brake is not None and self._brake.slow(ttft_s, prompt_tokens or 0)
 
     def _slow_start_step(self, now: float, demand: int, ttft_s: float | None,
-                         prompt_tokens: int | None) -> None:
+                         prompt_tokens: int | None, duration_s: float | None = None) -> None:
         """Slow start's growth per call: ``_SLOW_START_GAIN`` for a first token that came on
         time, or (no call streaming, or ``aimd``) for a success, while the demand fills the
         limit. Per window it took a cold start seconds per step against a slow model (first
@@ -406,17 +412,27 @@ class AdaptiveLimit:
         but a call that waited less than half a first token counts as on time, so where first
         tokens are a large part of a call (or calls are short) the overshoot can pass half the
         knee before the window's queue estimate cuts it back (about as far as x1.5 per window
-        went). ``aimd`` counts each call once, at its end."""
+        went). ``aimd`` counts each call once, at its end.
+
+        A success counts only when the call took no longer than ``_ON_TIME_FACTOR`` times the
+        quickest success of this slow start: without a first token, a call queued inside the
+        provider shows only as a longer call. Answers of different lengths make many calls
+        late, which only stalls growth (and exploring) sooner: the cautious side."""
         if not self._slow_start or self._recover_to is not None:
             return
         if demand < self.limit:
             self._progress_at = now  # the limit holds nobody back: nothing to find yet
             return
         latency = self._settings.algorithm == "vegas"
-        if ttft_s is None:
+        if ttft_s is None or not latency:
             if latency and (self._window.n or self._smoothed is not None):
                 return  # streamed calls judge it by their first tokens
-        elif latency and not self._on_time(now, ttft_s, prompt_tokens):
+            if duration_s is None:
+                return
+            quickest = self._quickest_call = min(self._quickest_call, duration_s)
+            if duration_s > _ON_TIME_FACTOR * quickest + _ON_TIME_SLACK_S:
+                return
+        elif not self._on_time(now, ttft_s, prompt_tokens):
             return
         self._set(self._limit + _SLOW_START_GAIN)
         self._stalled = False
@@ -446,8 +462,10 @@ class AdaptiveLimit:
         if now - window.start < s.decision_window_s:
             return
         if s.algorithm == "vegas" and window.n >= _MIN_SAMPLES:
+            self._measuring = False
             self._decide(now, in_flight)
         elif s.algorithm == "aimd" or window.n == 0 or window.ok - window.n >= _MIN_SAMPLES:
+            self._measuring = False
             # No latency signal to go by (AIMD, nothing streamed, or mostly calls that are not
             # streamed): successes alone let the limit grow.
             self._new_window(now)
@@ -463,7 +481,7 @@ class AdaptiveLimit:
         self._last_increase = now
         self._new_window(now)
         self._slow_start, self._stalled, self._progress_at = True, False, now
-        self._bound_since = None
+        self._bound_since, self._quickest_call, self._measuring = None, math.inf, True
         self._backoff = self._cuts = 0
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf

@@ -149,8 +149,8 @@ def test_restart_low_and_reconfigure() -> None:
     assert limiter.limit == 2
     # Slow start again: half a slot per call while the demand fills the limit (no call
     # streams, so successes count), not one step per window.
-    limiter.on_sample(1.3, "success", in_flight=2)
-    limiter.on_sample(1.4, "success", in_flight=2)
+    limiter.on_sample(1.3, "success", in_flight=2, duration_s=1.0)
+    limiter.on_sample(1.4, "success", in_flight=2, duration_s=1.0)
     assert limiter.limit == 3
     limiter.reconfigure(settings(min_limit=10, initial_limit=10, max_limit=20))
     assert limiter.limit == 10
@@ -488,6 +488,32 @@ def test_a_slow_start_that_no_longer_grows_is_not_exploring() -> None:
         limiter.on_sample(now, "success", ENDLESS, ttft_s=0.4, prompt_tokens=300,
                           duration_s=0.5)
     assert not limiter.exploring(now)
+
+
+def test_calls_that_do_not_stream_stop_slow_start_once_they_queue_inside_the_provider(
+) -> None:
+    """Without first tokens a queue inside the provider shows only as longer calls: a
+    success that took much longer than the quickest of this slow start adds nothing, so
+    against a 4-slot server slow start stops and exploring ends (admission sheds again),
+    where per success alone it grew with the demand and never shed. A trickle of streamed
+    calls (one in ten) does not keep it exploring either. (The additive window step still
+    grows the limit with the demand: nothing shows the server's queue to it.)"""
+    for streamed_share in (0.0, 0.1):
+        upstream = SlotUpstream(4, ttft_s=0.1, service_s=0.28)
+        limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
+        rng = random.Random(3)
+        now, explored = 0.0, []
+        while now < 30.0:
+            for ttft, prompt, duration in upstream.step(now):
+                streamed = rng.random() < streamed_share
+                limiter.on_sample(now, "success", ENDLESS, ttft_s=ttft if streamed else None,
+                                  prompt_tokens=prompt, duration_s=duration)
+            upstream.first_tokens.clear()
+            while upstream.in_flight < limiter.limit:
+                upstream.send(now)
+            explored.append(limiter.exploring(now))
+            now += 0.005
+        assert not any(explored[-2000:]), (streamed_share, limiter.limit)
 
 
 def test_aimd_counts_a_streamed_call_once_in_slow_start() -> None:
