@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,7 +80,8 @@ def run(ref: str, stream: bool, args: argparse.Namespace) -> dict[str, Any]:
         config.write_text(yaml.safe_dump(policy(mock_port, gw_port)))
         try:
             procs.start("mock", [bl.PYTHON, "-m", "gateway.cli", "mock-upstream", "--port",
-                                 str(mock_port)], cwd=source.cwd, env=source.env)
+                                 str(mock_port)], stderr=subprocess.DEVNULL, cwd=source.cwd,
+                        env=source.env)
             procs.start("gateway", [bl.PYTHON, "-m", "gateway.cli", "serve", "--config",
                                     str(config), "--log-level", "ERROR"],
                         cwd=source.cwd, env=source.env)
