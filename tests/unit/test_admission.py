@@ -847,6 +847,48 @@ async def test_a_plain_client_is_shed_after_its_queue_target_when_no_slot_comes(
     (await waiter).release("success")
 
 
+def exploring_controller(clock: FakeClock) -> AdmissionController:
+    """The shipped limit's start (4, growing in slow start), not pinned."""
+    return make(clock, concurrency={"min_limit": 4, "initial_limit": 4, "max_limit": 500})
+
+
+class Burst:
+    """Four critical calls hold the limit of 4; twenty new normal runs queue behind them, and
+    one more arrives each second for ``seconds`` CoDel intervals (``more``)."""
+
+    def __init__(self, ctl: AdmissionController, clock: FakeClock) -> None:
+        self.ctl, self.clock = ctl, clock
+        self.holding: list[Permit] = []
+        self.waiting: list[asyncio.Task[Permit]] = []
+
+    async def start(self, seconds: int) -> None:
+        self.holding = [await self.ctl.acquire(DEP, req(self.clock, C)) for _ in range(4)]
+        self.waiting = [asyncio.create_task(self.ctl.acquire(DEP, req(
+            self.clock, N, session=f"run-{i}"))) for i in range(20)]
+        await settle()
+        await self.more(seconds)
+
+    async def more(self, seconds: int) -> None:
+        for _ in range(seconds):
+            self.clock.now += 1.0
+            self.waiting.append(asyncio.create_task(self.ctl.acquire(DEP, req(
+                self.clock, N, session=f"later-{self.clock.now}"))))
+            await settle()
+
+    def shed_nothing(self) -> bool:
+        snap = self.ctl.snapshot()
+        dep = snap["deployments"][DEP]
+        return (snap["shed"] == {} and dep["shed_level"] == 0
+                and not dep["classes"]["normal"]["overloaded"])
+
+    async def end(self) -> None:
+        for permit in self.holding:
+            permit.release("ignore")
+        for task in self.waiting:
+            task.cancel()
+        await asyncio.gather(*self.waiting, return_exceptions=True)
+
+
 async def test_a_limit_still_finding_capacity_queues_instead_of_shedding() -> None:
     """A fresh gateway: the limit starts at 4 and has seen no sign of the upstream's capacity
     yet. Requests queued behind it wait for the limit to grow; that wait is not overload, so
@@ -854,34 +896,16 @@ async def test_a_limit_still_finding_capacity_queues_instead_of_shedding() -> No
     the limit has met the upstream's capacity (an error ends slow start), the same wait is
     overload again."""
     clock = FakeClock()
-    ctl = make(clock, concurrency={"min_limit": 4, "initial_limit": 4, "max_limit": 500})
-    first = [await ctl.acquire(DEP, req(clock, C)) for _ in range(4)]
-    waiting = [asyncio.create_task(ctl.acquire(DEP, req(clock, N, session=f"run-{i}")))
-               for i in range(20)]
-    await settle()
-    for _ in range(5):  # five CoDel intervals with the queue's head waiting throughout
-        clock.now += 1.0
-        waiting.append(asyncio.create_task(ctl.acquire(DEP, req(
-            clock, N, session=f"later-{clock.now}"))))
-        await settle()
-    snap = ctl.snapshot()
-    dep = snap["deployments"][DEP]
-    assert snap["shed"] == {} and dep["shed_level"] == 0
-    assert not dep["classes"]["normal"]["overloaded"] and dep["queued"] == 25
-    assert not any(task.done() for task in waiting)
-    first.pop().release("overload")  # the upstream's first error: its capacity is met
-    for _ in range(3):
-        clock.now += 1.0
-        waiting.append(asyncio.create_task(ctl.acquire(DEP, req(
-            clock, N, session=f"after-{clock.now}"))))
-        await settle()
+    ctl = exploring_controller(clock)
+    burst = Burst(ctl, clock)
+    await burst.start(5)  # five CoDel intervals with the queue's head waiting throughout
+    assert burst.shed_nothing() and queued(ctl) == 25
+    assert not any(task.done() for task in burst.waiting)
+    burst.holding.pop().release("overload")  # the upstream's first error: capacity is met
+    await burst.more(3)
     dep = ctl.snapshot()["deployments"][DEP]
     assert dep["classes"]["normal"]["overloaded"] and dep["shed_level"] > 0
-    for permit in first:
-        permit.release("ignore")
-    for task in waiting:
-        task.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
+    await burst.end()
 
 
 async def test_a_burst_after_light_traffic_still_waits_for_the_limit_to_grow() -> None:
@@ -889,54 +913,30 @@ async def test_a_burst_after_light_traffic_still_waits_for_the_limit_to_grow() -
     is no sign that the upstream is full. The first burst after it still waits for the limit
     to grow (within its calls' time) instead of being shed."""
     clock = FakeClock()
-    ctl = make(clock, concurrency={"min_limit": 4, "initial_limit": 4, "max_limit": 500})
+    ctl = exploring_controller(clock)
     for _ in range(12):
         permit = await ctl.acquire(DEP, req(clock, N))
         clock.now += 5.0
         permit.release("success")
-    first = [await ctl.acquire(DEP, req(clock, C)) for _ in range(4)]
-    waiting = [asyncio.create_task(ctl.acquire(DEP, req(clock, N, session=f"run-{i}")))
-               for i in range(20)]
-    await settle()
-    for _ in range(3):
-        clock.now += 1.0
-        waiting.append(asyncio.create_task(ctl.acquire(DEP, req(
-            clock, N, session=f"later-{clock.now}"))))
-        await settle()
-    dep = ctl.snapshot()["deployments"][DEP]
-    assert ctl.snapshot()["shed"] == {} and not dep["classes"]["normal"]["overloaded"]
-    for permit in first:
-        permit.release("ignore")
-    for task in waiting:
-        task.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
+    burst = Burst(ctl, clock)
+    await burst.start(3)
+    assert burst.shed_nothing()
+    await burst.end()
 
 
 async def test_a_burst_after_an_idle_gap_still_waits_for_the_limit_to_grow() -> None:
     """One early call, twenty quiet seconds, then a burst: the quiet was no stall (the limit
     bound nobody), so the burst waits for the limit to grow, and is not shed."""
     clock = FakeClock()
-    ctl = make(clock, concurrency={"min_limit": 4, "initial_limit": 4, "max_limit": 500})
+    ctl = exploring_controller(clock)
     permit = await ctl.acquire(DEP, req(clock, N))
     clock.now += 5.0
     permit.release("success")
     clock.now += 20.0
-    first = [await ctl.acquire(DEP, req(clock, C)) for _ in range(4)]
-    waiting = [asyncio.create_task(ctl.acquire(DEP, req(clock, N, session=f"run-{i}")))
-               for i in range(20)]
-    await settle()
-    for _ in range(3):
-        clock.now += 1.0
-        waiting.append(asyncio.create_task(ctl.acquire(DEP, req(
-            clock, N, session=f"later-{clock.now}"))))
-        await settle()
-    dep = ctl.snapshot()["deployments"][DEP]
-    assert ctl.snapshot()["shed"] == {} and not dep["classes"]["normal"]["overloaded"]
-    for permit in first:
-        permit.release("ignore")
-    for task in waiting:
-        task.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
+    burst = Burst(ctl, clock)
+    await burst.start(3)
+    assert burst.shed_nothing()
+    await burst.end()
 
 
 # -- deadline feasibility -------------------------------------------------------------------------
