@@ -50,7 +50,8 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
 Non-streamed calls have no first token: a window without any TTFT, or with far more
 non-streamed successes than first tokens, falls back to the AIMD increase (one
 ``increase_step`` per window while used), and while no call has streamed slow start grows
-per success until the first error. ``ignore`` (client cancelled, 4xx)
+per success that took no longer than 1.5x the quickest (a queue inside the provider shows
+only as longer calls). ``ignore`` (client cancelled, 4xx)
 leaves the limit alone.
 
 The optional ``latency_brake`` (off by default) is the older, cruder latency signal: time to
@@ -133,8 +134,9 @@ _SLOW_START_GAIN = 0.5
 # progress and still count as exploring (AdaptiveLimit.exploring).
 _CALL_WEIGHT = 0.2
 # A first token is on time, for slow start, within this multiple of the no-load expectation
-# (the baseline plus the prompt's prefill) plus _ON_TIME_SLACK_S: a call that queued inside the provider for a slot waits a good part
-# of a whole call on top (HyStart's delay check, per call).
+# (the baseline plus the prompt's prefill) plus _ON_TIME_SLACK_S: a call that queued inside
+# the provider for a slot waits a good part of a whole call on top (HyStart's delay check,
+# per call). A success without a first token: within this multiple of the quickest one.
 _ON_TIME_FACTOR = 1.5
 _ON_TIME_SLACK_S = 0.01
 
@@ -226,12 +228,14 @@ class AdaptiveLimit:
         self._prefill_sum = 0.0
         self._baseline: deque[tuple[float, float, float]] = deque()  # (when, ttft, prompt)
         self._slow_start = True
-        # Slow start held by calls overdue for their first token (_decide): the limit is no
-        # longer finding capacity, so a queue of the gateway's own is overload again.
+        # Slow start no longer finding capacity: held by calls overdue for their first token
+        # (_decide), or no progress for the horizon while the demand filled the limit
+        # (_lapse). A queue of the gateway's own is overload again, until the limit grows.
         self._stalled = False
-        # When slow start last made progress: grew, or counted a first token toward the first
-        # window's baseline (growth waits for it); and how long successful calls take (EWMA,
-        # None before the first): progress must come within about two calls (exploring).
+        # When slow start last made progress: grew, counted a first token toward the first
+        # window's baseline (growth waits for it), or met a demand below the limit; and how
+        # long successful calls take (EWMA, None before the first): progress must come
+        # within about two calls (exploring).
         self._progress_at = now
         self._bound_since: float | None = None  # since when the demand fills the limit
         # The quickest success of this slow start (s): successes that took much longer were
@@ -420,19 +424,20 @@ class AdaptiveLimit:
         late, which only stalls growth (and exploring) sooner: the cautious side."""
         if not self._slow_start or self._recover_to is not None:
             return
+        latency = self._settings.algorithm == "vegas"
+        by_time = ttft_s is None or not latency  # judged by how long the call took
+        if by_time and duration_s is not None:  # the quickest is best seen unloaded
+            self._quickest_call = min(self._quickest_call, duration_s)
         if demand < self.limit:
             self._progress_at = now  # the limit holds nobody back: nothing to find yet
             return
-        latency = self._settings.algorithm == "vegas"
-        if ttft_s is None or not latency:
-            if latency and (self._window.n or self._smoothed is not None):
-                return  # streamed calls judge it by their first tokens
-            if duration_s is None:
+        if ttft_s is not None and latency:
+            if not self._on_time(now, ttft_s, prompt_tokens):
                 return
-            quickest = self._quickest_call = min(self._quickest_call, duration_s)
-            if duration_s > _ON_TIME_FACTOR * quickest + _ON_TIME_SLACK_S:
-                return
-        elif not self._on_time(now, ttft_s, prompt_tokens):
+        elif latency and (self._window.n or self._smoothed is not None):
+            return  # streamed calls judge it by their first tokens
+        elif (duration_s is None
+              or duration_s > _ON_TIME_FACTOR * self._quickest_call + _ON_TIME_SLACK_S):
             return
         self._set(self._limit + _SLOW_START_GAIN)
         self._stalled = False
