@@ -456,7 +456,7 @@ class AdmissionController:
              "classes": {class: {"in_flight", "queued", "queue_target_s", "oldest_wait_s",
                                  "drop_mode"}},                   # over all deployments
              "deployments": {label: {"limit", "in_flight", "queued", "ttft_estimate_s",
-                 "ttft_baseline_s", "upstream_queue",
+                 "ttft_baseline_s", "upstream_queue", "exploring",
                  "drain_rate_per_s", "shed_level",
                  "classes": {class: {"in_flight", "queued", "oldest_wait_s", "overloaded",
                                      "drop_mode", "slots"}}}},
@@ -503,6 +503,10 @@ class AdmissionController:
                 "ttft_baseline_s": state.limiter.baseline_s,
                 "prefill_s_per_1k_tokens": state.limiter.prefill_s,
                 "upstream_queue": state.limiter.upstream_queue,
+                # The limit still finding capacity in slow start: requests queued behind it
+                # wait for it to grow and are not shed for that wait (concurrency.py).
+                "exploring": state.limiter.exploring(
+                    now, state.demand(now) >= state.limiter.limit),
                 "drain_rate_per_s": state.drain.rate(now),
                 # The provider's request quota as paced from its headers (None: not reported).
                 "provider_quota": state.pace.snapshot(now) if state.pacing else None,

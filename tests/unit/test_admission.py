@@ -741,7 +741,7 @@ async def test_per_deployment_override_and_snapshot_shape() -> None:
     dep = snap["deployments"]["local/llama"]
     assert set(dep) == {"limit", "in_flight", "queued", "ttft_estimate_s", "drain_rate_per_s",
                         "shed_level", "classes", "ttft_baseline_s", "upstream_queue",
-                        "provider_quota", "prefill_s_per_1k_tokens"}
+                        "provider_quota", "prefill_s_per_1k_tokens", "exploring"}
     assert dep["provider_quota"] is None  # no answer reported a quota yet
     # slots: normal's 0.85 of 3 is 2.55; no call has ended yet, so the third is not lent
     assert dep["classes"]["normal"] == {"in_flight": 1, "queued": 0, "oldest_wait_s": 0.0,
@@ -900,11 +900,13 @@ async def test_a_limit_still_finding_capacity_queues_instead_of_shedding() -> No
     burst = Burst(ctl, clock)
     await burst.start(5)  # five CoDel intervals with the queue's head waiting throughout
     assert burst.shed_nothing() and queued(ctl) == 25
+    assert ctl.snapshot()["deployments"][DEP]["exploring"]  # what /admin/status shows
     assert not any(task.done() for task in burst.waiting)
     burst.holding.pop().release("overload")  # the upstream's first error: capacity is met
     await burst.more(3)
     dep = ctl.snapshot()["deployments"][DEP]
     assert dep["classes"]["normal"]["overloaded"] and dep["shed_level"] > 0
+    assert not dep["exploring"]
     await burst.end()
 
 
