@@ -505,8 +505,7 @@ class AdmissionController:
                 "upstream_queue": state.limiter.upstream_queue,
                 # The limit still finding capacity in slow start: requests queued behind it
                 # wait for it to grow and are not shed for that wait (concurrency.py).
-                "exploring": state.limiter.exploring(
-                    now, state.demand(now) >= state.limiter.limit),
+                "exploring": state.limit_exploring(now),
                 "drain_rate_per_s": state.drain.rate(now),
                 # The provider's request quota as paced from its headers (None: not reported).
                 "provider_quota": state.pace.snapshot(now) if state.pacing else None,

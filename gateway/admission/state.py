@@ -410,9 +410,13 @@ class DeploymentState:
         overload. Never for a class the provider's quota held back within the last CoDel
         interval (``interval_s``) or holds now: a class may wait for the quota and then for a
         slot in the same interval, and that wait is the provider's."""
-        if not self.limiter.exploring(now, self.demand(now) >= self.limiter.limit):
+        if not self.limit_exploring(now):
             return []
         return [now > held + interval_s for held in self.quota_held_until]
+
+    def limit_exploring(self, now: float) -> bool:
+        """``AdaptiveLimit.exploring`` with whether the demand fills the limit now."""
+        return self.limiter.exploring(now, self.demand(now) >= self.limiter.limit)
 
     def oldest_waits(self, now: float) -> list[float | None]:
         waits: list[float | None] = []
