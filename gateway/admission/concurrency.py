@@ -422,7 +422,7 @@ class AdaptiveLimit:
         quickest success of this slow start: without a first token, a call queued inside the
         provider shows only as a longer call. Answers of different lengths make many calls
         late, which only stalls growth (and exploring) sooner: the cautious side."""
-        if not self._slow_start or self._recover_to is not None:
+        if not self._slow_start:  # (errors end it: a return to _recover_to is never one)
             return
         latency = self._settings.algorithm == "vegas"
         by_time = ttft_s is None or not latency  # judged by how long the call took
