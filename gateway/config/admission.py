@@ -9,6 +9,7 @@ Units are in the field names (``_ms``, ``_s``, ``_mib``). Defaults follow docs/a
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
@@ -166,6 +167,34 @@ class ConcurrencySettings(StrictModel):
         "above (docs/architecture.md, \"Pacing by the provider's quota\")",
     )
 
+    @classmethod
+    def fit_defaults(cls, values: dict[str, Any], given: Collection[str]) -> dict[str, Any]:
+        """Bounds left out follow the bounds given: ``{max_limit: 2}`` for a two-slot server
+        lowers the default minimum and start (4) to 2 rather than refusing the policy, and
+        ``{min_limit: 50}`` starts at 50. Bounds given that contradict each other are still
+        refused (``_ordered``)."""
+        bounds = ("min_limit", "initial_limit", "max_limit")
+        if not all(type(values.get(name)) is int for name in bounds):
+            return values  # wrong types: validation names them
+        low, start, high = (values[name] for name in bounds)
+        if "min_limit" not in given:
+            low = min([low] + [values[n] for n in ("initial_limit", "max_limit") if n in given])
+        if "max_limit" not in given:
+            high = max([high] + [values[n] for n in ("min_limit", "initial_limit") if n in given])
+        if "initial_limit" not in given:
+            start = min(max(start, low), high)
+        return values | {"min_limit": low, "initial_limit": start, "max_limit": high}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fit_left_out(cls, data: Any) -> Any:
+        """Validated on its own (not laid over a default by ``overlay``): the keys left out
+        take their defaults, fitted to the bounds given."""
+        if not isinstance(data, dict) or all(name in data for name in cls.model_fields):
+            return data
+        defaults = {name: field.default for name, field in cls.model_fields.items()}
+        return cls.fit_defaults(defaults | data, data.keys())
+
     @model_validator(mode="after")
     def _ordered(self) -> ConcurrencySettings:
         if not self.min_limit <= self.initial_limit <= self.max_limit:
@@ -302,7 +331,8 @@ class AdmissionPolicy(StrictModel):
         override = self.deployments.get(deployment)
         if override is None:
             return self.concurrency
-        merged = self.concurrency.model_dump() | override.model_dump(exclude_none=True)
+        given = override.model_dump(exclude_none=True)
+        merged = ConcurrencySettings.fit_defaults(self.concurrency.model_dump() | given, given)
         try:
             return ConcurrencySettings.model_validate(merged)
         except ValidationError as exc:

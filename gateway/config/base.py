@@ -4,6 +4,7 @@ can import it."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import IntEnum
 from typing import Annotated, Any, Literal
 
@@ -45,6 +46,13 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
+    @classmethod
+    def fit_defaults(cls, values: dict[str, Any], given: Collection[str]) -> dict[str, Any]:
+        """``values`` (the section's defaults with the ``given`` keys laid over them) with the
+        defaults fitted to what was given, where a default would contradict it. Unchanged
+        here; a section whose keys bound each other overrides this."""
+        return values
+
     @model_validator(mode="before")
     @classmethod
     def _over_section_defaults(cls, data: Any) -> Any:
@@ -69,4 +77,5 @@ def overlay(default: BaseModel, given: dict[str, Any]) -> dict[str, Any]:
             out[key] = overlay(current, value)
         else:
             out[key] = value  # unknown keys too: validation names them
-    return out
+    section = type(default)
+    return section.fit_defaults(out, given.keys()) if issubclass(section, StrictModel) else out

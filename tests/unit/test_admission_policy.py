@@ -37,7 +37,8 @@ def test_per_deployment_overrides_merge_onto_the_shared_bounds() -> None:
     ("data", "message"),
     [
         ({"concurrency": {"min_limit": 10, "initial_limit": 5}}, "min_limit <= initial_limit"),
-        ({"deployments": {"a/b": {"max_limit": 3}}}, "deployments.a/b: .*initial_limit"),
+        ({"deployments": {"a/b": {"initial_limit": 5, "max_limit": 3}}},
+         "deployments.a/b: .*initial_limit"),
         ({"classes": {"low": {"queue_target_ms": 1, "max_queue": 1, "holdback_share": 0.99,
                               "default_deadline_s": 1}}}, "must not grow"),
         ({"classes": {"critical": {"queue_target_ms": 1, "max_queue": 1, "holdback_share": 0.9,

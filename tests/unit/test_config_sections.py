@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from gateway.config import model as c
-from gateway.config.admission import AdmissionPolicy, ClassesSettings
+from gateway.config.admission import AdmissionPolicy, ClassesSettings, ConcurrencySettings
 from gateway.config.deferred import DeferredPolicy
 from gateway.request.auth import hash_key
 
@@ -123,7 +123,38 @@ def test_partial_overrides_are_still_validated() -> None:
     with pytest.raises(ValidationError, match="must not grow"):  # low's share above normal's
         AdmissionPolicy.model_validate({"classes": {"low": {"holdback_share": 0.99}}})
     with pytest.raises(ValidationError, match="min_limit <= initial_limit"):
-        AdmissionPolicy.model_validate({"concurrency": {"min_limit": 50}})
+        AdmissionPolicy.model_validate({"concurrency": {"min_limit": 50, "initial_limit": 10}})
+    with pytest.raises(ValidationError, match="deployments.p/m: need min_limit"):
+        AdmissionPolicy.model_validate({"deployments": {"p/m": {"min_limit": 9,
+                                                                 "max_limit": 2}}})
+
+
+def _bounds(settings: ConcurrencySettings) -> tuple[int, int, int]:
+    return settings.min_limit, settings.initial_limit, settings.max_limit
+
+
+@pytest.mark.parametrize(("given", "bounds"), [
+    ({"max_limit": 2}, (2, 2, 2)),  # a two-slot server: the default floor and start of 4 fit
+    ({"min_limit": 50}, (50, 50, 500)),
+    ({"initial_limit": 2}, (2, 2, 500)),
+    ({"initial_limit": 600}, (4, 600, 600)),
+    ({"max_limit": 64}, (4, 4, 64)),  # defaults that fit stay as they are
+])
+def test_limit_bounds_left_out_follow_the_bounds_given(
+        given: dict[str, int], bounds: tuple[int, int, int]) -> None:
+    """docs/operations.md tells an operator who knows the server's concurrency to set
+    max_limit; below the default floor of 4 that refused the whole policy."""
+    assert _bounds(AdmissionPolicy.model_validate({"concurrency": given}).concurrency) == bounds
+    assert _bounds(AdmissionPolicy.model_validate(
+        {"deployments": {"p/m": given}}).concurrency_for("p/m")) == bounds
+    assert _bounds(ConcurrencySettings.model_validate(given)) == bounds
+
+
+def test_a_deployment_override_fits_the_shared_bounds_it_leaves_out() -> None:
+    policy = AdmissionPolicy.model_validate({"concurrency": {"min_limit": 8},
+                                             "deployments": {"small/m": {"max_limit": 2}}})
+    assert _bounds(policy.concurrency_for("small/m")) == (2, 2, 2)
+    assert _bounds(policy.concurrency_for("other/m")) == (8, 8, 500)
 
 
 def test_deferred_tenant_overrides_still_count_only_the_keys_given() -> None:
