@@ -91,10 +91,10 @@ class CallsInFlight(Protocol):
 # queued, not slow: tail latency of a provider at rest stays well within it.
 OVERDUE_FACTOR = 3.0
 
-# For the deadline check's estimate and the latency brake: prompt sizes are normalised as
+# For the optional latency brake only: prompt sizes are normalised as
 # (prompt_tokens + _PROMPT_UNIT) / _PROMPT_UNIT (prefill time grows with the prompt; the fixed
-# part keeps tiny prompts from dividing by almost nothing). The queue signal learns the
-# prefill time per token instead (_PREFILL_MEMORY).
+# part keeps tiny prompts from dividing by almost nothing). The queue signal and the deadline
+# check use the prefill time per token learned instead (_PREFILL_MEMORY).
 _PROMPT_UNIT = 1000.0
 # Weight of the past in the learned prefill time per token, per decision window (about twenty
 # windows of memory): long enough for a steady estimate, short enough to follow a provider

@@ -15,7 +15,7 @@ from typing import Literal
 
 from gateway.config import AdmissionPolicy, Priority
 
-from .concurrency import OVERDUE_FACTOR, AdaptiveLimit, Outcome, size_factor
+from .concurrency import OVERDUE_FACTOR, AdaptiveLimit, Outcome
 from .pacing import ProviderPace
 from .queue import FairQueue
 from .shed import DecayingRate, ShedReason, ShedState
@@ -23,7 +23,9 @@ from .shed import DecayingRate, ShedReason, ShedState
 DeadlineStage = Literal["admission", "queue"]
 _TTFT_WEIGHT = 0.2  # EWMA weight of a new first-byte time
 # The deadline check's optimistic estimate: this low percentile of the last _RECENT_TTFT first
-# bytes (per prompt size). Low, not the minimum: one lucky answer must not let every request in.
+# bytes, each less the prefill of its prompt, plus the prefill of the request's own prompt at
+# the rate the limit learned (AdaptiveLimit.prefill_s; none until prompts of different sizes
+# showed one). Low, not the minimum: one lucky answer must not let every request in.
 _RECENT_TTFT = 64
 _OPTIMISTIC_RANK = 0.1
 # A class's share of the limit that falls between whole slots (0.95 x 4 = 3.8) is a slot it may
@@ -197,6 +199,11 @@ class QueueEntry:
         return self.req.arrived
 
 
+def _thousands(prompt_tokens: int | None) -> float:
+    """A prompt's size in thousands of tokens, as the limit's prefill time is per thousand."""
+    return max(0, prompt_tokens or 0) / 1000
+
+
 class DeploymentState:
     """Admission state of one deployment on this replica."""
 
@@ -212,8 +219,12 @@ class DeploymentState:
         self.queues: list[FairQueue[QueueEntry]] = [FairQueue() for _ in Priority]
         self.shed = ShedState(policy, now)
         self.ttft = policy.ttft_prior_s  # EWMA of first bytes: what status reports
-        self._recent: deque[float] = deque(maxlen=_RECENT_TTFT)  # first bytes / size factor
-        self._fast: float | None = None  # _OPTIMISTIC_RANK percentile of _recent
+        # Recent first bytes (seconds) and their prompts (thousands of tokens).
+        self._recent: deque[tuple[float, float]] = deque(maxlen=_RECENT_TTFT)
+        # The _OPTIMISTIC_RANK percentile of _recent with each prompt's prefill taken off, and
+        # the prefill time per thousand tokens it was taken off at.
+        self._fast: float | None = None
+        self._fast_prefill = 0.0
         self._prior = policy.ttft_prior_s
         self.drain = DecayingRate(policy.drain_window_s)
         self.pace = ProviderPace()  # the provider's request quota, from its answers' headers
@@ -296,11 +307,16 @@ class DeploymentState:
 
     def fastest_ttft(self, prompt_tokens: int | None) -> float:
         """An optimistic time to first byte for a prompt of this size: a low percentile of the
-        deployment's recent first bytes, scaled by prompt size; ``ttft_prior_s`` before any
-        is measured."""
+        deployment's recent first bytes with their prompts' prefill taken off, plus this
+        prompt's prefill at the learned rate; ``ttft_prior_s`` before any is measured.
+
+        The prefill is what the limit learned from first tokens, not assumed: a fixed
+        ``(prompt + 1000) / 1000`` scaling put a 19k-token prompt at 10x the first byte of a
+        1k one, and refused it with 3 s left from a provider whose first byte does not grow
+        with the prompt at all."""
         if self._fast is None:
             return self._prior
-        return self._fast * size_factor(prompt_tokens)
+        return self._fast + self._fast_prefill * _thousands(prompt_tokens)
 
     def feasible(self, deadline: float, now: float, prompt_tokens: int | None = None) -> bool:
         """Whether a request with this deadline can still get its first byte in time, even
@@ -311,9 +327,11 @@ class DeploymentState:
         """A measured time to first byte (from sending) feeds the estimates."""
         if ttft_s >= 0:
             self.ttft += _TTFT_WEIGHT * (ttft_s - self.ttft)
-            self._recent.append(ttft_s / size_factor(prompt_tokens))
-            ordered = sorted(self._recent)
+            self._recent.append((ttft_s, _thousands(prompt_tokens)))
+            prefill = self.limiter.prefill_s
+            ordered = sorted(max(0.0, ttft - prefill * size) for ttft, size in self._recent)
             self._fast = ordered[int(_OPTIMISTIC_RANK * (len(ordered) - 1))]
+            self._fast_prefill = prefill
 
     def queued_for_slots(self, now: float) -> int:
         """Waiting requests of the classes the provider's quota (as paced) lets go now: the

@@ -969,15 +969,37 @@ async def test_no_refusal_when_the_upstreams_recent_first_bytes_fit() -> None:
     assert (err.value.status, err.value.code) == (504, "deadline_exceeded")
 
 
-async def test_the_optimistic_estimate_scales_with_the_prompt() -> None:
+async def _first_bytes(ctl: AdmissionController, clock: FakeClock,
+                       calls: list[tuple[int, float]]) -> None:
+    """Calls of (prompt tokens, first byte s), one every 50 ms, each ending at once."""
+    for prompt, ttft in calls:
+        permit = await ctl.acquire(DEP, AdmissionRequest(N, "t", prompt, clock.now + 60,
+                                                         clock.now, prompt_tokens=prompt))
+        clock.now += 0.05
+        permit.release("success", ttft_s=ttft)
+
+
+async def test_the_optimistic_estimate_does_not_assume_big_prompts_are_slow() -> None:
+    """Every prompt so far was 1k tokens and answered in 0.4 s: nothing says how the first byte
+    grows with the prompt, so a 19k-token prompt with 3 s left is tried, not refused (the
+    fixed (prompt + 1000) / 1000 scaling put it at 4 s)."""
     clock = FakeClock()
     ctl = make(clock)
-    for _ in range(20):  # 0.2 s per 1000 tokens of (prompt + 1000): 0.4 s for 1000 tokens
-        permit = await ctl.acquire(DEP, AdmissionRequest(N, "t", 1000, clock.now + 60,
-                                                         clock.now, prompt_tokens=1000))
-        permit.release("success", ttft_s=0.4)
+    await _first_bytes(ctl, clock, [(1000, 0.4)] * 40)
     assert ctl.fastest_ttft(DEP, 1000) == pytest.approx(0.4)
-    assert ctl.fastest_ttft(DEP, 19_000) == pytest.approx(4.0)  # a 19k-token prompt: 10x
+    assert ctl.fastest_ttft(DEP, 19_000) == pytest.approx(0.4)
+    big = AdmissionRequest(N, "t", 19_000, clock.now + 3.0, clock.now, prompt_tokens=19_000)
+    (await ctl.acquire(DEP, big)).release("ignore")
+
+
+async def test_the_optimistic_estimate_adds_the_prefill_the_limit_learned() -> None:
+    """First bytes of 0.2 s plus 0.2 s per thousand prompt tokens: once the limit has learned
+    that slope, a 19k-token prompt expects 4 s, and 3 s left cannot make it."""
+    clock = FakeClock()
+    ctl = make(clock)
+    await _first_bytes(ctl, clock, [(p, 0.2 + 0.2 * p / 1000) for p in (500, 4500) * 100])
+    assert ctl.fastest_ttft(DEP, 0) == pytest.approx(0.2, abs=0.02)
+    assert ctl.fastest_ttft(DEP, 19_000) == pytest.approx(4.0, rel=0.05)
     big = AdmissionRequest(N, "t", 19_000, clock.now + 3.0, clock.now, prompt_tokens=19_000)
     with pytest.raises(GatewayError):
         await ctl.acquire(DEP, big)
