@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from enum import IntEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,6 +45,9 @@ class StrictModel(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # False for a model that is one value given whole (a load test's distribution: its median
+    # alone means a constant), not a section whose defaults fill in the keys left out.
+    overlays_defaults: ClassVar[bool] = True
 
     @classmethod
     def fit_defaults(cls, values: dict[str, Any], given: Collection[str]) -> dict[str, Any]:
@@ -61,7 +64,7 @@ class StrictModel(BaseModel):
         merged: dict[str, Any] | None = None
         for name, field in cls.model_fields.items():
             value = data.get(name)
-            if isinstance(value, dict) and isinstance(field.default, BaseModel):
+            if isinstance(value, dict) and _is_section(field.default):
                 merged = dict(data) if merged is None else merged
                 merged[name] = overlay(field.default, value)
         return data if merged is None else merged
@@ -73,9 +76,15 @@ def overlay(default: BaseModel, given: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {name: getattr(default, name) for name in type(default).model_fields}
     for key, value in given.items():
         current = out.get(key)
-        if isinstance(value, dict) and isinstance(current, BaseModel):
+        if isinstance(value, dict) and _is_section(current):
+            assert isinstance(current, BaseModel)
             out[key] = overlay(current, value)
         else:
             out[key] = value  # unknown keys too: validation names them
     section = type(default)
     return section.fit_defaults(out, given.keys()) if issubclass(section, StrictModel) else out
+
+
+def _is_section(default: object) -> bool:
+    """A field default that a mapping given in part is laid over (``overlay``)."""
+    return isinstance(default, BaseModel) and getattr(default, "overlays_defaults", True)

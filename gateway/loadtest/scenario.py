@@ -19,7 +19,7 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -33,7 +33,14 @@ _Z99 = 2.3263478740408408  # the standard normal's 99th percentile
 
 
 class Dist(StrictModel):
-    """A lognormal distribution by its median and 99th percentile, clipped to [min, max]."""
+    """A lognormal distribution by its median and 99th percentile, clipped to [min, max].
+
+    Given whole, never laid over a field's default distribution: ``{median: 20}`` is the
+    constant 20, not a median of 20 with the default's p99 (the policy's partial sections
+    did that to every scenario from 636c143 on, and a working run of the runaway scenario
+    then drew an 11k-token step now and then and met its run budget)."""
+
+    overlays_defaults: ClassVar[bool] = False
 
     median: PositiveFloat
     p99: PositiveFloat | None = Field(default=None, description="None: the median, always")

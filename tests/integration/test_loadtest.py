@@ -90,6 +90,21 @@ def test_lognormal_by_median_and_p99() -> None:
     assert max(clipped() for _ in range(1000)) == 150
 
 
+def test_a_median_alone_in_a_scenario_is_a_constant() -> None:
+    """A workload's distribution given in part is the whole distribution, not laid over the
+    field's default (median 300, p99 3000): the runaway scenario's working runs then drew
+    11k-token steps now and then and met their run budget (a flaky CI test)."""
+    workload = {"name": "w", "tenant": "a", "think_ms": {"median": 20},
+                "prompt_tokens": {"median": 300}, "max_tokens": {"median": 64}}
+    w = parse_scenario(minimal(workloads=[workload])).workloads[0]
+    rng = random.Random(1)
+    for dist, value in ((w.think_ms, 20), (w.prompt_tokens, 300), (w.max_tokens, 64)):
+        draw = dist.sampler(rng)
+        assert {draw() for _ in range(200)} == {value}
+    shipped = load_scenario("runaway").workloads
+    assert all(w.prompt_tokens.p99 is None and w.think_ms.p99 is None for w in shipped)
+
+
 def test_phase_mix_overrides_weights() -> None:
     data = minimal(workloads=[{"name": "a", "tenant": "a"}, {"name": "b", "tenant": "a"}])
     data["phases"][0]["mix"] = {"b": 2}
