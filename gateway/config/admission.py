@@ -53,7 +53,7 @@ class ClassSettings(StrictModel):
 class ClassesSettings(StrictModel):
     """One ``ClassSettings`` per priority class.
 
-    Queue targets are short (500/300/500/500 ms): they bound time spent waiting in this
+    Queue targets are short (1000/300/500/500 ms): they bound time spent waiting in this
     gateway, not the upstream's latency. An agent step that waits longer means the class is
     overloaded; shedding new runs then (runs in progress are spared) lets the runs under way
     finish, where long targets let every run crawl and few complete. Critical's is the longest
@@ -62,7 +62,7 @@ class ClassesSettings(StrictModel):
     failed runs."""
 
     critical: ClassSettings = ClassSettings(
-        queue_target_ms=500, max_queue=1000, holdback_share=1.0, default_deadline_s=60
+        queue_target_ms=1000, max_queue=1000, holdback_share=1.0, default_deadline_s=60
     )
     high: ClassSettings = ClassSettings(
         queue_target_ms=300, max_queue=1000, holdback_share=0.95, default_deadline_s=120

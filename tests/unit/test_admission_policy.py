@@ -15,7 +15,7 @@ def test_defaults_follow_the_architecture() -> None:
     policy = AdmissionPolicy()
     targets = {p.name: policy.classes.of(p).queue_target_ms for p in Priority}
     shares = {p.name: policy.classes.of(p).holdback_share for p in Priority}
-    assert targets == {"critical": 500, "high": 300, "normal": 500, "low": 500}
+    assert targets == {"critical": 1000, "high": 300, "normal": 500, "low": 500}
     assert shares == {"critical": 1.0, "high": 0.95, "normal": 0.85, "low": 0.70}
     assert policy.classes.low.max_queue < policy.classes.normal.max_queue  # "small queue"
     assert policy.cohort_buckets == 128
