@@ -33,13 +33,19 @@ _OPTIMISTIC_RANK = 0.1
 # many seconds of repayment to what it owes (DeploymentState.settle).
 _LEND_MEMORY_S = 10.0
 _PAID = 1e-9  # slot-seconds owed that count as none (float sums do not return to 0 exactly)
+# A slot lent to a class is lent only while the classes above would wait at most this long for
+# it, whatever their queue targets: critical's target (1 s) is long so that its bursts queue
+# instead of being shed, not so that a lent slot may keep it waiting that long.
+_LEND_WAIT_MAX_S = 0.5
 
 
 def _lend_waits(policy: AdmissionPolicy) -> tuple[float, ...]:
-    """Per class, the shortest queue target (seconds) of the classes above it: how long a
-    request of theirs may wait for a slot that this class was lent (see ``cap``)."""
+    """Per class, the shortest queue target (seconds) of the classes above it, at most
+    ``_LEND_WAIT_MAX_S``: how long a request of theirs may wait for a slot that this class was
+    lent (see ``cap``)."""
     targets = [policy.classes.of(p).queue_target_ms / 1000 for p in Priority]
-    return tuple(min(targets[:p], default=math.inf) for p in range(len(targets)))
+    return tuple(min([*targets[:p], _LEND_WAIT_MAX_S]) if p else math.inf
+                 for p in range(len(targets)))
 
 
 def is_client_retry(headers: Mapping[str, str]) -> bool:
@@ -225,6 +231,9 @@ class DeploymentState:
         # the prefill time per thousand tokens it was taken off at.
         self._fast: float | None = None
         self._fast_prefill = 0.0
+        # The same percentile of first bytes per (prompt + 1000) / 1000: the fixed scaling, kept
+        # as a second opinion (fastest_ttft).
+        self._fast_scaled = 0.0
         self._prior = policy.ttft_prior_s
         self.drain = DecayingRate(policy.drain_window_s)
         self.pace = ProviderPace()  # the provider's request quota, from its answers' headers
@@ -313,10 +322,17 @@ class DeploymentState:
         The prefill is what the limit learned from first tokens, not assumed: a fixed
         ``(prompt + 1000) / 1000`` scaling put a 19k-token prompt at 10x the first byte of a
         1k one, and refused it with 3 s left from a provider whose first byte does not grow
-        with the prompt at all."""
+        with the prompt at all.
+
+        The learned rate is shared by every tenant of the deployment, and a few slow, huge
+        prompts can push it to its cap (1 s per thousand tokens), which would put another
+        tenant's 100k-token request at 100 s. So the fixed scaling's estimate is kept as a
+        second opinion, and the lower of the two counts: a request is refused only when both
+        say it cannot fit, and moving the fixed one takes most of the recent traffic."""
         if self._fast is None:
             return self._prior
-        return self._fast + self._fast_prefill * _thousands(prompt_tokens)
+        size = _thousands(prompt_tokens)
+        return min(self._fast + self._fast_prefill * size, self._fast_scaled * (size + 1))
 
     def feasible(self, deadline: float, now: float, prompt_tokens: int | None = None) -> bool:
         """Whether a request with this deadline can still get its first byte in time, even
@@ -330,8 +346,10 @@ class DeploymentState:
             self._recent.append((ttft_s, _thousands(prompt_tokens)))
             prefill = self.limiter.prefill_s
             ordered = sorted(max(0.0, ttft - prefill * size) for ttft, size in self._recent)
-            self._fast = ordered[int(_OPTIMISTIC_RANK * (len(ordered) - 1))]
+            rank = int(_OPTIMISTIC_RANK * (len(ordered) - 1))
+            self._fast = ordered[rank]
             self._fast_prefill = prefill
+            self._fast_scaled = sorted(ttft / (size + 1) for ttft, size in self._recent)[rank]
 
     def queued_for_slots(self, now: float) -> int:
         """Waiting requests of the classes the provider's quota (as paced) lets go now: the

@@ -174,8 +174,8 @@ class ConcurrencySettings(StrictModel):
         ``{min_limit: 50}`` starts at 50. Bounds given that contradict each other are still
         refused (``_ordered``)."""
         bounds = ("min_limit", "initial_limit", "max_limit")
-        if not all(type(values.get(name)) is int for name in bounds):
-            return values  # wrong types: validation names them
+        if not all(type(values.get(name)) is int and values[name] >= 1 for name in bounds):
+            return values  # wrong types or values: validation names the key given
         low, start, high = (values[name] for name in bounds)
         if "min_limit" not in given:
             low = min([low] + [values[n] for n in ("initial_limit", "max_limit") if n in given])
@@ -203,7 +203,9 @@ class ConcurrencySettings(StrictModel):
 
 
 class ConcurrencyOverride(StrictModel):
-    """Per-deployment changes to ``concurrency``; unset fields keep the shared value."""
+    """Per-deployment changes to ``concurrency``; unset fields keep the shared value, except
+    that the bounds left out (``min_limit``, ``initial_limit``, ``max_limit``) are fitted to
+    the ones given: ``{max_limit: 2}`` lowers a shared floor of 4 to 2 for this deployment."""
 
     min_limit: int | None = Field(default=None, ge=1, description="see concurrency.min_limit")
     initial_limit: int | None = Field(

@@ -42,6 +42,9 @@ class StrictModel(BaseModel):
     ``self_protection``, ``state.degraded``...), a mapping in the input is laid over that
     default, recursively, before validation. So ``admission.classes.critical:
     {default_deadline_s: 5}`` keeps critical's queue target, queue size and holdback share.
+    A model that is one value given whole sets ``overlays_defaults = False`` (a load test's
+    ``Dist``); a section whose keys bound each other fits its defaults to the keys given
+    (``fit_defaults``).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)

@@ -222,6 +222,20 @@ def calls_ending(ctl: AdmissionController, clock: FakeClock, per_s: float) -> No
         state.drain.tick(clock.now)
 
 
+def test_the_partial_slot_is_lent_only_while_critical_would_wait_under_half_a_second() -> None:
+    """High's 0.95 of 16 slots is 15.2: the sixteenth is lent while calls end often enough
+    that critical waits little for it. Critical's queue target is a second (so its bursts
+    queue rather than shed), but a lent slot may keep it waiting half a second at most: calls
+    ending every 0.8 s keep the slot for critical, every 0.25 s lend it."""
+    clock = FakeClock()
+    ctl = pinned(clock, 16)
+    state = ctl._state(DEP)
+    calls_ending(ctl, clock, 1.25)
+    assert state.cap(H, clock.now) == 15
+    calls_ending(ctl, clock, 4.0)
+    assert state.cap(H, clock.now) == 16
+
+
 async def test_the_last_partial_slot_comes_back_when_its_time_is_repaid() -> None:
     """A high request that took the fourth slot for 0.3 s owes 0.2 x 0.3 s; it is repaid at
     0.8 per second, so the next high request may take the fourth slot 75 ms after the first
@@ -939,6 +953,21 @@ async def test_a_burst_after_an_idle_gap_still_waits_for_the_limit_to_grow() -> 
     await burst.start(3)
     assert burst.shed_nothing()
     await burst.end()
+
+
+async def test_a_tenant_cannot_push_the_learned_prefill_onto_others_big_prompts() -> None:
+    """One huge, slow prompt a window (20k tokens, 20 s to a first byte) among quick small
+    ones drives the learned prefill to its cap of 1 s per thousand tokens. Another tenant's
+    100k-token request with a minute left is still tried: the fixed scaling's estimate
+    (23 s here) is the second opinion, and both must say it cannot fit."""
+    clock = FakeClock()
+    ctl = make(clock)
+    calls = [(20_000, 20.0) if i % 20 == 0 else (300, 0.3) for i in range(400)]
+    await _first_bytes(ctl, clock, calls)
+    assert ctl._state(DEP).limiter.prefill_s > 0.9
+    big = AdmissionRequest(N, "other", 100_000, clock.now + 60.0, clock.now,
+                           prompt_tokens=100_000)
+    (await ctl.acquire(DEP, big)).release("ignore")
 
 
 async def critical_runs_behind_one_slot(ctl: AdmissionController, clock: FakeClock) -> int:

@@ -150,6 +150,14 @@ def test_limit_bounds_left_out_follow_the_bounds_given(
     assert _bounds(ConcurrencySettings.model_validate(given)) == bounds
 
 
+def test_a_bad_bound_is_named_alone() -> None:
+    """A bound out of range is not copied into the bounds left out, which would name three
+    keys the operator never wrote."""
+    with pytest.raises(ValidationError) as err:
+        AdmissionPolicy.model_validate({"concurrency": {"max_limit": 0}})
+    assert [e["loc"] for e in err.value.errors()] == [("concurrency", "max_limit")]
+
+
 def test_a_deployment_override_fits_the_shared_bounds_it_leaves_out() -> None:
     policy = AdmissionPolicy.model_validate({"concurrency": {"min_limit": 8},
                                              "deployments": {"small/m": {"max_limit": 2}}})
