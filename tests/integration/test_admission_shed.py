@@ -65,8 +65,8 @@ def test_codel_one_good_delay_in_the_interval_keeps_it_out_of_drop_mode() -> Non
 
 def test_codel_without_dequeues_judges_by_the_oldest_waiting_request() -> None:
     state = ShedState(policy(), now=0.0)
-    state.roll(1.0, waits(critical=0.6))  # nothing dequeued; the head has waited 600 ms
-    assert state.overloaded(C)
+    state.roll(1.0, waits(critical=1.2))  # nothing dequeued; the head has waited 1.2 s
+    assert state.overloaded(C)  # past critical's target (1 s)
     assert all(state.drop_mode(p) for p in Priority)
 
 
