@@ -7,6 +7,7 @@ from ``gateway.admission``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -205,6 +206,11 @@ class QueueEntry:
         return self.req.arrived
 
 
+def _discard(ordered: list[float], value: float) -> None:
+    """Take ``value`` out of the sorted list (it was put in computed the same way)."""
+    del ordered[bisect.bisect_left(ordered, value)]
+
+
 def _thousands(prompt_tokens: int | None) -> float:
     """A prompt's size in thousands of tokens, as the limit's prefill time is per thousand."""
     return max(0, prompt_tokens or 0) / 1000
@@ -225,15 +231,14 @@ class DeploymentState:
         self.queues: list[FairQueue[QueueEntry]] = [FairQueue() for _ in Priority]
         self.shed = ShedState(policy, now)
         self.ttft = policy.ttft_prior_s  # EWMA of first bytes: what status reports
-        # Recent first bytes (seconds) and their prompts (thousands of tokens).
-        self._recent: deque[tuple[float, float]] = deque(maxlen=_RECENT_TTFT)
-        # The _OPTIMISTIC_RANK percentile of _recent with each prompt's prefill taken off, and
-        # the prefill time per thousand tokens it was taken off at.
-        self._fast: float | None = None
-        self._fast_prefill = 0.0
-        # The same percentile of first bytes per (prompt + 1000) / 1000: the fixed scaling, kept
-        # as a second opinion (fastest_ttft).
-        self._fast_scaled = 0.0
+        # Recent first bytes (seconds) and their prompts (thousands of tokens), and the same
+        # kept sorted two ways (fastest_ttft), updated per first byte by insertion rather than
+        # sorted afresh (this runs for every call): less each prompt's prefill at the rate
+        # _net_prefill, and per (prompt + 1000) / 1000, the fixed scaling.
+        self._recent: deque[tuple[float, float]] = deque()
+        self._net: list[float] = []
+        self._net_prefill = 0.0
+        self._scaled: list[float] = []
         self._prior = policy.ttft_prior_s
         self.drain = DecayingRate(policy.drain_window_s)
         self.pace = ProviderPace()  # the provider's request quota, from its answers' headers
@@ -329,10 +334,11 @@ class DeploymentState:
         tenant's 100k-token request at 100 s. So the fixed scaling's estimate is kept as a
         second opinion, and the lower of the two counts: a request is refused only when both
         say it cannot fit, and moving the fixed one takes most of the recent traffic."""
-        if self._fast is None:
+        if not self._recent:
             return self._prior
+        rank = int(_OPTIMISTIC_RANK * (len(self._recent) - 1))
         size = _thousands(prompt_tokens)
-        return min(self._fast + self._fast_prefill * size, self._fast_scaled * (size + 1))
+        return min(self._net[rank] + self._net_prefill * size, self._scaled[rank] * (size + 1))
 
     def feasible(self, deadline: float, now: float, prompt_tokens: int | None = None) -> bool:
         """Whether a request with this deadline can still get its first byte in time, even
@@ -343,13 +349,21 @@ class DeploymentState:
         """A measured time to first byte (from sending) feeds the estimates."""
         if ttft_s >= 0:
             self.ttft += _TTFT_WEIGHT * (ttft_s - self.ttft)
-            self._recent.append((ttft_s, _thousands(prompt_tokens)))
+            size = _thousands(prompt_tokens)
             prefill = self.limiter.prefill_s
-            ordered = sorted(max(0.0, ttft - prefill * size) for ttft, size in self._recent)
-            rank = int(_OPTIMISTIC_RANK * (len(ordered) - 1))
-            self._fast = ordered[rank]
-            self._fast_prefill = prefill
-            self._fast_scaled = sorted(ttft / (size + 1) for ttft, size in self._recent)[rank]
+            same = prefill == self._net_prefill
+            if len(self._recent) == _RECENT_TTFT:
+                old, old_size = self._recent.popleft()
+                _discard(self._scaled, old / (old_size + 1))
+                if same:
+                    _discard(self._net, max(0.0, old - prefill * old_size))
+            self._recent.append((ttft_s, size))
+            bisect.insort(self._scaled, ttft_s / (size + 1))
+            if same:
+                bisect.insort(self._net, max(0.0, ttft_s - prefill * size))
+            else:  # the learned rate moved (at most once a decision window): sort afresh
+                self._net = sorted(max(0.0, t - prefill * k) for t, k in self._recent)
+                self._net_prefill = prefill
 
     def queued_for_slots(self, now: float) -> int:
         """Waiting requests of the classes the provider's quota (as paced) lets go now: the

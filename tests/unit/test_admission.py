@@ -955,6 +955,29 @@ async def test_a_burst_after_an_idle_gap_still_waits_for_the_limit_to_grow() -> 
     await burst.end()
 
 
+async def test_the_kept_orderings_match_sorting_afresh() -> None:
+    """The estimate's sorted lists are updated per first byte (this runs for every call), and
+    sorted afresh only when the learned prefill moves: they must say what sorting the last 64
+    first bytes would, through evictions and several moves of the prefill."""
+    clock = FakeClock()
+    ctl = make(clock)
+    rng = random.Random(7)
+    calls = [(p, 0.2 + 0.15 * p / 1000 + 0.05 * rng.random())
+             for p in (rng.choice((300, 2500, 6000)) for _ in range(300))]
+    await _first_bytes(ctl, clock, calls)
+    state = ctl._state(DEP)
+    prefill = state._net_prefill  # the learned rate as of the last first byte
+    assert prefill > 0.05  # it was learned, so the lists were rebuilt on the way
+    recent = calls[-64:]
+    rank = int(0.1 * 63)
+    net = sorted(max(0.0, t - prefill * p / 1000) for p, t in recent)[rank]
+    scaled = sorted(t / (p / 1000 + 1) for p, t in recent)[rank]
+    for prompt in (0, 1000, 19_000):
+        k = prompt / 1000
+        assert ctl.fastest_ttft(DEP, prompt) == pytest.approx(
+            min(net + prefill * k, scaled * (k + 1)))
+
+
 async def test_a_tenant_cannot_push_the_learned_prefill_onto_others_big_prompts() -> None:
     """One huge, slow prompt a window (20k tokens, 20 s to a first byte) among quick small
     ones drives the learned prefill to its cap of 1 s per thousand tokens. Another tenant's
