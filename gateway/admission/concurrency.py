@@ -146,6 +146,11 @@ def size_factor(prompt_tokens: int | None) -> float:
     return (max(0, prompt_tokens or 0) + _PROMPT_UNIT) / _PROMPT_UNIT
 
 
+def thousands(prompt_tokens: int | None) -> float:
+    """A prompt's size in thousands of tokens: the unit the learned prefill time is per."""
+    return max(0, prompt_tokens or 0) / 1000
+
+
 class _Window:
     """What one decision window saw."""
 
@@ -399,7 +404,7 @@ class AdaptiveLimit:
 
     def _first_token(self, now: float, ttft_s: float, prompt_tokens: int | None) -> bool:
         """Count a first token in the window; whether the latency brake calls it overload."""
-        self._window.add(ttft_s, max(0, prompt_tokens or 0) / 1000)
+        self._window.add(ttft_s, thousands(prompt_tokens))
         if not self._baseline and self._measuring:
             self._progress_at = now  # toward the first baseline, which growth waits for
         return self._brake is not None and self._brake.slow(ttft_s, prompt_tokens or 0)
@@ -454,7 +459,7 @@ class AdaptiveLimit:
             return False
         prefill = self.prefill_s
         baseline = self._baseline_at(prefill)
-        expected = baseline + prefill * max(0, prompt_tokens or 0) / 1000
+        expected = baseline + prefill * thousands(prompt_tokens)
         if ttft_s > _ON_TIME_FACTOR * expected + _ON_TIME_SLACK_S:
             return False
         overdue = self._calls.overdue(now, baseline, prefill) if self._calls is not None else 0

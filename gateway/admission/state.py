@@ -16,7 +16,7 @@ from typing import Literal
 
 from gateway.config import AdmissionPolicy, Priority
 
-from .concurrency import OVERDUE_FACTOR, AdaptiveLimit, Outcome
+from .concurrency import OVERDUE_FACTOR, AdaptiveLimit, Outcome, size_factor, thousands
 from .pacing import ProviderPace
 from .queue import FairQueue
 from .shed import DecayingRate, ShedReason, ShedState
@@ -211,11 +211,6 @@ def _discard(ordered: list[float], value: float) -> None:
     del ordered[bisect.bisect_left(ordered, value)]
 
 
-def _thousands(prompt_tokens: int | None) -> float:
-    """A prompt's size in thousands of tokens, as the limit's prefill time is per thousand."""
-    return max(0, prompt_tokens or 0) / 1000
-
-
 class DeploymentState:
     """Admission state of one deployment on this replica."""
 
@@ -231,11 +226,11 @@ class DeploymentState:
         self.queues: list[FairQueue[QueueEntry]] = [FairQueue() for _ in Priority]
         self.shed = ShedState(policy, now)
         self.ttft = policy.ttft_prior_s  # EWMA of first bytes: what status reports
-        # Recent first bytes (seconds) and their prompts (thousands of tokens), and the same
-        # kept sorted two ways (fastest_ttft), updated per first byte by insertion rather than
-        # sorted afresh (this runs for every call): less each prompt's prefill at the rate
-        # _net_prefill, and per (prompt + 1000) / 1000, the fixed scaling.
-        self._recent: deque[tuple[float, float]] = deque()
+        # Recent first bytes (seconds) and their prompts (tokens), and the same kept sorted two
+        # ways (fastest_ttft), updated per first byte by insertion rather than sorted afresh
+        # (this runs for every call): less each prompt's prefill at the rate _net_prefill, and
+        # per size_factor, the fixed scaling.
+        self._recent: deque[tuple[float, int | None]] = deque()
         self._net: list[float] = []
         self._net_prefill = 0.0
         self._scaled: list[float] = []
@@ -337,8 +332,8 @@ class DeploymentState:
         if not self._recent:
             return self._prior
         rank = int(_OPTIMISTIC_RANK * (len(self._recent) - 1))
-        size = _thousands(prompt_tokens)
-        return min(self._net[rank] + self._net_prefill * size, self._scaled[rank] * (size + 1))
+        return min(self._net[rank] + self._net_prefill * thousands(prompt_tokens),
+                   self._scaled[rank] * size_factor(prompt_tokens))
 
     def feasible(self, deadline: float, now: float, prompt_tokens: int | None = None) -> bool:
         """Whether a request with this deadline can still get its first byte in time, even
@@ -349,20 +344,23 @@ class DeploymentState:
         """A measured time to first byte (from sending) feeds the estimates."""
         if ttft_s >= 0:
             self.ttft += _TTFT_WEIGHT * (ttft_s - self.ttft)
-            size = _thousands(prompt_tokens)
             prefill = self.limiter.prefill_s
+
+            def net(ttft: float, prompt: int | None) -> float:
+                return max(0.0, ttft - prefill * thousands(prompt))
+
             same = prefill == self._net_prefill
             if len(self._recent) == _RECENT_TTFT:
-                old, old_size = self._recent.popleft()
-                _discard(self._scaled, old / (old_size + 1))
+                old, old_prompt = self._recent.popleft()
+                _discard(self._scaled, old / size_factor(old_prompt))
                 if same:
-                    _discard(self._net, max(0.0, old - prefill * old_size))
-            self._recent.append((ttft_s, size))
-            bisect.insort(self._scaled, ttft_s / (size + 1))
+                    _discard(self._net, net(old, old_prompt))
+            self._recent.append((ttft_s, prompt_tokens))
+            bisect.insort(self._scaled, ttft_s / size_factor(prompt_tokens))
             if same:
-                bisect.insort(self._net, max(0.0, ttft_s - prefill * size))
+                bisect.insort(self._net, net(ttft_s, prompt_tokens))
             else:  # the learned rate moved (at most once a decision window): sort afresh
-                self._net = sorted(max(0.0, t - prefill * k) for t, k in self._recent)
+                self._net = sorted(net(t, p) for t, p in self._recent)
                 self._net_prefill = prefill
 
     def queued_for_slots(self, now: float) -> int:

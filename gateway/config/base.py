@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from enum import IntEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -80,7 +80,6 @@ def overlay(default: BaseModel, given: dict[str, Any]) -> dict[str, Any]:
     for key, value in given.items():
         current = out.get(key)
         if isinstance(value, dict) and _is_section(current):
-            assert isinstance(current, BaseModel)
             out[key] = overlay(current, value)
         else:
             out[key] = value  # unknown keys too: validation names them
@@ -88,6 +87,6 @@ def overlay(default: BaseModel, given: dict[str, Any]) -> dict[str, Any]:
     return section.fit_defaults(out, given.keys()) if issubclass(section, StrictModel) else out
 
 
-def _is_section(default: object) -> bool:
+def _is_section(default: object) -> TypeGuard[BaseModel]:
     """A field default that a mapping given in part is laid over (``overlay``)."""
     return isinstance(default, BaseModel) and getattr(default, "overlays_defaults", True)
