@@ -32,6 +32,10 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   ages out, so a slow period is forgotten; and when three decreases in a row did not bring
   TTFT down, the latency is the provider's new normal, not our queue, and becomes the
   baseline at once;
+- first tokens scatter by themselves, so the excess over the baseline is taken less what
+  chance explains (``_NOISE_Z``, ``_BASELINE_Z``): the baseline window counts as its level plus
+  two standard errors of its mean, and the current window's mean as two standard errors
+  (at the provider's own scatter, that of the baseline window) less;
 - ``Q`` is compared with the tolerance ``max(upstream_queue_min, upstream_queue_share x
   limit)``: above it the limit drops by the excess, from the concurrency the window actually
   used (down to where half the tolerance stays queued); below half of it, and while the
@@ -120,6 +124,20 @@ _MIN_SAMPLES = 8
 # doubled after each probe that had to be taken back, up to the maximum.
 _PROBE_BACKOFF = 5
 _PROBE_BACKOFF_MAX = 40
+# First tokens scatter (a provider's own jitter), and so do the windows' means. The baseline
+# was the lowest of many of them, so it sat below the true no-load level by chance, and each
+# window's mean above it by chance: against an upstream that never queued, the queue estimate
+# grew with the square root of the rate, cut the limit, and the smaller limit's windows were
+# noisier still (first tokens of 400 ms +-30 %, uniform, endless demand, 500 free: a limit of
+# 35-137; +-50 %: 7-14). So each baseline window counts as its level plus _BASELINE_Z
+# standard errors of its mean, and a window's excess over the baseline is taken less
+# _NOISE_Z standard errors of its mean at the provider's own scatter (that of the window at
+# rest, _rest). A real queue moves every call's first token and the mean far beyond those
+# errors; against a deterministic upstream they are nil. The price is a queue the noise
+# hides: +-50 % at 64 slots of 1.2 s calls settles at 65-73 (tests/unit/
+# test_concurrency_limit.py).
+_BASELINE_Z = 2.0
+_NOISE_Z = 2.0
 # Latency decreases in a row after which TTFT that did not fall becomes the new baseline.
 _REBASE_AFTER = 3
 # TTFT this much above the last latency decrease's: the provider changed (see _REBASE_AFTER).
@@ -181,9 +199,21 @@ class _Window:
         ``prefill_s`` per thousand prompt tokens): what an empty prompt would have seen."""
         return max(0.0, (self.ttfts - prefill_s * self.prompts) / self.n)
 
-    def excess_s(self, baseline: float, prefill_s: float) -> float:
-        """Mean first-token time above the no-load ``baseline`` (of an empty prompt)."""
-        return max(0.0, self.level(prefill_s) - baseline)
+    def excess_s(self, baseline: float, scatter_s: float, prefill_s: float) -> float:
+        """Mean first-token time above the no-load ``baseline`` (of an empty prompt), less
+        what the provider's own scatter of first tokens (``scatter_s``, one standard
+        deviation) would put there by chance: ``_NOISE_Z`` standard errors of the mean."""
+        allowance = _NOISE_Z * scatter_s / math.sqrt(self.n)
+        return max(0.0, self.level(prefill_s) - baseline - allowance)
+
+    def scatter_s(self, prefill_s: float) -> float:
+        """The standard deviation of the window's first tokens, each less its prompt's
+        prefill (from the sums kept)."""
+        n = self.n
+        total = self.ttfts - prefill_s * self.prompts
+        squares = (self.ttfts2 - 2 * prefill_s * self.cross
+                   + prefill_s * prefill_s * self.prompts2)
+        return math.sqrt(max(0.0, squares / n - (total / n) ** 2))
 
     def rate(self, elapsed: float) -> float:
         """Calls going through per second, for Little's law: completions, or first tokens
@@ -231,7 +261,10 @@ class AdaptiveLimit:
         # time per thousand prompt tokens is their weighted mean.
         self._prefill_weight = 0.0
         self._prefill_sum = 0.0
-        self._baseline: deque[tuple[float, float, float]] = deque()  # (when, ttft, prompt)
+        # (when, ttft, prompt, scatter, n): the smoothed levels, and each window's scatter of
+        # first tokens (s) and their count: how far chance may have put each level below the
+        # true one, and the provider's own scatter (_rest)
+        self._baseline: deque[tuple[float, float, float, float, int]] = deque()
         self._slow_start = True
         # Slow start no longer finding capacity: held by calls overdue for their first token
         # (_decide), or no progress for the horizon while the demand filled the limit
@@ -323,9 +356,20 @@ class AdaptiveLimit:
         return self._baseline_at(self.prefill_s) if self._baseline else None
 
     def _baseline_at(self, prefill_s: float) -> float:
-        """The lowest smoothed level within the baseline window, each with the prefill of its
-        prompts (at ``prefill_s`` per thousand tokens) taken off."""
-        return max(0.0, min(ttft - prefill_s * prompt for _, ttft, prompt in self._baseline))
+        """The no-load level (``_rest``) with the prefill of its prompts taken off at
+        ``prefill_s`` per thousand tokens."""
+        return self._rest(prefill_s)[0]
+
+    def _rest(self, prefill_s: float) -> tuple[float, float]:
+        """The baseline window most surely at rest, as (its level, its scatter of first
+        tokens): the least, over the baseline windows, of the smoothed level (prefill taken
+        off at ``prefill_s``) plus ``_BASELINE_Z`` standard errors of the window's mean. Its
+        scatter is the provider's own: a queue adds scatter (some calls wait, others do not),
+        but raises the level with it, so a queued window is not the one at rest."""
+        level, scatter = min(
+            (ttft - prefill_s * prompt + _BASELINE_Z * scatter / math.sqrt(n), scatter)
+            for _, ttft, prompt, scatter, n in self._baseline)
+        return max(0.0, level), scatter
 
     @property
     def prefill_s(self) -> float:
@@ -404,7 +448,8 @@ class AdaptiveLimit:
 
     def _first_token(self, now: float, ttft_s: float, prompt_tokens: int | None) -> bool:
         """Count a first token in the window; whether the latency brake calls it overload."""
-        self._window.add(ttft_s, thousands(prompt_tokens))
+        size = thousands(prompt_tokens)
+        self._window.add(ttft_s, size)
         if not self._baseline and self._measuring:
             self._progress_at = now  # toward the first baseline, which growth waits for
         return self._brake is not None and self._brake.slow(ttft_s, prompt_tokens or 0)
@@ -527,7 +572,7 @@ class AdaptiveLimit:
         if window.n >= _MIN_SAMPLES // 2:
             elapsed = max(now - window.start, s.decision_window_s / 10)
             prefill = self.prefill_s
-            excess_s = window.excess_s(self._baseline_at(prefill), prefill)
+            excess_s = window.excess_s(*self._rest(prefill), prefill)
             return window.rate(elapsed) * excess_s <= tolerance
         recent = now - self._decided_at <= 2 * s.decision_window_s
         return recent and self.upstream_queue is not None and self.upstream_queue <= tolerance
@@ -593,9 +638,10 @@ class AdaptiveLimit:
         horizon = now - s.baseline_window_s
         while len(self._baseline) >= _BASELINE_MIN_WINDOWS and self._baseline[0][0] < horizon:
             self._baseline.popleft()
-        self._baseline.append((now, *self._smoothed))
-        baseline = self._baseline_at(prefill)
-        excess_s = window.excess_s(baseline, prefill)
+        scatter = window.scatter_s(prefill)
+        self._baseline.append((now, *self._smoothed, scatter, window.n))
+        baseline, noise = self._rest(prefill)
+        excess_s = window.excess_s(baseline, noise, prefill)
         queue = window.rate(elapsed) * excess_s  # Little's law
         self.upstream_queue = queue
         if first:
@@ -613,7 +659,7 @@ class AdaptiveLimit:
                 if self._calls is not None:
                     used = max(used, float(self._calls.in_flight))
                 self._decrease_on_queue(now, queue, tolerance, level, (mean_ttft, mean_prompt),
-                                        min(self._limit, used))
+                                        (scatter, window.n), min(self._limit, used))
             return
         self._cuts = 0
         # Calls still waiting for a first token long past the no-load time are queued inside
@@ -656,7 +702,8 @@ class AdaptiveLimit:
             self._stalled = True  # held by overdue calls: no longer finding capacity
 
     def _decrease_on_queue(self, now: float, queue: float, tolerance: float, level: float,
-                           means: tuple[float, float], used: float) -> None:
+                           means: tuple[float, float], spread: tuple[float, int],
+                           used: float) -> None:
         s = self._settings
         # Decreases in a row, each given time to show, and TTFT did not come down after any
         # of them: the provider got slower for everyone (or our limit is at its floor). The
@@ -668,7 +715,7 @@ class AdaptiveLimit:
         self._cut_from = level
         if self._cuts >= _REBASE_AFTER or self._limit <= s.min_limit:
             self._baseline.clear()
-            self._baseline.append((now, *means))
+            self._baseline.append((now, *means, *spread))
             self._smoothed = means
             self._cuts = 0
             # Where the knee is now is unknown: probe for it at once, and freely. A queue was
