@@ -69,6 +69,14 @@ STEPS = 10
 UNLIMITED_SLOTS = 100_000  # a quota-limited provider: slots are never the limit
 
 
+def mean_ttft_ms(args: argparse.Namespace) -> float:
+    """The mean first token: --ttft-ms, or the mean of its lognormal with --ttft-p99-ms."""
+    if args.ttft_p99_ms is None:
+        return float(args.ttft_ms)
+    sigma = math.log(args.ttft_p99_ms / args.ttft_ms) / 2.326
+    return float(args.ttft_ms * math.exp(sigma * sigma / 2))
+
+
 def policy(mock_port: int, gw_port: int, slots: int, variant: str,
            holdback: dict[str, float]) -> dict[str, Any]:
     """The gateway's policy. ``on``: concurrency pinned to the mock's slots (min half), queue
@@ -121,7 +129,12 @@ def policy(mock_port: int, gw_port: int, slots: int, variant: str,
 
 def scenario(target: str, run_rate: float, args: argparse.Namespace) -> dict[str, Any]:
     """Phases: an unloaded baseline, then per level warm-up / measured / tail / gap."""
-    knobs = {"ttft_ms": args.ttft_ms, "chunk_gap_ms": args.gap_ms}
+    # A first token that scatters (--ttft-p99-ms) is drawn per request: lognormal, its
+    # median --ttft-ms.
+    ttft: float | dict[str, float] = (
+        args.ttft_ms if args.ttft_p99_ms is None
+        else {"median": args.ttft_ms, "p99": args.ttft_p99_ms})
+    knobs = {"ttft_ms": ttft, "chunk_gap_ms": args.gap_ms}
     workloads = [{
         "name": name, "tenant": TENANT_OF[name], "priority": name, "weight": share,
         "model": "m", "stream": 1.0, "steps": STEPS, "think_ms": {"median": 50, "p99": 200},
@@ -252,7 +265,7 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path,
         bl.wait_http(f"http://127.0.0.1:{mock_port}/v1/models", procs=procs)
         bl.wait_http(ready, procs=procs)
         # Capacity from the mock's knobs first (the plan), measured from its counters after.
-        service_s = (args.ttft_ms + (args.tokens - 1) * args.gap_ms) / 1000
+        service_s = (mean_ttft_ms(args) + (args.tokens - 1) * args.gap_ms) / 1000
         planned = args.quota_rpm / 60 if args.quota_only else args.slots / service_s
         data = scenario(f"http://127.0.0.1:{gw_port}", planned / STEPS, args)
         spec = parse_scenario(data)
@@ -312,6 +325,10 @@ def main() -> int:
                         help="the mock's generation slots, e.g. 4,16,64 for a sweep (default "
                         "16; without it but with --quota-rpm: unlimited slots)")
     parser.add_argument("--ttft-ms", type=float, default=100.0)
+    parser.add_argument("--ttft-p99-ms", type=float,
+                        help="first tokens scatter as hosted models' do: lognormal with median "
+                        "--ttft-ms and this 99th percentile, drawn per request (default: every "
+                        "first token at --ttft-ms)")
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--gap-ms", type=float, default=20.0)
     parser.add_argument("--max-queue", type=int, default=32)
@@ -346,7 +363,7 @@ def main() -> int:
     _, support_pin, pin_desc = bl.pin_plan()
     if support_pin:
         os.sched_setaffinity(0, {int(support_pin[-1])})  # this process drives the load
-    service_s = (args.ttft_ms + (args.tokens - 1) * args.gap_ms) / 1000
+    service_s = (mean_ttft_ms(args) + (args.tokens - 1) * args.gap_ms) / 1000
     quota_only = args.slots is None and args.quota_rpm > 0
     for slots in ([UNLIMITED_SLOTS] if quota_only else args.slots or [16]):
         setup = argparse.Namespace(**vars(args))
@@ -365,6 +382,8 @@ def main() -> int:
         print_summary(figures, header, pin_desc)
         label = (f"quota-limited ({setup.quota_rpm} RPM, unlimited slots)" if quota_only
                  else f"{slots} slots")
+        if args.ttft_p99_ms is not None:
+            label += f", first tokens scattered (p99 {args.ttft_p99_ms:g} ms)"
         if args.json:
             path = Path(args.json)
             if len(args.slots or []) > 1:

@@ -110,7 +110,8 @@ def _level(report: dict[str, Any], phase: dict[str, Any], capacity: float,
 def evaluate(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """Per variant: capacity, baseline, each level's figures, memory, targets met."""
     out: dict[str, Any] = {"setup": {
-        "slots": args.slots, "ttft_ms": args.ttft_ms, "tokens": args.tokens,
+        "slots": args.slots, "ttft_ms": args.ttft_ms, "ttft_p99_ms": args.ttft_p99_ms,
+        "tokens": args.tokens,
         "gap_ms": args.gap_ms, "max_queue": args.max_queue, "queue_ttft_ms": args.queue_ttft_ms,
         "quota_rpm": args.quota_rpm, "quota_only": args.quota_only,
         "tuned_slots": args.tuned_slots, "levels": args.levels, "measure_s": args.measure_s,
@@ -335,7 +336,7 @@ def _md_table(rows: list[list[str]]) -> str:
 
 def _setup_lines(figures: dict[str, Any]) -> list[str]:
     s = figures["setup"]
-    lines = [f"holdback shares (on): {_holdback(figures)}", (f"mock: {'unlimited' if s['quota_only'] else s['slots']} slots, first token {s['ttft_ms']:g} ms + {s['tokens']} tokens "
+    lines = [f"holdback shares (on): {_holdback(figures)}", (f"mock: {'unlimited' if s['quota_only'] else s['slots']} slots, first token {s['ttft_ms']:g} ms{_scatter(s)} + {s['tokens']} tokens "
              f"{s['gap_ms']:g} ms apart, queue of {s['max_queue']} (+{s['queue_ttft_ms']:g} ms "
              f"first token per request ahead), quota {s['quota_rpm']} RPM")]
     for name, v in figures["variants"].items():
@@ -365,6 +366,11 @@ def print_summary(figures: dict[str, Any], header: list[str], pin_desc: str) -> 
     if figures.get("ratios"):
         print()
         print(_text_table(ratio_table(figures)))
+
+
+def _scatter(setup: dict[str, Any]) -> str:
+    p99 = setup.get("ttft_p99_ms")
+    return "" if p99 is None else f" (median; lognormal, p99 {p99:g} ms)"
 
 
 def docs_section(figures: dict[str, Any], header: list[str], pin_desc: str,

@@ -161,7 +161,9 @@ class Engine:
     async def _phase(self, phase: Phase, index: int, start: float) -> None:
         loop = asyncio.get_running_loop()
         self.live.phase = phase.name
-        self._knobs, self._phase_start = PhaseKnobs(phase), start
+        # Its own random stream: drawing first-token delays leaves every other draw as it was.
+        knobs_rng = random.Random(None if self.seed is None else f"{self.seed}:knobs:{index}")
+        self._knobs, self._phase_start = PhaseKnobs(phase, knobs_rng), start
         self.phases.append({"name": phase.name, "start_s": round(start - self.t0, 3),
                             "end_s": round(start - self.t0 + phase.duration_s, 3),
                             "arrival": phase.arrival.model_dump(exclude_defaults=True)})

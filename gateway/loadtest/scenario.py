@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, NonNegativeFloat, ValidationError, model_validator
 
 from gateway.config import PositiveFloat, PriorityName, StrictModel
 
@@ -156,7 +156,10 @@ class Upstream(StrictModel):
     ``forward_headers: ["x-mock-*"]``, as config/example.yaml does)."""
 
     latency_ms: float | None = Field(default=None, ge=0)
-    ttft_ms: float | None = Field(default=None, ge=0)
+    ttft_ms: NonNegativeFloat | Dist | None = Field(
+        default=None,
+        description="first token delay: a constant, or a distribution drawn per request (a "
+        "provider's first tokens scatter by themselves: bench/overload.py --ttft-p99-ms)")
     chunk_gap_ms: float | None = Field(default=None, ge=0)
     fail_rate: float | None = Field(default=None, ge=0, le=1)
     status: int | None = Field(default=None, ge=400, le=599, description="error status of fail_rate")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from .scenario import Phase, Scenario, Upstream, Workload
+from .scenario import Dist, Phase, Scenario, Upstream, Workload
 
 __all__ = ["PhaseKnobs", "SyntheticText", "WorkloadPlan", "plan_workloads"]
 
@@ -123,24 +123,30 @@ def plan_workloads(scenario: Scenario, keys: dict[str, str],
 
 
 class PhaseKnobs:
-    """The x-mock-* headers of one phase, with its outage windows."""
+    """The x-mock-* headers of one phase, with its outage windows; a first-token delay given
+    as a distribution is drawn per request from ``rng``."""
 
-    def __init__(self, phase: Phase) -> None:
+    def __init__(self, phase: Phase, rng: random.Random) -> None:
         up = phase.upstream
         self._base = _knob_headers(up)
         self._outages = [(o.at_s, o.at_s + o.duration_s, _outage_headers(o.status, o.fail))
                          for o in up.outages]
+        self._draw_ttft = up.ttft_ms.sampler(rng) if isinstance(up.ttft_ms, Dist) else None
 
     def headers(self, since_phase_start: float) -> dict[str, str]:
+        base = self._base
+        if self._draw_ttft is not None:
+            base = {**base, "x-mock-ttft-ms": f"{self._draw_ttft():.1f}"}
         for start, end, extra in self._outages:
             if start <= since_phase_start < end:
-                return {**self._base, **extra}
-        return self._base
+                return {**base, **extra}
+        return base
 
 
 def _knob_headers(up: Upstream) -> dict[str, str]:
     out: dict[str, str] = {}
-    for name, value in (("x-mock-latency-ms", up.latency_ms), ("x-mock-ttft-ms", up.ttft_ms),
+    ttft = up.ttft_ms if not isinstance(up.ttft_ms, Dist) else None  # else drawn per request
+    for name, value in (("x-mock-latency-ms", up.latency_ms), ("x-mock-ttft-ms", ttft),
                         ("x-mock-chunk-gap-ms", up.chunk_gap_ms),
                         ("x-mock-fail-rate", up.fail_rate), ("x-mock-status", up.status),
                         ("x-mock-retry-after", up.retry_after_s)):

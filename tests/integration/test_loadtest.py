@@ -215,10 +215,27 @@ def test_outage_windows_switch_the_knobs() -> None:
         "name": "p", "duration_s": 10, "arrival": {"process": "poisson"},
         "upstream": {"ttft_ms": 100, "outages": [{"at_s": 2, "duration_s": 1, "status": 502}]},
     }]))
-    knobs = PhaseKnobs(scenario.phases[0])
+    knobs = PhaseKnobs(scenario.phases[0], random.Random(0))
     assert knobs.headers(1.0) == {"x-mock-ttft-ms": "100"}
     assert knobs.headers(2.5) == {"x-mock-ttft-ms": "100", "x-mock-status": "502",
                                   "x-mock-fail-rate": "1"}
+
+
+def test_a_first_token_delay_given_as_a_distribution_is_drawn_per_request() -> None:
+    """A provider's first tokens scatter: the mock is asked for a different delay each time,
+    spread as the distribution says (here a median of 400 ms and a p99 of 1,600)."""
+    scenario = parse_scenario(minimal(phases=[{
+        "name": "p", "duration_s": 10, "arrival": {"process": "poisson"},
+        "upstream": {"ttft_ms": {"median": 400, "p99": 1600}, "chunk_gap_ms": 5},
+    }]))
+    knobs = PhaseKnobs(scenario.phases[0], random.Random(0))
+    drawn = []
+    for _ in range(2000):
+        headers = knobs.headers(1.0)
+        assert headers["x-mock-chunk-gap-ms"] == "5"
+        drawn.append(float(headers["x-mock-ttft-ms"]))
+    drawn.sort()
+    assert 370 <= drawn[1000] <= 430 and 1300 <= drawn[1980] <= 1950, (drawn[1000], drawn[1980])
 
 
 # --- histograms, safety, hooks -----------------------------------------------------------------
