@@ -138,6 +138,9 @@ _PROBE_BACKOFF_MAX = 40
 # test_concurrency_limit.py).
 _BASELINE_Z = 2.0
 _NOISE_Z = 2.0
+# The baseline windows' typical scatter counts for the provider's own up to this many times
+# the resting window's (_rest).
+_SCATTER_TRUST = 3.0
 # Latency decreases in a row after which TTFT that did not fall becomes the new baseline.
 _REBASE_AFTER = 3
 # TTFT this much above the last latency decrease's: the provider changed (see _REBASE_AFTER).
@@ -369,7 +372,14 @@ class AdaptiveLimit:
         level, scatter = min(
             (ttft - prefill_s * prompt + _BASELINE_Z * scatter / math.sqrt(n), scatter)
             for _, ttft, prompt, scatter, n in self._baseline)
-        return max(0.0, level), scatter
+        # From a long tail (a first token's p99 several times its median) the window at rest
+        # is mostly one that by chance missed the slow few, and its scatter is a fraction of
+        # the provider's. The baseline windows' typical scatter is nearer; but a queue adds
+        # scatter of its own, so it is trusted only up to _SCATTER_TRUST times the resting
+        # window's.
+        scatters = sorted(sc for *_, sc, _ in self._baseline)
+        typical = scatters[len(scatters) // 2]
+        return max(0.0, level), max(scatter, min(typical, _SCATTER_TRUST * scatter))
 
     @property
     def prefill_s(self) -> float:
