@@ -33,9 +33,9 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   TTFT down, the latency is the provider's new normal, not our queue, and becomes the
   baseline at once;
 - first tokens scatter by themselves, so the excess over the baseline is taken less what
-  chance explains (``_NOISE_Z``, ``_BASELINE_Z``): the baseline window counts as its level plus
-  two standard errors of its mean, and the current window's mean as two standard errors
-  (at the provider's own scatter, that of the baseline window) less;
+  chance explains (``_BASELINE_Z``, ``_NOISE_Z``): each baseline window counts as its smoothed
+  level plus three standard errors of it, and the current window's mean as two standard
+  errors less, at the provider's own scatter (``_rest``);
 - ``Q`` is compared with the tolerance ``max(upstream_queue_min, upstream_queue_share x
   limit)``: above it the limit drops by the excess, from the concurrency the window actually
   used (down to where half the tolerance stays queued); below half of it, and while the
@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from gateway.config import ConcurrencySettings
 
@@ -129,14 +129,14 @@ _PROBE_BACKOFF_MAX = 40
 # window's mean above it by chance: against an upstream that never queued, the queue estimate
 # grew with the square root of the rate, cut the limit, and the smaller limit's windows were
 # noisier still (first tokens of 400 ms +-30 %, uniform, endless demand, 500 free: a limit of
-# 35-137; +-50 %: 7-14). So each baseline window counts as its level plus _BASELINE_Z
-# standard errors of its mean, and a window's excess over the baseline is taken less
-# _NOISE_Z standard errors of its mean at the provider's own scatter (that of the window at
-# rest, _rest). A real queue moves every call's first token and the mean far beyond those
-# errors; against a deterministic upstream they are nil. The price is a queue the noise
+# 35-137; +-50 %: 7-14). So each baseline window counts as its smoothed level plus
+# _BASELINE_Z standard errors of it (the least of some thirty noisy levels lies about two
+# below the true one), and a window's excess over the baseline is taken less _NOISE_Z
+# standard errors of its mean, at the provider's own scatter (_rest). A real queue moves every
+# call's first token, and the mean far beyond those errors. The price is a queue the noise
 # hides: +-50 % at 64 slots of 1.2 s calls settles at 65-73 (tests/unit/
 # test_concurrency_limit.py).
-_BASELINE_Z = 2.0
+_BASELINE_Z = 3.0
 _NOISE_Z = 2.0
 # The baseline windows' typical scatter counts for the provider's own up to this many times
 # the resting window's (_rest).
@@ -170,6 +170,31 @@ def size_factor(prompt_tokens: int | None) -> float:
 def thousands(prompt_tokens: int | None) -> float:
     """A prompt's size in thousands of tokens: the unit the learned prefill time is per."""
     return max(0, prompt_tokens or 0) / 1000
+
+
+class _Moments(NamedTuple):
+    """A window's first tokens (s) and prompts (thousands of tokens), as sums of squares and
+    products about their means: enough for their scatter at whatever prefill rate is learned
+    later (a scatter fixed at the rate of its day would keep prompt-size spread the rate no
+    longer explains)."""
+
+    n: int
+    sxx: float
+    sxy: float
+    syy: float
+
+    def scatter_s(self, prefill_s: float) -> float:
+        """The sample standard deviation of the first tokens, each less its prompt's
+        prefill at ``prefill_s`` per thousand tokens."""
+        if self.n < 2:
+            return 0.0
+        squares = self.syy - 2 * prefill_s * self.sxy + prefill_s * prefill_s * self.sxx
+        return math.sqrt(max(0.0, squares / (self.n - 1)))
+
+    @staticmethod
+    def of_scatter(scatter_s: float, n: int) -> _Moments:
+        """Moments of ``n`` first tokens scattered ``scatter_s`` whatever the prompts."""
+        return _Moments(n, 0.0, 0.0, scatter_s * scatter_s * max(1, n - 1))
 
 
 class _Window:
@@ -209,14 +234,12 @@ class _Window:
         allowance = _NOISE_Z * scatter_s / math.sqrt(self.n)
         return max(0.0, self.level(prefill_s) - baseline - allowance)
 
-    def scatter_s(self, prefill_s: float) -> float:
-        """The standard deviation of the window's first tokens, each less its prompt's
-        prefill (from the sums kept)."""
+    def moments(self) -> _Moments:
+        """The sums about the window's means that give its scatter at any prefill rate."""
         n = self.n
-        total = self.ttfts - prefill_s * self.prompts
-        squares = (self.ttfts2 - 2 * prefill_s * self.cross
-                   + prefill_s * prefill_s * self.prompts2)
-        return math.sqrt(max(0.0, squares / n - (total / n) ** 2))
+        return _Moments(n, self.prompts2 - self.prompts * self.prompts / n,
+                        self.cross - self.prompts * self.ttfts / n,
+                        self.ttfts2 - self.ttfts * self.ttfts / n)
 
     def rate(self, elapsed: float) -> float:
         """Calls going through per second, for Little's law: completions, or first tokens
@@ -264,10 +287,14 @@ class AdaptiveLimit:
         # time per thousand prompt tokens is their weighted mean.
         self._prefill_weight = 0.0
         self._prefill_sum = 0.0
-        # (when, ttft, prompt, scatter, n): the smoothed levels, and each window's scatter of
-        # first tokens (s) and their count: how far chance may have put each level below the
-        # true one, and the provider's own scatter (_rest)
-        self._baseline: deque[tuple[float, float, float, float, int]] = deque()
+        # (when, ttft, prompt, moments, spread): the smoothed levels, each window's moments
+        # (the provider's scatter, _rest) and the variance of the smoothed level in units of
+        # one first token's (1/n for a window of n, less once smoothed): how far chance may
+        # have put it below the true level
+        self._baseline: deque[tuple[float, float, float, _Moments, float]] = deque()
+        self._spread = 0.0  # that of the smoothed level now
+        # The no-load level and the provider's scatter, as of the last decision (_rest).
+        self._rest_at: tuple[float, float] | None = None
         self._slow_start = True
         # Slow start no longer finding capacity: held by calls overdue for their first token
         # (_decide), or no progress for the horizon while the demand filled the limit
@@ -355,31 +382,33 @@ class AdaptiveLimit:
 
     @property
     def baseline_s(self) -> float | None:
-        """The no-load time to first token of an empty prompt (None before any is measured)."""
-        return self._baseline_at(self.prefill_s) if self._baseline else None
+        """The no-load time to first token of an empty prompt (None before any is measured):
+        the lowest level the provider surely reaches at rest, so a little above the least
+        level seen where first tokens scatter (``_rest``)."""
+        return self._rest_at[0] if self._rest_at is not None else None
 
-    def _baseline_at(self, prefill_s: float) -> float:
-        """The no-load level (``_rest``) with the prefill of its prompts taken off at
-        ``prefill_s`` per thousand tokens."""
-        return self._rest(prefill_s)[0]
+    def _rest(self) -> tuple[float, float]:
+        """The no-load level and the provider's own scatter of one first token (s), at the
+        prefill learned by now; kept until the next decision (``_rest_at``: the baseline and
+        the prefill change only then).
 
-    def _rest(self, prefill_s: float) -> tuple[float, float]:
-        """The baseline window most surely at rest, as (its level, its scatter of first
-        tokens): the least, over the baseline windows, of the smoothed level (prefill taken
-        off at ``prefill_s``) plus ``_BASELINE_Z`` standard errors of the window's mean. Its
-        scatter is the provider's own: a queue adds scatter (some calls wait, others do not),
-        but raises the level with it, so a queued window is not the one at rest."""
-        level, scatter = min(
-            (ttft - prefill_s * prompt + _BASELINE_Z * scatter / math.sqrt(n), scatter)
-            for _, ttft, prompt, scatter, n in self._baseline)
-        # From a long tail (a first token's p99 several times its median) the window at rest
-        # is mostly one that by chance missed the slow few, and its scatter is a fraction of
-        # the provider's. The baseline windows' typical scatter is nearer; but a queue adds
-        # scatter of its own, so it is trusted only up to _SCATTER_TRUST times the resting
-        # window's.
-        scatters = sorted(sc for *_, sc, _ in self._baseline)
+        The level is the least, over the baseline windows, of the smoothed level (prefill
+        taken off) plus ``_BASELINE_Z`` standard errors of it. The scatter is that of the
+        window at rest, the one the least came from: a queue adds scatter (some calls wait,
+        others do not) but raises the level with it, so a queued window is not the one at
+        rest. From a long tail (a first token's p99 several times its median) the window at
+        rest is mostly one that by chance missed the slow few, and its scatter a fraction of
+        the provider's; the baseline windows' typical scatter is nearer, but it counts only
+        up to ``_SCATTER_TRUST`` times the resting window's, for a queue's scatter."""
+        prefill = self.prefill_s
+        windows = [(ttft - prefill * prompt, moments.scatter_s(prefill), spread)
+                   for _, ttft, prompt, moments, spread in self._baseline]
+        level, scatter = min((level + _BASELINE_Z * scatter * math.sqrt(spread), scatter)
+                             for level, scatter, spread in windows)
+        scatters = sorted(scatter for _, scatter, _ in windows)
         typical = scatters[len(scatters) // 2]
-        return max(0.0, level), max(scatter, min(typical, _SCATTER_TRUST * scatter))
+        self._rest_at = (max(0.0, level), max(scatter, min(typical, _SCATTER_TRUST * scatter)))
+        return self._rest_at
 
     @property
     def prefill_s(self) -> float:
@@ -510,10 +539,10 @@ class AdaptiveLimit:
         tokens do. None is on time before the first window has measured the baseline:
         growth inside it would queue the calls whose first tokens become the baseline (at 4
         slots the limit then settled at 5)."""
-        if not self._baseline:
+        if self._rest_at is None:
             return False
         prefill = self.prefill_s
-        baseline = self._baseline_at(prefill)
+        baseline = self._rest_at[0]
         expected = baseline + prefill * thousands(prompt_tokens)
         if ttft_s > _ON_TIME_FACTOR * expected + _ON_TIME_SLACK_S:
             return False
@@ -575,14 +604,14 @@ class AdaptiveLimit:
         behind others, and it is no reason to lower the limit. Vegas only, once a baseline is
         known: this window's first tokens if it has a few, else the last decision's."""
         s = self._settings
-        if s.algorithm != "vegas" or not self._baseline:
+        if s.algorithm != "vegas" or self._rest_at is None:
             return False
         tolerance = self._tolerance()
         window = self._window
         if window.n >= _MIN_SAMPLES // 2:
             elapsed = max(now - window.start, s.decision_window_s / 10)
             prefill = self.prefill_s
-            excess_s = window.excess_s(*self._rest(prefill), prefill)
+            excess_s = window.excess_s(*self._rest_at, prefill)
             return window.rate(elapsed) * excess_s <= tolerance
         recent = now - self._decided_at <= 2 * s.decision_window_s
         return recent and self.upstream_queue is not None and self.upstream_queue <= tolerance
@@ -640,17 +669,19 @@ class AdaptiveLimit:
         mean_prompt = window.prompts / window.n
         first = self._smoothed is None
         if self._smoothed is None:
-            self._smoothed = (mean_ttft, mean_prompt)
+            self._smoothed, self._spread = (mean_ttft, mean_prompt), 1 / window.n
         else:
             ttft0, prompt0 = self._smoothed
             self._smoothed = (ttft0 + _LEVEL_WEIGHT * (mean_ttft - ttft0),
                               prompt0 + _LEVEL_WEIGHT * (mean_prompt - prompt0))
+            self._spread = ((1 - _LEVEL_WEIGHT) ** 2 * self._spread
+                            + _LEVEL_WEIGHT ** 2 / window.n)
         horizon = now - s.baseline_window_s
         while len(self._baseline) >= _BASELINE_MIN_WINDOWS and self._baseline[0][0] < horizon:
             self._baseline.popleft()
-        scatter = window.scatter_s(prefill)
-        self._baseline.append((now, *self._smoothed, scatter, window.n))
-        baseline, noise = self._rest(prefill)
+        moments = window.moments()
+        self._baseline.append((now, *self._smoothed, moments, self._spread))
+        baseline, noise = self._rest()
         excess_s = window.excess_s(baseline, noise, prefill)
         queue = window.rate(elapsed) * excess_s  # Little's law
         self.upstream_queue = queue
@@ -669,7 +700,8 @@ class AdaptiveLimit:
                 if self._calls is not None:
                     used = max(used, float(self._calls.in_flight))
                 self._decrease_on_queue(now, queue, tolerance, level, (mean_ttft, mean_prompt),
-                                        (scatter, window.n), min(self._limit, used))
+                                        _Moments.of_scatter(noise, window.n),
+                                        min(self._limit, used))
             return
         self._cuts = 0
         # Calls still waiting for a first token long past the no-load time are queued inside
@@ -712,7 +744,7 @@ class AdaptiveLimit:
             self._stalled = True  # held by overdue calls: no longer finding capacity
 
     def _decrease_on_queue(self, now: float, queue: float, tolerance: float, level: float,
-                           means: tuple[float, float], spread: tuple[float, int],
+                           means: tuple[float, float], moments: _Moments,
                            used: float) -> None:
         s = self._settings
         # Decreases in a row, each given time to show, and TTFT did not come down after any
@@ -724,9 +756,13 @@ class AdaptiveLimit:
         self._cuts = self._cuts + 1 if self._cuts and steady else 1
         self._cut_from = level
         if self._cuts >= _REBASE_AFTER or self._limit <= s.min_limit:
+            # The provider's scatter as it was at rest goes with the new level (``moments``):
+            # the queued window's own scatter is its waits', and taken for the provider's it
+            # would hide the next queue.
             self._baseline.clear()
-            self._baseline.append((now, *means, *spread))
-            self._smoothed = means
+            self._smoothed, self._spread = means, 1 / moments.n
+            self._baseline.append((now, *means, moments, self._spread))
+            self._rest()
             self._cuts = 0
             # Where the knee is now is unknown: probe for it at once, and freely. A queue was
             # seen all the same: slow start is over (at the floor the knee is at or below it).

@@ -233,7 +233,7 @@ _MAX = frozenset({"oldest_wait_s", "loop_lag_s", "pressure", "failure_rate",
                   "prefill_s_per_1k_tokens"})
 # others_per_minute: each worker counts the other workers as "others"; the least is the
 # closest to what the pod's neighbours spend.
-# ttft_baseline_s: the lowest no-load first token any worker measured (a sum means nothing).
+# ttft_baseline_s: the lowest no-load first token any worker estimated (a sum means nothing).
 _MIN = frozenset({"remaining", "others_per_minute", "ttft_baseline_s"})
 _SAME = frozenset({"limits", "budget", "max_priority", "max_loop_lag_s",
                    "max_open_streams", "max_rss_mib", "worst", "degraded_action", "backend",
