@@ -134,7 +134,7 @@ _PROBE_BACKOFF_MAX = 40
 # below the true one), and a window's excess over the baseline is taken less _NOISE_Z
 # standard errors of its mean, at the provider's own scatter (_rest). A real queue moves every
 # call's first token, and the mean far beyond those errors. The price is a queue the noise
-# hides: +-50 % at 64 slots of 1.2 s calls settles at 65-73 (tests/unit/
+# hides: +-50 % at 64 slots of 1.2 s calls settles at 65-74 (three seeds; tests/unit/
 # test_concurrency_limit.py).
 _BASELINE_Z = 3.0
 _NOISE_Z = 2.0
@@ -194,7 +194,7 @@ class _Moments(NamedTuple):
     @staticmethod
     def of_scatter(scatter_s: float, n: int) -> _Moments:
         """Moments of ``n`` first tokens scattered ``scatter_s`` whatever the prompts."""
-        return _Moments(n, 0.0, 0.0, scatter_s * scatter_s * max(1, n - 1))
+        return _Moments(n, 0.0, 0.0, scatter_s * scatter_s * (n - 1))
 
 
 class _Window:

@@ -130,8 +130,8 @@ class ConcurrencySettings(StrictModel):
     baseline_window_s: PositiveFloat = Field(
         default=30.0,
         description="vegas: the no-load time to first token is the lowest level seen within "
-        "this many seconds (each window's mean, plus what chance may have put it below the "
-        "true one where first tokens scatter), so a slow period is forgotten after it",
+        "this many seconds (each window's smoothed level, plus what chance may have put it "
+        "below the true one where first tokens scatter), so a slow period is forgotten after it",
     )
     decrease_factor: float = Field(
         default=0.9, gt=0, lt=1,
