@@ -487,8 +487,7 @@ class AdaptiveLimit:
 
     def _first_token(self, now: float, ttft_s: float, prompt_tokens: int | None) -> bool:
         """Count a first token in the window; whether the latency brake calls it overload."""
-        size = thousands(prompt_tokens)
-        self._window.add(ttft_s, size)
+        self._window.add(ttft_s, thousands(prompt_tokens))
         if not self._baseline and self._measuring:
             self._progress_at = now  # toward the first baseline, which growth waits for
         return self._brake is not None and self._brake.slow(ttft_s, prompt_tokens or 0)
