@@ -191,6 +191,19 @@ class _Moments(NamedTuple):
         squares = self.syy - 2 * prefill_s * self.sxy + prefill_s * prefill_s * self.sxx
         return math.sqrt(max(0.0, squares / (self.n - 1)))
 
+    def prefill_evidence(self) -> tuple[float, float] | None:
+        """The window's estimate of the prefill time per thousand prompt tokens (the slope of
+        first token on prompt size about the window's own means, so a queue that changed
+        between windows does not enter it), and its weight, the inverse of its variance: a
+        window whose first tokens scatter (a queue that grew or drained within it, and
+        happened to meet large prompts) counts for little. None when its prompts were all of
+        one size."""
+        if self.n < 3 or self.sxx <= _PREFILL_MIN_SPREAD:
+            return None
+        slope = self.sxy / self.sxx
+        residual = max(_JITTER_FLOOR_S2, (self.syy - slope * self.sxy) / (self.n - 2))
+        return slope, self.sxx / residual
+
     @staticmethod
     def of_scatter(scatter_s: float, n: int) -> _Moments:
         """Moments of ``n`` first tokens scattered ``scatter_s`` whatever the prompts."""
@@ -245,23 +258,6 @@ class _Window:
         """Calls going through per second, for Little's law: completions, or first tokens
         when they run ahead (in slow start the completions lag the calls sent)."""
         return max(self.ok, self.n) / elapsed
-
-    def prefill_evidence(self) -> tuple[float, float] | None:
-        """This window's estimate of the prefill time per thousand prompt tokens (the slope of
-        first token on prompt size about the window's own means, so a queue that changed
-        between windows does not enter it), and its weight, the inverse of its variance: a
-        window whose first tokens scatter (a queue that grew or drained within it, and
-        happened to meet large prompts) counts for little. None when its prompts were all of
-        one size."""
-        n = self.n
-        sxx = self.prompts2 - self.prompts * self.prompts / n
-        if n < 3 or sxx <= _PREFILL_MIN_SPREAD:
-            return None
-        sxy = self.cross - self.prompts * self.ttfts / n
-        syy = self.ttfts2 - self.ttfts * self.ttfts / n
-        slope = sxy / sxx
-        residual = max(_JITTER_FLOOR_S2, (syy - slope * sxy) / (n - 2))
-        return slope, sxx / residual
 
 
 class AdaptiveLimit:
@@ -650,7 +646,8 @@ class AdaptiveLimit:
         self._new_window(now)
         self._decided_at = now
         mean_ttft = window.ttfts / window.n
-        evidence = window.prefill_evidence()
+        moments = window.moments()
+        evidence = moments.prefill_evidence()
         if evidence is not None:
             slope, weight = evidence
             # Within what providers do, and no one window more than all the past together: a
@@ -678,7 +675,6 @@ class AdaptiveLimit:
         horizon = now - s.baseline_window_s
         while len(self._baseline) >= _BASELINE_MIN_WINDOWS and self._baseline[0][0] < horizon:
             self._baseline.popleft()
-        moments = window.moments()
         self._baseline.append((now, *self._smoothed, moments, self._spread))
         baseline, noise = self._rest()
         excess_s = window.excess_s(baseline, noise, prefill)
