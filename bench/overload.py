@@ -57,7 +57,7 @@ from overload_report import docs_section, evaluate, print_summary, write_docs
 
 from gateway.loadtest.engine import Engine, EngineOptions
 from gateway.loadtest.report import build_report
-from gateway.loadtest.scenario import parse_scenario
+from gateway.loadtest.scenario import Dist, parse_scenario
 from gateway.request.auth import hash_key
 
 CLASSES = {"critical": 0.10, "high": 0.30, "normal": 0.30, "low": 0.30}
@@ -69,12 +69,10 @@ STEPS = 10
 UNLIMITED_SLOTS = 100_000  # a quota-limited provider: slots are never the limit
 
 
-def mean_ttft_ms(args: argparse.Namespace) -> float:
-    """The mean first token: --ttft-ms, or the mean of its lognormal with --ttft-p99-ms."""
-    if args.ttft_p99_ms is None:
-        return float(args.ttft_ms)
-    sigma = math.log(args.ttft_p99_ms / args.ttft_ms) / 2.326
-    return float(args.ttft_ms * math.exp(sigma * sigma / 2))
+def ttft_dist(args: argparse.Namespace) -> Dist:
+    """The mock's first token: --ttft-ms always, or a lognormal with that median and
+    --ttft-p99-ms (drawn per request)."""
+    return Dist(median=args.ttft_ms, p99=args.ttft_p99_ms)
 
 
 def policy(mock_port: int, gw_port: int, slots: int, variant: str,
@@ -129,11 +127,10 @@ def policy(mock_port: int, gw_port: int, slots: int, variant: str,
 
 def scenario(target: str, run_rate: float, args: argparse.Namespace) -> dict[str, Any]:
     """Phases: an unloaded baseline, then per level warm-up / measured / tail / gap."""
-    # A first token that scatters (--ttft-p99-ms) is drawn per request: lognormal, its
-    # median --ttft-ms.
-    ttft: float | dict[str, float] = (
+    # A first token that scatters (--ttft-p99-ms) is drawn per request.
+    ttft: float | dict[str, Any] = (
         args.ttft_ms if args.ttft_p99_ms is None
-        else {"median": args.ttft_ms, "p99": args.ttft_p99_ms})
+        else ttft_dist(args).model_dump(exclude_defaults=True))
     knobs = {"ttft_ms": ttft, "chunk_gap_ms": args.gap_ms}
     workloads = [{
         "name": name, "tenant": TENANT_OF[name], "priority": name, "weight": share,
@@ -265,7 +262,7 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path,
         bl.wait_http(f"http://127.0.0.1:{mock_port}/v1/models", procs=procs)
         bl.wait_http(ready, procs=procs)
         # Capacity from the mock's knobs first (the plan), measured from its counters after.
-        service_s = (mean_ttft_ms(args) + (args.tokens - 1) * args.gap_ms) / 1000
+        service_s = (ttft_dist(args).mean() + (args.tokens - 1) * args.gap_ms) / 1000
         planned = args.quota_rpm / 60 if args.quota_only else args.slots / service_s
         data = scenario(f"http://127.0.0.1:{gw_port}", planned / STEPS, args)
         spec = parse_scenario(data)
@@ -363,7 +360,7 @@ def main() -> int:
     _, support_pin, pin_desc = bl.pin_plan()
     if support_pin:
         os.sched_setaffinity(0, {int(support_pin[-1])})  # this process drives the load
-    service_s = (mean_ttft_ms(args) + (args.tokens - 1) * args.gap_ms) / 1000
+    service_s = (ttft_dist(args).mean() + (args.tokens - 1) * args.gap_ms) / 1000
     quota_only = args.slots is None and args.quota_rpm > 0
     for slots in ([UNLIMITED_SLOTS] if quota_only else args.slots or [16]):
         setup = argparse.Namespace(**vars(args))

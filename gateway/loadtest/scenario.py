@@ -53,13 +53,22 @@ class Dist(StrictModel):
             raise ValueError("p99 must be at least the median")
         return self
 
+    @property
+    def sigma(self) -> float:
+        """The lognormal's shape (0: the median, always)."""
+        return 0.0 if self.p99 is None else math.log(self.p99 / self.median) / _Z99
+
+    def mean(self) -> float:
+        """The mean of the draws before clipping: ``median x exp(sigma^2 / 2)``."""
+        return self.median * math.exp(self.sigma * self.sigma / 2)
+
     def sampler(self, rng: random.Random) -> Callable[[], float]:
         """A function drawing one value."""
         lo, hi = self.min, self.max if self.max is not None else math.inf
-        if self.p99 is None or self.p99 == self.median:
+        if self.sigma == 0.0:
             value = min(hi, max(lo, self.median))
             return lambda: value
-        mu, sigma = math.log(self.median), math.log(self.p99 / self.median) / _Z99
+        mu, sigma = math.log(self.median), self.sigma
         draw = rng.lognormvariate
         return lambda: min(hi, max(lo, draw(mu, sigma)))
 
