@@ -190,14 +190,16 @@ class RssSampler(threading.Thread):
 class LimitSampler(threading.Thread):
     """The gateway's concurrency limit, in-flight and queued requests, and its sheds so far
     by class and reason, twice a second (from /metrics), for ``--trace``: how the limit moved
-    while the load ran."""
+    while the load ran. With ``mock_url`` also the mock's busy slots and queue
+    (``mock_in_use``, ``mock_queued``): whether a wait was the gateway's or the provider's."""
 
     NAMES = ("gateway_concurrency_limit", "gateway_deployment_in_flight_requests",
              "gateway_queued_requests")
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, mock_url: str | None = None) -> None:
         super().__init__(daemon=True)
         self.url = url
+        self.mock_url = mock_url
         self.samples: list[dict[str, float]] = []
         self.stop = threading.Event()
 
@@ -219,6 +221,14 @@ class LimitSampler(threading.Thread):
                     labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
                     key = f"shed_{labels.get('priority')}_{labels.get('reason')}"
                     sample[key] = float(line.rsplit(" ", 1)[1])
+            if self.mock_url is not None:
+                try:
+                    mock = _get_json(self.mock_url)
+                except OSError:
+                    mock = {}
+                for key in ("in_use", "queued"):
+                    if key in mock:
+                        sample[f"mock_{key}"] = float(mock[key])
             self.samples.append(sample)
 
 
@@ -269,7 +279,8 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path,
         engine = Engine(spec, spec.api_keys(), EngineOptions(target=data["target"]))
         rss = RssSampler(server.pid)
         rss.start()
-        limits = LimitSampler(f"http://127.0.0.1:{gw_port}/metrics")
+        limits = LimitSampler(f"http://127.0.0.1:{gw_port}/metrics",
+                              f"http://127.0.0.1:{mock_port}/_mock/capacity")
         if args.trace and name != "off":
             limits.start()
         print(f"[{name}] running {spec.duration_s:.0f} s of phases against {data['target']} "

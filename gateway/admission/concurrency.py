@@ -29,9 +29,10 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   wherever it is wrong: see docs/architecture.md);
 - the window's no-load level, its mean TTFT less the prefill of its prompts, is smoothed and
   fed to the *baseline*, its minimum over ``baseline_window_s``. The minimum is re-probed: it
-  ages out, so a slow period is forgotten; and when three decreases in a row did not bring
-  TTFT down, the latency is the provider's new normal, not our queue, and becomes the
-  baseline at once;
+  ages out, so a slow period is forgotten (but not while the last window showed a queue:
+  the least window then stays, or a queue held below the tolerance would become the
+  baseline); and when three decreases in a row did not bring TTFT down, the latency is the
+  provider's new normal, not our queue, and becomes the baseline at once;
 - first tokens scatter by themselves, so the excess over the baseline is taken less what
   chance explains (``_BASELINE_Z``, ``_NOISE_Z``): each baseline window counts as its smoothed
   level plus three standard errors of it, and the current window's mean as two standard
@@ -40,7 +41,10 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   limit)``: above it the limit drops by the excess, from the concurrency the window actually
   used (down to where half the tolerance stays queued); below half of it, and while the
   limit is actually used (demand at least ``min_utilization`` of it), the limit grows; in
-  between it holds;
+  between it holds. Once a queue shows at all, the headroom the calls sent did not use
+  (the limit less the mean concurrency sent, ``CallsInFlight.call_seconds``) counts as
+  queued too: with holdback the lower classes stop below the limit and only bursts of the
+  classes above reach it, so the mean queue understates what those bursts meet;
 - growth is a slow start until the first decrease or hold, then additive (``increase_step``
   per window). Slow start grows per call, only while the demand fills the limit: half a slot
   per first token that came on time (``_slow_start_step``), x1.5 a round trip, topped up to
@@ -88,6 +92,12 @@ class CallsInFlight(Protocol):
         """Streamed calls in flight that have waited for their first token past
         ``OVERDUE_FACTOR`` times the no-load expectation (``baseline_s`` plus ``prefill_s``
         per thousand prompt tokens)."""
+        ...
+
+    def call_seconds(self, now: float) -> float:
+        """Calls in flight integrated over time, up to ``now`` (from any fixed origin): the
+        difference over a window, divided by its length, is the mean concurrency sent in
+        it, which no count of calls read at one moment gives."""
         ...
 
 
@@ -213,11 +223,12 @@ class _Moments(NamedTuple):
 class _Window:
     """What one decision window saw."""
 
-    __slots__ = ("busy_ok", "cross", "n", "ok", "prompts", "prompts2", "start", "ttfts",
-                 "ttfts2")
+    __slots__ = ("busy_ok", "call_s", "cross", "n", "ok", "prompts", "prompts2", "start",
+                 "ttfts", "ttfts2")
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, call_s: float | None) -> None:
         self.start = start
+        self.call_s = call_s  # CallsInFlight.call_seconds at the start (None: not known)
         self.ok = 0  # successful calls that finished
         self.busy_ok = 0.0  # their call-seconds
         self.n = 0  # how many first tokens
@@ -274,7 +285,9 @@ class AdaptiveLimit:
         self._last_decrease = -math.inf
         self._last_increase = now
         self._brake = _LatencyBrake(settings.latency_brake) if settings.latency_brake else None
-        self._window = _Window(now)
+        # (The owner of ``calls`` may still be building itself: the first window goes by the
+        # calls that finish in it.)
+        self._window = _Window(now, None)
         # The window's mean first token and mean prompt (thousands of tokens), smoothed over
         # about two windows; the baseline keeps them as they were, so that each is valued at
         # the prefill time learned by now.
@@ -291,6 +304,7 @@ class AdaptiveLimit:
         self._spread = 0.0  # that of the smoothed level now
         # The no-load level and the provider's scatter, as of the last decision (_rest).
         self._rest_at: tuple[float, float] | None = None
+        self._resting: tuple[float, float, float, _Moments, float] | None = None  # its window
         self._slow_start = True
         # Slow start no longer finding capacity: held by calls overdue for their first token
         # (_decide), or no progress for the horizon while the demand filled the limit
@@ -399,8 +413,9 @@ class AdaptiveLimit:
         prefill = self.prefill_s
         windows = [(ttft - prefill * prompt, moments.scatter_s(prefill), spread)
                    for _, ttft, prompt, moments, spread in self._baseline]
-        level, scatter = min((level + _BASELINE_Z * scatter * math.sqrt(spread), scatter)
-                             for level, scatter, spread in windows)
+        level, scatter, at = min((level + _BASELINE_Z * scatter * math.sqrt(spread), scatter, i)
+                                 for i, (level, scatter, spread) in enumerate(windows))
+        self._resting = self._baseline[at]
         scatters = sorted(scatter for _, scatter, _ in windows)
         typical = scatters[len(scatters) // 2]
         self._rest_at = (max(0.0, level), max(scatter, min(typical, _SCATTER_TRUST * scatter)))
@@ -590,8 +605,20 @@ class AdaptiveLimit:
     # -- internals ----------------------------------------------------------------------------
 
     def _new_window(self, now: float) -> None:
-        self._window = _Window(now)
+        self._window = _Window(now, self._call_seconds(now))
         self._window_limit = self._limit
+
+    def _call_seconds(self, now: float) -> float | None:
+        return self._calls.call_seconds(now) if self._calls is not None else None
+
+    def _sent(self, window: _Window, now: float, elapsed: float) -> float:
+        """The mean concurrency sent to the upstream over ``window`` (ending ``now``): from
+        the calls in flight over time, else (Little's law) the call-seconds of the
+        successes that ended in it, which lags by a call."""
+        call_s = self._call_seconds(now)
+        if call_s is not None and window.call_s is not None:
+            return (call_s - window.call_s) / elapsed
+        return window.busy_ok / elapsed
 
     def _answering_promptly(self, now: float) -> bool:
         """Whether, by time to first token, the upstream is answering at its no-load speed now:
@@ -645,6 +672,7 @@ class AdaptiveLimit:
         elapsed = max(now - window.start, 1e-9)
         self._new_window(now)
         self._decided_at = now
+        sent = self._sent(window, now, elapsed)
         mean_ttft = window.ttfts / window.n
         moments = window.moments()
         evidence = moments.prefill_evidence()
@@ -673,8 +701,19 @@ class AdaptiveLimit:
             self._spread = ((1 - _LEVEL_WEIGHT) ** 2 * self._spread
                             + _LEVEL_WEIGHT ** 2 / window.n)
         horizon = now - s.baseline_window_s
+        kept = None
         while len(self._baseline) >= _BASELINE_MIN_WINDOWS and self._baseline[0][0] < horizon:
-            self._baseline.popleft()
+            old = self._baseline.popleft()
+            if old is self._resting and self.upstream_queue:
+                # The resting window stays while a queue shows: held at a small queue (below
+                # the tolerance, so never cut), every window of the last baseline_window_s
+                # would have it, and the least of them would make our own queue the no-load
+                # level, and the limit grow past it, a queue more each time (64 slots with
+                # holdback: 67-76). A provider that got slower is found by the decreases
+                # that do not bring its first tokens down (_decrease_on_queue), as before.
+                kept = old
+        if kept is not None:
+            self._baseline.append((now, *kept[1:]))
         self._baseline.append((now, *self._smoothed, moments, self._spread))
         baseline, noise = self._rest()
         excess_s = window.excess_s(baseline, noise, prefill)
@@ -708,6 +747,13 @@ class AdaptiveLimit:
         overdue = self._calls.overdue(now, baseline, prefill) if self._calls is not None else 0
         quiet = queue < 0.5 * tolerance
         calm = quiet and overdue < max(_OVERDUE_MIN, tolerance)
+        if queue > 0:
+            # A queue, if small, at the concurrency sent: every call above it waits too. With
+            # holdback the lower classes stop below the limit, and only bursts of the classes
+            # above fill the rest, so the queue the mean shows is not the one the limit
+            # allows. Headroom the calls did not use is counted as queued: the limit grows
+            # only where the calls sent found the provider free.
+            calm = calm and queue + max(0.0, self.limit - sent) < 0.5 * tolerance
         if self._probing and calm:
             self._probing -= 1
             if not self._probing:  # the provider took the probe: probe freely again
