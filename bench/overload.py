@@ -63,6 +63,7 @@ from gateway.request.auth import hash_key
 CLASSES = {"critical": 0.10, "high": 0.30, "normal": 0.30, "low": 0.30}
 DEADLINES_S = {"critical": 5, "high": 10, "normal": 20, "low": 30}
 KEYS = {"interactive": "sk-bench-interactive", "background": "sk-bench-background"}
+ADMIN_KEY = "sk-bench-admin"  # --trace reads /admin/status
 TENANT_OF = {"critical": "interactive", "high": "interactive", "normal": "background",
              "low": "background"}
 STEPS = 10
@@ -119,6 +120,8 @@ def policy(mock_port: int, gw_port: int, slots: int, variant: str,
         "models": {"m": {"deployments": [{"provider": "mock", "model": "m"}]}},
         "tenants": tenants,
         "admission": admission,
+        # For --trace: the limit's own view (/admin/status), read twice a second.
+        "admin": {"api_keys": [hash_key(ADMIN_KEY)]},
     }
     if variant == "defaults":
         del out["admission"]
@@ -191,7 +194,9 @@ class LimitSampler(threading.Thread):
     """The gateway's concurrency limit, in-flight and queued requests, and its sheds so far
     by class and reason, twice a second (from /metrics), for ``--trace``: how the limit moved
     while the load ran. With ``mock_url`` also the mock's busy slots and queue
-    (``mock_in_use``, ``mock_queued``): whether a wait was the gateway's or the provider's."""
+    (``mock_in_use``, ``mock_queued``): whether a wait was the gateway's or the provider's;
+    and the limit's own view from ``/admin/status`` (``upstream_queue``, ``ttft_baseline_s``):
+    what it made of that queue."""
 
     NAMES = ("gateway_concurrency_limit", "gateway_deployment_in_flight_requests",
              "gateway_queued_requests")
@@ -221,6 +226,19 @@ class LimitSampler(threading.Thread):
                     labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
                     key = f"shed_{labels.get('priority')}_{labels.get('reason')}"
                     sample[key] = float(line.rsplit(" ", 1)[1])
+            try:
+                request = urllib.request.Request(
+                    self.url.replace("/metrics", "/admin/status"),
+                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+                with urllib.request.urlopen(request, timeout=2) as resp:
+                    status = json.loads(resp.read())
+                deployments = status.get("admission", {}).get("deployments", {})
+                for view in deployments.values():
+                    for key in ("upstream_queue", "ttft_baseline_s"):
+                        if view.get(key) is not None:
+                            sample[key] = float(view[key])
+            except OSError:
+                pass
             if self.mock_url is not None:
                 try:
                     mock = _get_json(self.mock_url)
