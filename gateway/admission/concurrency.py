@@ -151,6 +151,12 @@ _NOISE_Z = 2.0
 # The baseline windows' typical scatter counts for the provider's own up to this many times
 # the resting window's (_rest).
 _SCATTER_TRUST = 3.0
+# A queue estimate of at least this share of the tolerance is a queue at the concurrency
+# sent (see _decide): below it, it is the noise of a window's mean.
+_QUEUE_SEEN = 0.1
+# The resting window is kept against a queue of our own for at most this many times
+# baseline_window_s (see _decide).
+_REST_KEPT = 4
 # Latency decreases in a row after which TTFT that did not fall becomes the new baseline.
 _REBASE_AFTER = 3
 # TTFT this much above the last latency decrease's: the provider changed (see _REBASE_AFTER).
@@ -218,6 +224,19 @@ class _Moments(NamedTuple):
     def of_scatter(scatter_s: float, n: int) -> _Moments:
         """Moments of ``n`` first tokens scattered ``scatter_s`` whatever the prompts."""
         return _Moments(n, 0.0, 0.0, scatter_s * scatter_s * (n - 1))
+
+
+class _Level(NamedTuple):
+    """One decision window in the baseline (``AdaptiveLimit._rest``)."""
+
+    at: float  # when it was decided
+    ttft: float  # the smoothed mean first token (s) and mean prompt (thousands of tokens),
+    prompt: float  # valued at the prefill learned by the time they are read
+    moments: _Moments  # the window's own first tokens: the provider's scatter
+    # The variance of the smoothed level in units of one first token's (1/n for a window of
+    # n, less once smoothed): how far chance may have put it below the true level.
+    spread: float
+    sent: float  # the mean concurrency sent in the window
 
 
 class _Window:
@@ -296,15 +315,13 @@ class AdaptiveLimit:
         # time per thousand prompt tokens is their weighted mean.
         self._prefill_weight = 0.0
         self._prefill_sum = 0.0
-        # (when, ttft, prompt, moments, spread): the smoothed levels, each window's moments
-        # (the provider's scatter, _rest) and the variance of the smoothed level in units of
-        # one first token's (1/n for a window of n, less once smoothed): how far chance may
-        # have put it below the true level
-        self._baseline: deque[tuple[float, float, float, _Moments, float]] = deque()
+        # The smoothed levels of the windows within baseline_window_s (at least
+        # _BASELINE_MIN_WINDOWS of them), oldest first.
+        self._baseline: deque[_Level] = deque()
         self._spread = 0.0  # that of the smoothed level now
         # The no-load level and the provider's scatter, as of the last decision (_rest).
         self._rest_at: tuple[float, float] | None = None
-        self._resting: tuple[float, float, float, _Moments, float] | None = None  # its window
+        self._resting: _Level | None = None  # the window the no-load level came from
         self._slow_start = True
         # Slow start no longer finding capacity: held by calls overdue for their first token
         # (_decide), or no progress for the horizon while the demand filled the limit
@@ -411,8 +428,8 @@ class AdaptiveLimit:
         the provider's; the baseline windows' typical scatter is nearer, but it counts only
         up to ``_SCATTER_TRUST`` times the resting window's, for a queue's scatter."""
         prefill = self.prefill_s
-        windows = [(ttft - prefill * prompt, moments.scatter_s(prefill), spread)
-                   for _, ttft, prompt, moments, spread in self._baseline]
+        windows = [(w.ttft - prefill * w.prompt, w.moments.scatter_s(prefill), w.spread)
+                   for w in self._baseline]
         level, scatter, at = min((level + _BASELINE_Z * scatter * math.sqrt(spread), scatter, i)
                                  for i, (level, scatter, spread) in enumerate(windows))
         self._resting = self._baseline[at]
@@ -702,19 +719,23 @@ class AdaptiveLimit:
                             + _LEVEL_WEIGHT ** 2 / window.n)
         horizon = now - s.baseline_window_s
         kept = None
-        while len(self._baseline) >= _BASELINE_MIN_WINDOWS and self._baseline[0][0] < horizon:
+        while len(self._baseline) >= _BASELINE_MIN_WINDOWS and self._baseline[0].at < horizon:
             old = self._baseline.popleft()
-            if old is self._resting and self.upstream_queue:
-                # The resting window stays while a queue shows: held at a small queue (below
-                # the tolerance, so never cut), every window of the last baseline_window_s
-                # would have it, and the least of them would make our own queue the no-load
-                # level, and the limit grow past it, a queue more each time (64 slots with
-                # holdback: 67-76). A provider that got slower is found by the decreases
-                # that do not bring its first tokens down (_decrease_on_queue), as before.
+            if (old is self._resting and self.upstream_queue and sent >= old.sent + 1
+                    and old.at >= now - _REST_KEPT * s.baseline_window_s):
+                # A queue of our own does not become the no-load level. Held at a small queue
+                # (within the tolerance, so never cut), every window of the last
+                # baseline_window_s would have it, and the least of them would take it for
+                # the provider's speed at rest: the limit grew past it, a queue more each
+                # time (64 slots with holdback: 67-76). So while the last window showed a
+                # queue and more calls are sent than when the resting window was measured,
+                # it stays (decided again at each window, and for _REST_KEPT times
+                # baseline_window_s at most). A queue at no more calls than then is not
+                # ours: the provider got slower, and the level ages as before.
                 kept = old
         if kept is not None:
-            self._baseline.append((now, *kept[1:]))
-        self._baseline.append((now, *self._smoothed, moments, self._spread))
+            self._baseline.appendleft(kept)
+        self._baseline.append(_Level(now, *self._smoothed, moments, self._spread, sent))
         baseline, noise = self._rest()
         excess_s = window.excess_s(baseline, noise, prefill)
         queue = window.rate(elapsed) * excess_s  # Little's law
@@ -722,20 +743,38 @@ class AdaptiveLimit:
         if first:
             return  # nothing to compare the first window with
         tolerance = self._tolerance()
-        if queue > tolerance:
+        # The queue the limit itself allows. Once a queue shows at the concurrency sent, every
+        # call above it would wait too: with holdback the lower classes stop below the limit
+        # and only bursts of the classes above (critical calls) reach it, so the mean queue
+        # understates what they meet, and a limit that grew where the mean showed none sat a
+        # few calls past the knee (64 slots: 67 held, and critical's first tokens p99 +100 ms).
+        # The headroom the calls did not use counts as queued: beyond the tolerance the
+        # limit comes down to where the calls sent plus half the tolerance would queue.
+        at_limit = queue
+        if queue >= _QUEUE_SEEN * tolerance and not self._slow_start:
+            at_limit = queue + max(0.0, self.limit - sent)
+        if at_limit > tolerance:
             if now >= self._next_cut:
                 # The effect of a decrease shows once the provider's queue has drained and
                 # calls sent after it have their first token: not before ~ wait + TTFT.
                 self._next_cut = now + s.decision_window_s + excess_s + mean_ttft
-                # What is actually in flight (else Little's law on the calls that finished,
-                # which lags by a whole call): a limit above it binds nobody, and cutting
-                # only the headroom would change nothing the provider sees.
-                used = window.busy_ok / elapsed if window.busy_ok > 0 else self._limit
-                if self._calls is not None:
-                    used = max(used, float(self._calls.in_flight))
-                self._decrease_on_queue(now, queue, tolerance, level, (mean_ttft, mean_prompt),
-                                        _Moments.of_scatter(noise, window.n),
-                                        min(self._limit, used))
+                if queue > tolerance:
+                    # Down by the excess queued, from the concurrency the window actually
+                    # used, never below half of it at once. What is actually in flight
+                    # (else Little's law on the calls that finished, which lags by a whole
+                    # call): with holdback a limit past the knee can sit above it, and
+                    # cutting only that headroom would change nothing the provider sees.
+                    used = window.busy_ok / elapsed if window.busy_ok > 0 else self._limit
+                    if self._calls is not None:
+                        used = min(self._limit, max(used, float(self._calls.in_flight)))
+                    target = max(0.5 * used, used - (queue - 0.5 * tolerance))
+                else:
+                    # Only the top of the limit queues, and how far above the knee it
+                    # reaches the mean cannot say (the concurrency sent less the queue would
+                    # put the knee as far below it as the bursts reach): a step at a time.
+                    target = self._limit - max(1.0, queue)
+                self._decrease_on_queue(now, target, level, (mean_ttft, mean_prompt),
+                                        _Moments.of_scatter(noise, window.n), sent)
             return
         self._cuts = 0
         # Calls still waiting for a first token long past the no-load time are queued inside
@@ -746,14 +785,7 @@ class AdaptiveLimit:
         # back by its tenant, must not freeze the limit for everyone.
         overdue = self._calls.overdue(now, baseline, prefill) if self._calls is not None else 0
         quiet = queue < 0.5 * tolerance
-        calm = quiet and overdue < max(_OVERDUE_MIN, tolerance)
-        if queue > 0:
-            # A queue, if small, at the concurrency sent: every call above it waits too. With
-            # holdback the lower classes stop below the limit, and only bursts of the classes
-            # above fill the rest, so the queue the mean shows is not the one the limit
-            # allows. Headroom the calls did not use is counted as queued: the limit grows
-            # only where the calls sent found the provider free.
-            calm = calm and queue + max(0.0, self.limit - sent) < 0.5 * tolerance
+        calm = quiet and at_limit < 0.5 * tolerance and overdue < max(_OVERDUE_MIN, tolerance)
         if self._probing and calm:
             self._probing -= 1
             if not self._probing:  # the provider took the probe: probe freely again
@@ -784,9 +816,8 @@ class AdaptiveLimit:
         elif self._slow_start and demand >= self.limit:
             self._stalled = True  # held by overdue calls: no longer finding capacity
 
-    def _decrease_on_queue(self, now: float, queue: float, tolerance: float, level: float,
-                           means: tuple[float, float], moments: _Moments,
-                           used: float) -> None:
+    def _decrease_on_queue(self, now: float, target: float, level: float,
+                           means: tuple[float, float], moments: _Moments, sent: float) -> None:
         s = self._settings
         # Decreases in a row, each given time to show, and TTFT did not come down after any
         # of them: the provider got slower for everyone (or our limit is at its floor). The
@@ -802,7 +833,7 @@ class AdaptiveLimit:
             # would hide the next queue.
             self._baseline.clear()
             self._smoothed, self._spread = means, 1 / moments.n
-            self._baseline.append((now, *means, moments, self._spread))
+            self._baseline.append(_Level(now, *means, moments, self._spread, sent))
             self._rest()
             self._cuts = 0
             # Where the knee is now is unknown: probe for it at once, and freely. A queue was
@@ -810,10 +841,7 @@ class AdaptiveLimit:
             self._backoff, self._probe_backoff = 0, _PROBE_BACKOFF
             self._slow_start = False
             return
-        # Down by the excess queued, from the concurrency the window actually used (with
-        # holdback the lower classes stop below the limit, so a limit past the knee can sit
-        # above what is in flight), never below half of it at once.
-        self._set(max(0.5 * used, used - (queue - 0.5 * tolerance)))
+        self._set(target)
         # the provider queues here: the old limit was past its knee
         self._recover_to, self._recovering = None, False
         self._last_decrease = now

@@ -555,6 +555,37 @@ def test_aimd_counts_a_streamed_call_once_in_slow_start() -> None:
     assert limiter.limit == 6
 
 
+def drive_with_holdback(limiter: AdaptiveLimit, upstream: SlotUpstream, start: float,
+                        seconds: float, burst: float,
+                        change: Callable[[float], None] | None = None,
+                        ) -> tuple[list[tuple[float, int]], list[tuple[float, float]]]:
+    """``drive`` as a gateway with holdback sends: the lower classes stop at 95 % of the
+    limit, and the classes above fill the rest for ``burst`` of each second. First tokens are
+    reported as they come. Returns the limit every 0.1 s and (when, ttft) of every first
+    token."""
+    now, dt, step = start, 0.005, 0
+    trace: list[tuple[float, int]] = []
+    ttfts: list[tuple[float, float]] = []
+    while now < start + seconds:
+        if change is not None:
+            change(now)
+        for _ttft, prompt, duration in upstream.step(now):
+            limiter.on_sample(now, "success", ENDLESS, prompt_tokens=prompt,
+                              duration_s=duration)
+        while upstream.first_tokens and upstream.first_tokens[0][0] <= now:
+            _at, ttft, prompt = heapq.heappop(upstream.first_tokens)
+            limiter.on_first_token(now, ttft, prompt, ENDLESS)
+            ttfts.append((now, ttft))
+        full = now % 1.0 < burst
+        while upstream.in_flight < (limiter.limit if full else int(0.95 * limiter.limit)):
+            upstream.send(now)
+        if step % 20 == 0:
+            trace.append((now, limiter.limit))
+        now += dt
+        step += 1
+    return trace, ttfts
+
+
 @pytest.mark.parametrize("burst", [0.1, 0.3])
 def test_headroom_only_the_classes_above_fill_does_not_grow_past_the_knee(
         burst: float) -> None:
@@ -563,32 +594,44 @@ def test_headroom_only_the_classes_above_fill_does_not_grow_past_the_knee(
     inside the provider stays small while the limit creeps above the knee, so those bursts,
     critical calls, land in the provider's queue, where priority means nothing. Headroom
     the calls did not use counts as queued once a queue shows, and the baseline does not
-    age into that queue: the limit holds at the knee and the bursts are served at the
-    no-load speed. (The old limit settled at 67-76 of 64 slots, first tokens p99 725-775 ms
-    for 400 ms at rest.)"""
+    age into that queue while more calls are sent than when it was measured: the limit stays
+    near the knee and the bursts wait less. (The old limit settled at 67-76 of 64 slots,
+    69.3-70.9 on average, first tokens p99 725-775 ms for 400 ms at rest; now 61-70, 66.2-66.3
+    on average, 560-565 ms.)"""
     upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2)
     limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
-    now, dt, step, trace, ttfts = 0.0, 0.005, 0, [], []
-    while now < 240.0:
-        for _ttft, prompt, duration in upstream.step(now):
-            limiter.on_sample(now, "success", ENDLESS, prompt_tokens=prompt,
-                              duration_s=duration)
-        while upstream.first_tokens and upstream.first_tokens[0][0] <= now:
-            _at, ttft, prompt = heapq.heappop(upstream.first_tokens)
-            limiter.on_first_token(now, ttft, prompt, ENDLESS)
-            if now > 120.0:
-                ttfts.append(ttft)
-        full = now % 1.0 < burst  # the classes above fill the limit; else 95 % of it
-        while upstream.in_flight < (limiter.limit if full else int(0.95 * limiter.limit)):
-            upstream.send(now)
-        if step % 20 == 0:
-            trace.append((now, limiter.limit))
-        now += dt
-        step += 1
+    trace, ttfts = drive_with_holdback(limiter, upstream, 0.0, 240.0, burst)
     settled = steady(trace, 120.0)
-    ttfts.sort()
-    assert 64 <= min(settled) and max(settled) <= 66, (min(settled), max(settled))
-    assert ttfts[int(0.99 * len(ttfts))] <= 0.5, ttfts[int(0.99 * len(ttfts))]
+    late = sorted(ttft for at, ttft in ttfts if at > 120.0)
+    assert statistics.mean(settled) <= 67.5 and max(settled) <= 71, (
+        statistics.mean(settled), max(settled))
+    assert late[int(0.99 * len(late))] <= 0.6, late[int(0.99 * len(late))]
+
+
+@pytest.mark.parametrize("setback", ["restart", "errors"])
+def test_a_provider_a_little_slower_is_not_mistaken_for_our_own_queue(setback: str) -> None:
+    """The no-load level is kept against a queue of our own only while more calls are sent
+    than when it was measured. A provider whose first tokens got 6 % slower for good, with
+    the same slots, shows a small queue at the same concurrency: kept, the old level would
+    hold growth for good (with holdback every queue counts the headroom), and after a
+    breaker restart or a burst of errors the limit stayed at 12 or 52 of 64 for minutes."""
+    upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2)
+    limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
+    setbacks = 0
+
+    def change(now: float) -> None:
+        nonlocal setbacks
+        if now >= 120.0:
+            upstream.ttft_s = 0.4 * 1.06
+        if setback == "restart" and now >= 200.0 and not setbacks:
+            limiter.restart_low(now)
+            setbacks = 1
+        if setback == "errors" and setbacks < 3 and now >= 200.0 + setbacks:
+            limiter.on_sample(now, "overload", ENDLESS)
+            setbacks += 1
+
+    trace, _ = drive_with_holdback(limiter, upstream, 0.0, 400.0, 0.1, change)
+    assert min(steady(trace, 330.0)) >= 0.75 * 64, steady(trace, 330.0)
 
 
 def test_a_queue_cut_starts_from_what_was_in_flight_not_from_an_unused_limit() -> None:
