@@ -29,10 +29,9 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   wherever it is wrong: see docs/architecture.md);
 - the window's no-load level, its mean TTFT less the prefill of its prompts, is smoothed and
   fed to the *baseline*, its minimum over ``baseline_window_s``. The minimum is re-probed: it
-  ages out, so a slow period is forgotten (but not while the last window showed a queue:
-  the least window then stays, or a queue held below the tolerance would become the
-  baseline); and when three decreases in a row did not bring TTFT down, the latency is the
-  provider's new normal, not our queue, and becomes the baseline at once;
+  ages out, so a slow period is forgotten; and when three decreases in a row did not bring
+  TTFT down, the latency is the provider's new normal, not our queue, and becomes the
+  baseline at once;
 - first tokens scatter by themselves, so the excess over the baseline is taken less what
   chance explains (``_BASELINE_Z``, ``_NOISE_Z``): each baseline window counts as its smoothed
   level plus three standard errors of it, and the current window's mean as two standard
@@ -41,10 +40,7 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   limit)``: above it the limit drops by the excess, from the concurrency the window actually
   used (down to where half the tolerance stays queued); below half of it, and while the
   limit is actually used (demand at least ``min_utilization`` of it), the limit grows; in
-  between it holds. Once a queue shows at all, the headroom the calls sent did not use
-  (the limit less the mean concurrency sent, ``CallsInFlight.call_seconds``) counts as
-  queued too: with holdback the lower classes stop below the limit and only bursts of the
-  classes above reach it, so the mean queue understates what those bursts meet;
+  between it holds;
 - growth is a slow start until the first decrease or hold, then additive (``increase_step``
   per window). Slow start grows per call, only while the demand fills the limit: half a slot
   per first token that came on time (``_slow_start_step``), x1.5 a round trip, topped up to
@@ -92,12 +88,6 @@ class CallsInFlight(Protocol):
         """Streamed calls in flight that have waited for their first token past
         ``OVERDUE_FACTOR`` times the no-load expectation (``baseline_s`` plus ``prefill_s``
         per thousand prompt tokens)."""
-        ...
-
-    def call_seconds(self, now: float) -> float:
-        """Calls in flight integrated over time, up to ``now`` (from any fixed origin): the
-        difference over a window, divided by its length, is the mean concurrency sent in
-        it, which no count of calls read at one moment gives."""
         ...
 
 
@@ -151,12 +141,6 @@ _NOISE_Z = 2.0
 # The baseline windows' typical scatter counts for the provider's own up to this many times
 # the resting window's (_rest).
 _SCATTER_TRUST = 3.0
-# A queue estimate of at least this share of the tolerance is a queue at the concurrency
-# sent (see _decide): below it, it is the noise of a window's mean.
-_QUEUE_SEEN = 0.1
-# The resting window is kept against a queue of our own for at most this many times
-# baseline_window_s (see _decide).
-_REST_KEPT = 4
 # Latency decreases in a row after which TTFT that did not fall becomes the new baseline.
 _REBASE_AFTER = 3
 # TTFT this much above the last latency decrease's: the provider changed (see _REBASE_AFTER).
@@ -226,28 +210,14 @@ class _Moments(NamedTuple):
         return _Moments(n, 0.0, 0.0, scatter_s * scatter_s * (n - 1))
 
 
-class _Level(NamedTuple):
-    """One decision window in the baseline (``AdaptiveLimit._rest``)."""
-
-    at: float  # when it was decided
-    ttft: float  # the smoothed mean first token (s) and mean prompt (thousands of tokens),
-    prompt: float  # valued at the prefill learned by the time they are read
-    moments: _Moments  # the window's own first tokens: the provider's scatter
-    # The variance of the smoothed level in units of one first token's (1/n for a window of
-    # n, less once smoothed): how far chance may have put it below the true level.
-    spread: float
-    sent: float  # the mean concurrency sent in the window
-
-
 class _Window:
     """What one decision window saw."""
 
-    __slots__ = ("busy_ok", "call_s", "cross", "n", "ok", "prompts", "prompts2", "start",
-                 "ttfts", "ttfts2")
+    __slots__ = ("busy_ok", "cross", "n", "ok", "prompts", "prompts2", "start", "ttfts",
+                 "ttfts2")
 
-    def __init__(self, start: float, call_s: float | None) -> None:
+    def __init__(self, start: float) -> None:
         self.start = start
-        self.call_s = call_s  # CallsInFlight.call_seconds at the start (None: not known)
         self.ok = 0  # successful calls that finished
         self.busy_ok = 0.0  # their call-seconds
         self.n = 0  # how many first tokens
@@ -304,9 +274,7 @@ class AdaptiveLimit:
         self._last_decrease = -math.inf
         self._last_increase = now
         self._brake = _LatencyBrake(settings.latency_brake) if settings.latency_brake else None
-        # (The owner of ``calls`` may still be building itself: the first window goes by the
-        # calls that finish in it.)
-        self._window = _Window(now, None)
+        self._window = _Window(now)
         # The window's mean first token and mean prompt (thousands of tokens), smoothed over
         # about two windows; the baseline keeps them as they were, so that each is valued at
         # the prefill time learned by now.
@@ -315,13 +283,14 @@ class AdaptiveLimit:
         # time per thousand prompt tokens is their weighted mean.
         self._prefill_weight = 0.0
         self._prefill_sum = 0.0
-        # The smoothed levels of the windows within baseline_window_s (at least
-        # _BASELINE_MIN_WINDOWS of them), oldest first.
-        self._baseline: deque[_Level] = deque()
+        # (when, ttft, prompt, moments, spread): the smoothed levels, each window's moments
+        # (the provider's scatter, _rest) and the variance of the smoothed level in units of
+        # one first token's (1/n for a window of n, less once smoothed): how far chance may
+        # have put it below the true level
+        self._baseline: deque[tuple[float, float, float, _Moments, float]] = deque()
         self._spread = 0.0  # that of the smoothed level now
         # The no-load level and the provider's scatter, as of the last decision (_rest).
         self._rest_at: tuple[float, float] | None = None
-        self._resting: _Level | None = None  # the window the no-load level came from
         self._slow_start = True
         # Slow start no longer finding capacity: held by calls overdue for their first token
         # (_decide), or no progress for the horizon while the demand filled the limit
@@ -428,11 +397,10 @@ class AdaptiveLimit:
         the provider's; the baseline windows' typical scatter is nearer, but it counts only
         up to ``_SCATTER_TRUST`` times the resting window's, for a queue's scatter."""
         prefill = self.prefill_s
-        windows = [(w.ttft - prefill * w.prompt, w.moments.scatter_s(prefill), w.spread)
-                   for w in self._baseline]
-        level, scatter, at = min((level + _BASELINE_Z * scatter * math.sqrt(spread), scatter, i)
-                                 for i, (level, scatter, spread) in enumerate(windows))
-        self._resting = self._baseline[at]
+        windows = [(ttft - prefill * prompt, moments.scatter_s(prefill), spread)
+                   for _, ttft, prompt, moments, spread in self._baseline]
+        level, scatter = min((level + _BASELINE_Z * scatter * math.sqrt(spread), scatter)
+                             for level, scatter, spread in windows)
         scatters = sorted(scatter for _, scatter, _ in windows)
         typical = scatters[len(scatters) // 2]
         self._rest_at = (max(0.0, level), max(scatter, min(typical, _SCATTER_TRUST * scatter)))
@@ -622,20 +590,8 @@ class AdaptiveLimit:
     # -- internals ----------------------------------------------------------------------------
 
     def _new_window(self, now: float) -> None:
-        self._window = _Window(now, self._call_seconds(now))
+        self._window = _Window(now)
         self._window_limit = self._limit
-
-    def _call_seconds(self, now: float) -> float | None:
-        return self._calls.call_seconds(now) if self._calls is not None else None
-
-    def _sent(self, window: _Window, now: float, elapsed: float) -> float:
-        """The mean concurrency sent to the upstream over ``window`` (ending ``now``): from
-        the calls in flight over time, else (Little's law) the call-seconds of the
-        successes that ended in it, which lags by a call."""
-        call_s = self._call_seconds(now)
-        if call_s is not None and window.call_s is not None:
-            return (call_s - window.call_s) / elapsed
-        return window.busy_ok / elapsed
 
     def _answering_promptly(self, now: float) -> bool:
         """Whether, by time to first token, the upstream is answering at its no-load speed now:
@@ -689,7 +645,6 @@ class AdaptiveLimit:
         elapsed = max(now - window.start, 1e-9)
         self._new_window(now)
         self._decided_at = now
-        sent = self._sent(window, now, elapsed)
         mean_ttft = window.ttfts / window.n
         moments = window.moments()
         evidence = moments.prefill_evidence()
@@ -718,24 +673,9 @@ class AdaptiveLimit:
             self._spread = ((1 - _LEVEL_WEIGHT) ** 2 * self._spread
                             + _LEVEL_WEIGHT ** 2 / window.n)
         horizon = now - s.baseline_window_s
-        kept = None
-        while len(self._baseline) >= _BASELINE_MIN_WINDOWS and self._baseline[0].at < horizon:
-            old = self._baseline.popleft()
-            if (old is self._resting and self.upstream_queue and sent >= old.sent + 1
-                    and old.at >= now - _REST_KEPT * s.baseline_window_s):
-                # A queue of our own does not become the no-load level. Held at a small queue
-                # (within the tolerance, so never cut), every window of the last
-                # baseline_window_s would have it, and the least of them would take it for
-                # the provider's speed at rest: the limit grew past it, a queue more each
-                # time (64 slots with holdback: 67-76). So while the last window showed a
-                # queue and more calls are sent than when the resting window was measured,
-                # it stays (decided again at each window, and for _REST_KEPT times
-                # baseline_window_s at most). A queue at no more calls than then is not
-                # ours: the provider got slower, and the level ages as before.
-                kept = old
-        if kept is not None:
-            self._baseline.appendleft(kept)
-        self._baseline.append(_Level(now, *self._smoothed, moments, self._spread, sent))
+        while len(self._baseline) >= _BASELINE_MIN_WINDOWS and self._baseline[0][0] < horizon:
+            self._baseline.popleft()
+        self._baseline.append((now, *self._smoothed, moments, self._spread))
         baseline, noise = self._rest()
         excess_s = window.excess_s(baseline, noise, prefill)
         queue = window.rate(elapsed) * excess_s  # Little's law
@@ -743,38 +683,20 @@ class AdaptiveLimit:
         if first:
             return  # nothing to compare the first window with
         tolerance = self._tolerance()
-        # The queue the limit itself allows. Once a queue shows at the concurrency sent, every
-        # call above it would wait too: with holdback the lower classes stop below the limit
-        # and only bursts of the classes above (critical calls) reach it, so the mean queue
-        # understates what they meet, and a limit that grew where the mean showed none sat a
-        # few calls past the knee (64 slots: 67 held, and critical's first tokens p99 +100 ms).
-        # The headroom the calls did not use counts as queued: beyond the tolerance the
-        # limit comes down to where the calls sent plus half the tolerance would queue.
-        at_limit = queue
-        if queue >= _QUEUE_SEEN * tolerance and not self._slow_start:
-            at_limit = queue + max(0.0, self.limit - sent)
-        if at_limit > tolerance:
+        if queue > tolerance:
             if now >= self._next_cut:
                 # The effect of a decrease shows once the provider's queue has drained and
                 # calls sent after it have their first token: not before ~ wait + TTFT.
                 self._next_cut = now + s.decision_window_s + excess_s + mean_ttft
-                if queue > tolerance:
-                    # Down by the excess queued, from the concurrency the window actually
-                    # used, never below half of it at once. What is actually in flight
-                    # (else Little's law on the calls that finished, which lags by a whole
-                    # call): with holdback a limit past the knee can sit above it, and
-                    # cutting only that headroom would change nothing the provider sees.
-                    used = window.busy_ok / elapsed if window.busy_ok > 0 else self._limit
-                    if self._calls is not None:
-                        used = min(self._limit, max(used, float(self._calls.in_flight)))
-                    target = max(0.5 * used, used - (queue - 0.5 * tolerance))
-                else:
-                    # Only the top of the limit queues, and how far above the knee it
-                    # reaches the mean cannot say (the concurrency sent less the queue would
-                    # put the knee as far below it as the bursts reach): a step at a time.
-                    target = self._limit - max(1.0, queue)
-                self._decrease_on_queue(now, target, level, (mean_ttft, mean_prompt),
-                                        _Moments.of_scatter(noise, window.n), sent)
+                # What is actually in flight (else Little's law on the calls that finished,
+                # which lags by a whole call): a limit above it binds nobody, and cutting
+                # only the headroom would change nothing the provider sees.
+                used = window.busy_ok / elapsed if window.busy_ok > 0 else self._limit
+                if self._calls is not None:
+                    used = max(used, float(self._calls.in_flight))
+                self._decrease_on_queue(now, queue, tolerance, level, (mean_ttft, mean_prompt),
+                                        _Moments.of_scatter(noise, window.n),
+                                        min(self._limit, used))
             return
         self._cuts = 0
         # Calls still waiting for a first token long past the no-load time are queued inside
@@ -785,7 +707,7 @@ class AdaptiveLimit:
         # back by its tenant, must not freeze the limit for everyone.
         overdue = self._calls.overdue(now, baseline, prefill) if self._calls is not None else 0
         quiet = queue < 0.5 * tolerance
-        calm = quiet and at_limit < 0.5 * tolerance and overdue < max(_OVERDUE_MIN, tolerance)
+        calm = quiet and overdue < max(_OVERDUE_MIN, tolerance)
         if self._probing and calm:
             self._probing -= 1
             if not self._probing:  # the provider took the probe: probe freely again
@@ -816,8 +738,9 @@ class AdaptiveLimit:
         elif self._slow_start and demand >= self.limit:
             self._stalled = True  # held by overdue calls: no longer finding capacity
 
-    def _decrease_on_queue(self, now: float, target: float, level: float,
-                           means: tuple[float, float], moments: _Moments, sent: float) -> None:
+    def _decrease_on_queue(self, now: float, queue: float, tolerance: float, level: float,
+                           means: tuple[float, float], moments: _Moments,
+                           used: float) -> None:
         s = self._settings
         # Decreases in a row, each given time to show, and TTFT did not come down after any
         # of them: the provider got slower for everyone (or our limit is at its floor). The
@@ -833,7 +756,7 @@ class AdaptiveLimit:
             # would hide the next queue.
             self._baseline.clear()
             self._smoothed, self._spread = means, 1 / moments.n
-            self._baseline.append(_Level(now, *means, moments, self._spread, sent))
+            self._baseline.append((now, *means, moments, self._spread))
             self._rest()
             self._cuts = 0
             # Where the knee is now is unknown: probe for it at once, and freely. A queue was
@@ -841,7 +764,10 @@ class AdaptiveLimit:
             self._backoff, self._probe_backoff = 0, _PROBE_BACKOFF
             self._slow_start = False
             return
-        self._set(target)
+        # Down by the excess queued, from the concurrency the window actually used (with
+        # holdback the lower classes stop below the limit, so a limit past the knee can sit
+        # above what is in flight), never below half of it at once.
+        self._set(max(0.5 * used, used - (queue - 0.5 * tolerance)))
         # the provider queues here: the old limit was past its knee
         self._recover_to, self._recovering = None, False
         self._last_decrease = now

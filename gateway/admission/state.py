@@ -253,7 +253,6 @@ class DeploymentState:
         # shares change.
         self._owed = [0.0] * len(Priority)
         self._settled_at = now
-        self._call_seconds = 0.0  # calls in flight integrated over time, up to _settled_at
 
     def reconfigure(self, policy: AdmissionPolicy, now: float) -> None:
         settings = policy.concurrency_for(self.label)
@@ -296,11 +295,6 @@ class DeploymentState:
         for the limiter; read once per decision window, so a scan of the calls is cheap)."""
         return sum(1 for granted, prompt in self.awaiting.values()
                    if now - granted > OVERDUE_FACTOR * (baseline_s + prefill_s * prompt / 1000))
-
-    def call_seconds(self, now: float) -> float:
-        """Calls in flight integrated over time (``CallsInFlight``): read per decision."""
-        self.settle(now)
-        return self._call_seconds
 
     def demand(self, now: float) -> int:
         """Demand for slots, as the limit judges whether it is used: requests in flight plus
@@ -443,7 +437,6 @@ class DeploymentState:
         if elapsed <= 0.0:
             return
         self._settled_at = now
-        self._call_seconds += self.in_flight * elapsed
         for priority in Priority:
             whole, fraction = self._slots(priority)
             if fraction == 0.0:  # whole slots (critical's whole limit among them): nothing owed
