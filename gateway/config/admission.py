@@ -118,7 +118,7 @@ class ConcurrencySettings(StrictModel):
         "law); aimd: errors only (for upstreams whose first token says nothing about load)",
     )
     upstream_queue_share: Share = Field(
-        default=0.015,
+        default=0.03,
         description="vegas: requests tolerated waiting inside the provider, as a share of the "
         "limit (at least upstream_queue_min); above it the limit drops by the excess, below "
         "half of it the limit may grow",
