@@ -193,10 +193,10 @@ class RssSampler(threading.Thread):
 class LimitSampler(threading.Thread):
     """The gateway's concurrency limit, in-flight and queued requests, and its sheds so far
     by class and reason, twice a second (from /metrics), for ``--trace``: how the limit moved
-    while the load ran. With ``mock_url`` also the mock's busy slots and queue
-    (``mock_in_use``, ``mock_queued``): whether a wait was the gateway's or the provider's;
-    and the limit's own view from ``/admin/status`` (``upstream_queue``, ``ttft_baseline_s``):
-    what it made of that queue."""
+    while the load ran. Also the limit's own view from ``/admin/status`` (``upstream_queue``,
+    ``ttft_baseline_s``) and, with ``mock_url``, the mock's busy slots and queue
+    (``mock_in_use``, ``mock_queued``): whether a wait was the gateway's or the provider's,
+    and what the limit made of it."""
 
     NAMES = ("gateway_concurrency_limit", "gateway_deployment_in_flight_requests",
              "gateway_queued_requests")
