@@ -194,16 +194,16 @@ class LimitSampler(threading.Thread):
     """The gateway's concurrency limit, in-flight and queued requests, and its sheds so far
     by class and reason, twice a second (from /metrics), for ``--trace``: how the limit moved
     while the load ran. Also the limit's own view from ``/admin/status`` (``upstream_queue``,
-    ``ttft_baseline_s``) and, with ``mock_url``, the mock's busy slots and queue
-    (``mock_in_use``, ``mock_queued``): whether a wait was the gateway's or the provider's,
-    and what the limit made of it."""
+    ``ttft_baseline_s``) and the mock's busy slots and queue (``mock_in_use``,
+    ``mock_queued``): whether a wait was the gateway's or the provider's, and what the limit
+    made of it."""
 
     NAMES = ("gateway_concurrency_limit", "gateway_deployment_in_flight_requests",
              "gateway_queued_requests")
 
-    def __init__(self, url: str, mock_url: str | None = None) -> None:
+    def __init__(self, gateway_url: str, mock_url: str) -> None:
         super().__init__(daemon=True)
-        self.url = url
+        self.gateway_url = gateway_url
         self.mock_url = mock_url
         self.samples: list[dict[str, float]] = []
         self.stop = threading.Event()
@@ -212,7 +212,7 @@ class LimitSampler(threading.Thread):
         start = time.monotonic()
         while not self.stop.wait(0.5):
             try:
-                with urllib.request.urlopen(self.url, timeout=2) as resp:
+                with urllib.request.urlopen(f"{self.gateway_url}/metrics", timeout=2) as resp:
                     text = resp.read().decode()
             except OSError:
                 continue
@@ -227,31 +227,25 @@ class LimitSampler(threading.Thread):
                     key = f"shed_{labels.get('priority')}_{labels.get('reason')}"
                     sample[key] = float(line.rsplit(" ", 1)[1])
             try:
-                request = urllib.request.Request(
-                    self.url.replace("/metrics", "/admin/status"),
-                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-                with urllib.request.urlopen(request, timeout=2) as resp:
-                    status = json.loads(resp.read())
-                deployments = status.get("admission", {}).get("deployments", {})
-                for view in deployments.values():
-                    for key in ("upstream_queue", "ttft_baseline_s"):
-                        if view.get(key) is not None:
-                            sample[key] = float(view[key])
+                status = _get_json(f"{self.gateway_url}/admin/status", timeout=2,
+                                   headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+                mock = _get_json(self.mock_url, timeout=2)
             except OSError:
-                pass
-            if self.mock_url is not None:
-                try:
-                    mock = _get_json(self.mock_url)
-                except OSError:
-                    mock = {}
-                for key in ("in_use", "queued"):
-                    if key in mock:
-                        sample[f"mock_{key}"] = float(mock[key])
+                status, mock = {}, {}
+            for view in status.get("admission", {}).get("deployments", {}).values():
+                for key in ("upstream_queue", "ttft_baseline_s"):
+                    if view.get(key) is not None:
+                        sample[key] = float(view[key])
+            for key in ("in_use", "queued"):
+                if key in mock:
+                    sample[f"mock_{key}"] = float(mock[key])
             self.samples.append(sample)
 
 
-def _get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+def _get_json(url: str, timeout: float = 5,
+              headers: dict[str, str] | None = None) -> dict[str, Any]:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         data: dict[str, Any] = json.loads(resp.read())
         return data
 
@@ -297,7 +291,7 @@ def run_variant(name: str, args: argparse.Namespace, tmpdir: Path,
         engine = Engine(spec, spec.api_keys(), EngineOptions(target=data["target"]))
         rss = RssSampler(server.pid)
         rss.start()
-        limits = LimitSampler(f"http://127.0.0.1:{gw_port}/metrics",
+        limits = LimitSampler(f"http://127.0.0.1:{gw_port}",
                               f"http://127.0.0.1:{mock_port}/_mock/capacity")
         if args.trace and name != "off":
             limits.start()
