@@ -41,6 +41,14 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   used (down to where half the tolerance stays queued); below half of it, and while the
   limit is actually used (demand at least ``min_utilization`` of it), the limit grows; in
   between it holds;
+- within the tolerance, the queue at the top of the limit: with holdback only critical
+  bursts reach the top, and a limit a few calls past the knee queues them inside the
+  provider while the window's mean stays within the tolerance. The first tokens of calls
+  sent with at most ``_TOP_HEADROOM`` slot left are ranked against the others' of the same
+  window (``_Window.top_wait``); when they stand out and the wait they had is a queue above
+  the tolerance, the limit drops one slot, never below ``_TOP_FLOOR`` of where the rest of
+  this logic left it (calls slow by nature that happen to be sent at the top cost at most
+  that);
 - growth is a slow start until the first decrease or hold, then additive (``increase_step``
   per window). Slow start grows per call, only while the demand fills the limit: half a slot
   per first token that came on time (``_slow_start_step``), x1.5 a round trip, topped up to
@@ -65,6 +73,7 @@ times it a success counts as overload.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from typing import Literal, NamedTuple, Protocol
@@ -139,8 +148,24 @@ _PROBE_BACKOFF_MAX = 40
 _BASELINE_Z = 3.0
 _NOISE_Z = 2.0
 # The baseline windows' typical scatter counts for the provider's own up to this many times
-# the resting window's (_rest).
+# the resting window's, or the calmer half of the baseline windows' (_rest).
 _SCATTER_TRUST = 3.0
+# The queue at the top of the limit (_Window.top_wait): calls sent with at most this many slots
+# of the limit left are the top's. Where the limit stands past the knee, those calls are the
+# ones that wait inside the provider; the calls sent below it by the same chance do not.
+_TOP_HEADROOM = 1
+# The top's first tokens must rank above the others' by this many standard deviations of the
+# rank sum (one-sided, about 2 % by chance), from at least _TOP_MIN calls, before they count.
+_TOP_Z = 2.0
+_TOP_MIN = 3
+# ... in this many windows in a row: by chance alone that is one window in 2,000, where one
+# in 40 let the long tail of first tokens (lognormal sigma 0.8) walk the limit to a fraction of
+# the knee over 20 minutes, each false decrease holding growth for several windows.
+_TOP_WINDOWS = 2
+# The top signal takes the limit down at most to this share of where the rest of the limit's
+# logic left it (_top_anchor): calls that are slow by nature and happen to be the ones sent at
+# the top (one tenant's, in the class holdback lets through last) cost at most a tenth.
+_TOP_FLOOR = 0.9
 # Latency decreases in a row after which TTFT that did not fall becomes the new baseline.
 _REBASE_AFTER = 3
 # TTFT this much above the last latency decrease's: the provider changed (see _REBASE_AFTER).
@@ -210,11 +235,24 @@ class _Moments(NamedTuple):
         return _Moments(n, 0.0, 0.0, scatter_s * scatter_s * (n - 1))
 
 
+class TopWait(NamedTuple):
+    """The calls sent at the top of the limit in a window, against those sent below it."""
+
+    n: int  # how many first tokens came for calls sent at the top
+    z: float  # how far their ranks stand above chance, in standard deviations
+    wait_s: float  # their median first token less the others' (s)
+
+
+def _median(ordered: list[float]) -> float:
+    n = len(ordered)
+    return 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+
+
 class _Window:
     """What one decision window saw."""
 
-    __slots__ = ("busy_ok", "cross", "n", "ok", "prompts", "prompts2", "start", "ttfts",
-                 "ttfts2")
+    __slots__ = ("below", "busy_ok", "cross", "n", "ok", "prompts", "prompts2", "start", "top",
+                 "ttfts", "ttfts2")
 
     def __init__(self, start: float) -> None:
         self.start = start
@@ -226,6 +264,10 @@ class _Window:
         self.prompts2 = 0.0  # sum of squared prompt sizes
         self.cross = 0.0  # sum of prompt size x first-token time
         self.ttfts2 = 0.0  # sum of squared first-token times
+        # The levels (first token less its prompt's prefill) of the calls sent at the top of
+        # the limit, and of those sent below it (only calls whose headroom is known).
+        self.top: list[float] = []
+        self.below: list[float] = []
 
     def add(self, ttft_s: float, prompt_k: float) -> None:
         self.n += 1
@@ -234,6 +276,32 @@ class _Window:
         self.prompts += prompt_k
         self.prompts2 += prompt_k * prompt_k
         self.cross += prompt_k * ttft_s
+
+    def sent_at(self, level: float, headroom: int) -> None:
+        """A first token's level, with the slots the limit had left when its call was sent."""
+        (self.top if headroom <= _TOP_HEADROOM else self.below).append(level)
+
+    def top_wait(self) -> TopWait:
+        """How much longer the calls sent at the top of the limit waited for their first token
+        than those sent below it, in the same window (the same provider, prompts and tenants).
+
+        Ranks, not means: first tokens have long tails, and a few slow ones among a handful of
+        top calls must not read as a queue. The rank sum of the top calls among all (ties
+        count half) is compared with its spread under chance (Mann-Whitney); the wait is the
+        difference of the two medians."""
+        top, below = self.top, self.below
+        n_top, n_below = len(top), len(below)
+        if n_top < _TOP_MIN or n_below < 2:
+            return TopWait(n_top, 0.0, 0.0)
+        below.sort()
+        top.sort()
+        rank = 0.0
+        for level in top:
+            under = bisect.bisect_left(below, level)
+            rank += under + 0.5 * (bisect.bisect_right(below, level) - under)
+        spread = math.sqrt(n_top * n_below * (n_top + n_below + 1) / 12)
+        z = (rank - n_top * n_below / 2) / spread
+        return TopWait(n_top, z, _median(top) - _median(below))
 
     def level(self, prefill_s: float) -> float:
         """The window's mean first-token time with the prefill of its prompts taken off (at
@@ -327,6 +395,13 @@ class AdaptiveLimit:
         # growth goes back to one step at a time.
         self._recover_to: float | None = None
         self._recovering = False
+        # Where the limit stood before the top signal took slots off it (_TOP_FLOOR): set by
+        # every other decrease, raised by growth.
+        self._top_anchor = self._limit
+        # The queue the calls sent at the top of the limit met in the last window (requests
+        # ahead of them: calls/s x their extra wait), when their ranks stood out (for status).
+        self.top_queue: float | None = None
+        self._top_seen = 0  # windows in a row in which the queue at the top stood out
 
     @property
     def limit(self) -> int:
@@ -403,7 +478,16 @@ class AdaptiveLimit:
                              for level, scatter, spread in windows)
         scatters = sorted(scatter for _, scatter, _ in windows)
         typical = scatters[len(scatters) // 2]
-        self._rest_at = (max(0.0, level), max(scatter, min(typical, _SCATTER_TRUST * scatter)))
+        trusted = scatter
+        if len(windows) >= _BASELINE_MIN_WINDOWS:
+            # The calmer half of the windows (the lower levels): a window at rest by chance
+            # may be one that missed the slow few of a mixture (5 % of calls at 2x, first
+            # tokens otherwise exact: its scatter nil, and the mixture read as a queue that
+            # cut a 64-slot limit to 8-42), while a queue's scatter comes with a higher level.
+            # Not before the baseline has a few windows: in slow start half of them queued.
+            calmer = sorted(windows)[:(len(windows) + 1) // 2]
+            trusted = max(trusted, math.sqrt(sum(sc * sc for _, sc, _ in calmer) / len(calmer)))
+        self._rest_at = (max(0.0, level), max(scatter, min(typical, _SCATTER_TRUST * trusted)))
         return self._rest_at
 
     @property
@@ -465,15 +549,19 @@ class AdaptiveLimit:
         self._maybe_decide(now, in_flight)
 
     def on_first_token(self, now: float, ttft_s: float, prompt_tokens: int | None,
-                       demand: int) -> None:
+                       demand: int, headroom: int | None = None) -> None:
         """Feed the first streamed token of a call still in flight, as it arrives: the queue
         signal then lags the provider by one time to first token, not by a whole call (an
         answer streams for seconds to minutes, and a limit that learns of a queue only when
         the calls that met it end has long since grown past the knee). ``demand`` as for
-        ``on_sample``; the call's ``on_sample`` then passes no ``ttft_s``."""
+        ``on_sample``; the call's ``on_sample`` then passes no ``ttft_s``. ``headroom``: the
+        slots the limit had left when the call was sent, itself taken (None: not known), for
+        the queue at the top of the limit (``_decide``)."""
         if ttft_s < 0:
             return
         self._lapse(now, demand >= self.limit)
+        if headroom is not None:
+            self._window.sent_at(ttft_s - self.prefill_s * thousands(prompt_tokens), headroom)
         if self._first_token(now, ttft_s, prompt_tokens):
             self._decrease_on_error(now)
             return
@@ -565,7 +653,7 @@ class AdaptiveLimit:
     def restart_low(self, now: float) -> None:
         """Back to ``min_limit`` (after a breaker closes): probe a recovering upstream gently,
         growing in slow start again."""
-        self._limit = float(self._settings.min_limit)
+        self._limit = self._top_anchor = float(self._settings.min_limit)
         self._recover_to, self._recovering = None, False
         self._last_increase = now
         self._new_window(now)
@@ -698,6 +786,31 @@ class AdaptiveLimit:
                                         _Moments.of_scatter(noise, window.n),
                                         min(self._limit, used))
             return
+        # The queue at the top of the limit. With holdback the lower classes stop below the
+        # limit and only bursts of critical calls reach its top: a limit a few calls past the
+        # knee queues those inside the provider (where priority means nothing), while the
+        # window's mean, over every call, stays within the tolerance (64 slots: the limit at
+        # 65-69, the estimate 0.2-0.7 of a tolerance of 2). The calls sent at the top are
+        # compared with those sent below it in the same window, so whatever slows calls at
+        # random (scatter, a share of slow ones) is on both sides; a queue only on one.
+        top = window.top_wait()
+        self.top_queue = window.rate(elapsed) * max(0.0, top.wait_s) if top.z > _TOP_Z else 0.0
+        if top.n >= _TOP_MIN:  # (too few top calls to tell: the count stands)
+            self._top_seen = self._top_seen + 1 if self.top_queue > tolerance else 0
+        if (not self._slow_start and self._top_seen >= _TOP_WINDOWS and now >= self._next_cut
+                and self._limit - 1 >= _TOP_FLOOR * self._top_anchor):
+            self._top_seen = 0
+            # One slot at a time, each given time to show (as for a cut): the calls at the
+            # top wait about a slot's turn more for every slot past the knee.
+            self._next_cut = now + s.decision_window_s + top.wait_s + mean_ttft
+            self._set(self._limit - 1, top=True)
+            self._recover_to, self._recovering = None, False
+            self._last_decrease = now
+            if self._probing:  # a probe taken back at once: probe half as often
+                self._probe_backoff = min(2 * self._probe_backoff, _PROBE_BACKOFF_MAX)
+            self._probing = 0
+            self._backoff = self._probe_backoff
+            return
         self._cuts = 0
         # Calls still waiting for a first token long past the no-load time are queued inside
         # the provider now; Little's law sees them only once their first token comes, a whole
@@ -791,9 +904,14 @@ class AdaptiveLimit:
         self._set(target)
         self._last_increase = now
 
-    def _set(self, value: float) -> None:
+    def _set(self, value: float, top: bool = False) -> None:
+        """``top``: a decrease for the queue at the top of the limit (_TOP_FLOOR)."""
         s = self._settings
+        before = self._limit
         self._limit = min(float(s.max_limit), max(float(s.min_limit), value))
+        if not top:
+            self._top_anchor = (self._limit if self._limit < before
+                                else max(self._top_anchor, self._limit))
 
 
 class _LatencyBrake:

@@ -361,12 +361,12 @@ class AdmissionController:
         self._dispatch(state, now)  # more left than predicted: waiters may go now
 
     def _first_token(self, state: DeploymentState, ttft_s: float,
-                     prompt_tokens: int | None) -> None:
+                     prompt_tokens: int | None, headroom: int) -> None:
         now = self._clock()
         state.observe_ttft(ttft_s, prompt_tokens)
         state.settle(now)  # the time so far at the current limit
         before = state.limiter.limit
-        state.limiter.on_first_token(now, ttft_s, prompt_tokens, state.demand(now))
+        state.limiter.on_first_token(now, ttft_s, prompt_tokens, state.demand(now), headroom)
         if state.limiter.limit != before:
             self._observer.on_limit(state.label, state.limiter.limit)
             self._dispatch(state, now)  # a higher limit frees slots at once
@@ -456,7 +456,7 @@ class AdmissionController:
              "classes": {class: {"in_flight", "queued", "queue_target_s", "oldest_wait_s",
                                  "drop_mode"}},                   # over all deployments
              "deployments": {label: {"limit", "in_flight", "queued", "ttft_estimate_s",
-                 "ttft_baseline_s", "upstream_queue", "exploring",
+                 "ttft_baseline_s", "upstream_queue", "upstream_queue_top", "exploring",
                  "drain_rate_per_s", "shed_level",
                  "classes": {class: {"in_flight", "queued", "oldest_wait_s", "overloaded",
                                      "drop_mode", "slots"}}}},
@@ -503,6 +503,9 @@ class AdmissionController:
                 "ttft_baseline_s": state.limiter.baseline_s,
                 "prefill_s_per_1k_tokens": state.limiter.prefill_s,
                 "upstream_queue": state.limiter.upstream_queue,
+                # ... and the queue the calls sent at the top of the limit met beyond the
+                # others (0: none that stood out).
+                "upstream_queue_top": state.limiter.top_queue,
                 # The limit still finding capacity in slow start: requests queued behind it
                 # wait for it to grow and are not shed for that wait (concurrency.py).
                 "exploring": state.limit_exploring(now),

@@ -104,16 +104,17 @@ ReleaseHook = Callable[
     ["DeploymentState", Priority, Outcome, "float | None", int, float, int], None]
 # ... and when its answer's headers arrive: (state, pace sequence number, headers, was a 429).
 RateHook = Callable[["DeploymentState", int, Mapping[str, str], bool], None]
-# (deployment, seconds from sending to the first streamed token, prompt tokens)
-FirstTokenHook = Callable[["DeploymentState", float, int | None], None]
+# (deployment, seconds from sending to the first streamed token, prompt tokens, the slots the
+# limit had left when the call was sent)
+FirstTokenHook = Callable[["DeploymentState", float, int | None, int], None]
 
 
 class Permit:
     """A slot under a deployment's limit. ``release`` exactly once; later calls do nothing."""
 
-    __slots__ = ("_awaiting", "_on_first_token", "_on_rate", "_on_release", "_pace_seq",
-                 "_prompt_tokens", "_released", "_state", "_ttft_reported", "deployment",
-                 "granted_at", "priority", "queued_s")
+    __slots__ = ("_awaiting", "_headroom", "_on_first_token", "_on_rate", "_on_release",
+                 "_pace_seq", "_prompt_tokens", "_released", "_state", "_ttft_reported",
+                 "deployment", "granted_at", "priority", "queued_s")
 
     def __init__(self, state: DeploymentState, req: AdmissionRequest, granted_at: float,
                  queued_s: float, on_release: ReleaseHook, on_rate: RateHook,
@@ -128,6 +129,9 @@ class Permit:
         self._on_first_token = on_first_token
         self._ttft_reported = False
         self._pace_seq = pace_seq
+        # Slots left under the limit with this call taken: the limit compares the first tokens
+        # of calls sent at its top with the others' (AdaptiveLimit._decide).
+        self._headroom = state.headroom()
         self._prompt_tokens = req.prompt_tokens if req.prompt_tokens is not None else req.tokens
         # Its key among the calls awaiting a first token (-1: not streamed, not awaited).
         self._awaiting = state.await_first_token(granted_at, self._prompt_tokens) if (
@@ -150,7 +154,7 @@ class Permit:
         if not self._released and not self._ttft_reported:
             self._ttft_reported = True
             self._state.awaiting.pop(self._awaiting, None)
-            self._on_first_token(self._state, ttft_s, self._prompt_tokens)
+            self._on_first_token(self._state, ttft_s, self._prompt_tokens, self._headroom)
 
     def no_first_token(self) -> None:
         """The answer will not stream (a whole body, or an error): its first token is not
@@ -281,6 +285,11 @@ class DeploymentState:
         self.in_flight += 1
         self.in_flight_by_class[priority] += 1
         return self.pace.take(now) if self.pacing else -1
+
+    def headroom(self) -> int:
+        """Slots left under the limit now (negative while calls in flight exceed a limit
+        that was lowered under them)."""
+        return self.limiter.limit - self.in_flight
 
     def await_first_token(self, granted_at: float, prompt_tokens: int) -> int:
         """A streamed call sent: its first token is awaited. The key to forget it by."""

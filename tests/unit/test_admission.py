@@ -142,6 +142,29 @@ async def test_first_tokens_feed_the_estimates_as_they_come() -> None:
     assert ctl.snapshot()["deployments"][DEP]["ttft_estimate_s"] == after
 
 
+async def test_a_first_token_tells_the_limit_how_near_its_top_the_call_was_sent() -> None:
+    """The limit compares the first tokens of calls sent at its top with the others'
+    (concurrency.py, the queue at the top): each call reports the slots that were left when
+    it was granted, itself taken, whenever its first token comes."""
+    clock = FakeClock()
+    ctl = make(clock, limit=4)
+    state = ctl._state(DEP)
+    seen: list[int | None] = []
+
+    def on_first_token(now: float, ttft_s: float, prompt_tokens: int | None, demand: int,
+                       headroom: int | None = None) -> None:
+        seen.append(headroom)
+
+    state.limiter.on_first_token = on_first_token  # type: ignore[method-assign]
+    permits = await fill(ctl, clock, 4)
+    permits[0].release("ignore")
+    again = await ctl.acquire(DEP, req(clock, C))
+    for permit in reversed(permits[1:]):
+        permit.first_token(0.2)
+    again.first_token(0.2)
+    assert seen == [0, 1, 2, 0]
+
+
 async def test_free_slot_is_granted_at_once_and_release_is_idempotent() -> None:
     clock = FakeClock()
     ctl = make(clock)
@@ -755,6 +778,7 @@ async def test_per_deployment_override_and_snapshot_shape() -> None:
     dep = snap["deployments"]["local/llama"]
     assert set(dep) == {"limit", "in_flight", "queued", "ttft_estimate_s", "drain_rate_per_s",
                         "shed_level", "classes", "ttft_baseline_s", "upstream_queue",
+                        "upstream_queue_top",
                         "provider_quota", "prefill_s_per_1k_tokens", "exploring"}
     assert dep["provider_quota"] is None  # no answer reported a quota yet
     # slots: normal's 0.85 of 3 is 2.55; no call has ended yet, so the third is not lent
