@@ -194,7 +194,7 @@ class LimitSampler(threading.Thread):
     """The gateway's concurrency limit, in-flight and queued requests, and its sheds so far
     by class and reason, twice a second (from /metrics), for ``--trace``: how the limit moved
     while the load ran. Also the limit's own view from ``/admin/status`` (``upstream_queue``,
-    ``ttft_baseline_s``) and the mock's busy slots and queue (``mock_in_use``,
+    ``upstream_queue_top``, ``ttft_baseline_s``) and the mock's busy slots and queue (``mock_in_use``,
     ``mock_queued``): whether a wait was the gateway's or the provider's, and what the limit
     made of it."""
 
@@ -233,7 +233,7 @@ class LimitSampler(threading.Thread):
             except OSError:
                 status, mock = {}, {}
             for view in status.get("admission", {}).get("deployments", {}).values():
-                for key in ("upstream_queue", "ttft_baseline_s"):
+                for key in ("upstream_queue", "upstream_queue_top", "ttft_baseline_s"):
                     if view.get(key) is not None:
                         sample[key] = float(view[key])
             for key in ("in_use", "queued"):

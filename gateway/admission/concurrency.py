@@ -659,7 +659,7 @@ class AdaptiveLimit:
         self._new_window(now)
         self._slow_start, self._stalled, self._progress_at = True, False, now
         self._bound_since, self._quickest_call, self._measuring = None, math.inf, True
-        self._backoff = self._cuts = 0
+        self._backoff = self._cuts = self._top_seen = 0
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf
 
@@ -667,6 +667,7 @@ class AdaptiveLimit:
         """New bounds from a policy reload; the current limit is kept within them."""
         self._settings = settings
         self._limit = min(float(settings.max_limit), max(float(settings.min_limit), self._limit))
+        self._top_anchor = min(self._top_anchor, self._limit)
         self._window_limit = self._limit  # the window's top-up counts from here
         if settings.latency_brake is None:
             self._brake = None
