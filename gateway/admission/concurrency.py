@@ -45,10 +45,10 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   bursts reach the top, and a limit a few calls past the knee queues them inside the
   provider while the window's mean stays within the tolerance. The first tokens of calls
   sent with at most ``_TOP_HEADROOM`` slot left are ranked against the others' of the same
-  window (``_Window.top_wait``); when they stand out and the wait they had is a queue above
-  the tolerance, the limit drops one slot, never below ``_TOP_FLOOR`` of where the rest of
-  this logic left it (calls slow by nature that happen to be sent at the top cost at most
-  that);
+  window (``_Window.top_wait``); when they stand out, in two windows in a row, and the wait
+  they had is a queue above the tolerance, the limit drops by that queue (the slots past the
+  knee), never below ``_TOP_FLOOR`` of where the rest of this logic left it (calls slow by
+  nature that happen to be sent at the top cost at most that);
 - growth is a slow start until the first decrease or hold, then additive (``increase_step``
   per window). Slow start grows per call, only while the demand fills the limit: half a slot
   per first token that came on time (``_slow_start_step``), x1.5 a round trip, topped up to
@@ -801,10 +801,15 @@ class AdaptiveLimit:
         if (not self._slow_start and self._top_seen >= _TOP_WINDOWS and now >= self._next_cut
                 and self._limit - 1 >= _TOP_FLOOR * self._top_anchor):
             self._top_seen = 0
-            # One slot at a time, each given time to show (as for a cut): the calls at the
-            # top wait about a slot's turn more for every slot past the knee.
+            # The calls at the top wait about a slot's turn more for every slot past the knee,
+            # and a slot's turn is one over the rate calls go through: the queue they met is
+            # about the slots past it. Down by that (less half the tolerance, as a cut), at
+            # least one slot, given time to show as a cut is. One slot at a time took a limit
+            # that grew past the knee while no call used its top (the lower classes stop at
+            # their share) most of a 15 s burst of critical calls to come back.
             self._next_cut = now + s.decision_window_s + top.wait_s + mean_ttft
-            self._set(self._limit - 1, top=True)
+            step = max(1.0, self.top_queue - 0.5 * tolerance)
+            self._set(max(_TOP_FLOOR * self._top_anchor, self._limit - step), top=True)
             self._recover_to, self._recovering = None, False
             self._last_decrease = now
             if self._probing:  # a probe taken back at once: probe half as often
