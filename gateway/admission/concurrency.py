@@ -163,9 +163,16 @@ _TOP_MIN = 3
 # the knee over 20 minutes, each false decrease holding growth for several windows.
 _TOP_WINDOWS = 2
 # The top signal takes the limit down at most to this share of where the rest of the limit's
-# logic left it (_top_anchor): calls that are slow by nature and happen to be the ones sent at
-# the top (one tenant's, in the class holdback lets through last) cost at most a tenth.
+# logic left it (_top_anchor: the limit after any other decrease, raised by growth): calls
+# that are slow by nature and happen to be the ones sent at the top (one tenant's, in the class
+# holdback lets through last) look like a queue there, at any limit.
 _TOP_FLOOR = 0.9
+# ... and when the top still stands out in this many windows with the limit at that floor, it
+# is taken to be slow by nature, and the top signal is off for _TOP_REST_S: otherwise every
+# other decrease (errors, the window's mean) would give it another tenth, and every probe past
+# the floor would be taken back, so a provider that gained slots was climbed once a minute.
+_TOP_STUCK = 5
+_TOP_REST_S = 120.0
 # Latency decreases in a row after which TTFT that did not fall becomes the new baseline.
 _REBASE_AFTER = 3
 # TTFT this much above the last latency decrease's: the provider changed (see _REBASE_AFTER).
@@ -401,7 +408,12 @@ class AdaptiveLimit:
         # The queue the calls sent at the top of the limit met in the last window (requests
         # ahead of them: calls/s x their extra wait), when their ranks stood out (for status).
         self.top_queue: float | None = None
-        self._top_seen = 0  # windows in a row in which the queue at the top stood out
+        # Windows in a row in which the queue at the top stood out (and the limit could act on
+        # it); any other decrease starts the count again.
+        self._top_seen = 0
+        # Windows it stood out with the limit at its floor, since it was last quiet above it.
+        self._top_stuck = 0
+        self._top_off_until = -math.inf  # the top taken for slow by nature until then
 
     @property
     def limit(self) -> int:
@@ -659,7 +671,8 @@ class AdaptiveLimit:
         self._new_window(now)
         self._slow_start, self._stalled, self._progress_at = True, False, now
         self._bound_since, self._quickest_call, self._measuring = None, math.inf, True
-        self._backoff = self._cuts = self._top_seen = 0
+        self._backoff = self._cuts = self._top_seen = self._top_stuck = 0
+        self._top_off_until = -math.inf
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf
 
@@ -723,6 +736,7 @@ class AdaptiveLimit:
             target = min(target, max(served, 0.5 * self._limit))
         self._set(target)
         self._last_decrease = now
+        self._top_seen = 0
         # The window after a decrease shows how the smaller limit copes: no increase yet.
         self._last_increase = now
         self._new_window(now)
@@ -772,7 +786,33 @@ class AdaptiveLimit:
         if first:
             return  # nothing to compare the first window with
         tolerance = self._tolerance()
+        # The queue at the top of the limit. With holdback the lower classes stop below the
+        # limit and only bursts of critical calls reach its top: a limit a few calls past the
+        # knee queues those inside the provider (where priority means nothing), while the
+        # window's mean, over every call, stays within the tolerance (64 slots: the limit at
+        # 65-69, the estimate 0.2-0.7 of a tolerance of 2). The calls sent at the top are
+        # compared with those sent below it in the same window, so whatever slows calls at
+        # random (scatter, a share of slow ones) is on both sides; a queue only on one.
+        top = window.top_wait()
+        self.top_queue = window.rate(elapsed) * max(0.0, top.wait_s) if top.z > _TOP_Z else 0.0
+        floor = _TOP_FLOOR * self._top_anchor
+        stands_out = self.top_queue > tolerance and now >= self._top_off_until
+        # A queue at the top the limit can still act on: at its floor the top's calls hold
+        # nothing back (growth, a probe's success).
+        at_top = stands_out and self._limit - 1 >= floor
+        if top.n >= _TOP_MIN:  # (too few top calls to tell: the counts stand)
+            self._top_seen = self._top_seen + 1 if at_top else 0
+            if stands_out and not at_top:
+                self._top_stuck += 1
+            elif not stands_out and self._limit - 1 >= floor:
+                self._top_stuck = 0  # quiet above its floor: the top's queue went away
+            if self._top_stuck >= _TOP_STUCK:
+                self._top_off_until = now + _TOP_REST_S
+                self._top_stuck = self._top_seen = 0
+                # The probes it took back were no queue's: probe freely again.
+                self._probe_backoff, self._backoff = _PROBE_BACKOFF, 0
         if queue > tolerance:
+            self._top_seen = 0  # the mean's cut (or hold) decides
             if now >= self._next_cut:
                 # The effect of a decrease shows once the provider's queue has drained and
                 # calls sent after it have their first token: not before ~ wait + TTFT.
@@ -787,35 +827,23 @@ class AdaptiveLimit:
                                         _Moments.of_scatter(noise, window.n),
                                         min(self._limit, used))
             return
-        # The queue at the top of the limit. With holdback the lower classes stop below the
-        # limit and only bursts of critical calls reach its top: a limit a few calls past the
-        # knee queues those inside the provider (where priority means nothing), while the
-        # window's mean, over every call, stays within the tolerance (64 slots: the limit at
-        # 65-69, the estimate 0.2-0.7 of a tolerance of 2). The calls sent at the top are
-        # compared with those sent below it in the same window, so whatever slows calls at
-        # random (scatter, a share of slow ones) is on both sides; a queue only on one.
-        top = window.top_wait()
-        self.top_queue = window.rate(elapsed) * max(0.0, top.wait_s) if top.z > _TOP_Z else 0.0
-        if top.n >= _TOP_MIN:  # (too few top calls to tell: the count stands)
-            self._top_seen = self._top_seen + 1 if self.top_queue > tolerance else 0
-        if (not self._slow_start and self._top_seen >= _TOP_WINDOWS and now >= self._next_cut
-                and self._limit - 1 >= _TOP_FLOOR * self._top_anchor):
+        if (at_top and self._top_seen >= _TOP_WINDOWS and not self._slow_start
+                and now >= self._next_cut):
             self._top_seen = 0
             # The calls at the top wait about a slot's turn more for every slot past the knee,
             # and a slot's turn is one over the rate calls go through: the queue they met is
             # about the slots past it. Down by that (less half the tolerance, as a cut), at
             # least one slot, given time to show as a cut is. One slot at a time took a limit
             # that grew past the knee while no call used its top (the lower classes stop at
-            # their share) most of a 15 s burst of critical calls to come back.
+            # their share) most of a 15 s burst of critical calls to come back. Nothing else
+            # changes: a return after errors goes on, and an error right after is still one.
             self._next_cut = now + s.decision_window_s + top.wait_s + mean_ttft
             step = max(1.0, self.top_queue - 0.5 * tolerance)
-            self._set(max(_TOP_FLOOR * self._top_anchor, self._limit - step), top=True)
-            self._recover_to, self._recovering = None, False
-            self._last_decrease = now
-            if self._probing:  # a probe taken back at once: probe half as often
+            self._set(max(floor, self._limit - step), top=True)
+            if self._probing:  # our own probe, taken back at once: probe half as often
                 self._probe_backoff = min(2 * self._probe_backoff, _PROBE_BACKOFF_MAX)
+                self._backoff = self._probe_backoff
             self._probing = 0
-            self._backoff = self._probe_backoff
             return
         self._cuts = 0
         # Calls still waiting for a first token long past the no-load time are queued inside
@@ -826,7 +854,7 @@ class AdaptiveLimit:
         # back by its tenant, must not freeze the limit for everyone.
         overdue = self._calls.overdue(now, baseline, prefill) if self._calls is not None else 0
         quiet = queue < 0.5 * tolerance
-        calm = quiet and overdue < max(_OVERDUE_MIN, tolerance)
+        calm = quiet and not at_top and overdue < max(_OVERDUE_MIN, tolerance)
         if self._probing and calm:
             self._probing -= 1
             if not self._probing:  # the provider took the probe: probe freely again
@@ -911,13 +939,18 @@ class AdaptiveLimit:
         self._last_increase = now
 
     def _set(self, value: float, top: bool = False) -> None:
-        """``top``: a decrease for the queue at the top of the limit (_TOP_FLOOR)."""
+        """``top``: a decrease for the queue at the top of the limit, which the anchor
+        (_TOP_FLOOR) ignores. Any other decrease takes the anchor down in proportion, so the
+        slots the top took stay taken but are not taken again (set to the new limit, each
+        error or cut would give the top another tenth below it); growth raises it once the
+        limit passes it."""
         s = self._settings
         before = self._limit
         self._limit = min(float(s.max_limit), max(float(s.min_limit), value))
         if not top:
-            self._top_anchor = (self._limit if self._limit < before
-                                else max(self._top_anchor, self._limit))
+            anchor = self._top_anchor * self._limit / before if self._limit < before else (
+                self._top_anchor)
+            self._top_anchor = max(anchor, self._limit)
 
 
 class _LatencyBrake:

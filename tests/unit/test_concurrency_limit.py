@@ -702,19 +702,23 @@ def test_finds_the_knee_through_first_tokens_that_scatter(jitter: Jitter, slots:
 
 
 def drive_holdback(limiter: AdaptiveLimit, upstream: SlotUpstream, seconds: float,
-                   top_slower: tuple[float, float] = (0.0, 1.0)) -> tuple[
+                   top_slower: tuple[float, float] = (0.0, 1.0),
+                   change: Callable[[float], None] | None = None) -> tuple[
                        list[tuple[float, int]], list[float]]:
     """Demand shaped by holdback, as admission's classes make it: the lower classes keep
     95 % of the limit busy, and bursts of critical calls fill the rest in the first tenth of
     every second. First tokens are reported as they come, with the slots the limit had left
     when each call was sent. ``top_slower`` (share, factor): that share of the calls sent
     above the lower classes' 95 % are that much slower by nature (one tenant's, say).
-    Returns (time, limit) every 0.1 s, and the first tokens of the calls sent at the top."""
+    ``change(now)`` is called every step, as for ``drive``. Returns (time, limit) every
+    0.1 s, and the first tokens of the calls sent at the top."""
     share, factor = top_slower
     now, dt, trace, step = 0.0, 0.005, [], 0
     top_ttfts: list[float] = []
     rng = random.Random(11)
     while now < seconds:
+        if change is not None:
+            change(now)
         for _ttft, prompt, duration in upstream.step(now):
             limiter.on_sample(now, "success", ENDLESS, prompt_tokens=prompt,
                               duration_s=duration)
@@ -745,10 +749,11 @@ def test_critical_bursts_at_the_top_of_the_limit_do_not_queue_inside_the_provide
     limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
     trace, top_ttfts = drive_holdback(limiter, upstream, 240.0)
     settled = steady(trace, 120.0)
-    assert statistics.mean(settled) <= 65.5, statistics.mean(settled)
-    assert min(settled) >= 62, min(settled)  # and not below the knee for it
+    assert statistics.mean(settled) <= 66, statistics.mean(settled)
+    assert min(settled) >= 60, min(settled)  # and not below the knee for it
     late = sorted(top_ttfts[len(top_ttfts) // 2:])
-    assert late[int(0.99 * len(late))] <= 0.55, late[int(0.99 * len(late))]
+    # 0.475-0.505 s in ten seeds; 0.555-0.78 s before
+    assert late[int(0.99 * len(late))] <= 0.54, late[int(0.99 * len(late))]
 
 
 def test_a_share_of_calls_slower_by_nature_is_not_a_queue() -> None:
@@ -766,12 +771,43 @@ def test_a_share_of_calls_slower_by_nature_is_not_a_queue() -> None:
     assert statistics.mean(settled) <= 67, statistics.mean(settled)
 
 
-def test_calls_slow_by_nature_at_the_top_cost_at_most_a_tenth() -> None:
+def test_calls_slow_by_nature_at_the_top_cost_little_through_errors() -> None:
     """Calls that are slower by nature and happen to be the ones sent at the top (one tenant
-    whose calls are the critical ones) look like a queue there: the top signal may take the
-    limit down, but no further than a tenth below where the rest of its logic holds it."""
+    whose calls are the critical ones) look like a queue there at any limit. The top signal
+    takes at most a tenth off where the rest of the limit's logic left it, and an error does
+    not give it another tenth: three overloads 50 s apart cost no more than one. (When every
+    error reset the floor, the limit walked to 38-53 of 64 in four seeds of ten.)"""
     upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2, service_spread=0.3, per_ahead_s=0)
     limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
-    trace, _ = drive_holdback(limiter, upstream, 240.0, top_slower=(0.5, 1.5))
-    settled = steady(trace, 120.0)
+    pending = [100.0, 150.0, 200.0]
+
+    def overloads(now: float) -> None:
+        if pending and now >= pending[0]:
+            pending.pop(0)
+            limiter.on_sample(now, "overload", ENDLESS)
+
+    trace, _ = drive_holdback(limiter, upstream, 360.0, top_slower=(0.5, 1.5),
+                              change=overloads)
+    settled = steady(trace, 240.0)
     assert min(settled) >= 0.85 * 64, min(settled)
+
+
+def test_calls_slow_by_nature_at_the_top_do_not_stop_the_limit_finding_more_slots() -> None:
+    """The same tenant, and the provider gains slots (64 to 96): where the top keeps standing
+    out at its floor, it is taken for slow by nature and left alone for a while, so the limit
+    climbs to the new knee as before (it took back every probe past the floor, and the limit
+    was at 63-85 of 96 five minutes later in two seeds of ten)."""
+    upstream = SlotUpstream(96, ttft_s=0.4, service_s=1.2, service_spread=0.3, per_ahead_s=0,
+                            seed=9)
+    upstream.slots = 64
+    limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
+
+    def more_slots(now: float) -> None:
+        if now >= 120.0:
+            upstream.slots = 96
+
+    trace, _ = drive_holdback(limiter, upstream, 420.0, top_slower=(0.5, 1.5),
+                              change=more_slots)
+    settled = steady(trace, 300.0)
+    assert statistics.mean(settled) >= 0.9 * 96, statistics.mean(settled)
+    assert min(settled) >= 0.85 * 96, min(settled)
