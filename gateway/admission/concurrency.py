@@ -47,8 +47,9 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   sent with at most ``_TOP_HEADROOM`` slot left are ranked against the others' of the same
   window (``_Window.top_wait``); when they stand out, in two windows in a row, and the wait
   they had is a queue above the tolerance, the limit drops by that queue (the slots past the
-  knee), never below ``_TOP_FLOOR`` of where the rest of this logic left it (calls slow by
-  nature that happen to be sent at the top cost at most that);
+  knee), never below ``_TOP_FLOOR`` of where the rest of this logic left it; a top that keeps
+  standing out at that floor is taken for calls slow by nature (one tenant's, sent in the
+  class holdback lets through last) and left alone for ``_TOP_REST_S``;
 - growth is a slow start until the first decrease or hold, then additive (``increase_step``
   per window). Slow start grows per call, only while the demand fills the limit: half a slot
   per first token that came on time (``_slow_start_step``), x1.5 a round trip, topped up to
