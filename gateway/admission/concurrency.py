@@ -44,7 +44,7 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
 - within the tolerance, the queue at the top of the limit: with holdback only critical
   bursts reach the top, and a limit a few calls past the knee queues them inside the
   provider while the window's mean stays within the tolerance. The first tokens of calls
-  sent with at most ``_TOP_HEADROOM`` slot left are ranked against the others' of the same
+  sent at the top (admission's ``DeploymentState.at_top``) are ranked against the others' of the same
   window (``_Window.top_wait``); when they stand out, in two windows in a row, and the wait
   they had is a queue above the tolerance, the limit drops by that queue (the slots past the
   knee), never below ``_TOP_FLOOR`` of where the rest of this logic left it; a top that keeps
@@ -151,10 +151,10 @@ _NOISE_Z = 2.0
 # The baseline windows' typical scatter counts for the provider's own up to this many times
 # the resting window's, or the calmer half of the baseline windows' (_rest).
 _SCATTER_TRUST = 3.0
-# The queue at the top of the limit (_Window.top_wait): calls sent with at most this many slots
-# of the limit left are the top's. Where the limit stands past the knee, those calls are the
-# ones that wait inside the provider; the calls sent below it by the same chance do not.
-_TOP_HEADROOM = 1
+# The queue at the top of the limit (_Window.top_wait): which calls were sent at the top, the
+# part of the limit only the highest classes reach, is admission's to say
+# (DeploymentState.at_top). Where the limit stands past the knee, those calls are the ones
+# that wait inside the provider; the calls sent below it by the same chance do not.
 # The top's first tokens must rank above the others' by this many standard deviations of the
 # rank sum (one-sided, about 2 % by chance), from at least _TOP_MIN calls, before they count.
 _TOP_Z = 2.0
@@ -273,7 +273,7 @@ class _Window:
         self.cross = 0.0  # sum of prompt size x first-token time
         self.ttfts2 = 0.0  # sum of squared first-token times
         # The levels (first token less its prompt's prefill) of the calls sent at the top of
-        # the limit, and of those sent below it (only calls whose headroom is known).
+        # the limit, and of those sent below it (only calls admission placed).
         self.top: list[float] = []
         self.below: list[float] = []
 
@@ -285,9 +285,9 @@ class _Window:
         self.prompts2 += prompt_k * prompt_k
         self.cross += prompt_k * ttft_s
 
-    def sent_at(self, level: float, headroom: int) -> None:
-        """A first token's level, with the slots the limit had left when its call was sent."""
-        (self.top if headroom <= _TOP_HEADROOM else self.below).append(level)
+    def sent_at(self, level: float, top: bool) -> None:
+        """A first token's level, and whether its call was sent at the top of the limit."""
+        (self.top if top else self.below).append(level)
 
     def top_wait(self) -> TopWait:
         """How much longer the calls sent at the top of the limit waited for their first token
@@ -562,19 +562,19 @@ class AdaptiveLimit:
         self._maybe_decide(now, in_flight)
 
     def on_first_token(self, now: float, ttft_s: float, prompt_tokens: int | None,
-                       demand: int, headroom: int | None = None) -> None:
+                       demand: int, top: bool | None = None) -> None:
         """Feed the first streamed token of a call still in flight, as it arrives: the queue
         signal then lags the provider by one time to first token, not by a whole call (an
         answer streams for seconds to minutes, and a limit that learns of a queue only when
         the calls that met it end has long since grown past the knee). ``demand`` as for
-        ``on_sample``; the call's ``on_sample`` then passes no ``ttft_s``. ``headroom``: the
-        slots the limit had left when the call was sent, itself taken (None: not known), for
-        the queue at the top of the limit (``_decide``)."""
+        ``on_sample``; the call's ``on_sample`` then passes no ``ttft_s``. ``top``: whether
+        the call was sent at the top of the limit (None: not known), for the queue at the top
+        (``_decide``)."""
         if ttft_s < 0:
             return
         self._lapse(now, demand >= self.limit)
-        if headroom is not None:
-            self._window.sent_at(ttft_s - self.prefill_s * thousands(prompt_tokens), headroom)
+        if top is not None:
+            self._window.sent_at(ttft_s - self.prefill_s * thousands(prompt_tokens), top)
         if self._first_token(now, ttft_s, prompt_tokens):
             self._decrease_on_error(now)
             return

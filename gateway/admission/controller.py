@@ -361,12 +361,12 @@ class AdmissionController:
         self._dispatch(state, now)  # more left than predicted: waiters may go now
 
     def _first_token(self, state: DeploymentState, ttft_s: float,
-                     prompt_tokens: int | None, headroom: int) -> None:
+                     prompt_tokens: int | None, at_top: bool) -> None:
         now = self._clock()
         state.observe_ttft(ttft_s, prompt_tokens)
         state.settle(now)  # the time so far at the current limit
         before = state.limiter.limit
-        state.limiter.on_first_token(now, ttft_s, prompt_tokens, state.demand(now), headroom)
+        state.limiter.on_first_token(now, ttft_s, prompt_tokens, state.demand(now), at_top)
         if state.limiter.limit != before:
             self._observer.on_limit(state.label, state.limiter.limit)
             self._dispatch(state, now)  # a higher limit frees slots at once

@@ -38,6 +38,8 @@ _PAID = 1e-9  # slot-seconds owed that count as none (float sums do not return t
 # it, whatever their queue targets: critical's target (1 s) is long so that its bursts queue
 # instead of being shed, not so that a lent slot may keep it waiting that long.
 _LEND_WAIT_MAX_S = 0.5
+# The top of the limit is at least its last this many slots (DeploymentState.at_top).
+_TOP_SLOTS = 2
 
 
 def _lend_waits(policy: AdmissionPolicy) -> tuple[float, ...]:
@@ -104,15 +106,15 @@ ReleaseHook = Callable[
     ["DeploymentState", Priority, Outcome, "float | None", int, float, int], None]
 # ... and when its answer's headers arrive: (state, pace sequence number, headers, was a 429).
 RateHook = Callable[["DeploymentState", int, Mapping[str, str], bool], None]
-# (deployment, seconds from sending to the first streamed token, prompt tokens, the slots the
-# limit had left when the call was sent)
-FirstTokenHook = Callable[["DeploymentState", float, int | None, int], None]
+# (deployment, seconds from sending to the first streamed token, prompt tokens, whether the
+# call was sent at the top of the limit)
+FirstTokenHook = Callable[["DeploymentState", float, int | None, bool], None]
 
 
 class Permit:
     """A slot under a deployment's limit. ``release`` exactly once; later calls do nothing."""
 
-    __slots__ = ("_awaiting", "_headroom", "_on_first_token", "_on_rate", "_on_release",
+    __slots__ = ("_at_top", "_awaiting", "_on_first_token", "_on_rate", "_on_release",
                  "_pace_seq", "_prompt_tokens", "_released", "_state", "_ttft_reported",
                  "deployment", "granted_at", "priority", "queued_s")
 
@@ -129,9 +131,9 @@ class Permit:
         self._on_first_token = on_first_token
         self._ttft_reported = False
         self._pace_seq = pace_seq
-        # Slots left under the limit with this call taken: the limit compares the first tokens
-        # of calls sent at its top with the others' (AdaptiveLimit._decide).
-        self._headroom = state.headroom()
+        # Whether this call took a slot at the top of the limit: the limit compares the first
+        # tokens of calls sent there with the others' (AdaptiveLimit._decide).
+        self._at_top = state.at_top()
         self._prompt_tokens = req.prompt_tokens if req.prompt_tokens is not None else req.tokens
         # Its key among the calls awaiting a first token (-1: not streamed, not awaited).
         self._awaiting = state.await_first_token(granted_at, self._prompt_tokens) if (
@@ -154,7 +156,7 @@ class Permit:
         if not self._released and not self._ttft_reported:
             self._ttft_reported = True
             self._state.awaiting.pop(self._awaiting, None)
-            self._on_first_token(self._state, ttft_s, self._prompt_tokens, self._headroom)
+            self._on_first_token(self._state, ttft_s, self._prompt_tokens, self._at_top)
 
     def no_first_token(self) -> None:
         """The answer will not stream (a whole body, or an error): its first token is not
@@ -286,10 +288,20 @@ class DeploymentState:
         self.in_flight_by_class[priority] += 1
         return self.pace.take(now) if self.pacing else -1
 
-    def headroom(self) -> int:
-        """Slots left under the limit now (negative while calls in flight exceed a limit
-        that was lowered under them)."""
-        return self.limiter.limit - self.in_flight
+    def at_top(self) -> bool:
+        """Whether the calls in flight now (the one just taken counted) reach the top of the
+        limit: above every class's holdback share but the highest's, where only the highest
+        classes go (critical's reserve: 65-68 of a limit of 68 at the default 0.95 for high),
+        or into its last ``_TOP_SLOTS`` slots where the shares reserve fewer. Past the knee by
+        a few calls, those are the calls that wait inside the provider. The last two slots
+        alone were too narrow: critical bursts at 64 slots filled 65-66 of 68 and waited
+        there, and hardly a call was sent into the last two."""
+        limit = self.limiter.limit
+        below = limit - _TOP_SLOTS
+        held = [share for share in self.shares if share < 1.0]
+        if held:
+            below = min(below, math.floor(max(held) * limit + 1e-9))
+        return self.in_flight > below
 
     def await_first_token(self, granted_at: float, prompt_tokens: int) -> int:
         """A streamed call sent: its first token is awaited. The key to forget it by."""

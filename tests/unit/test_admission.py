@@ -144,16 +144,17 @@ async def test_first_tokens_feed_the_estimates_as_they_come() -> None:
 
 async def test_a_first_token_tells_the_limit_how_near_its_top_the_call_was_sent() -> None:
     """The limit compares the first tokens of calls sent at its top with the others'
-    (concurrency.py, the queue at the top): each call reports the slots that were left when
-    it was granted, itself taken, whenever its first token comes."""
+    (concurrency.py, the queue at the top): each call reports, whenever its first token comes,
+    whether it took a slot above every class's share but critical's (at a limit of 4, high's
+    0.95 is 3.8: the third and fourth slots, the last two at least)."""
     clock = FakeClock()
     ctl = make(clock, limit=4)
     state = ctl._state(DEP)
-    seen: list[int | None] = []
+    seen: list[bool | None] = []
 
     def on_first_token(now: float, ttft_s: float, prompt_tokens: int | None, demand: int,
-                       headroom: int | None = None) -> None:
-        seen.append(headroom)
+                       top: bool | None = None) -> None:
+        seen.append(top)
 
     state.limiter.on_first_token = on_first_token  # type: ignore[method-assign]
     permits = await fill(ctl, clock, 4)
@@ -162,7 +163,7 @@ async def test_a_first_token_tells_the_limit_how_near_its_top_the_call_was_sent(
     for permit in reversed(permits[1:]):
         permit.first_token(0.2)
     again.first_token(0.2)
-    assert seen == [0, 1, 2, 0]
+    assert seen == [True, True, False, True]
 
 
 async def test_free_slot_is_granted_at_once_and_release_is_idempotent() -> None:

@@ -215,25 +215,25 @@ class SlotUpstream:
         self.per_ahead_s, self.per_1k_s = per_ahead_s, per_1k_s
         self.rng = random.Random(seed)
         self.busy: list[float] = []  # heap of slot release times
-        # (sent, prompt, ahead, headroom, slower) FIFO: the slots the gateway's limit had left
-        # when the call was sent (None: not known), and how many times slower than the rest
-        # its first token is by nature
-        self.waiting: list[tuple[float, int, int, int | None, float]] = []
+        # (sent, prompt, ahead, top, slower) FIFO: whether the call was sent at the top of the
+        # gateway's limit (None: not known), and how many times slower than the rest its first
+        # token is by nature
+        self.waiting: list[tuple[float, int, int, bool | None, float]] = []
         self.done: list[tuple[float, float, int, float]] = []  # heap (end, ttft, prompt, sent)
-        # heap (when, ttft, prompt, headroom)
-        self.first_tokens: list[tuple[float, float, int, int | None]] = []
+        # heap (when, ttft, prompt, top)
+        self.first_tokens: list[tuple[float, float, int, bool | None]] = []
         self.sent = 0
         self.served = 0
 
-    def send(self, now: float, headroom: int | None = None, slower: float = 1.0) -> None:
+    def send(self, now: float, top: bool | None = None, slower: float = 1.0) -> None:
         prompt = int(self.rng.lognormvariate(math.log(300), 0.8))
-        self.waiting.append((now, prompt, len(self.waiting), headroom, slower))
+        self.waiting.append((now, prompt, len(self.waiting), top, slower))
         self.sent += 1
         self._start(now)
 
     def _start(self, now: float) -> None:
         while self.waiting and len(self.busy) < self.slots:
-            sent, prompt, ahead, headroom, slower = self.waiting.pop(0)
+            sent, prompt, ahead, top, slower = self.waiting.pop(0)
             spread = self.service_spread * self.rng.uniform(-1, 1) if self.service_spread else 0
             end = now + self.service_s * (1 + spread)
             heapq.heappush(self.busy, end)
@@ -241,7 +241,7 @@ class SlotUpstream:
             ttft = (now - sent) + at_rest + ahead * self.per_ahead_s + prompt / 1000 * (
                 self.per_1k_s)
             heapq.heappush(self.done, (end, ttft, prompt, sent))
-            heapq.heappush(self.first_tokens, (sent + ttft, ttft, prompt, headroom))
+            heapq.heappush(self.first_tokens, (sent + ttft, ttft, prompt, top))
 
     def step(self, now: float) -> list[tuple[float, int, float]]:
         """Advance to ``now``: (ttft, prompt tokens, duration) of every call that finished."""
@@ -280,10 +280,10 @@ def drive(limiter: AdaptiveLimit, upstream: SlotUpstream, start: float, seconds:
         if not first_tokens:
             upstream.first_tokens.clear()  # reported with the call's end
         while upstream.first_tokens and upstream.first_tokens[0][0] <= now:
-            _at, ttft, prompt, headroom = heapq.heappop(upstream.first_tokens)
-            limiter.on_first_token(now, ttft, prompt, ENDLESS, headroom)
-        while upstream.in_flight < limiter.limit:
-            upstream.send(now, limiter.limit - upstream.in_flight - 1)
+            _at, ttft, prompt, top = heapq.heappop(upstream.first_tokens)
+            limiter.on_first_token(now, ttft, prompt, ENDLESS, top)
+        while upstream.in_flight < limiter.limit:  # the last two slots are the top
+            upstream.send(now, upstream.in_flight + 1 > limiter.limit - 2)
         if step % 20 == 0:
             trace.append((now, limiter.limit))
         now += dt
@@ -723,15 +723,15 @@ def drive_holdback(limiter: AdaptiveLimit, upstream: SlotUpstream, seconds: floa
             limiter.on_sample(now, "success", ENDLESS, prompt_tokens=prompt,
                               duration_s=duration)
         while upstream.first_tokens and upstream.first_tokens[0][0] <= now:
-            _at, ttft, prompt, headroom = heapq.heappop(upstream.first_tokens)
-            limiter.on_first_token(now, ttft, prompt, ENDLESS, headroom)
-            if headroom is not None and headroom <= 1:
+            _at, ttft, prompt, top = heapq.heappop(upstream.first_tokens)
+            limiter.on_first_token(now, ttft, prompt, ENDLESS, top)
+            if top:
                 top_ttfts.append(ttft)
         below = int(0.95 * limiter.limit)
         cap = limiter.limit if now % 1.0 < 0.1 else below
-        while upstream.in_flight < cap:
+        while upstream.in_flight < cap:  # the top: above the lower classes' 95 %
             slower = factor if upstream.in_flight >= below and rng.random() < share else 1.0
-            upstream.send(now, limiter.limit - upstream.in_flight - 1, slower)
+            upstream.send(now, upstream.in_flight + 1 > min(below, limiter.limit - 2), slower)
         if step % 20 == 0:
             trace.append((now, limiter.limit))
         now += dt
@@ -752,8 +752,8 @@ def test_critical_bursts_at_the_top_of_the_limit_do_not_queue_inside_the_provide
     assert statistics.mean(settled) <= 66, statistics.mean(settled)
     assert min(settled) >= 60, min(settled)  # and not below the knee for it
     late = sorted(top_ttfts[len(top_ttfts) // 2:])
-    # 0.475-0.505 s in ten seeds; 0.555-0.78 s before
-    assert late[int(0.99 * len(late))] <= 0.54, late[int(0.99 * len(late))]
+    # 0.485-0.54 s in ten seeds; 0.555-0.78 s before
+    assert late[int(0.99 * len(late))] <= 0.55, late[int(0.99 * len(late))]
 
 
 def test_a_share_of_calls_slower_by_nature_is_not_a_queue() -> None:
