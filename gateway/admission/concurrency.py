@@ -415,6 +415,7 @@ class AdaptiveLimit:
         # Windows it stood out with the limit at its floor, since it was last quiet above it.
         self._top_stuck = 0
         self._top_off_until = -math.inf  # the top taken for slow by nature until then
+        self._top_took_probes = False  # the top took back a probe since the window's mean
 
     @property
     def limit(self) -> int:
@@ -673,15 +674,18 @@ class AdaptiveLimit:
         self._slow_start, self._stalled, self._progress_at = True, False, now
         self._bound_since, self._quickest_call, self._measuring = None, math.inf, True
         self._backoff = self._cuts = self._top_seen = self._top_stuck = 0
-        self._top_off_until = -math.inf
+        self._top_off_until, self._top_took_probes = -math.inf, False
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf
 
     def reconfigure(self, settings: ConcurrencySettings) -> None:
         """New bounds from a policy reload; the current limit is kept within them."""
         self._settings = settings
+        before = self._limit
         self._limit = min(float(settings.max_limit), max(float(settings.min_limit), self._limit))
-        self._top_anchor = min(self._top_anchor, self._limit)
+        if self._limit < before:  # in proportion, as any decrease but the top's (_set)
+            self._top_anchor *= self._limit / before
+        self._top_anchor = min(float(settings.max_limit), max(self._top_anchor, self._limit))
         self._window_limit = self._limit  # the window's top-up counts from here
         if settings.latency_brake is None:
             self._brake = None
@@ -797,21 +801,29 @@ class AdaptiveLimit:
         top = window.top_wait()
         self.top_queue = window.rate(elapsed) * max(0.0, top.wait_s) if top.z > _TOP_Z else 0.0
         floor = _TOP_FLOOR * self._top_anchor
-        stands_out = self.top_queue > tolerance and now >= self._top_off_until
+        # Only past slow start (which its own checks end), and only where the floor leaves the
+        # top a slot to take (a limit of 10 or more): below, the top signal does nothing.
+        acting = (not self._slow_start and self._top_anchor - floor >= 1.0
+                  and now >= self._top_off_until)
+        stands_out = acting and self.top_queue > tolerance
         # A queue at the top the limit can still act on: at its floor the top's calls hold
         # nothing back (growth, a probe's success).
         at_top = stands_out and self._limit - 1 >= floor
         if top.n >= _TOP_MIN:  # (too few top calls to tell: the counts stand)
             self._top_seen = self._top_seen + 1 if at_top else 0
-            if stands_out and not at_top:
-                self._top_stuck += 1
+            if stands_out and not at_top and queue <= tolerance:
+                self._top_stuck += 1  # (a queue the window's mean sees is no one's nature)
             elif not stands_out and self._limit - 1 >= floor:
                 self._top_stuck = 0  # quiet above its floor: the top's queue went away
             if self._top_stuck >= _TOP_STUCK:
                 self._top_off_until = now + _TOP_REST_S
                 self._top_stuck = self._top_seen = 0
-                # The probes it took back were no queue's: probe freely again.
-                self._probe_backoff, self._backoff = _PROBE_BACKOFF, 0
+                if self._top_took_probes:
+                    # The probes it took back were no queue's: probe freely again (a wait
+                    # that the window's mean set stays).
+                    self._probe_backoff = _PROBE_BACKOFF
+                    self._backoff = min(self._backoff, _PROBE_BACKOFF)
+                    self._top_took_probes = False
         if queue > tolerance:
             self._top_seen = 0  # the mean's cut (or hold) decides
             if now >= self._next_cut:
@@ -844,6 +856,7 @@ class AdaptiveLimit:
             if self._probing:  # our own probe, taken back at once: probe half as often
                 self._probe_backoff = min(2 * self._probe_backoff, _PROBE_BACKOFF_MAX)
                 self._backoff = self._probe_backoff
+                self._top_took_probes = True
             self._probing = 0
             return
         self._cuts = 0
@@ -918,6 +931,7 @@ class AdaptiveLimit:
         self._set(max(0.5 * used, used - (queue - 0.5 * tolerance)))
         # the provider queues here: the old limit was past its knee
         self._recover_to, self._recovering = None, False
+        self._top_took_probes = False  # the wait set below is the window's mean's
         self._last_decrease = now
         self._slow_start = False
         # A probe taken back at once: the knee has not moved, so probe it half as often (at
