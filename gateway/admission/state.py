@@ -42,6 +42,13 @@ _LEND_WAIT_MAX_S = 0.5
 _TOP_SLOTS = 2
 
 
+def _held_share(shares: tuple[float, ...]) -> float | None:
+    """The largest holdback share below a whole limit (None: every class may fill it): above
+    it only the classes with the whole limit go, the top (DeploymentState.at_top)."""
+    held = [share for share in shares if share < 1.0]
+    return max(held) if held else None
+
+
 def _lend_waits(policy: AdmissionPolicy) -> tuple[float, ...]:
     """Per class, the shortest queue target (seconds) of the classes above it, at most
     ``_LEND_WAIT_MAX_S``: how long a request of theirs may wait for a slot that this class was
@@ -253,6 +260,7 @@ class DeploymentState:
         # queue then is not the limit's to excuse (exploring).
         self.quota_held_until = [-math.inf] * len(Priority)
         self.shares = policy.classes.holdback_shares()  # read on every admission
+        self._held_share = _held_share(self.shares)
         self._lend_wait_s = _lend_waits(policy)
         # Per class: slot-seconds over its share the deployment has run since the class last
         # was within it (see cap); settled whenever the count in flight, the limit or the
@@ -264,6 +272,7 @@ class DeploymentState:
         settings = policy.concurrency_for(self.label)
         self.settle(now)  # the time so far at the old limit and shares
         self.shares = policy.classes.holdback_shares()
+        self._held_share = _held_share(self.shares)
         self._lend_wait_s = _lend_waits(policy)
         self.limiter.reconfigure(settings)
         if settings.pace_by_rate_headers and not self.pacing:
@@ -298,9 +307,8 @@ class DeploymentState:
         there, and hardly a call was sent into the last two."""
         limit = self.limiter.limit
         below = limit - _TOP_SLOTS
-        held = [share for share in self.shares if share < 1.0]
-        if held:
-            below = min(below, math.floor(max(held) * limit + 1e-9))
+        if self._held_share is not None:
+            below = min(below, math.floor(self._held_share * limit + 1e-9))
         return self.in_flight > below
 
     def await_first_token(self, granted_at: float, prompt_tokens: int) -> int:
