@@ -683,9 +683,7 @@ class AdaptiveLimit:
         self._settings = settings
         before = self._limit
         self._limit = min(float(settings.max_limit), max(float(settings.min_limit), self._limit))
-        if self._limit < before:  # in proportion, as any decrease but the top's (_set)
-            self._top_anchor *= self._limit / before
-        self._top_anchor = min(float(settings.max_limit), max(self._top_anchor, self._limit))
+        self._follow_anchor(before)
         self._window_limit = self._limit  # the window's top-up counts from here
         if settings.latency_brake is None:
             self._brake = None
@@ -963,9 +961,15 @@ class AdaptiveLimit:
         before = self._limit
         self._limit = min(float(s.max_limit), max(float(s.min_limit), value))
         if not top:
-            anchor = self._top_anchor * self._limit / before if self._limit < before else (
-                self._top_anchor)
-            self._top_anchor = max(anchor, self._limit)
+            self._follow_anchor(before)
+
+    def _follow_anchor(self, before: float) -> None:
+        """The top's anchor after the limit moved from ``before`` by anything but the top:
+        down in proportion, up once the limit passes it (_TOP_FLOOR)."""
+        if self._limit < before:
+            self._top_anchor *= self._limit / before
+        self._top_anchor = min(float(self._settings.max_limit),
+                               max(self._top_anchor, self._limit))
 
 
 class _LatencyBrake:
