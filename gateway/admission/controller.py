@@ -110,6 +110,7 @@ class AdmissionController:
         self._roll(state, now)
         permit = self._grant_now(state, req, now)
         if permit is not None:
+            state.arrived(req.priority, now)
             return permit
         if state.in_flight >= state.cap(req.priority, now):
             state.slots_full_at = now
@@ -122,6 +123,9 @@ class AdmissionController:
             shed_at, reason = now + target_s, None
         if reason is not None:
             self._refuse(state, req, reason, now)  # raises unless in shadow mode
+        # Present from now (the classes below hold their reserve for it): a request refused
+        # at once does not count, or a trickle of them would hold the reserve for nothing.
+        state.arrived(req.priority, now)
         entry = QueueEntry(req, now, asyncio.get_running_loop().create_future(), shed_at=shed_at)
         state.queues[req.priority].push(entry)
         self._arm(state, entry, now)
@@ -141,7 +145,10 @@ class AdmissionController:
         now = self._clock()
         state = self._state(deployment)
         self._roll(state, now)
-        return self._grant_now(state, req, now)
+        permit = self._grant_now(state, req, now)
+        if permit is not None:
+            state.arrived(req.priority, now)
+        return permit
 
     def free_slots(self, deployment: str, priority: Priority) -> int:
         """How many requests of ``priority`` ``try_acquire`` would grant now: slots within the
@@ -422,7 +429,8 @@ class AdmissionController:
         in flight, no release would wake the queue."""
         wait = state.pace.wait_s(state.shares[priority], now)
         state.hold_for_quota(priority, now + wait)
-        self._wake(state, wait)
+        # a class above going away leaves this one a larger share of the quota: look again then
+        self._wake(state, min(wait, state.shares_change_in(now)))
 
     def _wake(self, state: DeploymentState, wait: float) -> None:
         """Dispatch again in ``wait`` seconds (one timer per deployment, the earliest kept)."""

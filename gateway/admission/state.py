@@ -40,12 +40,21 @@ _PAID = 1e-9  # slot-seconds owed that count as none (float sums do not return t
 _LEND_WAIT_MAX_S = 0.5
 # The top of the limit is at least its last this many slots (DeploymentState.at_top).
 _TOP_SLOTS = 2
+def _effective(shares: tuple[float, ...], present: list[bool]) -> tuple[float, ...]:
+    """Each class's holdback share, or the whole limit when no class above it is present."""
+    out: list[float] = []
+    above = False
+    for share, here in zip(shares, present, strict=True):
+        out.append(share if above else 1.0)
+        above = above or here
+    return tuple(out)
 
 
-def _held_share(shares: tuple[float, ...]) -> float | None:
-    """The largest holdback share below a whole limit (None: every class may fill it): above
-    it only the classes with the whole limit go, the top (DeploymentState.at_top)."""
-    held = [share for share in shares if share < 1.0]
+def _held_share(shares: tuple[float, ...], present: list[bool]) -> float | None:
+    """The largest holdback share below a whole limit among the classes present (None: each
+    may fill it): above it only the classes with the whole limit go, the top
+    (DeploymentState.at_top)."""
+    held = [share for share, here in zip(shares, present, strict=True) if here and share < 1.0]
     return max(held) if held else None
 
 
@@ -259,8 +268,15 @@ class DeploymentState:
         # Per class, until when the provider's quota (as paced) holds its requests back: a
         # queue then is not the limit's to excuse (exploring).
         self.quota_held_until = [-math.inf] * len(Priority)
-        self.shares = policy.classes.holdback_shares()  # read on every admission
-        self._held_share = _held_share(self.shares)
+        # The policy's holdback shares; per class, until when it is present (arrived); and
+        # the shares in force (read on every admission): a class's own, or the whole limit
+        # while no class above it is present, until _shares_until.
+        self._configured = policy.classes.holdback_shares()
+        self._memory_s = policy.holdback_memory_s
+        self._present_until = [-math.inf] * len(Priority)
+        self.shares = _effective(self._configured, self._present(now))
+        self._held_share: float | None = None
+        self._shares_until = math.inf
         self._lend_wait_s = _lend_waits(policy)
         # Per class: slot-seconds over its share the deployment has run since the class last
         # was within it (see cap); settled whenever the count in flight, the limit or the
@@ -271,13 +287,54 @@ class DeploymentState:
     def reconfigure(self, policy: AdmissionPolicy, now: float) -> None:
         settings = policy.concurrency_for(self.label)
         self.settle(now)  # the time so far at the old limit and shares
-        self.shares = policy.classes.holdback_shares()
-        self._held_share = _held_share(self.shares)
+        self._configured = policy.classes.holdback_shares()
+        if policy.holdback_memory_s != self._memory_s:  # presence counts from the last request
+            self._present_until = [until - self._memory_s + policy.holdback_memory_s
+                                   for until in self._present_until]
+            self._memory_s = policy.holdback_memory_s
+        self._refresh_shares(now, force=True)
         self._lend_wait_s = _lend_waits(policy)
         self.limiter.reconfigure(settings)
         if settings.pace_by_rate_headers and not self.pacing:
             self.pace = ProviderPace()  # nothing was counted while off: start afresh
         self.pacing = settings.pace_by_rate_headers
+
+    def _present(self, now: float) -> list[bool]:
+        return [now < until for until in self._present_until]
+
+    def arrived(self, priority: Priority, now: float) -> None:
+        """A request of ``priority`` was granted a slot or queued for one at the deployment
+        (the controller's call): the class is present for ``holdback_memory_s``, and the
+        classes below hold their reserve for it.
+
+        Holdback keeps slots free for the classes above, so their bursts find one at once;
+        kept for a class that sends nothing, that reserve is capacity nobody uses. Most
+        users send one class (a tenant's ``default_priority``, ``normal``): its 0.85 share
+        held 15 % of the provider for critical calls that never came, or (with the adaptive
+        limit, which grew until normal's share found the knee) put the reserve past the knee
+        for the critical calls that did."""
+        was = self._present_until[priority]
+        self._present_until[priority] = now + self._memory_s
+        if was <= now:
+            self._refresh_shares(now, force=True)
+
+    def _refresh_shares(self, now: float, force: bool = False) -> None:
+        """The shares in force after a class arrived or its presence lapsed (settled first:
+        what a class owes was run up at the shares before)."""
+        if not force and now < self._shares_until:
+            return
+        present = self._present(now)
+        shares = _effective(self._configured, present)
+        if shares != self.shares:
+            self.settle(now)
+            self.shares = shares
+        self._held_share = _held_share(shares, present)
+        self._shares_until = min((until for until in self._present_until if until > now),
+                                 default=math.inf)
+
+    def shares_change_in(self, now: float) -> float:
+        """Seconds until a class's presence lapses and the shares may rise (inf: none)."""
+        return max(0.0, self._shares_until - now)
 
     def hold_for_quota(self, priority: Priority, until: float) -> None:
         """The quota holds ``priority`` back until ``until``; the classes below keep larger
@@ -288,10 +345,12 @@ class DeploymentState:
 
     def quota_allows(self, priority: Priority, now: float) -> bool:
         """Whether the provider's quota, as paced, lets the class send now."""
+        self._refresh_shares(now)
         return not self.pacing or self.pace.allows(self.shares[priority], now)
 
     def take(self, priority: Priority, now: float) -> int:
         """A slot taken; the request's sequence number in the paced quota (-1: not paced)."""
+        self._refresh_shares(now)
         self.settle(now)
         self.in_flight += 1
         self.in_flight_by_class[priority] += 1
@@ -418,6 +477,7 @@ class DeploymentState:
         wait (one over the rate calls end) is within the queue target of every class above:
         with calls of a minute at a small limit, the whole slot stays held for them.
         """
+        self._refresh_shares(now)
         if self.shares[priority] >= 1.0:
             return self.limiter.limit
         whole, fraction = self._slots(priority)

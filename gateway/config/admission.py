@@ -291,6 +291,14 @@ class AdmissionPolicy(StrictModel):
         "a run in progress: cohort shedding spares it until the level passes its whole class; "
         "0: no run is spared. X-Agent-Step is not trusted for this (a client could set it)",
     )
+    holdback_memory_s: PositiveFloat = Field(
+        default=60.0,
+        description="a class holds back its reserve (1 - holdback_share of the limit and of "
+        "the provider's quota) only while a class above it has had a request granted or "
+        "queued at the deployment within this many seconds; otherwise it may fill the whole "
+        "limit, so a tenant that sends one class gets all of the provider. Raise it where a "
+        "rare class above must always find a free slot at once",
+    )
     ttft_prior_s: PositiveFloat = Field(
         default=1.0,
         description="expected time to first byte of a deployment before any is measured",

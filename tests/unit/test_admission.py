@@ -65,6 +65,14 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+def present(ctl: AdmissionController, clock: FakeClock, *classes: Priority,
+            deployment: str = DEP) -> None:
+    """Requests of ``classes`` came for the deployment just now: the classes below hold their
+    reserve for them (for a minute)."""
+    for priority in classes:
+        ctl._state(deployment).arrived(priority, clock.now)
+
+
 def in_flight(ctl: AdmissionController) -> int:
     value: int = ctl.snapshot()["deployments"][DEP]["in_flight"]
     return value
@@ -180,6 +188,7 @@ async def test_free_slot_is_granted_at_once_and_release_is_idempotent() -> None:
 async def test_holdback_normal_queues_at_85_percent_while_critical_gets_a_slot_at_once() -> None:
     clock = FakeClock()
     ctl = make(clock, limit=20)
+    present(ctl, clock, C)
     normal = await fill(ctl, clock, 17, N)  # 85% of 20
     waiting = asyncio.create_task(ctl.acquire(DEP, req(clock, N)))
     await settle()
@@ -197,6 +206,37 @@ async def test_holdback_normal_queues_at_85_percent_while_critical_gets_a_slot_a
     got = [await waiting, await low]
     assert in_flight(ctl) == 2
     for permit in got:
+        permit.release("success")
+
+
+async def test_a_class_alone_fills_the_limit_and_keeps_its_reserve_while_a_class_above_comes(
+) -> None:
+    """Most tenants send one class (``normal``, by default): a reserve held for critical calls
+    that never come is 15 % of the provider unused. Normal fills the whole limit while no
+    class above it has come for a minute; once a critical request comes, the critical request
+    gets the next slot and normal keeps to its share again; a minute after critical's last
+    request, normal has the whole limit again."""
+    clock = FakeClock()
+    ctl = make(clock, limit=20)
+    normal = await fill(ctl, clock, 20, N)
+    assert ctl.snapshot()["deployments"][DEP]["classes"]["normal"]["slots"] == 20
+    critical = asyncio.create_task(ctl.acquire(DEP, req(clock, C)))
+    await settle()
+    assert not critical.done()  # every slot was lent: it waits for the next to end
+    normal.pop().release("success")
+    await settle()
+    assert critical.done()
+    for _ in range(3):
+        normal.pop().release("success")
+    assert in_flight(ctl) == 17  # 16 normal and the critical call: normal's 0.85 of 20
+    assert ctl.try_acquire(DEP, req(clock, N)) is None
+    assert ctl.snapshot()["deployments"][DEP]["classes"]["normal"]["slots"] == 17
+    clock.now += 59.0
+    assert ctl.try_acquire(DEP, req(clock, N)) is None  # critical came within the minute
+    clock.now += 1.5
+    again = ctl.try_acquire(DEP, req(clock, N))
+    assert again is not None
+    for permit in [*normal, critical.result(), again]:
         permit.release("success")
 
 
@@ -218,6 +258,7 @@ async def test_a_share_between_whole_slots_is_that_fraction_of_the_time_in_the_l
     horizon = 600.0
     end_at = clock.now + horizon
     while clock.now < end_at:
+        present(ctl, clock, C)
         while (permit := ctl.try_acquire(DEP, req(clock, H))) is not None:
             calls.append((clock.now + rng.uniform(0.1, 0.5), permit))
         owed = state.owed_s(H, clock.now)
@@ -254,6 +295,7 @@ def test_the_partial_slot_is_lent_only_while_critical_would_wait_under_half_a_se
     clock = FakeClock()
     ctl = pinned(clock, 16)
     state = ctl._state(DEP)
+    present(ctl, clock, C)
     calls_ending(ctl, clock, 1.25)
     assert state.cap(H, clock.now) == 15
     calls_ending(ctl, clock, 4.0)
@@ -267,6 +309,7 @@ async def test_the_last_partial_slot_comes_back_when_its_time_is_repaid() -> Non
     may take it at any time."""
     clock = FakeClock()
     ctl = pinned(clock, 4)
+    present(ctl, clock, C)
     calls_ending(ctl, clock, 10.0)  # short calls: a critical request would wait ~0.1 s
     held = await fill(ctl, clock, 3, H)
     fourth = ctl.try_acquire(DEP, req(clock, H))
@@ -300,6 +343,7 @@ async def test_the_partial_slot_is_not_lent_while_calls_are_long() -> None:
     wait seconds for one: high keeps to 3 slots and the fourth stays free for critical."""
     clock = FakeClock()
     ctl = pinned(clock, 4)
+    present(ctl, clock, C)
     calls_ending(ctl, clock, 4 / 30)
     held = await fill(ctl, clock, 3, H)
     assert ctl.try_acquire(DEP, req(clock, H)) is None
@@ -316,15 +360,20 @@ async def test_a_long_lent_call_is_repaid_in_full() -> None:
     of the time instead of 80 %)."""
     clock = FakeClock()
     ctl = pinned(clock, 4)
+    present(ctl, clock, C)
     calls_ending(ctl, clock, 10.0)
     permits = await fill(ctl, clock, 3, H)
     fourth = ctl.try_acquire(DEP, req(clock, H))
     assert fourth is not None
-    clock.now += 60.0
+    clock.now += 30.0
+    present(ctl, clock, C)  # critical keeps coming (else high may fill every slot)
+    clock.now += 30.0
+    present(ctl, clock, C)
     fourth.release("success")
     calls_ending(ctl, clock, 10.0)
     clock.now += 14.9
     calls_ending(ctl, clock, 10.0)
+    present(ctl, clock, C)
     assert ctl.try_acquire(DEP, req(clock, H)) is None
     clock.now += 0.2
     again = ctl.try_acquire(DEP, req(clock, H))
@@ -771,6 +820,7 @@ async def test_observer_sees_queue_delay_and_sheds() -> None:
 async def test_per_deployment_override_and_snapshot_shape() -> None:
     clock = FakeClock()
     ctl = make(clock, limit=20, deployments={"local/llama": {"initial_limit": 3, "max_limit": 3}})
+    present(ctl, clock, C, deployment="local/llama")
     permit = await ctl.acquire("local/llama", req(clock))
     await ctl.acquire(DEP, req(clock))
     snap = ctl.snapshot()

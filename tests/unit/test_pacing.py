@@ -210,6 +210,7 @@ async def test_a_spent_quota_queues_requests_and_refills_go_to_the_highest_class
 async def test_critical_finds_the_reserve_the_lower_classes_leave() -> None:
     clock = FakeClock()
     ctl = make(clock)
+    ctl._state(DEP).arrived(C, clock.now)  # the classes below keep its reserve for it
     ctl.observe_rate(DEP, openai_headers(6000, 100))  # reserves of low 30, normal 15, high 5
     low = [await ctl.acquire(DEP, ask(clock, L)) for _ in range(70)]  # down to 30 left
     waiting = asyncio.create_task(ctl.acquire(DEP, ask(clock, L)))
@@ -266,6 +267,8 @@ async def test_a_wait_for_the_quota_is_overload_while_the_limit_still_explores()
 async def test_free_slots_count_the_quota_for_deferred_runs() -> None:
     clock = FakeClock()
     ctl = make(clock)
+    assert ctl.free_slots(DEP, L) == 100  # no class above it has come: the whole limit
+    ctl._state(DEP).arrived(C, clock.now)
     assert ctl.free_slots(DEP, L) == 70  # 70 % of a limit of 100
     ctl.observe_rate(DEP, openai_headers(6000, 100))  # low's reserve is 30
     assert ctl.free_slots(DEP, L) == 70
