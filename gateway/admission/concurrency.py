@@ -50,11 +50,6 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   queue less half the tolerance (the slots past the knee, one at least), never below ``_TOP_FLOOR`` of where the rest of this logic left it; a top that keeps
   standing out at that floor is taken for calls slow by nature (one tenant's, sent in the
   class holdback lets through last) and left alone for ``_TOP_REST_S``;
-- the slots nobody tried: the lower classes alone, held back at their shares, grow the limit
-  until their shares of it find the knee, and the reserve above lies past it. The first call
-  at the top after windows in which only they filled it (``reached_top``, from admission at
-  the grant) takes the limit down to what they had in flight, so the rest of a burst queues
-  in the gateway, critical first, not inside the provider;
 - growth is a slow start until the first decrease or hold, then additive (``increase_step``
   per window). Slow start grows per call, only while the demand fills the limit: half a slot
   per first token that came on time (``_slow_start_step``), x1.5 a round trip, topped up to
@@ -103,11 +98,6 @@ class CallsInFlight(Protocol):
         """Streamed calls in flight that have waited for their first token past
         ``OVERDUE_FACTOR`` times the no-load expectation (``baseline_s`` plus ``prefill_s``
         per thousand prompt tokens)."""
-        ...
-
-    def top_used_since(self, since: float) -> bool:
-        """Whether a call took a slot at the top of the limit (above every holdback share in
-        force, or into its last two slots) at ``since`` or later."""
         ...
 
 
@@ -426,10 +416,6 @@ class AdaptiveLimit:
         self._top_stuck = 0
         self._top_off_until = -math.inf  # the top taken for slow by nature until then
         self._top_took_probes = False  # the top took back a probe since the window's mean
-        # (when, level) of the recent windows without a queue: the calls in flight where the
-        # lower classes alone were held back at their shares, the whole limit where calls at
-        # its top went through without standing out (reached_top).
-        self._tried: deque[tuple[float, float]] = deque()
 
     @property
     def limit(self) -> int:
@@ -740,7 +726,6 @@ class AdaptiveLimit:
         if now - self._last_decrease < s.decision_window_s:
             return
         target = self._limit * s.decrease_factor
-        self._tried.clear()  # the provider complained of what was tried: try afresh
         if self._recovering:
             self._recover_to, self._recovering = None, False
         elif self._recover_to is None:
@@ -856,9 +841,7 @@ class AdaptiveLimit:
                 self._decrease_on_queue(now, queue, tolerance, level, (mean_ttft, mean_prompt),
                                         _Moments.of_scatter(noise, window.n),
                                         min(self._limit, used))
-            self._tried.clear()
             return
-        self._note_tried(now, demand, window.start, stands_out)
         if (at_top and self._top_seen >= _TOP_WINDOWS and not self._slow_start
                 and now >= self._next_cut):
             self._top_seen = 0
@@ -917,60 +900,6 @@ class AdaptiveLimit:
             # hold it: they may be one tenant's)
         elif self._slow_start and demand >= self.limit:
             self._stalled = True  # held by overdue calls: no longer finding capacity
-
-    def reached_top(self, now: float) -> None:
-        """A call just took a slot at the top of the limit (admission's
-        ``DeploymentState.at_top``): if only the lower classes, held back at their shares,
-        filled the limit of late, take it down to the most calls in flight they had (plus
-        half the tolerance) before the rest of the burst goes to the provider.
-
-        With holdback a class refused at its share counts as demand for the whole limit (else
-        a class alone could never raise it), so the lower classes alone grow the limit until
-        their shares of it find the knee, and the reserve above lies past it, tried by nobody.
-        Traced at 64 slots (bench/overload.py --trace): the limit at 77-86 while 57-66 calls
-        were in flight, then a burst of critical and high calls filled it and waited inside
-        the provider, 8-11 deep, where priority means nothing, for the second or two until
-        the window's mean cut it. Now the rest of such a burst queues in the gateway, critical
-        first, and goes to the provider as calls end. Windows whose top calls went through
-        without standing out count the whole limit as tried (``_note_tried``). Only slots
-        untried by more than the tolerance and a step of growth count (else growth itself,
-        a step a window past what the last window tried, would be taken back at small
-        limits), and a return after errors goes back to a limit tried before them."""
-        if self._slow_start or self._recover_to is not None or not self._tried:
-            return
-        self._forget_tried(now)
-        if not self._tried:
-            return
-        s = self._settings
-        level = max(level for _, level in self._tried)
-        tolerance = self._tolerance()
-        target = max(float(s.min_limit), level + 0.5 * tolerance)
-        if self._limit - level > max(tolerance, s.increase_step) + 1 and target < self._limit:
-            self._tried.clear()
-            self._set(target)
-            # its effect shows once the calls sent past the knee have their first tokens
-            self._next_cut = now + s.decision_window_s + (
-                self._rest_at[0] if self._rest_at is not None else 0.0)
-            self._top_seen = self._probing = 0
-
-    def _forget_tried(self, now: float) -> None:
-        tried, horizon = self._tried, now - self._settings.baseline_window_s
-        while tried and tried[0][0] < horizon:
-            tried.popleft()
-
-    def _note_tried(self, now: float, demand: int, since: float, stands_out: bool) -> None:
-        """Remember what a window without a queue above the tolerance tried (reached_top): the
-        calls in flight where the lower classes alone were held back at their shares, the
-        whole limit where calls at its top went through without standing out. Nothing in
-        slow start or during a return after errors (the limit moves by whole windows)."""
-        if self._calls is None or self._slow_start or self._recover_to is not None:
-            return
-        self._forget_tried(now)
-        if self._calls.top_used_since(since):
-            if not stands_out:
-                self._tried.append((now, self._limit))
-        elif demand >= self.limit:  # the lower classes alone, held back at their shares
-            self._tried.append((now, float(self._calls.in_flight)))
 
     def _decrease_on_queue(self, now: float, queue: float, tolerance: float, level: float,
                            means: tuple[float, float], moments: _Moments,

@@ -260,14 +260,8 @@ class AdmissionController:
             horizon = now - self._policy.run_memory_s
             while runs and (len(runs) > _RUN_MEMORY_MAX or next(iter(runs.values())) < horizon):
                 runs.popitem(last=False)
-        permit = Permit(state, req, now, queued_s, self._release, self._observe_rate,
-                        self._first_token, seq)
-        if permit.at_top:  # the limit may hold the rest of a burst here (reached_top)
-            before = state.limiter.limit
-            state.limiter.reached_top(now)
-            if state.limiter.limit != before:  # (take settled the debts at ``now``)
-                self._observer.on_limit(state.label, state.limiter.limit)
-        return permit
+        return Permit(state, req, now, queued_s, self._release, self._observe_rate,
+                      self._first_token, seq)
 
     def _in_progress(self, req: AdmissionRequest, now: float) -> bool:
         """A later step of a run: a session this replica admitted within run_memory_s."""
@@ -408,8 +402,8 @@ class AdmissionController:
             queue = state.queues[priority]
             if not queue:
                 continue
-            # (each grant may lower the limit: AdaptiveLimit.reached_top)
-            while queue and state.in_flight < state.cap(priority, now):
+            cap = state.cap(priority, now)
+            while queue and state.in_flight < cap:
                 if not state.quota_allows(priority, now):
                     self._arm_pace(state, priority, now)
                     return  # lower classes keep larger reserves: they cannot go either

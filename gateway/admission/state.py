@@ -160,11 +160,6 @@ class Permit:
     def released(self) -> bool:
         return self._released
 
-    @property
-    def at_top(self) -> bool:
-        """Whether the call took a slot at the top of the limit (``DeploymentState.at_top``)."""
-        return self._at_top
-
     def observe_rate(self, headers: Mapping[str, str], status: int) -> None:
         """The upstream answered (any status): the request quota its headers report, if any,
         paces the deployment's next requests (admission/pacing.py). Call before ``release``."""
@@ -270,8 +265,6 @@ class DeploymentState:
         # When a request last found its class's slots full (it queued or was shed): the limit
         # was what held it back, whatever the count of requests in flight says (see demand).
         self.slots_full_at = -math.inf
-        # When a call last took a slot at the top of the limit (top_used_since).
-        self.top_at = -math.inf
         # Per class, until when the provider's quota (as paced) holds its requests back: a
         # queue then is not the limit's to excuse (exploring).
         self.quota_held_until = [-math.inf] * len(Priority)
@@ -361,14 +354,7 @@ class DeploymentState:
         self.settle(now)
         self.in_flight += 1
         self.in_flight_by_class[priority] += 1
-        if self.at_top():
-            self.top_at = now
         return self.pace.take(now) if self.pacing else -1
-
-    def top_used_since(self, since: float) -> bool:
-        """Whether a call took a slot at the top of the limit (``at_top``) at ``since`` or
-        later: the limit counts its slots as tried (``AdaptiveLimit.reached_top``)."""
-        return self.top_at >= since
 
     def at_top(self) -> bool:
         """Whether the calls in flight now (the one just taken counted) reach the top of the

@@ -240,29 +240,6 @@ async def test_a_class_alone_fills_the_limit_and_keeps_its_reserve_while_a_class
         permit.release("success")
 
 
-async def test_the_limit_hears_whether_calls_used_its_top() -> None:
-    """The limit counts its slots as tried when calls took its top (concurrency.py,
-    AdaptiveLimit.reached_top): admission says when a call last took a slot above the shares
-    of the classes present, or into the last two slots where nothing holds one below."""
-    clock = FakeClock()
-    ctl = make(clock, limit=20)
-    state = ctl._state(DEP)
-    alone = await fill(ctl, clock, 18, N)  # normal alone may fill the limit
-    assert not state.top_used_since(0.0)
-    alone.append(await ctl.acquire(DEP, req(clock, N)))  # the 19th: its last two slots
-    assert state.top_used_since(clock.now)
-    clock.now += 1.0
-    present(ctl, clock, C, H)  # high's 0.95 of 20: the top is above 19 (the last two slots)
-    for permit in alone[:3]:
-        permit.release("success")
-    held = [await ctl.acquire(DEP, req(clock, H)), await ctl.acquire(DEP, req(clock, C))]
-    assert in_flight(ctl) == 18 and not state.top_used_since(clock.now)
-    top = await ctl.acquire(DEP, req(clock, C))  # 19 of 20
-    assert state.top_used_since(clock.now) and not state.top_used_since(clock.now + 0.1)
-    for permit in [*alone[3:], *held, top]:
-        permit.release("success")
-
-
 def pinned(clock: FakeClock, limit: int) -> AdmissionController:
     return make(clock, concurrency={"min_limit": limit, "initial_limit": limit,
                                     "max_limit": limit})

@@ -224,16 +224,8 @@ class SlotUpstream:
         self.first_tokens: list[tuple[float, float, int, bool | None]] = []
         self.sent = 0
         self.served = 0
-        # Whether the gateway holds classes below its limit (calls sent with ``top`` known),
-        # and when it last sent one at the top (GatewayView.top_used_since).
-        self.held = False
-        self.top_at = -math.inf
 
     def send(self, now: float, top: bool | None = None, slower: float = 1.0) -> None:
-        if top is not None:
-            self.held = True
-            if top:
-                self.top_at = now
         prompt = int(self.rng.lognormvariate(math.log(300), 0.8))
         self.waiting.append((now, prompt, len(self.waiting), top, slower))
         self.sent += 1
@@ -387,9 +379,6 @@ def test_one_stream_stuck_for_its_first_token_does_not_freeze_the_limit() -> Non
         def overdue(self, now: float, baseline_s: float, prefill_s: float) -> int:
             return self.count
 
-        def top_used_since(self, since: float) -> bool:
-            return True  # no holdback
-
     for stuck, grows in ((1, True), (3, False)):
         limiter = AdaptiveLimit(defaults(initial_limit=10), now=0.0, calls=Stuck(stuck))
         now = 0.0
@@ -433,9 +422,6 @@ class GatewayView:
                      if at > now]
         return sum(1 for sent, prompt in awaiting
                    if now - sent > OVERDUE_FACTOR * (baseline_s + prefill_s * prompt / 1000))
-
-    def top_used_since(self, since: float) -> bool:
-        return self.upstream.top_at >= since
 
 
 def test_the_limit_learns_from_first_tokens_before_long_calls_end() -> None:
@@ -514,9 +500,6 @@ def test_a_slow_start_that_no_longer_grows_is_not_exploring() -> None:
 
         def overdue(self, now: float, baseline_s: float, prefill_s: float) -> int:
             return 5 if now > 2.5 else 0
-
-        def top_used_since(self, since: float) -> bool:
-            return True  # no holdback
 
     limiter = AdaptiveLimit(defaults(initial_limit=10), now=0.0, calls=Stuck())
     now = 0.0
@@ -720,22 +703,18 @@ def test_finds_the_knee_through_first_tokens_that_scatter(jitter: Jitter, slots:
 
 def drive_holdback(limiter: AdaptiveLimit, upstream: SlotUpstream, seconds: float,
                    top_slower: tuple[float, float] = (0.0, 1.0),
-                   change: Callable[[float], None] | None = None,
-                   held: Callable[[float], float] = lambda now: 0.95,
-                   bursts: Callable[[float], bool] | None = None,
-                   top_ttfts: list[tuple[float, float]] | None = None) -> tuple[
+                   change: Callable[[float], None] | None = None) -> tuple[
                        list[tuple[float, int]], list[float]]:
     """Demand shaped by holdback, as admission's classes make it: the lower classes keep
-    ``held(now)`` (95 %) of the limit busy, and bursts of critical calls fill the rest in the
-    first tenth of every second (of the seconds ``bursts(now)`` says, if given). First tokens are
-    reported as they come, with the slots the limit had left when each call was sent.
-    ``top_slower`` (share, factor): that share of the calls sent above the lower classes'
-    share are that much slower by nature (one tenant's, say). ``change(now)`` is called
-    every step, as for ``drive``. Returns (time, limit) every 0.1 s, and the first tokens of
-    the calls sent at the top; ``top_ttfts``, if given, gets them with when they came."""
+    95 % of the limit busy, and bursts of critical calls fill the rest in the first tenth of
+    every second. First tokens are reported as they come, with the slots the limit had left
+    when each call was sent. ``top_slower`` (share, factor): that share of the calls sent
+    above the lower classes' 95 % are that much slower by nature (one tenant's, say).
+    ``change(now)`` is called every step, as for ``drive``. Returns (time, limit) every
+    0.1 s, and the first tokens of the calls sent at the top."""
     share, factor = top_slower
     now, dt, trace, step = 0.0, 0.005, [], 0
-    top_ttfts_only: list[float] = []
+    top_ttfts: list[float] = []
     rng = random.Random(11)
     while now < seconds:
         if change is not None:
@@ -747,24 +726,17 @@ def drive_holdback(limiter: AdaptiveLimit, upstream: SlotUpstream, seconds: floa
             _at, ttft, prompt, top = heapq.heappop(upstream.first_tokens)
             limiter.on_first_token(now, ttft, prompt, ENDLESS, top)
             if top:
-                top_ttfts_only.append(ttft)
-                if top_ttfts is not None:
-                    top_ttfts.append((now, ttft))
-        burst = now % 1.0 < 0.1 and (bursts is None or bursts(now))
-        while True:  # the top: above the lower classes' share
-            below = int(held(now) * limiter.limit)
-            if upstream.in_flight >= (limiter.limit if burst else below):
-                break
+                top_ttfts.append(ttft)
+        below = int(0.95 * limiter.limit)
+        cap = limiter.limit if now % 1.0 < 0.1 else below
+        while upstream.in_flight < cap:  # the top: above the lower classes' 95 %
             slower = factor if upstream.in_flight >= below and rng.random() < share else 1.0
-            top = upstream.in_flight + 1 > min(below, limiter.limit - 2)
-            upstream.send(now, top, slower)
-            if top:
-                limiter.reached_top(now)
+            upstream.send(now, upstream.in_flight + 1 > min(below, limiter.limit - 2), slower)
         if step % 20 == 0:
             trace.append((now, limiter.limit))
         now += dt
         step += 1
-    return trace, top_ttfts_only
+    return trace, top_ttfts
 
 
 def test_critical_bursts_at_the_top_of_the_limit_do_not_queue_inside_the_provider() -> None:
@@ -783,50 +755,6 @@ def test_critical_bursts_at_the_top_of_the_limit_do_not_queue_inside_the_provide
     # 0.475-0.50 s in ten seeds; 0.485-0.54 s while the top counted from the whole tolerance
     # (0.52 in this one); 0.555-0.78 s before the top was watched
     assert late[int(0.99 * len(late))] <= 0.5, late[int(0.99 * len(late))]
-
-
-def test_a_burst_after_the_lower_classes_alone_queues_in_the_gateway_not_the_provider() -> None:
-    """With holdback a class refused at its share counts as demand for the whole limit (or a
-    class alone could never raise it). Between critical bursts, low's calls (0.7 of the limit)
-    alone took the limit until low's share of it found the knee: 95-104 of 64 slots, the
-    reserve above past the knee, and when the bursts came back they went to the provider and
-    waited there: their first tokens' p90 0.47-0.99 s for 0.4 s at rest (ten seeds). The first
-    call at the top now takes the limit down to what the lower classes had in flight, so the
-    rest of the burst waits in the gateway for calls to end: 0.40-0.50 s."""
-    upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2, service_spread=0.3, per_ahead_s=0)
-    limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
-    tops: list[tuple[float, float]] = []
-
-    def critical(now: float) -> bool:
-        return now < 100 or now >= 240
-
-    trace, _ = drive_holdback(limiter, upstream, 250.0, top_ttfts=tops, bursts=critical,
-                              held=lambda now: 0.95 if critical(now) else 0.7)
-    assert max(limit for t, limit in trace if t < 240) > 90  # the lower classes' doing
-    assert max(limit for t, limit in trace if t >= 241) <= 75
-    back = sorted(ttft for at, ttft in tops if at >= 240)
-    assert len(back) > 20 and back[int(0.9 * len(back))] <= 0.5, back[-10:]
-
-
-def test_calls_at_the_top_do_not_undo_a_return_after_errors() -> None:
-    """A class alone fills the limit, so its calls take its last two slots, the top. After
-    errors the limit returns x1.5 a window to one decrease below where it stood; each step of
-    that return is above what the windows before it tried, and must not be taken for slots
-    nobody tried (AdaptiveLimit.reached_top), nor may the windows of the return count as
-    what was tried once it is over."""
-    upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2, service_spread=0.3, per_ahead_s=0)
-    limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
-    errors = [60.0, 61.0, 62.0, 63.0, 64.0, 65.0]
-
-    def change(now: float) -> None:
-        while errors and now >= errors[0]:
-            limiter.on_sample(errors.pop(0), "overload", ENDLESS)
-
-    trace, _ = drive_holdback(limiter, upstream, 100.0, change=change, held=lambda now: 1.0)
-    before = statistics.mean(limit for t, limit in trace if 40 <= t < 60)
-    low = min(limit for t, limit in trace if t >= 60)
-    back = statistics.mean(limit for t, limit in trace if 72 <= t < 80)
-    assert low <= 0.6 * before and back >= 0.85 * before, (before, low, back)
 
 
 def test_a_share_of_calls_slower_by_nature_is_not_a_queue() -> None:
