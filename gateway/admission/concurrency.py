@@ -46,8 +46,8 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   provider while the window's mean stays within the tolerance. The first tokens of calls
   sent at the top (admission's ``DeploymentState.at_top``) are ranked against the others' of the same
   window (``_Window.top_wait``); when they stand out, in two windows in a row, and the wait
-  they had is a queue above half the tolerance (where growth stops), the limit drops by that
-  queue less half the tolerance (the slots past the knee, one at least), never below ``_TOP_FLOOR`` of where the rest of this logic left it; a top that keeps
+  they had is a queue above the tolerance, the limit drops by that queue (the slots past the
+  knee), never below ``_TOP_FLOOR`` of where the rest of this logic left it; a top that keeps
   standing out at that floor is taken for calls slow by nature (one tenant's, sent in the
   class holdback lets through last) and left alone for ``_TOP_REST_S``;
 - growth is a slow start until the first decrease or hold, then additive (``increase_step``
@@ -803,11 +803,7 @@ class AdaptiveLimit:
         # top a slot to take (a limit of 10 or more): below, the top signal does nothing.
         acting = (not self._slow_start and self._top_anchor - floor >= 1.0
                   and now >= self._top_off_until)
-        # From half the tolerance, where growth stops: at the whole tolerance a limit of 69
-        # at 64 slots held, the top's queue at 1.5-2.2 of 2.1, critical waiting behind 1-3
-        # calls inside the provider. Calls slow by nature at the top cost no more for it:
-        # the floor bounds them.
-        stands_out = acting and self.top_queue > 0.5 * tolerance
+        stands_out = acting and self.top_queue > tolerance
         # A queue at the top the limit can still act on: at its floor the top's calls hold
         # nothing back (growth, a probe's success).
         at_top = stands_out and self._limit - 1 >= floor
