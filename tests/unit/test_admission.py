@@ -218,7 +218,10 @@ async def test_a_class_alone_fills_the_limit_and_keeps_its_reserve_while_a_class
     request, normal has the whole limit again."""
     clock = FakeClock()
     ctl = make(clock, limit=20)
-    normal = await fill(ctl, clock, 20, N)
+    normal = await fill(ctl, clock, 17, N)
+    extra = [ctl.try_acquire(DEP, req(clock, N)) for _ in range(3)]
+    assert None not in extra  # (held at its share, 17 of 20)
+    normal += [permit for permit in extra if permit is not None]
     assert ctl.snapshot()["deployments"][DEP]["classes"]["normal"]["slots"] == 20
     critical = asyncio.create_task(ctl.acquire(DEP, req(clock, C)))
     await settle()
@@ -237,6 +240,30 @@ async def test_a_class_alone_fills_the_limit_and_keeps_its_reserve_while_a_class
     again = ctl.try_acquire(DEP, req(clock, N))
     assert again is not None
     for permit in [*normal, critical.result(), again]:
+        permit.release("success")
+
+
+async def test_requests_refused_at_once_do_not_hold_the_reserve_for_their_class() -> None:
+    """A tenant allowed critical could keep every lower class's reserve held with a trickle of
+    requests that never reach the provider (a deadline nothing can meet: 504 at once). Only a
+    request granted a slot or queued for one makes its class present."""
+    clock = FakeClock()
+    ctl = make(clock, limit=20)
+    for _ in range(3):
+        with pytest.raises(GatewayError):
+            await ctl.acquire(DEP, req(clock, C, deadline_in=0.1))  # first byte after 1 s
+    normal = await fill(ctl, clock, 17, N)
+    extra = [ctl.try_acquire(DEP, req(clock, N)) for _ in range(3)]
+    assert None not in extra  # every slot: nobody above is present (else 17 of 20)
+    normal += [permit for permit in extra if permit is not None]
+    assert ctl.try_acquire(DEP, req(clock, C)) is None  # a failover attempt finds none
+    assert ctl.snapshot()["deployments"][DEP]["classes"]["normal"]["slots"] == 20
+    critical = asyncio.create_task(ctl.acquire(DEP, req(clock, C)))  # queued: present now
+    await settle()
+    assert ctl.snapshot()["deployments"][DEP]["classes"]["normal"]["slots"] == 17
+    normal.pop().release("success")
+    (await critical).release("success")
+    for permit in normal:
         permit.release("success")
 
 
