@@ -40,6 +40,8 @@ _PAID = 1e-9  # slot-seconds owed that count as none (float sums do not return t
 _LEND_WAIT_MAX_S = 0.5
 # The top of the limit is at least its last this many slots (DeploymentState.at_top).
 _TOP_SLOTS = 2
+
+
 def _effective(shares: tuple[float, ...], present: list[bool]) -> tuple[float, ...]:
     """Each class's holdback share, or the whole limit when no class above it is present."""
     out: list[float] = []
@@ -272,6 +274,7 @@ class DeploymentState:
         # the shares in force (read on every admission): a class's own, or the whole limit
         # while no class above it is present, until _shares_until.
         self._configured = policy.classes.holdback_shares()
+        self.quota_shares = self._configured  # (quota_allows)
         self._memory_s = policy.holdback_memory_s
         self._present_until = [-math.inf] * len(Priority)
         self.shares = _effective(self._configured, self._present(now))
@@ -287,7 +290,7 @@ class DeploymentState:
     def reconfigure(self, policy: AdmissionPolicy, now: float) -> None:
         settings = policy.concurrency_for(self.label)
         self.settle(now)  # the time so far at the old limit and shares
-        self._configured = policy.classes.holdback_shares()
+        self._configured = self.quota_shares = policy.classes.holdback_shares()
         if policy.holdback_memory_s != self._memory_s:  # presence counts from the last request
             self._present_until = [until - self._memory_s + policy.holdback_memory_s
                                    for until in self._present_until]
@@ -332,10 +335,6 @@ class DeploymentState:
         self._shares_until = min((until for until in self._present_until if until > now),
                                  default=math.inf)
 
-    def shares_change_in(self, now: float) -> float:
-        """Seconds until a class's presence lapses and the shares may rise (inf: none)."""
-        return max(0.0, self._shares_until - now)
-
     def hold_for_quota(self, priority: Priority, until: float) -> None:
         """The quota holds ``priority`` back until ``until``; the classes below keep larger
         reserves of it, so they are held at least as long."""
@@ -344,9 +343,12 @@ class DeploymentState:
             held[p] = max(held[p], until)
 
     def quota_allows(self, priority: Priority, now: float) -> bool:
-        """Whether the provider's quota, as paced, lets the class send now."""
-        self._refresh_shares(now)
-        return not self.pacing or self.pace.allows(self.shares[priority], now)
+        """Whether the provider's quota, as paced, lets the class send now. The quota's
+        reserves stay whoever is present: with replicas that share a quota, the reserve is also
+        the room each leaves for what the others spend between two reports (a class alone
+        spending all of it at two replicas drew 11-12 of the quota's 429s in 4 s, none with
+        it), and it costs no throughput (docs/architecture.md, "Reserves")."""
+        return not self.pacing or self.pace.allows(self.quota_shares[priority], now)
 
     def take(self, priority: Priority, now: float) -> int:
         """A slot taken; the request's sequence number in the paced quota (-1: not paced)."""
@@ -358,9 +360,10 @@ class DeploymentState:
 
     def at_top(self) -> bool:
         """Whether the calls in flight now (the one just taken counted) reach the top of the
-        limit: above every class's holdback share but the highest's, where only the highest
-        classes go (critical's reserve: 65-68 of a limit of 68 at the default 0.95 for high),
-        or into its last ``_TOP_SLOTS`` slots where the shares reserve fewer. Past the knee by
+        limit: above the holdback share of every class present and held below the limit,
+        where only the classes above them go (critical's reserve: 65-68 of a limit of 68 at
+        the default 0.95 for high), or into its last ``_TOP_SLOTS`` slots where the shares
+        reserve fewer (or none is held: one class alone fills the limit). Past the knee by
         a few calls, those are the calls that wait inside the provider. The last two slots
         alone were too narrow: critical bursts at 64 slots filled 65-66 of 68 and waited
         there, and hardly a call was sent into the last two."""

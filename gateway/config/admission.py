@@ -293,11 +293,12 @@ class AdmissionPolicy(StrictModel):
     )
     holdback_memory_s: PositiveFloat = Field(
         default=60.0,
-        description="a class holds back its reserve (1 - holdback_share of the limit and of "
-        "the provider's quota) only while a class above it has had a request granted or "
-        "queued at the deployment within this many seconds; otherwise it may fill the whole "
-        "limit, so a tenant that sends one class gets all of the provider. Raise it where a "
-        "rare class above must always find a free slot at once",
+        description="a class holds back its reserve of slots (1 - holdback_share of the "
+        "concurrency limit) only while a class above it has had a request granted or queued "
+        "at the deployment within this many seconds; otherwise it may fill the whole limit, so "
+        "a tenant that sends one class is not held below the provider's capacity. Raise it "
+        "where a rare class above must always find a free slot at once. (The reserves of the "
+        "provider's request quota stay, whoever is present)",
     )
     ttft_prior_s: PositiveFloat = Field(
         default=1.0,
