@@ -210,7 +210,8 @@ async def test_a_spent_quota_queues_requests_and_refills_go_to_the_highest_class
 async def test_critical_finds_the_reserve_the_lower_classes_leave() -> None:
     clock = FakeClock()
     ctl = make(clock)
-    ctl._state(DEP).arrived(C, clock.now)  # the classes below keep its reserve for it
+    # (no class above low has come yet: the quota's reserves stay all the same, unlike the
+    # slots', for what other replicas spend between two reports)
     ctl.observe_rate(DEP, openai_headers(6000, 100))  # reserves of low 30, normal 15, high 5
     low = [await ctl.acquire(DEP, ask(clock, L)) for _ in range(70)]  # down to 30 left
     waiting = asyncio.create_task(ctl.acquire(DEP, ask(clock, L)))
