@@ -160,7 +160,7 @@ class AdmissionController:
             return 0
         free = state.cap(priority, now) - state.in_flight
         if state.pacing:
-            free = min(free, state.pace.spendable(state.quota_shares[priority], now))
+            free = min(free, state.pace.spendable(state.policy_shares[priority], now))
         return max(0, free)
 
     def check_deadline(self, deployment: str, deadline: float, now: float | None = None,
@@ -427,7 +427,7 @@ class AdmissionController:
     def _arm_pace(self, state: DeploymentState, priority: Priority, now: float) -> None:
         """Dispatch again when the provider's quota has refilled for ``priority``: with nothing
         in flight, no release would wake the queue."""
-        wait = state.pace.wait_s(state.quota_shares[priority], now)
+        wait = state.pace.wait_s(state.policy_shares[priority], now)
         state.hold_for_quota(priority, now + wait)
         self._wake(state, wait)
 

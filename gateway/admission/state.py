@@ -270,14 +270,14 @@ class DeploymentState:
         # Per class, until when the provider's quota (as paced) holds its requests back: a
         # queue then is not the limit's to excuse (exploring).
         self.quota_held_until = [-math.inf] * len(Priority)
-        # The policy's holdback shares; per class, until when it is present (arrived); and
-        # the shares in force (read on every admission): a class's own, or the whole limit
-        # while no class above it is present, until _shares_until.
-        self._configured = policy.classes.holdback_shares()
-        self.quota_shares = self._configured  # (quota_allows)
+        # The policy's holdback shares (the quota's reserves go by them as they are:
+        # quota_allows); per class, until when it is present (arrived); and the slot shares in
+        # force (read on every admission): a class's own, or the whole limit while no class
+        # above it is present, until _shares_until.
+        self.policy_shares = policy.classes.holdback_shares()
         self._memory_s = policy.holdback_memory_s
         self._present_until = [-math.inf] * len(Priority)
-        self.shares = _effective(self._configured, self._present(now))
+        self.shares = _effective(self.policy_shares, self._present(now))
         self._held_share: float | None = None
         self._shares_until = math.inf
         self._lend_wait_s = _lend_waits(policy)
@@ -290,7 +290,7 @@ class DeploymentState:
     def reconfigure(self, policy: AdmissionPolicy, now: float) -> None:
         settings = policy.concurrency_for(self.label)
         self.settle(now)  # the time so far at the old limit and shares
-        self._configured = self.quota_shares = policy.classes.holdback_shares()
+        self.policy_shares = policy.classes.holdback_shares()
         if policy.holdback_memory_s != self._memory_s:  # presence counts from the last request
             self._present_until = [until - self._memory_s + policy.holdback_memory_s
                                    for until in self._present_until]
@@ -327,7 +327,7 @@ class DeploymentState:
         if not force and now < self._shares_until:
             return
         present = self._present(now)
-        shares = _effective(self._configured, present)
+        shares = _effective(self.policy_shares, present)
         if shares != self.shares:
             self.settle(now)
             self.shares = shares
@@ -348,11 +348,12 @@ class DeploymentState:
         the room each leaves for what the others spend between two reports (a class alone
         spending all of it at two replicas drew 11-12 of the quota's 429s in 4 s, none with
         it), and it costs no throughput (docs/architecture.md, "Reserves")."""
-        return not self.pacing or self.pace.allows(self.quota_shares[priority], now)
+        return not self.pacing or self.pace.allows(self.policy_shares[priority], now)
 
     def take(self, priority: Priority, now: float) -> int:
-        """A slot taken; the request's sequence number in the paced quota (-1: not paced)."""
-        self._refresh_shares(now)
+        """A slot taken; the request's sequence number in the paced quota (-1: not paced).
+        (Every grant asked ``cap`` first, at the same ``now``: the shares, and the top that
+        ``at_top`` reads, are fresh.)"""
         self.settle(now)
         self.in_flight += 1
         self.in_flight_by_class[priority] += 1
