@@ -72,8 +72,15 @@ UNLIMITED_SLOTS = 100_000  # a quota-limited provider: slots are never the limit
 
 def ttft_dist(args: argparse.Namespace) -> Dist:
     """The mock's first token: --ttft-ms always, or a lognormal with that median and
-    --ttft-p99-ms (drawn per request)."""
-    return Dist(median=args.ttft_ms, p99=args.ttft_p99_ms)
+    --ttft-p99-ms, and a share --ttft-slow-share of them --ttft-slow-factor times slower
+    (drawn per request)."""
+    return Dist(median=args.ttft_ms, p99=args.ttft_p99_ms, slow_share=args.ttft_slow_share,
+                slow_factor=args.ttft_slow_factor)
+
+
+def ttft_drawn(args: argparse.Namespace) -> bool:
+    """Whether the mock's first token is drawn per request (else always --ttft-ms)."""
+    return args.ttft_p99_ms is not None or args.ttft_slow_share > 0
 
 
 def policy(mock_port: int, gw_port: int, slots: int, variant: str,
@@ -130,10 +137,10 @@ def policy(mock_port: int, gw_port: int, slots: int, variant: str,
 
 def scenario(target: str, run_rate: float, args: argparse.Namespace) -> dict[str, Any]:
     """Phases: an unloaded baseline, then per level warm-up / measured / tail / gap."""
-    # A first token that scatters (--ttft-p99-ms) is drawn per request.
+    # A first token that scatters (--ttft-p99-ms, --ttft-slow-share) is drawn per request.
     ttft: float | dict[str, Any] = (
-        args.ttft_ms if args.ttft_p99_ms is None
-        else ttft_dist(args).model_dump(exclude_defaults=True))
+        ttft_dist(args).model_dump(exclude_defaults=True) if ttft_drawn(args)
+        else args.ttft_ms)
     knobs = {"ttft_ms": ttft, "chunk_gap_ms": args.gap_ms}
     workloads = [{
         "name": name, "tenant": TENANT_OF[name], "priority": name, "weight": share,
@@ -349,6 +356,10 @@ def main() -> int:
                         help="first tokens scatter as hosted models' do: lognormal with median "
                         "--ttft-ms and this 99th percentile, drawn per request (default: every "
                         "first token at --ttft-ms)")
+    parser.add_argument("--ttft-slow-share", type=float, default=0.0,
+                        help="a provider's slow few: this share of first tokens is "
+                        "--ttft-slow-factor times slower (a cache miss, a busy replica)")
+    parser.add_argument("--ttft-slow-factor", type=float, default=5.0)
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--gap-ms", type=float, default=20.0)
     parser.add_argument("--max-queue", type=int, default=32)
@@ -404,6 +415,9 @@ def main() -> int:
                  else f"{slots} slots")
         if args.ttft_p99_ms is not None:
             label += f", first tokens scattered (p99 {args.ttft_p99_ms:g} ms)"
+        if args.ttft_slow_share > 0:
+            label += (f", {args.ttft_slow_share:.0%} of first tokens "
+                      f"{args.ttft_slow_factor:g}x slower")
         if args.json:
             path = Path(args.json)
             if len(args.slots or []) > 1:

@@ -46,6 +46,12 @@ class Dist(StrictModel):
     p99: PositiveFloat | None = Field(default=None, description="None: the median, always")
     min: float = Field(default=0.0, ge=0)
     max: float | None = Field(default=None, gt=0)
+    slow_share: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="a share of the draws that is slow_factor times slower: a provider's slow "
+        "few (a cache miss, a busy replica), which no lognormal's tail has as they come")
+    slow_factor: float = Field(default=1.0, ge=1,
+                               description="how much slower the slow_share of draws is")
 
     @model_validator(mode="after")
     def _ordered(self) -> Dist:
@@ -59,18 +65,29 @@ class Dist(StrictModel):
         return 0.0 if self.p99 is None else math.log(self.p99 / self.median) / _Z99
 
     def mean(self) -> float:
-        """The mean of the draws before clipping: ``median x exp(sigma^2 / 2)``."""
-        return self.median * math.exp(self.sigma * self.sigma / 2)
+        """The mean of the draws before clipping: ``median x exp(sigma^2 / 2)``, and the slow
+        share's on top."""
+        slow = 1.0 + self.slow_share * (self.slow_factor - 1.0)
+        return self.median * math.exp(self.sigma * self.sigma / 2) * slow
 
     def sampler(self, rng: random.Random) -> Callable[[], float]:
         """A function drawing one value."""
         lo, hi = self.min, self.max if self.max is not None else math.inf
-        if self.sigma == 0.0:
+        share, factor = self.slow_share, self.slow_factor
+        if self.sigma == 0.0 and share == 0.0:
             value = min(hi, max(lo, self.median))
             return lambda: value
         mu, sigma = math.log(self.median), self.sigma
         draw = rng.lognormvariate
-        return lambda: min(hi, max(lo, draw(mu, sigma)))
+        chance = rng.random
+
+        def one() -> float:
+            value = draw(mu, sigma) if sigma else self.median
+            if share and chance() < share:
+                value *= factor
+            return min(hi, max(lo, value))
+
+        return one
 
 
 class Tenant(StrictModel):

@@ -90,6 +90,19 @@ def test_lognormal_by_median_and_p99() -> None:
     assert max(clipped() for _ in range(1000)) == 150
 
 
+def test_a_slow_share_of_draws_is_that_much_slower() -> None:
+    """A provider's slow few: 2 % of first tokens 5x the rest, on a constant or a lognormal."""
+    draw = Dist(median=400, slow_share=0.02, slow_factor=5).sampler(random.Random(1))
+    values = [draw() for _ in range(20000)]
+    assert set(values) == {400, 2000}
+    assert values.count(2000) / len(values) == pytest.approx(0.02, rel=0.15)
+    assert Dist(median=400, slow_share=0.02, slow_factor=5).mean() == pytest.approx(432)
+    scattered = Dist(median=400, p99=600, slow_share=0.01, slow_factor=10, max=5000)
+    draws = sorted(scattered.sampler(random.Random(2))() for _ in range(20000))
+    assert draws[10000] == pytest.approx(400, rel=0.05)
+    assert sum(d > 2000 for d in draws) / len(draws) == pytest.approx(0.01, rel=0.2)
+
+
 def test_a_median_alone_in_a_scenario_is_a_constant() -> None:
     """A workload's distribution given in part is the whole distribution, not laid over the
     field's default (median 300, p99 3000): the runaway scenario's working runs then drew
