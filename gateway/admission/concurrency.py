@@ -122,7 +122,8 @@ _PREFILL_MIN_SPREAD = 0.01
 # slower than any hosted model reads a prompt).
 _PREFILL_MAX_S = 1.0
 # The slowest share of a window's first tokens (one at least) that the queue signal counts
-# at the level of the slowest of the rest (_Window.outlier_s, AdaptiveLimit._decide).
+# at the level of the slowest of the rest (_Window.outlier_s): at a tenth the knee of 4 slots
+# (one queued request delays about a quarter of the calls) read one call too high.
 _TRIM = 0.05
 # Calls overdue for a first token that stop growth: at least this many (see _decide).
 _OVERDUE_MIN = 2.0
@@ -319,18 +320,35 @@ class _Window:
 
     def outlier_s(self, prefill_s: float) -> float:
         """What counting the slowest ``_TRIM`` share of the first tokens (one at least) at the
-        level of the slowest of the rest (at ``prefill_s``) takes off the window's sum
-        (``_decide``)."""
+        level of the slowest of the rest (at ``prefill_s``) takes off the window's sum.
+
+        A provider's slow few (2 % of first tokens 5x the rest, or 1 % at 10x: a cache miss,
+        a busy replica) are no queue, and at small limits one of them in a window of ten
+        calls raised its mean by a third: the limit read that as a queue and cut, and read
+        the next one the same way at its smaller windows, down to 4-10 of 64 slots in most
+        seeds (first tokens otherwise within +-10-30 %; tests/unit/test_concurrency_limit.py).
+        A queue delays every call that meets it, and the rest of the window shows it all the
+        same. Counted at the next slowest's level, not dropped: dropping the slowest tenth
+        took with it the calls a partial queue delays, and a deterministic upstream's knee
+        was lost (docs/architecture.md, "First tokens scatter by themselves"). The window's
+        scatter (``moments``) stays the whole window's: the slow few are the provider's own,
+        and widen what chance explains."""
         k = max(1, math.ceil(_TRIM * self.n))
         if self.n <= k:
             return 0.0
         top = heapq.nlargest(k + 1, (ttft - prefill_s * prompt for ttft, prompt in self.calls))
         return sum(top[:k]) - k * top[k]
 
+    def mean_ttft(self, prefill_s: float) -> float:
+        """The window's mean first-token time, its slowest few counted as ``outlier_s`` says
+        (at ``prefill_s``)."""
+        return (self.ttfts - self.outlier_s(prefill_s)) / self.n
+
     def level(self, prefill_s: float) -> float:
         """The window's mean first-token time with the prefill of its prompts taken off (at
-        ``prefill_s`` per thousand prompt tokens): what an empty prompt would have seen."""
-        return max(0.0, (self.ttfts - prefill_s * self.prompts) / self.n)
+        ``prefill_s`` per thousand prompt tokens): what an empty prompt would have seen (the
+        slowest few counted as ``outlier_s`` says)."""
+        return max(0.0, self.mean_ttft(prefill_s) - prefill_s * self.prompts / self.n)
 
     def excess_s(self, baseline: float, scatter_s: float, prefill_s: float) -> float:
         """Mean first-token time above the no-load ``baseline`` (of an empty prompt), less
@@ -782,16 +800,7 @@ class AdaptiveLimit:
             self._prefill_weight = _PREFILL_MEMORY * self._prefill_weight + weight
             self._prefill_sum = _PREFILL_MEMORY * self._prefill_sum + weight * slope
         prefill = self.prefill_s
-        # The slowest first token counts at the level of the next slowest: a provider's slow
-        # few (2 % of first tokens 5x the rest, or 1 % at 10x: a cache miss, a busy replica)
-        # are no queue, and at small limits one of them in a window of ten calls raised its
-        # mean by a third. The limit read that as a queue and went to 4-10 of 64 slots in
-        # most seeds (first tokens otherwise within +-10-30 %; tests/unit/
-        # test_concurrency_limit.py). A queue delays every call that meets it, and the rest
-        # of the window shows it all the same. The scatter is the whole window's (``moments``,
-        # taken before): the noise allowance keeps the slow few the provider has.
-        window.ttfts -= window.outlier_s(prefill)
-        mean_ttft = window.ttfts / window.n
+        mean_ttft = window.mean_ttft(prefill)  # (the slowest few at the next's level)
         level = window.level(prefill)
         mean_prompt = window.prompts / window.n
         first = self._smoothed is None

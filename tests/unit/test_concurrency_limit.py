@@ -771,6 +771,32 @@ def test_a_share_of_calls_slower_by_nature_is_not_a_queue() -> None:
     assert statistics.mean(settled) <= 67, statistics.mean(settled)
 
 
+def slow_few(sigma: float, share: float, factor: float) -> Jitter:
+    """First tokens at rest within a few tens of percent of each other (lognormal, ``sigma``),
+    and a ``share`` of them ``factor`` times slower: a provider's slow few (a cache miss, a
+    busy replica), which a lognormal's tail does not have as they come."""
+    return lambda rng: rng.lognormvariate(-sigma * sigma / 2, sigma) * (
+        factor if rng.random() < share else 1.0)
+
+
+@pytest.mark.parametrize("share, factor", [(0.02, 5.0), (0.01, 10.0)],
+                         ids=["2 % at 5x", "1 % at 10x"])
+def test_a_providers_slow_few_are_not_a_queue(share: float, factor: float) -> None:
+    """One of the slow few in a window of ten calls raised its mean by a third: the limit read
+    that as a queue and cut, and at its smaller windows read the next one the same way, down to
+    4-10 of 64 slots in most seeds (first tokens otherwise +-10-30 %). Each window's slowest
+    first tokens now count at the level of the next slowest (``_TRIM``): over eight seeds the
+    limit's least 45-65 and its mean 55-66 (2 % at 5x), 53-65 and 60-66 (1 % at 10x)."""
+    for seed in (1, 2):
+        upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2, service_spread=0.3, seed=seed,
+                                jitter=slow_few(0.2, share, factor))
+        limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
+        trace, _ = drive_holdback(limiter, upstream, 240.0)
+        settled = steady(trace, 120.0)
+        assert min(settled) >= 0.6 * 64, (seed, min(settled))
+        assert statistics.mean(settled) >= 0.8 * 64, (seed, statistics.mean(settled))
+
+
 @pytest.mark.parametrize("event", ["overload", "reload"])
 def test_calls_slow_by_nature_at_the_top_cost_little_through_errors_and_reloads(
         event: str) -> None:
@@ -779,7 +805,9 @@ def test_calls_slow_by_nature_at_the_top_cost_little_through_errors_and_reloads(
     takes at most a tenth off where the rest of the limit's logic left it, and neither an
     error nor a policy reload gives it another tenth: three of them 50 s apart cost no more
     than one. (When every error reset the floor, the limit walked to 38-53 of 64 in four seeds
-    of ten; every reload did the same.)"""
+    of ten; every reload did the same.) An error's own decrease, to what the provider served
+    in its window, can reach 50-53 for a few seconds in some seeds: the walk shows in the
+    minutes after the last of them."""
     upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2, service_spread=0.3, per_ahead_s=0,
                             seed=1)
     limiter = AdaptiveLimit(defaults(), now=0.0, calls=GatewayView(upstream))
@@ -797,7 +825,9 @@ def test_calls_slow_by_nature_at_the_top_cost_little_through_errors_and_reloads(
     trace, _ = drive_holdback(limiter, upstream, 360.0, top_slower=(0.5, 1.5),
                               change=overloads)
     settled = steady(trace, 120.0)  # from the first of them on
-    assert min(settled) >= 0.85 * 64, min(settled)
+    assert min(settled) >= 0.75 * 64, min(settled)
+    late = steady(trace, 250.0)  # (50 s after the last error, 40 s after the last reload)
+    assert statistics.mean(late) >= 0.9 * 64, statistics.mean(late)
 
 
 def test_calls_slow_by_nature_at_the_top_do_not_stop_the_limit_finding_more_slots() -> None:
