@@ -80,7 +80,7 @@ def ttft_dist(args: argparse.Namespace) -> Dist:
 
 def ttft_drawn(args: argparse.Namespace) -> bool:
     """Whether the mock's first token is drawn per request (else always --ttft-ms)."""
-    return args.ttft_p99_ms is not None or args.ttft_slow_share > 0
+    return bool(args.ttft_p99_ms is not None or args.ttft_slow_share > 0)
 
 
 def policy(mock_port: int, gw_port: int, slots: int, variant: str,
@@ -416,7 +416,7 @@ def main() -> int:
         if args.ttft_p99_ms is not None:
             label += f", first tokens scattered (p99 {args.ttft_p99_ms:g} ms)"
         if args.ttft_slow_share > 0:
-            label += (f", {args.ttft_slow_share:.0%} of first tokens "
+            label += (f", {100 * args.ttft_slow_share:g} % of first tokens "
                       f"{args.ttft_slow_factor:g}x slower")
         if args.json:
             path = Path(args.json)

@@ -27,8 +27,9 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
 - the prefill time per prompt token is learned, as the slope of first token on prompt size
   about each window's means, pooled over ``_PREFILL_MEMORY`` (an assumed slope is noise
   wherever it is wrong: see docs/architecture.md);
-- the window's no-load level, its mean TTFT less the prefill of its prompts, is smoothed and
-  fed to the *baseline*, its minimum over ``baseline_window_s``. The minimum is re-probed: it
+- the window's no-load level, its mean TTFT less the prefill of its prompts (its slowest 5 %
+  counted at the level of the next slowest: a provider's slow few are no queue), is smoothed
+  and fed to the *baseline*, its minimum over ``baseline_window_s``. The minimum is re-probed: it
   ages out, so a slow period is forgotten; and when three decreases in a row did not bring
   TTFT down, the latency is the provider's new normal, not our queue, and becomes the
   baseline at once;
@@ -77,6 +78,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from array import array
 from collections import deque
 from typing import Literal, NamedTuple, Protocol
 
@@ -264,8 +266,8 @@ def _median(ordered: list[float]) -> float:
 class _Window:
     """What one decision window saw."""
 
-    __slots__ = ("below", "busy_ok", "calls", "cross", "n", "ok", "prompts", "prompts2", "start",
-                 "top", "ttfts", "ttfts2")
+    __slots__ = ("below", "busy_ok", "cross", "each_prompt", "each_ttft", "n", "ok", "prompts",
+                 "prompts2", "start", "top", "ttfts", "ttfts2")
 
     def __init__(self, start: float) -> None:
         self.start = start
@@ -281,10 +283,14 @@ class _Window:
         # the limit, and of those sent below it (only calls admission placed).
         self.top: list[float] = []
         self.below: list[float] = []
-        self.calls: list[tuple[float, float]] = []  # (first token, prompt size) of each
+        # Each first token and prompt size, for its slowest few (outlier_s; vegas only).
+        self.each_ttft = array("d")
+        self.each_prompt = array("d")
 
-    def add(self, ttft_s: float, prompt_k: float) -> None:
-        self.calls.append((ttft_s, prompt_k))
+    def add(self, ttft_s: float, prompt_k: float, keep: bool = True) -> None:
+        if keep:
+            self.each_ttft.append(ttft_s)
+            self.each_prompt.append(prompt_k)
         self.n += 1
         self.ttfts += ttft_s
         self.ttfts2 += ttft_s * ttft_s
@@ -325,37 +331,38 @@ class _Window:
         A provider's slow few (2 % of first tokens 5x the rest, or 1 % at 10x: a cache miss,
         a busy replica) are no queue, and at small limits one of them in a window of ten
         calls raised its mean by a third: the limit read that as a queue and cut, and read
-        the next one the same way at its smaller windows, down to 4-10 of 64 slots in most
-        seeds (first tokens otherwise within +-10-30 %; tests/unit/test_concurrency_limit.py).
+        the next one the same way at its smaller windows, to 5-17 of 64 slots on average in
+        most seeds (first tokens otherwise lognormal, sigma 0.1-0.3; tests/unit/
+        test_concurrency_limit.py). Windows with more of them than it counts so still read
+        them as a queue now and then (55-66 of 64 on average, 45-65 at the least).
         A queue delays every call that meets it, and the rest of the window shows it all the
         same. Counted at the next slowest's level, not dropped: dropping the slowest tenth
         took with it the calls a partial queue delays, and a deterministic upstream's knee
         was lost (docs/architecture.md, "First tokens scatter by themselves"). The window's
         scatter (``moments``) stays the whole window's: the slow few are the provider's own,
         and widen what chance explains."""
-        k = max(1, math.ceil(_TRIM * self.n))
-        if self.n <= k:
+        n = len(self.each_ttft)
+        k = max(1, math.ceil(_TRIM * n))
+        if n <= k:
             return 0.0
-        top = heapq.nlargest(k + 1, (ttft - prefill_s * prompt for ttft, prompt in self.calls))
+        top = heapq.nlargest(k + 1, (ttft - prefill_s * prompt
+                                     for ttft, prompt in zip(self.each_ttft, self.each_prompt)))
         return sum(top[:k]) - k * top[k]
 
-    def mean_ttft(self, prefill_s: float) -> float:
-        """The window's mean first-token time, its slowest few counted as ``outlier_s`` says
-        (at ``prefill_s``)."""
-        return (self.ttfts - self.outlier_s(prefill_s)) / self.n
-
-    def level(self, prefill_s: float) -> float:
+    def level(self, prefill_s: float, outlier_s: float = 0.0) -> float:
         """The window's mean first-token time with the prefill of its prompts taken off (at
-        ``prefill_s`` per thousand prompt tokens): what an empty prompt would have seen (the
-        slowest few counted as ``outlier_s`` says)."""
-        return max(0.0, self.mean_ttft(prefill_s) - prefill_s * self.prompts / self.n)
+        ``prefill_s`` per thousand prompt tokens): what an empty prompt would have seen, less
+        ``outlier_s`` of the sum (``outlier_s``, the method, says how much)."""
+        return max(0.0, (self.ttfts - outlier_s - prefill_s * self.prompts) / self.n)
 
-    def excess_s(self, baseline: float, scatter_s: float, prefill_s: float) -> float:
+    def excess_s(self, baseline: float, scatter_s: float, prefill_s: float,
+                 outlier_s: float = 0.0) -> float:
         """Mean first-token time above the no-load ``baseline`` (of an empty prompt), less
         what the provider's own scatter of first tokens (``scatter_s``, one standard
-        deviation) would put there by chance: ``_NOISE_Z`` standard errors of the mean."""
+        deviation) would put there by chance: ``_NOISE_Z`` standard errors of the mean.
+        ``outlier_s`` as for ``level``."""
         allowance = _NOISE_Z * scatter_s / math.sqrt(self.n)
-        return max(0.0, self.level(prefill_s) - baseline - allowance)
+        return max(0.0, self.level(prefill_s, outlier_s) - baseline - allowance)
 
     def moments(self) -> _Moments:
         """The sums about the window's means that give its scatter at any prefill rate."""
@@ -619,7 +626,7 @@ class AdaptiveLimit:
 
     def _first_token(self, now: float, ttft_s: float, prompt_tokens: int | None) -> bool:
         """Count a first token in the window; whether the latency brake calls it overload."""
-        self._window.add(ttft_s, thousands(prompt_tokens))
+        self._window.add(ttft_s, thousands(prompt_tokens), self._settings.algorithm == "vegas")
         if not self._baseline and self._measuring:
             self._progress_at = now  # toward the first baseline, which growth waits for
         return self._brake is not None and self._brake.slow(ttft_s, prompt_tokens or 0)
@@ -745,6 +752,9 @@ class AdaptiveLimit:
         if window.n >= _MIN_SAMPLES // 2:
             elapsed = max(now - window.start, s.decision_window_s / 10)
             prefill = self.prefill_s
+            # Every first token counts here (no outlier_s): with four to seven of them a queue
+            # that is starting shows in one, and counted at the next one's level it would
+            # excuse the timeout it caused.
             excess_s = window.excess_s(*self._rest_at, prefill)
             return window.rate(elapsed) * excess_s <= tolerance
         recent = now - self._decided_at <= 2 * s.decision_window_s
@@ -800,8 +810,14 @@ class AdaptiveLimit:
             self._prefill_weight = _PREFILL_MEMORY * self._prefill_weight + weight
             self._prefill_sum = _PREFILL_MEMORY * self._prefill_sum + weight * slope
         prefill = self.prefill_s
-        mean_ttft = window.mean_ttft(prefill)  # (the slowest few at the next's level)
-        level = window.level(prefill)
+        # The slowest few count at the next one's level (outlier_s): in the level, the
+        # smoothed mean the baseline keeps, and the excess. (The baseline's windows were so
+        # ranked at the prefill of their day; valued at today's, the difference is the
+        # prefill change times the slow few's prompts less the next one's, over the window:
+        # nil while the prefill is.)
+        outlier = window.outlier_s(prefill)
+        mean_ttft = (window.ttfts - outlier) / window.n
+        level = window.level(prefill, outlier)
         mean_prompt = window.prompts / window.n
         first = self._smoothed is None
         if self._smoothed is None:
@@ -817,7 +833,7 @@ class AdaptiveLimit:
             self._baseline.popleft()
         self._baseline.append((now, *self._smoothed, moments, self._spread))
         baseline, noise = self._rest()
-        excess_s = window.excess_s(baseline, noise, prefill)
+        excess_s = window.excess_s(baseline, noise, prefill, outlier)
         queue = window.rate(elapsed) * excess_s  # Little's law
         self.upstream_queue = queue
         if first:

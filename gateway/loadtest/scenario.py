@@ -8,7 +8,8 @@ starts one **run** of a **workload** drawn by weight: ``steps`` dependent reques
 
 Arrival rates are in runs per second, so a 10-step workload at ``rate: 5`` offers about 50
 requests/s while its runs survive. Sizes and times are lognormal, given as a median and a
-p99 (``{median: 200, p99: 2000}``); a median alone is a constant. See config/scenarios/ for
+p99 (``{median: 200, p99: 2000}``); a median alone is a constant; ``slow_share`` and
+``slow_factor`` make a share of the draws that many times larger (a provider's slow few). See config/scenarios/ for
 examples and docs/benchmarks.md for how the shipped ones behave.
 """
 
@@ -33,7 +34,8 @@ _Z99 = 2.3263478740408408  # the standard normal's 99th percentile
 
 
 class Dist(StrictModel):
-    """A lognormal distribution by its median and 99th percentile, clipped to [min, max].
+    """A lognormal distribution by its median and 99th percentile, clipped to [min, max]; a
+    ``slow_share`` of the draws ``slow_factor`` times larger (before clipping).
 
     Given whole, never laid over a field's default distribution: ``{median: 20}`` is the
     constant 20, not a median of 20 with the default's p99 (the policy's partial sections
@@ -48,15 +50,18 @@ class Dist(StrictModel):
     max: float | None = Field(default=None, gt=0)
     slow_share: float = Field(
         default=0.0, ge=0, lt=1,
-        description="a share of the draws that is slow_factor times slower: a provider's slow "
-        "few (a cache miss, a busy replica), which no lognormal's tail has as they come")
+        description="a share of the draws that is slow_factor times larger; for a first token, "
+        "a provider's slow few (a cache miss, a busy replica), which no lognormal's tail has "
+        "as they come")
     slow_factor: float = Field(default=1.0, ge=1,
-                               description="how much slower the slow_share of draws is")
+                               description="how many times larger the slow_share of draws is")
 
     @model_validator(mode="after")
     def _ordered(self) -> Dist:
         if self.p99 is not None and self.p99 < self.median:
             raise ValueError("p99 must be at least the median")
+        if self.slow_share > 0 and self.slow_factor <= 1:
+            raise ValueError("a slow_share needs a slow_factor above 1")
         return self
 
     @property

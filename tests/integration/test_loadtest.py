@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import random
 import statistics
 from pathlib import Path
@@ -102,6 +103,14 @@ def test_a_slow_share_of_draws_is_that_much_slower() -> None:
     draws = sorted(draw() for _ in range(20000))
     assert draws[10000] == pytest.approx(400, rel=0.05)
     assert sum(d > 2000 for d in draws) / len(draws) == pytest.approx(0.01, rel=0.2)
+    # Without a slow share the draws are the plain lognormal's, number for number: shipped
+    # scenarios and their seeds draw what they drew before.
+    plain, rng = Dist(median=100, p99=1000).sampler(random.Random(3)), random.Random(3)
+    sigma = Dist(median=100, p99=1000).sigma
+    assert [plain() for _ in range(50)] == [rng.lognormvariate(math.log(100), sigma)
+                                            for _ in range(50)]
+    with pytest.raises(ValueError, match="slow_factor"):
+        Dist(median=400, slow_share=0.02)  # a slow share that is not slower
 
 
 def test_a_median_alone_in_a_scenario_is_a_constant() -> None:

@@ -783,10 +783,11 @@ def slow_few(sigma: float, share: float, factor: float) -> Jitter:
                          ids=["2 % at 5x", "1 % at 10x"])
 def test_a_providers_slow_few_are_not_a_queue(share: float, factor: float) -> None:
     """One of the slow few in a window of ten calls raised its mean by a third: the limit read
-    that as a queue and cut, and at its smaller windows read the next one the same way, down to
-    4-10 of 64 slots in most seeds (first tokens otherwise +-10-30 %). Each window's slowest
-    first tokens now count at the level of the next slowest (``_TRIM``): over eight seeds the
-    limit's least 45-65 and its mean 55-66 (2 % at 5x), 53-65 and 60-66 (1 % at 10x)."""
+    that as a queue and cut, and at its smaller windows read the next one the same way. Over
+    eight seeds it averaged 5-8 of 64 in three and 42 in one (2 % at 5x), 5-13 in all eight (1 %
+    at 10x). Each window's slowest first tokens now count at the level of the next slowest
+    (``_TRIM``): the limit's least 45-64 and its mean 55-65 (2 % at 5x), 53-65 and 60-66 (1 % at
+    10x). Seed 1 of 2 % at 5x is the lowest of the eight."""
     for seed in (1, 2):
         upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2, service_spread=0.3, seed=seed,
                                 jitter=slow_few(0.2, share, factor))
@@ -825,7 +826,10 @@ def test_calls_slow_by_nature_at_the_top_cost_little_through_errors_and_reloads(
     trace, _ = drive_holdback(limiter, upstream, 360.0, top_slower=(0.5, 1.5),
                               change=overloads)
     settled = steady(trace, 120.0)  # from the first of them on
-    assert min(settled) >= 0.75 * 64, min(settled)
+    # A reload takes nothing off; an error takes the limit down to what the provider served
+    # in its window, at least half of it, which is 50-53 for a few seconds in some seeds
+    # whatever the top did (10 seeds, before and after the slow few were counted apart).
+    assert min(settled) >= (0.75 if event == "overload" else 0.85) * 64, min(settled)
     late = steady(trace, 250.0)  # (50 s after the last error, 40 s after the last reload)
     assert statistics.mean(late) >= 0.9 * 64, statistics.mean(late)
 
