@@ -20,7 +20,8 @@ return mean the old limit was too high after all: the return ends, growth is add
 concurrency: past its real capacity an upstream queues requests internally, where priority means
 nothing, long before it answers 429. Queueing shows as time to first token (TTFT) above its
 no-load level, and Little's law turns that excess into a count: requests waiting inside the
-provider ``Q = calls/s x mean excess TTFT``. First tokens are fed as they arrive
+provider ``Q = calls/s x mean excess TTFT`` (a window's slowest 5 % counted at the level of
+the next slowest: ``_Window.outlier_s``). First tokens are fed as they arrive
 (``on_first_token``), so the signal lags by one TTFT, not by a whole streamed answer. Each
 decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first tokens):
 
@@ -331,10 +332,11 @@ class _Window:
         A provider's slow few (2 % of first tokens 5x the rest, or 1 % at 10x: a cache miss,
         a busy replica) are no queue, and at small limits one of them in a window of ten
         calls raised its mean by a third: the limit read that as a queue and cut, and read
-        the next one the same way at its smaller windows, to 5-17 of 64 slots on average in
-        most seeds (first tokens otherwise lognormal, sigma 0.1-0.3; tests/unit/
-        test_concurrency_limit.py). Windows with more of them than it counts so still read
-        them as a queue now and then (55-66 of 64 on average, 45-65 at the least).
+        the next one the same way at its smaller windows (64 slots, first tokens otherwise
+        lognormal with sigma 0.2, eight seeds: 2 % at 5x averaged 5-8 of 64 in three and 42
+        in one, 1 % at 10x 5-13 in all eight; tests/unit/test_concurrency_limit.py). Windows
+        with more of them than it counts so still read them as a queue now and then (55-66
+        of 64 on average, 45-65 at the least).
         A queue delays every call that meets it, and the rest of the window shows it all the
         same. Counted at the next slowest's level, not dropped: dropping the slowest tenth
         took with it the calls a partial queue delays, and a deterministic upstream's knee
@@ -342,7 +344,9 @@ class _Window:
         scatter (``moments``) stays the whole window's: the slow few are the provider's own,
         and widen what chance explains."""
         n = len(self.each_ttft)
-        k = max(1, math.ceil(_TRIM * n))
+        if n != self.n:  # a window begun under ``aimd`` (a reload): its plain mean
+            return 0.0
+        k = math.ceil(_TRIM * n)
         if n <= k:
             return 0.0
         top = heapq.nlargest(k + 1, (ttft - prefill_s * prompt

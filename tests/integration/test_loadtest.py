@@ -103,6 +103,7 @@ def test_a_slow_share_of_draws_is_that_much_slower() -> None:
     draws = sorted(draw() for _ in range(20000))
     assert draws[10000] == pytest.approx(400, rel=0.05)
     assert sum(d > 2000 for d in draws) / len(draws) == pytest.approx(0.01, rel=0.2)
+    assert max(draws) == 5000  # the factor applies before the clip
     # Without a slow share the draws are the plain lognormal's, number for number: shipped
     # scenarios and their seeds draw what they drew before.
     plain, rng = Dist(median=100, p99=1000).sampler(random.Random(3)), random.Random(3)
