@@ -353,20 +353,20 @@ class _Window:
                                      for ttft, prompt in zip(self.each_ttft, self.each_prompt)))
         return sum(top[:k]) - k * top[k]
 
-    def level(self, prefill_s: float, outlier_s: float = 0.0) -> float:
+    def level(self, prefill_s: float, less_s: float = 0.0) -> float:
         """The window's mean first-token time with the prefill of its prompts taken off (at
-        ``prefill_s`` per thousand prompt tokens): what an empty prompt would have seen, less
-        ``outlier_s`` of the sum (``outlier_s``, the method, says how much)."""
-        return max(0.0, (self.ttfts - outlier_s - prefill_s * self.prompts) / self.n)
+        ``prefill_s`` per thousand prompt tokens): what an empty prompt would have seen, with
+        ``less_s`` taken off the sum first (what ``outlier_s`` returned, or nothing)."""
+        return max(0.0, (self.ttfts - less_s - prefill_s * self.prompts) / self.n)
 
     def excess_s(self, baseline: float, scatter_s: float, prefill_s: float,
-                 outlier_s: float = 0.0) -> float:
+                 less_s: float = 0.0) -> float:
         """Mean first-token time above the no-load ``baseline`` (of an empty prompt), less
         what the provider's own scatter of first tokens (``scatter_s``, one standard
         deviation) would put there by chance: ``_NOISE_Z`` standard errors of the mean.
-        ``outlier_s`` as for ``level``."""
+        ``less_s`` as for ``level``."""
         allowance = _NOISE_Z * scatter_s / math.sqrt(self.n)
-        return max(0.0, self.level(prefill_s, outlier_s) - baseline - allowance)
+        return max(0.0, self.level(prefill_s, less_s) - baseline - allowance)
 
     def moments(self) -> _Moments:
         """The sums about the window's means that give its scatter at any prefill rate."""

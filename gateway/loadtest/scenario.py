@@ -9,8 +9,8 @@ starts one **run** of a **workload** drawn by weight: ``steps`` dependent reques
 Arrival rates are in runs per second, so a 10-step workload at ``rate: 5`` offers about 50
 requests/s while its runs survive. Sizes and times are lognormal, given as a median and a
 p99 (``{median: 200, p99: 2000}``); a median alone is a constant; ``slow_share`` and
-``slow_factor`` make a share of the draws that many times larger (a provider's slow few). See config/scenarios/ for
-examples and docs/benchmarks.md for how the shipped ones behave.
+``slow_factor`` make a share of the draws that many times larger (a provider's slow few). See
+config/scenarios/ for examples and docs/benchmarks.md for how the shipped ones behave.
 """
 
 from __future__ import annotations

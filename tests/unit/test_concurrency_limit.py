@@ -775,8 +775,8 @@ def slow_few(sigma: float, share: float, factor: float) -> Jitter:
     """First tokens at rest within a few tens of percent of each other (lognormal, ``sigma``),
     and a ``share`` of them ``factor`` times slower: a provider's slow few (a cache miss, a
     busy replica), which a lognormal's tail does not have as they come."""
-    return lambda rng: rng.lognormvariate(-sigma * sigma / 2, sigma) * (
-        factor if rng.random() < share else 1.0)
+    at_rest = lognormal(sigma)
+    return lambda rng: at_rest(rng) * (factor if rng.random() < share else 1.0)
 
 
 @pytest.mark.parametrize("share, factor", [(0.02, 5.0), (0.01, 10.0)],
