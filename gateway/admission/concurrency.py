@@ -267,11 +267,14 @@ def _median(ordered: list[float]) -> float:
 class _Window:
     """What one decision window saw."""
 
-    __slots__ = ("below", "busy_ok", "cross", "each_prompt", "each_ttft", "n", "ok", "prompts",
-                 "prompts2", "start", "top", "ttfts", "ttfts2")
+    __slots__ = ("below", "busy_ok", "cross", "each_prompt", "each_ttft", "keep", "n", "ok",
+                 "prompts", "prompts2", "start", "top", "ttfts", "ttfts2")
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, keep: bool = True) -> None:
+        """``keep``: whether to keep each first token, for its slowest few (``outlier_s``):
+        only ``vegas`` decides by them."""
         self.start = start
+        self.keep = keep
         self.ok = 0  # successful calls that finished
         self.busy_ok = 0.0  # their call-seconds
         self.n = 0  # how many first tokens
@@ -288,8 +291,8 @@ class _Window:
         self.each_ttft = array("d")
         self.each_prompt = array("d")
 
-    def add(self, ttft_s: float, prompt_k: float, keep: bool = True) -> None:
-        if keep:
+    def add(self, ttft_s: float, prompt_k: float) -> None:
+        if self.keep:
             self.each_ttft.append(ttft_s)
             self.each_prompt.append(prompt_k)
         self.n += 1
@@ -343,9 +346,9 @@ class _Window:
         was lost (docs/architecture.md, "First tokens scatter by themselves"). The window's
         scatter (``moments``) stays the whole window's: the slow few are the provider's own,
         and widen what chance explains."""
-        n = len(self.each_ttft)
-        if n != self.n:  # a window begun under ``aimd`` (a reload): its plain mean
+        if not self.keep:  # a window begun under ``aimd`` (then a reload): its plain mean
             return 0.0
+        n = self.n
         k = math.ceil(_TRIM * n)
         if n <= k:
             return 0.0
@@ -395,7 +398,7 @@ class AdaptiveLimit:
         self._last_decrease = -math.inf
         self._last_increase = now
         self._brake = _LatencyBrake(settings.latency_brake) if settings.latency_brake else None
-        self._window = _Window(now)
+        self._window = _Window(now, settings.algorithm == "vegas")
         # The window's mean first token and mean prompt (thousands of tokens), smoothed over
         # about two windows; the baseline keeps them as they were, so that each is valued at
         # the prefill time learned by now.
@@ -630,7 +633,7 @@ class AdaptiveLimit:
 
     def _first_token(self, now: float, ttft_s: float, prompt_tokens: int | None) -> bool:
         """Count a first token in the window; whether the latency brake calls it overload."""
-        self._window.add(ttft_s, thousands(prompt_tokens), self._settings.algorithm == "vegas")
+        self._window.add(ttft_s, thousands(prompt_tokens))
         if not self._baseline and self._measuring:
             self._progress_at = now  # toward the first baseline, which growth waits for
         return self._brake is not None and self._brake.slow(ttft_s, prompt_tokens or 0)
@@ -740,7 +743,7 @@ class AdaptiveLimit:
     # -- internals ----------------------------------------------------------------------------
 
     def _new_window(self, now: float) -> None:
-        self._window = _Window(now)
+        self._window = _Window(now, self._settings.algorithm == "vegas")
         self._window_limit = self._limit
 
     def _answering_promptly(self, now: float) -> bool:

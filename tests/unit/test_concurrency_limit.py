@@ -876,8 +876,8 @@ def test_a_windows_slowest_few_count_at_the_next_ones_level() -> None:
     for i in range(40):
         many.add(3.0 if i in (5, 17) else 0.4 + 0.001 * i, 0.0)
     assert many.outlier_s(0.0) == pytest.approx(2 * (3.0 - 0.439))
-    unkept = _Window(0.0)  # a window begun without keeping its first tokens (aimd)
-    unkept.add(2.0, 0.0, keep=False)
+    unkept = _Window(0.0, keep=False)  # a window begun under aimd, closed under vegas
+    unkept.add(2.0, 0.0)
     for _ in range(5):
         unkept.add(0.4, 0.0)
     assert unkept.outlier_s(0.0) == 0.0  # its plain mean
