@@ -128,6 +128,10 @@ _PREFILL_MAX_S = 1.0
 # at the level of the slowest of the rest (_Window.outlier_s): at a tenth the knee of 4 slots
 # (one queued request delays about a quarter of the calls) read one call too high.
 _TRIM = 0.05
+# The wider share a queue must outlast to cut at once, and the share of the tolerance the
+# decision before must have read to confirm a narrower one (see _decide).
+_TRIM_WIDE = 0.25
+_CONFIRM_SHARE = 0.25
 # Calls overdue for a first token that stop growth: at least this many (see _decide).
 _OVERDUE_MIN = 2.0
 # The least scatter of first tokens about the fitted line credited to a window (1 ms, squared):
@@ -328,8 +332,8 @@ class _Window:
         z = (rank - n_top * n_below / 2) / spread
         return TopWait(n_top, z, _median(top) - _median(below))
 
-    def outlier_s(self, prefill_s: float) -> float:
-        """What counting the slowest ``_TRIM`` share of the first tokens (one at least) at the
+    def outlier_s(self, prefill_s: float, share: float = _TRIM) -> float:
+        """What counting the slowest ``share`` (``_TRIM``) of the first tokens (one at least) at the
         level of the slowest of the rest (at ``prefill_s``) takes off the window's sum.
 
         A provider's slow few (2 % of first tokens 5x the rest, or 1 % at 10x: a cache miss,
@@ -349,7 +353,7 @@ class _Window:
         if not self.keep:  # a window begun under ``aimd`` (then a reload): its plain mean
             return 0.0
         n = self.n
-        k = math.ceil(_TRIM * n)
+        k = math.ceil(share * n)
         if n <= k:
             return 0.0
         top = heapq.nlargest(k + 1, (ttft - prefill_s * prompt
@@ -415,6 +419,9 @@ class AdaptiveLimit:
         self._spread = 0.0  # that of the smoothed level now
         # The no-load level and the provider's scatter, as of the last decision (_rest).
         self._rest_at: tuple[float, float] | None = None
+        # (when, queue / tolerance) of the last latency decision: a narrow queue (in the slow
+        # tail of a window) cuts only when the decision before showed one too (_decide).
+        self._queue_seen: tuple[float, float] | None = None
         self._slow_start = True
         # Slow start no longer finding capacity: held by calls overdue for their first token
         # (_decide), or no progress for the horizon while the demand filled the limit
@@ -846,6 +853,10 @@ class AdaptiveLimit:
         if first:
             return  # nothing to compare the first window with
         tolerance = self._tolerance()
+        # The decision just before, if it opened this window (else none to go by: an error's
+        # decrease, a window without first tokens, a reload or a restart came between).
+        seen, self._queue_seen = self._queue_seen, (now, queue / tolerance)
+        before = seen[1] if seen is not None and seen[0] == window.start else None
         # The queue at the top of the limit. With holdback the lower classes stop below the
         # limit and only bursts of critical calls reach its top: a limit a few calls past the
         # knee queues those inside the provider (where priority means nothing), while the
@@ -879,9 +890,28 @@ class AdaptiveLimit:
                     self._probe_backoff = _PROBE_BACKOFF
                     self._backoff = min(self._backoff, _PROBE_BACKOFF)
                     self._top_took_probes = False
+        # A queue of ours delays most calls that meet it; a provider's slow few are a handful
+        # of calls far out. A window with more of them than ``outlier_s`` counts apart read
+        # as a queue and cut, and as the limit fell its smaller windows met the next ones
+        # sooner: 5 % of first tokens at 10x the rest held a 64-slot limit at 4 (its mean
+        # from 120 s 8 of 64 over eight seeds), 3 % at 10x and 10 % at 5x at about 31. So a
+        # queue that lives only in the window's slowest tenth (within the tolerance once
+        # those count at the next one's level) cuts only when the decision before read over
+        # ``_CONFIRM_SHARE`` of the tolerance too (a queue of ours stands until a cut drains
+        # it; the slow few come and go), or when it is surely ours: the calls at the top
+        # waited more than the rest (ranks: the slow few fall on both sides), the limit is on
+        # its x1.5 return after errors, or in slow start. Unconfirmed, the window holds. A
+        # broad queue cuts at once: at 16 slots the window's mean finds the knee as a 3x load
+        # arrives, and a window's delay let critical calls queue inside the provider.
         if queue > tolerance:
             self._top_seen = 0  # the mean's cut (or hold) decides
-            if now >= self._next_cut:
+            confirmed = (self._recovering or stands_out
+                         or before is None or before > _CONFIRM_SHARE)
+            if not confirmed:
+                wide = window.excess_s(baseline, noise, prefill,
+                                       window.outlier_s(prefill, _TRIM_WIDE))
+                confirmed = window.rate(elapsed) * wide > tolerance
+            if confirmed and now >= self._next_cut:
                 # The effect of a decrease shows once the provider's queue has drained and
                 # calls sent after it have their first token: not before ~ wait + TTFT.
                 self._next_cut = now + s.decision_window_s + excess_s + mean_ttft
