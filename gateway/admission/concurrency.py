@@ -128,9 +128,11 @@ _PREFILL_MAX_S = 1.0
 # at the level of the slowest of the rest (_Window.outlier_s): at a tenth the knee of 4 slots
 # (one queued request delays about a quarter of the calls) read one call too high.
 _TRIM = 0.05
-# The wider share a queue must outlast to cut at once, and the share of the tolerance the
-# decision before must have read to confirm a narrower one (see _decide).
+# A narrow queue (see _decide): within the tolerance once the window's slowest quarter count
+# at the next one's level; it cuts once this many windows in a row before it read over this
+# share of the tolerance.
 _TRIM_WIDE = 0.25
+_CONFIRM_WINDOWS = 2
 _CONFIRM_SHARE = 0.25
 # Calls overdue for a first token that stop growth: at least this many (see _decide).
 _OVERDUE_MIN = 2.0
@@ -333,8 +335,8 @@ class _Window:
         return TopWait(n_top, z, _median(top) - _median(below))
 
     def outlier_s(self, prefill_s: float, share: float = _TRIM) -> float:
-        """What counting the slowest ``share`` (``_TRIM``) of the first tokens (one at least) at the
-        level of the slowest of the rest (at ``prefill_s``) takes off the window's sum.
+        """What counting the slowest ``share`` of the first tokens (one at least) at the level
+        of the slowest of the rest (at ``prefill_s``) takes off the window's sum.
 
         A provider's slow few (2 % of first tokens 5x the rest, or 1 % at 10x: a cache miss,
         a busy replica) are no queue, and at small limits one of them in a window of ten
@@ -419,9 +421,9 @@ class AdaptiveLimit:
         self._spread = 0.0  # that of the smoothed level now
         # The no-load level and the provider's scatter, as of the last decision (_rest).
         self._rest_at: tuple[float, float] | None = None
-        # (when, queue / tolerance) of the last latency decision: a narrow queue (in the slow
-        # tail of a window) cuts only when the decision before showed one too (_decide).
-        self._queue_seen: tuple[float, float] | None = None
+        # Windows in a row, up to the last decided, that read a queue over _CONFIRM_SHARE of
+        # the tolerance: a narrow one cuts only after a few of them (_decide).
+        self._queue_run = 0
         self._slow_start = True
         # Slow start no longer finding capacity: held by calls overdue for their first token
         # (_decide), or no progress for the horizon while the demand filled the limit
@@ -807,6 +809,9 @@ class AdaptiveLimit:
         s = self._settings
         window, window_limit = self._window, self._window_limit
         elapsed = max(now - window.start, 1e-9)
+        # Whether the last decision opened this window (not an error's decrease, a window
+        # without first tokens, a reload or a restart since).
+        follows = window.start == self._decided_at
         self._new_window(now)
         self._decided_at = now
         moments = window.moments()
@@ -853,10 +858,8 @@ class AdaptiveLimit:
         if first:
             return  # nothing to compare the first window with
         tolerance = self._tolerance()
-        # The decision just before, if it opened this window (else none to go by: an error's
-        # decrease, a window without first tokens, a reload or a restart came between).
-        seen, self._queue_seen = self._queue_seen, (now, queue / tolerance)
-        before = seen[1] if seen is not None and seen[0] == window.start else None
+        run = self._queue_run if follows else 0
+        self._queue_run = run + 1 if queue > _CONFIRM_SHARE * tolerance else 0
         # The queue at the top of the limit. With holdback the lower classes stop below the
         # limit and only bursts of critical calls reach its top: a limit a few calls past the
         # knee queues those inside the provider (where priority means nothing), while the
@@ -894,19 +897,21 @@ class AdaptiveLimit:
         # of calls far out. A window with more of them than ``outlier_s`` counts apart read
         # as a queue and cut, and as the limit fell its smaller windows met the next ones
         # sooner: 5 % of first tokens at 10x the rest held a 64-slot limit at 4 (its mean
-        # from 120 s 8 of 64 over eight seeds), 3 % at 10x and 10 % at 5x at about 31. So a
-        # queue that lives only in the window's slowest tenth (within the tolerance once
-        # those count at the next one's level) cuts only when the decision before read over
-        # ``_CONFIRM_SHARE`` of the tolerance too (a queue of ours stands until a cut drains
-        # it; the slow few come and go), or when it is surely ours: the calls at the top
-        # waited more than the rest (ranks: the slow few fall on both sides), the limit is on
-        # its x1.5 return after errors, or in slow start. Unconfirmed, the window holds. A
-        # broad queue cuts at once: at 16 slots the window's mean finds the knee as a 3x load
-        # arrives, and a window's delay let critical calls queue inside the provider.
+        # from 120 s 8 of 64 over eight seeds), 3 % at 10x and 10 % at 5x at about 31. Such
+        # a queue is narrow: within the tolerance once the window's slowest quarter counts
+        # at the next one's level. A narrow queue cuts only when the windows before showed a
+        # queue too, ``_CONFIRM_WINDOWS`` in a row (a queue of ours stands until a cut drains
+        # it, while the slow few come and go: more of them than a window counts apart is a
+        # chance of a fifth to a half at that share, one window after the other much less),
+        # or when it is surely ours: the calls at the top waited more than the rest (ranks:
+        # the slow few fall on both sides) or the limit is on its x1.5 return after errors.
+        # Unconfirmed, the window holds. A broad queue cuts at once: at 16 slots the window's
+        # mean finds the knee as a 3x load arrives, and a window's delay let critical calls
+        # queue inside the provider (a cut confirmed by the window before cost that target).
         if queue > tolerance:
             self._top_seen = 0  # the mean's cut (or hold) decides
-            confirmed = (self._recovering or stands_out
-                         or before is None or before > _CONFIRM_SHARE)
+            confirmed = (not follows or run >= _CONFIRM_WINDOWS or self._recovering
+                         or stands_out)
             if not confirmed:
                 wide = window.excess_s(baseline, noise, prefill,
                                        window.outlier_s(prefill, _TRIM_WIDE))
