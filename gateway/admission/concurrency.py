@@ -40,7 +40,10 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   errors less, at the provider's own scatter (``_rest``);
 - ``Q`` is compared with the tolerance ``max(upstream_queue_min, upstream_queue_share x
   limit)``: above it the limit drops by the excess, from the concurrency the window actually
-  used (down to where half the tolerance stays queued); below half of it, and while the
+  used (down to where half the tolerance stays queued), if the queue is broad (above the
+  tolerance still with the window's slowest quarter counted at the next one's level) or
+  confirmed (the two windows before read a queue too: a provider's slow few come and go;
+  unconfirmed, the window holds, slow start's growth too); below half of it, and while the
   limit is actually used (demand at least ``min_utilization`` of it), the limit grows; in
   between it holds;
 - within the tolerance, the queue at the top of the limit: with holdback only critical
@@ -52,7 +55,8 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   knee), never below ``_TOP_FLOOR`` of where the rest of this logic left it; a top that keeps
   standing out at that floor is taken for calls slow by nature (one tenant's, sent in the
   class holdback lets through last) and left alone for ``_TOP_REST_S``;
-- growth is a slow start until the first decrease or hold, then additive (``increase_step``
+- growth is a slow start until the first decrease, or hold by a queue within the tolerance,
+  then additive (``increase_step``
   per window). Slow start grows per call, only while the demand fills the limit: half a slot
   per first token that came on time (``_slow_start_step``), x1.5 a round trip, topped up to
   x1.5 per window. While it still grows (``exploring``) the limit has found no capacity yet,
@@ -422,8 +426,9 @@ class AdaptiveLimit:
         # The no-load level and the provider's scatter, as of the last decision (_rest).
         self._rest_at: tuple[float, float] | None = None
         # Windows in a row, up to the last decided, that read a queue over _CONFIRM_SHARE of
-        # the tolerance: a narrow one cuts only after a few of them (_decide).
+        # the tolerance since the last cut: a narrow one cuts only after a few (_decide).
         self._queue_run = 0
+        self._held = False  # the last window held for want of that: no slow-start growth
         self._slow_start = True
         # Slow start no longer finding capacity: held by calls overdue for their first token
         # (_decide), or no progress for the horizon while the demand filled the limit
@@ -654,7 +659,9 @@ class AdaptiveLimit:
         limit. Per window it took a cold start seconds per step against a slow model (first
         tokens of 5 s, or whole answers of 5 s not streamed: a window waits for them), while
         the requests beyond the limit queued in the gateway. The window still tops growth up
-        to x1.5 (``_decide``), and ends slow start at the first queue it sees. Calls sent past
+        to x1.5 (``_decide``), and ends slow start at the first queue it cuts for or holds
+        within the tolerance; a window held for want of confirmation stops this growth until
+        the next decision. Calls sent past
         the knee wait inside the provider and their first tokens come late, adding nothing;
         but a call that waited less than half a first token counts as on time, so where first
         tokens are a large part of a call (or calls are short) the overshoot can pass half the
@@ -665,8 +672,8 @@ class AdaptiveLimit:
         quickest success of this slow start: without a first token, a call queued inside the
         provider shows only as a longer call. Answers of different lengths make many calls
         late, which only stalls growth (and exploring) sooner: the cautious side."""
-        if not self._slow_start:  # (errors end it: a return to _recover_to is never one)
-            return
+        if not self._slow_start or self._held:  # (errors end it: a return to _recover_to is
+            return  # never one; a window held for a narrow queue: see _decide)
         latency = self._settings.algorithm == "vegas"
         by_time = ttft_s is None or not latency  # judged by how long the call took
         if by_time and duration_s is not None:  # the quickest is best seen unloaded
@@ -734,6 +741,7 @@ class AdaptiveLimit:
         self._top_off_until, self._top_took_probes = -math.inf, False
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf
+        self._queue_run, self._held = 0, False
 
     def reconfigure(self, settings: ConcurrencySettings) -> None:
         """New bounds from a policy reload; the current limit is kept within them."""
@@ -742,6 +750,7 @@ class AdaptiveLimit:
         self._limit = min(float(settings.max_limit), max(float(settings.min_limit), self._limit))
         self._follow_anchor(before)
         self._window_limit = self._limit  # the window's top-up counts from here
+        self._queue_run = 0  # a new tolerance: what the windows before read is not comparable
         if settings.latency_brake is None:
             self._brake = None
         elif self._brake is None:
@@ -810,10 +819,11 @@ class AdaptiveLimit:
         window, window_limit = self._window, self._window_limit
         elapsed = max(now - window.start, 1e-9)
         # Whether the last decision opened this window (not an error's decrease, a window
-        # without first tokens, a reload or a restart since).
+        # without first tokens or a restart since).
         follows = window.start == self._decided_at
         self._new_window(now)
         self._decided_at = now
+        self._held = False
         moments = window.moments()
         evidence = moments.prefill_evidence()
         if evidence is not None:
@@ -905,17 +915,21 @@ class AdaptiveLimit:
         # chance of a fifth to a half at that share, one window after the other much less),
         # or when it is surely ours: the calls at the top waited more than the rest (ranks:
         # the slow few fall on both sides) or the limit is on its x1.5 return after errors.
-        # Unconfirmed, the window holds. A broad queue cuts at once: at 16 slots the window's
-        # mean finds the knee as a 3x load arrives, and a window's delay let critical calls
-        # queue inside the provider (a cut confirmed by the window before cost that target).
+        # A window that follows no decision (after an error's decrease, a restart, windows
+        # without first tokens) has none before it: it starts the count. Unconfirmed, the
+        # window holds, and slow start's growth per call with it (else it would go on x1.5
+        # a round trip while the queue waits for confirmation). A broad queue cuts at once:
+        # at 16 slots the window's mean finds the knee as a 3x load arrives, and a window's
+        # delay let critical calls queue inside the provider (a cut confirmed by the window
+        # before cost that target).
         if queue > tolerance:
             self._top_seen = 0  # the mean's cut (or hold) decides
-            confirmed = (not follows or run >= _CONFIRM_WINDOWS or self._recovering
-                         or stands_out)
+            confirmed = run >= _CONFIRM_WINDOWS or self._recovering or stands_out
             if not confirmed:
                 wide = window.excess_s(baseline, noise, prefill,
                                        window.outlier_s(prefill, _TRIM_WIDE))
                 confirmed = window.rate(elapsed) * wide > tolerance
+            self._held = not confirmed
             if confirmed and now >= self._next_cut:
                 # The effect of a decrease shows once the provider's queue has drained and
                 # calls sent after it have their first token: not before ~ wait + TTFT.
@@ -941,6 +955,7 @@ class AdaptiveLimit:
             # their share) most of a 15 s burst of critical calls to come back. Nothing else
             # changes: a return after errors goes on, and an error right after is still one.
             self._next_cut = now + s.decision_window_s + top.wait_s + mean_ttft
+            self._queue_run = 0  # a cut starts the count again
             step = max(1.0, self.top_queue - 0.5 * tolerance)
             self._set(max(floor, self._limit - step), top=True)
             if self._probing:  # our own probe, taken back at once: probe half as often
@@ -998,6 +1013,7 @@ class AdaptiveLimit:
         # latency is its new normal, not a queue of ours. TTFT that rose a lot since the last
         # decrease starts the count again: the provider changed (it may have lost capacity,
         # and a queue of ours then grows until the decreases catch up with it).
+        self._queue_run = 0  # a cut (or a new baseline) starts the count again
         steady = 0.95 * self._cut_from <= level <= _CHANGED * self._cut_from
         self._cuts = self._cuts + 1 if self._cuts and steady else 1
         self._cut_from = level

@@ -867,7 +867,8 @@ def test_more_slow_few_than_a_window_counts_apart_do_not_collapse_the_limit(
     windows of a smaller limit met the next ones sooner. The limit's mean from 120 s, seeds
     1-4, before: 5 % of first tokens at 10x 8-9 of 64 (its least 4 in all four), 10 % at 5x
     10-57. Such a queue lives in the window's slowest quarter, and now cuts only when the two
-    windows before it read a queue too: 59-63 and 64-65 (the least 56-62 and 60-64)."""
+    windows before it read a queue too: 59-63 and 64-65 (the least 56-62 and 60-64). Two of
+    those seeds here."""
     for seed in (1, 2):
         upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2, service_spread=0.3, seed=seed,
                                 jitter=slow_few(0.2, share, factor))
@@ -879,9 +880,12 @@ def test_more_slow_few_than_a_window_counts_apart_do_not_collapse_the_limit(
 
 
 def test_a_provider_that_loses_half_its_slots_is_followed_within_seconds() -> None:
-    """A queue that fills the provider is broad, and cuts at once however the slow few are
-    confirmed: 64 slots that become 32 under endless demand, the limit within 1.25x of them
-    4-6 s later (seeds 1-6), as before."""
+    """A guard: confirming narrow queues must not slow the limit following a provider that
+    loses capacity. 64 slots that become 32 under endless demand: the first cut 2.1-2.8 s
+    later and the limit within 1.25x of them 4.2-5.8 s later (seeds 1-6), as when every window
+    could cut (1.8-2.8 and 3.9-5.8 s). (The queue fills every window, so it is confirmed and
+    broad at once; ``test_a_narrow_queue_cuts_only_when_the_windows_before_read_one_too``
+    tells the two apart.)"""
     for seed in (1, 2):
         upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2, service_spread=0.3, seed=seed,
                                 jitter=lognormal(0.2))
@@ -897,6 +901,48 @@ def test_a_provider_that_loses_half_its_slots_is_followed_within_seconds() -> No
         assert down <= 8.0, (seed, down)
         settled = [limit for t, limit in after if t >= 150.0]
         assert 0.75 * 32 <= statistics.mean(settled) <= 1.25 * 32, (seed, settled)
+
+
+def test_a_narrow_queue_cuts_only_when_the_windows_before_read_one_too() -> None:
+    """A window's queue that lives in its slowest quarter (three first tokens of twenty at 10x
+    the rest, a provider's slow few) holds the limit; the third such window in a row cuts it.
+    A queue that delays every call cuts at once, and narrow ones that come and go never do."""
+    quiet = [0.4 + 0.01 * (i % 5) for i in range(20)]
+    narrow = quiet[:17] + [4.0] * 3
+    broad = [2 * ttft for ttft in quiet]
+
+    def settled() -> tuple[AdaptiveLimit, float]:
+        limiter = AdaptiveLimit(defaults(initial_limit=40), now=0.0)
+        now = 0.0
+        for _ in range(10):  # the baseline; demand below the limit: nothing grows
+            now = feed(limiter, now, quiet)
+        assert limiter.limit == 40
+        return limiter, now
+
+    limiter, now = settled()
+    for _ in range(2):
+        now = feed(limiter, now, narrow)
+        assert limiter.limit == 40  # held for want of confirmation
+    feed(limiter, now, narrow)
+    assert limiter.limit < 40  # the third in a row
+
+    limiter, now = settled()
+    feed(limiter, now, broad)
+    assert limiter.limit < 40  # at once
+
+    limiter, now = settled()
+    for window in [narrow, narrow, quiet] * 7:
+        now = feed(limiter, now, window)
+    assert limiter.limit == 40
+
+
+def feed(limiter: AdaptiveLimit, start: float, ttfts: list[float], demand: int = 10) -> float:
+    """One decision window: the first tokens ``ttfts`` (300-token prompts) spread over the
+    second after ``start``; when it closed."""
+    step = 1.0 / len(ttfts)
+    for i, ttft in enumerate(ttfts):
+        limiter.on_first_token(start + (i + 1) * step, ttft, 300, demand)
+    return start + 1.0
 
 
 def test_a_windows_slowest_few_count_at_the_next_ones_level() -> None:
