@@ -42,10 +42,10 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   limit)``: above it the limit drops by the excess, from the concurrency the window actually
   used (down to where half the tolerance stays queued), if the queue is broad (above the
   tolerance still with the window's slowest quarter counted at the next one's level) or
-  confirmed (the two windows before read a queue too: a provider's slow few come and go;
-  unconfirmed, the window holds, slow start's growth too); below half of it, and while the
-  limit is actually used (demand at least ``min_utilization`` of it), the limit grows; in
-  between it holds;
+  confirmed (the two windows before read over a quarter of the tolerance too: a provider's
+  slow few come and go; unconfirmed, the window holds, slow start's growth too); below half
+  of it, and while the limit is actually used (demand at least ``min_utilization`` of it),
+  the limit grows; in between it holds;
 - within the tolerance, the queue at the top of the limit: with holdback only critical
   bursts reach the top, and a limit a few calls past the knee queues them inside the
   provider while the window's mean stays within the tolerance. The first tokens of calls
@@ -56,10 +56,9 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   standing out at that floor is taken for calls slow by nature (one tenant's, sent in the
   class holdback lets through last) and left alone for ``_TOP_REST_S``;
 - growth is a slow start until the first decrease, or hold by a queue within the tolerance,
-  then additive (``increase_step``
-  per window). Slow start grows per call, only while the demand fills the limit: half a slot
-  per first token that came on time (``_slow_start_step``), x1.5 a round trip, topped up to
-  x1.5 per window. While it still grows (``exploring``) the limit has found no capacity yet,
+  then additive (``increase_step`` per window). Slow start grows per call, only while the
+  demand fills the limit: half a slot per first token that came on time
+  (``_slow_start_step``), x1.5 a round trip, topped up to x1.5 per window. While it still grows (``exploring``) the limit has found no capacity yet,
   and admission does not shed for the requests that queue behind it. After a latency
   decrease, growth waits ``_PROBE_BACKOFF`` windows, twice as long after each probe that had
   to be taken back at once (up to ``_PROBE_BACKOFF_MAX``): at the knee every probe queues a
@@ -132,7 +131,7 @@ _PREFILL_MAX_S = 1.0
 # at the level of the slowest of the rest (_Window.outlier_s): at a tenth the knee of 4 slots
 # (one queued request delays about a quarter of the calls) read one call too high.
 _TRIM = 0.05
-# A narrow queue (see _decide): within the tolerance once the window's slowest quarter count
+# A narrow queue (see _decide): within the tolerance once the window's slowest quarter counts
 # at the next one's level; it cuts once this many windows in a row before it read over this
 # share of the tolerance.
 _TRIM_WIDE = 0.25
