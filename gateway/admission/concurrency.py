@@ -58,8 +58,9 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
 - growth is a slow start until the first decrease, or hold by a queue within the tolerance,
   then additive (``increase_step`` per window). Slow start grows per call, only while the
   demand fills the limit: half a slot per first token that came on time
-  (``_slow_start_step``), x1.5 a round trip, topped up to x1.5 per window. While it still grows (``exploring``) the limit has found no capacity yet,
-  and admission does not shed for the requests that queue behind it. After a latency
+  (``_slow_start_step``), x1.5 a round trip, topped up to x1.5 per window. While it still
+  grows (``exploring``) the limit has found no capacity yet, and admission does not shed for
+  the requests that queue behind it. After a latency
   decrease, growth waits ``_PROBE_BACKOFF`` windows, twice as long after each probe that had
   to be taken back at once (up to ``_PROBE_BACKOFF_MAX``): at the knee every probe queues a
   request inside the provider, where priority means nothing, so probes there become rare; a
@@ -671,8 +672,8 @@ class AdaptiveLimit:
         quickest success of this slow start: without a first token, a call queued inside the
         provider shows only as a longer call. Answers of different lengths make many calls
         late, which only stalls growth (and exploring) sooner: the cautious side."""
-        if not self._slow_start or self._held:  # (errors end it: a return to _recover_to is
-            return  # never one; a window held for a narrow queue: see _decide)
+        if not self._slow_start:  # (errors end it: a return to _recover_to is never one)
+            return
         latency = self._settings.algorithm == "vegas"
         by_time = ttft_s is None or not latency  # judged by how long the call took
         if by_time and duration_s is not None:  # the quickest is best seen unloaded
@@ -680,6 +681,8 @@ class AdaptiveLimit:
         if demand < self.limit:
             self._progress_at = now  # the limit holds nobody back: nothing to find yet
             return
+        if self._held:  # a window held for a narrow queue (_decide): no growth until it is
+            return  # told apart
         if ttft_s is not None and latency:
             if not self._on_time(now, ttft_s, prompt_tokens):
                 return
@@ -740,7 +743,7 @@ class AdaptiveLimit:
         self._top_off_until, self._top_took_probes = -math.inf, False
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf
-        self._queue_run, self._held = 0, False
+        self._queue_run = 0
 
     def reconfigure(self, settings: ConcurrencySettings) -> None:
         """New bounds from a policy reload; the current limit is kept within them."""
@@ -750,6 +753,7 @@ class AdaptiveLimit:
         self._follow_anchor(before)
         self._window_limit = self._limit  # the window's top-up counts from here
         self._queue_run = 0  # a new tolerance: what the windows before read is not comparable
+        self._held = False  # (a reload to aimd would never decide it again)
         if settings.latency_brake is None:
             self._brake = None
         elif self._brake is None:
@@ -762,6 +766,7 @@ class AdaptiveLimit:
     def _new_window(self, now: float) -> None:
         self._window = _Window(now, self._settings.algorithm == "vegas")
         self._window_limit = self._limit
+        self._held = False  # (only _decide holds a window, after opening the next)
 
     def _answering_promptly(self, now: float) -> bool:
         """Whether, by time to first token, the upstream is answering at its no-load speed now:
@@ -822,7 +827,6 @@ class AdaptiveLimit:
         follows = window.start == self._decided_at
         self._new_window(now)
         self._decided_at = now
-        self._held = False
         moments = window.moments()
         evidence = moments.prefill_evidence()
         if evidence is not None:
@@ -929,6 +933,10 @@ class AdaptiveLimit:
                                        window.outlier_s(prefill, _TRIM_WIDE))
                 confirmed = window.rate(elapsed) * wide > tolerance
             self._held = not confirmed
+            if self._held:
+                # Waiting to tell a queue from the slow few is no stall: slow start is not
+                # taken for done (exploring) in the meantime.
+                self._progress_at = now
             if confirmed and now >= self._next_cut:
                 # The effect of a decrease shows once the provider's queue has drained and
                 # calls sent after it have their first token: not before ~ wait + TTFT.

@@ -870,10 +870,11 @@ def test_calls_slow_by_nature_at_the_top_do_not_stop_the_limit_finding_more_slot
 def test_a_provider_that_loses_half_its_slots_is_followed_within_seconds() -> None:
     """A guard: confirming narrow queues must not slow the limit following a provider that
     loses capacity. 64 slots that become 32 under endless demand: the first cut 2.1-2.8 s
-    later and the limit within 1.25x of them 4.2-5.8 s later (seeds 1-6), as when every window
-    could cut (1.8-2.8 and 3.9-5.8 s). (The queue fills every window, so it is confirmed and
-    broad at once; ``test_a_narrow_queue_cuts_only_when_the_windows_before_read_one_too``
-    tells the two apart.)"""
+    later and the limit within 1.25x of them 4.2-5.8 s later (seeds 1-6; here 1 and 2), as
+    when every window could cut (1.8-2.8 and 3.9-5.8 s); session 18's confirmation of every
+    cut took 3.4-7.5 s. (The queue fills every window, so it is confirmed and broad at once;
+    ``test_a_narrow_queue_cuts_only_when_the_windows_before_read_one_too`` tells the two
+    apart.)"""
     for seed in (1, 2):
         upstream = SlotUpstream(64, ttft_s=0.4, service_s=1.2, service_spread=0.3, seed=seed,
                                 jitter=lognormal(0.2))
@@ -885,8 +886,10 @@ def test_a_provider_that_loses_half_its_slots_is_followed_within_seconds() -> No
 
         trace = drive(limiter, upstream, 0.0, 180.0, change=halve)
         after = [(t, limit) for t, limit in trace if t >= 120.0]
+        first = next((t - 120.0 for t, limit in after if limit < after[0][1]), math.inf)
         down = next((t - 120.0 for t, limit in after if limit <= 1.25 * 32), math.inf)
-        assert down <= 8.0, (seed, down)
+        assert first <= 3.5, (seed, first)
+        assert down <= 6.5, (seed, down)
         settled = [limit for t, limit in after if t >= 150.0]
         assert 0.75 * 32 <= statistics.mean(settled) <= 1.25 * 32, (seed, settled)
 
@@ -922,6 +925,28 @@ def test_a_narrow_queue_cuts_only_when_the_windows_before_read_one_too() -> None
     for window in [narrow, narrow, quiet] * 7:
         now = feed(limiter, now, window)
     assert limiter.limit == 40
+
+
+def test_slow_start_does_not_grow_while_a_window_waits_for_confirmation() -> None:
+    """Slow start grows half a slot per first token on time while the demand fills the limit;
+    after a window held for a narrow queue it waits for the next decision, which tells the
+    slow few from a queue of ours (else it would go on x1.5 a round trip meanwhile)."""
+    quiet = [0.4 + 0.01 * (i % 5) for i in range(20)]
+    limiter = AdaptiveLimit(defaults(initial_limit=40), now=0.0)
+    now = 0.0
+    for _ in range(10):
+        now = feed(limiter, now, quiet)
+    now = feed(limiter, now, quiet[:17] + [4.0] * 3)  # held
+    for i, ttft in enumerate(quiet[:-1]):  # the next window, its demand now filling the limit
+        limiter.on_first_token(now + 0.05 * (i + 1), ttft, 300, ENDLESS)
+    assert limiter.limit == 40
+    grown = AdaptiveLimit(defaults(initial_limit=40), now=0.0)  # the same without the hold
+    now = 0.0
+    for _ in range(11):
+        now = feed(grown, now, quiet)
+    for i, ttft in enumerate(quiet[:-1]):
+        grown.on_first_token(now + 0.05 * (i + 1), ttft, 300, ENDLESS)
+    assert grown.limit >= 45
 
 
 def feed(limiter: AdaptiveLimit, start: float, ttfts: list[float], demand: int = 10) -> float:
