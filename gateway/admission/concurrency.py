@@ -672,8 +672,8 @@ class AdaptiveLimit:
         quickest success of this slow start: without a first token, a call queued inside the
         provider shows only as a longer call. Answers of different lengths make many calls
         late, which only stalls growth (and exploring) sooner: the cautious side."""
-        if not self._slow_start:  # (errors end it: a return to _recover_to is never one)
-            return
+        if not self._slow_start or self._held:  # (errors end it: a return to _recover_to is
+            return  # never one; a window held for a narrow queue: see _decide)
         latency = self._settings.algorithm == "vegas"
         by_time = ttft_s is None or not latency  # judged by how long the call took
         if by_time and duration_s is not None:  # the quickest is best seen unloaded
@@ -681,8 +681,6 @@ class AdaptiveLimit:
         if demand < self.limit:
             self._progress_at = now  # the limit holds nobody back: nothing to find yet
             return
-        if self._held:  # a window held for a narrow queue (_decide): no growth until it is
-            return  # told apart
         if ttft_s is not None and latency:
             if not self._on_time(now, ttft_s, prompt_tokens):
                 return
@@ -933,10 +931,6 @@ class AdaptiveLimit:
                                        window.outlier_s(prefill, _TRIM_WIDE))
                 confirmed = window.rate(elapsed) * wide > tolerance
             self._held = not confirmed
-            if self._held:
-                # Waiting to tell a queue from the slow few is no stall: slow start is not
-                # taken for done (exploring) in the meantime.
-                self._progress_at = now
             if confirmed and now >= self._next_cut:
                 # The effect of a decrease shows once the provider's queue has drained and
                 # calls sent after it have their first token: not before ~ wait + TTFT.
