@@ -741,7 +741,7 @@ class AdaptiveLimit:
         self._top_off_until, self._top_took_probes = -math.inf, False
         self._probe_backoff, self._probing = _PROBE_BACKOFF, 0
         self._next_cut = -math.inf
-        self._queue_run = 0
+        self._queue_run, self._held = 0, False
 
     def reconfigure(self, settings: ConcurrencySettings) -> None:
         """New bounds from a policy reload; the current limit is kept within them."""
@@ -764,7 +764,6 @@ class AdaptiveLimit:
     def _new_window(self, now: float) -> None:
         self._window = _Window(now, self._settings.algorithm == "vegas")
         self._window_limit = self._limit
-        self._held = False  # (only _decide holds a window, after opening the next)
 
     def _answering_promptly(self, now: float) -> bool:
         """Whether, by time to first token, the upstream is answering at its no-load speed now:
@@ -825,6 +824,7 @@ class AdaptiveLimit:
         follows = window.start == self._decided_at
         self._new_window(now)
         self._decided_at = now
+        self._held = False
         moments = window.moments()
         evidence = moments.prefill_evidence()
         if evidence is not None:
