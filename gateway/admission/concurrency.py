@@ -60,11 +60,11 @@ decision window (at least ``decision_window_s`` and ``_MIN_SAMPLES`` first token
   demand fills the limit: half a slot per first token that came on time
   (``_slow_start_step``), x1.5 a round trip, topped up to x1.5 per window. While it still
   grows (``exploring``) the limit has found no capacity yet, and admission does not shed for
-  the requests that queue behind it. After a latency
-  decrease, growth waits ``_PROBE_BACKOFF`` windows, twice as long after each probe that had
-  to be taken back at once (up to ``_PROBE_BACKOFF_MAX``): at the knee every probe queues a
-  request inside the provider, where priority means nothing, so probes there become rare; a
-  probe the provider takes resets it.
+  the requests that queue behind it. After a latency decrease, growth waits
+  ``_PROBE_BACKOFF`` windows, twice as long after each probe that had to be taken back at
+  once (up to ``_PROBE_BACKOFF_MAX``): at the knee every probe queues a request inside the
+  provider, where priority means nothing, so probes there become rare; a probe the provider
+  takes resets it.
 
 Non-streamed calls have no first token: a window without any TTFT, or with far more
 non-streamed successes than first tokens, falls back to the AIMD increase (one
@@ -661,12 +661,12 @@ class AdaptiveLimit:
         the requests beyond the limit queued in the gateway. The window still tops growth up
         to x1.5 (``_decide``), and ends slow start at the first queue it cuts for or holds
         within the tolerance; a window held for want of confirmation stops this growth until
-        the next decision. Calls sent past
-        the knee wait inside the provider and their first tokens come late, adding nothing;
-        but a call that waited less than half a first token counts as on time, so where first
-        tokens are a large part of a call (or calls are short) the overshoot can pass half the
-        knee before the window's queue estimate cuts it back (about as far as x1.5 per window
-        went). ``aimd`` counts each call once, at its end.
+        the next decision. Calls sent past the knee wait inside the provider and their first
+        tokens come late, adding nothing; but a call that waited less than half a first token
+        counts as on time, so where first tokens are a large part of a call (or calls are
+        short) the overshoot can pass half the knee before the window's queue estimate cuts it
+        back (about as far as x1.5 per window went). ``aimd`` counts each call once, at its
+        end.
 
         A success counts only when the call took no longer than ``_ON_TIME_FACTOR`` times the
         quickest success of this slow start: without a first token, a call queued inside the

@@ -898,31 +898,20 @@ def test_a_narrow_queue_cuts_only_when_the_windows_before_read_one_too() -> None
     """A window's queue that lives in its slowest quarter (three first tokens of twenty at 10x
     the rest, a provider's slow few) holds the limit; the third such window in a row cuts it.
     A queue that delays every call cuts at once, and narrow ones that come and go never do."""
-    quiet = [0.4 + 0.01 * (i % 5) for i in range(20)]
-    narrow = quiet[:17] + [4.0] * 3
-    broad = [2 * ttft for ttft in quiet]
-
-    def settled() -> tuple[AdaptiveLimit, float]:
-        limiter = AdaptiveLimit(defaults(initial_limit=40), now=0.0)
-        now = 0.0
-        for _ in range(10):  # the baseline; demand below the limit: nothing grows
-            now = feed(limiter, now, quiet)
-        assert limiter.limit == 40
-        return limiter, now
-
-    limiter, now = settled()
+    broad = [2 * ttft for ttft in QUIET]
+    limiter, now = settled_at_40()
     for _ in range(2):
-        now = feed(limiter, now, narrow)
+        now = feed(limiter, now, NARROW)
         assert limiter.limit == 40  # held for want of confirmation
-    feed(limiter, now, narrow)
+    feed(limiter, now, NARROW)
     assert limiter.limit < 40  # the third in a row
 
-    limiter, now = settled()
+    limiter, now = settled_at_40()
     feed(limiter, now, broad)
     assert limiter.limit < 40  # at once
 
-    limiter, now = settled()
-    for window in [narrow, narrow, quiet] * 7:
+    limiter, now = settled_at_40()
+    for window in [NARROW, NARROW, QUIET] * 7:
         now = feed(limiter, now, window)
     assert limiter.limit == 40
 
@@ -931,22 +920,31 @@ def test_slow_start_does_not_grow_while_a_window_waits_for_confirmation() -> Non
     """Slow start grows half a slot per first token on time while the demand fills the limit;
     after a window held for a narrow queue it waits for the next decision, which tells the
     slow few from a queue of ours (else it would go on x1.5 a round trip meanwhile)."""
-    quiet = [0.4 + 0.01 * (i % 5) for i in range(20)]
+    for last, grows in ((NARROW, False), (QUIET, True)):  # held, and the same without the hold
+        limiter, now = settled_at_40()
+        now = feed(limiter, now, last)
+        for i, ttft in enumerate(QUIET[:-1]):  # the next window, its demand filling the limit
+            limiter.on_first_token(now + 0.05 * (i + 1), ttft, 300, ENDLESS)
+        if grows:
+            assert limiter.limit >= 45
+        else:
+            assert limiter.limit == 40
+
+
+# A quiet window's twenty first tokens, and one with three of the slow few (10x) among them.
+QUIET = [0.4 + 0.01 * (i % 5) for i in range(20)]
+NARROW = QUIET[:17] + [4.0] * 3
+
+
+def settled_at_40() -> tuple[AdaptiveLimit, float]:
+    """A limit of 40 after ten quiet windows (its baseline; the demand below the limit, so
+    nothing grows), and when the last closed."""
     limiter = AdaptiveLimit(defaults(initial_limit=40), now=0.0)
     now = 0.0
     for _ in range(10):
-        now = feed(limiter, now, quiet)
-    now = feed(limiter, now, quiet[:17] + [4.0] * 3)  # held
-    for i, ttft in enumerate(quiet[:-1]):  # the next window, its demand now filling the limit
-        limiter.on_first_token(now + 0.05 * (i + 1), ttft, 300, ENDLESS)
+        now = feed(limiter, now, QUIET)
     assert limiter.limit == 40
-    grown = AdaptiveLimit(defaults(initial_limit=40), now=0.0)  # the same without the hold
-    now = 0.0
-    for _ in range(11):
-        now = feed(grown, now, quiet)
-    for i, ttft in enumerate(quiet[:-1]):
-        grown.on_first_token(now + 0.05 * (i + 1), ttft, 300, ENDLESS)
-    assert grown.limit >= 45
+    return limiter, now
 
 
 def feed(limiter: AdaptiveLimit, start: float, ttfts: list[float], demand: int = 10) -> float:
