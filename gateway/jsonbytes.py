@@ -1,4 +1,5 @@
-"""JSON for bytes the gateway keeps beyond the moment it made them.
+"""JSON for bytes the gateway keeps beyond the moment it made them, and how deep a body it
+reads may nest so that it can be written again.
 
 orjson 3.12 and later returns a ``bytes`` whose allocation is the buffer it grew while
 encoding, at least 4 KiB and a power of two past that: a 70-byte error body holds 4 KiB, a
@@ -19,3 +20,32 @@ import orjson
 def dumps_kept(obj: Any) -> bytes:
     """``orjson.dumps(obj)`` in an allocation of its own length, for bytes that are kept."""
     return bytes(memoryview(orjson.dumps(obj)))
+
+
+# orjson reads JSON nested up to 1024 levels but writes at most 254 (TypeError "Recursion
+# limit reached" past that, 3.13). The gateway writes every body it reads again: to the
+# upstream (with the model replaced), translated (a few levels deeper), stored as a deferred
+# entry, fingerprinted for a run. A body nested 300 deep read fine and failed on its way
+# out, a 500 after admission. What clients send nests a dozen levels at most (tool schemas
+# the deepest); what nests deeper is refused with a 400 when it is read.
+MAX_DEPTH = 64
+
+
+def deeper_than(value: Any, depth: int = MAX_DEPTH) -> bool:
+    """Whether lists and objects in ``value`` nest more than ``depth`` levels (``value``
+    itself, if one, is the first). Iterative: Python's own recursion limit is 1000."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if item.__class__ is dict:
+            children: Any = item.values()
+        elif item.__class__ is list:
+            children = item
+        else:
+            continue
+        if level > depth:
+            return True
+        for child in children:
+            if child.__class__ is dict or child.__class__ is list:
+                stack.append((child, level + 1))
+    return False

@@ -198,11 +198,19 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
     svc, record = ctx.svc, ctx.record
     extra = ctx.deadline.upstream_headers(svc.clock())
     svc.tracing.inject(extra)  # traceparent of this attempt's span
-    attempt = ctx.policy.upstreams.attempt(
-        ctx.call, target, ctx.request_headers, record.request_id, deadline=ctx.deadline.at,
-        extra_headers=extra, deadline_cause=ctx.deadline.describe(),
-        client_deadline=ctx.deadline.client_set,
-    )
+    try:
+        attempt = ctx.policy.upstreams.attempt(
+            ctx.call, target, ctx.request_headers, record.request_id, deadline=ctx.deadline.at,
+            extra_headers=extra, deadline_cause=ctx.deadline.describe(),
+            client_deadline=ctx.deadline.client_set,
+        )
+    except BaseException:
+        # Nothing was sent. The slot and the breaker's trial go back whatever went wrong:
+        # a permit kept by an error here is held for good, and a few such requests took a
+        # deployment's every slot from every tenant until a restart.
+        trial.cancelled()
+        permit.release("ignore")
+        raise
     outcome, ttft, log = "ignore", None, AttemptRecord(target.label, "cancelled", 0.0)
     record.attempt_log.append(log)
     error_answer = False  # the upstream answered an error status: it did not do the work

@@ -17,6 +17,7 @@ import orjson
 
 from gateway.config import GatewayConfig, Model, Priority
 from gateway.errors import Dialect, GatewayError, bad_request, forbidden, not_found
+from gateway.jsonbytes import MAX_DEPTH, deeper_than
 from gateway.translate import Translation
 
 from .auth import TenantPolicy
@@ -99,6 +100,10 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"The request body is not valid JSON: {exc.msg} at position {exc.pos}.")
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    # (No more brackets than the bound, no deeper nesting: the walk only for bodies with many.)
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and deeper_than(body):
+        raise bad_request(f"The request body nests lists and objects more than {MAX_DEPTH} "
+                          "levels deep; the gateway accepts no deeper.")
     return body
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from ..errors import GatewayError
+from ..jsonbytes import MAX_DEPTH, deeper_than
 
 # OpenAI's response_format becomes one forced tool whose input is the JSON answer; the answer
 # translators turn that tool call back into message content.
@@ -249,6 +250,8 @@ def _arguments(raw: Any, where: str) -> Any:
     if not isinstance(value, dict):
         raise _refuse(f"{where}.function.arguments", "must be a JSON object (Anthropic tool "
                       "calls carry their input as an object).")
+    if deeper_than(value):  # a string until now: the body's own bound never saw inside it
+        raise _refuse(f"{where}.function.arguments", f"nests more than {MAX_DEPTH} levels.")
     return value
 
 

@@ -1,0 +1,152 @@
+"""A tenant crafting bodies and connections to take what is everyone's: the deployment's slots
+and the process's memory for request bodies.
+
+Found by attacking the gateway as a tenant (2026-12-07): a body nested 300 deep read fine,
+failed as it was written for the upstream (orjson writes 254 levels at most), answered a 500
+and kept its admission slot, so five of them took a deployment from every tenant until a
+restart; and 26 connections that declared 10 MiB bodies and sent one byte held the process's
+whole body budget, so every other tenant got 503s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.jsonbytes import MAX_DEPTH, dumps_kept
+from gateway.upstream import pool
+from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
+from tests.plugin_gateway import GatewayClient, MakeGateway
+
+TWO_SLOTS = {"concurrency": {"min_limit": 2, "initial_limit": 2, "max_limit": 2}}
+
+
+DEEP = "deep-here"
+
+
+def nested(depth: int) -> str:
+    """A placeholder for lists ``depth`` deep, put in by ``encoded`` (orjson writes no more
+    than 254 levels: the tests' own bodies are written as text)."""
+    return f"{DEEP}{depth}"
+
+
+def encoded(body: dict[str, Any]) -> bytes:
+    text = orjson.dumps(body)
+    for depth in range(1, 1001):
+        text = text.replace(f'"{DEEP}{depth}"'.encode(), b"[" * depth + b"]" * depth)
+    return text
+
+
+async def served(gw: GatewayClient, key: str = UMBRELLA_KEY) -> None:
+    """Another tenant's plain request is answered at once, not queued behind lost slots."""
+    resp = await asyncio.wait_for(
+        gw.post("/v1/chat/completions", json=chat(max_tokens=5), headers=auth(key)), 10)
+    assert resp.status == 200, await resp.text()
+    await resp.read()
+
+
+def deep_bodies(depth: int) -> list[tuple[str, dict[str, str], dict[str, Any], str]]:
+    """(route, extra headers, body, dialect) with a field nested ``depth`` deep, on every
+    kind of path a body takes: proxied, translated, counted, fingerprinted for a run."""
+    msg = [{"role": "user", "content": "hi", "x": nested(depth)}]
+    return [
+        ("/v1/chat/completions", {}, {"model": "gpt-test", "messages": msg}, "openai"),
+        ("/v1/chat/completions", {}, {"model": "claude-test", "messages": msg,
+                                      "max_tokens": 5}, "openai"),  # translated
+        ("/v1/chat/completions", {"X-Agent-Session": "run-1"},
+         {"model": "gpt-test", "messages": msg}, "openai"),
+        ("/v1/chat/completions", {}, {"model": "gpt-test", "max_tokens": nested(depth),
+                                      "messages": [{"role": "user", "content": "hi"}]},
+         "openai"),  # quoted back in the error message
+        ("/v1/completions", {}, {"model": "gpt-test", "prompt": "hi", "x": nested(depth)},
+         "openai"),
+        ("/v1/embeddings", {}, {"model": "embed-test", "input": "hi", "x": nested(depth)},
+         "openai"),
+        ("/v1/responses", {}, {"model": "gpt-test", "input": "hi", "x": nested(depth)},
+         "openai"),
+        ("/v1/messages", {}, {"model": "claude-test", "max_tokens": 5, "messages": msg},
+         "anthropic"),
+        ("/v1/messages", {}, {"model": "gpt-test", "max_tokens": 5, "messages": msg},
+         "anthropic"),  # translated
+        ("/v1/messages/count_tokens", {}, {"model": "claude-test", "messages": msg},
+         "anthropic"),
+    ]
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, 300, 1000])
+async def test_a_body_nested_too_deep_is_a_400_and_takes_no_slot(
+        make_gateway: MakeGateway, depth: int) -> None:
+    gw = await make_gateway(admission=TWO_SLOTS)
+    for route, headers, body, dialect in deep_bodies(depth):
+        for _ in range(3):  # more than the deployment's two slots
+            resp = await asyncio.wait_for(
+                gw.post(route, data=encoded(body),
+                        headers=auth(ACME_KEY, **headers, **{"Content-Type":
+                                                             "application/json"})), 10)
+            answer = await resp.json()
+            assert resp.status == 400, (route, answer)
+            error = answer["error"]
+            if dialect == "anthropic":
+                assert answer["type"] == "error" and error["type"] == "invalid_request_error"
+            else:
+                assert error["type"] == "invalid_request_error"
+            assert f"more than {MAX_DEPTH} levels" in error["message"], (route, answer)
+        await served(gw)
+
+
+async def test_a_body_as_deep_as_allowed_is_served_and_translated(
+        make_gateway: MakeGateway) -> None:
+    """The bound leaves room: the deepest body accepted is written again, translated too."""
+    gw = await make_gateway(admission=TWO_SLOTS)
+    for route, headers, body, _ in deep_bodies(MAX_DEPTH - 3):
+        if isinstance(body.get("max_tokens"), str):
+            continue  # a wrong type, whatever its depth
+        resp = await gw.post(route, data=encoded(body),
+                             headers=auth(ACME_KEY, **headers,
+                                          **{"Content-Type": "application/json"}))
+        assert resp.status == 200, (route, await resp.text())
+        await resp.read()
+
+
+async def test_tool_arguments_that_nest_too_deep_are_refused_before_translation(
+        make_gateway: MakeGateway) -> None:
+    """A tool call's arguments are a string the body's bound never looks inside; translated
+    for Anthropic they become an object in the body written upstream."""
+    gw = await make_gateway(admission=TWO_SLOTS)
+    arguments = encoded({"a": nested(300)}).decode()
+    body = {"model": "claude-test", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "f", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "ok"},
+    ]}
+    for _ in range(3):
+        resp = await gw.post("/v1/chat/completions", json=body, headers=auth(ACME_KEY))
+        answer = await resp.json()
+        assert resp.status == 400, answer
+        assert answer["error"]["param"] == "messages.1.tool_calls.0.function.arguments"
+    await served(gw)
+
+
+async def test_an_attempt_that_fails_before_it_is_sent_gives_its_slot_back(
+        make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever breaks while a call is made ready, the slot it was admitted to is freed: the
+    next tenant is served, not queued behind slots nobody holds."""
+    gw = await make_gateway(admission=TWO_SLOTS)
+    def breaks(body: Any) -> bytes:
+        if body.get("user") == "breaks":
+            raise TypeError("Recursion limit reached")
+        return dumps_kept(body)
+
+    monkeypatch.setattr(pool, "dumps_kept", breaks)
+    for _ in range(5):
+        resp = await gw.post("/v1/chat/completions", json=chat(user="breaks"),
+                             headers=auth(ACME_KEY))
+        assert resp.status == 500
+        await resp.read()
+    for _ in range(3):
+        await served(gw)
