@@ -166,14 +166,34 @@ async def _attempt_loop(ctx: CallContext) -> web.StreamResponse:
         # its breaker soon stops sending there at all. Retrying the same deployment spends
         # from its retry budget, which is what keeps an outage from multiplying the load.
         if not (trial.probe or decision.failover or svc.retry_budget.try_spend(target.label)):
-            return _give_up(ctx, last, tried, gave_up=True)
+            # The budget forbids the retry: the gateway did not retry, so it must not tell the
+            # SDK it did. A provider's 429 names its wait, and an SDK retry spaced by it is no
+            # storm: relayed as it came, retryable. Any other failure stays final, which is
+            # what keeps an outage from multiplying calls through every layer of retries.
+            return _give_up(ctx, last, tried, gave_up=last.failure.status != 429)
         for observer in svc.observers:
             observer.retry(target.label, decision.reason)
         if decision.delay_s > 0:
-            await asyncio.sleep(decision.delay_s)
+            await _sleep_until(svc.clock, now + decision.delay_s)
         left = ctx.deadline.remaining(svc.clock())
         if left <= 0:
             raise deadline_exceeded(left, 0.0, ctx.deadline.describe())
+
+
+_EARLY_S = 0.05  # a timer this early is the loop's rounding, not a clock that stands still
+
+
+async def _sleep_until(clock: Callable[[], float], when: float) -> None:
+    """Sleep until ``clock()`` reaches ``when``. A timer can fire a little early: uvloop counts
+    whole milliseconds from when its loop iteration began, and a retry that woke 0.6 ms before
+    the cool-down its provider's 429 set found the deployment unusable and gave up (then told
+    the SDK not to retry either). (An injected clock that stands still is slept once.)"""
+    await asyncio.sleep(max(0.0, when - clock()))
+    for _ in range(3):
+        left = when - clock()
+        if not 0.0 < left < _EARLY_S:
+            return
+        await asyncio.sleep(left + 0.001)
 
 
 async def _permit(ctx: CallContext, label: str, ask: AdmissionRequest, *, first: bool,

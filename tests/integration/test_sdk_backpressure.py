@@ -349,3 +349,77 @@ async def test_an_unusable_error_page_after_the_gateways_retries_is_final_for_th
     assert exc.status_code == 502 and "non-JSON" in str(exc)
     assert exc.response.headers["x-should-retry"] == "false"
     assert calls == int(exc.response.headers["x-gateway-attempts"]) >= 2  # no SDK retry
+
+
+OK_ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000,
+             "model": "upstream-gpt", "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant",
+                                                               "content": "hi"}}],
+             "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+
+
+async def every_other_call_429(aiohttp_server: AiohttpServer) -> tuple[str, list[int]]:
+    """A provider that answers every other call 429 with retry-after-ms: 200 (a provider at
+    its rate limit now and then); its statuses in order."""
+    statuses: list[int] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        status = 429 if len(statuses) % 2 == 0 else 200
+        statuses.append(status)
+        if status == 429:
+            return web.json_response(
+                {"error": {"message": "Rate limit reached", "type": "requests",
+                           "code": "rate_limit_exceeded", "param": None}},
+                status=429, headers={"retry-after-ms": "200", "retry-after": "1"})
+        return web.json_response(OK_ANSWER)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/"), statuses
+
+
+async def test_a_provider_429_is_retried_once_its_wait_is_over_even_by_an_early_timer(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
+) -> None:
+    """The gateway sleeps the provider's Retry-After, then retries. uvloop's timers fire up to
+    a millisecond early (they count whole milliseconds from the loop's cached time): woken
+    before the cool-down that 429 set, the retry found the deployment unusable and answered
+    the 429 with ``x-should-retry: false``, so the SDK gave up too. Here the gateway's clock
+    runs 1 % slow, so every timer is early by its reading."""
+    url, statuses = await every_other_call_429(aiohttp_server)
+    began = time.monotonic()
+    app = create_app(policy(url), clock=lambda: began + 0.99 * (time.monotonic() - began))
+    answers: collections.Counter[int] = collections.Counter()
+
+    async def count(request: web.Request, response: web.StreamResponse) -> None:
+        answers[response.status] += 1
+
+    app.on_response_prepare.append(count)
+    gw = await gateway_client(aiohttp_client, app)
+    client = _openai(gw)  # default settings
+    try:
+        for _ in range(3):
+            await client.chat.completions.create(model="gpt-test", messages=HELLO)
+    finally:
+        await client.close()
+    assert statuses == [429, 200] * 3 and answers == {200: 3}  # the gateway retried, not the SDK
+
+
+async def test_a_provider_429_the_gateway_does_not_retry_is_retryable_for_the_sdk(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
+) -> None:
+    """With its retry budget spent the gateway answers a provider's 429 after one attempt. It
+    did not retry, so it does not tell the SDK it did: the SDK waits the provider's
+    Retry-After and its retry succeeds (it was told ``x-should-retry: false`` and failed)."""
+    url, statuses = await every_other_call_429(aiohttp_server)
+    gw, answers = await counted_gateway(aiohttp_client, url, retries={
+        "budget_min_tokens": 0, "budget_ratio": 0.01})
+    client = _openai(gw)  # default settings: two retries, honouring retry-after-ms
+    try:
+        for _ in range(3):
+            await client.chat.completions.create(model="gpt-test", messages=HELLO)
+    finally:
+        await client.close()
+    assert statuses == [429, 200] * 3 and answers == {429: 3, 200: 3}
