@@ -323,6 +323,9 @@ class AdmissionController:
             if self._policy.shadow:  # reloaded into shadow mode meanwhile: nothing is shed
                 entry.shed_at = None
                 self._arm(state, entry, now)
+            elif (turn := self._quota_turn(state, entry, now)) is not None:
+                entry.shed_at = now + turn + _MIN_REARM_S  # its turn, then asked again
+                self._arm(state, entry, now)
             elif state.queues[req.priority].remove(entry):
                 try:
                     self._refuse(state, req, "cohort", now)
@@ -333,6 +336,22 @@ class AdmissionController:
             self._arm(state, entry, now)
         elif state.queues[req.priority].remove(entry):
             self._expire(state, entry, now)
+
+    def _quota_turn(self, state: DeploymentState, entry: QueueEntry,
+                    now: float) -> float | None:
+        """Seconds until the provider's quota, as paced, lets ``entry`` go, when that alone
+        holds it: nobody else of its class waits, a slot of its class is free, and its turn
+        comes within its deadline. None otherwise. Such a request is being paced, not queued
+        behind anyone: one caller calling in a row at 30 requests a minute waits 2 s a call,
+        four of the normal class's queue targets, and shed at the target it got a 503 where
+        the provider itself would have let it through at its turn."""
+        priority = entry.req.priority
+        if (len(state.queues[priority]) != 1 or state.in_flight >= state.cap(priority, now)
+                or state.quota_allows(priority, now)):
+            return None
+        turn = state.pace.wait_s(state.policy_shares[priority], now)
+        return turn if state.feasible(entry.req.deadline, now + turn,
+                                      entry.req.prompt_size) else None
 
     def _expire(self, state: DeploymentState, entry: QueueEntry, now: float) -> None:
         entry.disarm()
