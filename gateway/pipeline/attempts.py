@@ -198,6 +198,7 @@ async def _sleep_until(clock: Callable[[], float], when: float) -> None:
 
 async def _permit(ctx: CallContext, label: str, ask: AdmissionRequest, *, first: bool,
                   trial: Trial) -> Permit | None:
+    began = ctx.svc.clock()
     try:
         if first:
             with ctx.svc.tracing.stage("queue"):
@@ -205,6 +206,9 @@ async def _permit(ctx: CallContext, label: str, ask: AdmissionRequest, *, first:
         permit = ctx.svc.admission.try_acquire(label, ask)
     except BaseException:
         trial.cancelled()
+        if first:  # shed or out of time after queueing: the log line shows where and how long
+            ctx.record.queue_s = ctx.svc.clock() - began
+            ctx.record.deployment = ctx.record.deployment or label
         raise
     if permit is None:
         trial.cancelled()

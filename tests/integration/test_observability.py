@@ -367,3 +367,24 @@ async def test_status_table_prints_budgets_as_integers_with_their_used_share(
     grouped = render_table({**data, "workers": [{"answered": True}, {"answered": True}]})
     state_line = next(line for line in grouped.splitlines() if line.startswith("state:"))
     assert "workers 2" in state_line and "replicas" not in state_line
+
+
+async def test_access_log_shows_the_wait_of_a_request_that_ran_out_of_time_in_the_queue(
+    make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request that queued for a slot and was refused there (its deadline, a shed) logs
+    where it queued and for how long: that wait is the whole story of its latency."""
+    gw = await make_gateway(admission={"concurrency": {
+        "min_limit": 1, "initial_limit": 1, "max_limit": 1}})
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    holder = asyncio.create_task(gw.post("/v1/chat/completions", json=chat(), headers=auth(
+        **{"x-mock-latency-ms": "2500"})))
+    await asyncio.sleep(0.2)
+    resp = await gw.post("/v1/chat/completions", json=chat(),
+                         headers=auth(**{"X-Request-Timeout": "1.3"}))
+    assert resp.status == 504
+    await resp.read()
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
+    assert line["status"] == 504 and line["deployment"] == "main/upstream-gpt"
+    assert line["queue_ms"] is not None and line["queue_ms"] >= 200, line
+    await (await holder).read()
