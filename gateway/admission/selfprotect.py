@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import AdmissionPolicy, Priority
-from gateway.errors import Overloaded
+from gateway.errors import Overloaded, RateLimited, retry_headers
 
 from .shed import ShedReason, counts_by_class, overloaded_error, retry_after_s
 from .state import AdmissionObserver
@@ -151,68 +151,125 @@ _AUTO_BODY_BYTES = 256 * _MIB  # without a cgroup limit
 class BodyHold:
     """Request-body bytes held by one request; ``release`` when it ends (idempotent)."""
 
-    __slots__ = ("_budget", "nbytes")
+    __slots__ = ("_budget", "_tenant", "nbytes")
 
-    def __init__(self, budget: BodyBudget, nbytes: int) -> None:
+    def __init__(self, budget: BodyBudget, tenant: str, nbytes: int) -> None:
         self._budget = budget
+        self._tenant = tenant
         self.nbytes = nbytes
 
     def release(self) -> None:
         if self.nbytes:
-            self._budget.release(self.nbytes)
+            self._budget.release(self._tenant, self.nbytes)
             self.nbytes = 0
+
+
+class _Bytes:
+    """Bytes held, and the rate at which held bytes have been coming back (a decaying
+    average): when ``excess`` more will have come back is the honest Retry-After."""
+
+    __slots__ = ("held", "rate", "rate_at")
+
+    _HALF_LIFE_S = 5.0
+
+    def __init__(self, now: float) -> None:
+        self.held = 0
+        self.rate = 0.0
+        self.rate_at = now
+
+    def release(self, nbytes: int, now: float) -> None:
+        self.held -= nbytes
+        self._decay(now)
+        self.rate += nbytes / self._HALF_LIFE_S
+
+    def _decay(self, now: float) -> None:
+        self.rate *= 0.5 ** ((now - self.rate_at) / self._HALF_LIFE_S)
+        self.rate_at = now
+
+    def retry_after_s(self, excess: int, now: float) -> float:
+        """When ``excess`` bytes will have come back at the recent release rate; 1-60 s."""
+        self._decay(now)
+        if self.rate <= 0:
+            return 1.0
+        return min(60.0, max(1.0, excess / self.rate))
 
 
 class BodyBudget:
     """Request-body bytes this process holds at once: each request reserves
     its Content-Length (or ``max_body_bytes`` when chunked) before its body is read, and gives
     it back when it ends. A request that does not fit is refused before it is read, with a
-    Retry-After from the rate at which held bytes have been coming back."""
+    Retry-After from the rate at which held bytes have been coming back.
 
-    _RATE_HALF_LIFE_S = 5.0
+    No tenant may hold more than ``TENANT_SHARE`` of it (and always one body of
+    ``max_body_bytes``): the budget is reserved before the body is read, so before any of the
+    tenant's own limits, and 26 connections of one key that declared 10 MiB bodies and sent
+    one byte held all 256 MiB of it, every other tenant refused until they closed. Such a
+    tenant is refused (429) for its own bytes; the others keep the rest."""
+
+    TENANT_SHARE = 0.5
 
     def __init__(self, clock: Clock, cgroup_mib: float | None) -> None:
         self._clock = clock
         self.auto_limit = int(cgroup_mib * _MIB * _AUTO_BODY_SHARE) if cgroup_mib \
             else _AUTO_BODY_BYTES
-        self.held = 0
+        self._all = _Bytes(clock())
+        self._tenants: dict[str, _Bytes] = {}  # only tenants holding bytes now
         self.refused = 0
-        self._rate = 0.0  # bytes released per second, decaying average
-        self._rate_at = clock()
+
+    @property
+    def held(self) -> int:
+        return self._all.held
+
+    def held_by(self, tenant: str) -> int:
+        account = self._tenants.get(tenant)
+        return 0 if account is None else account.held
 
     def limit(self, configured: int | None, max_body_bytes: int) -> int:
         return max(configured if configured is not None else self.auto_limit, max_body_bytes)
 
-    def reserve(self, nbytes: int, limit: int) -> BodyHold:
-        """Hold ``nbytes``, or raise 503 ``overloaded`` (nothing held) when over ``limit``."""
-        if nbytes and self.held and self.held + nbytes > limit:
+    def reserve(self, tenant: str, nbytes: int, limit: int, max_body_bytes: int) -> BodyHold:
+        """Hold ``nbytes`` for ``tenant``, or raise (nothing held): 429 when the tenant would
+        hold more than its share of ``limit``, 503 ``overloaded`` when the process would hold
+        more than ``limit``."""
+        if not nbytes:
+            return BodyHold(self, tenant, 0)
+        now = self._clock()
+        account = self._tenants.get(tenant)
+        share = max(int(self.TENANT_SHARE * limit), max_body_bytes)
+        if account is not None and account.held and account.held + nbytes > share:
             self.refused += 1
-            wait = self.retry_after_s(self.held + nbytes - limit)
+            wait = account.retry_after_s(account.held + nbytes - share, now)
+            raise RateLimited(
+                f"This key holds too many request bodies at once ({account.held} bytes of "
+                f"the {share} one tenant may); retry after {wait:.1f} s.",
+                headers=retry_headers(wait * 1000))
+        if self._all.held and self._all.held + nbytes > limit:
+            self.refused += 1
+            wait = self._all.retry_after_s(self._all.held + nbytes - limit, now)
             raise Overloaded(
-                f"The gateway holds too many request bodies at once ({self.held} bytes); "
+                f"The gateway holds too many request bodies at once ({self._all.held} bytes); "
                 f"retry after {wait:.1f} s.",
                 headers={"Retry-After": str(max(1, math.ceil(wait))),
                          "retry-after-ms": str(max(1, round(wait * 1000))),
                          "x-should-retry": "true"})
-        self.held += nbytes
-        return BodyHold(self, nbytes)
+        if account is None:
+            account = self._tenants[tenant] = _Bytes(now)
+        account.held += nbytes
+        self._all.held += nbytes
+        return BodyHold(self, tenant, nbytes)
 
-    def release(self, nbytes: int) -> None:
-        self.held -= nbytes
-        self._decay()
-        self._rate += nbytes / self._RATE_HALF_LIFE_S
-
-    def _decay(self) -> None:
+    def release(self, tenant: str, nbytes: int) -> None:
         now = self._clock()
-        self._rate *= 0.5 ** ((now - self._rate_at) / self._RATE_HALF_LIFE_S)
-        self._rate_at = now
+        self._all.release(nbytes, now)
+        account = self._tenants.get(tenant)
+        if account is not None:
+            account.release(nbytes, now)
+            if account.held <= 0:  # (its rate goes with it: a tenant holding nothing
+                del self._tenants[tenant]  # is refused nothing)
 
     def retry_after_s(self, excess: int) -> float:
-        """When ``excess`` bytes will have come back at the recent release rate; 1-60 s."""
-        self._decay()
-        if self._rate <= 0:
-            return 1.0
-        return min(60.0, max(1.0, excess / self._rate))
+        """When ``excess`` bytes will have come back to the process at the recent rate."""
+        return self._all.retry_after_s(excess, self._clock())
 
 
 class SelfProtection:

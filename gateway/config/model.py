@@ -375,8 +375,10 @@ class Server(StrictModel):
     max_body_bytes_in_flight: int | None = Field(
         None, ge=1024, description="request-body bytes this process holds at once (bodies "
         "being read or in use by requests in flight, counted by Content-Length before "
-        "reading); beyond it 503 overloaded with Retry-After, before the body is read. "
-        "null: a quarter of the cgroup memory limit, else 256 MiB; never below max_body_bytes"
+        "reading); beyond it 503 overloaded with Retry-After, before the body is read. One "
+        "tenant may hold half of it (at least one body of max_body_bytes); beyond that its "
+        "requests get 429 with Retry-After and the others keep the rest. null: a quarter of "
+        "the cgroup memory limit, else 256 MiB; never below max_body_bytes"
     )
     refused_log_per_s: float = Field(
         1.0, ge=0, description="access-log lines per second for requests the gateway refused "

@@ -23,6 +23,7 @@ from gateway.request import (
     ApiRoute,
     ProxyCall,
     RequestRecord,
+    TenantPolicy,
     classify,
     find_loop,
     parse_json_body,
@@ -38,30 +39,34 @@ from .services import PolicyVersion, Services
 async def handle_proxy(
     request: web.Request, policy: PolicyVersion, svc: Services, record: RequestRecord
 ) -> web.StreamResponse:
-    """The pipeline, holding the request body's bytes against the process's bound from
-    before the body is read until the request ends."""
+    """The pipeline, holding the request body's bytes against the process's bound (and the
+    tenant's share of it) from before the body is read until the request ends."""
+    route = ROUTES[request.path]
+    record.route = route.path
+    # 2 authenticate: before the body's bytes are held, so that they are held as someone's
+    with svc.tracing.stage("auth"):
+        tenant = policy.auth.authenticate(request.headers)
+    record.tenant = tenant.name
     server = policy.config.server
     declared = request.content_length
-    hold = svc.self_protection.bodies.reserve(
+    bodies = svc.self_protection.bodies
+    hold = bodies.reserve(
+        tenant.name,
         declared if declared is not None and declared <= server.max_body_bytes
         else server.max_body_bytes if request.body_exists else 0,
-        svc.self_protection.bodies.limit(server.max_body_bytes_in_flight, server.max_body_bytes))
+        bodies.limit(server.max_body_bytes_in_flight, server.max_body_bytes),
+        server.max_body_bytes)
     try:
-        return await _pipeline(request, policy, svc, record)
+        return await _pipeline(request, policy, svc, record, route, tenant)
     finally:
         hold.release()
 
 
 async def _pipeline(
-    request: web.Request, policy: PolicyVersion, svc: Services, record: RequestRecord
+    request: web.Request, policy: PolicyVersion, svc: Services, record: RequestRecord,
+    route: ApiRoute, tenant: TenantPolicy,
 ) -> web.StreamResponse:
-    route = ROUTES[request.path]
-    record.route = route.path
     config = policy.config
-    # 2 authenticate
-    with svc.tracing.stage("auth"):
-        tenant = policy.auth.authenticate(request.headers)
-    record.tenant = tenant.name
     # 3 classify: read and parse the body once
     raise_if_json_content_type_wrong(request.headers.get("Content-Type"))
     raise_if_content_encoded(request.headers.get("Content-Encoding"))

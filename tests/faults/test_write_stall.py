@@ -26,7 +26,7 @@ from gateway.config.admission import AdmissionPolicy
 from gateway.state import RedisBackend
 from tests.faults.helpers import Client, budget_key
 from tests.faults.test_client_faults import Flood, _raw_stream_request
-from tests.gwtest import ACME_KEY, FakeClock, auth, chat, policy
+from tests.gwtest import ACME_KEY, UMBRELLA_KEY, FakeClock, auth, chat, policy
 from tests.plugin_gateway import MakeGateway, gateway_client, settled
 from tests.redis_server import RedisServer
 
@@ -145,8 +145,9 @@ async def test_request_bodies_held_at_once_are_bounded_before_they_are_read(
     _, slow_writer = await _raw(port, _head(big), b'{"model":')
     try:
         await asyncio.sleep(0.2)
-        # A second large body does not fit: refused at once, before a byte of it is read.
-        reader, writer = await _raw(port, _head(big), b"")
+        # A second large body, another tenant's, does not fit: refused at once, before a
+        # byte of it is read. (The same tenant's would be refused for its own share: 429.)
+        reader, writer = await _raw(port, _head(big, UMBRELLA_KEY), b"")
         head, body = await _response(reader, 5)
         writer.close()
         assert head.startswith(b"HTTP/1.1 503"), head
@@ -154,9 +155,12 @@ async def test_request_bodies_held_at_once_are_bounded_before_they_are_read(
         assert error["code"] == "overloaded"
         headers = head.lower()
         assert b"retry-after: " in headers and b"retry-after-ms: " in headers
-        # A small request still fits beside the slow one.
-        resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth())
+        # Another tenant's small request still fits beside the slow one; the slow one's
+        # tenant holds its whole share (half the budget, at least one body) until it ends.
+        resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth(UMBRELLA_KEY))
         assert resp.status == 200
+        resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth())
+        assert resp.status == 429 and "request bodies" in (await resp.json())["error"]["message"]
     finally:
         slow_writer.close()
     await asyncio.sleep(0.3)  # the slow body's connection is gone: its bytes come back
@@ -170,9 +174,9 @@ def test_body_budget_retry_after_follows_the_release_rate() -> None:
     budget = BodyBudget(clock, cgroup_mib=None)
     assert budget.auto_limit == 256 * 1024 * 1024
     limit = 1000
-    holds = [budget.reserve(400, limit), budget.reserve(400, limit)]
+    holds = [budget.reserve("a", 400, limit, 100), budget.reserve("b", 400, limit, 100)]
     with pytest.raises(Exception) as refused:
-        budget.reserve(400, limit)
+        budget.reserve("c", 400, limit, 100)
     assert refused.value.status == 503  # type: ignore[attr-defined]
     assert refused.value.headers["Retry-After"] == "1"  # type: ignore[attr-defined]
     assert budget.held == 800  # a refusal holds nothing
@@ -183,6 +187,38 @@ def test_body_budget_retry_after_follows_the_release_rate() -> None:
     big_wait = budget.retry_after_s(20_000)
     assert 1.0 < big_wait <= 60.0
     assert BodyBudget(clock, cgroup_mib=1024).auto_limit == 256 * 1024 * 1024
+
+
+def test_one_tenant_holds_at_most_half_of_the_body_budget() -> None:
+    clock = FakeClock()
+    budget = BodyBudget(clock, cgroup_mib=None)
+    limit = 1000
+    first = budget.reserve("a", 300, limit, 100)
+    second = budget.reserve("a", 200, limit, 100)  # 500: its half
+    with pytest.raises(Exception) as refused:
+        budget.reserve("a", 1, limit, 100)
+    assert refused.value.status == 429  # type: ignore[attr-defined]
+    assert "500 bytes of the 500 one tenant may" in str(refused.value)
+    assert budget.held_by("a") == 500 and budget.held == 500
+    others = [budget.reserve("b", 250, limit, 100), budget.reserve("c", 250, limit, 100)]
+    with pytest.raises(Exception) as full:
+        budget.reserve("d", 1, limit, 100)
+    assert full.value.status == 503  # type: ignore[attr-defined]
+    # "a" gave back 300 bytes (a release rate of 300 / 5 s half-life, 60 bytes a second): the
+    # 100 it would hold over its share come back in about 1.7 s, by its own releases.
+    clock.advance(5)
+    first.release()
+    budget.reserve("a", 200, limit, 100)  # within its share again
+    with pytest.raises(Exception) as again:
+        budget.reserve("a", 200, limit, 100)
+    wait_ms = int(again.value.headers["retry-after-ms"])  # type: ignore[attr-defined]
+    assert 1600 < wait_ms < 1700
+    second.release()
+    for hold in others:
+        hold.release()
+    assert budget.held_by("b") == 0 and budget.held == 200
+    # At least one body of max_body_bytes, whatever half the budget is.
+    assert budget.reserve("e", 400, 600, 400).nbytes == 400
 
 
 @pytest.mark.parametrize("v1", [False, True], ids=["cgroup-v2", "cgroup-v1"])

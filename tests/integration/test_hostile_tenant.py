@@ -150,3 +150,41 @@ async def test_an_attempt_that_fails_before_it_is_sent_gives_its_slot_back(
         await resp.read()
     for _ in range(3):
         await served(gw)
+
+
+async def test_one_tenant_cannot_hold_every_request_body_byte_of_the_process(
+        make_gateway: MakeGateway) -> None:
+    """Connections that declare big bodies and send one byte hold their declared bytes from
+    before the body is read, so before any of the tenant's limits. One key may hold half of
+    the process's budget: past that it is refused (429, for its own bytes), and every other
+    tenant is still served."""
+    mib = 1024 * 1024
+    gw = await make_gateway(server={"max_body_bytes": mib, "max_body_bytes_in_flight": 4 * mib})
+    host, port = gw.make_url("").host, gw.make_url("").port
+    assert host is not None and port is not None
+    held = []
+    try:
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer " + ACME_KEY.encode() + b"\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: " + str(mib).encode() + b"\r\n\r\n{")
+            await writer.drain()
+            held.append((reader, writer))
+        await asyncio.sleep(0.3)
+        answered = []
+        for reader, _ in held:
+            try:
+                answered.append(await asyncio.wait_for(reader.read(4096), 0.2))
+            except TimeoutError:
+                answered.append(b"")  # still reading the body: its bytes held
+        assert sum(1 for a in answered if a == b"") == 2, answered
+        refused = [a for a in answered if a]
+        assert all(a.startswith(b"HTTP/1.1 429") and b"retry-after-ms" in a.lower()
+                   for a in refused), refused
+        for _ in range(3):
+            await served(gw)  # umbrella, another tenant
+    finally:
+        for _, writer in held:
+            writer.close()
