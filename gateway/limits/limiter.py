@@ -688,7 +688,9 @@ def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant) -> dict[str, 
         if isinstance(check, Counter) and res.allowed and check.limit and not check.idle:
             used = 1 - res.remaining / check.limit
             if used >= tenant.budget.soft_ratio:
-                headers["x-gateway-budget-warning"] = f"{check.name} {used:.0%} used"
+                # What admission sees: spent, plus what requests in flight (this one with
+                # its whole output cap) have reserved. Settled, the share is often lower.
+                headers["x-gateway-budget-warning"] = f"{check.name} {used:.0%} used or reserved"
     if result.shadow_failed:
         names = sorted({plan.checks[i].name for i in result.shadow_failed})
         headers["x-gateway-shadow"] = ", ".join(names)
