@@ -86,7 +86,7 @@ def run_hold(hold: Hold, run: int) -> Hold:
         keys.for_request(plan.hold_key, hold.request_id, rid), DONE_TTL_MS, plan.gcra,
         plan.counters, ())
     return Hold(rid, hold.mode, hold.reserved_tokens, hold.reserved_cost, charge,
-                counting=hold.counting, counter_kinds=hold.counter_kinds)
+                counting=hold.counting, counter_kinds=hold.counter_kinds, reserved=False)
 
 
 async def refund(limiter: Limiter, hold: Hold) -> None:

@@ -122,6 +122,9 @@ class Hold:
     # entry's submit reservation, refunded because each of its runs is charged as a step).
     no_step: bool = False
     counting: Counting = Counting()
+    # Settling gives a reservation back (the store holds this request's hold marker); False
+    # for a deferred entry's run, charged its whole usage under an id never reserved.
+    reserved: bool = True
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
@@ -441,20 +444,25 @@ class Limiter:
                     self._inflight.budget_keys[(tenant, name)] = check.key
                     self._inflight.budget_of_key[check.key] = (tenant, name, scale)
 
-    def _refund_remembered(self, plan: SettlePlan) -> None:
+    def _refund_remembered(self, plan: SettlePlan, reserved_held: bool = True) -> None:
         """The remembered figures (metrics, status) were taken at admission, with this request's
         whole reservation spent; settlement charged the actual amount instead. Correct them by
         the difference, once (from ``_claim``), whether the store or the degraded mode's local
         counters were charged (both hold the same difference), or nothing (fail_open: the
-        figure then stays the store's last word less this request's actual use)."""
+        figure then stays the store's last word less this request's actual use). A settlement
+        that gives no reservation back (``reserved_held`` False: a deferred entry's run,
+        whose entry's reservation comes back by its own refund) charges the actual amount
+        alone: counted as a refund, three runs left status reporting more budget than the
+        tenant had before it spent any."""
         for key, reserved, actual, _ in plan.counters:
             owner = self._inflight.budget_of_key.get(key)
             figure = self._budgets.get(owner[0], {}).get(owner[1]) if owner else None
             if figure is None or owner is None:
                 continue
             scale = owner[2]
+            back = reserved if reserved_held else 0
             figure["remaining"] = min(figure["limit"], max(
-                0.0, figure["remaining"] + (reserved - actual) / scale))
+                0.0, figure["remaining"] + (back - actual) / scale))
 
     def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int,
                 lease: bool = True, client_retry: bool = False,
@@ -572,7 +580,7 @@ class Limiter:
                              usage.limit_tokens(counting.rate_cache_reads),
                              usage.limit_tokens(counting.budget_cache_reads), cost_units,
                              hold.no_step)
-        self._refund_remembered(plan)
+        self._refund_remembered(plan, hold.reserved)
         if hold.mode != "global":
             self.degraded.settle_local(plan, replay=True)
             self._lease_board.released(plan.leases)

@@ -140,6 +140,9 @@ async def test_submit_long_poll_and_the_answer_is_the_synchronous_one(
     assert 'gateway_deferred_finished_total{outcome="succeeded",tenant="acme"} 1.0' in metrics
     assert 'gateway_deferred_finished_total{outcome="failed",tenant="acme"} 1.0' in metrics
     assert 'gateway_deferred_queue_depth{tenant="acme"}' in metrics
+    # What status and metrics show left of the budget is the store's: a run's charge is its
+    # usage alone (it once counted as a refund too: more left than before anything was spent)
+    assert 'gateway_budget_remaining{budget="daily_tokens",tenant="acme"} 999976.0' in metrics
 
 
 @pytest.mark.redis
