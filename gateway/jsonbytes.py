@@ -29,6 +29,7 @@ def dumps_kept(obj: Any) -> bytes:
 # out, a 500 after admission. What clients send nests a dozen levels at most (tool schemas
 # the deepest); what nests deeper is refused with a 400 when it is read.
 MAX_DEPTH = 64
+WRITE_DEPTH = 254  # the deepest orjson writes
 
 
 def deeper_than(value: Any, depth: int = MAX_DEPTH) -> bool:

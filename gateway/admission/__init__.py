@@ -6,7 +6,7 @@ from __future__ import annotations
 # --- public face: what other packages import (tests/unit/test_layout.py holds them to it) ---
 from .controller import AdmissionController
 from .deadlines import Deadline, deadline_exceeded, request_deadline
-from .selfprotect import SelfProtection
+from .selfprotect import BodyHold, SelfProtection
 from .shed import cohort_key
 from .state import AdmissionObserver, AdmissionRequest, Permit, is_client_retry
 
@@ -14,6 +14,7 @@ __all__ = [
     "AdmissionController",
     "AdmissionObserver",
     "AdmissionRequest",
+    "BodyHold",
     "Deadline",
     "Permit",
     "SelfProtection",

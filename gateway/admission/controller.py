@@ -323,7 +323,13 @@ class AdmissionController:
             if self._policy.shadow:  # reloaded into shadow mode meanwhile: nothing is shed
                 entry.shed_at = None
                 self._arm(state, entry, now)
-            elif (turn := self._quota_turn(state, entry, now)) is not None:
+                return
+            # A slot or a turn of the quota that came on this very tick is its own: timers of
+            # one tick fire oldest first, and the wake-up that would dispatch it may be later.
+            self._dispatch(state, now)
+            if entry.future.done():
+                return
+            if (turn := self._quota_turn(state, entry, now)) is not None:
                 entry.shed_at = now + turn + _MIN_REARM_S  # its turn, then asked again
                 self._arm(state, entry, now)
             elif state.queues[req.priority].remove(entry):
@@ -342,9 +348,11 @@ class AdmissionController:
         """Seconds until the provider's quota, as paced, lets ``entry`` go, when that alone
         holds it: nobody else of its class waits, a slot of its class is free, and its turn
         comes within its deadline. None otherwise. Such a request is being paced, not queued
-        behind anyone: one caller calling in a row at 30 requests a minute waits 2 s a call,
-        four of the normal class's queue targets, and shed at the target it got a 503 where
-        the provider itself would have let it through at its turn."""
+        behind others of its class: one caller calling in a row at 30 requests a minute waits
+        2 s a call, four of the normal class's queue targets, and shed at the target it got a
+        503 where the provider itself would have let it through at its turn. (Classes above
+        that wait for the same quota go first, and it is asked again at its turn; never past
+        its deadline.)"""
         priority = entry.req.priority
         if (len(state.queues[priority]) != 1 or state.in_flight >= state.cap(priority, now)
                 or state.quota_allows(priority, now)):

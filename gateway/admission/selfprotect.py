@@ -163,6 +163,13 @@ class BodyHold:
             self._budget.release(self._tenant, self.nbytes)
             self.nbytes = 0
 
+    def keep(self, nbytes: int) -> None:
+        """Hold only ``nbytes`` from now: the body read was shorter than reserved (a chunked
+        body reserves ``max_body_bytes``, which it would hold to the end of its request)."""
+        if nbytes < self.nbytes:
+            self._budget.release(self._tenant, self.nbytes - nbytes)
+            self.nbytes = nbytes
+
 
 class _Bytes:
     """Bytes held, and the rate at which held bytes have been coming back (a decaying
@@ -242,7 +249,7 @@ class BodyBudget:
             raise RateLimited(
                 f"This key holds too many request bodies at once ({account.held} bytes of "
                 f"the {share} one tenant may); retry after {wait:.1f} s.",
-                headers=retry_headers(wait * 1000))
+                code="too_many_request_bodies", headers=retry_headers(wait * 1000))
         if self._all.held and self._all.held + nbytes > limit:
             self.refused += 1
             wait = self._all.retry_after_s(self._all.held + nbytes - limit, now)
@@ -266,10 +273,6 @@ class BodyBudget:
             account.release(nbytes, now)
             if account.held <= 0:  # (its rate goes with it: a tenant holding nothing
                 del self._tenants[tenant]  # is refused nothing)
-
-    def retry_after_s(self, excess: int) -> float:
-        """When ``excess`` bytes will have come back to the process at the recent rate."""
-        return self._all.retry_after_s(excess, self._clock())
 
 
 class SelfProtection:

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway.deferred import FINAL, Fields, unavailable, valid_id
 from gateway.errors import GatewayError, bad_request, not_found
+from gateway.jsonbytes import WRITE_DEPTH, deeper_than
 from gateway.state import StateUnavailable
 
 if TYPE_CHECKING:
@@ -134,6 +135,8 @@ def view(entry_id: str, fields: Fields) -> dict[str, Any]:
             body: Any = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = raw.decode("utf-8", "replace")
+        if deeper_than(body, WRITE_DEPTH - 3):  # written two levels down in this view: an
+            body = raw.decode("utf-8", "replace")  # answer nested past that, as its text
         out["response"] = {"status_code": int(fields["code"]),
                            "headers": orjson.loads(fields.get("rheaders", b"{}")), "body": body}
     return out

@@ -30,7 +30,7 @@ from gateway.errors import GatewayError
 from gateway.limits import Hold, Limiter
 from gateway.observability import GatewayMetrics
 from gateway.pipeline import CallContext, PolicyVersion, Services, attempt_loop
-from gateway.request import ROUTES, RequestRecord, TenantPolicy, classify
+from gateway.request import ROUTES, RequestRecord, TenantPolicy, classify, parse_json_body
 from gateway.state import StateUnavailable
 from gateway.usage import Usage, cost_micros
 
@@ -191,7 +191,8 @@ class DeferredRunner:
             if tenant is None:
                 raise GatewayError(403, f"The tenant '{claim.tenant}' no longer exists.",
                                    type="permission_error", code="tenant_removed")
-            call = classify(route, tenant, orjson.loads(fields["body"]), headers, config)
+            # (Read as a client's body is: one stored before the depth bound is held to it.)
+            call = classify(route, tenant, parse_json_body(fields["body"]), headers, config)
             call.priority = Priority.low
             record.model, record.agent_session = call.model, call.agent_session
             record.agent_step = call.agent_step

@@ -97,7 +97,8 @@ def usage_after(plan: AdmitPlan, result: AdmitResult) -> dict[str, float]:
 
 def warning(plan: AdmitPlan, result: AdmitResult, soft_ratio: float) -> str | None:
     """``x-gateway-run-budget-warning``: each cap past ``soft_ratio``, e.g.
-    ``tokens 85% used, age 90% used``."""
+    ``tokens 85% used or reserved, age 90% used`` (tokens and cost count what requests in
+    flight reserved, this one's whole output cap included, until they settle)."""
     parts = []
     for check, res in zip(plan.checks, result.results):
         if not res.allowed:
@@ -110,7 +111,9 @@ def warning(plan: AdmitPlan, result: AdmitResult, soft_ratio: float) -> str | No
             continue
         used = 1 - res.remaining / limit if limit else 0.0
         if used >= soft_ratio:
-            parts.append(f"{run_cap(check)} {math.floor(used * 100)}% used")
+            cap = run_cap(check)
+            held = " or reserved" if cap in ("tokens", "cost") else ""
+            parts.append(f"{cap} {math.floor(used * 100)}% used{held}")
     return ", ".join(parts) or None
 
 

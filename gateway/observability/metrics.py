@@ -229,7 +229,7 @@ class GatewayMetrics:
             self._agent_loops.get(tenant, bounded(record.loop_action, LOOP_ACTIONS)).inc()
         if record.limits_s is not None:
             self._limits_check.observe(record.limits_s)
-        if record.queue_s is not None:
+        if record.queue_s is not None and not record.queue_refused:
             self._queue_wait.get(priority).observe(record.queue_s)
         if record.ttft_s is not None:
             self._ttft.get(model, priority).observe(record.ttft_s)

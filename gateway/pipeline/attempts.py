@@ -166,11 +166,13 @@ async def _attempt_loop(ctx: CallContext) -> web.StreamResponse:
         # its breaker soon stops sending there at all. Retrying the same deployment spends
         # from its retry budget, which is what keeps an outage from multiplying the load.
         if not (trial.probe or decision.failover or svc.retry_budget.try_spend(target.label)):
-            # The budget forbids the retry: the gateway did not retry, so it must not tell the
-            # SDK it did. A provider's 429 names its wait, and an SDK retry spaced by it is no
-            # storm: relayed as it came, retryable. Any other failure stays final, which is
-            # what keeps an outage from multiplying calls through every layer of retries.
-            return _give_up(ctx, last, tried, gave_up=last.failure.status != 429)
+            # The budget forbids the retry. After one attempt the gateway has not retried, so
+            # it must not tell the SDK it did: a provider's 429 names its wait, and an SDK
+            # retry spaced by it is no storm, so it is relayed as it came, retryable. After a
+            # failover or a retry, and for any other failure, it stays final: that is what
+            # keeps an outage from multiplying calls through every layer of retries.
+            return _give_up(ctx, last, tried,
+                            gave_up=last.failure.status != 429 or len(tried) > 1)
         for observer in svc.observers:
             observer.retry(target.label, decision.reason)
         if decision.delay_s > 0:
@@ -187,7 +189,8 @@ async def _sleep_until(clock: Callable[[], float], when: float) -> None:
     """Sleep until ``clock()`` reaches ``when``. A timer can fire a little early: uvloop counts
     whole milliseconds from when its loop iteration began, and a retry that woke 0.6 ms before
     the cool-down its provider's 429 set found the deployment unusable and gave up (then told
-    the SDK not to retry either). (An injected clock that stands still is slept once.)"""
+    the SDK not to retry either). Only a shortfall under ``_EARLY_S`` is slept again, at most
+    three times: an injected clock that stands still is not waited for."""
     await asyncio.sleep(max(0.0, when - clock()))
     for _ in range(3):
         left = when - clock()
@@ -207,7 +210,7 @@ async def _permit(ctx: CallContext, label: str, ask: AdmissionRequest, *, first:
     except BaseException:
         trial.cancelled()
         if first:  # shed or out of time after queueing: the log line shows where and how long
-            ctx.record.queue_s = ctx.svc.clock() - began
+            ctx.record.queue_s, ctx.record.queue_refused = ctx.svc.clock() - began, True
             ctx.record.deployment = ctx.record.deployment or label
         raise
     if permit is None:

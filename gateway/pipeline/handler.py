@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admission import is_client_retry, request_deadline
+from gateway.admission import BodyHold, is_client_retry, request_deadline
 from gateway.config import Tenant
 from gateway.errors import GatewayError, Overloaded, RateLimited, retry_headers
 from gateway.request import (
@@ -57,21 +57,23 @@ async def handle_proxy(
         bodies.limit(server.max_body_bytes_in_flight, server.max_body_bytes),
         server.max_body_bytes)
     try:
-        return await _pipeline(request, policy, svc, record, route, tenant)
+        return await _pipeline(request, policy, svc, record, route, tenant, hold)
     finally:
         hold.release()
 
 
 async def _pipeline(
     request: web.Request, policy: PolicyVersion, svc: Services, record: RequestRecord,
-    route: ApiRoute, tenant: TenantPolicy,
+    route: ApiRoute, tenant: TenantPolicy, body_hold: BodyHold,
 ) -> web.StreamResponse:
     config = policy.config
     # 3 classify: read and parse the body once
     raise_if_json_content_type_wrong(request.headers.get("Content-Type"))
     raise_if_content_encoded(request.headers.get("Content-Encoding"))
-    body = parse_json_body(await _read_body(request, config.server.max_body_bytes,
-                                            config.server.body_read_timeout_s))
+    raw = await _read_body(request, config.server.max_body_bytes,
+                           config.server.body_read_timeout_s)
+    body_hold.keep(len(raw))  # what it turned out to be, for the rest of the request
+    body = parse_json_body(raw)
     call = classify(route, tenant, body, request.headers, config)
     record.model, record.stream = call.model, call.stream
     record.priority = call.priority.name

@@ -38,6 +38,8 @@ from typing import Any
 
 import orjson
 
+from gateway.jsonbytes import deeper_than
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 _SAFE = re.compile(r"[A-Za-z0-9_.\-]+")
 Call = tuple[str, bytes]  # (tool name, canonical arguments)
@@ -88,17 +90,19 @@ class CanonicalCache:
 
 
 def _canonical(arguments: Any) -> bytes:
-    if isinstance(arguments, str):
-        text: str = arguments
+    text = arguments if isinstance(arguments, str) else None
+    if text is not None:
         try:
             arguments = orjson.loads(text)
         except orjson.JSONDecodeError:
             return text.encode("utf-8", "replace")
+        if deeper_than(arguments):  # a string the body's bound never looked inside: orjson
+            return text.encode("utf-8", "replace")  # reads 1,024 levels, writes 254
     try:
         canonical: bytes = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
         return canonical
-    except TypeError:  # nesting too deep or an integer too large: compare what was sent
-        return repr(arguments).encode()
+    except TypeError:  # an integer too large: compare what was sent
+        return text.encode("utf-8", "replace") if text is not None else repr(arguments).encode()
 
 
 def _name(value: str) -> str:

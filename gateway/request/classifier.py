@@ -100,7 +100,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"The request body is not valid JSON: {exc.msg} at position {exc.pos}.")
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    # (No more brackets than the bound, no deeper nesting: the walk only for bodies with many.)
+    # (No more brackets than the bound, no deeper nesting: bodies with few skip the walk.)
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and deeper_than(body):
         raise bad_request(f"The request body nests lists and objects more than {MAX_DEPTH} "
                           "levels deep; the gateway accepts no deeper.")

@@ -45,6 +45,9 @@ class RequestRecord:
     # wait time at every step, in seconds (None: the step did not run)
     limits_s: float | None = None
     queue_s: float | None = None
+    # queue_s ended in a refusal (shed, out of time): the access log shows it, the queue-wait
+    # histogram (the wait of admitted requests, which its alert reads) does not
+    queue_refused: bool = False
     first_byte_s: float | None = None  # upstream response headers, last attempt
     ttft_s: float | None = None  # first content event relayed to the client
     upstream_s: float | None = None

@@ -76,7 +76,10 @@ async def relay_whole(
                                    "upstream_bad_response") from None
         if answer_model is not None and isinstance(answer, dict) and "model" in answer:
             # Top-level only: a tool call's input object may have a "model" key of its own.
-            response.body = orjson.dumps({**answer, "model": answer_model})
+            try:
+                response.body = orjson.dumps({**answer, "model": answer_model})
+            except TypeError:  # nested past what orjson writes (254): renamed as bytes, the
+                response.body = model_renamer(answer_model)(body)  # first "model" as streams
         usage.merge(upstream_answer_json)
         if not usage.reported:  # charge an estimate rather than nothing (reported stays False)
             usage.input_tokens = record.prompt_tokens_estimate

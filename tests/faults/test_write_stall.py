@@ -183,9 +183,11 @@ def test_body_budget_retry_after_follows_the_release_rate() -> None:
     holds[0].release()
     holds[0].release()  # idempotent
     assert budget.held == 400
-    # Bytes came back at about 400 per 5 s: 600 more over the limit is a longer wait.
-    big_wait = budget.retry_after_s(20_000)
-    assert 1.0 < big_wait <= 60.0
+    # Bytes came back at 400 per 5 s (80 a second): far over the limit is a longer wait.
+    with pytest.raises(Exception) as longer:
+        budget.reserve("c", 20_600, limit, 100_000)  # 20,000 over: 250 s at 80 a second
+    assert longer.value.status == 503  # type: ignore[attr-defined]
+    assert longer.value.headers["retry-after-ms"] == "60000"  # type: ignore[attr-defined]
     assert BodyBudget(clock, cgroup_mib=1024).auto_limit == 256 * 1024 * 1024
 
 
@@ -219,6 +221,23 @@ def test_one_tenant_holds_at_most_half_of_the_body_budget() -> None:
     assert budget.held_by("b") == 0 and budget.held == 200
     # At least one body of max_body_bytes, whatever half the budget is.
     assert budget.reserve("e", 400, 600, 400).nbytes == 400
+
+
+def test_a_body_holds_what_it_turned_out_to_be_once_read() -> None:
+    """A chunked body reserves max_body_bytes before it is read; read, it holds its length
+    (else 12 small chunked requests in flight held one tenant's whole share)."""
+    budget = BodyBudget(FakeClock(), cgroup_mib=None)
+    hold = budget.reserve("a", 1000, 4000, 1000)
+    hold.keep(10)
+    hold.keep(500)  # never more than reserved
+    assert budget.held_by("a") == 10 == budget.held
+    second = budget.reserve("a", 1000, 4000, 1000)  # 1,010 of its 2,000
+    with pytest.raises(Exception) as refused:
+        budget.reserve("a", 1000, 4000, 1000)
+    assert refused.value.code == "too_many_request_bodies"  # type: ignore[attr-defined]
+    hold.release()
+    second.release()
+    assert budget.held == 0
 
 
 @pytest.mark.parametrize("v1", [False, True], ids=["cgroup-v2", "cgroup-v1"])

@@ -35,7 +35,7 @@ def nested(depth: int) -> str:
 
 def encoded(body: dict[str, Any]) -> bytes:
     text = orjson.dumps(body)
-    for depth in range(1, 1001):
+    for depth in range(1, 1025):
         text = text.replace(f'"{DEEP}{depth}"'.encode(), b"[" * depth + b"]" * depth)
     return text
 
@@ -99,37 +99,95 @@ async def test_a_body_nested_too_deep_is_a_400_and_takes_no_slot(
 
 async def test_a_body_as_deep_as_allowed_is_served_and_translated(
         make_gateway: MakeGateway) -> None:
-    """The bound leaves room: the deepest body accepted is written again, translated too."""
+    """The bound leaves room: the deepest body accepted is written again, translated too
+    (a tool's parameters are carried over as its input schema, a few levels deeper)."""
     gw = await make_gateway(admission=TWO_SLOTS)
-    for route, headers, body, _ in deep_bodies(MAX_DEPTH - 3):
-        if isinstance(body.get("max_tokens"), str):
-            continue  # a wrong type, whatever its depth
+    openai_tools: dict[str, Any] = {  # translated for Anthropic
+        "model": "claude-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "x": nested(MAX_DEPTH - 5)}}}]}
+    anthropic_tools = {"model": "gpt-test", "max_tokens": 5,  # translated for OpenAI
+                       "messages": [{"role": "user", "content": "hi"}],
+                       "tools": [{"name": "f", "input_schema": {"type": "object",
+                                                                "x": nested(MAX_DEPTH - 4)}}]}
+    cases: list[tuple[str, dict[str, str], dict[str, Any]]] = [
+        ("/v1/chat/completions", {}, openai_tools),
+        ("/v1/messages", {}, anthropic_tools)]
+    cases += [(route, headers, body) for route, headers, body, _ in deep_bodies(MAX_DEPTH - 3)
+              if not isinstance(body.get("max_tokens"), str)]  # a wrong type at any depth
+    for route, headers, body in cases:
         resp = await gw.post(route, data=encoded(body),
                              headers=auth(ACME_KEY, **headers,
                                           **{"Content-Type": "application/json"}))
         assert resp.status == 200, (route, await resp.text())
         await resp.read()
+    # one level more is refused
+    openai_tools["tools"][0]["function"]["parameters"]["x"] = nested(MAX_DEPTH - 4)
+    resp = await gw.post("/v1/chat/completions", data=encoded(openai_tools),
+                         headers=auth(ACME_KEY, **{"Content-Type": "application/json"}))
+    assert resp.status == 400
 
 
-async def test_tool_arguments_that_nest_too_deep_are_refused_before_translation(
-        make_gateway: MakeGateway) -> None:
-    """A tool call's arguments are a string the body's bound never looks inside; translated
-    for Anthropic they become an object in the body written upstream."""
+@pytest.mark.parametrize("depth", [300, 1000, 1024])
+async def test_tool_arguments_nested_deep_never_get_a_5xx(
+        make_gateway: MakeGateway, depth: int) -> None:
+    """A tool call's arguments are a string that the body's bound never looks inside. Read by
+    the conversation loop detector (on by default) on every route, they are compared as sent;
+    translated for Anthropic they would become an object in the body written upstream, so
+    there they are refused. 1,000 deep once answered a 500 from the loop detector."""
     gw = await make_gateway(admission=TWO_SLOTS)
-    arguments = encoded({"a": nested(300)}).decode()
-    body = {"model": "claude-test", "max_tokens": 5, "messages": [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function",
-             "function": {"name": "f", "arguments": arguments}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "ok"},
-    ]}
-    for _ in range(3):
-        resp = await gw.post("/v1/chat/completions", json=body, headers=auth(ACME_KEY))
-        answer = await resp.json()
-        assert resp.status == 400, answer
-        assert answer["error"]["param"] == "messages.1.tool_calls.0.function.arguments"
+    arguments = encoded({"a": nested(depth - 1)}).decode()
+    call = {"id": "call_1", "type": "function", "function": {"name": "f",
+                                                             "arguments": arguments}}
+    chat_messages = [{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]
+    cases = [
+        ("/v1/chat/completions", {"model": "gpt-test", "messages": chat_messages}, 200),
+        ("/v1/responses", {"model": "gpt-test", "input": [
+            {"role": "user", "content": "hi"},
+            {"type": "function_call", "call_id": "call_1", "name": "f",
+             "arguments": arguments},
+            {"type": "function_call_output", "call_id": "call_1", "output": "ok"}]}, 200),
+        ("/v1/chat/completions", {"model": "claude-test", "max_tokens": 5,
+                                  "messages": chat_messages}, 400),
+    ]
+    for route, body, status in cases:
+        for _ in range(3):
+            resp = await gw.post(route, json=body, headers=auth(ACME_KEY))
+            answer = await resp.json()
+            assert resp.status == status, (route, answer)
+            if status == 400:
+                assert answer["error"]["param"] == "messages.1.tool_calls.0.function.arguments"
     await served(gw)
+
+
+async def test_an_answer_nested_deeper_than_can_be_written_keeps_its_alias(
+        make_gateway: MakeGateway, aiohttp_server: Any) -> None:
+    """With ``answer_model: alias`` the answer's model field is rewritten; an answer nested
+    past what orjson writes (a model's tool input, say) once made that a 500."""
+    from aiohttp import web
+
+    deep = "[" * 300 + "]" * 300
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        body = ('{"id": "chatcmpl-1", "object": "chat.completion", "created": 1, '
+                '"model": "upstream-gpt-2025", "choices": [{"index": 0, "finish_reason": '
+                '"stop", "message": {"role": "assistant", "content": "hi", "x": ' + deep
+                + '}}], "usage": {"prompt_tokens": 5, "completion_tokens": 1, '
+                '"total_tokens": 6}}')
+        return web.Response(text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(upstream=str(server.make_url("")).rstrip("/"),
+                            models={"gpt-test": {"answer_model": "alias"}})
+    resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth(ACME_KEY))
+    text = await resp.text()
+    assert resp.status == 200, text
+    assert '"model":"gpt-test"' in text.replace(" ", "") and deep in text
 
 
 async def test_an_attempt_that_fails_before_it_is_sent_gives_its_slot_back(

@@ -388,3 +388,6 @@ async def test_access_log_shows_the_wait_of_a_request_that_ran_out_of_time_in_th
     assert line["status"] == 504 and line["deployment"] == "main/upstream-gpt"
     assert line["queue_ms"] is not None and line["queue_ms"] >= 200, line
     await (await holder).read()
+    # The queue-wait histogram (and the alert on it) counts admitted requests' waits only.
+    metrics = await (await gw.get("/metrics")).text()
+    assert 'gateway_queue_wait_seconds_count{priority="normal"} 1.0' in metrics

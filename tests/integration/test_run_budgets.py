@@ -139,10 +139,11 @@ async def test_a_run_over_its_token_cap_gets_a_final_429_naming_the_cap(
 ) -> None:
     gw = await make_gateway(**_run_policy(max_tokens=200))
     # Each call reserves ~3 prompt + 50 output and uses ~3 + 5: settled, 8 tokens a step.
-    statuses = []
+    statuses, warnings = [], []
     for _ in range(30):
         resp = await _chat(gw, "run-a")
         statuses.append(resp.status)
+        warnings.append(resp.headers.get("x-gateway-run-budget-warning"))
         await settled(gw)
         if resp.status == 429:
             body = await resp.json()
@@ -153,6 +154,10 @@ async def test_a_run_over_its_token_cap_gets_a_final_429_naming_the_cap(
             assert "Retry-After" not in resp.headers
             break
     assert statuses[-1] == 429 and statuses.count(200) >= 15
+    # Past 80 %: what the run spent plus what this request reserves (its 50-token cap).
+    warned = [w for w in warnings if w]
+    assert warned and all(w.startswith("tokens ") and w.endswith("% used or reserved")
+                          for w in warned), warned
     # Another run of the same tenant is untouched.
     assert (await _chat(gw, "run-b")).status == 200
     # So is a request without a session: run caps apply to runs only.

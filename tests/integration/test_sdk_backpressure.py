@@ -358,14 +358,15 @@ OK_ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000
              "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
 
 
-async def every_other_call_429(aiohttp_server: AiohttpServer) -> tuple[str, list[int]]:
-    """A provider that answers every other call 429 with retry-after-ms: 200 (a provider at
-    its rate limit now and then); its statuses in order."""
+async def every_other_call_429(aiohttp_server: AiohttpServer, always: bool = False
+                               ) -> tuple[str, list[int]]:
+    """A provider that answers every other call (``always``: every call) 429 with
+    retry-after-ms: 200 (a provider at its rate limit now and then); its statuses in order."""
     statuses: list[int] = []
 
     async def handle(request: web.Request) -> web.Response:
         await request.read()
-        status = 429 if len(statuses) % 2 == 0 else 200
+        status = 429 if always or len(statuses) % 2 == 0 else 200
         statuses.append(status)
         if status == 429:
             return web.json_response(
@@ -423,3 +424,22 @@ async def test_a_provider_429_the_gateway_does_not_retry_is_retryable_for_the_sd
     finally:
         await client.close()
     assert statuses == [429, 200] * 3 and answers == {429: 3, 200: 3}
+
+
+async def test_a_provider_429_after_the_gateways_own_retry_stays_final_for_the_sdk(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
+) -> None:
+    """The budget paid for one retry and then ran dry: the gateway did retry, so the SDK is
+    told not to multiply the chain (each of its retries would repeat it)."""
+    url, statuses = await every_other_call_429(aiohttp_server, always=True)
+    gw, answers = await counted_gateway(aiohttp_client, url, retries={
+        "budget_min_tokens": 1, "budget_ratio": 0.01})
+    client = _openai(gw)
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="gpt-test", messages=HELLO)
+    finally:
+        await client.close()
+    headers = info.value.response.headers
+    assert headers["x-should-retry"] == "false" and headers["x-gateway-attempts"] == "2"
+    assert statuses == [429, 429] and answers == {429: 1}
