@@ -71,6 +71,7 @@ async def test_submit_claim_start_finish(store: DeferredStore) -> None:
     assert (record["status"], record["code"], record["rbody"]) == (b"succeeded", b"200",
                                                                    b'{"answer": 42}')
     assert record["charged:1"] == b"actual" and b"success" in record["run:1"]
+    assert "body" not in record and "headers" not in record  # the answer is kept, not the ask
     scan = await store.scan("acme", 10)
     assert scan.depth == 1 and [row[1] for row in scan.head] == ["e2"]  # e1 left the stream
     # a second finish of the same run (a duplicate) neither wins nor charges again
@@ -162,6 +163,8 @@ async def test_cancel_only_while_queued(store: DeferredStore) -> None:
     await submit(store, "e2")
     status, hold = await store.cancel("acme", "e1")
     assert (status, hold) == ("cancelled", fields()["hold"])
+    record = await store.get("acme", "e1")
+    assert record is not None and "body" not in record and "headers" not in record
     assert await store.cancel("acme", "e1") == ("cancelled", None)  # no second refund
     assert await store.cancel("umbrella", "e2") == ("missing", None)  # another tenant's id
     assert await store.cancel("acme", "nope") == ("missing", None)
@@ -197,6 +200,7 @@ async def test_expiry(store: DeferredStore) -> None:
     assert await store.expire("acme", "old", sid) == ("expired", None)
     record = await store.get("acme", "old")
     assert record is not None and record["status"] == b"expired"  # readable for the grace
+    assert "body" not in record and "headers" not in record
     assert (await store.scan("acme", 10)).depth == 1
 
 
@@ -210,7 +214,8 @@ async def test_an_expired_entry_is_not_run_and_its_lost_runs_are_charged(
     started = await store.start(claim, "alive")
     assert (started.kind, started.lost, started.fields["hold"]) == ("expired", (1,),
                                                                     fields()["hold"])
-    assert (await store.get("acme", "e1") or {})["status"] == b"expired"
+    record = await store.get("acme", "e1")
+    assert record is not None and record["status"] == b"expired" and "body" not in record
     assert (await store.scan("acme", 10)).depth == 0
 
 

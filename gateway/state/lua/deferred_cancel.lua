@@ -24,5 +24,7 @@ elseif status ~= 'queued' then
 end
 local new = ARGV[2] == 'cancel' and 'cancelled' or 'expired'
 redis.call('HSET', KEYS[2], 'status', new, 'finished_ms', string.format('%d', now))
+redis.call('HDEL', KEYS[2], 'body', 'headers')  -- kept until the record expires, it would
+-- let a tenant park request bodies for a day each by submitting and cancelling
 drop(sid)
 return {new, f[3]}

@@ -50,6 +50,8 @@ end
 if status ~= 'queued' and status ~= 'running' then return {0, charge} end
 redis.call('HSET', KEYS[2], 'status', ARGV[8], 'code', ARGV[9], 'rheaders', ARGV[10],
            'rbody', ARGV[11], 'finished_ms', string.format('%d', now))
+-- The answer is kept for the grace period, not the request that made it.
+redis.call('HDEL', KEYS[2], 'body', 'headers')
 drop()
 local grace = tonumber(ARGV[12])
 if redis.call('PTTL', KEYS[2]) < grace then redis.call('PEXPIRE', KEYS[2], grace) end

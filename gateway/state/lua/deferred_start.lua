@@ -30,6 +30,7 @@ end
 if runs > finished then redis.call('HSET', KEYS[2], 'finished', runs) end
 if now >= tonumber(f[2]) then
   redis.call('HSET', KEYS[2], 'status', 'expired', 'finished_ms', string.format('%d', now))
+  redis.call('HDEL', KEYS[2], 'body', 'headers')  -- the request is not kept past its end
   drop()
   return {'expired', redis.call('HGET', KEYS[2], 'hold'), unpack(lost)}
 end
