@@ -247,10 +247,18 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                 upstream = await attempt.open()
             except GatewayError as exc:
                 timed_out = isinstance(exc, UpstreamTimeout)
-                trial.failure("timeout" if timed_out else "connect_error")
-                # A first byte that never came may be one stuck call, not a full upstream:
-                # the limit tells them apart by the first tokens of the calls that did answer.
-                outcome = "timeout" if timed_out else "overload"
+                if isinstance(exc, UpstreamTimeout) and exc.request_deadline:
+                    # The request's own deadline ran out, not the deployment's timeout: no
+                    # sign against the deployment. Counted, one tenant's X-Request-Timeout:
+                    # 0.1 opened the breaker every tenant shares in ten calls (and took the
+                    # limit to its minimum).
+                    trial.neutral()
+                else:
+                    trial.failure("timeout" if timed_out else "connect_error")
+                    # A first byte that never came may be one stuck call, not a full
+                    # upstream: the limit tells them apart by the first tokens of the calls
+                    # that did answer.
+                    outcome = "timeout" if timed_out else "overload"
                 log.outcome = exc.code or "error"
                 failure = (AttemptFailure.first_byte_timeout() if timed_out
                            else AttemptFailure.connect_error())

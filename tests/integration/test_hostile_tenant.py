@@ -246,3 +246,24 @@ async def test_one_tenant_cannot_hold_every_request_body_byte_of_the_process(
     finally:
         for _, writer in held:
             writer.close()
+
+
+async def test_a_tenants_own_short_deadline_cannot_open_the_shared_breaker(
+        make_gateway: MakeGateway) -> None:
+    """Timeouts of the request's own deadline (X-Request-Timeout, the SDKs'
+    x-stainless-read-timeout) say nothing against the deployment. Counted as its failures, ten
+    calls with a 0.1 s deadline to a model whose first token takes 0.4 s opened the breaker
+    every tenant shares: the next tenant got 503 upstream_unavailable."""
+    gw = await make_gateway()
+    for _ in range(3):  # the deployment's first tokens are learned: 0.1 s looks feasible
+        resp = await gw.post("/v1/chat/completions", json=chat(stream=True),
+                             headers=auth(ACME_KEY))
+        assert resp.status == 200
+        await resp.read()
+    codes = []
+    for header in ("X-Request-Timeout", "x-stainless-read-timeout") * 6:
+        resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth(
+            ACME_KEY, **{header: "0.1", "x-mock-latency-ms": "400"}))
+        codes.append((resp.status, (await resp.json())["error"]["code"]))
+    assert codes.count((504, "upstream_first_byte_timeout")) >= 10, codes
+    await served(gw)
