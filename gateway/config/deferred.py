@@ -32,6 +32,12 @@ class DeferredTenant(StrictModel):
         10_000, ge=1, le=1_000_000, description="unfinished entries of the tenant; more are "
         "refused with 429 deferred_queue_full"
     )
+    max_queued_bytes: int = Field(
+        128 * 1024 * 1024, ge=1024, description="request bytes (bodies and the headers kept "
+        "with them) of the tenant's unfinished entries, held in the state store (the process "
+        "with the memory backend); more are refused with 429 deferred_queue_full. An entry's "
+        "reservation counts tokens, not bytes: a 5 MiB image costs a few hundred"
+    )
 
 
 class DeferredPolicy(StrictModel):

@@ -45,7 +45,7 @@ from gateway.upstream import FORWARDED_REQUEST_HEADERS
 
 from .hold import hold_from_json, hold_to_json, refund
 from .run import DeferredRunner, free_low_slots
-from .store import FORGET_CONSUMER_MS, Claim, DeferredStore, Fields, QueueFull
+from .store import FORGET_CONSUMER_MS, Claim, DeferredStore, Fields, QueueFull, entry_bytes
 from .store_memory import MemoryDeferredStore
 from .store_redis import RedisDeferredStore
 
@@ -166,13 +166,18 @@ class DeferredService:
         }
         try:
             sub = await self.store.submit(tenant, entry_id, fields, ttl_ms=ttl_ms,
-                                          grace_ms=grace_ms, max_queued=settings.max_queued)
+                                          grace_ms=grace_ms, max_queued=settings.max_queued,
+                                          max_bytes=settings.max_queued_bytes)
         except QueueFull as exc:
             await refund(policy.limiter, hold)
+            held = (f"{exc.depth} deferred requests waiting (limit {settings.max_queued})"
+                    if exc.held_bytes is None else
+                    f"{exc.held_bytes} bytes of deferred requests waiting, and this one's "
+                    f"{entry_bytes(fields)} would pass its limit of "
+                    f"{settings.max_queued_bytes} (deferred.max_queued_bytes)")
             raise RateLimited(
-                f"Tenant {tenant} already has {exc.depth} deferred requests waiting (limit "
-                f"{settings.max_queued}); submit more when some have finished (GET "
-                "/v1/deferred/{id} tells when).",
+                f"Tenant {tenant} already has {held}; submit more when some have finished "
+                "(GET /v1/deferred/{id} tells when).",
                 code="deferred_queue_full",
                 # When a slot frees depends on runs at the providers' pace, which nobody can
                 # promise: no Retry-After rather than an invented one, and no SDK retry.

@@ -6,7 +6,10 @@ picks one.
 Lifecycle of an entry (on Redis each step is one atomic script, ``gateway/state/lua/deferred_*.lua``;
 the memory store does the same in Python)::
 
-    submit    -> queued   XADD + HSET; refused when the tenant has max_queued unfinished
+    submit    -> queued   XADD + HSET; refused when the tenant has max_queued unfinished, or
+                          its unfinished entries' bytes would pass max_bytes (a counter
+                          beside the stream; every final state takes the entry's size off
+                          and drops its request body and headers, the answer stays)
     claim                 XAUTOCLAIM of an entry idle past the visibility timeout, else
                           XREADGROUP of a new one
     start     -> running  counts the run; runs started before and never finished (the
@@ -39,11 +42,18 @@ Charge = Literal["actual", "reserved", "none"]
 
 
 class QueueFull(Exception):
-    """The tenant already has ``max_queued`` unfinished entries."""
+    """The tenant already has ``max_queued`` unfinished entries, or this one's bytes would
+    take its unfinished entries' past ``max_bytes`` (``held_bytes``: theirs, then)."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, held_bytes: int | None = None) -> None:
         super().__init__(f"{depth} entries queued")
         self.depth = depth
+        self.held_bytes = held_bytes
+
+
+def entry_bytes(fields: Mapping[str, bytes]) -> int:
+    """What an entry holds until it is final: its request's body and headers."""
+    return len(fields.get("body", b"")) + len(fields.get("headers", b""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +116,11 @@ class DeferredStore(Protocol):
     name: str
 
     async def submit(self, tenant: str, entry_id: str, fields: Mapping[str, bytes], *,
-                     ttl_ms: int, grace_ms: int, max_queued: int) -> Submitted:
-        """Store and queue; ``QueueFull`` when the tenant has ``max_queued`` unfinished."""
+                     ttl_ms: int, grace_ms: int, max_queued: int,
+                     max_bytes: int) -> Submitted:
+        """Store and queue; ``QueueFull`` when the tenant has ``max_queued`` unfinished, or
+        this entry's bytes (``entry_bytes``) would take theirs past ``max_bytes`` (an entry
+        alone bigger than that still goes in when nothing else is held)."""
 
     async def claim(self, tenant: str, consumer: str, *, reclaim_idle_ms: int | None
                     ) -> Claim | None:

@@ -27,6 +27,7 @@ from .store import (
     Started,
     Submitted,
     encode_run_info,
+    entry_bytes,
 )
 
 
@@ -44,6 +45,7 @@ class _Tenant:
     pending: dict[str, _Pending] = field(default_factory=dict)
     last_ms: int = 0
     seq: int = 0
+    held_bytes: int = 0  # entry_bytes of the unfinished entries
 
 
 class MemoryDeferredStore:
@@ -81,16 +83,30 @@ class MemoryDeferredStore:
         t.pending.pop(sid, None)
         t.delivered.discard(sid)
 
+    @staticmethod
+    def _forget_request(t: _Tenant, record: Fields) -> None:
+        """A final entry keeps its answer for ``result_grace_s``, not the request that made
+        it: a tenant submitting and cancelling 5 MiB bodies (reserved as a few image tokens)
+        held them for a day each, 216 MB from 28 cancels. Its bytes leave the tenant's."""
+        record.pop("body", None)
+        record.pop("headers", None)
+        t.held_bytes = max(0, t.held_bytes - int(record.pop("size", b"0")))
+
     def _sweep(self, now: int) -> None:  # from scan(): O(entries), every sweep interval
         for key in [k for k, (_, exp) in self._entries.items() if exp <= now]:
             del self._entries[key]
 
     async def submit(self, tenant: str, entry_id: str, fields: Mapping[str, bytes], *,
-                     ttl_ms: int, grace_ms: int, max_queued: int) -> Submitted:
+                     ttl_ms: int, grace_ms: int, max_queued: int,
+                     max_bytes: int) -> Submitted:
         now = self._now()
         t = self._tenant(tenant)
         if len(t.stream) >= max_queued:
             raise QueueFull(len(t.stream))
+        size = entry_bytes(fields)
+        if t.held_bytes and t.held_bytes + size > max_bytes:
+            raise QueueFull(len(t.stream), t.held_bytes)
+        t.held_bytes += size
         if now > t.last_ms:
             t.last_ms, t.seq = now, 0
         else:
@@ -100,7 +116,7 @@ class MemoryDeferredStore:
         t.stream[sid] = (entry_id, expires)
         record: Fields = {"status": b"queued", "sid": sid.encode(), "created_ms": b"%d" % now,
                           "expires_ms": b"%d" % expires, "runs": b"0", "finished": b"0",
-                          **fields}
+                          "size": b"%d" % size, **fields}
         self._entries[(tenant, entry_id)] = (record, now + ttl_ms + grace_ms)
         return Submitted(len(t.stream), now, expires)
 
@@ -149,7 +165,7 @@ class MemoryDeferredStore:
         record["finished"] = b"%d" % runs
         if now >= int(record["expires_ms"]):
             record["status"], record["finished_ms"] = b"expired", b"%d" % now
-            _forget_request(record)
+            self._forget_request(t, record)
             self._drop(t, claim.sid)
             return Started("expired", fields={"hold": record["hold"]}, lost=tuple(lost))
         not_before = int(record.get("not_before_ms", b"0"))
@@ -210,7 +226,7 @@ class MemoryDeferredStore:
         record.update({"status": result.status.encode(), "code": b"%d" % result.code,
                        "rheaders": dumps_kept(dict(result.headers)), "rbody": result.body,
                        "finished_ms": b"%d" % now})
-        _forget_request(record)
+        self._forget_request(t, record)
         self._drop(t, claim.sid)
         fields, key_expiry = self._entries[(claim.tenant, claim.id)]
         self._entries[(claim.tenant, claim.id)] = (fields, max(key_expiry, now + grace_ms))
@@ -240,7 +256,7 @@ class MemoryDeferredStore:
         assert record is not None
         new = "cancelled" if op == "cancel" else "expired"
         record["status"], record["finished_ms"] = new.encode(), b"%d" % now
-        _forget_request(record)
+        self._forget_request(t, record)
         self._drop(t, record["sid"].decode())
         return new, record.get("hold")
 
@@ -257,10 +273,3 @@ class MemoryDeferredStore:
         rows = tuple((sid, eid, exp) for sid, (eid, exp) in list(t.stream.items())[:head])
         return Scan(now, len(t.stream), rows)
 
-
-def _forget_request(record: Fields) -> None:
-    """A final entry keeps its answer for ``result_grace_s``, not the request that made it: a
-    tenant submitting and cancelling 5 MiB bodies (reserved as a few image tokens) held them
-    for a day each, 216 MB from 28 cancels."""
-    record.pop("body", None)
-    record.pop("headers", None)

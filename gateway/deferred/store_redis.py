@@ -33,6 +33,7 @@ from .store import (
     Started,
     Submitted,
     encode_run_info,
+    entry_bytes,
 )
 
 GROUP = "gw"
@@ -71,18 +72,24 @@ class RedisDeferredStore:
     def _entry(self, tenant: str, entry_id: str) -> str:
         return keys.deferred_entry(self._prefix, tenant, entry_id)
 
+    def _keys(self, tenant: str, entry_id: str) -> list[str]:
+        """Stream, entry and byte counter: what every script that ends an entry touches."""
+        return [self._stream(tenant), self._entry(tenant, entry_id),
+                keys.deferred_bytes(self._prefix, tenant)]
+
     async def _run(self, op: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         return await self._backend.call(f"deferred {op}", lambda: script(keys=keys, args=args))
 
     async def submit(self, tenant: str, entry_id: str, fields: Mapping[str, bytes], *,
-                     ttl_ms: int, grace_ms: int, max_queued: int) -> Submitted:
-        args: list[Any] = [GROUP, entry_id, max_queued, ttl_ms, grace_ms]
+                     ttl_ms: int, grace_ms: int, max_queued: int,
+                     max_bytes: int) -> Submitted:
+        args: list[Any] = [GROUP, entry_id, max_queued, ttl_ms, grace_ms, entry_bytes(fields),
+                           max_bytes]
         for name, value in fields.items():
             args += [name, value]
-        reply = await self._run("submit", self._submit,
-                                [self._stream(tenant), self._entry(tenant, entry_id)], args)
+        reply = await self._run("submit", self._submit, self._keys(tenant, entry_id), args)
         if int(reply[0]) == 0:
-            raise QueueFull(int(reply[1]))
+            raise QueueFull(int(reply[1]), int(reply[2]) if len(reply) > 2 else None)
         return Submitted(int(reply[1]), int(reply[2]), int(reply[3]))
 
     async def claim(self, tenant: str, consumer: str, *, reclaim_idle_ms: int | None
@@ -104,8 +111,7 @@ class RedisDeferredStore:
             stream, GROUP, consumer, 0, [claim.sid], idle=idle, justid=True))
 
     async def start(self, claim: Claim, consumer: str) -> Started:
-        reply = await self._run("start", self._start,
-                                [self._stream(claim.tenant), self._entry(claim.tenant, claim.id)],
+        reply = await self._run("start", self._start, self._keys(claim.tenant, claim.id),
                                 [GROUP, claim.sid, consumer])
         kind = _s(reply[0])
         if kind == "run":
@@ -137,8 +143,7 @@ class RedisDeferredStore:
                      grace_ms]
         else:
             args += [delay_ms, visibility_ms]
-        reply = await self._run("finish", self._finish,
-                                [self._stream(claim.tenant), self._entry(claim.tenant, claim.id)],
+        reply = await self._run("finish", self._finish, self._keys(claim.tenant, claim.id),
                                 args)
         return Finished(bool(int(reply[0])), bool(int(reply[1])))
 
@@ -150,8 +155,7 @@ class RedisDeferredStore:
 
     async def _cancel_or_expire(self, tenant: str, entry_id: str, op: str, sid: str
                                 ) -> tuple[str, bytes | None]:
-        reply = await self._run(op, self._cancel,
-                                [self._stream(tenant), self._entry(tenant, entry_id)],
+        reply = await self._run(op, self._cancel, self._keys(tenant, entry_id),
                                 [GROUP, op, sid])
         hold = reply[1] if len(reply) > 1 and isinstance(reply[1], bytes) else None
         return _s(reply[0]), hold

@@ -137,6 +137,11 @@ def deferred_entry(prefix: str, tenant: str, entry_id: str) -> str:
     return f"{prefix}dq:{tenant_tag(tenant)}:e:{entry_id}"
 
 
+def deferred_bytes(prefix: str, tenant: str) -> str:
+    """The request bytes of a tenant's unfinished deferred entries (one counter)."""
+    return f"{prefix}dq:{tenant_tag(tenant)}:b"
+
+
 # --- the fleet (gateway/limits/degraded.py) --------------------------------------------------------
 
 FLEET_TAG = hash_tag("fleet")

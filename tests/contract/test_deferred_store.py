@@ -32,9 +32,11 @@ def fields(n: int = 0) -> dict[str, bytes]:
 
 
 async def submit(store: DeferredStore, entry_id: str, tenant: str = "acme", *,
-                 ttl_ms: int = TTL_MS, max_queued: int = 100) -> None:
-    await store.submit(tenant, entry_id, fields(), ttl_ms=ttl_ms, grace_ms=GRACE_MS,
-                       max_queued=max_queued)
+                 ttl_ms: int = TTL_MS, max_queued: int = 100, max_bytes: int = 1 << 30,
+                 body: bytes | None = None) -> None:
+    entry = fields() if body is None else {**fields(), "body": body}
+    await store.submit(tenant, entry_id, entry, ttl_ms=ttl_ms, grace_ms=GRACE_MS,
+                       max_queued=max_queued, max_bytes=max_bytes)
 
 
 async def claim_started(store: DeferredStore, consumer: str = "c1",
@@ -51,7 +53,7 @@ OK = Result("succeeded", 200, {"content-type": "application/json"}, b'{"answer":
 
 async def test_submit_claim_start_finish(store: DeferredStore) -> None:
     sub = await store.submit("acme", "e1", fields(), ttl_ms=TTL_MS, grace_ms=GRACE_MS,
-                             max_queued=10)
+                             max_queued=10, max_bytes=1 << 20)
     assert sub.position == 1 and sub.expires_ms - sub.created_ms == TTL_MS
     await submit(store, "e2")
     record = await store.get("acme", "e1")
@@ -89,6 +91,29 @@ async def test_queue_is_bounded_per_tenant(store: DeferredStore) -> None:
     claim, run = await claim_started(store)
     await store.finish(claim, "c1", run, "done", "actual", {}, result=OK)
     await submit(store, "e3", max_queued=2)  # a finished entry frees its place
+
+
+async def test_queued_request_bytes_are_bounded_per_tenant(store: DeferredStore) -> None:
+    """A tenant's unfinished entries hold their request bodies in the store: bounded in
+    bytes as well as in count; every final state gives its bytes back."""
+    kib = b"x" * 1000
+    size = len(kib) + len(fields()["headers"])
+    cap = 3 * size
+    for name in ("e1", "e2", "e3"):
+        await submit(store, name, max_bytes=cap, body=kib)
+    with pytest.raises(QueueFull) as err:
+        await submit(store, "e4", max_bytes=cap, body=kib)
+    assert (err.value.depth, err.value.held_bytes) == (3, cap)
+    await submit(store, "u1", tenant="umbrella", max_bytes=cap, body=kib)  # its own count
+    assert (await store.cancel("acme", "e1"))[0] == "cancelled"  # cancelled: bytes back
+    await submit(store, "e4", max_bytes=cap, body=kib)
+    claim, run = await claim_started(store)  # e2
+    await store.finish(claim, "c1", run, "done", "actual", {}, result=OK)  # finished: back
+    await submit(store, "e5", max_bytes=cap, body=kib)
+    with pytest.raises(QueueFull):
+        await submit(store, "e6", max_bytes=cap, body=b"y")
+    # One entry bigger than the whole cap still goes in when nothing else is held.
+    await submit(store, "big", tenant="solo", max_bytes=cap, body=kib * 5)
 
 
 async def test_a_lost_run_is_reclaimed_and_charged_once(store: DeferredStore) -> None:

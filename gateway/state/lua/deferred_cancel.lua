@@ -1,12 +1,20 @@
 -- deferred_cancel.lua: cancel a queued entry, or expire one past its expiry
 -- (gateway/deferred_store.py).
--- KEYS[1] stream  KEYS[2] entry   ARGV[1] group  ARGV[2] 'cancel' | 'expire'
+-- KEYS[1] stream  KEYS[2] entry  KEYS[3] the bytes of the tenant's unfinished entries
+-- ARGV[1] group  ARGV[2] 'cancel' | 'expire'
 -- ARGV[3] stream id seen by the caller (expire only: dropped when it is stale)
 -- Returns {'missing'}, {status} when left as it is, or {'cancelled'|'expired', hold}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local f = redis.call('HMGET', KEYS[2], 'status', 'sid', 'hold', 'expires_ms')
 local status, sid = f[1], f[2]
+local function forget_request()
+  -- The answer is kept for the grace period, not the request that made it; its bytes leave
+  -- the tenant's count (deferred.max_queued_bytes).
+  local size = tonumber(redis.call('HGET', KEYS[2], 'size') or '0')
+  redis.call('HDEL', KEYS[2], 'body', 'headers', 'size')
+  if size > 0 and redis.call('DECRBY', KEYS[3], size) <= 0 then redis.call('DEL', KEYS[3]) end
+end
 local function drop(id)
   redis.call('XACK', KEYS[1], ARGV[1], id)
   redis.call('XDEL', KEYS[1], id)
@@ -24,7 +32,7 @@ elseif status ~= 'queued' then
 end
 local new = ARGV[2] == 'cancel' and 'cancelled' or 'expired'
 redis.call('HSET', KEYS[2], 'status', new, 'finished_ms', string.format('%d', now))
-redis.call('HDEL', KEYS[2], 'body', 'headers')  -- kept until the record expires, it would
--- let a tenant park request bodies for a day each by submitting and cancelling
+forget_request()  -- kept until the record expires, the body would let a tenant park
+-- request bodies for a day each by submitting and cancelling
 drop(sid)
 return {new, f[3]}

@@ -1,5 +1,5 @@
 -- deferred_finish.lua: end a run (gateway/deferred_store.py).
--- KEYS[1] stream  KEYS[2] entry
+-- KEYS[1] stream  KEYS[2] entry  KEYS[3] the bytes of the tenant's unfinished entries
 -- ARGV[1] group  ARGV[2] stream id  ARGV[3] consumer  ARGV[4] run
 -- ARGV[5] mode: 'done' (final answer), 'retry' (back to the queue after reaching the
 --         upstream), 'nocall' (back to the queue; the run never reached the upstream)
@@ -15,6 +15,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local run, mode = tonumber(ARGV[4]), ARGV[5]
 local f = redis.call('HMGET', KEYS[2], 'status', 'runs', 'finished')
 local status = f[1]
+local function forget_request()
+  -- The answer is kept for the grace period, not the request that made it; its bytes leave
+  -- the tenant's count (deferred.max_queued_bytes).
+  local size = tonumber(redis.call('HGET', KEYS[2], 'size') or '0')
+  redis.call('HDEL', KEYS[2], 'body', 'headers', 'size')
+  if size > 0 and redis.call('DECRBY', KEYS[3], size) <= 0 then redis.call('DEL', KEYS[3]) end
+end
 local function drop()
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[1], ARGV[2])
@@ -50,8 +57,7 @@ end
 if status ~= 'queued' and status ~= 'running' then return {0, charge} end
 redis.call('HSET', KEYS[2], 'status', ARGV[8], 'code', ARGV[9], 'rheaders', ARGV[10],
            'rbody', ARGV[11], 'finished_ms', string.format('%d', now))
--- The answer is kept for the grace period, not the request that made it.
-redis.call('HDEL', KEYS[2], 'body', 'headers')
+forget_request()
 drop()
 local grace = tonumber(ARGV[12])
 if redis.call('PTTL', KEYS[2]) < grace then redis.call('PEXPIRE', KEYS[2], grace) end

@@ -1,5 +1,6 @@
 -- deferred_start.lua: begin a run of a claimed entry (gateway/deferred_store.py).
--- KEYS[1] stream  KEYS[2] entry   ARGV[1] group  ARGV[2] stream id  ARGV[3] consumer
+-- KEYS[1] stream  KEYS[2] entry  KEYS[3] the bytes of the tenant's unfinished entries
+-- ARGV[1] group  ARGV[2] stream id  ARGV[3] consumer
 -- Runs that were started and never finished (their replica died) are charged their
 -- reservation here, once each: 'charged:<run>' is set first by whoever accounts that run.
 -- Returns
@@ -8,6 +9,13 @@
 --   {'later', wait_ms}              a retry backoff is not over yet
 --   {'expired', hold, lost runs...} past its expiry: refund the hold, charge the lost runs
 --   {'run', run, hold, route, model, body, headers, lost runs...}
+local function forget_request()
+  -- The answer is kept for the grace period, not the request that made it; its bytes leave
+  -- the tenant's count (deferred.max_queued_bytes).
+  local size = tonumber(redis.call('HGET', KEYS[2], 'size') or '0')
+  redis.call('HDEL', KEYS[2], 'body', 'headers', 'size')
+  if size > 0 and redis.call('DECRBY', KEYS[3], size) <= 0 then redis.call('DEL', KEYS[3]) end
+end
 local function drop()
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[1], ARGV[2])
@@ -30,7 +38,7 @@ end
 if runs > finished then redis.call('HSET', KEYS[2], 'finished', runs) end
 if now >= tonumber(f[2]) then
   redis.call('HSET', KEYS[2], 'status', 'expired', 'finished_ms', string.format('%d', now))
-  redis.call('HDEL', KEYS[2], 'body', 'headers')  -- the request is not kept past its end
+  forget_request()
   drop()
   return {'expired', redis.call('HGET', KEYS[2], 'hold'), unpack(lost)}
 end
