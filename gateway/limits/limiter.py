@@ -242,7 +242,7 @@ class Limiter:
         hold = Hold(request_id, mode, tokens, cost_units, None if unsettled else settle_plan,
                     leases, counting=counting, counter_kinds=counter_kinds, settled=unsettled)
         hold.headers = _headers(plan, result, tenant)
-        self._remember_budgets(call.tenant.name, plan, result)
+        self._remember_budgets(call.tenant.name, plan, result, mode)
         if call.agent_session and not count_only:  # counting a prompt is no step of a run
             self._track_run(call, hold, plan, result, tenant)
         if not result.allowed:
@@ -428,12 +428,24 @@ class Limiter:
             keys = _leases_only(plan, result)
         return result, mode
 
-    def _remember_budgets(self, tenant: str, plan: AdmitPlan, result: AdmitResult) -> None:
+    def _remember_budgets(self, tenant: str, plan: AdmitPlan, result: AdmitResult,
+                          mode: str = "global") -> None:
+        """What is left of the tenant's budgets, for status and metrics: the store's word.
+        Without the store (degraded mode) the local counters hold this replica's share of
+        the budget only (a limit over N replicas): read as the fleet's, every tenant looked
+        1 - 1/N spent and the shipped budget alert fired for all of them at 10 replicas. The
+        last fleet-wide figure is kept, less what this replica reserves meanwhile."""
+        fleet = mode == "global"
         for check, res in zip(plan.checks, result.results):
             if isinstance(check, Counter) and not check.idle:
                 cost = check.kind is Kind.budget_cost
                 scale = 1e6 if cost else 1.0
                 name = f"{check.period}_{'cost' if cost else 'tokens'}"
+                if not fleet:
+                    figure = self._budgets.get(tenant, {}).get(name)
+                    if figure is not None and result.allowed:
+                        figure["remaining"] = max(0.0, figure["remaining"] - check.cost / scale)
+                    continue
                 self._budgets.setdefault(tenant, {})[name] = {
                     "remaining": max(0, res.remaining) / scale,
                     "limit": check.limit / scale,

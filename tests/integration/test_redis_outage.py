@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pytest_aiohttp import AiohttpClient
 
-from gateway.app.server import GATEWAY
+from gateway.app.server import GATEWAY, create_app
 from gateway.limits.periods import period_keys
 from gateway.state import RedisBackend
-from tests.gwtest import auth, chat
-from tests.plugin_gateway import MakeGateway, settled
+from tests.gwtest import auth, chat, policy
+from tests.plugin_gateway import MakeGateway, gateway_client, settled
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -143,3 +144,39 @@ def _scan(server: RedisServer) -> list[str]:
         return list(client.scan_iter(count=1000))
     finally:
         client.close()
+
+
+async def test_budget_figures_stay_the_fleets_while_redis_is_down(
+    aiohttp_client: AiohttpClient, upstream_url: str, durable_redis: RedisServer
+) -> None:
+    """In degraded mode each of N replicas enforces its share of the budget locally; status
+    and the budget gauge kept showing that share as what the fleet had left, so with 2
+    replicas every tenant read half spent (and the shipped alert fires from 1 - 1/N)."""
+    backend = RedisBackend(durable_redis.url, timeout_s=0.25, key_prefix="gw:")
+    config = policy(upstream_url, state={"degraded": {"replicas": 2}}, tenants={"acme": {
+        "default_max_tokens": 50, "budget": {"daily_tokens": 1_000_000},
+        "loop_guard": {"enabled": False}}})
+    gw = await gateway_client(aiohttp_client, create_app(config, state=backend))
+
+    async def remaining() -> float:
+        text = await (await gw.get("/metrics")).text()
+        line = next(li for li in text.splitlines() if li.startswith(
+            'gateway_budget_remaining{budget="daily_tokens",tenant="acme"}'))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert (await gw.post("/v1/chat/completions", json=chat(), headers=auth())).status == 200
+    await settled(gw)
+    before = await remaining()
+    assert before > 999_000
+    await asyncio.to_thread(durable_redis.kill)
+    try:
+        for i in range(3):
+            resp = await gw.post("/v1/chat/completions", json=chat(text=f"down {i}"),
+                                 headers=auth())
+            assert resp.status == 200
+        assert gw.app[GATEWAY].degraded.active
+        await settled(gw)
+        during = await remaining()
+        assert before - 500 < during <= before  # what it spent meanwhile, not half of it all
+    finally:
+        await asyncio.to_thread(durable_redis.start)
