@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.config import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig
 from gateway.errors import GatewayError, InternalError, not_found
 from gateway.observability import (
     ACCESS_LOGGER,
@@ -59,12 +59,17 @@ def create_app(
     tracing to what the OTEL_* environment says (off unless an exporter is configured).
     ``clock``, ``wall_clock`` and ``transport``: the ``Gateway``'s seams (app/runtime.py)."""
     if state is None:
-        state = create_backend(
-            config.state.backend,
-            redis_url=config.state.redis_url,
-            timeout_s=config.state.timeout_s,
-            key_prefix=config.state.key_prefix,
-        )
+        try:
+            state = create_backend(
+                config.state.backend,
+                redis_url=config.state.redis_url,
+                timeout_s=config.state.timeout_s,
+                key_prefix=config.state.key_prefix,
+            )
+        except ValueError as exc:  # no URL (REDIS_URL unset or empty, as a missing Secret
+            # key leaves it): one line naming the setting, not a traceback in a crash loop
+            raise ConfigError("state", [f"state.redis_url: {exc}; set it, or REDIS_URL"]) \
+                from None
     # auto_decompress off: aiohttp's parser would inflate a gzip/deflate/br request body as it
     # arrives, before any handler or size limit sees it (a 204 KB gzip bomb became 200 MiB in
     # memory, authenticated or not). The pipeline refuses encoded bodies with a 415 instead
@@ -177,8 +182,9 @@ async def _readyz(request: web.Request) -> web.Response:
         "status": "ready" if ready else "not_ready",
         "state_backend": gateway.state.name,
         "state_reachable": state_ok,
-        "limits_mode": "degraded" if degraded.active or not state_ok else "global",
-        "degraded_action": degraded.policy.action if degraded.active else None,
+        "limits_mode": "degraded" if (limited := degraded.active or not state_ok) else "global",
+        # (unreachable before any request noticed: the action the next one will meet)
+        "degraded_action": degraded.policy.action if limited else None,
         "usage_journal": degraded.journal_size,
     }
     return _json(body, status=200 if ready else 503)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -189,3 +190,26 @@ def test_example_full_says_why_wherever_it_leaves_a_default() -> None:
             if default != value and "#" not in lines[line]:
                 silent.append(f"{'.'.join(leaf)}: {value} (default {default})")
     assert not silent, silent
+
+
+@pytest.mark.parametrize("env", [None, ""], ids=["unset", "empty"])
+def test_serve_without_a_redis_url_says_which_setting_in_one_line(
+    tmp_path: Path, env: str | None
+) -> None:
+    """The shipped Kubernetes policies take the Redis URL from REDIS_URL (a Secret): a missing
+    or empty key crashed `serve` with a traceback, pod after pod."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "providers:\n  main: {kind: openai, base_url: 'http://127.0.0.1:9/v1'}\n"
+        "models:\n  m: {deployments: [{provider: main, model: x}]}\n"
+        f"tenants:\n  acme: {{api_keys: ['sha256:{'0' * 64}'], models: ['*']}}\n"
+        "state: {backend: redis}\n")
+    environ = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    if env is not None:
+        environ["REDIS_URL"] = env
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(policy),
+                          "--port", "0"], capture_output=True, text=True, env=environ,
+                         timeout=60, check=False)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "state.redis_url" in out.stderr and "REDIS_URL" in out.stderr

@@ -180,3 +180,21 @@ async def test_budget_figures_stay_the_fleets_while_redis_is_down(
         assert before - 500 < during <= before  # what it spent meanwhile, not half of it all
     finally:
         await asyncio.to_thread(durable_redis.start)
+
+
+async def test_readiness_names_the_degraded_action_before_any_request_meets_it(
+    make_gateway: MakeGateway, durable_redis: RedisServer
+) -> None:
+    gw = await make_gateway(state=RedisBackend(durable_redis.url, timeout_s=0.25))
+    await asyncio.to_thread(durable_redis.kill)
+    try:
+        ready = await (await gw.get("/readyz")).json()  # no request has met the outage yet
+        assert (ready["limits_mode"], ready["degraded_action"]) == ("degraded", "local")
+    finally:
+        await asyncio.to_thread(durable_redis.start)
+    for _ in range(100):  # Redis back: global again, with no action to name
+        ready = await (await gw.get("/readyz")).json()
+        if ready["limits_mode"] == "global":
+            break
+        await asyncio.sleep(0.05)
+    assert (ready["limits_mode"], ready["degraded_action"]) == ("global", None)
