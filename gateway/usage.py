@@ -46,6 +46,11 @@ class Usage:
     reasoning_tokens: int = 0
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
+    # Which sides a usage object reported as a count (``reported`` alone: an object was
+    # found). A side missing, negative, fractional or not a number, and an input of 0, read
+    # as absent and are estimated (``fill_in``): ``{}`` once made a request free.
+    input_seen: bool = False
+    output_seen: bool = False
 
     @property
     def cache_write_tokens(self) -> int:
@@ -75,6 +80,13 @@ class Usage:
             self.input_tokens - self.cache_read_tokens
         return counted + self.output_tokens
 
+    def fill_in(self, input_estimate: int, output_estimate: int) -> None:
+        """The sides the upstream did not report, as the gateway estimated them."""
+        if not self.input_seen:
+            self.input_tokens = max(self.input_tokens, input_estimate)
+        if not self.output_seen:
+            self.output_tokens = max(self.output_tokens, output_estimate)
+
     def merge(self, data: Any) -> bool:
         """Take the usage object out of any of the dialects' shapes, if present: a chat /
         completions / embeddings body or chunk, a Responses ``response`` (or an event carrying
@@ -94,6 +106,7 @@ class Usage:
         else:
             self._merge_openai(usage)
         self.reported = True
+        self.input_seen = self.input_seen or self.input_tokens > 0
         return True
 
     def _merge_openai(self, usage: dict[str, Any]) -> None:
@@ -109,6 +122,7 @@ class Usage:
             self.cache_write_1h_tokens = 0
         out = _count(usage, "completion_tokens", "output_tokens")
         if out is not None:
+            self.output_seen = True
             self._set_output(out, _dict(usage, "completion_tokens_details",
                                         "output_tokens_details"))
 
@@ -132,6 +146,7 @@ class Usage:
         self.input_tokens = uncached + self.cache_read_tokens + self.cache_write_tokens
         out = _count(usage, "output_tokens")
         if out is not None:
+            self.output_seen = True
             details = _dict(usage, "output_tokens_details")
             self.output_tokens = out
             if "thinking_tokens" in details:

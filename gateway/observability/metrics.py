@@ -254,7 +254,7 @@ class GatewayMetrics:
             if record.prompt_tokens_estimate > 0:
                 ratio = record.prompt_tokens_estimate / window
                 self._context_use.get(model, "estimated").observe(ratio)
-            if usage.reported and usage.input_tokens > 0:
+            if usage.input_seen:
                 self._context_use.get(model, "actual").observe(usage.input_tokens / window)
 
     def rejected(self, reason: str | None, priority: str | None = None,

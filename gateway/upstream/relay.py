@@ -81,9 +81,10 @@ async def relay_whole(
             except TypeError:  # nested past what orjson writes (254): renamed as bytes, the
                 response.body = model_renamer(answer_model)(body)  # first "model" as streams
         usage.merge(upstream_answer_json)
-        if not usage.reported:  # charge an estimate rather than nothing (reported stays False)
-            usage.input_tokens = record.prompt_tokens_estimate
-            usage.output_tokens = estimate_answer_tokens(upstream_answer_json)
+        # Charge an estimate rather than nothing for a side the upstream did not report
+        # (reported stays as it was: whether a usage object came at all).
+        usage.fill_in(record.prompt_tokens_estimate,
+                      0 if usage.output_seen else estimate_answer_tokens(upstream_answer_json))
         record.usage = usage
     record.status = upstream.status
     return response
@@ -143,6 +144,8 @@ async def relay_stream(
             # prompt and send these deltas
             record.usage.input_tokens = record.usage.input_tokens or call.prompt_tokens_estimate
             record.usage.output_tokens = max(record.usage.output_tokens, relay.deltas)
+        else:  # reported, but a side may be missing or unreadable: estimated, not free
+            record.usage.fill_in(call.prompt_tokens_estimate, relay.deltas)
     await _write_eof_quietly(request, response)
     return response
 

@@ -111,9 +111,9 @@ class SseRelay:
         return not (self.strip_usage_chunk and _EMPTY_CHOICES.search(event))
 
     def final_usage(self) -> Usage:
-        """Reported usage, or the counted deltas when the upstream never reported any."""
-        if not self.usage.reported:
-            self.usage.output_tokens = self.deltas
+        """Reported usage, or the counted deltas where the upstream reported no output."""
+        if not self.usage.output_seen:
+            self.usage.output_tokens = max(self.usage.output_tokens, self.deltas)
         return self.usage
 
 

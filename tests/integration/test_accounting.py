@@ -297,3 +297,79 @@ async def test_a_finished_stream_without_usage_is_charged_the_prompt_estimate(
     line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
     assert line["usage_reported"] is False
     assert line["tokens_in"] > 0 and line["tokens_out"] == 2
+
+
+ODD_USAGE = [
+    ({}, "both"),
+    ({"completion_tokens": 3}, "input"),
+    ({"prompt_tokens": -1000, "completion_tokens": 3}, "input"),
+    ({"prompt_tokens": 1000.0, "completion_tokens": 3.0}, "both"),
+    ({"prompt_tokens": "1000", "completion_tokens": "3"}, "both"),
+    ({"prompt_tokens": 0, "completion_tokens": 3}, "input"),
+]
+
+
+@pytest.mark.parametrize(("usage", "estimated"), ODD_USAGE,
+                         ids=["empty", "no-input", "negative", "floats", "strings", "zero-input"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_usage_object_with_a_side_missing_or_unreadable_is_estimated_not_free(
+    make_gateway: MakeGateway, aiohttp_server: AiohttpServer, caplog: pytest.LogCaptureFixture,
+    usage: dict[str, Any], estimated: str, stream: bool,
+) -> None:
+    """A usage object that came but whose input (or output) count is missing, negative, not
+    an integer, or an input of 0 is estimated on that side, as if no usage had come: the
+    request was charged 0 input (``{}``: nothing at all)."""
+    import orjson
+
+    text = "word " * 800  # about 1,000 prompt tokens estimated
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if not stream:
+            return web.json_response({
+                "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "one two three"}}],
+                "usage": usage})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in ({"choices": [{"index": 0, "delta": {"content": "one"}}]},
+                      {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                      {"choices": [], "usage": usage}):
+            await resp.write(b"data: " + orjson.dumps({"id": "c", "object":
+                                                       "chat.completion.chunk", "created": 1,
+                                                       "model": "m", **chunk}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(upstream=str(server.make_url("")).rstrip("/"))
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    resp = await gw.post("/v1/chat/completions", headers=auth(), json={
+        "model": "gpt-test", "stream": stream, "max_tokens": 100,
+        "messages": [{"role": "user", "content": text}]})
+    assert resp.status == 200
+    await resp.read()
+    await settled(gw)
+    line = log_fields([r for r in caplog.records if r.name == "gateway.access"][-1])
+    assert line["tokens_in"] >= 900, line  # the prompt estimate, not 0
+    if estimated == "both":
+        assert line["tokens_out"] >= 1  # the answer's estimate (or deltas), not 0
+    else:
+        assert line["tokens_out"] == 3  # the output the upstream did report
+    assert line["cost_micros"] > 0
+
+
+def test_an_anthropic_stream_that_reports_only_its_output_has_its_input_estimated() -> None:
+    usage = Usage()
+    usage.merge({"type": "message_start", "message": {"id": "m", "type": "message"}})
+    usage.merge({"type": "message_delta", "delta": {}, "usage": {"output_tokens": 3}})
+    usage.fill_in(1000, 1)
+    assert (usage.input_tokens, usage.output_tokens) == (1000, 3)
+    reported = Usage()
+    reported.merge({"type": "message_delta", "usage": {"input_tokens": 0, "output_tokens": 3,
+                                                       "cache_read_input_tokens": 40}})
+    reported.fill_in(1000, 1)  # 40 cache reads are input the upstream reported
+    assert (reported.input_tokens, reported.output_tokens) == (40, 3)
