@@ -104,18 +104,14 @@ class TimedOut(GatewayError):
 
 
 class UpstreamTimeout(TimedOut):
-    """504: a bound ran out while waiting for the upstream. ``request_deadline``: the bound
-    was the request's deadline (its class default or the client's own), not the deployment's
-    timeout, so it says nothing against the deployment. ``client_deadline``: it was the
-    client's own, so the answer is what a client-side timeout would have been and the client
-    may retry it (``x-should-retry`` is not set to false)."""
+    """504: a bound ran out while waiting for the upstream. ``client_deadline``: the bound was
+    the client's own deadline, so the answer is what a client-side timeout would have been
+    and the client may retry it (``x-should-retry`` is not set to false)."""
 
-    def __init__(self, message: str, code: str, *, client_deadline: bool = False,
-                 request_deadline: bool = False) -> None:
+    def __init__(self, message: str, code: str, *, client_deadline: bool = False) -> None:
         super().__init__(504, message, type="timeout_error", code=code,
                          headers={"x-should-retry": "true"} if client_deadline else None)
         self.client_deadline = client_deadline
-        self.request_deadline = request_deadline or client_deadline
 
 
 class DeadlineExceeded(TimedOut):

@@ -104,6 +104,8 @@ class MemoryDeferredStore:
         if len(t.stream) >= max_queued:
             raise QueueFull(len(t.stream))
         size = entry_bytes(fields)
+        if not t.stream:  # nothing queued holds nothing (a record gone before it ended)
+            t.held_bytes = 0
         if t.held_bytes and t.held_bytes + size > max_bytes:
             raise QueueFull(len(t.stream), t.held_bytes)
         t.held_bytes += size
@@ -272,4 +274,3 @@ class MemoryDeferredStore:
             return Scan(now, 0, ())
         rows = tuple((sid, eid, exp) for sid, (eid, exp) in list(t.stream.items())[:head])
         return Scan(now, len(t.stream), rows)
-

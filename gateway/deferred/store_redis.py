@@ -4,8 +4,9 @@ Kept apart from the contract (deferred/store.py) and the in-process store becaus
 knows the key layout and the Lua scripts; the lifecycle it implements is described there.
 
 One stream per tenant with one consumer group (``gw``); every replica is a consumer named by
-its replica id. An entry is a hash beside the stream; both carry the tenant's hash tag
-(``dq:{t:<tenant>}:s`` and ``dq:{t:<tenant>}:e:<id>``), the same tag as the tenant's rate-limit
+its replica id. An entry is a hash beside the stream, and the bytes the tenant's unfinished
+entries hold one counter; all carry the tenant's hash tag (``dq:{t:<tenant>}:s``,
+``dq:{t:<tenant>}:e:<id>`` and ``dq:{t:<tenant>}:b``), the same tag as the tenant's rate-limit
 keys, so every script touches one Redis Cluster slot and tenants spread over the cluster.
 Per-tenant streams also make fairness simple: workers take tenants in turn, whatever one
 tenant has queued (gateway/deferred/service.py), and depth and age are per tenant by construction.

@@ -1,6 +1,6 @@
 """What the limiter does while the shared store (Redis) is unreachable, and the way back.
 
-Entering is immediate: the first ``StateUnavailable`` (at most one Redis timeout) flips the
+Entering is immediate: the first ``StateUnavailable`` (at most 2 x ``state.timeout_s``) flips the
 mode. Then, per the policy's action for the request's class:
 
 - ``local``: the same plan, every limit divided by the replica count, evaluated in process;

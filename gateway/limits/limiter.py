@@ -241,8 +241,9 @@ class Limiter:
                                                           waiting_for, wait_s, result, mode)
         hold = Hold(request_id, mode, tokens, cost_units, None if unsettled else settle_plan,
                     leases, counting=counting, counter_kinds=counter_kinds, settled=unsettled)
-        hold.headers = _headers(plan, result, tenant)
         self._remember_budgets(call.tenant.name, plan, result, mode)
+        hold.headers = _headers(plan, result, tenant, None if mode == "global"
+                                else self._budgets.get(call.tenant.name, {}))
         if call.agent_session and not count_only:  # counting a prompt is no step of a run
             self._track_run(call, hold, plan, result, tenant)
         if not result.allowed:
@@ -441,16 +442,20 @@ class Limiter:
                 cost = check.kind is Kind.budget_cost
                 scale = 1e6 if cost else 1.0
                 name = f"{check.period}_{'cost' if cost else 'tokens'}"
-                if not fleet:
-                    figure = self._budgets.get(tenant, {}).get(name)
-                    if figure is not None and result.allowed:
+                old = self._inflight.budget_keys.get((tenant, name))
+                figure = self._budgets.get(tenant, {}).get(name)
+                if not fleet and figure is not None and old == check.key:
+                    if result.allowed:
                         figure["remaining"] = max(0.0, figure["remaining"] - check.cost / scale)
                     continue
+                if fleet:
+                    remaining = max(0, res.remaining) / scale
+                elif figure is None:
+                    continue  # nothing fleet-wide known yet: no figure rather than a share
+                else:  # a new period began while degraded: all of it, less what this takes
+                    remaining = (check.limit - (check.cost if result.allowed else 0)) / scale
                 self._budgets.setdefault(tenant, {})[name] = {
-                    "remaining": max(0, res.remaining) / scale,
-                    "limit": check.limit / scale,
-                }
-                old = self._inflight.budget_keys.get((tenant, name))
+                    "remaining": remaining, "limit": check.limit / scale}
                 if old != check.key:  # a new period: the old counter's figure is gone
                     self._inflight.budget_of_key.pop(old or "", None)
                     self._inflight.budget_keys[(tenant, name)] = check.key
@@ -693,8 +698,11 @@ def _with_actuals(plan: SettlePlan, kinds: tuple[Kind, ...], rate_tokens: int,
                       counters, plan.leases)
 
 
-def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant) -> dict[str, str]:
-    """OpenAI-style x-ratelimit-* headers from the tenant-wide buckets, plus shadow/budget."""
+def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant,
+             fleet: dict[str, dict[str, float]] | None = None) -> dict[str, str]:
+    """OpenAI-style x-ratelimit-* headers from the tenant-wide buckets, plus shadow/budget.
+    ``fleet``: in degraded mode, the remembered fleet-wide budget figures, which the budget
+    warning reads instead of this replica's local share (that read 1 - 1/N used)."""
     headers: dict[str, str] = {}
     for i, check in enumerate(plan.checks):
         res = result.results[i]
@@ -707,6 +715,10 @@ def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant) -> dict[str, 
             headers[f"x-ratelimit-reset-{kind}"] = format_duration(res.reset_ms)
         if isinstance(check, Counter) and res.allowed and check.limit and not check.idle:
             used = 1 - res.remaining / check.limit
+            if fleet is not None:
+                figure = fleet.get(f"{check.period}_"
+                                   f"{'cost' if check.kind is Kind.budget_cost else 'tokens'}")
+                used = 1 - figure["remaining"] / figure["limit"] if figure else 0.0
             if used >= tenant.budget.soft_ratio:
                 # What admission sees: spent, plus what requests in flight (this one with
                 # its whole output cap) have reserved. Settled, the share is often lower.

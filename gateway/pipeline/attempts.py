@@ -247,11 +247,8 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                 upstream = await attempt.open()
             except GatewayError as exc:
                 timed_out = isinstance(exc, UpstreamTimeout)
-                if isinstance(exc, UpstreamTimeout) and exc.request_deadline:
-                    # The request's own deadline ran out, not the deployment's timeout: no
-                    # sign against the deployment. Counted, one tenant's X-Request-Timeout:
-                    # 0.1 opened the breaker every tenant shares in ten calls (and took the
-                    # limit to its minimum).
+                if isinstance(exc, UpstreamTimeout) and _impatient(exc, target, attempt.began,
+                                                                   svc.clock()):
                     trial.neutral()
                 else:
                     trial.failure("timeout" if timed_out else "connect_error")
@@ -318,6 +315,18 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             # Sent, then cancelled, timed out or cut before the relay accounted any usage:
             # the provider read the prompt (and may have answered it) all the same.
             record.attempts_unaccounted += 1
+
+
+def _impatient(exc: UpstreamTimeout, target: Target, began: float, now: float) -> bool:
+    """Whether a timeout is the client's impatience rather than the deployment's slowness:
+    the client's own deadline (X-Request-Timeout, x-stainless-read-timeout) ran out before
+    half the deployment's first-byte timeout. Such a timeout counts for nothing, to the
+    breaker or the limit: counted, one tenant's X-Request-Timeout: 0.1 opened the breaker
+    every tenant shares in ten calls (and took the limit to its minimum). A client that waited
+    longer saw the deployment slow, and a deadline the gateway set (a class default, the
+    tenant's cap) is the operator's: both count, so a deployment that hangs is still caught
+    when every client sets a deadline (unless all of them are that short)."""
+    return exc.client_deadline and now - began < 0.5 * target.provider.timeouts.first_byte_s
 
 
 def _no_usage(usage: Usage) -> bool:

@@ -9,7 +9,8 @@ whose keys go together:
   markers (one admission plan, one slot);
 - ``q:{q:<provider>/<model>}:...``: a deployment's provider quota;
 - ``cb:{<provider>/<model>}:...``: a deployment's circuit breaker;
-- ``dq:{t:<tenant>}:...``: a tenant's deferred-request stream and entries;
+- ``dq:{t:<tenant>}:...``: a tenant's deferred-request stream, entries and the bytes its
+  unfinished entries hold;
 - ``rl:{fleet}:...``: the fleet's replicas and epoch.
 
 The rule: inside a tag, ``%``, ``{`` and ``}`` of a name are written ``%25``, ``%7B``, ``%7D``.

@@ -391,7 +391,7 @@ class UpstreamAttempt:
             return UpstreamTimeout(
                 f"{self._deadline_cause[0].upper()}{self._deadline_cause[1:]} ran out while "
                 f"waiting for {waiting} from the upstream {self.target.label}.", code,
-                client_deadline=self._client_deadline, request_deadline=True)
+                client_deadline=self._client_deadline)
         return UpstreamTimeout(
             f"The upstream {self.target.label} exceeded the deployment's "
             f"{phase.replace('_', ' ')} timeout ({seconds:g} s).", code)

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.app.server import GATEWAY
 from gateway.jsonbytes import MAX_DEPTH, dumps_kept
 from gateway.upstream import pool
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
@@ -248,22 +249,34 @@ async def test_one_tenant_cannot_hold_every_request_body_byte_of_the_process(
             writer.close()
 
 
+@pytest.mark.parametrize("deadline", ["0.1", "0.35"], ids=["impatient", "waited"])
 async def test_a_tenants_own_short_deadline_cannot_open_the_shared_breaker(
-        make_gateway: MakeGateway) -> None:
-    """Timeouts of the request's own deadline (X-Request-Timeout, the SDKs'
-    x-stainless-read-timeout) say nothing against the deployment. Counted as its failures, ten
-    calls with a 0.1 s deadline to a model whose first token takes 0.4 s opened the breaker
-    every tenant shares: the next tenant got 503 upstream_unavailable."""
-    gw = await make_gateway()
+        make_gateway: MakeGateway, deadline: str) -> None:
+    """Timeouts of the client's own deadline (X-Request-Timeout, the SDKs'
+    x-stainless-read-timeout) shorter than half the deployment's first-byte timeout are the
+    client's impatience. Counted as the deployment's failures, ten calls with a 0.1 s deadline
+    to a model whose first token takes 0.4 s opened the breaker every tenant shares, and the
+    next tenant got 503 upstream_unavailable. A client that waited longer (0.35 s of a 0.6 s
+    first-byte timeout here) saw the deployment slow: that still counts, so a deployment that
+    hangs is caught though every client sets a deadline."""
+    gw = await make_gateway(
+        providers={"main": {"timeouts": {"first_byte_s": 0.6}}},
+        breaker={"consecutive_failures": 3})
     for _ in range(3):  # the deployment's first tokens are learned: 0.1 s looks feasible
         resp = await gw.post("/v1/chat/completions", json=chat(stream=True),
                              headers=auth(ACME_KEY))
         assert resp.status == 200
         await resp.read()
     codes = []
-    for header in ("X-Request-Timeout", "x-stainless-read-timeout") * 6:
+    for header in ("X-Request-Timeout", "x-stainless-read-timeout") * 3:
         resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth(
-            ACME_KEY, **{header: "0.1", "x-mock-latency-ms": "400"}))
+            ACME_KEY, **{header: deadline, "x-mock-latency-ms": "2000"}))
         codes.append((resp.status, (await resp.json())["error"]["code"]))
-    assert codes.count((504, "upstream_first_byte_timeout")) >= 10, codes
-    await served(gw)
+    breaker = gw.app[GATEWAY].services.breakers.snapshot()["main/upstream-gpt"]
+    if deadline == "0.1":
+        assert codes == [(504, "upstream_first_byte_timeout")] * 6, codes
+        assert breaker.state == "closed"
+        await served(gw)
+    else:
+        assert codes[:3] == [(504, "upstream_first_byte_timeout")] * 3, codes
+        assert breaker.state == "open"

@@ -88,7 +88,8 @@ def samples(m: GatewayMetrics) -> list[Any]:
 
 def test_success_feeds_counters_histograms_and_context_use(metrics: GatewayMetrics) -> None:
     metrics.observe_request(record(
-        deployment=MAIN, attempts=1, usage=Usage(400, 120, reported=True), cost=0.0042,
+        deployment=MAIN, attempts=1, cost=0.0042,
+        usage=Usage(400, 120, reported=True, input_seen=True, output_seen=True),
         limits_s=0.0004, queue_s=0.01, first_byte_s=0.3, upstream_s=0.9, total_s=0.95,
         prompt_tokens_estimate=380, context_window=1000,
     ))

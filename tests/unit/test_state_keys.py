@@ -66,7 +66,8 @@ def test_other_families_keep_their_slot_per_name() -> None:
         if name:  # a deployment's label is never empty: "<provider>/<model>"
             assert tag_of(keys.breaker(name, "open")) == tag_of(keys.breaker(name, "probe:0"))
         assert tag_of(keys.deferred_stream("gw:", name)) == \
-            tag_of(keys.deferred_entry("gw:", name, "e1")) == "t:" + keys.escape(name)
+            tag_of(keys.deferred_entry("gw:", name, "e1")) == \
+            tag_of(keys.deferred_bytes("gw:", name)) == "t:" + keys.escape(name)
 
 
 def test_plain_names_keep_the_keys_they_always_had() -> None:
@@ -82,6 +83,7 @@ def test_plain_names_keep_the_keys_they_always_had() -> None:
     assert keys.quota("openai/gpt-4o", Kind.requests) == "q:{q:openai/gpt-4o}:req"
     assert keys.breaker("openai/gpt-4o", "cool") == "cb:{openai/gpt-4o}:cool"
     assert keys.deferred_entry("gw:", "acme", "e1") == "gw:dq:{t:acme}:e:e1"
+    assert keys.deferred_bytes("gw:", "acme") == "gw:dq:{t:acme}:b"
     assert keys.FLEET_EPOCH == "rl:{fleet}:epoch"
     assert keys.fleet_heartbeat("r1") == "rl:{fleet}:hb:r1"
 

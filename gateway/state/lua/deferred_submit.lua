@@ -9,6 +9,9 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local depth = redis.call('XLEN', KEYS[1])
+-- Nothing queued holds nothing: an entry whose record expired before it ended (a sweeper
+-- far behind, a run past the grace period) took its size with it, and the count heals here.
+if depth == 0 then redis.call('DEL', KEYS[3]) end
 local held, size = tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(ARGV[6])
 if depth >= tonumber(ARGV[3]) then return {0, depth} end
 if held > 0 and held + size > tonumber(ARGV[7]) then return {0, depth, held} end
