@@ -252,10 +252,11 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                     trial.neutral()
                 else:
                     trial.failure("timeout" if timed_out else "connect_error")
-                    # A first byte that never came may be one stuck call, not a full
-                    # upstream: the limit tells them apart by the first tokens of the calls
-                    # that did answer.
-                    outcome = "timeout" if timed_out else "overload"
+                # A first byte that never came may be one stuck call, not a full upstream:
+                # the limit tells them apart by the first tokens of the calls that did
+                # answer (an impatient client's timeout included: under overload it is the
+                # provider's queue that made it wait).
+                outcome = "timeout" if timed_out else "overload"
                 log.outcome = exc.code or "error"
                 failure = (AttemptFailure.first_byte_timeout() if timed_out
                            else AttemptFailure.connect_error())
@@ -320,9 +321,10 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
 def _impatient(exc: UpstreamTimeout, target: Target, began: float, now: float) -> bool:
     """Whether a timeout is the client's impatience rather than the deployment's slowness:
     the client's own deadline (X-Request-Timeout, x-stainless-read-timeout) ran out before
-    half the deployment's first-byte timeout. Such a timeout counts for nothing, to the
-    breaker or the limit: counted, one tenant's X-Request-Timeout: 0.1 opened the breaker
-    every tenant shares in ten calls (and took the limit to its minimum). A client that waited
+    half the deployment's first-byte timeout. Such a timeout is no failure to the breaker:
+    counted, one tenant's X-Request-Timeout: 0.1 opened the breaker every tenant shares in ten
+    calls. (The adaptive limit still reads it, and tells a stuck call from a full upstream by
+    the first tokens of the calls that did answer.) A client that waited
     longer saw the deployment slow, and a deadline the gateway set (a class default, the
     tenant's cap) is the operator's: both count, so a deployment that hangs is still caught
     when every client sets a deadline (unless all of them are that short)."""
