@@ -68,8 +68,8 @@ def create_app(
             )
         except ValueError as exc:  # no URL (REDIS_URL unset or empty, as a missing Secret
             # key leaves it): one line naming the setting, not a traceback in a crash loop
-            raise ConfigError("state", [f"state.redis_url: {exc} (REDIS_URL, when set, "
-                                        "replaces it)"]) from None
+            problem = f"state.redis_url: {exc} (REDIS_URL, when set, replaces it)"
+            raise ConfigError("state", [problem]) from None
     # auto_decompress off: aiohttp's parser would inflate a gzip/deflate/br request body as it
     # arrives, before any handler or size limit sees it (a 204 KB gzip bomb became 200 MiB in
     # memory, authenticated or not). The pipeline refuses encoded bodies with a 415 instead
