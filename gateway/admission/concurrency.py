@@ -89,7 +89,7 @@ from typing import Literal, NamedTuple, Protocol
 
 from gateway.config import ConcurrencySettings
 
-Outcome = Literal["success", "overload", "rate_limited", "timeout", "ignore"]
+Outcome = Literal["success", "overload", "rate_limited", "timeout", "client_timeout", "ignore"]
 """How a call ended, as far as the limit cares: see the module docstring."""
 
 
@@ -610,8 +610,16 @@ class AdaptiveLimit:
             elif ttft_s is None:
                 self._slow_start_step(now, in_flight, None, prompt_tokens, duration_s)
         if outcome == "timeout":
-            if self._answering_promptly(now):
+            if self._queue_reading(now) is False:
                 return  # a stuck call, not a queue: cutting the limit would not help it
+            outcome = "overload"
+        if outcome == "client_timeout":
+            # A client's own short deadline ran out (attempts._impatient): a queue only when
+            # the first tokens show one. Read as an error, one tenant's X-Request-Timeout: 0.1
+            # took the limit every tenant shares to its minimum wherever first tokens said
+            # nothing (aimd, calls not streamed, before the baseline).
+            if self._queue_reading(now) is not True:
+                return
             outcome = "overload"
         if outcome == "rate_limited":
             # The provider said "too fast" (429): the limit it had was too high by its own
@@ -765,14 +773,16 @@ class AdaptiveLimit:
         self._window = _Window(now, self._settings.algorithm == "vegas")
         self._window_limit = self._limit
 
-    def _answering_promptly(self, now: float) -> bool:
-        """Whether, by time to first token, the upstream is answering at its no-load speed now:
-        then a call that timed out was stuck (a hung request, a bad connection), not queued
-        behind others, and it is no reason to lower the limit. Vegas only, once a baseline is
-        known: this window's first tokens if it has a few, else the last decision's."""
+    def _queue_reading(self, now: float) -> bool | None:
+        """Whether, by time to first token, the upstream is queueing now: False when it
+        answers at its no-load speed (then a call that timed out was stuck, a hung request or
+        a bad connection, not queued behind others, and no reason to lower the limit), True
+        when it queues past the tolerance, None when first tokens say nothing. Vegas only,
+        once a baseline is known: this window's first tokens if it has a few, else the last
+        decision's."""
         s = self._settings
         if s.algorithm != "vegas" or self._rest_at is None:
-            return False
+            return None
         tolerance = self._tolerance()
         window = self._window
         if window.n >= _MIN_SAMPLES // 2:
@@ -782,9 +792,10 @@ class AdaptiveLimit:
             # that is starting shows in one, and counted at the next one's level it would
             # excuse the timeout it caused.
             excess_s = window.excess_s(*self._rest_at, prefill)
-            return window.rate(elapsed) * excess_s <= tolerance
-        recent = now - self._decided_at <= 2 * s.decision_window_s
-        return recent and self.upstream_queue is not None and self.upstream_queue <= tolerance
+            return window.rate(elapsed) * excess_s > tolerance
+        if now - self._decided_at > 2 * s.decision_window_s or self.upstream_queue is None:
+            return None
+        return self.upstream_queue > tolerance
 
     def _tolerance(self) -> float:
         """Requests allowed to wait inside the provider at the current limit."""

@@ -68,7 +68,7 @@ def create_app(
             )
         except ValueError as exc:  # no URL (REDIS_URL unset or empty, as a missing Secret
             # key leaves it): one line naming the setting, not a traceback in a crash loop
-            problem = f"state.redis_url: {exc} (REDIS_URL, when set, replaces it)"
+            problem = f"state.redis_url: {exc} (REDIS_URL, when not empty, replaces it)"
             raise ConfigError("state", [problem]) from None
     # auto_decompress off: aiohttp's parser would inflate a gzip/deflate/br request body as it
     # arrives, before any handler or size limit sees it (a 204 KB gzip bomb became 200 MiB in

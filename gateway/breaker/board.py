@@ -102,7 +102,8 @@ class Trial:
         self._end(None, record=False)
 
     def neutral(self) -> None:
-        """Other 4xx: the client's fault, so neither success nor failure."""
+        """Other 4xx, or a client's impatient deadline: the client's doing, so neither success
+        nor failure."""
         self._end(None, record=False)
 
     def cancelled(self) -> None:

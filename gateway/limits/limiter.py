@@ -445,6 +445,7 @@ class Limiter:
                 old = self._inflight.budget_keys.get((tenant, name))
                 figure = self._budgets.get(tenant, {}).get(name)
                 if not fleet and figure is not None and old == check.key:
+                    figure["limit"] = check.limit / scale  # (a reload may have moved it)
                     if result.allowed:
                         figure["remaining"] = max(0.0, figure["remaining"] - check.cost / scale)
                     continue
@@ -716,9 +717,10 @@ def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant,
         if isinstance(check, Counter) and res.allowed and check.limit and not check.idle:
             used = 1 - res.remaining / check.limit
             if fleet is not None:
-                figure = fleet.get(f"{check.period}_"
-                                   f"{'cost' if check.kind is Kind.budget_cost else 'tokens'}")
-                used = 1 - figure["remaining"] / figure["limit"] if figure else 0.0
+                cost = check.kind is Kind.budget_cost
+                figure = fleet.get(f"{check.period}_{'cost' if cost else 'tokens'}")
+                scale = 1e6 if cost else 1.0
+                used = 1 - figure["remaining"] * scale / check.limit if figure else 0.0
             if used >= tenant.budget.soft_ratio:
                 # What admission sees: spent, plus what requests in flight (this one with
                 # its whole output cap) have reserved. Settled, the share is often lower.

@@ -247,16 +247,16 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
                 upstream = await attempt.open()
             except GatewayError as exc:
                 timed_out = isinstance(exc, UpstreamTimeout)
-                if isinstance(exc, UpstreamTimeout) and _impatient(exc, target, attempt.began,
-                                                                   svc.clock()):
+                # A first byte that never came may be one stuck call, not a full upstream:
+                # the limit tells them apart by the first tokens of the calls that did answer.
+                outcome = "timeout" if timed_out else "overload"
+                if isinstance(exc, UpstreamTimeout) and _impatient(
+                        exc, target, svc.clock() - attempt.began,
+                        ctx.policy.config.breaker.slow_first_token_s):
                     trial.neutral()
+                    outcome = "client_timeout"  # a queue only if first tokens show one
                 else:
                     trial.failure("timeout" if timed_out else "connect_error")
-                # A first byte that never came may be one stuck call, not a full upstream:
-                # the limit tells them apart by the first tokens of the calls that did
-                # answer (an impatient client's timeout included: under overload it is the
-                # provider's queue that made it wait).
-                outcome = "timeout" if timed_out else "overload"
                 log.outcome = exc.code or "error"
                 failure = (AttemptFailure.first_byte_timeout() if timed_out
                            else AttemptFailure.connect_error())
@@ -318,17 +318,23 @@ async def _attempt(ctx: CallContext, target: Target, trial: Trial, permit: Permi
             record.attempts_unaccounted += 1
 
 
-def _impatient(exc: UpstreamTimeout, target: Target, began: float, now: float) -> bool:
+def _impatient(exc: UpstreamTimeout, target: Target, waited_s: float,
+               slow_s: float | None) -> bool:
     """Whether a timeout is the client's impatience rather than the deployment's slowness:
     the client's own deadline (X-Request-Timeout, x-stainless-read-timeout) ran out before
-    half the deployment's first-byte timeout. Such a timeout is no failure to the breaker:
-    counted, one tenant's X-Request-Timeout: 0.1 opened the breaker every tenant shares in ten
-    calls. (The adaptive limit still reads it, and tells a stuck call from a full upstream by
-    the first tokens of the calls that did answer.) A client that waited
-    longer saw the deployment slow, and a deadline the gateway set (a class default, the
-    tenant's cap) is the operator's: both count, so a deployment that hangs is still caught
-    when every client sets a deadline (unless all of them are that short)."""
-    return exc.client_deadline and now - began < 0.5 * target.provider.timeouts.first_byte_s
+    half the first-byte bound the deployment sets (its first-byte timeout, or its total one
+    if shorter), and before a first byte would count as slow to the breaker
+    (``breaker.slow_first_token_s``). Such a timeout is no failure to the breaker: counted,
+    one tenant's X-Request-Timeout: 0.1 opened the breaker every tenant shares in ten calls.
+    The adaptive limit reads it as a queue only when first tokens show one. A client that
+    waited longer saw the deployment slow, and a deadline the gateway set (a class default,
+    the tenant's cap) is the operator's: both count as before, so a deployment that hangs is
+    still caught when every client sets a deadline (unless all of them are that short)."""
+    timeouts = target.provider.timeouts
+    bound = 0.5 * min(timeouts.first_byte_s, timeouts.total_s)
+    if slow_s is not None:
+        bound = min(bound, slow_s)
+    return exc.client_deadline and waited_s < bound
 
 
 def _no_usage(usage: Usage) -> bool:

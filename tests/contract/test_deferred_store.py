@@ -121,12 +121,16 @@ async def test_a_record_gone_before_it_ended_does_not_hold_its_bytes_for_ever(
     """A record that expires away before its entry ends (a sweeper far behind) takes its size
     with it; once nothing is queued the count starts again from nothing."""
     body = b"x" * 1000
+    await submit(store, "e0")  # keeps the stream and its count alive past e1's record
     await store.submit("acme", "e1", {**fields(), "body": body}, ttl_ms=100, grace_ms=1,
                        max_queued=10, max_bytes=2000)
-    await asyncio.sleep(0.2)  # the record is gone (on Redis the stream and count with it)
+    await asyncio.sleep(0.2)  # e1's record is gone; its stream entry is not
+    claim, run = await claim_started(store)  # e0 first: it ends and gives its bytes back
+    assert claim.id == "e0"
+    await store.finish(claim, "c1", run, "done", "actual", {}, result=OK)
     claim = await store.claim("acme", "c1", reclaim_idle_ms=None)
-    if claim is not None:  # the stream entry outlived it: dropped without its size
-        assert (await store.start(claim, "c1")).kind == "gone"
+    assert claim is not None and claim.id == "e1"
+    assert (await store.start(claim, "c1")).kind == "gone"  # dropped without its size
     await store.submit("acme", "e2", {**fields(), "body": body * 2}, ttl_ms=TTL_MS,
                        grace_ms=GRACE_MS, max_queued=10, max_bytes=2000)
 

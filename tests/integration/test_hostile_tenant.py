@@ -261,12 +261,16 @@ async def test_a_tenants_own_short_deadline_cannot_open_the_shared_breaker(
     hangs is caught though every client sets a deadline."""
     gw = await make_gateway(
         providers={"main": {"timeouts": {"first_byte_s": 0.6}}},
-        breaker={"consecutive_failures": 3})
+        breaker={"consecutive_failures": 3},
+        # aimd: no first tokens to tell a queue by, where an error lowers the limit
+        admission={"concurrency": {"algorithm": "aimd", "initial_limit": 20}})
     for _ in range(3):  # the deployment's first tokens are learned: 0.1 s looks feasible
         resp = await gw.post("/v1/chat/completions", json=chat(stream=True),
                              headers=auth(ACME_KEY))
         assert resp.status == 200
         await resp.read()
+    admission = gw.app[GATEWAY].services.admission
+    limit = admission.snapshot()["deployments"]["main/upstream-gpt"]["limit"]
     codes = []
     for header in ("X-Request-Timeout", "x-stainless-read-timeout") * 3:
         resp = await gw.post("/v1/chat/completions", json=chat(), headers=auth(
@@ -276,6 +280,8 @@ async def test_a_tenants_own_short_deadline_cannot_open_the_shared_breaker(
     if deadline == "0.1":
         assert codes == [(504, "upstream_first_byte_timeout")] * 6, codes
         assert breaker.state == "closed"
+        # nor the limit every tenant shares: nothing showed a queue
+        assert admission.snapshot()["deployments"]["main/upstream-gpt"]["limit"] >= limit
         await served(gw)
     else:
         assert codes[:3] == [(504, "upstream_first_byte_timeout")] * 3, codes
