@@ -125,9 +125,9 @@ async def test_a_record_gone_before_it_ended_does_not_hold_its_bytes_for_ever(
     await store.submit("acme", "e1", {**fields(), "body": body}, ttl_ms=100, grace_ms=1,
                        max_queued=10, max_bytes=2000)
     await asyncio.sleep(0.2)  # e1's record is gone; its stream entry is not
-    claim, run = await claim_started(store)  # e0 first: it ends and gives its bytes back
-    assert claim.id == "e0"
-    await store.finish(claim, "c1", run, "done", "actual", {}, result=OK)
+    first, run = await claim_started(store)  # e0 first: it ends and gives its bytes back
+    assert first.id == "e0"
+    await store.finish(first, "c1", run, "done", "actual", {}, result=OK)
     claim = await store.claim("acme", "c1", reclaim_idle_ms=None)
     assert claim is not None and claim.id == "e1"
     assert (await store.start(claim, "c1")).kind == "gone"  # dropped without its size
