@@ -186,10 +186,10 @@ class Permit:
 
         ``outcome``: ``success``; ``overload`` for a provider 429, 5xx/529, connect error or
         first-byte timeout; ``client_timeout`` for a client's own short deadline that ran out
-        (a queue only where first tokens show one); ``ignore`` for a client cancel or a 4xx. ``ttft_s``: seconds from
-        sending to the upstream's first streamed byte. Pass None for non-streamed calls (their
-        first byte is the whole answer and would inflate the estimate that deadline checks use)
-        and when no byte came.
+        (a queue only where first tokens show one); ``ignore`` for a client cancel or a 4xx.
+        ``ttft_s``: seconds from sending to the upstream's first streamed byte. Pass None for
+        non-streamed calls (their first byte is the whole answer and would inflate the
+        estimate that deadline checks use) and when no byte came.
         """
         if self._released:
             return

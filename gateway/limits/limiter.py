@@ -436,25 +436,22 @@ class Limiter:
         the budget only (a limit over N replicas): read as the fleet's, every tenant looked
         1 - 1/N spent and the shipped budget alert fired for all of them at 10 replicas. The
         last fleet-wide figure is kept, less what this replica reserves meanwhile."""
-        fleet = mode == "global"
         for check, res in zip(plan.checks, result.results):
             if isinstance(check, Counter) and not check.idle:
-                cost = check.kind is Kind.budget_cost
-                scale = 1e6 if cost else 1.0
-                name = f"{check.period}_{'cost' if cost else 'tokens'}"
+                name, scale = _budget_name(check)
                 old = self._inflight.budget_keys.get((tenant, name))
                 figure = self._budgets.get(tenant, {}).get(name)
-                if not fleet and figure is not None and old == check.key:
-                    figure["limit"] = check.limit / scale  # (a reload may have moved it)
-                    if result.allowed:
-                        figure["remaining"] = max(0.0, figure["remaining"] - check.cost / scale)
-                    continue
-                if fleet:
+                taken = check.cost if result.allowed else 0
+                if mode == "global":
                     remaining = max(0, res.remaining) / scale
                 elif figure is None:
                     continue  # nothing fleet-wide known yet: no figure rather than a share
+                elif old == check.key:  # the last fleet figure, less what this one takes
+                    figure["limit"] = check.limit / scale  # (a reload may have moved it)
+                    figure["remaining"] = max(0.0, figure["remaining"] - taken / scale)
+                    continue
                 else:  # a new period began while degraded: all of it, less what this takes
-                    remaining = (check.limit - (check.cost if result.allowed else 0)) / scale
+                    remaining = (check.limit - taken) / scale
                 self._budgets.setdefault(tenant, {})[name] = {
                     "remaining": remaining, "limit": check.limit / scale}
                 if old != check.key:  # a new period: the old counter's figure is gone
@@ -699,6 +696,13 @@ def _with_actuals(plan: SettlePlan, kinds: tuple[Kind, ...], rate_tokens: int,
                       counters, plan.leases)
 
 
+def _budget_name(check: Counter) -> tuple[str, float]:
+    """How status and metrics name a budget counter (``daily_tokens``, ``monthly_cost``),
+    and the scale from its stored units (cost in micro-units) to theirs."""
+    cost = check.kind is Kind.budget_cost
+    return f"{check.period}_{'cost' if cost else 'tokens'}", 1e6 if cost else 1.0
+
+
 def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant,
              fleet: dict[str, dict[str, float]] | None = None) -> dict[str, str]:
     """OpenAI-style x-ratelimit-* headers from the tenant-wide buckets, plus shadow/budget.
@@ -717,9 +721,8 @@ def _headers(plan: AdmitPlan, result: AdmitResult, tenant: Tenant,
         if isinstance(check, Counter) and res.allowed and check.limit and not check.idle:
             used = 1 - res.remaining / check.limit
             if fleet is not None:
-                cost = check.kind is Kind.budget_cost
-                figure = fleet.get(f"{check.period}_{'cost' if cost else 'tokens'}")
-                scale = 1e6 if cost else 1.0
+                name, scale = _budget_name(check)
+                figure = fleet.get(name)
                 used = 1 - figure["remaining"] * scale / check.limit if figure else 0.0
             if used >= tenant.budget.soft_ratio:
                 # What admission sees: spent, plus what requests in flight (this one with

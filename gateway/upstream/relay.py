@@ -139,13 +139,12 @@ async def relay_stream(
         await _write_quietly(request, response, exc.sse_event(call.route.dialect))
     finally:
         record.usage = relay.final_usage()
-        if not relay.usage_final:
-            # cut before the final usage, or none was reported: the provider did read the
-            # prompt and send these deltas
-            record.usage.input_tokens = record.usage.input_tokens or call.prompt_tokens_estimate
+        # A side not reported readably (none came, the stream was cut before it, or it was
+        # missing or unreadable) is estimated, not free: the provider read the prompt and
+        # sent these deltas.
+        record.usage.fill_in(call.prompt_tokens_estimate, relay.deltas)
+        if not relay.usage_final:  # cut before the final usage: a start event's is partial
             record.usage.output_tokens = max(record.usage.output_tokens, relay.deltas)
-        else:  # reported, but a side may be missing or unreadable: estimated, not free
-            record.usage.fill_in(call.prompt_tokens_estimate, relay.deltas)
     await _write_eof_quietly(request, response)
     return response
 
