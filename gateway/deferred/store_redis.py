@@ -15,12 +15,11 @@ tenant has queued (gateway/deferred/service.py), and depth and age are per tenan
 from __future__ import annotations
 
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any, cast
 
 import orjson
 
-from gateway.state import SharedRedis, keys
+from gateway.state import SharedRedis, keys, load_lua
 
 from .store import (
     Charge,
@@ -44,10 +43,6 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _load(name: str) -> str:
-    return (resources.files("gateway.state") / "lua" / name).read_text(encoding="utf-8")
-
-
 class RedisDeferredStore:
     """``DeferredStore`` on the state backend's Redis (standalone or Cluster), lent by the
     backend (``StateBackend.shared_redis``)."""
@@ -58,13 +53,13 @@ class RedisDeferredStore:
         self._backend = backend
         client = backend.client
         self._prefix = backend.key_prefix
-        self._submit = client.register_script(_load("deferred_submit.lua"))
-        self._claim = client.register_script(_load("deferred_claim.lua"))
-        self._start = client.register_script(_load("deferred_start.lua"))
-        self._finish = client.register_script(_load("deferred_finish.lua"))
-        self._heartbeat = client.register_script(_load("deferred_heartbeat.lua"))
-        self._cancel = client.register_script(_load("deferred_cancel.lua"))
-        self._scan = client.register_script(_load("deferred_scan.lua"))
+        self._submit = client.register_script(load_lua("deferred_submit.lua"))
+        self._claim = client.register_script(load_lua("deferred_claim.lua"))
+        self._start = client.register_script(load_lua("deferred_start.lua"))
+        self._finish = client.register_script(load_lua("deferred_finish.lua"))
+        self._heartbeat = client.register_script(load_lua("deferred_heartbeat.lua"))
+        self._cancel = client.register_script(load_lua("deferred_cancel.lua"))
+        self._scan = client.register_script(load_lua("deferred_scan.lua"))
         self._cursors: dict[str, str] = {}  # tenant -> XAUTOCLAIM cursor
 
     def _stream(self, tenant: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.state.base import SharedRedis, StateBackend, StateUnavailable
 from gateway.state.memory import MemoryBackend
-from gateway.state.redis import RedisBackend
+from gateway.state.redis import RedisBackend, load_lua
 
 # --- public face: what other packages import (tests/unit/test_layout.py holds them to it) ---
 from .plan import (
@@ -49,6 +49,7 @@ __all__ = [
     "create_backend",
     "exact_interval",
     "gcra_step",
+    "load_lua",
 ]
 
 

@@ -9,13 +9,7 @@
 --   {'later', wait_ms}              a retry backoff is not over yet
 --   {'expired', hold, lost runs...} past its expiry: refund the hold, charge the lost runs
 --   {'run', run, hold, route, model, body, headers, lost runs...}
-local function forget_request()
-  -- The answer is kept for the grace period, not the request that made it; its bytes leave
-  -- the tenant's count (deferred.max_queued_bytes).
-  local size = tonumber(redis.call('HGET', KEYS[2], 'size') or '0')
-  redis.call('HDEL', KEYS[2], 'body', 'headers', 'size')
-  if size > 0 and redis.call('DECRBY', KEYS[3], size) <= 0 then redis.call('DEL', KEYS[3]) end
-end
+-- include deferred_forget.lua
 local function drop()
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[1], ARGV[2])
