@@ -202,6 +202,7 @@ class Gateway:
         await self.policy.limiter.drain()
         await self.degraded.recover_once()  # last chance to hand the journal over
         self.degraded.save_journal()  # what is left: a file for the next start, or counted lost
+        await self.degraded.leave()  # the others' degraded shares need not wait for its TTL
         for old in self._retired:
             await old.upstreams.close()
         await self.policy.upstreams.close()

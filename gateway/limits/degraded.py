@@ -278,6 +278,20 @@ class DegradedMode:
             return
         self._known_replicas = max(1, 1_000_000 - result.results[0].remaining)
 
+    async def leave(self) -> None:
+        """Take this replica's heartbeat out of the fleet count at a clean stop, so the others'
+        degraded-mode shares grow at their next heartbeat instead of after the lease's TTL.
+        A crash leaves it to expire; so does a stop while the store is unreachable."""
+        if isinstance(self.policy.replicas, int) or self.active:
+            return
+        plan = SettlePlan(self.replica_id, keys.fleet_left(self.replica_id),
+                          keys.fleet_heartbeat(self.replica_id), HEARTBEAT_TTL_MS, (), (),
+                          (FLEET_KEY,))
+        try:
+            await self._state.settle(plan)
+        except StateUnavailable:
+            pass  # the lease expires on its own
+
     async def check_epoch(self) -> bool:
         """Detect a store restarted empty (module docstring); False when it was."""
         try:

@@ -152,3 +152,8 @@ FLEET_EPOCH = f"rl:{FLEET_TAG}:epoch"  # detects a store that came back empty
 
 def fleet_heartbeat(replica_id: str) -> str:
     return f"rl:{FLEET_TAG}:hb:{replica_id}"
+
+
+def fleet_left(replica_id: str) -> str:
+    """Marks a replica's clean leave settled (the settle script's done marker)."""
+    return f"rl:{FLEET_TAG}:left:{replica_id}"
