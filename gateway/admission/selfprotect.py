@@ -207,11 +207,14 @@ class BodyBudget:
     it back when it ends. A request that does not fit is refused before it is read, with a
     Retry-After from the rate at which held bytes have been coming back.
 
-    No tenant may hold more than ``TENANT_SHARE`` of it (and always one body of
-    ``max_body_bytes``): the budget is reserved before the body is read, so before any of the
-    tenant's own limits, and 26 connections of one key that declared 10 MiB bodies and sent
-    one byte held all 256 MiB of it, every other tenant refused until they closed. Such a
-    tenant is refused (429) for its own bytes; the others keep the rest."""
+    No tenant may hold more than ``TENANT_SHARE`` of what the other tenants leave (and always
+    one body of ``max_body_bytes``): the budget is reserved before the body is read, so before
+    any of the tenant's own limits, and 26 connections of one key that declared 10 MiB bodies
+    and sent one byte held all 256 MiB of it, every other tenant refused until they closed.
+    Such a tenant is refused (429) for its own bytes; the others keep the rest. The share is
+    of what the others leave, not of the whole, so two such tenants hold three quarters
+    between them (half each of the whole would be all of it) and every further one half of
+    what is left."""
 
     TENANT_SHARE = 0.5
 
@@ -236,14 +239,15 @@ class BodyBudget:
 
     def reserve(self, tenant: str, nbytes: int, limit: int, max_body_bytes: int) -> BodyHold:
         """Hold ``nbytes`` for ``tenant``, or raise (nothing held): 429 when the tenant would
-        hold more than its share of ``limit``, 503 ``overloaded`` when the process would hold
-        more than ``limit``."""
+        hold more than its share of what the others leave of ``limit``, 503 ``overloaded`` when
+        the process would hold more than ``limit``."""
         if not nbytes:
             return BodyHold(self, tenant, 0)
         now = self._clock()
         account = self._tenants.get(tenant)
-        share = max(int(self.TENANT_SHARE * limit), max_body_bytes)
-        if account is not None and account.held and account.held + nbytes > share:
+        own = 0 if account is None else account.held
+        share = max(int(self.TENANT_SHARE * (limit - (self._all.held - own))), max_body_bytes)
+        if account is not None and own and own + nbytes > share:
             self.refused += 1
             wait = account.retry_after_s(account.held + nbytes - share, now)
             raise RateLimited(

@@ -376,7 +376,8 @@ class Server(StrictModel):
         None, ge=1024, description="request-body bytes this process holds at once (bodies "
         "being read or in use by requests in flight, counted by Content-Length before "
         "reading); beyond it 503 overloaded with Retry-After, before the body is read. One "
-        "tenant may hold half of it (at least one body of max_body_bytes); beyond that its "
+        "tenant may hold half of what the other tenants leave of it (at least one body of "
+        "max_body_bytes); beyond that its "
         "requests get 429 with Retry-After and the others keep the rest. null: a quarter of "
         "the cgroup memory limit, else 256 MiB; never below max_body_bytes"
     )

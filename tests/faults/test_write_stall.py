@@ -23,6 +23,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from gateway.admission.selfprotect import BodyBudget, SelfProtection
 from gateway.app.server import create_app
 from gateway.config.admission import AdmissionPolicy
+from gateway.errors import RateLimited
 from gateway.state import RedisBackend
 from tests.faults.helpers import Client, budget_key
 from tests.faults.test_client_faults import Flood, _raw_stream_request
@@ -206,6 +207,8 @@ def test_one_tenant_holds_at_most_half_of_the_body_budget() -> None:
     with pytest.raises(Exception) as full:
         budget.reserve("d", 1, limit, 100)
     assert full.value.status == 503  # type: ignore[attr-defined]
+    for hold in others:
+        hold.release()
     # "a" gave back 300 bytes (a release rate of 300 / 5 s half-life, 60 bytes a second): the
     # 100 it would hold over its share come back in about 1.7 s, by its own releases.
     clock.advance(5)
@@ -216,8 +219,6 @@ def test_one_tenant_holds_at_most_half_of_the_body_budget() -> None:
     wait_ms = int(again.value.headers["retry-after-ms"])  # type: ignore[attr-defined]
     assert 1600 < wait_ms < 1700
     second.release()
-    for hold in others:
-        hold.release()
     assert budget.held_by("b") == 0 and budget.held == 200
     # At least one body of max_body_bytes, whatever half the budget is.
     assert budget.reserve("e", 400, 600, 400).nbytes == 400
@@ -257,3 +258,30 @@ def test_max_rss_defaults_to_the_cgroup_memory_limit(tmp_path: Path, v1: bool) -
         {"self_protection": {"max_rss_mib": 300}}), FakeClock(), __import__("random").Random(1),
         cgroup_root=str(tmp_path))
     assert explicit.max_rss_mib == 300
+
+
+def test_a_tenants_share_is_half_of_what_the_others_leave() -> None:
+    """Half of the whole per tenant let two tenants hold all of it between them; half of what
+    the others leave keeps a quarter for everyone else, and shrinks a big holder's share while
+    others hold bodies too."""
+    budget = BodyBudget(FakeClock(), cgroup_mib=None)
+    limit, body = 8000, 1000
+    first = [budget.reserve("a", body, limit, body) for _ in range(4)]  # half of 8,000
+    second = [budget.reserve("b", body, limit, body) for _ in range(2)]  # half of 4,000 left
+    for tenant in ("a", "b"):
+        with pytest.raises(Exception) as refused:
+            budget.reserve(tenant, body, limit, body)
+        assert refused.value.code == "too_many_request_bodies"  # type: ignore[attr-defined]
+    third = budget.reserve("c", body, limit, body)  # a quarter is left for the others
+    assert budget.held == 7000
+    for hold in first[:3]:
+        hold.release()
+    # "a" now holds 1,000 of the (8,000 - 3,000) / 2 it may: one more, not two.
+    budget.reserve("a", body, limit, body)
+    with pytest.raises(RateLimited):
+        budget.reserve("a", body, limit, body)
+    for hold in (*second, third):
+        hold.release()
+    budget.reserve("a", body, limit, body)  # alone again: half of the whole
+    budget.reserve("a", body, limit, body)
+    assert budget.held_by("a") == 4000
