@@ -50,3 +50,31 @@ def deeper_than(value: Any, depth: int = MAX_DEPTH) -> bool:
             if child.__class__ is dict or child.__class__ is list:
                 stack.append((child, level + 1))
     return False
+
+
+def json_values(raw: bytes, enough: int) -> int:
+    """How many values a JSON text holds, weighing each list and object as ``CONTAINER``
+    values: exactly, as soon as it is known to be no more than ``enough``, or any count above
+    ``enough`` once it is known to be more. Counted in C without parsing, so that a body can be
+    refused before orjson builds millions of objects from it: 10 MB of ``[],`` is 3.4 million
+    lists, nearly a second to parse and seconds more to walk, on the event loop every tenant
+    shares. A number or a string costs ~0.15 us to parse and walk, a list or object ~0.8 us.
+
+    The count is of commas and opening brackets outside strings (each value but a container's
+    first follows a comma; each list and object opens with a bracket). Punctuation inside
+    strings (prose, code, JSON pasted as text) is not counted: escaped backslashes and quotes
+    are dropped, then every other piece between quotes is outside a string. The split costs
+    ~0.1 us a piece, so it is made only when the plain count is over ``enough``, and not when
+    the strings alone are (each string is a value)."""
+    plain = raw.count(b",") + CONTAINER * (raw.count(b"[") + raw.count(b"{"))
+    if plain <= enough:
+        return plain
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    strings = unescaped.count(b'"') // 2
+    if strings > enough:
+        return strings
+    outside = b"".join(unescaped.split(b'"')[::2])
+    return outside.count(b",") + CONTAINER * (outside.count(b"[") + outside.count(b"{"))
+
+
+CONTAINER = 5  # a list or object costs about five numbers or strings to build and walk

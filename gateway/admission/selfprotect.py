@@ -20,8 +20,9 @@ import logging
 import math
 import os
 import random
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,54 @@ class BodyBudget:
                 del self._tenants[tenant]  # is refused nothing)
 
 
+class WorkBudget:
+    """Event-loop time each tenant's requests take before its own limits can refuse them:
+    reading the body as JSON, checking it and counting its prompt (pipeline step 3). A
+    tenant's limits count requests and tokens, not the CPU a body costs, and a body refused
+    at step 3 (too long a prompt, bad input) counts against no limit at all: three
+    connections of one key sending 10 MB bodies of nested empty lists kept the loop every
+    tenant shares busy, and the others got 503 ``overloaded (loop_lag)``.
+
+    A token bucket of seconds per tenant: ``share`` of a second every second, ``burst_s``
+    ahead. A tenant past it is refused (429, before its next body is read) until its debt is
+    back within the burst. ``server.max_body_values`` bounds what one body can cost; this
+    bounds how often. A tenant is forgotten once it owes nothing."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._debt: dict[str, tuple[float, float]] = {}  # tenant -> (seconds owed, as of)
+        self.refused = 0
+
+    def _owed(self, tenant: str, share: float, now: float) -> float:
+        owed, at = self._debt.get(tenant, (0.0, now))
+        return max(0.0, owed - (now - at) * share)
+
+    def check(self, tenant: str, share: float, burst_s: float) -> None:
+        if tenant not in self._debt:
+            return
+        now = self._clock()
+        owed = self._owed(tenant, share, now)
+        if owed <= 0:
+            del self._debt[tenant]
+        if owed <= burst_s:
+            return
+        self.refused += 1
+        wait = (owed - burst_s) / share
+        raise RateLimited(
+            f"This key's requests took {owed:.2f} s of the gateway's time to read before its "
+            f"limits ({share:g} s a second at most, {burst_s:g} s ahead); retry after "
+            f"{wait:.1f} s. Smaller bodies (fewer JSON values) cost less.",
+            code="too_much_request_work", headers=retry_headers(wait * 1000))
+
+    def charge(self, tenant: str, seconds: float, share: float) -> None:
+        now = self._clock()
+        owed = self._owed(tenant, share, now) + seconds
+        if owed > 0:
+            self._debt[tenant] = (owed, now)
+        else:
+            self._debt.pop(tenant, None)
+
+
 class SelfProtection:
     """Self-protection: the check at step 4 and the gauges behind it (module docstring).
 
@@ -312,6 +361,7 @@ class SelfProtection:
             max_rss_mib = cgroup * _AUTO_RSS_SHARE if cgroup is not None else None
         self.max_rss_mib = max_rss_mib
         self.bodies = BodyBudget(clock, cgroup)
+        self.work = WorkBudget(clock)
         self._shed: Counter[tuple[Priority, str]] = Counter()
         self._would_shed: Counter[tuple[Priority, str]] = Counter()
 
@@ -328,6 +378,22 @@ class SelfProtection:
 
     async def stop(self) -> None:
         await self.loop_lag.stop()
+
+    def check_work(self, tenant: str) -> None:
+        """429 when ``tenant``'s requests have taken more than their share of the event loop
+        before their limits ran (``WorkBudget``); call before reading its body."""
+        settings = self._policy.self_protection
+        self.work.check(tenant, settings.tenant_work_share, settings.tenant_work_burst_s)
+
+    @contextlib.contextmanager
+    def working(self, tenant: str) -> Iterator[None]:
+        """Charge the time spent inside to ``tenant``'s work budget, refused or not."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.work.charge(tenant, time.perf_counter() - began,
+                             self._policy.self_protection.tenant_work_share)
 
     def pressure(self, now: float) -> tuple[float, ShedReason]:
         """The worst gauge as a multiple of its limit, and which gauge it is."""

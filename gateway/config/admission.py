@@ -254,6 +254,18 @@ class SelfProtectionSettings(StrictModel):
     lag_probe_interval_ms: PositiveFloat = Field(
         default=100, description="how often the probe runs"
     )
+    tenant_work_share: float = Field(
+        default=0.5, gt=0, le=1, description="event-loop seconds per second one tenant's "
+        "requests may take before its own limits run (reading bodies as JSON, checking them, "
+        "counting prompts), beyond tenant_work_burst_s ahead; past it the tenant gets 429 "
+        "too_much_request_work with Retry-After, before its next body is read. Its limits "
+        "count requests and tokens, not what a body costs to read, and a body refused as bad "
+        "input counts against none of them"
+    )
+    tenant_work_burst_s: PositiveFloat = Field(
+        default=1.0, description="event-loop seconds a tenant may take ahead of "
+        "tenant_work_share (a burst of big bodies)"
+    )
     rss_sample_s: PositiveFloat = Field(
         default=1.0, description="RSS is read at most this often"
     )

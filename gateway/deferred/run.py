@@ -192,7 +192,8 @@ class DeferredRunner:
                 raise GatewayError(403, f"The tenant '{claim.tenant}' no longer exists.",
                                    type="permission_error", code="tenant_removed")
             # (Read as a client's body is: one stored before the depth bound is held to it.)
-            call = classify(route, tenant, parse_json_body(fields["body"]), headers, config)
+            body = parse_json_body(fields["body"], config.server.max_body_values)
+            call = classify(route, tenant, body, headers, config)
             call.priority = Priority.low
             record.model, record.agent_session = call.model, call.agent_session
             record.agent_step = call.agent_step

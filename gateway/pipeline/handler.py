@@ -47,6 +47,7 @@ async def handle_proxy(
     with svc.tracing.stage("auth"):
         tenant = policy.auth.authenticate(request.headers)
     record.tenant = tenant.name
+    svc.self_protection.check_work(tenant.name)  # before its body is read (WorkBudget)
     server = policy.config.server
     declared = request.content_length
     bodies = svc.self_protection.bodies
@@ -73,27 +74,29 @@ async def _pipeline(
     raw = await _read_body(request, config.server.max_body_bytes,
                            config.server.body_read_timeout_s)
     body_hold.keep(len(raw))  # what it turned out to be, for the rest of the request
-    body = parse_json_body(raw)
-    call = classify(route, tenant, body, request.headers, config)
-    record.model, record.stream = call.model, call.stream
-    record.priority = call.priority.name
-    record.agent_session, record.agent_step = call.agent_session, call.agent_step
-    model = config.models[call.model]
-    record.prompt_tokens_estimate = call.prompt_tokens_estimate
-    record.context_window = model.context_window
-    if call.prompt_tokens_estimate > model.context_window and not route.request_only:
-        raise GatewayError(
-            400, f"This model's maximum context length is {model.context_window} tokens; the "
-            f"request's prompt is about {call.prompt_tokens_estimate} tokens.",
-            code="context_length_exceeded", param="messages",
-        )
-    targets = policy.upstreams.targets(call)
-    if not targets:
-        raise GatewayError(400, f"The model '{call.model}' is not served on {route.path}.",
-                           code="model_not_supported_on_route", param="model")
-    # 3b the loop detector reads the conversation's tool calls (request/agent_loop.py)
-    loop_header = None if route.request_only else _agent_loop(
-        call, config.tenants[tenant.name], record, policy)
+    # (The tenant's limits have not run yet: this reading is charged to its work budget.)
+    with svc.self_protection.working(tenant.name):
+        body = parse_json_body(raw, config.server.max_body_values)
+        call = classify(route, tenant, body, request.headers, config)
+        record.model, record.stream = call.model, call.stream
+        record.priority = call.priority.name
+        record.agent_session, record.agent_step = call.agent_session, call.agent_step
+        model = config.models[call.model]
+        record.prompt_tokens_estimate = call.prompt_tokens_estimate
+        record.context_window = model.context_window
+        if call.prompt_tokens_estimate > model.context_window and not route.request_only:
+            raise GatewayError(
+                400, f"This model's maximum context length is {model.context_window} tokens; "
+                f"the request's prompt is about {call.prompt_tokens_estimate} tokens.",
+                code="context_length_exceeded", param="messages",
+            )
+        targets = policy.upstreams.targets(call)
+        if not targets:
+            raise GatewayError(400, f"The model '{call.model}' is not served on {route.path}.",
+                               code="model_not_supported_on_route", param="model")
+        # 3b the loop detector reads the conversation's tool calls (request/agent_loop.py)
+        loop_header = None if route.request_only else _agent_loop(
+            call, config.tenants[tenant.name], record, policy)
     # Deferred requests (deferred/service.py): Prefer: respond-async -> stored durably, 202 Accepted.
     # Mode on_shed runs at once and defers only a would-be overload shed of a low request.
     deferred = svc.deferred if not route.request_only else None  # counting is never deferred

@@ -17,7 +17,7 @@ import orjson
 
 from gateway.config import GatewayConfig, Model, Priority
 from gateway.errors import Dialect, GatewayError, bad_request, forbidden, not_found
-from gateway.jsonbytes import MAX_DEPTH, deeper_than
+from gateway.jsonbytes import CONTAINER, MAX_DEPTH, deeper_than, json_values
 from gateway.translate import Translation
 
 from .auth import TenantPolicy
@@ -91,9 +91,16 @@ class ProxyCall:
     translations: dict[str, Translation] = field(default_factory=dict)
 
 
-def parse_json_body(raw: bytes) -> dict[str, Any]:
+def parse_json_body(raw: bytes, max_values: int) -> dict[str, Any]:
+    """The body as a JSON object, or a 400: empty, not JSON, not an object, more than
+    ``max_values`` values (counted before parsing, ``json_values``) or nested too deep."""
     if not raw:
         raise bad_request("The request body is empty; send a JSON object.")
+    if (values := json_values(raw, max_values)) > max_values:
+        raise bad_request(
+            f"The request body holds more than {max_values} JSON values (about {values}, a "
+            f"list or object counted as {CONTAINER}); the gateway reads no more "
+            "(server.max_body_values).", code="too_many_json_values")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

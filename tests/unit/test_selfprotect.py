@@ -156,3 +156,28 @@ async def test_loop_lag_probe_measures_a_blocked_loop() -> None:
     assert guard.loop_lag.lag_s >= 0.01
     await guard.stop()
     await guard.stop()
+
+
+def test_a_tenants_work_budget_refuses_past_its_burst_and_refills_at_its_share() -> None:
+    """A tenant whose bodies took the loop for 2 s (share 0.5 a second, 1 s ahead) is refused
+    until it owes 1 s again: a Retry-After of 2 s; other tenants are not touched."""
+    from gateway.admission.selfprotect import WorkBudget
+    from tests.gwtest import FakeClock
+    clock = FakeClock()
+    budget = WorkBudget(clock)
+    budget.charge("a", 0.9, share=0.5)
+    budget.check("a", share=0.5, burst_s=1.0)  # within the burst
+    budget.charge("a", 1.1, share=0.5)
+    with pytest.raises(GatewayError) as refused:
+        budget.check("a", share=0.5, burst_s=1.0)
+    assert (refused.value.status, refused.value.code) == (429, "too_much_request_work")
+    assert refused.value.headers["retry-after-ms"] == "2000"
+    budget.check("b", share=0.5, burst_s=1.0)  # another tenant owes nothing
+    clock.advance(1.9)
+    with pytest.raises(GatewayError):
+        budget.check("a", share=0.5, burst_s=1.0)
+    clock.advance(0.1)
+    budget.check("a", share=0.5, burst_s=1.0)  # back within the burst, as promised
+    clock.advance(2.0)
+    budget.check("a", share=0.5, burst_s=1.0)
+    assert budget.refused == 2
