@@ -43,6 +43,7 @@ log = logging.getLogger("gateway.breaker")
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
 FailureKind = Literal["connect_error", "timeout", "server_error", "slow_first_byte"]
 _BUCKETS = 10  # failure-rate window resolution: window_s / 10
+_SAME_COOL_S = 0.05  # a fleet cool-down ending this close to our own is our own, read back
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,8 +316,15 @@ class DeploymentBreaker:
         self._news = news.merge(self._news)
 
     def learn_cooldown(self, until: float) -> None:
-        """Another replica cooled this deployment down until ``until`` (injected clock)."""
-        self.cool_until = max(self.cool_until, until)
+        """Another replica cooled this deployment down until ``until`` (injected clock).
+
+        Not when it ends within ``_SAME_COOL_S`` of this replica's own: the fleet's copy of
+        a cool-down this replica wrote comes back a little later (its TTL is written in whole
+        ms, rounded up, after the write's round trip), and a retry timed to the provider's
+        Retry-After woke to find the deployment cooling down for another fraction of a
+        millisecond, and gave up."""
+        if until > self.cool_until + _SAME_COOL_S:
+            self.cool_until = until
 
     def learn_trip(self, open_s: float, level: int, trip_id: str) -> None:
         """Another replica tripped: open for ``open_s`` from now, or extend a shorter trip."""

@@ -109,7 +109,11 @@ async def _attempt_loop(ctx: CallContext) -> web.StreamResponse:
         candidates = [lb for lb in labels if lb not in over_quota]
         trial = await svc.breakers.begin_first(candidates, tried)
         if trial is None:
-            return _give_up(ctx, last, tried) if last else _raise(
+            # After one attempt, a provider's 429 the gateway meant to retry but cannot yet
+            # (its cool-down outlasted the wait, another replica's 429 renewed it) is relayed
+            # as it came, retryable: the gateway has not retried, and the 429 names the wait.
+            return _give_up(ctx, last, tried, gave_up=last.failure.status != 429
+                            or len(tried) > 1) if last else _raise(
                 svc.breakers.unavailable_error(labels))
         target = by_label[trial.deployment]
         # 8 provider quota for the whole fleet; over it, this deployment cools down

@@ -26,18 +26,28 @@ def is_event_stream(response: UpstreamResponse) -> bool:
     return response.content_type == "text/event-stream"
 
 
+_FINAL = {"x-should-retry": "false"}
+_RETRYABLE_4XX = frozenset({408, 409, 429})  # what the SDKs retry below 500
+
+
 def upstream_answer(
     label: str, status: int, content_type: str, upstream_headers: Mapping[str, str],
     body: bytes, extra_headers: Mapping[str, str],
 ) -> web.Response:
     """The upstream's complete answer as the client's response, or a 502 when it is unusable."""
     if status in (401, 403):
-        # Our provider credential was refused: the client's key is fine, so this is a 502.
-        raise upstream_failure(502, f"The upstream {label} refused the gateway's credentials.",
-                               "upstream_auth_error")
+        # Our provider credential was refused: the client's key is fine, so this is a 502,
+        # and one no retry mends (an SDK retries a 502 twice, each sent to the provider).
+        error = upstream_failure(502, f"The upstream {label} refused the gateway's "
+                                 "credentials.", "upstream_auth_error")
+        error.headers = {**error.headers, **_FINAL}
+        raise error
     if not (content_type.endswith("json") and body[:1] in (b"{", b"[")):
-        raise upstream_failure(502, f"The upstream {label} answered {status} with a non-JSON "
-                               "body.", "upstream_bad_response")
+        error = upstream_failure(502, f"The upstream {label} answered {status} with a non-JSON "
+                                 "body.", "upstream_bad_response")
+        if status < 500 and status not in _RETRYABLE_4XX:  # it refused this request
+            error.headers = {**error.headers, **_FINAL}
+        raise error
     headers = {"Content-Type": "application/json", **extra_headers}
     for name in FORWARDED_RESPONSE_HEADERS:
         value = upstream_headers.get(name)

@@ -378,6 +378,27 @@ async def test_cooldown_is_shared_by_the_fleet(store: MemoryBackend, clock: Fake
     assert b.usable(DEP)
 
 
+async def test_a_replicas_own_cooldown_read_back_from_the_fleet_ends_when_it_ends(
+        store: MemoryBackend, clock: FakeClock) -> None:
+    """The fleet's copy of a cool-down is written in whole ms, rounded up: read back, it
+    moved this replica's own end up to a millisecond later, and a retry timed to the
+    provider's Retry-After woke to a deployment still cooling down, and gave up."""
+    a, b = board(store, clock, seed=1), board(store, clock, seed=2)
+    (await begin(a)).quota(0.2004)
+    await a.sync_once()
+    await b.sync_once()
+    assert not b.usable(DEP)  # the others learn it
+    await a.sync_once()
+    clock.advance(0.2005)
+    assert a.usable(DEP)
+    clock.advance(0.01)  # (the others' copy is the rounded one: up to 1 ms longer)
+    (await begin(b)).quota(0.5)  # a cool-down genuinely longer, from another replica
+    await b.sync_once()
+    await a.sync_once()
+    assert not a.usable(DEP)
+    assert a.retry_after_s([DEP]) == pytest.approx(0.5, abs=0.002)
+
+
 async def probes_across(a: BreakerBoard, b: BreakerBoard) -> list[tuple[BreakerBoard, Trial]]:
     boards = [a, b] * 4
     trials = await asyncio.gather(*(x.begin(DEP) for x in boards))

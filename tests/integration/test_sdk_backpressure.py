@@ -24,7 +24,7 @@ from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.app.server import create_app
+from gateway.app.server import GATEWAY, create_app
 from gateway.mock.upstream import RECORDED
 from tests.gwtest import ACME_KEY, policy
 from tests.plugin_gateway import GatewayClient, counted_gateway, gateway_client
@@ -443,3 +443,68 @@ async def test_a_provider_429_after_the_gateways_own_retry_stays_final_for_the_s
     headers = info.value.response.headers
     assert headers["x-should-retry"] == "false" and headers["x-gateway-attempts"] == "2"
     assert statuses == [429, 429] and answers == {429: 1}
+
+
+@pytest.mark.parametrize("status, content_type", [
+    (401, "application/json"), (403, "application/json"), (400, "text/html")])
+async def test_a_provider_answer_no_retry_mends_is_final_for_the_sdks(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, status: int,
+    content_type: str,
+) -> None:
+    """The provider refused the gateway's credential, or refused this request in HTML: a 502
+    no retry mends. It said nothing about retrying, so each SDK call reached the provider
+    three times; now ``x-should-retry: false``, one call each."""
+    calls = 0
+
+    async def refuse(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        await request.read()
+        text = '{"error": {"message": "no"}}' if content_type.endswith("json") else "<p>no</p>"
+        return web.Response(status=status, text=text, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    server = await aiohttp_server(app)
+    gw, answers = await counted_gateway(aiohttp_client, str(server.make_url("")).rstrip("/"))
+    client = _openai(gw)  # default settings: two retries of a 502
+    anthropic_client = _anthropic(gw)
+    try:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(model="gpt-test", messages=HELLO)
+        with pytest.raises(anthropic.InternalServerError):  # translated to the same provider
+            await anthropic_client.messages.create(model="gpt-test", max_tokens=5, messages=[
+                {"role": "user", "content": "hi"}])
+    finally:
+        await client.close()
+        await anthropic_client.close()
+    assert info.value.status_code == 502
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert calls == 2 and answers == {502: 2}
+
+
+async def test_a_provider_429_the_gateway_could_not_retry_in_time_is_retryable_for_the_sdk(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
+) -> None:
+    """The gateway slept the provider's Retry-After to retry, and woke to a cool-down renewed
+    meanwhile (another replica's 429): it had made one attempt only, so the 429 is relayed as
+    it came, retryable, and the SDK's own retry succeeds (it was told not to retry, and
+    failed)."""
+    url, statuses = await every_other_call_429(aiohttp_server)
+    gw, answers = await counted_gateway(aiohttp_client, url)
+    breakers = gw.app[GATEWAY].services.breakers
+
+    async def renew() -> None:
+        while not statuses:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)  # the gateway sleeps the 429's 200 ms
+        breakers.cool_down("main/upstream-gpt", 0.25)
+
+    renewing = asyncio.create_task(renew())
+    client = _openai(gw)  # default settings
+    try:
+        await client.chat.completions.create(model="gpt-test", messages=HELLO)
+    finally:
+        await client.close()
+        await renewing
+    assert statuses == [429, 200] and answers[429] == 1 and answers[200] == 1
