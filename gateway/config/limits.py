@@ -52,9 +52,10 @@ ExemptRoute = Literal[
 
 CacheReads = Literal["auto", "count", "exclude"]
 CACHE_READS_DESCRIPTION = (
-    "whether prompt tokens read from the provider's cache count: auto counts them on OpenAI "
-    "routes (OpenAI's TPM counts cached tokens) and excludes them on Anthropic routes (its "
-    "input-tokens-per-minute limit excludes cache reads on current models); see "
+    "whether prompt tokens read from the provider's cache count: auto counts them when an "
+    "OpenAI-compatible deployment served the request (OpenAI's TPM counts cached tokens) and "
+    "excludes them when an Anthropic one did (its input-tokens-per-minute limit excludes "
+    "cache reads on current models), whatever the client's dialect; see "
     "docs/architecture.md#accounting"
 )
 

@@ -64,6 +64,7 @@ class _Outcome:
     usage: Usage
     cost_units: int
     info: dict[str, Any]
+    served_by: str | None = None  # the provider kind of the deployment called last
 
 
 class DeferredRunner:
@@ -136,8 +137,8 @@ class DeferredRunner:
             outcome.info, result=outcome.result, grace_ms=cfg.result_grace_s * 1000,
             delay_ms=delay_ms, visibility_ms=visibility_ms)
         if finished.charge:
-            usage = outcome.usage
-            await charge(limiter, hold, run, usage, outcome.cost_units)
+            limiter.count_as_served(hold, claim.tenant, outcome.served_by)
+            await charge(limiter, hold, run, outcome.usage, outcome.cost_units)
         self._metrics.deferred_run(claim.tenant, "retried" if mode == "retry" else "answered")
         if finished.won:
             await refund(limiter, hold)
@@ -234,7 +235,7 @@ class DeferredRunner:
             log.info("deferred run failed", extra={"fields": {
                 "id": claim.id, "run": started.run, "status": result.code}})
         return _Outcome(result, called, called and result.code in RETRYABLE_STATUS,
-                        record.usage, record.cost_micros, info)
+                        record.usage, record.cost_micros, info, record.upstream_dialect)
 
     def _no_call(self, record: RequestRecord, info: dict[str, Any], why: str) -> _Outcome:
         info["outcome"] = why

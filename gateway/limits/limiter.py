@@ -212,9 +212,8 @@ class Limiter:
         tokens = 0 if count_only else call.prompt_tokens_estimate + max_out
         cost_units = 0 if count_only else reservation_cost_micros(
             call.prompt_tokens_estimate, max_out, model.price.rates)
-        kind = call.route.provider_kind
-        counting = Counting(counts_cache_reads(tenant.limits.cache_reads, kind),
-                            counts_cache_reads(tenant.budget.cache_reads, kind))
+        # (Until a deployment serves it: then ``count_as_served`` decides by that one's kind.)
+        counting = self._counting(call.tenant.name, call.route.provider_kind)
         planned_at = self._wall_clock()  # budget resets in the plan count from here
         checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry,
                                     count_only, rate_exempt)
@@ -574,6 +573,20 @@ class Limiter:
         plan = self._claim(hold, usage, cost_units)
         if plan is not None:
             await self._write([plan])
+
+    def _counting(self, tenant: str, provider_kind: str) -> Counting:
+        settings = self._config.tenants[tenant]
+        return Counting(counts_cache_reads(settings.limits.cache_reads, provider_kind),
+                        counts_cache_reads(settings.budget.cache_reads, provider_kind))
+
+    def count_as_served(self, hold: Hold, tenant: str, provider_kind: str | None) -> None:
+        """Count the hold's cache reads as the provider kind that served it does (``auto``),
+        not as the client's dialect: one OpenAI deployment's 9,000 cached tokens were
+        charged on /v1/chat/completions and free on /v1/messages, so a tenant chose. None:
+        no deployment was called, the admission's choice stands. A tenant gone from a
+        reloaded policy keeps it too."""
+        if provider_kind is not None and tenant in self._config.tenants:
+            hold.counting = self._counting(tenant, provider_kind)
 
     def _claim(self, hold: Hold, usage: Usage, cost_units: int) -> SettlePlan | None:
         """Mark the hold settled (once) and give the plan to write to the store, or None when

@@ -153,6 +153,7 @@ async def _pipeline(
         # A run's step is a model call: one refused before any upstream attempt is given back.
         hold.no_step = hold.no_step or not record.attempt_log
         record.set_cost(cost_micros(record.usage, model.price.rates))
+        policy.limiter.count_as_served(hold, tenant.name, record.upstream_dialect)
         policy.limiter.settle_soon(hold, record.usage, record.cost_micros)
 
 

@@ -177,6 +177,33 @@ async def test_token_budget_counts_cache_reads_as_configured(
     assert charged == expected
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/messages"])
+async def test_cache_reads_count_as_the_provider_that_served_them_counts_them(
+    make_gateway: MakeGateway, route: str,
+) -> None:
+    """``cache_reads: auto`` follows the provider's own rule: an OpenAI deployment's cache
+    reads count. They were counted by the client's dialect instead, so the same deployment's
+    9,000 cached tokens were charged on /v1/chat/completions and free on /v1/messages."""
+    gw = await make_gateway(tenants={"acme": {"budget": {"daily_tokens": 10**9}}})
+    body: dict[str, Any] = {"model": "gpt-test", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "A long shared prefix. " * 300}]}
+    headers = auth(**{"x-mock-cached-share": "0.9"})
+    await (await gw.post(route, json=body, headers=headers)).read()
+    await settled(gw)
+    before = await _token_budget_used(gw)
+    answer = await (await gw.post(route, json=body, headers=headers)).json()
+    await settled(gw)
+    usage = answer["usage"]
+    if route == "/v1/messages":  # translated back: input_tokens excludes the cache reads
+        read = usage["cache_read_input_tokens"]
+        total = usage["input_tokens"] + read + usage["output_tokens"]
+    else:
+        read = usage["prompt_tokens_details"]["cached_tokens"]
+        total = usage["prompt_tokens"] + usage["completion_tokens"]
+    assert read > 0.8 * total
+    assert await _token_budget_used(gw) - before == total
+
+
 async def test_ten_step_agent_with_90_percent_cached_input_is_charged_the_price_table(
     make_gateway: MakeGateway,
 ) -> None:
