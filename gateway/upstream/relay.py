@@ -152,9 +152,10 @@ async def relay_stream(
         # A side not reported readably (none came, the stream was cut before it, or it was
         # missing or unreadable) is estimated, not free: the provider read the prompt and
         # sent these deltas.
-        record.usage.fill_in(call.prompt_tokens_estimate, relay.deltas)
+        relayed = relay.relayed_output_tokens
+        record.usage.fill_in(call.prompt_tokens_estimate, relayed)
         if not relay.usage_final:  # cut before the final usage: a start event's is partial
-            record.usage.output_tokens = max(record.usage.output_tokens, relay.deltas)
+            record.usage.output_tokens = max(record.usage.output_tokens, relayed)
     await _write_eof_quietly(request, response)
     return response
 

@@ -14,6 +14,7 @@ network read go out in one write.
 
 from __future__ import annotations
 
+import math
 import re
 
 import orjson
@@ -32,6 +33,12 @@ _DELTA = re.compile(rb'"delta"|output_text\.delta')
 # as a delta when its choices are not empty (the usage chunk's are), or a stream cut before
 # its usage would bill no output at all.
 _LEGACY_CHUNK = re.compile(rb'"object"\s*:\s*"text_completion"')
+# The generated text a delta carries, in every dialect (chat content, tool arguments, refusal
+# and reasoning; Anthropic text, thinking and partial_json; Responses' delta string), still
+# JSON-escaped: for a cut stream's output estimate, text / 4 as for a whole answer.
+_DELTA_TEXT = re.compile(
+    rb'"(?:content|text|arguments|refusal|reasoning|reasoning_content|thinking|partial_json'
+    rb'|delta)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 _TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
              b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
              b'"type": "message_stop"',
@@ -57,6 +64,7 @@ class SseRelay:
         self.strip_usage_chunk = strip_usage_chunk
         self.usage = Usage()
         self.deltas = 0
+        self.delta_text_bytes = 0  # the generated text the deltas carried (escaped)
         self.events = 0
         self.finished = False  # the terminal event was seen
         # The event with the final usage was seen (every usage event but Anthropic's
@@ -96,6 +104,7 @@ class SseRelay:
         if _DELTA.search(event) or (_LEGACY_CHUNK.search(event)
                                      and not _EMPTY_CHOICES.search(event)):
             self.deltas += 1
+            self.delta_text_bytes += sum(map(len, _DELTA_TEXT.findall(event)))
         if any(marker in event for marker in _TERMINAL):
             self.finished = True
         if not _USAGE_OBJECT.search(event):
@@ -110,10 +119,19 @@ class SseRelay:
         # Drop only the extra usage chunk the gateway asked for on the client's behalf.
         return not (self.strip_usage_chunk and _EMPTY_CHOICES.search(event))
 
+    @property
+    def relayed_output_tokens(self) -> int:
+        """Output tokens the relayed deltas carried, as estimated: a token each at least, and
+        their text / 4 as for a whole answer (a provider sends several tokens a delta: a
+        client that closed before Anthropic's message_delta was charged 10 tokens for the
+        2,000 it received)."""
+        return max(self.deltas, math.ceil(self.delta_text_bytes / 4))
+
     def final_usage(self) -> Usage:
-        """Reported usage, or the counted deltas where the upstream reported no output."""
+        """Reported usage, or the relayed output where the upstream reported none."""
         if not self.usage.output_seen:
-            self.usage.output_tokens = max(self.usage.output_tokens, self.deltas)
+            self.usage.output_tokens = max(self.usage.output_tokens,
+                                           self.relayed_output_tokens)
         return self.usage
 
 

@@ -66,6 +66,33 @@ def test_a_cut_legacy_completion_stream_is_charged_for_its_text_chunks() -> None
     assert (relay.final_usage().output_tokens, relay.finished) == (3, False)
 
 
+def _anthropic_text(text: str) -> bytes:
+    return b"event: content_block_delta\ndata: " + orjson.dumps({
+        "type": "content_block_delta", "index": 0,
+        "delta": {"type": "text_delta", "text": text}}) + b"\n\n"
+
+
+def test_a_stream_cut_before_its_usage_is_charged_the_text_its_deltas_carried() -> None:
+    """A provider sends several tokens a delta (Anthropic, often): a client that closed
+    before the final usage was charged a token per delta, 10 for the 2,000 it received. Now
+    the relayed text / 4, as a whole answer without usage; a token per delta at least."""
+    text = "word " * 160  # 800 characters: about 200 tokens by the estimate
+    start = (b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+             b'{"input_tokens":25,"output_tokens":1}}}\n\n')
+    tool = (b'data: ' + orjson.dumps({"choices": [{"delta": {"tool_calls": [{"index": 0,
+            "function": {"arguments": '{"q": "' + "x" * 796 + '"}'}}]}}]}) + b"\n\n")
+    for dialect, events in (("anthropic", start + _anthropic_text(text) * 10),
+                            ("openai", _chunk(text) * 5 + tool * 5)):
+        relay = SseRelay(dialect, strip_usage_chunk=False)  # type: ignore[arg-type]
+        _run(relay, [events])
+        # (text as sent, JSON escapes and all: tool arguments' quotes count twice)
+        assert relay.deltas == 10 and 2000 <= relay.relayed_output_tokens < 2020, dialect
+        assert not relay.usage_final
+    relay = SseRelay("openai", strip_usage_chunk=True)
+    _run(relay, [_chunk("") * 3])
+    assert relay.relayed_output_tokens == 3  # a token a delta, however little text
+
+
 def test_anthropic_usage_comes_from_start_and_delta_events() -> None:
     events = (
         b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
