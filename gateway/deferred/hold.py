@@ -34,7 +34,7 @@ def hold_to_json(hold: Hold) -> bytes:
     plan = hold.settle_plan
     return dumps_kept({
         "request_id": hold.request_id, "mode": hold.mode, "tokens": hold.reserved_tokens,
-        "cost": hold.reserved_cost,
+        "cost": hold.reserved_cost, "rate_tokens": hold.rate_tokens,
         "counting": [hold.counting.rate_cache_reads, hold.counting.budget_cache_reads],
         "plan": None if plan is None else {
             "done_key": plan.done_key, "hold_key": plan.hold_key,
@@ -55,8 +55,10 @@ def hold_from_json(raw: bytes) -> Hold:
         data["request_id"], plan["done_key"], plan["hold_key"], DONE_TTL_MS, _gcra(plan),
         tuple((k, int(r), int(a), int(t)) for k, r, a, t in plan["counters"]), ())
     counting = Counting(*(bool(c) for c in data.get("counting", (True, True))))
+    rate_tokens = data.get("rate_tokens")  # (absent from entries of older replicas)
     return Hold(data["request_id"], data["mode"], int(data["tokens"]), int(data["cost"]), settle,
-                counting=counting, counter_kinds=_counter_kinds(plan))
+                counting=counting, counter_kinds=_counter_kinds(plan),
+                rate_tokens=None if rate_tokens is None else int(rate_tokens))
 
 
 def _counter_kinds(plan: dict[str, Any] | None) -> tuple[Kind, ...]:
@@ -86,7 +88,8 @@ def run_hold(hold: Hold, run: int) -> Hold:
         keys.for_request(plan.hold_key, hold.request_id, rid), DONE_TTL_MS, plan.gcra,
         plan.counters, ())
     return Hold(rid, hold.mode, hold.reserved_tokens, hold.reserved_cost, charge,
-                counting=hold.counting, counter_kinds=hold.counter_kinds, reserved=False)
+                counting=hold.counting, counter_kinds=hold.counter_kinds, reserved=False,
+                rate_tokens=hold.rate_tokens)
 
 
 async def refund(limiter: Limiter, hold: Hold) -> None:

@@ -208,7 +208,7 @@ class DeferredRunner:
             deadline = Deadline(svc.clock() + cfg.run_timeout_s, "default",
                                 cfg.run_timeout_s)
             ctx = CallContext(None, policy, svc, call, record, targets, deadline, {},
-                              hold.reserved_tokens, client_headers=headers, free_slot_only=True,
+                              hold.sent_tokens, client_headers=headers, free_slot_only=True,
                               on_permit=has_slot)
             try:
                 response = await attempt_loop(ctx)

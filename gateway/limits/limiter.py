@@ -96,6 +96,9 @@ class Reservation:
     default_max_tokens: int
     rates: Rates
     fits: int | None  # the largest cap per choice that fits every refusing budget; None: none
+    # What made it reserve input the body does not carry, and the context window it reserved
+    # up to (``unseen_input_tokens``); None: its prompt is the body's estimate.
+    unseen: tuple[str | None, int] | None = None
 
 
 @dataclass(slots=True)
@@ -125,6 +128,25 @@ class Hold:
     # Settling gives a reservation back (the store holds this request's hold marker); False
     # for a deferred entry's run, charged its whole usage under an id never reserved.
     reserved: bool = True
+    # Tokens reserved of rate limits and provider quotas: the prompt estimate and output cap.
+    # ``reserved_tokens`` (budgets and runs) adds input the body does not carry. None: the same.
+    rate_tokens: int | None = None
+
+    @property
+    def sent_tokens(self) -> int:
+        """What the request may take of provider quotas and admission's token counts."""
+        return self.reserved_tokens if self.rate_tokens is None else self.rate_tokens
+
+
+def unseen_input_tokens(call: ProxyCall, model: Model, max_out: int) -> int:
+    """Input the provider may read beyond the body (``ProxyCall.unseen_input``), reserved of
+    budgets: up to the context window less the answer's cap, over the prompt estimate. A
+    stored conversation by ``previous_response_id`` of 120,000 tokens reserved 20 and spent
+    120,010, twice, past a 200,000-token budget."""
+    if call.unseen_input is None:
+        return 0
+    return max(0, model.context_window - max_out // max(1, call.choices)
+               - call.prompt_tokens_estimate)
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
@@ -210,15 +232,20 @@ class Limiter:
         model = self._config.models[call.model]
         max_out = 0 if count_only else reservation_max_tokens(call, tenant, model)
         tokens = 0 if count_only else call.prompt_tokens_estimate + max_out
+        # Budgets are hard caps: input the body does not carry is reserved up to the context
+        # window there; rate limits reserve the estimate and settle the rest.
+        unseen = 0 if count_only else unseen_input_tokens(call, model, max_out)
+        budget_tokens = tokens + unseen
         cost_units = 0 if count_only else reservation_cost_micros(
-            call.prompt_tokens_estimate, max_out, model.price.rates)
+            call.prompt_tokens_estimate + unseen, max_out, model.price.rates)
         # (Until a deployment serves it: then ``count_as_served`` decides by that one's kind.)
         counting = self._counting(call.tenant.name, call.route.provider_kind)
         planned_at = self._wall_clock()  # budget resets in the plan count from here
-        checks, meta = self._checks(call, tenant, tokens, cost_units, lease, client_retry,
-                                    count_only, rate_exempt)
+        checks, meta = self._checks(call, tenant, tokens, budget_tokens, cost_units, lease,
+                                    client_retry, count_only, rate_exempt)
         if not checks:
-            return Hold(request_id, "none", tokens, cost_units, None, counting=counting)
+            return Hold(request_id, "none", budget_tokens, cost_units, None, counting=counting,
+                        rate_tokens=tokens)
         name = call.tenant.name
         leases = tuple(c.key for c in checks if isinstance(c, Lease))
         # Counting without a lease reserves nothing: no settlement, and a hold marker that
@@ -238,8 +265,9 @@ class Limiter:
                 waited = True
                 result, mode = await self._wait_for_lease(plan, call.priority.name,
                                                           waiting_for, wait_s, result, mode)
-        hold = Hold(request_id, mode, tokens, cost_units, None if unsettled else settle_plan,
-                    leases, counting=counting, counter_kinds=counter_kinds, settled=unsettled)
+        hold = Hold(request_id, mode, budget_tokens, cost_units,
+                    None if unsettled else settle_plan, leases, counting=counting,
+                    counter_kinds=counter_kinds, settled=unsettled, rate_tokens=tokens)
         self._remember_budgets(call.tenant.name, plan, result, mode)
         hold.headers = _headers(plan, result, tenant, None if mode == "global"
                                 else self._budgets.get(call.tenant.name, {}))
@@ -247,7 +275,7 @@ class Limiter:
             self._track_run(call, hold, plan, result, tenant)
         if not result.allowed:
             index, wait_ms = self._longest_wait(plan, result, waited)
-            reservation = _reservation(call, tenant, model, max_out, plan, result) \
+            reservation = _reservation(call, tenant, model, max_out, unseen, plan, result) \
                 if isinstance(plan.checks[index], Counter) else None
             raise _refusal(plan.checks[index], result.results[index], meta.get(index, ""),
                            hold.headers, planned_at, wait_ms, reservation)
@@ -478,8 +506,8 @@ class Limiter:
             figure["remaining"] = min(figure["limit"], max(
                 0.0, figure["remaining"] + (back - actual) / scale))
 
-    def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, cost: int,
-                lease: bool = True, client_retry: bool = False,
+    def _checks(self, call: ProxyCall, tenant: Tenant, tokens: int, budget_tokens: int,
+                cost: int, lease: bool = True, client_retry: bool = False,
                 count_only: bool = False, rate_exempt: bool = False,
                 ) -> tuple[list[Check], dict[int, str]]:
         name = call.tenant.name
@@ -511,7 +539,8 @@ class Limiter:
         periods = period_keys(self._wall_clock()) if has_budget else ()
         for period, key_part, reset_ms, ttl_ms in periods:
             for unit, kind, limit, cost_of in (
-                ("tokens", Kind.budget_tokens, getattr(budget, f"{period}_tokens"), tokens),
+                ("tokens", Kind.budget_tokens, getattr(budget, f"{period}_tokens"),
+                 budget_tokens),
                 ("cost", Kind.budget_cost, getattr(budget, f"{period}_cost"), cost),
             ):
                 if limit is None:
@@ -534,8 +563,8 @@ class Limiter:
                            scope=Scope.session),
                     "this agent session")
         if call.agent_session:
-            run_checks(name, call.agent_session, call.model, tenant.run_budget, tokens, cost,
-                       add)
+            run_checks(name, call.agent_session, call.model, tenant.run_budget, budget_tokens,
+                       cost, add)
         return checks, scopes
 
     def settle_soon(self, hold: Hold, usage: Usage, cost_units: int) -> None:
@@ -758,12 +787,13 @@ def _leases_only(plan: AdmitPlan, result: AdmitResult) -> tuple[str, ...]:
     return tuple(c.key for c in failed)
 
 
-def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int,
+def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int, unseen: int,
                  plan: AdmitPlan, result: AdmitResult) -> Reservation:
     """The refused request's reservation, and the largest output cap per choice with which
-    it would pass every budget that refused it (refusal path only)."""
-    prompt, choices = call.prompt_tokens_estimate, max(1, call.choices)
-    fits: int | None = max_out // choices
+    it would pass every budget that refused it (refusal path only; none when it reserves
+    input the body does not carry: that grows as the cap shrinks)."""
+    prompt, choices = call.prompt_tokens_estimate + unseen, max(1, call.choices)
+    fits: int | None = None if unseen else max_out // choices
     for check, res in zip(plan.checks, result.results):
         if res.allowed or check.shadow or not isinstance(check, Counter) or \
                 is_run_check(check):
@@ -787,7 +817,8 @@ def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int,
     usual = "max_output_tokens" if call.route.path == "/v1/responses" else "max_tokens"
     return Reservation(prompt, max_out, choices, call.max_tokens is not None,
                        present[0] if present else usual, tenant.default_max_tokens,
-                       model.price.rates, fits)
+                       model.price.rates, fits,
+                       (call.unseen_input, model.context_window) if unseen else None)
 
 
 def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
@@ -810,6 +841,11 @@ def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
 def _what_it_reserves(r: Reservation) -> str:
     """How a refused request's reservation is made up (its prompt, and the answer's cap with
     where that cap came from), and the cap that would fit, if one would."""
+    if r.unseen is not None:
+        what, window = r.unseen
+        return (f": up to the model's context window of {window:,} tokens, for the input its "
+                f"{what} makes the provider read, which the body does not carry, and its "
+                "answer. Send that input in the body instead to reserve its size alone.")
     if not r.output:
         return f" for its input (about {r.prompt:,} tokens)."
     per_choice = r.output // r.choices

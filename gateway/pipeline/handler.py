@@ -136,7 +136,7 @@ async def _pipeline(
     try:
         # 7-11 route, provider quota, admission, attempts with retries and failover, relay
         ctx = CallContext(request, policy, svc, call, record, targets, deadline, hold.headers,
-                          hold.reserved_tokens)
+                          hold.sent_tokens)
         return await attempt_loop(ctx)
     except GatewayError as exc:
         # on_shed deferral: an admission shed comes before any upstream call was made

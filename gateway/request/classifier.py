@@ -78,6 +78,9 @@ class ProxyCall:
     # the largest token-cap field it reads, after any clamp; None: the body sets no cap.
     max_tokens: int | None
     prompt_tokens_estimate: int
+    # What makes the provider read input the body does not carry (``unseen_input``): budgets
+    # then reserve up to the model's context window for it. None: the body is all of it.
+    unseen_input: str | None = None
     agent_session: str | None = None
     agent_step: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -146,6 +149,7 @@ def classify(
     max_tokens = _max_tokens(route, body, model, model_config)
     _check_input(route, body)
     choices = _choices(route, body)
+    estimate, in_parts = prompt_estimate(body)
     tenant_config = config.tenants.get(tenant.name)
     if max_tokens is None and tenant_config is not None and tenant_config.inject_max_tokens:
         max_tokens = _inject_max_tokens(
@@ -159,7 +163,8 @@ def classify(
         client_wants_usage=wants_usage,
         priority=_priority(headers, tenant),
         max_tokens=max_tokens,
-        prompt_tokens_estimate=estimate_prompt_tokens(body),
+        prompt_tokens_estimate=estimate,
+        unseen_input=unseen_input(route, body, in_parts),
         agent_session=header_id(headers, "X-Agent-Session"),
         agent_step=header_id(headers, "X-Agent-Step"),
         choices=choices,
@@ -288,6 +293,16 @@ def _check_input(route: ApiRoute, body: dict[str, Any]) -> None:
     elif route.operation in ("embeddings", "responses") and not isinstance(body.get("input"),
                                                                            (str, list)):
         raise bad_request("'input' must be a string or an array.", param="input")
+    if route.path == "/v1/responses" and body.get("background") is True:
+        # The provider answers "queued" and generates afterwards, where the gateway cannot
+        # see it: its usage would never be charged (16,000 output tokens for the prompt's
+        # price, collected later through previous_response_id).
+        raise bad_request(
+            "background: true is not supported through this gateway: the response would be "
+            "generated after the gateway's answer, where its usage cannot be accounted for. "
+            "Send it without background (where the operator enabled deferred requests, the "
+            "header 'Prefer: respond-async' has the gateway run it later).",
+            param="background", code="unsupported_parameter")
 
 
 def _priority(headers: Mapping[str, str], tenant: TenantPolicy) -> Priority:
@@ -346,7 +361,14 @@ _ENVELOPE_KEYS = frozenset(("role", "content", "type", "text"))
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     """A cheap, slightly generous prompt size: UTF-8 bytes of every string the provider may
-    tokenize / 4, plus 4 per list element (message, content part, tool).
+    tokenize / 4, plus 4 per list element (message, content part, tool) (``prompt_estimate``)."""
+    return prompt_estimate(body)[0]
+
+
+def prompt_estimate(body: dict[str, Any]) -> tuple[int, str | None]:
+    """A cheap, slightly generous prompt size: UTF-8 bytes of every string the provider may
+    tokenize / 4, plus 4 per list element (message, content part, tool); and what in the body
+    makes the provider read input the body does not carry, if anything (``unseen_input``).
 
     The whole body is walked, not a list of known fields: Responses ``instructions``, tool
     schemas (keys and values: ``tools[].function.parameters``, Anthropic ``input_schema``),
@@ -357,6 +379,7 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     the exact count."""
     total_bytes = 0
     parts = 0
+    unseen: str | None = None
     stack: list[Any] = [v for k, v in body.items() if k not in _NOT_PROMPT]
     while stack:
         item = stack.pop()
@@ -372,6 +395,8 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
             image = isinstance(kind, str) and kind in _IMAGE_TYPES
             if image:
                 total_bytes += _IMAGE_TOKENS * 4
+            elif unseen is None:
+                unseen = _unseen_part(item, kind)
             for key, value in item.items():
                 if image and key in _IMAGE_PAYLOAD_KEYS:
                     continue  # the image itself, billed by its size tier, not its encoding
@@ -379,7 +404,58 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
                     total_bytes += len(key) if key.isascii() else len(key.encode(
                         "utf-8", "surrogatepass"))
                 stack.append(value)
-    return max(1, math.ceil(total_bytes / 4) + 4 * parts)
+    return max(1, math.ceil(total_bytes / 4) + 4 * parts), unseen
+
+
+# Input the provider reads that the body does not carry, so no estimate of the body can
+# reserve it: a stored conversation or prompt, a file by id or URL, an item by reference, the
+# results of a tool the provider runs itself (web search and fetch, file search, code
+# execution, MCP servers: billed as input). The model's context window bounds it, and that is
+# what budgets reserve for such a request (docs/architecture.md, "Reservations"); rate limits
+# reserve the estimate and settle the rest. Tools the client runs (functions, computer use,
+# shells) come back in the next body and are counted there.
+_UNSEEN_FIELDS = ("previous_response_id", "conversation", "mcp_servers", "web_search_options")
+_SERVER_TOOLS = ("web_search", "web_fetch", "file_search", "code_interpreter",
+                 "code_execution", "mcp")
+
+
+def unseen_input(route: ApiRoute, body: dict[str, Any], in_parts: str | None) -> str | None:
+    """What in ``body`` makes the provider read input the body does not carry, named for a
+    refusal's message; None when everything it reads is in the body. ``in_parts``: what
+    ``prompt_estimate`` found in the body's content parts."""
+    for name in _UNSEEN_FIELDS:
+        if body.get(name) is not None:
+            return name
+    if route.path == "/v1/responses" and isinstance(body.get("prompt"), dict):
+        return "prompt"  # a stored prompt template, by id
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith(_SERVER_TOOLS):
+            return f"its {kind} tool"
+    return in_parts
+
+
+def _unseen_part(part: dict[str, Any], kind: Any) -> str | None:
+    """A content part or item that stands for input by reference, by its ``type`` (a key
+    alone could be a tool schema's property name; an image by reference counts as an
+    image): Responses ``input_file`` by id or URL and ``item_reference``, chat ``file`` by id,
+    Anthropic ``document`` by URL or file and ``container_upload``."""
+    if kind == "input_file":
+        return "an input_file by id or URL" if "file_id" in part or "file_url" in part \
+            else None
+    if kind == "file":
+        inner = part.get("file")
+        return "a file by id" if isinstance(inner, dict) and "file_id" in inner else None
+    if kind == "document":
+        source = part.get("source")
+        if isinstance(source, dict) and source.get("type") in ("url", "file"):
+            return "a document by URL or file id"
+        return None
+    return _BY_REFERENCE.get(kind) if isinstance(kind, str) else None
+
+
+_BY_REFERENCE = {"item_reference": "an item_reference", "container_upload": "a container_upload"}
 
 
 def estimate_answer_tokens(answer: Any) -> int:

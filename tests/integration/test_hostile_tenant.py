@@ -15,12 +15,14 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
 from gateway.app.server import GATEWAY
 from gateway.jsonbytes import MAX_DEPTH, dumps_kept
 from gateway.upstream import pool
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
-from tests.plugin_gateway import GatewayClient, MakeGateway
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
 
 TWO_SLOTS = {"concurrency": {"min_limit": 2, "initial_limit": 2, "max_limit": 2}}
 
@@ -343,3 +345,55 @@ async def test_a_tenant_whose_bodies_take_the_loop_is_refused_and_others_are_ser
     assert float(again.headers["retry-after-ms"]) >= 1000  # >= 10 ms of work at 1 %
     assert again.headers.get("x-should-retry") != "false"  # the SDKs retry it
     await served(gw)  # umbrella, another tenant
+
+
+async def test_input_the_body_refers_to_is_reserved_of_budgets_up_to_the_context_window(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """``previous_response_id`` makes the provider read a stored conversation the body does
+    not carry: 120,000 tokens reserved 20 and were charged 120,010, twice in a row, past a
+    200,000-token budget. Budgets now reserve up to the context window for such a request,
+    so the second is refused while the budget has room for what a plain request reserves."""
+    async def responses(request: web.Request) -> web.Response:
+        body = await request.json()
+        stored = 120_000 if body.get("previous_response_id") else 0
+        return web.json_response({
+            "id": "resp_1", "object": "response", "status": "completed", "model": "m",
+            "output": [{"type": "message", "role": "assistant", "content": [
+                {"type": "output_text", "text": "ok"}]}],
+            "usage": {"input_tokens": stored + 10, "output_tokens": 10,
+                      "total_tokens": stored + 20}})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(str(server.make_url("")).rstrip("/"), tenants={
+        "acme": {"budget": {"daily_tokens": 200_000}}})
+    follow_up = {"model": "gpt-test", "input": "continue", "previous_response_id": "resp_0",
+                 "max_output_tokens": 10}
+    first = await gw.post("/v1/responses", json=follow_up, headers=auth())
+    assert first.status == 200, await first.text()
+    await settled(gw)
+    second = await gw.post("/v1/responses", json=follow_up, headers=auth())
+    refusal = (await second.json())["error"]
+    assert second.status == 429 and refusal["code"] == "insufficient_quota", refusal
+    assert "previous_response_id" in refusal["message"]
+    assert "context window of 128,000 tokens" in refusal["message"]
+    plain = {"model": "gpt-test", "input": "hello", "max_output_tokens": 10}
+    resp = await gw.post("/v1/responses", json=plain, headers=auth())
+    assert resp.status == 200, await resp.text()  # 79,970 left: room for what it carries
+
+
+async def test_a_background_response_is_refused_as_it_could_not_be_accounted_for(
+        make_gateway: MakeGateway) -> None:
+    """``background: true`` has the provider answer "queued" and generate afterwards, out of
+    the gateway's sight: it was charged the prompt, and up to max_output_tokens were
+    generated for free."""
+    gw = await make_gateway()
+    resp = await gw.post("/v1/responses", json={
+        "model": "gpt-test", "input": "hi", "background": True, "max_output_tokens": 16_000},
+        headers=auth())
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "background", error
+    resp = await gw.post("/v1/responses", json={
+        "model": "gpt-test", "input": "hi", "background": False}, headers=auth())
+    assert resp.status == 200, await resp.text()

@@ -10,10 +10,16 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.mock.upstream import RECORDED
-from gateway.request.classifier import estimate_prompt_tokens
+from gateway.request.classifier import (
+    ROUTES,
+    estimate_prompt_tokens,
+    prompt_estimate,
+    unseen_input,
+)
 from gateway.state import StateBackend
 from tests.gwtest import auth
 from tests.plugin_gateway import MakeGateway, settled
@@ -163,3 +169,48 @@ async def test_huge_instructions_cannot_pass_a_token_rate_limit(
     resp = await gw.post("/v1/responses", json=body, headers=auth())
     assert resp.status == 429
     assert not [r for r in mock_upstream.app[RECORDED] if r.path.startswith("/v1/")]
+
+
+UNSEEN_CASES: list[tuple[str, dict[str, Any], str | None]] = [
+    ("/v1/responses", {"previous_response_id": "resp_1", "input": "go"}, "previous_response_id"),
+    ("/v1/responses", {"conversation": "conv_1", "input": "go"}, "conversation"),
+    ("/v1/responses", {"prompt": {"id": "pmpt_1"}, "input": "go"}, "prompt"),
+    ("/v1/responses", {"input": "go", "tools": [{"type": "web_search"}]}, "its web_search tool"),
+    ("/v1/responses", {"input": [{"type": "item_reference", "id": "msg_1"}]},
+     "an item_reference"),
+    ("/v1/responses", {"input": [{"role": "user", "content": [
+        {"type": "input_file", "file_url": "https://x/doc.pdf"}]}]}, "an input_file by id or URL"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_id": "file-1"}}]}]}, "a file by id"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "url", "url": "https://x/a.pdf"}}]}]},
+     "a document by URL or file id"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}],
+                      "tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}]},
+     "its web_fetch_20250910 tool"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}],
+                      "mcp_servers": [{"type": "url", "url": "https://x"}]}, "mcp_servers"),
+    # All the input is in the body: a schema property named file_id, an image by id (counted
+    # as an image), a base64 file, tools the client runs, a legacy prompt string.
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                          "properties": {"file_id": {"type": "string"}}}}}]},
+     None),
+    ("/v1/responses", {"input": [{"role": "user", "content": [
+        {"type": "input_image", "file_id": "file-1"}]}],
+      "tools": [{"type": "computer_use_preview"}, {"type": "function", "name": "f"}]}, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,AAAA"}}]}]}, None),
+    ("/v1/completions", {"prompt": "hello"}, None),
+]
+
+
+@pytest.mark.parametrize("path, body, unseen", UNSEEN_CASES)
+def test_input_the_body_only_refers_to_is_found(
+        path: str, body: dict[str, Any], unseen: str | None) -> None:
+    """What makes the provider read input the body does not carry: budgets reserve up to the
+    context window for it (a stored conversation of 120,000 tokens reserved 20)."""
+    body = {"model": "m", **body}
+    estimate, in_parts = prompt_estimate(body)
+    assert unseen_input(ROUTES[path], body, in_parts) == unseen
+    assert estimate == estimate_prompt_tokens(body)
