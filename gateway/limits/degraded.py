@@ -61,6 +61,11 @@ from .journal import JournalFile
 log = logging.getLogger("gateway.limits")
 FLEET_KEY = keys.FLEET_REPLICAS
 HEARTBEAT_TTL_MS = 30_000
+# Each beat also reads the count. A replica counts the others only when it beats: one that
+# beat before the rest of a rollout (or a scale-out) joined enforced a whole limit alone when
+# Redis failed in the next 10 s, and the fleet let 6 calls in at max_concurrent: 4. One
+# script call a second per replica keeps that window to a second.
+BEAT_EVERY_S = 1.0
 EPOCH_KEY = keys.FLEET_EPOCH
 EPOCH_TTL_MS = 32 * 24 * 3600 * 1000  # refreshed on every check: gone only if the store lost it
 EPOCH_CHECK_S = 5.0
@@ -107,6 +112,10 @@ class DegradedMode:
         if self.active:
             return
         self.active, self.since, self.reason = True, self._clock(), reason
+        # No round trip completes while degraded: the last one's figure would show a healthy
+        # store on the dashboard through the outage (gateway_redis_latency_seconds is then
+        # absent, beside gateway_redis_degraded 1), until the store answers again.
+        self.last_latency_s = None
         self.transitions += 1
         log.error("shared state unavailable: limits degraded", extra={"fields": {
             "reason": reason, "action": self.policy.action, "replicas": self.replicas}})
@@ -246,8 +255,10 @@ class DegradedMode:
     async def _recover_once(self) -> bool:
         if not self._journal and not self.active:
             return True
+        began = self._clock()
         if not await self._state.ping():
             return False
+        self.last_latency_s = self._clock() - began
         try:
             while self._journal:
                 await self._state.settle(self._journal[0])
@@ -319,7 +330,7 @@ class DegradedMode:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Background loop: probe and replay while degraded, heartbeat while healthy."""
-        beat_every = HEARTBEAT_TTL_MS / 3000
+        beat_every = BEAT_EVERY_S
         next_beat = 0.0
         while not stop.is_set():
             try:
