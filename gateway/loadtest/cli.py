@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .engine import Engine, EngineOptions
     from .live import LiveView
-    from .report import build_report, render, write_report
+    from .report import build_report, hook_failed, render, write_report
     from .scenario import ScenarioError, load_scenario, resolve_path
 
     try:
@@ -142,9 +142,15 @@ def _run(args: argparse.Namespace) -> int:
         write_report(report, out)
         print(render(report))
         print(f"\nreport: {out}")
+    status = 0
     if args.plot is not None:
-        return _plot(report, args.plot or str(out.with_suffix(".png")), args.open)
-    return 0
+        status = _plot(report, args.plot or str(out.with_suffix(".png")), args.open)
+    failed = [h for h in report["hooks"] if hook_failed(h)]
+    if failed:  # a drill whose fault was never injected must not pass in CI
+        print(f"loadtest: {len(failed)} hook(s) failed (phases "
+              f"{', '.join(h['phase'] for h in failed)}): exit 4", file=sys.stderr)
+        return 4
+    return status
 
 
 async def _drive(engine: Engine, live: LiveView | None) -> None:

@@ -210,10 +210,20 @@ def render(report: dict[str, Any]) -> str:
                  f" ms; CPU {'-' if cpu is None else f'{100 * cpu:.0f} %'} of a core")
     for hook in report["hooks"]:
         status = hook.get("skipped") or f"exit {hook.get('exit_status')}"
+        if hook_failed(hook):
+            last = (hook.get("output") or "").strip().splitlines()[-1:] or [""]
+            status = ("timed out" if hook.get("timed_out") else status) + \
+                f": FAILED, the phase ran without it ({last[0][:200]})"
         lines.append(f"hook at {hook['at_s']:.1f} s ({hook['phase']}): {status}")
     lines += [f"WARNING: {w}" for w in engine["warnings"]]
     lines += _render_runs(report.get("runs") or {})
     return "\n".join(lines)
+
+
+def hook_failed(hook: dict[str, Any]) -> bool:
+    """A hook that ran and did not exit 0 (or timed out): its phase's fault did not happen
+    as planned (a shell loop passed as one word, a stop command that failed)."""
+    return not hook.get("skipped") and hook.get("exit_status") != 0
 
 
 def _render_runs(runs: dict[str, Any]) -> list[str]:

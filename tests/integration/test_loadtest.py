@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from gateway.loadtest.arrivals import arrival_times, expected_count, rate_at
 from gateway.loadtest.cli import check_target
@@ -333,3 +334,40 @@ def test_live_view_redraws_on_a_tty_and_prints_lines_otherwise() -> None:
     lines = plain_out.getvalue().splitlines()
     assert len(lines) == 2 and "\x1b" not in plain_out.getvalue()
     assert "ok 8" in lines[0] and "p50 200 ms" in lines[0]
+
+
+async def test_the_outage_drill_runs_a_list_of_commands_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Cluster takes several commands to stop: the drill's hook passed
+    ``for p in ...; do ...; done`` to the shell as one word ("for: not found"), and Redis was
+    never stopped. The command in the environment is now run as shell code."""
+    drill = load_scenario("redis-outage")
+    stop = next(p.hook for p in drill.phases if p.hook is not None)
+    monkeypatch.setenv("LOADTEST_REDIS_STOP", "for p in 1 2; do echo stop $p; done && echo ok")
+    ran = await run_hook(stop, phase="redis-down", scenario="redis-outage", target="t",
+                         allowed=True, at_s=0)
+    assert (ran["exit_status"], ran["output"]) == (0, "stop 1\nstop 2\nok\n")
+
+
+def test_a_drill_whose_hook_failed_exits_4_and_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A failed hook (the fault never injected) was one trailing line and exit 0: a drill in
+    CI passed without its outage."""
+    scenario = minimal(target="http://127.0.0.1:9", drain_s=0, phases=[
+        {"name": "down", "duration_s": 0.3, "arrival": {"process": "poisson", "rate": 1},
+         "hook": {"command": "echo cannot stop it; exit 3"}}])
+    path = tmp_path / "drill.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    status = loadtest_main([str(path), "--allow-hooks", "--no-live", "--out",
+                            str(tmp_path / "r.json")])
+    out = capsys.readouterr()
+    assert status == 4
+    assert "hook at 0.0 s (down): exit 3: FAILED, the phase ran without it (cannot stop it)" \
+        in out.out
+    assert "1 hook(s) failed (phases down)" in out.err
+    ok = minimal(target="http://127.0.0.1:9", drain_s=0, phases=[
+        {"name": "up", "duration_s": 0.3, "arrival": {"process": "poisson", "rate": 1},
+         "hook": {"command": "true"}}])
+    path.write_text(yaml.safe_dump(ok))
+    assert loadtest_main([str(path), "--allow-hooks", "--no-live", "--out",
+                          str(tmp_path / "r.json")]) == 0
