@@ -66,15 +66,48 @@ def json_values(raw: bytes, enough: int) -> int:
     are dropped, then every other piece between quotes is outside a string. The split costs
     ~0.1 us a piece, so it is made only when the plain count is over ``enough``, and not when
     the strings alone are (each string is a value)."""
-    plain = raw.count(b",") + CONTAINER * (raw.count(b"[") + raw.count(b"{"))
+    plain = _weigh(raw)
     if plain <= enough:
         return plain
     unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
     strings = unescaped.count(b'"') // 2
     if strings > enough:
         return strings
-    outside = b"".join(unescaped.split(b'"')[::2])
-    return outside.count(b",") + CONTAINER * (outside.count(b"[") + outside.count(b"{"))
+    return _weigh(b"".join(unescaped.split(b'"')[::2]))
+
+
+def _weigh(text: bytes) -> int:
+    # A member of an object costs a key as well as a value (a new string, hashed): its
+    # colon counts one more (416,666 distinct keys cost as much as 830,000 numbers).
+    return text.count(b",") + text.count(b":") + CONTAINER * (text.count(b"[")
+                                                              + text.count(b"{"))
+
+
+PARSED_VALUES = 100_000  # what a request's strings may hold together, parsed: ~15-60 ms
+
+
+class ParseAllowance:
+    """JSON values a request may still have parsed out of its strings: a tool call's
+    ``arguments`` is JSON inside a string, which the body's own count (``json_values``) does
+    not look into. The loop detector and translation parse them: one 3.9 MB arguments string
+    of empty lists took a second of the event loop, past the body's bound."""
+
+    def __init__(self, values: int = PARSED_VALUES) -> None:
+        self.left = values
+
+    def loads(self, text: str) -> Any:
+        """``orjson.loads(text)``; ``Exhausted`` (nothing parsed) when it holds more values
+        than are left; ``orjson.JSONDecodeError`` as orjson raises it."""
+        raw = text.encode("utf-8", "surrogatepass")
+        values = json_values(raw, self.left)
+        if values > self.left:
+            raise Exhausted(values)
+        self.left -= values
+        return orjson.loads(raw)
+
+
+class Exhausted(Exception):
+    """A string held more JSON values than a ``ParseAllowance`` had left."""
 
 
 CONTAINER = 5  # a list or object costs about five numbers or strings to build and walk

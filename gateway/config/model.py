@@ -328,8 +328,10 @@ class Server(StrictModel):
                                 "accepted; a larger one gets 413")
     max_body_values: int = Field(
         500_000, ge=1000, description="JSON values a request body may hold, each list or "
-        "object counted as 5 (it costs about five numbers or strings to parse and check), "
-        "strings' own text not counted; a body with more gets 400 before it is parsed. "
+        "object counted as 5 (it costs about five numbers or strings to parse and check) and "
+        "each key of an object as 1, strings' own text not counted; a body with more gets 400 "
+        "before it is parsed (JSON inside strings, such as tool-call arguments, is parsed up "
+        "to 100,000 values a request). "
         "Parsing is on the event loop every tenant shares: 10 MB of nested empty lists took "
         "3.6 s of it, the bound keeps a body under about 0.1 s. 500,000 numbers is more than "
         "an embeddings request of token arrays may carry (300,000 tokens)"

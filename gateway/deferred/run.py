@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 
 from gateway.admission import AdmissionController, Deadline
 from gateway.config import DeferredPolicy, GatewayConfig, Priority
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, RateLimited
 from gateway.limits import Hold, Limiter
 from gateway.observability import GatewayMetrics
 from gateway.pipeline import CallContext, PolicyVersion, Services, attempt_loop
@@ -192,14 +192,27 @@ class DeferredRunner:
             if tenant is None:
                 raise GatewayError(403, f"The tenant '{claim.tenant}' no longer exists.",
                                    type="permission_error", code="tenant_removed")
-            # (Read as a client's body is: one stored before the depth bound is held to it.)
-            body = parse_json_body(fields["body"], config.server.max_body_values)
-            call = classify(route, tenant, body, headers, config)
+            # Reading the stored body costs the event loop what a client's did, and a run
+            # with no slot is tried again every quarter second: no slot on any of the model's
+            # deployments (the stored model's, before the body is read), or a tenant past
+            # its work budget, is no call; what is read is charged to the tenant.
+            model = config.models.get(fields["model"].decode())
+            if model is not None and free_low_slots(svc.admission, [
+                    f"{d.provider}/{d.model}" for d in model.deployments]) <= 0:
+                return self._no_call(record, info, "no_capacity")
+            try:
+                svc.self_protection.check_work(claim.tenant)
+            except RateLimited:
+                return self._no_call(record, info, "tenant_work")
+            with svc.self_protection.working(claim.tenant):
+                # (Read as a client's body is: one stored before a bound is held to it.)
+                body = parse_json_body(fields["body"], config.server.max_body_values)
+                call = classify(route, tenant, body, headers, config)
+                targets = policy.upstreams.targets(call)
             call.priority = Priority.low
             record.model, record.agent_session = call.model, call.agent_session
             record.agent_step = call.agent_step
             record.prompt_tokens_estimate = call.prompt_tokens_estimate
-            targets = policy.upstreams.targets(call)
             if not targets:
                 raise GatewayError(400, f"The model '{call.model}' is not served on "
                                    f"{route.path}.", code="model_not_supported_on_route")

@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from gateway.jsonbytes import deeper_than
+from gateway.jsonbytes import Exhausted, ParseAllowance, deeper_than
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 _SAFE = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -76,12 +76,12 @@ class CanonicalCache:
         self._values: dict[str, bytes] = {}
         self._max_entries, self._max_len = max_entries, max_len
 
-    def get(self, arguments: Any) -> bytes:
+    def get(self, arguments: Any, allowance: ParseAllowance) -> bytes:
         if arguments.__class__ is not str:
-            return _canonical(arguments)
+            return _canonical(arguments, allowance)
         found = self._values.get(arguments)
         if found is None:
-            found = _canonical(arguments)
+            found = _canonical(arguments, allowance)
             if len(arguments) <= self._max_len:
                 if len(self._values) >= self._max_entries:
                     self._values.clear()
@@ -89,13 +89,13 @@ class CanonicalCache:
         return found
 
 
-def _canonical(arguments: Any) -> bytes:
+def _canonical(arguments: Any, allowance: ParseAllowance) -> bytes:
     text = arguments if isinstance(arguments, str) else None
     if text is not None:
         try:
-            arguments = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return text.encode("utf-8", "replace")
+            arguments = allowance.loads(text)
+        except (orjson.JSONDecodeError, Exhausted):  # not JSON, or more than a request may
+            return text.encode("utf-8", "replace")  # have parsed: compared as sent
         if deeper_than(arguments):  # a string the body's bound never looked inside: orjson
             return text.encode("utf-8", "replace")  # reads 1,024 levels, writes 254
     try:
@@ -115,7 +115,12 @@ def tool_steps(body: dict[str, Any], cache: CanonicalCache | None = None) -> lis
     tuple[Call, ...]
 ]:
     """The assistant's tool calls in the history, one tuple per step, in order."""
-    canonical = (cache or CanonicalCache(0, 0)).get
+    allowance = ParseAllowance()  # what this body's argument strings may cost to parse
+    cached = (cache or CanonicalCache(0, 0)).get
+
+    def canonical(arguments: Any) -> bytes:
+        return cached(arguments, allowance)
+
     steps: list[tuple[Call, ...]] = []
     for field in ("messages", "input"):
         items = body.get(field)

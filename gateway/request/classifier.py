@@ -433,6 +433,18 @@ def unseen_input(route: ApiRoute, body: dict[str, Any], in_parts: str | None) ->
         kind = tool.get("type") if isinstance(tool, dict) else None
         if isinstance(kind, str) and kind.startswith(_SERVER_TOOLS):
             return f"its {kind} tool"
+    items = body.get("input") if route.path == "/v1/responses" else body.get("messages")
+    for item in items if isinstance(items, list) else ():
+        if not isinstance(item, dict):
+            continue
+        # An input item of only an id is an item_reference (its type may be left out); a
+        # chat assistant message may stand for an earlier audio answer by its id.
+        if "id" in item and "type" not in item and "role" not in item \
+                and "content" not in item:
+            return "an item_reference"
+        audio = item.get("audio")
+        if isinstance(audio, dict) and "id" in audio:
+            return "an earlier audio answer by id"
     return in_parts
 
 

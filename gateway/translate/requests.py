@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from ..errors import GatewayError
-from ..jsonbytes import MAX_DEPTH, deeper_than
+from ..jsonbytes import MAX_DEPTH, PARSED_VALUES, Exhausted, ParseAllowance, deeper_than
 
 # OpenAI's response_format becomes one forced tool whose input is the JSON answer; the answer
 # translators turn that tool call back into message content.
@@ -92,7 +92,7 @@ def to_anthropic_request(body: dict[str, Any], *, max_tokens: int) -> UpstreamRe
             raise _refuse(key, f"= {_short(value)} is not supported by the Anthropic Messages "
                           "API, which serves this model.")
     out: dict[str, Any] = {}
-    system, messages = _anthropic_messages(body["messages"])
+    system, messages = _anthropic_messages(body["messages"], ParseAllowance())
     if system:
         out["system"] = system
     out["messages"] = messages
@@ -123,7 +123,8 @@ def to_anthropic_request(body: dict[str, Any], *, max_tokens: int) -> UpstreamRe
     return UpstreamRequest(out, json_tool)
 
 
-def _anthropic_messages(messages: list[Any]) -> tuple[list[dict[str, Any]],
+def _anthropic_messages(messages: list[Any], allowance: ParseAllowance,
+                        ) -> tuple[list[dict[str, Any]],
                                                       list[dict[str, Any]]]:
     """System blocks and the conversation; consecutive same-role turns are merged (Anthropic
     wants tool results together in the user turn right after the tool calls)."""
@@ -140,7 +141,7 @@ def _anthropic_messages(messages: list[Any]) -> tuple[list[dict[str, Any]],
         if role == "user":
             blocks = _user_blocks(message.get("content"), where)
         elif role == "assistant":
-            blocks = _assistant_blocks(message, where)
+            blocks = _assistant_blocks(message, where, allowance)
             if not blocks:
                 continue  # an empty assistant turn (no text, no calls) says nothing
         elif role == "tool":
@@ -208,7 +209,8 @@ def _image_source(url: str, where: str) -> dict[str, Any]:
     raise _refuse(f"{where}.image_url.url", "must be an http(s) URL or a base64 data: URL.")
 
 
-def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
+def _assistant_blocks(message: dict[str, Any], where: str,
+                      allowance: ParseAllowance) -> list[dict[str, Any]]:
     content = message.get("content")
     blocks: list[dict[str, Any]] = []
     if isinstance(content, list):
@@ -236,17 +238,23 @@ def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any
                 or not isinstance(fn.get("name"), str):
             raise _refuse(f"{where}.tool_calls.{j}", "must have an id and a function name.")
         blocks.append({"type": "tool_use", "id": call["id"], "name": fn["name"],
-                       "input": _arguments(fn.get("arguments"), f"{where}.tool_calls.{j}")})
+                       "input": _arguments(fn.get("arguments"), f"{where}.tool_calls.{j}",
+                                           allowance)})
     return blocks
 
 
-def _arguments(raw: Any, where: str) -> Any:
+def _arguments(raw: Any, where: str, allowance: ParseAllowance) -> Any:
+    """A tool call's arguments string as the object Anthropic takes; parsed within what the
+    request's argument strings may cost together (``ParseAllowance``)."""
     if raw in (None, ""):
         return {}
     try:
-        value = orjson.loads(raw) if isinstance(raw, str) else None
+        value = allowance.loads(raw) if isinstance(raw, str) else None
     except orjson.JSONDecodeError:
         value = None
+    except Exhausted:
+        raise _refuse(f"{where}.function.arguments", "holds more JSON values than the gateway "
+                      f"translates in one request's tool calls ({PARSED_VALUES}).") from None
     if not isinstance(value, dict):
         raise _refuse(f"{where}.function.arguments", "must be a JSON object (Anthropic tool "
                       "calls carry their input as an object).")

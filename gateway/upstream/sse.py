@@ -33,12 +33,20 @@ _DELTA = re.compile(rb'"delta"|output_text\.delta')
 # as a delta when its choices are not empty (the usage chunk's are), or a stream cut before
 # its usage would bill no output at all.
 _LEGACY_CHUNK = re.compile(rb'"object"\s*:\s*"text_completion"')
-# The generated text a delta carries, in every dialect (chat content, tool arguments, refusal
-# and reasoning; Anthropic text, thinking and partial_json; Responses' delta string), still
-# JSON-escaped: for a cut stream's output estimate, text / 4 as for a whole answer.
-_DELTA_TEXT = re.compile(
-    rb'"(?:content|text|arguments|refusal|reasoning|reasoning_content|thinking|partial_json'
-    rb'|delta)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+# The generated output an event carries, in every dialect, still JSON-escaped, for a cut
+# stream's output estimate (text / 4, as for a whole answer): chat content, tool names and
+# arguments, refusal, reasoning, audio transcript and data; Anthropic text, thinking,
+# signature, partial_json and a block that starts whole (redacted thinking's data); the
+# Responses API's delta strings and partial images. Any event, not only deltas: a stream whose
+# output came in events the count missed was charged a token each.
+_OUTPUT_TEXT = re.compile(
+    rb'"(?:content|text|arguments|name|refusal|reasoning|reasoning_content|thinking|'
+    rb'signature|partial_json|delta|transcript|data|partial_image_b64)"\s*:\s*'
+    rb'"([^"\\]*(?:\\.[^"\\]*)*)"')
+# Events that repeat output already counted (the Responses API's *.done events and whole
+# response objects) or carry none: not counted again.
+_REPEATS = re.compile(rb'"type"\s*:\s*"response\.(?:[a-z_.]*\.done|created|in_progress|'
+                      rb'completed|incomplete|failed|queued)"')
 _TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
              b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
              b'"type": "message_stop"',
@@ -64,7 +72,7 @@ class SseRelay:
         self.strip_usage_chunk = strip_usage_chunk
         self.usage = Usage()
         self.deltas = 0
-        self.delta_text_bytes = 0  # the generated text the deltas carried (escaped)
+        self.output_text_bytes = 0  # the generated output the events carried (escaped)
         self.events = 0
         self.finished = False  # the terminal event was seen
         # The event with the final usage was seen (every usage event but Anthropic's
@@ -104,7 +112,8 @@ class SseRelay:
         if _DELTA.search(event) or (_LEGACY_CHUNK.search(event)
                                      and not _EMPTY_CHOICES.search(event)):
             self.deltas += 1
-            self.delta_text_bytes += sum(map(len, _DELTA_TEXT.findall(event)))
+        if not _REPEATS.search(event):
+            self.output_text_bytes += sum(map(len, _OUTPUT_TEXT.findall(event)))
         if any(marker in event for marker in _TERMINAL):
             self.finished = True
         if not _USAGE_OBJECT.search(event):
@@ -125,7 +134,7 @@ class SseRelay:
         their text / 4 as for a whole answer (a provider sends several tokens a delta: a
         client that closed before Anthropic's message_delta was charged 10 tokens for the
         2,000 it received)."""
-        return max(self.deltas, math.ceil(self.delta_text_bytes / 4))
+        return max(self.deltas, math.ceil(self.output_text_bytes / 4))
 
     def final_usage(self) -> Usage:
         """Reported usage, or the relayed output where the upstream reported none."""

@@ -12,6 +12,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from gateway.app.server import create_app
+from gateway.jsonbytes import Exhausted, ParseAllowance
 from gateway.request.agent_loop import find_loop, tool_steps
 from tests.gwtest import ACME_KEY, auth, policy
 from tests.plugin_gateway import GatewayClient, MakeGateway, gateway_client
@@ -88,6 +89,28 @@ def test_arguments_are_compared_as_canonical_json() -> None:
     assert find_loop({"messages": messages}, 5, 0) is not None
     messages[-2]["tool_calls"][0]["function"]["arguments"] = '{"job": 43, "verbose": false}'
     assert find_loop({"messages": messages}, 5, 0) is None
+
+
+def test_argument_strings_are_parsed_only_up_to_what_one_request_may_cost() -> None:
+    """A tool call's arguments is JSON inside a string, out of the body's own value count:
+    one 3.9 MB string of empty lists took a second of the event loop to canonicalise. A
+    request's argument strings together are parsed up to ``PARSED_VALUES``; past it they are
+    compared as sent (the same call spelled the same way is still a repeat)."""
+    numbers = ",".join(["1"] * 60_000)
+    messages = chat_history([POLL] * 2)
+    messages[1]["tool_calls"][0]["function"]["arguments"] = f'{{"a":[{numbers}],"b":1}}'
+    messages[3]["tool_calls"][0]["function"]["arguments"] = f'{{"b":1,"a":[{numbers}]}}'
+    first, second = tool_steps({"messages": messages})
+    assert first != second  # the second would have cost past the allowance: as sent
+    small = chat_history([POLL] * 2)
+    small[3]["tool_calls"][0]["function"]["arguments"] = '{"verbose":false,"job":42}'
+    first, second = tool_steps({"messages": small})
+    assert first == second  # within it: canonical
+    allowance = ParseAllowance(10)
+    assert allowance.loads("[1,2,3]") == [1, 2, 3] and allowance.left == 3  # 2 + a list
+    with pytest.raises(Exhausted):
+        allowance.loads("[" + ",".join(["1"] * 20) + "]")
+    assert allowance.left == 3  # nothing parsed, nothing spent
 
 
 def test_a_cycle_of_steps_is_flagged_and_a_progressing_run_is_not() -> None:

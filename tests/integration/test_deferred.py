@@ -299,6 +299,39 @@ async def test_deferred_work_waits_for_interactive_requests_in_the_queue(
     assert [c["x-mock-tag"] for c in mock.calls] == ["first", "second", "deferred"]
 
 
+async def test_an_entry_waiting_for_a_slot_is_not_read_again_and_again(
+        make_gateway: MakeGateway, upstream: tuple[Upstream, str], clean_redis: RedisServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that finds no slot is tried again every quarter second; it parsed its stored
+    body each time first, uncharged: 13 entries of 9.6 MB bodies took the event loop from
+    every tenant while slow calls held the slots. The stored model's deployments are checked
+    before the body is read; what is read is charged to the tenant's work budget."""
+    import gateway.deferred.run as deferred_run
+    from gateway.request import parse_json_body as parse
+    reads = 0
+
+    def counted(raw: bytes, max_values: int) -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        return parse(raw, max_values)
+
+    monkeypatch.setattr(deferred_run, "parse_json_body", counted)
+    mock, url = upstream
+    gw = await redis_gateway(
+        make_gateway, url, clean_redis,
+        admission={"concurrency": {"min_limit": 1, "initial_limit": 1, "max_limit": 1}})
+    busy = asyncio.create_task(gw.post(
+        "/v1/chat/completions", json=chat(), headers=auth(**{"x-mock-delay": "1.0"})))
+    await eventually(lambda: len(mock.calls) == 1)
+    entry = (await submit(gw))["id"]
+    await asyncio.sleep(0.8)  # three or four tries, every one without a slot
+    assert (await result(gw, entry, wait=0))["status"] == "queued"
+    assert reads == 0
+    assert (await busy).status == 200
+    assert (await result(gw, entry))["status"] == "succeeded"
+    assert reads == 1
+
+
 async def test_memory_backend_runs_deferred_requests_in_process(
         make_gateway: MakeGateway, upstream: tuple[Upstream, str]) -> None:
     _, url = upstream

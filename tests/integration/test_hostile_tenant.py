@@ -19,7 +19,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from gateway.app.server import GATEWAY
-from gateway.jsonbytes import MAX_DEPTH, dumps_kept
+from gateway.jsonbytes import MAX_DEPTH, PARSED_VALUES, dumps_kept
 from gateway.upstream import pool
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
 from tests.plugin_gateway import GatewayClient, MakeGateway, settled
@@ -307,8 +307,10 @@ async def test_a_body_of_too_many_values_is_refused_before_it_is_read(
     punctuation inside strings is not a value, so prose, code and JSON pasted as text pass."""
     gw = await make_gateway(server={"max_body_values": 10_000})
     headers = auth(ACME_KEY, **{"Content-Type": "application/json"})
+    keys = b"{" + b",".join(b'"k%d":1' % i for i in range(6000)) + b"}"  # 12,000: a key is
+    many_keys = tools_of(b"[]", 1, model)[:-1] + b',"metadata":' + keys + b"}"  # one more
     for body in (tools_of(b"[]", 2000, model), tools_of(b"1", 10_001, model),
-                 tools_of(b'"a"', 10_001, model)):
+                 tools_of(b'"a"', 10_001, model), many_keys):
         resp = await gw.post(route, data=body, headers=headers)
         answer = await resp.json()
         assert resp.status == 400, answer
@@ -397,3 +399,23 @@ async def test_a_background_response_is_refused_as_it_could_not_be_accounted_for
     resp = await gw.post("/v1/responses", json={
         "model": "gpt-test", "input": "hi", "background": False}, headers=auth())
     assert resp.status == 200, await resp.text()
+
+
+async def test_tool_arguments_too_costly_to_translate_are_a_400(
+        make_gateway: MakeGateway) -> None:
+    """An assistant tool call's arguments string is parsed to become Anthropic's input
+    object: JSON inside a string, which the body's value count does not look into. Parsed
+    within what one request's argument strings may cost together; past it a 400 naming the
+    field, in the client's dialect."""
+    gw = await make_gateway()
+    numbers = ",".join(["1"] * (PARSED_VALUES + 10))
+    body = {"model": "claude-test", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "f", "arguments": f'{{"rows":[{numbers}]}}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}
+    resp = await gw.post("/v1/chat/completions", json=body, headers=auth(ACME_KEY))
+    error = (await resp.json())["error"]
+    assert resp.status == 400, error
+    assert error["param"] == "messages.1.tool_calls.0.function.arguments", error
+    assert "JSON values" in error["message"]

@@ -190,6 +190,11 @@ UNSEEN_CASES: list[tuple[str, dict[str, Any], str | None]] = [
      "its web_fetch_20250910 tool"),
     ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}],
                       "mcp_servers": [{"type": "url", "url": "https://x"}]}, "mcp_servers"),
+    ("/v1/responses", {"input": [{"id": "msg_1"}, {"role": "user", "content": "go"}]},
+     "an item_reference"),  # its type may be left out
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {
+        "role": "assistant", "audio": {"id": "audio_1"}}, {"role": "user", "content": "and?"}]},
+     "an earlier audio answer by id"),
     # All the input is in the body: a schema property named file_id, an image by id (counted
     # as an image), a base64 file, tools the client runs, a legacy prompt string.
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
@@ -202,6 +207,8 @@ UNSEEN_CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "file", "file": {"file_data": "data:application/pdf;base64,AAAA"}}]}]}, None),
     ("/v1/completions", {"prompt": "hello"}, None),
+    ("/v1/responses", {"input": [{"type": "message", "id": "msg_1", "role": "assistant",
+                                  "content": [{"type": "output_text", "text": "hi"}]}]}, None),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import orjson
 from hypothesis import given
@@ -91,6 +92,40 @@ def test_a_stream_cut_before_its_usage_is_charged_the_text_its_deltas_carried() 
     relay = SseRelay("openai", strip_usage_chunk=True)
     _run(relay, [_chunk("") * 3])
     assert relay.relayed_output_tokens == 3  # a token a delta, however little text
+
+
+def _event(data: dict[str, Any], name: str | None = None) -> bytes:
+    head = b"" if name is None else b"event: " + name.encode() + b"\n"
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def test_output_in_any_event_of_a_cut_stream_is_charged_once() -> None:
+    """Output travels in more than text deltas: an audio transcript, a tool's name, a thinking
+    signature, a redacted-thinking block that starts whole. A stream of those cut before its
+    usage was charged a token an event (21 for 20,000). The Responses API's *.done events
+    repeat the deltas' text and are not counted again."""
+    text = "word " * 800  # 4,000 characters: about 1,000 tokens
+    audio = _event({"choices": [{"delta": {"audio": {"transcript": text}}}]})
+    tool = _event({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {
+        "name": "x" * 4000, "arguments": ""}}]}}]})
+    signature = _event({"type": "content_block_delta", "delta": {
+        "type": "signature_delta", "signature": "s" * 4000}}, "content_block_delta")
+    redacted = _event({"type": "content_block_start", "index": 0, "content_block": {
+        "type": "redacted_thinking", "data": "d" * 4000}}, "content_block_start")
+    for dialect, event in (("openai", audio), ("openai", tool), ("anthropic", signature),
+                           ("anthropic", redacted)):
+        relay = SseRelay(dialect, strip_usage_chunk=False)  # type: ignore[arg-type]
+        _run(relay, [event * 5])
+        assert relay.relayed_output_tokens == 5000, (dialect, event[:80])
+    delta = _event({"type": "response.output_text.delta", "delta": text},
+                   "response.output_text.delta")
+    done = _event({"type": "response.output_text.done", "text": text * 5},
+                  "response.output_text.done")
+    item = _event({"type": "response.output_item.done", "item": {"type": "message", "content": [
+        {"type": "output_text", "text": text * 5}]}}, "response.output_item.done")
+    relay = SseRelay("openai", strip_usage_chunk=False)
+    _run(relay, [delta * 5 + done + item])
+    assert relay.relayed_output_tokens == 5000
 
 
 def test_anthropic_usage_comes_from_start_and_delta_events() -> None:
