@@ -53,19 +53,19 @@ def deeper_than(value: Any, depth: int = MAX_DEPTH) -> bool:
 
 
 def json_values(raw: bytes, enough: int) -> int:
-    """How many values a JSON text holds, weighing each list and object as ``CONTAINER``
-    values: exactly, as soon as it is known to be no more than ``enough``, or any count above
-    ``enough`` once it is known to be more. Counted in C without parsing, so that a body can be
-    refused before orjson builds millions of objects from it: 10 MB of ``[],`` is 3.4 million
-    lists, nearly a second to parse and seconds more to walk, on the event loop every tenant
-    shares. A number or a string costs ~0.15 us to parse and walk, a list or object ~0.8 us.
+    """How many values a JSON text holds, weighed by what each costs to parse (a list or
+    object as ``CONTAINER`` values, a key ``KEY`` more): exactly, as soon as it is known to be
+    no more than ``enough``, or any count above ``enough`` once it is known to be more.
+    Counted in C without parsing, so that a body can be refused before orjson builds millions
+    of objects from it: 10 MB of ``[],`` is 3.4 million lists, nearly a second to parse and
+    seconds more to walk, on the event loop every tenant shares.
 
-    The count is of commas and opening brackets outside strings (each value but a container's
-    first follows a comma; each list and object opens with a bracket). Punctuation inside
-    strings (prose, code, JSON pasted as text) is not counted: escaped backslashes and quotes
-    are dropped, then every other piece between quotes is outside a string. The split costs
-    ~0.1 us a piece, so it is made only when the plain count is over ``enough``, and not when
-    the strings alone are (each string is a value)."""
+    The count is of commas, colons and opening brackets outside strings (each value but a
+    container's first follows a comma, each key a colon; each list and object opens with a
+    bracket). Punctuation inside strings (prose, code, JSON pasted as text) is not counted:
+    escaped backslashes and quotes are dropped, then every other piece between quotes is
+    outside a string. The split costs ~0.1 us a piece, so it is made only when the plain count
+    is over ``enough``, and not when the strings alone are (each string is a value)."""
     plain = _weigh(raw)
     if plain <= enough:
         return plain
@@ -77,10 +77,11 @@ def json_values(raw: bytes, enough: int) -> int:
 
 
 def _weigh(text: bytes) -> int:
-    # A member of an object costs a key as well as a value (a new string, hashed): its
-    # colon counts one more (416,666 distinct keys cost as much as 830,000 numbers).
-    return text.count(b",") + text.count(b":") + CONTAINER * (text.count(b"[")
-                                                              + text.count(b"{"))
+    # Weighed by what each costs to parse and walk, a number or string being 1 (~0.18 us): a
+    # list or object ~6, an object's key ~3 more than its value (a new string, hashed:
+    # 416,666 distinct keys took 155 ms). A body at the default bound costs <= ~90 ms.
+    return text.count(b",") + KEY * text.count(b":") + CONTAINER * (text.count(b"[")
+                                                                    + text.count(b"{"))
 
 
 PARSED_VALUES = 100_000  # what a request's strings may hold together, parsed: ~15-60 ms
@@ -110,4 +111,5 @@ class Exhausted(Exception):
     """A string held more JSON values than a ``ParseAllowance`` had left."""
 
 
-CONTAINER = 5  # a list or object costs about five numbers or strings to build and walk
+CONTAINER = 6  # a list or object costs about six numbers or strings to build and walk
+KEY = 3  # and an object's key about three more than the value it names

@@ -327,9 +327,9 @@ class Server(StrictModel):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body "
                                 "accepted; a larger one gets 413")
     max_body_values: int = Field(
-        500_000, ge=1000, description="JSON values a request body may hold, each list or "
-        "object counted as 5 (it costs about five numbers or strings to parse and check) and "
-        "each key of an object as 1, strings' own text not counted; a body with more gets 400 "
+        500_000, ge=1000, description="JSON values a request body may hold, weighed by what "
+        "each costs to parse and check: a number or string 1, a list or object 6, an object's "
+        "key 3 more; strings' own text not counted; a body with more gets 400 "
         "before it is parsed (JSON inside strings, such as tool-call arguments, is parsed up "
         "to 100,000 values a request). "
         "Parsing is on the event loop every tenant shares: 10 MB of nested empty lists took "

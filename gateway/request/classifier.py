@@ -17,7 +17,7 @@ import orjson
 
 from gateway.config import GatewayConfig, Model, Priority
 from gateway.errors import Dialect, GatewayError, bad_request, forbidden, not_found
-from gateway.jsonbytes import CONTAINER, MAX_DEPTH, deeper_than, json_values
+from gateway.jsonbytes import CONTAINER, KEY, MAX_DEPTH, deeper_than, json_values
 from gateway.translate import Translation
 
 from .auth import TenantPolicy
@@ -102,8 +102,8 @@ def parse_json_body(raw: bytes, max_values: int) -> dict[str, Any]:
     if (values := json_values(raw, max_values)) > max_values:
         raise bad_request(
             f"The request body holds more than {max_values} JSON values (about {values}, a "
-            f"list or object counted as {CONTAINER}); the gateway reads no more "
-            "(server.max_body_values).", code="too_many_json_values")
+            f"list or object counted as {CONTAINER}, a key as {KEY} more); the gateway reads "
+            "no more (server.max_body_values).", code="too_many_json_values")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

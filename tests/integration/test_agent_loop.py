@@ -107,10 +107,10 @@ def test_argument_strings_are_parsed_only_up_to_what_one_request_may_cost() -> N
     first, second = tool_steps({"messages": small})
     assert first == second  # within it: canonical
     allowance = ParseAllowance(10)
-    assert allowance.loads("[1,2,3]") == [1, 2, 3] and allowance.left == 3  # 2 + a list
+    assert allowance.loads("[1,2,3]") == [1, 2, 3] and allowance.left == 2  # 2 + a list
     with pytest.raises(Exhausted):
         allowance.loads("[" + ",".join(["1"] * 20) + "]")
-    assert allowance.left == 3  # nothing parsed, nothing spent
+    assert allowance.left == 2  # nothing parsed, nothing spent
 
 
 def test_a_cycle_of_steps_is_flagged_and_a_progressing_run_is_not() -> None:
