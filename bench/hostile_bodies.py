@@ -16,7 +16,7 @@ status. The gateway has the shipped admission defaults; the mock upstream answer
 Traffic goes to 127.0.0.1 only; bounded in count and time.
 
     .venv/bin/python bench/hostile_bodies.py [--refs 221533e,HEAD] [--duration 20]
-        [--attackers 3]
+        [--attackers 3] [--work-share 0.5]
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ ATTACKER, VICTIM = "sk-bench-attacker", "sk-bench-victim"
 MAX_ATTACKS = 5_000  # bounded whatever the duration
 
 
-def policy(mock_port: int, gw_port: int) -> dict[str, Any]:
-    return {
+def policy(mock_port: int, gw_port: int, work_share: float | None) -> dict[str, Any]:
+    admission = {} if work_share is None else {
+        "admission": {"self_protection": {"tenant_work_share": work_share}}}
+    return {**admission,
         "server": {"host": "127.0.0.1", "port": gw_port},
         "providers": {"mock": {"kind": "openai", "base_url": f"http://127.0.0.1:{mock_port}/v1"}},
         "models": {"big": {"deployments": [{"provider": "mock", "model": "big"}],
@@ -117,7 +119,7 @@ def run(ref: str, args: argparse.Namespace) -> dict[str, Any]:
         procs = bl.Procs()
         mock_port, gw_port = bl.free_port(), bl.free_port()
         config = Path(tmp) / "policy.yaml"
-        config.write_text(yaml.safe_dump(policy(mock_port, gw_port)))
+        config.write_text(yaml.safe_dump(policy(mock_port, gw_port, args.work_share)))
         try:
             procs.start("mock", [*support_pin, bl.PYTHON, "-m", "gateway.cli", "mock-upstream",
                                  "--port", str(mock_port)], stderr=subprocess.DEVNULL,
@@ -139,14 +141,16 @@ def main() -> int:
     parser.add_argument("--refs", default="221533e,HEAD")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--attackers", type=int, default=3)
+    parser.add_argument("--work-share", type=float, default=None,
+                        help="admission.self_protection.tenant_work_share (default: shipped)")
     args = parser.parse_args()
     args.duration = min(args.duration, 120.0)
     bl.exit_on_sigterm()
+    with tempfile.TemporaryDirectory() as tmp:
+        print("\n".join(bl.run_header(sys.argv, bl.GatewaySource(None, Path(tmp)))))
     cores = bl.cpus()
     if len(cores) >= 2:  # the load (this process) beside the mock, off the gateway's CPU
         os.sched_setaffinity(0, {cores[1]})
-    with tempfile.TemporaryDirectory() as tmp:
-        print("\n".join(bl.run_header(sys.argv, bl.GatewaySource(None, Path(tmp)))))
     print(f"{args.attackers} attacker connections for {args.duration:g} s; the victim sends a "
           "small chat completion every 50 ms\n")
     print(f"{'commit':8}  {'victim answers':28}  {'p50':>7}  {'p99':>7}  {'max':>7}  attacker")

@@ -54,8 +54,8 @@ def deeper_than(value: Any, depth: int = MAX_DEPTH) -> bool:
 
 def json_values(raw: bytes, enough: int) -> int:
     """How many values a JSON text holds, weighed by what each costs to parse (a list or
-    object as ``CONTAINER`` values, a key ``KEY`` more): exactly, as soon as it is known to be
-    no more than ``enough``, or any count above ``enough`` once it is known to be more.
+    object as ``CONTAINER`` values, a key ``KEY`` more): no more than ``enough`` (exactly, or 0
+    for a text too short to hold more) when it holds no more, else a count above it.
     Counted in C without parsing, so that a body can be refused before orjson builds millions
     of objects from it: 10 MB of ``[],`` is 3.4 million lists, nearly a second to parse and
     seconds more to walk, on the event loop every tenant shares.
@@ -66,6 +66,13 @@ def json_values(raw: bytes, enough: int) -> int:
     escaped backslashes and quotes are dropped, then every other piece between quotes is
     outside a string. The split costs ~0.1 us a piece, so it is made only when the plain count
     is over ``enough``, and not when the strings alone are (each string is a value)."""
+    if len(raw) * _MOST_PER_BYTE <= enough:
+        return 0  # (no JSON text this short can hold more: an ordinary body is not counted)
+    return _counted(raw, enough)
+
+
+def _counted(raw: bytes, enough: int) -> int:
+    """``json_values``, counted whatever the text's length."""
     plain = _weigh(raw)
     if plain <= enough:
         return plain
@@ -100,7 +107,7 @@ class ParseAllowance:
         """``orjson.loads(text)``; ``Exhausted`` (nothing parsed) when it holds more values
         than are left; ``orjson.JSONDecodeError`` as orjson raises it."""
         raw = text.encode("utf-8", "surrogatepass")
-        values = json_values(raw, self.left)
+        values = _counted(raw, self.left)  # (each string counts, however short)
         if values > self.left:
             raise Exhausted(values)
         self.left -= values
@@ -113,3 +120,6 @@ class Exhausted(Exception):
 
 CONTAINER = 6  # a list or object costs about six numbers or strings to build and walk
 KEY = 3  # and an object's key about three more than the value it names
+# The most a byte of JSON text weighs: ``[]`` is two bytes and a container (a key needs
+# ``"":`` and a value, a value a byte and a comma).
+_MOST_PER_BYTE = CONTAINER // 2

@@ -392,11 +392,13 @@ def prompt_estimate(body: dict[str, Any]) -> tuple[int, str | None]:
             stack.extend(item)
         elif isinstance(item, dict):
             kind = item.get("type")  # a JSON schema's may be a list: ["string", "null"]
-            image = isinstance(kind, str) and kind in _IMAGE_TYPES
-            if image:
-                total_bytes += _IMAGE_TOKENS * 4
-            elif unseen is None:
-                unseen = _unseen_part(item, kind)
+            image = False
+            if isinstance(kind, str) and kind in _SPECIAL_KINDS:  # one lookup for most dicts
+                image = kind in _IMAGE_TYPES
+                if image:
+                    total_bytes += _IMAGE_TOKENS * 4
+                elif unseen is None:
+                    unseen = _unseen_part(item, kind)
             for key, value in item.items():
                 if image and key in _IMAGE_PAYLOAD_KEYS:
                     continue  # the image itself, billed by its size tier, not its encoding
@@ -433,18 +435,20 @@ def unseen_input(route: ApiRoute, body: dict[str, Any], in_parts: str | None) ->
         kind = tool.get("type") if isinstance(tool, dict) else None
         if isinstance(kind, str) and kind.startswith(_SERVER_TOOLS):
             return f"its {kind} tool"
-    items = body.get("input") if route.path == "/v1/responses" else body.get("messages")
-    for item in items if isinstance(items, list) else ():
-        if not isinstance(item, dict):
-            continue
-        # An input item of only an id is an item_reference (its type may be left out); a
-        # chat assistant message may stand for an earlier audio answer by its id.
-        if "id" in item and "type" not in item and "role" not in item \
-                and "content" not in item:
-            return "an item_reference"
-        audio = item.get("audio")
-        if isinstance(audio, dict) and "id" in audio:
-            return "an earlier audio answer by id"
+    # An input item of only an id is an item_reference (its type may be left out); a chat
+    # assistant message may stand for an earlier audio answer by its id.
+    if route.path == "/v1/responses":
+        items = body.get("input")
+        for item in items if items.__class__ is list else ():
+            if item.__class__ is dict and "id" in item and "type" not in item \
+                    and "role" not in item and "content" not in item:
+                return "an item_reference"
+    elif route.operation == "chat":
+        for item in body.get("messages") or ():
+            if item.__class__ is dict and "audio" in item:
+                audio = item["audio"]
+                if isinstance(audio, dict) and "id" in audio:
+                    return "an earlier audio answer by id"
     return in_parts
 
 
@@ -468,6 +472,7 @@ def _unseen_part(part: dict[str, Any], kind: Any) -> str | None:
 
 
 _BY_REFERENCE = {"item_reference": "an item_reference", "container_upload": "a container_upload"}
+_SPECIAL_KINDS = frozenset(("input_file", "file", "document", *_BY_REFERENCE, *_IMAGE_TYPES))
 
 
 def estimate_answer_tokens(answer: Any) -> int:
