@@ -335,7 +335,7 @@ async def test_a_tenant_whose_bodies_take_the_loop_is_refused_and_others_are_ser
     took the shared loop: such reading is charged to the tenant (tenant_work_share), and past
     its burst the tenant is refused before its next body is read; another tenant is not."""
     gw = await make_gateway(admission={"self_protection": {
-        "tenant_work_share": 0.01, "tenant_work_burst_s": 0.001}})
+        "tenant_work_share": 0.1, "tenant_work_burst_s": 0.001}})
     heavy = tools_of(b"[]", 70_000)  # 490,000 of the default 500,000 values: a 400 for size
     headers = auth(ACME_KEY, **{"Content-Type": "application/json"})
     first = await gw.post("/v1/chat/completions", data=heavy, headers=headers)
@@ -344,7 +344,7 @@ async def test_a_tenant_whose_bodies_take_the_loop_is_refused_and_others_are_ser
     again = await gw.post("/v1/chat/completions", data=heavy, headers=headers)
     answer = await again.json()
     assert again.status == 429 and answer["error"]["code"] == "too_much_request_work", answer
-    assert float(again.headers["retry-after-ms"]) >= 1000  # >= 10 ms of work at 1 %
+    assert float(again.headers["retry-after-ms"]) >= 100  # >= 10 ms of work at 10 %
     assert again.headers.get("x-should-retry") != "false"  # the SDKs retry it
     await served(gw)  # umbrella, another tenant
 
