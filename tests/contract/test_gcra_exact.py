@@ -204,7 +204,9 @@ ops = st.lists(st.tuples(st.sampled_from(["admit", "admit", "settle", "offline",
 
 
 @pytest.mark.redis
-@settings(max_examples=10_000, deadline=None,
+# 6,000 examples: about 15 s against a real Redis (10,000 took 25 s of a suite held to 10
+# minutes on 2 cores); the explicit examples below pin the cases found before.
+@settings(max_examples=6_000, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(start=st.integers(0, MAX_CLOCK_MS), interval=intervals,
        burst=st.integers(1, 10**6) | st.integers(1, 5), edge=st.sampled_from(
