@@ -91,7 +91,9 @@ def _weigh(text: bytes) -> int:
                                                                     + text.count(b"{"))
 
 
-PARSED_VALUES = 100_000  # what a request's strings may hold together, parsed: ~15-60 ms
+# What a request's strings may hold together, parsed (~15-60 ms), for each reader of them:
+# the loop detector and translation have an allowance each.
+PARSED_VALUES = 100_000
 
 
 class ParseAllowance:
@@ -102,6 +104,7 @@ class ParseAllowance:
 
     def __init__(self, values: int = PARSED_VALUES) -> None:
         self.left = values
+        self.exhausted = False  # a string was refused: what was not parsed must not be kept
 
     def loads(self, text: str) -> Any:
         """``orjson.loads(text)``; ``Exhausted`` (nothing parsed) when it holds more values
@@ -109,6 +112,7 @@ class ParseAllowance:
         raw = text.encode("utf-8", "surrogatepass")
         values = _counted(raw, self.left)  # (each string counts, however short)
         if values > self.left:
+            self.exhausted = True
             raise Exhausted(values)
         self.left -= values
         return orjson.loads(raw)

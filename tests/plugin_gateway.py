@@ -86,3 +86,18 @@ async def settled(client: GatewayClient) -> None:
     from gateway.app.server import GATEWAY
 
     await client.app[GATEWAY].policy.limiter.drain()
+
+
+def token_budget_spent(client: GatewayClient, tenant: str = "acme") -> int:
+    """The tenant's daily token budget counter, on a gateway with the memory backend."""
+    import time
+
+    from gateway.app.server import GATEWAY
+    from gateway.limits.periods import period_keys
+    from gateway.state import MemoryBackend
+
+    state = client.app[GATEWAY].state
+    assert isinstance(state, MemoryBackend)
+    daily = next(p for name, p, _, _ in period_keys(time.time()) if name == "daily")
+    return int(state.limits._get(f"rl:{{t:{tenant}}}:b:tokens:{daily}",
+                                 state.limits.now_ms()) or 0)

@@ -213,6 +213,7 @@ class DeferredRunner:
             record.model, record.agent_session = call.model, call.agent_session
             record.agent_step = call.agent_step
             record.prompt_tokens_estimate = call.prompt_tokens_estimate
+            record.unseen_input_reserved = hold.unseen_tokens
             if not targets:
                 raise GatewayError(400, f"The model '{call.model}' is not served on "
                                    f"{route.path}.", code="model_not_supported_on_route")

@@ -133,6 +133,11 @@ class Hold:
     rate_tokens: int | None = None
 
     @property
+    def unseen_tokens(self) -> int:
+        """Input reserved of budgets beyond the body's estimate (``unseen_input_tokens``)."""
+        return 0 if self.rate_tokens is None else self.reserved_tokens - self.rate_tokens
+
+    @property
     def sent_tokens(self) -> int:
         """What the request may take of provider quotas and admission's token counts."""
         return self.reserved_tokens if self.rate_tokens is None else self.rate_tokens

@@ -91,7 +91,8 @@ class Engine:
         self.active_s = 0.0  # the phases' time
         self.ended_s = 0.0  # with the drain
         self._runs: set[asyncio.Task[None]] = set()
-        self._hook_tasks: list[asyncio.Task[dict[str, Any]]] = []
+        # Each hook's task, and what the report says of it if it is cut short at the end.
+        self._hook_tasks: list[tuple[asyncio.Task[dict[str, Any]], dict[str, Any]]] = []
         self._run_ids = itertools.count(1)
         self._attempts = 0
         self._accepting = True  # new runs
@@ -146,11 +147,13 @@ class Engine:
                 task.cancel()
             if self._runs:
                 await asyncio.wait(self._runs, timeout=10)
-            for hook in self._hook_tasks:
+            for hook, _ in self._hook_tasks:
                 hook.cancel()
-            for result in await asyncio.gather(*self._hook_tasks, return_exceptions=True):
-                if isinstance(result, dict):
-                    self.hooks.append(result)
+            results = await asyncio.gather(*(t for t, _ in self._hook_tasks),
+                                           return_exceptions=True)
+            for result, (_, cut) in zip(results, self._hook_tasks):
+                # A hook still running at the end did not do its job in its phase: failed.
+                self.hooks.append(result if isinstance(result, dict) else cut)
             monitor.cancel()
             await asyncio.gather(monitor, return_exceptions=True)
             await self._session.close()
@@ -168,10 +171,14 @@ class Engine:
                             "end_s": round(start - self.t0 + phase.duration_s, 3),
                             "arrival": phase.arrival.model_dump(exclude_defaults=True)})
         if phase.hook is not None:
-            self._hook_tasks.append(asyncio.create_task(run_hook(
+            task = asyncio.create_task(run_hook(
                 phase.hook, phase=phase.name, scenario=self.scenario.name,
                 target=self.options.target, allowed=self.options.allow_hooks,
-                at_s=start - self.t0)))
+                at_s=start - self.t0))
+            self._hook_tasks.append((task, {
+                "phase": phase.name, "at_s": round(start - self.t0, 3),
+                "command": phase.hook.command, "exit_status": None, "timed_out": True,
+                "output": "still running when the load test ended"}))
         end = start + phase.duration_s
         cumulative = list(itertools.accumulate(self.scenario.weights(phase)))
         # Arrival times and workload choices from their own generator per phase, so one seed

@@ -88,7 +88,7 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         # whose request reached the upstream and left no usage is charged a prompt estimate,
         # once, here (docs/architecture.md "Accounting").
         ctx.record.usage.input_tokens += ctx.record.attempts_unaccounted \
-            * ctx.call.prompt_tokens_estimate
+            * ctx.record.input_if_unreported
 
 
 async def _attempt_loop(ctx: CallContext) -> web.StreamResponse:

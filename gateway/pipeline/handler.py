@@ -74,6 +74,9 @@ async def _pipeline(
     raw = await _read_body(request, config.server.max_body_bytes,
                            config.server.body_read_timeout_s)
     body_hold.keep(len(raw))  # what it turned out to be, for the rest of the request
+    # Again once read: bodies of many connections sent slowly all passed the check before
+    # theirs arrived, and would otherwise be parsed together past the tenant's share.
+    svc.self_protection.check_work(tenant.name)
     # (The tenant's limits have not run yet: this reading is charged to its work budget.)
     with svc.self_protection.working(tenant.name):
         body = parse_json_body(raw, config.server.max_body_values)
@@ -129,6 +132,7 @@ async def _pipeline(
             rate_exempt=route.request_only
             and route_name(route) in config.tenants[tenant.name].limits.exempt_routes)
     record.limits_s = svc.clock() - began
+    record.unseen_input_reserved = hold.unseen_tokens
     if hold.run is not None:
         record.run = hold.run_totals
     if loop_header is not None:

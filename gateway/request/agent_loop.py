@@ -82,7 +82,8 @@ class CanonicalCache:
         found = self._values.get(arguments)
         if found is None:
             found = _canonical(arguments, allowance)
-            if len(arguments) <= self._max_len:
+            # (Not one compared as sent for want of allowance: the cache is every tenant's.)
+            if len(arguments) <= self._max_len and not allowance.exhausted:
                 if len(self._values) >= self._max_entries:
                     self._values.clear()
                 self._values[arguments] = found

@@ -59,6 +59,9 @@ class RequestRecord:
     cost: float = 0.0  # cost_micros / 1e6, for logs and metrics
     cost_micros: int = 0  # the exact charge in micro-units (gateway/usage.py)
     prompt_tokens_estimate: int = 0
+    # Input the body refers to and does not carry, as the budgets reserved it (Hold): charged
+    # with the estimate when the upstream reports no input (a cut stream, a cancelled call).
+    unseen_input_reserved: int = 0
     context_window: int = 0
     agent_session: str | None = None
     agent_step: str | None = None
@@ -69,6 +72,11 @@ class RequestRecord:
     loop_action: str | None = None  # what was done about it: warn | refuse | shadow
     # the dialect of the deployment tried last; differs from the route's when translated
     upstream_dialect: str | None = None
+
+    @property
+    def input_if_unreported(self) -> int:
+        """The input charged for an upstream call that reported none."""
+        return self.prompt_tokens_estimate + self.unseen_input_reserved
 
     def set_cost(self, micros: int) -> None:
         self.cost_micros = micros

@@ -45,7 +45,7 @@ def upstream_answer(
     if not (content_type.endswith("json") and body[:1] in (b"{", b"[")):
         error = upstream_failure(502, f"The upstream {label} answered {status} with a non-JSON "
                                  "body.", "upstream_bad_response")
-        if status < 500 and status not in _RETRYABLE_4XX:  # it refused this request
+        if 400 <= status < 500 and status not in _RETRYABLE_4XX:  # it refused this request
             error.headers = {**error.headers, **_FINAL}
         raise error
     headers = {"Content-Type": "application/json", **extra_headers}
@@ -93,7 +93,7 @@ async def relay_whole(
         usage.merge(upstream_answer_json)
         # Charge an estimate rather than nothing for a side the upstream did not report
         # (reported stays as it was: whether a usage object came at all).
-        usage.fill_in(record.prompt_tokens_estimate,
+        usage.fill_in(record.input_if_unreported,
                       0 if usage.output_seen else estimate_answer_tokens(upstream_answer_json))
         record.usage = usage
     record.status = upstream.status
@@ -153,7 +153,7 @@ async def relay_stream(
         # missing or unreadable) is estimated, not free: the provider read the prompt and
         # sent these deltas.
         relayed = relay.relayed_output_tokens
-        record.usage.fill_in(call.prompt_tokens_estimate, relayed)
+        record.usage.fill_in(record.input_if_unreported, relayed)
         if not relay.usage_final:  # cut before the final usage: a start event's is partial
             record.usage.output_tokens = max(record.usage.output_tokens, relayed)
     await _write_eof_quietly(request, response)

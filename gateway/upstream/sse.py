@@ -35,18 +35,20 @@ _DELTA = re.compile(rb'"delta"|output_text\.delta')
 _LEGACY_CHUNK = re.compile(rb'"object"\s*:\s*"text_completion"')
 # The generated output an event carries, in every dialect, still JSON-escaped, for a cut
 # stream's output estimate (text / 4, as for a whole answer): chat content, tool names and
-# arguments, refusal, reasoning, audio transcript and data; Anthropic text, thinking,
-# signature, partial_json and a block that starts whole (redacted thinking's data); the
-# Responses API's delta strings and partial images. Any event, not only deltas: a stream whose
-# output came in events the count missed was charged a token each.
+# arguments, refusal, reasoning, audio transcript; Anthropic text, thinking, signature,
+# partial_json; the Responses API's delta strings. Any event, not only deltas: a stream whose
+# output came in events the count missed was charged a token each. Not base64 (audio data,
+# partial images: bytes, not tokens), except a redacted-thinking block's data, which stands
+# for thinking tokens billed as output.
 _OUTPUT_TEXT = re.compile(
     rb'"(?:content|text|arguments|name|refusal|reasoning|reasoning_content|thinking|'
-    rb'signature|partial_json|delta|transcript|data|partial_image_b64)"\s*:\s*'
-    rb'"([^"\\]*(?:\\.[^"\\]*)*)"')
+    rb'signature|partial_json|delta|transcript)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
+_REDACTED_DATA = re.compile(rb'"data"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 # Events that repeat output already counted (the Responses API's *.done events and whole
-# response objects) or carry none: not counted again.
-_REPEATS = re.compile(rb'"type"\s*:\s*"response\.(?:[a-z_.]*\.done|created|in_progress|'
-                      rb'completed|incomplete|failed|queued)"')
+# response objects) or carry input, not output (the results of tools the provider ran: web
+# search and fetch, code execution, MCP): not counted.
+_NOT_OUTPUT = re.compile(rb'"type"\s*:\s*"(?:response\.(?:[a-z_.]*\.done|created|in_progress|'
+                         rb'completed|incomplete|failed|queued)|[a-z_]*tool_result)"')
 _TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
              b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
              b'"type": "message_stop"',
@@ -112,8 +114,10 @@ class SseRelay:
         if _DELTA.search(event) or (_LEGACY_CHUNK.search(event)
                                      and not _EMPTY_CHOICES.search(event)):
             self.deltas += 1
-        if not _REPEATS.search(event):
+        if not _NOT_OUTPUT.search(event):
             self.output_text_bytes += sum(map(len, _OUTPUT_TEXT.findall(event)))
+            if b'"redacted_thinking"' in event:
+                self.output_text_bytes += sum(map(len, _REDACTED_DATA.findall(event)))
         if any(marker in event for marker in _TERMINAL):
             self.finished = True
         if not _USAGE_OBJECT.search(event):

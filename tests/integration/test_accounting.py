@@ -16,13 +16,11 @@ import yaml
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.app.server import GATEWAY
 from gateway.config.model import Price, load_config
 from gateway.request.auth import hash_key
-from gateway.state import MemoryBackend
 from gateway.usage import Rates, Usage, cost_micros, micros
 from tests.gwtest import ACME_KEY, auth, log_fields, policy_dict
-from tests.plugin_gateway import GatewayClient, MakeGateway, settled
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled, token_budget_spent
 
 ADMIN_KEY = "sk-admin-accounting"
 
@@ -144,18 +142,6 @@ def _anthropic_cached(text: str) -> dict[str, Any]:
             "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def _token_budget_used(gw: GatewayClient) -> int:
-    import time
-
-    from gateway.limits.periods import period_keys
-
-    state = gw.app[GATEWAY].state
-    assert isinstance(state, MemoryBackend)
-    daily = next(p for name, p, _, _ in period_keys(time.time()) if name == "daily")
-    value = state.limits._get(f"rl:{{t:acme}}:b:tokens:{daily}", state.limits.now_ms())
-    return int(value or 0)
-
-
 @pytest.mark.parametrize(("setting", "counts_reads"),
                          [("auto", False), ("exclude", False), ("count", True)])
 async def test_token_budget_counts_cache_reads_as_configured(
@@ -166,12 +152,12 @@ async def test_token_budget_counts_cache_reads_as_configured(
     body = _anthropic_cached("Long instructions. " * 200)
     first = await (await gw.post("/v1/messages", json=body, headers=auth())).json()
     await settled(gw)
-    before = await _token_budget_used(gw)
+    before = token_budget_spent(gw)
     second = await (await gw.post("/v1/messages", json=body, headers=auth())).json()
     await settled(gw)
     read = second["usage"]["cache_read_input_tokens"]
     assert read == first["usage"]["cache_creation_input_tokens"] > 0
-    charged = await _token_budget_used(gw) - before
+    charged = token_budget_spent(gw) - before
     expected = second["usage"]["input_tokens"] + second["usage"]["output_tokens"] + \
         second["usage"]["cache_creation_input_tokens"] + (read if counts_reads else 0)
     assert charged == expected
@@ -190,7 +176,7 @@ async def test_cache_reads_count_as_the_provider_that_served_them_counts_them(
     headers = auth(**{"x-mock-cached-share": "0.9"})
     await (await gw.post(route, json=body, headers=headers)).read()
     await settled(gw)
-    before = await _token_budget_used(gw)
+    before = token_budget_spent(gw)
     answer = await (await gw.post(route, json=body, headers=headers)).json()
     await settled(gw)
     usage = answer["usage"]
@@ -201,7 +187,7 @@ async def test_cache_reads_count_as_the_provider_that_served_them_counts_them(
         read = usage["prompt_tokens_details"]["cached_tokens"]
         total = usage["prompt_tokens"] + usage["completion_tokens"]
     assert read > 0.8 * total
-    assert await _token_budget_used(gw) - before == total
+    assert token_budget_spent(gw) - before == total
 
 
 async def test_ten_step_agent_with_90_percent_cached_input_is_charged_the_price_table(

@@ -321,7 +321,7 @@ async def test_an_entry_waiting_for_a_slot_is_not_read_again_and_again(
         make_gateway, url, clean_redis,
         admission={"concurrency": {"min_limit": 1, "initial_limit": 1, "max_limit": 1}})
     busy = asyncio.create_task(gw.post(
-        "/v1/chat/completions", json=chat(), headers=auth(**{"x-mock-delay": "1.0"})))
+        "/v1/chat/completions", json=chat(), headers=auth(**{"x-mock-delay": "2.0"})))
     await eventually(lambda: len(mock.calls) == 1)
     entry = (await submit(gw))["id"]
     await asyncio.sleep(0.8)  # three or four tries, every one without a slot

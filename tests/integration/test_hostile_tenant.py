@@ -22,7 +22,7 @@ from gateway.app.server import GATEWAY
 from gateway.jsonbytes import MAX_DEPTH, PARSED_VALUES, dumps_kept
 from gateway.upstream import pool
 from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, chat
-from tests.plugin_gateway import GatewayClient, MakeGateway, settled
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled, token_budget_spent
 
 TWO_SLOTS = {"concurrency": {"min_limit": 2, "initial_limit": 2, "max_limit": 2}}
 
@@ -419,3 +419,61 @@ async def test_tool_arguments_too_costly_to_translate_are_a_400(
     assert resp.status == 400, error
     assert error["param"] == "messages.1.tool_calls.0.function.arguments", error
     assert "JSON values" in error["message"]
+
+
+async def test_a_body_that_arrives_after_the_tenants_work_is_spent_is_not_read(
+        make_gateway: MakeGateway) -> None:
+    """The work budget is checked before a body is read, so many connections holding back
+    their last byte all passed it, and were parsed together once released. It is checked
+    again once the body has arrived."""
+    gw = await make_gateway(admission={"self_protection": {
+        "tenant_work_share": 0.1, "tenant_work_burst_s": 0.001}})
+    host, port = gw.make_url("").host, gw.make_url("").port
+    assert host is not None and port is not None
+    heavy = tools_of(b"[]", 70_000)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + ACME_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(heavy)).encode() + b"\r\n\r\n" + heavy[:-1])
+        await writer.drain()
+        await asyncio.sleep(0.2)  # past the first check, its body not yet complete
+        first = await gw.post("/v1/chat/completions", data=heavy, headers=auth(
+            ACME_KEY, **{"Content-Type": "application/json"}))
+        assert first.status == 400  # read, parsed and charged: past the tenant's burst
+        writer.write(heavy[-1:])
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 429"), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = orjson.loads(await reader.readexactly(length))
+        assert body["error"]["code"] == "too_much_request_work", body
+    finally:
+        writer.close()
+
+
+async def test_input_it_referred_to_is_charged_when_the_upstream_reports_none(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """A call that refers to input it does not carry and ends without a usage report (a
+    stream cut before it, a cancelled call, an answer without one) was charged the body's
+    estimate: 20 tokens for a stored conversation the provider read whole. It is charged the
+    input the budgets reserved for it."""
+    async def responses(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"id": "resp_1", "object": "response", "status": "completed",
+                                  "output": [{"type": "message", "role": "assistant",
+                                              "content": [{"type": "output_text",
+                                                           "text": "ok"}]}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(str(server.make_url("")).rstrip("/"), tenants={
+        "acme": {"budget": {"daily_tokens": 1_000_000}}})
+    before = token_budget_spent(gw)
+    resp = await gw.post("/v1/responses", json={
+        "model": "gpt-test", "input": "go", "previous_response_id": "resp_0",
+        "max_output_tokens": 10}, headers=auth())
+    assert resp.status == 200, await resp.text()
+    await settled(gw)
+    assert token_budget_spent(gw) - before >= 128_000 - 10 - 10  # the window less the answer

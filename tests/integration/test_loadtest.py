@@ -354,7 +354,7 @@ def test_a_drill_whose_hook_failed_exits_4_and_says_so(
     """A failed hook (the fault never injected) was one trailing line and exit 0: a drill in
     CI passed without its outage."""
     scenario = minimal(target="http://127.0.0.1:9", drain_s=0, phases=[
-        {"name": "down", "duration_s": 0.3, "arrival": {"process": "poisson", "rate": 1},
+        {"name": "down", "duration_s": 1.0, "arrival": {"process": "poisson", "rate": 1},
          "hook": {"command": "echo cannot stop it; exit 3"}}])
     path = tmp_path / "drill.yaml"
     path.write_text(yaml.safe_dump(scenario))
@@ -366,7 +366,7 @@ def test_a_drill_whose_hook_failed_exits_4_and_says_so(
         in out.out
     assert "1 hook(s) failed (phases down)" in out.err
     ok = minimal(target="http://127.0.0.1:9", drain_s=0, phases=[
-        {"name": "up", "duration_s": 0.3, "arrival": {"process": "poisson", "rate": 1},
+        {"name": "up", "duration_s": 1.0, "arrival": {"process": "poisson", "rate": 1},
          "hook": {"command": "true"}}])
     path.write_text(yaml.safe_dump(ok))
     assert loadtest_main([str(path), "--allow-hooks", "--no-live", "--out",

@@ -126,6 +126,14 @@ def test_output_in_any_event_of_a_cut_stream_is_charged_once() -> None:
     relay = SseRelay("openai", strip_usage_chunk=False)
     _run(relay, [delta * 5 + done + item])
     assert relay.relayed_output_tokens == 5000
+    # Base64 is bytes, not tokens (a second of audio would have been 16,000), and a tool the
+    # provider ran brings input, not output.
+    audio_data = _event({"choices": [{"delta": {"audio": {"data": "A" * 64_000}}}]})
+    fetched = _event({"type": "content_block_start", "index": 1, "content_block": {
+        "type": "web_fetch_tool_result", "content": {"text": text * 5}}}, "content_block_start")
+    relay = SseRelay("anthropic", strip_usage_chunk=False)
+    _run(relay, [audio_data + fetched])
+    assert relay.relayed_output_tokens == 1  # the audio delta, a token
 
 
 def test_anthropic_usage_comes_from_start_and_delta_events() -> None:
