@@ -197,8 +197,8 @@ class DeferredRunner:
             # deployments (the stored model's, before the body is read), or a tenant past
             # its work budget, is no call; what is read is charged to the tenant.
             model = config.models.get(fields["model"].decode())
-            if model is not None and free_low_slots(svc.admission, [
-                    f"{d.provider}/{d.model}" for d in model.deployments]) <= 0:
+            if model is not None and free_low_slots(
+                    svc.admission, [d.label for d in model.deployments]) <= 0:
                 return self._no_call(record, info, "no_capacity")
             try:
                 svc.self_protection.check_work(claim.tenant)

@@ -90,6 +90,4 @@ class LabelBounds:
         self.tenants = frozenset(config.tenants)
         self.models = frozenset(config.models)
         self.deployments = frozenset(
-            f"{d.provider}/{d.model}"  # == Target.label
-            for m in config.models.values() for d in m.deployments
-        )
+            d.label for m in config.models.values() for d in m.deployments)

@@ -65,7 +65,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        return f"{self.provider_name}/{self.upstream_model}"
+        return self.deployment.label
 
 
 class UpstreamPool:

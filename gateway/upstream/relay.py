@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from gateway.errors import GatewayError, upstream_failure
+from gateway.errors import GatewayError, retry_headers, upstream_failure
 from gateway.request import ProxyCall, estimate_answer_tokens
 from gateway.translate import Translation
 
 from .pool import FORWARDED_RESPONSE_HEADERS, UpstreamAttempt
+from .retry import RETRYABLE_4XX
 from .sse import SseRelay, Usage
 from .transport import UpstreamResponse
 
@@ -24,10 +25,6 @@ if TYPE_CHECKING:
 
 def is_event_stream(response: UpstreamResponse) -> bool:
     return response.content_type == "text/event-stream"
-
-
-_FINAL = {"x-should-retry": "false"}
-_RETRYABLE_4XX = frozenset({408, 409, 429})  # what the SDKs retry below 500
 
 
 def upstream_answer(
@@ -40,13 +37,13 @@ def upstream_answer(
         # and one no retry mends (an SDK retries a 502 twice, each sent to the provider).
         error = upstream_failure(502, f"The upstream {label} refused the gateway's "
                                  "credentials.", "upstream_auth_error")
-        error.headers = {**error.headers, **_FINAL}
+        error.headers = {**error.headers, **retry_headers(None)}
         raise error
     if not (content_type.endswith("json") and body[:1] in (b"{", b"[")):
         error = upstream_failure(502, f"The upstream {label} answered {status} with a non-JSON "
                                  "body.", "upstream_bad_response")
-        if 400 <= status < 500 and status not in _RETRYABLE_4XX:  # it refused this request
-            error.headers = {**error.headers, **_FINAL}
+        if 400 <= status < 500 and status not in RETRYABLE_4XX:  # it refused this request
+            error.headers = {**error.headers, **retry_headers(None)}
         raise error
     headers = {"Content-Type": "application/json", **extra_headers}
     for name in FORWARDED_RESPONSE_HEADERS:

@@ -150,9 +150,13 @@ def _refusal(failure: AttemptFailure) -> str | None:
     if failure.kind != "http_status":
         return None
     status = failure.status or 0
-    if status in (408, 409, 429) or (status >= 500 and status != 501):
+    if status in RETRYABLE_4XX or (status >= 500 and status != 501):
         return None  # 501 Not Implemented fails the same way every time
     return "not_retryable"
+
+
+# Below 500, what the official SDKs retry, and so does the gateway.
+RETRYABLE_4XX = frozenset({408, 409, 429})
 
 
 def backoff_s(policy: RetryPolicy, retry: int, rng: random.Random, floor_s: float = 0.0) -> float:
