@@ -134,10 +134,10 @@ class SseRelay:
 
     @property
     def relayed_output_tokens(self) -> int:
-        """Output tokens the relayed deltas carried, as estimated: a token each at least, and
-        their text / 4 as for a whole answer (a provider sends several tokens a delta: a
-        client that closed before Anthropic's message_delta was charged 10 tokens for the
-        2,000 it received)."""
+        """Output tokens the relayed events carried, as estimated: a token a delta at least,
+        and the output text of every event / 4 as for a whole answer (a provider sends several
+        tokens a delta: a client that closed before Anthropic's message_delta was charged 10
+        tokens for the 2,000 it received)."""
         return max(self.deltas, math.ceil(self.output_text_bytes / 4))
 
     def final_usage(self) -> Usage:
