@@ -51,6 +51,9 @@ class Usage:
     # as absent and are estimated (``fill_in``): ``{}`` once made a request free.
     input_seen: bool = False
     output_seen: bool = False
+    # The id of the Responses API answer this usage came with, when the provider stores it
+    # (``store`` not false): a follow-up may refer to it by ``previous_response_id``.
+    response_id: str | None = None
 
     @property
     def cache_write_tokens(self) -> int:
@@ -101,6 +104,13 @@ class Usage:
                 usage = inner.get("usage")
         if not isinstance(usage, dict):
             return False
+        # A Responses body, or an event carrying one (response.completed / .incomplete)
+        answer = data if data.get("object") == "response" else data.get("response")
+        if isinstance(answer, dict) and answer.get("object") == "response":
+            ident = answer.get("id")
+            stored = answer.get("store") is not False and isinstance(ident, str) \
+                and len(ident) <= MAX_RESPONSE_ID
+            self.response_id = ident if stored else None
         if data.get("type") in _ANTHROPIC_TYPES or any(k in usage for k in _ANTHROPIC_ONLY):
             self._merge_anthropic(usage)
         else:
@@ -160,6 +170,9 @@ class Usage:
         self.rejected_prediction_tokens = min(out, _count(details, "rejected_prediction_tokens")
                                               or 0)
 
+
+# Longer ids are not remembered (no provider's is near it; the memory's entries stay small).
+MAX_RESPONSE_ID = 256
 
 # Anthropic's objects (a message body, the stream events that carry usage) and the fields only
 # its usage object has: either decides which arithmetic applies.

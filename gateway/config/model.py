@@ -466,6 +466,12 @@ class State(StrictModel):
     timeout_s: PositiveFloat = Field(0.25, description="per Redis call; keep it tight")
     key_prefix: str = Field("gw:", description="prefix of every Redis key, so gateways "
                             "can share a Redis")
+    remember_responses_s: float = Field(
+        3600.0, ge=0, description="how long the size of each stored /v1/responses answer is "
+        "remembered, so that a follow-up by previous_response_id reserves of budgets and run "
+        "caps the conversation it refers to rather than the model's whole context window; "
+        "about 130 bytes of Redis per answer; 0: not remembered"
+    )
     degraded: Degraded = Degraded()
 
 

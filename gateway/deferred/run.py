@@ -228,6 +228,7 @@ class DeferredRunner:
                 response = await attempt_loop(ctx)
             finally:
                 called = bool(record.attempt_log)
+                policy.limiter.remember_response(claim.tenant, record.usage)
             result = _result(response)
         except GatewayError as exc:
             if not called and exc.transient:

@@ -52,6 +52,7 @@ from .degraded import DegradedMode
 from .leases import LeaseBoard
 from .periods import period_keys
 from .promises import PromiseBook
+from .responses import ResponseSizes, response_key
 from .runs import RunBoard, is_run_check, run_cap, run_checks, session_id, usage_after, warning
 
 log = logging.getLogger("gateway.limits")
@@ -99,6 +100,8 @@ class Reservation:
     # What made it reserve input the body does not carry, and the context window it reserved
     # up to (``unseen_input_tokens``); None: its prompt is the body's estimate.
     unseen: tuple[str | None, int] | None = None
+    # Of ``prompt``: the size remembered for the stored response it refers to (responses.py).
+    stored: int = 0
 
 
 @dataclass(slots=True)
@@ -143,15 +146,18 @@ class Hold:
         return self.reserved_tokens if self.rate_tokens is None else self.rate_tokens
 
 
-def unseen_input_tokens(call: ProxyCall, model: Model, max_out: int) -> int:
+def unseen_input_tokens(call: ProxyCall, model: Model, max_out: int,
+                        known: int | None = None) -> int:
     """Input the provider may read beyond the body (``ProxyCall.unseen_input``), reserved of
     budgets: up to the context window less the answer's cap, over the prompt estimate. A
     stored conversation by ``previous_response_id`` of 120,000 tokens reserved 20 and spent
-    120,010, twice, past a 200,000-token budget."""
+    120,010, twice, past a 200,000-token budget. ``known``: the size remembered for the
+    stored response it refers to (responses.py), reserved instead, within the same bound."""
     if call.unseen_input is None:
         return 0
-    return max(0, model.context_window - max_out // max(1, call.choices)
-               - call.prompt_tokens_estimate)
+    bound = max(0, model.context_window - max_out // max(1, call.choices)
+                - call.prompt_tokens_estimate)
+    return bound if known is None else min(known, bound)
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
@@ -180,6 +186,8 @@ class InFlight:
         self.runs = RunBoard(wall_clock)
         # Canonical tool-call arguments already seen (the loop detector, request/agent_loop.py).
         self.canonical = CanonicalCache()
+        # Sizes of stored Responses answers, for follow-ups that refer to them (responses.py).
+        self.responses = ResponseSizes(clock)
         # Called once per run (on this replica) at its first refusal by a cap: the metric.
         self.on_run_stop: Callable[[str, str], None] | None = None
         # Which store counter each remembered figure came from (tenant, "daily_tokens") -> key,
@@ -239,7 +247,9 @@ class Limiter:
         tokens = 0 if count_only else call.prompt_tokens_estimate + max_out
         # Budgets are hard caps: input the body does not carry is reserved up to the context
         # window there; rate limits reserve the estimate and settle the rest.
-        unseen = 0 if count_only else unseen_input_tokens(call, model, max_out)
+        known = None if count_only or call.stored_response is None else \
+            await self._stored_size(call.tenant.name, call.stored_response)
+        unseen = 0 if count_only else unseen_input_tokens(call, model, max_out, known)
         budget_tokens = tokens + unseen
         cost_units = 0 if count_only else reservation_cost_micros(
             call.prompt_tokens_estimate + unseen, max_out, model.price.rates)
@@ -280,7 +290,8 @@ class Limiter:
             self._track_run(call, hold, plan, result, tenant)
         if not result.allowed:
             index, wait_ms = self._longest_wait(plan, result, waited)
-            reservation = _reservation(call, tenant, model, max_out, unseen, plan, result) \
+            reservation = _reservation(call, tenant, model, max_out, unseen, known, plan,
+                                       result) \
                 if isinstance(plan.checks[index], Counter) else None
             raise _refusal(plan.checks[index], result.results[index], meta.get(index, ""),
                            hold.headers, planned_at, wait_ms, reservation)
@@ -622,6 +633,43 @@ class Limiter:
         if provider_kind is not None and tenant in self._config.tenants:
             hold.counting = self._counting(tenant, provider_kind)
 
+    def remember_response(self, tenant: str, usage: Usage) -> None:
+        """Remember a stored Responses answer's size (its input plus its output, as the
+        provider reported them) for the follow-ups that refer to it (responses.py): here at
+        once, and in the store for the other replicas, off the client's path."""
+        ttl_s = self._config.state.remember_responses_s
+        if usage.response_id is None or not usage.input_seen or ttl_s <= 0:
+            return  # not stored, or its size not reported: follow-ups reserve the window
+        key = response_key(tenant, usage.response_id)
+        tokens = usage.input_tokens + usage.output_tokens
+        self._inflight.responses.remember(key, tokens, ttl_s)
+        if self._state.shared_redis() is None or self.degraded.active:
+            return
+        task = asyncio.get_running_loop().create_task(self._share_size(key, tokens, ttl_s))
+        self._settling.add(task)  # (drained at shutdown with the settlements)
+        task.add_done_callback(self._settling.discard)
+
+    async def _share_size(self, key: str, tokens: int, ttl_s: float) -> None:
+        try:
+            await self._state.set(store_keys.response_size(key), b"%d" % tokens,
+                                  max(1, int(ttl_s * 1000)))
+        except StateUnavailable:
+            pass  # other replicas reserve the window for its follow-ups, as before
+
+    async def _stored_size(self, tenant: str, response_id: str) -> int | None:
+        """The size remembered for a stored answer: this replica's, else the store's; None
+        when neither knows it (or the store cannot answer now)."""
+        key = response_key(tenant, response_id)
+        known = self._inflight.responses.size(key)
+        if known is not None or self._state.shared_redis() is None or self.degraded.active \
+                or self._config.state.remember_responses_s <= 0:
+            return known
+        try:
+            value = await self._state.get(store_keys.response_size(key))
+        except StateUnavailable:
+            return None  # (the admission that follows finds out about the store)
+        return int(value) if value is not None and value.isdigit() else None
+
     def _claim(self, hold: Hold, usage: Usage, cost_units: int) -> SettlePlan | None:
         """Mark the hold settled (once) and give the plan to write to the store, or None when
         there is nothing to write there (already settled, no limits, or degraded mode, which
@@ -793,12 +841,13 @@ def _leases_only(plan: AdmitPlan, result: AdmitResult) -> tuple[str, ...]:
 
 
 def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int, unseen: int,
-                 plan: AdmitPlan, result: AdmitResult) -> Reservation:
+                 known: int | None, plan: AdmitPlan, result: AdmitResult) -> Reservation:
     """The refused request's reservation, and the largest output cap per choice with which
     it would pass every budget that refused it (refusal path only; none when it reserves
-    input the body does not carry: that grows as the cap shrinks)."""
+    the window for input the body does not carry: that grows as the cap shrinks)."""
     prompt, choices = call.prompt_tokens_estimate + unseen, max(1, call.choices)
-    fits: int | None = None if unseen else max_out // choices
+    window = unseen and known is None
+    fits: int | None = None if window else max_out // choices
     for check, res in zip(plan.checks, result.results):
         if res.allowed or check.shadow or not isinstance(check, Counter) or \
                 is_run_check(check):
@@ -823,7 +872,8 @@ def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int, un
     return Reservation(prompt, max_out, choices, call.max_tokens is not None,
                        present[0] if present else usual, tenant.default_max_tokens,
                        model.price.rates, fits,
-                       (call.unseen_input, model.context_window) if unseen else None)
+                       (call.unseen_input, model.context_window) if window else None,
+                       unseen if unseen and not window else 0)
 
 
 def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
@@ -848,9 +898,13 @@ def _what_it_reserves(r: Reservation) -> str:
     where that cap came from), and the cap that would fit, if one would."""
     if r.unseen is not None:
         what, window = r.unseen
+        remembered = (" (or refer to an answer this gateway served within "
+                      "state.remember_responses_s: its size is reserved)"
+                      if what == "previous_response_id" else "")
         return (f": up to the model's context window of {window:,} tokens, for the input its "
                 f"{what} makes the provider read, which the body does not carry, and its "
-                "answer. Send that input in the body instead to reserve its size alone.")
+                f"answer. Send that input in the body instead to reserve its size "
+                f"alone{remembered}.")
     if not r.output:
         return f" for its input (about {r.prompt:,} tokens)."
     per_choice = r.output // r.choices
@@ -863,10 +917,14 @@ def _what_it_reserves(r: Reservation) -> str:
     else:
         why = (f"the model's output limit {per_choice:,}{times} (reserved when a request "
                f"sets no {r.cap_field})")
-    text = f": its prompt (about {r.prompt:,} tokens) and, for the answer, {why}."
+    prompt = f"its prompt (about {r.prompt:,} tokens)" if not r.stored else (
+        f"its prompt (about {r.prompt - r.stored:,} tokens), the stored conversation its "
+        f"previous_response_id refers to ({r.stored:,} tokens, as that response reported)")
+    text = f": {prompt} and, for the answer, {why}."
     if r.fits:
         return text + f" Set {r.cap_field} to {r.fits:,} or less to fit."
-    return text + " Its prompt alone needs more than is left."
+    return text + (" Its input alone needs more than is left." if r.stored
+                   else " Its prompt alone needs more than is left.")
 
 
 def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str],
@@ -876,7 +934,7 @@ def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str]
     (``inf``: never) in its headers (docs/architecture.md, "Errors and backpressure")."""
     out = {**headers, **retry_headers(None if math.isinf(wait_ms) else wait_ms)}
     if isinstance(check, Since) or (isinstance(check, Counter) and check.idle):
-        return _run_refusal(check, res, out)
+        return _run_refusal(check, res, out, reservation)
     if isinstance(check, Counter):
         if math.isinf(wait_ms):  # no period's budget is ever large enough
             text = (f"This request needs {check.cost} of the {check.name} of {scope}, more "
@@ -908,9 +966,12 @@ def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str]
                        f"{format_duration(math.ceil(wait_ms))}.", headers=out)
 
 
-def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str]) -> BudgetExceeded:
+def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str],
+                 reservation: Reservation | None = None) -> BudgetExceeded:
     """429 run_budget_exceeded naming the cap: the run is over, so no retry (the SDKs read
-    ``x-should-retry: false``); the agent must wrap up or start a new run."""
+    ``x-should-retry: false``); the agent must wrap up or start a new run. Unless the run
+    has room and this request reserved the context window for input it does not carry: then
+    the message says so, and what would reserve less."""
     cap = run_cap(check)
     setting = f"run_budget.max_{'age_s' if cap == 'age' else cap}"
     if isinstance(check, Since):
@@ -924,6 +985,11 @@ def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str]) -> Bud
         else:
             detail = (f"has used {used} of its {cap} cap of {check.limit}; this request "
                       f"would reserve {check.cost} more")
+        if reservation is not None and reservation.unseen is not None and res.remaining > 0:
+            return BudgetExceeded(
+                f"Run budget exceeded: this agent run (X-Agent-Session) {detail} ({setting})"
+                + _what_it_reserves(reservation), code="run_budget_exceeded",
+                headers=headers)
     return BudgetExceeded(f"Run budget exceeded: this agent run (X-Agent-Session) {detail} "
                           f"({setting}). The run is stopped: start a new run to continue.",
                           code="run_budget_exceeded", headers=headers)

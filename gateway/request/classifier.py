@@ -81,6 +81,9 @@ class ProxyCall:
     # What makes the provider read input the body does not carry (``unseen_input``): budgets
     # then reserve up to the model's context window for it. None: the body is all of it.
     unseen_input: str | None = None
+    # The stored response a Responses follow-up refers to by ``previous_response_id``, when
+    # that is all it refers to: a size remembered for it is reserved instead of the window.
+    stored_response: str | None = None
     agent_session: str | None = None
     agent_step: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -150,6 +153,7 @@ def classify(
     _check_input(route, body)
     choices = _choices(route, body)
     estimate, in_parts = prompt_estimate(body)
+    unseen = unseen_input(route, body, in_parts)
     tenant_config = config.tenants.get(tenant.name)
     if max_tokens is None and tenant_config is not None and tenant_config.inject_max_tokens:
         max_tokens = _inject_max_tokens(
@@ -164,7 +168,8 @@ def classify(
         priority=_priority(headers, tenant),
         max_tokens=max_tokens,
         prompt_tokens_estimate=estimate,
-        unseen_input=unseen_input(route, body, in_parts),
+        unseen_input=unseen,
+        stored_response=stored_response(route, body, in_parts) if unseen else None,
         agent_session=header_id(headers, "X-Agent-Session"),
         agent_step=header_id(headers, "X-Agent-Step"),
         choices=choices,
@@ -450,6 +455,19 @@ def unseen_input(route: ApiRoute, body: dict[str, Any], in_parts: str | None) ->
                 if isinstance(audio, dict) and "id" in audio:
                     return "an earlier audio answer by id"
     return in_parts
+
+
+def stored_response(route: ApiRoute, body: dict[str, Any], in_parts: str | None) -> str | None:
+    """``previous_response_id`` when it is the only input the body does not carry. A stored
+    response is immutable, so the size its usage reported is what a follow-up refers to; a
+    ``conversation`` is not (items are added by every call made in it, concurrent ones
+    included), so it keeps the window's reservation."""
+    previous = body.get("previous_response_id")
+    if route.path != "/v1/responses" or not isinstance(previous, str):
+        return None
+    rest = dict(body)
+    del rest["previous_response_id"]
+    return previous if unseen_input(route, rest, in_parts) is None else None
 
 
 def _unseen_part(part: dict[str, Any], kind: Any) -> str | None:

@@ -107,6 +107,12 @@ def counter_kind(key: str) -> Kind:
     return Kind.budget_cost if ":b:cost:" in key else Kind.budget_tokens
 
 
+def response_size(key: str) -> str:
+    """A stored Responses answer's size (gateway/limits/responses.py); ``key`` names the
+    tenant and the answer, unrelated to the tenant's slot."""
+    return f"rs:{key}"
+
+
 # --- provider quotas (gateway/limits/quota.py) -----------------------------------------------------
 
 def quota(label: str, kind: Kind) -> str:

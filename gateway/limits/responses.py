@@ -1,0 +1,69 @@
+"""The size of each stored Responses API answer, for the follow-ups that refer to it.
+
+A request with ``previous_response_id`` makes the provider read the stored conversation up to
+that response, which its body does not carry. Without knowing that conversation's size,
+budgets and run caps reserve up to the model's context window for it (limiter.py,
+``unseen_input_tokens``): exact enough for a daily budget, but a run cap below the window
+refused every such step, and the last window of a budget served only requests that carried
+their input. A stored response is immutable, and the provider reported what it read and wrote
+(its ``usage``): that input plus that output is the conversation a follow-up refers to
+(at most: a follow-up does not carry the earlier ``instructions`` forward). So the gateway
+remembers it, per tenant, for ``state.remember_responses_s``, and reserves it instead of the
+window; settlement charges what the provider then reports, as always.
+
+Remembered here (this replica, a bounded LRU) and, with Redis, in the store for every other
+replica: one key per answer, expiring on its own, named by a digest of the tenant and the
+id (a tenant never finds another tenant's answers; the keys spread over a Cluster's nodes
+instead of sitting in the tenant's slot). A follow-up this replica served itself costs no
+round trip.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+#: Answers this replica remembers itself (about 200 bytes each here); older ones are in the store.
+LOCAL_ENTRIES = 20_000
+
+
+def response_key(tenant: str, response_id: str) -> str:
+    """The answer's name in the memory: 96 bits of a digest of the tenant and the id."""
+    # (the tenant's length first: no tenant's name and id can spell another's)
+    digest = hashlib.blake2b(f"{len(tenant)}:{tenant}{response_id}".encode(
+        "utf-8", "surrogatepass"), digest_size=12).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
+
+class ResponseSizes:
+    """This replica's memory of answer sizes: ``response_key`` -> tokens, each entry kept
+    until its own expiry, the least recently used dropped past ``entries``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 entries: int = LOCAL_ENTRIES) -> None:
+        self._clock = clock
+        self._entries = entries
+        self._sizes: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def remember(self, key: str, tokens: int, ttl_s: float) -> None:
+        self._sizes[key] = (tokens, self._clock() + ttl_s)
+        self._sizes.move_to_end(key)
+        while len(self._sizes) > self._entries:
+            self._sizes.popitem(last=False)
+
+    def size(self, key: str) -> int | None:
+        """The remembered size, or None: never seen here, expired or dropped."""
+        found = self._sizes.get(key)
+        if found is None:
+            return None
+        if found[1] <= self._clock():
+            del self._sizes[key]
+            return None
+        self._sizes.move_to_end(key)
+        return found[0]
+
+    def __len__(self) -> int:
+        return len(self._sizes)

@@ -1,0 +1,157 @@
+"""A follow-up by ``previous_response_id`` reserves of budgets and run caps the stored
+conversation it refers to, as the provider reported it, rather than the model's whole context
+window (gateway/limits/responses.py): a run cap below the window refused every such step, and
+the last window of a budget served only requests that carried their input."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from gateway.app.server import create_app
+from gateway.state import RedisBackend
+from tests.gwtest import UMBRELLA_KEY, auth, policy
+from tests.plugin_gateway import GatewayClient, MakeGateway, gateway_client, settled
+
+INLINE = 30_000  # what the first call's (pretend) inline input costs at the provider
+
+
+async def provider(aiohttp_server: AiohttpServer) -> str:
+    """A Responses API that stores each answer and reads it back for a follow-up: the input
+    it reports is the stored conversation's size plus 10 for what the body carries."""
+    stored: dict[str, int] = {}
+    ids = itertools.count(1)
+
+    async def responses(request: web.Request) -> web.Response:
+        body = await request.json()
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in stored:
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        input_tokens = stored[previous] + 10 if previous else INLINE
+        ident = f"resp_{next(ids)}"
+        stored[ident] = input_tokens + 10
+        return web.json_response({
+            "id": ident, "object": "response", "status": "completed", "model": "m",
+            "store": body.get("store", True),
+            "output": [{"type": "message", "role": "assistant", "content": [
+                {"type": "output_text", "text": "ok"}]}],
+            "usage": {"input_tokens": input_tokens, "output_tokens": 10,
+                      "total_tokens": input_tokens + 10}})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+def step(previous: str | None = None, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "gpt-test", "input": "go on", "max_output_tokens": 10,
+                            **extra}
+    if previous is not None:
+        body["previous_response_id"] = previous
+    return body
+
+
+async def answer(gw: GatewayClient, body: dict[str, Any], key: str | None = None,
+                 **headers: str) -> tuple[int, dict[str, Any]]:
+    resp = await gw.post("/v1/responses", json=body,
+                         headers=auth(key, **headers) if key else auth(**headers))
+    data = await resp.json()
+    await settled(gw)
+    return resp.status, data
+
+
+async def test_a_follow_up_reserves_the_stored_conversation_it_refers_to(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """With 69,990 tokens of a 100,000 budget left (less than the 128,000 window), a
+    follow-up of a 30,010-token conversation was refused; now three steps of the chain are
+    served, and the fourth is refused with what it reserves and why."""
+    budget = {"budget": {"daily_tokens": 100_000}}
+    gw = await make_gateway(await provider(aiohttp_server),
+                            tenants={"acme": budget, "umbrella": budget})
+    status, first = await answer(gw, step())
+    assert status == 200, first
+    status, unknown = await answer(gw, step("resp_elsewhere"))  # never seen: the window
+    assert status == 429 and "context window of 128,000" in unknown["error"]["message"]
+    # Another tenant does not find acme's answers (its own budget has the same room).
+    status, data = await answer(gw, step(), UMBRELLA_KEY)
+    assert status == 200, data
+    status, other = await answer(gw, step(first["id"]), UMBRELLA_KEY)
+    assert status == 429 and "context window" in other["error"]["message"], other
+    previous = first["id"]
+    for _ in range(2):  # 30,010 then 30,030 tokens referred to; 69,990 then 39,960 left
+        status, data = await answer(gw, step(previous))
+        assert status == 200, data
+        previous = data["id"]
+    status, refused = await answer(gw, step(previous))  # 30,050 referred to; 9,910 left
+    message = refused["error"]["message"]
+    assert status == 429 and refused["error"]["code"] == "insufficient_quota", refused
+    assert "has 9,910 tokens left" in message, message
+    assert "previous_response_id refers to (30,050 tokens" in message, message
+    assert "Its input alone needs more than is left" in message
+    assert "context window" not in message
+
+
+async def test_an_answer_the_provider_does_not_store_is_not_remembered(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer,
+        aiohttp_client: AiohttpClient) -> None:
+    """``store: false``: nothing to refer to, so nothing is remembered (a follow-up naming it
+    reserves the window); nor is an answer's size with the memory turned off."""
+    gw = await make_gateway(await provider(aiohttp_server),
+                            tenants={"acme": {"budget": {"daily_tokens": 100_000}}})
+    status, first = await answer(gw, step(store=False))
+    assert status == 200 and first["store"] is False
+    status, data = await answer(gw, step(first["id"]))
+    assert status == 429 and "context window" in data["error"]["message"], data
+    off = policy(await provider(aiohttp_server), state={"remember_responses_s": 0},
+                 tenants={"acme": {"budget": {"daily_tokens": 100_000}}})
+    gw = await gateway_client(aiohttp_client, create_app(off))
+    status, first = await answer(gw, step())
+    status, data = await answer(gw, step(first["id"]))
+    assert status == 429 and "context window" in data["error"]["message"], data
+
+
+async def test_a_run_cap_below_the_window_serves_steps_that_refer_to_earlier_ones(
+        make_gateway: MakeGateway) -> None:
+    """A run capped at 50,000 tokens on a 128,000-token model refused every step that used
+    ``previous_response_id``. Streamed on the mock: the id comes in response.completed."""
+    gw = await make_gateway(tenants={"acme": {"run_budget": {"max_tokens": 50_000}}})
+    session = {"X-Agent-Session": "run-1"}
+    resp = await gw.post("/v1/responses", json=step(stream=True), headers=auth(**session))
+    assert resp.status == 200
+    completed = [orjson.loads(line[6:]) for line in (await resp.read()).splitlines()
+                 if line.startswith(b"data: {") and b"response.completed" in line]
+    previous = completed[0]["response"]["id"]
+    await settled(gw)
+    for _ in range(3):
+        status, data = await answer(gw, step(previous, stream=False), **session)
+        assert status == 200, data
+        previous = data["id"]
+    status, data = await answer(gw, step("resp_unknown"), **session)
+    message = data["error"]["message"]
+    assert status == 429 and data["error"]["code"] == "run_budget_exceeded", data
+    assert "context window of 128,000" in message and "stopped" not in message, message
+    assert "state.remember_responses_s" in message
+
+
+@pytest.mark.redis
+async def test_another_replica_finds_the_size_in_the_store(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer,
+        shared_backend_url: str) -> None:
+    """Two replicas on one store: the follow-up reaches the replica that did not serve the
+    answer it refers to, and reserves its size from the store (Redis and a 3-node Cluster)."""
+    url = await provider(aiohttp_server)
+    tenants = {"acme": {"budget": {"daily_tokens": 100_000}}}
+    one, two = [await make_gateway(url, state=RedisBackend(shared_backend_url, timeout_s=1.0),
+                                   tenants=tenants) for _ in range(2)]
+    status, first = await answer(one, step())
+    assert status == 200, first
+    status, data = await answer(two, step(first["id"]))
+    assert status == 200, data
+    status, data = await answer(one, step(data["id"]))  # the other way round
+    assert status == 200, data
