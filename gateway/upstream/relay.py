@@ -40,6 +40,11 @@ def upstream_answer(
         error.headers = {**error.headers, **retry_headers(None)}
         raise error
     if not (content_type.endswith("json") and body[:1] in (b"{", b"[")):
+        if status == 413:  # a proxy in front of the provider refused the body's size: the
+            # client can mend that (send less), so it hears so, in its own dialect
+            raise GatewayError(413, f"The upstream {label} refused this request as too large "
+                               "(413, with a non-JSON body); send a smaller request.",
+                               code="request_too_large", headers=retry_headers(None))
         error = upstream_failure(502, f"The upstream {label} answered {status} with a non-JSON "
                                  "body.", "upstream_bad_response")
         if 400 <= status < 500 and status not in RETRYABLE_4XX:  # it refused this request

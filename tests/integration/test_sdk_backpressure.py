@@ -26,7 +26,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.app.server import GATEWAY, create_app
 from gateway.mock.upstream import RECORDED
-from tests.gwtest import ACME_KEY, policy
+from tests.gwtest import ACME_KEY, auth, policy
 from tests.plugin_gateway import GatewayClient, counted_gateway, gateway_client
 
 MakeCounted = Callable[..., Awaitable[tuple[GatewayClient, collections.Counter[int]]]]
@@ -349,6 +349,42 @@ async def test_an_unusable_error_page_after_the_gateways_retries_is_final_for_th
     assert exc.status_code == 502 and "non-JSON" in str(exc)
     assert exc.response.headers["x-should-retry"] == "false"
     assert calls == int(exc.response.headers["x-gateway-attempts"]) >= 2  # no SDK retry
+
+
+async def test_a_providers_html_413_is_a_413_the_client_can_act_on(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
+) -> None:
+    """A proxy in front of the provider refusing a body's size answers HTML: it was a 502
+    ``upstream_bad_response``, which says the provider broke, not that the request was too
+    big. It is a 413 in the client's dialect, final, and each call reaches the provider once."""
+    calls = 0
+
+    async def html_413(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        await request.read()
+        return web.Response(status=413, text="<html>413 Request Entity Too Large</html>",
+                            content_type="text/html")
+
+    broken = web.Application()
+    broken.router.add_post("/v1/chat/completions", html_413)
+    broken.router.add_post("/v1/messages", html_413)
+    server = await aiohttp_server(broken)
+    gw: GatewayClient = await gateway_client(aiohttp_client, create_app(
+        policy(str(server.make_url("")).rstrip("/"))))
+    client = _openai(gw)  # default retries
+    try:
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.chat.completions.create(model="gpt-test", messages=HELLO)
+    finally:
+        await client.close()
+    assert info.value.status_code == 413 and calls == 1
+    assert info.value.code == "request_too_large", info.value.body
+    resp = await gw.post("/v1/messages", json={"model": "claude-test", "max_tokens": 5,
+                                               "messages": HELLO}, headers=auth())
+    answer = await resp.json()
+    assert resp.status == 413 and answer["type"] == "error", answer
+    assert "too large" in answer["error"]["message"] and calls == 2
 
 
 OK_ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000,
