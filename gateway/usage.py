@@ -54,6 +54,8 @@ class Usage:
     # The id of the Responses API answer this usage came with, when the provider stores it
     # (``store`` not false): a follow-up may refer to it by ``previous_response_id``.
     response_id: str | None = None
+    # Its reasoning items' ids: a later request may pass them back by id alone.
+    reasoning_ids: tuple[str, ...] = ()
 
     @property
     def cache_write_tokens(self) -> int:
@@ -111,6 +113,12 @@ class Usage:
             stored = answer.get("store") is not False and isinstance(ident, str) \
                 and len(ident) <= MAX_RESPONSE_ID
             self.response_id = ident if stored else None
+            output = answer.get("output")
+            self.reasoning_ids = tuple(
+                item["id"] for item in (output if stored and isinstance(output, list) else ())
+                if isinstance(item, dict) and item.get("type") == "reasoning"
+                and isinstance(item.get("id"), str) and len(item["id"]) <= MAX_RESPONSE_ID
+            )[:MAX_REASONING_IDS]
         if data.get("type") in _ANTHROPIC_TYPES or any(k in usage for k in _ANTHROPIC_ONLY):
             self._merge_anthropic(usage)
         else:
@@ -173,6 +181,8 @@ class Usage:
 
 # Longer ids are not remembered (no provider's is near it; the memory's entries stay small).
 MAX_RESPONSE_ID = 256
+# Reasoning items remembered of one answer (a request may refer to 64 in all).
+MAX_REASONING_IDS = 64
 
 # Anthropic's objects (a message body, the stream events that carry usage) and the fields only
 # its usage object has: either decides which arithmetic applies.

@@ -247,8 +247,8 @@ class Limiter:
         tokens = 0 if count_only else call.prompt_tokens_estimate + max_out
         # Budgets are hard caps: input the body does not carry is reserved up to the context
         # window there; rate limits reserve the estimate and settle the rest.
-        known = None if count_only or call.stored_response is None else \
-            await self._stored_size(call.tenant.name, call.stored_response)
+        known = None if count_only or not call.stored_refs else \
+            await self._stored_size(call.tenant.name, call.stored_refs)
         unseen = 0 if count_only else unseen_input_tokens(call, model, max_out, known)
         budget_tokens = tokens + unseen
         cost_units = 0 if count_only else reservation_cost_micros(
@@ -635,40 +635,55 @@ class Limiter:
 
     def remember_response(self, tenant: str, usage: Usage) -> None:
         """Remember a stored Responses answer's size (its input plus its output, as the
-        provider reported them) for the follow-ups that refer to it (responses.py): here at
+        provider reported them), and each of its reasoning items' (the answer's reasoning
+        tokens, at most), for the requests that refer to them by id (responses.py): here at
         once, and in the store for the other replicas, off the client's path."""
         ttl_s = self._config.state.remember_responses_s
-        if usage.response_id is None or not usage.input_seen or ttl_s <= 0:
-            return  # not stored, or its size not reported: follow-ups reserve the window
-        key = response_key(tenant, usage.response_id)
-        tokens = usage.input_tokens + usage.output_tokens
-        self._inflight.responses.remember(key, tokens, ttl_s)
-        if self._state.shared_redis() is None or self.degraded.active:
-            return
-        task = asyncio.get_running_loop().create_task(self._share_size(key, tokens, ttl_s))
-        self._settling.add(task)  # (drained at shutdown with the settlements)
-        task.add_done_callback(self._settling.discard)
+        if usage.response_id is None or ttl_s <= 0:
+            return  # not stored (or not a Responses answer): nothing can refer to it
+        sizes: list[tuple[str, int]] = []
+        if usage.input_seen:
+            sizes.append((usage.response_id, usage.input_tokens + usage.output_tokens))
+        if usage.output_seen:
+            reasoning = usage.reasoning_tokens or usage.output_tokens
+            sizes.extend((ident, reasoning) for ident in usage.reasoning_ids)
+        shared = self._state.shared_redis() is not None and not self.degraded.active
+        for ident, tokens in sizes:  # (a side not reported: its followers reserve the window)
+            key = response_key(tenant, ident)
+            self._inflight.responses.remember(key, tokens, ttl_s)
+            if shared:
+                task = asyncio.get_running_loop().create_task(
+                    self._share_size(key, tokens, ttl_s))
+                self._settling.add(task)  # (drained at shutdown with the settlements)
+                task.add_done_callback(self._settling.discard)
 
     async def _share_size(self, key: str, tokens: int, ttl_s: float) -> None:
         try:
             await self._state.set(store_keys.response_size(key), b"%d" % tokens,
                                   max(1, int(ttl_s * 1000)))
         except StateUnavailable:
-            pass  # other replicas reserve the window for its follow-ups, as before
+            pass  # other replicas reserve the window for its followers, as before
 
-    async def _stored_size(self, tenant: str, response_id: str) -> int | None:
-        """The size remembered for a stored answer: this replica's, else the store's; None
-        when neither knows it (or the store cannot answer now)."""
-        key = response_key(tenant, response_id)
-        known = self._inflight.responses.size(key)
-        if known is not None or self._state.shared_redis() is None or self.degraded.active \
+    async def _stored_size(self, tenant: str, refs: tuple[str, ...]) -> int | None:
+        """What the stored answers and reasoning items ``refs`` hold together, as remembered
+        here, else in the store; None when one of them is not known (or the store cannot
+        answer now): the request then reserves the window."""
+        keys = [response_key(tenant, ident) for ident in refs]
+        local = [self._inflight.responses.size(key) for key in keys]
+        missing = [key for key, size in zip(keys, local) if size is None]
+        if not missing:
+            return sum(size or 0 for size in local)
+        if self._state.shared_redis() is None or self.degraded.active \
                 or self._config.state.remember_responses_s <= 0:
-            return known
+            return None
         try:
-            value = await self._state.get(store_keys.response_size(key))
+            values = await asyncio.gather(*(self._state.get(store_keys.response_size(key))
+                                            for key in missing))
         except StateUnavailable:
             return None  # (the admission that follows finds out about the store)
-        return int(value) if value is not None and value.isdigit() else None
+        if not all(value is not None and value.isdigit() for value in values):
+            return None
+        return sum(size or 0 for size in local) + sum(int(v or 0) for v in values)
 
     def _claim(self, hold: Hold, usage: Usage, cost_units: int) -> SettlePlan | None:
         """Mark the hold settled (once) and give the plan to write to the store, or None when
@@ -898,9 +913,9 @@ def _what_it_reserves(r: Reservation) -> str:
     where that cap came from), and the cap that would fit, if one would."""
     if r.unseen is not None:
         what, window = r.unseen
-        remembered = (" (or refer to an answer this gateway served within "
+        remembered = (" (or refer to what this gateway served within "
                       "state.remember_responses_s: its size is reserved)"
-                      if what == "previous_response_id" else "")
+                      if what in ("previous_response_id", "a reasoning item by id") else "")
         return (f": up to the model's context window of {window:,} tokens, for the input its "
                 f"{what} makes the provider read, which the body does not carry, and its "
                 f"answer. Send that input in the body instead to reserve its size "
@@ -918,8 +933,8 @@ def _what_it_reserves(r: Reservation) -> str:
         why = (f"the model's output limit {per_choice:,}{times} (reserved when a request "
                f"sets no {r.cap_field})")
     prompt = f"its prompt (about {r.prompt:,} tokens)" if not r.stored else (
-        f"its prompt (about {r.prompt - r.stored:,} tokens), the stored conversation its "
-        f"previous_response_id refers to ({r.stored:,} tokens, as that response reported)")
+        f"its prompt (about {r.prompt - r.stored:,} tokens), the stored input it refers to "
+        f"by id ({r.stored:,} tokens, as the provider reported it)")
     text = f": {prompt} and, for the answer, {why}."
     if r.fits:
         return text + f" Set {r.cap_field} to {r.fits:,} or less to fit."

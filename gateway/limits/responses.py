@@ -9,7 +9,9 @@ their input. A stored response is immutable, and the provider reported what it r
 (its ``usage``): that input plus that output is the conversation a follow-up refers to
 (at most: a follow-up does not carry the earlier ``instructions`` forward). So the gateway
 remembers it, per tenant, for ``state.remember_responses_s``, and reserves it instead of the
-window; settlement charges what the provider then reports, as always.
+window; settlement charges what the provider then reports, as always. The same holds for the
+answer's reasoning items, which an agent keeping its own history passes back by id (the
+provider reads them from its store): each is at most the answer's reasoning tokens.
 
 Remembered here (this replica, a bounded LRU) and, with Redis, in the store for every other
 replica: one key per answer, expiring on its own, named by a digest of the tenant and the

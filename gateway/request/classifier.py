@@ -81,9 +81,10 @@ class ProxyCall:
     # What makes the provider read input the body does not carry (``unseen_input``): budgets
     # then reserve up to the model's context window for it. None: the body is all of it.
     unseen_input: str | None = None
-    # The stored response a Responses follow-up refers to by ``previous_response_id``, when
-    # that is all it refers to: a size remembered for it is reserved instead of the window.
-    stored_response: str | None = None
+    # The stored answers and reasoning items a Responses request refers to by id, when they
+    # are all the input it does not carry: sizes remembered for them are reserved instead
+    # of the window (``stored_refs``). Empty: none, or input of unknown size besides.
+    stored_refs: tuple[str, ...] = ()
     agent_session: str | None = None
     agent_step: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -169,7 +170,7 @@ def classify(
         max_tokens=max_tokens,
         prompt_tokens_estimate=estimate,
         unseen_input=unseen,
-        stored_response=stored_response(route, body, in_parts) if unseen else None,
+        stored_refs=stored_refs(route, body, in_parts) if unseen else (),
         agent_session=header_id(headers, "X-Agent-Session"),
         agent_step=header_id(headers, "X-Agent-Step"),
         choices=choices,
@@ -440,14 +441,17 @@ def unseen_input(route: ApiRoute, body: dict[str, Any], in_parts: str | None) ->
         kind = tool.get("type") if isinstance(tool, dict) else None
         if isinstance(kind, str) and kind.startswith(_SERVER_TOOLS):
             return f"its {kind} tool"
-    # An input item of only an id is an item_reference (its type may be left out); a chat
-    # assistant message may stand for an earlier audio answer by its id.
+    # An input item of only an id is an item_reference (its type may be left out), and a
+    # reasoning item without its encrypted_content is read back from the provider's store by
+    # its id; a chat assistant message may stand for an earlier audio answer by its id.
     if route.path == "/v1/responses":
         items = body.get("input")
         for item in items if items.__class__ is list else ():
-            if item.__class__ is dict and "id" in item and "type" not in item \
-                    and "role" not in item and "content" not in item:
-                return "an item_reference"
+            if item.__class__ is dict and "id" in item:
+                if "type" not in item and "role" not in item and "content" not in item:
+                    return "an item_reference"
+                if _stored_reasoning(item):
+                    return "a reasoning item by id"
     elif route.operation == "chat":
         for item in body.get("messages") or ():
             if item.__class__ is dict and "audio" in item:
@@ -457,17 +461,44 @@ def unseen_input(route: ApiRoute, body: dict[str, Any], in_parts: str | None) ->
     return in_parts
 
 
-def stored_response(route: ApiRoute, body: dict[str, Any], in_parts: str | None) -> str | None:
-    """``previous_response_id`` when it is the only input the body does not carry. A stored
-    response is immutable, so the size its usage reported is what a follow-up refers to; a
-    ``conversation`` is not (items are added by every call made in it, concurrent ones
-    included), so it keeps the window's reservation."""
+def stored_refs(route: ApiRoute, body: dict[str, Any], in_parts: str | None
+                ) -> tuple[str, ...]:
+    """The ids of the stored answer (``previous_response_id``) and reasoning items (by id,
+    without their ``encrypted_content``: the provider reads them back from its store) a
+    Responses request refers to, when they are all the input it does not carry; else ().
+
+    Both are immutable and the gateway saw what they cost as they passed (limits/responses.py).
+    A ``conversation`` is not (every call made in it adds items, concurrent ones included),
+    nor are files, prompts or a server tool's results: any of them keeps the window."""
+    if route.path != "/v1/responses":
+        return ()
     previous = body.get("previous_response_id")
-    if route.path != "/v1/responses" or not isinstance(previous, str):
-        return None
-    rest = dict(body)
-    del rest["previous_response_id"]
-    return previous if unseen_input(route, rest, in_parts) is None else None
+    items = body.get("input")
+    reasoning = [item["id"] for item in (items if items.__class__ is list else ())
+                 if item.__class__ is dict and "id" in item and _stored_reasoning(item)]
+    if (previous is not None and not isinstance(previous, str)) \
+            or any(not isinstance(ident, str) for ident in reasoning):
+        return ()
+    refs = ([previous] if previous is not None else []) + reasoning
+    if not refs or len(refs) > MAX_STORED_REFS:
+        return ()
+    rest = {k: v for k, v in body.items() if k not in ("previous_response_id", "input")}
+    if items.__class__ is list:
+        rest["input"] = [item for item in items
+                         if not (item.__class__ is dict and _stored_reasoning(item))]
+    elif items is not None:
+        rest["input"] = items
+    return tuple(refs) if unseen_input(route, rest, in_parts) is None else ()
+
+
+# More references than this in one request keep the window: each is a lookup (a 200 KB body
+# could name thousands).
+MAX_STORED_REFS = 64
+
+
+def _stored_reasoning(item: dict[str, Any]) -> bool:
+    """A Responses input item that is a reasoning item the provider reads back by its id."""
+    return item.get("type") == "reasoning" and "id" in item and not item.get("encrypted_content")
 
 
 def _unseen_part(part: dict[str, Any], kind: Any) -> str | None:

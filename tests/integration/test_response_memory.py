@@ -92,7 +92,7 @@ async def test_a_follow_up_reserves_the_stored_conversation_it_refers_to(
     message = refused["error"]["message"]
     assert status == 429 and refused["error"]["code"] == "insufficient_quota", refused
     assert "has 9,910 tokens left" in message, message
-    assert "previous_response_id refers to (30,050 tokens" in message, message
+    assert "the stored input it refers to by id (30,050 tokens" in message, message
     assert "Its input alone needs more than is left" in message
     assert "context window" not in message
 
@@ -155,3 +155,44 @@ async def test_another_replica_finds_the_size_in_the_store(
     assert status == 200, data
     status, data = await answer(one, step(data["id"]))  # the other way round
     assert status == 200, data
+
+
+async def test_reasoning_items_passed_back_by_id_reserve_what_they_held(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """An agent keeping its own history passes its reasoning items back by id; the provider
+    reads them from its store, as input the body does not carry. One it has not seen pass
+    reserves the window; one this gateway served reserves its answer's reasoning tokens."""
+    reasoning: dict[str, int] = {}
+
+    async def responses(request: web.Request) -> web.Response:
+        body = await request.json()
+        items = body["input"] if isinstance(body["input"], list) else []
+        read = sum(reasoning[i["id"]] for i in items if i.get("type") == "reasoning")
+        ident = f"rs_{len(reasoning) + 1}"
+        reasoning[ident] = 20_000
+        return web.json_response({
+            "id": f"resp_{len(reasoning)}", "object": "response", "status": "completed",
+            "output": [{"type": "reasoning", "id": ident, "summary": []},
+                       {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f",
+                        "arguments": "{}"}],
+            "usage": {"input_tokens": 10 + read, "output_tokens": 20_010,
+                      "output_tokens_details": {"reasoning_tokens": 20_000}}})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(str(server.make_url("")).rstrip("/"),
+                            tenants={"acme": {"run_budget": {"max_tokens": 100_000}}})
+    session = {"X-Agent-Session": "run-2"}
+    history: list[dict[str, Any]] = [{"role": "user", "content": "go"}]
+    status, data = await answer(gw, {**step(), "input": history}, **session)
+    assert status == 200, data
+    history += [*data["output"], {"type": "function_call_output", "call_id": "c1",
+                                  "output": "ok"}]
+    status, data = await answer(gw, {**step(), "input": history}, **session)
+    assert status == 200, data  # 40,020 of the run's 100,000 used: 20,000 + 40 reserved
+    forgotten = [{"type": "reasoning", "id": "rs_elsewhere", "summary": []}, *history]
+    status, data = await answer(gw, {**step(), "input": forgotten}, **session)
+    message = data["error"]["message"]
+    assert status == 429 and "a reasoning item by id" in message, data
+    assert "context window of 128,000" in message

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from gateway.limits.responses import ResponseSizes, response_key
-from gateway.request.classifier import ROUTES, prompt_estimate, stored_response
+from gateway.request.classifier import ROUTES, prompt_estimate, stored_refs, unseen_input
 from gateway.usage import Usage
 from tests.gwtest import FakeClock
 
@@ -63,17 +63,48 @@ def test_a_key_names_the_tenant_and_the_answer() -> None:
     assert response_key("a", "bc") != response_key("ab", "c")
 
 
+REASONING = {"type": "reasoning", "id": "rs_1", "summary": []}
+CALL = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+RESULT = {"type": "function_call_output", "call_id": "c1", "output": "ok"}
+
+
 @pytest.mark.parametrize("body, found", [
-    ({"previous_response_id": "resp_1", "input": "go"}, "resp_1"),
+    ({"previous_response_id": "resp_1", "input": "go"}, ("resp_1",)),
+    # An agent that keeps its own history passes reasoning items back by id.
+    ({"input": [{"role": "user", "content": "go"}, REASONING, CALL, RESULT]}, ("rs_1",)),
+    ({"previous_response_id": "resp_1", "input": [REASONING, RESULT]}, ("resp_1", "rs_1")),
+    ({"input": [{**REASONING, "encrypted_content": "gAAA"}, CALL, RESULT]}, ()),  # carried
+    ({"input": [{"role": "user", "content": "go"}]}, ()),
     ({"previous_response_id": "resp_1", "input": "go", "tools": [{"type": "web_search"}]},
-     None),  # the search results are input of unknown size as well
+     ()),  # the search results are input of unknown size as well
+    ({"input": [REASONING, {"type": "item_reference", "id": "msg_1"}]}, ()),
     ({"previous_response_id": "resp_1", "input": [{"role": "user", "content": [
-        {"type": "input_file", "file_id": "file-1"}]}]}, None),
-    ({"previous_response_id": "resp_1", "conversation": "conv_1", "input": "go"}, None),
-    ({"previous_response_id": 5, "input": "go"}, None),
+        {"type": "input_file", "file_id": "file-1"}]}]}, ()),
+    ({"previous_response_id": "resp_1", "conversation": "conv_1", "input": "go"}, ()),
+    ({"previous_response_id": 5, "input": "go"}, ()),
+    ({"input": [{**REASONING, "id": 5}]}, ()),
+    ({"input": [{**REASONING, "id": f"rs_{i}"} for i in range(65)]}, ()),  # too many to look up
 ])
-def test_a_follow_up_is_sized_by_memory_only_when_the_stored_answer_is_all_it_refers_to(
-        body: dict[str, Any], found: str | None) -> None:
+def test_a_request_is_sized_by_memory_only_when_stored_items_are_all_it_refers_to(
+        body: dict[str, Any], found: tuple[str, ...]) -> None:
     body = {"model": "m", **body}
     _, in_parts = prompt_estimate(body)
-    assert stored_response(ROUTES["/v1/responses"], body, in_parts) == found
+    assert stored_refs(ROUTES["/v1/responses"], body, in_parts) == found
+    if found:
+        assert unseen_input(ROUTES["/v1/responses"], body, in_parts) is not None
+
+
+def test_an_answers_reasoning_items_are_kept_with_its_id() -> None:
+    usage = Usage()
+    usage.merge({"id": "resp_1", "object": "response", "output": [
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "id": "msg_1", "role": "assistant", "content": []},
+        {"type": "reasoning", "id": "rs_2", "summary": []}],
+        "usage": {"input_tokens": 5, "output_tokens": 900,
+                  "output_tokens_details": {"reasoning_tokens": 800}}})
+    assert usage.reasoning_ids == ("rs_1", "rs_2") and usage.reasoning_tokens == 800
+    unstored = Usage()
+    unstored.merge({"id": "resp_2", "object": "response", "store": False,
+                    "output": [{"type": "reasoning", "id": "rs_3", "summary": []}],
+                    "usage": {"input_tokens": 5, "output_tokens": 9}})
+    assert unstored.reasoning_ids == ()
