@@ -497,8 +497,11 @@ MAX_STORED_REFS = 64
 
 
 def _stored_reasoning(item: dict[str, Any]) -> bool:
-    """A Responses input item that is a reasoning item the provider reads back by its id."""
-    return item.get("type") == "reasoning" and "id" in item and not item.get("encrypted_content")
+    """A Responses input item that is a reasoning item the provider reads back by its id:
+    neither its encrypted content nor its text (``content``, where a provider returns it)
+    is in the body."""
+    return item.get("type") == "reasoning" and "id" in item \
+        and not item.get("encrypted_content") and not item.get("content")
 
 
 def _unseen_part(part: dict[str, Any], kind: Any) -> str | None:

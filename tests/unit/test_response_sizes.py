@@ -74,6 +74,7 @@ RESULT = {"type": "function_call_output", "call_id": "c1", "output": "ok"}
     ({"input": [{"role": "user", "content": "go"}, REASONING, CALL, RESULT]}, ("rs_1",)),
     ({"previous_response_id": "resp_1", "input": [REASONING, RESULT]}, ("resp_1", "rs_1")),
     ({"input": [{**REASONING, "encrypted_content": "gAAA"}, CALL, RESULT]}, ()),  # carried
+    ({"input": [{**REASONING, "content": [{"type": "reasoning_text", "text": "hm"}]}]}, ()),
     ({"input": [{"role": "user", "content": "go"}]}, ()),
     ({"previous_response_id": "resp_1", "input": "go", "tools": [{"type": "web_search"}]},
      ()),  # the search results are input of unknown size as well
