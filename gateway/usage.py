@@ -51,11 +51,11 @@ class Usage:
     # as absent and are estimated (``fill_in``): ``{}`` once made a request free.
     input_seen: bool = False
     output_seen: bool = False
-    # The id of the Responses API answer this usage came with, when the provider stores it
-    # (``store`` not false): a follow-up may refer to it by ``previous_response_id``.
-    response_id: str | None = None
-    # Its reasoning items' ids: a later request may pass them back by id alone.
-    reasoning_ids: tuple[str, ...] = ()
+    # What of the Responses API answer this usage came with a later request may refer to by
+    # id, when the provider stores it (``store`` not false), with the tokens each holds as
+    # reported: the answer (``previous_response_id``: its input + output) and its reasoning
+    # items (passed back by id: the answer's reasoning tokens at most). limits/responses.py.
+    stored: tuple[tuple[str, int], ...] = ()
 
     @property
     def cache_write_tokens(self) -> int:
@@ -106,26 +106,31 @@ class Usage:
                 usage = inner.get("usage")
         if not isinstance(usage, dict):
             return False
-        # A Responses body, or an event carrying one (response.completed / .incomplete)
-        answer = data if data.get("object") == "response" else data.get("response")
-        if isinstance(answer, dict) and answer.get("object") == "response":
-            ident = answer.get("id")
-            stored = answer.get("store") is not False and isinstance(ident, str) \
-                and len(ident) <= MAX_RESPONSE_ID
-            self.response_id = ident if stored else None
-            output = answer.get("output")
-            self.reasoning_ids = tuple(
-                item["id"] for item in (output if stored and isinstance(output, list) else ())
-                if isinstance(item, dict) and item.get("type") == "reasoning"
-                and isinstance(item.get("id"), str) and len(item["id"]) <= MAX_RESPONSE_ID
-            )[:MAX_REASONING_IDS]
         if data.get("type") in _ANTHROPIC_TYPES or any(k in usage for k in _ANTHROPIC_ONLY):
             self._merge_anthropic(usage)
         else:
             self._merge_openai(usage)
         self.reported = True
         self.input_seen = self.input_seen or self.input_tokens > 0
+        # A Responses body, or an event carrying one (response.completed / .incomplete): as
+        # reported, before any estimate is added for other attempts
+        answer = data if data.get("object") == "response" else data.get("response")
+        if isinstance(answer, dict) and answer.get("object") == "response":
+            self.stored = self._stored(answer)
         return True
+
+    def _stored(self, answer: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+        ident = answer.get("id")
+        if answer.get("store") is False or not isinstance(ident, str) \
+                or len(ident) > MAX_RESPONSE_ID or not self.output_seen:
+            return ()  # nothing to refer to, or its size not reported: followers reserve
+        found = [(ident, self.input_tokens + self.output_tokens)] if self.input_seen else []
+        output = answer.get("output")
+        reasoning = self.reasoning_tokens or self.output_tokens
+        found += [(item["id"], reasoning) for item in (output if isinstance(output, list) else ())
+                  if isinstance(item, dict) and item.get("type") == "reasoning"
+                  and isinstance(item.get("id"), str) and len(item["id"]) <= MAX_RESPONSE_ID]
+        return tuple(found[:MAX_STORED])
 
     def _merge_openai(self, usage: dict[str, Any]) -> None:
         # Chat/completions/embeddings: prompt_tokens + prompt_tokens_details; Responses:
@@ -181,8 +186,8 @@ class Usage:
 
 # Longer ids are not remembered (no provider's is near it; the memory's entries stay small).
 MAX_RESPONSE_ID = 256
-# Reasoning items remembered of one answer (a request may refer to 64 in all).
-MAX_REASONING_IDS = 64
+# What is remembered of one answer: itself and its first reasoning items.
+MAX_STORED = 64
 
 # Anthropic's objects (a message body, the stream events that carry usage) and the fields only
 # its usage object has: either decides which arithmetic applies.

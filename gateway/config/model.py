@@ -467,7 +467,7 @@ class State(StrictModel):
     key_prefix: str = Field("gw:", description="prefix of every Redis key, so gateways "
                             "can share a Redis")
     remember_responses_s: float = Field(
-        3600.0, ge=0, description="how long the size of each stored /v1/responses answer "
+        3600.0, ge=0, le=30 * 86_400, description="how long the size of each stored /v1/responses answer "
         "(and of its reasoning items) is remembered, so that a request referring to it "
         "(previous_response_id, reasoning items by id) reserves of budgets and run caps what "
         "it refers to rather than the model's whole context window; "

@@ -228,7 +228,7 @@ class DeferredRunner:
                 response = await attempt_loop(ctx)
             finally:
                 called = bool(record.attempt_log)
-                policy.limiter.remember_response(claim.tenant, record.usage)
+                policy.limiter.remember_response(claim.tenant, call.model, record.usage)
             result = _result(response)
         except GatewayError as exc:
             if not called and exc.transient:

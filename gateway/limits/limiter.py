@@ -102,6 +102,8 @@ class Reservation:
     unseen: tuple[str | None, int] | None = None
     # Of ``prompt``: the size remembered for the stored response it refers to (responses.py).
     stored: int = 0
+    # It reserved the window only because what it refers to by id was not remembered.
+    rememberable: bool = False
 
 
 @dataclass(slots=True)
@@ -158,6 +160,19 @@ def unseen_input_tokens(call: ProxyCall, model: Model, max_out: int,
     bound = max(0, model.context_window - max_out // max(1, call.choices)
                 - call.prompt_tokens_estimate)
     return bound if known is None else min(known, bound)
+
+
+def _reserves_input(call: ProxyCall, tenant: Tenant) -> bool:
+    """Whether a budget or a run cap of this call counts its input (what reserving a
+    remembered size instead of the window changes: rate limits reserve the body's estimate
+    either way), so that the store is asked for sizes only then."""
+    budget = tenant.budget
+    if any(v is not None for v in (budget.daily_tokens, budget.monthly_tokens,
+                                   budget.daily_cost, budget.monthly_cost)):
+        return True
+    caps = tenant.run_budget.caps_for(call.model)
+    return call.agent_session is not None and (caps.max_tokens is not None
+                                               or caps.max_cost is not None)
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
@@ -238,7 +253,9 @@ class Limiter:
 
         A request refused only for want of a concurrency slot waits for one up to the tenant's
         ``concurrency_wait_s``, never past ``deadline`` (monotonic seconds, the clock this
-        Limiter was given); the uncontended path makes exactly one store call.
+        Limiter was given); the uncontended path makes exactly one store call (and, before
+        it, one read per stored item a request refers to by id that this replica does not
+        remember, for a tenant with a budget or run cap: ``_stored_size``).
         ``client_retry``: the SDK marks this as a retry of a failed call, which the loop
         guard does not count as a repeat."""
         tenant = self._config.tenants[call.tenant.name]
@@ -248,8 +265,10 @@ class Limiter:
         # Budgets are hard caps: input the body does not carry is reserved up to the context
         # window there; rate limits reserve the estimate and settle the rest.
         known = None if count_only or not call.stored_refs else \
-            await self._stored_size(call.tenant.name, call.stored_refs)
+            await self._stored_size(call, _reserves_input(call, tenant))
         unseen = 0 if count_only else unseen_input_tokens(call, model, max_out, known)
+        if known is not None and unseen < known:
+            known = None  # what it refers to fills the window: the window is reserved
         budget_tokens = tokens + unseen
         cost_units = 0 if count_only else reservation_cost_micros(
             call.prompt_tokens_estimate + unseen, max_out, model.price.rates)
@@ -287,10 +306,12 @@ class Limiter:
         hold.headers = _headers(plan, result, tenant, None if mode == "global"
                                 else self._budgets.get(call.tenant.name, {}))
         if call.agent_session and not count_only:  # counting a prompt is no step of a run
-            self._track_run(call, hold, plan, result, tenant)
+            self._track_run(call, hold, plan, result, tenant, window=bool(unseen) and
+                            known is None)
         if not result.allowed:
             index, wait_ms = self._longest_wait(plan, result, waited)
-            reservation = _reservation(call, tenant, model, max_out, unseen, known, plan,
+            reservation = _reservation(call, tenant, model, max_out, unseen, known,
+                                       self._config.state.remember_responses_s > 0, plan,
                                        result) \
                 if isinstance(plan.checks[index], Counter) else None
             raise _refusal(plan.checks[index], result.results[index], meta.get(index, ""),
@@ -308,9 +329,11 @@ class Limiter:
                                       session_id(call.agent_session)).loop_warnings += 1
 
     def _track_run(self, call: ProxyCall, hold: Hold, plan: AdmitPlan, result: AdmitResult,
-                   tenant: Tenant) -> None:
+                   tenant: Tenant, window: bool) -> None:
         """The run board, the access log's run totals, the soft-cap warning and the count of
-        runs stopped by each cap."""
+        runs stopped by each cap. ``window``: the request reserved the context window for
+        input it does not carry; a cap that refused only that, with room left, stopped no
+        run (``_run_refusal``)."""
         assert call.agent_session is not None
         sid = session_id(call.agent_session)
         totals = usage_after(plan, result)
@@ -326,6 +349,8 @@ class Limiter:
             return
         failed = plan.checks[result.failed] if result.failed >= 0 else None
         if failed is not None and is_run_check(failed):
+            if window and result.results[result.failed].remaining > 0:
+                return
             cap = run_cap(failed)
             run = self._inflight.runs.entry(call.tenant.name, sid)
             if run.stopped_by is None and self._inflight.on_run_stop is not None:
@@ -633,24 +658,18 @@ class Limiter:
         if provider_kind is not None and tenant in self._config.tenants:
             hold.counting = self._counting(tenant, provider_kind)
 
-    def remember_response(self, tenant: str, usage: Usage) -> None:
-        """Remember a stored Responses answer's size (its input plus its output, as the
-        provider reported them), and each of its reasoning items' (the answer's reasoning
-        tokens, at most), for the requests that refer to them by id (responses.py): here at
-        once, and in the store for the other replicas, off the client's path."""
+    def remember_response(self, tenant: str, model: str, usage: Usage) -> None:
+        """Remember what a stored Responses answer holds (``Usage.stored``: the answer and
+        its reasoning items, as the provider reported them) for the requests that refer to
+        them by id (responses.py): here at once, and in the store for the other replicas,
+        off the client's path."""
         ttl_s = self._config.state.remember_responses_s
-        if usage.response_id is None or ttl_s <= 0:
-            return  # not stored (or not a Responses answer): nothing can refer to it
-        sizes: list[tuple[str, int]] = []
-        if usage.input_seen:
-            sizes.append((usage.response_id, usage.input_tokens + usage.output_tokens))
-        if usage.output_seen:
-            reasoning = usage.reasoning_tokens or usage.output_tokens
-            sizes.extend((ident, reasoning) for ident in usage.reasoning_ids)
+        if not usage.stored or ttl_s <= 0:
+            return
         shared = self._state.shared_redis() is not None and not self.degraded.active
-        for ident, tokens in sizes:  # (a side not reported: its followers reserve the window)
-            key = response_key(tenant, ident)
-            self._inflight.responses.remember(key, tokens, ttl_s)
+        for ident, tokens in usage.stored:
+            key = response_key(tenant, model, ident)
+            self._inflight.responses.remember(tenant, key, tokens, ttl_s)
             if shared:
                 task = asyncio.get_running_loop().create_task(
                     self._share_size(key, tokens, ttl_s))
@@ -664,17 +683,19 @@ class Limiter:
         except StateUnavailable:
             pass  # other replicas reserve the window for its followers, as before
 
-    async def _stored_size(self, tenant: str, refs: tuple[str, ...]) -> int | None:
-        """What the stored answers and reasoning items ``refs`` hold together, as remembered
-        here, else in the store; None when one of them is not known (or the store cannot
-        answer now): the request then reserves the window."""
-        keys = [response_key(tenant, ident) for ident in refs]
-        local = [self._inflight.responses.size(key) for key in keys]
+    async def _stored_size(self, call: ProxyCall, ask_store: bool) -> int | None:
+        """What the stored answers and reasoning items the call refers to hold together, as
+        remembered here, else (``ask_store``) in the store; None when one of them is not
+        known (or the store cannot answer now): the request then reserves the window."""
+        if self._config.state.remember_responses_s <= 0:
+            return None
+        tenant = call.tenant.name
+        keys = [response_key(tenant, call.model, ident) for ident in call.stored_refs]
+        local = [self._inflight.responses.size(tenant, key) for key in keys]
         missing = [key for key, size in zip(keys, local) if size is None]
         if not missing:
             return sum(size or 0 for size in local)
-        if self._state.shared_redis() is None or self.degraded.active \
-                or self._config.state.remember_responses_s <= 0:
+        if not ask_store or self._state.shared_redis() is None or self.degraded.active:
             return None
         try:
             values = await asyncio.gather(*(self._state.get(store_keys.response_size(key))
@@ -856,7 +877,8 @@ def _leases_only(plan: AdmitPlan, result: AdmitResult) -> tuple[str, ...]:
 
 
 def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int, unseen: int,
-                 known: int | None, plan: AdmitPlan, result: AdmitResult) -> Reservation:
+                 known: int | None, remembering: bool, plan: AdmitPlan,
+                 result: AdmitResult) -> Reservation:
     """The refused request's reservation, and the largest output cap per choice with which
     it would pass every budget that refused it (refusal path only; none when it reserves
     the window for input the body does not carry: that grows as the cap shrinks)."""
@@ -888,7 +910,8 @@ def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int, un
                        present[0] if present else usual, tenant.default_max_tokens,
                        model.price.rates, fits,
                        (call.unseen_input, model.context_window) if window else None,
-                       unseen if unseen and not window else 0)
+                       unseen if unseen and not window else 0,
+                       remembering and bool(call.stored_refs))
 
 
 def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
@@ -915,7 +938,7 @@ def _what_it_reserves(r: Reservation) -> str:
         what, window = r.unseen
         remembered = (" (or refer to what this gateway served within "
                       "state.remember_responses_s: its size is reserved)"
-                      if what in ("previous_response_id", "a reasoning item by id") else "")
+                      if r.rememberable else "")
         return (f": up to the model's context window of {window:,} tokens, for the input its "
                 f"{what} makes the provider read, which the body does not carry, and its "
                 f"answer. Send that input in the body instead to reserve its size "

@@ -28,44 +28,51 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-#: Answers this replica remembers itself (about 200 bytes each here); older ones are in the store.
-LOCAL_ENTRIES = 20_000
+#: Answers (and reasoning items) this replica remembers itself per tenant, about 200 bytes
+#: each: one tenant's stream of answers cannot push another tenant's out. Older ones are in
+#: the store, with Redis.
+TENANT_ENTRIES = 10_000
 
 
-def response_key(tenant: str, response_id: str) -> str:
-    """The answer's name in the memory: 96 bits of a digest of the tenant and the id."""
-    # (the tenant's length first: no tenant's name and id can spell another's)
-    digest = hashlib.blake2b(f"{len(tenant)}:{tenant}{response_id}".encode(
+def response_key(tenant: str, model: str, ident: str) -> str:
+    """The name of a stored answer or reasoning item in the memory: 96 bits of a digest of
+    the tenant, the public model it was made by and its id. A follow-up on another model
+    is not sized by it: models count the same input differently (images most of all)."""
+    # (lengths first: no tenant's and model's names and an id can spell another's)
+    digest = hashlib.blake2b(f"{len(tenant)}:{len(model)}:{tenant}{model}{ident}".encode(
         "utf-8", "surrogatepass"), digest_size=12).digest()
     return base64.urlsafe_b64encode(digest).decode()
 
 
 class ResponseSizes:
-    """This replica's memory of answer sizes: ``response_key`` -> tokens, each entry kept
-    until its own expiry, the least recently used dropped past ``entries``."""
+    """This replica's memory of stored sizes: tenant -> ``response_key`` -> tokens, each
+    entry kept until its own expiry, a tenant's least recently used dropped past
+    ``entries``. Tenants are the policy's, so the whole is bounded too."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 entries: int = LOCAL_ENTRIES) -> None:
+                 entries: int = TENANT_ENTRIES) -> None:
         self._clock = clock
         self._entries = entries
-        self._sizes: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._tenants: dict[str, OrderedDict[str, tuple[int, float]]] = {}
 
-    def remember(self, key: str, tokens: int, ttl_s: float) -> None:
-        self._sizes[key] = (tokens, self._clock() + ttl_s)
-        self._sizes.move_to_end(key)
-        while len(self._sizes) > self._entries:
-            self._sizes.popitem(last=False)
+    def remember(self, tenant: str, key: str, tokens: int, ttl_s: float) -> None:
+        sizes = self._tenants.setdefault(tenant, OrderedDict())
+        sizes[key] = (tokens, self._clock() + ttl_s)
+        sizes.move_to_end(key)
+        while len(sizes) > self._entries:
+            sizes.popitem(last=False)
 
-    def size(self, key: str) -> int | None:
+    def size(self, tenant: str, key: str) -> int | None:
         """The remembered size, or None: never seen here, expired or dropped."""
-        found = self._sizes.get(key)
-        if found is None:
+        sizes = self._tenants.get(tenant)
+        found = None if sizes is None else sizes.get(key)
+        if found is None or sizes is None:
             return None
         if found[1] <= self._clock():
-            del self._sizes[key]
+            del sizes[key]
             return None
-        self._sizes.move_to_end(key)
+        sizes.move_to_end(key)
         return found[0]
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return sum(len(sizes) for sizes in self._tenants.values())

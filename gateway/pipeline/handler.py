@@ -160,7 +160,7 @@ async def _pipeline(
         policy.limiter.count_as_served(hold, tenant.name, record.upstream_dialect)
         policy.limiter.settle_soon(hold, record.usage, record.cost_micros)
         # 12b a stored Responses answer's size, for follow-ups that refer to it
-        policy.limiter.remember_response(tenant.name, record.usage)
+        policy.limiter.remember_response(tenant.name, call.model, record.usage)
 
 
 def route_name(route: ApiRoute) -> str:

@@ -2,8 +2,8 @@
 
 Redis Cluster puts a key in the slot of its *hash tag*, the text between the first ``{`` and
 the first ``}`` after it; the atomic scripts (lua/) touch several keys at once, which must all
-be in one slot. So every key has exactly one hash tag, made by ``hash_tag`` from the one name
-whose keys go together:
+be in one slot. So every key a script touches has exactly one hash tag, made by ``hash_tag``
+from the one name whose keys go together:
 
 - ``rl:{t:<tenant>}:...``: a tenant's limits, budgets, loop guard, agent runs, hold and done
   markers (one admission plan, one slot);
@@ -11,7 +11,9 @@ whose keys go together:
 - ``cb:{<provider>/<model>}:...``: a deployment's circuit breaker;
 - ``dq:{t:<tenant>}:...``: a tenant's deferred-request stream, entries and the bytes its
   unfinished entries hold;
-- ``rl:{fleet}:...``: the fleet's replicas and epoch.
+- ``rl:{fleet}:...``: the fleet's replicas and epoch;
+- ``rs:<digest>``, without a tag: a stored Responses answer's size (read and written alone,
+  so the keys spread over every node instead of filling the tenant's slot).
 
 The rule: inside a tag, ``%``, ``{`` and ``}`` of a name are written ``%25``, ``%7B``, ``%7D``.
 A name (tenant, deployment) then cannot end the tag early, so no client- or operator-chosen

@@ -196,3 +196,64 @@ async def test_reasoning_items_passed_back_by_id_reserve_what_they_held(
     message = data["error"]["message"]
     assert status == 429 and "a reasoning item by id" in message, data
     assert "context window of 128,000" in message
+
+
+async def test_what_it_refers_to_filling_the_window_reserves_the_window_and_says_so(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """A remembered 30,010 tokens and a 100,000-token output cap do not fit a 128,000-token
+    window: that reserves the window, and the refusal says so rather than naming a size the
+    answer did not report and a cap that would be refused again. Another model, or another
+    unseen input beside it, reserves the window too; the hint to refer to what the gateway
+    served is given only where that would help."""
+    gw = await make_gateway(await provider(aiohttp_server), tenants={"acme": {
+        "budget": {"daily_tokens": 100_000}}}, models={"gpt-other": {"deployments": [
+            {"provider": "main", "model": "m2"}]}})
+    status, first = await answer(gw, step())
+    assert status == 200, first
+    status, data = await answer(gw, step(first["id"], max_output_tokens=100_000))
+    message = data["error"]["message"]
+    assert status == 429 and "context window of 128,000" in message, message
+    assert "Set max_output_tokens" not in message and "30,0" not in message, message
+    status, data = await answer(gw, {**step(first["id"]), "model": "gpt-other"})
+    assert status == 429 and "state.remember_responses_s" in data["error"]["message"], data
+    status, data = await answer(gw, step(first["id"], tools=[{"type": "web_search"}]))
+    message = data["error"]["message"]
+    assert status == 429 and "context window" in message, data
+    assert "state.remember_responses_s" not in message
+    status, data = await answer(gw, step(first["id"]))  # the same model, nothing else
+    assert status == 200, data
+
+
+async def test_a_run_refused_only_for_a_window_it_cannot_fill_is_not_stopped(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """A step reserving the window for something forgotten is refused by a run cap below the
+    window; the run has room, so it is not counted as stopped, and its next step runs."""
+    gw = await make_gateway(await provider(aiohttp_server),
+                            tenants={"acme": {"run_budget": {"max_tokens": 70_000}}})
+    session = {"X-Agent-Session": "run-3"}
+    status, first = await answer(gw, step(), **session)
+    assert status == 200, first
+    status, data = await answer(gw, step("resp_forgotten"), **session)
+    assert status == 429 and data["error"]["code"] == "run_budget_exceeded", data
+    metrics = await (await gw.get("/metrics")).text()
+    assert not [line for line in metrics.splitlines()
+                if line.startswith("gateway_run_budget_stops_total{")], metrics
+    status, data = await answer(gw, step(first["id"]), **session)
+    assert status == 200, data
+
+
+async def test_a_deferred_runs_answer_is_remembered(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """An answer made by a deferred run (Prefer: respond-async) is remembered as one made
+    while the client waited."""
+    gw = await make_gateway(await provider(aiohttp_server), tenants={"acme": {
+        "budget": {"daily_tokens": 100_000}}}, deferred={
+        "enabled": True, "poll_interval_s": 0.05, "sweep_interval_s": 0.2})
+    resp = await gw.post("/v1/responses", json=step(), headers=auth(Prefer="respond-async"))
+    entry = await resp.json()
+    assert resp.status == 202, entry
+    done = await (await gw.get(f"/v1/deferred/{entry['id']}?wait=8", headers=auth())).json()
+    assert done["status"] == "succeeded", done
+    await settled(gw)
+    status, data = await answer(gw, step(done["response"]["body"]["id"]))
+    assert status == 200, data  # 69,990 left: the window would not fit

@@ -22,45 +22,73 @@ def test_the_id_comes_from_a_whole_answer_and_from_the_streams_last_event() -> N
     whole = Usage()
     assert whole.merge(orjson.loads((CORPUS / "openai_responses_cached_reasoning.json")
                                     .read_bytes()))
-    assert whole.response_id == "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b"
+    assert whole.stored[0] == ("resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
+                               whole.input_tokens + whole.output_tokens)
     streamed = Usage()
     for line in (CORPUS / "openai_responses_stream.sse").read_bytes().splitlines():
         if line.startswith(b"data: {"):
             streamed.merge(orjson.loads(line[6:]))
-    assert streamed.response_id == "resp_68a1" and streamed.input_seen
+    assert streamed.stored == (("resp_68a1", streamed.input_tokens + streamed.output_tokens),
+                               ("rs_68a1", streamed.reasoning_tokens))
+
+
+def test_the_size_is_what_the_provider_reported_not_what_other_attempts_add() -> None:
+    """An attempt that reached the provider and left no usage is charged an estimate, added
+    to the request's input after the answer's usage was read: not to what it stored."""
+    usage = Usage()
+    usage.merge({"id": "resp_1", "object": "response",
+                 "usage": {"input_tokens": 500, "output_tokens": 20}})
+    usage.input_tokens += 128_000
+    assert usage.stored == (("resp_1", 520),)
 
 
 @pytest.mark.parametrize("answer", [
-    {"id": "resp_1", "object": "response", "store": False, "usage": {"input_tokens": 5}},
-    {"id": "chatcmpl_1", "object": "chat.completion", "usage": {"prompt_tokens": 5}},
-    {"id": "r" * 257, "object": "response", "usage": {"input_tokens": 5}},
-    {"id": 7, "object": "response", "usage": {"input_tokens": 5}},
+    {"id": "resp_1", "object": "response", "store": False,
+     "usage": {"input_tokens": 5, "output_tokens": 1}},
+    {"id": "chatcmpl_1", "object": "chat.completion",
+     "usage": {"prompt_tokens": 5, "completion_tokens": 1}},
+    {"id": "r" * 257, "object": "response", "usage": {"input_tokens": 5, "output_tokens": 1}},
+    {"id": 7, "object": "response", "usage": {"input_tokens": 5, "output_tokens": 1}},
+    {"id": "resp_1", "object": "response", "usage": {"input_tokens": 5}},  # output unknown
 ])
-def test_no_id_is_kept_for_an_answer_nothing_can_refer_to(answer: dict[str, Any]) -> None:
+def test_nothing_is_kept_of_an_answer_nothing_can_refer_to_or_of_unknown_size(
+        answer: dict[str, Any]) -> None:
     usage = Usage()
     assert usage.merge(answer)
-    assert usage.response_id is None
+    assert usage.stored == ()
 
 
 def test_an_entry_lives_its_ttl_and_the_least_recently_used_go_first() -> None:
     clock = FakeClock()
     sizes = ResponseSizes(clock, entries=2)
-    sizes.remember("a", 100, ttl_s=10)
-    sizes.remember("b", 200, ttl_s=20)
+    sizes.remember("t", "a", 100, ttl_s=10)
+    sizes.remember("t", "b", 200, ttl_s=20)
     clock.advance(9.9)
-    assert sizes.size("a") == 100  # and now more recently used than b
-    sizes.remember("c", 300, ttl_s=20)
-    assert (sizes.size("b"), sizes.size("a"), sizes.size("c")) == (None, 100, 300)
+    assert sizes.size("t", "a") == 100  # and now more recently used than b
+    sizes.remember("t", "c", 300, ttl_s=20)
+    assert (sizes.size("t", "b"), sizes.size("t", "a"), sizes.size("t", "c")) == (
+        None, 100, 300)
     clock.advance(0.1)
-    assert sizes.size("a") is None and len(sizes) == 1
+    assert sizes.size("t", "a") is None and len(sizes) == 1
     clock.advance(20)
-    assert sizes.size("c") is None and len(sizes) == 0
+    assert sizes.size("t", "c") is None and len(sizes) == 0
 
 
-def test_a_key_names_the_tenant_and_the_answer() -> None:
-    assert response_key("acme", "resp_1") == response_key("acme", "resp_1")
-    assert response_key("acme", "resp_1") != response_key("umbrella", "resp_1")
-    assert response_key("a", "bc") != response_key("ab", "c")
+def test_one_tenants_answers_do_not_push_out_anothers() -> None:
+    sizes = ResponseSizes(FakeClock(), entries=2)
+    sizes.remember("quiet", "q", 100, ttl_s=60)
+    for n in range(50):
+        sizes.remember("busy", f"b{n}", n, ttl_s=60)
+    assert sizes.size("quiet", "q") == 100 and len(sizes) == 3
+
+
+def test_a_key_names_the_tenant_the_model_and_the_answer() -> None:
+    key = response_key("acme", "gpt", "resp_1")
+    assert key == response_key("acme", "gpt", "resp_1")
+    assert key != response_key("umbrella", "gpt", "resp_1")
+    assert key != response_key("acme", "gpt-mini", "resp_1")
+    assert response_key("a", "m", "bc") != response_key("ab", "m", "c")
+    assert response_key("a", "mb", "c") != response_key("a", "m", "bc")
 
 
 REASONING = {"type": "reasoning", "id": "rs_1", "summary": []}
@@ -103,9 +131,9 @@ def test_an_answers_reasoning_items_are_kept_with_its_id() -> None:
         {"type": "reasoning", "id": "rs_2", "summary": []}],
         "usage": {"input_tokens": 5, "output_tokens": 900,
                   "output_tokens_details": {"reasoning_tokens": 800}}})
-    assert usage.reasoning_ids == ("rs_1", "rs_2") and usage.reasoning_tokens == 800
+    assert usage.stored == (("resp_1", 905), ("rs_1", 800), ("rs_2", 800))
     unstored = Usage()
     unstored.merge({"id": "resp_2", "object": "response", "store": False,
                     "output": [{"type": "reasoning", "id": "rs_3", "summary": []}],
                     "usage": {"input_tokens": 5, "output_tokens": 9}})
-    assert unstored.reasoning_ids == ()
+    assert unstored.stored == ()
