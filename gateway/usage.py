@@ -124,8 +124,13 @@ class Usage:
         if answer.get("store") is False or not isinstance(ident, str) \
                 or len(ident) > MAX_RESPONSE_ID or not self.output_seen:
             return ()  # nothing to refer to, or its size not reported: followers reserve
-        found = [(ident, self.input_tokens + self.output_tokens)] if self.input_seen else []
         output = answer.get("output")
+        # An image the provider generated (image_generation tool) is read back by a follow-up
+        # but billed apart from this usage: such an answer's size is not known.
+        generated = any(isinstance(item, dict) and item.get("type") == "image_generation_call"
+                        for item in (output if isinstance(output, list) else ()))
+        found = [(ident, self.input_tokens + self.output_tokens)] \
+            if self.input_seen and not generated else []
         reasoning = self.reasoning_tokens or self.output_tokens
         found += [(item["id"], reasoning) for item in (output if isinstance(output, list) else ())
                   if isinstance(item, dict) and item.get("type") == "reasoning"

@@ -50,6 +50,8 @@ def test_the_size_is_what_the_provider_reported_not_what_other_attempts_add() ->
     {"id": "r" * 257, "object": "response", "usage": {"input_tokens": 5, "output_tokens": 1}},
     {"id": 7, "object": "response", "usage": {"input_tokens": 5, "output_tokens": 1}},
     {"id": "resp_1", "object": "response", "usage": {"input_tokens": 5}},  # output unknown
+    {"id": "resp_1", "object": "response", "usage": {"input_tokens": 5, "output_tokens": 1},
+     "output": [{"type": "image_generation_call", "id": "ig_1", "result": "iVBOR"}]},
 ])
 def test_nothing_is_kept_of_an_answer_nothing_can_refer_to_or_of_unknown_size(
         answer: dict[str, Any]) -> None:
