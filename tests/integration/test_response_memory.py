@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -15,20 +16,23 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.app.server import create_app
 from gateway.state import RedisBackend
-from tests.gwtest import UMBRELLA_KEY, auth, policy
+from tests.gwtest import ACME_KEY, UMBRELLA_KEY, auth, policy
 from tests.plugin_gateway import GatewayClient, MakeGateway, gateway_client, settled
 
 INLINE = 30_000  # what the first call's (pretend) inline input costs at the provider
 
 
-async def provider(aiohttp_server: AiohttpServer) -> str:
+async def provider(aiohttp_server: AiohttpServer, calls: list[str] | None = None) -> str:
     """A Responses API that stores each answer and reads it back for a follow-up: the input
-    it reports is the stored conversation's size plus 10 for what the body carries."""
+    it reports is the stored conversation's size plus 10 for what the body carries. Each
+    call's previous_response_id (or "") is appended to ``calls``."""
     stored: dict[str, int] = {}
     ids = itertools.count(1)
 
     async def responses(request: web.Request) -> web.Response:
         body = await request.json()
+        if calls is not None:
+            calls.append(body.get("previous_response_id") or "")
         previous = body.get("previous_response_id")
         if previous is not None and previous not in stored:
             return web.json_response({"error": {"message": "not found"}}, status=404)
@@ -257,3 +261,33 @@ async def test_a_deferred_runs_answer_is_remembered(
     await settled(gw)
     status, data = await answer(gw, step(done["response"]["body"]["id"]))
     assert status == 200, data  # 69,990 left: the window would not fit
+
+
+async def test_an_sdk_agent_chaining_responses_under_a_run_cap_below_the_window(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """The official openai SDK, default settings: an agent run capped at 100,000 tokens on a
+    128,000-token model chains three steps by previous_response_id (refused before);
+    a step naming an answer the gateway never saw is refused once, final: no SDK retry."""
+    calls: list[str] = []
+    gw = await make_gateway(await provider(aiohttp_server, calls),
+                            tenants={"acme": {"run_budget": {"max_tokens": 100_000}}})
+    client = openai.AsyncOpenAI(base_url=str(gw.make_url("/v1")), api_key=ACME_KEY,
+                                default_headers={"X-Agent-Session": "sdk-run"})
+    try:
+        first = await client.responses.create(model="gpt-test", input="go",
+                                              max_output_tokens=10)
+        previous = first.id
+        for _ in range(2):  # 30,010 then 30,030 tokens referred to
+            reply = await client.responses.create(model="gpt-test", input="go on",
+                                                  max_output_tokens=10,
+                                                  previous_response_id=previous)
+            previous = reply.id
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.responses.create(model="gpt-test", input="go on",
+                                          max_output_tokens=10,
+                                          previous_response_id="resp_never_here")
+    finally:
+        await client.close()
+    assert calls == ["", first.id, "resp_2"]  # one call each, none for the refused step
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert "context window" in str(info.value)
