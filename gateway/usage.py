@@ -11,7 +11,10 @@ One ``Usage`` per request, filled from whatever the upstream reported (docs/arch
   TTL is not reported counts as 5-minute, the providers' default);
 - ``output_tokens``: every generated token, of which ``reasoning_tokens`` and the
   predicted-output tokens (``accepted_prediction_tokens``, ``rejected_prediction_tokens``);
-  these sub-counts are billed as output and never added again.
+  these sub-counts are billed as output and never added again;
+- ``tool_calls``: calls of the tools the provider runs and bills per call (``SERVER_TOOLS``):
+  Responses output items (``web_search_call``, ``file_search_call``...), Anthropic
+  ``usage.server_tool_use`` (``web_search_requests``, ``web_fetch_requests``).
 
 Unknown fields are ignored; a negative, fractional or non-numeric count reads as absent, and
 a detail larger than its total is clamped to it, so no upstream answer makes a cost negative.
@@ -23,11 +26,20 @@ journal and the Lua scripts agree on the same integer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 MICROS = 1_000_000  # micro-units per unit of currency; also tokens per "million"
+#: Tools the provider runs and bills per call (``Price.per_thousand_calls``), by the name each
+#: is counted under: the ``tool`` label of gateway_billed_tool_calls_total.
+SERVER_TOOLS = ("web_search", "web_fetch", "file_search", "code_interpreter",
+                "image_generation")
+# A Responses output item of each (one item, one call), and Anthropic's server_tool_use counts.
+_RESPONSES_CALLS = {"web_search_call": "web_search", "file_search_call": "file_search",
+                    "code_interpreter_call": "code_interpreter",
+                    "image_generation_call": "image_generation"}
+_ANTHROPIC_CALLS = {"web_search_requests": "web_search", "web_fetch_requests": "web_fetch"}
 #: ``Usage.dimensions()`` keys, the ``dimension`` label of gateway_billed_tokens_total.
 DIMENSIONS = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output", "reasoning",
               "accepted_prediction", "rejected_prediction")
@@ -56,6 +68,8 @@ class Usage:
     # reported: the answer (``previous_response_id``: its input + output) and its reasoning
     # items (passed back by id: the answer's reasoning tokens at most). limits/responses.py.
     stored: tuple[tuple[str, int], ...] = ()
+    # Calls of tools the provider ran and bills per call, by ``SERVER_TOOLS`` name.
+    tool_calls: dict[str, int] = field(default_factory=dict)
 
     @property
     def cache_write_tokens(self) -> int:
@@ -117,6 +131,14 @@ class Usage:
         answer = data if data.get("object") == "response" else data.get("response")
         if isinstance(answer, dict) and answer.get("object") == "response":
             self.stored = self._stored(answer)
+            output = answer.get("output")
+            calls: dict[str, int] = {}
+            for item in output if isinstance(output, list) else ():
+                kind = item.get("type") if isinstance(item, dict) else None
+                tool = _RESPONSES_CALLS.get(kind) if isinstance(kind, str) else None
+                if tool is not None:
+                    calls[tool] = calls.get(tool, 0) + 1
+            self.tool_calls = calls  # the whole answer's, each time it is reported
         return True
 
     def _stored(self, answer: dict[str, Any]) -> tuple[tuple[str, int], ...]:
@@ -172,6 +194,11 @@ class Usage:
             self.cache_write_1h_tokens = one_hour
             self.cache_write_5m_tokens = written - one_hour
         self.input_tokens = uncached + self.cache_read_tokens + self.cache_write_tokens
+        server = _dict(usage, "server_tool_use")  # cumulative: message_delta repeats it
+        for name, tool in _ANTHROPIC_CALLS.items():
+            calls = _count(server, name)
+            if calls is not None:
+                self.tool_calls[tool] = calls
         out = _count(usage, "output_tokens")
         if out is not None:
             self.output_seen = True
@@ -227,6 +254,13 @@ class Rates:
     cache_write_5m: int = 0
     cache_write_1h: int = 0
     output: int = 0
+    # Micro-units per thousand calls of a tool the provider bills per call (SERVER_TOOLS).
+    per_thousand_calls: tuple[tuple[str, int], ...] = ()
+
+    def calls_micros_scaled(self, calls: dict[str, int]) -> int:
+        """The calls' price in micro-units x MICROS (``cost_micros``' scale: per call is a
+        thousandth of the price per thousand, and MICROS / 1000 = 1000)."""
+        return sum(calls.get(tool, 0) * rate * 1000 for tool, rate in self.per_thousand_calls)
 
 
 def micros(price_per_million: float) -> int:
@@ -242,12 +276,16 @@ def cost_micros(usage: Usage, rates: Rates) -> int:
              + usage.cache_read_tokens * rates.cache_read
              + usage.cache_write_5m_tokens * rates.cache_write_5m
              + usage.cache_write_1h_tokens * rates.cache_write_1h
-             + usage.output_tokens * rates.output)
+             + usage.output_tokens * rates.output
+             + rates.calls_micros_scaled(usage.tool_calls))
     return -(-total // MICROS)
 
 
-def reservation_cost_micros(prompt_tokens: int, max_output_tokens: int, rates: Rates) -> int:
+def reservation_cost_micros(prompt_tokens: int, max_output_tokens: int, rates: Rates,
+                            calls: dict[str, int] | None = None) -> int:
     """The cost reserved at admission: the prompt estimate at the uncached input price plus
-    every allowed output token. (A cache write priced above input can settle a little
-    higher; settlement charges the difference.)"""
-    return -(-(prompt_tokens * rates.input + max_output_tokens * rates.output) // MICROS)
+    every allowed output token, and the calls of tools the provider bills per call that it
+    may make (``ProxyCall.tool_calls``). (A cache write priced above input can settle a
+    little higher; settlement charges the difference.)"""
+    return -(-(prompt_tokens * rates.input + max_output_tokens * rates.output
+               + rates.calls_micros_scaled(calls or {})) // MICROS)

@@ -304,6 +304,7 @@ def _log_access(record: RequestRecord, trace_fields: dict[str, Any]) -> None:
         "tokens_out": record.usage.output_tokens,
         # by billed dimension (gateway/usage.py); zero dimensions left out to keep lines short
         "tokens": {k: v for k, v in record.usage.dimensions().items() if v} or None,
+        "tool_calls": record.usage.tool_calls or None,  # billed per call (usage.SERVER_TOOLS)
         "usage_reported": record.usage.reported,
         "cost": round(record.cost, 8),
         "cost_micros": record.cost_micros,

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.usage import Rates, micros
 
@@ -128,6 +135,10 @@ class Provider(StrictModel):
         return self
 
 
+ServerTool = Literal["web_search", "web_fetch", "file_search", "code_interpreter",
+                     "image_generation"]  # gateway/usage.py SERVER_TOOLS
+
+
 class Price(StrictModel):
     """Price in the operator's currency per million tokens, per billed dimension.
 
@@ -160,6 +171,14 @@ class Price(StrictModel):
         "included (the providers bill them as output)"
     )
 
+    per_thousand_calls: dict[ServerTool, NonNegativeFloat] = Field(
+        {}, description="price per 1,000 calls of a tool the provider runs and bills per "
+        "call, beside the tokens (e.g. web_search: 10.0); counted from the answer (Responses "
+        "web_search_call, file_search_call, code_interpreter_call, image_generation_call "
+        "items; Anthropic usage.server_tool_use) and reserved at admission: max_tool_calls, "
+        "else a tool's max_uses, else one call per such tool in the request. Unset: free"
+    )
+
     _rates: Rates = PrivateAttr(default_factory=Rates)
 
     def model_post_init(self, context: Any, /) -> None:
@@ -170,6 +189,9 @@ class Price(StrictModel):
             cache_write_5m=micros(write_5m),
             cache_write_1h=micros(_or(self.cache_write_1h_per_million, write_5m)),
             output=micros(self.output_per_million),
+            per_thousand_calls=tuple((tool, micros(price))
+                                     for tool, price in sorted(self.per_thousand_calls.items())
+                                     if price > 0),
         )
 
     @property

@@ -271,7 +271,7 @@ class Limiter:
             known = None  # what it refers to fills the window: the window is reserved
         budget_tokens = tokens + unseen
         cost_units = 0 if count_only else reservation_cost_micros(
-            call.prompt_tokens_estimate + unseen, max_out, model.price.rates)
+            call.prompt_tokens_estimate + unseen, max_out, model.price.rates, call.tool_calls)
         # (Until a deployment serves it: then ``count_as_served`` decides by that one's kind.)
         counting = self._counting(call.tenant.name, call.route.provider_kind)
         planned_at = self._wall_clock()  # budget resets in the plan count from here
@@ -895,7 +895,8 @@ def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int, un
             low, high = -1, max_out
             while low < high:
                 mid = (low + high + 1) // 2
-                if reservation_cost_micros(prompt, mid, model.price.rates) <= left:
+                if reservation_cost_micros(prompt, mid, model.price.rates,
+                                           call.tool_calls) <= left:
                     low = mid
                 else:
                     high = mid - 1
@@ -939,8 +940,10 @@ def _what_it_reserves(r: Reservation) -> str:
         remembered = (" (or refer to what this gateway served within "
                       "state.remember_responses_s: its size is reserved)"
                       if r.rememberable else "")
-        return (f": up to the model's context window of {window:,} tokens, for the input its "
-                f"{what} makes the provider read, which the body does not carry, and its "
+        subject = what if what is None or what.startswith(("a ", "an ", "its ")) \
+            else f"its {what}"
+        return (f": up to the model's context window of {window:,} tokens, for the input "
+                f"{subject} makes the provider read, which the body does not carry, and its "
                 f"answer. Send that input in the body instead to reserve its size "
                 f"alone{remembered}.")
     if not r.output:

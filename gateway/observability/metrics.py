@@ -125,6 +125,10 @@ class GatewayMetrics:
                                "and the parts of output reasoning, accepted_prediction, "
                                "rejected_prediction (already in output).",
                                "tenant", "model", "dimension")
+        self._tool_calls = counter("gateway_billed_tool_calls", "Calls of tools the provider "
+                                   "ran and bills per call (web_search, web_fetch, "
+                                   "file_search, code_interpreter, image_generation), as its "
+                                   "answers reported them.", "tenant", "model", "tool")
         self._cost = counter("gateway_cost", "Cost in the price table's currency.",
                              "tenant", "model")
         self._rejections = counter("gateway_rejections", "Requests the gateway refused itself.",
@@ -221,6 +225,9 @@ class GatewayMetrics:
             if tokens > 0:
                 self._billed.get(tenant, model, dimension).inc(tokens)
                 totals[dimension] = totals.get(dimension, 0) + tokens
+        for tool, calls in usage.tool_calls.items():  # SERVER_TOOLS: 5 names at most
+            if calls > 0:
+                self._tool_calls.get(tenant, model, tool).inc(calls)
         if record.cost_micros:
             totals["cost_micros"] = totals.get("cost_micros", 0) + record.cost_micros
         if record.cost > 0:

@@ -19,6 +19,7 @@ from gateway.config import GatewayConfig, Model, Priority
 from gateway.errors import Dialect, GatewayError, bad_request, forbidden, not_found
 from gateway.jsonbytes import CONTAINER, KEY, MAX_DEPTH, deeper_than, json_values
 from gateway.translate import Translation
+from gateway.usage import SERVER_TOOLS
 
 from .auth import TenantPolicy
 
@@ -85,6 +86,9 @@ class ProxyCall:
     # are all the input it does not carry: sizes remembered for them are reserved instead
     # of the window (``stored_refs``). Empty: none, or input of unknown size besides.
     stored_refs: tuple[str, ...] = ()
+    # Calls of tools the provider bills per call this request may make, by SERVER_TOOLS name,
+    # as reserved of cost budgets (``reserved_tool_calls``).
+    tool_calls: dict[str, int] = field(default_factory=dict)
     agent_session: str | None = None
     agent_step: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -171,6 +175,7 @@ def classify(
         prompt_tokens_estimate=estimate,
         unseen_input=unseen,
         stored_refs=stored_refs(route, body, in_parts) if unseen else (),
+        tool_calls=reserved_tool_calls(body) if "tools" in body else {},
         agent_session=header_id(headers, "X-Agent-Session"),
         agent_step=header_id(headers, "X-Agent-Step"),
         choices=choices,
@@ -489,6 +494,36 @@ def stored_refs(route: ApiRoute, body: dict[str, Any], in_parts: str | None
     elif items is not None:
         rest["input"] = items
     return tuple(refs) if unseen_input(route, rest, in_parts) is None else ()
+
+
+def reserved_tool_calls(body: dict[str, Any]) -> dict[str, int]:
+    """Calls of the tools the provider runs and bills per call (usage.SERVER_TOOLS) that a
+    request may make, to reserve their price: the Responses ``max_tool_calls`` (for all of
+    them), else a tool's Anthropic ``max_uses``, else one per tool. Settlement charges the
+    calls the answer reports."""
+    tools = body.get("tools")
+    limit = body.get("max_tool_calls")
+    calls: dict[str, int] = {}
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        name = next((n for n in SERVER_TOOLS if isinstance(kind, str) and kind.startswith(n)),
+                    None)
+        if name is None:
+            continue
+        uses = _positive(limit) or _positive(tool.get("max_uses")) or 1
+        calls[name] = max(calls.get(name, 0), min(uses, MAX_CALLS))
+    return calls
+
+
+def _positive(value: Any) -> int:
+    """``value`` when it is a positive integer, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else 0
+
+
+# A request's reservation counts at most this many calls of one tool (a larger bound in the
+# body is a bound, not a plan: settlement charges what was made).
+MAX_CALLS = 1000
 
 
 # More references than this in one request keep the window: each is a lookup (a 200 KB body

@@ -194,7 +194,7 @@ async def test_ten_step_agent_with_90_percent_cached_input_is_charged_the_price_
     make_gateway: MakeGateway,
 ) -> None:
     price = {"input_per_million": 2.0, "cached_input_per_million": 0.2, "output_per_million": 8.0}
-    rates = Price(**price).rates
+    rates = Price.model_validate(price).rates
 
     async def run(gw: GatewayClient, label: str) -> list[Any]:
         client = openai.AsyncOpenAI(base_url=str(gw.make_url("/v1")), api_key=ACME_KEY)

@@ -1,0 +1,85 @@
+"""Tools the provider runs and bills per call are charged to cost budgets by the calls its
+answer reports, and reserved by the calls a request may make (gateway/usage.py
+``tool_calls``; ``price.per_thousand_calls``): a web search on a cheap model was free."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
+
+from tests.gwtest import auth
+from tests.plugin_gateway import MakeGateway, settled
+
+PRICE = {"input_per_million": 1.0, "output_per_million": 2.0,
+         "per_thousand_calls": {"web_search": 10.0}}
+
+
+async def searching_provider(aiohttp_server: AiohttpServer) -> str:
+    """Each Responses answer made three web searches; each Anthropic message two."""
+    async def responses(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({
+            "id": "resp_1", "object": "response", "status": "completed",
+            "output": [*({"type": "web_search_call", "id": f"ws_{n}", "status": "completed",
+                          "action": {"type": "search", "query": "q"}} for n in range(3)),
+                       {"type": "message", "id": "msg_1", "role": "assistant", "content": [
+                           {"type": "output_text", "text": "found", "annotations": []}]}],
+            "usage": {"input_tokens": 1_000, "output_tokens": 100}})
+
+    async def messages(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+            "content": [{"type": "text", "text": "found"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 1_000, "output_tokens": 100,
+                      "server_tool_use": {"web_search_requests": 2}}})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/messages", messages)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+def searching(**extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-test", "input": "look it up", "max_output_tokens": 100,
+            "tools": [{"type": "web_search"}], **extra}
+
+
+async def test_web_searches_are_charged_and_reserved_of_a_cost_budget(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """A 0.05 daily budget: one answer of three searches costs 0.0312 (0.03 of it the
+    searches); a second request that may make three more (0.03, beside the search results it
+    may read: up to the 8,000-token window, 0.008) does not fit what is left."""
+    gw = await make_gateway(await searching_provider(aiohttp_server),
+                            models={"gpt-test": {"price": PRICE, "context_window": 8_000}},
+                            tenants={"acme": {"budget": {"daily_cost": 0.05}}})
+    resp = await gw.post("/v1/responses", json=searching(max_tool_calls=3), headers=auth())
+    assert resp.status == 200, await resp.text()
+    await settled(gw)
+    resp = await gw.post("/v1/responses", json=searching(max_tool_calls=3), headers=auth())
+    refusal = (await resp.json())["error"]
+    assert resp.status == 429 and refusal["code"] == "insufficient_quota", refusal
+    assert "has 0.0188 left" in refusal["message"], refusal
+    metrics = await (await gw.get("/metrics")).text()
+    assert 'gateway_billed_tool_calls_total{model="gpt-test",tenant="acme",tool="web_search"}' \
+        ' 3.0' in metrics
+    assert 'gateway_cost_total{model="gpt-test",tenant="acme"} 0.0312' in metrics
+
+
+async def test_anthropic_server_tool_use_is_charged(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    gw = await make_gateway(await searching_provider(aiohttp_server),
+                            models={"claude-test": {"price": PRICE}})
+    resp = await gw.post("/v1/messages", json={
+        "model": "claude-test", "max_tokens": 100, "messages": [
+            {"role": "user", "content": "look it up"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}]},
+        headers=auth())
+    assert resp.status == 200, await resp.text()
+    await settled(gw)
+    metrics = await (await gw.get("/metrics")).text()
+    # 1,000 x 1 + 100 x 2 = 1,200 micro-units of tokens; 2 searches x 0.01
+    assert 'gateway_cost_total{model="claude-test",tenant="acme"} 0.0212' in metrics, metrics
