@@ -158,6 +158,9 @@ async def relay_stream(
         record.usage.fill_in(record.input_if_unreported, relayed)
         if not relay.usage_final:  # cut before the final usage: a start event's is partial
             record.usage.output_tokens = max(record.usage.output_tokens, relayed)
+            calls = record.usage.tool_calls  # and the tools billed per call it saw run
+            for tool, seen in relay.tool_calls_seen.items():
+                calls[tool] = max(calls.get(tool, 0), seen)
     await _write_eof_quietly(request, response)
     return response
 

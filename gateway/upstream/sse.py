@@ -49,6 +49,11 @@ _REDACTED_DATA = re.compile(rb'"data"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 # search and fetch, code execution, MCP): not counted.
 _NOT_OUTPUT = re.compile(rb'"type"\s*:\s*"(?:response\.(?:[a-z_.]*\.done|created|in_progress|'
                          rb'completed|incomplete|failed|queued)|[a-z_]*tool_result)"')
+# A call of a tool the provider bills per call (usage.SERVER_TOOLS), for a stream cut before
+# the usage that counts them: one Responses ``response.<tool>_call.completed`` event a call;
+# an Anthropic ``server_tool_use`` block's start, whose name says which tool (parsed: rare).
+_TOOL_CALL_DONE = re.compile(rb'"type"\s*:\s*"response\.(web_search|file_search|'
+                             rb'code_interpreter|image_generation)_call\.completed"')
 _TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
              b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
              b'"type": "message_stop"',
@@ -81,6 +86,8 @@ class SseRelay:
         # message_start, whose output count is only the first token's): a stream cut after it
         # is charged exactly what it reported.
         self.usage_final = False
+        # Calls of tools billed per call, as the events showed them (``_TOOL_CALL_DONE``).
+        self.tool_calls_seen: dict[str, int] = {}
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -120,6 +127,8 @@ class SseRelay:
                 self.output_text_bytes += sum(map(len, _REDACTED_DATA.findall(event)))
         if any(marker in event for marker in _TERMINAL):
             self.finished = True
+        if b"_call.completed" in event or b'"server_tool_use"' in event:
+            self._count_tool_call(event)
         if not _USAGE_OBJECT.search(event):
             return True
         payload = _data_of(event)
@@ -131,6 +140,20 @@ class SseRelay:
             self.usage_final = True
         # Drop only the extra usage chunk the gateway asked for on the client's behalf.
         return not (self.strip_usage_chunk and _EMPTY_CHOICES.search(event))
+
+    def _count_tool_call(self, event: bytes) -> None:
+        found = _TOOL_CALL_DONE.search(event)
+        tool: str | None = found.group(1).decode() if found else None
+        if tool is None and b"content_block_start" in event:
+            try:
+                block = orjson.loads(_data_of(event)).get("content_block")
+            except (orjson.JSONDecodeError, AttributeError):
+                return
+            name = block.get("name") if isinstance(block, dict) \
+                and block.get("type") == "server_tool_use" else None
+            tool = name if name in ("web_search", "web_fetch") else None
+        if tool is not None:
+            self.tool_calls_seen[tool] = self.tool_calls_seen.get(tool, 0) + 1
 
     @property
     def relayed_output_tokens(self) -> int:

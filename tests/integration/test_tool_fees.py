@@ -83,3 +83,32 @@ async def test_anthropic_server_tool_use_is_charged(
     metrics = await (await gw.get("/metrics")).text()
     # 1,000 x 1 + 100 x 2 = 1,200 micro-units of tokens; 2 searches x 0.01
     assert 'gateway_cost_total{model="claude-test",tenant="acme"} 0.0212' in metrics, metrics
+
+
+async def test_a_stream_cut_after_its_searches_is_charged_them(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """The provider ran two searches and the stream broke before response.completed, which
+    would have counted them: they are charged from the events that showed them."""
+    async def responses(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(2):
+            kind = "response.web_search_call.completed"
+            await response.write(f'event: {kind}\ndata: {{"type": "{kind}", "item_id": '
+                                 f'"ws_{n}", "output_index": {n}}}\n\n'.encode())
+        assert request.transport is not None
+        request.transport.close()  # cut: no response.completed
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(str(server.make_url("")).rstrip("/"),
+                            models={"gpt-test": {"price": PRICE}})
+    resp = await gw.post("/v1/responses", json=searching(stream=True), headers=auth())
+    await resp.read()
+    await settled(gw)
+    metrics = await (await gw.get("/metrics")).text()
+    assert 'gateway_billed_tool_calls_total{model="gpt-test",tenant="acme",tool="web_search"}' \
+        ' 2.0' in metrics, metrics

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
+import orjson
 import pytest
 
 from gateway.config.model import Price, ServerTool
 from gateway.request.classifier import reserved_tool_calls
+from gateway.upstream.sse import SseRelay
 from gateway.usage import SERVER_TOOLS, Usage, cost_micros, reservation_cost_micros
 
 
@@ -70,3 +72,29 @@ def test_calls_are_priced_per_thousand_in_exact_micro_units() -> None:
 def test_a_request_reserves_the_calls_it_may_make(body: dict[str, Any],
                                                   calls: dict[str, int]) -> None:
     assert reserved_tool_calls(body) == calls
+
+
+def _sse(kind: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def test_a_stream_cut_before_its_usage_still_shows_the_calls_it_made() -> None:
+    """A client leaving, or a provider cutting, after the searches ran and before the usage
+    that counts them: the calls are counted from the events, one a call."""
+    responses = SseRelay("openai", strip_usage_chunk=False)
+    for n in range(2):
+        for step in ("in_progress", "searching", "completed"):
+            kind = f"response.web_search_call.{step}"
+            responses.feed(_sse(kind, {"type": kind, "item_id": f"ws_{n}", "output_index": n}))
+    responses.feed(_sse("response.output_item.done", {
+        "type": "response.output_item.done", "item": {"type": "web_search_call", "id": "ws_1",
+                                                       "status": "completed"}}))
+    assert responses.tool_calls_seen == {"web_search": 2} and not responses.usage_final
+    anthropic = SseRelay("anthropic", strip_usage_chunk=False)
+    anthropic.feed(_sse("content_block_start", {
+        "type": "content_block_start", "index": 1, "content_block": {
+            "type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}}))
+    anthropic.feed(_sse("content_block_start", {
+        "type": "content_block_start", "index": 2, "content_block": {
+            "type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []}}))
+    assert anthropic.tool_calls_seen == {"web_search": 1}
