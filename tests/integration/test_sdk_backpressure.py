@@ -323,6 +323,18 @@ async def test_a_stream_must_start_by_the_deadline_then_flows_past_it(
     assert answers == {200: 1, 504: 1}
 
 
+async def _gateway_before(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
+                          handler: Callable[[web.Request], Awaitable[web.Response]],
+                          ) -> GatewayClient:
+    """A gateway in front of a provider whose chat and messages routes are ``handler``."""
+    broken = web.Application()
+    broken.router.add_post("/v1/chat/completions", handler)
+    broken.router.add_post("/v1/messages", handler)
+    server = await aiohttp_server(broken)
+    return await gateway_client(aiohttp_client, create_app(
+        policy(str(server.make_url("")).rstrip("/"))))
+
+
 async def test_an_unusable_error_page_after_the_gateways_retries_is_final_for_the_sdk(
     aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient,
 ) -> None:
@@ -334,11 +346,7 @@ async def test_an_unusable_error_page_after_the_gateways_retries_is_final_for_th
         return web.Response(status=503, text="<html>upstream down</html>",
                             content_type="text/html")
 
-    broken = web.Application()
-    broken.router.add_post("/v1/chat/completions", html_503)
-    server = await aiohttp_server(broken)
-    gw: GatewayClient = await gateway_client(aiohttp_client, create_app(
-        policy(str(server.make_url("")).rstrip("/"))))
+    gw = await _gateway_before(aiohttp_server, aiohttp_client, html_503)
     client = _openai(gw)  # default retries
     try:
         with pytest.raises(openai.InternalServerError) as info:
@@ -366,12 +374,7 @@ async def test_a_providers_html_413_is_a_413_the_client_can_act_on(
         return web.Response(status=413, text="<html>413 Request Entity Too Large</html>",
                             content_type="text/html")
 
-    broken = web.Application()
-    broken.router.add_post("/v1/chat/completions", html_413)
-    broken.router.add_post("/v1/messages", html_413)
-    server = await aiohttp_server(broken)
-    gw: GatewayClient = await gateway_client(aiohttp_client, create_app(
-        policy(str(server.make_url("")).rstrip("/"))))
+    gw = await _gateway_before(aiohttp_server, aiohttp_client, html_413)
     client = _openai(gw)  # default retries
     try:
         with pytest.raises(openai.APIStatusError) as info:
