@@ -175,8 +175,9 @@ class Price(StrictModel):
         {}, description="price per 1,000 calls of a tool the provider runs and bills per "
         "call, beside the tokens (e.g. web_search: 10.0); counted from the answer (Responses "
         "web_search_call, file_search_call, code_interpreter_call, image_generation_call "
-        "items; Anthropic usage.server_tool_use) and reserved at admission: max_tool_calls, "
-        "else a tool's max_uses, else one call per such tool in the request. Unset: free"
+        "items; Anthropic usage.server_tool_use) and reserved at admission: the smaller of "
+        "max_tool_calls and a tool's max_uses, else one call per such tool in the request. "
+        "Unset: free"
     )
 
     _rates: Rates = PrivateAttr(default_factory=Rates)
@@ -493,7 +494,7 @@ class State(StrictModel):
         "(and of its reasoning items) is remembered, so that a request referring to it "
         "(previous_response_id, reasoning items by id) reserves of budgets and run caps what "
         "it refers to rather than the model's whole context window; "
-        "about 130 bytes of Redis per answer; 0: not remembered"
+        "about 130 bytes of Redis per answer and per reasoning item; 0: not remembered"
     )
     degraded: Degraded = Degraded()
 

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
@@ -104,6 +104,13 @@ class Reservation:
     stored: int = 0
     # It reserved the window only because what it refers to by id was not remembered.
     rememberable: bool = False
+    # What it refers to by id was remembered, this size, but with the output cap it would
+    # not fit the window: the window was reserved.
+    filled: int = 0
+    # Calls of priced tools billed per call that it reserved (``ProxyCall.tool_calls``).
+    calls: dict[str, int] = field(default_factory=dict)
+    # Run caps refused only the window it reserved (``_window_only``): the run goes on.
+    window_only: bool = False
 
 
 @dataclass(slots=True)
@@ -160,19 +167,6 @@ def unseen_input_tokens(call: ProxyCall, model: Model, max_out: int,
     bound = max(0, model.context_window - max_out // max(1, call.choices)
                 - call.prompt_tokens_estimate)
     return bound if known is None else min(known, bound)
-
-
-def _reserves_input(call: ProxyCall, tenant: Tenant) -> bool:
-    """Whether a budget or a run cap of this call counts its input (what reserving a
-    remembered size instead of the window changes: rate limits reserve the body's estimate
-    either way), so that the store is asked for sizes only then."""
-    budget = tenant.budget
-    if any(v is not None for v in (budget.daily_tokens, budget.monthly_tokens,
-                                   budget.daily_cost, budget.monthly_cost)):
-        return True
-    caps = tenant.run_budget.caps_for(call.model)
-    return call.agent_session is not None and (caps.max_tokens is not None
-                                               or caps.max_cost is not None)
 
 
 def reservation_max_tokens(call: ProxyCall, tenant: Tenant, model: Model) -> int:
@@ -255,7 +249,7 @@ class Limiter:
         ``concurrency_wait_s``, never past ``deadline`` (monotonic seconds, the clock this
         Limiter was given); the uncontended path makes exactly one store call (and, before
         it, one read per stored item a request refers to by id that this replica does not
-        remember, for a tenant with a budget or run cap: ``_stored_size``).
+        remember: ``_stored_size``).
         ``client_retry``: the SDK marks this as a retry of a failed call, which the loop
         guard does not count as a repeat."""
         tenant = self._config.tenants[call.tenant.name]
@@ -265,10 +259,11 @@ class Limiter:
         # Budgets are hard caps: input the body does not carry is reserved up to the context
         # window there; rate limits reserve the estimate and settle the rest.
         known = None if count_only or not call.stored_refs else \
-            await self._stored_size(call, _reserves_input(call, tenant))
+            await self._stored_size(call)
         unseen = 0 if count_only else unseen_input_tokens(call, model, max_out, known)
+        filled = 0  # what it refers to, found, but filling the window with the output cap
         if known is not None and unseen < known:
-            known = None  # what it refers to fills the window: the window is reserved
+            filled, known = known, None  # the window is reserved
         budget_tokens = tokens + unseen
         cost_units = 0 if count_only else reservation_cost_micros(
             call.prompt_tokens_estimate + unseen, max_out, model.price.rates, call.tool_calls)
@@ -305,15 +300,20 @@ class Limiter:
         self._remember_budgets(call.tenant.name, plan, result, mode)
         hold.headers = _headers(plan, result, tenant, None if mode == "global"
                                 else self._budgets.get(call.tenant.name, {}))
+        # Refused by run caps only for the window it reserved: the run is not over.
+        window_only = not result.allowed and unseen > 0 and known is None and _window_only(
+            plan, result, unseen, cost_units - reservation_cost_micros(
+                call.prompt_tokens_estimate, max_out, model.price.rates, call.tool_calls))
         if call.agent_session and not count_only:  # counting a prompt is no step of a run
-            self._track_run(call, hold, plan, result, tenant, window=bool(unseen) and
-                            known is None)
+            self._track_run(call, hold, plan, result, tenant, window_only)
         if not result.allowed:
             index, wait_ms = self._longest_wait(plan, result, waited)
-            reservation = _reservation(call, tenant, model, max_out, unseen, known,
+            reservation = _reservation(call, tenant, model, max_out, unseen, known, filled,
                                        self._config.state.remember_responses_s > 0, plan,
                                        result) \
                 if isinstance(plan.checks[index], Counter) else None
+            if reservation is not None:
+                reservation = replace(reservation, window_only=window_only)
             raise _refusal(plan.checks[index], result.results[index], meta.get(index, ""),
                            hold.headers, planned_at, wait_ms, reservation)
         if leases:
@@ -329,11 +329,11 @@ class Limiter:
                                       session_id(call.agent_session)).loop_warnings += 1
 
     def _track_run(self, call: ProxyCall, hold: Hold, plan: AdmitPlan, result: AdmitResult,
-                   tenant: Tenant, window: bool) -> None:
+                   tenant: Tenant, window_only: bool) -> None:
         """The run board, the access log's run totals, the soft-cap warning and the count of
-        runs stopped by each cap. ``window``: the request reserved the context window for
-        input it does not carry; a cap that refused only that, with room left, stopped no
-        run (``_run_refusal``)."""
+        runs stopped by each cap. ``window_only``: the run caps refused only the context
+        window the request reserved for input it does not carry (``_window_only``): that
+        stopped no run (``_run_refusal``)."""
         assert call.agent_session is not None
         sid = session_id(call.agent_session)
         totals = usage_after(plan, result)
@@ -349,7 +349,7 @@ class Limiter:
             return
         failed = plan.checks[result.failed] if result.failed >= 0 else None
         if failed is not None and is_run_check(failed):
-            if window and result.results[result.failed].remaining > 0:
+            if window_only:
                 return
             cap = run_cap(failed)
             run = self._inflight.runs.entry(call.tenant.name, sid)
@@ -683,10 +683,11 @@ class Limiter:
         except StateUnavailable:
             pass  # other replicas reserve the window for its followers, as before
 
-    async def _stored_size(self, call: ProxyCall, ask_store: bool) -> int | None:
+    async def _stored_size(self, call: ProxyCall) -> int | None:
         """What the stored answers and reasoning items the call refers to hold together, as
-        remembered here, else (``ask_store``) in the store; None when one of them is not
-        known (or the store cannot answer now): the request then reserves the window."""
+        remembered here, else in the store (for every tenant: the size is also what a call
+        that reports no input is charged, which must not depend on the replica); None when
+        one of them is not known (or the store cannot answer now): the window is reserved."""
         if self._config.state.remember_responses_s <= 0:
             return None
         tenant = call.tenant.name
@@ -695,7 +696,7 @@ class Limiter:
         missing = [key for key, size in zip(keys, local) if size is None]
         if not missing:
             return sum(size or 0 for size in local)
-        if not ask_store or self._state.shared_redis() is None or self.degraded.active:
+        if self._state.shared_redis() is None or self.degraded.active:
             return None
         try:
             values = await asyncio.gather(*(self._state.get(store_keys.response_size(key))
@@ -877,7 +878,7 @@ def _leases_only(plan: AdmitPlan, result: AdmitResult) -> tuple[str, ...]:
 
 
 def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int, unseen: int,
-                 known: int | None, remembering: bool, plan: AdmitPlan,
+                 known: int | None, filled: int, remembering: bool, plan: AdmitPlan,
                  result: AdmitResult) -> Reservation:
     """The refused request's reservation, and the largest output cap per choice with which
     it would pass every budget that refused it (refusal path only; none when it reserves
@@ -912,7 +913,24 @@ def _reservation(call: ProxyCall, tenant: Tenant, model: Model, max_out: int, un
                        model.price.rates, fits,
                        (call.unseen_input, model.context_window) if window else None,
                        unseen if unseen and not window else 0,
-                       remembering and bool(call.stored_refs))
+                       remembering and bool(call.stored_refs) and not filled, filled,
+                       {tool: n for tool, n in call.tool_calls.items()
+                        if tool in dict(model.price.rates.per_thousand_calls)})
+
+
+def _window_only(plan: AdmitPlan, result: AdmitResult, unseen: int, unseen_cost: int) -> bool:
+    """Whether every run cap that refused would have taken the request without the window it
+    reserved for input it does not carry (``unseen`` tokens, ``unseen_cost`` micro-units):
+    a steps or age cap, or one spent even without it, ends the run."""
+    failing = [(c, r) for c, r in zip(plan.checks, result.results)
+               if not r.allowed and not c.shadow and is_run_check(c)]
+    for check, res in failing:
+        if not isinstance(check, Counter) or check.kind not in (Kind.run_tokens, Kind.run_cost):
+            return False
+        part = unseen if check.kind is Kind.run_tokens else unseen_cost
+        if check.cost - part > res.remaining:
+            return False
+    return bool(failing)
 
 
 def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
@@ -935,6 +953,14 @@ def _budget_message(check: Counter, res: CheckResult, scope: str, reset: str,
 def _what_it_reserves(r: Reservation) -> str:
     """How a refused request's reservation is made up (its prompt, and the answer's cap with
     where that cap came from), and the cap that would fit, if one would."""
+    calls = "".join(f", and up to {n:,} {tool} calls" for tool, n in r.calls.items())
+    if calls:
+        calls += " (billed per call: max_tool_calls, or a tool's max_uses, reserves fewer)"
+    if r.unseen is not None and r.filled:
+        return (f": up to the model's context window of {r.unseen[1]:,} tokens, as the "
+                f"stored input it refers to by id ({r.filled:,} tokens, as the provider "
+                f"reported it) and its {r.cap_field} would not fit the window together"
+                f"{calls}. Lower its {r.cap_field}.")
     if r.unseen is not None:
         what, window = r.unseen
         remembered = (" (or refer to what this gateway served within "
@@ -944,10 +970,10 @@ def _what_it_reserves(r: Reservation) -> str:
             else f"its {what}"
         return (f": up to the model's context window of {window:,} tokens, for the input "
                 f"{subject} makes the provider read, which the body does not carry, and its "
-                f"answer. Send that input in the body instead to reserve its size "
+                f"answer{calls}. Send that input in the body instead to reserve its size "
                 f"alone{remembered}.")
     if not r.output:
-        return f" for its input (about {r.prompt:,} tokens)."
+        return f" for its input (about {r.prompt:,} tokens){calls}."
     per_choice = r.output // r.choices
     times = f" x {r.choices} choices" if r.choices > 1 else ""
     if r.capped:
@@ -961,11 +987,12 @@ def _what_it_reserves(r: Reservation) -> str:
     prompt = f"its prompt (about {r.prompt:,} tokens)" if not r.stored else (
         f"its prompt (about {r.prompt - r.stored:,} tokens), the stored input it refers to "
         f"by id ({r.stored:,} tokens, as the provider reported it)")
-    text = f": {prompt} and, for the answer, {why}."
+    text = f": {prompt} and, for the answer, {why}{calls}."
     if r.fits:
         return text + f" Set {r.cap_field} to {r.fits:,} or less to fit."
-    return text + (" Its input alone needs more than is left." if r.stored
-                   else " Its prompt alone needs more than is left.")
+    alone = "input" if r.stored else "prompt"
+    return text + (f" Its {alone} and tool calls alone need more than is left." if calls
+                   else f" Its {alone} alone needs more than is left.")
 
 
 def _refusal(check: Check, res: CheckResult, scope: str, headers: dict[str, str],
@@ -1026,7 +1053,7 @@ def _run_refusal(check: Check, res: CheckResult, headers: dict[str, str],
         else:
             detail = (f"has used {used} of its {cap} cap of {check.limit}; this request "
                       f"would reserve {check.cost} more")
-        if reservation is not None and reservation.unseen is not None and res.remaining > 0:
+        if reservation is not None and reservation.window_only:
             return BudgetExceeded(
                 f"Run budget exceeded: this agent run (X-Agent-Session) {detail} ({setting})"
                 + _what_it_reserves(reservation), code="run_budget_exceeded",

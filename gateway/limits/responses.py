@@ -32,6 +32,9 @@ from collections.abc import Callable
 #: each: one tenant's stream of answers cannot push another tenant's out. Older ones are in
 #: the store, with Redis.
 TENANT_ENTRIES = 10_000
+#: And all tenants together (about 40 MB): past it the oldest entry of the tenant holding the
+#: most goes first.
+ALL_ENTRIES = 200_000
 
 
 def response_key(tenant: str, model: str, ident: str) -> str:
@@ -50,17 +53,30 @@ class ResponseSizes:
     ``entries``. Tenants are the policy's, so the whole is bounded too."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 entries: int = TENANT_ENTRIES) -> None:
+                 entries: int = TENANT_ENTRIES, all_entries: int = ALL_ENTRIES) -> None:
         self._clock = clock
         self._entries = entries
+        self._all_entries = all_entries
         self._tenants: dict[str, OrderedDict[str, tuple[int, float]]] = {}
+        self._held = 0
 
     def remember(self, tenant: str, key: str, tokens: int, ttl_s: float) -> None:
+        now = self._clock()
         sizes = self._tenants.setdefault(tenant, OrderedDict())
-        sizes[key] = (tokens, self._clock() + ttl_s)
+        self._held -= len(sizes)
+        # Expired entries at the front go as new ones come (entries share one TTL, so the
+        # front is the oldest; a tenant gone quiet keeps its few until the bound below).
+        while sizes and next(iter(sizes.values()))[1] <= now:
+            sizes.popitem(last=False)
+        sizes[key] = (tokens, now + ttl_s)
         sizes.move_to_end(key)
         while len(sizes) > self._entries:
             sizes.popitem(last=False)
+        self._held += len(sizes)
+        while self._held > self._all_entries:
+            largest = max(self._tenants.values(), key=len)
+            largest.popitem(last=False)
+            self._held -= 1
 
     def size(self, tenant: str, key: str) -> int | None:
         """The remembered size, or None: never seen here, expired or dropped."""
@@ -70,9 +86,10 @@ class ResponseSizes:
             return None
         if found[1] <= self._clock():
             del sizes[key]
+            self._held -= 1
             return None
         sizes.move_to_end(key)
         return found[0]
 
     def __len__(self) -> int:
-        return sum(len(sizes) for sizes in self._tenants.values())
+        return self._held

@@ -87,8 +87,11 @@ async def attempt_loop(ctx: CallContext) -> web.StreamResponse:
         # However the loop ended (answer, failure, the client's cancellation): each attempt
         # whose request reached the upstream and left no usage is charged a prompt estimate,
         # once, here (docs/architecture.md "Accounting").
-        ctx.record.usage.input_tokens += ctx.record.attempts_unaccounted \
-            * ctx.record.input_if_unreported
+        unaccounted, usage = ctx.record.attempts_unaccounted, ctx.record.usage
+        usage.input_tokens += unaccounted * ctx.record.input_if_unreported
+        # and the calls it reserved of tools billed per call, which the provider may have run
+        for tool, calls in ctx.call.tool_calls.items() if unaccounted else ():
+            usage.tool_calls[tool] = usage.tool_calls.get(tool, 0) + unaccounted * calls
 
 
 async def _attempt_loop(ctx: CallContext) -> web.StreamResponse:

@@ -498,9 +498,10 @@ def stored_refs(route: ApiRoute, body: dict[str, Any], in_parts: str | None
 
 def reserved_tool_calls(body: dict[str, Any]) -> dict[str, int]:
     """Calls of the tools the provider runs and bills per call (usage.SERVER_TOOLS) that a
-    request may make, to reserve their price: the Responses ``max_tool_calls`` (for all of
-    them), else a tool's Anthropic ``max_uses``, else one per tool. Settlement charges the
-    calls the answer reports."""
+    request may make, to reserve their price: the smaller of the Responses
+    ``max_tool_calls`` (a bound on all of them, reserved for each: over, never under) and a
+    tool's Anthropic ``max_uses``, at most ``MAX_CALLS``; else one per tool. Settlement
+    charges the calls the answer reports."""
     tools = body.get("tools")
     limit = body.get("max_tool_calls")
     calls: dict[str, int] = {}
@@ -510,8 +511,8 @@ def reserved_tool_calls(body: dict[str, Any]) -> dict[str, int]:
                     None)
         if name is None:
             continue
-        uses = _positive(limit) or _positive(tool.get("max_uses")) or 1
-        calls[name] = max(calls.get(name, 0), min(uses, MAX_CALLS))
+        bounds = [b for b in (_positive(limit), _positive(tool.get("max_uses"))) if b]
+        calls[name] = max(calls.get(name, 0), min([*bounds, MAX_CALLS]) if bounds else 1)
     return calls
 
 

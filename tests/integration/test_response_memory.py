@@ -217,7 +217,9 @@ async def test_what_it_refers_to_filling_the_window_reserves_the_window_and_says
     status, data = await answer(gw, step(first["id"], max_output_tokens=100_000))
     message = data["error"]["message"]
     assert status == 429 and "context window of 128,000" in message, message
-    assert "Set max_output_tokens" not in message and "30,0" not in message, message
+    assert "(30,010 tokens, as the provider reported it) and its max_output_tokens would " \
+        "not fit the window together. Lower its max_output_tokens." in message, message
+    assert "state.remember_responses_s" not in message  # it did refer to such an answer
     status, data = await answer(gw, {**step(first["id"]), "model": "gpt-other"})
     assert status == 429 and "state.remember_responses_s" in data["error"]["message"], data
     status, data = await answer(gw, step(first["id"], tools=[{"type": "web_search"}]))

@@ -4,6 +4,7 @@ answer reports, and reserved by the calls a request may make (gateway/usage.py
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -112,3 +113,40 @@ async def test_a_stream_cut_after_its_searches_is_charged_them(
     metrics = await (await gw.get("/metrics")).text()
     assert 'gateway_billed_tool_calls_total{model="gpt-test",tenant="acme",tool="web_search"}' \
         ' 2.0' in metrics, metrics
+
+
+async def test_a_call_that_ends_without_a_report_is_charged_the_calls_it_reserved(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """The provider was asked, ran for longer than the client's deadline, and never said what
+    it did: as for the input, the calls the request reserved are charged."""
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(2.5)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", slow)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(str(server.make_url("")).rstrip("/"),
+                            models={"gpt-test": {"price": PRICE}})
+    resp = await gw.post("/v1/responses", json=searching(max_tool_calls=4),
+                         headers=auth(**{"X-Request-Timeout": "1.2"}))
+    assert resp.status == 504, await resp.text()
+    await settled(gw)
+    metrics = await (await gw.get("/metrics")).text()
+    assert 'gateway_billed_tool_calls_total{model="gpt-test",tenant="acme",tool="web_search"}' \
+        ' 4.0' in metrics, metrics
+
+
+async def test_a_refusal_names_the_calls_it_reserved(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    gw = await make_gateway(await searching_provider(aiohttp_server), models={"gpt-test": {
+        "price": {**PRICE, "per_thousand_calls": {"image_generation": 40.0}}}},
+        tenants={"acme": {"budget": {"daily_cost": 0.05}}})
+    resp = await gw.post("/v1/responses", json={
+        "model": "gpt-test", "input": "draw", "max_output_tokens": 10, "max_tool_calls": 5,
+        "tools": [{"type": "image_generation"}]}, headers=auth())
+    message = (await resp.json())["error"]["message"]
+    assert resp.status == 429, message
+    assert "and up to 5 image_generation calls (billed per call: max_tool_calls, or a tool's " \
+        "max_uses, reserves fewer)" in message, message

@@ -76,6 +76,19 @@ def test_an_entry_lives_its_ttl_and_the_least_recently_used_go_first() -> None:
     assert sizes.size("t", "c") is None and len(sizes) == 0
 
 
+def test_all_tenants_together_are_bounded_and_the_largest_gives_way() -> None:
+    clock = FakeClock()
+    sizes = ResponseSizes(clock, entries=10, all_entries=12)
+    for n in range(10):
+        sizes.remember("big", f"b{n}", n, ttl_s=60)
+    for n in range(4):
+        sizes.remember(f"t{n}", "k", n, ttl_s=60)
+    assert len(sizes) == 12 and sizes.size("big", "b0") is None and sizes.size("t0", "k") == 0
+    clock.advance(61)
+    sizes.remember("big", "new", 1, ttl_s=60)  # the expired go as new ones come
+    assert len(sizes) == 5 and sizes.size("big", "new") == 1
+
+
 def test_one_tenants_answers_do_not_push_out_anothers() -> None:
     sizes = ResponseSizes(FakeClock(), entries=2)
     sizes.remember("quiet", "q", 100, ttl_s=60)

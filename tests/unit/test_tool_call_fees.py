@@ -67,6 +67,8 @@ def test_calls_are_priced_per_thousand_in_exact_micro_units() -> None:
     ({"tools": [{"type": "image_generation"}], "max_tool_calls": 10**9},
      {"image_generation": 1000}),
     ({"tools": [{"type": "code_interpreter"}], "max_tool_calls": True}, {"code_interpreter": 1}),
+    ({"tools": [{"type": "web_search", "max_uses": 3}], "max_tool_calls": 7},
+     {"web_search": 3}),
     ({"tools": "nonsense"}, {}),
 ])
 def test_a_request_reserves_the_calls_it_may_make(body: dict[str, Any],
