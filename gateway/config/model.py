@@ -297,6 +297,14 @@ class Tenant(StrictModel):
         "that sets no output cap, so its usage can never exceed the reservation; this changes "
         "what the model does (answers are cut at that length), so it is off by default"
     )
+    max_tool_calls: int | None = Field(
+        None, ge=1, description="the most calls of tools billed per call (web search, file "
+        "search...) one request may make: written into a request with such tools that sets "
+        "no bound (Responses max_tool_calls; Anthropic server tools' max_uses), and a larger "
+        "bound lowered to it, so a cost budget holds the calls too; this changes what the "
+        "model may do, so it is off by default (a request is then reserved one call per tool "
+        "unless it sets a bound, and settlement charges the rest)"
+    )
     limits: TenantLimits = TenantLimits()
     budget: Budget = Budget()
     loop_guard: LoopGuard = LoopGuard()

@@ -175,7 +175,8 @@ def classify(
         prompt_tokens_estimate=estimate,
         unseen_input=unseen,
         stored_refs=stored_refs(route, body, in_parts) if unseen else (),
-        tool_calls=reserved_tool_calls(body) if "tools" in body else {},
+        tool_calls=_tool_calls(route, body, tenant_config.max_tool_calls
+                               if tenant_config is not None else None),
         agent_session=header_id(headers, "X-Agent-Session"),
         agent_step=header_id(headers, "X-Agent-Step"),
         choices=choices,
@@ -494,6 +495,24 @@ def stored_refs(route: ApiRoute, body: dict[str, Any], in_parts: str | None
     elif items is not None:
         rest["input"] = items
     return tuple(refs) if unseen_input(route, rest, in_parts) is None else ()
+
+
+def _tool_calls(route: ApiRoute, body: dict[str, Any], bound: int | None) -> dict[str, int]:
+    """The calls of tools billed per call to reserve, after writing the tenant's opted-in
+    ``bound`` (``Tenant.max_tool_calls``) into a body whose tools have none or a larger one."""
+    if "tools" not in body:
+        return {}
+    calls = reserved_tool_calls(body)
+    if bound is None or not calls:
+        return calls
+    if route.path == "/v1/responses":
+        body["max_tool_calls"] = min(_positive(body.get("max_tool_calls")) or bound, bound)
+    elif route.dialect == "anthropic":
+        for tool in body["tools"]:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if isinstance(kind, str) and kind.startswith(("web_search", "web_fetch")):
+                tool["max_uses"] = min(_positive(tool.get("max_uses")) or bound, bound)
+    return reserved_tool_calls(body)
 
 
 def reserved_tool_calls(body: dict[str, Any]) -> dict[str, int]:

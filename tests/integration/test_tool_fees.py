@@ -150,3 +150,37 @@ async def test_a_refusal_names_the_calls_it_reserved(
     assert resp.status == 429, message
     assert "and up to 5 image_generation calls (billed per call: max_tool_calls, or a tool's " \
         "max_uses, reserves fewer)" in message, message
+
+
+async def test_an_operator_bound_on_calls_is_written_into_bodies_only_when_asked(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """Opt-in ``max_tool_calls``: a request's tools billed per call get that bound (lowered
+    to it when larger) in the forwarded body, so its reservation holds; without the opt-in
+    the body reaches the provider as the client sent it."""
+    seen: list[dict[str, Any]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        if request.path == "/v1/messages":
+            return web.json_response({"id": "msg_1", "type": "message", "role": "assistant",
+                                      "content": [], "stop_reason": "end_turn",
+                                      "usage": {"input_tokens": 5, "output_tokens": 1}})
+        return web.json_response({"id": "resp_1", "object": "response", "output": [],
+                                  "usage": {"input_tokens": 5, "output_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", record)
+    app.router.add_post("/v1/messages", record)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    bounded = await make_gateway(url, tenants={"acme": {"max_tool_calls": 2}})
+    plain = await make_gateway(url)
+    search = {"type": "web_search_20250305", "name": "web_search"}
+    anthropic = {"model": "claude-test", "max_tokens": 10, "tools": [search],
+                 "messages": [{"role": "user", "content": "look"}]}
+    for gw in (bounded, plain):
+        for body in (searching(), searching(max_tool_calls=10)):
+            assert (await gw.post("/v1/responses", json=body, headers=auth())).status == 200
+        assert (await gw.post("/v1/messages", json=anthropic, headers=auth())).status == 200
+    assert [b.get("max_tool_calls") for b in seen if "input" in b] == [2, 2, None, 10]
+    assert [b["tools"][0].get("max_uses") for b in seen if "messages" in b] == [2, None]
