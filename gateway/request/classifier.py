@@ -176,7 +176,8 @@ def classify(
         unseen_input=unseen,
         stored_refs=stored_refs(route, body, in_parts) if unseen else (),
         tool_calls=_tool_calls(route, body, tenant_config.max_tool_calls
-                               if tenant_config is not None else None),
+                               if tenant_config is not None else None,
+                               tuple(model_config.price.per_thousand_calls)),
         agent_session=header_id(headers, "X-Agent-Session"),
         agent_step=header_id(headers, "X-Agent-Step"),
         choices=choices,
@@ -497,12 +498,16 @@ def stored_refs(route: ApiRoute, body: dict[str, Any], in_parts: str | None
     return tuple(refs) if unseen_input(route, rest, in_parts) is None else ()
 
 
-def _tool_calls(route: ApiRoute, body: dict[str, Any], bound: int | None) -> dict[str, int]:
+def _tool_calls(route: ApiRoute, body: dict[str, Any], bound: int | None,
+                priced: tuple[str, ...]) -> dict[str, int]:
     """The calls of tools billed per call to reserve, after writing the tenant's opted-in
-    ``bound`` (``Tenant.max_tool_calls``) into a body whose tools have none or a larger one."""
-    if "tools" not in body:
+    ``bound`` (``Tenant.max_tool_calls``) into a body whose tools have none or a larger one.
+    ``priced``: the tools the model's price table prices, which a stored prompt may bring."""
+    # A stored prompt template (Responses ``prompt``) may bring tools of its own, unseen
+    prompted = route.path == "/v1/responses" and isinstance(body.get("prompt"), dict)
+    if "tools" not in body and not prompted:
         return {}
-    calls = reserved_tool_calls(body)
+    calls = _reserved(body, priced if prompted else ())
     if bound is None or not calls:
         return calls
     if route.path == "/v1/responses":
@@ -512,7 +517,18 @@ def _tool_calls(route: ApiRoute, body: dict[str, Any], bound: int | None) -> dic
             kind = tool.get("type") if isinstance(tool, dict) else None
             if isinstance(kind, str) and kind.startswith(("web_search", "web_fetch")):
                 tool["max_uses"] = min(_positive(tool.get("max_uses")) or bound, bound)
-    return reserved_tool_calls(body)
+    return _reserved(body, priced if prompted else ())
+
+
+def _reserved(body: dict[str, Any], unnamed: tuple[str, ...]) -> dict[str, int]:
+    """``reserved_tool_calls``, and of the ``unnamed`` tools a stored prompt may bring
+    though the body does not name them, each: as many calls as ``max_tool_calls`` allows,
+    else one."""
+    calls = reserved_tool_calls(body)
+    each = min(_positive(body.get("max_tool_calls")) or 1, MAX_CALLS)
+    for tool in unnamed:
+        calls[tool] = max(calls.get(tool, 0), each)
+    return calls
 
 
 def reserved_tool_calls(body: dict[str, Any]) -> dict[str, int]:

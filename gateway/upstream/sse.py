@@ -50,10 +50,14 @@ _REDACTED_DATA = re.compile(rb'"data"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 _NOT_OUTPUT = re.compile(rb'"type"\s*:\s*"(?:response\.(?:[a-z_.]*\.done|created|in_progress|'
                          rb'completed|incomplete|failed|queued)|[a-z_]*tool_result)"')
 # A call of a tool the provider bills per call (usage.SERVER_TOOLS), for a stream cut before
-# the usage that counts them: one Responses ``response.<tool>_call.completed`` event a call;
-# an Anthropic ``server_tool_use`` block's start, whose name says which tool (parsed: rare).
-_TOOL_CALL_DONE = re.compile(rb'"type"\s*:\s*"response\.(web_search|file_search|'
-                             rb'code_interpreter|image_generation)_call\.completed"')
+# the usage that counts them, from its first event on (a call cut while it runs may be billed,
+# and an image cut after its partial images was delivered): each distinct item of the
+# Responses ``response.<tool>_call.*`` events (in_progress, searching, generating,
+# partial_image, completed...); an Anthropic ``server_tool_use`` block's start, whose name
+# says which tool (parsed: rare).
+_TOOL_CALL_EVENT = re.compile(rb'"type"\s*:\s*"response\.(web_search|file_search|'
+                              rb'code_interpreter|image_generation)_call\.[a-z_]+"')
+_ITEM_ID = re.compile(rb'"item_id"\s*:\s*"([^"\\]*)"')
 _TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
              b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
              b'"type": "message_stop"',
@@ -86,8 +90,9 @@ class SseRelay:
         # message_start, whose output count is only the first token's): a stream cut after it
         # is charged exactly what it reported.
         self.usage_final = False
-        # Calls of tools billed per call, as the events showed them (``_TOOL_CALL_DONE``).
+        # Calls of tools billed per call, as the events showed them (``_TOOL_CALL_EVENT``).
         self.tool_calls_seen: dict[str, int] = {}
+        self._tool_items: set[bytes] = set()
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -127,7 +132,7 @@ class SseRelay:
                 self.output_text_bytes += sum(map(len, _REDACTED_DATA.findall(event)))
         if any(marker in event for marker in _TERMINAL):
             self.finished = True
-        if b"_call.completed" in event or b'"server_tool_use"' in event:
+        if b"_call." in event or b'"server_tool_use"' in event:
             self._count_tool_call(event)
         if not _USAGE_OBJECT.search(event):
             return True
@@ -142,9 +147,16 @@ class SseRelay:
         return not (self.strip_usage_chunk and _EMPTY_CHOICES.search(event))
 
     def _count_tool_call(self, event: bytes) -> None:
-        found = _TOOL_CALL_DONE.search(event)
-        tool: str | None = found.group(1).decode() if found else None
-        if tool is None and b"content_block_start" in event:
+        found = _TOOL_CALL_EVENT.search(event)
+        tool: str | None = None
+        if found:
+            item = _ITEM_ID.search(event)
+            key = found.group(1) + b"/" + (item.group(1) if item else b"")
+            if key in self._tool_items:
+                return  # a later event of a call already counted
+            self._tool_items.add(key)
+            tool = found.group(1).decode()
+        elif b"content_block_start" in event:
             try:
                 block = orjson.loads(_data_of(event)).get("content_block")
             except (orjson.JSONDecodeError, AttributeError):

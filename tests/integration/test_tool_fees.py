@@ -184,3 +184,32 @@ async def test_an_operator_bound_on_calls_is_written_into_bodies_only_when_asked
         assert (await gw.post("/v1/messages", json=anthropic, headers=auth())).status == 200
     assert [b.get("max_tool_calls") for b in seen if "input" in b] == [2, 2, None, 10]
     assert [b["tools"][0].get("max_uses") for b in seen if "messages" in b] == [2, None]
+
+
+async def test_tools_a_stored_prompt_may_bring_are_reserved_and_bounded(
+        make_gateway: MakeGateway, aiohttp_server: AiohttpServer) -> None:
+    """A stored prompt template (Responses ``prompt``) may carry a web search tool the body
+    does not name: one request ran 50 searches past a 0.10 budget, unbounded and unreserved.
+    Its priced tools are reserved, and the operator's bound is written into it too."""
+    seen: list[dict[str, Any]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        return web.json_response({"id": "resp_1", "object": "response", "output": [],
+                                  "usage": {"input_tokens": 5, "output_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", record)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(str(server.make_url("")).rstrip("/"), tenants={"acme": {
+        "max_tool_calls": 2, "budget": {"daily_cost": 0.015}}}, models={"gpt-test": {
+            "price": PRICE, "context_window": 1_000}})
+    prompted = {"model": "gpt-test", "prompt": {"id": "pmpt_web"}, "input": "go",
+                "max_output_tokens": 10}
+    resp = await gw.post("/v1/responses", json=prompted, headers=auth())
+    message = (await resp.json())["error"]["message"]
+    assert resp.status == 429 and "up to 2 web_search calls" in message, message
+    gw = await make_gateway(str(server.make_url("")).rstrip("/"), tenants={"acme": {
+        "max_tool_calls": 2}}, models={"gpt-test": {"price": PRICE}})
+    assert (await gw.post("/v1/responses", json=prompted, headers=auth())).status == 200
+    assert seen[-1]["max_tool_calls"] == 2

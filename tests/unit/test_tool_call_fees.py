@@ -100,3 +100,14 @@ def test_a_stream_cut_before_its_usage_still_shows_the_calls_it_made() -> None:
         "type": "content_block_start", "index": 2, "content_block": {
             "type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []}}))
     assert anthropic.tool_calls_seen == {"web_search": 1}
+
+
+def test_an_image_cut_after_its_partial_images_is_one_call() -> None:
+    """The client has a usable partial image; the provider may bill the call: it counts from
+    its first event, once, whatever events follow."""
+    relay = SseRelay("openai", strip_usage_chunk=False)
+    for step in ("in_progress", "generating", "partial_image", "partial_image"):
+        kind = f"response.image_generation_call.{step}"
+        relay.feed(_sse(kind, {"type": kind, "item_id": "ig_1", "output_index": 0,
+                               "partial_image_b64": "iVBOR"}))
+    assert relay.tool_calls_seen == {"image_generation": 1}
