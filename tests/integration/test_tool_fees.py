@@ -5,13 +5,16 @@ answer reports, and reserved by the calls a request may make (gateway/usage.py
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from tests.gwtest import auth
-from tests.plugin_gateway import MakeGateway, settled
+from tests.plugin_gateway import GatewayClient, MakeGateway, settled
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PRICE = {"input_per_million": 1.0, "output_per_million": 2.0,
          "per_thousand_calls": {"web_search": 10.0}}
@@ -42,6 +45,26 @@ async def searching_provider(aiohttp_server: AiohttpServer) -> str:
     app.router.add_post("/v1/messages", messages)
     server = await aiohttp_server(app)
     return str(server.make_url("")).rstrip("/")
+
+
+async def gateway_before(make_gateway: MakeGateway, aiohttp_server: AiohttpServer,
+                         handler: Handler, **overrides: Any) -> GatewayClient:
+    """A gateway (``overrides`` to its policy) before a provider whose Responses and
+    Messages routes are ``handler``."""
+    app = web.Application()
+    app.router.add_post("/v1/responses", handler)
+    app.router.add_post("/v1/messages", handler)
+    server = await aiohttp_server(app)
+    return await make_gateway(str(server.make_url("")).rstrip("/"), **overrides)
+
+
+async def web_searches_billed(gw: GatewayClient) -> str:
+    """The acme/gpt-test sample of gateway_billed_tool_calls_total for web_search, or ''."""
+    await settled(gw)
+    metrics = await (await gw.get("/metrics")).text()
+    name = 'gateway_billed_tool_calls_total{model="gpt-test",tenant="acme",tool="web_search"} '
+    return next((line[len(name):] for line in metrics.splitlines() if line.startswith(name)),
+                "")
 
 
 def searching(**extra: Any) -> dict[str, Any]:
@@ -102,17 +125,11 @@ async def test_a_stream_cut_after_its_searches_is_charged_them(
         request.transport.close()  # cut: no response.completed
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/responses", responses)
-    server = await aiohttp_server(app)
-    gw = await make_gateway(str(server.make_url("")).rstrip("/"),
-                            models={"gpt-test": {"price": PRICE}})
+    gw = await gateway_before(make_gateway, aiohttp_server, responses,
+                              models={"gpt-test": {"price": PRICE}})
     resp = await gw.post("/v1/responses", json=searching(stream=True), headers=auth())
     await resp.read()
-    await settled(gw)
-    metrics = await (await gw.get("/metrics")).text()
-    assert 'gateway_billed_tool_calls_total{model="gpt-test",tenant="acme",tool="web_search"}' \
-        ' 2.0' in metrics, metrics
+    assert await web_searches_billed(gw) == "2.0"
 
 
 async def test_a_call_that_ends_without_a_report_is_charged_the_calls_it_reserved(
@@ -124,18 +141,12 @@ async def test_a_call_that_ends_without_a_report_is_charged_the_calls_it_reserve
         await asyncio.sleep(2.5)
         return web.json_response({})
 
-    app = web.Application()
-    app.router.add_post("/v1/responses", slow)
-    server = await aiohttp_server(app)
-    gw = await make_gateway(str(server.make_url("")).rstrip("/"),
-                            models={"gpt-test": {"price": PRICE}})
+    gw = await gateway_before(make_gateway, aiohttp_server, slow,
+                              models={"gpt-test": {"price": PRICE}})
     resp = await gw.post("/v1/responses", json=searching(max_tool_calls=4),
                          headers=auth(**{"X-Request-Timeout": "1.2"}))
     assert resp.status == 504, await resp.text()
-    await settled(gw)
-    metrics = await (await gw.get("/metrics")).text()
-    assert 'gateway_billed_tool_calls_total{model="gpt-test",tenant="acme",tool="web_search"}' \
-        ' 4.0' in metrics, metrics
+    assert await web_searches_billed(gw) == "4.0"
 
 
 async def test_a_refusal_names_the_calls_it_reserved(
@@ -168,13 +179,9 @@ async def test_an_operator_bound_on_calls_is_written_into_bodies_only_when_asked
         return web.json_response({"id": "resp_1", "object": "response", "output": [],
                                   "usage": {"input_tokens": 5, "output_tokens": 1}})
 
-    app = web.Application()
-    app.router.add_post("/v1/responses", record)
-    app.router.add_post("/v1/messages", record)
-    server = await aiohttp_server(app)
-    url = str(server.make_url("")).rstrip("/")
-    bounded = await make_gateway(url, tenants={"acme": {"max_tool_calls": 2}})
-    plain = await make_gateway(url)
+    bounded = await gateway_before(make_gateway, aiohttp_server, record,
+                                   tenants={"acme": {"max_tool_calls": 2}})
+    plain = await gateway_before(make_gateway, aiohttp_server, record)
     search = {"type": "web_search_20250305", "name": "web_search"}
     anthropic = {"model": "claude-test", "max_tokens": 10, "tools": [search],
                  "messages": [{"role": "user", "content": "look"}]}
@@ -198,10 +205,7 @@ async def test_tools_a_stored_prompt_may_bring_are_reserved_and_bounded(
         return web.json_response({"id": "resp_1", "object": "response", "output": [],
                                   "usage": {"input_tokens": 5, "output_tokens": 1}})
 
-    app = web.Application()
-    app.router.add_post("/v1/responses", record)
-    server = await aiohttp_server(app)
-    gw = await make_gateway(str(server.make_url("")).rstrip("/"), tenants={"acme": {
+    gw = await gateway_before(make_gateway, aiohttp_server, record, tenants={"acme": {
         "max_tool_calls": 2, "budget": {"daily_cost": 0.015}}}, models={"gpt-test": {
             "price": PRICE, "context_window": 1_000}})
     prompted = {"model": "gpt-test", "prompt": {"id": "pmpt_web"}, "input": "go",
@@ -209,7 +213,7 @@ async def test_tools_a_stored_prompt_may_bring_are_reserved_and_bounded(
     resp = await gw.post("/v1/responses", json=prompted, headers=auth())
     message = (await resp.json())["error"]["message"]
     assert resp.status == 429 and "up to 2 web_search calls" in message, message
-    gw = await make_gateway(str(server.make_url("")).rstrip("/"), tenants={"acme": {
+    gw = await gateway_before(make_gateway, aiohttp_server, record, tenants={"acme": {
         "max_tool_calls": 2}}, models={"gpt-test": {"price": PRICE}})
     assert (await gw.post("/v1/responses", json=prompted, headers=auth())).status == 200
     assert seen[-1]["max_tool_calls"] == 2
