@@ -35,11 +35,14 @@ MICROS = 1_000_000  # micro-units per unit of currency; also tokens per "million
 #: is counted under: the ``tool`` label of gateway_billed_tool_calls_total.
 SERVER_TOOLS = ("web_search", "web_fetch", "file_search", "code_interpreter",
                 "image_generation")
-# A Responses output item of each (one item, one call), and Anthropic's server_tool_use counts.
-_RESPONSES_CALLS = {"web_search_call": "web_search", "file_search_call": "file_search",
-                    "code_interpreter_call": "code_interpreter",
-                    "image_generation_call": "image_generation"}
+# A Responses output item of each (one item, one call; its stream events are
+# ``response.<item type>.*``), and Anthropic's server_tool_use counts (its server tools by
+# those names: ``ANTHROPIC_CALLED``).
+RESPONSES_CALLS = {"web_search_call": "web_search", "file_search_call": "file_search",
+                   "code_interpreter_call": "code_interpreter",
+                   "image_generation_call": "image_generation"}
 _ANTHROPIC_CALLS = {"web_search_requests": "web_search", "web_fetch_requests": "web_fetch"}
+ANTHROPIC_CALLED = tuple(_ANTHROPIC_CALLS.values())
 #: ``Usage.dimensions()`` keys, the ``dimension`` label of gateway_billed_tokens_total.
 DIMENSIONS = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output", "reasoning",
               "accepted_prediction", "rejected_prediction")
@@ -130,32 +133,31 @@ class Usage:
         # reported, before any estimate is added for other attempts
         answer = data if data.get("object") == "response" else data.get("response")
         if isinstance(answer, dict) and answer.get("object") == "response":
-            self.stored = self._stored(answer)
             output = answer.get("output")
+            items = [i for i in output if isinstance(i, dict)] if isinstance(output, list) \
+                else []
             calls: dict[str, int] = {}
-            for item in output if isinstance(output, list) else ():
-                kind = item.get("type") if isinstance(item, dict) else None
-                tool = _RESPONSES_CALLS.get(kind) if isinstance(kind, str) else None
+            for item in items:
+                kind = item.get("type")
+                tool = RESPONSES_CALLS.get(kind) if isinstance(kind, str) else None
                 if tool is not None:
                     calls[tool] = calls.get(tool, 0) + 1
             self.tool_calls = calls  # the whole answer's, each time it is reported
+            self.stored = self._stored(answer, items)
         return True
 
-    def _stored(self, answer: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    def _stored(self, answer: dict[str, Any], items: list[dict[str, Any]]
+                ) -> tuple[tuple[str, int], ...]:
         ident = answer.get("id")
         if answer.get("store") is False or not isinstance(ident, str) \
                 or len(ident) > MAX_RESPONSE_ID or not self.output_seen:
             return ()  # nothing to refer to, or its size not reported: followers reserve
-        output = answer.get("output")
         # An image the provider generated (image_generation tool) is read back by a follow-up
         # but billed apart from this usage: such an answer's size is not known.
-        generated = any(isinstance(item, dict) and item.get("type") == "image_generation_call"
-                        for item in (output if isinstance(output, list) else ()))
         found = [(ident, self.input_tokens + self.output_tokens)] \
-            if self.input_seen and not generated else []
+            if self.input_seen and "image_generation" not in self.tool_calls else []
         reasoning = self.reasoning_tokens or self.output_tokens
-        found += [(item["id"], reasoning) for item in (output if isinstance(output, list) else ())
-                  if isinstance(item, dict) and item.get("type") == "reasoning"
+        found += [(item["id"], reasoning) for item in items if item.get("type") == "reasoning"
                   and isinstance(item.get("id"), str) and len(item["id"]) <= MAX_RESPONSE_ID]
         return tuple(found[:MAX_STORED])
 

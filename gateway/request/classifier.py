@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ from gateway.config import GatewayConfig, Model, Priority
 from gateway.errors import Dialect, GatewayError, bad_request, forbidden, not_found
 from gateway.jsonbytes import CONTAINER, KEY, MAX_DEPTH, deeper_than, json_values
 from gateway.translate import Translation
-from gateway.usage import SERVER_TOOLS
+from gateway.usage import ANTHROPIC_CALLED, SERVER_TOOLS
 
 from .auth import TenantPolicy
 
@@ -177,7 +177,7 @@ def classify(
         stored_refs=stored_refs(route, body, in_parts) if unseen else (),
         tool_calls=_tool_calls(route, body, tenant_config.max_tool_calls
                                if tenant_config is not None else None,
-                               tuple(model_config.price.per_thousand_calls)),
+                               model_config.price.per_thousand_calls),
         agent_session=header_id(headers, "X-Agent-Session"),
         agent_step=header_id(headers, "X-Agent-Step"),
         choices=choices,
@@ -499,7 +499,7 @@ def stored_refs(route: ApiRoute, body: dict[str, Any], in_parts: str | None
 
 
 def _tool_calls(route: ApiRoute, body: dict[str, Any], bound: int | None,
-                priced: tuple[str, ...]) -> dict[str, int]:
+                priced: Collection[str]) -> dict[str, int]:
     """The calls of tools billed per call to reserve, after writing the tenant's opted-in
     ``bound`` (``Tenant.max_tool_calls``) into a body whose tools have none or a larger one.
     ``priced``: the tools the model's price table prices, which a stored prompt may bring."""
@@ -507,7 +507,8 @@ def _tool_calls(route: ApiRoute, body: dict[str, Any], bound: int | None,
     prompted = route.path == "/v1/responses" and isinstance(body.get("prompt"), dict)
     if "tools" not in body and not prompted:
         return {}
-    calls = _reserved(body, priced if prompted else ())
+    unnamed = priced if prompted else ()
+    calls = _reserved(body, unnamed)
     if bound is None or not calls:
         return calls
     if route.path == "/v1/responses":
@@ -515,12 +516,12 @@ def _tool_calls(route: ApiRoute, body: dict[str, Any], bound: int | None,
     elif route.dialect == "anthropic":
         for tool in body["tools"]:
             kind = tool.get("type") if isinstance(tool, dict) else None
-            if isinstance(kind, str) and kind.startswith(("web_search", "web_fetch")):
+            if isinstance(kind, str) and kind.startswith(ANTHROPIC_CALLED):
                 tool["max_uses"] = min(_positive(tool.get("max_uses")) or bound, bound)
-    return _reserved(body, priced if prompted else ())
+    return _reserved(body, unnamed)
 
 
-def _reserved(body: dict[str, Any], unnamed: tuple[str, ...]) -> dict[str, int]:
+def _reserved(body: dict[str, Any], unnamed: Collection[str]) -> dict[str, int]:
     """``reserved_tool_calls``, and of the ``unnamed`` tools a stored prompt may bring
     though the body does not name them, each: as many calls as ``max_tool_calls`` allows,
     else one."""

@@ -20,7 +20,7 @@ import re
 import orjson
 
 from gateway.errors import Dialect, upstream_failure
-from gateway.usage import Usage
+from gateway.usage import ANTHROPIC_CALLED, RESPONSES_CALLS, Usage
 
 __all__ = ["MAX_EVENT_BYTES", "SseRelay", "Usage", "usage_from_body"]
 
@@ -55,8 +55,8 @@ _NOT_OUTPUT = re.compile(rb'"type"\s*:\s*"(?:response\.(?:[a-z_.]*\.done|created
 # Responses ``response.<tool>_call.*`` events (in_progress, searching, generating,
 # partial_image, completed...); an Anthropic ``server_tool_use`` block's start, whose name
 # says which tool (parsed: rare).
-_TOOL_CALL_EVENT = re.compile(rb'"type"\s*:\s*"response\.(web_search|file_search|'
-                              rb'code_interpreter|image_generation)_call\.[a-z_]+"')
+_TOOL_CALL_EVENT = re.compile(rb'"type"\s*:\s*"response\.('
+                              + "|".join(RESPONSES_CALLS).encode() + rb')\.[a-z_]+"')
 _ITEM_ID = re.compile(rb'"item_id"\s*:\s*"([^"\\]*)"')
 _TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.failed",
              b"event: response.incomplete", b"event: message_stop", b'"type":"message_stop"',
@@ -155,7 +155,7 @@ class SseRelay:
             if key in self._tool_items:
                 return  # a later event of a call already counted
             self._tool_items.add(key)
-            tool = found.group(1).decode()
+            tool = RESPONSES_CALLS[found.group(1).decode()]
         elif b"content_block_start" in event:
             try:
                 block = orjson.loads(_data_of(event)).get("content_block")
@@ -163,7 +163,7 @@ class SseRelay:
                 return
             name = block.get("name") if isinstance(block, dict) \
                 and block.get("type") == "server_tool_use" else None
-            tool = name if name in ("web_search", "web_fetch") else None
+            tool = name if name in ANTHROPIC_CALLED else None
         if tool is not None:
             self.tool_calls_seen[tool] = self.tool_calls_seen.get(tool, 0) + 1
 
